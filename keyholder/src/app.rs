@@ -1,0 +1,191 @@
+//! Assembles the server: opens the store and the vault, builds the shared state, binds the
+//! listener and runs actix-web; returns a handle so tests can run several servers in one process.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::dev::ServerHandle;
+use actix_web::middleware::from_fn;
+use actix_web::web::{self, Data};
+use actix_web::{App, HttpServer};
+use anyhow::Context;
+
+use crate::config::Config;
+use crate::http::{self, network::NetworkRules};
+use crate::metrics::Metrics;
+use crate::store::{put_setting, Store};
+use crate::vault::{Vault, VaultSettings};
+
+/// State shared by every worker.
+pub struct AppState {
+    /// The domain layer.
+    pub vault: Vault,
+    /// Who may call what, by address.
+    pub network: NetworkRules,
+    /// Counters.
+    pub metrics: Metrics,
+    /// The configuration the server was started with.
+    pub config: Arc<Config>,
+}
+
+/// A started server.
+pub struct RunningServer {
+    /// The address actually bound (useful with port 0).
+    pub addr: SocketAddr,
+    /// Shared state (tests look inside).
+    pub state: Data<AppState>,
+    handle: ServerHandle,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+    purge: tokio::task::JoinHandle<()>,
+}
+
+impl RunningServer {
+    /// Stops the server (gracefully: in-flight requests finish) and closes the store.
+    pub async fn stop(self) {
+        self.handle.stop(true).await;
+        let _ = self.task.await;
+        self.purge.abort();
+        self.state.vault.store().close();
+    }
+
+    /// Runs until the server stops (SIGTERM/SIGINT when signals are handled).
+    pub async fn wait(self) -> std::io::Result<()> {
+        let result = match self.task.await {
+            Ok(r) => r,
+            Err(e) => Err(std::io::Error::other(e)),
+        };
+        self.purge.abort();
+        self.state.vault.store().close();
+        result
+    }
+
+    /// Base URL of the server, `http://addr`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+/// Creates the data folder (owner-only) if needed.
+pub fn prepare_data_dir(config: &Config) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data folder {}", config.data_dir.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&config.data_dir, std::fs::Permissions::from_mode(0o700));
+    }
+    Ok(())
+}
+
+/// Opens everything and starts serving on `config.listen`.
+pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
+    prepare_data_dir(&config)?;
+    let store = Store::open(&config.data_dir)
+        .with_context(|| format!("cannot open the database in {}", config.data_dir.display()))?;
+    let settings = VaultSettings {
+        max_ticket_lifetime: config.max_ticket_lifetime,
+        capabilities: keyholder_protocol::paths::capabilities(false),
+    };
+    let (vault, report) = Vault::open(
+        store.clone(),
+        &config.data_dir,
+        &config.master_key,
+        settings,
+    )
+    .await
+    .context("cannot open the key ring")?;
+    if report.created_master_file {
+        tracing::warn!(
+            file = %config.data_dir.join(crate::vault::master::DEFAULT_MASTER_KEY_FILE).display(),
+            "created a master key file inside the data folder: whoever copies the folder gets the keys. \
+             Move it elsewhere and start with --master-key-file (KEYHOLDER_MASTER_KEY_FILE), \
+             or use --passphrase-file on a new data folder"
+        );
+    }
+    if report.created_keys {
+        tracing::info!("created new keys (data key v1, identity key, HMAC secret)");
+    }
+    if let Some(public_url) = config.public_url.clone() {
+        store
+            .write(move |conn| put_setting(conn, "public_url", &public_url))
+            .await?;
+    }
+    let network = NetworkRules {
+        platform_ips: config.platform_ips.clone(),
+        trusted_proxies: config.trusted_proxies.clone(),
+    };
+    let config = Arc::new(config);
+    let state = Data::new(AppState {
+        vault,
+        network,
+        metrics: Metrics::default(),
+        config: Arc::clone(&config),
+    });
+
+    let app_state = state.clone();
+    let mut server = HttpServer::new(move || {
+        App::new()
+            .app_data(app_state.clone())
+            // Extractors read bodies themselves with per-endpoint limits; this caps the rest.
+            .app_data(web::PayloadConfig::new(64 * 1024))
+            .wrap(from_fn(http::middleware::keyholder_layer))
+            .configure(http::configure)
+    })
+    .client_request_timeout(Duration::from_secs(10))
+    .client_disconnect_timeout(Duration::from_secs(2))
+    .keep_alive(Duration::from_secs(30))
+    .shutdown_timeout(15)
+    .max_connection_rate(512)
+    .max_connections(10_000);
+    if let Some(workers) = config.workers {
+        server = server.workers(workers);
+    }
+    if !config.handle_signals {
+        server = server.disable_signals();
+    }
+    let server = server
+        .bind(config.listen)
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let addr = server
+        .addrs()
+        .first()
+        .copied()
+        .context("no listening address")?;
+    let server = server.run();
+    let handle = server.handle();
+    let task = tokio::spawn(server);
+
+    let purge_state = state.clone();
+    let purge = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            tick.tick().await;
+            if let Err(err) = purge_state.vault.replay.purge_expired().await {
+                tracing::warn!(error = %err, "replay purge failed");
+            }
+        }
+    });
+
+    let binding = state.vault.binding();
+    tracing::info!(
+        listen = %addr,
+        bound = binding.bound,
+        webhook_id = %binding.webhook_id,
+        identity_key = %state.vault.keys().identity().key_id(),
+        "keyholder listening"
+    );
+    if !binding.bound {
+        tracing::info!(
+            "not bound yet: run `keyholder bind --data-dir {} --public-url https://<your-host>` and open the link it prints",
+            config.data_dir.display()
+        );
+    }
+    Ok(RunningServer {
+        addr,
+        state,
+        handle,
+        task,
+        purge,
+    })
+}

@@ -1,0 +1,231 @@
+//! The one typed configuration, built from flags and `KEYHOLDER_*` environment variables by clap
+//! and validated before anything starts, with errors that name the setting.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+
+use clap::Args;
+use ipnet::IpNet;
+use keyholder_protocol::paths::{
+    DEFAULT_FRONTEND, DEFAULT_MAX_TICKET_LIFETIME_SECS, PLATFORM_EGRESS_IP,
+};
+
+use crate::vault::master::MasterKeySource;
+
+/// Where the data lives and how its keys are unlocked (shared by every command).
+#[derive(Debug, Clone, Args)]
+pub struct DataArgs {
+    /// Data folder: database and (by default) the master key file.
+    #[arg(long, env = "KEYHOLDER_DATA_DIR", default_value = "./keyholder-data")]
+    pub data_dir: PathBuf,
+    /// File holding the 32-byte master key (raw or base64). Keep it outside the data folder.
+    #[arg(
+        long,
+        env = "KEYHOLDER_MASTER_KEY_FILE",
+        conflicts_with = "passphrase_file"
+    )]
+    pub master_key_file: Option<PathBuf>,
+    /// File holding a passphrase from which the master key is derived (Argon2id).
+    #[arg(long, env = "KEYHOLDER_PASSPHRASE_FILE")]
+    pub passphrase_file: Option<PathBuf>,
+}
+
+impl DataArgs {
+    /// The master-key source these arguments select.
+    pub fn master_key_source(&self) -> MasterKeySource {
+        match (&self.master_key_file, &self.passphrase_file) {
+            (Some(file), _) => MasterKeySource::File(file.clone()),
+            (None, Some(file)) => MasterKeySource::Passphrase(file.clone()),
+            (None, None) => MasterKeySource::DataFolder,
+        }
+    }
+}
+
+/// Flags of `keyholder serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Data folder and master key.
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Address to listen on.
+    #[arg(long, env = "KEYHOLDER_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: String,
+    /// Public https URL the platform reaches this keyholder at (used in bind links).
+    #[arg(long, env = "KEYHOLDER_PUBLIC_URL")]
+    pub public_url: Option<String>,
+    /// Platform egress address refused on agent and browser endpoints (repeatable).
+    #[arg(long = "platform-ip", env = "KEYHOLDER_PLATFORM_IP", value_delimiter = ',', default_value = PLATFORM_EGRESS_IP)]
+    pub platform_ips: Vec<String>,
+    /// Proxy (CIDR) whose X-Forwarded-For is believed (repeatable; default loopback).
+    #[arg(
+        long = "trusted-proxy",
+        env = "KEYHOLDER_TRUSTED_PROXY",
+        value_delimiter = ',',
+        default_value = "127.0.0.0/8,::1/128"
+    )]
+    pub trusted_proxies: Vec<String>,
+    /// Longest ticket lifetime (exp - iat) accepted, in seconds.
+    #[arg(long, env = "KEYHOLDER_MAX_TICKET_LIFETIME", default_value_t = DEFAULT_MAX_TICKET_LIFETIME_SECS)]
+    pub max_ticket_lifetime: i64,
+    /// Platform frontend used in bind links.
+    #[arg(long, env = "KEYHOLDER_FRONTEND_URL", default_value = DEFAULT_FRONTEND)]
+    pub frontend_url: String,
+    /// HTTP worker threads (default: one per core).
+    #[arg(long, env = "KEYHOLDER_WORKERS")]
+    pub workers: Option<usize>,
+    /// Log filter (tracing EnvFilter syntax, e.g. `info` or `keyholder=debug`).
+    #[arg(long, env = "KEYHOLDER_LOG", default_value = "info")]
+    pub log: String,
+    /// Log format: `text` or `json`.
+    #[arg(long, env = "KEYHOLDER_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Data folder.
+    pub data_dir: PathBuf,
+    /// Master key source.
+    pub master_key: MasterKeySource,
+    /// Listen address (port 0 picks a free port).
+    pub listen: SocketAddr,
+    /// Public URL, if known.
+    pub public_url: Option<String>,
+    /// Platform egress addresses.
+    pub platform_ips: Vec<IpAddr>,
+    /// Trusted reverse proxies.
+    pub trusted_proxies: Vec<IpNet>,
+    /// Ticket lifetime cap, seconds.
+    pub max_ticket_lifetime: i64,
+    /// Platform frontend for bind links.
+    pub frontend_url: String,
+    /// Worker threads.
+    pub workers: Option<usize>,
+    /// Let actix handle SIGTERM/SIGINT (off for in-process tests).
+    pub handle_signals: bool,
+}
+
+/// A setting that cannot be used, named.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid setting {setting}: {reason}")]
+pub struct ConfigError {
+    /// Flag and env var.
+    pub setting: &'static str,
+    /// What is wrong.
+    pub reason: String,
+}
+
+fn invalid(setting: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        setting,
+        reason: reason.into(),
+    }
+}
+
+/// Checks a public or frontend URL: absolute http(s), no query or fragment.
+pub fn validate_url(setting: &'static str, value: &str) -> Result<String, ConfigError> {
+    let url = url::Url::parse(value).map_err(|e| invalid(setting, e.to_string()))?;
+    if !matches!(url.scheme(), "https" | "http") || url.host().is_none() {
+        return Err(invalid(setting, "must be an absolute http(s) URL"));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(invalid(setting, "must not have a query or fragment"));
+    }
+    Ok(value.trim_end_matches('/').to_string())
+}
+
+impl Config {
+    /// Defaults for a server on `listen` with its data in `data_dir` (tests, embedding).
+    pub fn new(data_dir: PathBuf, listen: SocketAddr) -> Config {
+        Config {
+            data_dir,
+            master_key: MasterKeySource::DataFolder,
+            listen,
+            public_url: None,
+            platform_ips: PLATFORM_EGRESS_IP
+                .parse()
+                .map(|ip| vec![ip])
+                .unwrap_or_default(),
+            trusted_proxies: ["127.0.0.0/8", "::1/128"]
+                .iter()
+                .filter_map(|n| n.parse().ok())
+                .collect(),
+            max_ticket_lifetime: DEFAULT_MAX_TICKET_LIFETIME_SECS,
+            frontend_url: DEFAULT_FRONTEND.to_string(),
+            workers: None,
+            handle_signals: false,
+        }
+    }
+
+    /// Validates `serve` flags into a configuration.
+    pub fn from_args(args: &ServeArgs) -> Result<Config, ConfigError> {
+        let listen: SocketAddr = args.listen.parse().map_err(|_| {
+            invalid(
+                "--listen / KEYHOLDER_LISTEN",
+                format!("'{}' is not an address like 127.0.0.1:8080", args.listen),
+            )
+        })?;
+        let public_url = args
+            .public_url
+            .as_deref()
+            .map(|u| validate_url("--public-url / KEYHOLDER_PUBLIC_URL", u))
+            .transpose()?;
+        let platform_ips = args
+            .platform_ips
+            .iter()
+            .filter(|s| !s.trim().is_empty())
+            .map(|s| {
+                s.trim().parse().map_err(|_| {
+                    invalid(
+                        "--platform-ip / KEYHOLDER_PLATFORM_IP",
+                        format!("'{s}' is not an IP address"),
+                    )
+                })
+            })
+            .collect::<Result<Vec<IpAddr>, _>>()?;
+        let trusted_proxies = args
+            .trusted_proxies
+            .iter()
+            .filter(|s| !s.trim().is_empty())
+            .map(|s| {
+                let s = s.trim();
+                s.parse::<IpNet>()
+                    .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
+                    .map_err(|_| {
+                        invalid(
+                            "--trusted-proxy / KEYHOLDER_TRUSTED_PROXY",
+                            format!("'{s}' is not a CIDR or address"),
+                        )
+                    })
+            })
+            .collect::<Result<Vec<IpNet>, _>>()?;
+        if !(1..=86_400).contains(&args.max_ticket_lifetime) {
+            return Err(invalid(
+                "--max-ticket-lifetime / KEYHOLDER_MAX_TICKET_LIFETIME",
+                "must be 1-86400 seconds",
+            ));
+        }
+        if args.workers == Some(0) {
+            return Err(invalid(
+                "--workers / KEYHOLDER_WORKERS",
+                "must be at least 1",
+            ));
+        }
+        Ok(Config {
+            data_dir: args.data.data_dir.clone(),
+            master_key: args.data.master_key_source(),
+            listen,
+            public_url,
+            platform_ips,
+            trusted_proxies,
+            max_ticket_lifetime: args.max_ticket_lifetime,
+            frontend_url: validate_url(
+                "--frontend-url / KEYHOLDER_FRONTEND_URL",
+                &args.frontend_url,
+            )?,
+            workers: args.workers,
+            handle_signals: true,
+        })
+    }
+}

@@ -1,0 +1,56 @@
+//! Ticket endpoints reached by agents and the owner's browser: `/v1/store`, `/v1/credential`,
+//! `/v1/totp-code`. The platform's own addresses are refused on all three.
+
+use actix_web::web::Data;
+use actix_web::HttpResponse;
+use keyholder_protocol::wire::StoreResponse;
+
+use super::error::ApiError;
+use super::extract::{CredentialEndpoint, StoreEndpoint, Ticketed, TotpEndpoint};
+use crate::app::AppState;
+use crate::vault::credentials::StoreMode;
+
+/// `POST /v1/store`: encrypt and keep a credential sent by the owner's browser.
+pub async fn store(
+    state: Data<AppState>,
+    ticketed: Ticketed<StoreEndpoint>,
+) -> Result<HttpResponse, ApiError> {
+    let Ticketed {
+        claims,
+        service,
+        request,
+    } = ticketed;
+    let token_data = request
+        .token_data
+        .ok_or_else(|| ApiError::InvalidRequest("missing 'tokenData'".into()))?;
+    let mode = StoreMode::from_claim(claims.mode.as_deref())?;
+    let meta = state
+        .vault
+        .store_credential(&service, token_data, mode, claims.cid.as_deref())
+        .await?;
+    Ok(HttpResponse::Ok().json(StoreResponse {
+        status: "stored".into(),
+        service,
+        meta,
+    }))
+}
+
+/// `GET|POST /v1/credential`: the decrypted credential for a ticket holder.
+pub async fn credential(
+    state: Data<AppState>,
+    ticketed: Ticketed<CredentialEndpoint>,
+) -> Result<HttpResponse, ApiError> {
+    let token = state.vault.open_credential(&ticketed.service).await?;
+    let body = token.credential_json();
+    Ok(HttpResponse::Ok()
+        .content_type("application/json")
+        .body(body.to_vec()))
+}
+
+/// `GET|POST /v1/totp-code`: the current code of a TOTP credential.
+pub async fn totp_code(
+    state: Data<AppState>,
+    ticketed: Ticketed<TotpEndpoint>,
+) -> Result<HttpResponse, ApiError> {
+    Ok(HttpResponse::Ok().json(state.vault.totp_code(&ticketed.service).await?))
+}

@@ -1,0 +1,249 @@
+//! The one API error type: every refusal and failure maps here to a status and a wire code, in
+//! one exhaustive match. Internal details go to the log, never to the caller.
+
+use actix_web::http::StatusCode;
+use actix_web::{HttpResponse, ResponseError};
+use keyholder_protocol::signing::RequestAuthError;
+use keyholder_protocol::{ErrorBody, ErrorCode, TicketError};
+
+use crate::store::StoreError;
+use crate::vault::VaultError;
+
+/// An error answered to an HTTP caller.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The request is malformed; the text says what is wrong (no secret in it).
+    #[error("{0}")]
+    InvalidRequest(String),
+    /// The body exceeds the endpoint's limit.
+    #[error("request body too large (limit {0} bytes)")]
+    PayloadTooLarge(usize),
+    /// Platform signature checks failed.
+    #[error("{0}")]
+    Auth(#[from] RequestAuthError),
+    /// The platform request id was seen before.
+    #[error("duplicate request id")]
+    DuplicateRequestId,
+    /// The platform request id header is missing or malformed.
+    #[error("missing or malformed request id")]
+    BadRequestId,
+    /// Ticket checks failed.
+    #[error("{0}")]
+    Ticket(#[from] TicketError),
+    /// The ticket's nonce was used before.
+    #[error("ticket already used")]
+    TicketReplayed,
+    /// Not bound to a platform yet.
+    #[error("keyholder is not bound to a platform yet")]
+    SetupRequired,
+    /// Refused by a network rule (platform address on an agent endpoint).
+    #[error("{0}")]
+    Forbidden(&'static str),
+    /// No route.
+    #[error("no such endpoint")]
+    NotFound,
+    /// Route exists, method does not.
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    /// A domain error.
+    #[error(transparent)]
+    Vault(#[from] VaultError),
+}
+
+impl From<StoreError> for ApiError {
+    fn from(err: StoreError) -> Self {
+        ApiError::Vault(VaultError::Store(err))
+    }
+}
+
+impl ApiError {
+    /// Wire code of this error (one exhaustive match).
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            ApiError::InvalidRequest(_) => ErrorCode::InvalidRequest,
+            ApiError::PayloadTooLarge(_) => ErrorCode::PayloadTooLarge,
+            ApiError::Auth(_) | ApiError::DuplicateRequestId | ApiError::BadRequestId => {
+                ErrorCode::AuthFailed
+            }
+            ApiError::Ticket(err) => err.error_code(),
+            ApiError::TicketReplayed => ErrorCode::TicketInvalid,
+            ApiError::SetupRequired => ErrorCode::SetupRequired,
+            ApiError::Forbidden(_) => ErrorCode::Forbidden,
+            ApiError::NotFound => ErrorCode::NotFound,
+            ApiError::MethodNotAllowed => ErrorCode::MethodNotAllowed,
+            ApiError::Vault(err) => match err {
+                VaultError::Store(_) => ErrorCode::StorageUnavailable,
+                VaultError::Crypto
+                | VaultError::WrongMasterKey
+                | VaultError::MasterKeyMissing(_)
+                | VaultError::KeyFile(..)
+                | VaultError::Corrupt(_)
+                | VaultError::Undecryptable => ErrorCode::InternalError,
+                VaultError::TokenNotFound => ErrorCode::TokenNotFound,
+                VaultError::AlreadyExists => ErrorCode::AlreadyExists,
+                VaultError::Invalid(_) => ErrorCode::InvalidRequest,
+                VaultError::NotTotp => ErrorCode::NotTotp,
+                VaultError::CodeExpired => ErrorCode::CodeExpired,
+                VaultError::CodeUsed => ErrorCode::CodeUsed,
+                VaultError::AlreadyBound => ErrorCode::Forbidden,
+            },
+        }
+    }
+
+    /// Text safe to show the caller: fixed for internal failures, specific for refusals.
+    pub fn public_message(&self) -> String {
+        match self {
+            ApiError::Auth(RequestAuthError::StaleTimestamp) => {
+                "Request timestamp outside the allowed window".into()
+            }
+            ApiError::Auth(RequestAuthError::BadSignature) => "Invalid signature".into(),
+            ApiError::Auth(RequestAuthError::MissingSignature) => {
+                "Missing or malformed X-TokenVault-Signature".into()
+            }
+            ApiError::Auth(RequestAuthError::MissingTimestamp) => {
+                "Missing X-TokenVault-Timestamp".into()
+            }
+            ApiError::Auth(RequestAuthError::InvalidTimestamp) => {
+                "Invalid X-TokenVault-Timestamp".into()
+            }
+            ApiError::DuplicateRequestId => "Duplicate request ID".into(),
+            ApiError::BadRequestId => {
+                "Missing or malformed X-TokenVault-Request-Id (1-128 chars of A-Z a-z 0-9 . _ : -)"
+                    .into()
+            }
+            ApiError::Ticket(TicketError::Malformed) => "Malformed ticket".into(),
+            ApiError::Ticket(TicketError::BadSignature) => "Invalid ticket signature".into(),
+            ApiError::Ticket(TicketError::Undecodable) => "Ticket payload cannot be decoded".into(),
+            ApiError::Ticket(TicketError::Expired) => "Ticket expired".into(),
+            ApiError::Ticket(TicketError::MissingNonce) => "Ticket has no nonce".into(),
+            ApiError::Ticket(TicketError::LifetimeTooLong) => {
+                "Ticket lifetime exceeds the allowed maximum".into()
+            }
+            ApiError::Ticket(TicketError::WrongPurpose) => {
+                "Ticket purpose not valid for this endpoint".into()
+            }
+            ApiError::Ticket(TicketError::WrongService) => "Ticket service does not match".into(),
+            ApiError::TicketReplayed => "Ticket already used".into(),
+            ApiError::Vault(VaultError::Store(_)) => {
+                "Storage is temporarily unavailable; retry later".into()
+            }
+            ApiError::Vault(
+                VaultError::Crypto
+                | VaultError::WrongMasterKey
+                | VaultError::MasterKeyMissing(_)
+                | VaultError::KeyFile(..)
+                | VaultError::Corrupt(_)
+                | VaultError::Undecryptable,
+            ) => "Internal error".into(),
+            other => other.to_string(),
+        }
+    }
+
+    /// The wire body for this error.
+    pub fn body(&self, request_id: Option<&str>) -> serde_json::Value {
+        let body = ErrorBody::new(self.code(), self.public_message());
+        let mut value = serde_json::json!({ "error": body.error, "message": body.message });
+        if let (Some(id), Some(map)) = (request_id, value.as_object_mut()) {
+            map.insert(
+                "requestId".into(),
+                serde_json::Value::String(id.to_string()),
+            );
+        }
+        value
+    }
+
+    /// Logs internal failures in full (they are answered with a fixed text).
+    pub fn log(&self) {
+        if self.code().http_status() >= 500 {
+            tracing::error!(error = %self, code = self.code().as_str(), "request failed");
+        } else {
+            tracing::debug!(code = self.code().as_str(), "request refused");
+        }
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        StatusCode::from_u16(self.code().http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        self.log();
+        HttpResponse::build(self.status_code()).json(self.body(None))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_error_maps_to_its_documented_status() {
+        let cases: Vec<(ApiError, u16, &str)> = vec![
+            (ApiError::InvalidRequest("x".into()), 400, "invalid_request"),
+            (ApiError::PayloadTooLarge(1), 413, "payload_too_large"),
+            (
+                ApiError::Auth(RequestAuthError::BadSignature),
+                401,
+                "auth_failed",
+            ),
+            (ApiError::DuplicateRequestId, 401, "auth_failed"),
+            (
+                ApiError::Ticket(TicketError::Expired),
+                401,
+                "ticket_expired",
+            ),
+            (
+                ApiError::Ticket(TicketError::WrongService),
+                401,
+                "ticket_invalid",
+            ),
+            (ApiError::TicketReplayed, 401, "ticket_invalid"),
+            (ApiError::SetupRequired, 403, "setup_required"),
+            (ApiError::Forbidden("x"), 403, "forbidden"),
+            (ApiError::NotFound, 404, "not_found"),
+            (
+                ApiError::Vault(VaultError::TokenNotFound),
+                404,
+                "token_not_found",
+            ),
+            (
+                ApiError::Vault(VaultError::AlreadyExists),
+                409,
+                "already_exists",
+            ),
+            (
+                ApiError::Vault(VaultError::CodeExpired),
+                410,
+                "code_expired",
+            ),
+            (ApiError::Vault(VaultError::CodeUsed), 410, "code_used"),
+            (ApiError::Vault(VaultError::NotTotp), 400, "not_totp"),
+            (
+                ApiError::Vault(VaultError::Undecryptable),
+                500,
+                "internal_error",
+            ),
+            (
+                ApiError::Vault(VaultError::Store(StoreError::WriterGone)),
+                503,
+                "storage_unavailable",
+            ),
+        ];
+        for (err, status, code) in cases {
+            assert_eq!(err.code().http_status(), status, "{err:?}");
+            assert_eq!(err.code().as_str(), code);
+            assert_eq!(err.status_code().as_u16(), status);
+        }
+    }
+
+    #[test]
+    fn internal_details_never_reach_the_caller() {
+        let err = ApiError::Vault(VaultError::Corrupt("secret path /data/x".into()));
+        assert_eq!(err.public_message(), "Internal error");
+        let err = ApiError::Vault(VaultError::Store(StoreError::Commit(
+            "disk I/O error at page 7".into(),
+        )));
+        assert!(!err.public_message().contains("page 7"));
+    }
+}

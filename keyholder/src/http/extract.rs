@@ -1,0 +1,364 @@
+//! Verification before handling: extractors that cap the body, check the platform's signature,
+//! timestamp and request id, or a ticket's signature, expiry, nonce and scope, and only then
+//! deserialize. A handler only ever sees an already-verified request.
+
+use actix_web::dev::Payload;
+use actix_web::web::{Bytes, BytesMut, Data};
+use actix_web::{FromRequest, HttpMessage, HttpRequest};
+use futures_util::future::LocalBoxFuture;
+use futures_util::StreamExt;
+use keyholder_protocol::paths::{
+    HEADER_PLATFORM_REQUEST_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP, MAX_CLOCK_SKEW_SECS,
+    REQUEST_ID_TTL_SECS,
+};
+use keyholder_protocol::request_id::is_valid_request_id;
+use keyholder_protocol::signing::verify_request;
+use keyholder_protocol::ticket::verify_ticket;
+use keyholder_protocol::wire::{CredentialRequest, StoreRequest};
+use keyholder_protocol::{Purpose, TicketClaims};
+use serde::de::DeserializeOwned;
+
+use super::error::ApiError;
+use crate::app::AppState;
+use crate::vault::replay::{ReplayKind, Seen};
+
+/// Ticket facts kept on the request for the access log (never the ticket itself).
+#[derive(Debug, Clone, Default)]
+pub struct TicketContext {
+    /// Agent id from the ticket.
+    pub agent_id: Option<String>,
+    /// Proxy config id from the ticket.
+    pub proxy_id: Option<String>,
+    /// Service the ticket was for.
+    pub service: String,
+}
+
+fn state(req: &HttpRequest) -> Result<Data<AppState>, ApiError> {
+    req.app_data::<Data<AppState>>().cloned().ok_or_else(|| {
+        ApiError::Vault(crate::vault::VaultError::Corrupt(
+            "app state missing".into(),
+        ))
+    })
+}
+
+/// Body size limit of each endpoint.
+pub fn body_limit(path: &str) -> usize {
+    use keyholder_protocol::paths::*;
+    match path {
+        PATH_STORAGE => 1024 * 1024,
+        PATH_PROXY => 8 * 1024 * 1024,
+        PATH_STORE => 64 * 1024,
+        _ => 16 * 1024,
+    }
+}
+
+/// Reads the whole body, refusing more than `limit` bytes (checked before and while reading).
+pub async fn read_body(
+    req: &HttpRequest,
+    payload: &mut Payload,
+    limit: usize,
+) -> Result<Bytes, ApiError> {
+    if let Some(len) = req
+        .headers()
+        .get(actix_web::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        if len > limit {
+            return Err(ApiError::PayloadTooLarge(limit));
+        }
+    }
+    let mut body = BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk =
+            chunk.map_err(|_| ApiError::InvalidRequest("request body could not be read".into()))?;
+        if body.len() + chunk.len() > limit {
+            return Err(ApiError::PayloadTooLarge(limit));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
+}
+
+/// Parses JSON strictly into `T` (an empty body is JSON `null`).
+pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let text: &[u8] = if body.iter().all(u8::is_ascii_whitespace) {
+        b"null"
+    } else {
+        body
+    };
+    serde_json::from_slice(text).map_err(|e| {
+        let what = if e.is_syntax() || e.is_eof() {
+            "Invalid JSON"
+        } else {
+            "Invalid request"
+        };
+        ApiError::InvalidRequest(format!("{what}: {}", e_safe(&e)))
+    })
+}
+
+/// A serde error without echoing input values (they could be secrets).
+fn e_safe(e: &serde_json::Error) -> String {
+    match e.classify() {
+        serde_json::error::Category::Data => {
+            // Data errors name the field and the expected type, not the value.
+            let text = e.to_string();
+            text.split(" at line")
+                .next()
+                .unwrap_or("invalid field")
+                .replace('`', "'")
+                .chars()
+                .take(160)
+                .collect()
+        }
+        _ => format!("at line {} column {}", e.line(), e.column()),
+    }
+}
+
+/// A platform call whose HMAC signature, timestamp and request id were verified.
+pub struct Signed<T> {
+    /// The deserialized body.
+    pub body: T,
+    /// The platform's request id (also remembered against replay).
+    pub request_id: String,
+}
+
+/// Verifies a signed platform request over the exact bytes received. Order: bound, signature
+/// headers, timestamp, signature (constant time), then request id replay (so a forger cannot
+/// burn ids). Returns the raw body and the request id.
+pub async fn verify_signed(
+    req: &HttpRequest,
+    payload: &mut Payload,
+) -> Result<(Bytes, String), ApiError> {
+    let state = state(req)?;
+    let binding = state.vault.binding();
+    if !binding.bound {
+        return Err(ApiError::SetupRequired);
+    }
+    let body = read_body(req, payload, body_limit(req.path())).await?;
+    let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
+    let now = crate::clock::now_unix();
+    verify_request(
+        &binding.hmac,
+        header(HEADER_SIGNATURE),
+        header(HEADER_TIMESTAMP),
+        &body,
+        now,
+        MAX_CLOCK_SKEW_SECS,
+    )
+    .inspect_err(|e| {
+        state.metrics.signature_failures.inc();
+        tracing::info!(reason = ?e, "platform signature refused");
+    })?;
+    let request_id = header(HEADER_PLATFORM_REQUEST_ID)
+        .filter(|id| is_valid_request_id(id))
+        .ok_or(ApiError::BadRequestId)?
+        .to_string();
+    match state
+        .vault
+        .replay
+        .remember(
+            ReplayKind::RequestId,
+            &request_id,
+            now + REQUEST_ID_TTL_SECS,
+        )
+        .await?
+    {
+        Seen::Fresh => Ok((body, request_id)),
+        Seen::Replayed => {
+            state.metrics.replays.inc();
+            tracing::warn!("duplicate platform request id refused");
+            Err(ApiError::DuplicateRequestId)
+        }
+    }
+}
+
+impl<T: DeserializeOwned + 'static> FromRequest for Signed<T> {
+    type Error = ApiError;
+    type Future = LocalBoxFuture<'static, Result<Self, ApiError>>;
+
+    fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
+        let req = req.clone();
+        let mut payload = payload.take();
+        Box::pin(async move {
+            let (body, request_id) = verify_signed(&req, &mut payload).await?;
+            Ok(Signed {
+                body: parse_json(&body)?,
+                request_id,
+            })
+        })
+    }
+}
+
+/// Verifies a ticket for `service` and one of `purposes`. Order as the protocol lists it:
+/// bound, form, signature, payload, expiry, (nonce present, lifetime cap), nonce replay, scope.
+pub async fn verify_ticket_for(
+    req: &HttpRequest,
+    ticket: &str,
+    service: &str,
+    purposes: &[Purpose],
+) -> Result<TicketClaims, ApiError> {
+    let state = state(req)?;
+    let binding = state.vault.binding();
+    if !binding.bound {
+        return Err(ApiError::SetupRequired);
+    }
+    let now = crate::clock::now_unix();
+    let claims = verify_ticket(
+        &binding.hmac,
+        ticket,
+        now,
+        state.vault.settings().max_ticket_lifetime,
+    )
+    .inspect_err(|e| {
+        state.metrics.ticket_failures.inc();
+        tracing::info!(reason = ?e, "ticket refused");
+    })?;
+    let nonce = claims.nonce.clone().unwrap_or_default();
+    let until = claims.exp.unwrap_or(now).max(now) + MAX_CLOCK_SKEW_SECS;
+    if state
+        .vault
+        .replay
+        .remember(ReplayKind::Nonce, &nonce, until)
+        .await?
+        == Seen::Replayed
+    {
+        state.metrics.replays.inc();
+        tracing::warn!("replayed ticket nonce refused");
+        return Err(ApiError::TicketReplayed);
+    }
+    claims.check_scope(purposes, service).inspect_err(|e| {
+        state.metrics.ticket_failures.inc();
+        tracing::info!(reason = ?e, "ticket scope refused");
+    })?;
+    req.extensions_mut().insert(TicketContext {
+        agent_id: claims.aid.clone(),
+        proxy_id: claims.pid.clone(),
+        service: service.to_string(),
+    });
+    Ok(claims)
+}
+
+/// A request body that carries a ticket and the service it is for.
+pub trait CarriesTicket {
+    /// The ticket text.
+    fn ticket(&self) -> Option<&str>;
+    /// The service asked for.
+    fn service(&self) -> Option<&str>;
+}
+
+impl CarriesTicket for CredentialRequest {
+    fn ticket(&self) -> Option<&str> {
+        self.ticket.as_deref()
+    }
+    fn service(&self) -> Option<&str> {
+        self.service.as_deref()
+    }
+}
+
+impl CarriesTicket for StoreRequest {
+    fn ticket(&self) -> Option<&str> {
+        self.ticket.as_deref()
+    }
+    fn service(&self) -> Option<&str> {
+        self.service.as_deref()
+    }
+}
+
+/// What a ticket-bearing endpoint accepts.
+pub trait TicketEndpoint {
+    /// The request body (or query) type.
+    type Request: CarriesTicket + DeserializeOwned + 'static;
+    /// Purposes accepted.
+    const PURPOSES: &'static [Purpose];
+    /// Whether the platform's own addresses are refused.
+    const REFUSE_PLATFORM: bool;
+}
+
+/// `/v1/credential`: agents (and the owner's dashboard) fetch a credential.
+pub struct CredentialEndpoint;
+impl TicketEndpoint for CredentialEndpoint {
+    type Request = CredentialRequest;
+    const PURPOSES: &'static [Purpose] = &[Purpose::AgentCredential, Purpose::UserReveal];
+    const REFUSE_PLATFORM: bool = true;
+}
+
+/// `/v1/store`: the owner's browser stores a credential.
+pub struct StoreEndpoint;
+impl TicketEndpoint for StoreEndpoint {
+    type Request = StoreRequest;
+    const PURPOSES: &'static [Purpose] = &[Purpose::Store];
+    const REFUSE_PLATFORM: bool = true;
+}
+
+/// `/v1/totp-code`: a TOTP code instead of the secret.
+pub struct TotpEndpoint;
+impl TicketEndpoint for TotpEndpoint {
+    type Request = CredentialRequest;
+    const PURPOSES: &'static [Purpose] = &[
+        Purpose::TotpCode,
+        Purpose::AgentCredential,
+        Purpose::UserReveal,
+    ];
+    // Keyholder rule: a code is a credential too, so the platform may not fetch it itself.
+    const REFUSE_PLATFORM: bool = true;
+}
+
+/// A request whose ticket was verified for the endpoint `E` and the service it names.
+pub struct Ticketed<E: TicketEndpoint> {
+    /// Verified claims.
+    pub claims: TicketClaims,
+    /// The service (equal to the ticket's `svc`).
+    pub service: String,
+    /// The request (query or JSON body).
+    pub request: E::Request,
+}
+
+impl<E: TicketEndpoint + 'static> FromRequest for Ticketed<E> {
+    type Error = ApiError;
+    type Future = LocalBoxFuture<'static, Result<Self, ApiError>>;
+
+    fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
+        let req = req.clone();
+        let mut payload = payload.take();
+        Box::pin(async move {
+            let state = state(&req)?;
+            if E::REFUSE_PLATFORM {
+                state.network.refuse_platform(&req)?;
+            }
+            if !state.vault.binding().bound {
+                return Err(ApiError::SetupRequired);
+            }
+            let request: E::Request = if req.method() == actix_web::http::Method::GET {
+                serde_urlencoded_query(req.query_string())?
+            } else {
+                let body = read_body(&req, &mut payload, body_limit(req.path())).await?;
+                parse_json(&body)?
+            };
+            let ticket = request
+                .ticket()
+                .filter(|t| !t.is_empty())
+                .ok_or_else(|| ApiError::InvalidRequest("missing 'ticket'".into()))?;
+            let service = request
+                .service()
+                .filter(|s| !s.is_empty())
+                .ok_or_else(|| ApiError::InvalidRequest("missing 'service'".into()))?
+                .to_string();
+            let claims = verify_ticket_for(&req, ticket, &service, E::PURPOSES).await?;
+            Ok(Ticketed {
+                claims,
+                service,
+                request,
+            })
+        })
+    }
+}
+
+fn serde_urlencoded_query<T: DeserializeOwned>(query: &str) -> Result<T, ApiError> {
+    if query.len() > 16 * 1024 {
+        return Err(ApiError::PayloadTooLarge(16 * 1024));
+    }
+    actix_web::web::Query::<T>::from_query(query)
+        .map(|q| q.into_inner())
+        .map_err(|_| ApiError::InvalidRequest("Invalid query string".into()))
+}

@@ -1,0 +1,196 @@
+//! Wraps every response: a request id, CORS for the browser-facing endpoints, the Ed25519
+//! response signature over the exact body sent, error bodies carrying the request id, and one
+//! access-log line per request (path only: query strings carry tickets).
+
+use std::time::Instant;
+
+use actix_web::body::{self, BoxBody, MessageBody};
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use actix_web::http::{Method, StatusCode};
+use actix_web::middleware::Next;
+use actix_web::web::{Bytes, Data};
+use actix_web::{HttpMessage, HttpResponse};
+use keyholder_protocol::paths::{
+    HEADER_PLATFORM_REQUEST_ID, HEADER_REQUEST_ID, PATH_CREDENTIAL, PATH_HEALTH, PATH_IDENTITY,
+    PATH_STORE, PATH_TOTP_CODE,
+};
+use keyholder_protocol::request_id::{is_valid_request_id, new_request_id};
+use keyholder_protocol::response_sig::sign_response;
+use tracing::Instrument;
+
+use super::error::ApiError;
+use super::extract::TicketContext;
+use crate::app::AppState;
+
+/// The request id of the current request, in request extensions.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
+
+fn pick_request_id(headers: &HeaderMap) -> String {
+    [HEADER_PLATFORM_REQUEST_ID, HEADER_REQUEST_ID]
+        .iter()
+        .filter_map(|name| headers.get(*name).and_then(|v| v.to_str().ok()))
+        .find(|id| is_valid_request_id(id))
+        .map(str::to_string)
+        .unwrap_or_else(new_request_id)
+}
+
+/// Endpoints called from the owner's browser on the platform's origin.
+fn is_cors_path(path: &str) -> bool {
+    matches!(
+        path,
+        PATH_STORE | PATH_CREDENTIAL | PATH_TOTP_CODE | PATH_HEALTH | PATH_IDENTITY
+    )
+}
+
+fn cors_headers(headers: &mut HeaderMap, origin: &HeaderValue) {
+    headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
+    headers.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("GET, POST, OPTIONS"),
+    );
+    headers.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static("Content-Type"),
+    );
+    headers.insert(
+        header::ACCESS_CONTROL_EXPOSE_HEADERS,
+        HeaderValue::from_static("X-Request-Id, X-Keyholder-Signature"),
+    );
+    headers.insert(
+        header::ACCESS_CONTROL_MAX_AGE,
+        HeaderValue::from_static("600"),
+    );
+    headers.append(header::VARY, HeaderValue::from_static("Origin"));
+}
+
+/// The middleware function (registered with `actix_web::middleware::from_fn`).
+pub async fn keyholder_layer(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
+    let started = Instant::now();
+    let request_id = pick_request_id(req.headers());
+    req.extensions_mut().insert(RequestId(request_id.clone()));
+    let method = req.method().clone();
+    let path = req.path().to_string();
+    let target = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| path.clone());
+    let origin = if is_cors_path(&path) {
+        req.headers().get(header::ORIGIN).cloned()
+    } else {
+        None
+    };
+    let state = req.app_data::<Data<AppState>>().cloned();
+    let span =
+        tracing::info_span!("request", request_id = %request_id, method = %method, path = %path);
+
+    let (http_req, response) = if method == Method::OPTIONS && is_cors_path(&path) {
+        // CORS preflight: the ticket, not CORS, is the security boundary.
+        let (http_req, _) = req.into_parts();
+        (http_req, HttpResponse::NoContent().finish())
+    } else {
+        let res = match next.call(req).instrument(span.clone()).await {
+            Ok(res) => res,
+            Err(err) => return Err(err),
+        };
+        let (http_req, res) = res.into_parts();
+        (http_req, res.map_into_boxed_body())
+    };
+
+    let status = response.status();
+    let error_body = response
+        .error()
+        .and_then(|e| e.as_error::<ApiError>())
+        .map(|e| e.body(Some(&request_id)));
+    let mut head = HttpResponse::build(status);
+    for (name, value) in response.headers() {
+        head.append_header((name.clone(), value.clone()));
+    }
+    let mut built = head.finish();
+    let bytes: Bytes = match error_body {
+        Some(json) => {
+            built.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            Bytes::from(serde_json::to_vec(&json).unwrap_or_default())
+        }
+        None => body::to_bytes(response.into_body())
+            .await
+            .unwrap_or_default(),
+    };
+    let bytes = if method == Method::HEAD {
+        Bytes::new()
+    } else {
+        bytes
+    };
+
+    let headers = built.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        headers.insert(HeaderName::from_static("x-request-id"), v);
+    }
+    if let Some(state) = state.as_ref() {
+        let keys = state.vault.keys();
+        let signature = sign_response(
+            keys.identity(),
+            crate::clock::now_unix(),
+            method.as_str(),
+            &target,
+            &request_id,
+            status.as_u16(),
+            &bytes,
+        );
+        if let Ok(v) = HeaderValue::from_str(&signature) {
+            headers.insert(HeaderName::from_static("x-keyholder-signature"), v);
+        }
+        state.metrics.requests.inc();
+        if status.is_server_error() {
+            state.metrics.server_errors.inc();
+        }
+    }
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    if let Some(origin) = origin.as_ref() {
+        cors_headers(headers, origin);
+    }
+
+    let ticket = http_req
+        .extensions()
+        .get::<TicketContext>()
+        .cloned()
+        .unwrap_or_default();
+    span.in_scope(|| {
+        tracing::info!(
+            status = status.as_u16(),
+            latency_ms = started.elapsed().as_secs_f64() * 1000.0,
+            agent_id = ticket.agent_id.as_deref().unwrap_or(""),
+            proxy_id = ticket.proxy_id.as_deref().unwrap_or(""),
+            "request"
+        )
+    });
+    let response = built.set_body(BoxBody::new(bytes));
+    Ok(ServiceResponse::new(http_req, response))
+}
+
+/// Fallback for unknown routes.
+pub async fn not_found() -> Result<HttpResponse, ApiError> {
+    Err(ApiError::NotFound)
+}
+
+/// Fallback for a known route with an unsupported method.
+pub async fn method_not_allowed() -> Result<HttpResponse, ApiError> {
+    Err(ApiError::MethodNotAllowed)
+}
+
+/// Status `200` with a JSON body.
+pub fn json_ok<T: serde::Serialize>(value: &T) -> HttpResponse {
+    HttpResponse::build(StatusCode::OK).json(value)
+}

@@ -1,0 +1,65 @@
+//! The HTTP face of the keyholder: routes, verification extractors, the response layer and the
+//! single error mapping. Handlers are thin: extract, call the domain, map the result.
+
+pub mod bind_page;
+pub mod credential;
+pub mod error;
+pub mod exchange;
+pub mod extract;
+pub mod health;
+pub mod middleware;
+pub mod network;
+pub mod storage;
+
+use actix_web::web;
+use keyholder_protocol::paths::*;
+
+/// Registers every route; unknown paths and methods get JSON errors.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    let fallback = || web::to(middleware::method_not_allowed);
+    cfg.service(
+        web::resource(PATH_EXCHANGE)
+            .route(web::post().to(exchange::exchange))
+            .default_service(fallback()),
+    )
+    .service(
+        web::resource(PATH_HEALTH)
+            .route(web::get().to(health::health_public))
+            .route(web::head().to(health::health_public))
+            .route(web::post().to(health::health_signed))
+            .default_service(fallback()),
+    )
+    .service(
+        web::resource(PATH_IDENTITY)
+            .route(web::get().to(health::identity))
+            .default_service(fallback()),
+    )
+    .service(
+        web::resource(PATH_STORAGE)
+            .route(web::post().to(storage::storage))
+            .default_service(fallback()),
+    )
+    .service(
+        web::resource(PATH_STORE)
+            .route(web::post().to(credential::store))
+            .default_service(fallback()),
+    )
+    .service(
+        web::resource(PATH_CREDENTIAL)
+            .route(web::get().to(credential::credential))
+            .route(web::post().to(credential::credential))
+            .default_service(fallback()),
+    )
+    .service(
+        web::resource(PATH_TOTP_CODE)
+            .route(web::get().to(credential::totp_code))
+            .route(web::post().to(credential::totp_code))
+            .default_service(fallback()),
+    )
+    .service(
+        web::resource(PATH_BIND)
+            .route(web::get().to(bind_page::bind_page))
+            .default_service(fallback()),
+    )
+    .default_service(web::to(middleware::not_found));
+}

@@ -1,0 +1,107 @@
+//! `POST /v1/storage`: the platform's signed metadata operations on the four collections.
+
+use actix_web::web::Data;
+use actix_web::HttpResponse;
+use keyholder_protocol::wire::{
+    Collection, GetResponse, ListBatchResponse, ListResponse, StatusResponse, StorageOperation,
+    StorageRequest,
+};
+
+use super::error::ApiError;
+use super::extract::Signed;
+use crate::app::AppState;
+
+fn collection(name: Option<&str>) -> Result<Collection, ApiError> {
+    let name = name.ok_or_else(|| ApiError::InvalidRequest("missing 'collection'".into()))?;
+    Collection::parse(name).ok_or_else(|| ApiError::InvalidRequest("unknown collection".into()))
+}
+
+fn key(key: Option<String>) -> Result<String, ApiError> {
+    key.filter(|k| !k.is_empty())
+        .ok_or_else(|| ApiError::InvalidRequest("missing 'key'".into()))
+}
+
+/// Dispatches one storage operation.
+pub async fn storage(
+    state: Data<AppState>,
+    signed: Signed<StorageRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let Signed {
+        body: request,
+        request_id: header_id,
+    } = signed;
+    let request_id = Some(
+        request
+            .request_id
+            .clone()
+            .filter(|id| !id.is_empty())
+            .unwrap_or(header_id),
+    );
+    let vault = &state.vault;
+    let response = match request.operation {
+        StorageOperation::Get => {
+            let data = vault
+                .storage_get(
+                    collection(request.collection.as_deref())?,
+                    key(request.key)?,
+                )
+                .await?;
+            HttpResponse::Ok().json(GetResponse {
+                data: data.unwrap_or(serde_json::Value::Null),
+                request_id,
+            })
+        }
+        StorageOperation::Set => {
+            let data = request
+                .data
+                .ok_or_else(|| ApiError::InvalidRequest("missing 'data'".into()))?;
+            vault
+                .storage_set(
+                    collection(request.collection.as_deref())?,
+                    key(request.key)?,
+                    data,
+                )
+                .await?;
+            HttpResponse::Ok().json(StatusResponse {
+                status: "ok".into(),
+                request_id,
+            })
+        }
+        StorageOperation::Delete => {
+            vault
+                .storage_delete(
+                    collection(request.collection.as_deref())?,
+                    key(request.key)?,
+                )
+                .await?;
+            HttpResponse::Ok().json(StatusResponse {
+                status: "ok".into(),
+                request_id,
+            })
+        }
+        StorageOperation::List => {
+            let page = vault
+                .storage_list(collection(request.collection.as_deref())?, request.options)
+                .await?;
+            HttpResponse::Ok().json(ListResponse {
+                items: page.items,
+                pagination: page.pagination,
+                request_id,
+            })
+        }
+        StorageOperation::ListBatch => {
+            let names = request
+                .collections
+                .ok_or_else(|| ApiError::InvalidRequest("missing 'collections'".into()))?;
+            if names.len() > 16 {
+                return Err(ApiError::InvalidRequest("too many collections".into()));
+            }
+            let results = vault.storage_list_batch(&names, request.options).await?;
+            HttpResponse::Ok().json(ListBatchResponse {
+                results,
+                request_id,
+            })
+        }
+    };
+    Ok(response)
+}

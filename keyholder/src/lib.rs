@@ -1,0 +1,15 @@
+//! Keyholder: a self-hosted key-custody server for Token Vault's Webhook Mode. The binary in
+//! `main.rs` parses the CLI; this library holds the server so tests can run it in process.
+#![warn(missing_docs)]
+
+pub mod app;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod http;
+pub mod metrics;
+pub mod store;
+pub mod vault;
+
+pub use app::{start, AppState, RunningServer};
+pub use config::Config;

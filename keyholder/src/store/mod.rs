@@ -1,0 +1,316 @@
+//! Durable storage behind a small interface: one SQLite database, one writer thread that
+//! group-commits jobs (every acknowledged write is fsync'ed), and a pool of read connections.
+
+mod schema;
+
+pub use schema::migrate;
+
+use std::any::Any;
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension};
+use tokio::sync::oneshot;
+
+pub use schema::SCHEMA_VERSION;
+
+/// Name of the database file inside the data folder.
+pub const DATABASE_FILE: &str = "keyholder.db";
+
+/// Most jobs folded into one transaction; bounds the latency of the first job in a batch.
+const MAX_BATCH: usize = 512;
+/// Read connections kept open for request handlers.
+const READERS: usize = 4;
+
+/// Storage failures. The text is for the server log only; clients get a fixed code.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite reported an error (disk full, read-only, locked, corrupt, ...).
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The writer thread is gone (shutting down, or it died).
+    #[error("storage writer is not running")]
+    WriterGone,
+    /// A stored value could not be decoded.
+    #[error("corrupt stored value: {0}")]
+    Corrupt(String),
+    /// The write could not be committed (disk full, read-only file system, I/O error).
+    #[error("commit failed: {0}")]
+    Commit(String),
+    /// A domain error raised inside a write job (rolled back with the job).
+    #[error("{0}")]
+    Domain(Box<dyn std::error::Error + Send + Sync>),
+    /// Opening or creating the data folder failed.
+    #[error("data folder: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+type AnyResult = Result<Box<dyn Any + Send>, StoreError>;
+type JobFn = Box<dyn FnOnce(&Connection) -> AnyResult + Send>;
+
+struct WriteJob {
+    run: JobFn,
+    reply: oneshot::Sender<AnyResult>,
+}
+
+/// Statistics of the group commit, for metrics and the benchmark.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CommitStats {
+    /// Transactions committed.
+    pub commits: u64,
+    /// Jobs acknowledged.
+    pub jobs: u64,
+}
+
+/// Handle to the database: cheap to clone, shared by all workers.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<StoreInner>,
+}
+
+struct StoreInner {
+    path: PathBuf,
+    writer: Mutex<Option<mpsc::Sender<WriteJob>>>,
+    readers: Mutex<Vec<Connection>>,
+    stats: Arc<Mutex<CommitStats>>,
+}
+
+/// Opens a connection with the settings every connection must have.
+pub fn open_connection(path: &Path, read_only: bool) -> Result<Connection, StoreError> {
+    let flags = if read_only {
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
+    } else {
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+    };
+    let conn = Connection::open_with_flags(path, flags)?;
+    // Other processes (the owner's CLI) write to the same file; wait for them briefly.
+    conn.busy_timeout(Duration::from_secs(5))?;
+    if !read_only {
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        // FULL: the WAL is fsync'ed at every commit, so an acknowledged write survives power loss.
+        conn.pragma_update(None, "synchronous", "FULL")?;
+    }
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    Ok(conn)
+}
+
+impl Store {
+    /// Opens (creating and migrating if needed) the database in `data_dir` and starts the writer.
+    pub fn open(data_dir: &Path) -> Result<Store, StoreError> {
+        let path = data_dir.join(DATABASE_FILE);
+        create_private_file(&path)?;
+        let mut conn = open_connection(&path, false)?;
+        schema::migrate(&mut conn)?;
+        restrict_file_mode(&path);
+        let mut readers = Vec::with_capacity(READERS);
+        for _ in 0..READERS {
+            readers.push(open_connection(&path, true)?);
+        }
+        let (tx, rx) = mpsc::channel::<WriteJob>();
+        let stats = Arc::new(Mutex::new(CommitStats::default()));
+        let writer_stats = Arc::clone(&stats);
+        std::thread::Builder::new()
+            .name("keyholder-writer".into())
+            .spawn(move || writer_loop(conn, rx, writer_stats))?;
+        Ok(Store {
+            inner: Arc::new(StoreInner {
+                path,
+                writer: Mutex::new(Some(tx)),
+                readers: Mutex::new(readers),
+                stats,
+            }),
+        })
+    }
+
+    /// Path of the database file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Group-commit counters so far.
+    pub fn commit_stats(&self) -> CommitStats {
+        self.inner.stats.lock().map(|s| *s).unwrap_or_default()
+    }
+
+    /// Runs `f` inside a write transaction shared with other concurrent writes; resolves only
+    /// after the transaction is committed and fsync'ed. A failing job is rolled back alone.
+    pub async fn write<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let (reply, rx) = oneshot::channel();
+        let job = WriteJob {
+            run: Box::new(move |conn| f(conn).map(|v| Box::new(v) as Box<dyn Any + Send>)),
+            reply,
+        };
+        {
+            let guard = self
+                .inner
+                .writer
+                .lock()
+                .map_err(|_| StoreError::WriterGone)?;
+            let sender = guard.as_ref().ok_or(StoreError::WriterGone)?;
+            sender.send(job).map_err(|_| StoreError::WriterGone)?;
+        }
+        let any = rx.await.map_err(|_| StoreError::WriterGone)??;
+        any.downcast::<T>()
+            .map(|b| *b)
+            .map_err(|_| StoreError::Corrupt("write job result type".into()))
+    }
+
+    /// Runs a read on a pooled read-only connection, off the async workers.
+    pub async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || {
+            let pooled = inner.readers.lock().ok().and_then(|mut pool| pool.pop());
+            let conn = match pooled {
+                Some(conn) => conn,
+                None => open_connection(&inner.path, true)?,
+            };
+            let result = f(&conn);
+            if let Ok(mut pool) = inner.readers.lock() {
+                if pool.len() < READERS {
+                    pool.push(conn);
+                }
+            }
+            result
+        })
+        .await
+        .map_err(|_| StoreError::WriterGone)?
+    }
+
+    /// Stops accepting writes; the writer thread finishes queued jobs and exits.
+    pub fn close(&self) {
+        if let Ok(mut guard) = self.inner.writer.lock() {
+            guard.take();
+        }
+    }
+}
+
+fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<WriteJob>, stats: Arc<Mutex<CommitStats>>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = Vec::with_capacity(16);
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let started = Instant::now();
+        let outcome = run_batch(&mut conn, batch);
+        let jobs = outcome.len() as u64;
+        tracing::trace!(
+            jobs,
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "group commit"
+        );
+        if let Ok(mut s) = stats.lock() {
+            s.commits += 1;
+            s.jobs += jobs;
+        }
+        for (reply, result) in outcome {
+            let _ = reply.send(result);
+        }
+    }
+}
+
+fn run_batch(
+    conn: &mut Connection,
+    batch: Vec<WriteJob>,
+) -> Vec<(oneshot::Sender<AnyResult>, AnyResult)> {
+    let mut results = Vec::with_capacity(batch.len());
+    let tx = match conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate) {
+        Ok(tx) => tx,
+        Err(err) => {
+            tracing::error!(error = %err, "cannot begin write transaction");
+            let msg = err.to_string();
+            return batch
+                .into_iter()
+                .map(|job| (job.reply, Err(StoreError::Commit(msg.clone()))))
+                .collect();
+        }
+    };
+    for job in batch {
+        let result = match tx.execute_batch("SAVEPOINT job") {
+            Ok(()) => {
+                let r = (job.run)(&tx);
+                let end = if r.is_ok() {
+                    tx.execute_batch("RELEASE job")
+                } else {
+                    tx.execute_batch("ROLLBACK TO job; RELEASE job")
+                };
+                match end {
+                    Ok(()) => r,
+                    Err(e) => Err(StoreError::Sqlite(e)),
+                }
+            }
+            Err(e) => Err(StoreError::Sqlite(e)),
+        };
+        results.push((job.reply, result));
+    }
+    if let Err(err) = tx.commit() {
+        tracing::error!(error = %err, "group commit failed");
+        let msg = err.to_string();
+        return results
+            .into_iter()
+            .map(|(reply, _)| (reply, Err(StoreError::Commit(msg.clone()))))
+            .collect();
+    }
+    results
+}
+
+/// Creates an empty owner-only file if none exists, so that SQLite (which gives its WAL and
+/// shared-memory files the database file's mode) never makes a world-readable one.
+pub fn create_private_file(path: &Path) -> Result<(), StoreError> {
+    if path.exists() {
+        return Ok(());
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(false);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    options.open(path)?;
+    Ok(())
+}
+
+/// Makes a file readable by its owner only (database, key files).
+pub fn restrict_file_mode(path: &Path) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if path.exists() {
+            let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+        }
+    }
+}
+
+/// Reads a setting (a small named value) on any connection.
+pub fn get_setting(conn: &Connection, name: &str) -> Result<Option<String>, StoreError> {
+    Ok(conn
+        .query_row("SELECT value FROM settings WHERE name = ?1", [name], |r| {
+            r.get(0)
+        })
+        .optional()?)
+}
+
+/// Writes a setting on a write connection or transaction.
+pub fn put_setting(conn: &Connection, name: &str, value: &str) -> Result<(), StoreError> {
+    conn.execute(
+        "INSERT INTO settings(name, value) VALUES (?1, ?2)
+         ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+        [name, value],
+    )?;
+    Ok(())
+}

@@ -1,0 +1,44 @@
+//! Schema migrations, applied in order at open; `PRAGMA user_version` records the last one.
+
+use rusqlite::Connection;
+
+use super::StoreError;
+
+/// Current schema version.
+pub const SCHEMA_VERSION: i64 = 1;
+
+const MIGRATIONS: &[&str] = &[
+    // 1: settings, wrapped key ring, documents of the four collections, replay memory, bind codes.
+    "CREATE TABLE settings (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+     CREATE TABLE keyring (
+        kind TEXT NOT NULL, version INTEGER NOT NULL, wrapped BLOB NOT NULL, created_at INTEGER NOT NULL,
+        PRIMARY KEY (kind, version));
+     CREATE TABLE documents (
+        collection TEXT NOT NULL, key TEXT NOT NULL, doc TEXT NOT NULL, updated_at INTEGER NOT NULL,
+        PRIMARY KEY (collection, key)) WITHOUT ROWID;
+     CREATE TABLE replay (
+        kind TEXT NOT NULL, id TEXT NOT NULL, expires_at INTEGER NOT NULL,
+        PRIMARY KEY (kind, id)) WITHOUT ROWID;
+     CREATE INDEX replay_expiry ON replay (expires_at);
+     CREATE TABLE bind_codes (
+        code_hash TEXT PRIMARY KEY, created_at INTEGER NOT NULL, expires_at INTEGER NOT NULL,
+        used_at INTEGER, rebind INTEGER NOT NULL, hmac_hash TEXT NOT NULL, pending_secret BLOB);",
+];
+
+/// Applies every migration newer than the database's version, each in its own transaction.
+pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let current: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if current > MIGRATIONS.len() as i64 {
+        return Err(StoreError::Corrupt(format!(
+            "database schema version {current} is newer than this keyholder ({})",
+            MIGRATIONS.len()
+        )));
+    }
+    for (index, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", (index + 1) as i64)?;
+        tx.commit()?;
+    }
+    Ok(())
+}

@@ -1,0 +1,309 @@
+//! The platform's metadata store (`/v1/storage`): get, set, delete, and list with the reference
+//! webhook's list semantics (meta building, filters, cursors, pagination).
+
+use std::cmp::Ordering;
+use std::collections::BTreeMap;
+
+use keyholder_protocol::document::is_sensitive;
+use keyholder_protocol::wire::{Collection, ListOptions, ListPage, Pagination};
+use rusqlite::{params, OptionalExtension};
+use serde_json::{Map, Value};
+
+use super::{Vault, VaultError};
+
+/// Longest accepted document key.
+pub const MAX_KEY_LEN: usize = 256;
+
+/// Refuses empty, oversized or control-character keys.
+pub fn validate_key(key: &str) -> Result<(), VaultError> {
+    if key.is_empty() || key.len() > MAX_KEY_LEN || key.chars().any(char::is_control) {
+        return Err(VaultError::Invalid(format!(
+            "'key' must be 1-{MAX_KEY_LEN} bytes without control characters"
+        )));
+    }
+    Ok(())
+}
+
+impl Vault {
+    /// The document stored under `key`, as stored.
+    pub async fn storage_get(
+        &self,
+        collection: Collection,
+        key: String,
+    ) -> Result<Option<Value>, VaultError> {
+        validate_key(&key)?;
+        let text: Option<String> = self
+            .store()
+            .read(move |conn| {
+                Ok(conn
+                    .query_row(
+                        "SELECT doc FROM documents WHERE collection = ?1 AND key = ?2",
+                        params![collection.as_str(), key],
+                        |r| r.get(0),
+                    )
+                    .optional()?)
+            })
+            .await?;
+        match text {
+            Some(t) => serde_json::from_str(&t)
+                .map(Some)
+                .map_err(|e| VaultError::Corrupt(e.to_string())),
+            None => Ok(None),
+        }
+    }
+
+    /// Upserts a document (must be a JSON object).
+    pub async fn storage_set(
+        &self,
+        collection: Collection,
+        key: String,
+        data: Value,
+    ) -> Result<(), VaultError> {
+        validate_key(&key)?;
+        if !data.is_object() {
+            return Err(VaultError::Invalid("'data' must be a JSON object".into()));
+        }
+        let text = data.to_string();
+        let now = crate::clock::now_unix();
+        self.store()
+            .write(move |conn| {
+                conn.execute(
+                    "INSERT INTO documents(collection, key, doc, updated_at) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT(collection, key) DO UPDATE SET doc = excluded.doc, updated_at = excluded.updated_at",
+                    params![collection.as_str(), key, text, now],
+                )?;
+                Ok(())
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Deletes a document; deleting a missing one is not an error.
+    pub async fn storage_delete(
+        &self,
+        collection: Collection,
+        key: String,
+    ) -> Result<(), VaultError> {
+        validate_key(&key)?;
+        self.store()
+            .write(move |conn| {
+                conn.execute(
+                    "DELETE FROM documents WHERE collection = ?1 AND key = ?2",
+                    params![collection.as_str(), key],
+                )?;
+                Ok(())
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Lists a collection with the given options.
+    pub async fn storage_list(
+        &self,
+        collection: Collection,
+        options: Option<ListOptions>,
+    ) -> Result<ListPage, VaultError> {
+        let rows = self.load_collection(collection).await?;
+        Ok(list_page(collection, rows, options.as_ref()))
+    }
+
+    /// Lists several collections at once; unknown names are skipped.
+    pub async fn storage_list_batch(
+        &self,
+        names: &[String],
+        options: Option<ListOptions>,
+    ) -> Result<BTreeMap<String, ListPage>, VaultError> {
+        let mut results = BTreeMap::new();
+        for name in names {
+            if let Some(collection) = Collection::parse(name) {
+                if results.contains_key(collection.as_str()) {
+                    continue;
+                }
+                let rows = self.load_collection(collection).await?;
+                results.insert(
+                    collection.as_str().to_string(),
+                    list_page(collection, rows, options.as_ref()),
+                );
+            }
+        }
+        Ok(results)
+    }
+
+    /// Number of stored credentials (documents in `tokens`).
+    pub async fn token_count(&self) -> Result<u64, VaultError> {
+        Ok(self
+            .store()
+            .read(|conn| {
+                Ok(conn.query_row(
+                    "SELECT COUNT(*) FROM documents WHERE collection = 'tokens'",
+                    [],
+                    |r| r.get::<_, i64>(0),
+                )?)
+            })
+            .await?
+            .max(0) as u64)
+    }
+
+    async fn load_collection(
+        &self,
+        collection: Collection,
+    ) -> Result<Vec<(String, Value)>, VaultError> {
+        let rows: Vec<(String, String)> = self
+            .store()
+            .read(move |conn| {
+                let mut stmt = conn.prepare_cached(
+                    "SELECT key, doc FROM documents WHERE collection = ?1 ORDER BY key",
+                )?;
+                let rows = stmt
+                    .query_map([collection.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(rows)
+            })
+            .await?;
+        rows.into_iter()
+            .map(|(k, text)| {
+                serde_json::from_str(&text)
+                    .map(|v| (k, v))
+                    .map_err(|e| VaultError::Corrupt(e.to_string()))
+            })
+            .collect()
+    }
+}
+
+/// Builds a list item: `{"key", "meta"}` (plus `"data"` for audit). `meta` is the stored meta
+/// object plus every other non-sensitive top-level field, `serviceName` defaulting to the key.
+pub fn list_item(collection: Collection, key: &str, doc: Value) -> Value {
+    let mut meta = Map::new();
+    if let Value::Object(fields) = &doc {
+        if let Some(Value::Object(stored)) = fields.get("meta") {
+            meta = stored.clone();
+        }
+        meta.entry("serviceName")
+            .or_insert_with(|| Value::String(key.to_string()));
+        for (name, value) in fields {
+            if !meta.contains_key(name)
+                && !is_sensitive(name)
+                && !matches!(name.as_str(), "v" | "alg" | "fields" | "meta")
+            {
+                meta.insert(name.clone(), value.clone());
+            }
+        }
+        if !meta.contains_key("hasRefreshToken") {
+            if let Some(refresh) = fields.get("refreshToken") {
+                meta.insert("hasRefreshToken".into(), Value::Bool(truthy(refresh)));
+            }
+        }
+    } else {
+        meta.insert("serviceName".into(), Value::String(key.to_string()));
+    }
+    let mut item = Map::new();
+    item.insert("key".into(), Value::String(key.to_string()));
+    item.insert("meta".into(), Value::Object(meta));
+    if collection == Collection::Audit {
+        item.insert("data".into(), doc);
+    }
+    Value::Object(item)
+}
+
+fn truthy(v: &Value) -> bool {
+    match v {
+        Value::Null => false,
+        Value::Bool(b) => *b,
+        Value::String(s) => !s.is_empty(),
+        Value::Number(n) => n.as_f64().is_some_and(|f| f != 0.0),
+        Value::Array(a) => !a.is_empty(),
+        Value::Object(o) => !o.is_empty(),
+    }
+}
+
+/// The cursor of an item: the audit entry's timestamp, else its key.
+fn cursor(collection: Collection, item: &Value) -> Value {
+    if collection == Collection::Audit {
+        if let Some(ts) = item.get("data").and_then(|d| d.get("timestamp")) {
+            return ts.clone();
+        }
+        return Value::String(String::new());
+    }
+    item.get("key").cloned().unwrap_or(Value::Null)
+}
+
+/// Orders cursors: numbers numerically, strings lexically, otherwise by their JSON text.
+fn cursor_cmp(a: &Value, b: &Value) -> Ordering {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => x
+            .as_f64()
+            .unwrap_or(0.0)
+            .partial_cmp(&y.as_f64().unwrap_or(0.0))
+            .unwrap_or(Ordering::Equal),
+        (Value::String(x), Value::String(y)) => x.cmp(y),
+        _ => a.to_string().cmp(&b.to_string()),
+    }
+}
+
+/// Applies filters, `since`, `after` and `limit` to a collection's documents (in key order).
+pub fn list_page(
+    collection: Collection,
+    rows: Vec<(String, Value)>,
+    options: Option<&ListOptions>,
+) -> ListPage {
+    let mut items: Vec<Value> = rows
+        .into_iter()
+        .map(|(k, doc)| list_item(collection, &k, doc))
+        .collect();
+    if collection == Collection::Audit {
+        items.sort_by(|a, b| cursor_cmp(&cursor(collection, b), &cursor(collection, a)));
+    }
+    let Some(options) = options else {
+        return ListPage {
+            items,
+            pagination: None,
+        };
+    };
+    if let Some(filters) = options.filters.as_ref().filter(|f| !f.is_empty()) {
+        items.retain(|item| {
+            let source = if collection == Collection::Audit {
+                item.get("data")
+            } else {
+                item.get("meta")
+            };
+            filters
+                .iter()
+                .all(|(field, want)| source.and_then(|s| s.get(field)) == Some(want))
+        });
+    }
+    if let Some(since) = options.since.as_ref().filter(|v| !v.is_null()) {
+        items.retain(|item| cursor_cmp(&cursor(collection, item), since) != Ordering::Less);
+    }
+    let total_count = items.len() as u64;
+    if let Some(after) = options
+        .after
+        .as_ref()
+        .filter(|v| !v.is_null() && *v != &Value::String(String::new()))
+    {
+        items.retain(|item| {
+            let ord = cursor_cmp(&cursor(collection, item), after);
+            if collection == Collection::Audit {
+                ord == Ordering::Less
+            } else {
+                ord == Ordering::Greater
+            }
+        });
+    }
+    let mut pagination = None;
+    if let Some(limit) = options.limit.filter(|l| *l > 0) {
+        let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+        let has_more = items.len() > limit;
+        items.truncate(limit);
+        let next_cursor = if has_more {
+            items.last().map(|i| cursor(collection, i))
+        } else {
+            None
+        };
+        pagination = Some(Pagination {
+            has_more,
+            next_cursor,
+            total_count,
+        });
+    }
+    ListPage { items, pagination }
+}

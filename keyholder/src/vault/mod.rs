@@ -1,0 +1,211 @@
+//! The domain layer: keys, binding, replay memory and credential operations. Knows nothing of HTTP.
+
+pub mod binding;
+pub mod collections;
+pub mod credentials;
+pub mod keyring;
+pub mod master;
+pub mod replay;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use keyholder_protocol::HmacSecret;
+
+use crate::store::{Store, StoreError};
+use keyring::KeyRing;
+use master::{MasterKey, MasterKeySource};
+use replay::ReplayGuard;
+
+/// Domain failures. Each maps to one wire error in `http::error`.
+#[derive(Debug, thiserror::Error)]
+pub enum VaultError {
+    /// Storage failed (logged in full, sent as a fixed code).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A key could not be wrapped or unwrapped.
+    #[error("key wrapping failed")]
+    Crypto,
+    /// The configured master key does not open this data folder.
+    #[error("the master key does not match this data folder (wrong key file or passphrase)")]
+    WrongMasterKey,
+    /// The data folder has keys but its master key file is gone.
+    #[error("the master key file {0} is missing, but this data folder holds keys wrapped by it; restore the file or pass --master-key-file")]
+    MasterKeyMissing(PathBuf),
+    /// A key or passphrase file could not be used.
+    #[error("key file {0}: {1}")]
+    KeyFile(PathBuf, String),
+    /// Stored state is inconsistent.
+    #[error("corrupt data folder: {0}")]
+    Corrupt(String),
+    /// No document for the requested service.
+    #[error("no credential stored for this service")]
+    TokenNotFound,
+    /// A create-only store found an existing credential.
+    #[error("a credential is already stored for this service")]
+    AlreadyExists,
+    /// The input was refused; the text is safe to show the caller.
+    #[error("{0}")]
+    Invalid(String),
+    /// The stored credential cannot be decrypted with any key we hold.
+    #[error("stored credential cannot be decrypted")]
+    Undecryptable,
+    /// The credential is not a TOTP secret.
+    #[error("this credential is not a TOTP secret")]
+    NotTotp,
+    /// Bind code unknown or expired.
+    #[error("bind code unknown or expired")]
+    CodeExpired,
+    /// Bind code already used.
+    #[error("bind code already used")]
+    CodeUsed,
+    /// A plain bind code was presented to a keyholder that is already bound.
+    #[error("this keyholder is already bound; issue a code with `keyholder bind --rebind`")]
+    AlreadyBound,
+}
+
+impl From<rusqlite::Error> for VaultError {
+    fn from(err: rusqlite::Error) -> Self {
+        VaultError::Store(StoreError::Sqlite(err))
+    }
+}
+
+/// Runtime settings of the domain layer.
+#[derive(Debug, Clone)]
+pub struct VaultSettings {
+    /// Longest accepted ticket lifetime (`exp - iat`), seconds.
+    pub max_ticket_lifetime: i64,
+    /// Capabilities announced at exchange and health.
+    pub capabilities: Vec<String>,
+}
+
+/// Binding state: bound or not, and the secret that signs the platform's calls.
+pub struct BindingState {
+    /// True after the first successful exchange.
+    pub bound: bool,
+    /// This keyholder's webhook id.
+    pub webhook_id: String,
+    /// The current HMAC secret.
+    pub hmac: HmacSecret,
+}
+
+/// The keyholder's domain state, shared by all workers.
+pub struct Vault {
+    store: Store,
+    master: Arc<MasterKey>,
+    keys: RwLock<Arc<KeyRing>>,
+    binding: RwLock<Arc<BindingState>>,
+    /// Replay memory for request ids and ticket nonces.
+    pub replay: ReplayGuard,
+    settings: VaultSettings,
+    started: std::time::Instant,
+}
+
+/// What opening the vault found, for the start-up log.
+pub struct OpenReport {
+    /// Keys were created by this start.
+    pub created_keys: bool,
+    /// A master key file was created in the data folder.
+    pub created_master_file: bool,
+}
+
+impl Vault {
+    /// Opens the vault on `store`: loads (creating on first start) the master key and key ring,
+    /// and the replay memory.
+    pub async fn open(
+        store: Store,
+        data_dir: &Path,
+        source: &MasterKeySource,
+        settings: VaultSettings,
+    ) -> Result<(Vault, OpenReport), VaultError> {
+        let data_dir = data_dir.to_path_buf();
+        let source = source.clone();
+        let (master, created_master_file, loaded, bound) = store
+            .write(move |conn| {
+                let (master, created_file) =
+                    master::load_master_key(&data_dir, &source, conn).map_err(into_store)?;
+                let loaded = keyring::init_or_load(conn, &master).map_err(into_store)?;
+                let bound = crate::store::get_setting(conn, "bound")?.as_deref() == Some("true");
+                Ok((master, created_file, loaded, bound))
+            })
+            .await
+            .map_err(from_store)?;
+        let replay = ReplayGuard::load(store.clone()).await?;
+        let report = OpenReport {
+            created_keys: loaded.created,
+            created_master_file,
+        };
+        let vault = Vault {
+            store,
+            master: Arc::new(master),
+            keys: RwLock::new(Arc::new(loaded.ring)),
+            binding: RwLock::new(Arc::new(BindingState {
+                bound,
+                webhook_id: loaded.webhook_id,
+                hmac: loaded.hmac,
+            })),
+            replay,
+            settings,
+            started: std::time::Instant::now(),
+        };
+        Ok((vault, report))
+    }
+
+    /// The key ring in force.
+    pub fn keys(&self) -> Arc<KeyRing> {
+        match self.keys.read() {
+            Ok(guard) => Arc::clone(&guard),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    /// The binding in force.
+    pub fn binding(&self) -> Arc<BindingState> {
+        match self.binding.read() {
+            Ok(guard) => Arc::clone(&guard),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    fn set_binding(&self, state: BindingState) {
+        let next = Arc::new(state);
+        match self.binding.write() {
+            Ok(mut guard) => *guard = next,
+            Err(poisoned) => *poisoned.into_inner() = next,
+        }
+    }
+
+    /// Domain settings.
+    pub fn settings(&self) -> &VaultSettings {
+        &self.settings
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Seconds since this vault was opened.
+    pub fn uptime_secs(&self) -> u64 {
+        self.started.elapsed().as_secs()
+    }
+}
+
+/// Carries a domain error through a store job (the job closure must return `StoreError`).
+fn into_store(err: VaultError) -> StoreError {
+    match err {
+        VaultError::Store(inner) => inner,
+        other => StoreError::Domain(Box::new(other)),
+    }
+}
+
+/// Unpacks a domain error carried through a store job.
+fn from_store(err: StoreError) -> VaultError {
+    match err {
+        StoreError::Domain(inner) => match inner.downcast::<VaultError>() {
+            Ok(v) => *v,
+            Err(other) => VaultError::Corrupt(other.to_string()),
+        },
+        other => VaultError::Store(other),
+    }
+}

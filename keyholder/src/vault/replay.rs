@@ -1,0 +1,158 @@
+//! Replay memory for platform request ids and ticket nonces: checked in memory (atomic
+//! check-and-insert), made durable before the request is answered, reloaded at start.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use rusqlite::params;
+
+use super::VaultError;
+use crate::store::Store;
+
+/// What is remembered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplayKind {
+    /// `X-TokenVault-Request-Id` values (600 s).
+    RequestId,
+    /// Ticket nonces (until the ticket's expiry plus the clock-skew allowance).
+    Nonce,
+}
+
+impl ReplayKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            ReplayKind::RequestId => "request",
+            ReplayKind::Nonce => "nonce",
+        }
+    }
+}
+
+/// Outcome of [`ReplayGuard::remember`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seen {
+    /// First use: now remembered durably.
+    Fresh,
+    /// Already used and not yet expired.
+    Replayed,
+}
+
+/// In-memory sets backed by the `replay` table.
+pub struct ReplayGuard {
+    store: Store,
+    request_ids: Mutex<HashMap<String, i64>>,
+    nonces: Mutex<HashMap<String, i64>>,
+}
+
+impl ReplayGuard {
+    /// Loads every unexpired entry from the database.
+    pub async fn load(store: Store) -> Result<ReplayGuard, VaultError> {
+        let now = crate::clock::now_unix();
+        let rows = store
+            .read(move |conn| {
+                let mut stmt =
+                    conn.prepare("SELECT kind, id, expires_at FROM replay WHERE expires_at >= ?1")?;
+                let rows = stmt
+                    .query_map([now], |r| {
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            r.get::<_, String>(1)?,
+                            r.get::<_, i64>(2)?,
+                        ))
+                    })?
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(rows)
+            })
+            .await?;
+        let mut request_ids = HashMap::new();
+        let mut nonces = HashMap::new();
+        for (kind, id, expires_at) in rows {
+            if kind == ReplayKind::Nonce.as_str() {
+                nonces.insert(id, expires_at);
+            } else {
+                request_ids.insert(id, expires_at);
+            }
+        }
+        Ok(ReplayGuard {
+            store,
+            request_ids: Mutex::new(request_ids),
+            nonces: Mutex::new(nonces),
+        })
+    }
+
+    fn set(&self, kind: ReplayKind) -> &Mutex<HashMap<String, i64>> {
+        match kind {
+            ReplayKind::RequestId => &self.request_ids,
+            ReplayKind::Nonce => &self.nonces,
+        }
+    }
+
+    /// Marks `id` used until `expires_at`. Returns [`Seen::Replayed`] if it was already used; else
+    /// returns [`Seen::Fresh`] once the mark is committed to disk.
+    pub async fn remember(
+        &self,
+        kind: ReplayKind,
+        id: &str,
+        expires_at: i64,
+    ) -> Result<Seen, VaultError> {
+        let now = crate::clock::now_unix();
+        {
+            let mut set = self
+                .set(kind)
+                .lock()
+                .map_err(|_| VaultError::Corrupt("replay lock".into()))?;
+            if let Some(&until) = set.get(id) {
+                if until >= now {
+                    return Ok(Seen::Replayed);
+                }
+            }
+            set.insert(id.to_string(), expires_at);
+        }
+        let owned = id.to_string();
+        let result = self
+            .store
+            .write(move |conn| {
+                conn.execute(
+                    "INSERT INTO replay(kind, id, expires_at) VALUES (?1, ?2, ?3)
+                     ON CONFLICT(kind, id) DO UPDATE SET expires_at = excluded.expires_at",
+                    params![kind.as_str(), owned, expires_at],
+                )?;
+                Ok(())
+            })
+            .await;
+        if let Err(err) = result {
+            // Not served, so not used: let the platform's retry through.
+            if let Ok(mut set) = self.set(kind).lock() {
+                set.remove(id);
+            }
+            return Err(err.into());
+        }
+        Ok(Seen::Fresh)
+    }
+
+    /// Forgets expired entries in memory and on disk; returns how many were removed from disk.
+    pub async fn purge_expired(&self) -> Result<usize, VaultError> {
+        let now = crate::clock::now_unix();
+        for kind in [ReplayKind::RequestId, ReplayKind::Nonce] {
+            if let Ok(mut set) = self.set(kind).lock() {
+                set.retain(|_, until| *until >= now);
+            }
+        }
+        let removed = self
+            .store
+            .write(move |conn| Ok(conn.execute("DELETE FROM replay WHERE expires_at < ?1", [now])?))
+            .await?;
+        Ok(removed)
+    }
+
+    /// Entries held in memory (both kinds), for metrics.
+    pub fn len(&self) -> usize {
+        let a = self.request_ids.lock().map(|s| s.len()).unwrap_or(0);
+        let b = self.nonces.lock().map(|s| s.len()).unwrap_or(0);
+        a + b
+    }
+
+    /// True when nothing is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}

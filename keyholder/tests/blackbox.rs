@@ -1,0 +1,210 @@
+//! The built `keyholder` binary, run as a user would: `serve` on a fresh data folder, `bind`
+//! while it runs, a simulated platform exchange, a browser store and an agent fetch; the logs (at
+//! trace level) never hold a secret or a ticket; SIGTERM stops it cleanly.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use keyholder_protocol::paths::*;
+use keyholder_protocol::ticket::encode_ticket;
+use keyholder_protocol::{HmacSecret, Purpose, TicketClaims};
+use serde_json::{json, Value};
+
+const BIN: &str = env!("CARGO_BIN_EXE_keyholder");
+const SECRET: &str = "ghp_BlackBoxSecret_41c2e9";
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+#[test]
+fn help_names_every_command() {
+    let out = Command::new(BIN).arg("--help").output().unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    for cmd in ["serve", "bind", "healthcheck"] {
+        assert!(text.contains(cmd), "{text}");
+    }
+    let out = Command::new(BIN)
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("KEYHOLDER_DATA_DIR") && text.contains("KEYHOLDER_LISTEN"),
+        "{text}"
+    );
+}
+
+#[test]
+fn invalid_settings_name_the_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", "--listen", "nonsense"])
+        .env("KEYHOLDER_DATA_DIR", dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--listen"), "{err}");
+    let out = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("KEYHOLDER_DATA_DIR", dir.path())
+        .env("KEYHOLDER_PLATFORM_IP", "not-an-ip")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("KEYHOLDER_PLATFORM_IP"));
+}
+
+#[test]
+fn serve_bind_store_fetch_as_a_user_would() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let mut child = Command::new(BIN)
+        .arg("serve")
+        .env("KEYHOLDER_DATA_DIR", &data)
+        .env("KEYHOLDER_LISTEN", format!("127.0.0.1:{port}"))
+        .env("KEYHOLDER_PUBLIC_URL", "https://kh.example.org")
+        .env("KEYHOLDER_LOG", "trace")
+        .env("KEYHOLDER_LOG_FORMAT", "json")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let http = reqwest::Client::new();
+    let started = Instant::now();
+    rt.block_on(async {
+        loop {
+            if let Ok(r) = http.get(format!("{base}{PATH_HEALTH}")).send().await {
+                if r.status().is_success() {
+                    break;
+                }
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "server did not come up"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+
+    // The owner issues a code while the server runs.
+    let out = Command::new(BIN)
+        .args(["bind", "--json"])
+        .env("KEYHOLDER_DATA_DIR", &data)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let issued: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let code = issued["code"].as_str().unwrap().to_string();
+    assert!(issued["registrationUrl"]
+        .as_str()
+        .unwrap()
+        .contains("webhook_url="));
+    assert_eq!(issued["expiresIn"], 300);
+
+    let ticket_secret = rt.block_on(async {
+        let answer: Value = http
+            .post(format!("{base}{PATH_EXCHANGE}"))
+            .json(&json!({ "code": code }))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let secret = HmacSecret::from_base64(answer["hmacSecret"].as_str().unwrap()).unwrap();
+        let n = now();
+        let store = encode_ticket(&secret, &TicketClaims::new("u", "github", Purpose::Store, n, n + 60, "n-store-1"));
+        let r = http
+            .post(format!("{base}{PATH_STORE}"))
+            .json(&json!({"ticket": store, "service": "github", "tokenData": {"accessToken": SECRET}}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let fetch = encode_ticket(&secret, &TicketClaims::new("u", "github", Purpose::AgentCredential, n, n + 60, "n-fetch-1"));
+        let r: Value = http
+            .get(format!("{base}{PATH_CREDENTIAL}"))
+            .query(&[("ticket", fetch.as_str()), ("service", "github")])
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(r["token"]["accessToken"], SECRET);
+        (store, fetch, secret.to_base64().to_string())
+    });
+
+    // A binding code for a bound keyholder is refused with a hint.
+    let out = Command::new(BIN)
+        .args(["bind"])
+        .env("KEYHOLDER_DATA_DIR", &data)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--rebind"));
+
+    // The container health check agrees.
+    let hc = Command::new(BIN)
+        .args(["healthcheck", "--url", &format!("{base}{PATH_HEALTH}")])
+        .status()
+        .unwrap();
+    assert!(hc.success());
+
+    // SIGTERM: graceful stop, exit 0.
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "no exit after SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}");
+    let mut logs = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut logs)
+        .unwrap();
+    assert!(logs.contains("keyholder listening"), "{logs}");
+    let (store_ticket, fetch_ticket, secret_b64) = ticket_secret;
+    for needle in [
+        SECRET,
+        store_ticket.as_str(),
+        fetch_ticket.as_str(),
+        secret_b64.as_str(),
+        code.as_str(),
+    ] {
+        assert!(!logs.contains(needle), "log leaks a secret: {needle}");
+    }
+}

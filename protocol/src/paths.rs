@@ -1,0 +1,105 @@
+//! Path, header, timing and capability constants of the webhook protocol (version 2.2.0).
+
+/// The protocol version the keyholder reports.
+pub const PROTOCOL_VERSION: &str = "2.2.0";
+
+/// `POST /v1/exchange`: bind-code exchange for the HMAC secret.
+pub const PATH_EXCHANGE: &str = "/v1/exchange";
+/// `GET|HEAD|POST /v1/health`.
+pub const PATH_HEALTH: &str = "/v1/health";
+/// `POST /v1/storage` (signed).
+pub const PATH_STORAGE: &str = "/v1/storage";
+/// `GET|POST /v1/credential` (ticket).
+pub const PATH_CREDENTIAL: &str = "/v1/credential";
+/// `POST /v1/store` (ticket).
+pub const PATH_STORE: &str = "/v1/store";
+/// `POST /v1/proxy` (signed and ticket).
+pub const PATH_PROXY: &str = "/v1/proxy";
+/// `POST /v1/refresh-notify` (signed).
+pub const PATH_REFRESH_NOTIFY: &str = "/v1/refresh-notify";
+/// `POST /v1/refresh` (signed, capability `tv-refresh`).
+pub const PATH_REFRESH: &str = "/v1/refresh";
+/// `GET|POST /v1/totp-code` (ticket).
+pub const PATH_TOTP_CODE: &str = "/v1/totp-code";
+/// `GET /v1/identity` (Keyholder extension): the response-signing identity document.
+pub const PATH_IDENTITY: &str = "/v1/identity";
+/// `/bind` (Keyholder extension): the owner's bind page.
+pub const PATH_BIND: &str = "/bind";
+
+/// HMAC request signature header (`sha256=<hex>`).
+pub const HEADER_SIGNATURE: &str = "X-TokenVault-Signature";
+/// Unix-seconds timestamp header of signed requests.
+pub const HEADER_TIMESTAMP: &str = "X-TokenVault-Timestamp";
+/// The platform's request id header.
+pub const HEADER_PLATFORM_REQUEST_ID: &str = "X-TokenVault-Request-Id";
+/// The request id header the keyholder returns.
+pub const HEADER_REQUEST_ID: &str = "X-Request-Id";
+/// Ed25519 response signature header (Keyholder extension).
+pub const HEADER_KEYHOLDER_SIGNATURE: &str = "X-Keyholder-Signature";
+/// The proxied upstream's status code.
+pub const HEADER_UPSTREAM_STATUS: &str = "X-Upstream-Status";
+/// Envelope header (Keyholder extension).
+pub const HEADER_ENVELOPE: &str = "X-Keyholder-Envelope";
+
+/// Largest accepted `|now - timestamp|` for signed requests, in seconds.
+pub const MAX_CLOCK_SKEW_SECS: i64 = 300;
+/// How long a seen request id is remembered, in seconds.
+pub const REQUEST_ID_TTL_SECS: i64 = 600;
+/// Lifetime of a bind code, in seconds.
+pub const BIND_CODE_TTL_SECS: i64 = 300;
+/// Default cap on a ticket's lifetime (`exp - iat`), in seconds.
+pub const DEFAULT_MAX_TICKET_LIFETIME_SECS: i64 = 3600;
+
+/// The platform backend's fixed egress IP.
+pub const PLATFORM_EGRESS_IP: &str = "34.12.35.243";
+/// The platform frontend used in registration URLs by default.
+pub const DEFAULT_FRONTEND: &str = "https://tokenvault.uk";
+
+/// Capability: `/v1/storage`.
+pub const CAP_STORAGE: &str = "storage";
+/// Capability: `/v1/credential`.
+pub const CAP_CREDENTIAL: &str = "credential";
+/// Capability: `/v1/proxy`.
+pub const CAP_PROXY: &str = "proxy";
+/// Capability: `/v1/refresh-notify`.
+pub const CAP_REFRESH: &str = "refresh";
+/// Capability: `/v1/store`.
+pub const CAP_STORE: &str = "store";
+/// Capability: `/v1/refresh` (opt-in: hands a refresh token to the platform).
+pub const CAP_TV_REFRESH: &str = "tv-refresh";
+
+/// The capability list reported by exchange and health; `tv-refresh` only when enabled.
+pub fn capabilities(tv_refresh: bool) -> Vec<String> {
+    let mut caps: Vec<String> = [
+        CAP_STORAGE,
+        CAP_CREDENTIAL,
+        CAP_PROXY,
+        CAP_REFRESH,
+        CAP_STORE,
+    ]
+    .iter()
+    .map(|c| (*c).to_owned())
+    .collect();
+    if tv_refresh {
+        caps.push(CAP_TV_REFRESH.to_owned());
+    }
+    caps
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capability_lists() {
+        assert_eq!(
+            capabilities(false),
+            ["storage", "credential", "proxy", "refresh", "store"]
+        );
+        assert_eq!(
+            capabilities(true).last().map(String::as_str),
+            Some("tv-refresh")
+        );
+    }
+}

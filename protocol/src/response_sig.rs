@@ -1,0 +1,415 @@
+//! Ed25519 response signatures (`X-Keyholder-Signature`, a Keyholder extension) and the identity document.
+//!
+//! Header: `keyId=<16 hex>,ts=<unix seconds>,sig=<standard base64 of 64 bytes>`. Signed message: the UTF-8
+//! of six lines joined by `\n`, no trailing newline: `keyholder-response-v1`, the `ts` value,
+//! `<METHOD> <path-and-query>`, the response's `X-Request-Id` (empty if none), the status in decimal, and
+//! the lowercase hex SHA-256 of the body bytes. `keyId` = first 16 lowercase hex of SHA-256(public key).
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
+use ed25519_dalek::{Signature, Signer as _, SigningKey, VerifyingKey};
+use rand::rngs::OsRng;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+use zeroize::Zeroizing;
+
+/// First line of every signed response message.
+pub const RESPONSE_SIG_LABEL: &str = "keyholder-response-v1";
+/// The only algorithm of identity documents.
+pub const ALGORITHM_ED25519: &str = "Ed25519";
+
+/// The keyholder's Ed25519 response-signing key. Not printable, cloneable or serializable.
+pub struct IdentityKey(SigningKey);
+
+impl IdentityKey {
+    /// A fresh key from the OS random generator.
+    pub fn generate() -> Self {
+        IdentityKey(SigningKey::generate(&mut OsRng))
+    }
+
+    /// The key for a 32-byte seed.
+    pub fn from_bytes(seed: &[u8; 32]) -> Self {
+        IdentityKey(SigningKey::from_bytes(seed))
+    }
+
+    /// The 32-byte seed, for storage.
+    pub fn to_bytes(&self) -> Zeroizing<[u8; 32]> {
+        Zeroizing::new(self.0.to_bytes())
+    }
+
+    /// The public key.
+    pub fn verifying_key(&self) -> VerifyingKey {
+        self.0.verifying_key()
+    }
+
+    /// The key id of the public key.
+    pub fn key_id(&self) -> String {
+        key_id(&self.verifying_key())
+    }
+
+    /// The public identity document served at `/v1/identity` and in the exchange response.
+    pub fn identity_document(&self) -> IdentityDocument {
+        let vk = self.verifying_key();
+        IdentityDocument {
+            key_id: key_id(&vk),
+            public_key: STANDARD.encode(vk.as_bytes()),
+            algorithm: ALGORITHM_ED25519.to_owned(),
+        }
+    }
+
+    /// Sign raw bytes.
+    pub fn sign(&self, msg: &[u8]) -> [u8; 64] {
+        self.0.sign(msg).to_bytes()
+    }
+}
+
+impl std::fmt::Debug for IdentityKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "IdentityKey(keyId={}, <redacted>)", self.key_id())
+    }
+}
+
+/// First 16 lowercase hex characters of SHA-256 of the 32-byte public key.
+pub fn key_id(public: &VerifyingKey) -> String {
+    let digest = Sha256::digest(public.as_bytes());
+    crate::hex::encode(&digest[..8])
+}
+
+/// The public identity: `{"keyId","publicKey"(standard base64),"algorithm":"Ed25519"}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IdentityDocument {
+    /// Key id (16 lowercase hex).
+    pub key_id: String,
+    /// Standard base64 of the 32-byte public key.
+    pub public_key: String,
+    /// Always `Ed25519`.
+    pub algorithm: String,
+}
+
+impl IdentityDocument {
+    /// The public key, after checking the algorithm, the canonical encoding and that `keyId` matches.
+    pub fn verifying_key(&self) -> Result<VerifyingKey, ResponseSigError> {
+        if self.algorithm != ALGORITHM_ED25519 || self.public_key.len() != 44 {
+            return Err(ResponseSigError::BadIdentity);
+        }
+        let raw = STANDARD
+            .decode(&self.public_key)
+            .map_err(|_| ResponseSigError::BadIdentity)?;
+        let bytes: [u8; 32] = raw
+            .as_slice()
+            .try_into()
+            .map_err(|_| ResponseSigError::BadIdentity)?;
+        let vk = VerifyingKey::from_bytes(&bytes).map_err(|_| ResponseSigError::BadIdentity)?;
+        if vk.is_weak() || key_id(&vk) != self.key_id {
+            return Err(ResponseSigError::BadIdentity);
+        }
+        Ok(vk)
+    }
+}
+
+/// The six-line message that is signed (see the module doc).
+pub fn response_signing_message(
+    ts: i64,
+    method: &str,
+    path_and_query: &str,
+    request_id: &str,
+    status: u16,
+    body: &[u8],
+) -> String {
+    let body_hash = crate::hex::encode(&Sha256::digest(body));
+    prehashed_message(ts, method, path_and_query, request_id, status, &body_hash)
+}
+
+fn prehashed_message(
+    ts: i64,
+    method: &str,
+    path_and_query: &str,
+    request_id: &str,
+    status: u16,
+    body_sha256_hex: &str,
+) -> String {
+    format!("{RESPONSE_SIG_LABEL}\n{ts}\n{method} {path_and_query}\n{request_id}\n{status}\n{body_sha256_hex}")
+}
+
+fn header_value(key: &IdentityKey, ts: i64, msg: &str) -> String {
+    let sig = key.sign(msg.as_bytes());
+    format!(
+        "keyId={},ts={},sig={}",
+        key.key_id(),
+        ts,
+        STANDARD.encode(sig)
+    )
+}
+
+/// Sign a response; returns the `X-Keyholder-Signature` header value.
+pub fn sign_response(
+    key: &IdentityKey,
+    ts: i64,
+    method: &str,
+    path_and_query: &str,
+    request_id: &str,
+    status: u16,
+    body: &[u8],
+) -> String {
+    let msg = response_signing_message(ts, method, path_and_query, request_id, status, body);
+    header_value(key, ts, &msg)
+}
+
+/// Pre-hashed variant so a server can hash a body once: `body_sha256_hex` is the lowercase hex SHA-256
+/// of the body.
+pub fn sign_response_prehashed(
+    key: &IdentityKey,
+    ts: i64,
+    method: &str,
+    path_and_query: &str,
+    request_id: &str,
+    status: u16,
+    body_sha256_hex: &str,
+) -> String {
+    let msg = prehashed_message(
+        ts,
+        method,
+        path_and_query,
+        request_id,
+        status,
+        body_sha256_hex,
+    );
+    header_value(key, ts, &msg)
+}
+
+/// A parsed `X-Keyholder-Signature` header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResponseSignature {
+    /// The signer's key id.
+    pub key_id: String,
+    /// Signing time, unix seconds.
+    pub ts: i64,
+    /// The raw signature.
+    pub sig: [u8; 64],
+}
+
+impl ResponseSignature {
+    /// Strict parse: exactly `keyId=<16 lowercase hex>,ts=<canonical integer>,sig=<canonical base64>`.
+    pub fn parse(header: &str) -> Result<Self, ResponseSigError> {
+        if header.len() > 256 {
+            return Err(ResponseSigError::Malformed);
+        }
+        let mut parts = header.split(',');
+        let (k, t, s) = match (parts.next(), parts.next(), parts.next(), parts.next()) {
+            (Some(k), Some(t), Some(s), None) => (k, t, s),
+            _ => return Err(ResponseSigError::Malformed),
+        };
+        let key_id = k
+            .strip_prefix("keyId=")
+            .ok_or(ResponseSigError::Malformed)?;
+        let ts_text = t.strip_prefix("ts=").ok_or(ResponseSigError::Malformed)?;
+        let sig_text = s.strip_prefix("sig=").ok_or(ResponseSigError::Malformed)?;
+        if !crate::hex::is_lower_hex(key_id, 16) {
+            return Err(ResponseSigError::Malformed);
+        }
+        let ts = crate::signing::parse_strict_i64(ts_text)
+            .filter(|ts| ts.to_string() == ts_text)
+            .ok_or(ResponseSigError::Malformed)?;
+        if sig_text.len() != 88 {
+            return Err(ResponseSigError::Malformed);
+        }
+        let raw = STANDARD
+            .decode(sig_text)
+            .map_err(|_| ResponseSigError::Malformed)?;
+        let sig: [u8; 64] = raw
+            .as_slice()
+            .try_into()
+            .map_err(|_| ResponseSigError::Malformed)?;
+        Ok(ResponseSignature {
+            key_id: key_id.to_owned(),
+            ts,
+            sig,
+        })
+    }
+}
+
+/// Why a response signature was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ResponseSigError {
+    /// The header does not have the exact format.
+    #[error("malformed response signature")]
+    Malformed,
+    /// The key id is not the expected key's.
+    #[error("response signed by an unknown key")]
+    UnknownKey,
+    /// The signature does not verify.
+    #[error("bad response signature")]
+    BadSignature,
+    /// The signature time is outside the allowed window.
+    #[error("stale response signature")]
+    Stale,
+    /// The identity document is invalid.
+    #[error("invalid identity document")]
+    BadIdentity,
+}
+
+/// Verify a response signature header against `key` (strict Ed25519 verification). Does not check `ts`
+/// freshness; see [`verify_response_at`].
+pub fn verify_response(
+    key: &VerifyingKey,
+    header: &str,
+    method: &str,
+    path_and_query: &str,
+    request_id: &str,
+    status: u16,
+    body: &[u8],
+) -> Result<ResponseSignature, ResponseSigError> {
+    let parsed = ResponseSignature::parse(header)?;
+    if parsed.key_id != key_id(key) {
+        return Err(ResponseSigError::UnknownKey);
+    }
+    // A line break inside a field would let one message stand for another.
+    if [method, path_and_query, request_id]
+        .iter()
+        .any(|f| f.contains(['\n', '\r']))
+    {
+        return Err(ResponseSigError::BadSignature);
+    }
+    let msg = response_signing_message(parsed.ts, method, path_and_query, request_id, status, body);
+    key.verify_strict(msg.as_bytes(), &Signature::from_bytes(&parsed.sig))
+        .map_err(|_| ResponseSigError::BadSignature)?;
+    Ok(parsed)
+}
+
+/// [`verify_response`], then require `|now - ts| <= max_skew_secs` (else `Stale`).
+#[allow(clippy::too_many_arguments)]
+pub fn verify_response_at(
+    key: &VerifyingKey,
+    header: &str,
+    method: &str,
+    path_and_query: &str,
+    request_id: &str,
+    status: u16,
+    body: &[u8],
+    now: i64,
+    max_skew_secs: i64,
+) -> Result<ResponseSignature, ResponseSigError> {
+    let parsed = verify_response(
+        key,
+        header,
+        method,
+        path_and_query,
+        request_id,
+        status,
+        body,
+    )?;
+    if (i128::from(now) - i128::from(parsed.ts)).abs() > i128::from(max_skew_secs) {
+        return Err(ResponseSigError::Stale);
+    }
+    Ok(parsed)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sign_verify_and_refusals() {
+        let key = IdentityKey::from_bytes(&[9u8; 32]);
+        let vk = key.verifying_key();
+        let h = sign_response(
+            &key,
+            1_700_000_000,
+            "GET",
+            "/v1/health",
+            "req_1",
+            200,
+            b"{}",
+        );
+        let parsed = verify_response(&vk, &h, "GET", "/v1/health", "req_1", 200, b"{}").unwrap();
+        assert_eq!(parsed.ts, 1_700_000_000);
+        assert_eq!(parsed.key_id, key.key_id());
+        let pre = sign_response_prehashed(
+            &key,
+            1_700_000_000,
+            "GET",
+            "/v1/health",
+            "req_1",
+            200,
+            &crate::hex::encode(&Sha256::digest(b"{}")),
+        );
+        assert_eq!(pre, h);
+        let bad =
+            |m: &str, p: &str, r: &str, s: u16, b: &[u8]| verify_response(&vk, &h, m, p, r, s, b);
+        assert_eq!(
+            bad("GET", "/v1/health", "req_1", 201, b"{}"),
+            Err(ResponseSigError::BadSignature)
+        );
+        assert_eq!(
+            bad("GET", "/v1/health", "req_1", 200, b"{ }"),
+            Err(ResponseSigError::BadSignature)
+        );
+        assert_eq!(
+            bad("POST", "/v1/health", "req_1", 200, b"{}"),
+            Err(ResponseSigError::BadSignature)
+        );
+        assert_eq!(
+            bad("GET", "/v1/health?x", "req_1", 200, b"{}"),
+            Err(ResponseSigError::BadSignature)
+        );
+        assert_eq!(
+            bad("GET", "/v1/health", "", 200, b"{}"),
+            Err(ResponseSigError::BadSignature)
+        );
+        let other = IdentityKey::from_bytes(&[8u8; 32]).verifying_key();
+        assert_eq!(
+            verify_response(&other, &h, "GET", "/v1/health", "req_1", 200, b"{}"),
+            Err(ResponseSigError::UnknownKey)
+        );
+        assert_eq!(
+            verify_response_at(
+                &vk,
+                &h,
+                "GET",
+                "/v1/health",
+                "req_1",
+                200,
+                b"{}",
+                1_700_000_301,
+                300
+            ),
+            Err(ResponseSigError::Stale)
+        );
+        let doc = key.identity_document();
+        assert_eq!(doc.verifying_key().unwrap(), vk);
+        let mut wrong = doc.clone();
+        wrong.key_id = "0000000000000000".into();
+        assert_eq!(wrong.verifying_key(), Err(ResponseSigError::BadIdentity));
+        let json = serde_json::to_string(&doc).unwrap();
+        assert!(json.starts_with(r#"{"keyId":""#) && json.contains(r#""algorithm":"Ed25519""#));
+        assert!(format!("{key:?}").contains("redacted"));
+    }
+
+    #[test]
+    fn strict_header_parse() {
+        let key = IdentityKey::from_bytes(&[9u8; 32]);
+        let h = sign_response(&key, 5, "GET", "/", "", 200, b"");
+        assert!(ResponseSignature::parse(&h).is_ok());
+        let sig_part = h.split(",sig=").nth(1).unwrap();
+        let kid = key.key_id();
+        for bad in [
+            format!("ts=5,keyId={kid},sig={sig_part}"),
+            format!("keyId={kid}, ts=5,sig={sig_part}"),
+            format!("keyId={kid},ts=05,sig={sig_part}"),
+            format!("keyId={kid},ts=+5,sig={sig_part}"),
+            format!("keyId={},ts=5,sig={sig_part}", kid.to_uppercase()),
+            format!("keyId={kid}0,ts=5,sig={sig_part}"),
+            format!("keyId={kid},ts=5,sig={}", sig_part.trim_end_matches('=')),
+            format!("keyId={kid},ts=5,sig={sig_part},"),
+            format!("keyId={kid},ts=5,sig={sig_part} "),
+        ] {
+            assert_eq!(
+                ResponseSignature::parse(&bad),
+                Err(ResponseSigError::Malformed),
+                "{bad}"
+            );
+        }
+    }
+}

@@ -1,0 +1,519 @@
+#!/usr/bin/env python3
+"""Regenerate the Keyholder protocol test vectors in this folder.
+
+This is an independent implementation (Python + the `cryptography` package) of the formats that
+`keyholder-protocol` implements in Rust, so the vectors check one implementation against another. The two
+golden vectors from PROTOCOL.md come from the platform's own code and are written in literally; this script
+asserts that it reproduces them. Run: `python3 protocol/vectors/generate.py` (writes the *.json files here).
+"""
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+import struct
+import urllib.parse
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives import serialization
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+GOLDEN_SECRET = bytes(range(32))
+GOLDEN_SECRET_B64 = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
+GOLDEN_HMAC_HASH = "630dcd2966c4336691125448bbb25b4ff412a49c732db2c8abc1b8581bd710dd"
+GOLDEN_BODY = '{"operation":"get","collection":"tokens","key":"github","requestId":"req_testfixture01"}'
+GOLDEN_SIG = "c196ad249f0d81158ebfec10a47f7f67122de187c094332e9ae9290bc45fcdeb"
+GOLDEN_TICKET = (
+    "eyJzdWIiOiJ1c2VyX3Rlc3QiLCJzdmMiOiJnaXRodWIiLCJwdXIiOiJhZ2VudF9jcmVkZW50aWFsIiwiaWF0IjoxNzAwMDAwMDAwLCJl"
+    "eHAiOjk5OTk5OTk5OTksIm5vbmNlIjoiZGVhZGJlZWZkZWFkYmVlZmRlYWRiZWVmZGVhZGJlZWYiLCJhaWQiOiJhZ2VudF90ZXN0In0"
+    ".b5b3f0d261e89c53c9db035d68244b1d4862a3e9c84edd111f502f9b148da74a"
+)
+WRONG_SECRET_B64 = base64.b64encode(bytes(range(1, 33))).decode()
+I64_MAX = 9223372036854775807
+NOW = 1700000000
+
+
+def b64(b):
+    return base64.b64encode(b).decode()
+
+
+def b64url(b):
+    return base64.urlsafe_b64encode(b).decode().rstrip("=")
+
+
+def hmac_hex(key, msg):
+    return hmac.new(key, msg, hashlib.sha256).hexdigest()
+
+
+def ok(v):
+    return {"ok": v}
+
+
+def err(name):
+    return {"error": name}
+
+
+def write(name, description, cases):
+    names = [c["name"] for c in cases]
+    assert len(names) == len(set(names)), name
+    with open(os.path.join(HERE, name), "w", encoding="utf-8") as f:
+        json.dump({"description": description, "cases": cases}, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
+# ---------------------------------------------------------------- request signatures (PROTOCOL.md 2.1)
+def request_signatures():
+    assert b64(GOLDEN_SECRET) == GOLDEN_SECRET_B64
+    sig = hmac_hex(GOLDEN_SECRET, b"1700000000." + GOLDEN_BODY.encode())
+    assert sig == GOLDEN_SIG
+    hdr = "sha256=" + sig
+
+    def verify(name, expected, signature_header=hdr, timestamp_header="1700000000", body=GOLDEN_BODY,
+               now=NOW, secret=GOLDEN_SECRET_B64, max_skew_secs=300):
+        return {"name": name, "op": "verify", "secret_base64": secret, "signature_header": signature_header,
+                "timestamp_header": timestamp_header, "body": body, "now": now, "max_skew_secs": max_skew_secs,
+                "expected": expected}
+
+    cases = [
+        {"name": "golden_sign", "op": "sign", "secret_base64": GOLDEN_SECRET_B64, "timestamp": 1700000000,
+         "body": GOLDEN_BODY, "expected": ok(hdr)},
+        {"name": "empty_body_sign", "op": "sign", "secret_base64": GOLDEN_SECRET_B64, "timestamp": 1700000000,
+         "body": "", "expected": ok("sha256=" + hmac_hex(GOLDEN_SECRET, b"1700000000."))},
+        verify("golden_verify", ok(1700000000)),
+        verify("golden_verify_at_skew_limit", ok(1700000000), now=NOW + 300),
+        verify("golden_verify_at_negative_skew_limit", ok(1700000000), now=NOW - 300),
+        verify("missing_signature", err("MissingSignature"), signature_header=None),
+        verify("signature_without_prefix", err("MissingSignature"), signature_header=sig),
+        verify("signature_wrong_prefix", err("MissingSignature"), signature_header="sha1=" + sig),
+        verify("missing_timestamp", err("MissingTimestamp"), timestamp_header=None),
+        verify("missing_signature_wins_over_missing_timestamp", err("MissingSignature"), signature_header=None,
+               timestamp_header=None),
+        verify("timestamp_not_integer", err("InvalidTimestamp"), timestamp_header="1700000000.5"),
+        verify("timestamp_with_plus", err("InvalidTimestamp"), timestamp_header="+1700000000"),
+        verify("timestamp_with_space", err("InvalidTimestamp"), timestamp_header=" 1700000000"),
+        verify("timestamp_empty", err("InvalidTimestamp"), timestamp_header=""),
+        verify("timestamp_overflow", err("InvalidTimestamp"), timestamp_header="99999999999999999999"),
+        verify("stale_timestamp", err("StaleTimestamp"), now=NOW + 301),
+        verify("future_timestamp", err("StaleTimestamp"), now=NOW - 301),
+        verify("stale_wins_over_bad_signature", err("StaleTimestamp"), signature_header="sha256=" + "0" * 64,
+               now=NOW + 301),
+        verify("wrong_secret", err("BadSignature"), secret=WRONG_SECRET_B64),
+        verify("tampered_body", err("BadSignature"), body=GOLDEN_BODY.replace("github", "gitlab")),
+        verify("body_reserialized_with_spaces", err("BadSignature"), body=json.dumps(json.loads(GOLDEN_BODY))),
+        verify("signature_for_other_timestamp", err("BadSignature"), timestamp_header="1700000001"),
+        verify("signature_uppercase_hex", err("BadSignature"), signature_header="sha256=" + sig.upper()),
+        verify("signature_truncated", err("BadSignature"), signature_header=hdr[:-2]),
+        verify("signature_not_hex", err("BadSignature"), signature_header="sha256=" + "z" * 64),
+        verify("signature_with_trailing_space", err("BadSignature"), signature_header=hdr + " "),
+    ]
+    write("request_signatures.json",
+          "X-TokenVault-Signature: sha256=<hex HMAC-SHA256(secret, \"<timestamp>.\" + raw body)>, PROTOCOL.md 2.1. "
+          "op sign: expected.ok is the header value. op verify: expected.ok is the timestamp, or the "
+          "RequestAuthError variant. body is the UTF-8 request body.",
+          cases)
+
+
+# ---------------------------------------------------------------- binding (PROTOCOL.md 1, 2.3)
+def binding():
+    assert hashlib.sha256(GOLDEN_SECRET).hexdigest() == GOLDEN_HMAC_HASH
+    code = "3f2b1c9e-8d7a-4b6c-9e5f-1a2b3c4d5e6f"
+    hook = "https://keyholder.example.org"
+    q = lambda s: urllib.parse.quote(s, safe="-._~")
+    url = ("https://tokenvault.uk/vault/webhook-bind?code=" + q(code) + "&webhook_url=" + q(b64(hook.encode()))
+           + "&hmac_hash=" + GOLDEN_HMAC_HASH)
+    cases = [
+        {"name": "golden_hmac_hash", "op": "hmac_hash", "secret_base64": GOLDEN_SECRET_B64,
+         "expected": ok(GOLDEN_HMAC_HASH)},
+        {"name": "registration_url", "op": "registration_url", "frontend": "https://tokenvault.uk/",
+         "code": code, "webhook_url": hook, "secret_base64": GOLDEN_SECRET_B64, "expected": ok(url)},
+        {"name": "registration_url_escapes_code", "op": "registration_url", "frontend": "https://tv.example",
+         "code": "a b&c", "webhook_url": "https://h.example:8443/x?y", "secret_base64": GOLDEN_SECRET_B64,
+         "expected": ok("https://tv.example/vault/webhook-bind?code=" + q("a b&c") + "&webhook_url="
+                        + q(b64(b"https://h.example:8443/x?y")) + "&hmac_hash=" + GOLDEN_HMAC_HASH)},
+        {"name": "secret_not_canonical_base64", "op": "hmac_hash",
+         "secret_base64": GOLDEN_SECRET_B64[:-2] + "9=", "expected": err("InvalidBase64")},
+        {"name": "secret_wrong_length", "op": "hmac_hash", "secret_base64": b64(bytes(31)),
+         "expected": err("WrongLength")},
+    ]
+    write("binding.json",
+          "Bind hmac_hash (lowercase hex SHA-256 of the 32 secret bytes) and the registration URL. "
+          "Errors are KeyLengthError variants.", cases)
+
+
+# ---------------------------------------------------------------- tickets (PROTOCOL.md 2.2)
+def compact(obj):
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+def ticket_from_payload(payload, secret=GOLDEN_SECRET):
+    return payload + "." + hmac_hex(secret, payload.encode())
+
+
+def ticket(claims_json, secret=GOLDEN_SECRET):
+    return ticket_from_payload(b64url(claims_json.encode()), secret)
+
+
+def tickets():
+    golden_claims = {"sub": "user_test", "svc": "github", "pur": "agent_credential", "iat": 1700000000,
+                     "exp": 9999999999, "nonce": "deadbeefdeadbeefdeadbeefdeadbeef", "aid": "agent_test"}
+    assert ticket(compact(golden_claims)) == GOLDEN_TICKET
+    payload, sig = GOLDEN_TICKET.split(".")
+
+    def verify(name, t, expected, now=NOW, max_lifetime_secs=3600, secret=GOLDEN_SECRET_B64):
+        return {"name": name, "op": "verify", "secret_base64": secret, "ticket": t, "now": now,
+                "max_lifetime_secs": max_lifetime_secs, "expected": expected}
+
+    store = {"sub": "user_1", "svc": "github", "pur": "store", "iat": NOW, "exp": NOW + 300,
+             "nonce": "n-store-1", "cid": "creation_1", "mode": "create"}
+    base = {"sub": "u", "svc": "s", "pur": "proxy", "iat": NOW, "exp": NOW + 60, "nonce": "n1"}
+    base_json = compact(base)
+    # a payload whose standard base64 has '+' or '/', to show the standard alphabet is refused
+    i = 0
+    while True:
+        c = dict(base, nonce="n" + "?" * i + ">")
+        std = base64.b64encode(compact(c).encode()).decode().rstrip("=")
+        if "+" in std or "/" in std:
+            break
+        i += 1
+    std_alphabet_payload = std
+    # payload with non-canonical trailing bits: needs a length that is not a multiple of 3
+    odd = compact(dict(base, nonce="n12"))
+    odd_b64 = b64url(odd.encode())
+    assert len(odd.encode()) % 3 != 0
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    last = alphabet.index(odd_b64[-1])
+    noncanonical = odd_b64[:-1] + alphabet[last | 1]
+    assert noncanonical != odd_b64
+    padded = b64url(odd.encode()) + "=" * (-len(odd_b64) % 4)
+    assert padded != odd_b64
+
+    cases = [
+        {"name": "golden_encode", "op": "encode", "secret_base64": GOLDEN_SECRET_B64, "claims": golden_claims,
+         "expected": ok(GOLDEN_TICKET)},
+        verify("golden_verify", GOLDEN_TICKET, ok(golden_claims), max_lifetime_secs=I64_MAX),
+        verify("golden_refused_by_default_lifetime_cap", GOLDEN_TICKET, err("LifetimeTooLong")),
+        {"name": "store_ticket_encode", "op": "encode", "secret_base64": GOLDEN_SECRET_B64, "claims": store,
+         "expected": ok(ticket(compact(store)))},
+        verify("store_ticket_verify", ticket(compact(store)), ok(store)),
+        verify("unknown_claims_tolerated", ticket(compact(dict(base, extra={"x": 1}))), ok(base)),
+        verify("missing_sub_svc_pur_default_empty", ticket(compact({"exp": NOW, "nonce": "n"})),
+               ok({"sub": "", "svc": "", "pur": "", "exp": NOW, "nonce": "n"})),
+        verify("exp_equal_now_is_valid", ticket(compact(dict(base, exp=NOW))), ok(dict(base, exp=NOW))),
+        verify("lifetime_at_cap", ticket(compact(dict(base, exp=NOW + 3600))), ok(dict(base, exp=NOW + 3600))),
+        verify("one_part", payload, err("Malformed")),
+        verify("three_parts", GOLDEN_TICKET + ".x", err("Malformed")),
+        verify("empty_payload", "." + sig, err("Malformed")),
+        verify("empty_signature", payload + ".", err("Malformed")),
+        verify("empty", "", err("Malformed")),
+        verify("oversize", "a" * 8193 + "." + "0" * 64, err("Malformed")),
+        verify("wrong_secret", GOLDEN_TICKET, err("BadSignature"), secret=WRONG_SECRET_B64,
+               max_lifetime_secs=I64_MAX),
+        verify("tampered_payload", payload[:40] + ("A" if payload[40] != "A" else "B") + payload[41:] + "." + sig,
+               err("BadSignature"), max_lifetime_secs=I64_MAX),
+        verify("signature_uppercase", payload + "." + sig.upper(), err("BadSignature")),
+        verify("signature_truncated", payload + "." + sig[:-1], err("BadSignature")),
+        verify("signature_not_hex", payload + "." + "g" * 64, err("BadSignature")),
+        verify("bad_signature_wins_over_bad_payload", "!!!." + sig, err("BadSignature")),
+        verify("payload_padded", ticket_from_payload(padded), err("Undecodable")),
+        verify("payload_noncanonical_trailing_bits", ticket_from_payload(noncanonical), err("Undecodable")),
+        verify("payload_standard_alphabet", ticket_from_payload(std_alphabet_payload), err("Undecodable")),
+        verify("payload_not_base64", ticket_from_payload("e30!"), err("Undecodable")),
+        verify("trailing_garbage_after_json", ticket(base_json + "x"), err("Undecodable")),
+        verify("trailing_whitespace_after_json", ticket(base_json + " "), err("Undecodable")),
+        verify("two_json_objects", ticket(base_json + "{}"), err("Undecodable")),
+        verify("payload_not_object", ticket("[1,2]"), err("Undecodable")),
+        verify("payload_not_json", ticket("not json"), err("Undecodable")),
+        verify("exp_wrong_type", ticket(compact(dict(base, exp=str(NOW + 60)))), err("Undecodable")),
+        verify("duplicate_claim", ticket(base_json[:-1] + ',"exp":1}'), err("Undecodable")),
+        verify("expired", ticket(compact(dict(base, exp=NOW - 1))), err("Expired")),
+        verify("missing_exp_is_expired", ticket(compact({k: v for k, v in base.items() if k != "exp"})),
+               err("Expired")),
+        verify("expired_wins_over_missing_nonce", ticket(compact({"exp": NOW - 1})), err("Expired")),
+        verify("missing_nonce", ticket(compact({k: v for k, v in base.items() if k != "nonce"})),
+               err("MissingNonce")),
+        verify("empty_nonce", ticket(compact(dict(base, nonce=""))), err("MissingNonce")),
+        verify("null_nonce", ticket(compact(dict(base, nonce=None))), err("MissingNonce")),
+        verify("lifetime_too_long", ticket(compact(dict(base, exp=NOW + 3601))), err("LifetimeTooLong")),
+        verify("lifetime_too_long_without_iat",
+               ticket(compact({k: v for k, v in dict(base, exp=NOW + 3601).items() if k != "iat"})),
+               err("LifetimeTooLong")),
+        {"name": "scope_ok", "op": "check_scope", "claims": golden_claims,
+         "allowed": ["agent_credential", "user_reveal"], "service": "github", "expected": ok("agent_credential")},
+        {"name": "scope_wrong_purpose", "op": "check_scope", "claims": golden_claims, "allowed": ["store"],
+         "service": "github", "expected": err("WrongPurpose")},
+        {"name": "scope_unknown_purpose", "op": "check_scope", "claims": dict(golden_claims, pur="admin"),
+         "allowed": ["agent_credential"], "service": "github", "expected": err("WrongPurpose")},
+        {"name": "scope_wrong_service", "op": "check_scope", "claims": golden_claims,
+         "allowed": ["agent_credential"], "service": "GitHub", "expected": err("WrongService")},
+        {"name": "scope_empty_service", "op": "check_scope", "claims": dict(golden_claims, svc=""),
+         "allowed": ["agent_credential"], "service": "github", "expected": err("WrongService")},
+    ]
+    write("tickets.json",
+          "Tickets <unpadded base64url JSON>.<lowercase hex HMAC-SHA256 over the payload text>, PROTOCOL.md 2.2. "
+          "op encode: expected.ok is the ticket. op verify: expected.ok is the claims object (absent claims "
+          "omitted), else the TicketError variant; nonce replay is not part of these cases. op check_scope: "
+          "expected.ok is the purpose.",
+          cases)
+
+
+# ---------------------------------------------------------------- documents (PROTOCOL.md 4 + our kh1 format)
+KEY1 = bytes(range(32, 64))
+KEY2 = bytes(range(64, 96))
+PLATFORM_KEY = bytes(range(96, 128))
+
+
+def aad(service, field, version):
+    out = b"keyholder/v1/field"
+    for part in (service.encode(), field.encode(), str(version).encode()):
+        out += struct.pack(">I", len(part)) + part
+    return out
+
+
+def kh1(key, version, service, field, plaintext, nonce):
+    sealed = nonce + AESGCM(key).encrypt(nonce, plaintext.encode(), aad(service, field, version))
+    return "kh1:%d:%s" % (version, b64(sealed))
+
+
+def platform_v1(key, plaintext, nonce):
+    return b64(nonce + AESGCM(key).encrypt(nonce, plaintext.encode(), None))
+
+
+def flip_byte(value, index):
+    prefix, _, data = value.rpartition(":")
+    raw = bytearray(base64.b64decode(data))
+    raw[index] ^= 0x01
+    return (prefix + ":" if prefix else "") + b64(bytes(raw))
+
+
+def documents():
+    n = lambda i: bytes([i] * 12)
+    at = kh1(KEY1, 1, "github", "accessToken", "gho_exampletoken", n(1))
+    rt = kh1(KEY2, 2, "github", "refreshToken", "ghr_examplerefresh", n(2))
+    assert len(base64.b64decode(at.split(":")[2])) % 3 != 0
+    keys = {"1": b64(KEY1), "2": b64(KEY2)}
+
+    def dec(name, value, expected, key=KEY1, service="github", field="accessToken"):
+        return {"name": name, "op": "decrypt_field", "key_base64": b64(key), "service": service, "field": field,
+                "value": value, "expected": expected}
+
+    def open_doc(name, doc, expected, service="github", platform=None, k=keys):
+        return {"name": name, "op": "open_document", "keys": k, "platform_v1_key_base64": platform,
+                "service": service, "document": doc, "expected": expected}
+
+    data = at.split(":")[2]
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    stripped = data.rstrip("=")
+    noncanonical = "kh1:1:" + stripped[:-1] + alphabet[alphabet.index(stripped[-1]) | 1] + data[len(stripped):]
+    assert noncanonical != at
+    pv1 = platform_v1(PLATFORM_KEY, "xoxb-platform-token", n(3))
+    meta = {"serviceName": "github", "tokenType": "oauth", "hasRefreshToken": True, "accessToken": "shadowed"}
+    v2doc = {"v": 2, "alg": "AES-256-GCM", "fields": {"accessToken": at, "refreshToken": rt}, "meta": meta}
+    v1doc = {"v": 1, "alg": "AES-256-GCM", "fields": {"accessToken": pv1}, "meta": {"serviceName": "slack"}}
+
+    cases = [
+        {"name": "encrypt_fixed_nonce", "op": "encrypt_field", "key_base64": b64(KEY1), "key_version": 1,
+         "service": "github", "field": "accessToken", "plaintext": "gho_exampletoken", "nonce_hex": n(1).hex(),
+         "expected": ok(at)},
+        {"name": "encrypt_fixed_nonce_v2", "op": "encrypt_field", "key_base64": b64(KEY2), "key_version": 2,
+         "service": "github", "field": "refreshToken", "plaintext": "ghr_examplerefresh",
+         "nonce_hex": n(2).hex(), "expected": ok(rt)},
+        {"name": "encrypt_unicode_plaintext", "op": "encrypt_field", "key_base64": b64(KEY1),
+         "key_version": 4294967295, "service": "ünïcode svc", "field": "totpSecret",
+         "plaintext": "otpauth://totp/é?secret=JBSWY3DPEHPK3PXP", "nonce_hex": n(4).hex(),
+         "expected": ok(kh1(KEY1, 4294967295, "ünïcode svc", "totpSecret",
+                            "otpauth://totp/é?secret=JBSWY3DPEHPK3PXP", n(4)))},
+        dec("decrypt_ok", at, ok("gho_exampletoken")),
+        dec("decrypt_v2_ok", rt, ok("ghr_examplerefresh"), key=KEY2, field="refreshToken"),
+        dec("wrong_key", at, err("DecryptionFailed"), key=KEY2),
+        dec("moved_to_other_service", at, err("DecryptionFailed"), service="gitlab"),
+        dec("moved_to_other_field", at, err("DecryptionFailed"), field="refreshToken"),
+        dec("key_version_label_changed", at.replace("kh1:1:", "kh1:2:", 1), err("DecryptionFailed")),
+        dec("tampered_ciphertext", flip_byte(at, 12), err("DecryptionFailed")),
+        dec("tampered_nonce", flip_byte(at, 0), err("DecryptionFailed")),
+        dec("bad_tag", flip_byte(at, -1), err("DecryptionFailed")),
+        dec("truncated_below_nonce_and_tag", "kh1:1:" + b64(bytes(27)), err("Malformed")),
+        dec("noncanonical_base64", noncanonical, err("Malformed")),
+        dec("missing_base64_padding", at.rstrip("="), err("Malformed")),
+        dec("whitespace_in_base64", at[:20] + " " + at[20:], err("Malformed")),
+        dec("urlsafe_alphabet", at.replace("+", "-").replace("/", "_") if ("+" in at or "/" in at)
+            else at[:-3] + "-" + at[-2:], err("Malformed")),
+        dec("version_leading_zero", at.replace("kh1:1:", "kh1:01:", 1), err("Malformed")),
+        dec("version_signed", at.replace("kh1:1:", "kh1:+1:", 1), err("Malformed")),
+        dec("version_overflow", at.replace("kh1:1:", "kh1:4294967296:", 1), err("Malformed")),
+        dec("version_missing", at.replace("kh1:1:", "kh1::", 1), err("Malformed")),
+        dec("no_version_separator", "kh1:" + data, err("Malformed")),
+        dec("unknown_format_prefix", at.replace("kh1:", "kh2:", 1), err("Malformed")),
+        dec("empty", "", err("Malformed")),
+        {"name": "platform_v1_decrypt", "op": "decrypt_platform_v1_field", "key_base64": b64(PLATFORM_KEY),
+         "value": pv1, "expected": ok("xoxb-platform-token")},
+        {"name": "platform_v1_wrong_key", "op": "decrypt_platform_v1_field", "key_base64": b64(KEY1),
+         "value": pv1, "expected": err("DecryptionFailed")},
+        {"name": "platform_v1_tampered", "op": "decrypt_platform_v1_field", "key_base64": b64(PLATFORM_KEY),
+         "value": flip_byte(pv1, 20), "expected": err("DecryptionFailed")},
+        {"name": "platform_v1_not_base64", "op": "decrypt_platform_v1_field", "key_base64": b64(PLATFORM_KEY),
+         "value": "not base64!", "expected": err("Malformed")},
+        {"name": "format_keyholder", "op": "field_key_version", "value": rt, "expected": ok({"keyholder": 2})},
+        {"name": "format_platform_v1", "op": "field_key_version", "value": pv1, "expected": ok("platform_v1")},
+        {"name": "format_bad_version", "op": "field_key_version", "value": "kh1:x:AAAA",
+         "expected": err("Malformed")},
+        open_doc("open_v2", v2doc, ok({"token": {"accessToken": "gho_exampletoken",
+                                                 "refreshToken": "ghr_examplerefresh", "serviceName": "github",
+                                                 "tokenType": "oauth", "hasRefreshToken": True}})),
+        open_doc("open_v2_wrong_service", v2doc, err("DecryptionFailed"), service="gitlab"),
+        open_doc("open_v2_fields_swapped",
+                 dict(v2doc, fields={"accessToken": kh1(KEY1, 1, "github", "refreshToken", "x", n(5))}),
+                 err("DecryptionFailed")),
+        open_doc("open_v2_unknown_key_version", v2doc, err("UnknownKeyVersion"), k={"1": b64(KEY1)}),
+        open_doc("open_v2_with_platform_field", dict(v2doc, fields={"accessToken": pv1}), err("Malformed"),
+                 platform=b64(PLATFORM_KEY)),
+        open_doc("open_field_not_string", dict(v2doc, fields={"accessToken": 5}), err("NotAString")),
+        open_doc("open_unsupported_version", dict(v2doc, v=3), err("UnsupportedDocument")),
+        open_doc("open_unsupported_alg", dict(v2doc, alg="AES-128-CBC"), err("UnsupportedDocument")),
+        open_doc("open_not_object", [v2doc], err("Malformed")),
+        open_doc("open_platform_v1", v1doc, ok({"token": {"accessToken": "xoxb-platform-token",
+                                                          "serviceName": "slack"}}),
+                 service="slack", platform=b64(PLATFORM_KEY)),
+        open_doc("open_platform_v1_without_key", v1doc, err("NoPlatformKey"), service="slack"),
+        open_doc("open_plaintext", {"accessToken": "plain", "expiresIn": 3600, "meta": {"tokenType": "api_key"}},
+                 ok({"token": {"accessToken": "plain", "expiresIn": 3600, "tokenType": "api_key"}})),
+        {"name": "key_versions", "op": "document_key_versions", "document": v2doc, "expected": ok([1, 2])},
+        {"name": "key_versions_platform", "op": "document_key_versions", "document": v1doc, "expected": ok([])},
+        {"name": "iso8601_format", "op": "format_iso8601", "unix": 1700000000,
+         "expected": ok("2023-11-14T22:13:20Z")},
+        {"name": "iso8601_format_epoch", "op": "format_iso8601", "unix": 0, "expected": ok("1970-01-01T00:00:00Z")},
+        {"name": "iso8601_parse", "op": "parse_iso8601", "text": "2023-11-14T22:13:20Z", "expected": ok(1700000000)},
+        {"name": "iso8601_parse_fraction_offset", "op": "parse_iso8601", "text": "2023-11-14T23:13:20.5+01:00",
+         "expected": ok(1700000000)},
+        {"name": "iso8601_parse_leap_day", "op": "parse_iso8601", "text": "2024-02-29T00:00:00Z",
+         "expected": ok(1709164800)},
+        {"name": "iso8601_invalid_day", "op": "parse_iso8601", "text": "2023-02-29T00:00:00Z",
+         "expected": err("Invalid")},
+        {"name": "iso8601_no_zone", "op": "parse_iso8601", "text": "2023-11-14T22:13:20",
+         "expected": err("Invalid")},
+    ]
+    write("documents.json",
+          "Encrypted fields and documents. Our field format: kh1:<key version>:<std base64 of nonce(12) || "
+          "ciphertext || tag(16)>, AES-256-GCM, AAD = \"keyholder/v1/field\" then service, field name and key "
+          "version (decimal) each as u32 big-endian length + bytes. Platform v1: std base64 of IV || ct || tag, "
+          "no AAD. expected.ok is the UTF-8 plaintext (decrypt), the field text (encrypt), or for "
+          "open_document the /v1/credential body as JSON; errors are DocumentError variants ('Invalid' for a "
+          "timestamp that does not parse). keys maps key version to std base64 key.",
+          cases)
+
+
+# ---------------------------------------------------------------- response signatures (issue 2)
+def response_message(ts, method, path, request_id, status, body):
+    return "\n".join(["keyholder-response-v1", str(ts), method + " " + path, request_id, str(status),
+                      hashlib.sha256(body.encode()).hexdigest()])
+
+
+def response_signatures():
+    sk = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
+    pk = sk.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    other = Ed25519PrivateKey.from_private_bytes(bytes([7] * 32)).public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    key_id = hashlib.sha256(pk).hexdigest()[:16]
+    identity = {"keyId": key_id, "publicKey": b64(pk), "algorithm": "Ed25519"}
+
+    path = "/v1/credential?ticket=abc.def&service=github"
+    body = '{"token":{"accessToken":"gho_exampletoken"}}'
+    msg = response_message(NOW, "GET", path, "req_testfixture01", 200, body)
+    sig = sk.sign(msg.encode())
+    header = "keyId=%s,ts=%d,sig=%s" % (key_id, NOW, b64(sig))
+    msg2 = response_message(NOW + 5, "POST", "/v1/storage", "", 404, "")
+    header2 = "keyId=%s,ts=%d,sig=%s" % (key_id, NOW + 5, b64(sk.sign(msg2.encode())))
+    L = 2 ** 252 + 27742317777372353535851937790883648493
+    s = int.from_bytes(sig[32:], "little") + L
+    malleated = "keyId=%s,ts=%d,sig=%s" % (key_id, NOW, b64(sig[:32] + s.to_bytes(32, "little")))
+    bad_bits = b64(sig)
+    assert bad_bits.endswith("==")
+    noncanon = bad_bits[:-3] + chr(ord(bad_bits[-3]) ^ 1) + "=="
+
+    def verify(name, expected, hdr=header, method="GET", p=path, rid="req_testfixture01", status=200, b=body,
+               public=pk):
+        return {"name": name, "op": "verify", "public_key_base64": b64(public), "header": hdr, "method": method,
+                "path_and_query": p, "request_id": rid, "status": status, "body": b, "expected": expected}
+
+    def parse(name, hdr, expected):
+        return {"name": name, "op": "parse", "header": hdr, "expected": expected}
+
+    cases = [
+        {"name": "identity_document", "op": "identity", "seed_hex": bytes(range(32)).hex(), "expected": ok(identity)},
+        {"name": "message", "op": "message", "ts": NOW, "method": "GET", "path_and_query": path,
+         "request_id": "req_testfixture01", "status": 200, "body": body, "expected": ok(msg)},
+        {"name": "sign", "op": "sign", "seed_hex": bytes(range(32)).hex(), "ts": NOW, "method": "GET",
+         "path_and_query": path, "request_id": "req_testfixture01", "status": 200, "body": body,
+         "expected": ok(header)},
+        {"name": "sign_empty_request_id_and_body", "op": "sign", "seed_hex": bytes(range(32)).hex(), "ts": NOW + 5,
+         "method": "POST", "path_and_query": "/v1/storage", "request_id": "", "status": 404, "body": "",
+         "expected": ok(header2)},
+        verify("verify_ok", ok({"keyId": key_id, "ts": NOW})),
+        verify("verify_empty_request_id_and_body", ok({"keyId": key_id, "ts": NOW + 5}), hdr=header2,
+               method="POST", p="/v1/storage", rid="", status=404, b=""),
+        verify("different_status", err("BadSignature"), status=201),
+        verify("different_body", err("BadSignature"), b=body.replace("gho", "ghp")),
+        verify("different_request_id", err("BadSignature"), rid="req_testfixture02"),
+        verify("different_path", err("BadSignature"), p="/v1/credential?ticket=abc.def&service=gitlab"),
+        verify("different_method", err("BadSignature"), method="POST"),
+        verify("different_ts", err("BadSignature"), hdr=header.replace("ts=%d" % NOW, "ts=%d" % (NOW + 1))),
+        verify("malleated_signature_s_plus_l", err("BadSignature"), hdr=malleated),
+        verify("other_key", err("UnknownKey"), public=other),
+        verify("malformed_wins", err("Malformed"), hdr=header + ","),
+        parse("parse_ok", header, ok({"keyId": key_id, "ts": NOW})),
+        parse("parse_reordered", "ts=%d,keyId=%s,sig=%s" % (NOW, key_id, b64(sig)), err("Malformed")),
+        parse("parse_spaces", "keyId=%s, ts=%d, sig=%s" % (key_id, NOW, b64(sig)), err("Malformed")),
+        parse("parse_uppercase_key_id", header.replace(key_id, key_id.upper()) if key_id != key_id.upper()
+              else header.replace("keyId=", "KEYID="), err("Malformed")),
+        parse("parse_short_key_id", header.replace(key_id, key_id[:15]), err("Malformed")),
+        parse("parse_ts_leading_zero", header.replace("ts=", "ts=0"), err("Malformed")),
+        parse("parse_ts_not_number", header.replace("ts=%d" % NOW, "ts=now"), err("Malformed")),
+        parse("parse_sig_unpadded", header.rstrip("="), err("Malformed")),
+        parse("parse_sig_noncanonical", header.replace(bad_bits, noncanon), err("Malformed")),
+        parse("parse_sig_urlsafe", header.replace("+", "-").replace("/", "_") if ("+" in header or "/" in header)
+              else header.replace("sig=", "sig=-", 1), err("Malformed")),
+        parse("parse_sig_short", "keyId=%s,ts=%d,sig=%s" % (key_id, NOW, b64(sig[:63])), err("Malformed")),
+        parse("parse_extra_field", header + ",alg=ed25519", err("Malformed")),
+        parse("parse_missing_field", "keyId=%s,ts=%d" % (key_id, NOW), err("Malformed")),
+        parse("parse_empty", "", err("Malformed")),
+        {"name": "identity_verify_ok", "op": "identity_verify", "document": identity, "expected": ok(b64(pk))},
+        {"name": "identity_wrong_key_id", "op": "identity_verify",
+         "document": dict(identity, keyId=hashlib.sha256(other).hexdigest()[:16]), "expected": err("BadIdentity")},
+        {"name": "identity_wrong_algorithm", "op": "identity_verify", "document": dict(identity, algorithm="ed25519"),
+         "expected": err("BadIdentity")},
+        {"name": "identity_short_key", "op": "identity_verify", "document": dict(identity, publicKey=b64(pk[:31])),
+         "expected": err("BadIdentity")},
+    ]
+    write("response_signatures.json",
+          "X-Keyholder-Signature: keyId=<16 hex>,ts=<unix s>,sig=<std base64 Ed25519 signature> over the six "
+          "lines keyholder-response-v1, ts, '<METHOD> <path-and-query>', X-Request-Id, status, hex SHA-256 of "
+          "the body, joined by \\n. seed_hex is the 32-byte Ed25519 seed; body is UTF-8. verify/parse "
+          "expected.ok is {keyId, ts}; errors are ResponseSigError variants.",
+          cases)
+
+
+# ---------------------------------------------------------------- request ids
+def request_ids():
+    cases = [{"name": name, "op": "is_valid", "id": value, "expected": ok(valid)} for name, value, valid in [
+        ("platform_style", "req_testfixture01", True),
+        ("all_allowed_punctuation", "a.b_c:d-e", True),
+        ("max_length", "a" * 128, True),
+        ("too_long", "a" * 129, False),
+        ("empty", "", False),
+        ("space", "req 1", False),
+        ("newline", "req\n1", False),
+        ("slash", "req/1", False),
+        ("non_ascii", "réq", False),
+    ]]
+    write("request_ids.json", "Request ids a keyholder echoes: 1-128 chars of [A-Za-z0-9._:-].", cases)
+
+
+if __name__ == "__main__":
+    request_signatures()
+    binding()
+    tickets()
+    documents()
+    response_signatures()
+    request_ids()

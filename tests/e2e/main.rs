@@ -1,0 +1,9 @@
+//! End-to-end tests: one binary, the real server in process, the platform, browser and agent
+//! played with the protocol crate over real HTTP on loopback.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod binding;
+mod credentials;
+mod persistence;
+mod signed;
+mod storage;

@@ -1,0 +1,319 @@
+//! Test harness: starts the real keyholder in process on `127.0.0.1:0` with its own temporary
+//! data folder, and plays the platform, the browser and the agent with the protocol crate.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use keyholder::config::{Config, DataArgs};
+use keyholder::RunningServer;
+use keyholder_protocol::paths::*;
+use keyholder_protocol::signing::signature_header_value;
+use keyholder_protocol::ticket::encode_ticket;
+use keyholder_protocol::{HmacSecret, Purpose, TicketClaims};
+use serde_json::{json, Value};
+
+pub const PUBLIC_URL: &str = "https://keyholder.test.example";
+
+/// Seconds since the epoch.
+pub fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// A fresh random hex string (nonces, request ids).
+pub fn random_hex(bytes: usize) -> String {
+    use rand::RngCore;
+    let mut b = vec![0u8; bytes];
+    rand::thread_rng().fill_bytes(&mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// A keyholder under test.
+pub struct Keyholder {
+    pub server: Option<RunningServer>,
+    pub data_dir: PathBuf,
+    _temp: Option<tempfile::TempDir>,
+    pub http: reqwest::Client,
+    pub base: String,
+    pub secret: Option<HmacSecret>,
+    pub config: Config,
+}
+
+/// An HTTP answer, read whole.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Vec<u8>,
+}
+
+impl Answer {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(&self.body)))
+    }
+    pub fn error_code(&self) -> String {
+        self.json()["error"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    }
+    /// Asserts an error status and wire code.
+    #[track_caller]
+    pub fn assert_error(&self, status: u16, code: &str) {
+        assert_eq!(
+            self.status,
+            status,
+            "body: {}",
+            String::from_utf8_lossy(&self.body)
+        );
+        assert_eq!(
+            self.error_code(),
+            code,
+            "body: {}",
+            String::from_utf8_lossy(&self.body)
+        );
+        assert!(self.json()["message"].is_string());
+    }
+}
+
+pub async fn read(resp: reqwest::Response) -> Answer {
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp.bytes().await.unwrap().to_vec();
+    Answer {
+        status,
+        headers,
+        body,
+    }
+}
+
+impl Keyholder {
+    /// Default test configuration on a new temporary folder.
+    pub fn config_in(dir: &Path) -> Config {
+        let mut config = Config::new(dir.to_path_buf(), "127.0.0.1:0".parse().unwrap());
+        config.public_url = Some(PUBLIC_URL.into());
+        config.workers = Some(2);
+        config
+    }
+
+    /// Starts a keyholder on a new temporary data folder.
+    pub async fn start() -> Keyholder {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Starts one with an adjusted configuration.
+    pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> Keyholder {
+        let temp = tempfile::tempdir().unwrap();
+        let mut config = Self::config_in(temp.path());
+        adjust(&mut config);
+        let mut kh = Self::start_config(config).await;
+        kh._temp = Some(temp);
+        kh
+    }
+
+    /// Starts one with exactly this configuration.
+    pub async fn start_config(config: Config) -> Keyholder {
+        let server = keyholder::start(config.clone())
+            .await
+            .expect("server starts");
+        let base = server.url();
+        Keyholder {
+            data_dir: config.data_dir.clone(),
+            server: Some(server),
+            _temp: None,
+            http: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .unwrap(),
+            base,
+            secret: None,
+            config,
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.server.as_ref().unwrap().addr
+    }
+
+    /// Stops and starts the server again on the same data folder (and port 0).
+    pub async fn restart(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.stop().await;
+        }
+        let server = keyholder::start(self.config.clone())
+            .await
+            .expect("server restarts");
+        self.base = server.url();
+        self.server = Some(server);
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.stop().await;
+        }
+    }
+
+    pub fn data_args(&self) -> DataArgs {
+        use keyholder::vault::master::MasterKeySource;
+        let (master_key_file, passphrase_file) = match &self.config.master_key {
+            MasterKeySource::File(p) => (Some(p.clone()), None),
+            MasterKeySource::Passphrase(p) => (None, Some(p.clone())),
+            MasterKeySource::DataFolder => (None, None),
+        };
+        DataArgs {
+            data_dir: self.data_dir.clone(),
+            master_key_file,
+            passphrase_file,
+        }
+    }
+
+    /// `keyholder bind` as the owner runs it (same code path as the CLI).
+    pub fn issue_code(&self, rebind: bool) -> keyholder::vault::binding::IssuedCode {
+        let args = keyholder::cli::BindArgs {
+            data: self.data_args(),
+            public_url: None,
+            frontend_url: DEFAULT_FRONTEND.into(),
+            rebind,
+            json: true,
+        };
+        keyholder::cli::bind(&args).expect("bind code issued")
+    }
+
+    /// The platform's exchange call.
+    pub async fn exchange(&self, code: &str) -> Answer {
+        read(
+            self.http
+                .post(self.url(PATH_EXCHANGE))
+                .json(&json!({ "code": code }))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await
+    }
+
+    /// Issues a code and exchanges it; keeps the secret for signing.
+    pub async fn bind(&mut self) -> HmacSecret {
+        let code = self.issue_code(false);
+        let answer = self.exchange(&code.code).await;
+        assert_eq!(
+            answer.status,
+            200,
+            "{}",
+            String::from_utf8_lossy(&answer.body)
+        );
+        let secret =
+            HmacSecret::from_base64(answer.json()["hmacSecret"].as_str().unwrap()).unwrap();
+        self.secret = Some(HmacSecret::from_bytes(*secret.expose()));
+        secret
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    fn secret(&self) -> &HmacSecret {
+        self.secret.as_ref().expect("bound")
+    }
+
+    /// A signed platform POST with a fresh request id and timestamp.
+    pub async fn signed(&self, path: &str, body: &Value) -> Answer {
+        let raw = serde_json::to_vec(body).unwrap();
+        self.signed_raw(path, &raw, now(), &format!("req_{}", random_hex(12)))
+            .await
+    }
+
+    /// A signed platform POST with every part chosen by the caller.
+    pub async fn signed_raw(&self, path: &str, raw: &[u8], ts: i64, request_id: &str) -> Answer {
+        self.signed_raw_with(self.secret(), path, raw, ts, request_id)
+            .await
+    }
+
+    /// A platform POST signed with the given secret (a forger's, in refusal tests).
+    pub async fn signed_raw_with(
+        &self,
+        secret: &HmacSecret,
+        path: &str,
+        raw: &[u8],
+        ts: i64,
+        request_id: &str,
+    ) -> Answer {
+        let sig = signature_header_value(secret, ts, raw);
+        read(
+            self.http
+                .post(self.url(path))
+                .header("content-type", "application/json")
+                .header(HEADER_SIGNATURE, sig)
+                .header(HEADER_TIMESTAMP, ts.to_string())
+                .header(HEADER_PLATFORM_REQUEST_ID, request_id)
+                .body(raw.to_vec())
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await
+    }
+
+    /// A storage call.
+    pub async fn storage(&self, body: Value) -> Answer {
+        self.signed(PATH_STORAGE, &body).await
+    }
+
+    /// Claims for a fresh ticket (60 s, random nonce).
+    pub fn claims(&self, purpose: Purpose, service: &str) -> TicketClaims {
+        let n = now();
+        TicketClaims::new("user_test", service, purpose, n, n + 60, random_hex(16))
+    }
+
+    /// A fresh signed ticket.
+    pub fn ticket(&self, purpose: Purpose, service: &str) -> String {
+        encode_ticket(self.secret(), &self.claims(purpose, service))
+    }
+
+    pub fn ticket_from(&self, claims: &TicketClaims) -> String {
+        encode_ticket(self.secret(), claims)
+    }
+
+    /// The browser's `/v1/store`.
+    pub async fn store(&self, service: &str, token_data: Value) -> Answer {
+        let ticket = self.ticket(Purpose::Store, service);
+        self.store_with(&ticket, service, token_data).await
+    }
+
+    pub async fn store_with(&self, ticket: &str, service: &str, token_data: Value) -> Answer {
+        read(
+            self.http
+                .post(self.url(PATH_STORE))
+                .json(&json!({ "ticket": ticket, "service": service, "tokenData": token_data }))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await
+    }
+
+    /// The agent's `GET /v1/credential` (following the platform's redirect).
+    pub async fn credential(&self, service: &str) -> Answer {
+        let ticket = self.ticket(Purpose::AgentCredential, service);
+        self.credential_with(&ticket, service).await
+    }
+
+    pub async fn credential_with(&self, ticket: &str, service: &str) -> Answer {
+        let url = reqwest::Url::parse_with_params(
+            &self.url(PATH_CREDENTIAL),
+            &[("ticket", ticket), ("service", service)],
+        )
+        .unwrap();
+        read(self.http.get(url).send().await.unwrap()).await
+    }
+}
