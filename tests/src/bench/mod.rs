@@ -1,0 +1,407 @@
+//! `keyholder-bench`: starts a fresh release keyholder (temp data folder, real SQLite, fsync on)
+//! and a bare actix-web baseline as child processes, drives both with an in-process load
+//! generator that mints a fresh ticket, nonce and request id per request, and reports figures as
+//! ratios measured in one run.
+
+pub mod http1;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use hdrhistogram::Histogram;
+use keyholder_protocol::paths::*;
+use keyholder_protocol::signing::signature_header_value;
+use keyholder_protocol::ticket::encode_ticket;
+use keyholder_protocol::{HmacSecret, Purpose, TicketClaims};
+use serde_json::{json, Value};
+
+use http1::{request, Connection};
+
+/// How long and how hard to run.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Seconds of load per scenario and connection count.
+    pub seconds: f64,
+    /// Connection counts.
+    pub connections: Vec<usize>,
+    /// The `keyholder` binary.
+    pub keyholder_bin: PathBuf,
+    /// Server worker threads (keyholder and baseline alike).
+    pub workers: usize,
+}
+
+/// One scenario at one connection count.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ScenarioResult {
+    /// Scenario name.
+    pub scenario: String,
+    /// Concurrent connections.
+    pub connections: usize,
+    /// Requests answered with the expected status.
+    pub ok: u64,
+    /// Requests answered otherwise, or failed.
+    pub errors: u64,
+    /// Successful requests per second.
+    pub rps: f64,
+    /// Latency percentiles, milliseconds.
+    pub p50_ms: f64,
+    /// 99th percentile.
+    pub p99_ms: f64,
+    /// 99.9th percentile.
+    pub p999_ms: f64,
+}
+
+/// Makes the bytes of request number `n`.
+pub type RequestFactory = Arc<dyn Fn(u64) -> Vec<u8> + Send + Sync>;
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Resident memory of a process, MiB.
+pub fn rss_mb(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+/// A child server that is killed when dropped.
+pub struct ChildServer {
+    child: Child,
+    /// Its address.
+    pub addr: SocketAddr,
+}
+
+impl ChildServer {
+    /// Process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for ChildServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn wait_healthy(addr: SocketAddr, path: &str, limit: Duration) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    let req = request("GET", path, &[], b"");
+    loop {
+        if let Ok(mut conn) = Connection::open(addr).await {
+            if let Ok((200, _)) = conn.send(&req).await {
+                return Ok(started.elapsed());
+            }
+        }
+        if started.elapsed() > limit {
+            bail!("{addr} did not become healthy within {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Starts the keyholder on a fresh data folder; returns it and the time to a healthy `/v1/health`.
+pub async fn start_keyholder(
+    opts: &BenchOptions,
+    data_dir: &Path,
+) -> anyhow::Result<(ChildServer, Duration)> {
+    let port = free_port()?;
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let spawned = Instant::now();
+    let child = Command::new(&opts.keyholder_bin)
+        .arg("serve")
+        .env("KEYHOLDER_DATA_DIR", data_dir)
+        .env("KEYHOLDER_LISTEN", addr.to_string())
+        .env("KEYHOLDER_PUBLIC_URL", "https://bench.invalid")
+        .env("KEYHOLDER_WORKERS", opts.workers.to_string())
+        .env("KEYHOLDER_LOG", "warn")
+        .env("KEYHOLDER_EGRESS_ALLOW_PRIVATE", "true")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("cannot start {}", opts.keyholder_bin.display()))?;
+    let server = ChildServer { child, addr };
+    wait_healthy(addr, PATH_HEALTH, Duration::from_secs(30)).await?;
+    Ok((server, spawned.elapsed()))
+}
+
+/// Starts the baseline server: this same binary in `--serve-baseline` mode.
+pub async fn start_baseline(workers: usize) -> anyhow::Result<ChildServer> {
+    let port = free_port()?;
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let child = Command::new(std::env::current_exe()?)
+        .args([
+            "--serve-baseline",
+            &addr.to_string(),
+            "--workers",
+            &workers.to_string(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let server = ChildServer { child, addr };
+    wait_healthy(addr, "/", Duration::from_secs(10)).await?;
+    Ok(server)
+}
+
+/// The baseline: a bare actix-web handler returning a small JSON body.
+pub fn serve_baseline(addr: SocketAddr, workers: usize) -> anyhow::Result<()> {
+    use actix_web::{web, App, HttpResponse, HttpServer};
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        HttpServer::new(|| {
+            App::new().default_service(web::to(|| async {
+                HttpResponse::Ok().json(json!({"status": "ok", "service": "baseline"}))
+            }))
+        })
+        .workers(workers)
+        .bind(addr)?
+        .run()
+        .await
+    })?;
+    Ok(())
+}
+
+/// Runs one scenario: `connections` connections, each sending requests back to back.
+pub async fn run_scenario(
+    name: &str,
+    addr: SocketAddr,
+    connections: usize,
+    seconds: f64,
+    make: RequestFactory,
+    expect_status: u16,
+) -> anyhow::Result<ScenarioResult> {
+    let counter = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..connections {
+        let make = Arc::clone(&make);
+        let counter = Arc::clone(&counter);
+        tasks.push(tokio::spawn(async move {
+            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+            let mut ok = 0u64;
+            let mut errors = 0u64;
+            let mut conn = Connection::open(addr).await?;
+            while Instant::now() < deadline {
+                let n = counter.fetch_add(1, Ordering::Relaxed);
+                let req = make(n);
+                let t0 = Instant::now();
+                match conn.send(&req).await {
+                    Ok((status, _)) if status == expect_status => {
+                        ok += 1;
+                        hist.record(t0.elapsed().as_micros().max(1) as u64)?;
+                    }
+                    Ok(_) | Err(_) => errors += 1,
+                }
+            }
+            Ok::<_, anyhow::Error>((hist, ok, errors))
+        }));
+    }
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let (mut ok, mut errors) = (0, 0);
+    for task in tasks {
+        let (h, o, e) = task.await??;
+        hist.add(h)?;
+        ok += o;
+        errors += e;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+    Ok(ScenarioResult {
+        scenario: name.to_string(),
+        connections,
+        ok,
+        errors,
+        rps: ok as f64 / elapsed,
+        p50_ms: ms(0.50),
+        p99_ms: ms(0.99),
+        p999_ms: ms(0.999),
+    })
+}
+
+/// Sends one request on a fresh connection and returns status and JSON body.
+async fn call(addr: SocketAddr, req: &[u8]) -> anyhow::Result<(u16, Value)> {
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut req = req.to_vec();
+    // Ask the server to close so the whole answer can be read to the end.
+    if let Some(pos) = req.windows(2).position(|w| w == b"\r\n") {
+        req.splice(pos + 2..pos + 2, b"Connection: close\r\n".iter().copied());
+    }
+    stream.write_all(&req).await?;
+    let mut out = Vec::new();
+    stream.read_to_end(&mut out).await?;
+    let end = out
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .context("no header end")?
+        + 4;
+    let status: u16 = std::str::from_utf8(&out[9..12])?.parse()?;
+    let body = serde_json::from_slice(&out[end..]).unwrap_or(Value::Null);
+    Ok((status, body))
+}
+
+/// Binds the keyholder like the owner and the platform would; returns the HMAC secret.
+pub async fn bind(
+    opts: &BenchOptions,
+    data_dir: &Path,
+    addr: SocketAddr,
+) -> anyhow::Result<Arc<HmacSecret>> {
+    let out = Command::new(&opts.keyholder_bin)
+        .args(["bind", "--json"])
+        .env("KEYHOLDER_DATA_DIR", data_dir)
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "keyholder bind failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let issued: Value = serde_json::from_slice(&out.stdout)?;
+    let body = serde_json::to_vec(&json!({"code": issued["code"]}))?;
+    let (status, answer) = call(addr, &request("POST", PATH_EXCHANGE, &[], &body)).await?;
+    if status != 200 {
+        bail!("exchange failed: {status} {answer}");
+    }
+    let secret = HmacSecret::from_base64(answer["hmacSecret"].as_str().unwrap_or_default())
+        .map_err(|_| anyhow::anyhow!("exchange returned no secret"))?;
+    Ok(Arc::new(secret))
+}
+
+fn ticket(secret: &HmacSecret, purpose: Purpose, service: &str, n: u64) -> String {
+    let t = now();
+    let nonce = format!("{}{:016x}", keyholder_tests_nonce_prefix(), n);
+    encode_ticket(
+        secret,
+        &TicketClaims::new("bench", service, purpose, t, t + 60, nonce),
+    )
+}
+
+/// A per-run random prefix so nonces never collide across runs against one data folder.
+fn keyholder_tests_nonce_prefix() -> &'static str {
+    static PREFIX: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PREFIX.get_or_init(|| crate::random_hex(8))
+}
+
+fn signed_request(secret: &HmacSecret, path: &str, body: &[u8], n: u64) -> Vec<u8> {
+    let ts = now();
+    let sig = signature_header_value(secret, ts, body);
+    let rid = format!("bench_{}_{n}", keyholder_tests_nonce_prefix());
+    request(
+        "POST",
+        path,
+        &[
+            (HEADER_SIGNATURE, &sig),
+            (HEADER_TIMESTAMP, &ts.to_string()),
+            (HEADER_PLATFORM_REQUEST_ID, &rid),
+        ],
+        body,
+    )
+}
+
+fn store_body(secret: &HmacSecret, service: &str, n: u64) -> Vec<u8> {
+    let t = ticket(secret, Purpose::Store, service, n);
+    serde_json::to_vec(&json!({"ticket": t, "service": service, "tokenData": {
+        "accessToken": format!("tok_{n:08}_{}", "x".repeat(24)), "scope": "repo", "tokenType": "oauth"}}))
+    .unwrap_or_default()
+}
+
+/// Stores `count` credentials named `bench-000`...
+pub async fn populate(addr: SocketAddr, secret: &HmacSecret, count: usize) -> anyhow::Result<()> {
+    let mut conn = Connection::open(addr).await?;
+    for i in 0..count {
+        let service = format!("bench-{i:03}");
+        let body = store_body(secret, &service, 1_000_000 + i as u64);
+        let (status, _) = conn.send(&request("POST", PATH_STORE, &[], &body)).await?;
+        if status != 200 {
+            bail!("populating {service} failed with {status}");
+        }
+    }
+    Ok(())
+}
+
+/// Scenario request factories.
+pub fn credential_factory(secret: Arc<HmacSecret>) -> RequestFactory {
+    Arc::new(move |n| {
+        let service = format!("bench-{:03}", n % 100);
+        let t = ticket(&secret, Purpose::AgentCredential, &service, n);
+        request(
+            "GET",
+            &format!("{PATH_CREDENTIAL}?ticket={t}&service={service}"),
+            &[],
+            b"",
+        )
+    })
+}
+
+/// Signed storage list over the 100 stored documents.
+pub fn storage_list_factory(secret: Arc<HmacSecret>) -> RequestFactory {
+    Arc::new(move |n| {
+        signed_request(
+            &secret,
+            PATH_STORAGE,
+            br#"{"operation":"list","collection":"tokens"}"#,
+            n,
+        )
+    })
+}
+
+/// Durable `/v1/store` overwriting one of 100 credentials.
+pub fn store_factory(secret: Arc<HmacSecret>) -> RequestFactory {
+    Arc::new(move |n| {
+        let service = format!("bench-{:03}", n % 100);
+        request(
+            "POST",
+            PATH_STORE,
+            &[],
+            &store_body(&secret, &service, 2_000_000_000 + n),
+        )
+    })
+}
+
+/// `/v1/proxy` to `upstream` with the credential injected.
+pub fn proxy_factory(secret: Arc<HmacSecret>, upstream: SocketAddr) -> RequestFactory {
+    Arc::new(move |n| {
+        let service = format!("bench-{:03}", n % 100);
+        let t = ticket(&secret, Purpose::Proxy, &service, n);
+        let body = serde_json::to_vec(&json!({
+            "ticket": t, "service": service,
+            "upstream": {"url": format!("http://{upstream}/api/item"), "method": "GET", "headers": {"Accept": "application/json"}},
+            "headerTemplates": {"Authorization": "Bearer ${TOKEN}"}
+        }))
+        .unwrap_or_default();
+        signed_request(&secret, PATH_PROXY, &body, n)
+    })
+}
+
+/// A fixed request (baseline, direct upstream).
+pub fn fixed_factory(target: &str) -> RequestFactory {
+    let req = request("GET", target, &[], b"");
+    Arc::new(move |_| req.clone())
+}

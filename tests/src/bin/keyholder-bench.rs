@@ -1,0 +1,189 @@
+//! `keyholder-bench`: throughput and latency of the keyholder's hot paths against a bare actix-web
+//! baseline measured in the same run. Build with `cargo build --release --locked --bins`, then run
+//! `target/release/keyholder-bench --quick`. The last line printed is one JSON object.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use keyholder_protocol::paths::PATH_PROXY;
+use keyholder_tests::bench::{self, BenchOptions, ScenarioResult};
+use serde_json::json;
+
+/// Benchmark a fresh keyholder against a bare actix-web handler on this machine.
+#[derive(Debug, Parser)]
+#[command(name = "keyholder-bench", version, about)]
+struct Args {
+    /// Short run (under 60 s on 2 cores): 2 s per scenario and connection count.
+    #[arg(long)]
+    quick: bool,
+    /// Tiny run that only proves every scenario works (for CI).
+    #[arg(long)]
+    smoke: bool,
+    /// Seconds per scenario and connection count (full run default: 10).
+    #[arg(long)]
+    seconds: Option<f64>,
+    /// Connection counts.
+    #[arg(long, value_delimiter = ',', default_value = "16,64")]
+    connections: Vec<usize>,
+    /// The keyholder binary (default: next to this one).
+    #[arg(long)]
+    keyholder_bin: Option<PathBuf>,
+    /// Server worker threads, for the keyholder and the baseline alike.
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    /// Internal: serve the baseline handler on this address.
+    #[arg(long, hide = true)]
+    serve_baseline: Option<std::net::SocketAddr>,
+}
+
+fn find(results: &[ScenarioResult], scenario: &str, connections: usize) -> Option<ScenarioResult> {
+    results
+        .iter()
+        .find(|r| r.scenario == scenario && r.connections == connections)
+        .cloned()
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if let Some(addr) = args.serve_baseline {
+        return bench::serve_baseline(addr, args.workers);
+    }
+    let keyholder_bin = match args.keyholder_bin.clone() {
+        Some(p) => p,
+        None => std::env::current_exe()?.with_file_name("keyholder"),
+    };
+    if !keyholder_bin.exists() {
+        anyhow::bail!(
+            "{} not found: build it first with `cargo build --release --locked --bins`",
+            keyholder_bin.display()
+        );
+    }
+    let seconds = args.seconds.unwrap_or(if args.smoke {
+        0.3
+    } else if args.quick {
+        2.0
+    } else {
+        10.0
+    });
+    let connections = if args.smoke {
+        vec![4]
+    } else {
+        args.connections.clone()
+    };
+    let opts = BenchOptions {
+        seconds,
+        connections: connections.clone(),
+        keyholder_bin,
+        workers: args.workers,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(run(opts))
+}
+
+async fn run(opts: BenchOptions) -> anyhow::Result<()> {
+    let data = tempfile::tempdir()?;
+    let (keyholder, startup) = bench::start_keyholder(&opts, data.path()).await?;
+    let secret = bench::bind(&opts, data.path(), keyholder.addr).await?;
+    bench::populate(keyholder.addr, &secret, 100)
+        .await
+        .context("populating 100 credentials")?;
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let rss_idle = bench::rss_mb(keyholder.pid());
+    let baseline = bench::start_baseline(opts.workers).await?;
+    println!(
+        "keyholder-bench: {} s per scenario, connections {:?}, {} server workers, healthy {} ms after start",
+        opts.seconds,
+        opts.connections,
+        opts.workers,
+        startup.as_millis()
+    );
+
+    // Is the proxy there? One call decides (it also pins the egress origin of the first service).
+    let probe = bench::proxy_factory(Arc::clone(&secret), baseline.addr)(u64::MAX / 2);
+    let mut conn = bench::http1::Connection::open(keyholder.addr).await?;
+    let proxy_available = matches!(conn.send(&probe).await, Ok((200, _)));
+    if !proxy_available {
+        println!("note: {PATH_PROXY} did not answer 200; proxy scenarios skipped");
+    }
+
+    let mut results = Vec::new();
+    for &conns in &opts.connections {
+        let mut plan: Vec<(&str, std::net::SocketAddr, bench::RequestFactory)> = vec![
+            ("baseline", baseline.addr, bench::fixed_factory("/")),
+            (
+                "credential",
+                keyholder.addr,
+                bench::credential_factory(Arc::clone(&secret)),
+            ),
+            (
+                "storage_list",
+                keyholder.addr,
+                bench::storage_list_factory(Arc::clone(&secret)),
+            ),
+            (
+                "store",
+                keyholder.addr,
+                bench::store_factory(Arc::clone(&secret)),
+            ),
+        ];
+        if proxy_available {
+            plan.push((
+                "direct_upstream",
+                baseline.addr,
+                bench::fixed_factory("/api/item"),
+            ));
+            plan.push((
+                "proxy",
+                keyholder.addr,
+                bench::proxy_factory(Arc::clone(&secret), baseline.addr),
+            ));
+        }
+        for (name, addr, make) in plan {
+            let r = bench::run_scenario(name, addr, conns, opts.seconds, make, 200).await?;
+            println!(
+                "{:<16} conns={:<3} rps={:>9.0} p50={:>7.2}ms p99={:>7.2}ms p99.9={:>7.2}ms errors={}",
+                r.scenario, r.connections, r.rps, r.p50_ms, r.p99_ms, r.p999_ms, r.errors
+            );
+            results.push(r);
+        }
+    }
+    let rss_load = bench::rss_mb(keyholder.pid());
+    let head = *opts.connections.iter().max().unwrap_or(&64);
+    let rps = |s: &str| find(&results, s, head).map(|r| r.rps);
+    let ratio = |a: &str, b: &str| match (rps(a), rps(b)) {
+        (Some(x), Some(y)) if y > 0.0 => Some(x / y),
+        _ => None,
+    };
+    let errors: u64 = results.iter().map(|r| r.errors).sum();
+    let summary = json!({
+        "connections": head,
+        "credential_rps": rps("credential"),
+        "baseline_rps": rps("baseline"),
+        "credential_ratio": ratio("credential", "baseline"),
+        "credential_p99_ms": find(&results, "credential", head).map(|r| r.p99_ms),
+        "storage_list_rps": rps("storage_list"),
+        "storage_list_ratio": ratio("storage_list", "baseline"),
+        "store_rps": rps("store"),
+        "proxy_rps": rps("proxy"),
+        "direct_upstream_rps": rps("direct_upstream"),
+        "proxy_ratio": ratio("proxy", "direct_upstream"),
+        "rss_idle_mb": (rss_idle * 10.0).round() / 10.0,
+        "rss_load_mb": (rss_load * 10.0).round() / 10.0,
+        "startup_ms": startup.as_millis() as u64,
+        "errors": errors,
+        "scenarios": results,
+    });
+    drop(baseline);
+    drop(keyholder);
+    println!("{summary}");
+    if errors > 0 {
+        anyhow::bail!("{errors} requests failed");
+    }
+    Ok(())
+}
