@@ -73,6 +73,8 @@ struct StoreInner {
     path: PathBuf,
     writer: Mutex<Option<mpsc::Sender<WriteJob>>>,
     readers: Mutex<Vec<Connection>>,
+    /// One permit per pooled read connection: a read waits for a connection instead of opening one.
+    read_permits: tokio::sync::Semaphore,
     stats: Arc<Mutex<CommitStats>>,
 }
 
@@ -120,6 +122,7 @@ impl Store {
                 path,
                 writer: Mutex::new(Some(tx)),
                 readers: Mutex::new(readers),
+                read_permits: tokio::sync::Semaphore::new(READERS),
                 stats,
             }),
         })
@@ -162,14 +165,16 @@ impl Store {
             .map_err(|_| StoreError::Corrupt("write job result type".into()))
     }
 
-    /// Runs a read on a pooled read-only connection, off the async workers.
+    /// Runs a read on a pooled read-only connection, off the async workers. At most `READERS`
+    /// reads run at once; the others wait for a connection (opening one per request would cost more).
     pub async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
+        let permit = self.inner.read_permits.acquire().await.map_err(|_| StoreError::WriterGone)?;
         let inner = Arc::clone(&self.inner);
-        tokio::task::spawn_blocking(move || {
+        let result = tokio::task::spawn_blocking(move || {
             let pooled = inner.readers.lock().ok().and_then(|mut pool| pool.pop());
             let conn = match pooled {
                 Some(conn) => conn,
@@ -177,14 +182,14 @@ impl Store {
             };
             let result = f(&conn);
             if let Ok(mut pool) = inner.readers.lock() {
-                if pool.len() < READERS {
-                    pool.push(conn);
-                }
+                pool.push(conn);
             }
             result
         })
         .await
-        .map_err(|_| StoreError::WriterGone)?
+        .map_err(|_| StoreError::WriterGone)?;
+        drop(permit);
+        result
     }
 
     /// Stops accepting writes; the writer thread finishes queued jobs and exits.
