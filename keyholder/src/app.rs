@@ -11,6 +11,7 @@ use actix_web::web::{self, Data};
 use actix_web::{App, HttpServer};
 use anyhow::Context;
 
+use crate::audit::AuditRecorder;
 use crate::config::Config;
 use crate::http::{self, network::NetworkRules};
 use crate::metrics::Metrics;
@@ -27,6 +28,8 @@ pub struct AppState {
     pub metrics: Metrics,
     /// The configuration the server was started with.
     pub config: Arc<Config>,
+    /// The audit trail's appender (off the request path).
+    pub audit: AuditRecorder,
 }
 
 /// A started server.
@@ -38,25 +41,37 @@ pub struct RunningServer {
     handle: ServerHandle,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
     purge: tokio::task::JoinHandle<()>,
+    follow: tokio::task::JoinHandle<()>,
+    audit_task: tokio::task::JoinHandle<()>,
 }
+
+/// How often the server looks for the owner's changes (seal, keys, binding) in the database.
+pub const FOLLOW_INTERVAL: Duration = Duration::from_millis(250);
 
 impl RunningServer {
     /// Stops the server (gracefully: in-flight requests finish) and closes the store.
-    pub async fn stop(self) {
+    pub async fn stop(mut self) {
         self.handle.stop(true).await;
-        let _ = self.task.await;
+        let _ = (&mut self.task).await;
+        self.finish().await;
+    }
+
+    /// Stops the background tasks, writes the queued audit entries and closes the store.
+    async fn finish(&self) {
         self.purge.abort();
+        self.follow.abort();
+        self.state.audit.flush().await;
+        self.audit_task.abort();
         self.state.vault.store().close();
     }
 
     /// Runs until the server stops (SIGTERM/SIGINT when signals are handled).
-    pub async fn wait(self) -> std::io::Result<()> {
-        let result = match self.task.await {
+    pub async fn wait(mut self) -> std::io::Result<()> {
+        let result = match (&mut self.task).await {
             Ok(r) => r,
             Err(e) => Err(std::io::Error::other(e)),
         };
-        self.purge.abort();
-        self.state.vault.store().close();
+        self.finish().await;
         result
     }
 
@@ -116,12 +131,17 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         trusted_proxies: config.trusted_proxies.clone(),
     };
     let config = Arc::new(config);
+    let (audit, audit_queue) = AuditRecorder::new();
     let state = Data::new(AppState {
         vault,
         network,
         metrics: Metrics::default(),
         config: Arc::clone(&config),
+        audit,
     });
+
+    let ring_state = state.clone();
+    let audit_task = audit_queue.spawn(store.clone(), move || ring_state.vault.keys());
 
     let app_state = state.clone();
     let mut server = HttpServer::new(move || {
@@ -167,6 +187,34 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         }
     });
 
+    // Follow the owner's CLI (seal, key rotation, import) without a restart.
+    let follow_state = state.clone();
+    let follow = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(FOLLOW_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut failing = false;
+        loop {
+            tick.tick().await;
+            match follow_state.vault.follow_owner_changes().await {
+                Ok(changed) => {
+                    if changed {
+                        tracing::info!(
+                            sealed = follow_state.vault.is_sealed(),
+                            data_key = follow_state.vault.keys().current_data_version(),
+                            "picked up the owner's changes"
+                        );
+                    }
+                    failing = false;
+                }
+                Err(err) if !failing => {
+                    failing = true;
+                    tracing::warn!(error = %err, "cannot read the owner's changes");
+                }
+                Err(_) => {}
+            }
+        }
+    });
+
     let binding = state.vault.binding();
     tracing::info!(
         listen = %addr,
@@ -187,5 +235,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         handle,
         task,
         purge,
+        follow,
+        audit_task,
     })
 }

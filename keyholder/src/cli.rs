@@ -1,6 +1,8 @@
 //! The owner's commands that work on the data folder directly, also while a server runs on it
 //! (SQLite WAL; every change is a committed transaction the server reads on its next request).
 
+pub mod owner;
+
 use clap::Args;
 use rusqlite::Connection;
 

@@ -3,6 +3,7 @@
 #![warn(missing_docs)]
 
 pub mod app;
+pub mod audit;
 pub mod cli;
 pub mod clock;
 pub mod config;

@@ -2,6 +2,10 @@
 //! controls, working on the data folder (also while a server runs on it).
 
 use clap::{Parser, Subcommand};
+use keyholder::cli::owner::{
+    self, AuditCommand, BackupArgs, ImportReferenceArgs, OwnerArgs, RestoreArgs, RetireKeyArgs,
+    RewrapArgs, RotateMasterKeyArgs,
+};
 use keyholder::cli::{self, BindArgs};
 use keyholder::config::{Config, ServeArgs};
 
@@ -21,6 +25,29 @@ enum Command {
     Bind(BindArgs),
     /// Exit 0 if the local server answers healthy (for container health checks).
     Healthcheck(HealthcheckArgs),
+    /// Show binding, keys, credential count, seal and last credential use.
+    Status(OwnerArgs),
+    /// Add a data-key version and make it current for new writes.
+    RotateKey(OwnerArgs),
+    /// Re-encrypt every stored credential under the current data key, in small batches.
+    Rewrap(RewrapArgs),
+    /// Remove a data-key version that no stored credential uses any more.
+    RetireKey(RetireKeyArgs),
+    /// Re-wrap the key ring under a new master key (key file or passphrase).
+    RotateMasterKey(RotateMasterKeyArgs),
+    /// Write a consistent online snapshot of the database (wrapped keys only) to a new file.
+    Backup(BackupArgs),
+    /// Restore a backup into an empty data folder.
+    Restore(RestoreArgs),
+    /// Kill switch: refuse every credential use (503 sealed) until `unseal`, without going offline.
+    Seal(OwnerArgs),
+    /// Lift the seal.
+    Unseal(OwnerArgs),
+    /// The signed, hash-chained audit trail.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// Move in from the public reference webhook's two JSON files (keeps its binding).
+    ImportReference(ImportReferenceArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -90,6 +117,194 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                     println!("This is a re-bind: when the platform exchanges it, the current HMAC secret stops working.");
                 }
             }
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Command::Status(args) => {
+            let status = owner::status(&args)?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                println!("Bound:              {}", status.bound);
+                println!("Webhook id:         {}", status.webhook_id);
+                println!("Identity key:       {}", status.identity_key_id);
+                println!(
+                    "Data keys:          {:?} (current v{})",
+                    status.data_key_versions, status.current_data_key
+                );
+                for (version, count) in &status.documents_per_key {
+                    println!("  v{version}: {count} document(s)");
+                }
+                println!("Reference key held: {}", status.reference_key);
+                println!("Credentials:        {}", status.credential_count);
+                println!("Sealed:             {}", status.sealed);
+                println!(
+                    "Last credential use: {}",
+                    status.last_credential_use.as_deref().unwrap_or("never")
+                );
+                println!("Audit entries:      {}", status.audit_entries);
+            }
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Command::RotateKey(args) => {
+            let version = owner::rotate_key(&args)?;
+            println!("Data key v{version} is now current for new writes.");
+            println!("Run `keyholder rewrap` to re-encrypt stored credentials under it.");
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Command::Rewrap(args) => {
+            let report = owner::rewrap(&args)?;
+            println!(
+                "Re-encrypted {} of {} credential(s) under data key v{} in {} batch(es).",
+                report.rewrapped, report.examined, report.current_data_key, report.batches
+            );
+            if !report.failed.is_empty() {
+                println!(
+                    "Could not open (left unchanged): {}",
+                    report.failed.join(", ")
+                );
+            }
+            if report.still_in_use.is_empty() {
+                println!("No document uses an older data key; old versions can be retired.");
+                Ok(std::process::ExitCode::SUCCESS)
+            } else {
+                println!("Still in use: {:?}", report.still_in_use);
+                Ok(std::process::ExitCode::from(1))
+            }
+        }
+        Command::RetireKey(args) => {
+            owner::retire_key(&args)?;
+            println!("Data key v{} removed.", args.version);
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Command::RotateMasterKey(args) => {
+            let moved = owner::rotate_master_key(&args)?;
+            println!("Re-wrapped {moved} key(s) under the new master key; the old one no longer opens this folder.");
+            println!("A running server keeps serving with the keys it holds, and switches to the new master key");
+            println!("as soon as it finds it where it was told to look (replace that file), or at its next start");
+            println!("with --master-key-file / --passphrase-file pointing at the new one.");
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Command::Backup(args) => {
+            owner::backup(&args)?;
+            println!(
+                "Backup written to {} (wrapped keys only: keep the master key apart).",
+                args.out.display()
+            );
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Command::Restore(args) => {
+            let report = owner::restore(&args)?;
+            println!(
+                "Restored webhook {} into {}.",
+                report.webhook_id,
+                args.data.data_dir.display()
+            );
+            match report.master_key_checked {
+                Some(true) => println!("The given master key opens the restored keys."),
+                Some(false) => {
+                    println!("WARNING: the given master key does NOT open the restored keys.");
+                    return Ok(std::process::ExitCode::from(1));
+                }
+                None => println!(
+                    "Start it with the master key (file or passphrase) that wrapped the backup."
+                ),
+            }
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Command::Seal(args) => {
+            owner::set_sealed(&args, true)?;
+            println!("Sealed: credential use is refused (503 sealed) until `keyholder unseal`.");
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Command::Unseal(args) => {
+            owner::set_sealed(&args, false)?;
+            println!("Unsealed: credential use resumes.");
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Command::Audit(AuditCommand::List(args)) => {
+            for entry in owner::audit_list(&args)? {
+                if args.json {
+                    println!("{}", serde_json::to_string(&entry)?);
+                } else {
+                    let e = &entry.event;
+                    println!(
+                        "#{} {} {} service={} purpose={} agent={} proxy={} from={} upstream={} result={} request={}",
+                        entry.seq,
+                        keyholder_protocol::document::format_iso8601(e.at_ms.div_euclid(1000)),
+                        e.endpoint,
+                        e.service,
+                        e.purpose,
+                        e.agent_id,
+                        e.proxy_id,
+                        e.source,
+                        e.upstream,
+                        e.result,
+                        e.request_id
+                    );
+                }
+            }
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Command::Audit(AuditCommand::Export(args)) => {
+            let count = match &args.out {
+                Some(path) => {
+                    let mut options = std::fs::OpenOptions::new();
+                    options.write(true).create_new(true);
+                    let file = options.open(path)?;
+                    owner::audit_export(&args, &mut std::io::BufWriter::new(file))?
+                }
+                None => owner::audit_export(&args, &mut std::io::stdout().lock())?,
+            };
+            eprintln!("{count} entries exported");
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Command::Audit(AuditCommand::Verify(args)) => {
+            let (verification, key_id) = owner::audit_verify(&args)?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&verification)?);
+            }
+            match &verification.problem {
+                None => {
+                    if !args.json {
+                        println!(
+                            "OK: {} entries, chain intact, all signed by identity key {key_id}. Head: #{} {}",
+                            verification.entries, verification.head_seq, verification.head_hash
+                        );
+                    }
+                    Ok(std::process::ExitCode::SUCCESS)
+                }
+                Some(problem) => {
+                    eprintln!(
+                        "FAILED at entry #{}: {} ({} entries before it are intact)",
+                        problem.seq, problem.reason, verification.entries
+                    );
+                    Ok(std::process::ExitCode::from(1))
+                }
+            }
+        }
+        Command::ImportReference(args) => {
+            let report = owner::import_reference(&args)?;
+            println!("Imported the reference webhook {}:", report.webhook_id);
+            println!("  credentials re-encrypted: {}", report.tokens_reencrypted);
+            println!(
+                "  plaintext token documents kept: {}",
+                report.tokens_plaintext
+            );
+            println!(
+                "  proxy_configs: {}, audit: {}, vault_config: {}",
+                report.proxy_configs, report.audit, report.vault_config
+            );
+            if report.replaced > 0 {
+                println!("  replaced existing documents: {}", report.replaced);
+            }
+            println!(
+                "  binding: {}",
+                if report.bound {
+                    "bound (same HMAC secret: no re-bind needed)"
+                } else {
+                    "not bound yet (run `keyholder bind`)"
+                }
+            );
             Ok(std::process::ExitCode::SUCCESS)
         }
         Command::Healthcheck(args) => {

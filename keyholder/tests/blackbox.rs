@@ -34,7 +34,22 @@ fn now() -> i64 {
 fn help_names_every_command() {
     let out = Command::new(BIN).arg("--help").output().unwrap();
     let text = String::from_utf8(out.stdout).unwrap();
-    for cmd in ["serve", "bind", "healthcheck"] {
+    for cmd in [
+        "serve",
+        "bind",
+        "healthcheck",
+        "status",
+        "rotate-key",
+        "rewrap",
+        "retire-key",
+        "rotate-master-key",
+        "backup",
+        "restore",
+        "seal",
+        "unseal",
+        "audit",
+        "import-reference",
+    ] {
         assert!(text.contains(cmd), "{text}");
     }
     let out = Command::new(BIN)
@@ -207,4 +222,51 @@ fn serve_bind_store_fetch_as_a_user_would() {
     ] {
         assert!(!logs.contains(needle), "log leaks a secret: {needle}");
     }
+}
+
+#[test]
+fn owner_commands_status_seal_and_audit_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let run = |args: &[&str]| {
+        Command::new(BIN)
+            .args(args)
+            .env("KEYHOLDER_DATA_DIR", &data)
+            .output()
+            .unwrap()
+    };
+    // Owner commands never create a data folder.
+    let out = run(&["status"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no keyholder data"));
+    let out = run(&["bind", "--public-url", "https://kh.example", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(run(&["seal"]).status.success());
+    let out = run(&["status", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["sealed"], true);
+    assert_eq!(status["bound"], false);
+    assert_eq!(status["currentDataKey"], 1);
+    let out = run(&["audit", "verify"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("OK: 1 entries"));
+    let out = run(&["backup", "--out", dir.path().join("b.db").to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

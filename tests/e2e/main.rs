@@ -4,6 +4,7 @@
 
 mod binding;
 mod credentials;
+mod owner;
 mod persistence;
 mod signed;
 mod storage;

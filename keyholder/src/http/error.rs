@@ -78,7 +78,8 @@ impl ApiError {
                 | VaultError::MasterKeyMissing(_)
                 | VaultError::KeyFile(..)
                 | VaultError::Corrupt(_)
-                | VaultError::Undecryptable => ErrorCode::InternalError,
+                | VaultError::Undecryptable
+                | VaultError::KeyRingChanged => ErrorCode::InternalError,
                 VaultError::TokenNotFound => ErrorCode::TokenNotFound,
                 VaultError::AlreadyExists => ErrorCode::AlreadyExists,
                 VaultError::Invalid(_) => ErrorCode::InvalidRequest,
@@ -86,6 +87,7 @@ impl ApiError {
                 VaultError::CodeExpired => ErrorCode::CodeExpired,
                 VaultError::CodeUsed => ErrorCode::CodeUsed,
                 VaultError::AlreadyBound => ErrorCode::Forbidden,
+                VaultError::Sealed => ErrorCode::Sealed,
             },
         }
     }
@@ -133,7 +135,8 @@ impl ApiError {
                 | VaultError::MasterKeyMissing(_)
                 | VaultError::KeyFile(..)
                 | VaultError::Corrupt(_)
-                | VaultError::Undecryptable,
+                | VaultError::Undecryptable
+                | VaultError::KeyRingChanged,
             ) => "Internal error".into(),
             other => other.to_string(),
         }
@@ -219,6 +222,12 @@ mod tests {
             ),
             (ApiError::Vault(VaultError::CodeUsed), 410, "code_used"),
             (ApiError::Vault(VaultError::NotTotp), 400, "not_totp"),
+            (ApiError::Vault(VaultError::Sealed), 503, "sealed"),
+            (
+                ApiError::Vault(VaultError::KeyRingChanged),
+                500,
+                "internal_error",
+            ),
             (
                 ApiError::Vault(VaultError::Undecryptable),
                 500,

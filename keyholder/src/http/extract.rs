@@ -29,8 +29,33 @@ pub struct TicketContext {
     pub agent_id: Option<String>,
     /// Proxy config id from the ticket.
     pub proxy_id: Option<String>,
-    /// Service the ticket was for.
+    /// Service the ticket was for (before verification: the service asked for, for the audit trail).
     pub service: String,
+    /// The ticket's purpose, once verified.
+    pub purpose: Option<String>,
+}
+
+/// Refuses with `503 sealed` while the owner has sealed the keyholder. Ticket endpoints get this
+/// through [`Ticketed`]; every other endpoint that decrypts or stores a credential (the signed proxy
+/// and refresh endpoints) calls it first, or takes [`Unsealed`] as its first extractor.
+pub fn ensure_unsealed(state: &AppState) -> Result<(), ApiError> {
+    state.vault.ensure_unsealed().map_err(ApiError::from)
+}
+
+/// An extractor that only succeeds while the keyholder is not sealed (list it first in a handler).
+pub struct Unsealed;
+
+impl FromRequest for Unsealed {
+    type Error = ApiError;
+    type Future = std::future::Ready<Result<Unsealed, ApiError>>;
+
+    fn from_request(req: &HttpRequest, _payload: &mut Payload) -> Self::Future {
+        std::future::ready(
+            state(req)
+                .and_then(|s| ensure_unsealed(&s))
+                .map(|_| Unsealed),
+        )
+    }
 }
 
 fn state(req: &HttpRequest) -> Result<Data<AppState>, ApiError> {
@@ -235,6 +260,7 @@ pub async fn verify_ticket_for(
         agent_id: claims.aid.clone(),
         proxy_id: claims.pid.clone(),
         service: service.to_string(),
+        purpose: Some(claims.pur.clone()),
     });
     Ok(claims)
 }
@@ -326,6 +352,8 @@ impl<E: TicketEndpoint + 'static> FromRequest for Ticketed<E> {
             if E::REFUSE_PLATFORM {
                 state.network.refuse_platform(&req)?;
             }
+            // Sealed: refuse before the ticket is looked at (its nonce stays unused for a retry).
+            ensure_unsealed(&state)?;
             if !state.vault.binding().bound {
                 return Err(ApiError::SetupRequired);
             }
@@ -344,6 +372,11 @@ impl<E: TicketEndpoint + 'static> FromRequest for Ticketed<E> {
                 .filter(|s| !s.is_empty())
                 .ok_or_else(|| ApiError::InvalidRequest("missing 'service'".into()))?
                 .to_string();
+            // Recorded for the audit trail even if the ticket is then refused.
+            req.extensions_mut().insert(TicketContext {
+                service: service.clone(),
+                ..TicketContext::default()
+            });
             let claims = verify_ticket_for(&req, ticket, &service, E::PURPOSES).await?;
             Ok(Ticketed {
                 claims,

@@ -17,7 +17,7 @@ async fn health_body(state: &AppState) -> Result<HealthResponse, ApiError> {
         capabilities: state.vault.settings().capabilities.clone(),
         uptime: state.vault.uptime_secs(),
         token_count: state.vault.token_count().await?,
-        sealed: None,
+        sealed: Some(state.vault.is_sealed()),
     })
 }
 

@@ -13,7 +13,7 @@ use actix_web::web::{Bytes, Data};
 use actix_web::{HttpMessage, HttpResponse};
 use keyholder_protocol::paths::{
     HEADER_PLATFORM_REQUEST_ID, HEADER_REQUEST_ID, PATH_CREDENTIAL, PATH_HEALTH, PATH_IDENTITY,
-    PATH_STORE, PATH_TOTP_CODE,
+    PATH_PROXY, PATH_REFRESH, PATH_REFRESH_NOTIFY, PATH_STORE, PATH_TOTP_CODE,
 };
 use keyholder_protocol::request_id::{is_valid_request_id, new_request_id};
 use keyholder_protocol::response_sig::sign_response;
@@ -22,6 +22,7 @@ use tracing::Instrument;
 use super::error::ApiError;
 use super::extract::TicketContext;
 use crate::app::AppState;
+use crate::audit::{AuditEvent, UpstreamOrigin};
 
 /// The request id of the current request, in request extensions.
 #[derive(Debug, Clone)]
@@ -65,6 +66,19 @@ fn cors_headers(headers: &mut HeaderMap, origin: &HeaderValue) {
     headers.append(header::VARY, HeaderValue::from_static("Origin"));
 }
 
+/// Endpoints whose every use and refusal goes to the audit trail.
+fn is_audited_path(path: &str) -> bool {
+    matches!(
+        path,
+        PATH_CREDENTIAL
+            | PATH_STORE
+            | PATH_TOTP_CODE
+            | PATH_PROXY
+            | PATH_REFRESH
+            | PATH_REFRESH_NOTIFY
+    )
+}
+
 /// The middleware function (registered with `actix_web::middleware::from_fn`).
 pub async fn keyholder_layer(
     req: ServiceRequest,
@@ -103,10 +117,9 @@ pub async fn keyholder_layer(
     };
 
     let status = response.status();
-    let error_body = response
-        .error()
-        .and_then(|e| e.as_error::<ApiError>())
-        .map(|e| e.body(Some(&request_id)));
+    let api_error = response.error().and_then(|e| e.as_error::<ApiError>());
+    let error_code = api_error.map(|e| e.code().as_str());
+    let error_body = api_error.map(|e| e.body(Some(&request_id)));
     let mut head = HttpResponse::build(status);
     for (name, value) in response.headers() {
         head.append_header((name.clone(), value.clone()));
@@ -167,6 +180,38 @@ pub async fn keyholder_layer(
         .get::<TicketContext>()
         .cloned()
         .unwrap_or_default();
+    if let Some(state) = state.as_ref() {
+        if is_audited_path(&path) && method != Method::OPTIONS {
+            // Queued, not written: the answer never waits for the trail (see `audit::recorder`).
+            let result = match error_code {
+                Some(code) => code.to_string(),
+                None if status.is_success() => "ok".to_string(),
+                None => status.as_u16().to_string(),
+            };
+            state.audit.record(AuditEvent {
+                at_ms: crate::audit::now_ms(),
+                endpoint: path.clone(),
+                service: ticket.service.clone(),
+                purpose: ticket.purpose.clone().unwrap_or_default(),
+                agent_id: ticket.agent_id.clone().unwrap_or_default(),
+                proxy_id: ticket.proxy_id.clone().unwrap_or_default(),
+                source: state
+                    .network
+                    .client_ip(&http_req)
+                    .ok()
+                    .flatten()
+                    .map(|ip| ip.to_string())
+                    .unwrap_or_default(),
+                upstream: http_req
+                    .extensions()
+                    .get::<UpstreamOrigin>()
+                    .map(|o| o.0.clone())
+                    .unwrap_or_default(),
+                result,
+                request_id: request_id.clone(),
+            });
+        }
+    }
     span.in_scope(|| {
         tracing::info!(
             status = status.as_u16(),

@@ -1,6 +1,7 @@
 //! Durable storage behind a small interface: one SQLite database, one writer thread that
 //! group-commits jobs (every acknowledged write is fsync'ed), and a pool of read connections.
 
+pub mod backup;
 mod schema;
 
 pub use schema::migrate;

@@ -5,7 +5,7 @@ use rusqlite::Connection;
 use super::StoreError;
 
 /// Current schema version.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 const MIGRATIONS: &[&str] = &[
     // 1: settings, wrapped key ring, documents of the four collections, replay memory, bind codes.
@@ -23,6 +23,13 @@ const MIGRATIONS: &[&str] = &[
      CREATE TABLE bind_codes (
         code_hash TEXT PRIMARY KEY, created_at INTEGER NOT NULL, expires_at INTEGER NOT NULL,
         used_at INTEGER, rebind INTEGER NOT NULL, hmac_hash TEXT NOT NULL, pending_secret BLOB);",
+    // 2 (owner controls): the signed, hash-chained audit trail (append-only; see `audit`).
+    "CREATE TABLE audit_log (
+        seq INTEGER PRIMARY KEY, at_ms INTEGER NOT NULL, endpoint TEXT NOT NULL, service TEXT NOT NULL,
+        purpose TEXT NOT NULL, agent_id TEXT NOT NULL, proxy_id TEXT NOT NULL, source TEXT NOT NULL,
+        upstream TEXT NOT NULL, result TEXT NOT NULL, request_id TEXT NOT NULL,
+        prev_hash BLOB NOT NULL, hash BLOB NOT NULL, signature BLOB NOT NULL);
+     CREATE INDEX audit_service ON audit_log (service, at_ms);",
 ];
 
 /// Applies every migration newer than the database's version, each in its own transaction.

@@ -35,7 +35,7 @@ fn code_hash(code: &str) -> String {
 }
 
 /// Key-wrapping label of a re-bind code's pending secret.
-fn pending_kind(hash: &str) -> String {
+pub(crate) fn pending_kind(hash: &str) -> String {
     format!("bind:{hash}")
 }
 
@@ -114,7 +114,7 @@ impl Vault {
         let hash = code_hash(code);
         let now = crate::clock::now_unix();
         let bound_now = self.binding().bound;
-        let master = std::sync::Arc::clone(&self.master);
+        let master = self.master();
         let step = self
             .store()
             .write(move |conn| {
@@ -140,6 +140,8 @@ impl Vault {
                     return Ok(ExchangeStep::Refused(VaultError::AlreadyBound));
                 }
                 let master: &MasterKey = &master;
+                // Never wrap with a master key the owner has rotated away (see `reload`).
+                master.check_or_record(conn).map_err(into_store)?;
                 let secret = match pending {
                     Some(wrapped) => {
                         let plain = master.unwrap_key(&pending_kind(&hash), 0, &wrapped).map_err(into_store)?;

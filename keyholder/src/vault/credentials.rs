@@ -62,6 +62,30 @@ impl Vault {
         mode: StoreMode,
         creation_id: Option<&str>,
     ) -> Result<Map<String, Value>, VaultError> {
+        let result = self
+            .store_credential_once(service, &token_data, mode, creation_id)
+            .await;
+        let result = match result {
+            // The owner rotated or retired a data key since our last reload: follow, then retry once.
+            Err(VaultError::KeyRingChanged) => {
+                self.reload_from_disk(false).await?;
+                self.store_credential_once(service, &token_data, mode, creation_id)
+                    .await
+            }
+            other => other,
+        };
+        token_data.values_mut().for_each(scrub);
+        result
+    }
+
+    async fn store_credential_once(
+        &self,
+        service: &str,
+        token_data: &Map<String, Value>,
+        mode: StoreMode,
+        creation_id: Option<&str>,
+    ) -> Result<Map<String, Value>, VaultError> {
+        self.ensure_unsealed()?;
         validate_key(service)?;
         if token_data.is_empty() {
             return Err(VaultError::Invalid("'tokenData' must not be empty".into()));
@@ -80,17 +104,17 @@ impl Vault {
             .map(str::to_string);
         let keys = self.keys();
         let key = keys.current_data_key()?;
+        let version = keys.current_data_version();
         let sealed = seal_token_data(
             service,
-            &token_data,
+            token_data,
             key,
-            keys.current_data_version(),
+            version,
             crate::clock::now_unix(),
             created_at.as_deref(),
             creation_id,
-        );
-        token_data.values_mut().for_each(scrub);
-        let sealed = sealed.map_err(document_error)?;
+        )
+        .map_err(document_error)?;
         let meta = sealed
             .get("meta")
             .and_then(Value::as_object)
@@ -101,6 +125,12 @@ impl Vault {
         let now = crate::clock::now_unix();
         self.store()
             .write(move |conn| {
+                // Written under the version that is current on disk, never under one the owner has
+                // since rotated away from (and perhaps retired).
+                let current = crate::store::get_setting(conn, "data_version")?;
+                if current.as_deref() != Some(version.to_string().as_str()) {
+                    return Err(into_store(VaultError::KeyRingChanged));
+                }
                 if mode == StoreMode::Create {
                     let exists: Option<i64> = conn
                         .query_row(
@@ -127,12 +157,15 @@ impl Vault {
 
     /// Decrypts the credential of `service`.
     pub async fn open_credential(&self, service: &str) -> Result<OpenedToken, VaultError> {
+        self.ensure_unsealed()?;
         validate_key(service)?;
         let doc = self
             .storage_get(Collection::Tokens, service.to_string())
             .await?
             .ok_or(VaultError::TokenNotFound)?;
         let keys = self.keys();
+        // Checked again right before decrypting: a seal that arrived during the read applies.
+        self.ensure_unsealed()?;
         open_document(&doc, service, &*keys).map_err(document_error)
     }
 

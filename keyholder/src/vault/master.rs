@@ -160,7 +160,8 @@ pub fn write_private_file(path: &Path, contents: &[u8]) -> Result<(), VaultError
     Ok(())
 }
 
-fn read_key_file(path: &Path) -> Result<MasterKey, VaultError> {
+/// Reads a master key file: 32 raw bytes or standard base64 text.
+pub fn read_key_file(path: &Path) -> Result<MasterKey, VaultError> {
     let raw = Zeroizing::new(
         std::fs::read(path).map_err(|e| VaultError::KeyFile(path.to_path_buf(), e.to_string()))?,
     );
@@ -190,6 +191,27 @@ fn read_key_file(path: &Path) -> Result<MasterKey, VaultError> {
 }
 
 fn derive_from_passphrase(path: &Path, conn: &Connection) -> Result<MasterKey, VaultError> {
+    let salt = match get_setting(conn, "kdf_salt")? {
+        Some(stored) => hex::decode(&stored).map_err(|_| VaultError::Corrupt("kdf_salt".into()))?,
+        None => {
+            let salt = new_kdf_salt();
+            put_setting(conn, "kdf_salt", &hex::encode(&salt))?;
+            salt
+        }
+    };
+    derive_with_salt(path, &salt)
+}
+
+/// A fresh random salt for the passphrase KDF.
+pub fn new_kdf_salt() -> Vec<u8> {
+    let mut salt = vec![0u8; 16];
+    rand::rngs::OsRng.fill_bytes(&mut salt);
+    salt
+}
+
+/// Derives the master key from the passphrase in `path` with `salt` (Argon2id, 64 MiB, 3 passes:
+/// once at start or per owner command, never per request).
+pub fn derive_with_salt(path: &Path, salt: &[u8]) -> Result<MasterKey, VaultError> {
     let raw = Zeroizing::new(
         std::fs::read_to_string(path)
             .map_err(|e| VaultError::KeyFile(path.to_path_buf(), e.to_string()))?,
@@ -201,20 +223,10 @@ fn derive_from_passphrase(path: &Path, conn: &Connection) -> Result<MasterKey, V
             "the passphrase must have at least 12 characters".into(),
         ));
     }
-    let salt = match get_setting(conn, "kdf_salt")? {
-        Some(stored) => hex::decode(&stored).map_err(|_| VaultError::Corrupt("kdf_salt".into()))?,
-        None => {
-            let mut salt = vec![0u8; 16];
-            rand::rngs::OsRng.fill_bytes(&mut salt);
-            put_setting(conn, "kdf_salt", &hex::encode(&salt))?;
-            salt
-        }
-    };
-    // Argon2id, 64 MiB, 3 passes: once at start, never per request.
     let params = argon2::Params::new(64 * 1024, 3, 1, Some(32)).map_err(|_| VaultError::Crypto)?;
     let kdf = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
     let mut key = Zeroizing::new([0u8; 32]);
-    kdf.hash_password_into(passphrase.as_bytes(), &salt, key.as_mut())
+    kdf.hash_password_into(passphrase.as_bytes(), salt, key.as_mut())
         .map_err(|_| VaultError::Crypto)?;
     Ok(MasterKey(key))
 }

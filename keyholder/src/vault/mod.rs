@@ -3,12 +3,16 @@
 pub mod binding;
 pub mod collections;
 pub mod credentials;
+pub mod import;
 pub mod keyring;
 pub mod master;
+pub mod reload;
 pub mod replay;
+pub mod rotation;
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 use keyholder_protocol::HmacSecret;
 
@@ -62,6 +66,13 @@ pub enum VaultError {
     /// A plain bind code was presented to a keyholder that is already bound.
     #[error("this keyholder is already bound; issue a code with `keyholder bind --rebind`")]
     AlreadyBound,
+    /// The owner sealed the keyholder (`keyholder seal`): nothing is decrypted until `unseal`.
+    #[error("the keyholder is sealed by its owner")]
+    Sealed,
+    /// The key ring on disk changed under a write (a rotation by the owner's CLI); retried once
+    /// after reloading, so it only reaches a caller if the ring keeps changing.
+    #[error("the key ring changed during the write")]
+    KeyRingChanged,
 }
 
 impl From<rusqlite::Error> for VaultError {
@@ -92,13 +103,20 @@ pub struct BindingState {
 /// The keyholder's domain state, shared by all workers.
 pub struct Vault {
     store: Store,
-    master: Arc<MasterKey>,
+    master: RwLock<Arc<MasterKey>>,
     keys: RwLock<Arc<KeyRing>>,
     binding: RwLock<Arc<BindingState>>,
     /// Replay memory for request ids and ticket nonces.
     pub replay: ReplayGuard,
     settings: VaultSettings,
     started: std::time::Instant,
+    /// The kill switch, kept fresh from the database by [`Vault::follow_owner_changes`].
+    sealed: AtomicBool,
+    /// Where the master key came from (re-read after an owner's master key rotation).
+    data_dir: PathBuf,
+    source: MasterKeySource,
+    /// State of following the owner's changes on disk.
+    follow: Mutex<reload::FollowState>,
 }
 
 /// What opening the vault found, for the start-up log.
@@ -120,13 +138,17 @@ impl Vault {
     ) -> Result<(Vault, OpenReport), VaultError> {
         let data_dir = data_dir.to_path_buf();
         let source = source.clone();
-        let (master, created_master_file, loaded, bound) = store
+        let data_dir_owned = data_dir.clone();
+        let source_owned = source.clone();
+        let (master, created_master_file, loaded, bound, sealed, generation) = store
             .write(move |conn| {
                 let (master, created_file) =
                     master::load_master_key(&data_dir, &source, conn).map_err(into_store)?;
                 let loaded = keyring::init_or_load(conn, &master).map_err(into_store)?;
                 let bound = crate::store::get_setting(conn, "bound")?.as_deref() == Some("true");
-                Ok((master, created_file, loaded, bound))
+                let sealed = reload::read_sealed(conn)?;
+                let generation = reload::read_generation(conn)?;
+                Ok((master, created_file, loaded, bound, sealed, generation))
             })
             .await
             .map_err(from_store)?;
@@ -137,7 +159,7 @@ impl Vault {
         };
         let vault = Vault {
             store,
-            master: Arc::new(master),
+            master: RwLock::new(Arc::new(master)),
             keys: RwLock::new(Arc::new(loaded.ring)),
             binding: RwLock::new(Arc::new(BindingState {
                 bound,
@@ -147,6 +169,10 @@ impl Vault {
             replay,
             settings,
             started: std::time::Instant::now(),
+            sealed: AtomicBool::new(sealed),
+            data_dir: data_dir_owned,
+            source: source_owned,
+            follow: Mutex::new(reload::FollowState::new(generation)),
         };
         Ok((vault, report))
     }
@@ -164,6 +190,45 @@ impl Vault {
         match self.binding.read() {
             Ok(guard) => Arc::clone(&guard),
             Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    /// The master key in force (it changes when the owner rotates it and the server picks it up).
+    pub fn master(&self) -> Arc<MasterKey> {
+        match self.master.read() {
+            Ok(guard) => Arc::clone(&guard),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    fn set_master(&self, master: MasterKey) {
+        let next = Arc::new(master);
+        match self.master.write() {
+            Ok(mut guard) => *guard = next,
+            Err(poisoned) => *poisoned.into_inner() = next,
+        }
+    }
+
+    fn set_keys(&self, ring: KeyRing) {
+        let next = Arc::new(ring);
+        match self.keys.write() {
+            Ok(mut guard) => *guard = next,
+            Err(poisoned) => *poisoned.into_inner() = next,
+        }
+    }
+
+    /// Whether the owner has sealed the keyholder (one atomic load: cheap on every request).
+    pub fn is_sealed(&self) -> bool {
+        self.sealed.load(Ordering::Acquire)
+    }
+
+    /// Refuses with [`VaultError::Sealed`] while sealed. Every endpoint that decrypts or stores a
+    /// credential calls this before doing anything else (proxy and refresh endpoints included).
+    pub fn ensure_unsealed(&self) -> Result<(), VaultError> {
+        if self.is_sealed() {
+            Err(VaultError::Sealed)
+        } else {
+            Ok(())
         }
     }
 

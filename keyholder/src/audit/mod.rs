@@ -1,0 +1,486 @@
+//! The keyholder's own audit trail: an append-only table of credential uses and refusals (and the
+//! owner's actions), each entry chained to the previous one by SHA-256 and signed with the identity key
+//! over explicit canonical bytes, so that an edited, removed or reordered entry is detected.
+//!
+//! # Canonical bytes of an entry
+//!
+//! `b"keyholder/v1/audit"`, then `seq` (u64 big-endian), `at_ms` (i64 big-endian), the previous entry's
+//! hash (32 bytes; zeros for the first entry), then each of endpoint, service, purpose, agent id, proxy id,
+//! source address, upstream origin, result and request id as a big-endian `u32` length followed by the
+//! UTF-8 bytes (absent = empty). The entry's hash is SHA-256 of these bytes; its signature is Ed25519
+//! over the same bytes.
+
+pub mod recorder;
+
+use ed25519_dalek::{Signature, VerifyingKey};
+use keyholder_protocol::IdentityKey;
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::store::{get_setting, put_setting, StoreError};
+
+pub use recorder::AuditRecorder;
+
+/// Domain label at the start of every entry's canonical bytes.
+pub const AUDIT_LABEL: &[u8] = b"keyholder/v1/audit";
+/// Longest text kept per field (longer values are cut, on a character boundary).
+pub const MAX_FIELD_LEN: usize = 512;
+
+/// The upstream origin (`scheme://host[:port]`) of a proxied call: the proxy handler puts it in the
+/// request extensions, and the audit entry of the request carries it.
+#[derive(Debug, Clone)]
+pub struct UpstreamOrigin(pub String);
+
+/// What happened, before it is chained and signed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuditEvent {
+    /// Unix time in milliseconds.
+    pub at_ms: i64,
+    /// Endpoint path (`/v1/credential`) or owner command (`owner:rotate-key`).
+    pub endpoint: String,
+    /// Service the request was for (as asked; verified when the ticket was).
+    pub service: String,
+    /// Ticket purpose, when a ticket was verified.
+    pub purpose: String,
+    /// Agent id from the ticket.
+    pub agent_id: String,
+    /// Proxy config id from the ticket.
+    pub proxy_id: String,
+    /// Client address.
+    pub source: String,
+    /// Upstream origin of a proxied call.
+    pub upstream: String,
+    /// `ok`, or the wire error code of the refusal.
+    pub result: String,
+    /// Request id.
+    pub request_id: String,
+}
+
+impl AuditEvent {
+    /// An event for an owner command, time now.
+    pub fn owner(command: &str, detail: &str) -> AuditEvent {
+        AuditEvent {
+            at_ms: now_ms(),
+            endpoint: format!("owner:{command}"),
+            service: detail.to_string(),
+            source: "cli".into(),
+            result: "ok".into(),
+            ..AuditEvent::default()
+        }
+    }
+
+    fn fields(&self) -> [&str; 9] {
+        [
+            &self.endpoint,
+            &self.service,
+            &self.purpose,
+            &self.agent_id,
+            &self.proxy_id,
+            &self.source,
+            &self.upstream,
+            &self.result,
+            &self.request_id,
+        ]
+    }
+
+    /// Cuts every field to [`MAX_FIELD_LEN`] bytes.
+    fn bounded(mut self) -> AuditEvent {
+        for field in [
+            &mut self.endpoint,
+            &mut self.service,
+            &mut self.purpose,
+            &mut self.agent_id,
+            &mut self.proxy_id,
+            &mut self.source,
+            &mut self.upstream,
+            &mut self.result,
+            &mut self.request_id,
+        ] {
+            if field.len() > MAX_FIELD_LEN {
+                let mut end = MAX_FIELD_LEN;
+                while !field.is_char_boundary(end) {
+                    end -= 1;
+                }
+                field.truncate(end);
+            }
+        }
+        self
+    }
+}
+
+/// A stored entry: the event, its place in the chain and its signature.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuditEntry {
+    /// Position in the chain, from 1, without gaps.
+    pub seq: u64,
+    /// The event.
+    #[serde(flatten)]
+    pub event: AuditEvent,
+    /// Hash of the previous entry (hex).
+    #[serde(with = "hex_bytes")]
+    pub prev_hash: [u8; 32],
+    /// SHA-256 of this entry's canonical bytes (hex).
+    #[serde(with = "hex_bytes")]
+    pub hash: [u8; 32],
+    /// Ed25519 signature over the canonical bytes (hex).
+    #[serde(with = "hex_bytes")]
+    pub signature: [u8; 64],
+}
+
+mod hex_bytes {
+    pub fn serialize<S: serde::Serializer, const N: usize>(
+        bytes: &[u8; N],
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(bytes))
+    }
+}
+
+/// Milliseconds since the epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// The canonical bytes that are hashed and signed (see the module documentation).
+pub fn canonical_bytes(seq: u64, event: &AuditEvent, prev_hash: &[u8; 32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(128);
+    out.extend_from_slice(AUDIT_LABEL);
+    out.extend_from_slice(&seq.to_be_bytes());
+    out.extend_from_slice(&event.at_ms.to_be_bytes());
+    out.extend_from_slice(prev_hash);
+    for field in event.fields() {
+        // Fields are capped at MAX_FIELD_LEN when appended; saturate rather than wrap regardless.
+        let len = u32::try_from(field.len()).unwrap_or(u32::MAX);
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(field.as_bytes());
+    }
+    out
+}
+
+/// The last entry's sequence number and hash (zeros for an empty trail).
+fn head(conn: &Connection) -> Result<(u64, [u8; 32]), StoreError> {
+    let row: Option<(i64, Vec<u8>)> = conn
+        .query_row(
+            "SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    match row {
+        None => Ok((0, [0u8; 32])),
+        Some((seq, hash)) => {
+            let hash: [u8; 32] = hash
+                .as_slice()
+                .try_into()
+                .map_err(|_| StoreError::Corrupt("audit hash length".into()))?;
+            Ok((u64::try_from(seq).unwrap_or(0), hash))
+        }
+    }
+}
+
+/// Appends events to the chain inside the caller's write transaction (the head is read in the
+/// same transaction, so the server and the owner's CLI can both append). Returns the new head seq.
+pub fn append_events(
+    conn: &Connection,
+    identity: &IdentityKey,
+    events: impl IntoIterator<Item = AuditEvent>,
+) -> Result<u64, StoreError> {
+    let (mut seq, mut prev) = head(conn)?;
+    let mut stmt = conn.prepare_cached(
+        "INSERT INTO audit_log(seq, at_ms, endpoint, service, purpose, agent_id, proxy_id, source,
+                               upstream, result, request_id, prev_hash, hash, signature)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+    )?;
+    for event in events {
+        let event = event.bounded();
+        seq += 1;
+        let bytes = canonical_bytes(seq, &event, &prev);
+        let hash: [u8; 32] = Sha256::digest(&bytes).into();
+        let signature = identity.sign(&bytes);
+        stmt.execute(params![
+            i64::try_from(seq).unwrap_or(i64::MAX),
+            event.at_ms,
+            event.endpoint,
+            event.service,
+            event.purpose,
+            event.agent_id,
+            event.proxy_id,
+            event.source,
+            event.upstream,
+            event.result,
+            event.request_id,
+            prev.as_slice(),
+            hash.as_slice(),
+            signature.as_slice(),
+        ])?;
+        prev = hash;
+    }
+    // The head is kept apart too, so that removing the newest entries is noticed as well.
+    put_setting(conn, "audit_head", &format!("{seq}:{}", hex::encode(prev)))?;
+    Ok(seq)
+}
+
+/// Which entries [`list_entries`] returns.
+#[derive(Debug, Clone, Default)]
+pub struct AuditFilter {
+    /// Only this service.
+    pub service: Option<String>,
+    /// Only entries at or after this unix time (milliseconds).
+    pub since_ms: Option<i64>,
+    /// At most this many (the newest), all when `None`.
+    pub limit: Option<u64>,
+}
+
+fn entry_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AuditEntry> {
+    let blob = |i: usize| -> rusqlite::Result<Vec<u8>> { r.get(i) };
+    let to32 = |v: Vec<u8>| -> [u8; 32] {
+        let mut out = [0u8; 32];
+        if v.len() == 32 {
+            out.copy_from_slice(&v);
+        }
+        out
+    };
+    let sig = blob(13)?;
+    let mut signature = [0u8; 64];
+    if sig.len() == 64 {
+        signature.copy_from_slice(&sig);
+    }
+    Ok(AuditEntry {
+        seq: u64::try_from(r.get::<_, i64>(0)?).unwrap_or(0),
+        event: AuditEvent {
+            at_ms: r.get(1)?,
+            endpoint: r.get(2)?,
+            service: r.get(3)?,
+            purpose: r.get(4)?,
+            agent_id: r.get(5)?,
+            proxy_id: r.get(6)?,
+            source: r.get(7)?,
+            upstream: r.get(8)?,
+            result: r.get(9)?,
+            request_id: r.get(10)?,
+        },
+        prev_hash: to32(blob(11)?),
+        hash: to32(blob(12)?),
+        signature,
+    })
+}
+
+const SELECT_ENTRIES: &str =
+    "SELECT seq, at_ms, endpoint, service, purpose, agent_id, proxy_id, source, upstream,
+        result, request_id, prev_hash, hash, signature FROM audit_log";
+
+/// Entries in chain order, filtered.
+pub fn list_entries(
+    conn: &Connection,
+    filter: &AuditFilter,
+) -> Result<Vec<AuditEntry>, StoreError> {
+    let limit = filter
+        .limit
+        .map(|l| i64::try_from(l).unwrap_or(i64::MAX))
+        .unwrap_or(-1);
+    let sql = format!(
+        "SELECT * FROM ({SELECT_ENTRIES} WHERE (?1 IS NULL OR service = ?1) AND (?2 IS NULL OR at_ms >= ?2)
+         ORDER BY seq DESC LIMIT ?3) ORDER BY seq"
+    );
+    let mut stmt = conn.prepare(&sql)?;
+    let rows = stmt
+        .query_map(
+            params![filter.service, filter.since_ms, limit],
+            entry_from_row,
+        )?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
+/// Unix time (ms) of the newest successful credential use, if any.
+pub fn last_credential_use(conn: &Connection) -> Result<Option<i64>, StoreError> {
+    Ok(conn.query_row(
+        "SELECT MAX(at_ms) FROM audit_log WHERE result = 'ok' AND endpoint NOT LIKE 'owner:%'
+           AND endpoint != '/v1/store'",
+        [],
+        |r| r.get(0),
+    )?)
+}
+
+/// Why verification stopped.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuditProblem {
+    /// Sequence number of the first bad entry (the position where the chain breaks).
+    pub seq: u64,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+/// Outcome of [`verify_chain`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuditVerification {
+    /// Entries checked.
+    pub entries: u64,
+    /// Sequence number and hash (hex) of the last good entry: record it to detect later truncation.
+    pub head_seq: u64,
+    /// Hash of the last good entry.
+    pub head_hash: String,
+    /// The first problem, if any.
+    pub problem: Option<AuditProblem>,
+}
+
+/// Walks the whole chain in order: sequence without gaps, each entry's `prev_hash` equal to the
+/// previous entry's hash, its hash equal to SHA-256 of its canonical bytes, its signature valid under
+/// `key`, and the recorded head equal to the last entry. Stops at the first bad entry.
+pub fn verify_chain(
+    conn: &Connection,
+    key: &VerifyingKey,
+) -> Result<AuditVerification, StoreError> {
+    let mut stmt = conn.prepare(&format!("{SELECT_ENTRIES} ORDER BY rowid"))?;
+    let mut rows = stmt.query([])?;
+    let mut expected_seq = 1u64;
+    let mut prev = [0u8; 32];
+    let mut problem = None;
+    while let Some(row) = rows.next()? {
+        let entry = entry_from_row(row)?;
+        let bad = |reason: &str| AuditProblem {
+            seq: expected_seq,
+            reason: format!("{reason} (entry stored as #{})", entry.seq),
+        };
+        if entry.seq != expected_seq {
+            problem = Some(bad(if entry.seq > expected_seq {
+                "entries are missing before this one"
+            } else {
+                "entry out of order"
+            }));
+            break;
+        }
+        if entry.prev_hash != prev {
+            problem = Some(bad(
+                "does not chain to the previous entry (removed or reordered entries)",
+            ));
+            break;
+        }
+        let bytes = canonical_bytes(entry.seq, &entry.event, &entry.prev_hash);
+        let hash: [u8; 32] = Sha256::digest(&bytes).into();
+        if hash != entry.hash {
+            problem = Some(bad("content does not match its hash (edited)"));
+            break;
+        }
+        let signature = Signature::from_bytes(&entry.signature);
+        if key.verify_strict(&bytes, &signature).is_err() {
+            problem = Some(bad("signature invalid"));
+            break;
+        }
+        prev = hash;
+        expected_seq += 1;
+    }
+    let checked = expected_seq - 1;
+    if problem.is_none() {
+        let recorded = get_setting(conn, "audit_head")?;
+        let actual = format!("{checked}:{}", hex::encode(prev));
+        match recorded {
+            Some(head) if head != actual => {
+                problem = Some(AuditProblem {
+                    seq: checked + 1,
+                    reason: format!("the newest entries were removed (recorded head {head})"),
+                });
+            }
+            None if checked > 0 => {
+                problem = Some(AuditProblem {
+                    seq: checked + 1,
+                    reason: "the recorded head is missing".into(),
+                });
+            }
+            _ => {}
+        }
+    }
+    Ok(AuditVerification {
+        entries: checked,
+        head_seq: checked,
+        head_hash: hex::encode(prev),
+        problem,
+    })
+}
+
+/// Parses `--since`: unix seconds, or an ISO 8601 time `YYYY-MM-DDTHH:MM:SSZ`. Returns milliseconds.
+pub fn parse_since(text: &str) -> Option<i64> {
+    if let Ok(secs) = text.parse::<i64>() {
+        return secs.checked_mul(1000);
+    }
+    keyholder_protocol::document::parse_iso8601(text).and_then(|s| s.checked_mul(1000))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    fn db() -> Connection {
+        let mut conn = Connection::open_in_memory().unwrap();
+        crate::store::migrate(&mut conn).unwrap();
+        conn
+    }
+
+    #[test]
+    fn canonical_bytes_are_length_prefixed() {
+        let a = AuditEvent {
+            endpoint: "ab".into(),
+            service: "c".into(),
+            ..AuditEvent::default()
+        };
+        let b = AuditEvent {
+            endpoint: "a".into(),
+            service: "bc".into(),
+            ..AuditEvent::default()
+        };
+        assert_ne!(
+            canonical_bytes(1, &a, &[0; 32]),
+            canonical_bytes(1, &b, &[0; 32])
+        );
+        assert!(canonical_bytes(1, &a, &[0; 32]).starts_with(AUDIT_LABEL));
+    }
+
+    #[test]
+    fn chain_verifies_and_detects_edits() {
+        let conn = db();
+        let key = IdentityKey::generate();
+        let events = (0..5).map(|i| AuditEvent {
+            at_ms: i,
+            endpoint: "/v1/credential".into(),
+            service: format!("svc{i}"),
+            result: "ok".into(),
+            ..AuditEvent::default()
+        });
+        assert_eq!(append_events(&conn, &key, events).unwrap(), 5);
+        let ok = verify_chain(&conn, &key.verifying_key()).unwrap();
+        assert_eq!(ok.entries, 5);
+        assert!(ok.problem.is_none());
+        conn.execute(
+            "UPDATE audit_log SET result = 'ticket_invalid' WHERE seq = 3",
+            [],
+        )
+        .unwrap();
+        let bad = verify_chain(&conn, &key.verifying_key()).unwrap();
+        assert_eq!(bad.problem.unwrap().seq, 3);
+        let other = IdentityKey::generate();
+        assert_eq!(
+            verify_chain(&conn, &other.verifying_key())
+                .unwrap()
+                .problem
+                .unwrap()
+                .seq,
+            1
+        );
+    }
+
+    #[test]
+    fn since_parses_seconds_and_iso() {
+        assert_eq!(parse_since("10"), Some(10_000));
+        assert_eq!(parse_since("1970-01-01T00:00:10Z"), Some(10_000));
+        assert_eq!(parse_since("yesterday"), None);
+    }
+}

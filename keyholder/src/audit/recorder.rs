@@ -1,0 +1,125 @@
+//! Appends audit entries off the request path: handlers hand events to a bounded channel (no
+//! await, no disk), and one task appends them in batches as ordinary group-commit write jobs.
+//!
+//! On a crash, events still in the channel or in the batch being committed (at most one batch,
+//! normally a few milliseconds of traffic) are lost; the answer to the request does not wait for its
+//! entry. A graceful stop flushes everything. If the channel is ever full, the lost events are counted
+//! and the trail records an `audit:dropped` entry with the count, so a gap is never silent.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::{append_events, AuditEvent};
+use crate::store::Store;
+use crate::vault::keyring::KeyRing;
+
+/// Events queued at most before new ones are counted as dropped.
+const QUEUE: usize = 16_384;
+/// Events appended in one write job at most.
+const BATCH: usize = 512;
+
+enum Message {
+    Event(Box<AuditEvent>),
+    Flush(oneshot::Sender<()>),
+}
+
+/// The handle request handlers record through (cheap to clone).
+#[derive(Clone)]
+pub struct AuditRecorder {
+    tx: mpsc::Sender<Message>,
+    dropped: Arc<AtomicU64>,
+}
+
+/// The receiving end, until its appending task is spawned.
+pub struct AuditQueue {
+    rx: mpsc::Receiver<Message>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl AuditQueue {
+    /// Starts the appending task; `keys` gives the identity key in force at each batch.
+    pub fn spawn(
+        self,
+        store: Store,
+        keys: impl Fn() -> Arc<KeyRing> + Send + 'static,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(run(store, keys, self.rx, self.dropped))
+    }
+}
+
+impl AuditRecorder {
+    /// A recorder and its queue (spawn the queue's task once the key ring is available).
+    pub fn new() -> (AuditRecorder, AuditQueue) {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let dropped = Arc::new(AtomicU64::new(0));
+        (
+            AuditRecorder {
+                tx,
+                dropped: Arc::clone(&dropped),
+            },
+            AuditQueue { rx, dropped },
+        )
+    }
+
+    /// Queues an event; never waits. A full queue counts the event as dropped.
+    pub fn record(&self, event: AuditEvent) {
+        if self.tx.try_send(Message::Event(Box::new(event))).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Resolves once every event queued before this call is committed.
+    pub async fn flush(&self) {
+        let (done, wait) = oneshot::channel();
+        if self.tx.send(Message::Flush(done)).await.is_ok() {
+            let _ = wait.await;
+        }
+    }
+}
+
+async fn run(
+    store: Store,
+    keys: impl Fn() -> Arc<KeyRing> + Send + 'static,
+    mut rx: mpsc::Receiver<Message>,
+    dropped: Arc<AtomicU64>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut events = Vec::new();
+        let mut flushes = Vec::new();
+        let mut next = Some(first);
+        while let Some(message) = next.take() {
+            match message {
+                Message::Event(e) => events.push(*e),
+                Message::Flush(done) => flushes.push(done),
+            }
+            if events.len() < BATCH {
+                next = rx.try_recv().ok();
+            }
+        }
+        let lost = dropped.swap(0, Ordering::Relaxed);
+        if lost > 0 {
+            tracing::error!(lost, "audit queue was full: events were dropped");
+            let mut marker = AuditEvent::owner("dropped", &lost.to_string());
+            marker.endpoint = "audit:dropped".into();
+            marker.source = String::new();
+            marker.result = "dropped".into();
+            events.push(marker);
+        }
+        if !events.is_empty() {
+            let ring = keys();
+            let count = events.len();
+            let result = store
+                .write(move |conn| append_events(conn, ring.identity(), events))
+                .await;
+            if let Err(err) = result {
+                tracing::error!(error = %err, count, "audit entries could not be written");
+                dropped.fetch_add(count as u64, Ordering::Relaxed);
+            }
+        }
+        for done in flushes {
+            let _ = done.send(());
+        }
+    }
+}

@@ -1,0 +1,496 @@
+//! The owner's controls beyond binding: status, data-key rotation, rewrap and retirement, master
+//! key rotation, backup and restore, the seal (kill switch), the audit trail and the import from the
+//! reference webhook. Each works on the data folder in its own short transactions, also while a
+//! server runs on it; the server follows within a quarter second (see `vault::reload`).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use rusqlite::{Connection, TransactionBehavior};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::audit::{self, AuditEntry, AuditEvent, AuditFilter, AuditVerification};
+use crate::config::DataArgs;
+use crate::store::{self, backup, get_setting};
+use crate::vault::import::{self, ImportReport};
+use crate::vault::keyring::{self, KIND_LEGACY};
+use crate::vault::master::{self, load_master_key, MasterKey};
+use crate::vault::{reload, rotation};
+
+/// Flags of commands that only need the data folder and its master key.
+#[derive(Debug, Clone, Args)]
+pub struct OwnerArgs {
+    /// Data folder and master key.
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Flags of `keyholder rewrap`.
+#[derive(Debug, Clone, Args)]
+pub struct RewrapArgs {
+    /// Data folder and master key.
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Credentials re-encrypted per transaction (small batches keep the server writing in between).
+    #[arg(long, default_value_t = 25, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub batch_size: u16,
+}
+
+/// Flags of `keyholder retire-key`.
+#[derive(Debug, Clone, Args)]
+pub struct RetireKeyArgs {
+    /// Data folder and master key.
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// The data-key version to remove.
+    pub version: u32,
+}
+
+/// Flags of `keyholder rotate-master-key`.
+#[derive(Debug, Clone, Args)]
+#[command(group(clap::ArgGroup::new("new_master").required(true).args(["new_master_key_file", "new_passphrase_file"])))]
+pub struct RotateMasterKeyArgs {
+    /// Data folder and the current master key.
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// File holding the new 32-byte master key (raw or base64).
+    #[arg(long)]
+    pub new_master_key_file: Option<PathBuf>,
+    /// File holding the new passphrase (the key is derived with Argon2id and a new salt).
+    #[arg(long)]
+    pub new_passphrase_file: Option<PathBuf>,
+}
+
+/// Flags of `keyholder backup`.
+#[derive(Debug, Clone, Args)]
+pub struct BackupArgs {
+    /// Data folder (the master key is not needed: the snapshot holds wrapped keys only).
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// File to write (must not exist).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// Flags of `keyholder restore`.
+#[derive(Debug, Clone, Args)]
+pub struct RestoreArgs {
+    /// The new (empty) data folder, and optionally the master key to check the backup against.
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Backup file made by `keyholder backup`.
+    #[arg(long)]
+    pub from: PathBuf,
+}
+
+/// `keyholder audit` subcommands.
+#[derive(Debug, Clone, Subcommand)]
+pub enum AuditCommand {
+    /// Print entries, oldest first.
+    List(AuditListArgs),
+    /// Write every entry, one JSON object per line.
+    Export(AuditExportArgs),
+    /// Check the whole chain: hashes, signatures, order, nothing removed. Exit 1 on the first bad entry.
+    Verify(OwnerArgs),
+}
+
+/// Flags of `keyholder audit list`.
+#[derive(Debug, Clone, Args)]
+pub struct AuditListArgs {
+    /// Data folder and master key.
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Only this service.
+    #[arg(long)]
+    pub service: Option<String>,
+    /// Only entries at or after this time (unix seconds or `YYYY-MM-DDTHH:MM:SSZ`).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Only the newest N entries.
+    #[arg(long)]
+    pub limit: Option<u64>,
+    /// One JSON object per line instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Flags of `keyholder audit export`.
+#[derive(Debug, Clone, Args)]
+pub struct AuditExportArgs {
+    /// Data folder and master key.
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Output format.
+    #[arg(long, default_value = "jsonl", value_parser = ["jsonl"])]
+    pub format: String,
+    /// Write to this file instead of standard output.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+/// Flags of `keyholder import-reference`.
+#[derive(Debug, Clone, Args)]
+pub struct ImportReferenceArgs {
+    /// Data folder and master key.
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// The reference's key file (`tokenvault_store.json`: webhook id, encryption key, HMAC secret).
+    #[arg(long)]
+    pub store: PathBuf,
+    /// The reference's collections file (`tokenvault_kv_store.json`).
+    #[arg(long)]
+    pub kv: PathBuf,
+    /// Import into a keyholder that already holds documents or is bound (same keys are replaced).
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// Opens an existing data folder (never creates one) and unlocks it with the configured master key.
+pub fn open_existing(data: &DataArgs) -> anyhow::Result<(Connection, MasterKey)> {
+    let mut conn = open_database(&data.data_dir)?;
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let (master, _) = load_master_key(&data.data_dir, &data.master_key_source(), &tx)?;
+    master.check_or_record(&tx)?;
+    tx.commit()?;
+    Ok((conn, master))
+}
+
+/// Opens an existing data folder's database (migrated), without its keys.
+pub fn open_database(data_dir: &Path) -> anyhow::Result<Connection> {
+    let path = data_dir.join(store::DATABASE_FILE);
+    if !path.is_file() {
+        anyhow::bail!(
+            "no keyholder data in {} (expected {}); pass --data-dir or set KEYHOLDER_DATA_DIR",
+            data_dir.display(),
+            path.display()
+        );
+    }
+    let mut conn = store::open_connection(&path, false)?;
+    store::migrate(&mut conn)?;
+    Ok(conn)
+}
+
+/// Runs `f` in one immediate transaction and appends an owner entry to the audit trail with it.
+fn owner_change<T>(
+    conn: &mut Connection,
+    master: &MasterKey,
+    command: &str,
+    f: impl FnOnce(&Connection) -> anyhow::Result<(T, String)>,
+) -> anyhow::Result<T> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let (value, detail) = f(&tx)?;
+    let (ring, _, _) = keyring::load(&tx, master)?;
+    audit::append_events(&tx, ring.identity(), [AuditEvent::owner(command, &detail)])?;
+    tx.commit()?;
+    Ok(value)
+}
+
+/// What `keyholder status` reports.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Status {
+    /// Bound to a platform.
+    pub bound: bool,
+    /// Webhook id.
+    pub webhook_id: String,
+    /// Identity key id (signs responses and the audit trail).
+    pub identity_key_id: String,
+    /// Data-key versions held.
+    pub data_key_versions: Vec<u32>,
+    /// The version new credentials are written under.
+    pub current_data_key: u32,
+    /// Documents referencing each data-key version.
+    pub documents_per_key: BTreeMap<u32, usize>,
+    /// Whether the reference webhook's key is held (for platform v1 documents).
+    pub reference_key: bool,
+    /// Stored credentials.
+    pub credential_count: u64,
+    /// Sealed by the owner.
+    pub sealed: bool,
+    /// Newest successful credential use (ISO 8601), from the audit trail.
+    pub last_credential_use: Option<String>,
+    /// Audit entries.
+    pub audit_entries: u64,
+}
+
+/// `keyholder status`.
+pub fn status(args: &OwnerArgs) -> anyhow::Result<Status> {
+    let (conn, master) = open_existing(&args.data)?;
+    let (ring, _, webhook_id) = keyring::load(&conn, &master)?;
+    let count = |sql: &str| -> anyhow::Result<u64> {
+        Ok(conn.query_row(sql, [], |r| r.get::<_, i64>(0))?.max(0) as u64)
+    };
+    let legacy: i64 = conn.query_row(
+        "SELECT COUNT(*) FROM keyring WHERE kind = ?1",
+        [KIND_LEGACY],
+        |r| r.get(0),
+    )?;
+    Ok(Status {
+        bound: get_setting(&conn, "bound")?.as_deref() == Some("true"),
+        webhook_id,
+        identity_key_id: ring.identity().key_id(),
+        data_key_versions: ring.data_versions(),
+        current_data_key: ring.current_data_version(),
+        documents_per_key: rotation::versions_in_use(&conn)?
+            .into_iter()
+            .map(|(v, (n, _))| (v, n))
+            .collect(),
+        reference_key: legacy > 0,
+        credential_count: count("SELECT COUNT(*) FROM documents WHERE collection = 'tokens'")?,
+        sealed: reload::read_sealed(&conn)?,
+        last_credential_use: audit::last_credential_use(&conn)?
+            .map(|ms| keyholder_protocol::document::format_iso8601(ms.div_euclid(1000))),
+        audit_entries: count("SELECT COUNT(*) FROM audit_log")?,
+    })
+}
+
+/// `keyholder rotate-key`: returns the new current version.
+pub fn rotate_key(args: &OwnerArgs) -> anyhow::Result<u32> {
+    let (mut conn, master) = open_existing(&args.data)?;
+    owner_change(&mut conn, &master, "rotate-key", |tx| {
+        let version = rotation::rotate_data_key(tx, &master)?;
+        Ok((version, format!("data key v{version}")))
+    })
+}
+
+/// What `keyholder rewrap` did.
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RewrapReport {
+    /// The version everything was re-encrypted under.
+    pub current_data_key: u32,
+    /// Credentials looked at.
+    pub examined: usize,
+    /// Credentials re-encrypted.
+    pub rewrapped: usize,
+    /// Transactions used.
+    pub batches: usize,
+    /// Credentials that could not be opened (left unchanged), by key.
+    pub failed: Vec<String>,
+    /// Data-key versions still referenced afterwards, with document counts.
+    pub still_in_use: BTreeMap<u32, usize>,
+}
+
+/// `keyholder rewrap`: every credential under the current data key, in small transactions. Passes
+/// over the credentials until none is left under an older key (a server that has not yet noticed a
+/// rotation may write one more under the old key; its next write uses the new one).
+pub fn rewrap(args: &RewrapArgs) -> anyhow::Result<RewrapReport> {
+    let (mut conn, master) = open_existing(&args.data)?;
+    let mut report = RewrapReport::default();
+    for pass in 0..5 {
+        let mut cursor: Option<String> = None;
+        report.failed.clear();
+        loop {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let batch = rotation::rewrap_batch(
+                &tx,
+                &master,
+                cursor.as_deref(),
+                usize::from(args.batch_size),
+            )?;
+            tx.commit()?;
+            report.batches += 1;
+            report.examined += batch.examined;
+            report.rewrapped += batch.rewrapped;
+            report.failed.extend(batch.failed);
+            match batch.last_key {
+                Some(last) if batch.examined == usize::from(args.batch_size) => cursor = Some(last),
+                _ => break,
+            }
+        }
+        let (ring, _, _) = keyring::load(&conn, &master)?;
+        report.current_data_key = ring.current_data_version();
+        report.still_in_use = rotation::versions_in_use(&conn)?
+            .into_iter()
+            .filter(|(v, _)| *v != report.current_data_key)
+            .map(|(v, (n, _))| (v, n))
+            .collect();
+        if report.still_in_use.is_empty() || pass == 4 {
+            break;
+        }
+        // Give a server that is about to reload its key ring the moment it needs.
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    let detail = format!(
+        "{} credential(s) under data key v{}",
+        report.rewrapped, report.current_data_key
+    );
+    owner_change(&mut conn, &master, "rewrap", |_| Ok(((), detail)))?;
+    Ok(report)
+}
+
+/// `keyholder retire-key VERSION`.
+pub fn retire_key(args: &RetireKeyArgs) -> anyhow::Result<()> {
+    let (mut conn, master) = open_existing(&args.data)?;
+    let version = args.version;
+    owner_change(&mut conn, &master, "retire-key", |tx| {
+        rotation::retire_data_key(tx, version)?;
+        Ok(((), format!("data key v{version}")))
+    })
+}
+
+/// `keyholder rotate-master-key`: re-wraps the key ring under the new master key. Returns how
+/// many wrapped values moved.
+pub fn rotate_master_key(args: &RotateMasterKeyArgs) -> anyhow::Result<usize> {
+    let (mut conn, old) = open_existing(&args.data)?;
+    let (new, salt) = match (&args.new_master_key_file, &args.new_passphrase_file) {
+        (Some(file), _) => (master::read_key_file(file)?, None),
+        (None, Some(file)) => {
+            let salt = master::new_kdf_salt();
+            (master::derive_with_salt(file, &salt)?, Some(salt))
+        }
+        (None, None) => anyhow::bail!("pass --new-master-key-file or --new-passphrase-file"),
+    };
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let moved = rotation::rotate_master_key(&tx, &old, &new, salt.as_deref())?;
+    let (ring, _, _) = keyring::load(&tx, &new)?;
+    audit::append_events(
+        &tx,
+        ring.identity(),
+        [AuditEvent::owner(
+            "rotate-master-key",
+            &format!("{moved} wrapped value(s)"),
+        )],
+    )?;
+    tx.commit()?;
+    Ok(moved)
+}
+
+/// `keyholder seal` (`sealed = true`) and `keyholder unseal`.
+pub fn set_sealed(args: &OwnerArgs, sealed: bool) -> anyhow::Result<()> {
+    let (mut conn, master) = open_existing(&args.data)?;
+    let command = if sealed { "seal" } else { "unseal" };
+    owner_change(&mut conn, &master, command, |tx| {
+        reload::write_sealed(tx, sealed)?;
+        Ok(((), String::new()))
+    })
+}
+
+/// `keyholder backup --out FILE`.
+pub fn backup(args: &BackupArgs) -> anyhow::Result<()> {
+    drop(open_database(&args.data.data_dir)?);
+    backup::backup_database(&args.data.data_dir.join(store::DATABASE_FILE), &args.out)
+        .with_context(|| format!("backup to {} failed", args.out.display()))
+}
+
+/// What `keyholder restore` found.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RestoreReport {
+    /// Webhook id of the restored keyholder.
+    pub webhook_id: String,
+    /// Whether the given master key opens the restored key ring (`None`: no master key given).
+    pub master_key_checked: Option<bool>,
+}
+
+/// `keyholder restore --from FILE --data-dir DIR`: into an empty folder only.
+pub fn restore(args: &RestoreArgs) -> anyhow::Result<RestoreReport> {
+    backup::restore_database(&args.from, &args.data.data_dir)
+        .with_context(|| format!("restore from {} failed", args.from.display()))?;
+    let conn = open_database(&args.data.data_dir)?;
+    let webhook_id = get_setting(&conn, "webhook_id")?.unwrap_or_default();
+    let master_key_checked =
+        if args.data.master_key_file.is_some() || args.data.passphrase_file.is_some() {
+            let source = args.data.master_key_source();
+            let ok = load_master_key(&args.data.data_dir, &source, &conn)
+                .ok()
+                .is_some_and(|(m, _)| keyring::load(&conn, &m).is_ok());
+            Some(ok)
+        } else {
+            None
+        };
+    Ok(RestoreReport {
+        webhook_id,
+        master_key_checked,
+    })
+}
+
+fn identity_verifying_key(
+    conn: &Connection,
+    master: &MasterKey,
+) -> anyhow::Result<(ed25519_dalek::VerifyingKey, String)> {
+    let (ring, _, _) = keyring::load(conn, master)?;
+    Ok((ring.identity().verifying_key(), ring.identity().key_id()))
+}
+
+/// `keyholder audit list`.
+pub fn audit_list(args: &AuditListArgs) -> anyhow::Result<Vec<AuditEntry>> {
+    let (conn, _) = open_existing(&args.data)?;
+    let since_ms = match &args.since {
+        Some(text) => Some(audit::parse_since(text).ok_or_else(|| {
+            anyhow::anyhow!("--since must be unix seconds or YYYY-MM-DDTHH:MM:SSZ")
+        })?),
+        None => None,
+    };
+    Ok(audit::list_entries(
+        &conn,
+        &AuditFilter {
+            service: args.service.clone(),
+            since_ms,
+            limit: args.limit,
+        },
+    )?)
+}
+
+/// `keyholder audit export --format jsonl`: writes every entry; returns how many.
+pub fn audit_export(args: &AuditExportArgs, out: &mut dyn std::io::Write) -> anyhow::Result<usize> {
+    let (conn, _) = open_existing(&args.data)?;
+    let entries = audit::list_entries(&conn, &AuditFilter::default())?;
+    for entry in &entries {
+        serde_json::to_writer(&mut *out, entry)?;
+        out.write_all(b"\n")?;
+    }
+    out.flush()?;
+    Ok(entries.len())
+}
+
+/// `keyholder audit verify`: the verification and the identity key id it used.
+pub fn audit_verify(args: &OwnerArgs) -> anyhow::Result<(AuditVerification, String)> {
+    let (conn, master) = open_existing(&args.data)?;
+    let (key, key_id) = identity_verifying_key(&conn, &master)?;
+    Ok((audit::verify_chain(&conn, &key)?, key_id))
+}
+
+fn read_json(path: &Path) -> anyhow::Result<zeroize::Zeroizing<String>> {
+    Ok(zeroize::Zeroizing::new(
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?,
+    ))
+}
+
+/// `keyholder import-reference --store FILE --kv FILE`. The two files are told apart by content,
+/// so swapping them by mistake is harmless.
+pub fn import_reference(args: &ImportReferenceArgs) -> anyhow::Result<ImportReport> {
+    let first = read_json(&args.store)?;
+    let second = read_json(&args.kv)?;
+    let probe = |text: &str, path: &Path| -> anyhow::Result<bool> {
+        let value: Value = serde_json::from_str(text)
+            .with_context(|| format!("{} is not JSON", path.display()))?;
+        Ok(import::looks_like_key_file(&value))
+    };
+    let (key_text, collections_text) =
+        match (probe(&first, &args.store)?, probe(&second, &args.kv)?) {
+            (true, false) => (first, second),
+            (false, true) => (second, first),
+            _ => anyhow::bail!(
+            "expected one key file (with encryption_key and hmac_secret) and one collections file"
+        ),
+        };
+    let keys = import::parse_reference_keys(&key_text)?;
+    let collections: Value = serde_json::from_str(&collections_text)?;
+    let (mut conn, master) = open_existing(&args.data)?;
+    let force = args.force;
+    owner_change(&mut conn, &master, "import-reference", |tx| {
+        let report = import::import_reference(tx, &master, &keys, &collections, force)?;
+        let detail = format!(
+            "webhook {}: {} credential(s) re-encrypted",
+            report.webhook_id, report.tokens_reencrypted
+        );
+        Ok((report, detail))
+    })
+}

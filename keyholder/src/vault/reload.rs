@@ -1,0 +1,205 @@
+//! How a running server follows the owner's commands without a restart. Every command that
+//! changes keys, binding or the seal bumps the `owner_generation` setting in its transaction; the
+//! server polls that one value (a primary-key lookup every 250 ms) and, when it moves, reloads the
+//! key ring, the binding and the sealed flag from the database.
+//!
+//! After `rotate-master-key` the ring on disk is wrapped by a key the server does not hold. The
+//! server then keeps serving with the keys already unwrapped in memory (it never needs the master key
+//! per request) and re-reads its configured master key source whenever that file changes: once the
+//! owner puts the new key (or passphrase) where the server was told to look, it switches over. Until
+//! then it cannot pick up further key changes, and it never wraps anything with the old key (every
+//! server-side wrap first checks the master key against the database in the same transaction).
+
+use std::path::{Path, PathBuf};
+
+use rusqlite::Connection;
+use sha2::{Digest, Sha256};
+
+use super::keyring::{self, KeyRing};
+use super::master::{self, MasterKey, MasterKeySource, DEFAULT_MASTER_KEY_FILE};
+use super::{BindingState, Vault, VaultError};
+use crate::store::{get_setting, put_setting, StoreError};
+
+/// Setting bumped by every owner change the server must pick up.
+pub const GENERATION_SETTING: &str = "owner_generation";
+/// Setting holding the kill switch (`true` while sealed).
+pub const SEALED_SETTING: &str = "sealed";
+
+/// What the server last saw on disk.
+pub struct FollowState {
+    generation: String,
+    master_stale: bool,
+    tried_source: Option<[u8; 32]>,
+}
+
+impl FollowState {
+    /// State right after start.
+    pub fn new(generation: String) -> FollowState {
+        FollowState {
+            generation,
+            master_stale: false,
+            tried_source: None,
+        }
+    }
+}
+
+/// The current generation (`"0"` before any owner change).
+pub fn read_generation(conn: &Connection) -> Result<String, StoreError> {
+    Ok(get_setting(conn, GENERATION_SETTING)?.unwrap_or_else(|| "0".into()))
+}
+
+/// Bumps the generation inside the caller's transaction (every owner change calls this).
+pub fn bump_generation(conn: &Connection) -> Result<(), StoreError> {
+    conn.execute(
+        "INSERT INTO settings(name, value) VALUES (?1, '1')
+         ON CONFLICT(name) DO UPDATE SET value = CAST(value AS INTEGER) + 1",
+        [GENERATION_SETTING],
+    )?;
+    Ok(())
+}
+
+/// Whether the keyholder is sealed.
+pub fn read_sealed(conn: &Connection) -> Result<bool, StoreError> {
+    Ok(get_setting(conn, SEALED_SETTING)?.as_deref() == Some("true"))
+}
+
+/// Seals or unseals, inside the caller's transaction.
+pub fn write_sealed(conn: &Connection, sealed: bool) -> Result<(), StoreError> {
+    put_setting(conn, SEALED_SETTING, if sealed { "true" } else { "false" })?;
+    bump_generation(conn)
+}
+
+fn source_path(data_dir: &Path, source: &MasterKeySource) -> PathBuf {
+    match source {
+        MasterKeySource::File(p) | MasterKeySource::Passphrase(p) => p.clone(),
+        MasterKeySource::DataFolder => data_dir.join(DEFAULT_MASTER_KEY_FILE),
+    }
+}
+
+/// SHA-256 of the master key source file, to retry a changed source only once per change.
+fn source_fingerprint(data_dir: &Path, source: &MasterKeySource) -> Option<[u8; 32]> {
+    let bytes = zeroize::Zeroizing::new(std::fs::read(source_path(data_dir, source)).ok()?);
+    Some(Sha256::digest(bytes.as_slice()).into())
+}
+
+struct Reloaded {
+    generation: String,
+    sealed: bool,
+    bound: bool,
+    keys: Option<(KeyRing, keyholder_protocol::HmacSecret, String)>,
+    new_master: Option<MasterKey>,
+    master_stale: bool,
+}
+
+impl Vault {
+    /// Polled by the server: picks up the owner's changes when the generation moved (or, while the
+    /// master key is stale, when its source file changed). Returns whether anything was reloaded.
+    pub async fn follow_owner_changes(&self) -> Result<bool, VaultError> {
+        let generation = self.store().read(read_generation).await?;
+        let retry_master = {
+            let follow = self
+                .follow
+                .lock()
+                .map_err(|_| VaultError::Corrupt("follow lock".into()))?;
+            if follow.generation == generation {
+                if !follow.master_stale {
+                    return Ok(false);
+                }
+                let now = source_fingerprint(&self.data_dir, &self.source);
+                if now.is_none() || now == follow.tried_source {
+                    return Ok(false);
+                }
+            }
+            true
+        };
+        self.reload_from_disk(retry_master).await?;
+        Ok(true)
+    }
+
+    /// Reloads the sealed flag, the binding and the key ring from the database.
+    pub async fn reload_from_disk(&self, try_master_source: bool) -> Result<(), VaultError> {
+        let master = self.master();
+        let data_dir = self.data_dir.clone();
+        let source = self.source.clone();
+        let fingerprint = source_fingerprint(&data_dir, &source);
+        let reloaded = self
+            .store()
+            .read(move |conn| {
+                let generation = read_generation(conn)?;
+                let sealed = read_sealed(conn)?;
+                let bound = get_setting(conn, "bound")?.as_deref() == Some("true");
+                if master.check_or_record(conn).is_ok() {
+                    let keys = keyring::load(conn, &master).map_err(super::into_store)?;
+                    return Ok(Reloaded {
+                        generation,
+                        sealed,
+                        bound,
+                        keys: Some(keys),
+                        new_master: None,
+                        master_stale: false,
+                    });
+                }
+                // The owner rotated the master key: try the configured source again.
+                if try_master_source {
+                    if let Ok((candidate, _)) = master::load_master_key(&data_dir, &source, conn) {
+                        if candidate.check_or_record(conn).is_ok() {
+                            let keys =
+                                keyring::load(conn, &candidate).map_err(super::into_store)?;
+                            return Ok(Reloaded {
+                                generation,
+                                sealed,
+                                bound,
+                                keys: Some(keys),
+                                new_master: Some(candidate),
+                                master_stale: false,
+                            });
+                        }
+                    }
+                }
+                Ok(Reloaded {
+                    generation,
+                    sealed,
+                    bound,
+                    keys: None,
+                    new_master: None,
+                    master_stale: true,
+                })
+            })
+            .await?;
+        // The seal applies whatever happens to the keys.
+        self.sealed
+            .store(reloaded.sealed, std::sync::atomic::Ordering::Release);
+        if let Some(new_master) = reloaded.new_master {
+            tracing::info!("picked up the rotated master key from its configured source");
+            self.set_master(new_master);
+        }
+        if let Some((ring, hmac, webhook_id)) = reloaded.keys {
+            self.set_keys(ring);
+            self.set_binding(BindingState {
+                bound: reloaded.bound,
+                webhook_id,
+                hmac,
+            });
+        }
+        let mut follow = self
+            .follow
+            .lock()
+            .map_err(|_| VaultError::Corrupt("follow lock".into()))?;
+        if reloaded.master_stale && !follow.master_stale {
+            tracing::warn!(
+                "the master key was rotated by the owner: serving on with the keys in memory; put the new key \
+                 (or passphrase) where this server reads it ({}) or restart it with the new one to pick up \
+                 further key changes",
+                source_path(&self.data_dir, &self.source).display()
+            );
+        }
+        follow.master_stale = reloaded.master_stale;
+        follow.tried_source = if reloaded.master_stale {
+            fingerprint
+        } else {
+            None
+        };
+        follow.generation = reloaded.generation;
+        Ok(())
+    }
+}

@@ -1,0 +1,627 @@
+//! The owner's controls on a running server (issue 8): rotation, rewrap and retire with every
+//! credential readable; backup under concurrent writes; the seal on in-flight traffic; audit
+//! verification against edits, removals and reordering; import from the reference webhook's files.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use keyholder::cli::owner::{self, AuditExportArgs, OwnerArgs, RetireKeyArgs, RewrapArgs};
+use keyholder::config::DataArgs;
+use keyholder::vault::master::MasterKeySource;
+use keyholder_protocol::document::encrypt_platform_v1_field;
+use keyholder_protocol::paths::*;
+use keyholder_protocol::{DataKey, HmacSecret, Purpose};
+use keyholder_tests::*;
+use serde_json::{json, Value};
+
+fn owner_args(kh: &Keyholder) -> OwnerArgs {
+    OwnerArgs {
+        data: kh.data_args(),
+        json: false,
+    }
+}
+
+/// Runs a (blocking) CLI function off the runtime, as a separate owner process would.
+async fn cli<T: Send + 'static>(
+    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    tokio::task::spawn_blocking(f).await.unwrap()
+}
+
+/// Waits until `check` holds (polling every 20 ms), up to `limit`; returns the time it took.
+async fn within(limit: Duration, mut check: impl FnMut() -> bool) -> Duration {
+    let started = Instant::now();
+    while !check() {
+        assert!(started.elapsed() < limit, "not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    started.elapsed()
+}
+
+fn token_docs(kh: &Keyholder) -> Vec<(String, String)> {
+    let conn = rusqlite::Connection::open(kh.data_dir.join("keyholder.db")).unwrap();
+    let mut stmt = conn
+        .prepare("SELECT key, doc FROM documents WHERE collection = 'tokens' ORDER BY key")
+        .unwrap();
+    let rows = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    rows
+}
+
+fn secret_of(i: usize) -> String {
+    format!("ghp_rotation_secret_{i:03}")
+}
+
+async fn assert_all_readable(kh: &Keyholder, n: usize) {
+    for i in 0..n {
+        let answer = kh.credential(&format!("svc{i:03}")).await;
+        assert_eq!(
+            answer.status,
+            200,
+            "svc{i:03}: {}",
+            String::from_utf8_lossy(&answer.body)
+        );
+        assert_eq!(answer.json()["token"]["accessToken"], secret_of(i));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_then_rewrap_then_retire_keeps_every_credential_readable() {
+    let mut kh = Keyholder::start().await;
+    kh.bind().await;
+    const N: usize = 40;
+    for i in 0..N {
+        let answer = kh
+            .store(
+                &format!("svc{i:03}"),
+                json!({"accessToken": secret_of(i), "refreshToken": "r"}),
+            )
+            .await;
+        assert_eq!(answer.status, 200);
+    }
+    let state = kh.server.as_ref().unwrap().state.clone();
+    assert_eq!(state.vault.keys().current_data_version(), 1);
+
+    let args = owner_args(&kh);
+    let version = cli(move || owner::rotate_key(&args)).await.unwrap();
+    assert_eq!(version, 2);
+    // The running server follows without a restart.
+    within(Duration::from_secs(1), || {
+        state.vault.keys().current_data_version() == 2
+    })
+    .await;
+    assert_eq!(
+        kh.store("svc_new", json!({"accessToken": "new_secret"}))
+            .await
+            .status,
+        200
+    );
+    let new_doc = token_docs(&kh)
+        .into_iter()
+        .find(|(k, _)| k == "svc_new")
+        .unwrap()
+        .1;
+    assert!(
+        new_doc.contains("kh1:2:"),
+        "new writes use the new key: {new_doc}"
+    );
+    assert_all_readable(&kh, N).await;
+
+    // Retiring v1 is refused while credentials use it; retiring the current key always is.
+    let args = RetireKeyArgs {
+        data: kh.data_args(),
+        version: 1,
+    };
+    let err = cli(move || owner::retire_key(&args)).await.unwrap_err();
+    assert!(err.to_string().contains("still used"), "{err}");
+    let args = RetireKeyArgs {
+        data: kh.data_args(),
+        version: 2,
+    };
+    let err = cli(move || owner::retire_key(&args)).await.unwrap_err();
+    assert!(err.to_string().contains("current"), "{err}");
+
+    // Rewrap in small batches while the server keeps serving.
+    let args = RewrapArgs {
+        data: kh.data_args(),
+        batch_size: 7,
+    };
+    let rewrap = tokio::spawn(cli(move || owner::rewrap(&args)));
+    for i in 0..10 {
+        assert_eq!(kh.credential(&format!("svc{i:03}")).await.status, 200);
+    }
+    let report = rewrap.await.unwrap().unwrap();
+    assert!(report.rewrapped >= N, "{report:?}");
+    assert!(report.batches >= N / 7, "{report:?}");
+    assert!(report.still_in_use.is_empty(), "{report:?}");
+    assert!(token_docs(&kh).iter().all(|(_, d)| !d.contains("kh1:1:")));
+
+    let args = RetireKeyArgs {
+        data: kh.data_args(),
+        version: 1,
+    };
+    cli(move || owner::retire_key(&args)).await.unwrap();
+    within(Duration::from_secs(1), || {
+        state.vault.keys().data_versions() == vec![2]
+    })
+    .await;
+    assert_all_readable(&kh, N).await;
+    assert_eq!(
+        kh.credential("svc_new").await.json()["token"]["accessToken"],
+        "new_secret"
+    );
+
+    let args = owner_args(&kh);
+    let status = cli(move || owner::status(&args)).await.unwrap();
+    assert_eq!(status.data_key_versions, vec![2]);
+    assert_eq!(status.current_data_key, 2);
+    assert_eq!(status.credential_count as usize, N + 1);
+    assert!(status.bound && !status.sealed);
+
+    // And after a restart, too.
+    kh.restart().await;
+    assert_all_readable(&kh, N).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn master_key_rotation_keeps_the_server_serving_and_locks_out_the_old_key() {
+    let keys = tempfile::tempdir().unwrap();
+    let old_key = keys.path().join("old.key");
+    let new_key = keys.path().join("new.key");
+    std::fs::write(&old_key, [1u8; 32]).unwrap();
+    std::fs::write(&new_key, [2u8; 32]).unwrap();
+    let live_key = keys.path().join("master.key");
+    std::fs::copy(&old_key, &live_key).unwrap();
+    let mut kh =
+        Keyholder::start_with(|c| c.master_key = MasterKeySource::File(live_key.clone())).await;
+    kh.bind().await;
+    assert_eq!(
+        kh.store("github", json!({"accessToken": "gh_secret"}))
+            .await
+            .status,
+        200
+    );
+
+    let args = owner::RotateMasterKeyArgs {
+        data: kh.data_args(),
+        new_master_key_file: Some(new_key.clone()),
+        new_passphrase_file: None,
+    };
+    cli(move || owner::rotate_master_key(&args)).await.unwrap();
+    // The old key no longer opens the folder.
+    let old_args = owner_args(&kh);
+    assert!(cli(move || owner::status(&old_args)).await.is_err());
+    // The server keeps serving with the keys it holds...
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        kh.credential("github").await.json()["token"]["accessToken"],
+        "gh_secret"
+    );
+    // ...and picks up the new key once it is where the server reads it.
+    std::fs::copy(&new_key, &live_key).unwrap();
+    let args = owner_args(&kh);
+    cli(move || owner::rotate_key(&args)).await.unwrap();
+    let state = kh.server.as_ref().unwrap().state.clone();
+    within(Duration::from_secs(2), || {
+        state.vault.keys().current_data_version() == 2
+    })
+    .await;
+    assert_eq!(
+        kh.store("gitlab", json!({"accessToken": "gl_secret"}))
+            .await
+            .status,
+        200
+    );
+    kh.restart().await;
+    assert_eq!(
+        kh.credential("gitlab").await.json()["token"]["accessToken"],
+        "gl_secret"
+    );
+    assert_eq!(
+        kh.credential("github").await.json()["token"]["accessToken"],
+        "gh_secret"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_under_concurrent_writes_restores_every_acknowledged_write() {
+    let mut kh = Keyholder::start().await;
+    kh.bind().await;
+    let kh = Arc::new(kh);
+    let acked: Arc<Mutex<Vec<usize>>> = Arc::default();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let (kh, acked, stop) = (Arc::clone(&kh), Arc::clone(&acked), Arc::clone(&stop));
+        writers.push(tokio::spawn(async move {
+            let mut i = w;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let answer = kh
+                    .store(
+                        &format!("svc{i:05}"),
+                        json!({"accessToken": format!("s{i}")}),
+                    )
+                    .await;
+                assert_eq!(answer.status, 200);
+                acked.lock().unwrap().push(i);
+                i += 4;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let backups = tempfile::tempdir().unwrap();
+    let out = backups.path().join("snapshot.db");
+    let before: Vec<usize> = acked.lock().unwrap().clone();
+    assert!(!before.is_empty());
+    let args = owner::BackupArgs {
+        data: kh.data_args(),
+        out: out.clone(),
+    };
+    cli(move || owner::backup(&args)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for w in writers {
+        w.await.unwrap();
+    }
+    // Never overwrites a file.
+    let args = owner::BackupArgs {
+        data: kh.data_args(),
+        out: out.clone(),
+    };
+    assert!(cli(move || owner::backup(&args)).await.is_err());
+    // The snapshot holds no key in the clear, and no master key file.
+    let bytes = std::fs::read(&out).unwrap();
+    let master = std::fs::read(kh.data_dir.join("master.key")).unwrap();
+    let master = String::from_utf8(master).unwrap();
+    assert!(!bytes.windows(20).any(|w| w == &master.as_bytes()[..20]));
+
+    // Restore refuses a non-empty folder, then restores into an empty one.
+    let args = owner::RestoreArgs {
+        data: kh.data_args(),
+        from: out.clone(),
+    };
+    assert!(cli(move || owner::restore(&args)).await.is_err());
+    let restored = tempfile::tempdir().unwrap();
+    let target = restored.path().join("data");
+    let args = owner::RestoreArgs {
+        data: DataArgs {
+            data_dir: target.clone(),
+            master_key_file: Some(kh.data_dir.join("master.key")),
+            passphrase_file: None,
+        },
+        from: out.clone(),
+    };
+    let report = cli(move || owner::restore(&args)).await.unwrap();
+    assert_eq!(report.master_key_checked, Some(true));
+
+    let mut config = Keyholder::config_in(&target);
+    config.master_key = MasterKeySource::File(kh.data_dir.join("master.key"));
+    let mut copy = Keyholder::start_config(config).await;
+    copy.secret = Some(HmacSecret::from_bytes(
+        *kh.secret.as_ref().unwrap().expose(),
+    ));
+    for i in &before {
+        let answer = copy.credential(&format!("svc{i:05}")).await;
+        assert_eq!(
+            answer.status, 200,
+            "acknowledged write svc{i:05} missing from the backup"
+        );
+        assert_eq!(answer.json()["token"]["accessToken"], format!("s{i}"));
+    }
+    copy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seal_stops_in_flight_traffic_within_a_second_and_unseal_restores_it() {
+    let mut kh = Keyholder::start().await;
+    kh.bind().await;
+    assert_eq!(kh.store("github", json!({"accessToken": "gh_sealed", "totpSecret": "JBSWY3DPEHPK3PXP", "tokenType": "TOTP"})).await.status, 200);
+    let kh = Arc::new(kh);
+    let last: Arc<Mutex<(u16, String)>> = Arc::new(Mutex::new((0, String::new())));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let traffic = {
+        let (kh, last, stop) = (Arc::clone(&kh), Arc::clone(&last), Arc::clone(&stop));
+        tokio::spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let answer = kh.credential("github").await;
+                let code = if answer.status == 200 {
+                    String::new()
+                } else {
+                    answer.error_code()
+                };
+                *last.lock().unwrap() = (answer.status, code);
+            }
+        })
+    };
+    within(Duration::from_secs(1), || last.lock().unwrap().0 == 200).await;
+
+    let args = owner_args(&kh);
+    cli(move || owner::set_sealed(&args, true)).await.unwrap();
+    let took = within(Duration::from_secs(1), || {
+        let l = last.lock().unwrap();
+        l.0 == 503 && l.1 == "sealed"
+    })
+    .await;
+    assert!(took < Duration::from_secs(1));
+    // Every credential endpoint refuses, and health says so.
+    kh.credential("github").await.assert_error(503, "sealed");
+    kh.store("gitlab", json!({"accessToken": "x"}))
+        .await
+        .assert_error(503, "sealed");
+    let ticket = kh.ticket(Purpose::TotpCode, "github");
+    let url = reqwest::Url::parse_with_params(
+        &kh.url(PATH_TOTP_CODE),
+        &[("ticket", ticket.as_str()), ("service", "github")],
+    )
+    .unwrap();
+    read(kh.http.get(url).send().await.unwrap())
+        .await
+        .assert_error(503, "sealed");
+    let health = read(kh.http.get(kh.url(PATH_HEALTH)).send().await.unwrap())
+        .await
+        .json();
+    assert_eq!(health["sealed"], true);
+    // A ticket presented while sealed is not burnt: it works after unseal.
+    let kept = kh.ticket(Purpose::AgentCredential, "github");
+    kh.credential_with(&kept, "github")
+        .await
+        .assert_error(503, "sealed");
+
+    let args = owner_args(&kh);
+    cli(move || owner::set_sealed(&args, false)).await.unwrap();
+    within(Duration::from_secs(1), || last.lock().unwrap().0 == 200).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    traffic.await.unwrap();
+    assert_eq!(kh.credential_with(&kept, "github").await.status, 200);
+    let health = read(kh.http.get(kh.url(PATH_HEALTH)).send().await.unwrap())
+        .await
+        .json();
+    assert_eq!(health["sealed"], false);
+}
+
+/// Opens a copy of a stopped keyholder's data folder (database and master key file).
+fn copy_folder(from: &std::path::Path) -> (tempfile::TempDir, OwnerArgs) {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["keyholder.db", "keyholder.db-wal", "master.key"] {
+        if from.join(name).exists() {
+            std::fs::copy(from.join(name), dir.path().join(name)).unwrap();
+        }
+    }
+    let args = OwnerArgs {
+        data: DataArgs {
+            data_dir: dir.path().to_path_buf(),
+            master_key_file: None,
+            passphrase_file: None,
+        },
+        json: false,
+    };
+    (dir, args)
+}
+
+fn tamper(dir: &std::path::Path, sql: &str) {
+    let conn = rusqlite::Connection::open(dir.join("keyholder.db")).unwrap();
+    conn.execute_batch(sql).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_trail_records_uses_and_refusals_and_verify_catches_tampering() {
+    let mut kh = Keyholder::start().await;
+    kh.bind().await;
+    assert_eq!(
+        kh.store("github", json!({"accessToken": "gh_audit"}))
+            .await
+            .status,
+        200
+    );
+    let mut claims = kh.claims(Purpose::AgentCredential, "github");
+    claims.aid = Some("agent_42".into());
+    let ticket = kh.ticket_from(&claims);
+    assert_eq!(kh.credential_with(&ticket, "github").await.status, 200);
+    // Refusals: a replayed ticket and a ticket for another service.
+    kh.credential_with(&ticket, "github")
+        .await
+        .assert_error(401, "ticket_invalid");
+    let other = kh.ticket(Purpose::AgentCredential, "gitlab");
+    kh.credential_with(&other, "github")
+        .await
+        .assert_error(401, "ticket_invalid");
+    for _ in 0..3 {
+        assert_eq!(kh.credential("github").await.status, 200);
+    }
+    kh.server.as_ref().unwrap().state.audit.flush().await;
+
+    let args = owner::AuditListArgs {
+        data: kh.data_args(),
+        service: Some("github".into()),
+        since: Some((now() - 60).to_string()),
+        limit: None,
+        json: true,
+    };
+    let entries = cli(move || owner::audit_list(&args)).await.unwrap();
+    assert_eq!(entries.len(), 7, "{entries:#?}");
+    assert_eq!(entries[0].event.endpoint, PATH_STORE);
+    assert_eq!(entries[0].event.purpose, "store");
+    let first_use = &entries[1].event;
+    assert_eq!(
+        (
+            first_use.endpoint.as_str(),
+            first_use.agent_id.as_str(),
+            first_use.result.as_str(),
+            first_use.purpose.as_str()
+        ),
+        (PATH_CREDENTIAL, "agent_42", "ok", "agent_credential")
+    );
+    assert_eq!(first_use.source, "127.0.0.1");
+    assert!(!first_use.request_id.is_empty());
+    assert_eq!(entries[2].event.result, "ticket_invalid");
+    assert_eq!(entries[3].event.result, "ticket_invalid");
+    let args = owner_args(&kh);
+    let status = cli(move || owner::status(&args)).await.unwrap();
+    assert!(status.last_credential_use.is_some());
+    assert_eq!(status.audit_entries, 7);
+
+    let args = AuditExportArgs {
+        data: kh.data_args(),
+        format: "jsonl".into(),
+        out: None,
+    };
+    let mut out = Vec::new();
+    let exported = owner::audit_export(&args, &mut out).unwrap();
+    assert_eq!(exported, 7);
+    let lines: Vec<Value> = String::from_utf8(out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 7);
+    assert_eq!(lines[1]["agentId"], "agent_42");
+    assert_eq!(lines[1]["hash"].as_str().unwrap().len(), 64);
+
+    kh.stop().await;
+    let (_d, args) = copy_folder(&kh.data_dir);
+    let (verification, _) = owner::audit_verify(&args).unwrap();
+    assert!(verification.problem.is_none(), "{verification:?}");
+    assert_eq!(verification.entries, 7);
+
+    // Edited.
+    let (dir, args) = copy_folder(&kh.data_dir);
+    tamper(
+        dir.path(),
+        "UPDATE audit_log SET result = 'ok' WHERE seq = 3",
+    );
+    let (verification, _) = owner::audit_verify(&args).unwrap();
+    assert_eq!(verification.problem.unwrap().seq, 3);
+    // Removed.
+    let (dir, args) = copy_folder(&kh.data_dir);
+    tamper(dir.path(), "DELETE FROM audit_log WHERE seq = 4");
+    let (verification, _) = owner::audit_verify(&args).unwrap();
+    assert_eq!(verification.problem.unwrap().seq, 4);
+    // The newest removed.
+    let (dir, args) = copy_folder(&kh.data_dir);
+    tamper(dir.path(), "DELETE FROM audit_log WHERE seq = 7");
+    let (verification, _) = owner::audit_verify(&args).unwrap();
+    assert_eq!(verification.problem.unwrap().seq, 7);
+    // Swapped (two entries exchange places).
+    let (dir, args) = copy_folder(&kh.data_dir);
+    tamper(
+        dir.path(),
+        "UPDATE audit_log SET seq = -5 WHERE seq = 5;
+         UPDATE audit_log SET seq = 5 WHERE seq = 6;
+         UPDATE audit_log SET seq = 6 WHERE seq = -5;",
+    );
+    let (verification, _) = owner::audit_verify(&args).unwrap();
+    assert_eq!(verification.problem.unwrap().seq, 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn import_from_the_reference_keeps_the_same_platform_working() {
+    let reference_key = DataKey::generate();
+    let reference_secret = HmacSecret::generate();
+    let key_file = json!({
+        "webhook_id": "wh_reference01",
+        "encryption_key": reference_key.to_base64().as_str(),
+        "hmac_secret": reference_secret.to_base64().as_str(),
+        "hmac_secret_hash": reference_secret.sha256_hex(),
+        "tokenvault_origin": "https://tokenvault.uk",
+        "is_configured": true,
+    });
+    let collections = json!({
+        "tokens": {
+            "github": {
+                "v": 1, "alg": "AES-256-GCM",
+                "fields": {
+                    "accessToken": encrypt_platform_v1_field(&reference_key, b"ghp_reference_token"),
+                    "refreshToken": encrypt_platform_v1_field(&reference_key, b"ghr_reference_refresh"),
+                },
+                "meta": {"serviceName": "GitHub", "tokenType": "oauth", "hasRefreshToken": true, "createdAt": "2024-01-01T00:00:00Z"}
+            },
+            "legacy_plain": {"accessToken": "plain_token_as_given", "meta": {"serviceName": "legacy_plain"}}
+        },
+        "proxy_configs": {"cfg_1": {"service": "github", "upstream": "https://api.github.com"}},
+        "audit": {"evt_1": {"timestamp": "2024-01-02T00:00:00Z", "action": "store"}},
+        "vault_config": {"settings": {"theme": "dark"}}
+    });
+    let files = tempfile::tempdir().unwrap();
+    let store_file = files.path().join("tokenvault_store.json");
+    let kv_file = files.path().join("tokenvault_kv_store.json");
+    std::fs::write(&store_file, key_file.to_string()).unwrap();
+    std::fs::write(&kv_file, collections.to_string()).unwrap();
+
+    let mut kh = Keyholder::start().await;
+    let args = owner::ImportReferenceArgs {
+        data: kh.data_args(),
+        store: store_file.clone(),
+        kv: kv_file.clone(),
+        force: false,
+    };
+    let report = cli(move || owner::import_reference(&args)).await.unwrap();
+    assert_eq!(
+        (
+            report.tokens_reencrypted,
+            report.tokens_plaintext,
+            report.proxy_configs,
+            report.audit,
+            report.vault_config
+        ),
+        (1, 1, 1, 1, 1)
+    );
+    assert!(report.bound);
+
+    // The running server adopts the reference's secret: the platform's signed calls just work.
+    kh.secret = Some(HmacSecret::from_bytes(*reference_secret.expose()));
+    let state = kh.server.as_ref().unwrap().state.clone();
+    within(Duration::from_secs(1), || state.vault.binding().bound).await;
+    let health = kh.signed(PATH_HEALTH, &json!({})).await;
+    assert_eq!(
+        health.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&health.body)
+    );
+    assert_eq!(health.json()["tokenCount"], 2);
+    let token = kh.credential("github").await.json();
+    assert_eq!(token["token"]["accessToken"], "ghp_reference_token");
+    assert_eq!(token["token"]["refreshToken"], "ghr_reference_refresh");
+    assert_eq!(
+        kh.credential("legacy_plain").await.json()["token"]["accessToken"],
+        "plain_token_as_given"
+    );
+    let cfg = kh
+        .storage(json!({"operation": "get", "collection": "proxy_configs", "key": "cfg_1"}))
+        .await;
+    assert_eq!(cfg.json()["data"], collections["proxy_configs"]["cfg_1"]);
+    let github = token_docs(&kh)
+        .into_iter()
+        .find(|(k, _)| k == "github")
+        .unwrap()
+        .1;
+    assert!(
+        github.contains("kh1:1:") && !github.contains("\"v\":1"),
+        "re-encrypted under our key: {github}"
+    );
+    let args = owner_args(&kh);
+    let status = cli(move || owner::status(&args)).await.unwrap();
+    assert_eq!(status.webhook_id, "wh_reference01");
+
+    // A second import into a keyholder that holds credentials is refused without --force.
+    let args = owner::ImportReferenceArgs {
+        data: kh.data_args(),
+        store: store_file,
+        kv: kv_file,
+        force: false,
+    };
+    let err = cli(move || owner::import_reference(&args))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("--force"), "{err}");
+
+    // And it all survives a restart.
+    kh.restart().await;
+    assert_eq!(
+        kh.credential("github").await.json()["token"]["accessToken"],
+        "ghp_reference_token"
+    );
+}
