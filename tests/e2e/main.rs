@@ -4,6 +4,10 @@
 
 mod binding;
 mod credentials;
+mod egress;
+mod minting;
 mod persistence;
+mod proxy;
+mod refresh;
 mod signed;
 mod storage;

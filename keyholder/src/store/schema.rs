@@ -5,7 +5,7 @@ use rusqlite::Connection;
 use super::StoreError;
 
 /// Current schema version.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 const MIGRATIONS: &[&str] = &[
     // 1: settings, wrapped key ring, documents of the four collections, replay memory, bind codes.
@@ -23,6 +23,14 @@ const MIGRATIONS: &[&str] = &[
      CREATE TABLE bind_codes (
         code_hash TEXT PRIMARY KEY, created_at INTEGER NOT NULL, expires_at INTEGER NOT NULL,
         used_at INTEGER, rebind INTEGER NOT NULL, hmac_hash TEXT NOT NULL, pending_secret BLOB);",
+    // 2: the owner's egress policy per service (outside anything the platform can write) and the
+    //    owner's OAuth clients (client secret wrapped by the master key).
+    "CREATE TABLE egress_policies (
+        service TEXT PRIMARY KEY, mode TEXT NOT NULL DEFAULT 'pinned', allowlist TEXT NOT NULL DEFAULT '[]',
+        pinned_origin TEXT, token_url TEXT, updated_at INTEGER NOT NULL) WITHOUT ROWID;
+     CREATE TABLE oauth_providers (
+        name TEXT PRIMARY KEY, token_url TEXT NOT NULL, client_id TEXT NOT NULL,
+        wrapped_secret BLOB NOT NULL, updated_at INTEGER NOT NULL) WITHOUT ROWID;",
 ];
 
 /// Applies every migration newer than the database's version, each in its own transaction.

@@ -3,8 +3,12 @@
 pub mod binding;
 pub mod collections;
 pub mod credentials;
+pub mod egress;
 pub mod keyring;
 pub mod master;
+pub mod minting;
+pub mod oauth;
+pub mod refresh;
 pub mod replay;
 
 use std::path::{Path, PathBuf};
@@ -13,6 +17,7 @@ use std::sync::{Arc, RwLock};
 use keyholder_protocol::HmacSecret;
 
 use crate::store::{Store, StoreError};
+use crate::upstream::UpstreamError;
 use keyring::KeyRing;
 use master::{MasterKey, MasterKeySource};
 use replay::ReplayGuard;
@@ -62,6 +67,19 @@ pub enum VaultError {
     /// A plain bind code was presented to a keyholder that is already bound.
     #[error("this keyholder is already bound; issue a code with `keyholder bind --rebind`")]
     AlreadyBound,
+    /// The egress guard or the service's egress policy refused the destination (nothing was
+    /// sent); the text names the destination, never a credential.
+    #[error("egress denied: {0}")]
+    EgressDenied(String),
+    /// The proxied upstream call failed.
+    #[error("upstream: {0}")]
+    Upstream(UpstreamError),
+    /// An OAuth or token-minting endpoint could not be reached or timed out.
+    #[error("provider: {0}")]
+    Provider(UpstreamError),
+    /// An OAuth or token-minting endpoint answered, but not with a token.
+    #[error("provider: {0}")]
+    ProviderRejected(String),
 }
 
 impl From<rusqlite::Error> for VaultError {
@@ -99,6 +117,10 @@ pub struct Vault {
     pub replay: ReplayGuard,
     settings: VaultSettings,
     started: std::time::Instant,
+    /// Minted short-lived tokens, in memory only.
+    minter: minting::Minter,
+    /// One OAuth refresh per service at a time.
+    refresh_locks: minting::KeyedLocks,
 }
 
 /// What opening the vault found, for the start-up log.
@@ -147,6 +169,8 @@ impl Vault {
             replay,
             settings,
             started: std::time::Instant::now(),
+            minter: minting::Minter::default(),
+            refresh_locks: minting::KeyedLocks::default(),
         };
         Ok((vault, report))
     }
