@@ -16,6 +16,7 @@ use crate::config::Config;
 use crate::http::{self, network::NetworkRules};
 use crate::metrics::Metrics;
 use crate::store::{put_setting, Store};
+use crate::upstream::{EgressGuard, Upstream, UpstreamSettings};
 use crate::vault::{Vault, VaultSettings};
 
 /// State shared by every worker.
@@ -26,6 +27,8 @@ pub struct AppState {
     pub network: NetworkRules,
     /// Counters.
     pub metrics: Metrics,
+    /// The shared outbound client behind the SSRF guard (built once at start).
+    pub upstream: Upstream,
     /// The configuration the server was started with.
     pub config: Arc<Config>,
     /// The audit trail's appender (off the request path).
@@ -100,7 +103,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         .with_context(|| format!("cannot open the database in {}", config.data_dir.display()))?;
     let settings = VaultSettings {
         max_ticket_lifetime: config.max_ticket_lifetime,
-        capabilities: keyholder_protocol::paths::capabilities(false),
+        capabilities: keyholder_protocol::paths::capabilities(config.enable_tv_refresh),
     };
     let (vault, report) = Vault::open(
         store.clone(),
@@ -126,6 +129,33 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
             .write(move |conn| put_setting(conn, "public_url", &public_url))
             .await?;
     }
+    let upstream = Upstream::new(UpstreamSettings {
+        guard: EgressGuard {
+            allow_private: config.egress_allow_private,
+        },
+        proxy_timeout: config.upstream_timeout,
+        provider_timeout: config.provider_timeout,
+        max_response: config.upstream_max_response,
+    })
+    .context("cannot build the outbound HTTP client")?;
+    if config.egress_allow_private {
+        tracing::warn!(
+            "EGRESS GUARD RELAXED (--egress-allow-private / KEYHOLDER_EGRESS_ALLOW_PRIVATE): proxied and \
+             OAuth calls may use plain http and reach loopback and private networks. Use this only for \
+             tests and home labs; cloud metadata, link-local, multicast and unspecified addresses stay refused"
+        );
+    }
+    if config.enable_tv_refresh {
+        tracing::warn!(
+            "tv-refresh enabled: /v1/refresh hands refresh tokens to the platform when it asks"
+        );
+    }
+    if config.oauth_trust_platform_secret {
+        tracing::warn!(
+            "trusting the platform's OAuth client secret and token URL where no local client is \
+             configured (the token URL is pinned per service on first use)"
+        );
+    }
     let network = NetworkRules {
         platform_ips: config.platform_ips.clone(),
         trusted_proxies: config.trusted_proxies.clone(),
@@ -136,6 +166,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         vault,
         network,
         metrics: Metrics::default(),
+        upstream,
         config: Arc::clone(&config),
         audit,
     });

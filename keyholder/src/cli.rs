@@ -2,14 +2,19 @@
 //! (SQLite WAL; every change is a committed transaction the server reads on its next request).
 
 pub mod owner;
+use std::path::PathBuf;
 
 use clap::Args;
 use rusqlite::Connection;
+use zeroize::Zeroizing;
 
 use crate::config::{validate_url, DataArgs};
 use crate::store::{self, get_setting};
 use crate::vault::binding::{issue_bind_code, IssuedCode};
+use crate::vault::collections::validate_key;
+use crate::vault::egress::{self, EgressPolicy};
 use crate::vault::master::{load_master_key, MasterKey};
+use crate::vault::oauth::{self, ProviderInfo};
 use crate::vault::{keyring, VaultError};
 
 /// Flags of `keyholder bind`.
@@ -75,4 +80,184 @@ pub fn bind(args: &BindArgs) -> anyhow::Result<IssuedCode> {
     };
     tx.commit()?;
     Ok(issued)
+}
+
+/// `keyholder egress`: the owner's control over where each credential may be sent.
+#[derive(Debug, Clone, Args)]
+pub struct EgressArgs {
+    /// What to do.
+    #[command(subcommand)]
+    pub action: EgressAction,
+}
+
+/// `keyholder egress` subcommands (each takes effect at once, also on a running server).
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum EgressAction {
+    /// Show a service's egress policy (mode, pinned origin, allowlist, pinned token URL).
+    Show {
+        /// Data folder and master key.
+        #[command(flatten)]
+        data: DataArgs,
+        /// The service (credential key).
+        service: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Allow origins (`https://host[:port]`) or host patterns (`api.example.com`, `*.example.com`):
+    /// switches the service to `allowlist` mode, keeping a pinned origin on the list; or `--any`.
+    Allow {
+        /// Data folder and master key.
+        #[command(flatten)]
+        data: DataArgs,
+        /// The service (credential key).
+        service: String,
+        /// Origins or host patterns to add.
+        entries: Vec<String>,
+        /// Allow any destination the SSRF guard allows (mode `any`).
+        #[arg(long, conflicts_with = "entries")]
+        any: bool,
+    },
+    /// Back to the default: `pinned` with nothing pinned (the next successful call pins again);
+    /// also forgets the pinned OAuth token URL.
+    Reset {
+        /// Data folder and master key.
+        #[command(flatten)]
+        data: DataArgs,
+        /// The service (credential key).
+        service: String,
+    },
+}
+
+/// Runs an egress subcommand; returns the policy in force afterwards and whether to print JSON.
+pub fn egress(args: &EgressArgs) -> anyhow::Result<(EgressPolicy, bool)> {
+    let (data, service) = match &args.action {
+        EgressAction::Show { data, service, .. }
+        | EgressAction::Allow { data, service, .. }
+        | EgressAction::Reset { data, service } => (data, service),
+    };
+    validate_key(service)?;
+    let (mut conn, _master) = open_data(data)?;
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let (policy, json) = match &args.action {
+        EgressAction::Show { json, .. } => (egress::load_policy(&tx, service)?, *json),
+        EgressAction::Allow { entries, any, .. } => {
+            (egress::allow(&tx, service, entries, *any)?, false)
+        }
+        EgressAction::Reset { .. } => (egress::reset(&tx, service)?, false),
+    };
+    tx.commit()?;
+    Ok((policy, json))
+}
+
+/// `keyholder oauth`: the owner's OAuth clients, used by `/v1/refresh-notify`.
+#[derive(Debug, Clone, Args)]
+pub struct OAuthArgs {
+    /// What to do.
+    #[command(subcommand)]
+    pub action: OAuthAction,
+}
+
+/// `keyholder oauth` subcommands.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum OAuthAction {
+    /// Configure (or replace) the OAuth client of a provider.
+    Set {
+        /// Data folder and master key.
+        #[command(flatten)]
+        data: DataArgs,
+        /// Provider name (matches the credential's meta `provider`, else the platform's hint, else
+        /// the service name).
+        provider: String,
+        /// The provider's token endpoint.
+        #[arg(long)]
+        token_url: String,
+        /// OAuth client id.
+        #[arg(long)]
+        client_id: String,
+        /// File holding the client secret (stored wrapped by the master key; omit for a public client).
+        #[arg(long)]
+        client_secret_file: Option<PathBuf>,
+    },
+    /// List configured providers (never the secret).
+    List {
+        /// Data folder and master key.
+        #[command(flatten)]
+        data: DataArgs,
+    },
+    /// Remove a provider's client.
+    Remove {
+        /// Data folder and master key.
+        #[command(flatten)]
+        data: DataArgs,
+        /// Provider name.
+        provider: String,
+    },
+}
+
+/// What an oauth subcommand did, for printing.
+pub enum OAuthOutcome {
+    /// A client was stored.
+    Set(String),
+    /// The configured providers.
+    List(Vec<ProviderInfo>),
+    /// A client was removed (or did not exist).
+    Removed(String, bool),
+}
+
+/// Runs an oauth subcommand.
+pub fn oauth(args: &OAuthArgs) -> anyhow::Result<OAuthOutcome> {
+    match &args.action {
+        OAuthAction::Set {
+            data,
+            provider,
+            token_url,
+            client_id,
+            client_secret_file,
+        } => {
+            oauth::validate_provider_name(provider)?;
+            let url = url::Url::parse(token_url)
+                .map_err(|e| anyhow::anyhow!("invalid setting --token-url: {e}"))?;
+            if !matches!(url.scheme(), "https" | "http") || url.host().is_none() {
+                anyhow::bail!("invalid setting --token-url: must be an absolute http(s) URL");
+            }
+            if client_id.trim().is_empty() {
+                anyhow::bail!("invalid setting --client-id: must not be empty");
+            }
+            let secret = match client_secret_file {
+                Some(path) => {
+                    let raw = Zeroizing::new(std::fs::read(path).map_err(|e| {
+                        anyhow::anyhow!("--client-secret-file {}: {e}", path.display())
+                    })?);
+                    let end = raw
+                        .iter()
+                        .rposition(|b| !matches!(b, b'\r' | b'\n'))
+                        .map_or(0, |i| i + 1);
+                    Zeroizing::new(raw[..end].to_vec())
+                }
+                None => Zeroizing::new(Vec::new()),
+            };
+            let (mut conn, master) = open_data(data)?;
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            oauth::set_provider(
+                &tx,
+                &master,
+                provider,
+                url.as_str(),
+                client_id.trim(),
+                &secret,
+            )?;
+            tx.commit()?;
+            Ok(OAuthOutcome::Set(provider.clone()))
+        }
+        OAuthAction::List { data } => {
+            let (conn, _master) = open_data(data)?;
+            Ok(OAuthOutcome::List(oauth::list_providers(&conn)?))
+        }
+        OAuthAction::Remove { data, provider } => {
+            let (conn, _master) = open_data(data)?;
+            let removed = oauth::remove_provider(&conn, provider)?;
+            Ok(OAuthOutcome::Removed(provider.clone(), removed))
+        }
+    }
 }

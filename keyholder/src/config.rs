@@ -3,6 +3,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::Args;
 use ipnet::IpNet;
@@ -79,6 +80,20 @@ pub struct ServeArgs {
     /// Log format: `text` or `json`.
     #[arg(long, env = "KEYHOLDER_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
+    /// Let outbound calls use plain http and private addresses (tests, home labs). Cloud metadata,
+    /// link-local, multicast and unspecified addresses stay refused.
+    #[arg(long, env = "KEYHOLDER_EGRESS_ALLOW_PRIVATE", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub egress_allow_private: bool,
+    /// Offer `/v1/refresh` (capability `tv-refresh`), which hands refresh tokens to the platform.
+    #[arg(long, env = "KEYHOLDER_ENABLE_TV_REFRESH", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub enable_tv_refresh: bool,
+    /// Use the platform's refreshHint client secret and token URL when no local OAuth client is
+    /// configured (the token URL is then pinned per service).
+    #[arg(long, env = "KEYHOLDER_OAUTH_TRUST_PLATFORM_SECRET", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub oauth_trust_platform_secret: bool,
+    /// Total time for one proxied upstream call, in seconds.
+    #[arg(long, env = "KEYHOLDER_UPSTREAM_TIMEOUT", default_value_t = 30)]
+    pub upstream_timeout: u64,
 }
 
 /// A validated configuration.
@@ -104,7 +119,27 @@ pub struct Config {
     pub workers: Option<usize>,
     /// Let actix handle SIGTERM/SIGINT (off for in-process tests).
     pub handle_signals: bool,
+    /// Outbound calls may use plain http and private addresses (the SSRF guard stays on for
+    /// forbidden ones). Off by default.
+    pub egress_allow_private: bool,
+    /// `/v1/refresh` and the `tv-refresh` capability.
+    pub enable_tv_refresh: bool,
+    /// Trust the platform's OAuth client secret and token URL in `refreshHint`.
+    pub oauth_trust_platform_secret: bool,
+    /// Total time for one proxied call (`504 upstream_timeout` past it).
+    pub upstream_timeout: Duration,
+    /// Total time for one OAuth or token-minting call.
+    pub provider_timeout: Duration,
+    /// Largest proxied response body (`502 upstream_error` past it).
+    pub upstream_max_response: usize,
 }
+
+/// Default total time of a proxied call.
+pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default total time of an OAuth or token-minting call.
+pub const DEFAULT_PROVIDER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default cap on a proxied response body.
+pub const DEFAULT_UPSTREAM_MAX_RESPONSE: usize = 10 * 1024 * 1024;
 
 /// A setting that cannot be used, named.
 #[derive(Debug, thiserror::Error)]
@@ -155,6 +190,12 @@ impl Config {
             frontend_url: DEFAULT_FRONTEND.to_string(),
             workers: None,
             handle_signals: false,
+            egress_allow_private: false,
+            enable_tv_refresh: false,
+            oauth_trust_platform_secret: false,
+            upstream_timeout: DEFAULT_UPSTREAM_TIMEOUT,
+            provider_timeout: DEFAULT_PROVIDER_TIMEOUT,
+            upstream_max_response: DEFAULT_UPSTREAM_MAX_RESPONSE,
         }
     }
 
@@ -206,6 +247,12 @@ impl Config {
                 "must be 1-86400 seconds",
             ));
         }
+        if !(1..=600).contains(&args.upstream_timeout) {
+            return Err(invalid(
+                "--upstream-timeout / KEYHOLDER_UPSTREAM_TIMEOUT",
+                "must be 1-600 seconds",
+            ));
+        }
         if args.workers == Some(0) {
             return Err(invalid(
                 "--workers / KEYHOLDER_WORKERS",
@@ -226,6 +273,12 @@ impl Config {
             )?,
             workers: args.workers,
             handle_signals: true,
+            egress_allow_private: args.egress_allow_private,
+            enable_tv_refresh: args.enable_tv_refresh,
+            oauth_trust_platform_secret: args.oauth_trust_platform_secret,
+            upstream_timeout: Duration::from_secs(args.upstream_timeout),
+            provider_timeout: DEFAULT_PROVIDER_TIMEOUT,
+            upstream_max_response: DEFAULT_UPSTREAM_MAX_RESPONSE,
         })
     }
 }

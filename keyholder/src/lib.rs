@@ -10,6 +10,7 @@ pub mod config;
 pub mod http;
 pub mod metrics;
 pub mod store;
+pub mod upstream;
 pub mod vault;
 
 pub use app::{start, AppState, RunningServer};

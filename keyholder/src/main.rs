@@ -6,7 +6,7 @@ use keyholder::cli::owner::{
     self, AuditCommand, BackupArgs, ImportReferenceArgs, OwnerArgs, RestoreArgs, RetireKeyArgs,
     RewrapArgs, RotateMasterKeyArgs,
 };
-use keyholder::cli::{self, BindArgs};
+use keyholder::cli::{self, BindArgs, EgressArgs, OAuthArgs, OAuthOutcome};
 use keyholder::config::{Config, ServeArgs};
 
 /// Keyholder: the self-hosted key-custody webhook for Token Vault.
@@ -23,6 +23,10 @@ enum Command {
     Serve(ServeArgs),
     /// Issue a one-time bind code and the registration link to connect the platform.
     Bind(BindArgs),
+    /// Show or change where a service's credential may be sent (pinned, allowlist, any).
+    Egress(EgressArgs),
+    /// Configure the OAuth clients used to refresh tokens.
+    Oauth(OAuthArgs),
     /// Exit 0 if the local server answers healthy (for container health checks).
     Healthcheck(HealthcheckArgs),
     /// Show binding, keys, credential count, seal and last credential use.
@@ -305,6 +309,54 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                     "not bound yet (run `keyholder bind`)"
                 }
             );
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Command::Egress(args) => {
+            let (policy, json) = cli::egress(&args)?;
+            if json {
+                println!("{}", serde_json::to_string(&policy)?);
+            } else {
+                let mode = serde_json::to_value(policy.mode)?;
+                println!("Service:       {}", policy.service);
+                println!("Mode:          {}", mode.as_str().unwrap_or_default());
+                println!(
+                    "Pinned origin: {}",
+                    policy
+                        .pinned_origin
+                        .as_deref()
+                        .unwrap_or("(none yet: the next successful call pins it)")
+                );
+                println!(
+                    "Allowlist:     {}",
+                    if policy.allowlist.is_empty() {
+                        "(empty)".to_string()
+                    } else {
+                        policy.allowlist.join(", ")
+                    }
+                );
+                println!(
+                    "Token URL pin: {}",
+                    policy.token_url.as_deref().unwrap_or("(none)")
+                );
+            }
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Command::Oauth(args) => {
+            match cli::oauth(&args)? {
+                OAuthOutcome::Set(name) => {
+                    println!("OAuth client for '{name}' stored (secret wrapped by the master key).")
+                }
+                OAuthOutcome::List(providers) => {
+                    if providers.is_empty() {
+                        println!("No OAuth clients configured.");
+                    }
+                    for p in providers {
+                        println!("{}\t{}\tclient_id={}", p.name, p.token_url, p.client_id);
+                    }
+                }
+                OAuthOutcome::Removed(name, true) => println!("OAuth client for '{name}' removed."),
+                OAuthOutcome::Removed(name, false) => println!("No OAuth client for '{name}'."),
+            }
             Ok(std::process::ExitCode::SUCCESS)
         }
         Command::Healthcheck(args) => {

@@ -31,4 +31,8 @@ pub struct Metrics {
     pub ticket_failures: Counter,
     /// Replayed request ids or nonces refused.
     pub replays: Counter,
+    /// Outbound calls refused by the egress guard or policy.
+    pub egress_denials: Counter,
+    /// Proxied upstream calls that got an answer.
+    pub upstream_calls: Counter,
 }

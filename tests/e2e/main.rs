@@ -5,7 +5,11 @@
 mod binding;
 mod client;
 mod credentials;
+mod egress;
+mod minting;
 mod owner;
 mod persistence;
+mod proxy;
+mod refresh;
 mod signed;
 mod storage;

@@ -15,6 +15,8 @@ use keyholder_protocol::ticket::encode_ticket;
 use keyholder_protocol::{HmacSecret, Purpose, TicketClaims};
 use serde_json::{json, Value};
 
+pub mod upstream;
+
 pub const PUBLIC_URL: &str = "https://keyholder.test.example";
 
 /// Seconds since the epoch.
@@ -317,5 +319,80 @@ impl Keyholder {
         )
         .unwrap();
         read(self.http.get(url).send().await.unwrap()).await
+    }
+
+    /// The platform's signed `/v1/proxy` call with a fresh `proxy` ticket for `service`.
+    pub async fn proxy(&self, service: &str, upstream: Value, templates: Value) -> Answer {
+        let ticket = self.ticket(Purpose::Proxy, service);
+        self.signed(
+            PATH_PROXY,
+            &json!({
+                "ticket": ticket,
+                "service": service,
+                "upstream": upstream,
+                "headerTemplates": templates,
+                "requestId": format!("req_{}", random_hex(8)),
+            }),
+        )
+        .await
+    }
+
+    /// `proxy` with `Authorization: Bearer ${TOKEN}` and a GET to `url`.
+    pub async fn proxy_get(&self, service: &str, url: &str) -> Answer {
+        self.proxy(
+            service,
+            json!({ "url": url, "method": "GET" }),
+            json!({ "Authorization": "Bearer ${TOKEN}" }),
+        )
+        .await
+    }
+
+    /// `keyholder egress ...` as the owner runs it, on this keyholder's data folder.
+    pub fn egress(
+        &self,
+        action: &str,
+        service: &str,
+        entries: &[&str],
+        any: bool,
+    ) -> keyholder::vault::egress::EgressPolicy {
+        use keyholder::cli::{EgressAction, EgressArgs};
+        let data = self.data_args();
+        let service = service.to_string();
+        let action = match action {
+            "show" => EgressAction::Show {
+                data,
+                service,
+                json: true,
+            },
+            "allow" => EgressAction::Allow {
+                data,
+                service,
+                entries: entries.iter().map(|e| e.to_string()).collect(),
+                any,
+            },
+            "reset" => EgressAction::Reset { data, service },
+            other => panic!("unknown egress action {other}"),
+        };
+        keyholder::cli::egress(&EgressArgs { action })
+            .expect("egress command")
+            .0
+    }
+
+    /// `keyholder oauth set PROVIDER ...` as the owner runs it.
+    pub fn oauth_set(&self, provider: &str, token_url: &str, client_id: &str, secret: &str) {
+        use keyholder::cli::{OAuthAction, OAuthArgs};
+        let file = self.data_dir.join(format!("{provider}.secret"));
+        std::fs::write(&file, format!("{secret}\n")).unwrap();
+        keyholder::cli::oauth(&OAuthArgs {
+            action: OAuthAction::Set {
+                data: self.data_args(),
+                provider: provider.into(),
+                token_url: token_url.into(),
+                client_id: client_id.into(),
+                client_secret_file: Some(file.clone()),
+            },
+        })
+        .expect("oauth set");
+        std::fs::remove_file(file).unwrap();
     }
 }

@@ -40,8 +40,11 @@ pub async fn credential(
     state: Data<AppState>,
     ticketed: Ticketed<CredentialEndpoint>,
 ) -> Result<HttpResponse, ApiError> {
-    let token = state.vault.open_credential(&ticketed.service).await?;
-    let body = token.credential_json();
+    // A signing key (service account, GitHub App) is never handed out: a minted token is.
+    let body = state
+        .vault
+        .credential_body(&state.upstream, &ticketed.service)
+        .await?;
     Ok(HttpResponse::Ok()
         .content_type("application/json")
         .body(body.to_vec()))

@@ -7,6 +7,7 @@ use keyholder_protocol::signing::RequestAuthError;
 use keyholder_protocol::{ErrorBody, ErrorCode, TicketError};
 
 use crate::store::StoreError;
+use crate::upstream::UpstreamError;
 use crate::vault::VaultError;
 
 /// An error answered to an HTTP caller.
@@ -88,6 +89,22 @@ impl ApiError {
                 VaultError::CodeUsed => ErrorCode::CodeUsed,
                 VaultError::AlreadyBound => ErrorCode::Forbidden,
                 VaultError::Sealed => ErrorCode::Sealed,
+                VaultError::EgressDenied(_) => ErrorCode::EgressDenied,
+                VaultError::Upstream(e) => match e {
+                    UpstreamError::Refused(_) => ErrorCode::EgressDenied,
+                    UpstreamError::Timeout => ErrorCode::UpstreamTimeout,
+                    UpstreamError::Failed(_) | UpstreamError::TooLarge(_) => {
+                        ErrorCode::UpstreamError
+                    }
+                },
+                VaultError::Provider(e) => match e {
+                    UpstreamError::Refused(_) => ErrorCode::EgressDenied,
+                    UpstreamError::Timeout => ErrorCode::ProviderTimeout,
+                    UpstreamError::Failed(_) | UpstreamError::TooLarge(_) => {
+                        ErrorCode::ProviderError
+                    }
+                },
+                VaultError::ProviderRejected(_) => ErrorCode::ProviderError,
             },
         }
     }
@@ -138,6 +155,29 @@ impl ApiError {
                 | VaultError::Undecryptable
                 | VaultError::KeyRingChanged,
             ) => "Internal error".into(),
+            ApiError::Vault(VaultError::EgressDenied(reason))
+            | ApiError::Vault(VaultError::Upstream(UpstreamError::Refused(
+                crate::upstream::EgressRefused(reason),
+            )))
+            | ApiError::Vault(VaultError::Provider(UpstreamError::Refused(
+                crate::upstream::EgressRefused(reason),
+            ))) => format!("Egress denied: {reason}"),
+            ApiError::Vault(VaultError::Upstream(UpstreamError::Timeout)) => {
+                "The upstream did not answer in time".into()
+            }
+            ApiError::Vault(VaultError::Upstream(UpstreamError::TooLarge(limit))) => {
+                format!("The upstream response exceeds {limit} bytes")
+            }
+            ApiError::Vault(VaultError::Upstream(UpstreamError::Failed(_))) => {
+                "The upstream request failed".into()
+            }
+            ApiError::Vault(VaultError::Provider(UpstreamError::Timeout)) => {
+                "The token provider did not answer in time".into()
+            }
+            ApiError::Vault(VaultError::Provider(_)) => "The token provider request failed".into(),
+            ApiError::Vault(VaultError::ProviderRejected(text)) => {
+                format!("The token provider refused: {text}")
+            }
             other => other.to_string(),
         }
     }
@@ -238,6 +278,48 @@ mod tests {
                 503,
                 "storage_unavailable",
             ),
+            (
+                ApiError::Vault(VaultError::EgressDenied("x".into())),
+                403,
+                "egress_denied",
+            ),
+            (
+                ApiError::Vault(VaultError::Upstream(UpstreamError::Refused(
+                    crate::upstream::EgressRefused("x".into()),
+                ))),
+                403,
+                "egress_denied",
+            ),
+            (
+                ApiError::Vault(VaultError::Upstream(UpstreamError::Timeout)),
+                504,
+                "upstream_timeout",
+            ),
+            (
+                ApiError::Vault(VaultError::Upstream(UpstreamError::Failed("x".into()))),
+                502,
+                "upstream_error",
+            ),
+            (
+                ApiError::Vault(VaultError::Upstream(UpstreamError::TooLarge(1))),
+                502,
+                "upstream_error",
+            ),
+            (
+                ApiError::Vault(VaultError::Provider(UpstreamError::Timeout)),
+                504,
+                "provider_timeout",
+            ),
+            (
+                ApiError::Vault(VaultError::Provider(UpstreamError::Failed("x".into()))),
+                502,
+                "provider_error",
+            ),
+            (
+                ApiError::Vault(VaultError::ProviderRejected("x".into())),
+                502,
+                "provider_error",
+            ),
         ];
         for (err, status, code) in cases {
             assert_eq!(err.code().http_status(), status, "{err:?}");
@@ -254,5 +336,9 @@ mod tests {
             "disk I/O error at page 7".into(),
         )));
         assert!(!err.public_message().contains("page 7"));
+        let err = ApiError::Vault(VaultError::Upstream(UpstreamError::Failed(
+            "tcp connect error 10.0.0.7:443".into(),
+        )));
+        assert!(!err.public_message().contains("10.0.0.7"));
     }
 }

@@ -14,7 +14,7 @@ use keyholder_protocol::paths::{
 use keyholder_protocol::request_id::is_valid_request_id;
 use keyholder_protocol::signing::verify_request;
 use keyholder_protocol::ticket::verify_ticket;
-use keyholder_protocol::wire::{CredentialRequest, StoreRequest};
+use keyholder_protocol::wire::{CredentialRequest, ProxyRequest, StoreRequest, UpstreamRequest};
 use keyholder_protocol::{Purpose, TicketClaims};
 use serde::de::DeserializeOwned;
 
@@ -210,6 +210,57 @@ impl<T: DeserializeOwned + 'static> FromRequest for Signed<T> {
             Ok(Signed {
                 body: parse_json(&body)?,
                 request_id,
+            })
+        })
+    }
+}
+
+/// A `/v1/proxy` call: platform-signed **and** carrying a `proxy` ticket for the service it names.
+pub struct ProxyCall {
+    /// Verified ticket claims.
+    pub claims: TicketClaims,
+    /// The service (equal to the ticket's `svc`).
+    pub service: String,
+    /// The platform's request id.
+    pub request_id: String,
+    /// The upstream call to make (`url` present).
+    pub upstream: UpstreamRequest,
+    /// Header templates with `${TOKEN}`.
+    pub templates: std::collections::BTreeMap<String, String>,
+}
+
+impl FromRequest for ProxyCall {
+    type Error = ApiError;
+    type Future = LocalBoxFuture<'static, Result<Self, ApiError>>;
+
+    fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
+        let req = req.clone();
+        let mut payload = payload.take();
+        Box::pin(async move {
+            // Sealed: refuse before anything is verified, so no ticket is used up.
+            ensure_unsealed(&*state(&req)?)?;
+            let (body, request_id) = verify_signed(&req, &mut payload).await?;
+            let request: ProxyRequest = parse_json(&body)?;
+            let ticket = request
+                .ticket
+                .filter(|t| !t.is_empty())
+                .ok_or_else(|| ApiError::InvalidRequest("missing 'ticket'".into()))?;
+            let service = request
+                .service
+                .filter(|s| !s.is_empty())
+                .ok_or_else(|| ApiError::InvalidRequest("missing 'service'".into()))?;
+            // Every required field is checked before the ticket, so a malformed call does not burn it.
+            let upstream = request
+                .upstream
+                .filter(|u| u.url.as_deref().is_some_and(|url| !url.is_empty()))
+                .ok_or_else(|| ApiError::InvalidRequest("missing 'upstream.url'".into()))?;
+            let claims = verify_ticket_for(&req, &ticket, &service, &[Purpose::Proxy]).await?;
+            Ok(ProxyCall {
+                claims,
+                service,
+                request_id,
+                upstream,
+                templates: request.header_templates.unwrap_or_default(),
             })
         })
     }

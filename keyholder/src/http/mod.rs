@@ -9,6 +9,8 @@ pub mod extract;
 pub mod health;
 pub mod middleware;
 pub mod network;
+pub mod proxy;
+pub mod refresh;
 pub mod storage;
 
 use actix_web::web;
@@ -54,6 +56,21 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         web::resource(PATH_TOTP_CODE)
             .route(web::get().to(credential::totp_code))
             .route(web::post().to(credential::totp_code))
+            .default_service(fallback()),
+    )
+    .service(
+        web::resource(PATH_PROXY)
+            .route(web::post().to(proxy::proxy))
+            .default_service(fallback()),
+    )
+    .service(
+        web::resource(PATH_REFRESH_NOTIFY)
+            .route(web::post().to(refresh::refresh_notify))
+            .default_service(fallback()),
+    )
+    .service(
+        web::resource(PATH_REFRESH)
+            .route(web::post().to(refresh::refresh))
             .default_service(fallback()),
     )
     .service(

@@ -173,7 +173,12 @@ impl Store {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
-        let permit = self.inner.read_permits.acquire().await.map_err(|_| StoreError::WriterGone)?;
+        let permit = self
+            .inner
+            .read_permits
+            .acquire()
+            .await
+            .map_err(|_| StoreError::WriterGone)?;
         let inner = Arc::clone(&self.inner);
         let result = tokio::task::spawn_blocking(move || {
             let pooled = inner.readers.lock().ok().and_then(|mut pool| pool.pop());

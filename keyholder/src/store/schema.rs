@@ -30,6 +30,14 @@ const MIGRATIONS: &[&str] = &[
         upstream TEXT NOT NULL, result TEXT NOT NULL, request_id TEXT NOT NULL,
         prev_hash BLOB NOT NULL, hash BLOB NOT NULL, signature BLOB NOT NULL);
      CREATE INDEX audit_service ON audit_log (service, at_ms);",
+    // 3: the owner's egress policy per service (outside anything the platform can write) and the
+    //    owner's OAuth clients (client secret wrapped by the master key).
+    "CREATE TABLE egress_policies (
+        service TEXT PRIMARY KEY, mode TEXT NOT NULL DEFAULT 'pinned', allowlist TEXT NOT NULL DEFAULT '[]',
+        pinned_origin TEXT, token_url TEXT, updated_at INTEGER NOT NULL) WITHOUT ROWID;
+     CREATE TABLE oauth_providers (
+        name TEXT PRIMARY KEY, token_url TEXT NOT NULL, client_id TEXT NOT NULL,
+        wrapped_secret BLOB NOT NULL, updated_at INTEGER NOT NULL) WITHOUT ROWID;",
 ];
 
 /// Applies every migration newer than the database's version, each in its own transaction.

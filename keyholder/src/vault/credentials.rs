@@ -40,7 +40,7 @@ pub fn scrub(value: &mut Value) {
     }
 }
 
-fn document_error(err: DocumentError) -> VaultError {
+pub(super) fn document_error(err: DocumentError) -> VaultError {
     match err {
         DocumentError::NotAString(field) => {
             VaultError::Invalid(format!("'{field}' must be a non-empty string"))

@@ -3,9 +3,13 @@
 pub mod binding;
 pub mod collections;
 pub mod credentials;
+pub mod egress;
 pub mod import;
 pub mod keyring;
 pub mod master;
+pub mod minting;
+pub mod oauth;
+pub mod refresh;
 pub mod reload;
 pub mod replay;
 pub mod rotation;
@@ -17,6 +21,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use keyholder_protocol::HmacSecret;
 
 use crate::store::{Store, StoreError};
+use crate::upstream::UpstreamError;
 use keyring::KeyRing;
 use master::{MasterKey, MasterKeySource};
 use replay::ReplayGuard;
@@ -73,6 +78,19 @@ pub enum VaultError {
     /// after reloading, so it only reaches a caller if the ring keeps changing.
     #[error("the key ring changed during the write")]
     KeyRingChanged,
+    /// The egress guard or the service's egress policy refused the destination (nothing was
+    /// sent); the text names the destination, never a credential.
+    #[error("egress denied: {0}")]
+    EgressDenied(String),
+    /// The proxied upstream call failed.
+    #[error("upstream: {0}")]
+    Upstream(UpstreamError),
+    /// An OAuth or token-minting endpoint could not be reached or timed out.
+    #[error("provider: {0}")]
+    Provider(UpstreamError),
+    /// An OAuth or token-minting endpoint answered, but not with a token.
+    #[error("provider: {0}")]
+    ProviderRejected(String),
 }
 
 impl From<rusqlite::Error> for VaultError {
@@ -117,6 +135,10 @@ pub struct Vault {
     source: MasterKeySource,
     /// State of following the owner's changes on disk.
     follow: Mutex<reload::FollowState>,
+    /// Minted short-lived tokens, in memory only.
+    minter: minting::Minter,
+    /// One OAuth refresh per service at a time.
+    refresh_locks: minting::KeyedLocks,
 }
 
 /// What opening the vault found, for the start-up log.
@@ -173,6 +195,8 @@ impl Vault {
             data_dir: data_dir_owned,
             source: source_owned,
             follow: Mutex::new(reload::FollowState::new(generation)),
+            minter: minting::Minter::default(),
+            refresh_locks: minting::KeyedLocks::default(),
         };
         Ok((vault, report))
     }

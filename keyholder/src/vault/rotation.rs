@@ -243,6 +243,22 @@ pub fn rotate_master_key(
         )?;
         moved += 1;
     }
+    let providers = conn
+        .prepare("SELECT name, wrapped_secret FROM oauth_providers")?
+        .query_map([], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    for (name, wrapped) in providers {
+        let kind = super::oauth::wrap_kind(&name);
+        let plain = old.unwrap_key(&kind, 1, &wrapped)?;
+        let rewrapped = new.wrap(&kind, 1, &plain)?;
+        conn.execute(
+            "UPDATE oauth_providers SET wrapped_secret = ?1 WHERE name = ?2",
+            params![rewrapped, name],
+        )?;
+        moved += 1;
+    }
     conn.execute("DELETE FROM settings WHERE name = 'master_check'", [])?;
     match new_kdf_salt {
         Some(salt) => put_setting(conn, "kdf_salt", &hex::encode(salt))?,

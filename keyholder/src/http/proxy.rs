@@ -1,0 +1,68 @@
+//! `POST /v1/proxy`: the platform's signed call with a `proxy` ticket; the domain makes the upstream
+//! call under the egress policy, and the answer goes back with hop-by-hop headers removed.
+
+use actix_web::http::header::{HeaderName, HeaderValue};
+use actix_web::http::StatusCode;
+use actix_web::web::Data;
+use actix_web::{HttpMessage, HttpRequest, HttpResponse};
+use keyholder_protocol::paths::HEADER_UPSTREAM_STATUS;
+use keyholder_protocol::ErrorCode;
+
+use super::error::ApiError;
+use super::extract::ProxyCall;
+use crate::app::AppState;
+use crate::upstream::strip_hop_by_hop;
+
+/// Proxies one upstream call with the credential injected.
+pub async fn proxy(
+    req: HttpRequest,
+    state: Data<AppState>,
+    call: ProxyCall,
+) -> Result<HttpResponse, ApiError> {
+    let ProxyCall {
+        service,
+        request_id,
+        upstream,
+        templates,
+        ..
+    } = call;
+    // The audit entry of this request names the upstream origin (never the path or query).
+    if let Some(origin) = upstream
+        .url
+        .as_deref()
+        .and_then(|u| url::Url::parse(u).ok())
+        .map(|u| u.origin().ascii_serialization())
+    {
+        req.extensions_mut()
+            .insert(crate::audit::UpstreamOrigin(origin));
+    }
+    let result = state
+        .vault
+        .proxy_call(&state.upstream, &service, upstream, templates, &request_id)
+        .await
+        .map_err(ApiError::from);
+    let response = match result {
+        Ok(response) => response,
+        Err(err) => {
+            if err.code() == ErrorCode::EgressDenied {
+                state.metrics.egress_denials.inc();
+            }
+            return Err(err);
+        }
+    };
+    state.metrics.upstream_calls.inc();
+    let status = StatusCode::from_u16(response.status.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let mut headers = response.headers;
+    strip_hop_by_hop(&mut headers);
+    let mut builder = HttpResponse::build(status);
+    for (name, value) in headers.iter() {
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(name.as_str().as_bytes()),
+            HeaderValue::from_bytes(value.as_bytes()),
+        ) {
+            builder.append_header((name, value));
+        }
+    }
+    builder.insert_header((HEADER_UPSTREAM_STATUS, status.as_u16().to_string()));
+    Ok(builder.body(response.body))
+}

@@ -1,0 +1,244 @@
+//! The outbound side: one pooled HTTP client built at start, behind the SSRF guard, used for proxied
+//! upstream calls and for OAuth and token-minting endpoints. Bodies are read with a size cap.
+
+pub mod guard;
+
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+use reqwest::{Method, StatusCode};
+use url::Url;
+
+pub use guard::{EgressGuard, EgressRefused};
+
+/// Connect timeout of every outbound call.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest token-endpoint answer read (OAuth and minting).
+pub const PROVIDER_MAX_RESPONSE: usize = 256 * 1024;
+
+/// Why an outbound call failed. Logged in full on the server; the caller gets a fixed code.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// The SSRF guard refused the destination (nothing was sent).
+    #[error(transparent)]
+    Refused(#[from] EgressRefused),
+    /// The call did not complete within its total timeout.
+    #[error("timed out")]
+    Timeout,
+    /// Connection, TLS or protocol failure.
+    #[error("request failed: {0}")]
+    Failed(String),
+    /// The answer's body exceeds the cap.
+    #[error("response body larger than {0} bytes")]
+    TooLarge(usize),
+}
+
+impl UpstreamError {
+    /// True when nothing reached the destination's HTTP layer, so no answer exists.
+    pub fn refused(&self) -> bool {
+        matches!(self, UpstreamError::Refused(_))
+    }
+}
+
+/// An outbound request, already validated and filled in.
+pub struct OutboundRequest {
+    /// Method.
+    pub method: Method,
+    /// Destination (checked by the guard before sending).
+    pub url: Url,
+    /// Headers to send (hop-by-hop ones already removed).
+    pub headers: HeaderMap,
+    /// Body bytes.
+    pub body: Option<Bytes>,
+}
+
+/// A complete answer, body read up to the cap.
+pub struct UpstreamResponse {
+    /// Status.
+    pub status: StatusCode,
+    /// Headers as received.
+    pub headers: HeaderMap,
+    /// Body.
+    pub body: Bytes,
+}
+
+/// Settings of the outbound side, fixed at start.
+#[derive(Debug, Clone, Copy)]
+pub struct UpstreamSettings {
+    /// The SSRF guard.
+    pub guard: EgressGuard,
+    /// Total time for one proxied call (connect, send, read the whole body).
+    pub proxy_timeout: Duration,
+    /// Total time for one OAuth or minting call.
+    pub provider_timeout: Duration,
+    /// Largest proxied response body.
+    pub max_response: usize,
+}
+
+/// The shared outbound client: built once, cloned cheaply (reqwest pools connections inside).
+pub struct Upstream {
+    client: reqwest::Client,
+    settings: UpstreamSettings,
+}
+
+impl Upstream {
+    /// Builds the pooled client: guarded resolver, no system proxy, no redirects, keep-alive,
+    /// connect timeout, https only unless private egress is allowed.
+    pub fn new(settings: UpstreamSettings) -> Result<Upstream, UpstreamError> {
+        let client = reqwest::Client::builder()
+            .dns_resolver(settings.guard.resolver())
+            // A proxy from the environment would receive every request: never use one.
+            .no_proxy()
+            // A redirect would skip the egress policy: the platform gets the 3xx as it is.
+            .redirect(reqwest::redirect::Policy::none())
+            .https_only(!settings.guard.allow_private)
+            .connect_timeout(CONNECT_TIMEOUT)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(32)
+            .tcp_keepalive(Duration::from_secs(60))
+            .tcp_nodelay(true)
+            .user_agent(concat!("keyholder/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| UpstreamError::Failed(format!("cannot build the HTTP client: {e}")))?;
+        Ok(Upstream { client, settings })
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> &UpstreamSettings {
+        &self.settings
+    }
+
+    /// Checks a URL against the guard (scheme, IP literal) without sending anything.
+    pub fn check_url(&self, url: &Url) -> Result<(), UpstreamError> {
+        self.settings.guard.check_url(url).map_err(Into::into)
+    }
+
+    /// A proxied call: total timeout and body cap of the proxy.
+    pub async fn send(&self, request: OutboundRequest) -> Result<UpstreamResponse, UpstreamError> {
+        self.execute(
+            request,
+            self.settings.proxy_timeout,
+            self.settings.max_response,
+        )
+        .await
+    }
+
+    /// A token-endpoint call: the provider timeout and a small body cap.
+    pub async fn send_provider(
+        &self,
+        request: OutboundRequest,
+    ) -> Result<UpstreamResponse, UpstreamError> {
+        self.execute(
+            request,
+            self.settings.provider_timeout,
+            PROVIDER_MAX_RESPONSE,
+        )
+        .await
+    }
+
+    async fn execute(
+        &self,
+        request: OutboundRequest,
+        timeout: Duration,
+        cap: usize,
+    ) -> Result<UpstreamResponse, UpstreamError> {
+        self.check_url(&request.url)?;
+        let mut builder = self
+            .client
+            .request(request.method, request.url)
+            .headers(request.headers)
+            .timeout(timeout);
+        if let Some(body) = request.body {
+            builder = builder.body(body);
+        }
+        let call = async move {
+            let mut response = builder.send().await.map_err(map_error)?;
+            let status = response.status();
+            let headers = std::mem::take(response.headers_mut());
+            if response
+                .content_length()
+                .is_some_and(|len| len > cap as u64)
+            {
+                return Err(UpstreamError::TooLarge(cap));
+            }
+            let mut body = BytesMut::new();
+            while let Some(chunk) = response.chunk().await.map_err(map_error)? {
+                if body.len() + chunk.len() > cap {
+                    return Err(UpstreamError::TooLarge(cap));
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(UpstreamResponse {
+                status,
+                headers,
+                body: body.freeze(),
+            })
+        };
+        // reqwest's own timeout covers the body too; this one is the backstop for the whole call.
+        match tokio::time::timeout(timeout + Duration::from_millis(250), call).await {
+            Ok(result) => result,
+            Err(_) => Err(UpstreamError::Timeout),
+        }
+    }
+}
+
+fn map_error(err: reqwest::Error) -> UpstreamError {
+    if let Some(refused) = guard::find_refusal(&err) {
+        return UpstreamError::Refused(refused);
+    }
+    if err.is_timeout() {
+        return UpstreamError::Timeout;
+    }
+    // The URL may carry query parameters of the platform's: keep it out of the text.
+    let err = err.without_url();
+    let mut text = err.to_string();
+    let mut source = std::error::Error::source(&err);
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    UpstreamError::Failed(text)
+}
+
+/// Hop-by-hop headers (RFC 9110 7.6.1 and the legacy ones), never forwarded either way.
+pub const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "trailers",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Removes hop-by-hop headers, those the `Connection` header names, and the framing headers the
+/// client recomputes (`Host`, `Content-Length`).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = headers
+        .get_all(reqwest::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in listed {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(*name);
+    }
+    headers.remove(reqwest::header::HOST);
+    headers.remove(reqwest::header::CONTENT_LENGTH);
+}
+
+/// A header value that HTTP/2 must never index (it carries a credential).
+pub fn sensitive_value(text: &str) -> Option<HeaderValue> {
+    let mut value = HeaderValue::from_str(text).ok()?;
+    value.set_sensitive(true);
+    Some(value)
+}

@@ -1,0 +1,480 @@
+//! Decrypt-and-sign minting: a stored Google service-account key or GitHub App key signs an RS256
+//! JWT that is exchanged for a short-lived access token; the key never leaves, the token is cached
+//! in memory until shortly before it expires.
+//!
+//! Where the key lives: a Google service-account key is the whole JSON key file (with
+//! `"type":"service_account"`) stored in the sensitive field `privateKeyData` (or, as a fallback,
+//! `accessToken`); optional meta `scopes`/`scope` (default cloud-platform) and `subject`. A GitHub App
+//! is `tokenType: GitHubApp` with meta `appId`, `installationId`, optional `apiUrl` (default
+//! `https://api.github.com`) and the PEM private key in `privateKeyData`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use keyholder_protocol::document::{format_iso8601, is_sensitive, parse_iso8601, OpenedToken};
+use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE};
+use reqwest::Method;
+use serde_json::{json, Map, Value};
+use sha2::{Digest, Sha256};
+use url::Url;
+use zeroize::Zeroizing;
+
+use super::credentials::scrub;
+use super::{Vault, VaultError};
+use crate::upstream::{OutboundRequest, Upstream, UpstreamResponse};
+
+/// A cached token is handed out only while it has at least this long to live.
+pub const EXPIRY_MARGIN_SECS: i64 = 60;
+const GOOGLE_DEFAULT_TOKEN_URI: &str = "https://oauth2.googleapis.com/token";
+const GOOGLE_DEFAULT_SCOPE: &str = "https://www.googleapis.com/auth/cloud-platform";
+const GITHUB_DEFAULT_API: &str = "https://api.github.com";
+const MAX_CACHED: usize = 4096;
+
+/// One lock per key (service), so that concurrent misses mint or refresh once. The map only holds
+/// small handles; the per-key lock is held across the provider call on purpose and blocks only
+/// callers for the same service.
+#[derive(Default)]
+pub struct KeyedLocks(Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
+
+impl KeyedLocks {
+    /// The lock of `key`.
+    pub fn get(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut map = match self.0.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        Arc::clone(map.entry(key.to_string()).or_default())
+    }
+}
+
+struct CachedToken {
+    fingerprint: [u8; 32],
+    token: Zeroizing<String>,
+    expires_at: i64,
+}
+
+/// A minted access token.
+pub struct MintedToken {
+    /// The token.
+    pub token: Zeroizing<String>,
+    /// Unix seconds it expires at.
+    pub expires_at: i64,
+}
+
+/// Cache of minted tokens by service, keyed also by a fingerprint of the minting inputs (a changed
+/// credential never gets a token minted from the old one).
+#[derive(Default)]
+pub struct Minter {
+    cache: Mutex<HashMap<String, CachedToken>>,
+    flights: KeyedLocks,
+}
+
+enum MintKind {
+    Google {
+        client_email: String,
+        private_key: Zeroizing<String>,
+        private_key_id: Option<String>,
+        token_uri: String,
+        scope: String,
+        subject: Option<String>,
+    },
+    GitHubApp {
+        app_id: String,
+        installation_id: String,
+        api_url: String,
+        private_key: Zeroizing<String>,
+    },
+}
+
+impl MintKind {
+    fn fingerprint(&self) -> [u8; 32] {
+        let mut h = Sha256::new();
+        let mut part = |b: &[u8]| {
+            h.update((b.len() as u64).to_be_bytes());
+            h.update(b);
+        };
+        match self {
+            MintKind::Google {
+                client_email,
+                private_key,
+                private_key_id,
+                token_uri,
+                scope,
+                subject,
+            } => {
+                part(b"google");
+                part(client_email.as_bytes());
+                part(private_key.as_bytes());
+                part(private_key_id.as_deref().unwrap_or("").as_bytes());
+                part(token_uri.as_bytes());
+                part(scope.as_bytes());
+                part(subject.as_deref().unwrap_or("").as_bytes());
+            }
+            MintKind::GitHubApp {
+                app_id,
+                installation_id,
+                api_url,
+                private_key,
+            } => {
+                part(b"github-app");
+                part(app_id.as_bytes());
+                part(installation_id.as_bytes());
+                part(api_url.as_bytes());
+                part(private_key.as_bytes());
+            }
+        }
+        h.finalize().into()
+    }
+}
+
+fn meta_text(meta: &Map<String, Value>, name: &str) -> Option<String> {
+    match meta.get(name)? {
+        Value::String(s) if !s.trim().is_empty() => Some(s.trim().to_string()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+fn google_scope(meta: &Map<String, Value>) -> String {
+    let value = meta.get("scopes").or_else(|| meta.get("scope"));
+    let scopes: Vec<String> = match value {
+        Some(Value::Array(items)) => items
+            .iter()
+            .filter_map(Value::as_str)
+            .map(str::to_string)
+            .collect(),
+        Some(Value::String(s)) => s
+            .split([' ', ','])
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect(),
+        _ => Vec::new(),
+    };
+    if scopes.is_empty() {
+        GOOGLE_DEFAULT_SCOPE.to_string()
+    } else {
+        scopes.join(" ")
+    }
+}
+
+fn detect(token: &OpenedToken) -> Result<Option<MintKind>, VaultError> {
+    let meta = token.meta();
+    let token_type = meta_text(meta, "tokenType").unwrap_or_default();
+    if token_type.eq_ignore_ascii_case("githubapp") {
+        let invalid = |what: &str| VaultError::Invalid(format!("GitHub App credential: {what}"));
+        let app_id = meta_text(meta, "appId").ok_or_else(|| invalid("meta 'appId' missing"))?;
+        let installation_id = meta_text(meta, "installationId")
+            .ok_or_else(|| invalid("meta 'installationId' missing"))?;
+        if !app_id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '.')
+            || !installation_id.chars().all(|c| c.is_ascii_digit())
+        {
+            return Err(invalid("'appId' or 'installationId' is malformed"));
+        }
+        let api_url = meta_text(meta, "apiUrl").unwrap_or_else(|| GITHUB_DEFAULT_API.into());
+        let private_key = token
+            .secret("privateKeyData")
+            .filter(|k| !k.is_empty())
+            .ok_or_else(|| invalid("'privateKeyData' missing"))?;
+        return Ok(Some(MintKind::GitHubApp {
+            app_id,
+            installation_id,
+            api_url: api_url.trim_end_matches('/').to_string(),
+            private_key: Zeroizing::new(private_key.to_string()),
+        }));
+    }
+    for field in ["privateKeyData", "accessToken"] {
+        let Some(text) = token.secret(field) else {
+            continue;
+        };
+        if !text.trim_start().starts_with('{') {
+            continue;
+        }
+        let Ok(mut parsed) = serde_json::from_str::<Value>(text) else {
+            continue;
+        };
+        let found = if parsed.get("type").and_then(Value::as_str) == Some("service_account") {
+            let text_of = |name: &str| parsed.get(name).and_then(Value::as_str).map(str::to_string);
+            let invalid =
+                |what: &str| VaultError::Invalid(format!("service-account key: '{what}' missing"));
+            Some(MintKind::Google {
+                client_email: text_of("client_email").ok_or_else(|| invalid("client_email"))?,
+                private_key: Zeroizing::new(
+                    text_of("private_key").ok_or_else(|| invalid("private_key"))?,
+                ),
+                private_key_id: text_of("private_key_id"),
+                token_uri: text_of("token_uri").unwrap_or_else(|| GOOGLE_DEFAULT_TOKEN_URI.into()),
+                scope: google_scope(meta),
+                subject: meta_text(meta, "subject"),
+            })
+        } else {
+            None
+        };
+        scrub(&mut parsed);
+        if found.is_some() {
+            return Ok(found);
+        }
+    }
+    Ok(None)
+}
+
+fn sign_jwt(claims: &Value, pem: &str, kid: Option<&str>) -> Result<Zeroizing<String>, VaultError> {
+    let key = EncodingKey::from_rsa_pem(pem.as_bytes()).map_err(|_| {
+        VaultError::Invalid("the stored private key is not a usable RSA key (PEM)".into())
+    })?;
+    let mut header = Header::new(Algorithm::RS256);
+    header.kid = kid.map(str::to_string);
+    jsonwebtoken::encode(&header, claims, &key)
+        .map(Zeroizing::new)
+        .map_err(|_| VaultError::Invalid("the stored private key cannot sign".into()))
+}
+
+fn provider_json(response: &UpstreamResponse, what: &str) -> Result<Value, VaultError> {
+    if !response.status.is_success() {
+        return Err(VaultError::ProviderRejected(format!(
+            "{what} answered HTTP {}",
+            response.status.as_u16()
+        )));
+    }
+    serde_json::from_slice(&response.body)
+        .map_err(|_| VaultError::ProviderRejected(format!("{what} answered with non-JSON")))
+}
+
+async fn mint(upstream: &Upstream, kind: &MintKind) -> Result<MintedToken, VaultError> {
+    let now = crate::clock::now_unix();
+    match kind {
+        MintKind::Google {
+            client_email,
+            private_key,
+            private_key_id,
+            token_uri,
+            scope,
+            subject,
+        } => {
+            let mut claims = json!({
+                "iss": client_email, "scope": scope, "aud": token_uri, "iat": now, "exp": now + 3600,
+            });
+            if let (Some(sub), Some(map)) = (subject, claims.as_object_mut()) {
+                map.insert("sub".into(), json!(sub));
+            }
+            let jwt = sign_jwt(&claims, private_key, private_key_id.as_deref())?;
+            let url = Url::parse(token_uri).map_err(|_| {
+                VaultError::Invalid("service-account 'token_uri' is not a URL".into())
+            })?;
+            let body = Zeroizing::new(
+                url::form_urlencoded::Serializer::new(String::new())
+                    .append_pair("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer")
+                    .append_pair("assertion", &jwt)
+                    .finish(),
+            );
+            let mut headers = HeaderMap::new();
+            headers.insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("application/x-www-form-urlencoded"),
+            );
+            headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
+            let response = upstream
+                .send_provider(OutboundRequest {
+                    method: Method::POST,
+                    url,
+                    headers,
+                    body: Some(bytes::Bytes::copy_from_slice(body.as_bytes())),
+                })
+                .await
+                .map_err(VaultError::Provider)?;
+            let mut answer = provider_json(&response, "the Google token endpoint")?;
+            let token = answer
+                .get("access_token")
+                .and_then(Value::as_str)
+                .filter(|t| !t.is_empty())
+                .map(|t| Zeroizing::new(t.to_string()));
+            let expires_in = expires_in(&answer);
+            scrub(&mut answer);
+            let token = token.ok_or_else(|| {
+                VaultError::ProviderRejected(
+                    "the Google token endpoint sent no access_token".into(),
+                )
+            })?;
+            Ok(MintedToken {
+                token,
+                expires_at: now + expires_in,
+            })
+        }
+        MintKind::GitHubApp {
+            app_id,
+            installation_id,
+            api_url,
+            private_key,
+        } => {
+            // GitHub allows at most 10 minutes; backdate iat for clock drift as GitHub advises.
+            let claims = json!({"iat": now - 60, "exp": now + 540, "iss": app_id});
+            let jwt = sign_jwt(&claims, private_key, None)?;
+            let url = Url::parse(&format!(
+                "{api_url}/app/installations/{installation_id}/access_tokens"
+            ))
+            .map_err(|_| VaultError::Invalid("GitHub App 'apiUrl' is not a URL".into()))?;
+            let mut headers = HeaderMap::new();
+            let bearer = Zeroizing::new(format!("Bearer {}", jwt.as_str()));
+            let auth = crate::upstream::sensitive_value(&bearer)
+                .ok_or_else(|| VaultError::Invalid("JWT is not a header value".into()))?;
+            headers.insert(AUTHORIZATION, auth);
+            headers.insert(
+                ACCEPT,
+                HeaderValue::from_static("application/vnd.github+json"),
+            );
+            headers.insert(
+                "x-github-api-version",
+                HeaderValue::from_static("2022-11-28"),
+            );
+            let response = upstream
+                .send_provider(OutboundRequest {
+                    method: Method::POST,
+                    url,
+                    headers,
+                    body: None,
+                })
+                .await
+                .map_err(VaultError::Provider)?;
+            let mut answer = provider_json(&response, "the GitHub installation-token endpoint")?;
+            let token = answer
+                .get("token")
+                .and_then(Value::as_str)
+                .filter(|t| !t.is_empty())
+                .map(|t| Zeroizing::new(t.to_string()));
+            let expires_at = answer
+                .get("expires_at")
+                .and_then(Value::as_str)
+                .and_then(parse_iso8601)
+                .unwrap_or(now + 3600);
+            scrub(&mut answer);
+            let token = token.ok_or_else(|| {
+                VaultError::ProviderRejected("GitHub sent no installation token".into())
+            })?;
+            Ok(MintedToken { token, expires_at })
+        }
+    }
+}
+
+/// `expires_in` of a token answer (number or numeric string; default 3600).
+pub fn expires_in(answer: &Value) -> i64 {
+    match answer.get("expires_in") {
+        Some(Value::Number(n)) => n.as_i64(),
+        Some(Value::String(s)) => s.trim().parse().ok(),
+        _ => None,
+    }
+    .filter(|n| *n > 0 && *n < 10 * 365 * 86_400)
+    .unwrap_or(3600)
+}
+
+impl Minter {
+    fn cached(&self, service: &str, fingerprint: &[u8; 32], now: i64) -> Option<MintedToken> {
+        let cache = self.cache.lock().ok()?;
+        let entry = cache.get(service)?;
+        (entry.fingerprint == *fingerprint && now < entry.expires_at - EXPIRY_MARGIN_SECS).then(
+            || MintedToken {
+                token: entry.token.clone(),
+                expires_at: entry.expires_at,
+            },
+        )
+    }
+
+    fn remember(&self, service: &str, fingerprint: [u8; 32], minted: &MintedToken) {
+        let Ok(mut cache) = self.cache.lock() else {
+            return;
+        };
+        if cache.len() >= MAX_CACHED {
+            let now = crate::clock::now_unix();
+            cache.retain(|_, t| t.expires_at - EXPIRY_MARGIN_SECS > now);
+            if cache.len() >= MAX_CACHED {
+                cache.clear();
+            }
+        }
+        cache.insert(
+            service.to_string(),
+            CachedToken {
+                fingerprint,
+                token: minted.token.clone(),
+                expires_at: minted.expires_at,
+            },
+        );
+    }
+
+    async fn get_or_mint(
+        &self,
+        upstream: &Upstream,
+        service: &str,
+        kind: &MintKind,
+    ) -> Result<MintedToken, VaultError> {
+        let fingerprint = kind.fingerprint();
+        if let Some(hit) = self.cached(service, &fingerprint, crate::clock::now_unix()) {
+            return Ok(hit);
+        }
+        let flight = self.flights.get(service);
+        let _guard = flight.lock().await;
+        if let Some(hit) = self.cached(service, &fingerprint, crate::clock::now_unix()) {
+            return Ok(hit);
+        }
+        let minted = mint(upstream, kind).await?;
+        tracing::info!(
+            service,
+            expires_at = minted.expires_at,
+            "minted a short-lived token"
+        );
+        self.remember(service, fingerprint, &minted);
+        Ok(minted)
+    }
+}
+
+impl Vault {
+    /// The access token to use for `service`: minted from a stored signing key, or the stored
+    /// `accessToken`; `token_not_found` when there is neither.
+    pub async fn access_token(
+        &self,
+        upstream: &Upstream,
+        service: &str,
+    ) -> Result<Zeroizing<String>, VaultError> {
+        let token = self.open_credential(service).await?;
+        if let Some(kind) = detect(&token)? {
+            return Ok(self
+                .minter
+                .get_or_mint(upstream, service, &kind)
+                .await?
+                .token);
+        }
+        token
+            .secret("accessToken")
+            .filter(|t| !t.is_empty())
+            .map(|t| Zeroizing::new(t.to_string()))
+            .ok_or(VaultError::TokenNotFound)
+    }
+
+    /// The `/v1/credential` body: for a minting credential, its meta with a minted `accessToken`
+    /// (never the key); otherwise the decrypted credential.
+    pub async fn credential_body(
+        &self,
+        upstream: &Upstream,
+        service: &str,
+    ) -> Result<Zeroizing<Vec<u8>>, VaultError> {
+        let token = self.open_credential(service).await?;
+        let Some(kind) = detect(&token)? else {
+            return Ok(token.credential_json());
+        };
+        let minted = self.minter.get_or_mint(upstream, service, &kind).await?;
+        let mut fields: Map<String, Value> = token
+            .meta()
+            .iter()
+            .filter(|(name, _)| !is_sensitive(name))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        fields.insert("accessToken".into(), json!(minted.token.as_str()));
+        fields.insert("expiresAt".into(), json!(format_iso8601(minted.expires_at)));
+        fields.insert("expiryTime".into(), json!(minted.expires_at * 1000));
+        fields.insert("minted".into(), json!(true));
+        let mut body = json!({ "token": fields });
+        let bytes = Zeroizing::new(serde_json::to_vec(&body).unwrap_or_default());
+        scrub(&mut body);
+        Ok(bytes)
+    }
+}

@@ -1,0 +1,383 @@
+//! OAuth refresh: `/v1/refresh-notify` refreshes at the provider itself (the owner's client first, the
+//! platform's hint only when trusted and with its token URL pinned per service), and the opt-in
+//! tv-refresh `get`/`update`. Every rewrite keeps all existing meta.
+
+use bytes::Bytes;
+use keyholder_protocol::document::{
+    format_iso8601, open_document, parse_iso8601, seal_token_data, OpenedToken,
+};
+use keyholder_protocol::wire::{RefreshHint, RefreshTokens};
+use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, CONTENT_TYPE};
+use reqwest::Method;
+use rusqlite::{params, OptionalExtension};
+use serde_json::{json, Map, Value};
+use url::Url;
+use zeroize::Zeroizing;
+
+use super::collections::validate_key;
+use super::credentials::{document_error, scrub};
+use super::egress::PinKind;
+use super::minting::expires_in;
+use super::oauth::OAuthClient;
+use super::{Vault, VaultError};
+use crate::upstream::{OutboundRequest, Upstream, UpstreamError};
+
+/// Result of `/v1/refresh-notify`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RefreshStatus {
+    /// Refreshed; the new expiry (ISO 8601).
+    Refreshed(String),
+    /// Noted, but not refreshed here (no usable OAuth client); the text says why.
+    Acknowledged(String),
+    /// No credential for the service.
+    NoToken,
+    /// The credential has no refresh token.
+    NoRefreshToken,
+    /// The provider refused; the text says how (never a secret).
+    Failed(String),
+}
+
+/// Result of tv-refresh `get` (no Debug: it holds the refresh token).
+pub enum RefreshGet {
+    /// The refresh token and the credential's meta.
+    Ok(Zeroizing<String>, Map<String, Value>),
+    /// No credential.
+    NoToken,
+    /// No refresh token.
+    NoRefreshToken,
+}
+
+/// Where the client configuration of a refresh came from.
+enum ClientSource {
+    Owner,
+    Platform,
+}
+
+/// The current document's exact text and its opened form.
+struct Current {
+    text: String,
+    token: OpenedToken,
+}
+
+/// The credential's fields and meta as tokenData, to be sealed again with changes.
+fn token_data_of(token: &OpenedToken) -> Map<String, Value> {
+    let mut data = token.meta().clone();
+    for name in token.field_names() {
+        if let Some(value) = token.secret(name) {
+            data.insert(name.to_string(), json!(value));
+        }
+    }
+    data
+}
+
+fn provider_error_text(body: &[u8]) -> String {
+    serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|v| v.get("error").and_then(Value::as_str).map(str::to_string))
+        .filter(|e| e.len() <= 64 && e.chars().all(|c| c.is_ascii_graphic()))
+        .map(|e| format!(", {e}"))
+        .unwrap_or_default()
+}
+
+impl Vault {
+    async fn current(&self, service: &str) -> Result<Option<Current>, VaultError> {
+        validate_key(service)?;
+        let key = service.to_string();
+        let text: Option<String> = self
+            .store()
+            .read(move |conn| {
+                Ok(conn
+                    .query_row(
+                        "SELECT doc FROM documents WHERE collection = 'tokens' AND key = ?1",
+                        [&key],
+                        |r| r.get(0),
+                    )
+                    .optional()?)
+            })
+            .await?;
+        let Some(text) = text else {
+            return Ok(None);
+        };
+        let doc: Value =
+            serde_json::from_str(&text).map_err(|e| VaultError::Corrupt(e.to_string()))?;
+        let keys = self.keys();
+        let token = open_document(&doc, service, &*keys).map_err(document_error)?;
+        Ok(Some(Current { text, token }))
+    }
+
+    /// Seals `current` again with `changes` applied (every other field and meta kept) and writes it
+    /// only if the stored document is still the one read (a concurrent store wins; we refuse).
+    /// Returns the new expiry in unix seconds, if any.
+    async fn rewrite(
+        &self,
+        service: &str,
+        current: Current,
+        changes: Map<String, Value>,
+    ) -> Result<Option<i64>, VaultError> {
+        let mut data = token_data_of(&current.token);
+        for (k, v) in changes {
+            data.insert(k, v);
+        }
+        let created_at = current
+            .token
+            .meta()
+            .get("createdAt")
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        let keys = self.keys();
+        let sealed = seal_token_data(
+            service,
+            &data,
+            keys.current_data_key()?,
+            keys.current_data_version(),
+            crate::clock::now_unix(),
+            created_at.as_deref(),
+            None,
+        );
+        data.values_mut().for_each(scrub);
+        let sealed = sealed.map_err(document_error)?;
+        let expiry = sealed
+            .get("meta")
+            .and_then(|m| m.get("expiryTime"))
+            .and_then(Value::as_i64)
+            .map(|ms| ms / 1000);
+        let (service, before, after) = (service.to_string(), current.text, sealed.to_string());
+        let now = crate::clock::now_unix();
+        let written = self
+            .store()
+            .write(move |conn| {
+                Ok(conn.execute(
+                    "UPDATE documents SET doc = ?3, updated_at = ?4 WHERE collection = 'tokens' AND key = ?1 AND doc = ?2",
+                    params![service, before, after, now],
+                )?)
+            })
+            .await?;
+        if written == 0 {
+            return Err(VaultError::Invalid(
+                "the credential changed while it was being refreshed; retry".into(),
+            ));
+        }
+        Ok(expiry)
+    }
+
+    /// `/v1/refresh-notify`: refresh the stored OAuth token at its provider.
+    #[tracing::instrument(skip_all, fields(service = %service))]
+    pub async fn refresh_notify(
+        &self,
+        upstream: &Upstream,
+        service: &str,
+        hint: Option<&RefreshHint>,
+        trust_platform: bool,
+        request_id: &str,
+    ) -> Result<RefreshStatus, VaultError> {
+        // One refresh per service at a time: providers that rotate refresh tokens invalidate the
+        // old one, so two concurrent refreshes would lose the credential.
+        let lock = self.refresh_locks.get(service);
+        let _guard = lock.lock().await;
+        let Some(current) = self.current(service).await? else {
+            return Ok(RefreshStatus::NoToken);
+        };
+        let Some(refresh_token) = current
+            .token
+            .secret("refreshToken")
+            .filter(|t| !t.is_empty())
+            .map(|t| Zeroizing::new(t.to_string()))
+        else {
+            return Ok(RefreshStatus::NoRefreshToken);
+        };
+        let provider = current
+            .token
+            .meta()
+            .get("provider")
+            .and_then(Value::as_str)
+            .or_else(|| hint.and_then(|h| h.provider.as_deref()))
+            .unwrap_or(service)
+            .to_string();
+        let (client, source) = match self.oauth_client(&provider).await? {
+            Some(client) => (client, ClientSource::Owner),
+            None => match hint {
+                Some(RefreshHint {
+                    token_url: Some(token_url),
+                    client_id: Some(client_id),
+                    client_secret,
+                    ..
+                }) if trust_platform => (
+                    OAuthClient {
+                        token_url: token_url.clone(),
+                        client_id: client_id.clone(),
+                        client_secret: client_secret.as_ref().map(|s| Zeroizing::new(s.clone())),
+                    },
+                    ClientSource::Platform,
+                ),
+                _ => {
+                    return Ok(RefreshStatus::Acknowledged(format!(
+                        "no OAuth client is configured here for provider '{provider}' (keyholder oauth set {provider} ...)"
+                    )))
+                }
+            },
+        };
+        let url = Url::parse(&client.token_url)
+            .map_err(|_| VaultError::Invalid("the token URL is not an absolute URL".into()))?;
+        upstream.check_url(&url).map_err(|e| {
+            tracing::warn!(request_id, reason = %e, "token URL refused by the egress guard");
+            VaultError::EgressDenied(e.to_string())
+        })?;
+        let claimed = match source {
+            ClientSource::Owner => false,
+            ClientSource::Platform => {
+                self.claim_token_url(service, url.as_str()).await.inspect_err(|_| {
+                    tracing::warn!(request_id, token_url = %url, "refresh to a token URL other than the pinned one refused");
+                })?
+            }
+        };
+        let mut form = url::form_urlencoded::Serializer::new(String::new());
+        form.append_pair("grant_type", "refresh_token")
+            .append_pair("client_id", &client.client_id);
+        if let Some(secret) = &client.client_secret {
+            form.append_pair("client_secret", secret);
+        }
+        form.append_pair("refresh_token", &refresh_token);
+        let body = Zeroizing::new(form.finish());
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/x-www-form-urlencoded"),
+        );
+        // GitHub answers form-encoded unless asked for JSON; every other provider accepts it too.
+        headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
+        let result = upstream
+            .send_provider(OutboundRequest {
+                method: Method::POST,
+                url: url.clone(),
+                headers,
+                body: Some(Bytes::copy_from_slice(body.as_bytes())),
+            })
+            .await;
+        let response = match result {
+            Ok(response) => response,
+            Err(err) => {
+                if claimed {
+                    self.release_pin(PinKind::TokenUrl, service, url.as_str())
+                        .await;
+                }
+                tracing::warn!(request_id, error = %err, "OAuth refresh call failed");
+                return Err(match err {
+                    UpstreamError::Refused(r) => VaultError::EgressDenied(r.to_string()),
+                    other => VaultError::Provider(other),
+                });
+            }
+        };
+        if !response.status.is_success() {
+            let message = format!(
+                "the provider refused the refresh (HTTP {}{})",
+                response.status.as_u16(),
+                provider_error_text(&response.body)
+            );
+            tracing::warn!(request_id, %message, "OAuth refresh refused");
+            return Ok(RefreshStatus::Failed(message));
+        }
+        let Ok(mut answer) = serde_json::from_slice::<Value>(&response.body) else {
+            return Ok(RefreshStatus::Failed(
+                "the provider answered with something other than JSON".into(),
+            ));
+        };
+        let access = answer
+            .get("access_token")
+            .and_then(Value::as_str)
+            .filter(|t| !t.is_empty())
+            .map(str::to_string);
+        let new_refresh = answer
+            .get("refresh_token")
+            .and_then(Value::as_str)
+            .filter(|t| !t.is_empty())
+            .map(str::to_string);
+        let lifetime = expires_in(&answer);
+        scrub(&mut answer);
+        let Some(access) = access else {
+            return Ok(RefreshStatus::Failed(format!(
+                "the provider sent no access_token{}",
+                provider_error_text(&response.body)
+            )));
+        };
+        let expires_at = crate::clock::now_unix() + lifetime;
+        let mut changes = Map::new();
+        changes.insert("accessToken".into(), json!(access));
+        if let Some(r) = new_refresh {
+            changes.insert("refreshToken".into(), json!(r));
+        }
+        changes.insert("expiresAt".into(), json!(format_iso8601(expires_at)));
+        changes.insert("expiryTime".into(), json!(expires_at * 1000));
+        self.rewrite(service, current, changes).await?;
+        tracing::info!(request_id, provider = %provider, "OAuth token refreshed");
+        Ok(RefreshStatus::Refreshed(format_iso8601(expires_at)))
+    }
+
+    /// tv-refresh `get`: the refresh token and meta.
+    pub async fn refresh_get(&self, service: &str) -> Result<RefreshGet, VaultError> {
+        let Some(current) = self.current(service).await? else {
+            return Ok(RefreshGet::NoToken);
+        };
+        match current
+            .token
+            .secret("refreshToken")
+            .filter(|t| !t.is_empty())
+        {
+            Some(t) => Ok(RefreshGet::Ok(
+                Zeroizing::new(t.to_string()),
+                current.token.meta().clone(),
+            )),
+            None => Ok(RefreshGet::NoRefreshToken),
+        }
+    }
+
+    /// tv-refresh `update`: store the platform's new tokens, keeping all meta; returns the new
+    /// expiry (ISO 8601).
+    pub async fn refresh_update(
+        &self,
+        service: &str,
+        tokens: RefreshTokens,
+    ) -> Result<Option<String>, VaultError> {
+        let lock = self.refresh_locks.get(service);
+        let _guard = lock.lock().await;
+        let current = self
+            .current(service)
+            .await?
+            .ok_or(VaultError::TokenNotFound)?;
+        let mut tokens = tokens;
+        let access = tokens.access_token.take().filter(|t| !t.is_empty());
+        let refresh = tokens.refresh_token.take().filter(|t| !t.is_empty());
+        if access.is_none() && refresh.is_none() {
+            return Err(VaultError::Invalid(
+                "'tokens' needs accessToken or refreshToken".into(),
+            ));
+        }
+        let expiry_secs = match &tokens.expiry_time {
+            Some(Value::Number(n)) => {
+                n.as_i64()
+                    .map(|ms| if ms >= 100_000_000_000 { ms / 1000 } else { ms })
+            }
+            Some(Value::String(s)) => parse_iso8601(s),
+            _ => None,
+        };
+        let mut changes = Map::new();
+        let expiry = match (expiry_secs, &access) {
+            (Some(e), _) => Some(e),
+            (None, Some(_)) => Some(crate::clock::now_unix() + 3600),
+            (None, None) => None,
+        };
+        if let Some(mut a) = access {
+            changes.insert("accessToken".into(), json!(a));
+            zeroize::Zeroize::zeroize(&mut a);
+        }
+        if let Some(mut r) = refresh {
+            changes.insert("refreshToken".into(), json!(r));
+            zeroize::Zeroize::zeroize(&mut r);
+        }
+        if let Some(e) = expiry {
+            changes.insert("expiresAt".into(), json!(format_iso8601(e)));
+            changes.insert("expiryTime".into(), json!(e * 1000));
+        }
+        let stored = self.rewrite(service, current, changes).await?;
+        Ok(stored.map(format_iso8601))
+    }
+}

@@ -1,0 +1,319 @@
+//! `/v1/proxy` against real local upstreams: credential injection, method/body/status passthrough,
+//! header hygiene both ways, CR/LF refusal, both authentications, timeouts and failures.
+
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use keyholder_protocol::paths::*;
+use keyholder_protocol::Purpose;
+use keyholder_tests::upstream::{MockServer, Reply};
+use keyholder_tests::*;
+use serde_json::json;
+
+const TOKEN: &str = "gho_proxy_secret_123";
+
+/// A bound keyholder allowed to reach 127.0.0.1 upstreams, with a GitHub-like token stored.
+pub async fn proxy_keyholder(adjust: impl FnOnce(&mut keyholder::Config)) -> Keyholder {
+    let mut kh = Keyholder::start_with(|c| {
+        c.egress_allow_private = true;
+        adjust(c);
+    })
+    .await;
+    kh.bind().await;
+    let stored = kh
+        .store("github", json!({"accessToken": TOKEN, "scope": "repo"}))
+        .await;
+    assert_eq!(stored.status, 200);
+    kh
+}
+
+#[tokio::test]
+async fn injects_the_credential_and_passes_everything_through() {
+    let kh = proxy_keyholder(|_| {}).await;
+    let upstream = MockServer::start(|_| {
+        Reply::json(201, json!({"created": true}))
+            .header("X-RateLimit-Remaining", "42")
+            .header("Connection", "X-Hop-Secret")
+            .header("X-Hop-Secret", "must-not-pass")
+            .header("Keep-Alive", "timeout=5")
+            .header("Proxy-Authenticate", "Basic")
+            .header("Upgrade", "h2c")
+            .header("Set-Cookie", "a=b")
+    })
+    .await;
+    let body = br#"{"title":"from the agent"}"#;
+    let answer = kh
+        .proxy(
+            "github",
+            json!({
+                "url": upstream.url("/repos/o/r/issues?state=open"),
+                "method": "post",
+                "headers": {
+                    "Content-Type": "application/json",
+                    "X-Custom": "kept",
+                    "Connection": "keep-alive, X-Drop-Me",
+                    "X-Drop-Me": "1",
+                    "Keep-Alive": "300",
+                    "Proxy-Authorization": "Basic leak",
+                    "TE": "trailers",
+                    "Upgrade": "websocket",
+                    "X-TokenVault-Signature": "sha256=leak",
+                    "X-TokenVault-Ticket": "leak",
+                },
+                "body": base64::engine::general_purpose::STANDARD.encode(body),
+            }),
+            json!({"Authorization": "Bearer ${TOKEN}", "X-Api-Key": "key=${TOKEN};"}),
+        )
+        .await;
+    assert_eq!(
+        answer.status,
+        201,
+        "{}",
+        String::from_utf8_lossy(&answer.body)
+    );
+    assert_eq!(answer.json(), json!({"created": true}));
+    assert_eq!(answer.header("x-upstream-status").as_deref(), Some("201"));
+    assert_eq!(
+        answer.header("x-ratelimit-remaining").as_deref(),
+        Some("42")
+    );
+    assert_eq!(answer.header("set-cookie").as_deref(), Some("a=b"));
+    for hop in [
+        "x-hop-secret",
+        "keep-alive",
+        "proxy-authenticate",
+        "upgrade",
+    ] {
+        assert!(answer.header(hop).is_none(), "{hop} came back");
+    }
+    // The credential never comes back to the platform.
+    assert!(!String::from_utf8_lossy(&answer.body).contains(TOKEN));
+
+    let seen = upstream.requests();
+    assert_eq!(seen.len(), 1);
+    let got = &seen[0];
+    assert_eq!(got.method, "POST");
+    assert_eq!(got.target, "/repos/o/r/issues?state=open");
+    assert_eq!(got.body, body);
+    assert_eq!(
+        got.header("authorization"),
+        Some(format!("Bearer {TOKEN}").as_str())
+    );
+    assert_eq!(
+        got.header("x-api-key"),
+        Some(format!("key={TOKEN};").as_str())
+    );
+    assert_eq!(got.header("x-custom"), Some("kept"));
+    assert_eq!(got.header("content-type"), Some("application/json"));
+    for dropped in [
+        "x-drop-me",
+        "keep-alive",
+        "proxy-authorization",
+        "te",
+        "upgrade",
+    ] {
+        assert!(got.header(dropped).is_none(), "{dropped} went upstream");
+    }
+    assert!(
+        got.headers
+            .iter()
+            .all(|(n, _)| !n.starts_with("x-tokenvault-")),
+        "{:?}",
+        got.headers
+    );
+}
+
+#[tokio::test]
+async fn methods_and_statuses_pass_through() {
+    let kh = proxy_keyholder(|_| {}).await;
+    let upstream = MockServer::start(|r| match r.target.as_str() {
+        "/missing" => Reply::json(404, json!({"message": "Not Found"})),
+        "/broken" => Reply::text(500, "boom"),
+        "/empty" => Reply::text(204, ""),
+        _ => Reply::text(200, &format!("method={}", r.method)),
+    })
+    .await;
+    for method in ["GET", "PUT", "PATCH", "DELETE", "OPTIONS"] {
+        let a = kh
+            .proxy(
+                "github",
+                json!({"url": upstream.url("/m"), "method": method}),
+                json!({"Authorization": "token ${TOKEN}"}),
+            )
+            .await;
+        assert_eq!(a.status, 200);
+        assert_eq!(String::from_utf8_lossy(&a.body), format!("method={method}"));
+    }
+    // Method defaults to GET.
+    let a = kh
+        .proxy("github", json!({"url": upstream.url("/m")}), json!({}))
+        .await;
+    assert_eq!(String::from_utf8_lossy(&a.body), "method=GET");
+    let head = kh
+        .proxy(
+            "github",
+            json!({"url": upstream.url("/m"), "method": "HEAD"}),
+            json!({}),
+        )
+        .await;
+    assert_eq!(head.status, 200);
+    assert!(head.body.is_empty());
+    for (path, status) in [("/missing", 404), ("/broken", 500), ("/empty", 204)] {
+        let a = kh.proxy_get("github", &upstream.url(path)).await;
+        assert_eq!(a.status, status);
+        assert_eq!(a.header("x-upstream-status"), Some(status.to_string()));
+    }
+    let bad = kh
+        .proxy(
+            "github",
+            json!({"url": upstream.url("/m"), "method": "CONNECT"}),
+            json!({}),
+        )
+        .await;
+    bad.assert_error(400, "invalid_request");
+}
+
+#[tokio::test]
+async fn cr_lf_in_templates_or_results_is_refused_and_nothing_is_sent() {
+    let kh = proxy_keyholder(|_| {}).await;
+    kh.store("crlf", json!({"accessToken": "abc\r\nX-Evil: 1"}))
+        .await;
+    let upstream = MockServer::ok().await;
+    for template in [
+        "Bearer ${TOKEN}\r\nX-Evil: 1",
+        "Bearer ${TOKEN}\n",
+        "\rBearer",
+    ] {
+        kh.proxy(
+            "github",
+            json!({"url": upstream.url("/")}),
+            json!({ "Authorization": template }),
+        )
+        .await
+        .assert_error(400, "invalid_request");
+    }
+    kh.proxy_get("crlf", &upstream.url("/"))
+        .await
+        .assert_error(400, "invalid_request");
+    // Headers the platform may not template.
+    for name in [
+        "Host",
+        "Connection",
+        "Transfer-Encoding",
+        "X-TokenVault-Signature",
+    ] {
+        kh.proxy(
+            "github",
+            json!({"url": upstream.url("/")}),
+            json!({ name: "${TOKEN}" }),
+        )
+        .await
+        .assert_error(400, "invalid_request");
+    }
+    assert_eq!(upstream.connections(), 0);
+}
+
+#[tokio::test]
+async fn needs_both_the_platform_signature_and_a_proxy_ticket() {
+    let kh = proxy_keyholder(|_| {}).await;
+    let upstream = MockServer::ok().await;
+    let body = |ticket: &str, service: &str| {
+        json!({"ticket": ticket, "service": service, "upstream": {"url": upstream.url("/")},
+               "headerTemplates": {"Authorization": "Bearer ${TOKEN}"}})
+    };
+    // A valid ticket without the platform's signature.
+    let unsigned = read(
+        kh.http
+            .post(kh.url(PATH_PROXY))
+            .json(&body(&kh.ticket(Purpose::Proxy, "github"), "github"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    unsigned.assert_error(401, "auth_failed");
+    // Signed, but the ticket has the wrong purpose, service, or is missing.
+    kh.signed(
+        PATH_PROXY,
+        &body(&kh.ticket(Purpose::AgentCredential, "github"), "github"),
+    )
+    .await
+    .assert_error(401, "ticket_invalid");
+    kh.signed(
+        PATH_PROXY,
+        &body(&kh.ticket(Purpose::Proxy, "gitlab"), "github"),
+    )
+    .await
+    .assert_error(401, "ticket_invalid");
+    kh.signed(
+        PATH_PROXY,
+        &json!({"service": "github", "upstream": {"url": upstream.url("/")}}),
+    )
+    .await
+    .assert_error(400, "invalid_request");
+    kh.signed(PATH_PROXY, &json!({"ticket": kh.ticket(Purpose::Proxy, "github"), "service": "github", "upstream": {}}))
+        .await
+        .assert_error(400, "invalid_request");
+    // A replayed ticket.
+    let ticket = kh.ticket(Purpose::Proxy, "github");
+    assert_eq!(
+        kh.signed(PATH_PROXY, &body(&ticket, "github")).await.status,
+        200
+    );
+    kh.signed(PATH_PROXY, &body(&ticket, "github"))
+        .await
+        .assert_error(401, "ticket_invalid");
+    // No credential, or one without an access token.
+    kh.proxy_get("nothing", &upstream.url("/"))
+        .await
+        .assert_error(404, "token_not_found");
+    kh.store("ssh", json!({"sshPrivateKey": "-----BEGIN OPENSSH-----"}))
+        .await;
+    kh.proxy_get("ssh", &upstream.url("/"))
+        .await
+        .assert_error(404, "token_not_found");
+    assert_eq!(upstream.count(), 1);
+}
+
+#[tokio::test]
+async fn a_hanging_upstream_times_out_without_blocking_others() {
+    let kh = proxy_keyholder(|c| c.upstream_timeout = Duration::from_secs(1)).await;
+    let slow =
+        MockServer::start(|_| Reply::text(200, "late").delayed(Duration::from_secs(5))).await;
+    let fast = MockServer::ok().await;
+    kh.egress("allow", "github", &[&slow.origin(), &fast.origin()], false);
+    let started = Instant::now();
+    let slow_url = slow.url("/");
+    let (slow_answer, fast_answer) = tokio::join!(kh.proxy_get("github", &slow_url), async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let t = Instant::now();
+        let a = kh.proxy_get("github", &fast.url("/")).await;
+        (a, t.elapsed())
+    });
+    slow_answer.assert_error(504, "upstream_timeout");
+    assert!(started.elapsed() < Duration::from_secs(4));
+    assert_eq!(fast_answer.0.status, 200);
+    assert!(
+        fast_answer.1 < Duration::from_millis(900),
+        "{:?}",
+        fast_answer.1
+    );
+}
+
+#[tokio::test]
+async fn upstream_failures_are_502() {
+    let kh = proxy_keyholder(|c| c.upstream_max_response = 1024).await;
+    kh.egress("allow", "github", &["127.0.0.1"], false);
+    // Nothing listens there.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    kh.proxy_get("github", &format!("http://{closed}/"))
+        .await
+        .assert_error(502, "upstream_error");
+    let big = MockServer::start(|_| Reply::text(200, &"x".repeat(4096))).await;
+    let a = kh.proxy_get("github", &big.url("/")).await;
+    a.assert_error(502, "upstream_error");
+    assert!(!String::from_utf8_lossy(&a.body).contains("127.0.0.1"));
+}

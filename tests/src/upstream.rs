@@ -1,0 +1,267 @@
+//! Local upstream, OAuth and token-minting servers on 127.0.0.1 for the proxy, refresh and minting
+//! tests: a small HTTP/1.1 server on raw TCP (full control over every header it sends) that
+//! records what it received and counts the connections made to it.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine as _;
+use openssl::hash::MessageDigest;
+use openssl::pkey::{PKey, Private};
+use openssl::rsa::Rsa;
+use openssl::sign::Verifier;
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// One request as the server received it.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub method: String,
+    /// Path and query.
+    pub target: String,
+    /// Header names lowercased, in order.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Recorded {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let name = name.to_ascii_lowercase();
+        self.headers
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The body as an `application/x-www-form-urlencoded` form.
+    pub fn form(&self) -> BTreeMap<String, String> {
+        url::form_urlencoded::parse(&self.body)
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect()
+    }
+}
+
+/// What the server answers.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    pub delay: Option<Duration>,
+}
+
+impl Reply {
+    pub fn text(status: u16, body: &str) -> Reply {
+        Reply {
+            status,
+            headers: vec![("Content-Type".into(), "text/plain".into())],
+            body: body.as_bytes().to_vec(),
+            delay: None,
+        }
+    }
+
+    pub fn json(status: u16, value: Value) -> Reply {
+        Reply {
+            status,
+            headers: vec![("Content-Type".into(), "application/json".into())],
+            body: serde_json::to_vec(&value).unwrap(),
+            delay: None,
+        }
+    }
+
+    pub fn header(mut self, name: &str, value: &str) -> Reply {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+
+    pub fn delayed(mut self, delay: Duration) -> Reply {
+        self.delay = Some(delay);
+        self
+    }
+}
+
+type Handler = Arc<dyn Fn(&Recorded) -> Reply + Send + Sync>;
+
+/// A running mock server; stops when dropped.
+pub struct MockServer {
+    pub addr: SocketAddr,
+    requests: Arc<Mutex<Vec<Recorded>>>,
+    connections: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl MockServer {
+    /// Starts a server on `127.0.0.1:0` answering every request with `handler`.
+    pub async fn start(handler: impl Fn(&Recorded) -> Reply + Send + Sync + 'static) -> MockServer {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let connections = Arc::new(AtomicUsize::new(0));
+        let handler: Handler = Arc::new(handler);
+        let (reqs, conns) = (Arc::clone(&requests), Arc::clone(&connections));
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                conns.fetch_add(1, Ordering::SeqCst);
+                let (reqs, handler) = (Arc::clone(&reqs), Arc::clone(&handler));
+                tokio::spawn(async move {
+                    let _ = serve(stream, reqs, handler).await;
+                });
+            }
+        });
+        MockServer {
+            addr,
+            requests,
+            connections,
+            task,
+        }
+    }
+
+    /// A server answering 200 `ok` to everything.
+    pub async fn ok() -> MockServer {
+        Self::start(|_| Reply::text(200, "ok")).await
+    }
+
+    /// `http://127.0.0.1:<port><path>`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// `http://127.0.0.1:<port>` (the origin as the keyholder writes it).
+    pub fn origin(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.requests.lock().unwrap().clone()
+    }
+
+    pub fn count(&self) -> usize {
+        self.requests.lock().unwrap().len()
+    }
+
+    /// TCP connections accepted (0 proves nothing was sent).
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for MockServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn serve(
+    mut stream: TcpStream,
+    requests: Arc<Mutex<Vec<Recorded>>>,
+    handler: Handler,
+) -> std::io::Result<()> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i;
+        }
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 || buf.len() > 256 * 1024 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+    let mut lines = head.split("\r\n");
+    let mut request_line = lines.next().unwrap_or_default().split(' ');
+    let method = request_line.next().unwrap_or_default().to_string();
+    let target = request_line.next().unwrap_or_default().to_string();
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let length: usize = headers
+        .iter()
+        .find(|(n, _)| n == "content-length")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0);
+    let mut body = buf[head_end + 4..].to_vec();
+    while body.len() < length {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            break;
+        }
+        body.extend_from_slice(&chunk[..n]);
+    }
+    let recorded = Recorded {
+        method: method.clone(),
+        target,
+        headers,
+        body,
+    };
+    requests.lock().unwrap().push(recorded.clone());
+    let reply = handler(&recorded);
+    if let Some(delay) = reply.delay {
+        tokio::time::sleep(delay).await;
+    }
+    let mut out = format!("HTTP/1.1 {} Mock\r\n", reply.status);
+    let mut connection = "close".to_string();
+    for (name, value) in &reply.headers {
+        if name.eq_ignore_ascii_case("connection") {
+            connection = format!("close, {value}");
+        } else {
+            out.push_str(&format!("{name}: {value}\r\n"));
+        }
+    }
+    out.push_str(&format!("Connection: {connection}\r\n"));
+    out.push_str(&format!("Content-Length: {}\r\n\r\n", reply.body.len()));
+    stream.write_all(out.as_bytes()).await?;
+    if method != "HEAD" {
+        stream.write_all(&reply.body).await?;
+    }
+    stream.flush().await?;
+    let _ = stream.shutdown().await;
+    Ok(())
+}
+
+/// An RSA key pair made in the test, to sign as a service account or GitHub App would, and to
+/// verify the keyholder's JWTs with the public half.
+pub struct TestRsa {
+    key: PKey<Private>,
+}
+
+impl TestRsa {
+    pub fn generate() -> TestRsa {
+        TestRsa {
+            key: PKey::from_rsa(Rsa::generate(2048).unwrap()).unwrap(),
+        }
+    }
+
+    /// PKCS#8 PEM of the private key (`-----BEGIN PRIVATE KEY-----`).
+    pub fn private_pem(&self) -> String {
+        String::from_utf8(self.key.private_key_to_pem_pkcs8().unwrap()).unwrap()
+    }
+
+    /// Verifies an RS256 JWT with the public key; returns its claims when the signature holds.
+    pub fn verify_jwt(&self, jwt: &str) -> Option<Value> {
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let mut parts = jwt.split('.');
+        let (h, p, s) = (parts.next()?, parts.next()?, parts.next()?);
+        if parts.next().is_some() {
+            return None;
+        }
+        let header: Value = serde_json::from_slice(&b64.decode(h).ok()?).ok()?;
+        if header["alg"] != "RS256" {
+            return None;
+        }
+        let signature = b64.decode(s).ok()?;
+        let public = PKey::public_key_from_pem(&self.key.public_key_to_pem().ok()?).ok()?;
+        let mut verifier = Verifier::new(MessageDigest::sha256(), &public).ok()?;
+        verifier.update(format!("{h}.{p}").as_bytes()).ok()?;
+        if !verifier.verify(&signature).ok()? {
+            return None;
+        }
+        serde_json::from_slice(&b64.decode(p).ok()?).ok()
+    }
+}
