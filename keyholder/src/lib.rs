@@ -9,6 +9,7 @@ pub mod config;
 pub mod http;
 pub mod metrics;
 pub mod store;
+pub mod tls;
 pub mod vault;
 
 pub use app::{start, AppState, RunningServer};

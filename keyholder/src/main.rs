@@ -2,7 +2,7 @@
 //! controls, working on the data folder (also while a server runs on it).
 
 use clap::{Parser, Subcommand};
-use keyholder::cli::{self, BindArgs};
+use keyholder::cli::{self, BindArgs, HealthcheckArgs};
 use keyholder::config::{Config, ServeArgs};
 
 /// Keyholder: the self-hosted key-custody webhook for Token Vault.
@@ -21,17 +21,6 @@ enum Command {
     Bind(BindArgs),
     /// Exit 0 if the local server answers healthy (for container health checks).
     Healthcheck(HealthcheckArgs),
-}
-
-#[derive(Debug, clap::Args)]
-struct HealthcheckArgs {
-    /// Health URL to query.
-    #[arg(
-        long,
-        env = "KEYHOLDER_HEALTHCHECK_URL",
-        default_value = "http://127.0.0.1:8080/v1/health"
-    )]
-    url: String,
 }
 
 fn init_logging(filter: &str, format: &str) -> anyhow::Result<()> {
@@ -96,20 +85,7 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            let healthy = runtime.block_on(async move {
-                let client = reqwest::Client::builder()
-                    .timeout(std::time::Duration::from_secs(3))
-                    .build()?;
-                let response = client.get(&args.url).send().await?;
-                let ok = response.status().is_success()
-                    && response
-                        .json::<serde_json::Value>()
-                        .await?
-                        .get("status")
-                        .and_then(|s| s.as_str())
-                        == Some("healthy");
-                Ok::<_, anyhow::Error>(ok)
-            });
+            let healthy = runtime.block_on(cli::healthcheck(&args));
             match healthy {
                 Ok(true) => Ok(std::process::ExitCode::SUCCESS),
                 Ok(false) => {

@@ -1,9 +1,12 @@
 //! End-to-end tests: one binary, the real server in process, the platform, browser and agent
-//! played with the protocol crate over real HTTP on loopback.
+//! played with the protocol crate over real HTTP on loopback (and once in a real browser).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod binding;
+mod browser;
 mod credentials;
+mod metrics;
 mod persistence;
 mod signed;
 mod storage;
+mod tls;

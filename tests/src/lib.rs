@@ -2,6 +2,9 @@
 //! data folder, and plays the platform, the browser and the agent with the protocol crate.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
+pub mod certs;
+pub mod webdriver;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
