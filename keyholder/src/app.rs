@@ -162,6 +162,12 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         config: Arc::clone(&config),
     });
 
+    // Before the listener exists, so no SIGHUP can arrive while it would still end the process.
+    let mut background = Vec::new();
+    if config.handle_signals {
+        background.push(spawn_reload_on_hangup(tls.clone())?);
+    }
+
     let app_state = state.clone();
     let mut server = HttpServer::new(move || {
         App::new()
@@ -204,11 +210,6 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         }
         None => (None, None),
     };
-
-    let mut background = Vec::new();
-    if config.handle_signals {
-        background.push(spawn_reload_on_hangup(tls.clone())?);
-    }
 
     let purge_state = state.clone();
     let purge = tokio::spawn(async move {

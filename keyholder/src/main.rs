@@ -16,7 +16,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the keyholder server (creates the data folder and keys on first start).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Issue a one-time bind code and the registration link to connect the platform.
     Bind(BindArgs),
     /// Exit 0 if the local server answers healthy (for container health checks).
