@@ -32,8 +32,11 @@ podman=(podman --runtime runc)
 
 cleanup() {
     local rc=$?
-    if [ $rc -ne 0 ] && "${podman[@]}" container exists "$name" 2>/dev/null; then
-        echo "--- container log ---"; "${podman[@]}" logs "$name" 2>&1 | tail -40 || true
+    if [ $rc -ne 0 ]; then
+        [ -s "$work/podman.log" ] && { echo "--- podman ---"; tail -20 "$work/podman.log"; }
+        if "${podman[@]}" container exists "$name" 2>/dev/null; then
+            echo "--- container log ---"; "${podman[@]}" logs "$name" 2>&1 | tail -40 || true
+        fi
     fi
     "${podman[@]}" rm -f -t 5 "$name" >/dev/null 2>&1 || true
     rm -rf "$work"
@@ -53,11 +56,15 @@ if ! "${podman[@]}" image exists docker.io/library/debian:bookworm-slim; then
 fi
 
 # --- binary and image -----------------------------------------------------------------------
-target_dir=${CARGO_TARGET_DIR:-$root/target}
-log "building the release binary (no-op when up to date)"
-cargo build --release --locked -p keyholder --quiet
+# KEYHOLDER_TEST_BINARY=<path> uses that binary instead (a quicker debug build while iterating).
+binary=${KEYHOLDER_TEST_BINARY:-}
+if [ -z "$binary" ]; then
+    log "building the release binary (no-op when up to date)"
+    cargo build --release --locked -p keyholder --quiet
+    binary=${CARGO_TARGET_DIR:-$root/target}/release/keyholder
+fi
 mkdir -p "$work/context"
-cp "$target_dir/release/keyholder" "$work/context/keyholder"
+cp "$binary" "$work/context/keyholder"
 log "building the runtime-prebuilt stage"
 # --format docker keeps HEALTHCHECK (the OCI format has no field for it).
 "${podman[@]}" build --quiet --network host --pull=never --format docker \
@@ -92,8 +99,10 @@ log "starting the container on port $port (metrics on $metrics_port)"
     -e KEYHOLDER_PUBLIC_URL=https://keyholder.example.org \
     -e KEYHOLDER_TLS_CERT=/run/tls/cert.pem -e KEYHOLDER_TLS_KEY=/run/tls/key.pem \
     -e KEYHOLDER_METRICS_LISTEN="127.0.0.1:$metrics_port" \
-    "$image" >/dev/null
+    "$image" >/dev/null 2>>"$work/podman.log"
 
+# Without systemd podman cannot schedule the HEALTHCHECK itself (it logs that into podman.log);
+# `podman healthcheck run` runs the image's own check command on demand.
 wait_healthy() {
     for _ in $(seq 1 100); do
         if "${podman[@]}" healthcheck run "$name" >/dev/null 2>&1; then return 0; fi
@@ -139,10 +148,10 @@ if openssl s_client -connect "127.0.0.1:$port" -tls1_1 -cipher 'DEFAULT:@SECLEVE
 fi
 
 log "restarting (SIGTERM, graceful) and fetching the credential again"
-"${podman[@]}" restart -t 20 "$name" >/dev/null
+"${podman[@]}" restart -t 20 "$name" >/dev/null 2>>"$work/podman.log"
 wait_healthy
 KEYHOLDER_TEST_CA="$work/tls/cert.pem" python3 docker/play_platform.py fetch "$base" "$work/secret"
-"${podman[@]}" stop -t 20 "$name" >/dev/null
+"${podman[@]}" stop -t 20 "$name" >/dev/null 2>>"$work/podman.log"
 code=$("${podman[@]}" inspect -f '{{.State.ExitCode}}' "$name")
 [ "$code" = 0 ] || { echo "exit code $code after SIGTERM"; exit 1; }
 "${podman[@]}" logs "$name" 2>&1 | grep -q "keyholder stopped" || { echo "no graceful stop in the log"; exit 1; }
