@@ -1,14 +1,16 @@
 //! Assembles the server: opens the store and the vault, builds the shared state, binds the
-//! listener and runs actix-web; returns a handle so tests can run several servers in one process.
+//! listener (plain or TLS) and runs actix-web, plus the optional metrics listener; returns a
+//! handle so tests can run several servers in one process.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::dev::ServerHandle;
+use actix_web::http::header;
 use actix_web::middleware::from_fn;
 use actix_web::web::{self, Data};
-use actix_web::{App, HttpServer};
+use actix_web::{App, HttpResponse, HttpServer};
 use anyhow::Context;
 
 use crate::audit::AuditRecorder;
@@ -16,6 +18,7 @@ use crate::config::Config;
 use crate::http::{self, network::NetworkRules};
 use crate::metrics::Metrics;
 use crate::store::{put_setting, Store};
+use crate::tls::{CertReloader, TlsError};
 use crate::upstream::{EgressGuard, Upstream, UpstreamSettings};
 use crate::vault::{Vault, VaultSettings};
 
@@ -25,8 +28,8 @@ pub struct AppState {
     pub vault: Vault,
     /// Who may call what, by address.
     pub network: NetworkRules,
-    /// Counters.
-    pub metrics: Metrics,
+    /// Prometheus metrics (counted always, served only with `--metrics-listen`).
+    pub metrics: Arc<Metrics>,
     /// The shared outbound client behind the SSRF guard (built once at start).
     pub upstream: Upstream,
     /// The configuration the server was started with.
@@ -41,11 +44,13 @@ pub struct RunningServer {
     pub addr: SocketAddr,
     /// Shared state (tests look inside).
     pub state: Data<AppState>,
+    /// The metrics listener's address, when metrics are served.
+    pub metrics_addr: Option<SocketAddr>,
     handle: ServerHandle,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
-    purge: tokio::task::JoinHandle<()>,
-    follow: tokio::task::JoinHandle<()>,
-    audit_task: tokio::task::JoinHandle<()>,
+    metrics_server: Option<(ServerHandle, tokio::task::JoinHandle<std::io::Result<()>>)>,
+    tls: Option<Arc<CertReloader>>,
+    background: Vec<tokio::task::JoinHandle<()>>,
 }
 
 /// How often the server looks for the owner's changes (seal, keys, binding) in the database.
@@ -59,15 +64,6 @@ impl RunningServer {
         self.finish().await;
     }
 
-    /// Stops the background tasks, writes the queued audit entries and closes the store.
-    async fn finish(&self) {
-        self.purge.abort();
-        self.follow.abort();
-        self.state.audit.flush().await;
-        self.audit_task.abort();
-        self.state.vault.store().close();
-    }
-
     /// Runs until the server stops (SIGTERM/SIGINT when signals are handled).
     pub async fn wait(mut self) -> std::io::Result<()> {
         let result = match (&mut self.task).await {
@@ -78,9 +74,37 @@ impl RunningServer {
         result
     }
 
-    /// Base URL of the server, `http://addr`.
+    async fn finish(mut self) {
+        if let Some((handle, task)) = self.metrics_server.take() {
+            handle.stop(true).await;
+            let _ = task.await;
+        }
+        // Queued audit entries are written before the appender stops.
+        self.state.audit.flush().await;
+        for task in &self.background {
+            task.abort();
+        }
+        self.state.vault.store().close();
+    }
+
+    /// Base URL of the server, `http://addr` or `https://addr`.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// URL of the metrics page, when metrics are served.
+    pub fn metrics_url(&self) -> Option<String> {
+        self.metrics_addr.map(|a| format!("http://{a}/metrics"))
+    }
+
+    /// Reloads the TLS certificate and key from their files (what SIGHUP does); new connections
+    /// use them, open ones are not dropped. On error the certificate in use stays.
+    pub fn reload_tls(&self) -> Result<String, TlsError> {
+        match &self.tls {
+            Some(tls) => tls.reload(),
+            None => Ok(String::new()),
+        }
     }
 }
 
@@ -98,8 +122,16 @@ pub fn prepare_data_dir(config: &Config) -> anyhow::Result<()> {
 
 /// Opens everything and starts serving on `config.listen`.
 pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
+    // Certificate problems are configuration errors: report them before touching the data.
+    let tls = config
+        .tls
+        .clone()
+        .map(CertReloader::load)
+        .transpose()?
+        .map(Arc::new);
     prepare_data_dir(&config)?;
-    let store = Store::open(&config.data_dir)
+    let metrics = Arc::new(Metrics::new());
+    let store = Store::open_observed(&config.data_dir, Some(metrics.commit_observer()))
         .with_context(|| format!("cannot open the database in {}", config.data_dir.display()))?;
     let settings = VaultSettings {
         max_ticket_lifetime: config.max_ticket_lifetime,
@@ -165,7 +197,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     let state = Data::new(AppState {
         vault,
         network,
-        metrics: Metrics::default(),
+        metrics: Arc::clone(&metrics),
         upstream,
         config: Arc::clone(&config),
         audit,
@@ -173,6 +205,11 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
 
     let ring_state = state.clone();
     let audit_task = audit_queue.spawn(store.clone(), move || ring_state.vault.keys());
+    // Before the listener exists, so no SIGHUP can arrive while it would still end the process.
+    let mut background = Vec::new();
+    if config.handle_signals {
+        background.push(spawn_reload_on_hangup(tls.clone())?);
+    }
 
     let app_state = state.clone();
     let mut server = HttpServer::new(move || {
@@ -195,9 +232,11 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     if !config.handle_signals {
         server = server.disable_signals();
     }
-    let server = server
-        .bind(config.listen)
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let server = match &tls {
+        Some(tls) => server.bind_openssl(config.listen, tls.acceptor()?),
+        None => server.bind(config.listen),
+    }
+    .with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = server
         .addrs()
         .first()
@@ -206,6 +245,14 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     let server = server.run();
     let handle = server.handle();
     let task = tokio::spawn(server);
+
+    let (metrics_addr, metrics_server) = match config.metrics_listen {
+        Some(listen) => {
+            let (addr, handle, task) = start_metrics_server(listen, Arc::clone(&metrics))?;
+            (Some(addr), Some((handle, task)))
+        }
+        None => (None, None),
+    };
 
     let purge_state = state.clone();
     let purge = tokio::spawn(async move {
@@ -249,6 +296,9 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     let binding = state.vault.binding();
     tracing::info!(
         listen = %addr,
+        tls = tls.is_some(),
+        certificate_sha256 = %tls.as_ref().map(|t| t.fingerprint()).unwrap_or_default(),
+        metrics = %metrics_addr.map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
         bound = binding.bound,
         webhook_id = %binding.webhook_id,
         identity_key = %state.vault.keys().identity().key_id(),
@@ -260,13 +310,86 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
             config.data_dir.display()
         );
     }
+    background.push(purge);
+    background.push(follow);
+    background.push(audit_task);
     Ok(RunningServer {
         addr,
         state,
+        metrics_addr,
         handle,
         task,
-        purge,
-        follow,
-        audit_task,
+        metrics_server,
+        tls,
+        background,
     })
+}
+
+type ServerTask = tokio::task::JoinHandle<std::io::Result<()>>;
+
+/// The metrics listener: a second, small actix server with `GET /metrics` only, so that scraping
+/// never shares a port (or a firewall rule) with the webhook.
+fn start_metrics_server(
+    listen: SocketAddr,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<(SocketAddr, ServerHandle, ServerTask)> {
+    let server = HttpServer::new(move || {
+        let metrics = Arc::clone(&metrics);
+        App::new()
+            .route(
+                "/metrics",
+                web::get().to(move || {
+                    let text = metrics.encode();
+                    async move {
+                        HttpResponse::Ok()
+                            .insert_header((
+                                header::CONTENT_TYPE,
+                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            ))
+                            .body(text)
+                    }
+                }),
+            )
+            .default_service(web::to(HttpResponse::NotFound))
+    })
+    .workers(1)
+    .disable_signals()
+    .shutdown_timeout(2)
+    .bind(listen)
+    .with_context(|| {
+        format!("invalid setting --metrics-listen / KEYHOLDER_METRICS_LISTEN: cannot listen on {listen}")
+    })?;
+    let addr = server
+        .addrs()
+        .first()
+        .copied()
+        .context("no metrics listening address")?;
+    let server = server.run();
+    let handle = server.handle();
+    Ok((addr, handle, tokio::spawn(server)))
+}
+
+/// SIGHUP reloads the TLS certificate (and is otherwise ignored rather than ending the process).
+fn spawn_reload_on_hangup(
+    tls: Option<Arc<CertReloader>>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
+    Ok(tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            match &tls {
+                Some(tls) => match tls.reload() {
+                    Ok(fingerprint) => tracing::info!(
+                        certificate_sha256 = %fingerprint,
+                        "SIGHUP: TLS certificate reloaded; new connections use it"
+                    ),
+                    Err(err) => tracing::error!(
+                        error = %err,
+                        "SIGHUP: TLS certificate not reloaded; the previous one stays in use"
+                    ),
+                },
+                None => tracing::info!("SIGHUP: no TLS certificate to reload"),
+            }
+        }
+    }))
 }

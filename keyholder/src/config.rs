@@ -11,6 +11,7 @@ use keyholder_protocol::paths::{
     DEFAULT_FRONTEND, DEFAULT_MAX_TICKET_LIFETIME_SECS, PLATFORM_EGRESS_IP,
 };
 
+use crate::tls::TlsFiles;
 use crate::vault::master::MasterKeySource;
 
 /// Where the data lives and how its keys are unlocked (shared by every command).
@@ -74,6 +75,18 @@ pub struct ServeArgs {
     /// HTTP worker threads (default: one per core).
     #[arg(long, env = "KEYHOLDER_WORKERS")]
     pub workers: Option<usize>,
+    /// PEM certificate chain: serve https with it (needs --tls-key; reloaded on SIGHUP).
+    #[arg(long, env = "KEYHOLDER_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "KEYHOLDER_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://<address>/metrics (default: off; loopback only unless --metrics-public).
+    #[arg(long, env = "KEYHOLDER_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
+    /// Allow --metrics-listen on a non-loopback address (e.g. 0.0.0.0:9090 inside a container).
+    #[arg(long, env = "KEYHOLDER_METRICS_PUBLIC")]
+    pub metrics_public: bool,
     /// Log filter (tracing EnvFilter syntax, e.g. `info` or `keyholder=debug`).
     #[arg(long, env = "KEYHOLDER_LOG", default_value = "info")]
     pub log: String,
@@ -117,7 +130,7 @@ pub struct Config {
     pub frontend_url: String,
     /// Worker threads.
     pub workers: Option<usize>,
-    /// Let actix handle SIGTERM/SIGINT (off for in-process tests).
+    /// Let actix handle SIGTERM/SIGINT, and SIGHUP reload the certificate (off for in-process tests).
     pub handle_signals: bool,
     /// Outbound calls may use plain http and private addresses (the SSRF guard stays on for
     /// forbidden ones). Off by default.
@@ -132,6 +145,10 @@ pub struct Config {
     pub provider_timeout: Duration,
     /// Largest proxied response body (`502 upstream_error` past it).
     pub upstream_max_response: usize,
+    /// Serve https with this certificate and key.
+    pub tls: Option<TlsFiles>,
+    /// Prometheus metrics listener (off when `None`).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Default total time of a proxied call.
@@ -170,6 +187,27 @@ pub fn validate_url(setting: &'static str, value: &str) -> Result<String, Config
     Ok(value.trim_end_matches('/').to_string())
 }
 
+/// Parses the metrics address. Metrics carry no secret but show traffic, so a non-loopback
+/// address needs the explicit `--metrics-public`.
+pub fn validate_metrics_listen(value: &str, public: bool) -> Result<SocketAddr, ConfigError> {
+    const SETTING: &str = "--metrics-listen / KEYHOLDER_METRICS_LISTEN";
+    let addr: SocketAddr = value.parse().map_err(|_| {
+        invalid(
+            SETTING,
+            format!("'{value}' is not an address like 127.0.0.1:9090"),
+        )
+    })?;
+    if !addr.ip().is_loopback() && !public {
+        return Err(invalid(
+            SETTING,
+            format!(
+                "'{value}' is not a loopback address; add --metrics-public (KEYHOLDER_METRICS_PUBLIC=true) to serve metrics there"
+            ),
+        ));
+    }
+    Ok(addr)
+}
+
 impl Config {
     /// Defaults for a server on `listen` with its data in `data_dir` (tests, embedding).
     pub fn new(data_dir: PathBuf, listen: SocketAddr) -> Config {
@@ -196,6 +234,8 @@ impl Config {
             upstream_timeout: DEFAULT_UPSTREAM_TIMEOUT,
             provider_timeout: DEFAULT_PROVIDER_TIMEOUT,
             upstream_max_response: DEFAULT_UPSTREAM_MAX_RESPONSE,
+            tls: None,
+            metrics_listen: None,
         }
     }
 
@@ -259,6 +299,31 @@ impl Config {
                 "must be at least 1",
             ));
         }
+        let tls = match (&args.tls_cert, &args.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(invalid(
+                    "--tls-key / KEYHOLDER_TLS_KEY",
+                    "required with --tls-cert",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "--tls-cert / KEYHOLDER_TLS_CERT",
+                    "required with --tls-key",
+                ))
+            }
+        };
+        let metrics_listen = args
+            .metrics_listen
+            .as_deref()
+            .filter(|s| !s.trim().is_empty())
+            .map(|s| validate_metrics_listen(s.trim(), args.metrics_public))
+            .transpose()?;
         Ok(Config {
             data_dir: args.data.data_dir.clone(),
             master_key: args.data.master_key_source(),
@@ -279,6 +344,8 @@ impl Config {
             upstream_timeout: Duration::from_secs(args.upstream_timeout),
             provider_timeout: DEFAULT_PROVIDER_TIMEOUT,
             upstream_max_response: DEFAULT_UPSTREAM_MAX_RESPONSE,
+            tls,
+            metrics_listen,
         })
     }
 }

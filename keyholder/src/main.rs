@@ -6,7 +6,7 @@ use keyholder::cli::owner::{
     self, AuditCommand, BackupArgs, ImportReferenceArgs, OwnerArgs, RestoreArgs, RetireKeyArgs,
     RewrapArgs, RotateMasterKeyArgs,
 };
-use keyholder::cli::{self, BindArgs, EgressArgs, OAuthArgs, OAuthOutcome};
+use keyholder::cli::{self, BindArgs, EgressArgs, HealthcheckArgs, OAuthArgs, OAuthOutcome};
 use keyholder::config::{Config, ServeArgs};
 
 /// Keyholder: the self-hosted key-custody webhook for Token Vault.
@@ -20,7 +20,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the keyholder server (creates the data folder and keys on first start).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Issue a one-time bind code and the registration link to connect the platform.
     Bind(BindArgs),
     /// Show or change where a service's credential may be sent (pinned, allowlist, any).
@@ -52,17 +52,6 @@ enum Command {
     Audit(AuditCommand),
     /// Move in from the public reference webhook's two JSON files (keeps its binding).
     ImportReference(ImportReferenceArgs),
-}
-
-#[derive(Debug, clap::Args)]
-struct HealthcheckArgs {
-    /// Health URL to query.
-    #[arg(
-        long,
-        env = "KEYHOLDER_HEALTHCHECK_URL",
-        default_value = "http://127.0.0.1:8080/v1/health"
-    )]
-    url: String,
 }
 
 fn init_logging(filter: &str, format: &str) -> anyhow::Result<()> {
@@ -363,20 +352,7 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            let healthy = runtime.block_on(async move {
-                let client = reqwest::Client::builder()
-                    .timeout(std::time::Duration::from_secs(3))
-                    .build()?;
-                let response = client.get(&args.url).send().await?;
-                let ok = response.status().is_success()
-                    && response
-                        .json::<serde_json::Value>()
-                        .await?
-                        .get("status")
-                        .and_then(|s| s.as_str())
-                        == Some("healthy");
-                Ok::<_, anyhow::Error>(ok)
-            });
+            let healthy = runtime.block_on(cli::healthcheck(&args));
             match healthy {
                 Ok(true) => Ok(std::process::ExitCode::SUCCESS),
                 Ok(false) => {

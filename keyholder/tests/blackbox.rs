@@ -1,6 +1,7 @@
 //! The built `keyholder` binary, run as a user would: `serve` on a fresh data folder, `bind`
 //! while it runs, a simulated platform exchange, a browser store and an agent fetch; the logs (at
-//! trace level) never hold a secret or a ticket; SIGTERM stops it cleanly.
+//! trace level) never hold a secret or a ticket; SIGTERM stops it cleanly; with TLS, the
+//! argument-less healthcheck passes and SIGHUP reloads the certificate.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::io::Read;
@@ -269,4 +270,135 @@ fn owner_commands_status_seal_and_audit_verify() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// A self-signed P-256 certificate for 127.0.0.1, as PEM (certificate, key), and its SHA-256.
+fn self_signed() -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+    use openssl::{asn1::Asn1Time, ec, hash::MessageDigest, nid::Nid, pkey::PKey, x509};
+    let group = ec::EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).unwrap();
+    let key = PKey::from_ec_key(ec::EcKey::generate(&group).unwrap()).unwrap();
+    let mut name = x509::X509NameBuilder::new().unwrap();
+    name.append_entry_by_text("CN", "blackbox").unwrap();
+    let name = name.build();
+    let mut b = x509::X509::builder().unwrap();
+    b.set_version(2).unwrap();
+    b.set_subject_name(&name).unwrap();
+    b.set_issuer_name(&name).unwrap();
+    b.set_pubkey(&key).unwrap();
+    b.set_not_before(&Asn1Time::days_from_now(0).unwrap())
+        .unwrap();
+    b.set_not_after(&Asn1Time::days_from_now(1).unwrap())
+        .unwrap();
+    let san = x509::extension::SubjectAlternativeName::new()
+        .ip("127.0.0.1")
+        .build(&b.x509v3_context(None, None))
+        .unwrap();
+    b.append_extension(san).unwrap();
+    b.sign(&key, MessageDigest::sha256()).unwrap();
+    let cert = b.build();
+    let digest = cert.digest(MessageDigest::sha256()).unwrap().to_vec();
+    (
+        cert.to_pem().unwrap(),
+        key.private_key_to_pem_pkcs8().unwrap(),
+        digest,
+    )
+}
+
+/// SHA-256 of the certificate the server presents to a new connection.
+fn served_certificate(port: u16) -> Option<Vec<u8>> {
+    use openssl::ssl::{SslConnector, SslMethod, SslVerifyMode};
+    let mut connector = SslConnector::builder(SslMethod::tls_client()).ok()?;
+    connector.set_verify(SslVerifyMode::NONE);
+    let tcp = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    let stream = connector
+        .build()
+        .configure()
+        .ok()?
+        .verify_hostname(false)
+        .connect("localhost", tcp)
+        .ok()?;
+    let cert = stream.ssl().peer_certificate()?;
+    Some(
+        cert.digest(openssl::hash::MessageDigest::sha256())
+            .ok()?
+            .to_vec(),
+    )
+}
+
+#[test]
+fn tls_healthcheck_and_certificate_reload_on_sighup() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key, first) = self_signed();
+    let (cert_file, key_file) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_file, &cert).unwrap();
+    std::fs::write(&key_file, &key).unwrap();
+    let port = free_port();
+    let env = [
+        ("KEYHOLDER_DATA_DIR", dir.path().join("data")),
+        ("KEYHOLDER_LISTEN", format!("0.0.0.0:{port}").into()),
+        ("KEYHOLDER_TLS_CERT", cert_file.clone()),
+        ("KEYHOLDER_TLS_KEY", key_file.clone()),
+    ];
+    let mut child = Command::new(BIN)
+        .arg("serve")
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The container's health check: no arguments, it follows the server's own settings.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ok = Command::new(BIN)
+            .arg("healthcheck")
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stderr(Stdio::null())
+            .status()
+            .unwrap()
+            .success();
+        if ok {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "healthcheck never passed over TLS"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(served_certificate(port), Some(first));
+
+    let (cert, key, second) = self_signed();
+    std::fs::write(&cert_file, &cert).unwrap();
+    std::fs::write(&key_file, &key).unwrap();
+    Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while served_certificate(port).as_ref() != Some(&second) {
+        assert!(
+            Instant::now() < deadline,
+            "certificate not reloaded on SIGHUP"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "SIGHUP must not stop the server"
+    );
+
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    let mut logs = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut logs)
+        .unwrap();
+    assert!(logs.contains("certificate reloaded"), "{logs}");
 }

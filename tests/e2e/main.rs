@@ -1,11 +1,13 @@
 //! End-to-end tests: one binary, the real server in process, the platform, browser and agent
-//! played with the protocol crate over real HTTP on loopback.
+//! played with the protocol crate over real HTTP on loopback (and once in a real browser).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod binding;
+mod browser;
 mod client;
 mod credentials;
 mod egress;
+mod metrics;
 mod minting;
 mod owner;
 mod persistence;
@@ -13,3 +15,4 @@ mod proxy;
 mod refresh;
 mod signed;
 mod storage;
+mod tls;

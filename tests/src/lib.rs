@@ -3,6 +3,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
 pub mod bench;
+pub mod certs;
+pub mod webdriver;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -191,7 +191,7 @@ pub async fn verify_signed(
     {
         Seen::Fresh => Ok((body, request_id)),
         Seen::Replayed => {
-            state.metrics.replays.inc();
+            state.metrics.replay_refused("request_id");
             tracing::warn!("duplicate platform request id refused");
             Err(ApiError::DuplicateRequestId)
         }
@@ -299,7 +299,7 @@ pub async fn verify_ticket_for(
         .await?
         == Seen::Replayed
     {
-        state.metrics.replays.inc();
+        state.metrics.replay_refused("nonce");
         tracing::warn!("replayed ticket nonce refused");
         return Err(ApiError::TicketReplayed);
     }

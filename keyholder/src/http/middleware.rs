@@ -1,6 +1,6 @@
 //! Wraps every response: a request id, CORS for the browser-facing endpoints, the Ed25519
 //! response signature over the exact body sent, error bodies carrying the request id, and one
-//! access-log line per request (path only: query strings carry tickets).
+//! access-log line per request (path only: query strings carry tickets), and the request metrics.
 
 use std::time::Instant;
 
@@ -161,10 +161,14 @@ pub async fn keyholder_layer(
         if let Ok(v) = HeaderValue::from_str(&signature) {
             headers.insert(HeaderName::from_static("x-keyholder-signature"), v);
         }
-        state.metrics.requests.inc();
-        if status.is_server_error() {
-            state.metrics.server_errors.inc();
-        }
+        // Labelled by the registered route pattern, never the raw path (tickets ride in queries).
+        let route = http_req.match_pattern();
+        state.metrics.observe_request(
+            route.as_deref().unwrap_or("unmatched"),
+            crate::metrics::method_label(&method),
+            status.as_u16(),
+            started.elapsed(),
+        );
     }
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     headers.insert(

@@ -55,6 +55,13 @@ struct WriteJob {
     reply: oneshot::Sender<AnyResult>,
 }
 
+/// Told about every group commit by the writer thread (metrics). Called on the writer thread:
+/// implementations must be quick and must not block.
+pub trait CommitObserver: Send + Sync {
+    /// One transaction of `jobs` write jobs committed (or failed) after `elapsed`.
+    fn observe_commit(&self, elapsed: Duration, jobs: usize);
+}
+
 /// Statistics of the group commit, for metrics and the benchmark.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct CommitStats {
@@ -103,6 +110,14 @@ pub fn open_connection(path: &Path, read_only: bool) -> Result<Connection, Store
 impl Store {
     /// Opens (creating and migrating if needed) the database in `data_dir` and starts the writer.
     pub fn open(data_dir: &Path) -> Result<Store, StoreError> {
+        Self::open_observed(data_dir, None)
+    }
+
+    /// Like [`Store::open`], reporting every group commit to `observer`.
+    pub fn open_observed(
+        data_dir: &Path,
+        observer: Option<Arc<dyn CommitObserver>>,
+    ) -> Result<Store, StoreError> {
         let path = data_dir.join(DATABASE_FILE);
         create_private_file(&path)?;
         let mut conn = open_connection(&path, false)?;
@@ -117,7 +132,7 @@ impl Store {
         let writer_stats = Arc::clone(&stats);
         std::thread::Builder::new()
             .name("keyholder-writer".into())
-            .spawn(move || writer_loop(conn, rx, writer_stats))?;
+            .spawn(move || writer_loop(conn, rx, writer_stats, observer))?;
         Ok(Store {
             inner: Arc::new(StoreInner {
                 path,
@@ -206,7 +221,12 @@ impl Store {
     }
 }
 
-fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<WriteJob>, stats: Arc<Mutex<CommitStats>>) {
+fn writer_loop(
+    mut conn: Connection,
+    rx: mpsc::Receiver<WriteJob>,
+    stats: Arc<Mutex<CommitStats>>,
+    observer: Option<Arc<dyn CommitObserver>>,
+) {
     while let Ok(first) = rx.recv() {
         let mut batch = Vec::with_capacity(16);
         batch.push(first);
@@ -219,11 +239,15 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<WriteJob>, stats: Arc<Mu
         let started = Instant::now();
         let outcome = run_batch(&mut conn, batch);
         let jobs = outcome.len() as u64;
+        let elapsed = started.elapsed();
         tracing::trace!(
             jobs,
-            elapsed_us = started.elapsed().as_micros() as u64,
+            elapsed_us = elapsed.as_micros() as u64,
             "group commit"
         );
+        if let Some(observer) = observer.as_ref() {
+            observer.observe_commit(elapsed, outcome.len());
+        }
         if let Ok(mut s) = stats.lock() {
             s.commits += 1;
             s.jobs += jobs;

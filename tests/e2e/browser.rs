@@ -1,0 +1,145 @@
+//! In a real browser (headless Chromium through chromedriver): a page on a second loopback origin
+//! stores a credential with a store ticket through a real CORS preflight and fetches it back with a
+//! credential ticket, and the `/bind` page renders (a screenshot is kept in the test output).
+//! Skipped, saying so, only when Chromium is absent outside CI; in CI (`CI` set) it must run.
+
+use std::time::Duration;
+
+use actix_web::{web, App, HttpResponse, HttpServer};
+use keyholder_protocol::paths::*;
+use keyholder_protocol::{HmacSecret, Purpose};
+use keyholder_tests::webdriver::{find_browser, Browser};
+use keyholder_tests::Keyholder;
+use serde_json::{json, Value};
+
+const SECRET: &str = "ghp_FromTheBrowser_5e1f";
+
+/// The platform's frontend stand-in: a page on another origin (another loopback port).
+fn start_platform_page() -> (String, actix_web::dev::ServerHandle) {
+    let server = HttpServer::new(|| {
+        App::new().route(
+            "/",
+            web::get().to(|| async {
+                HttpResponse::Ok()
+                    .content_type("text/html; charset=utf-8")
+                    .body("<!doctype html><html><head><title>platform</title></head><body><h1>Platform frontend</h1></body></html>")
+            }),
+        )
+    })
+    .workers(1)
+    .disable_signals()
+    .bind("127.0.0.1:0")
+    .unwrap();
+    let addr = server.addrs()[0];
+    let server = server.run();
+    let handle = server.handle();
+    tokio::spawn(server);
+    (format!("http://{addr}"), handle)
+}
+
+const STORE_AND_FETCH: &str = r#"
+const [base, storeTicket, credentialTicket, secret, done] = arguments;
+(async () => {
+  const out = { origin: location.origin };
+  const stored = await fetch(base + '/v1/store', {
+    method: 'POST',
+    headers: { 'Content-Type': 'application/json' },
+    body: JSON.stringify({ ticket: storeTicket, service: 'github',
+                           tokenData: { accessToken: secret, tokenType: 'oauth' } }),
+  });
+  out.storeStatus = stored.status;
+  out.store = await stored.json();
+  out.storeRequestId = stored.headers.get('X-Request-Id');
+  const query = new URLSearchParams({ ticket: credentialTicket, service: 'github' });
+  const fetched = await fetch(base + '/v1/credential?' + query);
+  out.credentialStatus = fetched.status;
+  out.credential = await fetched.json();
+  // The same ticket again: the refusal is readable too (CORS on errors).
+  const replayed = await fetch(base + '/v1/credential?' + query);
+  out.replayStatus = replayed.status;
+  out.replay = await replayed.json();
+  return out;
+})().then(done, (e) => done({ error: String(e) }));
+"#;
+
+#[tokio::test]
+async fn store_and_fetch_from_another_origin_and_the_bind_page_renders() {
+    let Some((chromium, chromedriver)) = find_browser() else {
+        if std::env::var_os("CI").is_some() {
+            panic!("CI: /usr/bin/chromium or /usr/bin/chromedriver is missing (.ci/run installs chromium and chromium-driver)");
+        }
+        eprintln!(
+            "SKIPPED browser test: Chromium not found. Install it with `apt-get install -y chromium chromium-driver` \
+             (or set KEYHOLDER_CHROMIUM and KEYHOLDER_CHROMEDRIVER)."
+        );
+        return;
+    };
+    tokio::time::timeout(Duration::from_secs(120), async {
+        let mut kh = Keyholder::start_with(|c| {
+            c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+        })
+        .await;
+        let (platform, platform_handle) = start_platform_page();
+        let browser = Browser::start(&chromium, &chromedriver).await.unwrap();
+
+        // The /bind page, opened with a live code before the platform exchanged it.
+        let code = kh.issue_code(false);
+        browser
+            .goto(&format!("{}{PATH_BIND}?code={}", kh.base, code.code))
+            .await
+            .unwrap();
+        let page = browser
+            .execute(
+                "return { title: document.title, status: document.getElementById('status').textContent, \
+                 connect: document.getElementById('connect') && document.getElementById('connect').getAttribute('href') };",
+                vec![],
+            )
+            .await
+            .unwrap();
+        assert_eq!(page["title"], "Keyholder", "{page}");
+        assert_eq!(page["status"], "Not bound yet", "{page}");
+        assert_eq!(page["connect"], Value::from(code.registration_url.clone()), "{page}");
+        let png = browser.screenshot().await.unwrap();
+        assert!(png.starts_with(b"\x89PNG"), "not a PNG");
+        let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("browser");
+        std::fs::create_dir_all(&dir).unwrap();
+        let shot = dir.join("bind-page.png");
+        std::fs::write(&shot, &png).unwrap();
+        println!("bind page screenshot: {}", shot.display());
+
+        // The platform exchanges the code; from now on it mints tickets.
+        let answer = kh.exchange(&code.code).await;
+        assert_eq!(answer.status, 200);
+        kh.secret = Some(HmacSecret::from_base64(answer.json()["hmacSecret"].as_str().unwrap()).unwrap());
+
+        // The owner's browser on the platform's origin stores, then fetches.
+        browser.goto(&format!("{platform}/")).await.unwrap();
+        let store = kh.ticket(Purpose::Store, "github");
+        let fetch = kh.ticket(Purpose::UserReveal, "github");
+        let out = browser
+            .execute_async(STORE_AND_FETCH, vec![json!(kh.base), json!(store), json!(fetch), json!(SECRET)])
+            .await
+            .unwrap();
+        assert_eq!(out["origin"], Value::from(platform.clone()), "{out}");
+        assert_ne!(out["origin"], Value::from(kh.base.clone()), "two origins");
+        assert_eq!(out["storeStatus"], 200, "{out}");
+        assert_eq!(out["store"]["status"], "stored", "{out}");
+        assert!(out["storeRequestId"].is_string(), "exposed header: {out}");
+        assert_eq!(out["credentialStatus"], 200, "{out}");
+        assert_eq!(out["credential"]["token"]["accessToken"], SECRET, "{out}");
+        assert_eq!(out["replayStatus"], 401, "{out}");
+        assert_eq!(out["replay"]["error"], "ticket_invalid", "{out}");
+
+        // The JSON POST was preceded by a real preflight, answered 204.
+        let metrics_url = kh.server.as_ref().unwrap().metrics_url().unwrap();
+        let text = reqwest::get(&metrics_url).await.unwrap().text().await.unwrap();
+        let preflight = format!("keyholder_http_requests_total{{route=\"{PATH_STORE}\",method=\"OPTIONS\",status=\"204\"}} 1");
+        assert!(text.lines().any(|l| l == preflight), "no preflight seen:\n{text}");
+
+        browser.quit().await;
+        platform_handle.stop(false).await;
+        kh.stop().await;
+    })
+    .await
+    .expect("browser test finished in time");
+}
