@@ -2,6 +2,7 @@
 //! response signature over the exact body sent, error bodies carrying the request id, and one
 //! access-log line per request (path only: query strings carry tickets), and the request metrics.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use actix_web::body::{self, BoxBody, MessageBody};
@@ -23,6 +24,7 @@ use super::error::ApiError;
 use super::extract::TicketContext;
 use crate::app::AppState;
 use crate::audit::{AuditEvent, UpstreamOrigin};
+use crate::vault::replay::DurabilityBarrier;
 
 /// The request id of the current request, in request extensions.
 #[derive(Debug, Clone)]
@@ -108,12 +110,24 @@ pub async fn keyholder_layer(
         let (http_req, _) = req.into_parts();
         (http_req, HttpResponse::NoContent().finish())
     } else {
-        let res = match next.call(req).instrument(span.clone()).await {
+        let barrier = Arc::new(DurabilityBarrier::default());
+        let res = match barrier.scope(next.call(req)).instrument(span.clone()).await {
             Ok(res) => res,
             Err(err) => return Err(err),
         };
         let (http_req, res) = res.into_parts();
-        (http_req, res.map_into_boxed_body())
+        // Durable before answered: replay marks made while handling must be on disk first.
+        let settled = match state.as_ref() {
+            Some(state) => barrier.settle(&state.vault.replay).await,
+            None => Ok(()),
+        };
+        match settled {
+            Ok(()) => (http_req, res.map_into_boxed_body()),
+            Err(err) => (
+                http_req,
+                HttpResponse::from_error(actix_web::Error::from(ApiError::from(err))),
+            ),
+        }
     };
 
     let status = response.status();

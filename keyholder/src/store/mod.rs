@@ -71,6 +71,31 @@ pub struct CommitStats {
     pub jobs: u64,
 }
 
+/// A write handed to the writer, resolving to its result once committed and fsync'ed.
+pub struct PendingWrite<T> {
+    rx: oneshot::Receiver<AnyResult>,
+    _result: std::marker::PhantomData<fn() -> T>,
+}
+
+impl<T: 'static> std::future::Future for PendingWrite<T> {
+    type Output = Result<T, StoreError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.rx).poll(cx).map(|received| {
+            received
+                .map_err(|_| StoreError::WriterGone)?
+                .and_then(|any| {
+                    any.downcast::<T>()
+                        .map(|b| *b)
+                        .map_err(|_| StoreError::Corrupt("write job result type".into()))
+                })
+        })
+    }
+}
+
 /// Handle to the database: cheap to clone, shared by all workers.
 #[derive(Clone)]
 pub struct Store {
@@ -161,24 +186,32 @@ impl Store {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
+        self.submit(f)?.await
+    }
+
+    /// Hands `f` to the writer now and returns a future that resolves once it is committed and
+    /// fsync'ed, so the caller can do other work while the commit happens.
+    pub fn submit<T, F>(&self, f: F) -> Result<PendingWrite<T>, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
         let (reply, rx) = oneshot::channel();
         let job = WriteJob {
             run: Box::new(move |conn| f(conn).map(|v| Box::new(v) as Box<dyn Any + Send>)),
             reply,
         };
-        {
-            let guard = self
-                .inner
-                .writer
-                .lock()
-                .map_err(|_| StoreError::WriterGone)?;
-            let sender = guard.as_ref().ok_or(StoreError::WriterGone)?;
-            sender.send(job).map_err(|_| StoreError::WriterGone)?;
-        }
-        let any = rx.await.map_err(|_| StoreError::WriterGone)??;
-        any.downcast::<T>()
-            .map(|b| *b)
-            .map_err(|_| StoreError::Corrupt("write job result type".into()))
+        let guard = self
+            .inner
+            .writer
+            .lock()
+            .map_err(|_| StoreError::WriterGone)?;
+        let sender = guard.as_ref().ok_or(StoreError::WriterGone)?;
+        sender.send(job).map_err(|_| StoreError::WriterGone)?;
+        Ok(PendingWrite {
+            rx,
+            _result: std::marker::PhantomData,
+        })
     }
 
     /// Runs a read on a pooled read-only connection, off the async workers. At most `READERS`
@@ -275,16 +308,21 @@ fn run_batch(
         }
     };
     for job in batch {
-        let result = match tx.execute_batch("SAVEPOINT job") {
-            Ok(()) => {
+        let result = match tx
+            .prepare_cached("SAVEPOINT job")
+            .and_then(|mut st| st.execute([]))
+        {
+            Ok(_) => {
                 let r = (job.run)(&tx);
+                // Cached statements: a batch runs these once per job.
                 let end = if r.is_ok() {
-                    tx.execute_batch("RELEASE job")
+                    tx.prepare_cached("RELEASE job")
+                        .and_then(|mut st| st.execute([]))
                 } else {
-                    tx.execute_batch("ROLLBACK TO job; RELEASE job")
+                    tx.execute_batch("ROLLBACK TO job; RELEASE job").map(|()| 0)
                 };
                 match end {
-                    Ok(()) => r,
+                    Ok(_) => r,
                     Err(e) => Err(StoreError::Sqlite(e)),
                 }
             }

@@ -3,6 +3,7 @@
 
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use keyholder_protocol::document::is_sensitive;
 use keyholder_protocol::wire::{Collection, ListOptions, ListPage, Pagination};
@@ -31,25 +32,41 @@ impl Vault {
         collection: Collection,
         key: String,
     ) -> Result<Option<Value>, VaultError> {
+        Ok(self
+            .document(collection, key)
+            .await?
+            .map(|doc| doc.as_ref().clone()))
+    }
+
+    /// The document stored under `key`, shared from the cache (read from the database on a miss).
+    pub async fn document(
+        &self,
+        collection: Collection,
+        key: String,
+    ) -> Result<Option<Arc<Value>>, VaultError> {
         validate_key(&key)?;
+        if let Some(cached) = self.cache.get(collection, &key) {
+            return Ok(cached);
+        }
+        let epoch = self.cache.epoch();
+        let lookup = key.clone();
         let text: Option<String> = self
             .store()
             .read(move |conn| {
                 Ok(conn
-                    .query_row(
-                        "SELECT doc FROM documents WHERE collection = ?1 AND key = ?2",
-                        params![collection.as_str(), key],
-                        |r| r.get(0),
-                    )
+                    .prepare_cached("SELECT doc FROM documents WHERE collection = ?1 AND key = ?2")?
+                    .query_row(params![collection.as_str(), lookup], |r| r.get(0))
                     .optional()?)
             })
             .await?;
-        match text {
-            Some(t) => serde_json::from_str(&t)
-                .map(Some)
-                .map_err(|e| VaultError::Corrupt(e.to_string())),
-            None => Ok(None),
-        }
+        let doc = match text {
+            Some(t) => Some(Arc::new(
+                serde_json::from_str(&t).map_err(|e| VaultError::Corrupt(e.to_string()))?,
+            )),
+            None => None,
+        };
+        self.cache.put(collection, &key, doc.clone(), epoch);
+        Ok(doc)
     }
 
     /// Upserts a document (must be a JSON object).
@@ -65,16 +82,18 @@ impl Vault {
         }
         let text = data.to_string();
         let now = crate::clock::now_unix();
+        let written = key.clone();
         self.store()
             .write(move |conn| {
                 conn.execute(
                     "INSERT INTO documents(collection, key, doc, updated_at) VALUES (?1, ?2, ?3, ?4)
                      ON CONFLICT(collection, key) DO UPDATE SET doc = excluded.doc, updated_at = excluded.updated_at",
-                    params![collection.as_str(), key, text, now],
+                    params![collection.as_str(), written, text, now],
                 )?;
                 Ok(())
             })
             .await?;
+        self.cache.invalidate(collection, &key);
         Ok(())
     }
 
@@ -85,15 +104,17 @@ impl Vault {
         key: String,
     ) -> Result<(), VaultError> {
         validate_key(&key)?;
+        let deleted = key.clone();
         self.store()
             .write(move |conn| {
                 conn.execute(
                     "DELETE FROM documents WHERE collection = ?1 AND key = ?2",
-                    params![collection.as_str(), key],
+                    params![collection.as_str(), deleted],
                 )?;
                 Ok(())
             })
             .await?;
+        self.cache.invalidate(collection, &key);
         Ok(())
     }
 
@@ -103,8 +124,8 @@ impl Vault {
         collection: Collection,
         options: Option<ListOptions>,
     ) -> Result<ListPage, VaultError> {
-        let rows = self.load_collection(collection).await?;
-        Ok(list_page(collection, rows, options.as_ref()))
+        let items = self.list_items(collection).await?;
+        Ok(list_page(collection, &items, options.as_ref()))
     }
 
     /// Lists several collections at once; unknown names are skipped.
@@ -119,10 +140,10 @@ impl Vault {
                 if results.contains_key(collection.as_str()) {
                     continue;
                 }
-                let rows = self.load_collection(collection).await?;
+                let items = self.list_items(collection).await?;
                 results.insert(
                     collection.as_str().to_string(),
-                    list_page(collection, rows, options.as_ref()),
+                    list_page(collection, &items, options.as_ref()),
                 );
             }
         }
@@ -144,10 +165,12 @@ impl Vault {
             .max(0) as u64)
     }
 
-    async fn load_collection(
-        &self,
-        collection: Collection,
-    ) -> Result<Vec<(String, Value)>, VaultError> {
+    /// A collection's list items (built, in list order), from the cache or the database.
+    async fn list_items(&self, collection: Collection) -> Result<Arc<Vec<Value>>, VaultError> {
+        if let Some(items) = self.cache.list(collection) {
+            return Ok(items);
+        }
+        let epoch = self.cache.epoch();
         let rows: Vec<(String, String)> = self
             .store()
             .read(move |conn| {
@@ -160,13 +183,18 @@ impl Vault {
                 Ok(rows)
             })
             .await?;
-        rows.into_iter()
-            .map(|(k, text)| {
-                serde_json::from_str(&text)
-                    .map(|v| (k, v))
-                    .map_err(|e| VaultError::Corrupt(e.to_string()))
-            })
-            .collect()
+        let mut items = Vec::with_capacity(rows.len());
+        for (key, text) in rows {
+            let doc =
+                serde_json::from_str(&text).map_err(|e| VaultError::Corrupt(e.to_string()))?;
+            items.push(list_item(collection, &key, doc));
+        }
+        if collection == Collection::Audit {
+            items.sort_by(|a, b| cursor_cmp(&cursor(collection, b), &cursor(collection, a)));
+        }
+        let items = Arc::new(items);
+        self.cache.put_list(collection, Arc::clone(&items), epoch);
+        Ok(items)
     }
 }
 
@@ -241,24 +269,14 @@ fn cursor_cmp(a: &Value, b: &Value) -> Ordering {
 }
 
 /// Applies filters, `since`, `after` and `limit` to a collection's documents (in key order).
-pub fn list_page(
-    collection: Collection,
-    rows: Vec<(String, Value)>,
-    options: Option<&ListOptions>,
-) -> ListPage {
-    let mut items: Vec<Value> = rows
-        .into_iter()
-        .map(|(k, doc)| list_item(collection, &k, doc))
-        .collect();
-    if collection == Collection::Audit {
-        items.sort_by(|a, b| cursor_cmp(&cursor(collection, b), &cursor(collection, a)));
-    }
+pub fn list_page(collection: Collection, all: &[Value], options: Option<&ListOptions>) -> ListPage {
     let Some(options) = options else {
         return ListPage {
-            items,
+            items: all.to_vec(),
             pagination: None,
         };
     };
+    let mut items: Vec<&Value> = all.iter().collect();
     if let Some(filters) = options.filters.as_ref().filter(|f| !f.is_empty()) {
         items.retain(|item| {
             let source = if collection == Collection::Audit {
@@ -305,5 +323,8 @@ pub fn list_page(
             total_count,
         });
     }
-    ListPage { items, pagination }
+    ListPage {
+        items: items.into_iter().cloned().collect(),
+        pagination,
+    }
 }

@@ -121,9 +121,10 @@ impl Vault {
             .cloned()
             .unwrap_or_default();
         let text = sealed.to_string();
+        let service_name = service.to_string();
         let service = service.to_string();
         let now = crate::clock::now_unix();
-        self.store()
+        let written = self.store()
             .write(move |conn| {
                 // Written under the version that is current on disk, never under one the owner has
                 // since rotated away from (and perhaps retired).
@@ -151,7 +152,10 @@ impl Vault {
                 Ok(())
             })
             .await
-            .map_err(from_store)?;
+            .map_err(from_store);
+        // Whatever the outcome, a cached copy may now be stale.
+        self.cache.invalidate(Collection::Tokens, &service_name);
+        written?;
         Ok(meta)
     }
 
@@ -160,13 +164,26 @@ impl Vault {
         self.ensure_unsealed()?;
         validate_key(service)?;
         let doc = self
-            .storage_get(Collection::Tokens, service.to_string())
+            .document(Collection::Tokens, service.to_string())
             .await?
             .ok_or(VaultError::TokenNotFound)?;
         let keys = self.keys();
         // Checked again right before decrypting: a seal that arrived during the read applies.
         self.ensure_unsealed()?;
-        open_document(&doc, service, &*keys).map_err(document_error)
+        match open_document(&doc, service, &*keys) {
+            Ok(token) => Ok(token),
+            // The owner may have re-encrypted and retired a key since this copy was cached:
+            // forget it and try once more from the database.
+            Err(_) if self.cache.get(Collection::Tokens, service).is_some() => {
+                self.cache.invalidate(Collection::Tokens, service);
+                let doc = self
+                    .document(Collection::Tokens, service.to_string())
+                    .await?
+                    .ok_or(VaultError::TokenNotFound)?;
+                open_document(&doc, service, &*self.keys()).map_err(document_error)
+            }
+            Err(err) => Err(document_error(err)),
+        }
     }
 
     /// The current TOTP code of a `tokenType: TOTP` credential.

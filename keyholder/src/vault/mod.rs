@@ -3,6 +3,7 @@
 pub mod binding;
 pub mod collections;
 pub mod credentials;
+pub mod doc_cache;
 pub mod egress;
 pub mod import;
 pub mod keyring;
@@ -137,6 +138,8 @@ pub struct Vault {
     follow: Mutex<reload::FollowState>,
     /// Minted short-lived tokens, in memory only.
     minter: minting::Minter,
+    /// Stored documents and list items, so hot paths skip the database.
+    cache: doc_cache::DocumentCache,
     /// One OAuth refresh per service at a time.
     refresh_locks: minting::KeyedLocks,
 }
@@ -196,6 +199,7 @@ impl Vault {
             source: source_owned,
             follow: Mutex::new(reload::FollowState::new(generation)),
             minter: minting::Minter::default(),
+            cache: doc_cache::DocumentCache::default(),
             refresh_locks: minting::KeyedLocks::default(),
         };
         Ok((vault, report))

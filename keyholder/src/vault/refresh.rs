@@ -6,6 +6,7 @@ use bytes::Bytes;
 use keyholder_protocol::document::{
     format_iso8601, open_document, parse_iso8601, seal_token_data, OpenedToken,
 };
+use keyholder_protocol::wire::Collection;
 use keyholder_protocol::wire::{RefreshHint, RefreshTokens};
 use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, CONTENT_TYPE};
 use reqwest::Method;
@@ -143,15 +144,18 @@ impl Vault {
             .map(|ms| ms / 1000);
         let (service, before, after) = (service.to_string(), current.text, sealed.to_string());
         let now = crate::clock::now_unix();
+        let updated = service.clone();
         let written = self
             .store()
             .write(move |conn| {
                 Ok(conn.execute(
                     "UPDATE documents SET doc = ?3, updated_at = ?4 WHERE collection = 'tokens' AND key = ?1 AND doc = ?2",
-                    params![service, before, after, now],
+                    params![updated, before, after, now],
                 )?)
             })
-            .await?;
+            .await;
+        self.cache.invalidate(Collection::Tokens, &service);
+        let written = written?;
         if written == 0 {
             return Err(VaultError::Invalid(
                 "the credential changed while it was being refreshed; retry".into(),

@@ -2,12 +2,59 @@
 //! check-and-insert), made durable before the request is answered, reloaded at start.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use rusqlite::params;
 
 use super::VaultError;
-use crate::store::Store;
+use crate::store::{PendingWrite, Store};
+
+tokio::task_local! {
+    /// Set by the HTTP layer around each request (see [`DurabilityBarrier`]).
+    static DURABILITY: Arc<DurabilityBarrier>;
+}
+
+/// The durable-before-answer barrier of one request: replay marks made while handling it are
+/// committed in the background (overlapping the request's own work), and the HTTP layer awaits
+/// [`DurabilityBarrier::settle`] before any answer leaves. Outside a request, marks are awaited
+/// where they are made.
+#[derive(Default)]
+pub struct DurabilityBarrier {
+    pending: Mutex<Vec<(ReplayKind, String, PendingWrite<()>)>>,
+}
+
+impl DurabilityBarrier {
+    /// Runs `fut` (a request's handling) with this barrier in force.
+    pub async fn scope<F: std::future::Future>(self: &Arc<Self>, fut: F) -> F::Output {
+        DURABILITY.scope(Arc::clone(self), fut).await
+    }
+
+    fn defer(&self, kind: ReplayKind, id: String, write: PendingWrite<()>) {
+        if let Ok(mut pending) = self.pending.lock() {
+            pending.push((kind, id, write));
+        }
+    }
+
+    /// Waits until every mark made in the scope is committed. On failure the failed marks are
+    /// forgotten (the request is answered 503 and may be retried) and the error is returned.
+    pub async fn settle(&self, guard: &ReplayGuard) -> Result<(), VaultError> {
+        let pending = match self.pending.lock() {
+            Ok(mut pending) => std::mem::take(&mut *pending),
+            Err(_) => return Err(VaultError::Corrupt("durability barrier lock".into())),
+        };
+        let mut failure = None;
+        for (kind, id, write) in pending {
+            if let Err(err) = write.await {
+                guard.forget(kind, &id);
+                failure.get_or_insert(err);
+            }
+        }
+        match failure {
+            Some(err) => Err(err.into()),
+            None => Ok(()),
+        }
+    }
+}
 
 /// What is remembered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,25 +155,39 @@ impl ReplayGuard {
             set.insert(id.to_string(), expires_at);
         }
         let owned = id.to_string();
-        let result = self
-            .store
-            .write(move |conn| {
-                conn.execute(
-                    "INSERT INTO replay(kind, id, expires_at) VALUES (?1, ?2, ?3)
-                     ON CONFLICT(kind, id) DO UPDATE SET expires_at = excluded.expires_at",
-                    params![kind.as_str(), owned, expires_at],
-                )?;
-                Ok(())
-            })
-            .await;
+        let submitted = self.store.submit(move |conn| {
+            conn.prepare_cached(
+                "INSERT INTO replay(kind, id, expires_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(kind, id) DO UPDATE SET expires_at = excluded.expires_at",
+            )?
+            .execute(params![kind.as_str(), owned, expires_at])?;
+            Ok(())
+        });
+        let result = match submitted {
+            Ok(pending) => match DURABILITY.try_with(Arc::clone) {
+                // Inside a request: the commit runs while the request is handled, and the HTTP
+                // layer awaits it before the answer leaves.
+                Ok(barrier) => {
+                    barrier.defer(kind, id.to_string(), pending);
+                    return Ok(Seen::Fresh);
+                }
+                Err(_) => pending.await,
+            },
+            Err(err) => Err(err),
+        };
         if let Err(err) = result {
             // Not served, so not used: let the platform's retry through.
-            if let Ok(mut set) = self.set(kind).lock() {
-                set.remove(id);
-            }
+            self.forget(kind, id);
             return Err(err.into());
         }
         Ok(Seen::Fresh)
+    }
+
+    /// Drops a mark whose durable write failed (the request was not served).
+    pub fn forget(&self, kind: ReplayKind, id: &str) {
+        if let Ok(mut set) = self.set(kind).lock() {
+            set.remove(id);
+        }
     }
 
     /// Forgets expired entries in memory and on disk; returns how many were removed from disk.

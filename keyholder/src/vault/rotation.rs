@@ -132,6 +132,10 @@ pub fn rewrap_batch(
             Err(_) => batch.failed.push(key),
         }
     }
+    if batch.rewrapped > 0 {
+        // A running server drops its cached copies of the rewritten documents.
+        bump_generation(conn)?;
+    }
     Ok(batch)
 }
 

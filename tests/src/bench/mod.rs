@@ -33,6 +33,8 @@ pub struct BenchOptions {
     pub keyholder_bin: PathBuf,
     /// Server worker threads (keyholder and baseline alike).
     pub workers: usize,
+    /// Scenarios to run (all when empty).
+    pub only: Vec<String>,
 }
 
 /// One scenario at one connection count.
@@ -46,6 +48,8 @@ pub struct ScenarioResult {
     pub ok: u64,
     /// Requests answered otherwise, or failed.
     pub errors: u64,
+    /// Failed requests by status (0: no answer).
+    pub error_statuses: std::collections::BTreeMap<u16, u64>,
     /// Successful requests per second.
     pub rps: f64,
     /// Latency percentiles, milliseconds.
@@ -196,20 +200,21 @@ pub async fn run_scenario(
     make: RequestFactory,
     expect_status: u16,
 ) -> anyhow::Result<ScenarioResult> {
-    let counter = Arc::new(AtomicU64::new(0));
+    // One sequence for the whole run: nonces and request ids never repeat across scenarios.
+    static SEQUENCE: AtomicU64 = AtomicU64::new(0);
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..connections {
         let make = Arc::clone(&make);
-        let counter = Arc::clone(&counter);
         tasks.push(tokio::spawn(async move {
             let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
             let mut ok = 0u64;
             let mut errors = 0u64;
+            let mut statuses = std::collections::BTreeMap::<u16, u64>::new();
             let mut conn = Connection::open(addr).await?;
             while Instant::now() < deadline {
-                let n = counter.fetch_add(1, Ordering::Relaxed);
+                let n = SEQUENCE.fetch_add(1, Ordering::Relaxed);
                 let req = make(n);
                 let t0 = Instant::now();
                 match conn.send(&req).await {
@@ -217,19 +222,30 @@ pub async fn run_scenario(
                         ok += 1;
                         hist.record(t0.elapsed().as_micros().max(1) as u64)?;
                     }
-                    Ok(_) | Err(_) => errors += 1,
+                    Ok((status, _)) => {
+                        errors += 1;
+                        *statuses.entry(status).or_default() += 1;
+                    }
+                    Err(_) => {
+                        errors += 1;
+                        *statuses.entry(0).or_default() += 1;
+                    }
                 }
             }
-            Ok::<_, anyhow::Error>((hist, ok, errors))
+            Ok::<_, anyhow::Error>((hist, ok, errors, statuses))
         }));
     }
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     let (mut ok, mut errors) = (0, 0);
+    let mut error_statuses = std::collections::BTreeMap::<u16, u64>::new();
     for task in tasks {
-        let (h, o, e) = task.await??;
+        let (h, o, e, statuses) = task.await??;
         hist.add(h)?;
         ok += o;
         errors += e;
+        for (status, count) in statuses {
+            *error_statuses.entry(status).or_default() += count;
+        }
     }
     let elapsed = started.elapsed().as_secs_f64();
     let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
@@ -238,6 +254,7 @@ pub async fn run_scenario(
         connections,
         ok,
         errors,
+        error_statuses,
         rps: ok as f64 / elapsed,
         p50_ms: ms(0.50),
         p99_ms: ms(0.99),

@@ -31,6 +31,9 @@ struct Args {
     /// The keyholder binary (default: next to this one).
     #[arg(long)]
     keyholder_bin: Option<PathBuf>,
+    /// Run only these scenarios (baseline, credential, storage_list, store, direct_upstream, proxy).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
     /// Server worker threads, for the keyholder and the baseline alike.
     #[arg(long, default_value_t = 2)]
     workers: usize,
@@ -78,6 +81,7 @@ fn main() -> anyhow::Result<()> {
         connections: connections.clone(),
         keyholder_bin,
         workers: args.workers,
+        only: args.only.clone(),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -145,10 +149,20 @@ async fn run(opts: BenchOptions) -> anyhow::Result<()> {
             ));
         }
         for (name, addr, make) in plan {
+            if !opts.only.is_empty() && !opts.only.iter().any(|o| o == name) {
+                continue;
+            }
             let r = bench::run_scenario(name, addr, conns, opts.seconds, make, 200).await?;
             println!(
-                "{:<16} conns={:<3} rps={:>9.0} p50={:>7.2}ms p99={:>7.2}ms p99.9={:>7.2}ms errors={}",
-                r.scenario, r.connections, r.rps, r.p50_ms, r.p99_ms, r.p999_ms, r.errors
+                "{:<16} conns={:<3} rps={:>9.0} p50={:>7.2}ms p99={:>7.2}ms p99.9={:>7.2}ms errors={}{}",
+                r.scenario,
+                r.connections,
+                r.rps,
+                r.p50_ms,
+                r.p99_ms,
+                r.p999_ms,
+                r.errors,
+                if r.errors > 0 { format!(" {:?}", r.error_statuses) } else { String::new() }
             );
             results.push(r);
         }
