@@ -7,8 +7,17 @@
 //! `b"keyholder/v1/audit"`, then `seq` (u64 big-endian), `at_ms` (i64 big-endian), the previous entry's
 //! hash (32 bytes; zeros for the first entry), then each of endpoint, service, purpose, agent id, proxy id,
 //! source address, upstream origin, result and request id as a big-endian `u32` length followed by the
-//! UTF-8 bytes (absent = empty). The entry's hash is SHA-256 of these bytes; its signature is Ed25519
-//! over the same bytes.
+//! UTF-8 bytes (absent = empty). The entry's hash is SHA-256 of these bytes.
+//!
+//! # Signatures
+//!
+//! Entries are appended in batches (one write transaction each), and the newest entry of every batch
+//! carries an Ed25519 signature over its canonical bytes. Those bytes hold the previous entry's hash,
+//! which holds the one before, so that signature covers every entry of its batch and all before it:
+//! an entry cannot be edited, removed or reordered without breaking a signed hash. The other entries
+//! carry no signature of their own; one signature per batch instead of per entry keeps the appender
+//! off the critical path of the writer (an Ed25519 signature costs as much as the rest of a
+//! credential request). `audit verify` requires the newest entry to be signed.
 
 pub mod recorder;
 
@@ -125,9 +134,22 @@ pub struct AuditEntry {
     /// SHA-256 of this entry's canonical bytes (hex).
     #[serde(with = "hex_bytes")]
     pub hash: [u8; 32],
-    /// Ed25519 signature over the canonical bytes (hex).
-    #[serde(with = "hex_bytes")]
-    pub signature: [u8; 64],
+    /// Ed25519 signature over the canonical bytes (hex) on the newest entry of each appended batch;
+    /// absent on the others (their batch's signature covers them through the hash chain).
+    #[serde(with = "hex_opt")]
+    pub signature: Option<[u8; 64]>,
+}
+
+mod hex_opt {
+    pub fn serialize<S: serde::Serializer>(
+        bytes: &Option<[u8; 64]>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        match bytes {
+            Some(b) => s.serialize_str(&hex::encode(b)),
+            None => s.serialize_none(),
+        }
+    }
 }
 
 mod hex_bytes {
@@ -192,17 +214,23 @@ pub fn append_events(
     events: impl IntoIterator<Item = AuditEvent>,
 ) -> Result<u64, StoreError> {
     let (mut seq, mut prev) = head(conn)?;
+    let mut events = events.into_iter().peekable();
     let mut stmt = conn.prepare_cached(
         "INSERT INTO audit_log(seq, at_ms, endpoint, service, purpose, agent_id, proxy_id, source,
                                upstream, result, request_id, prev_hash, hash, signature)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
     )?;
-    for event in events {
+    while let Some(event) = events.next() {
         let event = event.bounded();
         seq += 1;
         let bytes = canonical_bytes(seq, &event, &prev);
         let hash: [u8; 32] = Sha256::digest(&bytes).into();
-        let signature = identity.sign(&bytes);
+        // Only the batch's newest entry is signed; the chain carries the signature back.
+        let signature: Vec<u8> = if events.peek().is_none() {
+            identity.sign(&bytes).to_vec()
+        } else {
+            Vec::new()
+        };
         stmt.execute(params![
             i64::try_from(seq).unwrap_or(i64::MAX),
             event.at_ms,
@@ -247,10 +275,7 @@ fn entry_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AuditEntry> {
         out
     };
     let sig = blob(13)?;
-    let mut signature = [0u8; 64];
-    if sig.len() == 64 {
-        signature.copy_from_slice(&sig);
-    }
+    let signature = <[u8; 64]>::try_from(sig.as_slice()).ok();
     Ok(AuditEntry {
         seq: u64::try_from(r.get::<_, i64>(0)?).unwrap_or(0),
         event: AuditEvent {
@@ -344,6 +369,7 @@ pub fn verify_chain(
     let mut expected_seq = 1u64;
     let mut prev = [0u8; 32];
     let mut problem = None;
+    let mut last_signed = true;
     while let Some(row) = rows.next()? {
         let entry = entry_from_row(row)?;
         let bad = |reason: &str| AuditProblem {
@@ -370,15 +396,26 @@ pub fn verify_chain(
             problem = Some(bad("content does not match its hash (edited)"));
             break;
         }
-        let signature = Signature::from_bytes(&entry.signature);
-        if key.verify_strict(&bytes, &signature).is_err() {
-            problem = Some(bad("signature invalid"));
-            break;
+        if let Some(sig) = entry.signature.as_ref() {
+            if key
+                .verify_strict(&bytes, &Signature::from_bytes(sig))
+                .is_err()
+            {
+                problem = Some(bad("signature invalid"));
+                break;
+            }
         }
+        last_signed = entry.signature.is_some();
         prev = hash;
         expected_seq += 1;
     }
     let checked = expected_seq - 1;
+    if problem.is_none() && !last_signed {
+        problem = Some(AuditProblem {
+            seq: checked,
+            reason: "the newest entry carries no signature (entries were removed or forged)".into(),
+        });
+    }
     if problem.is_none() {
         let recorded = get_setting(conn, "audit_head")?;
         let actual = format!("{checked}:{}", hex::encode(prev));
@@ -459,6 +496,17 @@ mod tests {
         let ok = verify_chain(&conn, &key.verifying_key()).unwrap();
         assert_eq!(ok.entries, 5);
         assert!(ok.problem.is_none());
+        // Another key: the batch's signed entry (its newest) does not verify.
+        let other = IdentityKey::generate();
+        let wrong = verify_chain(&conn, &other.verifying_key()).unwrap();
+        assert_eq!(wrong.problem.unwrap().seq, 5);
+        // Only the newest entry of a batch is signed, and the chain must end signed.
+        let signed: Vec<bool> = list_entries(&conn, &AuditFilter::default())
+            .unwrap()
+            .iter()
+            .map(|e| e.signature.is_some())
+            .collect();
+        assert_eq!(signed.iter().filter(|s| **s).count(), 1);
         conn.execute(
             "UPDATE audit_log SET result = 'ticket_invalid' WHERE seq = 3",
             [],
@@ -466,15 +514,29 @@ mod tests {
         .unwrap();
         let bad = verify_chain(&conn, &key.verifying_key()).unwrap();
         assert_eq!(bad.problem.unwrap().seq, 3);
-        let other = IdentityKey::generate();
-        assert_eq!(
-            verify_chain(&conn, &other.verifying_key())
-                .unwrap()
-                .problem
-                .unwrap()
-                .seq,
-            1
-        );
+    }
+
+    #[test]
+    fn an_unsigned_newest_entry_is_refused() {
+        let conn = db();
+        let key = IdentityKey::generate();
+        let events = (0..3).map(|i| AuditEvent {
+            at_ms: i,
+            endpoint: "/v1/credential".into(),
+            ..AuditEvent::default()
+        });
+        append_events(&conn, &key, events).unwrap();
+        // Dropping the signed newest entry (and fixing the recorded head) leaves an unsigned end.
+        let (hash,): (Vec<u8>,) = conn
+            .query_row("SELECT hash FROM audit_log WHERE seq = 2", [], |r| {
+                Ok((r.get(0)?,))
+            })
+            .unwrap();
+        conn.execute("DELETE FROM audit_log WHERE seq = 3", [])
+            .unwrap();
+        put_setting(&conn, "audit_head", &format!("2:{}", hex::encode(hash))).unwrap();
+        let bad = verify_chain(&conn, &key.verifying_key()).unwrap();
+        assert!(bad.problem.unwrap().reason.contains("no signature"));
     }
 
     #[test]
