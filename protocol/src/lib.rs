@@ -4,6 +4,7 @@
 
 pub mod binding;
 pub mod document;
+pub mod envelope;
 pub mod error;
 pub mod paths;
 pub mod request_id;
@@ -11,11 +12,13 @@ pub mod response_sig;
 pub mod secret;
 pub mod signing;
 pub mod ticket;
+pub mod ticket_kh2;
 pub mod vectors;
 pub mod wire;
 
 mod hex;
 
+pub use envelope::{PlatformPublicKey, PlatformSigningKey};
 pub use error::{ErrorBody, ErrorCode};
 pub use response_sig::{IdentityDocument, IdentityKey};
 pub use secret::{DataKey, HmacSecret};
