@@ -133,9 +133,7 @@ impl PlatformPublicKey {
         if text.first() == Some(&b'{') {
             let doc: IdentityDocument =
                 serde_json::from_slice(text).map_err(|_| PlatformKeyError::Invalid)?;
-            let key = doc
-                .verifying_key()
-                .map_err(|_| PlatformKeyError::Invalid)?;
+            let key = doc.verifying_key().map_err(|_| PlatformKeyError::Invalid)?;
             return Ok(PlatformPublicKey::from_verifying_key(key));
         }
         let bytes = decode_base64_32(text)?;
@@ -397,7 +395,13 @@ mod tests {
             Err(EnvelopeError::Missing)
         );
         assert_eq!(
-            v(Some(&format!("{h},")), "POST", "/v1/storage", b"{}", 1_700_000_000),
+            v(
+                Some(&format!("{h},")),
+                "POST",
+                "/v1/storage",
+                b"{}",
+                1_700_000_000
+            ),
             Err(EnvelopeError::Malformed)
         );
         assert_eq!(

@@ -99,7 +99,16 @@ mod tests {
             verify_kh2_ticket(&both, &t, 100, 59),
             Err(TicketError::LifetimeTooLong)
         );
-        for bad in ["", "kh2", "kh2.", "kh2..", "kh2.a.", "kh3.a.b", "a.b", "kh2.a.b.c"] {
+        for bad in [
+            "",
+            "kh2",
+            "kh2.",
+            "kh2..",
+            "kh2.a.",
+            "kh3.a.b",
+            "a.b",
+            "kh2.a.b.c",
+        ] {
             assert_eq!(
                 verify_kh2_ticket(&both, bad, 100, 3600),
                 Err(TicketError::Malformed),
@@ -112,7 +121,10 @@ mod tests {
             Err(TicketError::BadSignature)
         );
         // Another payload under the same signature.
-        let other = encode_kh2_ticket(&key, &TicketClaims::new("u", "gitlab", Purpose::Proxy, 100, 160, "n1"));
+        let other = encode_kh2_ticket(
+            &key,
+            &TicketClaims::new("u", "gitlab", Purpose::Proxy, 100, 160, "n1"),
+        );
         let swapped = format!(
             "{}.{}",
             other.rsplit_once('.').unwrap().0,

@@ -16,10 +16,10 @@ use base64::Engine as _;
 use serde_json::{json, Value};
 
 use crate::document::{self, DocumentError, FieldFormat, KeySet};
+use crate::envelope::{self, Envelope, PlatformPublicKey, PlatformSigningKey};
 use crate::response_sig::{self, IdentityDocument, IdentityKey, ResponseSignature};
 use crate::secret::{DataKey, HmacSecret, KeyLengthError};
 use crate::ticket::{self, Purpose, TicketClaims};
-use crate::envelope::{self, Envelope, PlatformPublicKey, PlatformSigningKey};
 use crate::{binding, request_id, signing, ticket_kh2};
 
 /// Every vector file: `(file name, JSON text)`.
@@ -40,7 +40,10 @@ pub const FILES: &[(&str, &str)] = &[
         include_str!("../vectors/request_ids.json"),
     ),
     ("envelopes.json", include_str!("../vectors/envelopes.json")),
-    ("kh2_tickets.json", include_str!("../vectors/kh2_tickets.json")),
+    (
+        "kh2_tickets.json",
+        include_str!("../vectors/kh2_tickets.json"),
+    ),
 ];
 
 /// The result of one vector case.

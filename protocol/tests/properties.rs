@@ -8,14 +8,14 @@ use keyholder_protocol::document::{
     format_iso8601, open_document, parse_iso8601, seal_token_data, DocumentError, KeySet,
     SENSITIVE_FIELDS,
 };
+use keyholder_protocol::envelope::{
+    sign_envelope, verify_envelope, Envelope, EnvelopeError, PlatformPublicKey, PlatformSigningKey,
+};
 use keyholder_protocol::response_sig::{
     sign_response, verify_response, ResponseSigError, ResponseSignature,
 };
 use keyholder_protocol::signing::{signature_header_value, verify_request, RequestAuthError};
 use keyholder_protocol::ticket::{encode_ticket, verify_ticket};
-use keyholder_protocol::envelope::{
-    sign_envelope, verify_envelope, Envelope, EnvelopeError, PlatformPublicKey, PlatformSigningKey,
-};
 use keyholder_protocol::ticket_kh2::{encode_kh2_ticket, verify_kh2_ticket};
 use keyholder_protocol::{DataKey, HmacSecret, IdentityKey, Purpose, TicketClaims, TicketError};
 use proptest::prelude::*;
