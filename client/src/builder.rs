@@ -141,7 +141,8 @@ impl ClientBuilder {
         )))
     }
 
-    /// A [`Platform`] that signs with `auth` (an [`keyholder_protocol::HmacSecret`] converts).
+    /// A [`Platform`] that signs with `auth` (an [`keyholder_protocol::HmacSecret`] or a
+    /// [`keyholder_protocol::PlatformSigningKey`] converts).
     pub fn platform(self, auth: impl Into<PlatformAuth>) -> Result<Platform, Error> {
         Ok(Platform::from_parts(self.transport()?, auth.into(), None))
     }
@@ -151,7 +152,18 @@ impl ClientBuilder {
     /// When the exchange announces a signing identity, it must match the pinned one; with no pin, the
     /// announced identity is pinned from then on (trust on first use).
     pub async fn bind(self, code: &str) -> Result<Platform, Error> {
-        Platform::exchange(self, code).await
+        Platform::exchange(self, code, None).await
+    }
+
+    /// Bind asymmetrically with a code from `keyholder bind --platform-key FILE` (the file holding
+    /// `key`'s public key). The exchange hands out no secret; the returned [`Platform`] signs every call
+    /// with an Ed25519 envelope and mints `kh2` tickets. Identity pinning works as for [`Self::bind`].
+    pub async fn bind_with_key(
+        self,
+        code: &str,
+        key: keyholder_protocol::PlatformSigningKey,
+    ) -> Result<Platform, Error> {
+        Platform::exchange(self, code, Some(key)).await
     }
 
     /// An [`Agent`] (credential fetch, browser store, TOTP).

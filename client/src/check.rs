@@ -3,18 +3,26 @@
 //! reported with the exchanges it made (tickets and secrets masked).
 //!
 //! The probes write only under keys named `keyholder-check-<random>` and delete them again.
+//!
+//! Over an asymmetric binding ([`CheckAuth::PlatformKey`]) the same matrix runs with Ed25519 envelopes
+//! and `kh2` tickets (forgeries are then made in that scheme), plus [`ENVELOPE_MATRIX`]: an unknown
+//! key, a replayed nonce, a body swapped under a valid signature, HMAC headers and HMAC tickets
+//! (refused in an asymmetric binding) and, when the operator names a key already removed with
+//! `keyholder platform-key remove` ([`CheckOptions::removed_platform_key`]), that key's signature.
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use keyholder_protocol::envelope::{new_envelope_nonce, sign_envelope};
 use keyholder_protocol::paths::{
-    PATH_CREDENTIAL, PATH_HEALTH, PATH_PROXY, PATH_STORE, PLATFORM_EGRESS_IP,
+    HEADER_ENVELOPE, HEADER_PLATFORM_REQUEST_ID, PATH_CREDENTIAL, PATH_HEALTH, PATH_PROXY,
+    PATH_STORE, PLATFORM_EGRESS_IP,
 };
 use keyholder_protocol::request_id::new_request_id;
 use keyholder_protocol::wire::{Collection, ListOptions};
-use keyholder_protocol::{HmacSecret, Purpose};
+use keyholder_protocol::{HmacSecret, PlatformSigningKey, Purpose};
 use reqwest::Method;
 use serde::Serialize;
 use serde_json::{json, Map, Value};
@@ -51,12 +59,37 @@ pub const MATRIX: &[(&str, &str)] = &[
     ("refusal", "unsigned_proxy"),
 ];
 
+/// The extra checks of an asymmetric binding, run after [`MATRIX`]; `removed_platform_key` only when
+/// [`CheckOptions::removed_platform_key`] is given.
+pub const ENVELOPE_MATRIX: &[(&str, &str)] = &[
+    ("envelope", "unknown_platform_key"),
+    ("envelope", "replayed_envelope_nonce"),
+    ("envelope", "body_swapped"),
+    ("envelope", "hmac_signature_refused"),
+    ("envelope", "hmac_ticket_refused"),
+    ("envelope", "removed_platform_key"),
+];
+
 /// How the checker authenticates as the platform.
 pub enum CheckAuth {
-    /// Bind first with this one-time code.
+    /// Bind first with this one-time code (HMAC binding).
     BindCode(String),
     /// The webhook is bound already; sign with this secret.
     Secret(HmacSecret),
+    /// Asymmetric binding with the platform's Ed25519 key: bind first with `bind_code` (from
+    /// `keyholder bind --platform-key`), or, without one, the webhook is bound to this key already.
+    PlatformKey {
+        /// The platform's signing key (boxed: it is much larger than the other variants).
+        key: Box<PlatformSigningKey>,
+        /// An asymmetric bind code to exchange first.
+        bind_code: Option<String>,
+    },
+}
+
+impl CheckAuth {
+    fn is_asymmetric(&self) -> bool {
+        matches!(self, CheckAuth::PlatformKey { .. })
+    }
 }
 
 impl std::fmt::Debug for CheckAuth {
@@ -64,6 +97,7 @@ impl std::fmt::Debug for CheckAuth {
         f.write_str(match self {
             CheckAuth::BindCode(_) => "CheckAuth::BindCode(<masked>)",
             CheckAuth::Secret(_) => "CheckAuth::Secret(<masked>)",
+            CheckAuth::PlatformKey { .. } => "CheckAuth::PlatformKey(<masked>)",
         })
     }
 }
@@ -83,6 +117,9 @@ pub struct CheckOptions {
     pub retry: RetryPolicy,
     /// Per-request timeout.
     pub timeout: Duration,
+    /// Asymmetric binding: a platform key the operator has removed (`keyholder platform-key remove`);
+    /// its envelopes must be refused. Without it, that check is not run.
+    pub removed_platform_key: Option<PlatformSigningKey>,
 }
 
 impl CheckOptions {
@@ -95,6 +132,7 @@ impl CheckOptions {
             pin: None,
             retry: RetryPolicy::platform(),
             timeout: crate::builder::DEFAULT_TIMEOUT,
+            removed_platform_key: None,
         }
     }
 }
@@ -246,6 +284,10 @@ struct Ctx {
     forger: TicketIssuer,
     key: String,
     service: String,
+    /// Asymmetric binding (envelopes and `kh2` tickets).
+    asymmetric: bool,
+    /// A platform key the operator removed.
+    removed: Option<PlatformSigningKey>,
 }
 
 impl Ctx {
@@ -267,6 +309,24 @@ impl Ctx {
         let out = platform.signed_outgoing(PATH_HEALTH, body, timestamp, request_id);
         let resp = platform.send_once(&out, Some(request_id)).await;
         run.note(format!("{} -> {}", describe(&out, note), outcome(&resp)));
+        resp
+    }
+
+    /// A signed `POST /v1/health` prepared once (to send it more than once, or alter it).
+    fn health_outgoing(&self, platform: &Platform, request_id: &str) -> Outgoing {
+        let body = serde_json::to_vec(&json!({ "requestId": request_id })).unwrap_or_default();
+        platform.signed_outgoing(PATH_HEALTH, body, now_unix(), request_id)
+    }
+
+    async fn send_probe(
+        &self,
+        run: &mut Run,
+        out: &Outgoing,
+        request_id: &str,
+        note: &str,
+    ) -> Result<RawResponse, Error> {
+        let resp = self.platform.send_once(out, Some(request_id)).await;
+        run.note(format!("{} -> {}", describe(out, note), outcome(&resp)));
         resp
     }
 
@@ -339,7 +399,11 @@ pub async fn run(options: CheckOptions) -> Report {
     let mut checks = Vec::new();
     match setup(&options).await {
         Ok(ctx) => {
-            for (group, name) in MATRIX {
+            let envelope_checks = ENVELOPE_MATRIX
+                .iter()
+                .filter(|_| ctx.asymmetric)
+                .filter(|(_, name)| *name != "removed_platform_key" || ctx.removed.is_some());
+            for (group, name) in MATRIX.iter().chain(envelope_checks) {
                 let mut run = Run::new();
                 let verdict = run_check(&ctx, name, &mut run).await;
                 checks.push(CheckResult {
@@ -391,17 +455,31 @@ async fn setup(options: &CheckOptions) -> Result<Ctx, (Vec<String>, String)> {
         .clone()
         .agent()
         .map_err(|e| (Vec::new(), e.to_string()))?;
+    let bind_failed = |e: Error| {
+        (
+            vec![format!(
+                "POST /v1/exchange {{\"code\":\"<masked>\"}} -> {e}"
+            )],
+            format!("bind failed: {e}"),
+        )
+    };
     let platform = match &options.auth {
-        CheckAuth::BindCode(code) => builder.bind(code).await.map_err(|e| {
-            (
-                vec![format!(
-                    "POST /v1/exchange {{\"code\":\"<masked>\"}} -> {e}"
-                )],
-                format!("bind failed: {e}"),
-            )
-        })?,
+        CheckAuth::BindCode(code) => builder.bind(code).await.map_err(bind_failed)?,
         CheckAuth::Secret(secret) => builder
             .platform(HmacSecret::from_bytes(*secret.expose()))
+            .map_err(|e| (Vec::new(), e.to_string()))?,
+        CheckAuth::PlatformKey {
+            key,
+            bind_code: Some(code),
+        } => builder
+            .bind_with_key(code, key.duplicate())
+            .await
+            .map_err(bind_failed)?,
+        CheckAuth::PlatformKey {
+            key,
+            bind_code: None,
+        } => builder
+            .platform(key.duplicate())
             .map_err(|e| (Vec::new(), e.to_string()))?,
     };
     // After a bind, the agent side must trust the same identity the platform pinned from the exchange.
@@ -419,9 +497,21 @@ async fn setup(options: &CheckOptions) -> Result<Ctx, (Vec<String>, String)> {
         _ => agent,
     };
     let suffix = random_suffix();
+    let asymmetric = options.auth.is_asymmetric();
+    // Forgeries are made in the binding's own scheme (the other scheme is refused anyway).
+    let forger = if asymmetric {
+        TicketIssuer::with_auth(PlatformSigningKey::generate())
+    } else {
+        TicketIssuer::new(HmacSecret::generate())
+    };
     Ok(Ctx {
         tickets: platform.ticket_issuer().subject("keyholder-check"),
-        forger: TicketIssuer::new(HmacSecret::generate()).subject("keyholder-check"),
+        forger: forger.subject("keyholder-check"),
+        asymmetric,
+        removed: options
+            .removed_platform_key
+            .as_ref()
+            .map(PlatformSigningKey::duplicate),
         platform,
         agent,
         key: format!("keyholder-check-{suffix}"),
@@ -606,13 +696,40 @@ async fn run_check(ctx: &Ctx, name: &str, run: &mut Run) -> Result<(), String> {
                 .await;
             expect(&resp, &[401], Some("auth_failed"))
         }
+        "forged_signature" if ctx.asymmetric => {
+            // The real key's id, signed by another key.
+            let id = new_request_id();
+            let mut out = ctx.health_outgoing(p, &id);
+            let real = p
+                .auth()
+                .signing_key()
+                .map(PlatformSigningKey::key_id)
+                .unwrap_or_default();
+            let forger = PlatformSigningKey::generate();
+            let (_, target) = p.transport.target(PATH_HEALTH, &[]);
+            let forged = sign_envelope(
+                &forger,
+                now_unix(),
+                &new_envelope_nonce(),
+                "POST",
+                &target,
+                out.body.as_deref().unwrap_or_default(),
+            )
+            .replace(&forger.key_id(), &real);
+            set_header(&mut out, HEADER_ENVELOPE, forged);
+            let resp = ctx
+                .send_probe(
+                    run,
+                    &out,
+                    &id,
+                    "envelope with the platform's key id, signed by another key",
+                )
+                .await;
+            expect(&resp, &[401], Some("auth_failed"))
+        }
         "forged_signature" => {
             // Same transport (and pin) as the real platform, a foreign secret.
-            let forged = Platform::from_parts(
-                p.transport.clone(),
-                crate::PlatformAuth::Hmac(HmacSecret::generate()),
-                None,
-            );
+            let forged = p.with_auth(HmacSecret::generate());
             let resp = ctx
                 .signed_probe(
                     run,
@@ -623,6 +740,22 @@ async fn run_check(ctx: &Ctx, name: &str, run: &mut Run) -> Result<(), String> {
                 )
                 .await;
             expect(&resp, &[401], Some("auth_failed"))
+        }
+        "duplicate_request_id" if ctx.asymmetric => {
+            // The same signed request, byte for byte, twice (the envelope's nonce is the replay key).
+            let id = new_request_id();
+            let out = ctx.health_outgoing(p, &id);
+            let first = ctx.send_probe(run, &out, &id, "signed, request id R").await;
+            expect(&first, &[200], None)?;
+            let second = ctx
+                .send_probe(
+                    run,
+                    &out,
+                    &id,
+                    "same request, same envelope, same request id R",
+                )
+                .await;
+            expect(&second, &[401], Some("auth_failed"))
         }
         "duplicate_request_id" => {
             let id = new_request_id();
@@ -716,6 +849,96 @@ async fn run_check(ctx: &Ctx, name: &str, run: &mut Run) -> Result<(), String> {
                 )),
             }
         }
+        "unknown_platform_key" => {
+            let stranger = p.with_auth(PlatformSigningKey::generate());
+            let resp = ctx
+                .signed_probe(
+                    run,
+                    &stranger,
+                    now_unix(),
+                    &new_request_id(),
+                    "envelope from an unknown key",
+                )
+                .await;
+            expect(&resp, &[401], Some("auth_failed"))
+        }
+        "replayed_envelope_nonce" => {
+            let id = new_request_id();
+            let out = ctx.health_outgoing(p, &id);
+            let first = ctx
+                .send_probe(run, &out, &id, "envelope with nonce N")
+                .await;
+            expect(&first, &[200], None)?;
+            let other_id = new_request_id();
+            let mut again = Outgoing::new(out.method.clone(), &out.path);
+            again.body = out.body.clone();
+            again.headers = out.headers.clone();
+            set_header(&mut again, HEADER_PLATFORM_REQUEST_ID, other_id.clone());
+            let second = ctx
+                .send_probe(
+                    run,
+                    &again,
+                    &other_id,
+                    "same envelope (nonce N), another request id",
+                )
+                .await;
+            expect(&second, &[401], Some("auth_failed"))
+        }
+        "body_swapped" => {
+            let id = new_request_id();
+            let mut out = ctx.health_outgoing(p, &id);
+            out.body = serde_json::to_vec(&json!({ "requestId": id, "swapped": true })).ok();
+            let resp = ctx
+                .send_probe(run, &out, &id, "valid envelope, another body")
+                .await;
+            expect(&resp, &[401], Some("auth_failed"))
+        }
+        "hmac_signature_refused" => {
+            let hmac = p.with_auth(HmacSecret::generate());
+            let resp = ctx
+                .signed_probe(
+                    run,
+                    &hmac,
+                    now_unix(),
+                    &new_request_id(),
+                    "HMAC-signed in an asymmetric binding",
+                )
+                .await;
+            expect(&resp, &[401], Some("auth_failed"))
+        }
+        "hmac_ticket_refused" => {
+            let ticket = TicketIssuer::new(HmacSecret::generate()).credential(&ctx.service);
+            let resp = ctx
+                .probe(
+                    run,
+                    &ctx.credential_get(&ticket, &ctx.service),
+                    "HMAC platform ticket in an asymmetric binding",
+                )
+                .await;
+            expect(&resp, &[401], Some("ticket_invalid"))
+        }
+        "removed_platform_key" => {
+            let Some(removed) = &ctx.removed else {
+                return Err("no removed platform key given".into());
+            };
+            let old = p.with_auth(removed.duplicate());
+            let resp = ctx
+                .signed_probe(
+                    run,
+                    &old,
+                    now_unix(),
+                    &new_request_id(),
+                    &format!("envelope from removed key {}", removed.key_id()),
+                )
+                .await;
+            expect(&resp, &[401], Some("auth_failed"))
+        }
         other => Err(format!("unknown check {other}")),
     }
+}
+
+/// Replaces (or adds) a header of a prepared request.
+fn set_header(out: &mut Outgoing, name: &str, value: String) {
+    out.headers.retain(|(n, _)| !n.eq_ignore_ascii_case(name));
+    out.headers.push((name.to_owned(), value));
 }

@@ -1,5 +1,6 @@
 //! The platform side: a webhook handle that signs its calls ([`Platform`]), the bind-code exchange that
-//! creates one, and `/v1/health`. Storage, proxy and refresh calls live in their own files.
+//! creates one (HMAC, or asymmetric with the platform's own Ed25519 key), and `/v1/health`. Storage,
+//! proxy and refresh calls live in their own files.
 
 use std::sync::Arc;
 
@@ -8,7 +9,7 @@ use keyholder_protocol::paths::{
 };
 use keyholder_protocol::request_id::new_request_id;
 use keyholder_protocol::wire::{ExchangeRequest, ExchangeResponse, HealthResponse};
-use keyholder_protocol::{HmacSecret, IdentityDocument};
+use keyholder_protocol::{HmacSecret, IdentityDocument, PlatformSigningKey};
 use reqwest::Method;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -93,6 +94,26 @@ impl Platform {
         ClientBuilder::new(base_url).bind(code).await
     }
 
+    /// Bind asymmetrically with a code from `keyholder bind --platform-key` (see
+    /// [`ClientBuilder::bind_with_key`]).
+    pub async fn bind_with_key(
+        base_url: &str,
+        code: &str,
+        key: PlatformSigningKey,
+    ) -> Result<Self, Error> {
+        ClientBuilder::new(base_url).bind_with_key(code, key).await
+    }
+
+    /// The same webhook (connection pool, identity pin and exchange info shared) with other
+    /// credentials: for example the platform's next Ed25519 key during a rotation.
+    pub fn with_auth(&self, auth: impl Into<PlatformAuth>) -> Platform {
+        Platform {
+            transport: self.transport.clone(),
+            auth: Arc::new(auth.into()),
+            exchange: self.exchange.clone(),
+        }
+    }
+
     pub(crate) fn from_parts(
         transport: Arc<Transport>,
         auth: PlatformAuth,
@@ -105,8 +126,13 @@ impl Platform {
         }
     }
 
-    /// `POST /v1/exchange`; see [`ClientBuilder::bind`].
-    pub(crate) async fn exchange(builder: ClientBuilder, code: &str) -> Result<Self, Error> {
+    /// `POST /v1/exchange`; see [`ClientBuilder::bind`]. With `key`, the code must be for an
+    /// asymmetric binding (the answer must carry no HMAC secret).
+    pub(crate) async fn exchange(
+        builder: ClientBuilder,
+        code: &str,
+        key: Option<PlatformSigningKey>,
+    ) -> Result<Self, Error> {
         let transport = builder.transport()?;
         let body = serde_json::to_vec(&ExchangeRequest {
             code: Some(code.to_owned()),
@@ -120,12 +146,27 @@ impl Platform {
             })
             .await?;
         let mut answer: ExchangeResponse = resp.json()?;
-        let secret_b64 =
-            Zeroizing::new(answer.hmac_secret.take().ok_or_else(|| {
-                Error::Protocol("the exchange answer carries no hmacSecret".into())
-            })?);
-        let secret = HmacSecret::from_base64(&secret_b64)
-            .map_err(|e| Error::Protocol(format!("the exchanged secret is unusable: {e}")))?;
+        let secret_b64 = answer.hmac_secret.take().map(Zeroizing::new);
+        let auth = match (key, secret_b64) {
+            (None, Some(secret_b64)) => PlatformAuth::Hmac(
+                HmacSecret::from_base64(&secret_b64).map_err(|e| {
+                    Error::Protocol(format!("the exchanged secret is unusable: {e}"))
+                })?,
+            ),
+            (None, None) => {
+                return Err(Error::Protocol(
+                    "the exchange answer carries no hmacSecret (an asymmetric code: bind with the platform key)"
+                        .into(),
+                ))
+            }
+            (Some(key), None) => PlatformAuth::Ed25519(key),
+            (Some(_), Some(_)) => {
+                return Err(Error::Protocol(
+                    "the webhook answered with an HMAC secret: the code was not for an asymmetric binding"
+                        .into(),
+                ))
+            }
+        };
         let announced = answer
             .signing_key
             .as_ref()
@@ -162,11 +203,7 @@ impl Platform {
             capabilities: answer.capabilities,
             signing_key: answer.signing_key,
         };
-        Ok(Platform::from_parts(
-            builder.transport()?,
-            PlatformAuth::Hmac(secret),
-            Some(info),
-        ))
+        Ok(Platform::from_parts(builder.transport()?, auth, Some(info)))
     }
 
     /// The webhook's base URL.
@@ -174,7 +211,7 @@ impl Platform {
         self.transport.base()
     }
 
-    /// The credentials this platform signs with (to save the secret after a bind).
+    /// The credentials this platform signs with (to save the secret after an HMAC bind).
     pub fn auth(&self) -> &PlatformAuth {
         &self.auth
     }

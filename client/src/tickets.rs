@@ -1,10 +1,12 @@
 //! Minting tickets (PROTOCOL.md §2.2) for every purpose, each with a fresh random nonce and a bounded
-//! lifetime, encoded and signed by `keyholder_protocol::ticket`.
+//! lifetime, encoded and signed by `keyholder_protocol::ticket` (HMAC platform tickets) or
+//! `keyholder_protocol::ticket_kh2` (`kh2` tickets of an asymmetric binding).
 
 use std::fmt;
 use std::time::Duration;
 
 use keyholder_protocol::ticket::encode_ticket;
+use keyholder_protocol::ticket_kh2::encode_kh2_ticket;
 use keyholder_protocol::{HmacSecret, Purpose, TicketClaims};
 
 use crate::auth::PlatformAuth;
@@ -93,6 +95,25 @@ impl TicketIssuer {
         TicketIssuer::from_auth(PlatformAuth::Hmac(secret))
     }
 
+    /// An issuer for any scheme: an HMAC secret mints platform tickets, a
+    /// [`keyholder_protocol::PlatformSigningKey`] mints `kh2` tickets.
+    ///
+    /// ```
+    /// use keyholder_client::TicketIssuer;
+    /// use keyholder_protocol::ticket_kh2::verify_kh2_ticket;
+    /// use keyholder_protocol::PlatformSigningKey;
+    ///
+    /// let key = PlatformSigningKey::generate();
+    /// let public = key.public_key();
+    /// let ticket = TicketIssuer::with_auth(key).proxy("github");
+    /// assert!(ticket.expose().starts_with("kh2."));
+    /// let now = ticket.claims().iat.unwrap();
+    /// assert_eq!(verify_kh2_ticket(&[public], ticket.expose(), now, 3600).unwrap().pur, "proxy");
+    /// ```
+    pub fn with_auth(auth: impl Into<PlatformAuth>) -> Self {
+        TicketIssuer::from_auth(auth.into())
+    }
+
     pub(crate) fn from_auth(auth: PlatformAuth) -> Self {
         TicketIssuer {
             auth,
@@ -160,6 +181,7 @@ impl TicketIssuer {
     fn encode(&self, claims: &TicketClaims) -> String {
         match &self.auth {
             PlatformAuth::Hmac(secret) => encode_ticket(secret, claims),
+            PlatformAuth::Ed25519(key) => encode_kh2_ticket(key, claims),
         }
     }
 }

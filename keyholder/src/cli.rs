@@ -19,7 +19,9 @@ use crate::vault::collections::validate_key;
 use crate::vault::egress::{self, EgressPolicy};
 use crate::vault::master::{load_master_key, MasterKey};
 use crate::vault::oauth::{self, ProviderInfo};
+use crate::vault::platform_keys::{self, PlatformKeyInfo};
 use crate::vault::{keyring, VaultError};
+use keyholder_protocol::PlatformPublicKey;
 
 /// Flags of `keyholder bind`.
 #[derive(Debug, Clone, Args)]
@@ -33,9 +35,15 @@ pub struct BindArgs {
     /// Platform frontend that serves the registration page.
     #[arg(long, env = "KEYHOLDER_FRONTEND_URL", default_value = keyholder_protocol::paths::DEFAULT_FRONTEND)]
     pub frontend_url: String,
-    /// Issue a code whose exchange replaces the HMAC secret (the old one stops working then).
+    /// Issue a code whose exchange replaces the current binding and HMAC secret (the old one stops
+    /// working then); with --platform-key it re-binds asymmetrically.
     #[arg(long)]
     pub rebind: bool,
+    /// Asymmetric binding: file holding the platform's Ed25519 public key (32 raw bytes, standard
+    /// base64, or an identity document). Its exchange hands out no secret; the platform then signs
+    /// with Ed25519 request envelopes and `kh2` tickets.
+    #[arg(long, value_name = "FILE")]
+    pub platform_key: Option<PathBuf>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -74,16 +82,103 @@ pub fn bind(args: &BindArgs) -> anyhow::Result<IssuedCode> {
             )
         })?,
     };
+    let platform_key = args
+        .platform_key
+        .as_deref()
+        .map(read_platform_key)
+        .transpose()?;
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    let issued = match issue_bind_code(&tx, &master, args.rebind, &public_url, &frontend, crate::clock::now_unix()) {
+    let issued = match issue_bind_code(
+        &tx,
+        &master,
+        args.rebind,
+        platform_key.as_ref(),
+        &public_url,
+        &frontend,
+        crate::clock::now_unix(),
+    ) {
         Ok(issued) => issued,
         Err(VaultError::AlreadyBound) => anyhow::bail!(
-            "this keyholder is already bound; `keyholder bind --rebind` issues a code that replaces the HMAC secret"
+            "this keyholder is already bound; `keyholder bind --rebind` issues a code that replaces the binding"
         ),
         Err(other) => return Err(other.into()),
     };
     tx.commit()?;
     Ok(issued)
+}
+
+/// Reads a platform public key file (32 raw bytes, standard base64, or an identity document).
+pub fn read_platform_key(path: &std::path::Path) -> anyhow::Result<PlatformPublicKey> {
+    let raw = std::fs::read(path)
+        .map_err(|e| anyhow::anyhow!("--platform-key {}: {e}", path.display()))?;
+    PlatformPublicKey::parse(&raw)
+        .map_err(|e| anyhow::anyhow!("--platform-key {}: {e}", path.display()))
+}
+
+/// `keyholder platform-key`: the platform's Ed25519 keys of an asymmetric binding (at most two, so
+/// that the platform can rotate: add the new key, switch, remove the old one).
+#[derive(Debug, Clone, Args)]
+pub struct PlatformKeyArgs {
+    /// What to do.
+    #[command(subcommand)]
+    pub action: PlatformKeyAction,
+}
+
+/// `keyholder platform-key` subcommands (each takes effect at once, also on a running server).
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum PlatformKeyAction {
+    /// Add a second active platform key (public key file: 32 raw bytes, base64, or identity document).
+    Add {
+        /// Data folder and master key.
+        #[command(flatten)]
+        data: DataArgs,
+        /// The public key file.
+        file: PathBuf,
+    },
+    /// Remove an active platform key by key id; its signatures are refused from then on.
+    Remove {
+        /// Data folder and master key.
+        #[command(flatten)]
+        data: DataArgs,
+        /// The key id (16 hex).
+        key_id: String,
+    },
+    /// List the active platform keys.
+    List {
+        /// Data folder and master key.
+        #[command(flatten)]
+        data: DataArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Runs a platform-key subcommand; returns the keys active afterwards.
+pub fn platform_key(args: &PlatformKeyArgs) -> anyhow::Result<Vec<PlatformKeyInfo>> {
+    let data = match &args.action {
+        PlatformKeyAction::Add { data, .. }
+        | PlatformKeyAction::Remove { data, .. }
+        | PlatformKeyAction::List { data, .. } => data,
+    };
+    let key = match &args.action {
+        PlatformKeyAction::Add { file, .. } => Some(read_platform_key(file)?),
+        _ => None,
+    };
+    let (mut conn, _master) = open_data(data)?;
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    match (&args.action, &key) {
+        (PlatformKeyAction::Add { .. }, Some(key)) => {
+            platform_keys::add_key(&tx, key, crate::clock::now_unix())?
+        }
+        (PlatformKeyAction::Remove { key_id, .. }, _) => {
+            platform_keys::remove_key(&tx, key_id.trim())?
+        }
+        _ => {}
+    }
+    let keys = platform_keys::list_keys(&tx)?;
+    tx.commit()?;
+    Ok(keys)
 }
 
 /// `keyholder egress`: the owner's control over where each credential may be sent.

@@ -6,7 +6,10 @@ use keyholder::cli::owner::{
     self, AuditCommand, BackupArgs, ImportReferenceArgs, OwnerArgs, RestoreArgs, RetireKeyArgs,
     RewrapArgs, RotateMasterKeyArgs,
 };
-use keyholder::cli::{self, BindArgs, EgressArgs, HealthcheckArgs, OAuthArgs, OAuthOutcome};
+use keyholder::cli::{
+    self, BindArgs, EgressArgs, HealthcheckArgs, OAuthArgs, OAuthOutcome, PlatformKeyAction,
+    PlatformKeyArgs,
+};
 use keyholder::config::{Config, ServeArgs};
 
 /// Keyholder: the self-hosted key-custody webhook for Token Vault.
@@ -23,6 +26,8 @@ enum Command {
     Serve(Box<ServeArgs>),
     /// Issue a one-time bind code and the registration link to connect the platform.
     Bind(BindArgs),
+    /// The platform's Ed25519 keys of an asymmetric binding (add, remove, list; at most two active).
+    PlatformKey(PlatformKeyArgs),
     /// Show or change where a service's credential may be sent (pinned, allowlist, any).
     Egress(EgressArgs),
     /// Configure the OAuth clients used to refresh tokens.
@@ -106,8 +111,38 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 println!("Bind page:        {}", issued.bind_page_url);
                 println!();
                 println!("Open the registration URL while logged in to the platform to connect this keyholder.");
+                if let Some(key_id) = &issued.platform_key_id {
+                    println!("Asymmetric binding to platform key {key_id}: the exchange hands out no secret.");
+                }
                 if issued.rebind {
-                    println!("This is a re-bind: when the platform exchanges it, the current HMAC secret stops working.");
+                    println!("This is a re-bind: when the platform exchanges it, the current binding (and its HMAC secret) stops working.");
+                }
+            }
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Command::PlatformKey(args) => {
+            let keys = cli::platform_key(&args)?;
+            match &args.action {
+                PlatformKeyAction::List { json: true, .. } => {
+                    println!("{}", serde_json::to_string_pretty(&keys)?)
+                }
+                PlatformKeyAction::Add { .. } => println!("Platform key added."),
+                PlatformKeyAction::Remove { key_id, .. } => {
+                    println!(
+                        "Platform key {key_id} removed: its signatures are refused from now on."
+                    )
+                }
+                PlatformKeyAction::List { .. } => {}
+            }
+            if !matches!(&args.action, PlatformKeyAction::List { json: true, .. }) {
+                println!("Active platform keys:");
+                for key in &keys {
+                    println!(
+                        "  {}  {}  added {}",
+                        key.key_id,
+                        key.public_key,
+                        keyholder_protocol::document::format_iso8601(key.added_at)
+                    );
                 }
             }
             Ok(std::process::ExitCode::SUCCESS)
@@ -118,6 +153,10 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
                 println!("Bound:              {}", status.bound);
+                println!("Platform scheme:    {}", status.platform_scheme);
+                if !status.platform_keys.is_empty() {
+                    println!("Platform keys:      {}", status.platform_keys.join(", "));
+                }
                 println!("Webhook id:         {}", status.webhook_id);
                 println!("Identity key:       {}", status.identity_key_id);
                 println!(

@@ -40,6 +40,25 @@ pub fn registration_url_for_hash(
     )
 }
 
+/// The registration URL of an asymmetric bind code (Keyholder extension): as [`registration_url`], but
+/// naming the platform key the code is for instead of an HMAC hash:
+/// `<frontend>/vault/webhook-bind?code=..&webhook_url=..&platform_key_id=<16 hex key id>`.
+pub fn registration_url_for_platform_key(
+    frontend: &str,
+    code: &str,
+    webhook_url: &str,
+    platform_key_id: &str,
+) -> String {
+    let webhook_b64 = STANDARD.encode(webhook_url.as_bytes());
+    format!(
+        "{}/vault/webhook-bind?code={}&webhook_url={}&platform_key_id={}",
+        frontend.trim_end_matches('/'),
+        utf8_percent_encode(code, QUERY_VALUE),
+        utf8_percent_encode(&webhook_b64, QUERY_VALUE),
+        utf8_percent_encode(platform_key_id, QUERY_VALUE)
+    )
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {

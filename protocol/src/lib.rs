@@ -1,9 +1,16 @@
 //! Keyholder protocol: every byte that crosses the wire between the platform, the keyholder and its clients.
 //! Pure types and functions (no HTTP, storage or async), shared by the server, the client and the tests.
+//!
+//! Besides the platform's protocol (HMAC request signatures in [`signing`], tickets in [`ticket`]), the
+//! Keyholder extensions are specified byte for byte in their modules: response signatures
+//! ([`response_sig`]), the `kh1` field format ([`document`]) and the asymmetric binding's Ed25519 request
+//! envelopes ([`envelope`]) and `kh2` tickets ([`ticket_kh2`]). Every format has named valid and invalid
+//! cases in `protocol/vectors/`, run by [`vectors`].
 #![warn(missing_docs)]
 
 pub mod binding;
 pub mod document;
+pub mod envelope;
 pub mod error;
 pub mod paths;
 pub mod request_id;
@@ -11,11 +18,13 @@ pub mod response_sig;
 pub mod secret;
 pub mod signing;
 pub mod ticket;
+pub mod ticket_kh2;
 pub mod vectors;
 pub mod wire;
 
 mod hex;
 
+pub use envelope::{PlatformPublicKey, PlatformSigningKey};
 pub use error::{ErrorBody, ErrorCode};
 pub use response_sig::{IdentityDocument, IdentityKey};
 pub use secret::{DataKey, HmacSecret};

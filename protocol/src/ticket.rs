@@ -1,4 +1,5 @@
 //! Tickets (`<base64url payload>.<hex HMAC>`, PROTOCOL.md §2.2): claims, purposes, encode and verify.
+//! The asymmetric binding's `kh2` tickets share these claims and checks (see `ticket_kh2`).
 //! Nonce replay is the server's business; verification here is pure.
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -203,6 +204,16 @@ pub fn verify_ticket(
     if !bool::from(expected.ct_eq(&given)) {
         return Err(TicketError::BadSignature);
     }
+    check_claims(payload, now, max_lifetime_secs)
+}
+
+/// The checks after the signature, shared by both ticket formats: payload decoding, expiry, nonce
+/// presence and lifetime cap (in that order).
+pub(crate) fn check_claims(
+    payload: &str,
+    now: i64,
+    max_lifetime_secs: i64,
+) -> Result<TicketClaims, TicketError> {
     let json = URL_SAFE_NO_PAD
         .decode(payload)
         .map_err(|_| TicketError::Undecodable)?;

@@ -16,10 +16,11 @@ use base64::Engine as _;
 use serde_json::{json, Value};
 
 use crate::document::{self, DocumentError, FieldFormat, KeySet};
+use crate::envelope::{self, Envelope, PlatformPublicKey, PlatformSigningKey};
 use crate::response_sig::{self, IdentityDocument, IdentityKey, ResponseSignature};
 use crate::secret::{DataKey, HmacSecret, KeyLengthError};
 use crate::ticket::{self, Purpose, TicketClaims};
-use crate::{binding, request_id, signing};
+use crate::{binding, request_id, signing, ticket_kh2};
 
 /// Every vector file: `(file name, JSON text)`.
 pub const FILES: &[(&str, &str)] = &[
@@ -37,6 +38,11 @@ pub const FILES: &[(&str, &str)] = &[
     (
         "request_ids.json",
         include_str!("../vectors/request_ids.json"),
+    ),
+    ("envelopes.json", include_str!("../vectors/envelopes.json")),
+    (
+        "kh2_tickets.json",
+        include_str!("../vectors/kh2_tickets.json"),
     ),
 ];
 
@@ -111,6 +117,8 @@ fn run_case(file: &'static str, case: &Value) -> VectorOutcome {
         "documents.json" => document_case(case),
         "response_signatures.json" => response_case(case),
         "request_ids.json" => request_id_case(case),
+        "envelopes.json" => envelope_case(case),
+        "kh2_tickets.json" => kh2_ticket_case(case),
         _ => Err(BadVector("unknown file".into())),
     };
     match actual {
@@ -430,6 +438,86 @@ fn request_id_case(case: &Value) -> Result<Actual, BadVector> {
         "is_valid" => Ok(Ok(json!(request_id::is_valid_request_id(text(
             case, "id"
         )?)))),
+        op => Err(BadVector(format!("unknown op {op}"))),
+    }
+}
+
+fn platform_seed(case: &Value) -> Result<PlatformSigningKey, BadVector> {
+    let hex = text(case, "seed_hex")?;
+    let bytes =
+        crate::hex::decode_lower::<32>(hex).ok_or_else(|| BadVector("bad seed_hex".into()))?;
+    Ok(PlatformSigningKey::from_seed(&bytes))
+}
+
+fn platform_keys(case: &Value) -> Result<Vec<PlatformPublicKey>, BadVector> {
+    field(case, "public_keys_base64")?
+        .as_array()
+        .ok_or_else(|| BadVector("public_keys_base64 must be an array".into()))?
+        .iter()
+        .map(|k| {
+            k.as_str()
+                .and_then(|k| PlatformPublicKey::parse(k.as_bytes()).ok())
+                .ok_or_else(|| BadVector(format!("bad public key {k}")))
+        })
+        .collect()
+}
+
+fn envelope_json(e: &Envelope) -> Value {
+    json!({ "keyId": e.key_id, "ts": e.ts, "nonce": e.nonce })
+}
+
+fn envelope_case(case: &Value) -> Result<Actual, BadVector> {
+    match text(case, "op")? {
+        "message" => Ok(Ok(json!(envelope::envelope_message(
+            int(case, "ts")?,
+            text(case, "nonce")?,
+            text(case, "method")?,
+            text(case, "path_and_query")?,
+            text(case, "body")?.as_bytes(),
+        )))),
+        "sign" => Ok(Ok(json!(envelope::sign_envelope(
+            &platform_seed(case)?,
+            int(case, "ts")?,
+            text(case, "nonce")?,
+            text(case, "method")?,
+            text(case, "path_and_query")?,
+            text(case, "body")?.as_bytes(),
+        )))),
+        "verify" => Ok(envelope::verify_envelope(
+            &platform_keys(case)?,
+            opt_text(case, "header")?,
+            text(case, "method")?,
+            text(case, "path_and_query")?,
+            text(case, "body")?.as_bytes(),
+            int(case, "now")?,
+            int(case, "max_skew_secs")?,
+        )
+        .map(|e| envelope_json(&e))
+        .map_err(variant)),
+        "parse" => Ok(Envelope::parse(text(case, "header")?)
+            .map(|e| envelope_json(&e))
+            .map_err(variant)),
+        "platform_public_key" => Ok(PlatformPublicKey::parse(text(case, "input")?.as_bytes())
+            .map(|k| json!({ "keyId": k.key_id(), "publicKey": k.to_base64() }))
+            .map_err(variant)),
+        op => Err(BadVector(format!("unknown op {op}"))),
+    }
+}
+
+fn kh2_ticket_case(case: &Value) -> Result<Actual, BadVector> {
+    match text(case, "op")? {
+        "encode" => Ok(Ok(json!(ticket_kh2::encode_kh2_ticket(
+            &platform_seed(case)?,
+            &claims(case)?
+        )))),
+        "verify" => Ok(ticket_kh2::verify_kh2_ticket(
+            &platform_keys(case)?,
+            text(case, "ticket")?,
+            int(case, "now")?,
+            int(case, "max_lifetime_secs")?,
+        )
+        .map_err(variant)
+        .and_then(|c| claims_json(&c))),
         op => Err(BadVector(format!("unknown op {op}"))),
     }
 }

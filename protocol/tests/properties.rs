@@ -8,11 +8,15 @@ use keyholder_protocol::document::{
     format_iso8601, open_document, parse_iso8601, seal_token_data, DocumentError, KeySet,
     SENSITIVE_FIELDS,
 };
+use keyholder_protocol::envelope::{
+    sign_envelope, verify_envelope, Envelope, EnvelopeError, PlatformPublicKey, PlatformSigningKey,
+};
 use keyholder_protocol::response_sig::{
     sign_response, verify_response, ResponseSigError, ResponseSignature,
 };
 use keyholder_protocol::signing::{signature_header_value, verify_request, RequestAuthError};
 use keyholder_protocol::ticket::{encode_ticket, verify_ticket};
+use keyholder_protocol::ticket_kh2::{encode_kh2_ticket, verify_kh2_ticket};
 use keyholder_protocol::{DataKey, HmacSecret, IdentityKey, Purpose, TicketClaims, TicketError};
 use proptest::prelude::*;
 use serde_json::{json, Map, Value};
@@ -240,6 +244,52 @@ proptest! {
     }
 
     #[test]
+    fn kh2_ticket_round_trip(seed in any::<[u8; 32]>(), c in claims()) {
+        let key = PlatformSigningKey::from_seed(&seed);
+        let t = encode_kh2_ticket(&key, &c);
+        let now = c.iat.unwrap();
+        let other = PlatformSigningKey::from_seed(&[0xAA; 32]).public_key();
+        prop_assert_eq!(verify_kh2_ticket(&[other.clone(), key.public_key()], &t, now, 3600), Ok(c.clone()));
+        if other != key.public_key() {
+            prop_assert_eq!(verify_kh2_ticket(&[other], &t, now, 3600), Err(TicketError::BadSignature));
+        }
+    }
+
+    #[test]
+    fn envelope_round_trip(
+        seed in any::<[u8; 32]>(),
+        ts in any::<i64>(),
+        nonce in "[0-9a-f]{32}",
+        method in "[A-Z]{1,7}",
+        path in "/[!-~]{0,60}",
+        body in prop::collection::vec(any::<u8>(), 0..256),
+        flip in any::<usize>(),
+    ) {
+        let key = PlatformSigningKey::from_seed(&seed);
+        let keys = [key.public_key()];
+        let header = sign_envelope(&key, ts, &nonce, &method, &path, &body);
+        let parsed = Envelope::parse(&header).unwrap();
+        prop_assert_eq!(&parsed.nonce, &nonce);
+        prop_assert_eq!(parsed.ts, ts);
+        prop_assert_eq!(
+            verify_envelope(&keys, Some(&header), &method, &path, &body, ts, 300),
+            Ok(parsed)
+        );
+        let mut tampered = body.clone();
+        if tampered.is_empty() { tampered.push(0) } else { let i = flip % tampered.len(); tampered[i] ^= 1 }
+        prop_assert_eq!(
+            verify_envelope(&keys, Some(&header), &method, &path, &tampered, ts, 300),
+            Err(EnvelopeError::BadSignature)
+        );
+        let public = key.public_key();
+        prop_assert_eq!(PlatformPublicKey::parse(public.to_base64().as_bytes()), Ok(public.clone()));
+        prop_assert_eq!(
+            PlatformPublicKey::parse(&serde_json::to_vec(&public.identity_document()).unwrap()),
+            Ok(public)
+        );
+    }
+
+    #[test]
     fn secret_base64_round_trip(bytes in any::<[u8; 32]>()) {
         let s = HmacSecret::from_bytes(bytes);
         prop_assert!(HmacSecret::from_base64(&s.to_base64()).unwrap().ct_eq(&s));
@@ -347,6 +397,42 @@ proptest! {
             }
             let _ = keyholder_protocol::document::document_key_versions(&v);
         }
+    }
+
+    #[test]
+    fn fuzz_envelope(
+        random in ".{0,200}",
+        e in edits(),
+        now in any::<i64>(),
+        skew in any::<i64>(),
+        body in prop::collection::vec(any::<u8>(), 0..64),
+    ) {
+        let key = PlatformSigningKey::from_seed(&[6u8; 32]);
+        let valid = sign_envelope(&key, 1_700_000_000, "00112233445566778899aabbccddeeff", "POST", "/v1/storage", b"{}");
+        let _ = Envelope::parse(&random);
+        let mutated = mutate(&valid, &e);
+        let _ = Envelope::parse(&mutated);
+        let keys = [key.public_key()];
+        let _ = verify_envelope(&keys, Some(&mutated), "POST", "/v1/storage", &body, now, skew);
+        let _ = verify_envelope(&keys, Some(&random), "POST", "/v1/storage", b"{}", now, skew);
+        let _ = PlatformPublicKey::parse(random.as_bytes());
+        let _ = PlatformPublicKey::parse(mutate(&key.public_key().to_base64(), &e).as_bytes());
+        let _ = PlatformSigningKey::from_file_bytes(random.as_bytes());
+    }
+
+    #[test]
+    fn fuzz_verify_kh2_ticket(
+        random in ".{0,160}",
+        e in edits(),
+        now in any::<i64>(),
+        cap in any::<i64>(),
+    ) {
+        let key = PlatformSigningKey::from_seed(&[7u8; 32]);
+        let keys = [key.public_key()];
+        let valid = encode_kh2_ticket(&key, &TicketClaims::new("u", "s", Purpose::Store, 0, 1, "n"));
+        let _ = verify_kh2_ticket(&keys, &random, now, cap);
+        let _ = verify_kh2_ticket(&keys, &format!("kh2.{random}"), now, cap);
+        let _ = verify_kh2_ticket(&keys, &mutate(&valid, &e), now, cap);
     }
 
     #[test]

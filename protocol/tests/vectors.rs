@@ -24,6 +24,10 @@ fn every_vector_passes() {
         ("binding.json", "golden_hmac_hash"),
         ("tickets.json", "golden_encode"),
         ("tickets.json", "golden_verify"),
+        ("envelopes.json", "verify_ok"),
+        ("envelopes.json", "body_swapped"),
+        ("kh2_tickets.json", "golden_verify"),
+        ("kh2_tickets.json", "payload_swapped_under_signature"),
     ] {
         assert!(
             outcomes

@@ -510,6 +510,195 @@ def request_ids():
     write("request_ids.json", "Request ids a keyholder echoes: 1-128 chars of [A-Za-z0-9._:-].", cases)
 
 
+# ---------------------------------------------------------------- request envelopes (issue 10)
+PLATFORM_SEED = bytes(range(32, 64))
+PLATFORM_SEED_2 = bytes([0x42] * 32)
+ENVELOPE_NONCE = "00112233445566778899aabbccddeeff"
+
+
+def raw_public(seed):
+    return Ed25519PrivateKey.from_private_bytes(seed).public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def envelope_message(ts, nonce, method, path, body):
+    return "\n".join(["keyholder-request-v1", str(ts), nonce, method + " " + path,
+                      hashlib.sha256(body.encode()).hexdigest()])
+
+
+def envelope_header(seed, ts, nonce, method, path, body):
+    sig = Ed25519PrivateKey.from_private_bytes(seed).sign(envelope_message(ts, nonce, method, path, body).encode())
+    kid = hashlib.sha256(raw_public(seed)).hexdigest()[:16]
+    return "keyId=%s,ts=%d,nonce=%s,sig=%s" % (kid, ts, nonce, b64(sig))
+
+
+def envelopes():
+    pk, pk2 = raw_public(PLATFORM_SEED), raw_public(PLATFORM_SEED_2)
+    kid = hashlib.sha256(pk).hexdigest()[:16]
+    path = "/v1/storage"
+    header = envelope_header(PLATFORM_SEED, NOW, ENVELOPE_NONCE, "POST", path, GOLDEN_BODY)
+    sig_b64 = header.split(",sig=")[1]
+    sig = base64.b64decode(sig_b64)
+    L = 2 ** 252 + 27742317777372353535851937790883648493
+    s = int.from_bytes(sig[32:], "little") + L
+    malleated = header.replace(sig_b64, b64(sig[:32] + s.to_bytes(32, "little")))
+    query_path = "/v1/credential?ticket=kh2.abc.def&service=github"
+    header_get = envelope_header(PLATFORM_SEED, NOW + 7, "ffeeddccbbaa99887766554433221100", "GET", query_path, "")
+    ok_parsed = {"keyId": kid, "ts": NOW, "nonce": ENVELOPE_NONCE}
+
+    def verify(name, expected, hdr=header, method="POST", p=path, body=GOLDEN_BODY, now=NOW, keys=None):
+        return {"name": name, "op": "verify", "public_keys_base64": [b64(k) for k in (keys or [pk])],
+                "header": hdr, "method": method, "path_and_query": p, "body": body, "now": now,
+                "max_skew_secs": 300, "expected": expected}
+
+    def parse(name, hdr, expected):
+        return {"name": name, "op": "parse", "header": hdr, "expected": expected}
+
+    def pkey(name, text, expected):
+        return {"name": name, "op": "platform_public_key", "input": text, "expected": expected}
+
+    identity = {"keyId": kid, "publicKey": b64(pk), "algorithm": "Ed25519"}
+    cases = [
+        {"name": "message", "op": "message", "ts": NOW, "nonce": ENVELOPE_NONCE, "method": "POST",
+         "path_and_query": path, "body": GOLDEN_BODY,
+         "expected": ok(envelope_message(NOW, ENVELOPE_NONCE, "POST", path, GOLDEN_BODY))},
+        {"name": "sign", "op": "sign", "seed_hex": PLATFORM_SEED.hex(), "ts": NOW, "nonce": ENVELOPE_NONCE,
+         "method": "POST", "path_and_query": path, "body": GOLDEN_BODY, "expected": ok(header)},
+        {"name": "sign_get_with_query_empty_body", "op": "sign", "seed_hex": PLATFORM_SEED.hex(), "ts": NOW + 7,
+         "nonce": "ffeeddccbbaa99887766554433221100", "method": "GET", "path_and_query": query_path, "body": "",
+         "expected": ok(header_get)},
+        verify("verify_ok", ok(ok_parsed)),
+        verify("verify_ok_second_of_two_keys", ok(ok_parsed), keys=[pk2, pk]),
+        verify("verify_get_with_query_empty_body", ok({"keyId": kid, "ts": NOW + 7,
+                                                       "nonce": "ffeeddccbbaa99887766554433221100"}),
+               hdr=header_get, method="GET", p=query_path, body=""),
+        verify("verify_skew_boundary_ok", ok(ok_parsed), now=NOW + 300),
+        verify("verify_skew_boundary_past_ok", ok(ok_parsed), now=NOW - 300),
+        verify("stale_after", err("Stale"), now=NOW + 301),
+        verify("stale_before", err("Stale"), now=NOW - 301),
+        verify("body_swapped", err("BadSignature"), body=GOLDEN_BODY.replace("github", "gitlab")),
+        verify("body_whitespace", err("BadSignature"), body=GOLDEN_BODY + " "),
+        verify("different_path", err("BadSignature"), p="/v1/proxy"),
+        verify("different_query", err("BadSignature"), p=path + "?x=1"),
+        verify("different_method", err("BadSignature"), method="PUT"),
+        verify("different_ts", err("BadSignature"), hdr=header.replace("ts=%d" % NOW, "ts=%d" % (NOW + 1))),
+        verify("different_nonce", err("BadSignature"), hdr=header.replace(ENVELOPE_NONCE, "0" * 32)),
+        verify("malleated_signature_s_plus_l", err("BadSignature"), hdr=malleated),
+        verify("unknown_key", err("UnknownKey"), keys=[pk2]),
+        verify("unknown_key_before_stale", err("UnknownKey"), keys=[pk2], now=NOW + 1000),
+        verify("stale_before_signature", err("Stale"), body="tampered", now=NOW + 1000),
+        verify("missing_header", err("Missing"), hdr=None),
+        verify("malformed_wins", err("Malformed"), hdr=header + ",", keys=[pk2]),
+        verify("hmac_header_value_is_malformed", err("Malformed"), hdr="sha256=" + GOLDEN_SIG),
+        parse("parse_ok", header, ok(ok_parsed)),
+        parse("parse_reordered", "ts=%d,keyId=%s,nonce=%s,sig=%s" % (NOW, kid, ENVELOPE_NONCE, sig_b64),
+              err("Malformed")),
+        parse("parse_spaces", header.replace(",", ", "), err("Malformed")),
+        parse("parse_uppercase_nonce", header.replace(ENVELOPE_NONCE, ENVELOPE_NONCE.upper()), err("Malformed")),
+        parse("parse_short_nonce", header.replace(ENVELOPE_NONCE, ENVELOPE_NONCE[:30]), err("Malformed")),
+        parse("parse_long_nonce", header.replace(ENVELOPE_NONCE, ENVELOPE_NONCE + "00"), err("Malformed")),
+        parse("parse_short_key_id", header.replace(kid, kid[:15]), err("Malformed")),
+        parse("parse_ts_leading_zero", header.replace("ts=", "ts=0"), err("Malformed")),
+        parse("parse_ts_plus", header.replace("ts=", "ts=+"), err("Malformed")),
+        parse("parse_sig_unpadded", header.rstrip("="), err("Malformed")),
+        parse("parse_sig_urlsafe", header.replace(sig_b64, sig_b64.replace("+", "-").replace("/", "_"))
+              if ("+" in sig_b64 or "/" in sig_b64) else header.replace("sig=", "sig=-", 1), err("Malformed")),
+        parse("parse_sig_short", header.replace(sig_b64, b64(sig[:63])), err("Malformed")),
+        parse("parse_extra_field", header + ",alg=ed25519", err("Malformed")),
+        parse("parse_missing_nonce", "keyId=%s,ts=%d,sig=%s" % (kid, NOW, sig_b64), err("Malformed")),
+        parse("parse_empty", "", err("Malformed")),
+        parse("parse_too_long", header + "x" * 200, err("Malformed")),
+        pkey("public_key_base64", b64(pk), ok({"keyId": kid, "publicKey": b64(pk)})),
+        pkey("public_key_base64_newline", b64(pk) + "\n", ok({"keyId": kid, "publicKey": b64(pk)})),
+        pkey("public_key_identity_document", compact(identity), ok({"keyId": kid, "publicKey": b64(pk)})),
+        pkey("public_key_document_wrong_key_id", compact(dict(identity, keyId="0" * 16)), err("Invalid")),
+        pkey("public_key_document_wrong_algorithm", compact(dict(identity, algorithm="ed25519")), err("Invalid")),
+        pkey("public_key_short", b64(pk[:31]), err("Encoding")),
+        pkey("public_key_unpadded", b64(pk).rstrip("="), err("Encoding")),
+        pkey("public_key_weak_identity_point", b64(bytes([1] + [0] * 31)), err("Invalid")),
+    ]
+    write("envelopes.json",
+          "X-Keyholder-Envelope: keyId=<16 hex>,ts=<unix s>,nonce=<32 lowercase hex>,sig=<std base64 Ed25519 "
+          "signature> over the five lines keyholder-request-v1, ts, nonce, '<METHOD> <path-and-query>', hex "
+          "SHA-256 of the body, joined by \\n. seed_hex is the platform's 32-byte Ed25519 seed; body is UTF-8; "
+          "public_keys_base64 are the active platform keys. verify/parse expected.ok is {keyId, ts, nonce}; "
+          "errors are EnvelopeError variants (nonce replay is the server's and not part of these cases). "
+          "platform_public_key parses a key file's text (std base64 or identity document): expected.ok is "
+          "{keyId, publicKey}, errors are PlatformKeyError variants.",
+          cases)
+
+
+def kh2(claims_json, seed=PLATFORM_SEED):
+    signed = "kh2." + b64url(claims_json.encode())
+    sig = Ed25519PrivateKey.from_private_bytes(seed).sign(signed.encode())
+    return signed + "." + b64url(sig)
+
+
+def kh2_tickets():
+    pk, pk2 = raw_public(PLATFORM_SEED), raw_public(PLATFORM_SEED_2)
+    golden_claims = {"sub": "user_test", "svc": "github", "pur": "agent_credential", "iat": 1700000000,
+                     "exp": 9999999999, "nonce": "deadbeefdeadbeefdeadbeefdeadbeef", "aid": "agent_test"}
+    golden = kh2(compact(golden_claims))
+    proxy_claims = {"sub": "user_1", "svc": "github", "pur": "proxy", "iat": NOW, "exp": NOW + 60,
+                    "nonce": "n-proxy-1", "pid": "proxy_1"}
+    proxy = kh2(compact(proxy_claims))
+    payload, sig = proxy.split(".")[1:]
+    other = kh2(compact(dict(proxy_claims, svc="gitlab")))
+
+    def verify(name, ticket_text, expected, now=NOW, keys=None, cap=3600):
+        return {"name": name, "op": "verify", "public_keys_base64": [b64(k) for k in (keys or [pk])],
+                "ticket": ticket_text, "now": now, "max_lifetime_secs": cap, "expected": expected}
+
+    sig_std = b64(base64.urlsafe_b64decode(sig + "=="))
+    cases = [
+        {"name": "golden_encode", "op": "encode", "seed_hex": PLATFORM_SEED.hex(), "claims": golden_claims,
+         "expected": ok(golden)},
+        {"name": "proxy_encode", "op": "encode", "seed_hex": PLATFORM_SEED.hex(), "claims": proxy_claims,
+         "expected": ok(proxy)},
+        verify("golden_verify", golden, ok(golden_claims), cap=I64_MAX),
+        verify("golden_refused_by_default_lifetime_cap", golden, err("LifetimeTooLong")),
+        verify("proxy_verify", proxy, ok(proxy_claims)),
+        verify("second_of_two_keys", proxy, ok(proxy_claims), keys=[pk2, pk]),
+        verify("wrong_key", proxy, err("BadSignature"), keys=[pk2]),
+        verify("expired", proxy, err("Expired"), now=NOW + 61),
+        verify("expiry_boundary_ok", proxy, ok(proxy_claims), now=NOW + 60),
+        verify("payload_swapped_under_signature", other.rsplit(".", 1)[0] + "." + sig, err("BadSignature")),
+        verify("signature_padded", proxy + "==", err("BadSignature")),
+        verify("signature_standard_base64_padded", "kh2.%s.%s" % (payload, sig_std), err("BadSignature")),
+        verify("signature_short", "kh2.%s.%s" % (payload, sig[:-2]), err("BadSignature")),
+        verify("platform_hmac_ticket", GOLDEN_TICKET, err("Malformed")),
+        verify("wrong_prefix", "kh1." + payload + "." + sig, err("Malformed")),
+        verify("uppercase_prefix", "KH2." + payload + "." + sig, err("Malformed")),
+        verify("four_parts", proxy + ".x", err("Malformed")),
+        verify("empty_payload", "kh2.." + sig, err("Malformed")),
+        verify("empty", "", err("Malformed")),
+        verify("too_long", "kh2." + "a" * 8200 + "." + sig, err("Malformed")),
+        verify("payload_padded", kh2_from_payload(payload + "="), err("Undecodable")),
+        verify("payload_trailing_data", kh2(compact(proxy_claims) + "x"), err("Undecodable")),
+        verify("payload_not_object", kh2("[1]"), err("Undecodable")),
+        verify("missing_exp_is_expired", kh2(compact({"iat": NOW, "nonce": "n"})), err("Expired")),
+        verify("missing_nonce", kh2(compact({"iat": NOW, "exp": NOW + 60})), err("MissingNonce")),
+        verify("empty_nonce", kh2(compact({"iat": NOW, "exp": NOW + 60, "nonce": ""})), err("MissingNonce")),
+        verify("lifetime_over_cap", kh2(compact({"iat": NOW, "exp": NOW + 3601, "nonce": "n"})),
+               err("LifetimeTooLong")),
+        verify("lifetime_at_cap", kh2(compact({"iat": NOW, "exp": NOW + 3600, "nonce": "n"})),
+               ok({"sub": "", "svc": "", "pur": "", "iat": NOW, "exp": NOW + 3600, "nonce": "n"})),
+    ]
+    write("kh2_tickets.json",
+          "kh2 tickets: kh2.<unpadded base64url of the compact JSON claims>.<unpadded base64url of the Ed25519 "
+          "signature over the ASCII of 'kh2.' + payload>, signed with the platform's key (seed_hex); verified "
+          "against the active platform keys (public_keys_base64, any may verify). Same claims and checks as "
+          "tickets.json. op encode: expected.ok is the ticket. op verify: expected.ok is the claims object "
+          "(absent claims omitted, missing strings as \"\"), else the TicketError variant; nonce replay and "
+          "scope are not part of these cases.",
+          cases)
+
+
+def kh2_from_payload(payload, seed=PLATFORM_SEED):
+    signed = "kh2." + payload
+    return signed + "." + b64url(Ed25519PrivateKey.from_private_bytes(seed).sign(signed.encode()))
+
+
 if __name__ == "__main__":
     request_signatures()
     binding()
@@ -517,3 +706,5 @@ if __name__ == "__main__":
     documents()
     response_signatures()
     request_ids()
+    envelopes()
+    kh2_tickets()

@@ -114,6 +114,7 @@ async fn a_bound_keyholder_issues_no_plain_codes_and_refuses_stale_ones() {
         public_url: None,
         frontend_url: DEFAULT_FRONTEND.into(),
         rebind: false,
+        platform_key: None,
         json: false,
     };
     let err = keyholder::cli::bind(&args)

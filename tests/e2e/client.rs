@@ -368,24 +368,16 @@ fn options(kh: &Keyholder, auth: CheckAuth) -> CheckOptions {
     options
 }
 
-/// Every check passes against our keyholder, except the unsigned-proxy probe until `/v1/proxy` exists
-/// (today the keyholder answers 404 there, which the checker rightly counts as a failure).
-fn assert_all_but_proxy_pass(report: &check::Report) {
+/// Every check of the matrix passes against our keyholder (the unsigned-proxy probe included).
+fn assert_all_pass(report: &check::Report) {
     let text = report.to_text();
     assert_eq!(report.checks.len(), check::MATRIX.len(), "{text}");
     for c in &report.checks {
-        if c.name == "unsigned_proxy" {
-            continue;
-        }
         assert!(c.passed, "{}: {}\n{text}", c.name, c.detail);
         assert!(!c.exchanges.is_empty(), "{}", c.name);
     }
-    let proxy = report.check("unsigned_proxy").unwrap();
-    assert!(proxy.passed || proxy.detail.contains("404"), "{text}");
-    assert!(text.ends_with(&format!(
-        "{} passed, {} failed\n",
-        report.passed, report.failed
-    )));
+    assert!(report.ok(), "{text}");
+    assert!(text.ends_with(&format!("{} passed, 0 failed\n", report.passed)));
 }
 
 #[tokio::test]
@@ -393,7 +385,7 @@ async fn checker_passes_against_our_keyholder() {
     let kh = Keyholder::start().await;
     let code = kh.issue_code(false);
     let report = check::run(options(&kh, CheckAuth::BindCode(code.code.clone()))).await;
-    assert_all_but_proxy_pass(&report);
+    assert_all_pass(&report);
     let text = report.to_text();
     // Tickets and the bind code never appear in the report.
     assert!(!text.contains(&code.code), "{text}");
@@ -409,7 +401,7 @@ async fn checker_passes_against_our_keyholder() {
     let mut kh2 = Keyholder::start().await;
     let secret = kh2.bind().await;
     let report = check::run(options(&kh2, CheckAuth::Secret(secret))).await;
-    assert_all_but_proxy_pass(&report);
+    assert_all_pass(&report);
     // Nothing the checker wrote is left behind.
     let left = kh2
         .storage(json!({"operation":"list","collection":"vault_config"}))

@@ -7,6 +7,7 @@ mod browser;
 mod client;
 mod credentials;
 mod egress;
+mod envelope;
 mod metrics;
 mod minting;
 mod owner;

@@ -190,6 +190,7 @@ impl Keyholder {
             public_url: None,
             frontend_url: DEFAULT_FRONTEND.into(),
             rebind,
+            platform_key: None,
             json: true,
         };
         keyholder::cli::bind(&args).expect("bind code issued")

@@ -9,7 +9,7 @@ use anyhow::Context as _;
 use clap::Parser;
 use keyholder_client::check::{self, CheckAuth, CheckOptions};
 use keyholder_client::{IdentityPin, RetryPolicy};
-use keyholder_protocol::HmacSecret;
+use keyholder_protocol::{HmacSecret, PlatformSigningKey};
 use zeroize::Zeroizing;
 
 /// Check that a Token Vault webhook speaks the protocol and refuses what it must.
@@ -19,16 +19,25 @@ struct Args {
     /// The webhook's base URL (https unless --danger-allow-http).
     #[arg(long, env = "KEYHOLDER_CHECK_URL")]
     url: String,
-    /// Bind first with this one-time code (from `keyholder bind`).
+    /// Bind first with this one-time code (from `keyholder bind`; with --platform-key-file, from
+    /// `keyholder bind --platform-key`).
     #[arg(
         long,
         conflicts_with = "hmac_secret_file",
-        required_unless_present = "hmac_secret_file"
+        required_unless_present_any = ["hmac_secret_file", "platform_key_file"]
     )]
     bind_code: Option<String>,
     /// The webhook is bound already: file holding the HMAC secret (standard base64, or 32 raw bytes).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "platform_key_file")]
     hmac_secret_file: Option<PathBuf>,
+    /// Asymmetric binding: file holding the platform's Ed25519 private key seed (32 raw bytes or
+    /// standard base64). Runs the matrix with envelopes and kh2 tickets, plus the envelope refusals.
+    #[arg(long)]
+    platform_key_file: Option<PathBuf>,
+    /// Asymmetric binding: seed file of a platform key already removed with `keyholder platform-key
+    /// remove`; adds the check that its signatures are refused.
+    #[arg(long, requires = "platform_key_file")]
+    removed_platform_key_file: Option<PathBuf>,
     /// Pin the webhook's identity: a key id, a base64 public key, or a file holding an identity document.
     #[arg(long)]
     identity: Option<String>,
@@ -57,6 +66,12 @@ fn read_secret(path: &PathBuf) -> anyhow::Result<HmacSecret> {
     Ok(HmacSecret::from_base64(text.trim())?)
 }
 
+fn read_signing_key(path: &PathBuf) -> anyhow::Result<PlatformSigningKey> {
+    let raw =
+        Zeroizing::new(std::fs::read(path).with_context(|| format!("reading {}", path.display()))?);
+    PlatformSigningKey::from_file_bytes(&raw).with_context(|| format!("{}", path.display()))
+}
+
 fn read_pin(text: &str) -> anyhow::Result<IdentityPin> {
     let path = PathBuf::from(text);
     let value = if path.is_file() {
@@ -68,12 +83,25 @@ fn read_pin(text: &str) -> anyhow::Result<IdentityPin> {
 }
 
 async fn run(args: Args) -> anyhow::Result<bool> {
-    let auth = match (&args.bind_code, &args.hmac_secret_file) {
-        (Some(code), _) => CheckAuth::BindCode(code.clone()),
-        (None, Some(path)) => CheckAuth::Secret(read_secret(path)?),
-        (None, None) => anyhow::bail!("give --bind-code or --hmac-secret-file"),
+    let auth = match (
+        &args.bind_code,
+        &args.hmac_secret_file,
+        &args.platform_key_file,
+    ) {
+        (code, _, Some(path)) => CheckAuth::PlatformKey {
+            key: Box::new(read_signing_key(path)?),
+            bind_code: code.clone(),
+        },
+        (Some(code), _, None) => CheckAuth::BindCode(code.clone()),
+        (None, Some(path), None) => CheckAuth::Secret(read_secret(path)?),
+        (None, None, None) => {
+            anyhow::bail!("give --bind-code, --hmac-secret-file or --platform-key-file")
+        }
     };
     let mut options = CheckOptions::new(args.url.clone(), auth);
+    if let Some(path) = &args.removed_platform_key_file {
+        options.removed_platform_key = Some(read_signing_key(path)?);
+    }
     options.danger_allow_http = args.danger_allow_http;
     options.timeout = Duration::from_secs(args.timeout);
     if args.no_retry {

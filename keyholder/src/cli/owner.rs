@@ -18,7 +18,7 @@ use crate::store::{self, backup, get_setting};
 use crate::vault::import::{self, ImportReport};
 use crate::vault::keyring::{self, KIND_LEGACY};
 use crate::vault::master::{self, load_master_key, MasterKey};
-use crate::vault::{reload, rotation};
+use crate::vault::{platform_keys, reload, rotation};
 
 /// Flags of commands that only need the data folder and its master key.
 #[derive(Debug, Clone, Args)]
@@ -197,6 +197,10 @@ fn owner_change<T>(
 pub struct Status {
     /// Bound to a platform.
     pub bound: bool,
+    /// How the platform authenticates: `hmac` or `ed25519` (asymmetric binding).
+    pub platform_scheme: String,
+    /// Key ids of the active platform keys (asymmetric binding).
+    pub platform_keys: Vec<String>,
     /// Webhook id.
     pub webhook_id: String,
     /// Identity key id (signs responses and the audit trail).
@@ -233,6 +237,11 @@ pub fn status(args: &OwnerArgs) -> anyhow::Result<Status> {
     )?;
     Ok(Status {
         bound: get_setting(&conn, "bound")?.as_deref() == Some("true"),
+        platform_scheme: platform_keys::read_scheme(&conn)?.as_str().to_owned(),
+        platform_keys: platform_keys::list_keys(&conn)?
+            .into_iter()
+            .map(|k| k.key_id)
+            .collect(),
         webhook_id,
         identity_key_id: ring.identity().key_id(),
         data_key_versions: ring.data_versions(),

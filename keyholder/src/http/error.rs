@@ -3,6 +3,7 @@
 
 use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, ResponseError};
+use keyholder_protocol::envelope::EnvelopeError;
 use keyholder_protocol::signing::RequestAuthError;
 use keyholder_protocol::{ErrorBody, ErrorCode, TicketError};
 
@@ -22,6 +23,20 @@ pub enum ApiError {
     /// Platform signature checks failed.
     #[error("{0}")]
     Auth(#[from] RequestAuthError),
+    /// Ed25519 envelope checks failed (asymmetric binding).
+    #[error("{0}")]
+    Envelope(#[from] EnvelopeError),
+    /// The envelope's nonce was used before.
+    #[error("envelope nonce already used")]
+    EnvelopeReplayed,
+    /// The request authenticates with the other scheme than the binding's (HMAC headers in an
+    /// asymmetric binding, or an envelope in an HMAC binding).
+    #[error("request signed with the wrong scheme for this binding")]
+    WrongScheme,
+    /// The ticket is of the other scheme than the binding's (a platform ticket in an asymmetric
+    /// binding, or a `kh2` ticket in an HMAC binding).
+    #[error("ticket of the wrong scheme for this binding")]
+    TicketWrongScheme,
     /// The platform request id was seen before.
     #[error("duplicate request id")]
     DuplicateRequestId,
@@ -63,11 +78,14 @@ impl ApiError {
         match self {
             ApiError::InvalidRequest(_) => ErrorCode::InvalidRequest,
             ApiError::PayloadTooLarge(_) => ErrorCode::PayloadTooLarge,
-            ApiError::Auth(_) | ApiError::DuplicateRequestId | ApiError::BadRequestId => {
-                ErrorCode::AuthFailed
-            }
+            ApiError::Auth(_)
+            | ApiError::Envelope(_)
+            | ApiError::EnvelopeReplayed
+            | ApiError::WrongScheme
+            | ApiError::DuplicateRequestId
+            | ApiError::BadRequestId => ErrorCode::AuthFailed,
             ApiError::Ticket(err) => err.error_code(),
-            ApiError::TicketReplayed => ErrorCode::TicketInvalid,
+            ApiError::TicketReplayed | ApiError::TicketWrongScheme => ErrorCode::TicketInvalid,
             ApiError::SetupRequired => ErrorCode::SetupRequired,
             ApiError::Forbidden(_) => ErrorCode::Forbidden,
             ApiError::NotFound => ErrorCode::NotFound,
@@ -124,6 +142,20 @@ impl ApiError {
             }
             ApiError::Auth(RequestAuthError::InvalidTimestamp) => {
                 "Invalid X-TokenVault-Timestamp".into()
+            }
+            ApiError::Envelope(EnvelopeError::Missing) => "Missing X-Keyholder-Envelope".into(),
+            ApiError::Envelope(EnvelopeError::Malformed) => "Malformed X-Keyholder-Envelope".into(),
+            ApiError::Envelope(EnvelopeError::UnknownKey) => "Unknown platform key".into(),
+            ApiError::Envelope(EnvelopeError::Stale) => {
+                "Request timestamp outside the allowed window".into()
+            }
+            ApiError::Envelope(EnvelopeError::BadSignature) => "Invalid signature".into(),
+            ApiError::EnvelopeReplayed => "Duplicate envelope nonce".into(),
+            ApiError::WrongScheme => {
+                "This keyholder's binding does not accept this signature scheme".into()
+            }
+            ApiError::TicketWrongScheme => {
+                "This keyholder's binding does not accept this ticket scheme".into()
             }
             ApiError::DuplicateRequestId => "Duplicate request ID".into(),
             ApiError::BadRequestId => {
@@ -231,6 +263,14 @@ mod tests {
                 "auth_failed",
             ),
             (ApiError::DuplicateRequestId, 401, "auth_failed"),
+            (
+                ApiError::Envelope(EnvelopeError::UnknownKey),
+                401,
+                "auth_failed",
+            ),
+            (ApiError::EnvelopeReplayed, 401, "auth_failed"),
+            (ApiError::WrongScheme, 401, "auth_failed"),
+            (ApiError::TicketWrongScheme, 401, "ticket_invalid"),
             (
                 ApiError::Ticket(TicketError::Expired),
                 401,

@@ -1,4 +1,5 @@
-//! `POST /v1/exchange`: the platform trades a one-time bind code for the HMAC secret.
+//! `POST /v1/exchange`: the platform trades a one-time bind code for the HMAC secret (or, for an
+//! asymmetric code, for nothing secret: the answer then carries no `hmacSecret`).
 
 use actix_web::web::{Bytes, Data};
 use actix_web::HttpResponse;
@@ -22,7 +23,7 @@ pub async fn exchange(state: Data<AppState>, body: Bytes) -> Result<HttpResponse
     let exchanged = state.vault.exchange(&code).await?;
     tracing::info!(webhook_id = %exchanged.webhook_id, "bound to the platform");
     let response = ExchangeResponse {
-        hmac_secret: Some(exchanged.secret_base64.to_string()),
+        hmac_secret: exchanged.secret_base64.map(|s| s.to_string()),
         webhook_id: exchanged.webhook_id,
         version: PROTOCOL_VERSION.to_string(),
         capabilities: state.vault.settings().capabilities.clone(),

@@ -1,25 +1,33 @@
 //! Verification before handling: extractors that cap the body, check the platform's signature,
 //! timestamp and request id, or a ticket's signature, expiry, nonce and scope, and only then
 //! deserialize. A handler only ever sees an already-verified request.
+//!
+//! Both checks follow the binding's scheme (one per binding): HMAC headers and platform tickets in
+//! the Token Vault scheme, Ed25519 envelopes and `kh2` tickets in the asymmetric one. A request or
+//! ticket of the other scheme is refused (`401 auth_failed` / `401 ticket_invalid`). Every extractor
+//! goes through [`verify_signed`] and [`verify_ticket_for`], so every endpoint gets the switch.
 
 use actix_web::dev::Payload;
 use actix_web::web::{Bytes, BytesMut, Data};
 use actix_web::{FromRequest, HttpMessage, HttpRequest};
 use futures_util::future::LocalBoxFuture;
 use futures_util::StreamExt;
+use keyholder_protocol::envelope::verify_envelope;
 use keyholder_protocol::paths::{
-    HEADER_PLATFORM_REQUEST_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP, MAX_CLOCK_SKEW_SECS,
-    REQUEST_ID_TTL_SECS,
+    HEADER_ENVELOPE, HEADER_PLATFORM_REQUEST_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP,
+    MAX_CLOCK_SKEW_SECS, REQUEST_ID_TTL_SECS,
 };
 use keyholder_protocol::request_id::is_valid_request_id;
 use keyholder_protocol::signing::verify_request;
 use keyholder_protocol::ticket::verify_ticket;
+use keyholder_protocol::ticket_kh2::{is_kh2_ticket, verify_kh2_ticket};
 use keyholder_protocol::wire::{CredentialRequest, ProxyRequest, StoreRequest, UpstreamRequest};
 use keyholder_protocol::{Purpose, TicketClaims};
 use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
 use crate::app::AppState;
+use crate::vault::platform_keys::PlatformScheme;
 use crate::vault::replay::{ReplayKind, Seen};
 
 /// Ticket facts kept on the request for the access log (never the ticket itself).
@@ -148,9 +156,13 @@ pub struct Signed<T> {
     pub request_id: String,
 }
 
-/// Verifies a signed platform request over the exact bytes received. Order: bound, signature
-/// headers, timestamp, signature (constant time), then request id replay (so a forger cannot
-/// burn ids). Returns the raw body and the request id.
+/// Verifies a signed platform request over the exact bytes received, in the binding's scheme.
+///
+/// HMAC scheme, in order: bound, no envelope header, signature headers, timestamp, signature
+/// (constant time), then request id replay (so a forger cannot burn ids). Asymmetric scheme: bound,
+/// no HMAC signature header, envelope format, known key, timestamp, Ed25519 signature over the
+/// method, target and body, a valid request id header, then nonce replay (durable, like request ids;
+/// the nonce is the replay key, the request id is only echoed). Returns the raw body and the request id.
 pub async fn verify_signed(
     req: &HttpRequest,
     payload: &mut Payload,
@@ -163,37 +175,82 @@ pub async fn verify_signed(
     let body = read_body(req, payload, body_limit(req.path())).await?;
     let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
     let now = crate::clock::now_unix();
-    verify_request(
-        &binding.hmac,
-        header(HEADER_SIGNATURE),
-        header(HEADER_TIMESTAMP),
-        &body,
-        now,
-        MAX_CLOCK_SKEW_SECS,
-    )
-    .inspect_err(|e| {
+    let refused = |reason: &dyn std::fmt::Debug| {
         state.metrics.signature_failures.inc();
-        tracing::info!(reason = ?e, "platform signature refused");
-    })?;
+        tracing::info!(reason = ?reason, "platform signature refused");
+    };
+    let envelope_nonce = match binding.scheme {
+        PlatformScheme::Hmac => {
+            if req.headers().contains_key(HEADER_ENVELOPE) {
+                refused(&"envelope in an HMAC binding");
+                return Err(ApiError::WrongScheme);
+            }
+            verify_request(
+                &binding.hmac,
+                header(HEADER_SIGNATURE),
+                header(HEADER_TIMESTAMP),
+                &body,
+                now,
+                MAX_CLOCK_SKEW_SECS,
+            )
+            .inspect_err(|e| refused(e))?;
+            None
+        }
+        PlatformScheme::Ed25519 => {
+            if req.headers().contains_key(HEADER_SIGNATURE) {
+                refused(&"HMAC signature in an asymmetric binding");
+                return Err(ApiError::WrongScheme);
+            }
+            let target = req
+                .uri()
+                .path_and_query()
+                .map_or_else(|| req.path(), |p| p.as_str());
+            let envelope = verify_envelope(
+                &binding.platform_keys,
+                header(HEADER_ENVELOPE),
+                req.method().as_str(),
+                target,
+                &body,
+                now,
+                MAX_CLOCK_SKEW_SECS,
+            )
+            .inspect_err(|e| refused(e))?;
+            // Accepted while |now - ts| <= skew: remembered at least that long.
+            Some((envelope.nonce, envelope.ts.max(now) + MAX_CLOCK_SKEW_SECS))
+        }
+    };
     let request_id = header(HEADER_PLATFORM_REQUEST_ID)
         .filter(|id| is_valid_request_id(id))
         .ok_or(ApiError::BadRequestId)?
         .to_string();
-    match state
-        .vault
-        .replay
-        .remember(
+    let (kind, key, until, metric) = match &envelope_nonce {
+        None => (
             ReplayKind::RequestId,
-            &request_id,
+            request_id.as_str(),
             now + REQUEST_ID_TTL_SECS,
-        )
-        .await?
-    {
+            "request_id",
+        ),
+        Some((nonce, until)) => (
+            ReplayKind::EnvelopeNonce,
+            nonce.as_str(),
+            *until,
+            "envelope_nonce",
+        ),
+    };
+    match state.vault.replay.remember(kind, key, until).await? {
         Seen::Fresh => Ok((body, request_id)),
         Seen::Replayed => {
-            state.metrics.replay_refused("request_id");
-            tracing::warn!("duplicate platform request id refused");
-            Err(ApiError::DuplicateRequestId)
+            state.metrics.replay_refused(metric);
+            match kind {
+                ReplayKind::EnvelopeNonce => {
+                    tracing::warn!("replayed envelope nonce refused");
+                    Err(ApiError::EnvelopeReplayed)
+                }
+                _ => {
+                    tracing::warn!("duplicate platform request id refused");
+                    Err(ApiError::DuplicateRequestId)
+                }
+            }
         }
     }
 }
@@ -267,7 +324,9 @@ impl FromRequest for ProxyCall {
 }
 
 /// Verifies a ticket for `service` and one of `purposes`. Order as the protocol lists it:
-/// bound, form, signature, payload, expiry, (nonce present, lifetime cap), nonce replay, scope.
+/// bound, (scheme of the binding), form, signature, payload, expiry, (nonce present, lifetime cap),
+/// nonce replay, scope. Platform tickets verify with the HMAC secret, `kh2` tickets with the active
+/// platform keys; their nonces share one replay memory.
 pub async fn verify_ticket_for(
     req: &HttpRequest,
     ticket: &str,
@@ -280,12 +339,19 @@ pub async fn verify_ticket_for(
         return Err(ApiError::SetupRequired);
     }
     let now = crate::clock::now_unix();
-    let claims = verify_ticket(
-        &binding.hmac,
-        ticket,
-        now,
-        state.vault.settings().max_ticket_lifetime,
-    )
+    let max_lifetime = state.vault.settings().max_ticket_lifetime;
+    let claims = match (binding.scheme, is_kh2_ticket(ticket)) {
+        (PlatformScheme::Hmac, false) => {
+            verify_ticket(&binding.hmac, ticket, now, max_lifetime).map_err(ApiError::from)
+        }
+        (PlatformScheme::Ed25519, true) => {
+            verify_kh2_ticket(&binding.platform_keys, ticket, now, max_lifetime)
+                .map_err(ApiError::from)
+        }
+        // One scheme per binding: a platform ticket in an asymmetric binding, or a kh2 one in an
+        // HMAC binding, is refused before anything else is looked at.
+        _ => Err(ApiError::TicketWrongScheme),
+    }
     .inspect_err(|e| {
         state.metrics.ticket_failures.inc();
         tracing::info!(reason = ?e, "ticket refused");

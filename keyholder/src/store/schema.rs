@@ -38,6 +38,11 @@ const MIGRATIONS: &[&str] = &[
      CREATE TABLE oauth_providers (
         name TEXT PRIMARY KEY, token_url TEXT NOT NULL, client_id TEXT NOT NULL,
         wrapped_secret BLOB NOT NULL, updated_at INTEGER NOT NULL) WITHOUT ROWID;",
+    // 4 (asymmetric binding): the platform's Ed25519 public keys (at most two active; public keys
+    //    only, never a private one) and the platform key an asymmetric bind code is for.
+    "CREATE TABLE platform_keys (
+        key_id TEXT PRIMARY KEY, public_key BLOB NOT NULL, added_at INTEGER NOT NULL) WITHOUT ROWID;
+     ALTER TABLE bind_codes ADD COLUMN platform_key BLOB;",
 ];
 
 /// Applies every migration newer than the database's version, each in its own transaction.

@@ -1,13 +1,20 @@
 //! Binding to the platform: bind codes issued by the owner (CLI) and the one-time exchange that
 //! hands the HMAC secret to the platform; a re-bind code carries a new secret that replaces the old.
+//!
+//! An asymmetric code (`keyholder bind --platform-key FILE`) carries the platform's Ed25519 public key
+//! instead: its exchange hands out no secret, makes that key the only platform key and switches the
+//! binding to envelopes and `kh2` tickets (it also replaces the unused HMAC secret, so a secret an
+//! earlier HMAC platform held is gone from the folder). One scheme per binding: the scheme of the code
+//! exchanged last is the one in force, so a re-bind can switch either way.
 
-use keyholder_protocol::{binding, HmacSecret};
+use keyholder_protocol::{binding, HmacSecret, PlatformPublicKey};
 use rusqlite::{params, Connection, OptionalExtension};
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
 use super::keyring::{install_hmac_secret, KIND_HMAC};
 use super::master::MasterKey;
+use super::platform_keys::{self, PlatformScheme};
 use super::{from_store, into_store, BindingState, Vault, VaultError};
 use crate::store::{get_setting, put_setting};
 
@@ -25,8 +32,11 @@ pub struct IssuedCode {
     pub expires_in: i64,
     /// Unix time the code expires.
     pub expires_at: i64,
-    /// Whether the exchange replaces the HMAC secret.
+    /// Whether the exchange replaces the current binding (and its HMAC secret).
     pub rebind: bool,
+    /// The platform key id of an asymmetric code (`--platform-key`), else `None`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub platform_key_id: Option<String>,
 }
 
 /// Hash under which a code is stored (the database never holds a live code).
@@ -41,11 +51,12 @@ pub(crate) fn pending_kind(hash: &str) -> String {
 
 /// Issues a bind code (the owner's CLI, on its own connection to a possibly running server's
 /// database). A plain code is refused once bound; `rebind` makes a code whose exchange installs a
-/// new HMAC secret.
+/// new HMAC secret. With `platform_key` the code is for an asymmetric binding to that key.
 pub fn issue_bind_code(
     conn: &Connection,
     master: &MasterKey,
     rebind: bool,
+    platform_key: Option<&PlatformPublicKey>,
     public_url: &str,
     frontend: &str,
     now: i64,
@@ -56,6 +67,34 @@ pub fn issue_bind_code(
     }
     let code = uuid::Uuid::new_v4().to_string();
     let hash = code_hash(&code);
+    let ttl = keyholder_protocol::paths::BIND_CODE_TTL_SECS;
+    if let Some(key) = platform_key {
+        conn.execute(
+            "INSERT INTO bind_codes(code_hash, created_at, expires_at, used_at, rebind, hmac_hash, pending_secret, platform_key)
+             VALUES (?1, ?2, ?3, NULL, ?4, '', NULL, ?5)",
+            params![hash, now, now + ttl, rebind, key.as_bytes().as_slice()],
+        )?;
+        conn.execute(
+            "DELETE FROM bind_codes WHERE expires_at < ?1",
+            [now - 86_400],
+        )?;
+        put_setting(conn, "public_url", public_url)?;
+        put_setting(conn, "frontend_url", frontend)?;
+        return Ok(IssuedCode {
+            bind_page_url: format!("{}/bind?code={}", public_url.trim_end_matches('/'), code),
+            registration_url: binding::registration_url_for_platform_key(
+                frontend,
+                &code,
+                public_url,
+                key.key_id(),
+            ),
+            code,
+            expires_in: ttl,
+            expires_at: now + ttl,
+            rebind,
+            platform_key_id: Some(key.key_id().to_owned()),
+        });
+    }
     let secret = if rebind {
         HmacSecret::generate()
     } else {
@@ -67,7 +106,6 @@ pub fn issue_bind_code(
     } else {
         None
     };
-    let ttl = keyholder_protocol::paths::BIND_CODE_TTL_SECS;
     conn.execute(
         "INSERT INTO bind_codes(code_hash, created_at, expires_at, used_at, rebind, hmac_hash, pending_secret)
          VALUES (?1, ?2, ?3, NULL, ?4, ?5, ?6)",
@@ -88,21 +126,25 @@ pub fn issue_bind_code(
         expires_in: ttl,
         expires_at: now + ttl,
         rebind,
+        platform_key_id: None,
     })
 }
 
-/// A bind code row: expiry, use time, re-bind flag, wrapped pending secret.
-type CodeRow = (i64, Option<i64>, bool, Option<Vec<u8>>);
+/// A bind code row: expiry, use time, re-bind flag, wrapped pending secret, platform key.
+type CodeRow = (i64, Option<i64>, bool, Option<Vec<u8>>, Option<Vec<u8>>);
 
 enum ExchangeStep {
-    Done(Zeroizing<String>),
+    /// HMAC binding: the secret to hand out.
+    Hmac(Zeroizing<String>),
+    /// Asymmetric binding to this key; the fresh (never handed out) HMAC secret.
+    Ed25519(PlatformPublicKey, HmacSecret),
     Refused(VaultError),
 }
 
 /// What the platform receives from a successful exchange.
 pub struct Exchanged {
-    /// The HMAC secret, standard base64.
-    pub secret_base64: Zeroizing<String>,
+    /// The HMAC secret, standard base64 (HMAC binding); `None` for an asymmetric binding.
+    pub secret_base64: Option<Zeroizing<String>>,
     /// This keyholder's webhook id.
     pub webhook_id: String,
 }
@@ -120,12 +162,12 @@ impl Vault {
             .write(move |conn| {
                 let row: Option<CodeRow> = conn
                     .query_row(
-                        "SELECT expires_at, used_at, rebind, pending_secret FROM bind_codes WHERE code_hash = ?1",
+                        "SELECT expires_at, used_at, rebind, pending_secret, platform_key FROM bind_codes WHERE code_hash = ?1",
                         [&hash],
-                        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
                     )
                     .optional()?;
-                let Some((expires_at, used_at, rebind, pending)) = row else {
+                let Some((expires_at, used_at, rebind, pending, platform_key)) = row else {
                     return Ok(ExchangeStep::Refused(VaultError::CodeExpired));
                 };
                 if used_at.is_some() {
@@ -142,6 +184,23 @@ impl Vault {
                 let master: &MasterKey = &master;
                 // Never wrap with a master key the owner has rotated away (see `reload`).
                 master.check_or_record(conn).map_err(into_store)?;
+                if let Some(raw) = platform_key {
+                    let key = PlatformPublicKey::parse(&raw)
+                        .map_err(|_| into_store(VaultError::Corrupt("bind code platform key".into())))?;
+                    // Nobody ever receives this secret, and it is never accepted in this scheme;
+                    // replacing it drops whatever secret an earlier HMAC platform held.
+                    let secret = HmacSecret::generate();
+                    install_hmac_secret(conn, master, &secret).map_err(into_store)?;
+                    conn.execute(
+                        "DELETE FROM keyring WHERE kind = ?1 AND version < (SELECT MAX(version) FROM keyring WHERE kind = ?1)",
+                        [KIND_HMAC],
+                    )?;
+                    platform_keys::install_for_binding(conn, &key, now).map_err(into_store)?;
+                    put_setting(conn, "bound", "true")?;
+                    put_setting(conn, "bound_at", &now.to_string())?;
+                    return Ok(ExchangeStep::Ed25519(key, secret));
+                }
+                platform_keys::switch_to_hmac(conn).map_err(into_store)?;
                 let secret = match pending {
                     Some(wrapped) => {
                         let plain = master.unwrap_key(&pending_kind(&hash), 0, &wrapped).map_err(into_store)?;
@@ -160,23 +219,38 @@ impl Vault {
                 };
                 put_setting(conn, "bound", "true")?;
                 put_setting(conn, "bound_at", &now.to_string())?;
-                Ok(ExchangeStep::Done(secret.to_base64()))
+                Ok(ExchangeStep::Hmac(secret.to_base64()))
             })
             .await
             .map_err(from_store)?;
+        let webhook_id = self.binding().webhook_id.clone();
         match step {
             ExchangeStep::Refused(err) => Err(err),
-            ExchangeStep::Done(secret_base64) => {
+            ExchangeStep::Hmac(secret_base64) => {
                 let secret = HmacSecret::from_base64(&secret_base64)
                     .map_err(|_| VaultError::Corrupt("secret encoding".into()))?;
-                let webhook_id = self.binding().webhook_id.clone();
                 self.set_binding(BindingState {
                     bound: true,
                     webhook_id: webhook_id.clone(),
                     hmac: secret,
+                    scheme: PlatformScheme::Hmac,
+                    platform_keys: Vec::new(),
                 });
                 Ok(Exchanged {
-                    secret_base64,
+                    secret_base64: Some(secret_base64),
+                    webhook_id,
+                })
+            }
+            ExchangeStep::Ed25519(key, secret) => {
+                self.set_binding(BindingState {
+                    bound: true,
+                    webhook_id: webhook_id.clone(),
+                    hmac: secret,
+                    scheme: PlatformScheme::Ed25519,
+                    platform_keys: vec![key],
+                });
+                Ok(Exchanged {
+                    secret_base64: None,
                     webhook_id,
                 })
             }
@@ -191,17 +265,22 @@ impl Vault {
         Ok(self
             .store()
             .read(move |conn| {
-                let row: Option<String> = conn
+                let row: Option<(String, Option<Vec<u8>>)> = conn
                     .query_row(
-                        "SELECT hmac_hash FROM bind_codes WHERE code_hash = ?1 AND used_at IS NULL AND expires_at >= ?2",
+                        "SELECT hmac_hash, platform_key FROM bind_codes WHERE code_hash = ?1 AND used_at IS NULL AND expires_at >= ?2",
                         params![hash, now],
-                        |r| r.get(0),
+                        |r| Ok((r.get(0)?, r.get(1)?)),
                     )
                     .optional()?;
-                let Some(hmac_hash) = row else { return Ok(None) };
+                let Some((hmac_hash, platform_key)) = row else { return Ok(None) };
                 let public = get_setting(conn, "public_url")?.unwrap_or_default();
                 let frontend = get_setting(conn, "frontend_url")?
                     .unwrap_or_else(|| keyholder_protocol::paths::DEFAULT_FRONTEND.to_string());
+                if let Some(key) = platform_key.and_then(|raw| PlatformPublicKey::parse(&raw).ok()) {
+                    return Ok(Some(binding::registration_url_for_platform_key(
+                        &frontend, &code, &public, key.key_id(),
+                    )));
+                }
                 Ok(Some(binding::registration_url_for_hash(&frontend, &code, &public, &hmac_hash)))
             })
             .await?)

@@ -10,6 +10,7 @@ pub mod keyring;
 pub mod master;
 pub mod minting;
 pub mod oauth;
+pub mod platform_keys;
 pub mod refresh;
 pub mod reload;
 pub mod replay;
@@ -19,12 +20,13 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use keyholder_protocol::HmacSecret;
+use keyholder_protocol::{HmacSecret, PlatformPublicKey};
 
 use crate::store::{Store, StoreError};
 use crate::upstream::UpstreamError;
 use keyring::KeyRing;
 use master::{MasterKey, MasterKeySource};
+use platform_keys::PlatformScheme;
 use replay::ReplayGuard;
 
 /// Domain failures. Each maps to one wire error in `http::error`.
@@ -109,14 +111,18 @@ pub struct VaultSettings {
     pub capabilities: Vec<String>,
 }
 
-/// Binding state: bound or not, and the secret that signs the platform's calls.
+/// Binding state: bound or not, the scheme the platform authenticates with, and what verifies it.
 pub struct BindingState {
     /// True after the first successful exchange.
     pub bound: bool,
     /// This keyholder's webhook id.
     pub webhook_id: String,
-    /// The current HMAC secret.
+    /// The current HMAC secret (only accepted under [`PlatformScheme::Hmac`]).
     pub hmac: HmacSecret,
+    /// The scheme in force: HMAC (platform tickets) or Ed25519 (envelopes and `kh2` tickets).
+    pub scheme: PlatformScheme,
+    /// The active platform public keys (Ed25519 scheme; at most two).
+    pub platform_keys: Vec<PlatformPublicKey>,
 }
 
 /// The keyholder's domain state, shared by all workers.
@@ -165,7 +171,14 @@ impl Vault {
         let source = source.clone();
         let data_dir_owned = data_dir.clone();
         let source_owned = source.clone();
-        let (master, created_master_file, loaded, bound, sealed, generation) = store
+        let (
+            master,
+            created_master_file,
+            loaded,
+            (bound, (scheme, platform_keys)),
+            sealed,
+            generation,
+        ) = store
             .write(move |conn| {
                 let (master, created_file) =
                     master::load_master_key(&data_dir, &source, conn).map_err(into_store)?;
@@ -173,7 +186,15 @@ impl Vault {
                 let bound = crate::store::get_setting(conn, "bound")?.as_deref() == Some("true");
                 let sealed = reload::read_sealed(conn)?;
                 let generation = reload::read_generation(conn)?;
-                Ok((master, created_file, loaded, bound, sealed, generation))
+                let platform = platform_keys::load(conn).map_err(into_store)?;
+                Ok((
+                    master,
+                    created_file,
+                    loaded,
+                    (bound, platform),
+                    sealed,
+                    generation,
+                ))
             })
             .await
             .map_err(from_store)?;
@@ -190,6 +211,8 @@ impl Vault {
                 bound,
                 webhook_id: loaded.webhook_id,
                 hmac: loaded.hmac,
+                scheme,
+                platform_keys,
             })),
             replay,
             settings,

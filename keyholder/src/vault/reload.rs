@@ -17,8 +17,10 @@ use sha2::{Digest, Sha256};
 
 use super::keyring::{self, KeyRing};
 use super::master::{self, MasterKey, MasterKeySource, DEFAULT_MASTER_KEY_FILE};
+use super::platform_keys::{self, PlatformScheme};
 use super::{BindingState, Vault, VaultError};
 use crate::store::{get_setting, put_setting, StoreError};
+use keyholder_protocol::{HmacSecret, PlatformPublicKey};
 
 /// Setting bumped by every owner change the server must pick up.
 pub const GENERATION_SETTING: &str = "owner_generation";
@@ -86,6 +88,7 @@ struct Reloaded {
     generation: String,
     sealed: bool,
     bound: bool,
+    platform: (PlatformScheme, Vec<PlatformPublicKey>),
     keys: Option<(KeyRing, keyholder_protocol::HmacSecret, String)>,
     new_master: Option<MasterKey>,
     master_stale: bool,
@@ -128,12 +131,14 @@ impl Vault {
                 let generation = read_generation(conn)?;
                 let sealed = read_sealed(conn)?;
                 let bound = get_setting(conn, "bound")?.as_deref() == Some("true");
+                let platform = platform_keys::load(conn).map_err(super::into_store)?;
                 if master.check_or_record(conn).is_ok() {
                     let keys = keyring::load(conn, &master).map_err(super::into_store)?;
                     return Ok(Reloaded {
                         generation,
                         sealed,
                         bound,
+                        platform: platform.clone(),
                         keys: Some(keys),
                         new_master: None,
                         master_stale: false,
@@ -149,6 +154,7 @@ impl Vault {
                                 generation,
                                 sealed,
                                 bound,
+                                platform: platform.clone(),
                                 keys: Some(keys),
                                 new_master: Some(candidate),
                                 master_stale: false,
@@ -160,6 +166,7 @@ impl Vault {
                     generation,
                     sealed,
                     bound,
+                    platform,
                     keys: None,
                     new_master: None,
                     master_stale: true,
@@ -175,12 +182,25 @@ impl Vault {
             tracing::info!("picked up the rotated master key from its configured source");
             self.set_master(new_master);
         }
+        let (scheme, platform_keys) = reloaded.platform;
         if let Some((ring, hmac, webhook_id)) = reloaded.keys {
             self.set_keys(ring);
             self.set_binding(BindingState {
                 bound: reloaded.bound,
                 webhook_id,
                 hmac,
+                scheme,
+                platform_keys,
+            });
+        } else {
+            // The platform's public keys need no master key: follow them even while it is stale.
+            let current = self.binding();
+            self.set_binding(BindingState {
+                bound: reloaded.bound,
+                webhook_id: current.webhook_id.clone(),
+                hmac: HmacSecret::from_bytes(*current.hmac.expose()),
+                scheme,
+                platform_keys,
             });
         }
         let mut follow = self

@@ -1,5 +1,5 @@
-//! Replay memory for platform request ids and ticket nonces: checked in memory (atomic
-//! check-and-insert), made durable before the request is answered, reloaded at start.
+//! Replay memory for platform request ids, ticket nonces and envelope nonces: checked in memory
+//! (atomic check-and-insert), made durable before the request is answered, reloaded at start.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -63,6 +63,8 @@ pub enum ReplayKind {
     RequestId,
     /// Ticket nonces (until the ticket's expiry plus the clock-skew allowance).
     Nonce,
+    /// Ed25519 request-envelope nonces (until the envelope's timestamp plus the clock-skew allowance).
+    EnvelopeNonce,
 }
 
 impl ReplayKind {
@@ -70,6 +72,7 @@ impl ReplayKind {
         match self {
             ReplayKind::RequestId => "request",
             ReplayKind::Nonce => "nonce",
+            ReplayKind::EnvelopeNonce => "envelope",
         }
     }
 }
@@ -88,6 +91,7 @@ pub struct ReplayGuard {
     store: Store,
     request_ids: Mutex<HashMap<String, i64>>,
     nonces: Mutex<HashMap<String, i64>>,
+    envelope_nonces: Mutex<HashMap<String, i64>>,
 }
 
 impl ReplayGuard {
@@ -112,9 +116,12 @@ impl ReplayGuard {
             .await?;
         let mut request_ids = HashMap::new();
         let mut nonces = HashMap::new();
+        let mut envelope_nonces = HashMap::new();
         for (kind, id, expires_at) in rows {
             if kind == ReplayKind::Nonce.as_str() {
                 nonces.insert(id, expires_at);
+            } else if kind == ReplayKind::EnvelopeNonce.as_str() {
+                envelope_nonces.insert(id, expires_at);
             } else {
                 request_ids.insert(id, expires_at);
             }
@@ -123,6 +130,7 @@ impl ReplayGuard {
             store,
             request_ids: Mutex::new(request_ids),
             nonces: Mutex::new(nonces),
+            envelope_nonces: Mutex::new(envelope_nonces),
         })
     }
 
@@ -130,6 +138,7 @@ impl ReplayGuard {
         match kind {
             ReplayKind::RequestId => &self.request_ids,
             ReplayKind::Nonce => &self.nonces,
+            ReplayKind::EnvelopeNonce => &self.envelope_nonces,
         }
     }
 
@@ -193,7 +202,11 @@ impl ReplayGuard {
     /// Forgets expired entries in memory and on disk; returns how many were removed from disk.
     pub async fn purge_expired(&self) -> Result<usize, VaultError> {
         let now = crate::clock::now_unix();
-        for kind in [ReplayKind::RequestId, ReplayKind::Nonce] {
+        for kind in [
+            ReplayKind::RequestId,
+            ReplayKind::Nonce,
+            ReplayKind::EnvelopeNonce,
+        ] {
             if let Ok(mut set) = self.set(kind).lock() {
                 set.retain(|_, until| *until >= now);
             }
@@ -205,11 +218,12 @@ impl ReplayGuard {
         Ok(removed)
     }
 
-    /// Entries held in memory (both kinds), for metrics.
+    /// Entries held in memory (every kind), for metrics.
     pub fn len(&self) -> usize {
         let a = self.request_ids.lock().map(|s| s.len()).unwrap_or(0);
         let b = self.nonces.lock().map(|s| s.len()).unwrap_or(0);
-        a + b
+        let c = self.envelope_nonces.lock().map(|s| s.len()).unwrap_or(0);
+        a + b + c
     }
 
     /// True when nothing is remembered.
