@@ -79,6 +79,22 @@ pub async fn storage(
                 request_id,
             })
         }
+        StorageOperation::List if request.options.is_none() => {
+            // The common unfiltered list: the cached JSON array, spliced into the answer.
+            let list = vault
+                .list_items(collection(request.collection.as_deref())?)
+                .await?;
+            let request_id = serde_json::to_string(&request_id).unwrap_or_else(|_| "null".into());
+            let mut body = String::with_capacity(list.json.len() + request_id.len() + 32);
+            body.push_str("{\"items\":");
+            body.push_str(&list.json);
+            body.push_str(",\"requestId\":");
+            body.push_str(&request_id);
+            body.push('}');
+            HttpResponse::Ok()
+                .content_type("application/json")
+                .body(body)
+        }
         StorageOperation::List => {
             let page = vault
                 .storage_list(collection(request.collection.as_deref())?, request.options)

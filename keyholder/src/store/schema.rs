@@ -43,6 +43,13 @@ const MIGRATIONS: &[&str] = &[
     "CREATE TABLE platform_keys (
         key_id TEXT PRIMARY KEY, public_key BLOB NOT NULL, added_at INTEGER NOT NULL) WITHOUT ROWID;
      ALTER TABLE bind_codes ADD COLUMN platform_key BLOB;",
+    // 5: replay marks as an append-only log. Random ids in a keyed table touch a different B-tree
+    //    page per insert (one WAL frame each); appended rows share the last page. The in-memory
+    //    set is the authority while running; the log only rebuilds it at start.
+    "CREATE TABLE replay_log (kind TEXT NOT NULL, id TEXT NOT NULL, expires_at INTEGER NOT NULL);
+     CREATE INDEX replay_log_expiry ON replay_log (expires_at);
+     INSERT INTO replay_log (kind, id, expires_at) SELECT kind, id, expires_at FROM replay;
+     DROP TABLE replay;",
 ];
 
 /// Applies every migration newer than the database's version, each in its own transaction.

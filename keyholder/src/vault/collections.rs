@@ -10,6 +10,7 @@ use keyholder_protocol::wire::{Collection, ListOptions, ListPage, Pagination};
 use rusqlite::{params, OptionalExtension};
 use serde_json::{Map, Value};
 
+use super::doc_cache::CachedList;
 use super::{Vault, VaultError};
 
 /// Longest accepted document key.
@@ -124,8 +125,8 @@ impl Vault {
         collection: Collection,
         options: Option<ListOptions>,
     ) -> Result<ListPage, VaultError> {
-        let items = self.list_items(collection).await?;
-        Ok(list_page(collection, &items, options.as_ref()))
+        let list = self.list_items(collection).await?;
+        Ok(list_page(collection, &list.items, options.as_ref()))
     }
 
     /// Lists several collections at once; unknown names are skipped.
@@ -140,10 +141,10 @@ impl Vault {
                 if results.contains_key(collection.as_str()) {
                     continue;
                 }
-                let items = self.list_items(collection).await?;
+                let list = self.list_items(collection).await?;
                 results.insert(
                     collection.as_str().to_string(),
-                    list_page(collection, &items, options.as_ref()),
+                    list_page(collection, &list.items, options.as_ref()),
                 );
             }
         }
@@ -166,7 +167,7 @@ impl Vault {
     }
 
     /// A collection's list items (built, in list order), from the cache or the database.
-    async fn list_items(&self, collection: Collection) -> Result<Arc<Vec<Value>>, VaultError> {
+    pub async fn list_items(&self, collection: Collection) -> Result<Arc<CachedList>, VaultError> {
         if let Some(items) = self.cache.list(collection) {
             return Ok(items);
         }
@@ -192,9 +193,10 @@ impl Vault {
         if collection == Collection::Audit {
             items.sort_by(|a, b| cursor_cmp(&cursor(collection, b), &cursor(collection, a)));
         }
-        let items = Arc::new(items);
-        self.cache.put_list(collection, Arc::clone(&items), epoch);
-        Ok(items)
+        let json = serde_json::to_string(&items).map_err(|e| VaultError::Corrupt(e.to_string()))?;
+        let list = Arc::new(CachedList { items, json });
+        self.cache.put_list(collection, Arc::clone(&list), epoch);
+        Ok(list)
     }
 }
 

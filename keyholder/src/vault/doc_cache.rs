@@ -12,6 +12,15 @@ use serde_json::Value;
 /// Most documents kept; past it the cache starts over (it is a cache, the database is the truth).
 const MAX_DOCUMENTS: usize = 50_000;
 
+/// A collection's list items in list order, and the same items already serialized as a JSON array
+/// (an unfiltered list is answered from it without building or serializing anything).
+pub struct CachedList {
+    /// The items.
+    pub items: Vec<Value>,
+    /// `items` as a JSON array.
+    pub json: String,
+}
+
 /// A cached lookup: the document, or `None` when it is known to be absent.
 type CachedDocument = Option<Arc<Value>>;
 
@@ -21,7 +30,7 @@ pub struct DocumentCache {
     /// Bumped by every invalidation: a read that started before it must not fill the cache.
     epoch: AtomicU64,
     docs: Mutex<HashMap<(Collection, String), CachedDocument>>,
-    lists: Mutex<HashMap<Collection, Arc<Vec<Value>>>>,
+    lists: Mutex<HashMap<Collection, Arc<CachedList>>>,
 }
 
 impl DocumentCache {
@@ -50,12 +59,12 @@ impl DocumentCache {
     }
 
     /// Cached list items of a collection, in list order.
-    pub fn list(&self, collection: Collection) -> Option<Arc<Vec<Value>>> {
+    pub fn list(&self, collection: Collection) -> Option<Arc<CachedList>> {
         self.lists.lock().ok()?.get(&collection).cloned()
     }
 
     /// Caches a collection's list items, unless something was invalidated since `epoch`.
-    pub fn put_list(&self, collection: Collection, items: Arc<Vec<Value>>, epoch: u64) {
+    pub fn put_list(&self, collection: Collection, items: Arc<CachedList>, epoch: u64) {
         if let Ok(mut lists) = self.lists.lock() {
             if self.epoch() == epoch {
                 lists.insert(collection, items);

@@ -101,7 +101,9 @@ impl ReplayGuard {
         let rows = store
             .read(move |conn| {
                 let mut stmt =
-                    conn.prepare("SELECT kind, id, expires_at FROM replay WHERE expires_at >= ?1")?;
+                    conn.prepare(
+                    "SELECT kind, id, MAX(expires_at) FROM replay_log WHERE expires_at >= ?1 GROUP BY kind, id",
+                )?;
                 let rows = stmt
                     .query_map([now], |r| {
                         Ok((
@@ -166,8 +168,7 @@ impl ReplayGuard {
         let owned = id.to_string();
         let submitted = self.store.submit(move |conn| {
             conn.prepare_cached(
-                "INSERT INTO replay(kind, id, expires_at) VALUES (?1, ?2, ?3)
-                 ON CONFLICT(kind, id) DO UPDATE SET expires_at = excluded.expires_at",
+                "INSERT INTO replay_log(kind, id, expires_at) VALUES (?1, ?2, ?3)",
             )?
             .execute(params![kind.as_str(), owned, expires_at])?;
             Ok(())
@@ -213,7 +214,9 @@ impl ReplayGuard {
         }
         let removed = self
             .store
-            .write(move |conn| Ok(conn.execute("DELETE FROM replay WHERE expires_at < ?1", [now])?))
+            .write(move |conn| {
+                Ok(conn.execute("DELETE FROM replay_log WHERE expires_at < ?1", [now])?)
+            })
             .await?;
         Ok(removed)
     }
