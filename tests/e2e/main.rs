@@ -7,6 +7,7 @@ mod browser;
 mod client;
 mod credentials;
 mod egress;
+mod faults;
 mod metrics;
 mod minting;
 mod owner;
