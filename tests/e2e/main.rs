@@ -10,6 +10,7 @@ mod egress;
 mod faults;
 mod metrics;
 mod minting;
+mod openapi;
 mod owner;
 mod persistence;
 mod proxy;
