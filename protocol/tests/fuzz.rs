@@ -20,17 +20,46 @@ use keyholder_protocol::response_sig::{sign_response, verify_response, ResponseS
 use keyholder_protocol::signing::{signature_header_value, verify_request};
 use keyholder_protocol::ticket::{encode_ticket, verify_ticket};
 use keyholder_protocol::wire::{self, Collection};
-use keyholder_protocol::{
-    DataKey, ErrorCode, HmacSecret, IdentityKey, Purpose, TicketClaims,
-};
+use keyholder_protocol::{DataKey, ErrorCode, HmacSecret, IdentityKey, Purpose, TicketClaims};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
 const TOKENS: &[&[u8]] = &[
-    b".", b"=", b"==", b"-", b"_", b"+", b"/", b":", b",", b"sha256=", b"kh1:", b"keyId=", b"ts=",
-    b"sig=", b"\0", b"\xef\xbb\xbf", b"\xff", b" ", b"\r\n", b"0", b"-1", b"9999999999999999999999",
-    b"\"", b"{", b"}", b"[", b"]", b"null", b"true", b"1e308", b"\\u0000", b"T", b"Z", b"+01:00",
+    b".",
+    b"=",
+    b"==",
+    b"-",
+    b"_",
+    b"+",
+    b"/",
+    b":",
+    b",",
+    b"sha256=",
+    b"kh1:",
+    b"keyId=",
+    b"ts=",
+    b"sig=",
+    b"\0",
+    b"\xef\xbb\xbf",
+    b"\xff",
+    b" ",
+    b"\r\n",
+    b"0",
+    b"-1",
+    b"9999999999999999999999",
+    b"\"",
+    b"{",
+    b"}",
+    b"[",
+    b"]",
+    b"null",
+    b"true",
+    b"1e308",
+    b"\\u0000",
+    b"T",
+    b"Z",
+    b"+01:00",
 ];
 
 fn budget() -> Duration {
@@ -146,17 +175,44 @@ fn secret() -> HmacSecret {
 fn fuzz_verify_ticket() {
     let s = secret();
     let seeds: Vec<String> = vec![
-        encode_ticket(&s, &TicketClaims::new("u", "github", Purpose::AgentCredential, 1_700_000_000, 1_700_000_600, "n1")),
-        encode_ticket(&s, &TicketClaims::new("user_x", "svc.a-b", Purpose::Store, 1_700_000_000, 1_700_000_060, "deadbeef")),
+        encode_ticket(
+            &s,
+            &TicketClaims::new(
+                "u",
+                "github",
+                Purpose::AgentCredential,
+                1_700_000_000,
+                1_700_000_600,
+                "n1",
+            ),
+        ),
+        encode_ticket(
+            &s,
+            &TicketClaims::new(
+                "user_x",
+                "svc.a-b",
+                Purpose::Store,
+                1_700_000_000,
+                1_700_000_060,
+                "deadbeef",
+            ),
+        ),
     ];
     let valid = seeds.clone();
-    fuzz("verify_ticket", seeds.into_iter().map(String::into_bytes).collect(), |input| {
-        let Some(t) = text(input) else { return };
-        if let Ok(claims) = verify_ticket(&s, t, 1_700_000_010, 3600) {
-            assert!(valid.iter().any(|v| v == t), "a mutated ticket verified: {t}");
-            assert!(claims.nonce.as_deref().is_some_and(|n| !n.is_empty()));
-        }
-    });
+    fuzz(
+        "verify_ticket",
+        seeds.into_iter().map(String::into_bytes).collect(),
+        |input| {
+            let Some(t) = text(input) else { return };
+            if let Ok(claims) = verify_ticket(&s, t, 1_700_000_010, 3600) {
+                assert!(
+                    valid.iter().any(|v| v == t),
+                    "a mutated ticket verified: {t}"
+                );
+                assert!(claims.nonce.as_deref().is_some_and(|n| !n.is_empty()));
+            }
+        },
+    );
 }
 
 #[test]
@@ -170,7 +226,9 @@ fn fuzz_verify_request() {
         let (Some(sig), Some(ts), Some(body)) = (parts.next(), parts.next(), parts.next()) else {
             return;
         };
-        let (Some(sig), Some(ts)) = (text(sig), text(ts)) else { return };
+        let (Some(sig), Some(ts)) = (text(sig), text(ts)) else {
+            return;
+        };
         if verify_request(&s, Some(sig), Some(ts), body, 1_700_000_000, 300).is_ok() {
             assert_eq!(input, &seed[..], "a mutated signed request verified");
         }
@@ -198,17 +256,21 @@ fn fuzz_decrypt_field() {
     let kh1 = encrypt_field(&key, 7, "github", "accessToken", b"secret value");
     let v1 = encrypt_platform_v1_field(&key, b"secret value");
     let (valid_kh1, valid_v1) = (kh1.clone(), v1.clone());
-    fuzz("decrypt_field", vec![kh1.into_bytes(), v1.into_bytes()], |input| {
-        let Some(t) = text(input) else { return };
-        let _ = field_key_version(t);
-        if let Ok(plain) = decrypt_field(&key, "github", "accessToken", t) {
-            assert_eq!(t, valid_kh1, "a mutated kh1 ciphertext decrypted");
-            assert_eq!(&plain[..], b"secret value");
-        }
-        if decrypt_platform_v1_field(&key, t).is_ok() {
-            assert_eq!(t, valid_v1, "a mutated v1 ciphertext decrypted");
-        }
-    });
+    fuzz(
+        "decrypt_field",
+        vec![kh1.into_bytes(), v1.into_bytes()],
+        |input| {
+            let Some(t) = text(input) else { return };
+            let _ = field_key_version(t);
+            if let Ok(plain) = decrypt_field(&key, "github", "accessToken", t) {
+                assert_eq!(t, valid_kh1, "a mutated kh1 ciphertext decrypted");
+                assert_eq!(&plain[..], b"secret value");
+            }
+            if decrypt_platform_v1_field(&key, t).is_ok() {
+                assert_eq!(t, valid_v1, "a mutated v1 ciphertext decrypted");
+            }
+        },
+    );
 }
 
 #[test]
@@ -222,9 +284,14 @@ fn fuzz_open_document() {
     let v1 = json!({"v": 1, "alg": "AES-256-GCM", "meta": {},
         "fields": {"accessToken": encrypt_platform_v1_field(&key, b"tok")}});
     let plain = json!({"accessToken": "plain", "tokenType": "oauth"});
-    let seeds = [doc, v1, plain].iter().map(|d| d.to_string().into_bytes()).collect();
+    let seeds = [doc, v1, plain]
+        .iter()
+        .map(|d| d.to_string().into_bytes())
+        .collect();
     fuzz("open_document", seeds, |input| {
-        let Ok(v) = serde_json::from_slice::<Value>(input) else { return };
+        let Ok(v) = serde_json::from_slice::<Value>(input) else {
+            return;
+        };
         if let Ok(opened) = open_document(&v, "github", &keys) {
             assert!(serde_json::from_slice::<Value>(&opened.credential_json()).is_ok());
         }
@@ -252,7 +319,9 @@ fn fuzz_small_parsers() {
         }
         if is_valid_request_id(t) {
             assert!((1..=128).contains(&t.len()));
-            assert!(t.bytes().all(|b| b.is_ascii_alphanumeric() || b".:_-".contains(&b)));
+            assert!(t
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b".:_-".contains(&b)));
         }
         if let Some(code) = ErrorCode::parse(t) {
             assert_eq!(code.as_str(), t);

@@ -54,7 +54,10 @@ async fn proxy_and_refresh_survive_misbehaving_upstreams() {
     })
     .await;
     let stored = kh
-        .store("oauthsvc", json!({"accessToken": "old", "refreshToken": "r", "provider": "faulty"}))
+        .store(
+            "oauthsvc",
+            json!({"accessToken": "old", "refreshToken": "r", "provider": "faulty"}),
+        )
         .await;
     assert_eq!(stored.status, 200);
     let quiet = control_latency(&kh, Instant::now() + Duration::from_millis(600)).await;
@@ -86,11 +89,17 @@ async fn proxy_and_refresh_survive_misbehaving_upstreams() {
         let (status, code) = expected(fault, "upstream_timeout", "upstream_error");
         for (answer, took) in &calls {
             answer.assert_error(status, &code);
-            assert!(*took < TIMEOUT + Duration::from_secs(1), "{fault:?}: proxy took {took:?}");
+            assert!(
+                *took < TIMEOUT + Duration::from_secs(1),
+                "{fault:?}: proxy took {took:?}"
+            );
         }
         let (status, code) = expected(fault, "provider_timeout", "provider_error");
         refreshed.assert_error(status, &code);
-        assert!(refresh_took < TIMEOUT + Duration::from_secs(1), "{fault:?}: refresh took {refresh_took:?}");
+        assert!(
+            refresh_took < TIMEOUT + Duration::from_secs(1),
+            "{fault:?}: refresh took {refresh_took:?}"
+        );
         assert!(server.connections() > 0, "{fault:?}: never connected");
         worst_p99 = worst_p99.max(p99(&control));
         report.push(format!(
@@ -107,5 +116,8 @@ async fn proxy_and_refresh_survive_misbehaving_upstreams() {
         p99(&quiet),
         report.join("\n  ")
     );
-    assert!(worst_p99 < 250.0, "control latency p99 {worst_p99:.1} ms during upstream faults");
+    assert!(
+        worst_p99 < 250.0,
+        "control latency p99 {worst_p99:.1} ms during upstream faults"
+    );
 }

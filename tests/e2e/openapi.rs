@@ -17,7 +17,9 @@ const PATHS: &str = include_str!(concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/../protocol/src/paths.rs"
 ));
-const METHODS: [&str; 8] = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE"];
+const METHODS: [&str; 8] = [
+    "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE",
+];
 
 /// Paths registered with `web::resource(PATH_...)` in the server's route table.
 fn registered_paths() -> BTreeSet<String> {
@@ -27,7 +29,10 @@ fn registered_paths() -> BTreeSet<String> {
         .map(|rest| {
             let name = rest.split(')').next().unwrap();
             let decl = format!("pub const {name}: &str = \"");
-            let value = PATHS.split(&decl).nth(1).unwrap_or_else(|| panic!("{name} not in paths.rs"));
+            let value = PATHS
+                .split(&decl)
+                .nth(1)
+                .unwrap_or_else(|| panic!("{name} not in paths.rs"));
             value.split('"').next().unwrap().to_string()
         })
         .collect()
@@ -38,13 +43,22 @@ async fn openapi_describes_exactly_the_served_routes() {
     let spec: Value = serde_json::from_str(SPEC).unwrap();
     let paths = spec["paths"].as_object().unwrap();
     let documented: BTreeSet<String> = paths.keys().cloned().collect();
-    assert_eq!(documented, registered_paths(), "docs/openapi.json paths vs http::configure");
+    assert_eq!(
+        documented,
+        registered_paths(),
+        "docs/openapi.json paths vs http::configure"
+    );
 
     let mut kh = Keyholder::start().await;
     kh.bind().await;
     let client = reqwest::Client::new();
     for (path, ops) in paths {
-        let allowed: BTreeSet<String> = ops.as_object().unwrap().keys().map(|m| m.to_uppercase()).collect();
+        let allowed: BTreeSet<String> = ops
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(|m| m.to_uppercase())
+            .collect();
         for method in METHODS {
             let answer = read(
                 client
@@ -67,7 +81,10 @@ async fn openapi_describes_exactly_the_served_routes() {
                     answer.status
                 );
             } else {
-                assert_eq!(answer.status, 405, "{method} {path} is served but not documented");
+                assert_eq!(
+                    answer.status, 405,
+                    "{method} {path} is served but not documented"
+                );
                 let allow: BTreeSet<String> = answer
                     .header("allow")
                     .unwrap_or_else(|| panic!("405 without Allow on {path}"))
@@ -78,7 +95,14 @@ async fn openapi_describes_exactly_the_served_routes() {
             }
         }
     }
-    for unknown in ["/", "/v1", "/v1/unknown", "/v2/health", "/v1/health/extra", "/bind/x"] {
+    for unknown in [
+        "/",
+        "/v1",
+        "/v1/unknown",
+        "/v2/health",
+        "/v1/health/extra",
+        "/bind/x",
+    ] {
         let answer = read(client.get(kh.url(unknown)).send().await.unwrap()).await;
         answer.assert_error(404, "not_found");
     }

@@ -349,7 +349,9 @@ async fn misbehave(mut stream: TcpStream, fault: Fault) -> std::io::Result<()> {
             drop(stream);
         }
         Fault::DripHead => {
-            for b in b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}" {
+            for b in
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+            {
                 stream.write_all(&[*b]).await?;
                 tokio::time::sleep(second).await;
             }

@@ -415,7 +415,11 @@ mod tests {
         assert!(b.await.unwrap().is_err());
         assert!(c.await.unwrap().is_err(), "answered as failed");
         assert_eq!(setting(&store, "a").await, None);
-        assert_eq!(setting(&store, "c").await, None, "committed outside its batch");
+        assert_eq!(
+            setting(&store, "c").await,
+            None,
+            "committed outside its batch"
+        );
         // The writer keeps working.
         store.write(|c| put_setting(c, "d", "1")).await.unwrap();
         assert_eq!(setting(&store, "d").await.as_deref(), Some("1"));

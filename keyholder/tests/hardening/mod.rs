@@ -178,7 +178,11 @@ impl Platform {
             .env("KEYHOLDER_DATA_DIR", &server.data)
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let issued: Value = serde_json::from_slice(&out.stdout).unwrap();
         let http = client();
         let answer: Value = http
@@ -236,7 +240,10 @@ impl Platform {
             path: PATH_STORAGE,
             headers: vec![
                 ("content-type", "application/json".into()),
-                (HEADER_SIGNATURE, signature_header_value(&self.secret, ts, &raw)),
+                (
+                    HEADER_SIGNATURE,
+                    signature_header_value(&self.secret, ts, &raw),
+                ),
                 (HEADER_TIMESTAMP, ts.to_string()),
                 (HEADER_PLATFORM_REQUEST_ID, rid),
             ],

@@ -18,7 +18,13 @@ impl Tmpfs {
     fn mount(at: &Path, size: &str) -> Option<Tmpfs> {
         std::fs::create_dir_all(at).unwrap();
         let ok = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"])
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
             .arg(at)
             .stderr(std::process::Stdio::null())
             .status()
@@ -88,7 +94,12 @@ fn judge(status: u16, body: &Value) -> bool {
 
 async fn public_endpoints_answer(platform: &Platform) {
     for path in ["/v1/health", "/v1/identity"] {
-        let r = platform.http.get(format!("{}{path}", platform.base)).send().await.unwrap();
+        let r = platform
+            .http
+            .get(format!("{}{path}", platform.base))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 200, "{path}");
     }
 }
@@ -109,7 +120,10 @@ fn full_then_read_only_file_system() {
         return;
     };
     let data = mount.0.join("data");
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     // The log on the same file system, as with `keyholder serve 2>> /data/keyholder.log`.
     let log = mount.0.join("keyholder.log");
     rt.block_on(async {
@@ -208,7 +222,11 @@ fn full_then_read_only_file_system() {
 fn database_locked_by_another_process() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let server = Server::start(&data).await;
         let platform = Platform::bind(&server).await;
