@@ -296,7 +296,14 @@ pub async fn bind(
 
 fn ticket(secret: &HmacSecret, purpose: Purpose, service: &str, n: u64) -> String {
     let t = now();
-    let nonce = format!("{}{:016x}", keyholder_tests_nonce_prefix(), n);
+    // The purpose is part of the nonce: scenarios number their requests from 0 each, and one
+    // nonce space is shared by all tickets (a proxy ticket must not replay a credential one).
+    let nonce = format!(
+        "{}{}{:016x}",
+        keyholder_tests_nonce_prefix(),
+        purpose.as_str(),
+        n
+    );
     encode_ticket(
         secret,
         &TicketClaims::new("bench", service, purpose, t, t + 60, nonce),
@@ -312,7 +319,11 @@ fn keyholder_tests_nonce_prefix() -> &'static str {
 fn signed_request(secret: &HmacSecret, path: &str, body: &[u8], n: u64) -> Vec<u8> {
     let ts = now();
     let sig = signature_header_value(secret, ts, body);
-    let rid = format!("bench_{}_{n}", keyholder_tests_nonce_prefix());
+    let rid = format!(
+        "bench_{}_{}_{n}",
+        keyholder_tests_nonce_prefix(),
+        path.trim_start_matches("/v1/")
+    );
     request(
         "POST",
         path,
