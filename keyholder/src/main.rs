@@ -64,7 +64,10 @@ fn init_logging(filter: &str, format: &str) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("invalid setting --log / KEYHOLDER_LOG: {e}"))?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // By default a failed log write is reported with `eprintln!`, which panics when stderr
+        // cannot be written (a log file on a full disk): the worker died and the connection dropped.
+        .log_internal_errors(false);
     if format == "json" {
         builder.json().init();
     } else {

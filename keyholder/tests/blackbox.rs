@@ -4,6 +4,8 @@
 //! argument-less healthcheck passes and SIGHUP reloads the certificate.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod hardening;
+
 use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};

@@ -265,3 +265,124 @@ impl TestRsa {
         serde_json::from_slice(&b64.decode(p).ok()?).ok()
     }
 }
+
+/// How a [`FaultyServer`] misbehaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Reads the request, never answers.
+    Hang,
+    /// Reads the request, then resets the connection (RST).
+    Reset,
+    /// Sends its status line and headers one byte a second.
+    DripHead,
+    /// Sends a valid head, then the body one byte a second.
+    DripBody,
+    /// Sends a chunked body that never ends, as fast as it is read.
+    EndlessBody,
+    /// Sends a 2 MiB header.
+    HugeHeader,
+}
+
+/// An upstream (or token endpoint) that fails in one way; counts connections; stops when dropped.
+pub struct FaultyServer {
+    pub addr: SocketAddr,
+    connections: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FaultyServer {
+    pub async fn start(fault: Fault) -> FaultyServer {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let conns = Arc::clone(&connections);
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                conns.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let _ = misbehave(stream, fault).await;
+                });
+            }
+        });
+        FaultyServer {
+            addr,
+            connections,
+            task,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for FaultyServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn misbehave(mut stream: TcpStream, fault: Fault) -> std::io::Result<()> {
+    // Read the request head (and whatever body arrived with it).
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let second = Duration::from_secs(1);
+    match fault {
+        Fault::Hang => {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        }
+        Fault::Reset => {
+            // Deprecated because a lingering close blocks; with a zero linger it sends RST at once.
+            #[allow(deprecated)]
+            stream.set_linger(Some(Duration::ZERO))?;
+            drop(stream);
+        }
+        Fault::DripHead => {
+            for b in
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+            {
+                stream.write_all(&[*b]).await?;
+                tokio::time::sleep(second).await;
+            }
+        }
+        Fault::DripBody => {
+            stream
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 100000\r\n\r\n")
+                .await?;
+            loop {
+                stream.write_all(b"x").await?;
+                tokio::time::sleep(second).await;
+            }
+        }
+        Fault::EndlessBody => {
+            stream
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n")
+                .await?;
+            let mut piece = format!("{:x}\r\n", 64 * 1024).into_bytes();
+            piece.extend(std::iter::repeat(b'y').take(64 * 1024));
+            piece.extend_from_slice(b"\r\n");
+            loop {
+                stream.write_all(&piece).await?;
+            }
+        }
+        Fault::HugeHeader => {
+            let mut head = b"HTTP/1.1 200 OK\r\nX-Huge: ".to_vec();
+            head.extend(std::iter::repeat(b'h').take(2 << 20));
+            head.extend_from_slice(b"\r\nContent-Length: 2\r\n\r\n{}");
+            stream.write_all(&head).await?;
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        }
+    }
+    Ok(())
+}

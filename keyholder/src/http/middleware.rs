@@ -192,6 +192,9 @@ pub async fn keyholder_layer(
     if let Some(origin) = origin.as_ref() {
         cors_headers(headers, origin);
     }
+    if let Some(AllowedMethods(allow)) = http_req.extensions().get::<AllowedMethods>().copied() {
+        headers.insert(header::ALLOW, HeaderValue::from_static(allow));
+    }
 
     let ticket = http_req
         .extensions()
@@ -248,8 +251,16 @@ pub async fn not_found() -> Result<HttpResponse, ApiError> {
     Err(ApiError::NotFound)
 }
 
-/// Fallback for a known route with an unsupported method.
-pub async fn method_not_allowed() -> Result<HttpResponse, ApiError> {
+/// The methods a route allows, set by its 405 fallback for the `Allow` header.
+#[derive(Debug, Clone, Copy)]
+struct AllowedMethods(&'static str);
+
+/// Fallback for a known route with an unsupported method; `allow` goes to the `Allow` header.
+pub async fn method_not_allowed(
+    req: actix_web::HttpRequest,
+    allow: &'static str,
+) -> Result<HttpResponse, ApiError> {
+    req.extensions_mut().insert(AllowedMethods(allow));
     Err(ApiError::MethodNotAllowed)
 }
 

@@ -296,6 +296,8 @@ fn run_batch(
     batch: Vec<WriteJob>,
 ) -> Vec<(oneshot::Sender<AnyResult>, AnyResult)> {
     let mut results = Vec::with_capacity(batch.len());
+    // A transaction left open by an earlier failure would make every later BEGIN fail.
+    ensure_no_transaction(conn);
     let tx = match conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate) {
         Ok(tx) => tx,
         Err(err) => {
@@ -307,7 +309,8 @@ fn run_batch(
                 .collect();
         }
     };
-    for job in batch {
+    let mut jobs = batch.into_iter();
+    for job in jobs.by_ref() {
         let result = match tx
             .prepare_cached("SAVEPOINT job")
             .and_then(|mut st| st.execute([]))
@@ -329,9 +332,24 @@ fn run_batch(
             Err(e) => Err(StoreError::Sqlite(e)),
         };
         results.push((job.reply, result));
+        // SQLite rolls the whole transaction back by itself on some errors (disk full, I/O).
+        // The jobs so far are then lost, and a later job would run (and commit) on its own
+        // outside the batch while being answered as failed: stop here and fail them all.
+        if tx.is_autocommit() {
+            tracing::error!("write transaction rolled back by SQLite; failing the batch");
+            let msg = "transaction rolled back by the database";
+            return results
+                .into_iter()
+                .map(|(reply, _)| reply)
+                .chain(jobs.map(|job| job.reply))
+                .map(|reply| (reply, Err(StoreError::Commit(msg.into()))))
+                .collect();
+        }
     }
     if let Err(err) = tx.commit() {
         tracing::error!(error = %err, "group commit failed");
+        // rusqlite rolls back when the failed transaction is dropped, ignoring errors; make sure.
+        ensure_no_transaction(conn);
         let msg = err.to_string();
         return results
             .into_iter()
@@ -339,6 +357,15 @@ fn run_batch(
             .collect();
     }
     results
+}
+
+/// Rolls back a transaction a failure left open, so the writer keeps working once the fault clears.
+fn ensure_no_transaction(conn: &Connection) {
+    if !conn.is_autocommit() {
+        if let Err(err) = conn.execute_batch("ROLLBACK") {
+            tracing::error!(error = %err, "cannot roll back a failed write transaction");
+        }
+    }
 }
 
 /// Creates an empty owner-only file if none exists, so that SQLite (which gives its WAL and
@@ -386,4 +413,78 @@ pub fn put_setting(conn: &Connection, name: &str, value: &str) -> Result<(), Sto
         [name, value],
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+
+    async fn setting(store: &Store, name: &'static str) -> Option<String> {
+        store.read(move |c| get_setting(c, name)).await.unwrap()
+    }
+
+    /// SQLite may roll a transaction back by itself (disk full, I/O error). Before the fix the
+    /// jobs after that point ran outside the batch, were committed one by one, and were still
+    /// answered as failed: a write visible that nobody acknowledged.
+    #[tokio::test]
+    async fn a_transaction_rolled_back_mid_batch_fails_the_whole_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        // Keep the writer busy so that the next three jobs are folded into one batch.
+        let hold = store.clone();
+        let hold = tokio::spawn(async move {
+            hold.write(|_| {
+                std::thread::sleep(Duration::from_millis(300));
+                Ok(())
+            })
+            .await
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let job = |sql: &'static str| {
+            let store = store.clone();
+            tokio::spawn(async move { store.write(move |c| Ok(c.execute_batch(sql)?)).await })
+        };
+        let a = job("INSERT INTO settings(name, value) VALUES ('a', '1')");
+        let b = job("ROLLBACK");
+        let c = job("INSERT INTO settings(name, value) VALUES ('c', '1')");
+        hold.await.unwrap().unwrap();
+        assert!(a.await.unwrap().is_err());
+        assert!(b.await.unwrap().is_err());
+        assert!(c.await.unwrap().is_err(), "answered as failed");
+        assert_eq!(setting(&store, "a").await, None);
+        assert_eq!(
+            setting(&store, "c").await,
+            None,
+            "committed outside its batch"
+        );
+        // The writer keeps working.
+        store.write(|c| put_setting(c, "d", "1")).await.unwrap();
+        assert_eq!(setting(&store, "d").await.as_deref(), Some("1"));
+    }
+
+    /// A COMMIT that fails (here a deferred foreign-key violation) fails its batch only.
+    #[tokio::test]
+    async fn the_writer_keeps_working_after_a_failed_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store
+            .write(|c| {
+                Ok(c.execute_batch(
+                    "CREATE TABLE p(id INTEGER PRIMARY KEY); CREATE TABLE k(pid REFERENCES p(id));",
+                )?)
+            })
+            .await
+            .unwrap();
+        let failed = store
+            .write(|c| {
+                c.execute_batch("PRAGMA defer_foreign_keys = ON; INSERT INTO k VALUES (7);")?;
+                put_setting(c, "lost", "1")
+            })
+            .await;
+        assert!(matches!(failed, Err(StoreError::Commit(_))), "{failed:?}");
+        assert_eq!(setting(&store, "lost").await, None);
+        store.write(|c| put_setting(c, "kept", "1")).await.unwrap();
+        assert_eq!(setting(&store, "kept").await.as_deref(), Some("1"));
+    }
 }

@@ -313,7 +313,14 @@ pub async fn bind(
 
 fn ticket(secret: &HmacSecret, purpose: Purpose, service: &str, n: u64) -> String {
     let t = now();
-    let nonce = format!("{}{:016x}", keyholder_tests_nonce_prefix(), n);
+    // The purpose is part of the nonce: scenarios number their requests from 0 each, and one
+    // nonce space is shared by all tickets (a proxy ticket must not replay a credential one).
+    let nonce = format!(
+        "{}{}{:016x}",
+        keyholder_tests_nonce_prefix(),
+        purpose.as_str(),
+        n
+    );
     encode_ticket(
         secret,
         &TicketClaims::new("bench", service, purpose, t, t + 60, nonce),
@@ -329,7 +336,11 @@ fn keyholder_tests_nonce_prefix() -> &'static str {
 fn signed_request(secret: &HmacSecret, path: &str, body: &[u8], n: u64) -> Vec<u8> {
     let ts = now();
     let sig = signature_header_value(secret, ts, body);
-    let rid = format!("bench_{}_{n}", keyholder_tests_nonce_prefix());
+    let rid = format!(
+        "bench_{}_{}_{n}",
+        keyholder_tests_nonce_prefix(),
+        path.trim_start_matches("/v1/")
+    );
     request(
         "POST",
         path,
@@ -421,4 +432,132 @@ pub fn proxy_factory(secret: Arc<HmacSecret>, upstream: SocketAddr) -> RequestFa
 pub fn fixed_factory(target: &str) -> RequestFactory {
     let req = request("GET", target, &[], b"");
     Arc::new(move |_| req.clone())
+}
+
+/// One sample of a sustained run.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SustainSample {
+    /// Seconds since the start of the paced load.
+    pub t_s: f64,
+    /// Answered requests per second in this window.
+    pub rps: f64,
+    /// Median latency in this window (from the scheduled send time), milliseconds.
+    pub p50_ms: f64,
+    /// 99th percentile in this window, milliseconds.
+    pub p99_ms: f64,
+    /// Failed or unexpected answers in this window.
+    pub errors: u64,
+    /// Resident memory of the keyholder at the end of the window, MiB.
+    pub rss_mb: f64,
+}
+
+/// Paced (open-loop) load: `rate` requests per second over `connections` connections for
+/// `seconds`, sampled every `sample` seconds. Latency counts from the time a request was due, so
+/// a stall shows up in full (no coordinated omission).
+#[allow(clippy::too_many_arguments)]
+pub async fn run_paced(
+    addr: SocketAddr,
+    connections: usize,
+    rate: f64,
+    seconds: f64,
+    sample: f64,
+    make: RequestFactory,
+    expect_status: u16,
+    pid: u32,
+) -> anyhow::Result<Vec<SustainSample>> {
+    use std::sync::Mutex;
+    let window = Arc::new(Mutex::new((
+        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?,
+        0u64,
+    )));
+    // Request numbers (hence nonces and request ids) apart from those of an earlier closed-loop run.
+    let counter = Arc::new(AtomicU64::new(1 << 40));
+    let started = Instant::now();
+    let end = started + Duration::from_secs_f64(seconds);
+    let interval = Duration::from_secs_f64(connections as f64 / rate);
+    let mut tasks = Vec::new();
+    for c in 0..connections {
+        let (make, counter, window) =
+            (Arc::clone(&make), Arc::clone(&counter), Arc::clone(&window));
+        // Spread the connections' schedules evenly over one interval.
+        let offset = interval.mul_f64(c as f64 / connections as f64);
+        tasks.push(tokio::spawn(async move {
+            let mut conn = Connection::open(addr).await?;
+            let mut due = started + offset;
+            while due < end {
+                tokio::time::sleep_until(due.into()).await;
+                let req = make(counter.fetch_add(1, Ordering::Relaxed));
+                let result = conn.send(&req).await;
+                let latency = due.elapsed().as_micros().max(1) as u64;
+                if let Ok(mut w) = window.lock() {
+                    match result {
+                        Ok((status, _)) if status == expect_status => {
+                            let _ = w.0.record(latency.min(60_000_000));
+                        }
+                        _ => w.1 += 1,
+                    }
+                }
+                due += interval;
+            }
+            Ok::<_, anyhow::Error>(())
+        }));
+    }
+    let mut samples = Vec::new();
+    let mut next = started + Duration::from_secs_f64(sample);
+    while next <= end + Duration::from_millis(10) {
+        tokio::time::sleep_until(next.into()).await;
+        let (hist, errors) = {
+            let mut w = window
+                .lock()
+                .map_err(|_| anyhow::anyhow!("sample lock poisoned"))?;
+            let taken = (w.0.clone(), w.1);
+            w.0.reset();
+            w.1 = 0;
+            taken
+        };
+        let s = SustainSample {
+            t_s: (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+            rps: hist.len() as f64 / sample,
+            p50_ms: hist.value_at_quantile(0.5) as f64 / 1000.0,
+            p99_ms: hist.value_at_quantile(0.99) as f64 / 1000.0,
+            errors,
+            rss_mb: (rss_mb(pid) * 10.0).round() / 10.0,
+        };
+        println!(
+            "t={:>6.1}s rps={:>8.0} p50={:>7.2}ms p99={:>7.2}ms errors={} rss={:.1}MiB",
+            s.t_s, s.rps, s.p50_ms, s.p99_ms, s.errors, s.rss_mb
+        );
+        samples.push(s);
+        next += Duration::from_secs_f64(sample);
+    }
+    for task in tasks {
+        task.await??;
+    }
+    Ok(samples)
+}
+
+/// Least-squares slope of `y` over `x` (per unit of `x`).
+pub fn slope(points: &[(f64, f64)]) -> f64 {
+    let n = points.len() as f64;
+    if n < 2.0 {
+        return 0.0;
+    }
+    let (mx, my) = (
+        points.iter().map(|p| p.0).sum::<f64>() / n,
+        points.iter().map(|p| p.1).sum::<f64>() / n,
+    );
+    let num: f64 = points.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
+    let den: f64 = points.iter().map(|p| (p.0 - mx).powi(2)).sum();
+    if den == 0.0 {
+        0.0
+    } else {
+        num / den
+    }
+}
+
+/// Credential GET and proxy, alternating: the sustained-load mix.
+pub fn mixed_factory(secret: Arc<HmacSecret>, upstream: SocketAddr) -> RequestFactory {
+    let credential = credential_factory(Arc::clone(&secret));
+    let proxy = proxy_factory(secret, upstream);
+    Arc::new(move |n| if n % 2 == 0 { credential(n) } else { proxy(n) })
 }

@@ -1,6 +1,8 @@
 //! `keyholder-bench`: throughput and latency of the keyholder's hot paths against a bare actix-web
 //! baseline measured in the same run. Build with `cargo build --release --locked --bins`, then run
 //! `target/release/keyholder-bench --quick`. The last line printed is one JSON object.
+//! `--sustain SECONDS` instead measures the maximum of a credential GET + proxy mix, then holds
+//! `--rate-fraction` of it (default 0.8) and samples p99 and resident memory every few seconds.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::PathBuf;
@@ -37,6 +39,15 @@ struct Args {
     /// Server worker threads, for the keyholder and the baseline alike.
     #[arg(long, default_value_t = 2)]
     workers: usize,
+    /// Sustained load: run this many seconds at `--rate-fraction` of the measured maximum.
+    #[arg(long)]
+    sustain: Option<f64>,
+    /// Share of the measured maximum held during `--sustain`.
+    #[arg(long, default_value_t = 0.8)]
+    rate_fraction: f64,
+    /// Seconds per sample during `--sustain`.
+    #[arg(long, default_value_t = 5.0)]
+    sample_seconds: f64,
     /// Internal: serve the baseline handler on this address.
     #[arg(long, hide = true)]
     serve_baseline: Option<std::net::SocketAddr>,
@@ -87,7 +98,88 @@ fn main() -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    rt.block_on(run(opts))
+    match args.sustain {
+        Some(secs) => rt.block_on(sustain(opts, secs, args.rate_fraction, args.sample_seconds)),
+        None => rt.block_on(run(opts)),
+    }
+}
+
+/// `--sustain`: maximum of the mix first, then paced load at a fraction of it.
+async fn sustain(
+    opts: BenchOptions,
+    seconds: f64,
+    fraction: f64,
+    sample: f64,
+) -> anyhow::Result<()> {
+    let data = tempfile::tempdir()?;
+    let (keyholder, _) = bench::start_keyholder(&opts, data.path()).await?;
+    let secret = bench::bind(&opts, data.path(), keyholder.addr).await?;
+    bench::populate(keyholder.addr, &secret, 100)
+        .await
+        .context("populating 100 credentials")?;
+    let upstream = bench::start_baseline(opts.workers).await?;
+    let mix = bench::mixed_factory(Arc::clone(&secret), upstream.addr);
+    let conns = 16;
+    let max =
+        bench::run_scenario("mix_max", keyholder.addr, conns, 5.0, Arc::clone(&mix), 200).await?;
+    let rate = max.rps * fraction;
+    println!(
+        "keyholder-bench --sustain: credential GET + proxy mix, maximum {:.0} req/s (p99 {:.2} ms); holding {:.0} req/s ({:.0}%) for {seconds} s over {conns} connections",
+        max.rps, max.p99_ms, rate, fraction * 100.0
+    );
+    let rss_start = bench::rss_mb(keyholder.pid());
+    let samples = bench::run_paced(
+        keyholder.addr,
+        conns,
+        rate,
+        seconds,
+        sample,
+        mix,
+        200,
+        keyholder.pid(),
+    )
+    .await?;
+    let errors: u64 = samples.iter().map(|s| s.errors).sum::<u64>() + max.errors;
+    // Trends after the first sample (warm-up): MiB per minute and p99 spread.
+    let steady: Vec<&bench::SustainSample> = samples.iter().skip(1).collect();
+    let rss_slope = bench::slope(
+        &steady
+            .iter()
+            .map(|s| (s.t_s / 60.0, s.rss_mb))
+            .collect::<Vec<_>>(),
+    );
+    let p99s: Vec<f64> = steady.iter().map(|s| s.p99_ms).collect();
+    let p99_max = p99s.iter().copied().fold(0.0, f64::max);
+    let p99_median = {
+        let mut v = p99s.clone();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    };
+    let third = (steady.len() / 3).max(1);
+    let mean = |xs: &[&bench::SustainSample]| {
+        xs.iter().map(|s| s.rss_mb).sum::<f64>() / xs.len().max(1) as f64
+    };
+    let summary = json!({
+        "sustain_s": seconds,
+        "max_rps": max.rps,
+        "target_rps": rate,
+        "achieved_rps": samples.iter().map(|s| s.rps).sum::<f64>() / samples.len().max(1) as f64,
+        "errors": errors,
+        "p99_ms_median": p99_median,
+        "p99_ms_max": p99_max,
+        "rss_start_mb": rss_start,
+        "rss_first_third_mb": mean(&steady[..third.min(steady.len())]),
+        "rss_last_third_mb": mean(&steady[steady.len().saturating_sub(third)..]),
+        "rss_slope_mb_per_min": (rss_slope * 1000.0).round() / 1000.0,
+        "samples": samples,
+    });
+    drop(upstream);
+    drop(keyholder);
+    println!("{summary}");
+    if errors > 0 {
+        anyhow::bail!("{errors} requests failed during the sustained run");
+    }
+    Ok(())
 }
 
 async fn run(opts: BenchOptions) -> anyhow::Result<()> {
