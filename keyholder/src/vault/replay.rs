@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use rusqlite::params;
+use sha2::{Digest, Sha256};
 
 use super::VaultError;
 use crate::store::{PendingWrite, Store};
@@ -56,6 +57,22 @@ impl DurabilityBarrier {
     }
 }
 
+/// In memory a mark is kept as the first 16 bytes of the SHA-256 of its id: fixed size (a third of
+/// a `String` entry), whatever the id's length, and collision-resistant against chosen ids.
+type MarkKey = [u8; 16];
+
+fn mark_key(id: &str) -> MarkKey {
+    let digest = Sha256::digest(id.as_bytes());
+    let mut key = [0u8; 16];
+    key.copy_from_slice(&digest[..16]);
+    key
+}
+
+fn remember_max(set: &mut HashMap<MarkKey, i64>, key: MarkKey, until: i64) {
+    let entry = set.entry(key).or_insert(until);
+    *entry = (*entry).max(until);
+}
+
 /// What is remembered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReplayKind {
@@ -89,9 +106,9 @@ pub enum Seen {
 /// In-memory sets backed by the `replay` table.
 pub struct ReplayGuard {
     store: Store,
-    request_ids: Mutex<HashMap<String, i64>>,
-    nonces: Mutex<HashMap<String, i64>>,
-    envelope_nonces: Mutex<HashMap<String, i64>>,
+    request_ids: Mutex<HashMap<MarkKey, i64>>,
+    nonces: Mutex<HashMap<MarkKey, i64>>,
+    envelope_nonces: Mutex<HashMap<MarkKey, i64>>,
 }
 
 impl ReplayGuard {
@@ -121,11 +138,11 @@ impl ReplayGuard {
         let mut envelope_nonces = HashMap::new();
         for (kind, id, expires_at) in rows {
             if kind == ReplayKind::Nonce.as_str() {
-                nonces.insert(id, expires_at);
+                remember_max(&mut nonces, mark_key(&id), expires_at);
             } else if kind == ReplayKind::EnvelopeNonce.as_str() {
-                envelope_nonces.insert(id, expires_at);
+                remember_max(&mut envelope_nonces, mark_key(&id), expires_at);
             } else {
-                request_ids.insert(id, expires_at);
+                remember_max(&mut request_ids, mark_key(&id), expires_at);
             }
         }
         Ok(ReplayGuard {
@@ -136,7 +153,7 @@ impl ReplayGuard {
         })
     }
 
-    fn set(&self, kind: ReplayKind) -> &Mutex<HashMap<String, i64>> {
+    fn set(&self, kind: ReplayKind) -> &Mutex<HashMap<MarkKey, i64>> {
         match kind {
             ReplayKind::RequestId => &self.request_ids,
             ReplayKind::Nonce => &self.nonces,
@@ -158,12 +175,12 @@ impl ReplayGuard {
                 .set(kind)
                 .lock()
                 .map_err(|_| VaultError::Corrupt("replay lock".into()))?;
-            if let Some(&until) = set.get(id) {
+            if let Some(&until) = set.get(&mark_key(id)) {
                 if until >= now {
                     return Ok(Seen::Replayed);
                 }
             }
-            set.insert(id.to_string(), expires_at);
+            set.insert(mark_key(id), expires_at);
         }
         let owned = id.to_string();
         let submitted = self.store.submit(move |conn| {
@@ -196,7 +213,7 @@ impl ReplayGuard {
     /// Drops a mark whose durable write failed (the request was not served).
     pub fn forget(&self, kind: ReplayKind, id: &str) {
         if let Ok(mut set) = self.set(kind).lock() {
-            set.remove(id);
+            set.remove(&mark_key(id));
         }
     }
 
