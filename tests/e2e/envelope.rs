@@ -397,7 +397,7 @@ async fn envelope_and_scheme_refusals() {
     send(&kh, PATH_STORAGE, ok_body, &[(HEADER_ENVELOPE, &header)])
         .await
         .assert_error(401, "auth_failed");
-    for ts in [now() - 301, now() + 301] {
+    for ts in [now() - 330, now() + 330] {
         let (answer, _) = enveloped(&kh, &key, PATH_HEALTH, ok_body, ts).await;
         answer.assert_error(401, "auth_failed");
         assert!(answer.json()["message"]

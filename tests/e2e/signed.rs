@@ -74,9 +74,9 @@ async fn platform_signature_refusals() {
             vec![
                 (
                     HEADER_SIGNATURE,
-                    signature_header_value(&secret, ts - 301, body),
+                    signature_header_value(&secret, ts - 330, body),
                 ),
-                (HEADER_TIMESTAMP, (ts - 301).to_string()),
+                (HEADER_TIMESTAMP, (ts - 330).to_string()),
                 (HEADER_PLATFORM_REQUEST_ID, rid()),
             ],
         ),
@@ -85,9 +85,9 @@ async fn platform_signature_refusals() {
             vec![
                 (
                     HEADER_SIGNATURE,
-                    signature_header_value(&secret, ts + 301, body),
+                    signature_header_value(&secret, ts + 330, body),
                 ),
-                (HEADER_TIMESTAMP, (ts + 301).to_string()),
+                (HEADER_TIMESTAMP, (ts + 330).to_string()),
                 (HEADER_PLATFORM_REQUEST_ID, rid()),
             ],
         ),
