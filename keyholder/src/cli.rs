@@ -245,6 +245,10 @@ pub fn egress(args: &EgressArgs) -> anyhow::Result<(EgressPolicy, bool)> {
         }
         EgressAction::Reset { .. } => (egress::reset(&tx, service)?, false),
     };
+    if !matches!(args.action, EgressAction::Show { .. }) {
+        // A running server drops its cached policy on its next look (within a quarter second).
+        crate::vault::reload::bump_generation(&tx)?;
+    }
     tx.commit()?;
     Ok((policy, json))
 }

@@ -53,7 +53,7 @@ async fn ssrf_matrix_is_refused_before_any_connection() {
     let mut kh = Keyholder::start().await;
     kh.bind().await;
     kh.store("github", json!({"accessToken": "gho_ssrf"})).await;
-    kh.egress("allow", "github", &[], true);
+    kh.egress("allow", "github", &[], true).await;
     let sink = MockServer::ok().await;
     for url in ssrf_matrix(sink.addr.port()) {
         let a = kh.proxy_get("github", &url).await;
@@ -62,13 +62,16 @@ async fn ssrf_matrix_is_refused_before_any_connection() {
     }
     assert_eq!(sink.connections(), 0, "the guard let a connection through");
     // Nothing got pinned by refused calls.
-    assert_eq!(kh.egress("show", "github", &[], false).pinned_origin, None);
+    assert_eq!(
+        kh.egress("show", "github", &[], false).await.pinned_origin,
+        None
+    );
 }
 
 #[tokio::test]
 async fn allow_private_still_refuses_metadata_link_local_multicast_and_unspecified() {
     let kh = proxy_keyholder(|_| {}).await;
-    kh.egress("allow", "github", &[], true);
+    kh.egress("allow", "github", &[], true).await;
     let sink = MockServer::ok().await;
     let p = sink.addr.port();
     for url in [
@@ -106,10 +109,13 @@ async fn first_successful_call_pins_the_origin() {
     kh.proxy_get("github", &format!("http://{closed}/"))
         .await
         .assert_error(502, "upstream_error");
-    assert_eq!(kh.egress("show", "github", &[], false).pinned_origin, None);
+    assert_eq!(
+        kh.egress("show", "github", &[], false).await.pinned_origin,
+        None
+    );
 
     assert_eq!(kh.proxy_get("github", &a.url("/first")).await.status, 200);
-    let policy = kh.egress("show", "github", &[], false);
+    let policy = kh.egress("show", "github", &[], false).await;
     assert_eq!(policy.pinned_origin, Some(a.origin()));
     assert_eq!(
         kh.proxy_get("github", &a.url("/again?x=1")).await.status,
@@ -152,7 +158,7 @@ async fn owner_commands_take_effect_at_once() {
         .assert_error(403, "egress_denied");
 
     // Allowing B keeps the pinned A on the list; the running server sees it on the next call.
-    let policy = kh.egress("allow", "github", &[&b.origin()], false);
+    let policy = kh.egress("allow", "github", &[&b.origin()], false).await;
     assert_eq!(
         serde_json::to_value(&policy).unwrap()["mode"],
         json!("allowlist")
@@ -168,19 +174,19 @@ async fn owner_commands_take_effect_at_once() {
     assert_eq!(c.connections(), 0);
 
     // Host patterns.
-    kh.egress("allow", "github", &["localhost"], false);
+    kh.egress("allow", "github", &["localhost"], false).await;
     let by_name = format!("http://localhost:{}/", c.addr.port());
     assert_eq!(kh.proxy_get("github", &by_name).await.status, 200);
 
     // Reset: pinned again, to whatever succeeds next.
-    kh.egress("reset", "github", &[], false);
+    kh.egress("reset", "github", &[], false).await;
     assert_eq!(kh.proxy_get("github", &c.url("/")).await.status, 200);
     kh.proxy_get("github", &a.url("/"))
         .await
         .assert_error(403, "egress_denied");
 
     // Any: anywhere the guard allows.
-    kh.egress("allow", "github", &[], true);
+    kh.egress("allow", "github", &[], true).await;
     assert_eq!(kh.proxy_get("github", &a.url("/")).await.status, 200);
     assert_eq!(kh.proxy_get("github", &b.url("/")).await.status, 200);
 }

@@ -281,7 +281,8 @@ async fn a_hanging_upstream_times_out_without_blocking_others() {
     let slow =
         MockServer::start(|_| Reply::text(200, "late").delayed(Duration::from_secs(5))).await;
     let fast = MockServer::ok().await;
-    kh.egress("allow", "github", &[&slow.origin(), &fast.origin()], false);
+    kh.egress("allow", "github", &[&slow.origin(), &fast.origin()], false)
+        .await;
     let started = Instant::now();
     let slow_url = slow.url("/");
     let (slow_answer, fast_answer) = tokio::join!(kh.proxy_get("github", &slow_url), async {
@@ -303,7 +304,7 @@ async fn a_hanging_upstream_times_out_without_blocking_others() {
 #[tokio::test]
 async fn upstream_failures_are_502() {
     let kh = proxy_keyholder(|c| c.upstream_max_response = 1024).await;
-    kh.egress("allow", "github", &["127.0.0.1"], false);
+    kh.egress("allow", "github", &["127.0.0.1"], false).await;
     // Nothing listens there.
     let closed = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

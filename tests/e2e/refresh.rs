@@ -199,7 +199,7 @@ async fn platform_secret_only_when_trusted_and_never_to_a_new_token_url() {
     let a = notify(&kh, "github", hint(first.url("/token"))).await;
     assert_eq!(a.json()["status"], "refreshed", "{}", a.json());
     assert_eq!(
-        kh.egress("show", "github", &[], false).token_url,
+        kh.egress("show", "github", &[], false).await.token_url,
         Some(first.url("/token"))
     );
 
@@ -228,7 +228,7 @@ async fn platform_secret_only_when_trusted_and_never_to_a_new_token_url() {
         json!({"access_token": "gho_p2"}),
     )
     .await;
-    kh.egress("reset", "github", &[], false);
+    kh.egress("reset", "github", &[], false).await;
     assert_eq!(
         notify(&kh, "github", hint(again.url("/token")))
             .await

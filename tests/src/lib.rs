@@ -351,7 +351,9 @@ impl Keyholder {
     }
 
     /// `keyholder egress ...` as the owner runs it, on this keyholder's data folder.
-    pub fn egress(
+    /// `keyholder egress ...` as the owner runs it; then the server picks the change up at once
+    /// (as its quarter-second poll would).
+    pub async fn egress(
         &self,
         action: &str,
         service: &str,
@@ -376,9 +378,18 @@ impl Keyholder {
             "reset" => EgressAction::Reset { data, service },
             other => panic!("unknown egress action {other}"),
         };
-        keyholder::cli::egress(&EgressArgs { action })
+        let policy = keyholder::cli::egress(&EgressArgs { action })
             .expect("egress command")
-            .0
+            .0;
+        if let Some(server) = self.server.as_ref() {
+            server
+                .state
+                .vault
+                .follow_owner_changes()
+                .await
+                .expect("server follows the owner's change");
+        }
+        policy
     }
 
     /// `keyholder oauth set PROVIDER ...` as the owner runs it.

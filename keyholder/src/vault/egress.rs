@@ -14,6 +14,51 @@ use url::Url;
 use zeroize::Zeroizing;
 
 use super::{from_store, into_store, Vault, VaultError};
+
+/// The egress policies read so far, so a proxied call needs no database read. Server-side writes
+/// (pins) invalidate their service; the owner's `keyholder egress` bumps the owner generation,
+/// which clears the cache within a quarter second on a running server.
+#[derive(Default)]
+pub struct EgressPolicyCache {
+    epoch: std::sync::atomic::AtomicU64,
+    policies: std::sync::Mutex<std::collections::HashMap<String, EgressPolicy>>,
+}
+
+impl EgressPolicyCache {
+    fn epoch(&self) -> u64 {
+        self.epoch.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn get(&self, service: &str) -> Option<EgressPolicy> {
+        self.policies.lock().ok()?.get(service).cloned()
+    }
+
+    fn put(&self, service: &str, policy: EgressPolicy, epoch: u64) {
+        if let Ok(mut policies) = self.policies.lock() {
+            if self.epoch() == epoch {
+                if policies.len() >= 10_000 {
+                    policies.clear();
+                }
+                policies.insert(service.to_string(), policy);
+            }
+        }
+    }
+
+    fn invalidate(&self, service: &str) {
+        if let Ok(mut policies) = self.policies.lock() {
+            self.epoch.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+            policies.remove(service);
+        }
+    }
+
+    /// Forgets every policy (the owner changed some).
+    pub fn clear(&self) {
+        if let Ok(mut policies) = self.policies.lock() {
+            self.epoch.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+            policies.clear();
+        }
+    }
+}
 use crate::upstream::{self, OutboundRequest, Upstream, UpstreamError, UpstreamResponse};
 
 /// The placeholder replaced by the credential in header templates.
@@ -411,19 +456,29 @@ impl Vault {
     /// The egress policy of `service`, read from the database on every call (the owner's CLI changes
     /// it while the server runs, so it takes effect at once).
     pub async fn egress_policy(&self, service: &str) -> Result<EgressPolicy, VaultError> {
-        let service = service.to_string();
-        self.store()
-            .read(move |conn| load_policy(conn, &service).map_err(into_store))
+        if let Some(policy) = self.egress_cache.get(service) {
+            return Ok(policy);
+        }
+        let epoch = self.egress_cache.epoch();
+        let owned = service.to_string();
+        let policy = self
+            .store()
+            .read(move |conn| load_policy(conn, &owned).map_err(into_store))
             .await
-            .map_err(from_store)
+            .map_err(from_store)?;
+        self.egress_cache.put(service, policy.clone(), epoch);
+        Ok(policy)
     }
 
     async fn claim_pin(&self, service: &str, origin: &str) -> Result<bool, VaultError> {
-        let (service, origin) = (service.to_string(), origin.to_string());
-        self.store()
-            .write(move |conn| claim_pin(conn, &service, &origin).map_err(into_store))
+        let (owned, origin) = (service.to_string(), origin.to_string());
+        let claimed = self
+            .store()
+            .write(move |conn| claim_pin(conn, &owned, &origin).map_err(into_store))
             .await
-            .map_err(from_store)
+            .map_err(from_store);
+        self.egress_cache.invalidate(service);
+        claimed
     }
 
     pub(crate) async fn claim_token_url(
@@ -431,17 +486,20 @@ impl Vault {
         service: &str,
         token_url: &str,
     ) -> Result<bool, VaultError> {
-        let (service, url) = (service.to_string(), token_url.to_string());
-        self.store()
-            .write(move |conn| claim_token_url(conn, &service, &url).map_err(into_store))
+        let (owned, url) = (service.to_string(), token_url.to_string());
+        let claimed = self
+            .store()
+            .write(move |conn| claim_token_url(conn, &owned, &url).map_err(into_store))
             .await
-            .map_err(from_store)
+            .map_err(from_store);
+        self.egress_cache.invalidate(service);
+        claimed
     }
 
     /// Undoes a pin set by a call that then failed without an answer ("the first *successful*
     /// call pins"); a pin changed meanwhile is left alone.
     pub(crate) async fn release_pin(&self, kind: PinKind, service: &str, value: &str) {
-        let (service, value) = (service.to_string(), value.to_string());
+        let (owned, value) = (service.to_string(), value.to_string());
         let sql = match kind {
             PinKind::Origin => {
                 "UPDATE egress_policies SET pinned_origin = NULL WHERE service = ?1 AND pinned_origin = ?2"
@@ -452,8 +510,9 @@ impl Vault {
         };
         let result = self
             .store()
-            .write(move |conn| Ok(conn.execute(sql, params![service, value])?))
+            .write(move |conn| Ok(conn.execute(sql, params![owned, value])?))
             .await;
+        self.egress_cache.invalidate(service);
         if let Err(err) = result {
             tracing::warn!(error = %err, "could not release an egress pin");
         }

@@ -146,6 +146,8 @@ pub struct Vault {
     minter: minting::Minter,
     /// Stored documents and list items, so hot paths skip the database.
     cache: doc_cache::DocumentCache,
+    /// Egress policies, so a proxied call skips the database.
+    egress_cache: egress::EgressPolicyCache,
     /// One OAuth refresh per service at a time.
     refresh_locks: minting::KeyedLocks,
 }
@@ -223,6 +225,7 @@ impl Vault {
             follow: Mutex::new(reload::FollowState::new(generation)),
             minter: minting::Minter::default(),
             cache: doc_cache::DocumentCache::default(),
+            egress_cache: egress::EgressPolicyCache::default(),
             refresh_locks: minting::KeyedLocks::default(),
         };
         Ok((vault, report))

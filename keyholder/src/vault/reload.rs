@@ -175,6 +175,7 @@ impl Vault {
             .await?;
         // Documents may have changed under us (rewrap, import): read them afresh.
         self.cache.clear();
+        self.egress_cache.clear();
         // The seal applies whatever happens to the keys.
         self.sealed
             .store(reloaded.sealed, std::sync::atomic::Ordering::Release);
