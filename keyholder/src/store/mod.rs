@@ -21,8 +21,6 @@ pub const DATABASE_FILE: &str = "keyholder.db";
 
 /// Most jobs folded into one transaction; bounds the latency of the first job in a batch.
 const MAX_BATCH: usize = 512;
-/// How often the WAL is checkpointed into the database file.
-const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(500);
 /// How long a batch waits for more jobs when writes arrive concurrently.
 const COMMIT_DELAY: Duration = Duration::from_micros(300);
 /// Read connections kept open for request handlers.
@@ -109,8 +107,6 @@ pub struct Store {
 struct StoreInner {
     path: PathBuf,
     writer: Mutex<Option<mpsc::Sender<WriteJob>>>,
-    /// Dropped at close: the checkpoint thread then stops.
-    stop_checkpoints: Mutex<Option<mpsc::Sender<()>>>,
     readers: Mutex<Vec<Connection>>,
     /// One permit per pooled read connection: a read waits for a connection instead of opening one.
     read_permits: tokio::sync::Semaphore,
@@ -154,13 +150,6 @@ impl Store {
         let mut conn = open_connection(&path, false)?;
         schema::migrate(&mut conn)?;
         restrict_file_mode(&path);
-        // Checkpoints run on their own thread (below), not inside a commit the writer waits on.
-        conn.pragma_update(None, "wal_autocheckpoint", 0)?;
-        let checkpointer = open_connection(&path, false)?;
-        let (stop_checkpoints, checkpoint_stopped) = mpsc::channel::<()>();
-        std::thread::Builder::new()
-            .name("keyholder-checkpoint".into())
-            .spawn(move || checkpoint_loop(checkpointer, checkpoint_stopped))?;
         let mut readers = Vec::with_capacity(READERS);
         for _ in 0..READERS {
             readers.push(open_connection(&path, true)?);
@@ -175,7 +164,6 @@ impl Store {
             inner: Arc::new(StoreInner {
                 path,
                 writer: Mutex::new(Some(tx)),
-                stop_checkpoints: Mutex::new(Some(stop_checkpoints)),
                 readers: Mutex::new(readers),
                 read_permits: tokio::sync::Semaphore::new(READERS),
                 stats,
@@ -265,23 +253,7 @@ impl Store {
         if let Ok(mut guard) = self.inner.writer.lock() {
             guard.take();
         }
-        if let Ok(mut guard) = self.inner.stop_checkpoints.lock() {
-            guard.take();
-        }
     }
-}
-
-/// Copies committed WAL frames into the database file in the background (PASSIVE: never blocks the
-/// writer or readers), so commits only append to the WAL. Repeated changes to one page between two
-/// checkpoints are copied once.
-fn checkpoint_loop(conn: Connection, stop: mpsc::Receiver<()>) {
-    while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_INTERVAL) {
-        if let Err(err) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-            tracing::debug!(error = %err, "WAL checkpoint postponed");
-        }
-    }
-    // Closing: fold the WAL back into the database while nothing else writes.
-    let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
 }
 
 fn writer_loop(
