@@ -70,9 +70,50 @@ fn mark_key(id: &str) -> MarkKey {
     u64::from_le_bytes(key)
 }
 
-fn remember_max(set: &mut HashMap<MarkKey, i64>, key: MarkKey, until: i64) {
-    let entry = set.entry(key).or_insert(until);
-    *entry = (*entry).max(until);
+/// Shards per mark set: a shard's rehash (as it grows) or purge holds only its own lock, so no
+/// request waits on a rehash of millions of marks.
+const SHARDS: usize = 64;
+
+/// Marks of one kind, spread over independently locked shards by key.
+struct MarkSet {
+    shards: Vec<Mutex<HashMap<MarkKey, i64>>>,
+}
+
+impl Default for MarkSet {
+    fn default() -> Self {
+        MarkSet {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+        }
+    }
+}
+
+impl MarkSet {
+    fn shard(&self, key: MarkKey) -> &Mutex<HashMap<MarkKey, i64>> {
+        // The key is already a hash: its low bits spread evenly.
+        &self.shards[(key as usize) % SHARDS]
+    }
+
+    fn remember_max(&self, key: MarkKey, until: i64) {
+        if let Ok(mut shard) = self.shard(key).lock() {
+            let entry = shard.entry(key).or_insert(until);
+            *entry = (*entry).max(until);
+        }
+    }
+
+    fn retain_unexpired(&self, now: i64) {
+        for shard in &self.shards {
+            if let Ok(mut shard) = shard.lock() {
+                shard.retain(|_, until| *until >= now);
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().map(|s| s.len()).unwrap_or(0))
+            .sum()
+    }
 }
 
 /// What is remembered.
@@ -108,9 +149,9 @@ pub enum Seen {
 /// In-memory sets backed by the `replay` table.
 pub struct ReplayGuard {
     store: Store,
-    request_ids: Mutex<HashMap<MarkKey, i64>>,
-    nonces: Mutex<HashMap<MarkKey, i64>>,
-    envelope_nonces: Mutex<HashMap<MarkKey, i64>>,
+    request_ids: MarkSet,
+    nonces: MarkSet,
+    envelope_nonces: MarkSet,
 }
 
 impl ReplayGuard {
@@ -135,27 +176,27 @@ impl ReplayGuard {
                 Ok(rows)
             })
             .await?;
-        let mut request_ids = HashMap::new();
-        let mut nonces = HashMap::new();
-        let mut envelope_nonces = HashMap::new();
+        let request_ids = MarkSet::default();
+        let nonces = MarkSet::default();
+        let envelope_nonces = MarkSet::default();
         for (kind, id, expires_at) in rows {
             if kind == ReplayKind::Nonce.as_str() {
-                remember_max(&mut nonces, mark_key(&id), expires_at);
+                nonces.remember_max(mark_key(&id), expires_at);
             } else if kind == ReplayKind::EnvelopeNonce.as_str() {
-                remember_max(&mut envelope_nonces, mark_key(&id), expires_at);
+                envelope_nonces.remember_max(mark_key(&id), expires_at);
             } else {
-                remember_max(&mut request_ids, mark_key(&id), expires_at);
+                request_ids.remember_max(mark_key(&id), expires_at);
             }
         }
         Ok(ReplayGuard {
             store,
-            request_ids: Mutex::new(request_ids),
-            nonces: Mutex::new(nonces),
-            envelope_nonces: Mutex::new(envelope_nonces),
+            request_ids,
+            nonces,
+            envelope_nonces,
         })
     }
 
-    fn set(&self, kind: ReplayKind) -> &Mutex<HashMap<MarkKey, i64>> {
+    fn set(&self, kind: ReplayKind) -> &MarkSet {
         match kind {
             ReplayKind::RequestId => &self.request_ids,
             ReplayKind::Nonce => &self.nonces,
@@ -173,16 +214,18 @@ impl ReplayGuard {
     ) -> Result<Seen, VaultError> {
         let now = crate::clock::now_unix();
         {
-            let mut set = self
+            let key = mark_key(id);
+            let mut shard = self
                 .set(kind)
+                .shard(key)
                 .lock()
                 .map_err(|_| VaultError::Corrupt("replay lock".into()))?;
-            if let Some(&until) = set.get(&mark_key(id)) {
+            if let Some(&until) = shard.get(&key) {
                 if until >= now {
                     return Ok(Seen::Replayed);
                 }
             }
-            set.insert(mark_key(id), expires_at);
+            shard.insert(key, expires_at);
         }
         let owned = id.to_string();
         let submitted = self.store.submit(move |conn| {
@@ -214,8 +257,9 @@ impl ReplayGuard {
 
     /// Drops a mark whose durable write failed (the request was not served).
     pub fn forget(&self, kind: ReplayKind, id: &str) {
-        if let Ok(mut set) = self.set(kind).lock() {
-            set.remove(&mark_key(id));
+        let key = mark_key(id);
+        if let Ok(mut shard) = self.set(kind).shard(key).lock() {
+            shard.remove(&key);
         }
     }
 
@@ -227,9 +271,7 @@ impl ReplayGuard {
             ReplayKind::Nonce,
             ReplayKind::EnvelopeNonce,
         ] {
-            if let Ok(mut set) = self.set(kind).lock() {
-                set.retain(|_, until| *until >= now);
-            }
+            self.set(kind).retain_unexpired(now);
         }
         let removed = self
             .store
@@ -242,10 +284,7 @@ impl ReplayGuard {
 
     /// Entries held in memory (every kind), for metrics.
     pub fn len(&self) -> usize {
-        let a = self.request_ids.lock().map(|s| s.len()).unwrap_or(0);
-        let b = self.nonces.lock().map(|s| s.len()).unwrap_or(0);
-        let c = self.envelope_nonces.lock().map(|s| s.len()).unwrap_or(0);
-        a + b + c
+        self.request_ids.len() + self.nonces.len() + self.envelope_nonces.len()
     }
 
     /// True when nothing is remembered.
