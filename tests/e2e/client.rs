@@ -7,28 +7,15 @@ use std::time::Duration;
 
 use futures_util::TryStreamExt as _;
 use keyholder_client::check::{self, CheckAuth, CheckOptions};
-use keyholder_client::{
-    ClientBuilder, Error, IdentityPin, Platform, RetryPolicy, StoreMode, TokenData,
-};
+use keyholder_client::{ClientBuilder, Error, IdentityPin, Platform, StoreMode, TokenData};
 use keyholder_protocol::wire::{Collection, ListOptions};
 use keyholder_protocol::{ErrorCode, HmacSecret, IdentityKey, Purpose};
 use keyholder_tests::*;
 use serde_json::{json, Map, Value};
 
-fn fast() -> RetryPolicy {
-    RetryPolicy::with_delays([Duration::from_millis(10), Duration::from_millis(30)])
-}
-
-fn builder(kh: &Keyholder) -> ClientBuilder {
-    ClientBuilder::new(kh.base.clone())
-        .danger_allow_http()
-        .retry(fast())
-        .timeout(Duration::from_secs(10))
-}
-
 async fn bound_platform(kh: &Keyholder) -> Platform {
     let code = kh.issue_code(false);
-    builder(kh).bind(&code.code).await.unwrap()
+    kh.sdk_builder().bind(&code.code).await.unwrap()
 }
 
 fn object(v: Value) -> Map<String, Value> {
@@ -115,7 +102,7 @@ async fn sdk_binds_stores_fetches_and_pages() {
 
     // Agent side: the browser's store, the agent's fetch (direct and by redirect), TOTP.
     let issuer = platform.ticket_issuer().subject("user_test");
-    let agent = builder(&kh).agent().unwrap();
+    let agent = kh.sdk_builder().agent().unwrap();
     let data = TokenData::new()
         .secret("accessToken", "ghp_sdk_1234")
         .secret("refreshToken", "ghr_sdk_5678")
@@ -189,7 +176,7 @@ async fn sdk_binds_stores_fetches_and_pages() {
 async fn typed_errors_keep_status_code_and_request_id_and_no_secret() {
     let kh = Keyholder::start().await;
     let platform = bound_platform(&kh).await;
-    let agent = builder(&kh).agent().unwrap();
+    let agent = kh.sdk_builder().agent().unwrap();
     let issuer = platform.ticket_issuer();
 
     // Replayed nonce: the first use finds nothing, the second is refused.
@@ -212,14 +199,14 @@ async fn typed_errors_keep_status_code_and_request_id_and_no_secret() {
     }
 
     // A platform with the wrong secret: 401 auth_failed, not retried.
-    let forged = builder(&kh).platform(HmacSecret::generate()).unwrap();
+    let forged = kh.sdk_builder().platform(HmacSecret::generate()).unwrap();
     let e = forged.health_signed().await.unwrap_err();
     assert_eq!(e.code(), Some(ErrorCode::AuthFailed));
 
     // A bind code works once.
     let code = kh.issue_code(true);
-    builder(&kh).bind(&code.code).await.unwrap();
-    let reuse = builder(&kh).bind(&code.code).await.unwrap_err();
+    kh.sdk_builder().bind(&code.code).await.unwrap();
+    let reuse = kh.sdk_builder().bind(&code.code).await.unwrap_err();
     assert_eq!(reuse.code(), Some(ErrorCode::CodeUsed));
     // ...and the rebind replaced the secret the first platform had.
     assert_eq!(
@@ -247,7 +234,7 @@ async fn identity_pinning() {
         IdentityPin::key_id(&doc.key_id).unwrap(),
         IdentityPin::document(&doc).unwrap(),
     ] {
-        let platform = builder(&kh).pin_identity(pin).platform(same()).unwrap();
+        let platform = kh.sdk_builder().pin_identity(pin).platform(same()).unwrap();
         platform.health_signed().await.unwrap();
         // Error answers are signed too.
         let e = platform
@@ -259,7 +246,8 @@ async fn identity_pinning() {
 
     // A wrong public key: every answer is refused.
     let wrong = IdentityPin::public_key(IdentityKey::generate().verifying_key());
-    let platform = builder(&kh)
+    let platform = kh
+        .sdk_builder()
         .pin_identity(wrong.clone())
         .platform(same())
         .unwrap();
@@ -268,7 +256,8 @@ async fn identity_pinning() {
         Err(Error::ResponseSignature { .. })
     ));
     // A wrong key id: the identity document does not match.
-    let platform = builder(&kh)
+    let platform = kh
+        .sdk_builder()
         .pin_identity(IdentityPin::key_id("0000000000000000").unwrap())
         .platform(same())
         .unwrap();
@@ -278,7 +267,8 @@ async fn identity_pinning() {
     ));
     // A bind whose announced identity is not the pinned one fails.
     let code = kh.issue_code(true);
-    let e = builder(&kh)
+    let e = kh
+        .sdk_builder()
         .pin_identity(wrong)
         .bind(&code.code)
         .await
@@ -327,7 +317,7 @@ async fn retries_follow_the_platform_policy() {
     let (url, seen) = counting_server(503).await;
     let platform = ClientBuilder::new(url)
         .danger_allow_http()
-        .retry(fast())
+        .retry(fast_retry())
         .platform(HmacSecret::generate())
         .unwrap();
     let e = platform.health_signed().await.unwrap_err();
@@ -340,7 +330,7 @@ async fn retries_follow_the_platform_policy() {
     let (url, seen) = counting_server(400).await;
     let platform = ClientBuilder::new(url)
         .danger_allow_http()
-        .retry(fast())
+        .retry(fast_retry())
         .platform(HmacSecret::generate())
         .unwrap();
     assert_eq!(
@@ -353,7 +343,7 @@ async fn retries_follow_the_platform_policy() {
     let (url, seen) = counting_server(500).await;
     let agent = ClientBuilder::new(url)
         .danger_allow_http()
-        .retry(fast())
+        .retry(fast_retry())
         .agent()
         .unwrap();
     assert!(agent.credential("t.s", "svc").await.is_err());
@@ -363,7 +353,7 @@ async fn retries_follow_the_platform_policy() {
 fn options(kh: &Keyholder, auth: CheckAuth) -> CheckOptions {
     let mut options = CheckOptions::new(kh.base.clone(), auth);
     options.danger_allow_http = true;
-    options.retry = fast();
+    options.retry = fast_retry();
     options.timeout = Duration::from_secs(10);
     options
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use keyholder_client::check::{self, CheckAuth, CheckOptions};
-use keyholder_client::{ClientBuilder, Platform, ProxyCall, RetryPolicy, TokenData};
+use keyholder_client::{Platform, ProxyCall, TokenData};
 use keyholder_protocol::envelope::{new_envelope_nonce, sign_envelope};
 use keyholder_protocol::paths::*;
 use keyholder_protocol::signing::signature_header_value;
@@ -20,17 +20,6 @@ use keyholder_protocol::{ErrorCode, HmacSecret, PlatformSigningKey, Purpose, Tic
 use keyholder_tests::upstream::{MockServer, Reply};
 use keyholder_tests::*;
 use serde_json::{json, Map, Value};
-
-fn fast() -> RetryPolicy {
-    RetryPolicy::with_delays([Duration::from_millis(10), Duration::from_millis(30)])
-}
-
-fn builder(kh: &Keyholder) -> ClientBuilder {
-    ClientBuilder::new(kh.base.clone())
-        .danger_allow_http()
-        .retry(fast())
-        .timeout(Duration::from_secs(10))
-}
 
 /// Writes `key`'s public key to a file outside the data folder (as an identity document, or base64).
 fn public_key_file(dir: &Path, key: &PlatformSigningKey, document: bool) -> std::path::PathBuf {
@@ -159,7 +148,8 @@ async fn asymmetric_binding_stores_fetches_proxies_refreshes_and_rotates() {
     let mut kh = Keyholder::start_with(|c| c.egress_allow_private = true).await;
     let first = PlatformSigningKey::generate();
     let code = issue_asymmetric_code(&kh, &public_key_file(keys_dir.path(), &first, true), false);
-    let platform = builder(&kh)
+    let platform = kh
+        .sdk_builder()
         .bind_with_key(&code, first.duplicate())
         .await
         .unwrap();
@@ -192,7 +182,7 @@ async fn asymmetric_binding_stores_fetches_proxies_refreshes_and_rotates() {
     // kh2 tickets: the browser's store and the agent's fetch.
     let issuer = platform.ticket_issuer().subject("user_test");
     assert!(issuer.store("github").expose().starts_with("kh2."));
-    let agent = builder(&kh).agent().unwrap();
+    let agent = kh.sdk_builder().agent().unwrap();
     agent
         .store(
             issuer.store("github").expose(),
@@ -319,10 +309,10 @@ async fn asymmetric_binding_stores_fetches_proxies_refreshes_and_rotates() {
 
     // The rotation survives a restart.
     kh.restart().await;
-    let rotated = builder(&kh).platform(second.duplicate()).unwrap();
+    let rotated = kh.sdk_builder().platform(second.duplicate()).unwrap();
     rotated.health_signed().await.unwrap();
     assert_eq!(
-        builder(&kh)
+        kh.sdk_builder()
             .platform(first.duplicate())
             .unwrap()
             .health_signed()
@@ -565,7 +555,8 @@ async fn envelope_and_scheme_refusals() {
         .err();
     // Plain http is refused by the SDK's defaults; the builder with the opt-out binds.
     assert!(platform.is_some());
-    let platform = builder(&kh)
+    let platform = kh
+        .sdk_builder()
         .bind_with_key(&code, stranger.duplicate())
         .await
         .unwrap();
@@ -587,7 +578,7 @@ async fn checker_runs_its_matrix_over_an_asymmetric_binding() {
         },
     );
     options.danger_allow_http = true;
-    options.retry = fast();
+    options.retry = fast_retry();
     options.timeout = Duration::from_secs(10);
     let report = check::run(options).await;
     let text = report.to_text();
@@ -623,7 +614,7 @@ async fn checker_runs_its_matrix_over_an_asymmetric_binding() {
         },
     );
     options.danger_allow_http = true;
-    options.retry = fast();
+    options.retry = fast_retry();
     options.timeout = Duration::from_secs(10);
     options.removed_platform_key = Some(key.duplicate());
     let report = check::run(options).await;
@@ -648,7 +639,8 @@ async fn data_folder_holds_nothing_that_signs_as_the_platform() {
     let first = PlatformSigningKey::generate();
     let second = PlatformSigningKey::generate();
     let code = issue_asymmetric_code(&kh, &public_key_file(keys_dir.path(), &first, true), false);
-    let platform = builder(&kh)
+    let platform = kh
+        .sdk_builder()
         .bind_with_key(&code, first.duplicate())
         .await
         .unwrap();
@@ -662,7 +654,7 @@ async fn data_folder_holds_nothing_that_signs_as_the_platform() {
     )
     .unwrap();
     let issuer = platform.ticket_issuer();
-    builder(&kh)
+    kh.sdk_builder()
         .agent()
         .unwrap()
         .store(

@@ -103,7 +103,23 @@ pub async fn read(resp: reqwest::Response) -> Answer {
     }
 }
 
+/// The SDK's retry policy with short delays (the platform's 1 s and 3 s would only slow tests).
+pub fn fast_retry() -> keyholder_client::RetryPolicy {
+    keyholder_client::RetryPolicy::with_delays([
+        std::time::Duration::from_millis(10),
+        std::time::Duration::from_millis(30),
+    ])
+}
+
 impl Keyholder {
+    /// An SDK client builder for this keyholder (plain http on loopback, fast retries).
+    pub fn sdk_builder(&self) -> keyholder_client::ClientBuilder {
+        keyholder_client::ClientBuilder::new(self.base.clone())
+            .danger_allow_http()
+            .retry(fast_retry())
+            .timeout(std::time::Duration::from_secs(10))
+    }
+
     /// Default test configuration on a new temporary folder.
     pub fn config_in(dir: &Path) -> Config {
         let mut config = Config::new(dir.to_path_buf(), "127.0.0.1:0".parse().unwrap());
