@@ -12,6 +12,11 @@ use keyholder::cli::{
 };
 use keyholder::config::{Config, ServeArgs};
 
+// mimalloc: per-thread free lists instead of glibc's arenas; the request path allocates many
+// small short-lived buffers (measured: ~6% of server CPU in glibc malloc/free under load).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Keyholder: the self-hosted key-custody webhook for Token Vault.
 #[derive(Debug, Parser)]
 #[command(name = "keyholder", version, about, long_about = None)]

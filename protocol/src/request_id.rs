@@ -1,6 +1,5 @@
 //! Request ids: the shape a keyholder accepts and echoes, and fresh ids for requests that bring none.
 
-use rand::rngs::OsRng;
 use rand::RngCore as _;
 
 /// Longest request id a keyholder echoes.
@@ -17,7 +16,8 @@ pub fn is_valid_request_id(id: &str) -> bool {
 /// A fresh id: `kh_` followed by 24 random lowercase hex characters.
 pub fn new_request_id() -> String {
     let mut bytes = [0u8; 12];
-    OsRng.fill_bytes(&mut bytes);
+    // The thread's CSPRNG (seeded from the OS): unpredictable, without a system call per id.
+    rand::thread_rng().fill_bytes(&mut bytes);
     format!("kh_{}", crate::hex::encode(&bytes))
 }
 

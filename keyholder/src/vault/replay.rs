@@ -128,13 +128,69 @@ pub enum ReplayKind {
 }
 
 impl ReplayKind {
-    fn as_str(self) -> &'static str {
+    /// Name in the legacy `replay_log` table.
+    fn legacy_name(self) -> &'static str {
         match self {
             ReplayKind::RequestId => "request",
             ReplayKind::Nonce => "nonce",
             ReplayKind::EnvelopeNonce => "envelope",
         }
     }
+
+    /// Stored code in `replay_marks`.
+    fn code(self) -> i64 {
+        match self {
+            ReplayKind::RequestId => 1,
+            ReplayKind::Nonce => 2,
+            ReplayKind::EnvelopeNonce => 3,
+        }
+    }
+
+    fn from_code(code: i64) -> Option<ReplayKind> {
+        [
+            ReplayKind::RequestId,
+            ReplayKind::Nonce,
+            ReplayKind::EnvelopeNonce,
+        ]
+        .into_iter()
+        .find(|kind| kind.code() == code)
+    }
+}
+
+/// Moves marks of the text-id `replay_log` (schema 5) into `replay_marks`, then drops it.
+fn convert_legacy_marks(conn: &rusqlite::Connection) -> Result<(), crate::store::StoreError> {
+    let exists: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = 'replay_log')",
+        [],
+        |r| r.get(0),
+    )?;
+    if !exists {
+        return Ok(());
+    }
+    let rows = {
+        let mut stmt = conn.prepare("SELECT kind, id, expires_at FROM replay_log")?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        rows
+    };
+    let mut insert =
+        conn.prepare("INSERT INTO replay_marks(kind, key, expires_at) VALUES (?1, ?2, ?3)")?;
+    for (name, id, expires_at) in rows {
+        let kind = [ReplayKind::RequestId, ReplayKind::EnvelopeNonce]
+            .into_iter()
+            .find(|k| k.legacy_name() == name)
+            .unwrap_or(ReplayKind::Nonce);
+        insert.execute(params![kind.code(), mark_key(&id) as i64, expires_at])?;
+    }
+    conn.execute_batch("DROP TABLE replay_log")?;
+    Ok(())
 }
 
 /// Outcome of [`ReplayGuard::remember`].
@@ -146,7 +202,7 @@ pub enum Seen {
     Replayed,
 }
 
-/// In-memory sets backed by the `replay` table.
+/// In-memory sets backed by the `replay_marks` table.
 pub struct ReplayGuard {
     store: Store,
     request_ids: MarkSet,
@@ -155,20 +211,21 @@ pub struct ReplayGuard {
 }
 
 impl ReplayGuard {
-    /// Loads every unexpired entry from the database.
+    /// Loads every unexpired entry from the database (converting marks an older keyholder kept
+    /// as text ids first).
     pub async fn load(store: Store) -> Result<ReplayGuard, VaultError> {
+        store.write(convert_legacy_marks).await?;
         let now = crate::clock::now_unix();
         let rows = store
             .read(move |conn| {
-                let mut stmt =
-                    conn.prepare(
-                    "SELECT kind, id, MAX(expires_at) FROM replay_log WHERE expires_at >= ?1 GROUP BY kind, id",
+                let mut stmt = conn.prepare(
+                    "SELECT kind, key, expires_at FROM replay_marks WHERE expires_at >= ?1",
                 )?;
                 let rows = stmt
                     .query_map([now], |r| {
                         Ok((
-                            r.get::<_, String>(0)?,
-                            r.get::<_, String>(1)?,
+                            r.get::<_, i64>(0)?,
+                            r.get::<_, i64>(1)?,
                             r.get::<_, i64>(2)?,
                         ))
                     })?
@@ -176,24 +233,18 @@ impl ReplayGuard {
                 Ok(rows)
             })
             .await?;
-        let request_ids = MarkSet::default();
-        let nonces = MarkSet::default();
-        let envelope_nonces = MarkSet::default();
-        for (kind, id, expires_at) in rows {
-            if kind == ReplayKind::Nonce.as_str() {
-                nonces.remember_max(mark_key(&id), expires_at);
-            } else if kind == ReplayKind::EnvelopeNonce.as_str() {
-                envelope_nonces.remember_max(mark_key(&id), expires_at);
-            } else {
-                request_ids.remember_max(mark_key(&id), expires_at);
-            }
-        }
-        Ok(ReplayGuard {
+        let guard = ReplayGuard {
             store,
-            request_ids,
-            nonces,
-            envelope_nonces,
-        })
+            request_ids: MarkSet::default(),
+            nonces: MarkSet::default(),
+            envelope_nonces: MarkSet::default(),
+        };
+        for (kind, key, expires_at) in rows {
+            // An unknown kind (a newer keyholder's) is kept as a nonce: refusing too much is safe.
+            let kind = ReplayKind::from_code(kind).unwrap_or(ReplayKind::Nonce);
+            guard.set(kind).remember_max(key as MarkKey, expires_at);
+        }
+        Ok(guard)
     }
 
     fn set(&self, kind: ReplayKind) -> &MarkSet {
@@ -227,12 +278,12 @@ impl ReplayGuard {
             }
             shard.insert(key, expires_at);
         }
-        let owned = id.to_string();
-        let submitted = self.store.submit(move |conn| {
+        let key = mark_key(id);
+        let submitted = self.store.submit_statement(move |conn| {
             conn.prepare_cached(
-                "INSERT INTO replay_log(kind, id, expires_at) VALUES (?1, ?2, ?3)",
+                "INSERT INTO replay_marks(kind, key, expires_at) VALUES (?1, ?2, ?3)",
             )?
-            .execute(params![kind.as_str(), owned, expires_at])?;
+            .execute(params![kind.code(), key as i64, expires_at])?;
             Ok(())
         });
         let result = match submitted {
@@ -276,7 +327,7 @@ impl ReplayGuard {
         let removed = self
             .store
             .write(move |conn| {
-                Ok(conn.execute("DELETE FROM replay_log WHERE expires_at < ?1", [now])?)
+                Ok(conn.execute("DELETE FROM replay_marks WHERE expires_at < ?1", [now])?)
             })
             .await?;
         Ok(removed)
@@ -290,5 +341,67 @@ impl ReplayGuard {
     /// True when nothing is remembered.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn marks_survive_a_restart_and_legacy_marks_are_converted() {
+        let dir = tempfile::tempdir().unwrap();
+        let later = crate::clock::now_unix() + 300;
+        {
+            let store = Store::open(dir.path()).unwrap();
+            // Rows as a schema-5 keyholder wrote them (one already expired).
+            store
+                .write(move |conn| {
+                    conn.execute(
+                        "INSERT INTO replay_log(kind, id, expires_at) VALUES
+                         ('request', 'req-old', ?1), ('nonce', 'nonce-old', ?1),
+                         ('envelope', 'env-old', ?1), ('nonce', 'gone', 1)",
+                        [later],
+                    )?;
+                    Ok(())
+                })
+                .await
+                .unwrap();
+            let guard = ReplayGuard::load(store.clone()).await.unwrap();
+            assert_eq!(guard.len(), 3, "the expired legacy mark is not loaded");
+            let fresh = guard
+                .remember(ReplayKind::Nonce, "nonce-new", later)
+                .await
+                .unwrap();
+            assert_eq!(fresh, Seen::Fresh);
+            store.close();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let guard = ReplayGuard::load(store).await.unwrap();
+        for (kind, id) in [
+            (ReplayKind::RequestId, "req-old"),
+            (ReplayKind::Nonce, "nonce-old"),
+            (ReplayKind::EnvelopeNonce, "env-old"),
+            (ReplayKind::Nonce, "nonce-new"),
+        ] {
+            let seen = guard.remember(kind, id, later).await.unwrap();
+            assert_eq!(seen, Seen::Replayed, "{id} must be refused after a restart");
+        }
+        // Kinds are separate sets, and an expired mark is usable again.
+        assert_eq!(
+            guard
+                .remember(ReplayKind::RequestId, "nonce-old", later)
+                .await
+                .unwrap(),
+            Seen::Fresh
+        );
+        assert_eq!(
+            guard
+                .remember(ReplayKind::Nonce, "gone", later)
+                .await
+                .unwrap(),
+            Seen::Fresh
+        );
     }
 }
