@@ -55,6 +55,8 @@ pub struct RunningServer {
 
 /// How often the server looks for the owner's changes (seal, keys, binding) in the database.
 pub const FOLLOW_INTERVAL: Duration = Duration::from_millis(250);
+/// How often `--audit-retention-days` is applied.
+pub const AUDIT_RETENTION_INTERVAL: Duration = Duration::from_secs(3600);
 
 impl RunningServer {
     /// Stops the server (gracefully: in-flight requests finish) and closes the store.
@@ -213,6 +215,8 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
 
     let app_state = state.clone();
     let mut server = HttpServer::new(move || {
+        // Runs once on each worker thread.
+        app_state.upstream.warm();
         App::new()
             .app_data(app_state.clone())
             // Extractors read bodies themselves with per-endpoint limits; this caps the rest.
@@ -264,6 +268,22 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
             }
         }
     });
+
+    if let Some(retention) = config.audit_retention {
+        let prune_state = state.clone();
+        background.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(AUDIT_RETENTION_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                match prune_state.vault.prune_audit(retention).await {
+                    Ok(0) => {}
+                    Ok(removed) => tracing::info!(removed, "pruned old audit entries"),
+                    Err(err) => tracing::error!(error = %err, "audit retention: nothing pruned"),
+                }
+            }
+        }));
+    }
 
     // Follow the owner's CLI (seal, key rotation, import) without a restart.
     let follow_state = state.clone();

@@ -107,6 +107,10 @@ pub struct ServeArgs {
     /// Total time for one proxied upstream call, in seconds.
     #[arg(long, env = "KEYHOLDER_UPSTREAM_TIMEOUT", default_value_t = 30)]
     pub upstream_timeout: u64,
+    /// Remove audit entries older than this many days (checked hourly; the chain is verified first
+    /// and a signed prune entry is appended). Default: keep every entry.
+    #[arg(long, env = "KEYHOLDER_AUDIT_RETENTION_DAYS", value_parser = clap::value_parser!(u32).range(1..=36_500))]
+    pub audit_retention_days: Option<u32>,
 }
 
 /// A validated configuration.
@@ -149,6 +153,8 @@ pub struct Config {
     pub tls: Option<TlsFiles>,
     /// Prometheus metrics listener (off when `None`).
     pub metrics_listen: Option<SocketAddr>,
+    /// Audit entries older than this are pruned (kept forever when `None`).
+    pub audit_retention: Option<Duration>,
 }
 
 /// Default total time of a proxied call.
@@ -236,6 +242,7 @@ impl Config {
             upstream_max_response: DEFAULT_UPSTREAM_MAX_RESPONSE,
             tls: None,
             metrics_listen: None,
+            audit_retention: None,
         }
     }
 
@@ -346,6 +353,9 @@ impl Config {
             upstream_max_response: DEFAULT_UPSTREAM_MAX_RESPONSE,
             tls,
             metrics_listen,
+            audit_retention: args
+                .audit_retention_days
+                .map(|days| Duration::from_secs(u64::from(days) * 86_400)),
         })
     }
 }

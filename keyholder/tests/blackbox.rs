@@ -266,6 +266,51 @@ fn owner_commands_status_seal_and_audit_verify() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("OK: 1 entries"));
+    // Prune with an export first; what is kept still verifies from the signed prune entry.
+    assert!(run(&["unseal"]).status.success());
+    let archive = dir.path().join("audit-archive.jsonl");
+    let out = run(&[
+        "audit",
+        "prune",
+        "--older-than-days",
+        "0",
+        "--export",
+        archive.to_str().unwrap(),
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("Pruned 2 entries (through #2)"), "{text}");
+    let archived = std::fs::read_to_string(&archive).unwrap();
+    let endpoints: Vec<String> = archived
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["endpoint"].to_string())
+        .collect();
+    assert_eq!(endpoints, ["\"owner:seal\"", "\"owner:unseal\""]);
+    let out = run(&["audit", "verify", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let verified: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (verified["firstSeq"].as_u64(), verified["entries"].as_u64()),
+        (Some(3), Some(1))
+    );
+    // The archive is never overwritten.
+    let out = run(&[
+        "audit",
+        "prune",
+        "--older-than-days",
+        "0",
+        "--export",
+        archive.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
     let out = run(&["backup", "--out", dir.path().join("b.db").to_str().unwrap()]);
     assert!(
         out.status.success(),

@@ -625,3 +625,70 @@ async fn import_from_the_reference_keeps_the_same_platform_working() {
         "ghp_reference_token"
     );
 }
+
+/// `--audit-retention-days` in a running server: the old part of the trail goes, behind a signed
+/// prune entry; credential traffic meanwhile keeps working and the kept chain verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_retention_prunes_in_a_running_server_and_the_rest_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut kh = Keyholder::start_config(Keyholder::config_in(dir.path())).await;
+    kh.bind().await;
+    assert_eq!(
+        kh.store("github", json!({"accessToken": "gh_old"}))
+            .await
+            .status,
+        200
+    );
+    for _ in 0..5 {
+        assert_eq!(kh.credential("github").await.status, 200);
+    }
+    kh.stop().await;
+    let args = owner::OwnerArgs {
+        data: kh.data_args(),
+        json: false,
+    };
+    let verify_args = args.clone();
+    let (before, _) = cli(move || owner::audit_verify(&verify_args))
+        .await
+        .unwrap();
+    assert!(before.problem.is_none());
+    let old_head = before.head_seq;
+
+    // Everything written before this start is "old" (a zero retention, which the flag does not
+    // allow, makes the test independent of the clock).
+    kh.config.audit_retention = Some(std::time::Duration::ZERO);
+    kh.restart().await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let verification = loop {
+        // Traffic while the prune runs.
+        assert_eq!(kh.credential("github").await.status, 200);
+        let verify_args = args.clone();
+        let (v, _) = cli(move || owner::audit_verify(&verify_args))
+            .await
+            .unwrap();
+        if v.first_seq > old_head {
+            break v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no prune happened: {v:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert!(verification.problem.is_none(), "{verification:?}");
+    let list_args = owner::AuditListArgs {
+        data: kh.data_args(),
+        service: None,
+        since: None,
+        limit: None,
+        json: true,
+    };
+    let entries = cli(move || owner::audit_list(&list_args)).await.unwrap();
+    let prune = entries
+        .iter()
+        .find(|e| e.event.endpoint == "owner:audit-prune")
+        .expect("a prune entry");
+    assert_eq!(prune.event.source, "retention");
+    assert!(prune.event.service.starts_with(&format!("{old_head}:")));
+    assert!(entries.iter().all(|e| e.seq > old_head));
+}

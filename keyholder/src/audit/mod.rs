@@ -18,6 +18,15 @@
 //! carry no signature of their own; one signature per batch instead of per entry keeps the appender
 //! off the critical path of the writer (an Ed25519 signature costs as much as the rest of a
 //! credential request). `audit verify` requires the newest entry to be signed.
+//!
+//! # Pruning
+//!
+//! Old entries can be removed (`keyholder audit prune`, or `--audit-retention-days` in the
+//! server): first an `owner:audit-prune` entry is appended whose detail is `<last pruned seq>:<its
+//! hash (hex)>`, then the entries up to that seq are deleted in small transactions. The prune entry
+//! is chained and signed like any other, so verification can start at the first kept entry: its
+//! `prev_hash` must equal the hash a signed prune entry names. Nobody without the identity key can
+//! drop the oldest entries and claim they were pruned.
 
 pub mod recorder;
 
@@ -263,6 +272,8 @@ pub struct AuditFilter {
     pub since_ms: Option<i64>,
     /// At most this many (the newest), all when `None`.
     pub limit: Option<u64>,
+    /// Only entries up to this sequence number.
+    pub through_seq: Option<u64>,
 }
 
 fn entry_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AuditEntry> {
@@ -311,12 +322,16 @@ pub fn list_entries(
         .unwrap_or(-1);
     let sql = format!(
         "SELECT * FROM ({SELECT_ENTRIES} WHERE (?1 IS NULL OR service = ?1) AND (?2 IS NULL OR at_ms >= ?2)
-         ORDER BY seq DESC LIMIT ?3) ORDER BY seq"
+         AND seq <= ?4 ORDER BY seq DESC LIMIT ?3) ORDER BY seq"
     );
+    let through = filter
+        .through_seq
+        .map(|s| i64::try_from(s).unwrap_or(i64::MAX))
+        .unwrap_or(i64::MAX);
     let mut stmt = conn.prepare(&sql)?;
     let rows = stmt
         .query_map(
-            params![filter.service, filter.since_ms, limit],
+            params![filter.service, filter.since_ms, limit, through],
             entry_from_row,
         )?
         .collect::<Result<Vec<_>, _>>()?;
@@ -349,6 +364,8 @@ pub struct AuditProblem {
 pub struct AuditVerification {
     /// Entries checked.
     pub entries: u64,
+    /// Sequence number of the first entry checked (above 1 after a prune).
+    pub first_seq: u64,
     /// Sequence number and hash (hex) of the last good entry: record it to detect later truncation.
     pub head_seq: u64,
     /// Hash of the last good entry.
@@ -364,14 +381,41 @@ pub fn verify_chain(
     conn: &Connection,
     key: &VerifyingKey,
 ) -> Result<AuditVerification, StoreError> {
+    // One snapshot for all the reads: a server appending meanwhile must not make the recorded head
+    // look newer than the entries read.
+    conn.execute_batch("SAVEPOINT audit_verify")?;
+    let result = verify_snapshot(conn, key);
+    conn.execute_batch("RELEASE audit_verify")?;
+    result
+}
+
+fn verify_snapshot(conn: &Connection, key: &VerifyingKey) -> Result<AuditVerification, StoreError> {
+    // After a prune the chain starts at the first kept entry, anchored by a prune entry further
+    // on (which the walk below verifies like every other entry).
+    let first: Option<i64> = conn.query_row("SELECT MIN(seq) FROM audit_log", [], |r| r.get(0))?;
+    let first = first.and_then(|s| u64::try_from(s).ok()).unwrap_or(1);
+    let (mut expected_seq, mut prev, mut unanchored) = (1u64, [0u8; 32], false);
+    if first > 1 {
+        let prunes = recorded_prunes(conn)?;
+        if let Some(b) = prunes.iter().find(|b| b.through_seq == first - 1) {
+            (expected_seq, prev) = (first, b.hash);
+        } else if prunes.iter().any(|b| b.through_seq >= first) {
+            // A prune still deleting: the first kept entry is itself to be removed, and its link
+            // to the deleted one cannot be checked.
+            (expected_seq, unanchored) = (first, true);
+        }
+    }
+    let checked_from = expected_seq;
     let mut stmt = conn.prepare(&format!("{SELECT_ENTRIES} ORDER BY rowid"))?;
     let mut rows = stmt.query([])?;
-    let mut expected_seq = 1u64;
-    let mut prev = [0u8; 32];
     let mut problem = None;
     let mut last_signed = true;
     while let Some(row) = rows.next()? {
         let entry = entry_from_row(row)?;
+        if unanchored {
+            prev = entry.prev_hash;
+            unanchored = false;
+        }
         let bad = |reason: &str| AuditProblem {
             seq: expected_seq,
             reason: format!("{reason} (entry stored as #{})", entry.seq),
@@ -410,6 +454,7 @@ pub fn verify_chain(
         expected_seq += 1;
     }
     let checked = expected_seq - 1;
+    let entries = checked + 1 - checked_from;
     if problem.is_none() && !last_signed {
         problem = Some(AuditProblem {
             seq: checked,
@@ -436,11 +481,118 @@ pub fn verify_chain(
         }
     }
     Ok(AuditVerification {
-        entries: checked,
+        entries,
+        first_seq: checked_from,
         head_seq: checked,
         head_hash: hex::encode(prev),
         problem,
     })
+}
+
+/// Endpoint of the entry that records a prune.
+pub const PRUNE_ENDPOINT: &str = "owner:audit-prune";
+/// Entries deleted per transaction while pruning: short transactions keep the server's writes
+/// flowing while a large prune runs.
+pub const PRUNE_CHUNK: u64 = 20_000;
+
+/// The boundary of a prune: every entry up to `through_seq` is to be removed; `hash` is that
+/// entry's hash (the `prev_hash` of the first kept entry).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PruneBoundary {
+    /// Last entry removed.
+    pub through_seq: u64,
+    /// Its hash.
+    pub hash: [u8; 32],
+}
+
+impl PruneBoundary {
+    fn detail(&self) -> String {
+        format!("{}:{}", self.through_seq, hex::encode(self.hash))
+    }
+
+    fn parse(detail: &str) -> Option<PruneBoundary> {
+        let (seq, hash) = detail.split_once(':')?;
+        let hash = hex::decode(hash).ok()?;
+        Some(PruneBoundary {
+            through_seq: seq.parse().ok()?,
+            hash: hash.as_slice().try_into().ok()?,
+        })
+    }
+}
+
+/// Where a prune of every entry older than `before_ms` would end: the newest entry before the first
+/// one at or after `before_ms` (entries at or after it are always kept). `None` if nothing is older.
+pub fn prune_boundary(
+    conn: &Connection,
+    before_ms: i64,
+) -> Result<Option<PruneBoundary>, StoreError> {
+    let first_kept: Option<i64> = conn.query_row(
+        "SELECT MIN(seq) FROM audit_log WHERE at_ms >= ?1",
+        [before_ms],
+        |r| r.get(0),
+    )?;
+    let row: Option<(i64, Vec<u8>)> = match first_kept {
+        Some(kept) => conn
+            .query_row(
+                "SELECT seq, hash FROM audit_log WHERE seq < ?1 ORDER BY seq DESC LIMIT 1",
+                [kept],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?,
+        None => conn
+            .query_row(
+                "SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?,
+    };
+    Ok(row.and_then(|(seq, hash)| {
+        Some(PruneBoundary {
+            through_seq: u64::try_from(seq).ok()?,
+            hash: hash.as_slice().try_into().ok()?,
+        })
+    }))
+}
+
+/// Records a prune (appends the signed `owner:audit-prune` entry). Call in the caller's write
+/// transaction, then [`delete_pruned`] until it returns 0.
+pub fn record_prune(
+    conn: &Connection,
+    identity: &IdentityKey,
+    boundary: PruneBoundary,
+    source: &str,
+) -> Result<u64, StoreError> {
+    let mut event = AuditEvent::owner("audit-prune", &boundary.detail());
+    event.source = source.to_string();
+    append_events(conn, identity, [event])
+}
+
+/// Deletes up to [`PRUNE_CHUNK`] of the oldest entries up to a recorded prune's boundary; returns
+/// how many were deleted (0 when none are left).
+pub fn delete_pruned(conn: &Connection, boundary: PruneBoundary) -> Result<u64, StoreError> {
+    let through = boundary.through_seq;
+    let deleted = conn.execute(
+        "DELETE FROM audit_log WHERE seq IN (SELECT seq FROM audit_log WHERE seq <= ?1
+           ORDER BY seq LIMIT ?2)",
+        params![
+            i64::try_from(through).unwrap_or(i64::MAX),
+            i64::try_from(PRUNE_CHUNK).unwrap_or(i64::MAX)
+        ],
+    )?;
+    Ok(deleted as u64)
+}
+
+/// Every prune boundary the trail records (the prune entries' details).
+fn recorded_prunes(conn: &Connection) -> Result<Vec<PruneBoundary>, StoreError> {
+    let mut stmt = conn.prepare("SELECT service FROM audit_log WHERE endpoint = ?1")?;
+    let details = stmt
+        .query_map([PRUNE_ENDPOINT], |r| r.get::<_, String>(0))?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(details
+        .iter()
+        .filter_map(|d| PruneBoundary::parse(d))
+        .collect())
 }
 
 /// Parses `--since`: unix seconds, or an ISO 8601 time `YYYY-MM-DDTHH:MM:SSZ`. Returns milliseconds.
@@ -514,6 +666,96 @@ mod tests {
         .unwrap();
         let bad = verify_chain(&conn, &key.verifying_key()).unwrap();
         assert_eq!(bad.problem.unwrap().seq, 3);
+    }
+
+    fn append_aged(conn: &Connection, key: &IdentityKey, ages_ms: &[i64]) {
+        for at_ms in ages_ms {
+            let event = AuditEvent {
+                at_ms: *at_ms,
+                endpoint: "/v1/credential".into(),
+                result: "ok".into(),
+                ..AuditEvent::default()
+            };
+            append_events(conn, key, [event]).unwrap();
+        }
+    }
+
+    fn prune(conn: &Connection, key: &IdentityKey, before_ms: i64) -> Option<PruneBoundary> {
+        let boundary = prune_boundary(conn, before_ms).unwrap()?;
+        record_prune(conn, key, boundary, "test").unwrap();
+        while delete_pruned(conn, boundary).unwrap() > 0 {}
+        Some(boundary)
+    }
+
+    #[test]
+    fn a_recorded_prune_keeps_the_rest_verifiable() {
+        let conn = db();
+        let key = IdentityKey::generate();
+        append_aged(&conn, &key, &[100, 200, 300, 400, 500]);
+        assert!(prune(&conn, &key, 50).is_none(), "nothing is that old");
+        let boundary = prune(&conn, &key, 350).unwrap();
+        assert_eq!(boundary.through_seq, 3);
+        let seqs: Vec<u64> = list_entries(&conn, &AuditFilter::default())
+            .unwrap()
+            .iter()
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(seqs, vec![4, 5, 6], "#6 is the prune entry");
+        let ok = verify_chain(&conn, &key.verifying_key()).unwrap();
+        assert!(ok.problem.is_none(), "{:?}", ok.problem);
+        assert_eq!((ok.first_seq, ok.entries, ok.head_seq), (4, 3, 6));
+        // A second prune later: the first prune's entry (#6, written now) is newer, so kept.
+        append_aged(&conn, &key, &[900]);
+        let boundary = prune(&conn, &key, 800).unwrap();
+        assert_eq!(boundary.through_seq, 5);
+        let ok = verify_chain(&conn, &key.verifying_key()).unwrap();
+        assert!(ok.problem.is_none(), "{:?}", ok.problem);
+        assert_eq!(ok.first_seq, 6);
+    }
+
+    #[test]
+    fn dropping_old_entries_without_a_signed_prune_is_detected() {
+        let conn = db();
+        let key = IdentityKey::generate();
+        append_aged(&conn, &key, &[100, 200, 300, 400]);
+        conn.execute("DELETE FROM audit_log WHERE seq <= 2", [])
+            .unwrap();
+        let bad = verify_chain(&conn, &key.verifying_key()).unwrap();
+        assert_eq!(bad.problem.unwrap().seq, 1, "entries missing before #3");
+        // A prune entry names the boundary, but nobody without the identity key can sign it: an
+        // attacker's one (signed with another key) breaks the chain where it stands.
+        let boundary = PruneBoundary {
+            through_seq: 2,
+            hash: {
+                let row: Vec<u8> = conn
+                    .query_row("SELECT prev_hash FROM audit_log WHERE seq = 3", [], |r| {
+                        r.get(0)
+                    })
+                    .unwrap();
+                row.try_into().unwrap()
+            },
+        };
+        let forger = IdentityKey::generate();
+        record_prune(&conn, &forger, boundary, "attacker").unwrap();
+        let bad = verify_chain(&conn, &key.verifying_key()).unwrap();
+        let problem = bad.problem.unwrap();
+        assert_eq!(problem.seq, 5, "{problem:?}");
+        assert!(problem.reason.contains("signature"), "{problem:?}");
+    }
+
+    #[test]
+    fn a_prune_still_deleting_verifies() {
+        let conn = db();
+        let key = IdentityKey::generate();
+        append_aged(&conn, &key, &[100, 200, 300, 400, 500]);
+        let boundary = prune_boundary(&conn, 450).unwrap().unwrap();
+        record_prune(&conn, &key, boundary, "test").unwrap();
+        // Interrupted after deleting part of the range.
+        conn.execute("DELETE FROM audit_log WHERE seq <= 2", [])
+            .unwrap();
+        let ok = verify_chain(&conn, &key.verifying_key()).unwrap();
+        assert!(ok.problem.is_none(), "{:?}", ok.problem);
+        assert_eq!(ok.first_seq, 3);
     }
 
     #[test]

@@ -98,6 +98,40 @@ pub enum AuditCommand {
     Export(AuditExportArgs),
     /// Check the whole chain: hashes, signatures, order, nothing removed. Exit 1 on the first bad entry.
     Verify(OwnerArgs),
+    /// Remove entries older than N days (the chain is verified first; a signed prune entry records
+    /// where the kept chain starts, so `verify` still proves nothing else was removed).
+    Prune(AuditPruneArgs),
+}
+
+/// Flags of `keyholder audit prune`.
+#[derive(Debug, Clone, Args)]
+pub struct AuditPruneArgs {
+    /// Data folder and master key.
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Remove entries older than this many days (entries newer are always kept; 0 = every entry
+    /// written before now).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(0..=36_500))]
+    pub older_than_days: u32,
+    /// First write the entries to be removed to this new file (JSON lines, as `audit export`),
+    /// fsync'ed before anything is deleted.
+    #[arg(long)]
+    pub export: Option<PathBuf>,
+    /// Prune even though the chain does not verify (the broken part may be evidence: export it).
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// What `keyholder audit prune` did.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuditPruneReport {
+    /// Entries removed.
+    pub removed: u64,
+    /// Last removed sequence number (0 when nothing was old enough).
+    pub through_seq: u64,
+    /// Entries written to `--export`.
+    pub exported: usize,
 }
 
 /// Flags of `keyholder audit list`.
@@ -443,6 +477,7 @@ pub fn audit_list(args: &AuditListArgs) -> anyhow::Result<Vec<AuditEntry>> {
             service: args.service.clone(),
             since_ms,
             limit: args.limit,
+            through_seq: None,
         },
     )?)
 }
@@ -457,6 +492,77 @@ pub fn audit_export(args: &AuditExportArgs, out: &mut dyn std::io::Write) -> any
     }
     out.flush()?;
     Ok(entries.len())
+}
+
+/// `keyholder audit prune`: verify, export (optional), record the prune, delete in chunks.
+pub fn audit_prune(args: &AuditPruneArgs) -> anyhow::Result<AuditPruneReport> {
+    let (mut conn, master) = open_existing(&args.data)?;
+    let before_ms = audit::now_ms() - i64::from(args.older_than_days) * 86_400_000;
+    let Some(boundary) = audit::prune_boundary(&conn, before_ms)? else {
+        return Ok(AuditPruneReport {
+            removed: 0,
+            through_seq: 0,
+            exported: 0,
+        });
+    };
+    let (key, _) = identity_verifying_key(&conn, &master)?;
+    if let Some(problem) = audit::verify_chain(&conn, &key)?.problem {
+        if !args.force {
+            anyhow::bail!(
+                "the audit chain does not verify at #{} ({}): nothing pruned. Export it \
+                 (`keyholder audit export`) and prune with --force if you must.",
+                problem.seq,
+                problem.reason
+            );
+        }
+    }
+    let mut exported = 0;
+    if let Some(path) = &args.export {
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            options.mode(0o600);
+        }
+        let file = options
+            .open(path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        let mut out = std::io::BufWriter::new(file);
+        let through = AuditFilter {
+            through_seq: Some(boundary.through_seq),
+            ..AuditFilter::default()
+        };
+        for entry in audit::list_entries(&conn, &through)? {
+            serde_json::to_writer(&mut out, &entry)?;
+            std::io::Write::write_all(&mut out, b"\n")?;
+            exported += 1;
+        }
+        let file = out.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()
+            .with_context(|| format!("cannot fsync {}", path.display()))?;
+    }
+    {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let (ring, _, _) = keyring::load(&tx, &master)?;
+        audit::record_prune(&tx, ring.identity(), boundary, "cli")?;
+        tx.commit()?;
+    }
+    let mut removed = 0;
+    loop {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let deleted = audit::delete_pruned(&tx, boundary)?;
+        tx.commit()?;
+        if deleted == 0 {
+            break;
+        }
+        removed += deleted;
+    }
+    Ok(AuditPruneReport {
+        removed,
+        through_seq: boundary.through_seq,
+        exported,
+    })
 }
 
 /// `keyholder audit verify`: the verification and the identity key id it used.

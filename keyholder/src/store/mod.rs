@@ -282,7 +282,9 @@ impl Store {
 
 // Measured and left: fsyncing on a second thread while the writer runs the next batch
 // (SQLite at synchronous=NORMAL plus our own fdatasync of the WAL) cost more CPU per request than
-// it saved: batches got smaller and every commit rewrites its pages.
+// it saved: batches got smaller and every commit rewrites its pages. Handing each worker thread
+// its replies as one message (one wake-up system call per batch instead of one per reply) made
+// no measurable difference either.
 fn writer_loop(
     mut conn: Connection,
     rx: mpsc::Receiver<WriteJob>,

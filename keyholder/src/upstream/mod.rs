@@ -76,32 +76,35 @@ pub struct UpstreamSettings {
     pub max_response: usize,
 }
 
-/// The shared outbound client: built once, cloned cheaply (reqwest pools connections inside).
+/// The outbound client: one pooled `reqwest` client per thread, each built once. A connection is
+/// driven by the runtime that opened it, so one client shared by the actix workers (each its own
+/// runtime) would hand most calls over to another thread and back.
 pub struct Upstream {
-    client: reqwest::Client,
+    clients: thread_local::ThreadLocal<reqwest::Client>,
     settings: UpstreamSettings,
 }
 
 impl Upstream {
-    /// Builds the pooled client: guarded resolver, no system proxy, no redirects, keep-alive,
-    /// connect timeout, https only unless private egress is allowed.
+    /// Checks the settings by building this thread's client: guarded resolver, no system proxy,
+    /// no redirects, keep-alive, connect timeout, https only unless private egress is allowed.
     pub fn new(settings: UpstreamSettings) -> Result<Upstream, UpstreamError> {
-        let client = reqwest::Client::builder()
-            .dns_resolver(settings.guard.resolver())
-            // A proxy from the environment would receive every request: never use one.
-            .no_proxy()
-            // A redirect would skip the egress policy: the platform gets the 3xx as it is.
-            .redirect(reqwest::redirect::Policy::none())
-            .https_only(!settings.guard.allow_private)
-            .connect_timeout(CONNECT_TIMEOUT)
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(32)
-            .tcp_keepalive(Duration::from_secs(60))
-            .tcp_nodelay(true)
-            .user_agent(concat!("keyholder/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| UpstreamError::Failed(format!("cannot build the HTTP client: {e}")))?;
-        Ok(Upstream { client, settings })
+        let upstream = Upstream {
+            clients: thread_local::ThreadLocal::new(),
+            settings,
+        };
+        upstream.client()?;
+        Ok(upstream)
+    }
+
+    /// Builds the calling thread's client now (each server worker at start), not on a first call.
+    pub fn warm(&self) {
+        if let Err(err) = self.client() {
+            tracing::error!(error = %err, "cannot build the outbound HTTP client");
+        }
+    }
+
+    fn client(&self) -> Result<&reqwest::Client, UpstreamError> {
+        self.clients.get_or_try(|| build_client(&self.settings))
     }
 
     /// The settings in force.
@@ -145,7 +148,7 @@ impl Upstream {
     ) -> Result<UpstreamResponse, UpstreamError> {
         self.check_url(&request.url)?;
         let mut builder = self
-            .client
+            .client()?
             .request(request.method, request.url)
             .headers(request.headers)
             .timeout(timeout);
@@ -181,6 +184,26 @@ impl Upstream {
             Err(_) => Err(UpstreamError::Timeout),
         }
     }
+}
+
+fn build_client(settings: &UpstreamSettings) -> Result<reqwest::Client, UpstreamError> {
+    reqwest::Client::builder()
+        .dns_resolver(settings.guard.resolver())
+        // A proxy from the environment would receive every request: never use one.
+        .no_proxy()
+        // A redirect would skip the egress policy: the platform gets the 3xx as it is.
+        .redirect(reqwest::redirect::Policy::none())
+        .https_only(!settings.guard.allow_private)
+        .connect_timeout(CONNECT_TIMEOUT)
+        .pool_idle_timeout(Duration::from_secs(90))
+        // Enough idle connections for a worker's concurrent calls to one upstream: a smaller pool
+        // closes connections after every burst and opens new ones (handshake, task) on the next.
+        .pool_max_idle_per_host(256)
+        .tcp_keepalive(Duration::from_secs(60))
+        .tcp_nodelay(true)
+        .user_agent(concat!("keyholder/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| UpstreamError::Failed(format!("cannot build the HTTP client: {e}")))
 }
 
 fn map_error(err: reqwest::Error) -> UpstreamError {

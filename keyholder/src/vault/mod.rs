@@ -14,6 +14,7 @@ pub mod platform_keys;
 pub mod refresh;
 pub mod reload;
 pub mod replay;
+pub mod retention;
 pub mod rotation;
 
 use std::path::{Path, PathBuf};
