@@ -493,7 +493,7 @@ fn verify_snapshot(conn: &Connection, key: &VerifyingKey) -> Result<AuditVerific
 pub const PRUNE_ENDPOINT: &str = "owner:audit-prune";
 /// Entries deleted per transaction while pruning: short transactions keep the server's writes
 /// flowing while a large prune runs.
-pub const PRUNE_CHUNK: u64 = 20_000;
+pub const PRUNE_CHUNK: u64 = 5_000;
 
 /// The boundary of a prune: every entry up to `through_seq` is to be removed; `hash` is that
 /// entry's hash (the `prev_hash` of the first kept entry).

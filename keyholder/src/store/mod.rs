@@ -158,6 +158,8 @@ impl Store {
         for _ in 0..READERS {
             readers.push(open_connection(&path, true)?);
         }
+        // The writer checkpoints itself, between batches and after answering (see `writer_loop`).
+        conn.pragma_update(None, "wal_autocheckpoint", 0)?;
         let (tx, rx) = mpsc::channel::<WriteJob>();
         let stats = Arc::new(Mutex::new(CommitStats::default()));
         let writer_stats = Arc::clone(&stats);
@@ -291,7 +293,26 @@ fn writer_loop(
     stats: Arc<Mutex<CommitStats>>,
     observer: Option<Arc<dyn CommitObserver>>,
 ) {
-    while let Ok(first) = rx.recv() {
+    let mut last_checkpoint = Instant::now();
+    let mut unchecked = false;
+    loop {
+        // Idle with committed pages in the WAL: checkpoint then instead of at the next write.
+        let first = if unchecked {
+            match rx.recv_timeout(CHECKPOINT_INTERVAL.saturating_sub(last_checkpoint.elapsed())) {
+                Ok(job) => job,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    checkpoint(&conn);
+                    (last_checkpoint, unchecked) = (Instant::now(), false);
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        } else {
+            match rx.recv() {
+                Ok(job) => job,
+                Err(_) => break,
+            }
+        };
         // Natural group commit: everything that arrived while the previous batch was committing
         // goes into this one. (A fixed wait for more jobs was measured slower: workers idle.)
         let mut batch = Vec::with_capacity(16);
@@ -321,6 +342,34 @@ fn writer_loop(
         for (reply, result) in outcome {
             let _ = reply.send(result);
         }
+        // SQLite's automatic checkpoint would run inside a commit, holding up the answers of that
+        // batch (measured: p99 spikes of tens of milliseconds under sustained load). Here it runs
+        // after they are sent, bounded in size by running often; and on this thread, so the WAL is
+        // fully copied and restarts instead of growing (a checkpoint thread racing the writer
+        // never caught up).
+        unchecked = true;
+        if last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL {
+            checkpoint(&conn);
+            (last_checkpoint, unchecked) = (Instant::now(), false);
+        }
+    }
+}
+
+/// How often the writer copies the WAL into the database while writes keep coming.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(250);
+
+fn checkpoint(conn: &Connection) {
+    let started = Instant::now();
+    match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+        Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+    }) {
+        Ok((frames, copied)) => tracing::trace!(
+            frames,
+            copied,
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "checkpoint"
+        ),
+        Err(err) => tracing::warn!(error = %err, "WAL checkpoint failed"),
     }
 }
 

@@ -1,8 +1,8 @@
 //! Replay memory for platform request ids, ticket nonces and envelope nonces: checked in memory
 //! (atomic check-and-insert), made durable before the request is answered, reloaded at start.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, RwLock};
 
 use rusqlite::params;
 use sha2::{Digest, Sha256};
@@ -70,49 +70,154 @@ fn mark_key(id: &str) -> MarkKey {
     u64::from_le_bytes(key)
 }
 
-/// Shards per mark set: a shard's rehash (as it grows) or purge holds only its own lock, so no
-/// request waits on a rehash of millions of marks.
+/// Expired marks deleted per write transaction.
+const PURGE_CHUNK: usize = 5_000;
+
+/// Shards per mark set: a check holds one shard's lock, so concurrent requests rarely wait.
 const SHARDS: usize = 64;
 
-/// Marks of one kind, spread over independently locked shards by key.
+fn poisoned<T>(_: T) -> VaultError {
+    VaultError::Corrupt("replay lock".into())
+}
+
+fn shard_of(key: MarkKey) -> usize {
+    // The key is already a hash: its high bits spread evenly (the set hashes the whole key).
+    ((key >> 58) as usize) % SHARDS
+}
+
+/// Marks that arrived during one period (between two calls of [`MarkSet::rotate`], a minute),
+/// kept until the latest expiry among them and then dropped as a whole. Holding only keys (8 bytes
+/// a slot, compacted once closed) instead of a key-to-expiry map takes about a third of the memory,
+/// and expiring a generation frees it at once instead of scanning millions of marks.
+struct Generation {
+    /// No mark in the generation is needed after this unix second.
+    until: i64,
+    shards: Vec<Mutex<HashSet<MarkKey>>>,
+}
+
+/// The generation receiving marks, one shard: its keys and their latest expiry.
+#[derive(Default)]
+struct OpenShard {
+    keys: HashSet<MarkKey>,
+    until: i64,
+}
+
+/// Marks of one kind. A mark is refused while any generation holding it is unexpired: a mark may
+/// thus be refused somewhat past its own window (until its generation's latest expiry), never less.
 struct MarkSet {
-    shards: Vec<Mutex<HashMap<MarkKey, i64>>>,
+    open: Vec<Mutex<OpenShard>>,
+    /// Closed generations, oldest first.
+    closed: RwLock<Vec<Generation>>,
 }
 
 impl Default for MarkSet {
     fn default() -> Self {
         MarkSet {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            open: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            closed: RwLock::new(Vec::new()),
         }
     }
 }
 
 impl MarkSet {
-    fn shard(&self, key: MarkKey) -> &Mutex<HashMap<MarkKey, i64>> {
-        // The key is already a hash: its low bits spread evenly.
-        &self.shards[(key as usize) % SHARDS]
+    /// Atomic check-and-insert: `Seen::Replayed` if `key` is held by an unexpired generation.
+    /// Lock order everywhere: open shard, then the closed list, then a closed shard.
+    fn check_and_insert(&self, key: MarkKey, until: i64, now: i64) -> Result<Seen, VaultError> {
+        let i = shard_of(key);
+        let mut open = self.open[i].lock().map_err(poisoned)?;
+        // Marks in the open generation arrived within the last period and expire later than now.
+        if open.keys.contains(&key) {
+            return Ok(Seen::Replayed);
+        }
+        {
+            let closed = self.closed.read().map_err(poisoned)?;
+            for generation in closed.iter().rev().filter(|g| g.until >= now) {
+                if generation.shards[i]
+                    .lock()
+                    .map_err(poisoned)?
+                    .contains(&key)
+                {
+                    return Ok(Seen::Replayed);
+                }
+            }
+        }
+        open.keys.insert(key);
+        open.until = open.until.max(until);
+        Ok(Seen::Fresh)
     }
 
-    fn remember_max(&self, key: MarkKey, until: i64) {
-        if let Ok(mut shard) = self.shard(key).lock() {
-            let entry = shard.entry(key).or_insert(until);
-            *entry = (*entry).max(until);
+    /// Adds a mark loaded from disk (at start, before any check).
+    fn insert_loaded(&self, key: MarkKey, until: i64) {
+        if let Ok(mut open) = self.open[shard_of(key)].lock() {
+            open.keys.insert(key);
+            open.until = open.until.max(until);
         }
     }
 
-    fn retain_unexpired(&self, now: i64) {
-        for shard in &self.shards {
-            if let Ok(mut shard) = shard.lock() {
-                shard.retain(|_, until| *until >= now);
+    fn forget(&self, key: MarkKey) {
+        let i = shard_of(key);
+        let Ok(mut open) = self.open[i].lock() else {
+            return;
+        };
+        if open.keys.remove(&key) {
+            return;
+        }
+        // Closed meanwhile (a rotation between the mark and the failed write).
+        if let Ok(closed) = self.closed.read() {
+            for generation in closed.iter() {
+                if let Ok(mut shard) = generation.shards[i].lock() {
+                    shard.remove(&key);
+                }
+            }
+        }
+    }
+
+    /// Closes the open generation, drops expired ones, and compacts the one just closed.
+    fn rotate(&self, now: i64) {
+        {
+            let mut open: Vec<_> = self.open.iter().filter_map(|s| s.lock().ok()).collect();
+            let Ok(mut closed) = self.closed.write() else {
+                return;
+            };
+            closed.retain(|g| g.until >= now);
+            if open.len() == SHARDS && open.iter().any(|s| !s.keys.is_empty()) {
+                let until = open.iter().map(|s| s.until).max().unwrap_or(now);
+                let shards = open
+                    .iter_mut()
+                    .map(|s| Mutex::new(std::mem::take(&mut **s).keys))
+                    .collect();
+                closed.push(Generation { until, shards });
+            }
+        }
+        // Outside the open shards' locks: a check waits at most for one shard's rehash.
+        if let Ok(closed) = self.closed.read() {
+            if let Some(newest) = closed.last() {
+                for shard in &newest.shards {
+                    if let Ok(mut shard) = shard.lock() {
+                        shard.shrink_to_fit();
+                    }
+                }
             }
         }
     }
 
     fn len(&self) -> usize {
-        self.shards
+        let open: usize = self
+            .open
             .iter()
-            .map(|s| s.lock().map(|s| s.len()).unwrap_or(0))
-            .sum()
+            .map(|s| s.lock().map(|s| s.keys.len()).unwrap_or(0))
+            .sum();
+        let closed: usize = self
+            .closed
+            .read()
+            .map(|c| {
+                c.iter()
+                    .flat_map(|g| g.shards.iter())
+                    .map(|s| s.lock().map(|s| s.len()).unwrap_or(0))
+                    .sum()
+            })
+            .unwrap_or(0);
+        open + closed
     }
 }
 
@@ -242,7 +347,7 @@ impl ReplayGuard {
         for (kind, key, expires_at) in rows {
             // An unknown kind (a newer keyholder's) is kept as a nonce: refusing too much is safe.
             let kind = ReplayKind::from_code(kind).unwrap_or(ReplayKind::Nonce);
-            guard.set(kind).remember_max(key as MarkKey, expires_at);
+            guard.set(kind).insert_loaded(key as MarkKey, expires_at);
         }
         Ok(guard)
     }
@@ -264,19 +369,12 @@ impl ReplayGuard {
         expires_at: i64,
     ) -> Result<Seen, VaultError> {
         let now = crate::clock::now_unix();
+        if self
+            .set(kind)
+            .check_and_insert(mark_key(id), expires_at, now)?
+            == Seen::Replayed
         {
-            let key = mark_key(id);
-            let mut shard = self
-                .set(kind)
-                .shard(key)
-                .lock()
-                .map_err(|_| VaultError::Corrupt("replay lock".into()))?;
-            if let Some(&until) = shard.get(&key) {
-                if until >= now {
-                    return Ok(Seen::Replayed);
-                }
-            }
-            shard.insert(key, expires_at);
+            return Ok(Seen::Replayed);
         }
         let key = mark_key(id);
         let submitted = self.store.submit_statement(move |conn| {
@@ -308,13 +406,12 @@ impl ReplayGuard {
 
     /// Drops a mark whose durable write failed (the request was not served).
     pub fn forget(&self, kind: ReplayKind, id: &str) {
-        let key = mark_key(id);
-        if let Ok(mut shard) = self.set(kind).shard(key).lock() {
-            shard.remove(&key);
-        }
+        self.set(kind).forget(mark_key(id));
     }
 
     /// Forgets expired entries in memory and on disk; returns how many were removed from disk.
+    /// On disk in short transactions, so that requests committing meanwhile never wait behind the
+    /// deletion of a minute's marks (hundreds of thousands under load).
     pub async fn purge_expired(&self) -> Result<usize, VaultError> {
         let now = crate::clock::now_unix();
         for kind in [
@@ -322,15 +419,26 @@ impl ReplayGuard {
             ReplayKind::Nonce,
             ReplayKind::EnvelopeNonce,
         ] {
-            self.set(kind).retain_unexpired(now);
+            self.set(kind).rotate(now);
         }
-        let removed = self
-            .store
-            .write(move |conn| {
-                Ok(conn.execute("DELETE FROM replay_marks WHERE expires_at < ?1", [now])?)
-            })
-            .await?;
-        Ok(removed)
+        let mut removed = 0;
+        loop {
+            let deleted = self
+                .store
+                .write(move |conn| {
+                    Ok(conn
+                        .prepare_cached(
+                            "DELETE FROM replay_marks WHERE rowid IN (SELECT rowid FROM replay_marks
+                               WHERE expires_at < ?1 LIMIT ?2)",
+                        )?
+                        .execute(params![now, PURGE_CHUNK])?)
+                })
+                .await?;
+            removed += deleted;
+            if deleted < PURGE_CHUNK {
+                return Ok(removed);
+            }
+        }
     }
 
     /// Entries held in memory (every kind), for metrics.
@@ -403,5 +511,65 @@ mod tests {
                 .unwrap(),
             Seen::Fresh
         );
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod generation_tests {
+    use super::*;
+
+    #[test]
+    fn marks_live_across_rotations_until_their_generation_expires() {
+        let set = MarkSet::default();
+        let (a, b) = (mark_key("a"), mark_key("b"));
+        assert_eq!(set.check_and_insert(a, 1_100, 1_000).unwrap(), Seen::Fresh);
+        assert_eq!(
+            set.check_and_insert(a, 1_100, 1_000).unwrap(),
+            Seen::Replayed
+        );
+        set.rotate(1_010);
+        // Closed and compacted: still refused; a new mark goes to the new open generation.
+        assert_eq!(
+            set.check_and_insert(a, 1_100, 1_020).unwrap(),
+            Seen::Replayed
+        );
+        assert_eq!(set.check_and_insert(b, 1_500, 1_020).unwrap(), Seen::Fresh);
+        set.rotate(1_070);
+        assert_eq!(set.len(), 2);
+        // Past the first generation's expiry it is no longer consulted, and dropped at rotation.
+        assert_eq!(
+            set.check_and_insert(b, 1_500, 1_101).unwrap(),
+            Seen::Replayed
+        );
+        set.rotate(1_101);
+        assert_eq!(set.len(), 1);
+        assert_eq!(set.check_and_insert(a, 1_700, 1_101).unwrap(), Seen::Fresh);
+        // A forgotten mark (its durable write failed) is usable again, also once closed.
+        set.rotate(1_110);
+        set.forget(a);
+        assert_eq!(set.check_and_insert(a, 1_700, 1_110).unwrap(), Seen::Fresh);
+    }
+
+    #[test]
+    fn concurrent_checks_of_one_key_let_exactly_one_through() {
+        let set = Arc::new(MarkSet::default());
+        let fresh = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|scope| {
+            for t in 0..8 {
+                let (set, fresh) = (Arc::clone(&set), &fresh);
+                scope.spawn(move || {
+                    for n in 0..2_000u64 {
+                        if t == 0 && n % 500 == 0 {
+                            set.rotate(1_000);
+                        }
+                        if set.check_and_insert(n, 2_000, 1_000).unwrap() == Seen::Fresh {
+                            fresh.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(fresh.into_inner(), 2_000);
     }
 }
