@@ -70,9 +70,6 @@ fn mark_key(id: &str) -> MarkKey {
     u64::from_le_bytes(key)
 }
 
-/// Expired marks deleted per write transaction.
-const PURGE_CHUNK: usize = 5_000;
-
 /// Shards per mark set: a check holds one shard's lock, so concurrent requests rarely wait.
 const SHARDS: usize = 64;
 
@@ -262,7 +259,55 @@ impl ReplayKind {
     }
 }
 
-/// Moves marks of the text-id `replay_log` (schema 5) into `replay_marks`, then drops it.
+/// Seconds of expiry per mark table: every mark in `replay_marks_<p>` expires within
+/// `[p * PERIOD_SECS, (p + 1) * PERIOD_SECS)`, so the whole table is dropped after that.
+const PERIOD_SECS: i64 = 300;
+const TABLE_PREFIX: &str = "replay_marks_";
+
+fn period_of(expires_at: i64) -> i64 {
+    expires_at.div_euclid(PERIOD_SECS)
+}
+
+/// Appends one mark to its period's table, creating the table on first use (only an empty table
+/// can be left behind by a failure, which is harmless).
+fn insert_mark(
+    conn: &rusqlite::Connection,
+    kind: ReplayKind,
+    key: MarkKey,
+    expires_at: i64,
+) -> Result<(), crate::store::StoreError> {
+    let table = format!("{TABLE_PREFIX}{}", period_of(expires_at));
+    let sql = format!("INSERT INTO {table}(kind, key, expires_at) VALUES (?1, ?2, ?3)");
+    let values = params![kind.code(), key as i64, expires_at];
+    match conn.prepare_cached(&sql) {
+        Ok(mut insert) => {
+            insert.execute(values)?;
+        }
+        Err(err) if err.to_string().contains("no such table") => {
+            conn.execute_batch(&format!(
+                "CREATE TABLE IF NOT EXISTS {table} (kind INTEGER NOT NULL, key INTEGER NOT NULL,
+                   expires_at INTEGER NOT NULL)"
+            ))?;
+            conn.prepare_cached(&sql)?.execute(values)?;
+        }
+        Err(err) => return Err(err.into()),
+    }
+    Ok(())
+}
+
+/// The periods that have a mark table, from the schema.
+fn mark_periods(conn: &rusqlite::Connection) -> Result<Vec<i64>, crate::store::StoreError> {
+    let mut stmt = conn.prepare("SELECT name FROM sqlite_schema WHERE type = 'table'")?;
+    let names = stmt
+        .query_map([], |r| r.get::<_, String>(0))?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(names
+        .iter()
+        .filter_map(|n| n.strip_prefix(TABLE_PREFIX)?.parse().ok())
+        .collect())
+}
+
+/// Moves marks of the text-id `replay_log` (schema 5) into the period tables, then drops it.
 fn convert_legacy_marks(conn: &rusqlite::Connection) -> Result<(), crate::store::StoreError> {
     let exists: bool = conn.query_row(
         "SELECT EXISTS (SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = 'replay_log')",
@@ -285,14 +330,12 @@ fn convert_legacy_marks(conn: &rusqlite::Connection) -> Result<(), crate::store:
             .collect::<Result<Vec<_>, _>>()?;
         rows
     };
-    let mut insert =
-        conn.prepare("INSERT INTO replay_marks(kind, key, expires_at) VALUES (?1, ?2, ?3)")?;
     for (name, id, expires_at) in rows {
         let kind = [ReplayKind::RequestId, ReplayKind::EnvelopeNonce]
             .into_iter()
             .find(|k| k.legacy_name() == name)
             .unwrap_or(ReplayKind::Nonce);
-        insert.execute(params![kind.code(), mark_key(&id) as i64, expires_at])?;
+        insert_mark(conn, kind, mark_key(&id), expires_at)?;
     }
     conn.execute_batch("DROP TABLE replay_log")?;
     Ok(())
@@ -307,9 +350,11 @@ pub enum Seen {
     Replayed,
 }
 
-/// In-memory sets backed by the `replay_marks` table.
+/// In-memory sets backed by the `replay_marks_<period>` tables.
 pub struct ReplayGuard {
     store: Store,
+    /// Periods whose table exists (created, or found at start).
+    tables: Mutex<HashSet<i64>>,
     request_ids: MarkSet,
     nonces: MarkSet,
     envelope_nonces: MarkSet,
@@ -321,24 +366,31 @@ impl ReplayGuard {
     pub async fn load(store: Store) -> Result<ReplayGuard, VaultError> {
         store.write(convert_legacy_marks).await?;
         let now = crate::clock::now_unix();
-        let rows = store
+        let (periods, rows) = store
             .read(move |conn| {
-                let mut stmt = conn.prepare(
-                    "SELECT kind, key, expires_at FROM replay_marks WHERE expires_at >= ?1",
-                )?;
-                let rows = stmt
-                    .query_map([now], |r| {
+                let periods = mark_periods(conn)?;
+                let mut rows = Vec::new();
+                for period in periods.iter().filter(|p| (*p + 1) * PERIOD_SECS > now) {
+                    let mut stmt = conn.prepare(&format!(
+                        "SELECT kind, key, expires_at FROM {TABLE_PREFIX}{period}
+                           WHERE expires_at >= ?1"
+                    ))?;
+                    let found = stmt.query_map([now], |r| {
                         Ok((
                             r.get::<_, i64>(0)?,
                             r.get::<_, i64>(1)?,
                             r.get::<_, i64>(2)?,
                         ))
-                    })?
-                    .collect::<Result<Vec<_>, _>>()?;
-                Ok(rows)
+                    })?;
+                    for row in found {
+                        rows.push(row?);
+                    }
+                }
+                Ok((periods, rows))
             })
             .await?;
         let guard = ReplayGuard {
+            tables: Mutex::new(periods.into_iter().collect()),
             store,
             request_ids: MarkSet::default(),
             nonces: MarkSet::default(),
@@ -377,13 +429,13 @@ impl ReplayGuard {
             return Ok(Seen::Replayed);
         }
         let key = mark_key(id);
-        let submitted = self.store.submit_statement(move |conn| {
-            conn.prepare_cached(
-                "INSERT INTO replay_marks(kind, key, expires_at) VALUES (?1, ?2, ?3)",
-            )?
-            .execute(params![kind.code(), key as i64, expires_at])?;
-            Ok(())
-        });
+        self.tables
+            .lock()
+            .map_err(poisoned)?
+            .insert(period_of(expires_at));
+        let submitted = self
+            .store
+            .submit_statement(move |conn| insert_mark(conn, kind, key, expires_at));
         let result = match submitted {
             Ok(pending) => match DURABILITY.try_with(Arc::clone) {
                 // Inside a request: the commit runs while the request is handled, and the HTTP
@@ -409,9 +461,7 @@ impl ReplayGuard {
         self.set(kind).forget(mark_key(id));
     }
 
-    /// Forgets expired entries in memory and on disk; returns how many were removed from disk.
-    /// On disk in short transactions, so that requests committing meanwhile never wait behind the
-    /// deletion of a minute's marks (hundreds of thousands under load).
+    /// Forgets expired marks in memory and on disk; returns how many mark tables were dropped.
     pub async fn purge_expired(&self) -> Result<usize, VaultError> {
         let now = crate::clock::now_unix();
         for kind in [
@@ -421,24 +471,30 @@ impl ReplayGuard {
         ] {
             self.set(kind).rotate(now);
         }
-        let mut removed = 0;
-        loop {
-            let deleted = self
-                .store
+        // Tables whose whole period is over: every mark in them has expired.
+        let expired: Vec<i64> = {
+            let mut tables = self.tables.lock().map_err(poisoned)?;
+            let expired: Vec<i64> = tables
+                .iter()
+                .copied()
+                .filter(|p| (p + 1) * PERIOD_SECS <= now)
+                .collect();
+            for period in &expired {
+                tables.remove(period);
+            }
+            expired
+        };
+        let mut dropped = 0;
+        for period in expired {
+            self.store
                 .write(move |conn| {
                     Ok(conn
-                        .prepare_cached(
-                            "DELETE FROM replay_marks WHERE rowid IN (SELECT rowid FROM replay_marks
-                               WHERE expires_at < ?1 LIMIT ?2)",
-                        )?
-                        .execute(params![now, PURGE_CHUNK])?)
+                        .execute_batch(&format!("DROP TABLE IF EXISTS {TABLE_PREFIX}{period}"))?)
                 })
                 .await?;
-            removed += deleted;
-            if deleted < PURGE_CHUNK {
-                return Ok(removed);
-            }
+            dropped += 1;
         }
+        Ok(dropped)
     }
 
     /// Entries held in memory (every kind), for metrics.
@@ -511,6 +567,19 @@ mod tests {
                 .unwrap(),
             Seen::Fresh
         );
+        // A mark whose period is over goes with its whole table at the next purge.
+        let past = crate::clock::now_unix() - 10 * PERIOD_SECS;
+        guard
+            .remember(ReplayKind::Nonce, "stale", past)
+            .await
+            .unwrap();
+        let periods = || async { guard.store.read(mark_periods).await.unwrap() };
+        assert!(periods().await.contains(&period_of(past)));
+        // Its table, and the one the expired legacy mark was converted into.
+        assert_eq!(guard.purge_expired().await.unwrap(), 2);
+        let left = periods().await;
+        assert!(!left.contains(&period_of(past)));
+        assert!(left.contains(&period_of(later)), "live marks stay");
     }
 }
 
