@@ -52,7 +52,7 @@ const MIGRATIONS: &[&str] = &[
      DROP TABLE replay;",
     // 6: no index on the audit trail's services. Filters on it are optional (`?1 IS NULL OR ..`),
     //    which SQLite cannot serve from an index, and every batch of entries for many services
-    //    rewrote dozens of its pages. Replay marks move to one table per minute of expiry
+    //    rewrote dozens of its pages. Replay marks move to one table per 5 minutes of expiry
     //    (`replay_marks_<period>`, created as needed by `vault::replay`): expired marks go with a
     //    DROP TABLE instead of deleting rows (measured: deleting a minute's marks under load
     //    stalled the writer for half a second); `replay_log`'s rows are converted at the next start.

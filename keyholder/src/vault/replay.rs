@@ -1,7 +1,7 @@
 //! Replay memory for platform request ids, ticket nonces and envelope nonces: checked in memory
 //! (atomic check-and-insert), made durable before the request is answered, reloaded at start.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 
 use rusqlite::params;
@@ -100,25 +100,35 @@ struct OpenShard {
 }
 
 /// Marks of one kind. A mark is refused while any generation holding it is unexpired: a mark may
-/// thus be refused somewhat past its own window (until its generation's latest expiry), never less.
+/// thus be refused somewhat past its own window (until its generation's latest expiry, at most
+/// [`LONG_MARK_SECS`] plus a period after it arrived), never less. Marks needed longer are kept
+/// with their own expiry.
 struct MarkSet {
     open: Vec<Mutex<OpenShard>>,
     /// Closed generations, oldest first.
     closed: RwLock<Vec<Generation>>,
+    /// Marks needed much longer than the usual windows (tickets with long lifetimes), with their own
+    /// expiry: in a generation, one of them would keep a minute of short-lived marks alive with it.
+    long: Vec<Mutex<HashMap<MarkKey, i64>>>,
 }
+
+/// A mark needed this much longer than now is kept in [`MarkSet::long`] (request ids need 600 s).
+const LONG_MARK_SECS: i64 = 900;
 
 impl Default for MarkSet {
     fn default() -> Self {
         MarkSet {
             open: (0..SHARDS).map(|_| Mutex::default()).collect(),
             closed: RwLock::new(Vec::new()),
+            long: (0..SHARDS).map(|_| Mutex::default()).collect(),
         }
     }
 }
 
 impl MarkSet {
-    /// Atomic check-and-insert: `Seen::Replayed` if `key` is held by an unexpired generation.
-    /// Lock order everywhere: open shard, then the closed list, then a closed shard.
+    /// Atomic check-and-insert (under the key's open shard lock): `Seen::Replayed` if `key` is held
+    /// by an unexpired generation or long mark. Lock order everywhere: open shard, then the closed
+    /// list, then a closed shard; a long shard is only taken with no closed lock held.
     fn check_and_insert(&self, key: MarkKey, until: i64, now: i64) -> Result<Seen, VaultError> {
         let i = shard_of(key);
         let mut open = self.open[i].lock().map_err(poisoned)?;
@@ -138,6 +148,16 @@ impl MarkSet {
                 }
             }
         }
+        {
+            let mut long = self.long[i].lock().map_err(poisoned)?;
+            if long.get(&key).is_some_and(|&u| u >= now) {
+                return Ok(Seen::Replayed);
+            }
+            if until - now > LONG_MARK_SECS {
+                long.insert(key, until);
+                return Ok(Seen::Fresh);
+            }
+        }
         open.keys.insert(key);
         open.until = open.until.max(until);
         Ok(Seen::Fresh)
@@ -145,6 +165,13 @@ impl MarkSet {
 
     /// Adds a mark loaded from disk (at start, before any check).
     fn insert_loaded(&self, key: MarkKey, until: i64) {
+        if until - crate::clock::now_unix() > LONG_MARK_SECS {
+            if let Ok(mut long) = self.long[shard_of(key)].lock() {
+                let entry = long.entry(key).or_insert(until);
+                *entry = (*entry).max(until);
+            }
+            return;
+        }
         if let Ok(mut open) = self.open[shard_of(key)].lock() {
             open.keys.insert(key);
             open.until = open.until.max(until);
@@ -158,6 +185,11 @@ impl MarkSet {
         };
         if open.keys.remove(&key) {
             return;
+        }
+        if let Ok(mut long) = self.long[i].lock() {
+            if long.remove(&key).is_some() {
+                return;
+            }
         }
         // Closed meanwhile (a rotation between the mark and the failed write).
         if let Ok(closed) = self.closed.read() {
@@ -184,6 +216,11 @@ impl MarkSet {
                     .map(|s| Mutex::new(std::mem::take(&mut **s).keys))
                     .collect();
                 closed.push(Generation { until, shards });
+            }
+        }
+        for shard in &self.long {
+            if let Ok(mut shard) = shard.lock() {
+                shard.retain(|_, until| *until >= now);
             }
         }
         // Outside the open shards' locks: a check waits at most for one shard's rehash.
@@ -214,7 +251,12 @@ impl MarkSet {
                     .sum()
             })
             .unwrap_or(0);
-        open + closed
+        let long: usize = self
+            .long
+            .iter()
+            .map(|s| s.lock().map(|s| s.len()).unwrap_or(0))
+            .sum();
+        open + closed + long
     }
 }
 
@@ -259,10 +301,11 @@ impl ReplayKind {
     }
 }
 
-/// Seconds of expiry per mark table (small tables: dropping one of a 5-minute period, ~4M marks
-/// at 10k req/s, held the writer for ~150 ms): every mark in `replay_marks_<p>` expires within
+/// Seconds of expiry per mark table (dropping one, ~4M marks at 10k req/s, holds the writer for
+/// ~150 ms once per 5 minutes; one-minute tables were not better in a 15-minute run, measured at
+/// a slightly higher rate): every mark in `replay_marks_<p>` expires within
 /// `[p * PERIOD_SECS, (p + 1) * PERIOD_SECS)`, so the whole table is dropped after that.
-const PERIOD_SECS: i64 = 60;
+const PERIOD_SECS: i64 = 300;
 const TABLE_PREFIX: &str = "replay_marks_";
 
 fn period_of(expires_at: i64) -> i64 {
@@ -619,6 +662,44 @@ mod generation_tests {
         set.rotate(1_110);
         set.forget(a);
         assert_eq!(set.check_and_insert(a, 1_700, 1_110).unwrap(), Seen::Fresh);
+    }
+
+    #[test]
+    fn a_long_lived_mark_does_not_keep_its_generation_alive() {
+        let set = MarkSet::default();
+        let (short, long) = (mark_key("short"), mark_key("long"));
+        assert_eq!(
+            set.check_and_insert(short, 1_300, 1_000).unwrap(),
+            Seen::Fresh
+        );
+        assert_eq!(
+            set.check_and_insert(long, 4_900, 1_000).unwrap(),
+            Seen::Fresh
+        );
+        set.rotate(1_060);
+        assert_eq!(
+            set.check_and_insert(long, 4_900, 1_100).unwrap(),
+            Seen::Replayed
+        );
+        // The short mark's generation ends at its own expiry, not the long one's.
+        set.rotate(1_301);
+        assert_eq!(set.len(), 1);
+        assert_eq!(
+            set.check_and_insert(long, 4_900, 4_000).unwrap(),
+            Seen::Replayed
+        );
+        set.rotate(4_901);
+        assert_eq!(set.len(), 0);
+        // Forgetting works for long marks too.
+        assert_eq!(
+            set.check_and_insert(long, 9_000, 5_000).unwrap(),
+            Seen::Fresh
+        );
+        set.forget(long);
+        assert_eq!(
+            set.check_and_insert(long, 9_000, 5_000).unwrap(),
+            Seen::Fresh
+        );
     }
 
     #[test]
