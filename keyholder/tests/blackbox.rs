@@ -269,14 +269,17 @@ fn owner_commands_status_seal_and_audit_verify() {
     // Prune with an export first; what is kept still verifies from the signed prune entry.
     assert!(run(&["unseal"]).status.success());
     let archive = dir.path().join("audit-archive.jsonl");
-    let out = run(&[
-        "audit",
-        "prune",
-        "--older-than-days",
-        "0",
-        "--export",
-        archive.to_str().unwrap(),
-    ]);
+    let prune_all = || {
+        run(&[
+            "audit",
+            "prune",
+            "--older-than-days",
+            "0",
+            "--export",
+            archive.to_str().unwrap(),
+        ])
+    };
+    let out = prune_all();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -302,14 +305,7 @@ fn owner_commands_status_seal_and_audit_verify() {
         (Some(3), Some(1))
     );
     // The archive is never overwritten.
-    let out = run(&[
-        "audit",
-        "prune",
-        "--older-than-days",
-        "0",
-        "--export",
-        archive.to_str().unwrap(),
-    ]);
+    let out = prune_all();
     assert!(!out.status.success());
     let out = run(&["backup", "--out", dir.path().join("b.db").to_str().unwrap()]);
     assert!(
