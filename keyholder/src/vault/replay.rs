@@ -21,7 +21,7 @@ tokio::task_local! {
 /// where they are made.
 #[derive(Default)]
 pub struct DurabilityBarrier {
-    pending: Mutex<Vec<(ReplayKind, String, PendingWrite<()>)>>,
+    pending: Mutex<Vec<(ReplayKind, MarkKey, PendingWrite<()>)>>,
 }
 
 impl DurabilityBarrier {
@@ -30,9 +30,9 @@ impl DurabilityBarrier {
         DURABILITY.scope(Arc::clone(self), fut).await
     }
 
-    fn defer(&self, kind: ReplayKind, id: String, write: PendingWrite<()>) {
+    fn defer(&self, kind: ReplayKind, key: MarkKey, write: PendingWrite<()>) {
         if let Ok(mut pending) = self.pending.lock() {
-            pending.push((kind, id, write));
+            pending.push((kind, key, write));
         }
     }
 
@@ -44,9 +44,9 @@ impl DurabilityBarrier {
             Err(_) => return Err(VaultError::Corrupt("durability barrier lock".into())),
         };
         let mut failure = None;
-        for (kind, id, write) in pending {
+        for (kind, key, write) in pending {
             if let Err(err) = write.await {
-                guard.forget(kind, &id);
+                guard.set(kind).forget(key);
                 failure.get_or_insert(err);
             }
         }
@@ -164,8 +164,8 @@ impl MarkSet {
     }
 
     /// Adds a mark loaded from disk (at start, before any check).
-    fn insert_loaded(&self, key: MarkKey, until: i64) {
-        if until - crate::clock::now_unix() > LONG_MARK_SECS {
+    fn insert_loaded(&self, key: MarkKey, until: i64, now: i64) {
+        if until - now > LONG_MARK_SECS {
             if let Ok(mut long) = self.long[shard_of(key)].lock() {
                 let entry = long.entry(key).or_insert(until);
                 *entry = (*entry).max(until);
@@ -443,7 +443,9 @@ impl ReplayGuard {
         for (kind, key, expires_at) in rows {
             // An unknown kind (a newer keyholder's) is kept as a nonce: refusing too much is safe.
             let kind = ReplayKind::from_code(kind).unwrap_or(ReplayKind::Nonce);
-            guard.set(kind).insert_loaded(key as MarkKey, expires_at);
+            guard
+                .set(kind)
+                .insert_loaded(key as MarkKey, expires_at, now);
         }
         Ok(guard)
     }
@@ -465,14 +467,10 @@ impl ReplayGuard {
         expires_at: i64,
     ) -> Result<Seen, VaultError> {
         let now = crate::clock::now_unix();
-        if self
-            .set(kind)
-            .check_and_insert(mark_key(id), expires_at, now)?
-            == Seen::Replayed
-        {
+        let key = mark_key(id);
+        if self.set(kind).check_and_insert(key, expires_at, now)? == Seen::Replayed {
             return Ok(Seen::Replayed);
         }
-        let key = mark_key(id);
         self.tables
             .lock()
             .map_err(poisoned)?
@@ -485,7 +483,7 @@ impl ReplayGuard {
                 // Inside a request: the commit runs while the request is handled, and the HTTP
                 // layer awaits it before the answer leaves.
                 Ok(barrier) => {
-                    barrier.defer(kind, id.to_string(), pending);
+                    barrier.defer(kind, key, pending);
                     return Ok(Seen::Fresh);
                 }
                 Err(_) => pending.await,
@@ -494,15 +492,10 @@ impl ReplayGuard {
         };
         if let Err(err) = result {
             // Not served, so not used: let the platform's retry through.
-            self.forget(kind, id);
+            self.set(kind).forget(key);
             return Err(err.into());
         }
         Ok(Seen::Fresh)
-    }
-
-    /// Drops a mark whose durable write failed (the request was not served).
-    pub fn forget(&self, kind: ReplayKind, id: &str) {
-        self.set(kind).forget(mark_key(id));
     }
 
     /// Forgets expired marks in memory and on disk; returns how many mark tables were dropped.
