@@ -105,10 +105,19 @@ pub async fn keyholder_layer(
     let span =
         tracing::info_span!("request", request_id = %request_id, method = %method, path = %path);
 
-    let (http_req, response) = if method == Method::OPTIONS && is_cors_path(&path) {
+    let (http_req, finished) = if method == Method::OPTIONS && is_cors_path(&path) {
         // CORS preflight: the ticket, not CORS, is the security boundary.
         let (http_req, _) = req.into_parts();
-        (http_req, HttpResponse::NoContent().finish())
+        let finished = finish(
+            HttpResponse::NoContent().finish(),
+            &http_req,
+            &request_id,
+            &target,
+            state.as_ref().map(|s| s.get_ref()),
+            origin.as_ref(),
+        )
+        .await;
+        (http_req, finished)
     } else {
         let barrier = Arc::new(DurabilityBarrier::default());
         let res = match barrier.scope(next.call(req)).instrument(span.clone()).await {
@@ -116,65 +125,45 @@ pub async fn keyholder_layer(
             Err(err) => return Err(err),
         };
         let (http_req, res) = res.into_parts();
-        // Durable before answered: replay marks made while handling must be on disk first.
+        // The answer is built and signed while the replay marks made in handling are being
+        // committed (the signature is the largest piece of CPU work and overlaps the fsync), but
+        // it is released only once they are durable.
+        let finished = finish(
+            res.map_into_boxed_body(),
+            &http_req,
+            &request_id,
+            &target,
+            state.as_ref().map(|s| s.get_ref()),
+            origin.as_ref(),
+        )
+        .await;
         let settled = match state.as_ref() {
             Some(state) => barrier.settle(&state.vault.replay).await,
             None => Ok(()),
         };
         match settled {
-            Ok(()) => (http_req, res.map_into_boxed_body()),
-            Err(err) => (
-                http_req,
-                HttpResponse::from_error(actix_web::Error::from(ApiError::from(err))),
-            ),
+            Ok(()) => (http_req, finished),
+            Err(err) => {
+                let failed = HttpResponse::from_error(actix_web::Error::from(ApiError::from(err)));
+                let finished = finish(
+                    failed,
+                    &http_req,
+                    &request_id,
+                    &target,
+                    state.as_ref().map(|s| s.get_ref()),
+                    origin.as_ref(),
+                )
+                .await;
+                (http_req, finished)
+            }
         }
     };
-
-    let status = response.status();
-    let api_error = response.error().and_then(|e| e.as_error::<ApiError>());
-    let error_code = api_error.map(|e| e.code().as_str());
-    let error_body = api_error.map(|e| e.body(Some(&request_id)));
-    let mut head = HttpResponse::build(status);
-    for (name, value) in response.headers() {
-        head.append_header((name.clone(), value.clone()));
-    }
-    let mut built = head.finish();
-    let bytes: Bytes = match error_body {
-        Some(json) => {
-            built.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
-            Bytes::from(serde_json::to_vec(&json).unwrap_or_default())
-        }
-        None => body::to_bytes(response.into_body())
-            .await
-            .unwrap_or_default(),
-    };
-    let bytes = if method == Method::HEAD {
-        Bytes::new()
-    } else {
-        bytes
-    };
-
-    let headers = built.headers_mut();
-    if let Ok(v) = HeaderValue::from_str(&request_id) {
-        headers.insert(HeaderName::from_static("x-request-id"), v);
-    }
+    let Finished {
+        response,
+        status,
+        error_code,
+    } = finished;
     if let Some(state) = state.as_ref() {
-        let keys = state.vault.keys();
-        let signature = sign_response(
-            keys.identity(),
-            crate::clock::now_unix(),
-            method.as_str(),
-            &target,
-            &request_id,
-            status.as_u16(),
-            &bytes,
-        );
-        if let Ok(v) = HeaderValue::from_str(&signature) {
-            headers.insert(HeaderName::from_static("x-keyholder-signature"), v);
-        }
         // Labelled by the registered route pattern, never the raw path (tickets ride in queries).
         let route = http_req.match_pattern();
         state.metrics.observe_request(
@@ -183,17 +172,6 @@ pub async fn keyholder_layer(
             status.as_u16(),
             started.elapsed(),
         );
-    }
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    headers.insert(
-        header::X_CONTENT_TYPE_OPTIONS,
-        HeaderValue::from_static("nosniff"),
-    );
-    if let Some(origin) = origin.as_ref() {
-        cors_headers(headers, origin);
-    }
-    if let Some(AllowedMethods(allow)) = http_req.extensions().get::<AllowedMethods>().copied() {
-        headers.insert(header::ALLOW, HeaderValue::from_static(allow));
     }
 
     let ticket = http_req
@@ -242,8 +220,89 @@ pub async fn keyholder_layer(
             "request"
         )
     });
-    let response = built.set_body(BoxBody::new(bytes));
     Ok(ServiceResponse::new(http_req, response))
+}
+
+/// A response ready to send: headers set, body collected and signed.
+struct Finished {
+    response: HttpResponse<BoxBody>,
+    status: StatusCode,
+    error_code: Option<&'static str>,
+}
+
+/// Collects the body of `response` (an error's as the JSON error body with the request id) and
+/// sets the headers every answer carries, the Ed25519 response signature among them.
+async fn finish(
+    response: HttpResponse<BoxBody>,
+    http_req: &actix_web::HttpRequest,
+    request_id: &str,
+    target: &str,
+    state: Option<&AppState>,
+    origin: Option<&HeaderValue>,
+) -> Finished {
+    let method = http_req.method();
+    let status = response.status();
+    let api_error = response.error().and_then(|e| e.as_error::<ApiError>());
+    let error_code = api_error.map(|e| e.code().as_str());
+    let error_body = api_error.map(|e| e.body(Some(request_id)));
+    let mut head = HttpResponse::build(status);
+    for (name, value) in response.headers() {
+        head.append_header((name.clone(), value.clone()));
+    }
+    let mut built = head.finish();
+    let bytes: Bytes = match error_body {
+        Some(json) => {
+            built.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            Bytes::from(serde_json::to_vec(&json).unwrap_or_default())
+        }
+        None => body::to_bytes(response.into_body())
+            .await
+            .unwrap_or_default(),
+    };
+    let bytes = if method == Method::HEAD {
+        Bytes::new()
+    } else {
+        bytes
+    };
+
+    let headers = built.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        headers.insert(HeaderName::from_static("x-request-id"), v);
+    }
+    if let Some(state) = state {
+        let keys = state.vault.keys();
+        let signature = sign_response(
+            keys.identity(),
+            crate::clock::now_unix(),
+            method.as_str(),
+            target,
+            request_id,
+            status.as_u16(),
+            &bytes,
+        );
+        if let Ok(v) = HeaderValue::from_str(&signature) {
+            headers.insert(HeaderName::from_static("x-keyholder-signature"), v);
+        }
+    }
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    if let Some(origin) = origin {
+        cors_headers(headers, origin);
+    }
+    if let Some(AllowedMethods(allow)) = http_req.extensions().get::<AllowedMethods>().copied() {
+        headers.insert(header::ALLOW, HeaderValue::from_static(allow));
+    }
+    Finished {
+        response: built.set_body(BoxBody::new(bytes)),
+        status,
+        error_code,
+    }
 }
 
 /// Fallback for unknown routes.
