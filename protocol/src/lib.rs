@@ -3,7 +3,7 @@
 //!
 //! Besides the platform's protocol (HMAC request signatures in [`signing`], tickets in [`ticket`]), the
 //! Keyholder extensions are specified byte for byte in their modules: response signatures
-//! ([`response_sig`]), the `kh1` field format ([`document`]) and the asymmetric binding's Ed25519 request
+//! ([`response_sig`], batches over [`merkle`] trees), the `kh1` field format ([`document`]) and the asymmetric binding's Ed25519 request
 //! envelopes ([`envelope`]) and `kh2` tickets ([`ticket_kh2`]). Every format has named valid and invalid
 //! cases in `protocol/vectors/`, run by [`vectors`].
 #![warn(missing_docs)]
@@ -12,6 +12,7 @@ pub mod binding;
 pub mod document;
 pub mod envelope;
 pub mod error;
+pub mod merkle;
 pub mod paths;
 pub mod request_id;
 pub mod response_sig;

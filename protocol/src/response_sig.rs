@@ -4,6 +4,15 @@
 //! of six lines joined by `\n`, no trailing newline: `keyholder-response-v1`, the `ts` value,
 //! `<METHOD> <path-and-query>`, the response's `X-Request-Id` (empty if none), the status in decimal, and
 //! the lowercase hex SHA-256 of the body bytes. `keyId` = first 16 lowercase hex of SHA-256(public key).
+//!
+//! Batch form: a server answering many requests at once may sign up to [`MAX_BATCH`] responses with one
+//! signature. The header then goes on with `,batch=<index>/<size>,salt=<standard base64 of 16 bytes>,
+//! path=<standard base64 of 32-byte hashes>`, 2 <= size <= 64, index < size. Each response's leaf is
+//! `SHA-256(0x00 || salt || message)` (the six-line message above; the salt is random per response, so
+//! the hashes of other responses in a path reveal nothing about them), the leaves form an RFC 9162
+//! Merkle tree in index order ([`crate::merkle`]), `path` is the leaf's inclusion proof, and the
+//! signature is over the three lines `keyholder-response-batch-v1`, the size in decimal and the
+//! lowercase hex root. A verifier recomputes the root from its own response and the path.
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
@@ -15,6 +24,10 @@ use zeroize::Zeroizing;
 
 /// First line of every signed response message.
 pub const RESPONSE_SIG_LABEL: &str = "keyholder-response-v1";
+/// First line of the message a batch signature signs.
+pub const RESPONSE_BATCH_LABEL: &str = "keyholder-response-batch-v1";
+/// Responses one batch signature covers at most (a proof has at most 6 hashes).
+pub const MAX_BATCH: usize = 64;
 /// The only algorithm of identity documents.
 pub const ALGORITHM_ED25519: &str = "Ed25519";
 
@@ -178,6 +191,78 @@ pub fn sign_response_prehashed(
     header_value(key, ts, &msg)
 }
 
+/// One response of a batch to sign: its signing time and its six-line message
+/// ([`response_signing_message`]).
+#[derive(Debug, Clone)]
+pub struct ResponseToSign {
+    /// Signing time, unix seconds (the `ts` of the message and the header).
+    pub ts: i64,
+    /// The six-line message.
+    pub message: String,
+}
+
+/// Signs `responses` with one signature per [`MAX_BATCH`] of them and returns their
+/// `X-Keyholder-Signature` header values in order. A batch of one gets the plain form.
+pub fn sign_response_batch(key: &IdentityKey, responses: &[ResponseToSign]) -> Vec<String> {
+    let salts: Vec<[u8; 16]> = responses.iter().map(|_| rand::random()).collect();
+    sign_response_batch_salted(key, responses, &salts)
+}
+
+/// [`sign_response_batch`] with given salts (one per response; for test vectors).
+pub fn sign_response_batch_salted(
+    key: &IdentityKey,
+    responses: &[ResponseToSign],
+    salts: &[[u8; 16]],
+) -> Vec<String> {
+    let mut headers = Vec::with_capacity(responses.len());
+    for (batch, salts) in responses.chunks(MAX_BATCH).zip(salts.chunks(MAX_BATCH)) {
+        if let [single] = batch {
+            headers.push(header_value(key, single.ts, &single.message));
+            continue;
+        }
+        let leaves: Vec<crate::merkle::Hash> = batch
+            .iter()
+            .zip(salts)
+            .map(|(r, salt)| crate::merkle::leaf_hash(&[salt, r.message.as_bytes()]))
+            .collect();
+        let Some((root, proofs)) = crate::merkle::root_and_proofs(&leaves) else {
+            continue;
+        };
+        let sig = STANDARD.encode(key.sign(batch_message(batch.len(), &root).as_bytes()));
+        let key_id = key.key_id();
+        for (index, ((response, salt), proof)) in batch.iter().zip(salts).zip(proofs).enumerate() {
+            headers.push(format!(
+                "keyId={key_id},ts={},sig={sig},batch={index}/{},salt={},path={}",
+                response.ts,
+                batch.len(),
+                STANDARD.encode(salt),
+                STANDARD.encode(proof.concat()),
+            ));
+        }
+    }
+    headers
+}
+
+fn batch_message(size: usize, root: &crate::merkle::Hash) -> String {
+    format!(
+        "{RESPONSE_BATCH_LABEL}\n{size}\n{}",
+        crate::hex::encode(root)
+    )
+}
+
+/// Where a response signed in a batch sits in it (the header's batch form).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchProof {
+    /// The response's leaf index.
+    pub index: u32,
+    /// Responses in the batch (2 to [`MAX_BATCH`]).
+    pub size: u32,
+    /// The response's leaf salt.
+    pub salt: [u8; 16],
+    /// The leaf's inclusion proof.
+    pub path: Vec<[u8; 32]>,
+}
+
 /// A parsed `X-Keyholder-Signature` header.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResponseSignature {
@@ -187,17 +272,25 @@ pub struct ResponseSignature {
     pub ts: i64,
     /// The raw signature.
     pub sig: [u8; 64],
+    /// Present when the signature covers a batch of responses.
+    pub batch: Option<BatchProof>,
 }
 
 impl ResponseSignature {
-    /// Strict parse: exactly `keyId=<16 lowercase hex>,ts=<canonical integer>,sig=<canonical base64>`.
+    /// Strict parse: exactly `keyId=<16 lowercase hex>,ts=<canonical integer>,sig=<canonical base64>`,
+    /// optionally followed by `,batch=<index>/<size>,salt=<canonical base64>,path=<canonical base64>`.
     pub fn parse(header: &str) -> Result<Self, ResponseSigError> {
-        if header.len() > 256 {
+        if header.len() > 512 {
             return Err(ResponseSigError::Malformed);
         }
         let mut parts = header.split(',');
-        let (k, t, s) = match (parts.next(), parts.next(), parts.next(), parts.next()) {
-            (Some(k), Some(t), Some(s), None) => (k, t, s),
+        let (k, t, s) = match (parts.next(), parts.next(), parts.next()) {
+            (Some(k), Some(t), Some(s)) => (k, t, s),
+            _ => return Err(ResponseSigError::Malformed),
+        };
+        let batch = match (parts.next(), parts.next(), parts.next(), parts.next()) {
+            (None, ..) => None,
+            (Some(b), Some(salt), Some(path), None) => Some(parse_batch(b, salt, path)?),
             _ => return Err(ResponseSigError::Malformed),
         };
         let key_id = k
@@ -211,22 +304,72 @@ impl ResponseSignature {
         let ts = crate::signing::parse_strict_i64(ts_text)
             .filter(|ts| ts.to_string() == ts_text)
             .ok_or(ResponseSigError::Malformed)?;
-        if sig_text.len() != 88 {
-            return Err(ResponseSigError::Malformed);
-        }
-        let raw = STANDARD
-            .decode(sig_text)
-            .map_err(|_| ResponseSigError::Malformed)?;
-        let sig: [u8; 64] = raw
-            .as_slice()
-            .try_into()
-            .map_err(|_| ResponseSigError::Malformed)?;
+        let sig: [u8; 64] = decode_exact(sig_text)?;
         Ok(ResponseSignature {
             key_id: key_id.to_owned(),
             ts,
             sig,
+            batch,
         })
     }
+}
+
+/// Canonical standard base64 of exactly `N` bytes.
+fn decode_exact<const N: usize>(text: &str) -> Result<[u8; N], ResponseSigError> {
+    if text.len() != N.div_ceil(3) * 4 {
+        return Err(ResponseSigError::Malformed);
+    }
+    let raw = STANDARD
+        .decode(text)
+        .map_err(|_| ResponseSigError::Malformed)?;
+    raw.as_slice()
+        .try_into()
+        .map_err(|_| ResponseSigError::Malformed)
+}
+
+fn parse_count(text: &str) -> Result<u32, ResponseSigError> {
+    text.parse::<u32>()
+        .ok()
+        .filter(|n| n.to_string() == text)
+        .ok_or(ResponseSigError::Malformed)
+}
+
+fn parse_batch(batch: &str, salt: &str, path: &str) -> Result<BatchProof, ResponseSigError> {
+    let (index, size) = batch
+        .strip_prefix("batch=")
+        .and_then(|b| b.split_once('/'))
+        .ok_or(ResponseSigError::Malformed)?;
+    let (index, size) = (parse_count(index)?, parse_count(size)?);
+    if size < 2 || size as usize > MAX_BATCH || index >= size {
+        return Err(ResponseSigError::Malformed);
+    }
+    let salt = decode_exact::<16>(
+        salt.strip_prefix("salt=")
+            .ok_or(ResponseSigError::Malformed)?,
+    )?;
+    let path_text = path
+        .strip_prefix("path=")
+        .ok_or(ResponseSigError::Malformed)?;
+    // At most 6 hashes (a tree of 64); the exact number is checked when the root is computed.
+    if path_text.is_empty() || path_text.len() > 256 {
+        return Err(ResponseSigError::Malformed);
+    }
+    let raw = STANDARD
+        .decode(path_text)
+        .map_err(|_| ResponseSigError::Malformed)?;
+    if raw.len() % 32 != 0 || STANDARD.encode(&raw) != path_text {
+        return Err(ResponseSigError::Malformed);
+    }
+    let path = raw
+        .chunks_exact(32)
+        .filter_map(|c| <[u8; 32]>::try_from(c).ok())
+        .collect();
+    Ok(BatchProof {
+        index,
+        size,
+        salt,
+        path,
+    })
 }
 
 /// Why a response signature was refused.
@@ -272,7 +415,21 @@ pub fn verify_response(
         return Err(ResponseSigError::BadSignature);
     }
     let msg = response_signing_message(parsed.ts, method, path_and_query, request_id, status, body);
-    key.verify_strict(msg.as_bytes(), &Signature::from_bytes(&parsed.sig))
+    let signed = match parsed.batch.as_ref() {
+        None => msg,
+        Some(batch) => {
+            let leaf = crate::merkle::leaf_hash(&[&batch.salt, msg.as_bytes()]);
+            let root = crate::merkle::root_from_proof(
+                u64::from(batch.index),
+                u64::from(batch.size),
+                &leaf,
+                &batch.path,
+            )
+            .ok_or(ResponseSigError::BadSignature)?;
+            batch_message(batch.size as usize, &root)
+        }
+    };
+    key.verify_strict(signed.as_bytes(), &Signature::from_bytes(&parsed.sig))
         .map_err(|_| ResponseSigError::BadSignature)?;
     Ok(parsed)
 }
@@ -409,6 +566,114 @@ mod tests {
                 ResponseSignature::parse(&bad),
                 Err(ResponseSigError::Malformed),
                 "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn batch_signatures_verify_each_response_and_nothing_else() {
+        let key = IdentityKey::from_bytes(&[9u8; 32]);
+        let vk = key.verifying_key();
+        let responses: Vec<(String, Vec<u8>)> = (0..70)
+            .map(|i| (format!("req_{i}"), format!("{{\"n\":{i}}}").into_bytes()))
+            .collect();
+        let to_sign: Vec<ResponseToSign> = responses
+            .iter()
+            .map(|(rid, body)| ResponseToSign {
+                ts: 1_700_000_000,
+                message: response_signing_message(
+                    1_700_000_000,
+                    "GET",
+                    "/v1/credential",
+                    rid,
+                    200,
+                    body,
+                ),
+            })
+            .collect();
+        // 70 = one batch of 64 and one of 6, with two signatures.
+        let headers = sign_response_batch(&key, &to_sign);
+        assert_eq!(headers.len(), 70);
+        let sigs: std::collections::BTreeSet<&str> = headers
+            .iter()
+            .filter_map(|h| h.split(",sig=").nth(1)?.split(',').next())
+            .collect();
+        assert_eq!(sigs.len(), 2);
+        for (i, ((rid, body), header)) in responses.iter().zip(&headers).enumerate() {
+            let parsed =
+                verify_response(&vk, header, "GET", "/v1/credential", rid, 200, body).unwrap();
+            let batch = parsed.batch.unwrap();
+            assert_eq!(
+                (batch.index as usize, batch.size),
+                (i % 64, if i < 64 { 64 } else { 6 })
+            );
+            // Another response's header, or this one with another body, does not verify.
+            let other = &headers[(i + 1) % 70];
+            assert_eq!(
+                verify_response(&vk, other, "GET", "/v1/credential", rid, 200, body),
+                Err(ResponseSigError::BadSignature)
+            );
+            assert_eq!(
+                verify_response(&vk, header, "GET", "/v1/credential", rid, 200, b"{}"),
+                Err(ResponseSigError::BadSignature)
+            );
+        }
+        // A single response gets the plain form.
+        let single = sign_response_batch(&key, &to_sign[..1]);
+        assert_eq!(
+            single[0],
+            header_value(&key, 1_700_000_000, &to_sign[0].message)
+        );
+        assert!(sign_response_batch(&key, &[]).is_empty());
+
+        // Tampering with the batch fields is refused.
+        let h = &headers[3];
+        let (head, tail) = h.split_once(",batch=").unwrap();
+        let (_, rest) = tail.split_once(',').unwrap();
+        let verify = |header: &str| {
+            verify_response(
+                &vk,
+                header,
+                "GET",
+                "/v1/credential",
+                "req_3",
+                200,
+                b"{\"n\":3}",
+            )
+        };
+        for forged in [
+            format!("{head},batch=4/64,{rest}"),
+            format!("{head},batch=3/63,{rest}"),
+            head.to_string(),
+        ] {
+            assert_eq!(
+                verify(&forged),
+                Err(ResponseSigError::BadSignature),
+                "{forged}"
+            );
+        }
+        let path = h.split(",path=").nth(1).unwrap();
+        let short = STANDARD.encode(&STANDARD.decode(path).unwrap()[32..]);
+        assert_eq!(
+            verify(&h.replace(path, &short)),
+            Err(ResponseSigError::BadSignature)
+        );
+        for malformed in [
+            format!("{head},batch=3/65,{rest}"),
+            format!("{head},batch=3/1,{rest}"),
+            format!("{head},batch=64/64,{rest}"),
+            format!("{head},batch=03/64,{rest}"),
+            format!("{head},batch=3,{rest}"),
+            format!("{h},"),
+            h.replace(",salt=", ",salt=A"),
+            h.replace(",path=", ",path=A"),
+            h.replace(",path=", ",paths="),
+            format!("{head},batch=3/64,salt=AAAAAAAAAAAAAAAAAAAAAA==,path="),
+        ] {
+            assert_eq!(
+                verify(&malformed),
+                Err(ResponseSigError::Malformed),
+                "{malformed}"
             );
         }
     }

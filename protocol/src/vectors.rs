@@ -371,7 +371,52 @@ fn document_case(case: &Value) -> Result<Actual, BadVector> {
 }
 
 fn parsed_json(p: &ResponseSignature) -> Value {
-    json!({ "keyId": p.key_id, "ts": p.ts })
+    match p.batch.as_ref() {
+        None => json!({ "keyId": p.key_id, "ts": p.ts }),
+        Some(b) => {
+            json!({ "keyId": p.key_id, "ts": p.ts, "batch": format!("{}/{}", b.index, b.size) })
+        }
+    }
+}
+
+fn sign_batch_case(case: &Value) -> Result<Actual, BadVector> {
+    let list = |key: &str| {
+        field(case, key)?
+            .as_array()
+            .ok_or_else(|| BadVector(format!("{key} must be a list")))
+    };
+    let responses = list("responses")?
+        .iter()
+        .map(|r| {
+            Ok(response_sig::ResponseToSign {
+                ts: int(r, "ts")?,
+                message: response_sig::response_signing_message(
+                    int(r, "ts")?,
+                    text(r, "method")?,
+                    text(r, "path_and_query")?,
+                    text(r, "request_id")?,
+                    status(r)?,
+                    text(r, "body")?.as_bytes(),
+                ),
+            })
+        })
+        .collect::<Result<Vec<_>, BadVector>>()?;
+    let salts = list("salts_hex")?
+        .iter()
+        .map(|s| {
+            s.as_str()
+                .and_then(crate::hex::decode_lower::<16>)
+                .ok_or_else(|| BadVector("bad salt".into()))
+        })
+        .collect::<Result<Vec<_>, BadVector>>()?;
+    if salts.len() != responses.len() {
+        return Err(BadVector("one salt per response".into()));
+    }
+    Ok(Ok(json!(response_sig::sign_response_batch_salted(
+        &seed(case)?,
+        &responses,
+        &salts
+    ))))
 }
 
 fn response_case(case: &Value) -> Result<Actual, BadVector> {
@@ -396,6 +441,7 @@ fn response_case(case: &Value) -> Result<Actual, BadVector> {
             status(case)?,
             text(case, "body")?.as_bytes(),
         )))),
+        "sign_batch" => sign_batch_case(case),
         "verify" => {
             let raw = STANDARD
                 .decode(text(case, "public_key_base64")?)

@@ -478,6 +478,7 @@ def response_signatures():
         parse("parse_extra_field", header + ",alg=ed25519", err("Malformed")),
         parse("parse_missing_field", "keyId=%s,ts=%d" % (key_id, NOW), err("Malformed")),
         parse("parse_empty", "", err("Malformed")),
+    ] + batch_cases(sk, key_id, pk) + [
         {"name": "identity_verify_ok", "op": "identity_verify", "document": identity, "expected": ok(b64(pk))},
         {"name": "identity_wrong_key_id", "op": "identity_verify",
          "document": dict(identity, keyId=hashlib.sha256(other).hexdigest()[:16]), "expected": err("BadIdentity")},
@@ -490,8 +491,81 @@ def response_signatures():
           "X-Keyholder-Signature: keyId=<16 hex>,ts=<unix s>,sig=<std base64 Ed25519 signature> over the six "
           "lines keyholder-response-v1, ts, '<METHOD> <path-and-query>', X-Request-Id, status, hex SHA-256 of "
           "the body, joined by \\n. seed_hex is the 32-byte Ed25519 seed; body is UTF-8. verify/parse "
-          "expected.ok is {keyId, ts}; errors are ResponseSigError variants.",
+          "expected.ok is {keyId, ts} (and batch '<index>/<size>' for the batch form); errors are "
+          "ResponseSigError variants. Batch form (sign_batch: one signature over responses, salts_hex one "
+          "16-byte salt each; expected.ok the headers in order): header + ',batch=<i>/<n>,salt=<std base64>,"
+          "path=<std base64 of the RFC 9162 inclusion proof>', leaf SHA-256(0x00 || salt || message), node "
+          "SHA-256(0x01 || left || right), signed message 'keyholder-response-batch-v1\\n<n>\\n<hex root>'.",
           cases)
+
+
+def merkle_root_and_proofs(leaves):
+    """RFC 9162 2.1.1 tree hash and 2.1.3.1 inclusion proofs (leaf to root), written from the RFC."""
+    if len(leaves) == 1:
+        return leaves[0], [[]]
+    k = 1
+    while k * 2 < len(leaves):
+        k *= 2
+    left, left_proofs = merkle_root_and_proofs(leaves[:k])
+    right, right_proofs = merkle_root_and_proofs(leaves[k:])
+    root = hashlib.sha256(b"\x01" + left + right).digest()
+    return root, [p + [right] for p in left_proofs] + [p + [left] for p in right_proofs]
+
+
+def batch_cases(sk, key_id, pk):
+    responses = [
+        (NOW, "GET", "/v1/credential?ticket=a.b&service=github", "req_batch_1", 200, '{"token":"one"}'),
+        (NOW, "POST", "/v1/proxy", "req_batch_2", 200, '{"status":200}'),
+        (NOW + 1, "GET", "/v1/credential?ticket=c.d&service=slack", "req_batch_3", 403,
+         '{"error":"forbidden","message":"no"}'),
+    ]
+    salts = [bytes([i] * 16) for i in (1, 2, 3)]
+    messages = [response_message(*r) for r in responses]
+    leaves = [hashlib.sha256(b"\x00" + salt + m.encode()).digest() for salt, m in zip(salts, messages)]
+    root, proofs = merkle_root_and_proofs(leaves)
+    sig = b64(sk.sign(("keyholder-response-batch-v1\n%d\n%s" % (len(leaves), root.hex())).encode()))
+    headers = ["keyId=%s,ts=%d,sig=%s,batch=%d/%d,salt=%s,path=%s" % (
+        key_id, r[0], sig, i, len(leaves), b64(salt), b64(b"".join(proof)))
+        for i, (r, salt, proof) in enumerate(zip(responses, salts, proofs))]
+
+    def verify(name, expected, i, hdr=None, status=None):
+        ts, method, path, rid, st, body = responses[i]
+        return {"name": name, "op": "verify", "public_key_base64": b64(pk), "header": hdr or headers[i],
+                "method": method, "path_and_query": path, "request_id": rid,
+                "status": st if status is None else status, "body": body, "expected": expected}
+
+    head, rest = headers[2].split(",batch=")
+    tail = rest.split(",", 1)[1]
+    short_path = headers[0].split(",path=")[0] + ",path=" + b64(b"".join(proofs[0])[32:])
+    return [
+        {"name": "sign_batch", "op": "sign_batch", "seed_hex": bytes(range(32)).hex(),
+         "responses": [{"ts": r[0], "method": r[1], "path_and_query": r[2], "request_id": r[3], "status": r[4],
+                        "body": r[5]} for r in responses],
+         "salts_hex": [salt.hex() for salt in salts], "expected": ok(headers)},
+    ] + [verify("batch_verify_%d" % i, ok({"keyId": key_id, "ts": responses[i][0], "batch": "%d/3" % i}), i)
+         for i in range(3)] + [
+        verify("batch_other_responses_header", err("BadSignature"), 0, hdr=headers[1]),
+        verify("batch_different_status", err("BadSignature"), 2, status=200),
+        verify("batch_other_index", err("BadSignature"), 2, hdr="%s,batch=1/3,%s" % (head, tail)),
+        verify("batch_other_size", err("BadSignature"), 2, hdr="%s,batch=2/4,%s" % (head, tail)),
+        verify("batch_proof_too_short", err("BadSignature"), 0, hdr=short_path),
+        {"name": "parse_batch_path_empty", "op": "parse", "header": headers[2].split(",path=")[0] + ",path=",
+         "expected": err("Malformed")},
+        verify("batch_without_batch_fields", err("BadSignature"), 2, hdr=head),
+        {"name": "parse_batch_size_one", "op": "parse", "header": "%s,batch=0/1,%s" % (head, tail),
+         "expected": err("Malformed")},
+        {"name": "parse_batch_size_65", "op": "parse", "header": "%s,batch=2/65,%s" % (head, tail),
+         "expected": err("Malformed")},
+        {"name": "parse_batch_index_not_below_size", "op": "parse", "header": "%s,batch=3/3,%s" % (head, tail),
+         "expected": err("Malformed")},
+        {"name": "parse_batch_index_leading_zero", "op": "parse", "header": "%s,batch=02/3,%s" % (head, tail),
+         "expected": err("Malformed")},
+        {"name": "parse_batch_path_not_whole_hashes", "op": "parse",
+         "header": headers[2].split(",path=")[0] + ",path=" + b64(b"".join(proofs[2])[1:]),
+         "expected": err("Malformed")},
+        {"name": "parse_batch_salt_short", "op": "parse",
+         "header": headers[2].replace(b64(salts[2]), b64(salts[2][:15])), "expected": err("Malformed")},
+    ]
 
 
 # ---------------------------------------------------------------- request ids

@@ -490,6 +490,63 @@ async fn totp_codes_without_revealing_the_secret() {
     answer.assert_error(401, "ticket_invalid");
 }
 
+/// Answers finished together share one signature (the batch form): each still verifies alone,
+/// over its own request id, status and body, and not for another answer of the batch.
+#[tokio::test]
+async fn concurrent_answers_share_a_batch_signature_that_verifies_for_each() {
+    let kh = bound().await;
+    let identity: IdentityDocument = serde_json::from_value(
+        read(kh.http.get(kh.url(PATH_IDENTITY)).send().await.unwrap())
+            .await
+            .json(),
+    )
+    .unwrap();
+    let key = identity.verifying_key().unwrap();
+    kh.store("github", json!({"accessToken":"ghp_x"})).await;
+    let mut batched = 0;
+    for _round in 0..20 {
+        let calls = (0..48).map(|_| {
+            let target = format!(
+                "{PATH_CREDENTIAL}?ticket={}&service=github",
+                kh.ticket(Purpose::AgentCredential, "github")
+            );
+            let request = kh.http.get(kh.url(&target)).send();
+            async move { (target, read(request.await.unwrap()).await) }
+        });
+        let answers = futures_util::future::join_all(calls).await;
+        let mut by_signature = std::collections::HashMap::<String, Vec<usize>>::new();
+        for (i, (target, answer)) in answers.iter().enumerate() {
+            assert_eq!(answer.status, 200);
+            let rid = answer.header("x-request-id").unwrap();
+            let sig = answer.header("x-keyholder-signature").unwrap();
+            let parsed =
+                verify_response(&key, &sig, "GET", target, &rid, 200, &answer.body).unwrap();
+            if let Some(batch) = parsed.batch {
+                batched += 1;
+                assert!(batch.size >= 2 && batch.index < batch.size);
+                let raw = sig
+                    .split(",sig=")
+                    .nth(1)
+                    .unwrap()
+                    .split(',')
+                    .next()
+                    .unwrap();
+                by_signature.entry(raw.to_string()).or_default().push(i);
+            }
+        }
+        for members in by_signature.values().filter(|m| m.len() >= 2) {
+            let (a, b) = (&answers[members[0]], &answers[members[1]]);
+            let rid_b = b.1.header("x-request-id").unwrap();
+            let sig_a = a.1.header("x-keyholder-signature").unwrap();
+            assert!(verify_response(&key, &sig_a, "GET", &b.0, &rid_b, 200, &b.1.body).is_err());
+        }
+        if batched > 0 && by_signature.values().any(|m| m.len() >= 2) {
+            return;
+        }
+    }
+    panic!("48 concurrent answers never shared a signature in 20 rounds ({batched} batched)");
+}
+
 #[tokio::test]
 async fn every_response_is_signed_by_the_identity_key() {
     let kh = bound().await;

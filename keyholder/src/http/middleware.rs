@@ -17,7 +17,7 @@ use keyholder_protocol::paths::{
     PATH_PROXY, PATH_REFRESH, PATH_REFRESH_NOTIFY, PATH_STORE, PATH_TOTP_CODE,
 };
 use keyholder_protocol::request_id::{is_valid_request_id, new_request_id};
-use keyholder_protocol::response_sig::sign_response;
+use keyholder_protocol::response_sig::{response_signing_message, ResponseToSign};
 use tracing::Instrument;
 
 use super::error::ApiError;
@@ -273,16 +273,17 @@ async fn finish(
         headers.insert(HeaderName::from_static("x-request-id"), v);
     }
     if let Some(state) = state {
-        let keys = state.vault.keys();
-        let signature = sign_response(
-            keys.identity(),
-            crate::clock::now_unix(),
+        let ts = crate::clock::now_unix();
+        let message = response_signing_message(
+            ts,
             method.as_str(),
             target,
             request_id,
             status.as_u16(),
             &bytes,
         );
+        let signature =
+            super::response_signer::sign(state.vault.keys(), ResponseToSign { ts, message }).await;
         if let Ok(v) = HeaderValue::from_str(&signature) {
             headers.insert(HeaderName::from_static("x-keyholder-signature"), v);
         }

@@ -11,6 +11,7 @@ pub mod middleware;
 pub mod network;
 pub mod proxy;
 pub mod refresh;
+pub mod response_signer;
 pub mod storage;
 
 use actix_web::{web, HttpRequest};

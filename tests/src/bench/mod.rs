@@ -134,6 +134,8 @@ pub async fn start_keyholder(
 ) -> anyhow::Result<(ChildServer, Duration)> {
     let port = free_port()?;
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    // `KEYHOLDER_BENCH_LOG=<filter>` shows the server's log on stderr (to study a run).
+    let log = std::env::var("KEYHOLDER_BENCH_LOG").ok();
     let spawned = Instant::now();
     let child = Command::new(&opts.keyholder_bin)
         .arg("serve")
@@ -141,10 +143,13 @@ pub async fn start_keyholder(
         .env("KEYHOLDER_LISTEN", addr.to_string())
         .env("KEYHOLDER_PUBLIC_URL", "https://bench.invalid")
         .env("KEYHOLDER_WORKERS", opts.workers.to_string())
-        .env("KEYHOLDER_LOG", "warn")
+        .env("KEYHOLDER_LOG", log.as_deref().unwrap_or("warn"))
         .env("KEYHOLDER_EGRESS_ALLOW_PRIVATE", "true")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(match log {
+            Some(_) => Stdio::inherit(),
+            None => Stdio::null(),
+        })
         .spawn()
         .with_context(|| format!("cannot start {}", opts.keyholder_bin.display()))?;
     let server = ChildServer { child, addr };
