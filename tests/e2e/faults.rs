@@ -23,7 +23,9 @@ const FAULTS: [Fault; 6] = [
 fn expected(fault: Fault, timeout: &str, error: &str) -> (u16, String) {
     match fault {
         Fault::Hang | Fault::DripHead | Fault::DripBody => (504, timeout.into()),
-        Fault::Reset | Fault::EndlessBody | Fault::HugeHeader => (502, error.into()),
+        Fault::Reset | Fault::EndlessBody | Fault::HugeHeader | Fault::CloseOnReuse => {
+            (502, error.into())
+        }
     }
 }
 
@@ -120,4 +122,32 @@ async fn proxy_and_refresh_survive_misbehaving_upstreams() {
         worst_p99 < 250.0,
         "control latency p99 {worst_p99:.1} ms during upstream faults"
     );
+}
+
+/// A server that closes a kept-alive connection just as it is reused (the race every keep-alive
+/// timeout causes now and then): an idempotent call is sent once more on a new connection and
+/// succeeds; a POST, which the server might have applied, is not sent twice and gets the 502.
+#[tokio::test]
+async fn a_connection_closed_on_reuse_is_retried_for_idempotent_calls_only() {
+    let kh = proxy_keyholder(|_| {}).await;
+    let server = FaultyServer::start(Fault::CloseOnReuse).await;
+    let url = server.url("/api");
+    for _ in 0..3 {
+        assert_eq!(kh.proxy_get("github", &url).await.status, 200);
+    }
+    // Calls 2 and 3 each met the closed connection and were answered on a new one.
+    assert_eq!(server.connections(), 3);
+
+    // The third call's connection is kept alive; a POST meets it closed and is not sent again.
+    let post = || {
+        kh.proxy(
+            "github",
+            json!({ "url": url, "method": "POST", "body": "e30=" }),
+            json!({ "Authorization": "Bearer ${TOKEN}" }),
+        )
+    };
+    post().await.assert_error(502, "upstream_error");
+    assert_eq!(server.connections(), 3, "a POST was sent twice");
+    assert_eq!(post().await.status, 200);
+    assert_eq!(server.connections(), 4);
 }

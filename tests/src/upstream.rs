@@ -281,6 +281,10 @@ pub enum Fault {
     EndlessBody,
     /// Sends a 2 MiB header.
     HugeHeader,
+    /// Answers the first request of a connection and keeps it open, then closes it without an
+    /// answer when the next request arrives on it: the race of a server closing an idle keep-alive
+    /// connection just as the client reuses it.
+    CloseOnReuse,
 }
 
 /// An upstream (or token endpoint) that fails in one way; counts connections; stops when dropped.
@@ -375,6 +379,14 @@ async fn misbehave(mut stream: TcpStream, fault: Fault) -> std::io::Result<()> {
             loop {
                 stream.write_all(&piece).await?;
             }
+        }
+        Fault::CloseOnReuse => {
+            stream
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
+                .await?;
+            // Wait for the next request on this connection, then close without answering.
+            let _ = stream.read(&mut chunk).await?;
+            drop(stream);
         }
         Fault::HugeHeader => {
             let mut head = b"HTTP/1.1 200 OK\r\nX-Huge: ".to_vec();

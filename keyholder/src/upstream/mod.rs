@@ -147,16 +147,26 @@ impl Upstream {
         cap: usize,
     ) -> Result<UpstreamResponse, UpstreamError> {
         self.check_url(&request.url)?;
-        let mut builder = self
-            .client()?
-            .request(request.method, request.url)
-            .headers(request.headers)
-            .timeout(timeout);
-        if let Some(body) = request.body {
-            builder = builder.body(body);
-        }
+        let client = self.client()?;
+        let build = |request: &OutboundRequest| {
+            let builder = client
+                .request(request.method.clone(), request.url.clone())
+                .headers(request.headers.clone())
+                .timeout(timeout);
+            match request.body.clone() {
+                Some(body) => builder.body(body),
+                None => builder,
+            }
+        };
         let call = async move {
-            let mut response = builder.send().await.map_err(map_error)?;
+            let mut response = match build(&request).send().await {
+                Ok(response) => response,
+                Err(err) if may_send_again(&request.method, &err) => {
+                    tracing::debug!(error = %err.without_url(), "upstream connection failed before an answer; sending once more");
+                    build(&request).send().await.map_err(map_error)?
+                }
+                Err(err) => return Err(map_error(err)),
+            };
             let status = response.status();
             let headers = std::mem::take(response.headers_mut());
             if response
@@ -204,6 +214,29 @@ fn build_client(settings: &UpstreamSettings) -> Result<reqwest::Client, Upstream
         .user_agent(concat!("keyholder/", env!("CARGO_PKG_VERSION")))
         .build()
         .map_err(|e| UpstreamError::Failed(format!("cannot build the HTTP client: {e}")))
+}
+
+/// A server may close an idle keep-alive connection just as the client reuses it: the request then
+/// fails before any answer, though nothing is wrong. RFC 9112 9.3.1 lets a client send an
+/// idempotent request again in that case (and forbids it for others, which may have been applied:
+/// a POST gets the 502 and the caller decides). Not after a timeout, a refused address or a failed
+/// connect, which a second try would only repeat.
+fn may_send_again(method: &reqwest::Method, err: &reqwest::Error) -> bool {
+    use reqwest::Method;
+    let idempotent = [
+        Method::GET,
+        Method::HEAD,
+        Method::OPTIONS,
+        Method::PUT,
+        Method::DELETE,
+        Method::TRACE,
+    ]
+    .contains(method);
+    idempotent
+        && err.is_request()
+        && !err.is_timeout()
+        && !err.is_connect()
+        && guard::find_refusal(err).is_none()
 }
 
 fn map_error(err: reqwest::Error) -> UpstreamError {

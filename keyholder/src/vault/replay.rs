@@ -523,12 +523,20 @@ impl ReplayGuard {
         };
         let mut dropped = 0;
         for period in expired {
-            self.store
+            let held = self
+                .store
                 .write(move |conn| {
-                    Ok(conn
-                        .execute_batch(&format!("DROP TABLE IF EXISTS {TABLE_PREFIX}{period}"))?)
+                    let started = std::time::Instant::now();
+                    conn.execute_batch(&format!("DROP TABLE IF EXISTS {TABLE_PREFIX}{period}"))?;
+                    Ok(started.elapsed())
                 })
                 .await?;
+            // The drop holds every other write for this long (it frees every page of the table).
+            tracing::info!(
+                period,
+                held_ms = held.as_secs_f64() * 1000.0,
+                "dropped the replay marks of an expired period"
+            );
             dropped += 1;
         }
         Ok(dropped)

@@ -16,7 +16,12 @@ use serde_json::json;
 
 /// Benchmark a fresh keyholder against a bare actix-web handler on this machine.
 #[derive(Debug, Parser)]
-#[command(name = "keyholder-bench", version, about)]
+#[command(
+    name = "keyholder-bench",
+    version,
+    after_help = "Environment: KEYHOLDER_BENCH_LOG=<filter> shows the keyholder's log on stderr \
+                  (e.g. warn,keyholder::store=trace for every group commit and checkpoint)."
+)]
 struct Args {
     /// Short run (under 60 s on 2 cores): 2 s per scenario and connection count.
     #[arg(long)]
