@@ -109,6 +109,9 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+/// Seconds into a sustained run after which the replay windows are full (see `sustain`).
+const REPLAY_WINDOWS_FULL_S: f64 = 660.0;
+
 /// `--sustain`: maximum of the mix first, then paced load at a fraction of it.
 async fn sustain(
     opts: BenchOptions,
@@ -153,6 +156,14 @@ async fn sustain(
             .map(|s| (s.t_s / 60.0, s.rss_mb))
             .collect::<Vec<_>>(),
     );
+    // Memory grows until the replay windows are full (request ids are kept 600 s, ticket nonces
+    // until `exp` + 300 s; the bench's tickets live 60 s): the trend that matters comes after.
+    let full: Vec<(f64, f64)> = steady
+        .iter()
+        .filter(|s| s.t_s >= REPLAY_WINDOWS_FULL_S)
+        .map(|s| (s.t_s / 60.0, s.rss_mb))
+        .collect();
+    let rss_slope_full = (full.len() >= 3).then(|| (bench::slope(&full) * 1000.0).round() / 1000.0);
     let p99s: Vec<f64> = steady.iter().map(|s| s.p99_ms).collect();
     let p99_max = p99s.iter().copied().fold(0.0, f64::max);
     let p99_median = {
@@ -176,6 +187,7 @@ async fn sustain(
         "rss_first_third_mb": mean(&steady[..third.min(steady.len())]),
         "rss_last_third_mb": mean(&steady[steady.len().saturating_sub(third)..]),
         "rss_slope_mb_per_min": (rss_slope * 1000.0).round() / 1000.0,
+        "rss_slope_after_replay_windows_full_mb_per_min": rss_slope_full,
         "samples": samples,
     });
     drop(upstream);
