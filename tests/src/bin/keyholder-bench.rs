@@ -103,9 +103,32 @@ fn main() -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    match args.sustain {
-        Some(secs) => rt.block_on(sustain(opts, secs, args.rate_fraction, args.sample_seconds)),
-        None => rt.block_on(run(opts)),
+    rt.block_on(async move {
+        let work = async move {
+            match args.sustain {
+                Some(secs) => sustain(opts, secs, args.rate_fraction, args.sample_seconds).await,
+                None => run(opts).await,
+            }
+        };
+        // Interrupted, the run is dropped, and with it the child servers (killed on drop).
+        tokio::select! {
+            result = work => result,
+            signal = interrupted() => Err(anyhow::anyhow!("stopped by {signal}")),
+        }
+    })
+}
+
+async fn interrupted() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => tokio::select! {
+            _ = tokio::signal::ctrl_c() => "SIGINT",
+            _ = term.recv() => "SIGTERM",
+        },
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            "SIGINT"
+        }
     }
 }
 
