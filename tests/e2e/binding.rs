@@ -61,12 +61,7 @@ async fn exchange_hands_over_the_secret_once() {
     let sig = answer.header("x-keyholder-signature").unwrap();
     let rid = answer.header("x-request-id").unwrap();
     verify_response(&key, &sig, "POST", PATH_EXCHANGE, &rid, 200, &answer.body).unwrap();
-    let published: IdentityDocument = serde_json::from_value(
-        read(kh.http.get(kh.url(PATH_IDENTITY)).send().await.unwrap())
-            .await
-            .json(),
-    )
-    .unwrap();
+    let published = kh.identity().await;
     assert_eq!(published, identity);
 
     // The same code again: used.

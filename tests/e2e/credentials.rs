@@ -4,7 +4,7 @@
 use keyholder_protocol::paths::*;
 use keyholder_protocol::response_sig::verify_response;
 use keyholder_protocol::ticket::encode_ticket;
-use keyholder_protocol::{HmacSecret, IdentityDocument, Purpose, TicketClaims};
+use keyholder_protocol::{HmacSecret, Purpose, TicketClaims};
 use keyholder_tests::*;
 use serde_json::json;
 
@@ -495,12 +495,7 @@ async fn totp_codes_without_revealing_the_secret() {
 #[tokio::test]
 async fn concurrent_answers_share_a_batch_signature_that_verifies_for_each() {
     let kh = bound().await;
-    let identity: IdentityDocument = serde_json::from_value(
-        read(kh.http.get(kh.url(PATH_IDENTITY)).send().await.unwrap())
-            .await
-            .json(),
-    )
-    .unwrap();
+    let identity = kh.identity().await;
     let key = identity.verifying_key().unwrap();
     kh.store("github", json!({"accessToken":"ghp_x"})).await;
     let mut batched = 0;
@@ -550,12 +545,7 @@ async fn concurrent_answers_share_a_batch_signature_that_verifies_for_each() {
 #[tokio::test]
 async fn every_response_is_signed_by_the_identity_key() {
     let kh = bound().await;
-    let identity: IdentityDocument = serde_json::from_value(
-        read(kh.http.get(kh.url(PATH_IDENTITY)).send().await.unwrap())
-            .await
-            .json(),
-    )
-    .unwrap();
+    let identity = kh.identity().await;
     let key = identity.verifying_key().unwrap();
     kh.store("github", json!({"accessToken":"ghp_x"})).await;
     let ticket = kh.ticket(Purpose::AgentCredential, "github");

@@ -325,6 +325,12 @@ impl Keyholder {
         .await
     }
 
+    /// The published identity (`GET /v1/identity`).
+    pub async fn identity(&self) -> keyholder_protocol::IdentityDocument {
+        let answer = read(self.http.get(self.url(PATH_IDENTITY)).send().await.unwrap()).await;
+        serde_json::from_value(answer.json()).unwrap()
+    }
+
     /// The agent's `GET /v1/credential` (following the platform's redirect).
     pub async fn credential(&self, service: &str) -> Answer {
         let ticket = self.ticket(Purpose::AgentCredential, service);

@@ -105,18 +105,21 @@ pub async fn keyholder_layer(
     let span =
         tracing::info_span!("request", request_id = %request_id, method = %method, path = %path);
 
+    let state_ref = state.as_ref().map(|s| s.get_ref());
+    let finishing = |response, http_req| {
+        finish(
+            response,
+            http_req,
+            &request_id,
+            &target,
+            state_ref,
+            origin.as_ref(),
+        )
+    };
     let (http_req, finished) = if method == Method::OPTIONS && is_cors_path(&path) {
         // CORS preflight: the ticket, not CORS, is the security boundary.
         let (http_req, _) = req.into_parts();
-        let finished = finish(
-            HttpResponse::NoContent().finish(),
-            &http_req,
-            &request_id,
-            &target,
-            state.as_ref().map(|s| s.get_ref()),
-            origin.as_ref(),
-        )
-        .await;
+        let finished = finishing(HttpResponse::NoContent().finish(), &http_req).await;
         (http_req, finished)
     } else {
         let barrier = Arc::new(DurabilityBarrier::default());
@@ -128,16 +131,8 @@ pub async fn keyholder_layer(
         // The answer is built and signed while the replay marks made in handling are being
         // committed (the signature is the largest piece of CPU work and overlaps the fsync), but
         // it is released only once they are durable.
-        let finished = finish(
-            res.map_into_boxed_body(),
-            &http_req,
-            &request_id,
-            &target,
-            state.as_ref().map(|s| s.get_ref()),
-            origin.as_ref(),
-        )
-        .await;
-        let settled = match state.as_ref() {
+        let finished = finishing(res.map_into_boxed_body(), &http_req).await;
+        let settled = match state_ref {
             Some(state) => barrier.settle(&state.vault.replay).await,
             None => Ok(()),
         };
@@ -145,15 +140,7 @@ pub async fn keyholder_layer(
             Ok(()) => (http_req, finished),
             Err(err) => {
                 let failed = HttpResponse::from_error(actix_web::Error::from(ApiError::from(err)));
-                let finished = finish(
-                    failed,
-                    &http_req,
-                    &request_id,
-                    &target,
-                    state.as_ref().map(|s| s.get_ref()),
-                    origin.as_ref(),
-                )
-                .await;
+                let finished = finishing(failed, &http_req).await;
                 (http_req, finished)
             }
         }

@@ -362,6 +362,21 @@ fn mark_periods(conn: &rusqlite::Connection) -> Result<Vec<i64>, crate::store::S
         .collect())
 }
 
+/// The `(kind, key, expires_at)` rows of a mark table that have not expired at `now`.
+fn live_marks(
+    conn: &rusqlite::Connection,
+    table: &str,
+    now: i64,
+) -> Result<Vec<(i64, i64, i64)>, crate::store::StoreError> {
+    let mut stmt = conn.prepare(&format!(
+        "SELECT kind, key, expires_at FROM {table} WHERE expires_at >= ?1"
+    ))?;
+    let rows = stmt
+        .query_map([now], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
 /// Moves the live marks of 5-minute period tables into the one-minute tables, then drops them.
 fn convert_five_minute_tables(conn: &rusqlite::Connection) -> Result<(), crate::store::StoreError> {
     let now = crate::clock::now_unix();
@@ -372,22 +387,7 @@ fn convert_five_minute_tables(conn: &rusqlite::Connection) -> Result<(), crate::
     for period in legacy {
         let table = format!("{LEGACY_PERIOD_PREFIX}{period}");
         if (period + 1) * LEGACY_PERIOD_SECS > now {
-            let rows = {
-                let mut stmt = conn.prepare(&format!(
-                    "SELECT kind, key, expires_at FROM {table} WHERE expires_at >= ?1"
-                ))?;
-                let rows = stmt
-                    .query_map([now], |r| {
-                        Ok((
-                            r.get::<_, i64>(0)?,
-                            r.get::<_, i64>(1)?,
-                            r.get::<_, i64>(2)?,
-                        ))
-                    })?
-                    .collect::<Result<Vec<_>, _>>()?;
-                rows
-            };
-            for (kind, key, expires_at) in rows {
+            for (kind, key, expires_at) in live_marks(conn, &table, now)? {
                 let kind = ReplayKind::from_code(kind).unwrap_or(ReplayKind::Nonce);
                 insert_mark(conn, kind, key as MarkKey, expires_at)?;
             }
@@ -462,20 +462,7 @@ impl ReplayGuard {
                 let periods = mark_periods(conn)?;
                 let mut rows = Vec::new();
                 for period in periods.iter().filter(|p| (*p + 1) * PERIOD_SECS > now) {
-                    let mut stmt = conn.prepare(&format!(
-                        "SELECT kind, key, expires_at FROM {TABLE_PREFIX}{period}
-                           WHERE expires_at >= ?1"
-                    ))?;
-                    let found = stmt.query_map([now], |r| {
-                        Ok((
-                            r.get::<_, i64>(0)?,
-                            r.get::<_, i64>(1)?,
-                            r.get::<_, i64>(2)?,
-                        ))
-                    })?;
-                    for row in found {
-                        rows.push(row?);
-                    }
+                    rows.extend(live_marks(conn, &format!("{TABLE_PREFIX}{period}"), now)?);
                 }
                 Ok((periods, rows))
             })
