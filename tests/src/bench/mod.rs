@@ -27,6 +27,8 @@ use http1::{request, Connection};
 pub struct BenchOptions {
     /// Seconds of load per scenario and connection count.
     pub seconds: f64,
+    /// Round-robin rounds the seconds are split into.
+    pub rounds: usize,
     /// Connection counts.
     pub connections: Vec<usize>,
     /// The `keyholder` binary.
@@ -58,6 +60,9 @@ pub struct ScenarioResult {
     pub p99_ms: f64,
     /// 99.9th percentile.
     pub p999_ms: f64,
+    /// CPU time the server process (keyholder, baseline or forwarder) spent per answered
+    /// request, microseconds (all its threads; the load generator not included).
+    pub server_cpu_us: Option<f64>,
 }
 
 /// Makes the bytes of request number `n`.
@@ -196,28 +201,173 @@ pub fn serve_baseline(addr: SocketAddr, workers: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs one scenario: `connections` connections, each sending requests back to back.
-pub async fn run_scenario(
-    name: &str,
+/// Starts the bare forwarder (this same binary in `--serve-forwarder` mode) in front of `upstream`.
+pub async fn start_forwarder(workers: usize, upstream: SocketAddr) -> anyhow::Result<ChildServer> {
+    let port = free_port()?;
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let child = Command::new(std::env::current_exe()?)
+        .args([
+            "--serve-forwarder",
+            &addr.to_string(),
+            "--forward-to",
+            &upstream.to_string(),
+            "--workers",
+            &workers.to_string(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let server = ChildServer { child, addr };
+    wait_healthy(addr, "/", Duration::from_secs(10)).await?;
+    Ok(server)
+}
+
+/// The floor of any forwarding proxy built from the keyholder's parts: a bare actix-web handler
+/// that sends each request on to `upstream` with a pooled `reqwest` client per worker thread (as the
+/// keyholder does) and returns the answer. No ticket, replay mark, credential or signature.
+pub fn serve_forwarder(
     addr: SocketAddr,
+    upstream: SocketAddr,
+    workers: usize,
+) -> anyhow::Result<()> {
+    use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
+    thread_local! {
+        static CLIENT: reqwest::Client = reqwest::Client::builder()
+            .no_proxy()
+            .pool_max_idle_per_host(256)
+            .tcp_nodelay(true)
+            .build()
+            .unwrap_or_default();
+    }
+    async fn forward(req: HttpRequest, upstream: web::Data<SocketAddr>) -> HttpResponse {
+        let url = format!("http://{}{}", upstream.get_ref(), req.path());
+        let client = CLIENT.with(Clone::clone);
+        match client
+            .get(url)
+            .header("Accept", "application/json")
+            .send()
+            .await
+        {
+            Ok(answer) => {
+                let status = answer.status().as_u16();
+                match answer.bytes().await {
+                    Ok(body) => HttpResponse::build(
+                        actix_web::http::StatusCode::from_u16(status)
+                            .unwrap_or(actix_web::http::StatusCode::BAD_GATEWAY),
+                    )
+                    .content_type("application/json")
+                    .body(body),
+                    Err(_) => HttpResponse::BadGateway().finish(),
+                }
+            }
+            Err(_) => HttpResponse::BadGateway().finish(),
+        }
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        HttpServer::new(move || {
+            App::new()
+                .app_data(web::Data::new(upstream))
+                .default_service(web::to(forward))
+        })
+        .workers(workers)
+        .bind(addr)?
+        .run()
+        .await
+    })?;
+    Ok(())
+}
+
+/// CPU time (user + system, all threads) a process has used so far, seconds.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    // Fields 14 and 15 of /proc/<pid>/stat, in clock ticks (USER_HZ, 100 on Linux).
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            // The command name (field 2) may hold spaces: count from the closing parenthesis.
+            let rest = &s[s.rfind(')')? + 2..];
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            let utime: f64 = fields.get(11)?.parse().ok()?;
+            let stime: f64 = fields.get(12)?.parse().ok()?;
+            Some((utime + stime) / 100.0)
+        })
+        .unwrap_or(0.0)
+}
+
+/// What one or more slices of a scenario measured; slices of one scenario merge.
+#[derive(Debug, Clone)]
+pub struct Measured {
+    hist: Histogram<u64>,
+    ok: u64,
+    errors: u64,
+    error_statuses: std::collections::BTreeMap<u16, u64>,
+    elapsed_s: f64,
+    server_cpu_s: f64,
+}
+
+impl Measured {
+    /// Adds another slice of the same scenario.
+    pub fn merge(&mut self, other: Measured) -> anyhow::Result<()> {
+        self.hist.add(other.hist)?;
+        self.ok += other.ok;
+        self.errors += other.errors;
+        for (status, count) in other.error_statuses {
+            *self.error_statuses.entry(status).or_default() += count;
+        }
+        self.elapsed_s += other.elapsed_s;
+        self.server_cpu_s += other.server_cpu_s;
+        Ok(())
+    }
+
+    /// The figures of the scenario.
+    pub fn result(&self, name: &str, connections: usize) -> ScenarioResult {
+        let ms = |q: f64| self.hist.value_at_quantile(q) as f64 / 1000.0;
+        ScenarioResult {
+            scenario: name.to_string(),
+            connections,
+            ok: self.ok,
+            errors: self.errors,
+            error_statuses: self.error_statuses.clone(),
+            rps: self.ok as f64 / self.elapsed_s.max(1e-9),
+            p50_ms: ms(0.50),
+            p99_ms: ms(0.99),
+            p999_ms: ms(0.999),
+            server_cpu_us: (self.ok > 0)
+                .then(|| (self.server_cpu_s * 1e7 / self.ok as f64).round() / 10.0),
+        }
+    }
+}
+
+/// Runs one scenario: `connections` connections, each sending requests back to back, against
+/// the server process `pid` (whose CPU time is measured).
+pub async fn run_scenario(
+    addr: SocketAddr,
+    pid: u32,
     connections: usize,
     seconds: f64,
     make: RequestFactory,
     expect_status: u16,
-) -> anyhow::Result<ScenarioResult> {
+) -> anyhow::Result<Measured> {
     // One sequence for the whole run: nonces and request ids never repeat across scenarios.
     static SEQUENCE: AtomicU64 = AtomicU64::new(0);
-    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
-    let started = Instant::now();
-    let mut tasks = Vec::new();
+    // Connections open before the clock starts, so a slice measures only requests.
+    let mut conns = Vec::with_capacity(connections);
     for _ in 0..connections {
+        conns.push(Connection::open(addr).await?);
+    }
+    let cpu_before = cpu_seconds(pid);
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs_f64(seconds);
+    let mut tasks = Vec::new();
+    for mut conn in conns {
         let make = Arc::clone(&make);
         tasks.push(tokio::spawn(async move {
             let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
             let mut ok = 0u64;
             let mut errors = 0u64;
             let mut statuses = std::collections::BTreeMap::<u16, u64>::new();
-            let mut conn = Connection::open(addr).await?;
             while Instant::now() < deadline {
                 let n = SEQUENCE.fetch_add(1, Ordering::Relaxed);
                 let req = make(n);
@@ -240,31 +390,26 @@ pub async fn run_scenario(
             Ok::<_, anyhow::Error>((hist, ok, errors, statuses))
         }));
     }
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-    let (mut ok, mut errors) = (0, 0);
-    let mut error_statuses = std::collections::BTreeMap::<u16, u64>::new();
+    let mut measured = Measured {
+        hist: Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?,
+        ok: 0,
+        errors: 0,
+        error_statuses: Default::default(),
+        elapsed_s: 0.0,
+        server_cpu_s: 0.0,
+    };
     for task in tasks {
         let (h, o, e, statuses) = task.await??;
-        hist.add(h)?;
-        ok += o;
-        errors += e;
+        measured.hist.add(h)?;
+        measured.ok += o;
+        measured.errors += e;
         for (status, count) in statuses {
-            *error_statuses.entry(status).or_default() += count;
+            *measured.error_statuses.entry(status).or_default() += count;
         }
     }
-    let elapsed = started.elapsed().as_secs_f64();
-    let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
-    Ok(ScenarioResult {
-        scenario: name.to_string(),
-        connections,
-        ok,
-        errors,
-        error_statuses,
-        rps: ok as f64 / elapsed,
-        p50_ms: ms(0.50),
-        p99_ms: ms(0.99),
-        p999_ms: ms(0.999),
-    })
+    measured.elapsed_s = started.elapsed().as_secs_f64();
+    measured.server_cpu_s = cpu_seconds(pid) - cpu_before;
+    Ok(measured)
 }
 
 /// Sends one request on a fresh connection and returns status and JSON body.

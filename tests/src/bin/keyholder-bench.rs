@@ -32,13 +32,19 @@ struct Args {
     /// Seconds per scenario and connection count (full run default: 10).
     #[arg(long)]
     seconds: Option<f64>,
+    /// Rounds per connection count: each runs every scenario for `seconds / rounds`, so that the
+    /// scenarios compared in a ratio share the machine's ups and downs (full run default: 5,
+    /// `--quick`: 2).
+    #[arg(long)]
+    rounds: Option<usize>,
     /// Connection counts.
     #[arg(long, value_delimiter = ',', default_value = "16,64")]
     connections: Vec<usize>,
     /// The keyholder binary (default: next to this one).
     #[arg(long)]
     keyholder_bin: Option<PathBuf>,
-    /// Run only these scenarios (baseline, credential, storage_list, store, direct_upstream, proxy).
+    /// Run only these scenarios (baseline, credential, storage_list, store, direct_upstream,
+    /// bare_forwarder, proxy).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Server worker threads, for the keyholder and the baseline alike.
@@ -56,6 +62,12 @@ struct Args {
     /// Internal: serve the baseline handler on this address.
     #[arg(long, hide = true)]
     serve_baseline: Option<std::net::SocketAddr>,
+    /// Internal: serve the bare forwarder on this address (with `--forward-to`).
+    #[arg(long, hide = true, requires = "forward_to")]
+    serve_forwarder: Option<std::net::SocketAddr>,
+    /// Internal: the upstream of `--serve-forwarder`.
+    #[arg(long, hide = true)]
+    forward_to: Option<std::net::SocketAddr>,
 }
 
 fn find(results: &[ScenarioResult], scenario: &str, connections: usize) -> Option<ScenarioResult> {
@@ -69,6 +81,9 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if let Some(addr) = args.serve_baseline {
         return bench::serve_baseline(addr, args.workers);
+    }
+    if let (Some(addr), Some(upstream)) = (args.serve_forwarder, args.forward_to) {
+        return bench::serve_forwarder(addr, upstream, args.workers);
     }
     let keyholder_bin = match args.keyholder_bin.clone() {
         Some(p) => p,
@@ -92,8 +107,19 @@ fn main() -> anyhow::Result<()> {
     } else {
         args.connections.clone()
     };
+    let rounds = args
+        .rounds
+        .unwrap_or(if args.smoke {
+            1
+        } else if args.quick {
+            2
+        } else {
+            5
+        })
+        .max(1);
     let opts = BenchOptions {
         seconds,
+        rounds,
         connections: connections.clone(),
         keyholder_bin,
         workers: args.workers,
@@ -151,8 +177,16 @@ async fn sustain(
     let upstream = bench::start_baseline(opts.workers).await?;
     let mix = bench::mixed_factory(Arc::clone(&secret), upstream.addr);
     let conns = 16;
-    let max =
-        bench::run_scenario("mix_max", keyholder.addr, conns, 5.0, Arc::clone(&mix), 200).await?;
+    let max = bench::run_scenario(
+        keyholder.addr,
+        keyholder.pid(),
+        conns,
+        5.0,
+        Arc::clone(&mix),
+        200,
+    )
+    .await?
+    .result("mix_max", conns);
     let rate = max.rps * fraction;
     println!(
         "keyholder-bench --sustain: credential GET + proxy mix, maximum {:.0} req/s (p99 {:.2} ms); holding {:.0} req/s ({:.0}%) for {seconds} s over {conns} connections",
@@ -232,9 +266,11 @@ async fn run(opts: BenchOptions) -> anyhow::Result<()> {
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     let rss_idle = bench::rss_mb(keyholder.pid());
     let baseline = bench::start_baseline(opts.workers).await?;
+    let forwarder = bench::start_forwarder(opts.workers, baseline.addr).await?;
     println!(
-        "keyholder-bench: {} s per scenario, connections {:?}, {} server workers, healthy {} ms after start",
+        "keyholder-bench: {} s per scenario in {} rounds, connections {:?}, {} server workers, healthy {} ms after start",
         opts.seconds,
+        opts.rounds,
         opts.connections,
         opts.workers,
         startup.as_millis()
@@ -250,49 +286,75 @@ async fn run(opts: BenchOptions) -> anyhow::Result<()> {
 
     let mut results = Vec::new();
     for &conns in &opts.connections {
-        let mut plan: Vec<(&str, std::net::SocketAddr, bench::RequestFactory)> = vec![
-            ("baseline", baseline.addr, bench::fixed_factory("/")),
+        type Step<'a> = (&'a str, &'a bench::ChildServer, bench::RequestFactory);
+        let mut plan: Vec<Step> = vec![
+            ("baseline", &baseline, bench::fixed_factory("/")),
             (
                 "credential",
-                keyholder.addr,
+                &keyholder,
                 bench::credential_factory(Arc::clone(&secret)),
             ),
             (
                 "storage_list",
-                keyholder.addr,
+                &keyholder,
                 bench::storage_list_factory(Arc::clone(&secret)),
             ),
             (
                 "store",
-                keyholder.addr,
+                &keyholder,
                 bench::store_factory(Arc::clone(&secret)),
             ),
         ];
         if proxy_available {
             plan.push((
                 "direct_upstream",
-                baseline.addr,
+                &baseline,
+                bench::fixed_factory("/api/item"),
+            ));
+            plan.push((
+                "bare_forwarder",
+                &forwarder,
                 bench::fixed_factory("/api/item"),
             ));
             plan.push((
                 "proxy",
-                keyholder.addr,
+                &keyholder,
                 bench::proxy_factory(Arc::clone(&secret), baseline.addr),
             ));
         }
-        for (name, addr, make) in plan {
-            if !opts.only.is_empty() && !opts.only.iter().any(|o| o == name) {
-                continue;
+        plan.retain(|(name, _, _)| opts.only.is_empty() || opts.only.iter().any(|o| o == name));
+        // Round-robin slices: a drift of the machine during the run hits every scenario alike.
+        let slice = opts.seconds / opts.rounds as f64;
+        let mut measured: Vec<Option<bench::Measured>> = vec![None; plan.len()];
+        for _ in 0..opts.rounds {
+            for ((_, server, make), total) in plan.iter().zip(measured.iter_mut()) {
+                let m = bench::run_scenario(
+                    server.addr,
+                    server.pid(),
+                    conns,
+                    slice,
+                    Arc::clone(make),
+                    200,
+                )
+                .await?;
+                match total {
+                    Some(total) => total.merge(m)?,
+                    None => *total = Some(m),
+                }
             }
-            let r = bench::run_scenario(name, addr, conns, opts.seconds, make, 200).await?;
+        }
+        for ((name, _, _), m) in plan.iter().zip(measured) {
+            let Some(m) = m else { continue };
+            let r = m.result(name, conns);
             println!(
-                "{:<16} conns={:<3} rps={:>9.0} p50={:>7.2}ms p99={:>7.2}ms p99.9={:>7.2}ms errors={}{}",
+                "{:<16} conns={:<3} rps={:>9.0} p50={:>7.2}ms p99={:>7.2}ms p99.9={:>7.2}ms cpu={:>6.1}us/req errors={}{}",
                 r.scenario,
                 r.connections,
                 r.rps,
                 r.p50_ms,
                 r.p99_ms,
                 r.p999_ms,
+                r.server_cpu_us.unwrap_or(0.0),
                 r.errors,
                 if r.errors > 0 { format!(" {:?}", r.error_statuses) } else { String::new() }
             );
@@ -319,12 +381,18 @@ async fn run(opts: BenchOptions) -> anyhow::Result<()> {
         "proxy_rps": rps("proxy"),
         "direct_upstream_rps": rps("direct_upstream"),
         "proxy_ratio": ratio("proxy", "direct_upstream"),
+        "bare_forwarder_rps": rps("bare_forwarder"),
+        "bare_forwarder_ratio": ratio("bare_forwarder", "direct_upstream"),
+        "proxy_to_bare_forwarder_ratio": ratio("proxy", "bare_forwarder"),
+        "credential_cpu_us": find(&results, "credential", head).and_then(|r| r.server_cpu_us),
+        "proxy_cpu_us": find(&results, "proxy", head).and_then(|r| r.server_cpu_us),
         "rss_idle_mb": (rss_idle * 10.0).round() / 10.0,
         "rss_load_mb": (rss_load * 10.0).round() / 10.0,
         "startup_ms": startup.as_millis() as u64,
         "errors": errors,
         "scenarios": results,
     });
+    drop(forwarder);
     drop(baseline);
     drop(keyholder);
     println!("{summary}");
