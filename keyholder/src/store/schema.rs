@@ -56,8 +56,9 @@ const MIGRATIONS: &[&str] = &[
     //    (`replay_marks_<period>`, created as needed by `vault::replay`): expired marks go with a
     //    DROP TABLE instead of deleting rows (measured: deleting a minute's marks under load
     //    stalled the writer for half a second); `replay_log`'s rows are converted at the next start.
-    //    (Since then one table per minute, `replay_marks_60s_<period>`; the 5-minute tables'
-    //    live marks are moved into them at start, see `vault::replay`.)
+    //    (Since then one table per minute with a group commit's marks packed into rows,
+    //    `replay_marks_packed_60s_<period>`; the live marks of the older tables are moved into
+    //    them at start, see `vault::replay`.)
     "DROP INDEX audit_service;",
 ];
 

@@ -4,11 +4,10 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 
-use rusqlite::params;
 use sha2::{Digest, Sha256};
 
 use super::VaultError;
-use crate::store::{PendingWrite, Store};
+use crate::store::{PackedRecord, PendingWrite, Store};
 
 tokio::task_local! {
     /// Set by the HTTP layer around each request (see [`DurabilityBarrier`]).
@@ -301,16 +300,20 @@ impl ReplayKind {
     }
 }
 
-/// Seconds of expiry per mark table: every mark in `replay_marks_<p>` expires within
+/// Seconds of expiry per mark table: every mark in `replay_marks_packed_60s_<p>` expires within
 /// `[p * PERIOD_SECS, (p + 1) * PERIOD_SECS)`, so the whole table is dropped after that. A drop
 /// frees every page of the table and holds all other writes meanwhile: measured under 10-11k req/s
 /// of sustained load, a 5-minute table held the writer 106-246 ms (the p99 of that 20 s window rose
-/// to 227 ms), a 1-minute table 21-86 ms (windows with drops stayed at 5-43 ms). The cost is a
-/// CREATE and a DROP per minute (schema changes re-prepare cached statements: negligible).
+/// to 227 ms), a 1-minute table 21-86 ms (windows with drops stayed at 5-43 ms). The marks of a
+/// group commit are packed into rows (see [`PackedRecord`]), which makes the tables (and drops) a
+/// third of one row per mark. The cost is a CREATE and a DROP per minute (schema changes
+/// re-prepare cached statements: negligible).
 const PERIOD_SECS: i64 = 60;
-const TABLE_PREFIX: &str = "replay_marks_60s_";
-/// Tables of 5-minute periods (`replay_marks_<p>`, schema 6 before one-minute tables): their live
-/// marks are moved into the one-minute tables at load.
+const TABLE_PREFIX: &str = "replay_marks_packed_60s_";
+/// Tables of one row per mark and minute (`replay_marks_60s_<p>`, before packing) and of 5-minute
+/// periods (`replay_marks_<p>`, schema 6): their live marks are packed into the current tables at
+/// load.
+const ROW_TABLE_PREFIX: &str = "replay_marks_60s_";
 const LEGACY_PERIOD_PREFIX: &str = "replay_marks_";
 const LEGACY_PERIOD_SECS: i64 = 300;
 
@@ -318,30 +321,25 @@ fn period_of(expires_at: i64) -> i64 {
     expires_at.div_euclid(PERIOD_SECS)
 }
 
-/// Appends one mark to its period's table, creating the table on first use (only an empty table
-/// can be left behind by a failure, which is harmless).
-fn insert_mark(
-    conn: &rusqlite::Connection,
-    kind: ReplayKind,
-    key: MarkKey,
-    expires_at: i64,
-) -> Result<(), crate::store::StoreError> {
-    let table = format!("{TABLE_PREFIX}{}", period_of(expires_at));
-    let sql = format!("INSERT INTO {table}(kind, key, expires_at) VALUES (?1, ?2, ?3)");
-    let values = params![kind.code(), key as i64, expires_at];
-    match conn.prepare_cached(&sql) {
-        Ok(mut insert) => {
-            insert.execute(values)?;
-        }
-        Err(err) if err.to_string().contains("no such table") => {
-            conn.execute_batch(&format!(
-                "CREATE TABLE IF NOT EXISTS {table} (kind INTEGER NOT NULL, key INTEGER NOT NULL,
-                   expires_at INTEGER NOT NULL)"
-            ))?;
-            conn.prepare_cached(&sql)?.execute(values)?;
-        }
-        Err(err) => return Err(err.into()),
+/// The durable form of a mark: 8 bytes in its expiry period's table, tagged with its kind.
+fn mark_record(kind: ReplayKind, key: MarkKey, expires_at: i64) -> PackedRecord {
+    PackedRecord {
+        table: (TABLE_PREFIX, period_of(expires_at)),
+        tag: kind.code(),
+        until: expires_at,
+        bytes: key.to_le_bytes(),
     }
+}
+
+/// Writes marks found in an older layout (at load) in the current one.
+fn write_converted_marks(
+    conn: &rusqlite::Connection,
+    marks: impl IntoIterator<Item = (ReplayKind, MarkKey, i64)>,
+) -> Result<(), crate::store::StoreError> {
+    let records = marks
+        .into_iter()
+        .map(|(kind, key, expires_at)| mark_record(kind, key, expires_at));
+    crate::store::write_records(conn, records)?;
     Ok(())
 }
 
@@ -362,35 +360,44 @@ fn mark_periods(conn: &rusqlite::Connection) -> Result<Vec<i64>, crate::store::S
         .collect())
 }
 
-/// The `(kind, key, expires_at)` rows of a mark table that have not expired at `now`.
+/// The `(kind, key, expires_at)` rows of a one-row-per-mark table that have not expired at `now`.
 fn live_marks(
     conn: &rusqlite::Connection,
     table: &str,
     now: i64,
-) -> Result<Vec<(i64, i64, i64)>, crate::store::StoreError> {
+) -> Result<Vec<(ReplayKind, MarkKey, i64)>, crate::store::StoreError> {
     let mut stmt = conn.prepare(&format!(
         "SELECT kind, key, expires_at FROM {table} WHERE expires_at >= ?1"
     ))?;
     let rows = stmt
-        .query_map([now], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .query_map([now], |r| {
+            // An unknown kind (a newer keyholder's) is kept as a nonce: refusing too much is safe.
+            let kind = ReplayKind::from_code(r.get(0)?).unwrap_or(ReplayKind::Nonce);
+            Ok((kind, r.get::<_, i64>(1)? as MarkKey, r.get(2)?))
+        })?
         .collect::<Result<Vec<_>, _>>()?;
     Ok(rows)
 }
 
-/// Moves the live marks of 5-minute period tables into the one-minute tables, then drops them.
-fn convert_five_minute_tables(conn: &rusqlite::Connection) -> Result<(), crate::store::StoreError> {
+/// Packs the live marks of one-row-per-mark tables (of 5-minute or one-minute periods) into the
+/// current tables, then drops them.
+fn convert_row_tables(conn: &rusqlite::Connection) -> Result<(), crate::store::StoreError> {
     let now = crate::clock::now_unix();
-    let legacy: Vec<i64> = table_names(conn)?
-        .iter()
-        .filter_map(|n| n.strip_prefix(LEGACY_PERIOD_PREFIX)?.parse().ok())
-        .collect();
-    for period in legacy {
-        let table = format!("{LEGACY_PERIOD_PREFIX}{period}");
-        if (period + 1) * LEGACY_PERIOD_SECS > now {
-            for (kind, key, expires_at) in live_marks(conn, &table, now)? {
-                let kind = ReplayKind::from_code(kind).unwrap_or(ReplayKind::Nonce);
-                insert_mark(conn, kind, key as MarkKey, expires_at)?;
-            }
+    let names = table_names(conn)?;
+    let period_tables = |prefix: &str, secs: i64| -> Vec<(String, i64)> {
+        names
+            .iter()
+            .filter_map(|n| Some((n.clone(), n.strip_prefix(prefix)?.parse::<i64>().ok()?)))
+            .map(|(name, period)| (name, (period + 1) * secs))
+            .collect()
+    };
+    let legacy = period_tables(LEGACY_PERIOD_PREFIX, LEGACY_PERIOD_SECS);
+    for (table, period_end) in legacy
+        .into_iter()
+        .chain(period_tables(ROW_TABLE_PREFIX, PERIOD_SECS))
+    {
+        if period_end > now {
+            write_converted_marks(conn, live_marks(conn, &table, now)?)?;
         }
         conn.execute_batch(&format!("DROP TABLE {table}"))?;
     }
@@ -420,13 +427,16 @@ fn convert_legacy_marks(conn: &rusqlite::Connection) -> Result<(), crate::store:
             .collect::<Result<Vec<_>, _>>()?;
         rows
     };
-    for (name, id, expires_at) in rows {
-        let kind = [ReplayKind::RequestId, ReplayKind::EnvelopeNonce]
-            .into_iter()
-            .find(|k| k.legacy_name() == name)
-            .unwrap_or(ReplayKind::Nonce);
-        insert_mark(conn, kind, mark_key(&id), expires_at)?;
-    }
+    write_converted_marks(
+        conn,
+        rows.into_iter().map(|(name, id, expires_at)| {
+            let kind = [ReplayKind::RequestId, ReplayKind::EnvelopeNonce]
+                .into_iter()
+                .find(|k| k.legacy_name() == name)
+                .unwrap_or(ReplayKind::Nonce);
+            (kind, mark_key(&id), expires_at)
+        }),
+    )?;
     conn.execute_batch("DROP TABLE replay_log")?;
     Ok(())
 }
@@ -455,14 +465,15 @@ impl ReplayGuard {
     /// as text ids, or in 5-minute tables, first).
     pub async fn load(store: Store) -> Result<ReplayGuard, VaultError> {
         store.write(convert_legacy_marks).await?;
-        store.write(convert_five_minute_tables).await?;
+        store.write(convert_row_tables).await?;
         let now = crate::clock::now_unix();
         let (periods, rows) = store
             .read(move |conn| {
                 let periods = mark_periods(conn)?;
                 let mut rows = Vec::new();
                 for period in periods.iter().filter(|p| (*p + 1) * PERIOD_SECS > now) {
-                    rows.extend(live_marks(conn, &format!("{TABLE_PREFIX}{period}"), now)?);
+                    let table = format!("{TABLE_PREFIX}{period}");
+                    rows.extend(crate::store::read_packed_rows(conn, &table, now)?);
                 }
                 Ok((periods, rows))
             })
@@ -474,12 +485,14 @@ impl ReplayGuard {
             nonces: MarkSet::default(),
             envelope_nonces: MarkSet::default(),
         };
-        for (kind, key, expires_at) in rows {
+        for (kind, until, keys) in rows {
             // An unknown kind (a newer keyholder's) is kept as a nonce: refusing too much is safe.
-            let kind = ReplayKind::from_code(kind).unwrap_or(ReplayKind::Nonce);
-            guard
-                .set(kind)
-                .insert_loaded(key as MarkKey, expires_at, now);
+            // Each mark of a row is kept until the row's `until` (the latest of its period): at
+            // most a minute longer than its own expiry.
+            let set = guard.set(ReplayKind::from_code(kind).unwrap_or(ReplayKind::Nonce));
+            for key in keys {
+                set.insert_loaded(MarkKey::from_le_bytes(key), until, now);
+            }
         }
         Ok(guard)
     }
@@ -509,9 +522,7 @@ impl ReplayGuard {
             .lock()
             .map_err(poisoned)?
             .insert(period_of(expires_at));
-        let submitted = self
-            .store
-            .submit_statement(move |conn| insert_mark(conn, kind, key, expires_at));
+        let submitted = self.store.submit_record(mark_record(kind, key, expires_at));
         let result = match submitted {
             Ok(pending) => match DURABILITY.try_with(Arc::clone) {
                 // Inside a request: the commit runs while the request is handled, and the HTTP
@@ -591,6 +602,7 @@ impl ReplayGuard {
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
+    use rusqlite::params;
 
     #[tokio::test]
     async fn marks_survive_a_restart_and_legacy_marks_are_converted() {
@@ -607,17 +619,24 @@ mod tests {
                          ('envelope', 'env-old', ?1), ('nonce', 'gone', 1)",
                         [later],
                     )?;
-                    // And as a keyholder with 5-minute tables did (one table over, one live).
-                    for (period, id, expires_at) in [
-                        (later / 300, "nonce-5min", later),
-                        (1, "nonce-5min-gone", 400),
+                    // And as keyholders with one row per mark in 5-minute and in one-minute
+                    // tables did (one table of each over, one live).
+                    for (table, id, expires_at) in [
+                        (format!("replay_marks_{}", later / 300), "nonce-5min", later),
+                        ("replay_marks_1".into(), "nonce-5min-gone", 400),
+                        (
+                            format!("replay_marks_60s_{}", later / 60),
+                            "nonce-1min",
+                            later,
+                        ),
+                        ("replay_marks_60s_6".into(), "nonce-1min-gone", 400),
                     ] {
                         conn.execute_batch(&format!(
-                            "CREATE TABLE replay_marks_{period} (kind INTEGER NOT NULL,
+                            "CREATE TABLE IF NOT EXISTS {table} (kind INTEGER NOT NULL,
                                key INTEGER NOT NULL, expires_at INTEGER NOT NULL)"
                         ))?;
                         conn.execute(
-                            &format!("INSERT INTO replay_marks_{period} VALUES (2, ?1, ?2)"),
+                            &format!("INSERT INTO {table} VALUES (2, ?1, ?2)"),
                             params![mark_key(id) as i64, expires_at],
                         )?;
                     }
@@ -626,13 +645,13 @@ mod tests {
                 .await
                 .unwrap();
             let guard = ReplayGuard::load(store.clone()).await.unwrap();
-            assert_eq!(guard.len(), 4, "the expired legacy marks are not loaded");
+            assert_eq!(guard.len(), 5, "the expired legacy marks are not loaded");
             let names = store.read(table_names).await.unwrap();
             assert!(
-                !names.iter().any(|n| n
-                    .strip_prefix(LEGACY_PERIOD_PREFIX)
-                    .is_some_and(|p| p.parse::<i64>().is_ok())),
-                "5-minute tables are gone: {names:?}"
+                !names.iter().any(|n| n.starts_with(ROW_TABLE_PREFIX)
+                    || n.strip_prefix(LEGACY_PERIOD_PREFIX)
+                        .is_some_and(|p| p.parse::<i64>().is_ok())),
+                "one-row-per-mark tables are gone: {names:?}"
             );
             let fresh = guard
                 .remember(ReplayKind::Nonce, "nonce-new", later)
@@ -648,6 +667,7 @@ mod tests {
             (ReplayKind::Nonce, "nonce-old"),
             (ReplayKind::EnvelopeNonce, "env-old"),
             (ReplayKind::Nonce, "nonce-5min"),
+            (ReplayKind::Nonce, "nonce-1min"),
             (ReplayKind::Nonce, "nonce-new"),
         ] {
             let seen = guard.remember(kind, id, later).await.unwrap();
