@@ -360,6 +360,14 @@ fn writer_loop(
             elapsed_us = elapsed.as_micros() as u64,
             "group commit"
         );
+        if elapsed >= SLOW_WRITE {
+            // Every write waits meanwhile: usually the disk's sync, worth an operator's look.
+            tracing::warn!(
+                jobs,
+                elapsed_ms = elapsed.as_millis() as u64,
+                "slow group commit"
+            );
+        }
         if let Some(observer) = observer.as_ref() {
             observer.observe_commit(elapsed, outcome.len());
         }
@@ -385,18 +393,31 @@ fn writer_loop(
 
 /// How often the writer copies the WAL into the database while writes keep coming.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(250);
+/// A group commit or checkpoint taking this long is logged as a warning.
+const SLOW_WRITE: Duration = Duration::from_millis(100);
 
 fn checkpoint(conn: &Connection) {
     let started = Instant::now();
     match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
         Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
     }) {
-        Ok((frames, copied)) => tracing::trace!(
-            frames,
-            copied,
-            elapsed_us = started.elapsed().as_micros() as u64,
-            "checkpoint"
-        ),
+        Ok((frames, copied)) => {
+            let elapsed = started.elapsed();
+            tracing::trace!(
+                frames,
+                copied,
+                elapsed_us = elapsed.as_micros() as u64,
+                "checkpoint"
+            );
+            if elapsed >= SLOW_WRITE {
+                tracing::warn!(
+                    frames,
+                    copied,
+                    elapsed_ms = elapsed.as_millis() as u64,
+                    "slow checkpoint"
+                );
+            }
+        }
         Err(err) => tracing::warn!(error = %err, "WAL checkpoint failed"),
     }
 }

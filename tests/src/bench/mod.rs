@@ -614,7 +614,7 @@ pub async fn run_paced(
     make: RequestFactory,
     expect_status: u16,
     pid: u32,
-) -> anyhow::Result<Vec<SustainSample>> {
+) -> anyhow::Result<PacedRun> {
     use std::sync::Mutex;
     let window = Arc::new(Mutex::new((
         Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?,
@@ -653,6 +653,7 @@ pub async fn run_paced(
         }));
     }
     let mut samples = Vec::new();
+    let mut overall = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     let mut next = started + Duration::from_secs_f64(sample);
     while next <= end + Duration::from_millis(10) {
         tokio::time::sleep_until(next.into()).await;
@@ -665,6 +666,7 @@ pub async fn run_paced(
             w.1 = 0;
             taken
         };
+        overall.add(&hist)?;
         let s = SustainSample {
             t_s: (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
             rps: hist.len() as f64 / sample,
@@ -683,7 +685,29 @@ pub async fn run_paced(
     for task in tasks {
         task.await??;
     }
-    Ok(samples)
+    let ms = |q: f64| overall.value_at_quantile(q) as f64 / 1000.0;
+    Ok(PacedRun {
+        samples,
+        p50_ms: ms(0.5),
+        p99_ms: ms(0.99),
+        p999_ms: ms(0.999),
+        max_ms: overall.max() as f64 / 1000.0,
+    })
+}
+
+/// A paced run: its samples, and latency over the whole run (from the time each request was due).
+#[derive(Debug, Clone)]
+pub struct PacedRun {
+    /// One per sample window.
+    pub samples: Vec<SustainSample>,
+    /// Median, milliseconds.
+    pub p50_ms: f64,
+    /// 99th percentile, milliseconds.
+    pub p99_ms: f64,
+    /// 99.9th percentile, milliseconds.
+    pub p999_ms: f64,
+    /// Slowest request, milliseconds.
+    pub max_ms: f64,
 }
 
 /// Least-squares slope of `y` over `x` (per unit of `x`).
