@@ -162,23 +162,26 @@ pub async fn start_keyholder(
     Ok((server, spawned.elapsed()))
 }
 
-/// Starts the baseline server: this same binary in `--serve-baseline` mode.
-pub async fn start_baseline(workers: usize) -> anyhow::Result<ChildServer> {
+/// Starts this same binary as a helper server on a free loopback port: `--<mode> <addr>` followed by
+/// `args`, healthy once `/` answers 200.
+async fn start_helper(mode: &str, args: &[String]) -> anyhow::Result<ChildServer> {
     let port = free_port()?;
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
     let child = Command::new(std::env::current_exe()?)
-        .args([
-            "--serve-baseline",
-            &addr.to_string(),
-            "--workers",
-            &workers.to_string(),
-        ])
+        .arg(format!("--{mode}"))
+        .arg(addr.to_string())
+        .args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;
     let server = ChildServer { child, addr };
     wait_healthy(addr, "/", Duration::from_secs(10)).await?;
     Ok(server)
+}
+
+/// Starts the baseline server: this same binary in `--serve-baseline` mode.
+pub async fn start_baseline(workers: usize) -> anyhow::Result<ChildServer> {
+    start_helper("serve-baseline", &["--workers".into(), workers.to_string()]).await
 }
 
 /// The baseline: a bare actix-web handler returning a small JSON body.
@@ -203,23 +206,13 @@ pub fn serve_baseline(addr: SocketAddr, workers: usize) -> anyhow::Result<()> {
 
 /// Starts the bare forwarder (this same binary in `--serve-forwarder` mode) in front of `upstream`.
 pub async fn start_forwarder(workers: usize, upstream: SocketAddr) -> anyhow::Result<ChildServer> {
-    let port = free_port()?;
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
-    let child = Command::new(std::env::current_exe()?)
-        .args([
-            "--serve-forwarder",
-            &addr.to_string(),
-            "--forward-to",
-            &upstream.to_string(),
-            "--workers",
-            &workers.to_string(),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let server = ChildServer { child, addr };
-    wait_healthy(addr, "/", Duration::from_secs(10)).await?;
-    Ok(server)
+    let args = [
+        "--forward-to".into(),
+        upstream.to_string(),
+        "--workers".into(),
+        workers.to_string(),
+    ];
+    start_helper("serve-forwarder", &args).await
 }
 
 /// The floor of any forwarding proxy built from the keyholder's parts: a bare actix-web handler
