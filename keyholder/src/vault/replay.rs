@@ -301,12 +301,13 @@ impl ReplayKind {
 }
 
 /// Seconds of expiry per mark table: every mark in `replay_marks_packed_60s_<p>` expires within
-/// `[p * PERIOD_SECS, (p + 1) * PERIOD_SECS)`, so the whole table goes after that (emptied in
-/// slices, then dropped: see [`ReplayGuard::drop_mark_table`]); no per-mark expiry index or
-/// DELETE scan. Smaller periods make smaller tables: measured under 10-11k req/s of sustained
-/// load, dropping a 5-minute table whole held the writer 106-246 ms, a 1-minute table 21-86 ms,
-/// with a group commit's marks packed into rows (see [`PackedRecord`]) 11-46 ms. The cost is a
-/// CREATE and a DROP per minute (schema changes re-prepare cached statements: negligible).
+/// `[p * PERIOD_SECS, (p + 1) * PERIOD_SECS)`, so the whole table is dropped after that. A drop
+/// frees every page of the table and holds all other writes meanwhile: measured under 10-11k req/s
+/// of sustained load, a 5-minute table held the writer 106-246 ms (the p99 of that 20 s window rose
+/// to 227 ms), a 1-minute table 21-86 ms (windows with drops stayed at 5-43 ms). The marks of a
+/// group commit are packed into rows (see [`PackedRecord`]), which makes the tables (and drops) a
+/// third of one row per mark. The cost is a CREATE and a DROP per minute (schema changes
+/// re-prepare cached statements: negligible).
 const PERIOD_SECS: i64 = 60;
 const TABLE_PREFIX: &str = "replay_marks_packed_60s_";
 /// Tables of one row per mark and minute (`replay_marks_60s_<p>`, before packing) and of 5-minute
@@ -315,9 +316,6 @@ const TABLE_PREFIX: &str = "replay_marks_packed_60s_";
 const ROW_TABLE_PREFIX: &str = "replay_marks_60s_";
 const LEGACY_PERIOD_PREFIX: &str = "replay_marks_";
 const LEGACY_PERIOD_SECS: i64 = 300;
-
-/// Rows of an expired mark table deleted per group commit (see [`ReplayGuard::drop_mark_table`]).
-const DROP_SLICE_ROWS: i64 = 2_000;
 
 fn period_of(expires_at: i64) -> i64 {
     expires_at.div_euclid(PERIOD_SECS)
@@ -570,62 +568,23 @@ impl ReplayGuard {
         };
         let mut dropped = 0;
         for period in expired {
-            self.drop_mark_table(format!("{TABLE_PREFIX}{period}"))
+            let held = self
+                .store
+                .write(move |conn| {
+                    let started = std::time::Instant::now();
+                    conn.execute_batch(&format!("DROP TABLE IF EXISTS {TABLE_PREFIX}{period}"))?;
+                    Ok(started.elapsed())
+                })
                 .await?;
+            // The drop holds every other write for this long (it frees every page of the table).
+            tracing::info!(
+                period,
+                held_ms = held.as_secs_f64() * 1000.0,
+                "dropped the replay marks of an expired period"
+            );
             dropped += 1;
         }
         Ok(dropped)
-    }
-
-    /// Empties an expired mark table a slice of rows per group commit, then drops it. Dropping it
-    /// whole frees every page in one job that holds all other writes: measured under sustained
-    /// load, 11-46 ms for a minute of packed marks (and a p99 of up to 239 ms in that 20 s window,
-    /// as paced requests queue behind it); a slice holds them about a millisecond. The total work
-    /// is larger (pages are rewritten, not just freed) but is a tiny share of the writer's time.
-    async fn drop_mark_table(&self, table: String) -> Result<(), VaultError> {
-        let started = std::time::Instant::now();
-        let (mut slices, mut longest) = (0u32, std::time::Duration::ZERO);
-        loop {
-            let table = table.clone();
-            let (deleted, held) = self
-                .store
-                .write(move |conn| {
-                    let held = std::time::Instant::now();
-                    let exists: bool = conn.query_row(
-                        "SELECT EXISTS (SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = ?1)",
-                        [&table],
-                        |r| r.get(0),
-                    )?;
-                    let deleted = if exists {
-                        conn.execute(
-                            &format!(
-                                "DELETE FROM {table} WHERE rowid <= (SELECT min(rowid) FROM {table}) + ?1"
-                            ),
-                            [DROP_SLICE_ROWS],
-                        )?
-                    } else {
-                        0
-                    };
-                    if deleted == 0 {
-                        conn.execute_batch(&format!("DROP TABLE IF EXISTS {table}"))?;
-                    }
-                    Ok((deleted, held.elapsed()))
-                })
-                .await?;
-            slices += 1;
-            longest = longest.max(held);
-            if deleted == 0 {
-                break;
-            }
-        }
-        tracing::info!(
-            table,
-            slices,
-            longest_ms = longest.as_secs_f64() * 1000.0,
-            total_ms = started.elapsed().as_secs_f64() * 1000.0,
-            "dropped the replay marks of an expired period"
-        );
-        Ok(())
     }
 
     /// Entries held in memory (every kind), for metrics.
@@ -733,18 +692,6 @@ mod tests {
         let past = crate::clock::now_unix() - 10 * PERIOD_SECS;
         guard
             .remember(ReplayKind::Nonce, "stale", past)
-            .await
-            .unwrap();
-        // More rows than one slice of the purge deletes.
-        let table = format!("{TABLE_PREFIX}{}", period_of(past));
-        guard
-            .store
-            .write(move |conn| {
-                for n in 0..(2 * DROP_SLICE_ROWS + 500) {
-                    crate::store::append_packed_row(conn, &table, 2, past, &n.to_le_bytes())?;
-                }
-                Ok(())
-            })
             .await
             .unwrap();
         let periods = || async { guard.store.read(mark_periods).await.unwrap() };
