@@ -303,11 +303,13 @@ impl ReplayKind {
 /// Seconds of expiry per mark table: every mark in `replay_marks_packed_60s_<p>` expires within
 /// `[p * PERIOD_SECS, (p + 1) * PERIOD_SECS)`, so the whole table is dropped after that. A drop
 /// frees every page of the table and holds all other writes meanwhile: measured under 10-11k req/s
-/// of sustained load, a 5-minute table held the writer 106-246 ms (the p99 of that 20 s window rose
-/// to 227 ms), a 1-minute table 21-86 ms (windows with drops stayed at 5-43 ms). The marks of a
-/// group commit are packed into rows (see [`PackedRecord`]), which makes the tables (and drops) a
-/// third of one row per mark. The cost is a CREATE and a DROP per minute (schema changes
-/// re-prepare cached statements: negligible).
+/// of sustained load, a 5-minute table held the writer 106-246 ms, a 1-minute table 21-86 ms, and
+/// with a group commit's marks packed into rows (see [`PackedRecord`]) 11-46 ms. Measured and left:
+/// emptying the table 2,000 rows per group commit before the drop held the writer at most 1.4-5.9
+/// ms per slice, but took 3-10 times the writer time of a drop (80-290 ms per table, pages rewritten
+/// rather than freed) within a fraction of a second, and three sustained runs with it had worse p99
+/// windows (medians 38-54 ms against 12-26 ms), two of them queueing for seconds near the end. The
+/// cost is a CREATE and a DROP per minute (schema changes re-prepare cached statements: negligible).
 const PERIOD_SECS: i64 = 60;
 const TABLE_PREFIX: &str = "replay_marks_packed_60s_";
 /// Tables of one row per mark and minute (`replay_marks_60s_<p>`, before packing) and of 5-minute
