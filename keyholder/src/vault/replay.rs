@@ -464,7 +464,7 @@ pub struct ReplayGuard {
 
 impl ReplayGuard {
     /// Loads every unexpired entry from the database (converting marks an older keyholder kept
-    /// as text ids, or in 5-minute tables, first).
+    /// as text ids, or one row per mark, first).
     pub async fn load(store: Store) -> Result<ReplayGuard, VaultError> {
         store.write(convert_legacy_marks).await?;
         store.write(convert_row_tables).await?;
