@@ -592,29 +592,49 @@ pub struct SustainSample {
     pub errors: u64,
     /// Resident memory of the keyholder at the end of the window, MiB.
     pub rss_mb: f64,
+    /// The keyholder's CPU time per answered request in this window, microseconds: at a fixed
+    /// rate the figure that tells two builds (or a slow phase of the machine) apart.
+    pub cpu_us: f64,
 }
 
-/// Paced (open-loop) load: `rate` requests per second over `connections` connections for
-/// `seconds`, sampled every `sample` seconds. Latency counts from the time a request was due, so
-/// a stall shows up in full (no coordinated omission).
-#[allow(clippy::too_many_arguments)]
+/// What a paced run sends: `rate` requests per second over `connections` for `seconds`, sampled
+/// every `sample` seconds.
+#[derive(Debug, Clone, Copy)]
+pub struct PacedLoad {
+    pub connections: usize,
+    pub rate: f64,
+    pub seconds: f64,
+    pub sample: f64,
+    /// Number of the first request (nonces and request ids derive from it): runs against the
+    /// same keyholder must not overlap, or their requests are refused as replays.
+    pub first_request: u64,
+    /// Print a line per sample.
+    pub verbose: bool,
+}
+
+/// Paced (open-loop) load as `load` says. Latency counts from the time a request was due, so a
+/// stall shows up in full (no coordinated omission).
 pub async fn run_paced(
     addr: SocketAddr,
-    connections: usize,
-    rate: f64,
-    seconds: f64,
-    sample: f64,
+    load: PacedLoad,
     make: RequestFactory,
     expect_status: u16,
     pid: u32,
 ) -> anyhow::Result<PacedRun> {
+    let PacedLoad {
+        connections,
+        rate,
+        seconds,
+        sample,
+        first_request,
+        verbose,
+    } = load;
     use std::sync::Mutex;
     let window = Arc::new(Mutex::new((
         Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?,
         0u64,
     )));
-    // Request numbers (hence nonces and request ids) apart from those of an earlier closed-loop run.
-    let counter = Arc::new(AtomicU64::new(1 << 40));
+    let counter = Arc::new(AtomicU64::new(first_request));
     let started = Instant::now();
     let end = started + Duration::from_secs_f64(seconds);
     let interval = Duration::from_secs_f64(connections as f64 / rate);
@@ -648,6 +668,8 @@ pub async fn run_paced(
     let mut samples = Vec::new();
     let mut overall = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     let mut next = started + Duration::from_secs_f64(sample);
+    let mut cpu_before = cpu_seconds(pid);
+    let cpu_at_start = cpu_before;
     while next <= end + Duration::from_millis(10) {
         tokio::time::sleep_until(next.into()).await;
         let (hist, errors) = {
@@ -660,6 +682,8 @@ pub async fn run_paced(
             taken
         };
         overall.add(&hist)?;
+        let cpu_now = cpu_seconds(pid);
+        let per_request = |cpu: f64, answered: u64| cpu * 1e6 / answered.max(1) as f64;
         let s = SustainSample {
             t_s: (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
             rps: hist.len() as f64 / sample,
@@ -667,11 +691,15 @@ pub async fn run_paced(
             p99_ms: hist.value_at_quantile(0.99) as f64 / 1000.0,
             errors,
             rss_mb: (rss_mb(pid) * 10.0).round() / 10.0,
+            cpu_us: per_request(cpu_now - cpu_before, hist.len()).round(),
         };
-        println!(
-            "t={:>6.1}s rps={:>8.0} p50={:>7.2}ms p99={:>7.2}ms errors={} rss={:.1}MiB",
-            s.t_s, s.rps, s.p50_ms, s.p99_ms, s.errors, s.rss_mb
-        );
+        cpu_before = cpu_now;
+        if verbose {
+            println!(
+            "t={:>6.1}s rps={:>8.0} p50={:>7.2}ms p99={:>7.2}ms errors={} rss={:.1}MiB cpu={:.0}us/req",
+                s.t_s, s.rps, s.p50_ms, s.p99_ms, s.errors, s.rss_mb, s.cpu_us
+            );
+        }
         samples.push(s);
         next += Duration::from_secs_f64(sample);
     }
@@ -680,6 +708,7 @@ pub async fn run_paced(
     }
     let ms = |q: f64| overall.value_at_quantile(q) as f64 / 1000.0;
     Ok(PacedRun {
+        cpu_us: ((cpu_before - cpu_at_start) * 1e6 / overall.len().max(1) as f64).round(),
         samples,
         p50_ms: ms(0.5),
         p99_ms: ms(0.99),
@@ -701,6 +730,8 @@ pub struct PacedRun {
     pub p999_ms: f64,
     /// Slowest request, milliseconds.
     pub max_ms: f64,
+    /// The keyholder's CPU time per answered request over the whole run, microseconds.
+    pub cpu_us: f64,
 }
 
 /// Least-squares slope of `y` over `x` (per unit of `x`).

@@ -1,8 +1,8 @@
 //! `keyholder-bench`: throughput and latency of the keyholder's hot paths against a bare actix-web
 //! baseline measured in the same run. Build with `cargo build --release --locked --bins`, then run
 //! `target/release/keyholder-bench --quick`. The last line printed is one JSON object.
-//! `--sustain SECONDS` instead measures the maximum of a credential GET + proxy mix, then holds
-//! `--rate-fraction` of it (default 0.8) and samples p99 and resident memory every few seconds.
+//! `--sustain SECONDS` instead measures the maximum a paced credential GET + proxy mix holds, then
+//! holds `--rate-fraction` of it (default 0.8) and samples p99, memory and CPU every few seconds.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::PathBuf;
@@ -50,19 +50,22 @@ struct Args {
     /// Server worker threads, for the keyholder and the baseline alike.
     #[arg(long, default_value_t = 2)]
     workers: usize,
-    /// Sustained load: run this many seconds at `--rate-fraction` of the measured maximum.
+    /// Sustained load: run this many seconds at `--rate-fraction` of the measured maximum, the
+    /// highest paced rate whose p99 stays under 20 ms (paced steps from half the burst maximum
+    /// up, 10 s each, 2 s for runs under 200 s).
     #[arg(long)]
     sustain: Option<f64>,
     /// Share of the measured maximum held during `--sustain`.
     #[arg(long, default_value_t = 0.8)]
     rate_fraction: f64,
+    /// Requests per second held during `--sustain`, instead of `--rate-fraction` of the measured
+    /// maximum: the same load for two builds, or two days, compared by CPU per request.
+    #[arg(long)]
+    sustain_rate: Option<f64>,
     /// Seconds per sample during `--sustain`.
     #[arg(long, default_value_t = 5.0)]
     sample_seconds: f64,
-    /// Connections of `--sustain`, for the maximum and the paced load alike. On 2 cores, a 5 s
-    /// burst over 64 connections gets larger commit and signature batches than paced load does,
-    /// so 80% of its maximum kept both cores 185-196% busy and queued for seconds; over 16, 80%
-    /// of the maximum is about 80-85% of the machine.
+    /// Connections of `--sustain`, for the maximum and the paced load alike.
     #[arg(long, default_value_t = 16)]
     sustain_connections: usize,
     /// Internal: serve the baseline handler on this address.
@@ -142,6 +145,7 @@ fn main() -> anyhow::Result<()> {
                     let pace = Pace {
                         seconds: secs,
                         fraction: args.rate_fraction,
+                        rate: args.sustain_rate,
                         sample: args.sample_seconds,
                         connections: args.sustain_connections.max(1),
                     };
@@ -175,10 +179,83 @@ async fn interrupted() -> &'static str {
 /// Seconds into a sustained run after which the replay windows are full (see `sustain`).
 const REPLAY_WINDOWS_FULL_S: f64 = 660.0;
 
+/// Request numbers of the paced runs, apart from each other and from the closed-loop burst's.
+const STEP_FIRST_REQUEST: u64 = 1 << 40;
+const MAIN_RUN_FIRST_REQUEST: u64 = 1 << 44;
+/// A paced step holds if its p99 stays under this: above it, requests queue.
+const CAPACITY_P99_MS: f64 = 20.0;
+
+/// The highest paced rate found to hold, and the steps that found it.
+struct Capacity {
+    rps: f64,
+    steps: Vec<serde_json::Value>,
+    errors: u64,
+}
+
+/// The maximum a paced load holds: steps from half the burst maximum up in twentieths of it,
+/// until a step's p99 exceeds [`CAPACITY_P99_MS`]. A burst over closed-loop connections gets
+/// larger commit and signature batches than paced requests do, so its maximum is not one a
+/// paced load can hold (measured: 80% of it queued for seconds).
+async fn paced_capacity(
+    keyholder: &bench::ChildServer,
+    conns: usize,
+    burst_max: f64,
+    seconds: f64,
+    mix: &bench::RequestFactory,
+) -> anyhow::Result<Capacity> {
+    // 10 s steps for a long run, 2 s for CI's short one.
+    let step_secs = (seconds / 20.0).clamp(2.0, 10.0);
+    let mut capacity = Capacity {
+        rps: 0.0,
+        steps: Vec::new(),
+        errors: 0,
+    };
+    for (i, share) in (10..=20).map(|k| k as f64 / 20.0).enumerate() {
+        let load = bench::PacedLoad {
+            connections: conns,
+            rate: burst_max * share,
+            seconds: step_secs,
+            sample: step_secs,
+            first_request: STEP_FIRST_REQUEST + ((i as u64) << 32),
+            verbose: false,
+        };
+        let step =
+            bench::run_paced(keyholder.addr, load, Arc::clone(mix), 200, keyholder.pid()).await?;
+        let errors: u64 = step.samples.iter().map(|s| s.errors).sum();
+        let held = step.p99_ms <= CAPACITY_P99_MS && errors == 0;
+        println!(
+            "  paced step {:>6.0} req/s ({:.0}% of burst): p99 {:>7.2} ms, cpu {:.0} us/req: {}",
+            load.rate,
+            share * 100.0,
+            step.p99_ms,
+            step.cpu_us,
+            if held { "holds" } else { "queues" }
+        );
+        capacity.errors += errors;
+        capacity.steps.push(json!({
+            "rps": load.rate.round(),
+            "p99_ms": step.p99_ms,
+            "cpu_us": step.cpu_us,
+            "holds": held,
+        }));
+        if !held {
+            break;
+        }
+        capacity.rps = load.rate;
+    }
+    anyhow::ensure!(
+        capacity.rps > 0.0,
+        "not even half the burst maximum held a p99 under {CAPACITY_P99_MS} ms"
+    );
+    Ok(capacity)
+}
+
 /// How `--sustain` runs.
 struct Pace {
     seconds: f64,
     fraction: f64,
+    /// A fixed rate instead of `fraction` of the maximum.
+    rate: Option<f64>,
     sample: f64,
     connections: usize,
 }
@@ -188,6 +265,7 @@ async fn sustain(opts: BenchOptions, pace: Pace) -> anyhow::Result<()> {
     let Pace {
         seconds,
         fraction,
+        rate,
         sample,
         connections: conns,
     } = pace;
@@ -209,29 +287,41 @@ async fn sustain(opts: BenchOptions, pace: Pace) -> anyhow::Result<()> {
     )
     .await?
     .result("mix_max", conns);
-    let rate = max.rps * fraction;
     println!(
-        "keyholder-bench --sustain: credential GET + proxy mix, maximum {:.0} req/s (p99 {:.2} ms); holding {:.0} req/s ({:.0}%) for {seconds} s over {conns} connections",
-        max.rps, max.p99_ms, rate, fraction * 100.0
+        "keyholder-bench --sustain: credential GET + proxy mix over {conns} connections, burst maximum {:.0} req/s (p99 {:.2} ms)",
+        max.rps, max.p99_ms
+    );
+    let (rate, capacity) = match rate {
+        Some(rate) => (rate, None),
+        None => {
+            let capacity = paced_capacity(&keyholder, conns, max.rps, seconds, &mix).await?;
+            (capacity.rps * fraction, Some(capacity))
+        }
+    };
+    let capacity_rps = capacity.as_ref().map_or(max.rps, |c| c.rps);
+    println!(
+        "holding {rate:.0} req/s ({:.0}% of the {} maximum) for {seconds} s",
+        rate / capacity_rps * 100.0,
+        if capacity.is_some() { "paced" } else { "burst" },
     );
     let rss_start = bench::rss_mb(keyholder.pid());
-    let paced = bench::run_paced(
-        keyholder.addr,
-        conns,
+    let load = bench::PacedLoad {
+        connections: conns,
         rate,
         seconds,
         sample,
-        mix,
-        200,
-        keyholder.pid(),
-    )
-    .await?;
+        first_request: MAIN_RUN_FIRST_REQUEST,
+        verbose: true,
+    };
+    let paced = bench::run_paced(keyholder.addr, load, mix, 200, keyholder.pid()).await?;
     let samples = &paced.samples;
     println!(
-        "whole run: p50={:.2}ms p99={:.2}ms p99.9={:.2}ms max={:.2}ms",
-        paced.p50_ms, paced.p99_ms, paced.p999_ms, paced.max_ms
+        "whole run: p50={:.2}ms p99={:.2}ms p99.9={:.2}ms max={:.2}ms cpu={:.0}us/req",
+        paced.p50_ms, paced.p99_ms, paced.p999_ms, paced.max_ms, paced.cpu_us
     );
-    let errors: u64 = samples.iter().map(|s| s.errors).sum::<u64>() + max.errors;
+    let errors: u64 = samples.iter().map(|s| s.errors).sum::<u64>()
+        + max.errors
+        + capacity.as_ref().map_or(0, |c| c.errors);
     // Trends after the first sample (warm-up): MiB per minute and p99 spread.
     let steady: Vec<&bench::SustainSample> = samples.iter().skip(1).collect();
     let rss_slope = bench::slope(
@@ -256,22 +346,43 @@ async fn sustain(opts: BenchOptions, pace: Pace) -> anyhow::Result<()> {
         v.get(v.len() / 2).copied().unwrap_or(0.0)
     };
     let third = (steady.len() / 3).max(1);
+    // Stability: the p99 of the windows early and late in the run, and its trend per minute.
+    let median_p99 = |xs: &[&bench::SustainSample]| {
+        let mut v: Vec<f64> = xs.iter().map(|s| s.p99_ms).collect();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    };
+    let p99_slope = bench::slope(
+        &steady
+            .iter()
+            .map(|s| (s.t_s / 60.0, s.p99_ms))
+            .collect::<Vec<_>>(),
+    );
+    let cpus: Vec<f64> = steady.iter().map(|s| s.cpu_us).collect();
     let mean = |xs: &[&bench::SustainSample]| {
         xs.iter().map(|s| s.rss_mb).sum::<f64>() / xs.len().max(1) as f64
     };
     let summary = json!({
         "sustain_s": seconds,
-        "max_rps": max.rps,
+        "max_rps": capacity_rps,
+        "burst_max_rps": max.rps,
+        "capacity_steps": capacity.as_ref().map(|c| &c.steps),
         "target_rps": rate,
         "achieved_rps": samples.iter().map(|s| s.rps).sum::<f64>() / samples.len().max(1) as f64,
         "errors": errors,
         "p99_ms_median": p99_median,
         "p99_ms_max": p99_max,
+        "p99_ms_median_first_third": median_p99(&steady[..third.min(steady.len())]),
+        "p99_ms_median_last_third": median_p99(&steady[steady.len().saturating_sub(third)..]),
+        "p99_slope_ms_per_min": (p99_slope * 1000.0).round() / 1000.0,
+        "cpu_us_per_request_min": cpus.iter().copied().fold(f64::INFINITY, f64::min),
+        "cpu_us_per_request_max": cpus.iter().copied().fold(0.0, f64::max),
         "connections": conns,
         "whole_run_p50_ms": paced.p50_ms,
         "whole_run_p99_ms": paced.p99_ms,
         "whole_run_p999_ms": paced.p999_ms,
         "whole_run_max_ms": paced.max_ms,
+        "whole_run_cpu_us_per_request": paced.cpu_us,
         "rss_start_mb": rss_start,
         "rss_first_third_mb": mean(&steady[..third.min(steady.len())]),
         "rss_last_third_mb": mean(&steady[steady.len().saturating_sub(third)..]),
