@@ -148,3 +148,57 @@ fn sort_message(
         Message::Flush(done) => flushes.push(done),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use crate::audit::{list_entries, verify_chain, AuditFilter};
+    use crate::store::{open_connection, DATABASE_FILE};
+    use crate::vault::keyring::init_or_load;
+    use crate::vault::master::MasterKey;
+
+    #[tokio::test]
+    async fn entries_are_written_at_most_once_an_interval_and_all_on_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let ring = {
+            let conn = open_connection(&dir.path().join(DATABASE_FILE), false).unwrap();
+            Arc::new(
+                init_or_load(&conn, &MasterKey::from_bytes([7; 32]))
+                    .unwrap()
+                    .ring,
+            )
+        };
+        let (recorder, queue) = AuditRecorder::new();
+        let keys = Arc::clone(&ring);
+        queue.spawn(store.clone(), move || Arc::clone(&keys));
+        let before = store.commit_stats().jobs;
+        let started = Instant::now();
+        // One event every 2 ms for about 200 ms: a write per event would be 100 jobs.
+        for i in 0..100 {
+            recorder.record(AuditEvent::owner("test", &i.to_string()));
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        recorder.flush().await;
+        let elapsed = started.elapsed();
+        let jobs = store.commit_stats().jobs - before;
+        let most = elapsed.as_millis() / WRITE_INTERVAL.as_millis() + 2;
+        assert!(
+            (1..=most as u64).contains(&jobs),
+            "{jobs} write jobs in {elapsed:?} (at most {most})"
+        );
+        let key = ring.identity().verifying_key();
+        let (entries, check) = store
+            .read(move |conn| {
+                Ok((
+                    list_entries(conn, &AuditFilter::default())?,
+                    verify_chain(conn, &key)?,
+                ))
+            })
+            .await
+            .unwrap();
+        assert_eq!(entries.len(), 100, "every event is written by the flush");
+        assert!(check.problem.is_none(), "{:?}", check.problem);
+    }
+}

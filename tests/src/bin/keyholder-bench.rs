@@ -288,8 +288,10 @@ async fn sustain(opts: BenchOptions, pace: Pace) -> anyhow::Result<()> {
     .await?
     .result("mix_max", conns);
     println!(
-        "keyholder-bench --sustain: credential GET + proxy mix over {conns} connections, burst maximum {:.0} req/s (p99 {:.2} ms)",
-        max.rps, max.p99_ms
+        "keyholder-bench --sustain: credential GET + proxy mix over {conns} connections, burst maximum {:.0} req/s (p99 {:.2} ms, cpu {:.0} us/req)",
+        max.rps,
+        max.p99_ms,
+        max.server_cpu_us.unwrap_or(0.0)
     );
     let (rate, capacity) = match rate {
         Some(rate) => (rate, None),
@@ -366,6 +368,7 @@ async fn sustain(opts: BenchOptions, pace: Pace) -> anyhow::Result<()> {
         "sustain_s": seconds,
         "max_rps": capacity_rps,
         "burst_max_rps": max.rps,
+        "burst_cpu_us_per_request": max.server_cpu_us,
         "capacity_steps": capacity.as_ref().map(|c| &c.steps),
         "target_rps": rate,
         "achieved_rps": samples.iter().map(|s| s.rps).sum::<f64>() / samples.len().max(1) as f64,
