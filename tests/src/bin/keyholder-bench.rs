@@ -52,7 +52,7 @@ struct Args {
     workers: usize,
     /// Sustained load: run this many seconds at `--rate-fraction` of the measured maximum, the
     /// highest paced rate whose p99 stays under 20 ms (paced steps from half the burst maximum
-    /// up, 10 s each, 2 s for runs under 200 s).
+    /// up, each a twentieth of the run and 2-10 s long).
     #[arg(long)]
     sustain: Option<f64>,
     /// Share of the measured maximum held during `--sustain`.
@@ -203,7 +203,7 @@ async fn paced_capacity(
     seconds: f64,
     mix: &bench::RequestFactory,
 ) -> anyhow::Result<Capacity> {
-    // 10 s steps for a long run, 2 s for CI's short one.
+    // 10 s steps for a long run, 2 s for CI's 30 s one.
     let step_secs = (seconds / 20.0).clamp(2.0, 10.0);
     let mut capacity = Capacity {
         rps: 0.0,
