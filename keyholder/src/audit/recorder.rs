@@ -90,7 +90,9 @@ async fn run(
     mut rx: mpsc::Receiver<Message>,
     dropped: Arc<AtomicU64>,
 ) {
-    let mut last_write = Instant::now() - WRITE_INTERVAL;
+    let mut last_write = Instant::now()
+        .checked_sub(WRITE_INTERVAL)
+        .unwrap_or_else(Instant::now);
     let mut open = true;
     while open {
         let Some(first) = rx.recv().await else {
