@@ -670,6 +670,7 @@ pub async fn run_paced(
     let mut next = started + Duration::from_secs_f64(sample);
     let mut cpu_before = cpu_seconds(pid);
     let cpu_at_start = cpu_before;
+    let per_request = |cpu: f64, answered: u64| (cpu * 1e6 / answered.max(1) as f64).round();
     while next <= end + Duration::from_millis(10) {
         tokio::time::sleep_until(next.into()).await;
         let (hist, errors) = {
@@ -683,7 +684,6 @@ pub async fn run_paced(
         };
         overall.add(&hist)?;
         let cpu_now = cpu_seconds(pid);
-        let per_request = |cpu: f64, answered: u64| cpu * 1e6 / answered.max(1) as f64;
         let s = SustainSample {
             t_s: (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
             rps: hist.len() as f64 / sample,
@@ -691,12 +691,12 @@ pub async fn run_paced(
             p99_ms: hist.value_at_quantile(0.99) as f64 / 1000.0,
             errors,
             rss_mb: (rss_mb(pid) * 10.0).round() / 10.0,
-            cpu_us: per_request(cpu_now - cpu_before, hist.len()).round(),
+            cpu_us: per_request(cpu_now - cpu_before, hist.len()),
         };
         cpu_before = cpu_now;
         if verbose {
             println!(
-            "t={:>6.1}s rps={:>8.0} p50={:>7.2}ms p99={:>7.2}ms errors={} rss={:.1}MiB cpu={:.0}us/req",
+                "t={:>6.1}s rps={:>8.0} p50={:>7.2}ms p99={:>7.2}ms errors={} rss={:.1}MiB cpu={:.0}us/req",
                 s.t_s, s.rps, s.p50_ms, s.p99_ms, s.errors, s.rss_mb, s.cpu_us
             );
         }
@@ -708,7 +708,7 @@ pub async fn run_paced(
     }
     let ms = |q: f64| overall.value_at_quantile(q) as f64 / 1000.0;
     Ok(PacedRun {
-        cpu_us: ((cpu_before - cpu_at_start) * 1e6 / overall.len().max(1) as f64).round(),
+        cpu_us: per_request(cpu_before - cpu_at_start, overall.len()),
         samples,
         p50_ms: ms(0.5),
         p99_ms: ms(0.99),

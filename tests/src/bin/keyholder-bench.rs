@@ -340,20 +340,15 @@ async fn sustain(opts: BenchOptions, pace: Pace) -> anyhow::Result<()> {
         .map(|s| (s.t_s / 60.0, s.rss_mb))
         .collect();
     let rss_slope_full = (full.len() >= 3).then(|| (bench::slope(&full) * 1000.0).round() / 1000.0);
-    let p99s: Vec<f64> = steady.iter().map(|s| s.p99_ms).collect();
-    let p99_max = p99s.iter().copied().fold(0.0, f64::max);
-    let p99_median = {
-        let mut v = p99s.clone();
-        v.sort_by(f64::total_cmp);
-        v.get(v.len() / 2).copied().unwrap_or(0.0)
-    };
-    let third = (steady.len() / 3).max(1);
-    // Stability: the p99 of the windows early and late in the run, and its trend per minute.
+    let p99_max = steady.iter().map(|s| s.p99_ms).fold(0.0, f64::max);
+    // Stability: the p99 of the windows over the run, early and late in it, and its trend.
     let median_p99 = |xs: &[&bench::SustainSample]| {
         let mut v: Vec<f64> = xs.iter().map(|s| s.p99_ms).collect();
         v.sort_by(f64::total_cmp);
         v.get(v.len() / 2).copied().unwrap_or(0.0)
     };
+    let p99_median = median_p99(&steady);
+    let third = (steady.len() / 3).max(1);
     let p99_slope = bench::slope(
         &steady
             .iter()
