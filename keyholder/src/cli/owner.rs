@@ -48,8 +48,39 @@ pub struct RetireKeyArgs {
     /// Data folder and master key.
     #[command(flatten)]
     pub data: DataArgs,
-    /// The data-key version to remove.
-    pub version: u32,
+    /// The data-key version to remove, or `platform-v1` for the reference webhook's key (kept by
+    /// `import-reference`).
+    #[arg(value_name = "VERSION|platform-v1", value_parser = parse_retired_key)]
+    pub key: RetiredKey,
+}
+
+/// A key `keyholder retire-key` can remove.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetiredKey {
+    /// A data-key version.
+    Data(u32),
+    /// The reference webhook's key, for platform v1 ciphertexts.
+    PlatformV1,
+}
+
+impl std::fmt::Display for RetiredKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RetiredKey::Data(version) => write!(f, "data key v{version}"),
+            RetiredKey::PlatformV1 => f.write_str("reference key platform-v1"),
+        }
+    }
+}
+
+fn parse_retired_key(text: &str) -> Result<RetiredKey, String> {
+    if text == "platform-v1" {
+        return Ok(RetiredKey::PlatformV1);
+    }
+    text.strip_prefix('v')
+        .unwrap_or(text)
+        .parse()
+        .map(RetiredKey::Data)
+        .map_err(|_| "expected a data-key version (a number) or `platform-v1`".to_string())
 }
 
 /// Flags of `keyholder rotate-master-key`.
@@ -247,6 +278,9 @@ pub struct Status {
     pub documents_per_key: BTreeMap<u32, usize>,
     /// Whether the reference webhook's key is held (for platform v1 documents).
     pub reference_key: bool,
+    /// Credentials the reference key still opens (v1 fields where they were imported); at 0
+    /// `retire-key platform-v1` can remove it.
+    pub reference_key_documents: usize,
     /// Stored credentials.
     pub credential_count: u64,
     /// Sealed by the owner.
@@ -269,6 +303,7 @@ pub fn status(args: &OwnerArgs) -> anyhow::Result<Status> {
         [KIND_LEGACY],
         |r| r.get(0),
     )?;
+    let (reference_key_documents, _) = rotation::platform_v1_in_use(&conn, &ring)?;
     Ok(Status {
         bound: get_setting(&conn, "bound")?.as_deref() == Some("true"),
         platform_scheme: platform_keys::read_scheme(&conn)?.as_str().to_owned(),
@@ -285,6 +320,7 @@ pub fn status(args: &OwnerArgs) -> anyhow::Result<Status> {
             .map(|(v, (n, _))| (v, n))
             .collect(),
         reference_key: legacy > 0,
+        reference_key_documents,
         credential_count: count("SELECT COUNT(*) FROM documents WHERE collection = 'tokens'")?,
         sealed: reload::read_sealed(&conn)?,
         last_credential_use: audit::last_credential_use(&conn)?
@@ -318,6 +354,10 @@ pub struct RewrapReport {
     pub failed: Vec<String>,
     /// Data-key versions still referenced afterwards, with document counts.
     pub still_in_use: BTreeMap<u32, usize>,
+    /// Whether the reference webhook's key is still held.
+    pub reference_key: bool,
+    /// Credentials the reference key still opens afterwards.
+    pub reference_key_documents: usize,
 }
 
 /// `keyholder rewrap`: every credential under the current data key, in small transactions. Passes
@@ -354,7 +394,9 @@ pub fn rewrap(args: &RewrapArgs) -> anyhow::Result<RewrapReport> {
             .filter(|(v, _)| *v != report.current_data_key)
             .map(|(v, (n, _))| (v, n))
             .collect();
-        if report.still_in_use.is_empty() || pass == 4 {
+        report.reference_key = ring.has_platform_v1_key();
+        report.reference_key_documents = rotation::platform_v1_in_use(&conn, &ring)?.0;
+        if (report.still_in_use.is_empty() && report.reference_key_documents == 0) || pass == 4 {
             break;
         }
         // Give a server that is about to reload its key ring the moment it needs.
@@ -368,13 +410,16 @@ pub fn rewrap(args: &RewrapArgs) -> anyhow::Result<RewrapReport> {
     Ok(report)
 }
 
-/// `keyholder retire-key VERSION`.
+/// `keyholder retire-key VERSION|platform-v1`.
 pub fn retire_key(args: &RetireKeyArgs) -> anyhow::Result<()> {
     let (mut conn, master) = open_existing(&args.data)?;
-    let version = args.version;
+    let key = args.key;
     owner_change(&mut conn, &master, "retire-key", |tx| {
-        rotation::retire_data_key(tx, version)?;
-        Ok(((), format!("data key v{version}")))
+        match key {
+            RetiredKey::Data(version) => rotation::retire_data_key(tx, version)?,
+            RetiredKey::PlatformV1 => rotation::retire_platform_v1_key(tx, &master)?,
+        }
+        Ok(((), key.to_string()))
     })
 }
 
