@@ -4,7 +4,7 @@
 use clap::{Parser, Subcommand};
 use keyholder::cli::owner::{
     self, AuditCommand, BackupArgs, ImportReferenceArgs, OwnerArgs, RestoreArgs, RetireKeyArgs,
-    RewrapArgs, RotateMasterKeyArgs,
+    RewrapArgs, RotateMasterKeyArgs, StoreArgs,
 };
 use keyholder::cli::{
     self, BindArgs, EgressArgs, HealthcheckArgs, OAuthArgs, OAuthOutcome, PlatformKeyAction,
@@ -57,6 +57,8 @@ enum Command {
     Audit(AuditCommand),
     /// Move in from the public reference webhook's two JSON files (keeps its binding).
     ImportReference(ImportReferenceArgs),
+    /// Store a credential from a file or standard input, without the platform's pages or scripts.
+    Store(StoreArgs),
 }
 
 fn init_logging(filter: &str, format: &str) -> anyhow::Result<()> {
@@ -356,6 +358,20 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                     Ok(std::process::ExitCode::from(1))
                 }
             }
+        }
+        Command::Store(args) => {
+            let report = owner::store(&args, &mut std::io::stdin().lock())?;
+            if args.json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                println!(
+                    "Stored the credential of '{}' ({} sealed; meta: {}).",
+                    report.service,
+                    args.field,
+                    serde_json::to_string(&report.meta)?
+                );
+            }
+            Ok(std::process::ExitCode::SUCCESS)
         }
         Command::ImportReference(args) => {
             let report = owner::import_reference(&args)?;

@@ -817,6 +817,167 @@ async fn imported_v1_ciphertexts_open_only_where_imported_until_rewrap_and_retir
     );
 }
 
+/// Item 10 of issue 17: `keyholder store` seals a credential from a file or standard input on the
+/// data folder, without any page or script of the platform's; a running server that had the old
+/// credential cached serves the new one within its quarter-second poll; the audit trail has
+/// `owner:store`; secrets are refused as arguments and nothing is half-written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn owner_store_from_a_file_reaches_the_running_server() {
+    let mut kh = Keyholder::start().await;
+    kh.bind().await;
+    assert_eq!(
+        kh.store(
+            "github",
+            json!({"accessToken": "ghp_old_one", "scope": "old"})
+        )
+        .await
+        .status,
+        200
+    );
+    let created_at = kh.credential("github").await.json()["token"]["createdAt"].clone();
+    assert!(created_at.is_string());
+
+    let files = tempfile::tempdir().unwrap();
+    let secret_file = files.path().join("token");
+    std::fs::write(&secret_file, "ghp_FromTheOwnerCli_77\n").unwrap();
+    let args = owner::StoreArgs {
+        data: kh.data_args(),
+        service: "github".into(),
+        token_type: Some("api_key".into()),
+        meta: vec!["scope=repo".into(), "serviceName=GitHub (CLI)".into()],
+        secret_file: secret_file.clone(),
+        field: "accessToken".into(),
+        json: false,
+    };
+    let store_args = args.clone();
+    let report = cli(move || owner::store(&store_args, &mut std::io::empty()))
+        .await
+        .unwrap();
+    assert_eq!(report.meta["tokenType"], "api_key");
+    assert!(!serde_json::to_string(&report)
+        .unwrap()
+        .contains("FromTheOwnerCli"));
+
+    // The server was not told: it notices the owner generation move within a quarter second.
+    let started = Instant::now();
+    let token = loop {
+        let token = kh.credential("github").await.json()["token"].clone();
+        if token["accessToken"] == "ghp_FromTheOwnerCli_77" {
+            break token;
+        }
+        assert_eq!(token["accessToken"], "ghp_old_one");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "the server kept the old credential"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(token["tokenType"], "api_key");
+    assert_eq!(token["scope"], "repo");
+    assert_eq!(token["serviceName"], "GitHub (CLI)");
+    assert_eq!(
+        token["createdAt"], created_at,
+        "a replacement keeps createdAt"
+    );
+    let doc = token_docs(&kh)
+        .into_iter()
+        .find(|(k, _)| k == "github")
+        .unwrap()
+        .1;
+    assert!(
+        !doc.contains("FromTheOwnerCli") && doc.contains("kh1:"),
+        "{doc}"
+    );
+
+    // Refused before anything is written: a secret as an argument, a field that is not
+    // sensitive, an empty or oversized secret, a missing file.
+    let refused = |adjust: fn(&mut owner::StoreArgs), needle: &'static str| {
+        let mut args = args.clone();
+        adjust(&mut args);
+        async move {
+            let err = cli(move || owner::store(&args, &mut std::io::empty()))
+                .await
+                .unwrap_err();
+            assert!(format!("{err:#}").contains(needle), "{err:#}");
+        }
+    };
+    refused(
+        |a| a.meta.push("accessToken=ghp_on_the_command_line".into()),
+        "--field accessToken",
+    )
+    .await;
+    refused(
+        |a| a.meta.push("totpUri=otpauth://totp/x?secret=AAAA".into()),
+        "holds a secret",
+    )
+    .await;
+    refused(|a| a.meta.push("novalue".into()), "KEY=VALUE").await;
+    refused(|a| a.field = "scope".into(), "must be one of").await;
+    refused(
+        |a| a.secret_file = a.secret_file.with_file_name("absent"),
+        "--secret-file",
+    )
+    .await;
+    std::fs::write(files.path().join("empty"), "\r\n").unwrap();
+    refused(
+        |a| a.secret_file = a.secret_file.with_file_name("empty"),
+        "empty",
+    )
+    .await;
+    std::fs::write(
+        files.path().join("big"),
+        vec![b'x'; owner::MAX_STORED_SECRET + 1],
+    )
+    .unwrap();
+    refused(
+        |a| a.secret_file = a.secret_file.with_file_name("big"),
+        "longer than",
+    )
+    .await;
+    // Standard input, another service.
+    let mut args = args.clone();
+    args.service = "slack".into();
+    args.secret_file = "-".into();
+    args.meta.clear();
+    args.token_type = None;
+    cli(move || owner::store(&args, &mut &b"xoxb-from-stdin\n"[..]))
+        .await
+        .unwrap();
+    kh.server
+        .as_ref()
+        .unwrap()
+        .state
+        .vault
+        .follow_owner_changes()
+        .await
+        .unwrap();
+    let slack = kh.credential("slack").await.json();
+    assert_eq!(slack["token"]["accessToken"], "xoxb-from-stdin");
+    assert_eq!(slack["token"]["tokenType"], "oauth");
+    assert_eq!(
+        kh.credential("github").await.json()["token"]["accessToken"],
+        "ghp_FromTheOwnerCli_77",
+        "the refused stores changed nothing"
+    );
+
+    let list = owner::AuditListArgs {
+        data: kh.data_args(),
+        service: None,
+        since: None,
+        limit: None,
+        json: true,
+    };
+    let entries = cli(move || owner::audit_list(&list)).await.unwrap();
+    let stores: Vec<&str> = entries
+        .iter()
+        .filter(|e| e.event.endpoint == "owner:store")
+        .map(|e| e.event.service.as_str())
+        .collect();
+    assert_eq!(stores, ["github", "slack"]);
+    let trail = serde_json::to_string(&entries).unwrap();
+    assert!(!trail.contains("FromTheOwnerCli") && !trail.contains("xoxb-from-stdin"));
+}
+
 /// `--audit-retention-days` in a running server: the old part of the trail goes, behind a signed
 /// prune entry; credential traffic meanwhile keeps working and the kept chain verifies.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
