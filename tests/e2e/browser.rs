@@ -197,7 +197,10 @@ async fn the_keyholders_own_store_page_stores_in_a_real_browser() {
     };
     const PASTED: &str = "ghp_PastedIntoTheKeyholdersPage_9d3a";
     tokio::time::timeout(Duration::from_secs(120), async {
-        let mut kh = Keyholder::start().await;
+        let mut kh = Keyholder::start_with(|c| {
+            c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+        })
+        .await;
         kh.bind().await;
         let browser = Browser::start(&chromium, &chromedriver).await.unwrap();
 
@@ -262,6 +265,42 @@ async fn the_keyholders_own_store_page_stores_in_a_real_browser() {
         assert_eq!(page["code"], "ticket_invalid", "{page}");
         assert!(page["text"].as_str().unwrap().contains("cannot be used"), "{page}");
         assert_eq!(page["form"], false, "{page}");
+
+        // A hostile platform page frames the store page (to overlay it, or to watch what is typed):
+        // Chromium refuses to render it (frame-ancestors 'none', X-Frame-Options DENY), so the
+        // page's script is never even fetched.
+        let metrics_url = kh.server.as_ref().unwrap().metrics_url().unwrap();
+        let script_fetches = || async {
+            let text = reqwest::get(&metrics_url).await.unwrap().text().await.unwrap();
+            let line = format!(
+                "keyholder_http_requests_total{{route=\"{PATH_STORE_PAGE_SCRIPT}\",method=\"GET\",status=\"200\"}} "
+            );
+            text.lines()
+                .find_map(|l| l.strip_prefix(line.as_str()))
+                .map_or(0, |n| n.trim().parse::<u64>().unwrap())
+        };
+        let fetched = script_fetches().await;
+        assert_eq!(fetched, 2, "the page loaded its script twice above");
+        let (platform, platform_handle) = start_platform_page();
+        browser.goto(&format!("{platform}/")).await.unwrap();
+        let framed_ticket = kh.ticket(Purpose::Store, "github");
+        let framed = reqwest::Url::parse_with_params(
+            &kh.url(PATH_STORE_PAGE),
+            &[("ticket", framed_ticket.as_str()), ("service", "github")],
+        )
+        .unwrap();
+        let out = browser
+            .execute_async(
+                "const [src, done] = arguments; const f = document.createElement('iframe'); \
+                 f.onload = () => done('loaded'); setTimeout(() => done('timeout'), 3000); \
+                 f.src = src; document.body.appendChild(f);",
+                vec![json!(framed.as_str())],
+            )
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(script_fetches().await, fetched, "the framed page ran ({out})");
+        platform_handle.stop(false).await;
 
         browser.quit().await;
         kh.stop().await;

@@ -184,4 +184,22 @@ async fn store_page_headers_unspent_ticket_and_refusals() {
     assert!(bad_query.status == 400, "{}", text(&bad_query));
     // The reveal ticket shown to the page was not spent either.
     assert_eq!(kh.credential_with(&reveal, "github").await.status, 200);
+
+    // Sealed by the owner: the page says so (and /v1/store would refuse too).
+    let args = keyholder::cli::owner::OwnerArgs {
+        data: kh.data_args(),
+        json: false,
+    };
+    keyholder::cli::owner::set_sealed(&args, true).unwrap();
+    kh.server
+        .as_ref()
+        .unwrap()
+        .state
+        .vault
+        .follow_owner_changes()
+        .await
+        .unwrap();
+    let ticket = kh.ticket(Purpose::Store, "github");
+    let sealed = page(&kh, &[("ticket", &ticket), ("service", "github")]).await;
+    assert_refusal_page(&sealed, 503, "sealed");
 }
