@@ -817,6 +817,51 @@ async fn imported_v1_ciphertexts_open_only_where_imported_until_rewrap_and_retir
     );
 }
 
+/// A copy the platform made before the migration, inside the reference's own files (its storage
+/// `set` wrote them too): the same v1 ciphertext under two services. Importing it would bind the
+/// copy as well, so the import is refused, naming both places, and nothing is imported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn import_refuses_a_v1_ciphertext_found_in_two_places() {
+    let reference_key = DataKey::generate();
+    let reference_secret = HmacSecret::generate();
+    let access = encrypt_platform_v1_field(&reference_key, b"ghp_reference_token");
+    let key_file = json!({
+        "webhook_id": "wh_reference03",
+        "encryption_key": reference_key.to_base64().as_str(),
+        "hmac_secret": reference_secret.to_base64().as_str(),
+        "is_configured": true,
+    });
+    let collections = json!({"tokens": {
+        "github": {"v": 1, "alg": "AES-256-GCM", "fields": {"accessToken": access}, "meta": {}},
+        "platform_copy": {"v": 1, "alg": "AES-256-GCM", "fields": {"accessToken": access}, "meta": {}},
+    }});
+    let files = tempfile::tempdir().unwrap();
+    let store_file = files.path().join("tokenvault_store.json");
+    let kv_file = files.path().join("tokenvault_kv_store.json");
+    std::fs::write(&store_file, key_file.to_string()).unwrap();
+    std::fs::write(&kv_file, collections.to_string()).unwrap();
+    let kh = Keyholder::start().await;
+    let args = owner::ImportReferenceArgs {
+        data: kh.data_args(),
+        store: store_file,
+        kv: kv_file,
+        force: false,
+    };
+    let err = cli(move || owner::import_reference(&args))
+        .await
+        .unwrap_err();
+    let text = format!("{err:#}");
+    assert!(
+        text.contains("tokens/github accessToken")
+            && text.contains("tokens/platform_copy accessToken"),
+        "{text}"
+    );
+    let args = owner_args(&kh);
+    let status = cli(move || owner::status(&args)).await.unwrap();
+    assert_eq!(status.credential_count, 0);
+    assert!(!status.reference_key && !status.bound, "{status:?}");
+}
+
 /// Item 10 of issue 17: `keyholder store` seals a credential from a file or standard input on the
 /// data folder, without any page or script of the platform's; a running server that had the old
 /// credential cached serves the new one within its quarter-second poll; the audit trail has

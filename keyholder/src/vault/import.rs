@@ -140,13 +140,25 @@ pub fn import_reference(
     // v1 ciphertexts carry no associated data: remember where each one is imported, and the key
     // opens it only there (`vault::imported_v1`). Places recorded for an earlier reference key
     // mean nothing under this one.
+    // With a fresh random IV per field, one ciphertext in two places means one is a copy (the
+    // platform can write the reference's documents too): the owner decides which one is real.
     imported_v1::clear(conn)?;
+    let mut seen: std::collections::HashMap<[u8; 32], String> = std::collections::HashMap::new();
     if let Some(tokens) = obj
         .get(Collection::Tokens.as_str())
         .and_then(Value::as_object)
     {
         for (key, doc) in tokens {
-            imported_v1::record_document(conn, key, doc)?;
+            for (field, digest) in imported_v1::v1_fields(doc) {
+                let place = format!("tokens/{key} {field}");
+                if let Some(first) = seen.insert(digest, place.clone()) {
+                    return Err(VaultError::Invalid(format!(
+                        "{first} and {place} hold the same ciphertext, so one of them is a copy; remove \
+                         the one that does not belong from the collections file and import again"
+                    )));
+                }
+                imported_v1::record(conn, key, &field, &digest)?;
+            }
         }
     }
     let (ring, _, _) = keyring::load(conn, master)?;

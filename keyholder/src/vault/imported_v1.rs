@@ -63,28 +63,38 @@ pub fn load(conn: &Connection) -> Result<ImportedV1Fields, StoreError> {
     Ok(out)
 }
 
-/// Records the v1 fields of `doc`, a credential imported as `service`. Returns how many. A field
-/// whose text is not a v1 ciphertext is skipped (opening the document reports it).
-pub fn record_document(conn: &Connection, service: &str, doc: &Value) -> Result<usize, StoreError> {
+/// The v1 fields of a credential document: (field name, ciphertext digest). A field whose text is
+/// not a v1 ciphertext is left out (opening the document reports it).
+pub fn v1_fields(doc: &Value) -> Vec<(String, [u8; 32])> {
     let Some(fields) = doc.get("fields").and_then(Value::as_object) else {
-        return Ok(0);
+        return Vec::new();
     };
-    let mut recorded = 0;
-    for (field, value) in fields {
-        let Some(text) = value.as_str() else { continue };
-        if !matches!(field_key_version(text), Ok(FieldFormat::PlatformV1)) {
-            continue;
-        }
-        let Ok(digest) = platform_v1_field_digest(text) else {
-            continue;
-        };
-        conn.execute(
-            "INSERT OR IGNORE INTO imported_v1_fields(digest, service, field) VALUES (?1, ?2, ?3)",
-            params![digest.as_slice(), service, field],
-        )?;
-        recorded += 1;
-    }
-    Ok(recorded)
+    fields
+        .iter()
+        .filter_map(|(field, value)| {
+            let text = value.as_str()?;
+            if !matches!(field_key_version(text), Ok(FieldFormat::PlatformV1)) {
+                return None;
+            }
+            platform_v1_field_digest(text)
+                .ok()
+                .map(|digest| (field.clone(), digest))
+        })
+        .collect()
+}
+
+/// Records that the ciphertext with `digest` was imported as field `field` of service `service`.
+pub fn record(
+    conn: &Connection,
+    service: &str,
+    field: &str,
+    digest: &[u8; 32],
+) -> Result<(), StoreError> {
+    conn.execute(
+        "INSERT OR IGNORE INTO imported_v1_fields(digest, service, field) VALUES (?1, ?2, ?3)",
+        params![digest.as_slice(), service, field],
+    )?;
+    Ok(())
 }
 
 /// Forgets every recorded place (a new import replaces the reference key; retiring removes it).
