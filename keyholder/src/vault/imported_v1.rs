@@ -6,7 +6,9 @@
 //! it was imported as (table `imported_v1_fields`, in the owner's database, out of the platform's
 //! reach). The key ring opens a v1 field only where that triple was recorded: the same ciphertext
 //! written back to its own service still opens (so `rewrap` can convert it); anywhere else, or any
-//! v1 ciphertext that was never imported, does not. Retiring the reference key empties the table.
+//! v1 ciphertext that was never imported, does not. One ciphertext in two places of the reference's
+//! files is a copy (every field has a fresh IV), so the import refuses it rather than bind the copy.
+//! Retiring the reference key empties the table.
 
 use std::collections::HashMap;
 
@@ -28,16 +30,6 @@ impl ImportedV1Fields {
         self.places
             .get(digest)
             .is_some_and(|places| places.iter().any(|(s, f)| s == service && f == field))
-    }
-
-    /// How many (ciphertext, place) pairs are recorded.
-    pub fn len(&self) -> usize {
-        self.places.values().map(Vec::len).sum()
-    }
-
-    /// True when nothing is recorded.
-    pub fn is_empty(&self) -> bool {
-        self.places.is_empty()
     }
 }
 
