@@ -18,4 +18,5 @@ mod proxy;
 mod refresh;
 mod signed;
 mod storage;
+mod store_page;
 mod tls;
