@@ -116,7 +116,26 @@ pub async fn keyholder_layer(
             origin.as_ref(),
         )
     };
-    let (http_req, finished) = if method == Method::OPTIONS && is_cors_path(&path) {
+    let limited = state_ref.and_then(|state| {
+        let limiter = state.rate_limit.as_ref()?;
+        // An unreadable X-Forwarded-For from a trusted proxy counts against the proxy itself.
+        let ip = state
+            .network
+            .client_ip(req.request())
+            .ok()
+            .flatten()
+            .or_else(|| req.peer_addr().map(|a| a.ip()))?;
+        limiter.check(ip).err()
+    });
+    let (http_req, finished) = if let Some(retry_after_secs) = limited {
+        // Over the per-address limit: refused before any other work, preflights included.
+        let (http_req, _) = req.into_parts();
+        let refused = HttpResponse::from_error(actix_web::Error::from(ApiError::RateLimited {
+            retry_after_secs,
+        }));
+        let finished = finishing(refused, &http_req).await;
+        (http_req, finished)
+    } else if method == Method::OPTIONS && is_cors_path(&path) {
         // CORS preflight: the ticket, not CORS, is the security boundary.
         let (http_req, _) = req.into_parts();
         let finished = finishing(HttpResponse::NoContent().finish(), &http_req).await;

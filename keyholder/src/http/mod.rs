@@ -10,6 +10,7 @@ pub mod health;
 pub mod middleware;
 pub mod network;
 pub mod proxy;
+pub mod rate_limit;
 pub mod refresh;
 pub mod response_signer;
 pub mod storage;
@@ -76,6 +77,11 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     .service(
         web::resource(PATH_REFRESH)
             .route(web::post().to(refresh::refresh))
+            .default_service(fallback("POST")),
+    )
+    .service(
+        web::resource(PATH_ADMIN_MIGRATE)
+            .route(web::post().to(credential::admin_migrate))
             .default_service(fallback("POST")),
     )
     .service(

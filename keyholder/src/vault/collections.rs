@@ -61,9 +61,16 @@ impl Vault {
             })
             .await?;
         let doc = match text {
-            Some(t) => Some(Arc::new(
-                serde_json::from_str(&t).map_err(|e| VaultError::Corrupt(e.to_string()))?,
-            )),
+            Some(t) => {
+                let doc: Value =
+                    serde_json::from_str(&t).map_err(|e| VaultError::Corrupt(e.to_string()))?;
+                // A token document still holding a totpUri link is sealed on first read (2.4.0).
+                let doc = match collection {
+                    Collection::Tokens => self.upgrade_token_document(&key, &t, doc).await,
+                    _ => doc,
+                };
+                Some(Arc::new(doc))
+            }
             None => None,
         };
         self.cache.put(collection, &key, doc.clone(), epoch);
@@ -186,8 +193,12 @@ impl Vault {
             .await?;
         let mut items = Vec::with_capacity(rows.len());
         for (key, text) in rows {
-            let doc =
+            let doc: Value =
                 serde_json::from_str(&text).map_err(|e| VaultError::Corrupt(e.to_string()))?;
+            let doc = match collection {
+                Collection::Tokens => self.upgrade_token_document(&key, &text, doc).await,
+                _ => doc,
+            };
             items.push(list_item(collection, &key, doc));
         }
         if collection == Collection::Audit {
