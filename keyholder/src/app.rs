@@ -157,7 +157,9 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
             "sealed stored totpUri links"
         ),
         Ok(_) => {}
-        Err(err) => tracing::warn!(error = %err, "stored totpUri links not sealed at start (sealed keyholder?); they are sealed on first read"),
+        Err(err) => {
+            tracing::warn!(error = %err, "stored totpUri links not sealed at start (sealed keyholder?); they are sealed on first read")
+        }
     }
     if report.created_master_file {
         tracing::warn!(

@@ -515,12 +515,7 @@ mod tests {
         );
         c.mode = Some(json!("overwrite"));
         assert_eq!(c.store_constraints().map(|s| s.create_only), Ok(false));
-        for bad in [
-            json!("Create"),
-            json!(""),
-            json!(1),
-            json!(true),
-        ] {
+        for bad in [json!("Create"), json!(""), json!(1), json!(true)] {
             c.mode = Some(bad.clone());
             assert_eq!(
                 c.store_constraints(),

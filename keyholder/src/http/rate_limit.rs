@@ -128,7 +128,10 @@ mod tests {
         }
         assert_eq!(limiter.check_at(ip, 1_000), Err(20));
         // Another address has its own bucket.
-        assert_eq!(limiter.check_at("192.0.2.2".parse().unwrap(), 1_000), Ok(()));
+        assert_eq!(
+            limiter.check_at("192.0.2.2".parse().unwrap(), 1_000),
+            Ok(())
+        );
         assert_eq!(limiter.check_at(ip, 20_999), Err(1));
         assert_eq!(limiter.check_at(ip, 21_000), Ok(()));
         assert!(limiter.check_at(ip, 21_000).is_err());
@@ -141,7 +144,10 @@ mod tests {
         assert!(limiter
             .check_at("2001:db8::ffff:1".parse().unwrap(), 0)
             .is_err());
-        assert_eq!(limiter.check_at("2001:db8:0:1::1".parse().unwrap(), 0), Ok(()));
+        assert_eq!(
+            limiter.check_at("2001:db8:0:1::1".parse().unwrap(), 0),
+            Ok(())
+        );
         // An IPv4-mapped address is the IPv4 address.
         assert_eq!(limiter.check_at("192.0.2.9".parse().unwrap(), 0), Ok(()));
         assert!(limiter
@@ -157,11 +163,12 @@ mod tests {
         }
         assert_eq!(limiter.tracked(), MAX_TRACKED_ADDRESSES);
         // Untracked addresses share the overflow bucket, which is now used up.
-        assert!(limiter
-            .check_at(IpAddr::from([250, 0, 0, 1]), 0)
-            .is_err());
+        assert!(limiter.check_at(IpAddr::from([250, 0, 0, 1]), 0).is_err());
         // Once buckets have refilled, the table makes room again.
-        assert_eq!(limiter.check_at(IpAddr::from([250, 0, 0, 2]), 120_000), Ok(()));
+        assert_eq!(
+            limiter.check_at(IpAddr::from([250, 0, 0, 2]), 120_000),
+            Ok(())
+        );
         assert_eq!(limiter.tracked(), 1);
     }
 }

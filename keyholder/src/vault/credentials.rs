@@ -219,7 +219,10 @@ impl Vault {
             .or_else(|| doc.get("creationId"))
             .and_then(Value::as_str);
         claims.check_creation(stored).map_err(|_| {
-            tracing::info!(service, "ticket for a replaced token refused (stale_creation)");
+            tracing::info!(
+                service,
+                "ticket for a replaced token refused (stale_creation)"
+            );
             VaultError::StaleCreation
         })
     }
@@ -281,7 +284,11 @@ fn stored_invalid() -> VaultError {
 pub fn token_totp_now(token: &OpenedToken, now: i64) -> Result<TotpCodeResponse, VaultError> {
     let secret = token.secret("totpSecret").ok_or(VaultError::NotTotp)?;
     let meta = token.meta();
-    if secret.trim_start().get(..10).is_some_and(|p| p.eq_ignore_ascii_case("otpauth://")) {
+    if secret
+        .trim_start()
+        .get(..10)
+        .is_some_and(|p| p.eq_ignore_ascii_case("otpauth://"))
+    {
         let link = parse_otpauth(secret.trim()).map_err(|_| stored_invalid())?;
         return totp_now(link.secret(), link.algorithm, link.digits, link.period, now);
     }
@@ -292,15 +299,14 @@ pub fn token_totp_now(token: &OpenedToken, now: i64) -> Result<TotpCodeResponse,
             .and_then(TotpAlgorithm::parse)
             .ok_or_else(stored_invalid)?,
     };
-    let number = |name: &str, default: u64, range: std::ops::RangeInclusive<u64>| match meta
-        .get(name)
-    {
-        None | Some(Value::Null) => Ok(default),
-        Some(v) => v
-            .as_u64()
-            .filter(|n| range.contains(n))
-            .ok_or_else(stored_invalid),
-    };
+    let number =
+        |name: &str, default: u64, range: std::ops::RangeInclusive<u64>| match meta.get(name) {
+            None | Some(Value::Null) => Ok(default),
+            Some(v) => v
+                .as_u64()
+                .filter(|n| range.contains(n))
+                .ok_or_else(stored_invalid),
+        };
     let digits = number("totpDigits", 6, 6..=8)? as u32;
     let period = number("totpPeriod", 30, 1..=3600)?;
     totp_now(secret, algorithm, digits, period, now)

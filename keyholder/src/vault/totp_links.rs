@@ -153,7 +153,9 @@ impl Vault {
                 match self.replace_document(key, text, &sealed, version).await {
                     Ok(true) => tracing::info!(service = key, "sealed a stored totpUri link"),
                     Ok(false) => {}
-                    Err(err) => tracing::warn!(error = %err, "could not write a sealed totpUri link back"),
+                    Err(err) => {
+                        tracing::warn!(error = %err, "could not write a sealed totpUri link back")
+                    }
                 }
                 sealed
             }
