@@ -825,3 +825,54 @@ async fn import_reference_seals_totp_links() {
         "{token}"
     );
 }
+
+/// `keyholder-check` names a webhook that still speaks 2.2.0 as such, and says what it lacks. The
+/// webhook here is a loopback stand-in answering health the way the previous release did.
+#[tokio::test]
+async fn checker_reports_a_2_2_0_webhook_as_such() {
+    use keyholder_client::check::{self, CheckAuth, CheckOptions};
+    let old = MockServer::start(|r| {
+        if r.target == PATH_HEALTH {
+            Reply::json(
+                200,
+                json!({"status":"healthy","version":"2.2.0","keyConfigured":true,
+                       "capabilities":["storage","credential","proxy","refresh","store"],
+                       "uptime":1,"tokenCount":0}),
+            )
+        } else {
+            Reply::json(404, json!({"error":"not_found","message":"no"}))
+        }
+    })
+    .await;
+    let mut options = CheckOptions::new(old.url(""), CheckAuth::Secret(HmacSecret::generate()));
+    options.danger_allow_http = true;
+    options.retry = fast_retry();
+    options.timeout = std::time::Duration::from_secs(5);
+    let report = check::run(options).await;
+    let text = report.to_text();
+    assert_eq!(report.protocol_version.as_deref(), Some("2.2.0"));
+    assert!(
+        text.contains("The webhook speaks protocol 2.2.0, not 2.4.0"),
+        "{text}"
+    );
+    let version = report.check("version_2_4_0").unwrap();
+    assert!(
+        !version.passed && version.detail.contains("2.2.0"),
+        "{text}"
+    );
+    let caps = report.check("capabilities_2_4_0").unwrap();
+    assert!(!caps.passed, "{text}");
+    assert!(
+        caps.detail.contains("totp") && caps.detail.contains("ticketConstraints"),
+        "{text}"
+    );
+    for name in [
+        "stale_creation",
+        "store_constraints",
+        "totp_uri_sealed",
+        "totp_code_on_credential",
+    ] {
+        assert!(!report.check(name).unwrap().passed, "{name}: {text}");
+    }
+    assert!(!report.ok());
+}

@@ -88,5 +88,10 @@ pub async fn admin_migrate(
         failed = report.failed,
         "totpUri migration"
     );
-    Ok(HttpResponse::Ok().json(serde_json::json!({ "status": "ok", "totp": report })))
+    Ok(
+        HttpResponse::Ok().json(keyholder_protocol::wire::AdminMigrateResponse {
+            status: "ok".into(),
+            totp: report,
+        }),
+    )
 }

@@ -9,7 +9,6 @@ use keyholder_protocol::document::{open_document, seal_token_data};
 use keyholder_protocol::otpauth::{expand_totp_uri, parse_otpauth, TOTP_URI_FIELD};
 use keyholder_protocol::wire::Collection;
 use rusqlite::params;
-use serde::Serialize;
 use serde_json::{Map, Value};
 
 use super::credentials::scrub;
@@ -18,15 +17,7 @@ use super::{from_store, into_store, Vault, VaultError};
 
 /// Counts of one sweep (`POST /v1/admin/migrate`): documents looked at, rewritten, and left as they
 /// were because their link could not be sealed.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-pub struct TotpMigration {
-    /// Token documents examined.
-    pub scanned: u64,
-    /// Documents rewritten with the seed sealed and the link removed.
-    pub migrated: u64,
-    /// Documents holding a link that could not be sealed (malformed link, undecryptable document).
-    pub failed: u64,
-}
+pub type TotpMigration = keyholder_protocol::wire::TotpMigrationCounts;
 
 /// True when a token document holds a link, at the top level (plaintext documents) or in meta.
 pub fn holds_totp_link(doc: &Value) -> bool {
