@@ -876,3 +876,69 @@ async fn checker_reports_a_2_2_0_webhook_as_such() {
     }
     assert!(!report.ok());
 }
+
+/// While the owner has sealed the keyholder nothing is decrypted or rewritten: a stored link is left
+/// out of what the platform reads, `/v1/admin/migrate` answers `503 sealed`; after unseal the next
+/// read seals it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sealed_keyholder_leaves_links_out_and_seals_them_after_unseal() {
+    use keyholder::cli::owner::{self, OwnerArgs};
+    let kh = bound().await;
+    kh.storage(json!({"operation":"set","collection":"tokens","key":"bank",
+        "data":{"meta":{"totpUri": link(SEED), "tokenType": "TOTP"}}}))
+        .await;
+    let args = OwnerArgs {
+        data: kh.data_args(),
+        json: false,
+    };
+    let seal = |sealed: bool| {
+        let args = args.clone();
+        std::thread::spawn(move || owner::set_sealed(&args, sealed))
+            .join()
+            .unwrap()
+            .unwrap()
+    };
+    let state = kh.server.as_ref().unwrap().state.clone();
+    seal(true);
+    state.vault.follow_owner_changes().await.unwrap();
+    assert!(state.vault.is_sealed());
+    let got = kh
+        .storage(json!({"operation":"get","collection":"tokens","key":"bank"}))
+        .await;
+    assert_eq!(got.status, 200);
+    assert!(
+        !leaks_seed(&String::from_utf8_lossy(&got.body)),
+        "{}",
+        got.json()
+    );
+    let list = kh
+        .storage(json!({"operation":"list","collection":"tokens"}))
+        .await;
+    assert!(!leaks_seed(&String::from_utf8_lossy(&list.body)));
+    kh.signed(PATH_ADMIN_MIGRATE, &json!({}))
+        .await
+        .assert_error(503, "sealed");
+
+    seal(false);
+    state.vault.follow_owner_changes().await.unwrap();
+    assert!(!state.vault.is_sealed());
+    // The redacted answer was not cached: the first read after unseal seals the link on disk.
+    let got = kh
+        .storage(json!({"operation":"get","collection":"tokens","key":"bank"}))
+        .await
+        .json();
+    assert!(
+        got["data"]["fields"]["totpSecret"]
+            .as_str()
+            .unwrap()
+            .starts_with("kh1:"),
+        "{got}"
+    );
+    let swept = kh.signed(PATH_ADMIN_MIGRATE, &json!({})).await;
+    assert_eq!(
+        swept.json()["totp"],
+        json!({"scanned": 1, "migrated": 0, "failed": 0})
+    );
+    let token = kh.credential("bank").await.json()["token"].clone();
+    assert_eq!(token["totpGenerated"], true);
+}

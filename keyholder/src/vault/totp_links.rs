@@ -129,30 +129,40 @@ fn rebuild(
 impl Vault {
     /// A token document as it may be answered: unchanged without a link; with one, rewritten (and
     /// written back, unless the stored text changed meanwhile) or, when that is not possible now, the
-    /// document without its link.
-    pub(super) async fn upgrade_token_document(&self, key: &str, text: &str, doc: Value) -> Value {
+    /// document without its link. The flag says whether the answer is what is on disk: only then may
+    /// it be cached (a link still on disk is tried again on the next read).
+    pub(super) async fn upgrade_token_document(
+        &self,
+        key: &str,
+        text: &str,
+        doc: Value,
+    ) -> (Value, bool) {
         if !holds_totp_link(&doc) {
-            return doc;
+            return (doc, true);
         }
         if self.is_sealed() {
-            return without_totp_link(&doc);
+            return (without_totp_link(&doc), false);
         }
         let keys = self.keys();
         match seal_totp_link(&doc, key, &keys, crate::clock::now_unix()) {
             Ok(sealed) => {
                 let version = keys.current_data_version();
-                match self.replace_document(key, text, &sealed, version).await {
-                    Ok(true) => tracing::info!(service = key, "sealed a stored totpUri link"),
-                    Ok(false) => {}
-                    Err(err) => {
-                        tracing::warn!(error = %err, "could not write a sealed totpUri link back")
+                let written = match self.replace_document(key, text, &sealed, version).await {
+                    Ok(true) => {
+                        tracing::info!(service = key, "sealed a stored totpUri link");
+                        true
                     }
-                }
-                sealed
+                    Ok(false) => false,
+                    Err(err) => {
+                        tracing::warn!(error = %err, "could not write a sealed totpUri link back");
+                        false
+                    }
+                };
+                (sealed, written)
             }
             Err(err) => {
                 tracing::warn!(service = key, error = %err, "a stored totpUri link cannot be sealed; left out of answers");
-                without_totp_link(&doc)
+                (without_totp_link(&doc), false)
             }
         }
     }
