@@ -13,8 +13,9 @@ use actix_web::middleware::Next;
 use actix_web::web::{Bytes, Data};
 use actix_web::{HttpMessage, HttpResponse};
 use keyholder_protocol::paths::{
-    HEADER_PLATFORM_REQUEST_ID, HEADER_REQUEST_ID, PATH_CREDENTIAL, PATH_HEALTH, PATH_IDENTITY,
-    PATH_PROXY, PATH_REFRESH, PATH_REFRESH_NOTIFY, PATH_STORE, PATH_TOTP_CODE,
+    HEADER_PLATFORM_REQUEST_ID, HEADER_REQUEST_ID, PATH_ADMIN_MIGRATE, PATH_CREDENTIAL,
+    PATH_HEALTH, PATH_IDENTITY, PATH_PROXY, PATH_REFRESH, PATH_REFRESH_NOTIFY, PATH_STORE,
+    PATH_TOTP_CODE,
 };
 use keyholder_protocol::request_id::{is_valid_request_id, new_request_id};
 use keyholder_protocol::response_sig::{response_signing_message, ResponseToSign};
@@ -78,6 +79,7 @@ fn is_audited_path(path: &str) -> bool {
             | PATH_PROXY
             | PATH_REFRESH
             | PATH_REFRESH_NOTIFY
+            | PATH_ADMIN_MIGRATE
     )
 }
 
