@@ -123,6 +123,13 @@ fn serve_bind_store_fetch_as_a_user_would() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    // Drained while the server runs: a full pipe (trace level logs a lot) would block its writes.
+    let mut stderr = child.stderr.take().unwrap();
+    let drain = std::thread::spawn(move || {
+        let mut logs = String::new();
+        let _ = stderr.read_to_string(&mut logs);
+        logs
+    });
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -253,13 +260,7 @@ fn serve_bind_store_fetch_as_a_user_would() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success(), "{status:?}");
-    let mut logs = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut logs)
-        .unwrap();
+    let logs = drain.join().unwrap();
     assert!(logs.contains("keyholder listening"), "{logs}");
     let (store_ticket, fetch_ticket, secret_b64) = ticket_secret;
     for needle in [
