@@ -4,8 +4,9 @@
 //! Besides the platform's protocol (HMAC request signatures in [`signing`], tickets in [`ticket`]), the
 //! Keyholder extensions are specified byte for byte in their modules: response signatures
 //! ([`response_sig`], batches over [`merkle`] trees), the `kh1` field format ([`document`]) and the asymmetric binding's Ed25519 request
-//! envelopes ([`envelope`]) and `kh2` tickets ([`ticket_kh2`]). Every format has named valid and invalid
-//! cases in `protocol/vectors/`, run by [`vectors`].
+//! envelopes ([`envelope`]) and `kh2` tickets ([`ticket_kh2`]). Protocol 2.4.0 adds the ticket
+//! constraints ([`ticket`]) and the strict `otpauth://totp/` parser that seals TOTP links ([`otpauth`]).
+//! Every format has named valid and invalid cases in `protocol/vectors/`, run by [`vectors`].
 #![warn(missing_docs)]
 
 pub mod binding;

@@ -75,23 +75,3 @@ pub async fn totp_code(
         .await?;
     Ok(HttpResponse::Ok().json(state.vault.totp_code(&ticketed.service).await?))
 }
-
-/// `POST /v1/admin/migrate` (signed, 2.4.0): seals every stored `totpUri` link; answers counts only.
-pub async fn admin_migrate(
-    state: Data<AppState>,
-    _signed: super::extract::Signed<serde_json::Value>,
-) -> Result<HttpResponse, ApiError> {
-    let report = state.vault.migrate_totp_links().await?;
-    tracing::info!(
-        scanned = report.scanned,
-        migrated = report.migrated,
-        failed = report.failed,
-        "totpUri migration"
-    );
-    Ok(
-        HttpResponse::Ok().json(keyholder_protocol::wire::AdminMigrateResponse {
-            status: "ok".into(),
-            totp: report,
-        }),
-    )
-}

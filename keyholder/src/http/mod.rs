@@ -1,6 +1,7 @@
 //! The HTTP face of the keyholder: routes, verification extractors, the response layer and the
 //! single error mapping. Handlers are thin: extract, call the domain, map the result.
 
+pub mod admin;
 pub mod bind_page;
 pub mod credential;
 pub mod error;
@@ -81,7 +82,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     )
     .service(
         web::resource(PATH_ADMIN_MIGRATE)
-            .route(web::post().to(credential::admin_migrate))
+            .route(web::post().to(admin::admin_migrate))
             .default_service(fallback("POST")),
     )
     .service(
