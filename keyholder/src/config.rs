@@ -107,6 +107,10 @@ pub struct ServeArgs {
     /// Total time for one proxied upstream call, in seconds.
     #[arg(long, env = "KEYHOLDER_UPSTREAM_TIMEOUT", default_value_t = 30)]
     pub upstream_timeout: u64,
+    /// Limit every route to N requests per minute per client address (`N/min`; answered with
+    /// `429 rate_limited` and `Retry-After`). Default: no limit.
+    #[arg(long, env = "KEYHOLDER_RATE_LIMIT_PER_IP", value_name = "N/min")]
+    pub rate_limit_per_ip: Option<String>,
     /// Remove audit entries older than this many days (checked hourly; the chain is verified first
     /// and a signed prune entry is appended). Default: keep every entry.
     #[arg(long, env = "KEYHOLDER_AUDIT_RETENTION_DAYS", value_parser = clap::value_parser!(u32).range(1..=36_500))]
@@ -155,6 +159,25 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// Audit entries older than this are pruned (kept forever when `None`).
     pub audit_retention: Option<Duration>,
+    /// Requests per minute per client address (no limit when `None`).
+    pub rate_limit_per_ip: Option<u32>,
+}
+
+/// Parses `--rate-limit-per-ip`: `N/min` with N in 1-1000000 (`N` alone means the same).
+pub fn parse_rate_limit(value: &str) -> Result<u32, ConfigError> {
+    const SETTING: &str = "--rate-limit-per-ip / KEYHOLDER_RATE_LIMIT_PER_IP";
+    let value = value.trim();
+    let number = value.strip_suffix("/min").unwrap_or(value);
+    number
+        .parse::<u32>()
+        .ok()
+        .filter(|n| (1..=1_000_000).contains(n))
+        .ok_or_else(|| {
+            invalid(
+                SETTING,
+                format!("'{value}' is not a rate like 120/min (1-1000000 requests per minute)"),
+            )
+        })
 }
 
 /// Default total time of a proxied call.
@@ -243,6 +266,7 @@ impl Config {
             tls: None,
             metrics_listen: None,
             audit_retention: None,
+            rate_limit_per_ip: None,
         }
     }
 
@@ -356,6 +380,12 @@ impl Config {
             audit_retention: args
                 .audit_retention_days
                 .map(|days| Duration::from_secs(u64::from(days) * 86_400)),
+            rate_limit_per_ip: args
+                .rate_limit_per_ip
+                .as_deref()
+                .filter(|s| !s.trim().is_empty())
+                .map(parse_rate_limit)
+                .transpose()?,
         })
     }
 }

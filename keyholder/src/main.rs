@@ -385,6 +385,12 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 "  proxy_configs: {}, audit: {}, vault_config: {}",
                 report.proxy_configs, report.audit, report.vault_config
             );
+            if report.totp_links_sealed > 0 {
+                println!(
+                    "  totpUri links sealed (seed encrypted, link removed): {}",
+                    report.totp_links_sealed
+                );
+            }
             if report.replaced > 0 {
                 println!("  replaced existing documents: {}", report.replaced);
             }

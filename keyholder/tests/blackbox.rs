@@ -17,6 +17,7 @@ use serde_json::{json, Value};
 
 const BIN: &str = env!("CARGO_BIN_EXE_keyholder");
 const SECRET: &str = "ghp_BlackBoxSecret_41c2e9";
+const TOTP_SEED: &str = "KRUGS4ZANFZSAYJAORXXI4BAONSWKZDB";
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -85,6 +86,24 @@ fn invalid_settings_name_the_setting() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("KEYHOLDER_PLATFORM_IP"));
+    for rate in ["0/min", "ten/min", "5/hour"] {
+        let out = Command::new(BIN)
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--rate-limit-per-ip",
+                rate,
+            ])
+            .env("KEYHOLDER_DATA_DIR", dir.path())
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("KEYHOLDER_RATE_LIMIT_PER_IP"),
+            "{rate}"
+        );
+    }
 }
 
 #[test]
@@ -100,10 +119,18 @@ fn serve_bind_store_fetch_as_a_user_would() {
         .env("KEYHOLDER_PUBLIC_URL", "https://kh.example.org")
         .env("KEYHOLDER_LOG", "trace")
         .env("KEYHOLDER_LOG_FORMAT", "json")
+        .env("KEYHOLDER_RATE_LIMIT_PER_IP", "10000/min")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    // Drained while the server runs: a full pipe (trace level logs a lot) would block its writes.
+    let mut stderr = child.stderr.take().unwrap();
+    let drain = std::thread::spawn(move || {
+        let mut logs = String::new();
+        let _ = stderr.read_to_string(&mut logs);
+        logs
+    });
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -175,6 +202,32 @@ fn serve_bind_store_fetch_as_a_user_would() {
             .await
             .unwrap();
         assert_eq!(r["token"]["accessToken"], SECRET);
+        // Protocol 2.4.0: a totpUri link is sealed, a malformed one refused; neither reaches the log.
+        for (service, link, status) in [
+            ("bank", format!("otpauth://totp/Bank:me?secret={TOTP_SEED}&digits=8"), 200),
+            ("bad", format!("otpauth://totp/Bank:me?secret={TOTP_SEED}&digits=9"), 400),
+        ] {
+            let ticket = encode_ticket(&secret, &TicketClaims::new("u", service, Purpose::Store, n, n + 60, format!("n-store-{service}")));
+            let r = http
+                .post(format!("{base}{PATH_STORE}"))
+                .json(&json!({"ticket": ticket, "service": service, "tokenData": {"totpUri": link}}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), status, "{service}");
+            assert!(!r.text().await.unwrap().contains(TOTP_SEED));
+        }
+        let fetch_bank = encode_ticket(&secret, &TicketClaims::new("u", "bank", Purpose::AgentCredential, n, n + 60, "n-fetch-bank"));
+        let r = http
+            .get(format!("{base}{PATH_CREDENTIAL}"))
+            .query(&[("ticket", fetch_bank.as_str()), ("service", "bank")])
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(r.contains("\"totpGenerated\":true") && !r.contains(TOTP_SEED), "{r}");
         (store, fetch, secret.to_base64().to_string())
     });
 
@@ -208,13 +261,7 @@ fn serve_bind_store_fetch_as_a_user_would() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success(), "{status:?}");
-    let mut logs = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut logs)
-        .unwrap();
+    let logs = drain.join().unwrap();
     assert!(logs.contains("keyholder listening"), "{logs}");
     let (store_ticket, fetch_ticket, secret_b64) = ticket_secret;
     for needle in [
@@ -223,6 +270,8 @@ fn serve_bind_store_fetch_as_a_user_would() {
         fetch_ticket.as_str(),
         secret_b64.as_str(),
         code.as_str(),
+        TOTP_SEED,
+        "otpauth://",
     ] {
         assert!(!logs.contains(needle), "log leaks a secret: {needle}");
     }

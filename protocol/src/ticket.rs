@@ -83,12 +83,13 @@ pub struct TicketClaims {
     /// Proxy config id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid: Option<String>,
-    /// Creation id.
+    /// Creation id (2.4.0 ticket constraint). Kept as the JSON value received, so that a `cid` that is
+    /// not a string is refused by the constraint checks with its own code rather than as undecodable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cid: Option<String>,
-    /// Store mode: `create` or `overwrite` (store tickets only).
+    pub cid: Option<serde_json::Value>,
+    /// Store mode: `create` or `overwrite` (store tickets only; kept as received, like `cid`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mode: Option<String>,
+    pub mode: Option<serde_json::Value>,
 }
 
 impl TicketClaims {
@@ -130,6 +131,91 @@ impl TicketClaims {
             return Err(TicketError::WrongService);
         }
         Ok(purpose)
+    }
+
+    /// The `cid` claim when it is a non-empty string.
+    pub fn creation_id(&self) -> Option<&str> {
+        self.cid
+            .as_ref()
+            .and_then(serde_json::Value::as_str)
+            .filter(|c| !c.is_empty())
+    }
+
+    /// The constraint a credential, proxy or TOTP-code ticket puts on the stored token (PROTOCOL.md
+    /// §7.3): without `cid`, none; with one, it must be a non-empty string equal to the token's
+    /// `creationId` (`stored`), else [`ConstraintError::StaleCreation`]. A token without a
+    /// `creationId` fails a ticket that carries one. A JSON `null` claim counts as absent (here and in
+    /// [`TicketClaims::store_constraints`]), as serde and JavaScript optional fields treat it.
+    pub fn check_creation(&self, stored: Option<&str>) -> Result<(), ConstraintError> {
+        if matches!(self.cid, None | Some(serde_json::Value::Null)) {
+            return Ok(());
+        }
+        match (self.creation_id(), stored) {
+            (Some(wanted), Some(stored))
+                if bool::from(wanted.as_bytes().ct_eq(stored.as_bytes())) =>
+            {
+                Ok(())
+            }
+            _ => Err(ConstraintError::StaleCreation),
+        }
+    }
+
+    /// The constraints of a store ticket (PROTOCOL.md §7.3): `mode` absent, `create` or `overwrite`,
+    /// and `cid` absent or a non-empty string; anything else is refused.
+    pub fn store_constraints(&self) -> Result<StoreConstraints, ConstraintError> {
+        let create_only = match &self.mode {
+            None | Some(serde_json::Value::Null) => false,
+            Some(serde_json::Value::String(m)) if m == "overwrite" => false,
+            Some(serde_json::Value::String(m)) if m == "create" => true,
+            Some(_) => return Err(ConstraintError::InvalidMode),
+        };
+        let creation_id = match &self.cid {
+            None | Some(serde_json::Value::Null) => None,
+            Some(_) => Some(
+                self.creation_id()
+                    .ok_or(ConstraintError::InvalidCreationId)?
+                    .to_owned(),
+            ),
+        };
+        Ok(StoreConstraints {
+            create_only,
+            creation_id,
+        })
+    }
+}
+
+/// What a store ticket asks for (from [`TicketClaims::store_constraints`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreConstraints {
+    /// `mode: create`: refuse when a token is stored already (`409 already_exists`).
+    pub create_only: bool,
+    /// The `creationId` the stored token gets; `None` leaves the token without one.
+    pub creation_id: Option<String>,
+}
+
+/// Why a ticket's constraints (`cid`, `mode`) refuse the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ConstraintError {
+    /// A store ticket's `mode` is neither `create` nor `overwrite`.
+    #[error("Ticket mode must be 'create' or 'overwrite'")]
+    InvalidMode,
+    /// A store ticket's `cid` is not a non-empty string.
+    #[error("Ticket cid must be a non-empty string")]
+    InvalidCreationId,
+    /// The ticket's `cid` does not name the stored token.
+    #[error("Token was replaced since this ticket was issued")]
+    StaleCreation,
+}
+
+impl ConstraintError {
+    /// The wire code: `stale_creation` (409) or `invalid_request` (400).
+    pub fn error_code(&self) -> ErrorCode {
+        match self {
+            ConstraintError::StaleCreation => ErrorCode::StaleCreation,
+            ConstraintError::InvalidMode | ConstraintError::InvalidCreationId => {
+                ErrorCode::InvalidRequest
+            }
+        }
     }
 }
 
@@ -370,8 +456,87 @@ mod tests {
         );
         assert_eq!(TicketError::Expired.error_code(), ErrorCode::TicketExpired);
         assert_eq!(
+            ConstraintError::StaleCreation.error_code().http_status(),
+            409
+        );
+        assert_eq!(
             TicketError::MissingNonce.error_code(),
             ErrorCode::TicketInvalid
+        );
+    }
+
+    #[test]
+    fn creation_and_store_constraints() {
+        use serde_json::json;
+        let mut c = golden_claims();
+        assert_eq!(c.check_creation(None), Ok(()));
+        assert_eq!(c.check_creation(Some("c1")), Ok(()));
+        c.cid = Some(json!("c1"));
+        assert_eq!(c.check_creation(Some("c1")), Ok(()));
+        assert_eq!(
+            c.check_creation(Some("c2")),
+            Err(ConstraintError::StaleCreation)
+        );
+        assert_eq!(c.check_creation(None), Err(ConstraintError::StaleCreation));
+        for bad in [json!(""), json!(1), json!(["c1"])] {
+            c.cid = Some(bad.clone());
+            assert_eq!(
+                c.check_creation(Some("c1")),
+                Err(ConstraintError::StaleCreation),
+                "{bad}"
+            );
+            assert_eq!(
+                c.check_creation(Some("")),
+                Err(ConstraintError::StaleCreation),
+                "{bad}"
+            );
+            assert_eq!(
+                c.store_constraints(),
+                Err(ConstraintError::InvalidCreationId),
+                "{bad}"
+            );
+        }
+        c.cid = None;
+        assert_eq!(
+            c.store_constraints(),
+            Ok(StoreConstraints {
+                create_only: false,
+                creation_id: None
+            })
+        );
+        c.mode = Some(json!("create"));
+        c.cid = Some(json!("c9"));
+        assert_eq!(
+            c.store_constraints(),
+            Ok(StoreConstraints {
+                create_only: true,
+                creation_id: Some("c9".into())
+            })
+        );
+        c.mode = Some(json!("overwrite"));
+        assert_eq!(c.store_constraints().map(|s| s.create_only), Ok(false));
+        for bad in [json!("Create"), json!(""), json!(1), json!(true)] {
+            c.mode = Some(bad.clone());
+            assert_eq!(
+                c.store_constraints(),
+                Err(ConstraintError::InvalidMode),
+                "{bad}"
+            );
+        }
+        // A cid that is not a string still decodes (its refusal is the constraint's, not the payload's).
+        let s = golden_secret();
+        let payload = URL_SAFE_NO_PAD.encode(
+            r#"{"sub":"u","svc":"s","pur":"store","iat":1700000000,"exp":1700000060,"nonce":"n","cid":7,"mode":"x"}"#,
+        );
+        let t = format!(
+            "{payload}.{}",
+            crate::hex::encode(&hmac_parts(&s, &[payload.as_bytes()]))
+        );
+        let claims = verify_ticket(&s, &t, 1_700_000_000, 3600).unwrap();
+        assert_eq!(claims.cid, Some(json!(7)));
+        assert_eq!(
+            claims.store_constraints(),
+            Err(ConstraintError::InvalidMode)
         );
     }
 }

@@ -14,6 +14,7 @@ mod minting;
 mod openapi;
 mod owner;
 mod persistence;
+mod protocol24;
 mod proxy;
 mod refresh;
 mod signed;

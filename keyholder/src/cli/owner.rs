@@ -344,7 +344,7 @@ pub fn store(args: &StoreArgs, stdin: &mut dyn std::io::Read) -> anyhow::Result<
             tx,
             &ring,
             &service,
-            &token_data,
+            &mut token_data,
             crate::clock::now_unix(),
         )?;
         Ok((meta, service.clone()))

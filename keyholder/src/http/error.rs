@@ -5,7 +5,7 @@ use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, ResponseError};
 use keyholder_protocol::envelope::EnvelopeError;
 use keyholder_protocol::signing::RequestAuthError;
-use keyholder_protocol::{ErrorBody, ErrorCode, TicketError};
+use keyholder_protocol::{ConstraintError, ErrorBody, ErrorCode, TicketError};
 
 use crate::store::StoreError;
 use crate::upstream::UpstreamError;
@@ -61,6 +61,15 @@ pub enum ApiError {
     /// Route exists, method does not.
     #[error("method not allowed")]
     MethodNotAllowed,
+    /// A ticket's `cid`/`mode` constraint refused the request (2.4.0).
+    #[error("{0}")]
+    Constraint(#[from] ConstraintError),
+    /// Too many requests from this client address; try again after this many seconds.
+    #[error("too many requests")]
+    RateLimited {
+        /// Seconds until the next request is accepted (the `Retry-After` header).
+        retry_after_secs: u64,
+    },
     /// A domain error.
     #[error(transparent)]
     Vault(#[from] VaultError),
@@ -90,6 +99,8 @@ impl ApiError {
             ApiError::Forbidden(_) => ErrorCode::Forbidden,
             ApiError::NotFound => ErrorCode::NotFound,
             ApiError::MethodNotAllowed => ErrorCode::MethodNotAllowed,
+            ApiError::Constraint(err) => err.error_code(),
+            ApiError::RateLimited { .. } => ErrorCode::RateLimited,
             ApiError::Vault(err) => match err {
                 VaultError::Store(_) => ErrorCode::StorageUnavailable,
                 VaultError::Crypto
@@ -101,6 +112,7 @@ impl ApiError {
                 | VaultError::KeyRingChanged => ErrorCode::InternalError,
                 VaultError::TokenNotFound => ErrorCode::TokenNotFound,
                 VaultError::AlreadyExists => ErrorCode::AlreadyExists,
+                VaultError::StaleCreation => ErrorCode::StaleCreation,
                 VaultError::Invalid(_) => ErrorCode::InvalidRequest,
                 VaultError::NotTotp => ErrorCode::NotTotp,
                 VaultError::CodeExpired => ErrorCode::CodeExpired,
@@ -175,6 +187,9 @@ impl ApiError {
             }
             ApiError::Ticket(TicketError::WrongService) => "Ticket service does not match".into(),
             ApiError::TicketReplayed => "Ticket already used".into(),
+            ApiError::RateLimited { retry_after_secs } => {
+                format!("Too many requests from this address; retry after {retry_after_secs} s")
+            }
             ApiError::Vault(VaultError::Store(_)) => {
                 "Storage is temporarily unavailable; retry later".into()
             }
@@ -244,7 +259,14 @@ impl ResponseError for ApiError {
 
     fn error_response(&self) -> HttpResponse {
         self.log();
-        HttpResponse::build(self.status_code()).json(self.body(None))
+        let mut response = HttpResponse::build(self.status_code());
+        if let ApiError::RateLimited { retry_after_secs } = self {
+            response.insert_header((
+                keyholder_protocol::paths::HEADER_RETRY_AFTER,
+                retry_after_secs.to_string(),
+            ));
+        }
+        response.json(self.body(None))
     }
 }
 
@@ -302,6 +324,33 @@ mod tests {
             ),
             (ApiError::Vault(VaultError::CodeUsed), 410, "code_used"),
             (ApiError::Vault(VaultError::NotTotp), 400, "not_totp"),
+            (
+                ApiError::Vault(VaultError::StaleCreation),
+                409,
+                "stale_creation",
+            ),
+            (
+                ApiError::Constraint(ConstraintError::StaleCreation),
+                409,
+                "stale_creation",
+            ),
+            (
+                ApiError::Constraint(ConstraintError::InvalidMode),
+                400,
+                "invalid_request",
+            ),
+            (
+                ApiError::Constraint(ConstraintError::InvalidCreationId),
+                400,
+                "invalid_request",
+            ),
+            (
+                ApiError::RateLimited {
+                    retry_after_secs: 3,
+                },
+                429,
+                "rate_limited",
+            ),
             (ApiError::Vault(VaultError::Sealed), 503, "sealed"),
             (
                 ApiError::Vault(VaultError::KeyRingChanged),
@@ -366,6 +415,22 @@ mod tests {
             assert_eq!(err.code().as_str(), code);
             assert_eq!(err.status_code().as_u16(), status);
         }
+    }
+
+    #[test]
+    fn rate_limited_carries_retry_after() {
+        let response = ApiError::RateLimited {
+            retry_after_secs: 7,
+        }
+        .error_response();
+        assert_eq!(response.status().as_u16(), 429);
+        assert_eq!(
+            response
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok()),
+            Some("7")
+        );
     }
 
     #[test]

@@ -13,8 +13,9 @@ use actix_web::middleware::Next;
 use actix_web::web::{Bytes, Data};
 use actix_web::{HttpMessage, HttpResponse};
 use keyholder_protocol::paths::{
-    HEADER_PLATFORM_REQUEST_ID, HEADER_REQUEST_ID, PATH_CREDENTIAL, PATH_HEALTH, PATH_IDENTITY,
-    PATH_PROXY, PATH_REFRESH, PATH_REFRESH_NOTIFY, PATH_STORE, PATH_TOTP_CODE,
+    HEADER_PLATFORM_REQUEST_ID, HEADER_REQUEST_ID, PATH_ADMIN_MIGRATE, PATH_CREDENTIAL,
+    PATH_HEALTH, PATH_IDENTITY, PATH_PROXY, PATH_REFRESH, PATH_REFRESH_NOTIFY, PATH_STORE,
+    PATH_TOTP_CODE,
 };
 use keyholder_protocol::request_id::{is_valid_request_id, new_request_id};
 use keyholder_protocol::response_sig::{response_signing_message, ResponseToSign};
@@ -78,6 +79,7 @@ fn is_audited_path(path: &str) -> bool {
             | PATH_PROXY
             | PATH_REFRESH
             | PATH_REFRESH_NOTIFY
+            | PATH_ADMIN_MIGRATE
     )
 }
 
@@ -116,7 +118,26 @@ pub async fn keyholder_layer(
             origin.as_ref(),
         )
     };
-    let (http_req, finished) = if method == Method::OPTIONS && is_cors_path(&path) {
+    let limited = state_ref.and_then(|state| {
+        let limiter = state.rate_limit.as_ref()?;
+        // An unreadable X-Forwarded-For from a trusted proxy counts against the proxy itself.
+        let ip = state
+            .network
+            .client_ip(req.request())
+            .ok()
+            .flatten()
+            .or_else(|| req.peer_addr().map(|a| a.ip()))?;
+        limiter.check(ip).err()
+    });
+    let (http_req, finished) = if let Some(retry_after_secs) = limited {
+        // Over the per-address limit: refused before any other work, preflights included.
+        let (http_req, _) = req.into_parts();
+        let refused = HttpResponse::from_error(actix_web::Error::from(ApiError::RateLimited {
+            retry_after_secs,
+        }));
+        let finished = finishing(refused, &http_req).await;
+        (http_req, finished)
+    } else if method == Method::OPTIONS && is_cors_path(&path) {
         // CORS preflight: the ticket, not CORS, is the security boundary.
         let (http_req, _) = req.into_parts();
         let finished = finishing(HttpResponse::NoContent().finish(), &http_req).await;

@@ -1,6 +1,7 @@
 //! The HTTP face of the keyholder: routes, verification extractors, the response layer and the
 //! single error mapping. Handlers are thin: extract, call the domain, map the result.
 
+pub mod admin;
 pub mod bind_page;
 pub mod credential;
 pub mod error;
@@ -10,6 +11,7 @@ pub mod health;
 pub mod middleware;
 pub mod network;
 pub mod proxy;
+pub mod rate_limit;
 pub mod refresh;
 pub mod response_signer;
 pub mod storage;
@@ -77,6 +79,11 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     .service(
         web::resource(PATH_REFRESH)
             .route(web::post().to(refresh::refresh))
+            .default_service(fallback("POST")),
+    )
+    .service(
+        web::resource(PATH_ADMIN_MIGRATE)
+            .route(web::post().to(admin::admin_migrate))
             .default_service(fallback("POST")),
     )
     .service(

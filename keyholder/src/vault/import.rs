@@ -53,6 +53,8 @@ pub struct ImportReport {
     pub vault_config: usize,
     /// Documents replaced because the keyholder already held one under the same key (`--force`).
     pub replaced: usize,
+    /// Token documents whose `totpUri` link was sealed (seed as `totpSecret`, link removed).
+    pub totp_links_sealed: usize,
 }
 
 fn field<'a>(obj: &'a Map<String, Value>, name: &str) -> Result<&'a str, VaultError> {
@@ -211,6 +213,15 @@ pub fn import_reference(
                 Collection::ProxyConfigs => report.proxy_configs += 1,
                 Collection::Audit => report.audit += 1,
                 Collection::VaultConfig => report.vault_config += 1,
+            }
+            // Protocol 2.4.0: a totpUri link is never kept, so it is sealed on the way in.
+            if collection == &Collection::Tokens && super::totp_links::holds_totp_link(&doc) {
+                doc = super::totp_links::seal_totp_link(&doc, key, &ring, now).map_err(|e| {
+                    VaultError::Invalid(format!(
+                        "tokens/{key} holds a totpUri that cannot be sealed ({e}); fix or remove it in the collections file"
+                    ))
+                })?;
+                report.totp_links_sealed += 1;
             }
             let replaced = conn.execute(
                 "DELETE FROM documents WHERE collection = ?1 AND key = ?2",

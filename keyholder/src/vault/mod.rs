@@ -17,6 +17,7 @@ pub mod reload;
 pub mod replay;
 pub mod retention;
 pub mod rotation;
+pub mod totp_links;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -64,6 +65,9 @@ pub enum VaultError {
     /// The stored credential cannot be decrypted with any key we hold.
     #[error("stored credential cannot be decrypted")]
     Undecryptable,
+    /// The ticket's `cid` does not name the stored token (2.4.0 ticket constraint).
+    #[error("Token was replaced since this ticket was issued")]
+    StaleCreation,
     /// The credential is not a TOTP secret.
     #[error("this credential is not a TOTP secret")]
     NotTotp,
