@@ -346,7 +346,7 @@ async fn envelope_and_scheme_refusals() {
         "{body}"
     );
 
-    let ok_body = br#"{"requestId":"r"}"#;
+    let ok_body = br#"{"probe":"r"}"#;
     let (answer, header) = enveloped(&kh, &key, PATH_HEALTH, ok_body, now()).await;
     assert_eq!(
         answer.status,
@@ -379,7 +379,7 @@ async fn envelope_and_scheme_refusals() {
     send(
         &kh,
         PATH_HEALTH,
-        br#"{"requestId":"x"}"#,
+        br#"{"probe":"x"}"#,
         &[(HEADER_ENVELOPE, &header)],
     )
     .await

@@ -159,10 +159,14 @@ pub struct Signed<T> {
 /// Verifies a signed platform request over the exact bytes received, in the binding's scheme.
 ///
 /// HMAC scheme, in order: bound, no envelope header, signature headers, timestamp, signature
-/// (constant time), then request id replay (so a forger cannot burn ids). Asymmetric scheme: bound,
-/// no HMAC signature header, envelope format, known key, timestamp, Ed25519 signature over the
-/// method, target and body, a valid request id header, then nonce replay (durable, like request ids;
-/// the nonce is the replay key, the request id is only echoed). Returns the raw body and the request id.
+/// (constant time), a valid request id header equal to the body's `requestId` (where the body has
+/// one), then replay (so a forger cannot burn ids): the request id, and the signature itself, so
+/// that the same signed bytes are accepted once whatever request id or endpoint they come with
+/// (both marks durable, in one group commit). Asymmetric scheme: bound, no HMAC signature header,
+/// envelope format, known key, timestamp, Ed25519 signature over the method, target and body, the
+/// request id header as above, then nonce replay (durable; the nonce is the replay key and is
+/// signed with the method and target, so these signed bytes cannot be replayed on another
+/// endpoint either). Returns the raw body and the request id.
 pub async fn verify_signed(
     req: &HttpRequest,
     payload: &mut Payload,
@@ -172,20 +176,20 @@ pub async fn verify_signed(
     if !binding.bound {
         return Err(ApiError::SetupRequired);
     }
-    let body = read_body(req, payload, body_limit(req.path())).await?;
+    let body = read_body(req, payload, body_limit(req.match_info().as_str())).await?;
     let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
     let now = crate::clock::now_unix();
     let refused = |reason: &dyn std::fmt::Debug| {
         state.metrics.signature_failures.inc();
         tracing::info!(reason = ?reason, "platform signature refused");
     };
-    let envelope_nonce = match binding.scheme {
+    let replay_key = match binding.scheme {
         PlatformScheme::Hmac => {
             if req.headers().contains_key(HEADER_ENVELOPE) {
                 refused(&"envelope in an HMAC binding");
                 return Err(ApiError::WrongScheme);
             }
-            verify_request(
+            let ts = verify_request(
                 &binding.hmac,
                 header(HEADER_SIGNATURE),
                 header(HEADER_TIMESTAMP),
@@ -194,7 +198,14 @@ pub async fn verify_signed(
                 MAX_CLOCK_SKEW_SECS,
             )
             .inspect_err(|e| refused(e))?;
-            None
+            // Verified, so 64 lowercase hex: one spelling per signature.
+            let signature = header(HEADER_SIGNATURE)
+                .and_then(|h| h.strip_prefix("sha256="))
+                .unwrap_or_default();
+            ReplayKey::Signature {
+                signature,
+                until: ts.max(now).saturating_add(MAX_CLOCK_SKEW_SECS),
+            }
         }
         PlatformScheme::Ed25519 => {
             if req.headers().contains_key(HEADER_SIGNATURE) {
@@ -216,42 +227,95 @@ pub async fn verify_signed(
             )
             .inspect_err(|e| refused(e))?;
             // Accepted while |now - ts| <= skew: remembered at least that long.
-            Some((envelope.nonce, envelope.ts.max(now) + MAX_CLOCK_SKEW_SECS))
+            ReplayKey::EnvelopeNonce {
+                nonce: envelope.nonce,
+                until: envelope.ts.max(now).saturating_add(MAX_CLOCK_SKEW_SECS),
+            }
         }
     };
     let request_id = header(HEADER_PLATFORM_REQUEST_ID)
         .filter(|id| is_valid_request_id(id))
         .ok_or(ApiError::BadRequestId)?
         .to_string();
-    let (kind, key, until, metric) = match &envelope_nonce {
-        None => (
-            ReplayKind::RequestId,
-            request_id.as_str(),
-            now + REQUEST_ID_TTL_SECS,
-            "request_id",
-        ),
-        Some((nonce, until)) => (
-            ReplayKind::EnvelopeNonce,
-            nonce.as_str(),
-            *until,
-            "envelope_nonce",
-        ),
-    };
-    match state.vault.replay.remember(kind, key, until).await? {
-        Seen::Fresh => Ok((body, request_id)),
-        Seen::Replayed => {
-            state.metrics.replay_refused(metric);
-            match kind {
-                ReplayKind::EnvelopeNonce => {
-                    tracing::warn!("replayed envelope nonce refused");
-                    Err(ApiError::EnvelopeReplayed)
-                }
-                _ => {
-                    tracing::warn!("duplicate platform request id refused");
-                    Err(ApiError::DuplicateRequestId)
-                }
-            }
+    if !body_request_id_matches(&body, &request_id) {
+        refused(&"body requestId differs from the request id header");
+        return Err(ApiError::RequestIdMismatch);
+    }
+    let request_id_until = now.saturating_add(REQUEST_ID_TTL_SECS);
+    let replayed = match &replay_key {
+        ReplayKey::Signature { signature, until } => {
+            state
+                .vault
+                .replay
+                .remember_all(&[
+                    (ReplayKind::RequestId, request_id.as_str(), request_id_until),
+                    (ReplayKind::Signature, signature, *until),
+                ])
+                .await?
         }
+        ReplayKey::EnvelopeNonce { nonce, until } => {
+            state
+                .vault
+                .replay
+                .remember_all(&[(ReplayKind::EnvelopeNonce, nonce.as_str(), *until)])
+                .await?
+        }
+    };
+    match replayed {
+        None => Ok((body, request_id)),
+        Some(ReplayKind::EnvelopeNonce) => {
+            state.metrics.replay_refused("envelope_nonce");
+            tracing::warn!("replayed envelope nonce refused");
+            Err(ApiError::EnvelopeReplayed)
+        }
+        Some(ReplayKind::Signature) => {
+            state.metrics.replay_refused("signature");
+            tracing::warn!("replayed platform signature refused");
+            Err(ApiError::SignatureReplayed)
+        }
+        Some(_) => {
+            state.metrics.replay_refused("request_id");
+            tracing::warn!("duplicate platform request id refused");
+            Err(ApiError::DuplicateRequestId)
+        }
+    }
+}
+
+/// What makes a verified signed request single-use, besides its request id.
+enum ReplayKey<'a> {
+    /// HMAC scheme: the signature (the same signed bytes), until its timestamp's window ends.
+    Signature { signature: &'a str, until: i64 },
+    /// Asymmetric scheme: the envelope's nonce, until its timestamp's window ends.
+    EnvelopeNonce { nonce: String, until: i64 },
+}
+
+/// Whether a signed body's `requestId`, where it has one, is exactly `header` (PROTOCOL §2.1: the
+/// platform sends it in both). A body that is not a JSON object has none (its handler refuses it
+/// as invalid); a `requestId` that is present but not that string, or present twice, does not
+/// match. Only the one member is decoded: other values are skipped, not built.
+fn body_request_id_matches(body: &[u8], header: &str) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Probe {
+        #[serde(rename = "requestId", default, deserialize_with = "present")]
+        request_id: Option<serde_json::Value>,
+    }
+    fn present<'de, D: serde::Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<serde_json::Value>, D::Error> {
+        serde::Deserialize::deserialize(d).map(Some)
+    }
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return true;
+    }
+    match serde_json::from_slice::<Probe>(body) {
+        Ok(Probe { request_id: None }) => true,
+        Ok(Probe {
+            request_id: Some(value),
+        }) => value.as_str() == Some(header),
+        // Not JSON: refused by the handler's parse (400), nothing to compare.
+        Err(e) if e.is_syntax() || e.is_eof() => true,
+        // A duplicate `requestId`: ambiguous, so not a match.
+        Err(_) => false,
     }
 }
 
@@ -357,7 +421,12 @@ pub async fn verify_ticket_for(
         tracing::info!(reason = ?e, "ticket refused");
     })?;
     let nonce = claims.nonce.clone().unwrap_or_default();
-    let until = claims.exp.unwrap_or(now).max(now) + MAX_CLOCK_SKEW_SECS;
+    // Verified, so `exp <= now + cap`; saturating all the same where a claim meets the clock.
+    let until = claims
+        .exp
+        .unwrap_or(now)
+        .max(now)
+        .saturating_add(MAX_CLOCK_SKEW_SECS);
     if state
         .vault
         .replay
@@ -477,7 +546,8 @@ impl<E: TicketEndpoint + 'static> FromRequest for Ticketed<E> {
             let request: E::Request = if req.method() == actix_web::http::Method::GET {
                 serde_urlencoded_query(req.query_string())?
             } else {
-                let body = read_body(&req, &mut payload, body_limit(req.path())).await?;
+                let body =
+                    read_body(&req, &mut payload, body_limit(req.match_info().as_str())).await?;
                 parse_json(&body)?
             };
             let ticket = request
