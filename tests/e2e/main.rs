@@ -19,3 +19,4 @@ mod refresh;
 mod signed;
 mod storage;
 mod tls;
+mod wire;
