@@ -36,7 +36,11 @@ use crate::tickets::{Ticket, TicketIssuer};
 use crate::transport::{Outgoing, RawResponse};
 use crate::{Agent, TokenData};
 
-/// Every check of the matrix, as `(group, name)`, in the order they run.
+mod wire;
+pub use wire::WIRE_MATRIX;
+
+/// Every check of the matrix, as `(group, name)`, in the order they run (then [`WIRE_MATRIX`], the
+/// wire refusals of replays, encoded paths and ticket times).
 pub const MATRIX: &[(&str, &str)] = &[
     ("workflow", "health_public"),
     ("workflow", "health_signed"),
@@ -403,7 +407,7 @@ pub async fn run(options: CheckOptions) -> Report {
                 .iter()
                 .filter(|_| ctx.asymmetric)
                 .filter(|(_, name)| *name != "removed_platform_key" || ctx.removed.is_some());
-            for (group, name) in MATRIX.iter().chain(envelope_checks) {
+            for (group, name) in MATRIX.iter().chain(WIRE_MATRIX).chain(envelope_checks) {
                 let mut run = Run::new();
                 let verdict = run_check(&ctx, name, &mut run).await;
                 checks.push(CheckResult {
@@ -933,6 +937,7 @@ async fn run_check(ctx: &Ctx, name: &str, run: &mut Run) -> Result<(), String> {
                 .await;
             expect(&resp, &[401], Some("auth_failed"))
         }
+        name if wire::handles(name) => wire::run_check(ctx, name, run).await,
         other => Err(format!("unknown check {other}")),
     }
 }

@@ -361,7 +361,11 @@ fn options(kh: &Keyholder, auth: CheckAuth) -> CheckOptions {
 /// Every check of the matrix passes against our keyholder (the unsigned-proxy probe included).
 fn assert_all_pass(report: &check::Report) {
     let text = report.to_text();
-    assert_eq!(report.checks.len(), check::MATRIX.len(), "{text}");
+    assert_eq!(
+        report.checks.len(),
+        check::MATRIX.len() + check::WIRE_MATRIX.len(),
+        "{text}"
+    );
     for c in &report.checks {
         assert!(c.passed, "{}: {}\n{text}", c.name, c.detail);
         assert!(!c.exchanges.is_empty(), "{}", c.name);
@@ -383,7 +387,7 @@ async fn checker_passes_against_our_keyholder() {
     let json = report.to_json();
     assert_eq!(
         json["checks"].as_array().unwrap().len(),
-        check::MATRIX.len()
+        check::MATRIX.len() + check::WIRE_MATRIX.len()
     );
     assert_eq!(json["passed"], report.passed);
 
