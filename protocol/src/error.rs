@@ -35,6 +35,10 @@ pub enum ErrorCode {
     PayloadTooLarge,
     /// `not_totp` (400): the token is not of type TOTP.
     NotTotp,
+    /// `corrupt_document` (422, Keyholder extension): the stored document (which the platform can
+    /// write with `storage set`) is malformed or its fields do not decrypt. Not a 5xx: retrying
+    /// cannot help, and the platform retries 5xx answers.
+    CorruptDocument,
     /// `internal_error` (500).
     InternalError,
     /// `storage_unavailable` (503, Keyholder extension).
@@ -69,6 +73,7 @@ impl ErrorCode {
         ErrorCode::CodeUsed,
         ErrorCode::PayloadTooLarge,
         ErrorCode::NotTotp,
+        ErrorCode::CorruptDocument,
         ErrorCode::InternalError,
         ErrorCode::StorageUnavailable,
         ErrorCode::Sealed,
@@ -96,6 +101,7 @@ impl ErrorCode {
             ErrorCode::CodeUsed => "code_used",
             ErrorCode::PayloadTooLarge => "payload_too_large",
             ErrorCode::NotTotp => "not_totp",
+            ErrorCode::CorruptDocument => "corrupt_document",
             ErrorCode::InternalError => "internal_error",
             ErrorCode::StorageUnavailable => "storage_unavailable",
             ErrorCode::Sealed => "sealed",
@@ -117,6 +123,7 @@ impl ErrorCode {
             ErrorCode::AlreadyExists => 409,
             ErrorCode::CodeExpired | ErrorCode::CodeUsed => 410,
             ErrorCode::PayloadTooLarge => 413,
+            ErrorCode::CorruptDocument => 422,
             ErrorCode::InternalError => 500,
             ErrorCode::UpstreamError | ErrorCode::ProviderError => 502,
             ErrorCode::StorageUnavailable | ErrorCode::Sealed => 503,
@@ -189,7 +196,7 @@ mod tests {
             assert_eq!(back, *code);
             assert!((400..600).contains(&code.http_status()));
         }
-        assert_eq!(ErrorCode::ALL.len(), 22);
+        assert_eq!(ErrorCode::ALL.len(), 23);
         assert_eq!(ErrorCode::parse("nope"), None);
     }
 
@@ -218,6 +225,7 @@ mod tests {
             ("payload_too_large", 413),
             ("storage_unavailable", 503),
             ("sealed", 503),
+            ("corrupt_document", 422),
         ];
         for (s, status) in expected {
             assert_eq!(ErrorCode::parse(s).unwrap().http_status(), status, "{s}");

@@ -515,3 +515,84 @@ async fn extreme_ticket_times_are_refused_while_legitimate_traffic_runs_and_purg
     assert_eq!(kh.credential("github").await.status, 200);
     replay.purge_expired().await.unwrap();
 }
+
+// ---------------------------------------------------------------- item 9: corrupt documents
+
+#[tokio::test]
+async fn corrupt_documents_the_platform_wrote_answer_422_on_every_path() {
+    let kh = proxy_keyholder(|c| c.enable_tv_refresh = true).await;
+    let upstream = MockServer::ok().await;
+    kh.egress("allow", "github", &[&upstream.origin()], false)
+        .await;
+    // A genuine sealed document of `github`, to move under another name.
+    let genuine = kh
+        .storage(json!({"operation":"get","collection":"tokens","key":"github"}))
+        .await
+        .json()["data"]
+        .clone();
+    let random_v1 = {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode([7u8; 40])
+    };
+    let corrupt = [
+        (
+            "bad-base64",
+            json!({"v":1,"alg":"AES-256-GCM","fields":{"accessToken":"!!not base64!!"},"meta":{}}),
+        ),
+        (
+            "fields-not-object",
+            json!({"v":1,"alg":"AES-256-GCM","fields":"accessToken","meta":{}}),
+        ),
+        (
+            "field-not-string",
+            json!({"v":1,"alg":"AES-256-GCM","fields":{"accessToken":[1,2]},"meta":{}}),
+        ),
+        (
+            "undecryptable-v1",
+            json!({"v":1,"alg":"AES-256-GCM","fields":{"accessToken":random_v1},"meta":{}}),
+        ),
+        ("moved-ciphertext", genuine),
+        (
+            "unknown-version",
+            json!({"v":99,"alg":"AES-256-GCM","fields":{},"meta":{}}),
+        ),
+    ];
+    for (service, doc) in &corrupt {
+        let set = kh
+            .storage(json!({"operation":"set","collection":"tokens","key":service,"data":doc}))
+            .await;
+        assert_eq!(set.status, 200);
+    }
+    for (service, _) in &corrupt {
+        let credential = kh.credential(service).await;
+        credential.assert_error(422, "corrupt_document");
+        let ticket = kh.ticket(Purpose::TotpCode, service);
+        let totp = read(
+            kh.http
+                .get(kh.url(PATH_TOTP_CODE))
+                .query(&[("ticket", ticket.as_str()), ("service", service)])
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        totp.assert_error(422, "corrupt_document");
+        kh.proxy_get(service, &upstream.url("/corrupt"))
+            .await
+            .assert_error(422, "corrupt_document");
+        kh.signed(
+            PATH_REFRESH_NOTIFY,
+            &json!({"service": service, "reason": "expired"}),
+        )
+        .await
+        .assert_error(422, "corrupt_document");
+        kh.signed(PATH_REFRESH, &json!({"action": "get", "service": service}))
+            .await
+            .assert_error(422, "corrupt_document");
+    }
+    assert_eq!(
+        upstream.count(),
+        0,
+        "nothing was sent for a corrupt document"
+    );
+}

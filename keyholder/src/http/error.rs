@@ -111,6 +111,7 @@ impl ApiError {
                 VaultError::AlreadyExists => ErrorCode::AlreadyExists,
                 VaultError::Invalid(_) => ErrorCode::InvalidRequest,
                 VaultError::NotTotp => ErrorCode::NotTotp,
+                VaultError::CorruptDocument => ErrorCode::CorruptDocument,
                 VaultError::CodeExpired => ErrorCode::CodeExpired,
                 VaultError::CodeUsed => ErrorCode::CodeUsed,
                 VaultError::AlreadyBound => ErrorCode::Forbidden,
@@ -193,6 +194,9 @@ impl ApiError {
             }
             ApiError::Ticket(TicketError::WrongService) => "Ticket service does not match".into(),
             ApiError::TicketReplayed => "Ticket already used".into(),
+            ApiError::Vault(VaultError::CorruptDocument) => {
+                "The stored document for this service is malformed or does not decrypt; store the credential again".into()
+            }
             ApiError::Vault(VaultError::Store(_)) => {
                 "Storage is temporarily unavailable; retry later".into()
             }
@@ -322,6 +326,11 @@ mod tests {
             ),
             (ApiError::Vault(VaultError::CodeUsed), 410, "code_used"),
             (ApiError::Vault(VaultError::NotTotp), 400, "not_totp"),
+            (
+                ApiError::Vault(VaultError::CorruptDocument),
+                422,
+                "corrupt_document",
+            ),
             (ApiError::Vault(VaultError::Sealed), 503, "sealed"),
             (
                 ApiError::Vault(VaultError::KeyRingChanged),

@@ -63,6 +63,10 @@ pub enum VaultError {
     /// The stored credential cannot be decrypted with any key we hold.
     #[error("stored credential cannot be decrypted")]
     Undecryptable,
+    /// The stored document of a service (which the platform can write with `storage set`) is
+    /// malformed or its fields do not decrypt: the caller's problem to fix, not a retryable failure.
+    #[error("stored credential document is corrupt")]
+    CorruptDocument,
     /// The credential is not a TOTP secret.
     #[error("this credential is not a TOTP secret")]
     NotTotp,
