@@ -37,7 +37,8 @@ pub struct TicketContext {
     pub agent_id: Option<String>,
     /// Proxy config id from the ticket.
     pub proxy_id: Option<String>,
-    /// Service the ticket was for (before verification: the service asked for, for the audit trail).
+    /// Service the verified ticket names (its signed `svc`). Empty while no ticket verified: a
+    /// name from an unverified request never reaches the audit trail as if it were verified.
     pub service: String,
     /// The ticket's purpose, once verified.
     pub purpose: Option<String>,
@@ -420,6 +421,14 @@ pub async fn verify_ticket_for(
         state.metrics.ticket_failures.inc();
         tracing::info!(reason = ?e, "ticket refused");
     })?;
+    // Signed by the platform from here on: what it names is recorded even if it is then refused
+    // (replayed, wrong purpose or service), and the purpose once the scope holds.
+    req.extensions_mut().insert(TicketContext {
+        agent_id: claims.aid.clone(),
+        proxy_id: claims.pid.clone(),
+        service: claims.svc.clone(),
+        purpose: None,
+    });
     let nonce = claims.nonce.clone().unwrap_or_default();
     // Verified, so `exp <= now + cap`; saturating all the same where a claim meets the clock.
     let until = claims
@@ -442,12 +451,9 @@ pub async fn verify_ticket_for(
         state.metrics.ticket_failures.inc();
         tracing::info!(reason = ?e, "ticket scope refused");
     })?;
-    req.extensions_mut().insert(TicketContext {
-        agent_id: claims.aid.clone(),
-        proxy_id: claims.pid.clone(),
-        service: service.to_string(),
-        purpose: Some(claims.pur.clone()),
-    });
+    if let Some(context) = req.extensions_mut().get_mut::<TicketContext>() {
+        context.purpose = Some(claims.pur.clone());
+    }
     Ok(claims)
 }
 
@@ -559,11 +565,6 @@ impl<E: TicketEndpoint + 'static> FromRequest for Ticketed<E> {
                 .filter(|s| !s.is_empty())
                 .ok_or_else(|| ApiError::InvalidRequest("missing 'service'".into()))?
                 .to_string();
-            // Recorded for the audit trail even if the ticket is then refused.
-            req.extensions_mut().insert(TicketContext {
-                service: service.clone(),
-                ..TicketContext::default()
-            });
             let claims = verify_ticket_for(&req, ticket, &service, E::PURPOSES).await?;
             Ok(Ticketed {
                 claims,
