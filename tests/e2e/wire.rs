@@ -596,3 +596,148 @@ async fn corrupt_documents_the_platform_wrote_answer_422_on_every_path() {
         "nothing was sent for a corrupt document"
     );
 }
+
+// ---------------------------------------------------------------- item 9: the audit trail
+
+#[tokio::test]
+async fn audit_list_escapes_what_the_platform_put_in_a_ticket() {
+    let kh = proxy_keyholder(|_| {}).await;
+    let hostile = "\u{1b}]0;owned\u{7}\u{1b}[2J\r\nresult=ok agent=\u{202e}gnp.exe\u{9b}1m\u{7f}\\";
+    let mut claims = kh.claims(Purpose::AgentCredential, "github");
+    claims.aid = Some(hostile.into());
+    claims.pid = Some("p\u{85}id".into());
+    let ticket = kh.ticket_from(&claims);
+    assert_eq!(kh.credential_with(&ticket, "github").await.status, 200);
+    let entries = audit(&kh).await;
+    let entry = entries
+        .iter()
+        .find(|e| e.event.agent_id == hostile)
+        .expect("the use is recorded as it was");
+    let unsafe_char = |c: char| {
+        c.is_control()
+            || ('\u{202a}'..='\u{202e}').contains(&c)
+            || ('\u{2066}'..='\u{2069}').contains(&c)
+    };
+    let line = keyholder::cli::owner::audit_line(entry);
+    assert!(!line.chars().any(unsafe_char), "{line:?}");
+    assert!(line.contains(r"agent=\u{1b}]0;owned\u{7}\u{1b}[2J\u{d}\u{a}result=ok\u{20}agent=\u{202e}gnp.exe\u{9b}1m\u{7f}\\ "), "{line}");
+    assert!(line.contains(r"proxy=p\u{85}id "), "{line}");
+    assert_eq!(
+        line.matches(" agent=").count(),
+        1,
+        "no field can pose as another: {line}"
+    );
+    let json = keyholder::cli::owner::audit_json_line(entry).unwrap();
+    assert!(!json.chars().any(unsafe_char), "{json:?}");
+    let back: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(
+        back["agentId"].as_str(),
+        Some(hostile),
+        "the same string in JSON"
+    );
+}
+
+#[tokio::test]
+async fn a_service_name_from_an_unverified_ticket_is_not_recorded() {
+    let kh = proxy_keyholder(|_| {}).await;
+    // Forged (another secret), malformed, and expired-but-signed: no verified service.
+    let forged = keyholder_protocol::ticket::encode_ticket(
+        &keyholder_protocol::HmacSecret::generate(),
+        &kh.claims(Purpose::AgentCredential, "github"),
+    );
+    kh.credential_with(&forged, "github")
+        .await
+        .assert_error(401, "ticket_invalid");
+    kh.credential_with("not.a-ticket", "github")
+        .await
+        .assert_error(401, "ticket_invalid");
+    // Signed by the platform but for another service: recorded under the service it names.
+    let other = kh.ticket(Purpose::AgentCredential, "gitlab");
+    kh.credential_with(&other, "github")
+        .await
+        .assert_error(401, "ticket_invalid");
+    let used = kh.ticket(Purpose::AgentCredential, "github");
+    assert_eq!(kh.credential_with(&used, "github").await.status, 200);
+    let entries = audit(&kh).await;
+    let credential: Vec<_> = entries
+        .iter()
+        .filter(|e| e.event.endpoint == PATH_CREDENTIAL)
+        .map(|e| (e.event.service.as_str(), e.event.result.as_str()))
+        .collect();
+    assert_eq!(
+        credential,
+        [
+            ("", "ticket_invalid"),
+            ("", "ticket_invalid"),
+            ("gitlab", "ticket_invalid"),
+            ("github", "ok")
+        ],
+        "{entries:#?}"
+    );
+}
+
+#[tokio::test]
+async fn health_answers_cors_for_the_public_get_only() {
+    let kh = proxy_keyholder(|_| {}).await;
+    let origin = "https://tokenvault.uk";
+    let allowed = |a: &Answer| a.header("access-control-allow-origin");
+    let get = read(
+        kh.http
+            .get(kh.url(PATH_HEALTH))
+            .header("origin", origin)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(get.status, 200);
+    assert_eq!(allowed(&get).as_deref(), Some(origin));
+    let head = read(
+        kh.http
+            .head(kh.url(PATH_HEALTH))
+            .header("origin", origin)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(head.status, 200);
+    assert!(allowed(&head).is_none(), "HEAD answers no CORS");
+    // The signed POST, valid or not, answers no CORS either.
+    for answer in [
+        kh.signed(PATH_HEALTH, &json!({})).await,
+        read(
+            kh.http
+                .post(kh.url(PATH_HEALTH))
+                .header("origin", origin)
+                .body("{}")
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await,
+    ] {
+        assert!(allowed(&answer).is_none(), "{}", answer.status);
+    }
+    let raw = br#"{"requestId":"req_cors_1"}"#;
+    let mut headers = signed_headers(&kh, now(), raw, "req_cors_1");
+    headers.push(("origin", origin.into()));
+    let signed = raw_http(&kh, "POST", PATH_HEALTH, &headers, raw).await;
+    assert_eq!(signed.status, 200);
+    assert!(allowed(&signed).is_none());
+    // The preflight offers GET only.
+    let pre = read(
+        kh.http
+            .request(reqwest::Method::OPTIONS, kh.url(PATH_HEALTH))
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(pre.status, 204);
+    let methods = pre.header("access-control-allow-methods").unwrap();
+    assert!(!methods.contains("POST"), "{methods}");
+    assert!(methods.contains("GET"), "{methods}");
+}
