@@ -4,6 +4,9 @@
 //! served as the path, and a ticket's time claims must hold against the webhook's clock (`iat` not in
 //! the future, not after `exp`, the lifetime cap measured from now, no overflow at `2^63-1`).
 //!
+//! The percent-encoded path checks want the webhook itself to refuse such paths (`400`, or a `404`
+//! as an unknown route); a reverse proxy in front that rewrites `%63` to `c` makes them fail.
+//!
 //! Self-contained on purpose: [`WIRE_MATRIX`] and [`run_check`] are all the parent module uses.
 
 use keyholder_protocol::paths::{

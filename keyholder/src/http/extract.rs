@@ -583,3 +583,39 @@ fn serde_urlencoded_query<T: DeserializeOwned>(query: &str) -> Result<T, ApiErro
         .map(|q| q.into_inner())
         .map_err(|_| ApiError::InvalidRequest("Invalid query string".into()))
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::body_request_id_matches;
+
+    #[test]
+    fn a_body_request_id_must_be_exactly_the_header() {
+        let id = "req_1";
+        for (body, matches) in [
+            (r#"{"requestId":"req_1","operation":"list"}"#, true),
+            (
+                r#"  {"operation":"list","nested":{"requestId":"other"}}"#,
+                true,
+            ),
+            (r#"{"operation":"list"}"#, true),
+            ("", true),
+            ("[1,2]", true),
+            ("{not json", true),
+            (r#"{"requestId":"req_2"}"#, false),
+            (r#"{"requestId":"REQ_1"}"#, false),
+            (r#"{"requestId":1}"#, false),
+            (r#"{"requestId":null}"#, false),
+            (r#"{"requestId":["req_1"]}"#, false),
+            (r#"{"requestId":"req_1","requestId":"req_2"}"#, false),
+            (r#"{"requestId":"req_1","requestId":"req_1"}"#, false),
+            (r#"{"requestId":"req_\u0031"}"#, true),
+        ] {
+            assert_eq!(
+                body_request_id_matches(body.as_bytes(), id),
+                matches,
+                "{body}"
+            );
+        }
+    }
+}
