@@ -755,6 +755,81 @@ mod tests {
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod extreme_expiry_tests {
+    use super::*;
+
+    /// Expiries at the ends of `i64` (from claims a hostile platform chose) are stored, purged and
+    /// reloaded without overflow, in a table with a valid name, next to ordinary marks.
+    #[tokio::test]
+    async fn extreme_expiries_neither_overflow_nor_break_the_batch_or_the_purge() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let guard = ReplayGuard::load(store.clone()).await.unwrap();
+        let later = crate::clock::now_unix() + 300;
+        let marks = [
+            (ReplayKind::Nonce, "max", i64::MAX),
+            (ReplayKind::Nonce, "min", i64::MIN),
+            (ReplayKind::Signature, "negative", -1),
+            (ReplayKind::RequestId, "ordinary", later),
+        ];
+        assert_eq!(guard.remember_all(&marks).await.unwrap(), None);
+        assert_eq!(
+            guard
+                .remember(ReplayKind::Nonce, "max", later)
+                .await
+                .unwrap(),
+            Seen::Replayed
+        );
+        guard.purge_expired().await.unwrap();
+        guard.purge_expired().await.unwrap();
+        store.close();
+        let store = Store::open(dir.path()).unwrap();
+        let guard = ReplayGuard::load(store).await.unwrap();
+        for (kind, id) in [
+            (ReplayKind::Nonce, "max"),
+            (ReplayKind::RequestId, "ordinary"),
+        ] {
+            assert_eq!(
+                guard.remember(kind, id, later).await.unwrap(),
+                Seen::Replayed,
+                "{id}"
+            );
+        }
+        guard.purge_expired().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_replayed_mark_leaves_the_others_of_its_call_unused() {
+        let dir = tempfile::tempdir().unwrap();
+        let guard = ReplayGuard::load(Store::open(dir.path()).unwrap())
+            .await
+            .unwrap();
+        let later = crate::clock::now_unix() + 300;
+        guard
+            .remember(ReplayKind::Signature, "sig", later)
+            .await
+            .unwrap();
+        let marks = [
+            (ReplayKind::RequestId, "fresh-id", later),
+            (ReplayKind::Signature, "sig", later),
+        ];
+        assert_eq!(
+            guard.remember_all(&marks).await.unwrap(),
+            Some(ReplayKind::Signature)
+        );
+        assert_eq!(
+            guard
+                .remember(ReplayKind::RequestId, "fresh-id", later)
+                .await
+                .unwrap(),
+            Seen::Fresh,
+            "not used up by the refused call"
+        );
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod generation_tests {
     use super::*;
 
