@@ -37,11 +37,14 @@ use crate::transport::{Outgoing, RawResponse};
 use crate::{Agent, TokenData};
 
 mod protocol24;
+mod wire;
 
 pub use protocol24::MATRIX as PROTOCOL_24_MATRIX;
+pub use wire::WIRE_MATRIX;
 
 /// Every check of the base matrix, as `(group, name)`, in the order they run (then
-/// [`PROTOCOL_24_MATRIX`], the protocol 2.4.0 checks).
+/// [`PROTOCOL_24_MATRIX`], the protocol 2.4.0 checks, and [`WIRE_MATRIX`], the wire refusals of
+/// replays, encoded paths and ticket times).
 pub const MATRIX: &[(&str, &str)] = &[
     ("workflow", "health_public"),
     ("workflow", "health_signed"),
@@ -418,6 +421,7 @@ pub async fn run(options: CheckOptions) -> Report {
             for (group, name) in MATRIX
                 .iter()
                 .chain(PROTOCOL_24_MATRIX)
+                .chain(WIRE_MATRIX)
                 .chain(envelope_checks)
             {
                 let mut run = Run::new();
@@ -953,6 +957,7 @@ async fn run_check(ctx: &Ctx, name: &str, run: &mut Run) -> Result<(), String> {
         other if PROTOCOL_24_MATRIX.iter().any(|(_, n)| *n == other) => {
             protocol24::run_check(ctx, other, run).await
         }
+        name if wire::handles(name) => wire::run_check(ctx, name, run).await,
         other => Err(format!("unknown check {other}")),
     }
 }

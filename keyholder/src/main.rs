@@ -283,23 +283,9 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Audit(AuditCommand::List(args)) => {
             for entry in owner::audit_list(&args)? {
                 if args.json {
-                    println!("{}", serde_json::to_string(&entry)?);
+                    println!("{}", owner::audit_json_line(&entry)?);
                 } else {
-                    let e = &entry.event;
-                    println!(
-                        "#{} {} {} service={} purpose={} agent={} proxy={} from={} upstream={} result={} request={}",
-                        entry.seq,
-                        keyholder_protocol::document::format_iso8601(e.at_ms.div_euclid(1000)),
-                        e.endpoint,
-                        e.service,
-                        e.purpose,
-                        e.agent_id,
-                        e.proxy_id,
-                        e.source,
-                        e.upstream,
-                        e.result,
-                        e.request_id
-                    );
+                    println!("{}", owner::audit_line(&entry));
                 }
             }
             Ok(std::process::ExitCode::SUCCESS)

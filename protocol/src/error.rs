@@ -39,6 +39,10 @@ pub enum ErrorCode {
     RateLimited,
     /// `not_totp` (400): the token is not of type TOTP.
     NotTotp,
+    /// `corrupt_document` (422, Keyholder extension): the stored document (which the platform can
+    /// write with `storage set`) is malformed or its fields do not decrypt. Not a 5xx: retrying
+    /// cannot help, and the platform retries 5xx answers.
+    CorruptDocument,
     /// `internal_error` (500).
     InternalError,
     /// `storage_unavailable` (503, Keyholder extension).
@@ -75,6 +79,7 @@ impl ErrorCode {
         ErrorCode::PayloadTooLarge,
         ErrorCode::RateLimited,
         ErrorCode::NotTotp,
+        ErrorCode::CorruptDocument,
         ErrorCode::InternalError,
         ErrorCode::StorageUnavailable,
         ErrorCode::Sealed,
@@ -104,6 +109,7 @@ impl ErrorCode {
             ErrorCode::PayloadTooLarge => "payload_too_large",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::NotTotp => "not_totp",
+            ErrorCode::CorruptDocument => "corrupt_document",
             ErrorCode::InternalError => "internal_error",
             ErrorCode::StorageUnavailable => "storage_unavailable",
             ErrorCode::Sealed => "sealed",
@@ -126,6 +132,7 @@ impl ErrorCode {
             ErrorCode::CodeExpired | ErrorCode::CodeUsed => 410,
             ErrorCode::PayloadTooLarge => 413,
             ErrorCode::RateLimited => 429,
+            ErrorCode::CorruptDocument => 422,
             ErrorCode::InternalError => 500,
             ErrorCode::UpstreamError | ErrorCode::ProviderError => 502,
             ErrorCode::StorageUnavailable | ErrorCode::Sealed => 503,
@@ -198,7 +205,7 @@ mod tests {
             assert_eq!(back, *code);
             assert!((400..600).contains(&code.http_status()));
         }
-        assert_eq!(ErrorCode::ALL.len(), 24);
+        assert_eq!(ErrorCode::ALL.len(), 25);
         assert_eq!(ErrorCode::parse("nope"), None);
     }
 
@@ -229,6 +236,7 @@ mod tests {
             ("sealed", 503),
             ("stale_creation", 409),
             ("rate_limited", 429),
+            ("corrupt_document", 422),
         ];
         for (s, status) in expected {
             assert_eq!(ErrorCode::parse(s).unwrap().http_status(), status, "{s}");

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq as _;
 
 use crate::error::ErrorCode;
+use crate::paths::MAX_CLOCK_SKEW_SECS;
 use crate::secret::HmacSecret;
 use crate::signing::hmac_parts;
 
@@ -237,9 +238,15 @@ pub enum TicketError {
     /// The nonce is missing or empty.
     #[error("Ticket has no nonce")]
     MissingNonce,
-    /// The ticket lives longer than the configured cap.
+    /// The ticket lives longer than the configured cap (`exp - now`).
     #[error("Ticket lifetime too long")]
     LifetimeTooLong,
+    /// `iat` is later than now plus the clock-skew allowance.
+    #[error("Ticket issued in the future")]
+    IssuedInFuture,
+    /// `iat` is later than `exp`.
+    #[error("Ticket issued after it expires")]
+    IssuedAfterExpiry,
     /// The purpose is not allowed here.
     #[error("Ticket purpose not allowed for this endpoint")]
     WrongPurpose,
@@ -270,7 +277,8 @@ pub fn encode_ticket(secret: &HmacSecret, claims: &TicketClaims) -> String {
 /// Verify a ticket's form, signature, encoding, expiry, nonce presence and lifetime (in that order).
 ///
 /// Scope (purpose, service) is checked separately with [`TicketClaims::check_scope`]; nonce replay by the
-/// server. When `iat` is present the lifetime is `exp - iat`; without it, `exp - now`.
+/// server. The lifetime left is measured from now (`exp - now`), whatever `iat` says; a present `iat`
+/// must not be later than now plus [`MAX_CLOCK_SKEW_SECS`], nor later than `exp`.
 pub fn verify_ticket(
     secret: &HmacSecret,
     ticket: &str,
@@ -294,7 +302,9 @@ pub fn verify_ticket(
 }
 
 /// The checks after the signature, shared by both ticket formats: payload decoding, expiry, nonce
-/// presence and lifetime cap (in that order).
+/// presence, `iat` (not in the future beyond the skew allowance, not after `exp`) and the lifetime
+/// cap from now (in that order). Every comparison with the clock is done in `i128`, so no claim
+/// value (`i64::MIN`, `2^63-1`) can overflow it.
 pub(crate) fn check_claims(
     payload: &str,
     now: i64,
@@ -316,7 +326,16 @@ pub(crate) fn check_claims(
     if claims.nonce.as_deref().map_or(true, str::is_empty) {
         return Err(TicketError::MissingNonce);
     }
-    let lifetime = i128::from(exp) - i128::from(claims.iat.unwrap_or(now));
+    if let Some(iat) = claims.iat {
+        if i128::from(iat) > i128::from(now) + i128::from(MAX_CLOCK_SKEW_SECS) {
+            return Err(TicketError::IssuedInFuture);
+        }
+        if iat > exp {
+            return Err(TicketError::IssuedAfterExpiry);
+        }
+    }
+    // From now, not from `iat`: a ticket "issued" in the past cannot stretch its remaining life.
+    let lifetime = i128::from(exp) - i128::from(now);
     if lifetime > i128::from(max_lifetime_secs) {
         return Err(TicketError::LifetimeTooLong);
     }
@@ -447,6 +466,65 @@ mod tests {
         assert_eq!(
             v(&sign(&b64(r#"{"exp":1700003601,"nonce":"n"}"#))),
             Err(TicketError::LifetimeTooLong)
+        );
+        // iat in the future beyond the skew allowance (300 s), iat after exp, and a lifetime
+        // stretched by an old iat: the cap is measured from now.
+        assert!(v(&sign(&b64(
+            r#"{"iat":1700000300,"exp":1700000600,"nonce":"n"}"#
+        )))
+        .is_ok());
+        assert_eq!(
+            v(&sign(&b64(
+                r#"{"iat":1700000301,"exp":1700000600,"nonce":"n"}"#
+            ))),
+            Err(TicketError::IssuedInFuture)
+        );
+        assert_eq!(
+            v(&sign(&b64(
+                r#"{"iat":1700000100,"exp":1700000050,"nonce":"n"}"#
+            ))),
+            Err(TicketError::IssuedAfterExpiry)
+        );
+        assert_eq!(
+            v(&sign(&b64(
+                r#"{"iat":1702592000,"exp":1702595600,"nonce":"n"}"#
+            ))),
+            Err(TicketError::IssuedInFuture)
+        );
+        assert_eq!(
+            v(&sign(&b64(
+                r#"{"iat":1600000000,"exp":1700003601,"nonce":"n"}"#
+            ))),
+            Err(TicketError::LifetimeTooLong)
+        );
+        // Extreme values never overflow and are refused.
+        for (iat, exp) in [
+            (i64::MIN, i64::MAX),
+            (i64::MAX, i64::MAX),
+            (1_700_000_000, i64::MAX),
+            (i64::MIN, i64::MIN),
+        ] {
+            let json = format!(r#"{{"iat":{iat},"exp":{exp},"nonce":"n"}}"#);
+            assert!(v(&sign(&b64(&json))).is_err(), "{json}");
+        }
+        assert!(
+            verify_ticket(
+                &s,
+                &sign(&b64(&format!(
+                    r#"{{"iat":1700000000,"exp":{},"nonce":"n"}}"#,
+                    i64::MAX
+                ))),
+                1_700_000_000,
+                i64::MAX
+            )
+            .is_ok(),
+            "an unbounded cap admits the largest exp without overflow"
+        );
+        assert_eq!(
+            v(&sign(&b64(
+                r#"{"iat":1700000000,"exp":18446744073709551615,"nonce":"n"}"#
+            ))),
+            Err(TicketError::Undecodable)
         );
         assert!(v(&sign(&b64(r#"{"exp":1700003600,"nonce":"n"}"#))).is_ok());
         let wrong = HmacSecret::from_bytes([7u8; 32]);

@@ -156,6 +156,39 @@ def ticket(claims_json, secret=GOLDEN_SECRET):
     return ticket_from_payload(b64url(claims_json.encode()), secret)
 
 
+THIRTY_DAYS = 30 * 86400
+I64_MIN = -9223372036854775808
+U64_MAX = 18446744073709551615
+
+
+def iat_and_extreme_cases(ok):
+    """(name, claims over the base ticket, expected, verify kwargs): shared by both ticket formats.
+    The rules: iat <= now + 300 (clock skew), iat <= exp, exp - now <= cap, all without overflow."""
+    def claims(**c):
+        return dict({"sub": "u", "svc": "s", "pur": "proxy", "iat": NOW, "exp": NOW + 60, "nonce": "n1"}, **c)
+    return [
+        ("iat_at_skew_limit", {"iat": NOW + 300, "exp": NOW + 600}, ok(claims(iat=NOW + 300, exp=NOW + 600)), {}),
+        ("iat_in_future", {"iat": NOW + 301, "exp": NOW + 600}, err("IssuedInFuture"), {}),
+        ("iat_and_exp_thirty_days_ahead", {"iat": NOW + THIRTY_DAYS, "exp": NOW + THIRTY_DAYS + 60},
+         err("IssuedInFuture"), {}),
+        ("iat_after_exp", {"iat": NOW + 10, "exp": NOW + 5}, err("IssuedAfterExpiry"), {}),
+        ("old_iat_exp_beyond_cap_from_now", {"iat": NOW - 3000, "exp": NOW + 3601}, err("LifetimeTooLong"), {}),
+        ("old_iat_short_exp", {"iat": NOW - THIRTY_DAYS, "exp": NOW + 60},
+         ok(claims(iat=NOW - THIRTY_DAYS, exp=NOW + 60)), {}),
+        ("exp_i64_max", {"exp": I64_MAX}, err("LifetimeTooLong"), {}),
+        ("exp_i64_max_unbounded_cap", {"exp": I64_MAX}, ok(claims(exp=I64_MAX)),
+         {"max_lifetime_secs": I64_MAX}),
+        ("iat_i64_min_exp_i64_max", {"iat": I64_MIN, "exp": I64_MAX}, err("LifetimeTooLong"), {}),
+        ("iat_i64_max_exp_i64_max", {"iat": I64_MAX, "exp": I64_MAX}, err("IssuedInFuture"),
+         {"max_lifetime_secs": I64_MAX}),
+        ("iat_i64_min_short_exp", {"iat": I64_MIN}, ok(claims(iat=I64_MIN)), {}),
+        ("exp_i64_min", {"exp": I64_MIN}, err("Expired"), {}),
+        ("iat_i64_max", {"iat": I64_MAX}, err("IssuedInFuture"), {}),
+        ("exp_u64_max", {"exp": U64_MAX}, err("Undecodable"), {}),
+        ("exp_negative", {"iat": -5, "exp": -1}, err("Expired"), {}),
+    ]
+
+
 def tickets():
     golden_claims = {"sub": "user_test", "svc": "github", "pur": "agent_credential", "iat": 1700000000,
                      "exp": 9999999999, "nonce": "deadbeefdeadbeefdeadbeefdeadbeef", "aid": "agent_test"}
@@ -240,6 +273,12 @@ def tickets():
         verify("lifetime_too_long_without_iat",
                ticket(compact({k: v for k, v in dict(base, exp=NOW + 3601).items() if k != "iat"})),
                err("LifetimeTooLong")),
+    ] + [
+        # iat rules and the lifetime measured from now (issue 17, item 7); extreme values must be
+        # refused without overflowing (exp + skew at 2^63-1 wrapped in an older keyholder).
+        verify(name, ticket(compact(dict(base, **claims))), expected, **kw)
+        for name, claims, expected, kw in iat_and_extreme_cases(ok)
+    ] + [
         {"name": "scope_ok", "op": "check_scope", "claims": golden_claims,
          "allowed": ["agent_credential", "user_reveal"], "service": "github", "expected": ok("agent_credential")},
         {"name": "scope_wrong_purpose", "op": "check_scope", "claims": golden_claims, "allowed": ["store"],
@@ -719,6 +758,8 @@ def kh2_tickets():
     payload, sig = proxy.split(".")[1:]
     other = kh2(compact(dict(proxy_claims, svc="gitlab")))
 
+    base = {"sub": "u", "svc": "s", "pur": "proxy", "iat": NOW, "exp": NOW + 60, "nonce": "n1"}
+
     def verify(name, ticket_text, expected, now=NOW, keys=None, cap=3600):
         return {"name": name, "op": "verify", "public_keys_base64": [b64(k) for k in (keys or [pk])],
                 "ticket": ticket_text, "now": now, "max_lifetime_secs": cap, "expected": expected}
@@ -757,6 +798,10 @@ def kh2_tickets():
                err("LifetimeTooLong")),
         verify("lifetime_at_cap", kh2(compact({"iat": NOW, "exp": NOW + 3600, "nonce": "n"})),
                ok({"sub": "", "svc": "", "pur": "", "iat": NOW, "exp": NOW + 3600, "nonce": "n"})),
+    ] + [
+        verify(name, kh2(compact(dict(base, **claims))), expected,
+               cap=kw.get("max_lifetime_secs", 3600))
+        for name, claims, expected, kw in iat_and_extreme_cases(ok)
     ]
     write("kh2_tickets.json",
           "kh2 tickets: kh2.<unpadded base64url of the compact JSON claims>.<unpadded base64url of the Ed25519 "

@@ -363,7 +363,7 @@ fn assert_all_pass(report: &check::Report) {
     let text = report.to_text();
     assert_eq!(
         report.checks.len(),
-        check::MATRIX.len() + check::PROTOCOL_24_MATRIX.len(),
+        check::MATRIX.len() + check::PROTOCOL_24_MATRIX.len() + check::WIRE_MATRIX.len(),
         "{text}"
     );
     for c in &report.checks {
@@ -391,7 +391,7 @@ async fn checker_passes_against_our_keyholder() {
     let json = report.to_json();
     assert_eq!(
         json["checks"].as_array().unwrap().len(),
-        check::MATRIX.len() + check::PROTOCOL_24_MATRIX.len()
+        check::MATRIX.len() + check::PROTOCOL_24_MATRIX.len() + check::WIRE_MATRIX.len()
     );
     assert_eq!(json["protocol_version"], "2.4.0");
     assert_eq!(json["passed"], report.passed);

@@ -21,3 +21,4 @@ mod signed;
 mod storage;
 mod store_page;
 mod tls;
+mod wire;

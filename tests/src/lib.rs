@@ -249,11 +249,20 @@ impl Keyholder {
         self.secret.as_ref().expect("bound")
     }
 
-    /// A signed platform POST with a fresh request id and timestamp.
+    /// A signed platform POST as the platform sends it: a fresh timestamp, and the request id in
+    /// the body's `requestId` and in the header (a fresh one added to an object body without one,
+    /// so that two calls with the same body are not the same signed bytes).
     pub async fn signed(&self, path: &str, body: &Value) -> Answer {
-        let raw = serde_json::to_vec(body).unwrap();
-        self.signed_raw(path, &raw, now(), &format!("req_{}", random_hex(12)))
-            .await
+        let mut body = body.clone();
+        if let Some(map) = body.as_object_mut() {
+            map.entry("requestId")
+                .or_insert_with(|| json!(format!("req_{}", random_hex(12))));
+        }
+        let raw = serde_json::to_vec(&body).unwrap();
+        let request_id = body["requestId"]
+            .as_str()
+            .map_or_else(|| format!("req_{}", random_hex(12)), str::to_string);
+        self.signed_raw(path, &raw, now(), &request_id).await
     }
 
     /// A signed platform POST with every part chosen by the caller.

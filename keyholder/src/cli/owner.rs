@@ -670,6 +670,69 @@ pub fn audit_list(args: &AuditListArgs) -> anyhow::Result<Vec<AuditEntry>> {
     )?)
 }
 
+/// Characters that must not reach the owner's terminal as they are: C0 and C1 controls and DEL
+/// (escape sequences, carriage returns that overwrite a line, bells) and the bidirectional
+/// overrides and isolates that reorder what is shown. Audit fields come from the platform (agent
+/// ids, proxy ids, service names in its tickets) and from any caller (request ids, addresses).
+fn is_unsafe_for_terminal(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+/// `text` with every character unsafe for a terminal written as `\u{..}` (and `\` as `\\`, so
+/// that an escape in the output always means one was made). Whitespace is escaped too: the fields
+/// of a line are separated by spaces, so an agent id cannot pose as another field.
+pub fn escape_for_terminal(text: &str) -> std::borrow::Cow<'_, str> {
+    let escaped = |c: char| c.is_whitespace() || is_unsafe_for_terminal(c);
+    if !text.chars().any(|c| c == '\\' || escaped(c)) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            c if escaped(c) => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// One `keyholder audit list` line: every field escaped for the terminal.
+pub fn audit_line(entry: &AuditEntry) -> String {
+    let e = &entry.event;
+    let f = |text: &str| escape_for_terminal(text).into_owned();
+    format!(
+        "#{} {} {} service={} purpose={} agent={} proxy={} from={} upstream={} result={} request={}",
+        entry.seq,
+        keyholder_protocol::document::format_iso8601(e.at_ms.div_euclid(1000)),
+        f(&e.endpoint),
+        f(&e.service),
+        f(&e.purpose),
+        f(&e.agent_id),
+        f(&e.proxy_id),
+        f(&e.source),
+        f(&e.upstream),
+        f(&e.result),
+        f(&e.request_id)
+    )
+}
+
+/// One `keyholder audit list --json` line. JSON escapes C0 controls itself; DEL, C1 controls and
+/// bidirectional controls are written as `\uXXXX` too (still the same JSON strings).
+pub fn audit_json_line(entry: &AuditEntry) -> anyhow::Result<String> {
+    let json = serde_json::to_string(entry)?;
+    let mut out = String::with_capacity(json.len());
+    for c in json.chars() {
+        if is_unsafe_for_terminal(c) {
+            out.push_str(&format!("\\u{:04x}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    Ok(out)
+}
+
 /// `keyholder audit export --format jsonl`: writes every entry; returns how many.
 pub fn audit_export(args: &AuditExportArgs, out: &mut dyn std::io::Write) -> anyhow::Result<usize> {
     let (conn, _) = open_existing(&args.data)?;

@@ -40,6 +40,12 @@ pub enum ApiError {
     /// The platform request id was seen before.
     #[error("duplicate request id")]
     DuplicateRequestId,
+    /// The body's `requestId` differs from the request id header.
+    #[error("body requestId differs from the request id header")]
+    RequestIdMismatch,
+    /// The same signed bytes were accepted before (with another request id, or on another endpoint).
+    #[error("signed request already used")]
+    SignatureReplayed,
     /// The platform request id header is missing or malformed.
     #[error("missing or malformed request id")]
     BadRequestId,
@@ -92,6 +98,8 @@ impl ApiError {
             | ApiError::EnvelopeReplayed
             | ApiError::WrongScheme
             | ApiError::DuplicateRequestId
+            | ApiError::RequestIdMismatch
+            | ApiError::SignatureReplayed
             | ApiError::BadRequestId => ErrorCode::AuthFailed,
             ApiError::Ticket(err) => err.error_code(),
             ApiError::TicketReplayed | ApiError::TicketWrongScheme => ErrorCode::TicketInvalid,
@@ -115,6 +123,7 @@ impl ApiError {
                 VaultError::StaleCreation => ErrorCode::StaleCreation,
                 VaultError::Invalid(_) => ErrorCode::InvalidRequest,
                 VaultError::NotTotp => ErrorCode::NotTotp,
+                VaultError::CorruptDocument => ErrorCode::CorruptDocument,
                 VaultError::CodeExpired => ErrorCode::CodeExpired,
                 VaultError::CodeUsed => ErrorCode::CodeUsed,
                 VaultError::AlreadyBound => ErrorCode::Forbidden,
@@ -170,6 +179,12 @@ impl ApiError {
                 "This keyholder's binding does not accept this ticket scheme".into()
             }
             ApiError::DuplicateRequestId => "Duplicate request ID".into(),
+            ApiError::RequestIdMismatch => {
+                "Body requestId does not match X-TokenVault-Request-Id".into()
+            }
+            ApiError::SignatureReplayed => {
+                "Replayed request: these signed bytes were already accepted".into()
+            }
             ApiError::BadRequestId => {
                 "Missing or malformed X-TokenVault-Request-Id (1-128 chars of A-Z a-z 0-9 . _ : -)"
                     .into()
@@ -182,6 +197,10 @@ impl ApiError {
             ApiError::Ticket(TicketError::LifetimeTooLong) => {
                 "Ticket lifetime exceeds the allowed maximum".into()
             }
+            ApiError::Ticket(TicketError::IssuedInFuture) => "Ticket issued in the future".into(),
+            ApiError::Ticket(TicketError::IssuedAfterExpiry) => {
+                "Ticket issued after its expiry".into()
+            }
             ApiError::Ticket(TicketError::WrongPurpose) => {
                 "Ticket purpose not valid for this endpoint".into()
             }
@@ -189,6 +208,9 @@ impl ApiError {
             ApiError::TicketReplayed => "Ticket already used".into(),
             ApiError::RateLimited { retry_after_secs } => {
                 format!("Too many requests from this address; retry after {retry_after_secs} s")
+            }
+            ApiError::Vault(VaultError::CorruptDocument) => {
+                "The stored document for this service is malformed or does not decrypt; store the credential again".into()
             }
             ApiError::Vault(VaultError::Store(_)) => {
                 "Storage is temporarily unavailable; retry later".into()
@@ -285,6 +307,8 @@ mod tests {
                 "auth_failed",
             ),
             (ApiError::DuplicateRequestId, 401, "auth_failed"),
+            (ApiError::RequestIdMismatch, 401, "auth_failed"),
+            (ApiError::SignatureReplayed, 401, "auth_failed"),
             (
                 ApiError::Envelope(EnvelopeError::UnknownKey),
                 401,
@@ -350,6 +374,11 @@ mod tests {
                 },
                 429,
                 "rate_limited",
+            ),
+            (
+                ApiError::Vault(VaultError::CorruptDocument),
+                422,
+                "corrupt_document",
             ),
             (ApiError::Vault(VaultError::Sealed), 503, "sealed"),
             (

@@ -40,19 +40,53 @@ fn pick_request_id(headers: &HeaderMap) -> String {
         .unwrap_or_else(new_request_id)
 }
 
-/// Endpoints called from the owner's browser on the platform's origin.
-fn is_cors_path(path: &str) -> bool {
-    matches!(
-        path,
-        PATH_STORE | PATH_CREDENTIAL | PATH_TOTP_CODE | PATH_HEALTH | PATH_IDENTITY
-    )
+/// Whether `path` is in the one spelling the routes are written in: starts with `/`, only
+/// unreserved characters, sub-delimiters, `:`, `@` and `/`, and no percent-encoding (our paths never
+/// need one), empty segment (`//`) or dot segment (`.`, `..`). The router decodes `%63` to `c`
+/// before matching, so without this `/v1/%63redential` would be served as `/v1/credential` while a
+/// rule keyed by the raw path missed it; refusing such spellings outright leaves one name per route.
+pub fn is_canonical_path(path: &str) -> bool {
+    let allowed = |c: u8| c.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/".contains(&c);
+    path.starts_with('/')
+        && path.bytes().all(allowed)
+        && path
+            .split('/')
+            .skip(1)
+            .enumerate()
+            .all(|(i, segment)| match segment {
+                "." | ".." => false,
+                // An empty segment is `//`, except the root `/` itself.
+                "" => i == 0 && path == "/",
+                _ => true,
+            })
 }
 
-fn cors_headers(headers: &mut HeaderMap, origin: &HeaderValue) {
+/// Endpoints called from the owner's browser on the platform's origin, with the methods they
+/// answer CORS for. `/v1/health` is public (with CORS) only for `GET`: its `POST` is the signed
+/// platform call and `HEAD` is a liveness probe (PROTOCOL §3, §5), neither meant for a browser.
+fn cors_methods(path: &str) -> Option<&'static str> {
+    match path {
+        PATH_STORE | PATH_CREDENTIAL | PATH_TOTP_CODE => Some("GET, POST, OPTIONS"),
+        PATH_HEALTH | PATH_IDENTITY => Some("GET, OPTIONS"),
+        _ => None,
+    }
+}
+
+/// Whether `method` on `path` answers with CORS headers (`OPTIONS` being the preflight).
+fn answers_cors(path: &str, method: &Method) -> bool {
+    match cors_methods(path) {
+        Some(methods) => {
+            method == Method::OPTIONS || methods.split(", ").any(|m| m == method.as_str())
+        }
+        None => false,
+    }
+}
+
+fn cors_headers(headers: &mut HeaderMap, origin: &HeaderValue, methods: &'static str) {
     headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
     headers.insert(
         header::ACCESS_CONTROL_ALLOW_METHODS,
-        HeaderValue::from_static("GET, POST, OPTIONS"),
+        HeaderValue::from_static(methods),
     );
     headers.insert(
         header::ACCESS_CONTROL_ALLOW_HEADERS,
@@ -92,20 +126,25 @@ pub async fn keyholder_layer(
     let request_id = pick_request_id(req.headers());
     req.extensions_mut().insert(RequestId(request_id.clone()));
     let method = req.method().clone();
-    let path = req.path().to_string();
+    // Per-path rules are keyed by the path as the router matches it (percent-decoded), never
+    // the raw spelling; non-canonical spellings are refused below anyway.
+    let raw_path = req.path().to_string();
+    let path = req.match_info().as_str().to_string();
     let target = req
         .uri()
         .path_and_query()
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| path.clone());
-    let origin = if is_cors_path(&path) {
-        req.headers().get(header::ORIGIN).cloned()
+    let origin = if answers_cors(&path, &method) {
+        req.headers()
+            .get(header::ORIGIN)
+            .cloned()
+            .zip(cors_methods(&path))
     } else {
         None
     };
     let state = req.app_data::<Data<AppState>>().cloned();
-    let span =
-        tracing::info_span!("request", request_id = %request_id, method = %method, path = %path);
+    let span = tracing::info_span!("request", request_id = %request_id, method = %method, path = %raw_path);
 
     let state_ref = state.as_ref().map(|s| s.get_ref());
     let finishing = |response, http_req| {
@@ -137,7 +176,16 @@ pub async fn keyholder_layer(
         }));
         let finished = finishing(refused, &http_req).await;
         (http_req, finished)
-    } else if method == Method::OPTIONS && is_cors_path(&path) {
+    } else if !is_canonical_path(&raw_path) {
+        // Before routing: nothing is verified, used or served under a second name.
+        let (http_req, _) = req.into_parts();
+        let refused = HttpResponse::from_error(actix_web::Error::from(ApiError::InvalidRequest(
+            "Non-canonical request path: percent-encoding, empty and dot segments are refused"
+                .into(),
+        )));
+        let finished = finishing(refused, &http_req).await;
+        (http_req, finished)
+    } else if method == Method::OPTIONS && cors_methods(&path).is_some() {
         // CORS preflight: the ticket, not CORS, is the security boundary.
         let (http_req, _) = req.into_parts();
         let finished = finishing(HttpResponse::NoContent().finish(), &http_req).await;
@@ -246,7 +294,7 @@ async fn finish(
     request_id: &str,
     target: &str,
     state: Option<&AppState>,
-    origin: Option<&HeaderValue>,
+    origin: Option<&(HeaderValue, &'static str)>,
 ) -> Finished {
     let method = http_req.method();
     let status = response.status();
@@ -301,8 +349,8 @@ async fn finish(
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
     );
-    if let Some(origin) = origin {
-        cors_headers(headers, origin);
+    if let Some((origin, methods)) = origin {
+        cors_headers(headers, origin, methods);
     }
     if let Some(AllowedMethods(allow)) = http_req.extensions().get::<AllowedMethods>().copied() {
         headers.insert(header::ALLOW, HeaderValue::from_static(allow));
@@ -335,4 +383,36 @@ pub async fn method_not_allowed(
 /// Status `200` with a JSON body.
 pub fn json_ok<T: serde::Serialize>(value: &T) -> HttpResponse {
     HttpResponse::build(StatusCode::OK).json(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_canonical_spelling_of_a_path_passes() {
+        for ok in ["/", "/v1/credential", "/v1/health", "/bind", "/v1/a:b@c"] {
+            assert!(is_canonical_path(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "v1/credential",
+            "/v1/%63redential",
+            "/%761/credential",
+            "/v1/%70roxy",
+            "/v1/credential%2F",
+            "//v1/credential",
+            "/v1//credential",
+            "/v1/credential/",
+            "/v1/./credential",
+            "/v1/../v1/credential",
+            "/v1/credential/.",
+            "/v1/credential/..",
+            "/v1\\credential",
+            "/v1/cred\u{e9}ntial",
+            "*",
+        ] {
+            assert!(!is_canonical_path(bad), "{bad}");
+        }
+    }
 }

@@ -33,6 +33,15 @@ pub fn scrub(value: &mut Value) {
     }
 }
 
+/// Why a stored document could not be opened. Whatever is wrong with it (bad base64, wrong
+/// shapes, fields that do not decrypt under this service), the platform may have written it with
+/// `storage set`: `422 corrupt_document`, never a 5xx the platform would retry.
+pub(super) fn open_error(err: DocumentError) -> VaultError {
+    tracing::warn!(error = %err, "stored credential document cannot be opened");
+    VaultError::CorruptDocument
+}
+
+/// Why a credential could not be sealed (its input was refused, or sealing failed).
 pub(super) fn document_error(err: DocumentError) -> VaultError {
     match err {
         DocumentError::NotAString(field) => {
@@ -184,9 +193,9 @@ impl Vault {
                     .document(Collection::Tokens, service.to_string())
                     .await?
                     .ok_or(VaultError::TokenNotFound)?;
-                open_document(&doc, service, &*self.keys()).map_err(document_error)
+                open_document(&doc, service, &*self.keys()).map_err(open_error)
             }
-            Err(err) => Err(document_error(err)),
+            Err(err) => Err(open_error(err)),
         }
     }
 

@@ -68,6 +68,10 @@ pub enum VaultError {
     /// The ticket's `cid` does not name the stored token (2.4.0 ticket constraint).
     #[error("Token was replaced since this ticket was issued")]
     StaleCreation,
+    /// The stored document of a service (which the platform can write with `storage set`) is
+    /// malformed or its fields do not decrypt: the caller's problem to fix, not a retryable failure.
+    #[error("stored credential document is corrupt")]
+    CorruptDocument,
     /// The credential is not a TOTP secret.
     #[error("this credential is not a TOTP secret")]
     NotTotp,
