@@ -57,6 +57,8 @@ enum Command {
     Audit(AuditCommand),
     /// Move in from the public reference webhook's two JSON files (keeps its binding).
     ImportReference(ImportReferenceArgs),
+    /// Check the setup and say what to fix (exit 0 only when nothing is wrong; --json for monitoring).
+    Doctor(keyholder::cli::doctor::DoctorArgs),
 }
 
 fn init_logging(filter: &str, format: &str) -> anyhow::Result<()> {
@@ -218,6 +220,18 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             println!("as soon as it finds it where it was told to look (replace that file), or at its next start");
             println!("with --master-key-file / --passphrase-file pointing at the new one.");
             Ok(std::process::ExitCode::SUCCESS)
+        }
+        Command::Doctor(args) => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let report = runtime.block_on(keyholder::cli::doctor::doctor(&args))?;
+            if args.json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                print!("{}", report.to_text());
+            }
+            Ok(std::process::ExitCode::from(if report.ok { 0 } else { 1 }))
         }
         Command::Backup(args) => {
             owner::backup(&args)?;

@@ -417,9 +417,16 @@ pub fn set_sealed(args: &OwnerArgs, sealed: bool) -> anyhow::Result<()> {
 
 /// `keyholder backup --out FILE`.
 pub fn backup(args: &BackupArgs) -> anyhow::Result<()> {
-    drop(open_database(&args.data.data_dir)?);
+    let conn = open_database(&args.data.data_dir)?;
     backup::backup_database(&args.data.data_dir.join(store::DATABASE_FILE), &args.out)
-        .with_context(|| format!("backup to {} failed", args.out.display()))
+        .with_context(|| format!("backup to {} failed", args.out.display()))?;
+    // For `keyholder doctor`'s backup age (after the snapshot: the backup does not carry it).
+    store::put_setting(
+        &conn,
+        super::doctor::LAST_BACKUP_SETTING,
+        &crate::clock::now_unix().to_string(),
+    )?;
+    Ok(())
 }
 
 /// What `keyholder restore` found.
