@@ -493,3 +493,377 @@ async fn doctor_probe_reaches_an_https_public_url_and_measures_clock_skew() {
         .message
         .contains("503"));
 }
+
+// ---------------------------------------------------------------------------------------------
+// The master key sealed by a PKCS#11 token (SoftHSM2)
+
+use keyholder::vault::pkcs11::Pkcs11Config;
+
+const SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+const USER_PIN: &str = "274913";
+
+/// A SoftHSM2 token store in a temporary folder (`SOFTHSM2_CONF` points at its configuration).
+struct SoftHsm {
+    dir: PathBuf,
+    conf: PathBuf,
+    _temp: Option<tempfile::TempDir>,
+}
+
+impl SoftHsm {
+    /// `None` (with the reason printed) only when SoftHSM2 is not installed here.
+    fn new() -> Option<SoftHsm> {
+        let util = std::process::Command::new("softhsm2-util")
+            .arg("--version")
+            .output();
+        if !Path::new(SOFTHSM_MODULE).exists() || util.is_err() {
+            println!(
+                "SKIPPED: SoftHSM2 is not installed ({SOFTHSM_MODULE} or softhsm2-util missing; \
+                 `apt-get install softhsm2`, which .ci/run does)"
+            );
+            return None;
+        }
+        let temp = tempfile::tempdir().unwrap();
+        let dir = temp.path().to_path_buf();
+        let tokens = dir.join("tokens");
+        std::fs::create_dir(&tokens).unwrap();
+        let conf = dir.join("softhsm2.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n",
+                tokens.display()
+            ),
+        )
+        .unwrap();
+        Some(SoftHsm {
+            dir,
+            conf,
+            _temp: Some(temp),
+        })
+    }
+
+    /// The token store a parent test process made (see the test below).
+    fn at(dir: PathBuf) -> SoftHsm {
+        SoftHsm {
+            conf: dir.join("softhsm2.conf"),
+            dir,
+            _temp: None,
+        }
+    }
+
+    /// `softhsm2-util --init-token` with `label`.
+    fn init_token(&self, label: &str) {
+        let out = std::process::Command::new("softhsm2-util")
+            .env("SOFTHSM2_CONF", &self.conf)
+            .args(["--init-token", "--free", "--label", label])
+            .args(["--pin", USER_PIN, "--so-pin", "99887766"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Generates an AES-256 key `label` inside token `token` (the key never leaves the token).
+    fn generate_aes_key(&self, token: &str, label: &str, extractable: bool) {
+        use cryptoki::context::{CInitializeArgs, Pkcs11};
+        use cryptoki::mechanism::Mechanism;
+        use cryptoki::object::Attribute;
+        use cryptoki::session::UserType;
+        use cryptoki::types::AuthPin;
+        let ctx = Pkcs11::new(SOFTHSM_MODULE).unwrap();
+        ctx.initialize(CInitializeArgs::OsThreads).unwrap();
+        let slot = ctx
+            .get_slots_with_token()
+            .unwrap()
+            .into_iter()
+            .find(|s| ctx.get_token_info(*s).unwrap().label().trim() == token)
+            .unwrap();
+        let session = ctx.open_rw_session(slot).unwrap();
+        session
+            .login(UserType::User, Some(&AuthPin::new(USER_PIN.into())))
+            .unwrap();
+        session
+            .generate_key(
+                &Mechanism::AesKeyGen,
+                &[
+                    Attribute::Token(true),
+                    Attribute::Private(true),
+                    Attribute::Sensitive(!extractable),
+                    Attribute::Extractable(extractable),
+                    Attribute::Encrypt(true),
+                    Attribute::Decrypt(true),
+                    Attribute::ValueLen(32.into()),
+                    Attribute::Label(label.as_bytes().to_vec()),
+                ],
+            )
+            .unwrap();
+        drop(session);
+        ctx.finalize();
+    }
+
+    fn pin_file(&self, name: &str, pin: &str) -> PathBuf {
+        let path = self.dir.join(name);
+        std::fs::write(&path, format!("{pin}\n")).unwrap();
+        path
+    }
+
+    fn config(&self, uri: &str, pin_file: Option<PathBuf>) -> Pkcs11Config {
+        Pkcs11Config {
+            uri: uri.into(),
+            module: Some(SOFTHSM_MODULE.into()),
+            pin_file,
+        }
+    }
+}
+
+async fn start_err(config: Config) -> String {
+    match keyholder::start(config).await {
+        Ok(server) => {
+            server.stop().await;
+            panic!("the server started")
+        }
+        Err(e) => format!("{e:#}"),
+    }
+}
+
+fn all_bytes_of(dir: &Path) -> Vec<u8> {
+    let mut all = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            all.extend(std::fs::read(path).unwrap());
+        }
+    }
+    all
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+const PKCS11_TEST: &str =
+    "ops::pkcs11_master_key_in_softhsm2_start_store_restart_refusals_and_rotation";
+const CHILD_ENV: &str = "KEYHOLDER_TEST_SOFTHSM_DIR";
+
+/// SoftHSM2 is configured by the process environment (`SOFTHSM2_CONF`) and is one library per
+/// process (`C_Initialize` is global), so this test runs its scenarios, in sequence, in a child
+/// process of this test binary that has its own environment from the start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pkcs11_master_key_in_softhsm2_start_store_restart_refusals_and_rotation() {
+    if let Some(dir) = std::env::var_os(CHILD_ENV) {
+        return pkcs11_scenarios(SoftHsm::at(dir.into())).await;
+    }
+    let Some(hsm) = SoftHsm::new() else { return };
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", PKCS11_TEST, "--nocapture", "--test-threads=1"])
+        .env("SOFTHSM2_CONF", &hsm.conf)
+        .env(CHILD_ENV, &hsm.dir)
+        .env_remove("KEYHOLDER_PKCS11_PIN")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stdout.contains("1 passed"),
+        "child test failed:\n{stdout}\n{stderr}"
+    );
+}
+
+async fn pkcs11_scenarios(hsm: SoftHsm) {
+    hsm.init_token("keyholder");
+    hsm.init_token("other");
+    hsm.generate_aes_key("keyholder", "kh-master", false);
+    hsm.generate_aes_key("other", "kh-master", false);
+    hsm.generate_aes_key("keyholder", "weak", true);
+    let uri = "pkcs11:token=keyholder;object=kh-master;type=secret-key";
+    let pin = hsm.pin_file("pin", USER_PIN);
+    let sealed = hsm.config(uri, Some(pin.clone()));
+
+    // Start on a new folder, bind, store; nothing key-like is written to the folder.
+    let data = tempfile::tempdir().unwrap();
+    let mut config = Keyholder::config_in(data.path());
+    config.master_key = MasterKeySource::Pkcs11(sealed.clone());
+    let mut kh = Keyholder::start_config(config.clone()).await;
+    kh.bind().await;
+    const SECRET: &str = "gho_sealed_by_the_hsm_4711";
+    assert_eq!(
+        kh.store("github", json!({"accessToken": SECRET}))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        kh.credential("github").await.json()["token"]["accessToken"],
+        SECRET
+    );
+
+    // Restart: the token is asked again and the credential is there.
+    kh.restart().await;
+    assert_eq!(
+        kh.credential("github").await.json()["token"]["accessToken"],
+        SECRET
+    );
+    kh.stop().await;
+    assert!(!data.path().join("master.key").exists());
+    let folder = all_bytes_of(data.path());
+    assert!(!contains(&folder, SECRET.as_bytes()));
+
+    // The PIN from KEYHOLDER_PKCS11_PIN instead of a file.
+    std::env::set_var("KEYHOLDER_PKCS11_PIN", USER_PIN);
+    let mut env_pin = config.clone();
+    env_pin.master_key = MasterKeySource::Pkcs11(hsm.config(uri, None));
+    keyholder::start(env_pin.clone())
+        .await
+        .unwrap()
+        .stop()
+        .await;
+    std::env::remove_var("KEYHOLDER_PKCS11_PIN");
+    let err = start_err(env_pin).await;
+    assert!(err.contains("no PIN for the PKCS#11 token"), "{err}");
+
+    // A wrong PIN refuses to start, saying so.
+    let mut wrong = config.clone();
+    wrong.master_key =
+        MasterKeySource::Pkcs11(hsm.config(uri, Some(hsm.pin_file("wrong", "000000"))));
+    let err = start_err(wrong).await;
+    assert!(err.contains("refused the PIN (CKR_PIN_INCORRECT)"), "{err}");
+
+    // A missing token refuses too, naming the tokens that are there.
+    let mut missing = config.clone();
+    missing.master_key = MasterKeySource::Pkcs11(
+        hsm.config("pkcs11:token=gone;object=kh-master", Some(pin.clone())),
+    );
+    let err = start_err(missing).await;
+    assert!(
+        err.contains("no PKCS#11 token matches pkcs11:token=gone"),
+        "{err}"
+    );
+    assert!(err.contains("'keyholder'"), "{err}");
+    // ... and so does a missing module.
+    let mut no_module = config.clone();
+    no_module.master_key = MasterKeySource::Pkcs11(Pkcs11Config {
+        module: Some("/nonexistent/libpkcs11.so".into()),
+        ..sealed.clone()
+    });
+    let err = start_err(no_module).await;
+    assert!(err.contains("cannot be loaded"), "{err}");
+
+    // Another token with a key of the same name does not open it.
+    let mut other = config.clone();
+    other.master_key = MasterKeySource::Pkcs11(
+        hsm.config("pkcs11:token=other;object=kh-master", Some(pin.clone())),
+    );
+    let err = start_err(other).await;
+    assert!(
+        err.contains("does not open this data folder's master key"),
+        "{err}"
+    );
+
+    // An extractable key is refused (its value could leave the token).
+    let weak_dir = tempfile::tempdir().unwrap();
+    let mut weak = Keyholder::config_in(weak_dir.path());
+    weak.master_key = MasterKeySource::Pkcs11(
+        hsm.config("pkcs11:token=keyholder;object=weak", Some(pin.clone())),
+    );
+    let err = start_err(weak).await;
+    assert!(err.contains("extractable"), "{err}");
+
+    // A copy of the data folder and everything else but the token reveals nothing: it does not
+    // start without the token (with the data-folder default or any key file), and no byte of
+    // the credential is in it.
+    let copy = tempfile::tempdir().unwrap();
+    for name in ["keyholder.db", "keyholder.db-wal"] {
+        if data.path().join(name).exists() {
+            std::fs::copy(data.path().join(name), copy.path().join(name)).unwrap();
+        }
+    }
+    let mut plain = Keyholder::config_in(copy.path());
+    plain.master_key = MasterKeySource::DataFolder;
+    let err = start_err(plain.clone()).await;
+    assert!(err.contains("sealed by a PKCS#11 token"), "{err}");
+    assert!(!copy.path().join("master.key").exists());
+    let guess = hsm.dir.join("guess.key");
+    std::fs::write(&guess, [0u8; 32]).unwrap();
+    plain.master_key = MasterKeySource::File(guess);
+    let err = start_err(plain).await;
+    assert!(err.contains("sealed by a PKCS#11 token"), "{err}");
+
+    // rotate-master-key --from-pkcs11 URI --new-master-key-file F: off the token...
+    let key_file = hsm.dir.join("master.key");
+    std::fs::write(&key_file, [5u8; 32]).unwrap();
+    let mut data_args = kh.data_args();
+    data_args.pkcs11.master_key_pkcs11 = None; // named by --from-pkcs11 instead
+    let from = keyholder::cli::owner::RotateMasterKeyArgs {
+        data: data_args.clone(),
+        new_master_key_file: Some(key_file.clone()),
+        new_passphrase_file: None,
+        to_pkcs11: None,
+        from_pkcs11: Some(uri.into()),
+    };
+    keyholder::cli::owner::rotate_master_key(&from).unwrap();
+    let mut on_file = config.clone();
+    on_file.master_key = MasterKeySource::File(key_file.clone());
+    let err = start_err(config.clone()).await;
+    assert!(err.contains("not in a PKCS#11 token"), "{err}");
+    let mut kh_file = Keyholder::start_config(on_file.clone()).await;
+    kh_file.secret = kh
+        .secret
+        .as_ref()
+        .map(|s| keyholder_protocol::HmacSecret::from_bytes(*s.expose()));
+    assert_eq!(
+        kh_file.credential("github").await.json()["token"]["accessToken"],
+        SECRET
+    );
+    kh_file.stop().await;
+
+    // ... and back with --to-pkcs11 URI: the key file no longer opens the folder.
+    let to = keyholder::cli::owner::RotateMasterKeyArgs {
+        data: keyholder::config::DataArgs {
+            master_key_file: Some(key_file.clone()),
+            ..data_args
+        },
+        new_master_key_file: None,
+        new_passphrase_file: None,
+        to_pkcs11: Some(uri.into()),
+        from_pkcs11: None,
+    };
+    keyholder::cli::owner::rotate_master_key(&to).unwrap();
+    let err = start_err(on_file).await;
+    assert!(err.contains("sealed by a PKCS#11 token"), "{err}");
+    kh.restart().await;
+    assert_eq!(
+        kh.credential("github").await.json()["token"]["accessToken"],
+        SECRET
+    );
+
+    // Owner commands open it through the token as well; doctor has nothing to say about the key.
+    let (report, _) = doctor_argv(
+        &[
+            "doctor",
+            "--data-dir",
+            data.path().to_str().unwrap(),
+            "--master-key-pkcs11",
+            uri,
+            "--pkcs11-module",
+            SOFTHSM_MODULE,
+            "--pkcs11-pin-file",
+            pin.to_str().unwrap(),
+            "--min-free-mb",
+            "1",
+        ]
+        .map(String::from),
+    )
+    .await;
+    assert!(
+        report.passed.iter().any(|p| p == "master_key_location"),
+        "{report:#?}"
+    );
+    assert!(
+        report.passed.iter().any(|p| p == "audit_chain"),
+        "{report:#?}"
+    );
+    kh.stop().await;
+}

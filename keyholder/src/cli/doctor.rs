@@ -216,7 +216,9 @@ fn check_master_key_location(report: &mut DoctorReport, args: &DoctorArgs, dir: 
                 remedy,
             )
         }
-        _ => report.pass(check),
+        MasterKeySource::File(_)
+        | MasterKeySource::Passphrase(_)
+        | MasterKeySource::Pkcs11(_) => report.pass(check),
     }
 }
 
@@ -255,6 +257,8 @@ fn check_permissions(report: &mut DoctorReport, args: &DoctorArgs, dir: &str) {
         MasterKeySource::DataFolder => {
             Some(data_dir.join(crate::vault::master::DEFAULT_MASTER_KEY_FILE))
         }
+        // The token's key cannot be read; its PIN file can.
+        MasterKeySource::Pkcs11(config) => config.pin_file,
     };
     match key_file {
         Some(path) if path.exists() => {

@@ -96,6 +96,7 @@ impl ApiError {
                 | VaultError::WrongMasterKey
                 | VaultError::MasterKeyMissing(_)
                 | VaultError::KeyFile(..)
+                | VaultError::Pkcs11(_)
                 | VaultError::Corrupt(_)
                 | VaultError::Undecryptable
                 | VaultError::KeyRingChanged => ErrorCode::InternalError,
@@ -183,6 +184,7 @@ impl ApiError {
                 | VaultError::WrongMasterKey
                 | VaultError::MasterKeyMissing(_)
                 | VaultError::KeyFile(..)
+                | VaultError::Pkcs11(_)
                 | VaultError::Corrupt(_)
                 | VaultError::Undecryptable
                 | VaultError::KeyRingChanged,
