@@ -127,6 +127,10 @@ pub struct ServeArgs {
     /// Log filter (tracing EnvFilter syntax, e.g. `info` or `keyholder=debug`).
     #[arg(long, env = "KEYHOLDER_LOG", default_value = "info")]
     pub log: String,
+    /// Send OpenTelemetry traces to this OTLP/HTTP collector (e.g. http://127.0.0.1:4318; spans go
+    /// to `<URL>/v1/traces` as JSON). Off by default. `OTEL_SERVICE_NAME` sets `service.name`.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
     /// Log format: `text` or `json`.
     #[arg(long, env = "KEYHOLDER_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,

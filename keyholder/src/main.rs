@@ -61,23 +61,6 @@ enum Command {
     Doctor(keyholder::cli::doctor::DoctorArgs),
 }
 
-fn init_logging(filter: &str, format: &str) -> anyhow::Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .map_err(|e| anyhow::anyhow!("invalid setting --log / KEYHOLDER_LOG: {e}"))?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // By default a failed log write is reported with `eprintln!`, which panics when stderr
-        // cannot be written (a log file on a full disk): the worker died and the connection dropped.
-        .log_internal_errors(false);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-    Ok(())
-}
-
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     match run(cli) {
@@ -92,7 +75,13 @@ fn main() -> std::process::ExitCode {
 fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
     match cli.command {
         Command::Serve(args) => {
-            init_logging(&args.log, &args.log_format)?;
+            let otlp = args
+                .otlp_endpoint
+                .as_deref()
+                .filter(|e| !e.trim().is_empty())
+                .map(keyholder::telemetry::OtlpSettings::from_endpoint)
+                .transpose()?;
+            keyholder::telemetry::init(&args.log, &args.log_format, otlp.as_ref())?;
             let config = Config::from_args(&args)?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -103,6 +92,8 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 tracing::info!("keyholder stopped");
                 Ok::<_, anyhow::Error>(())
             })?;
+            drop(runtime);
+            keyholder::telemetry::shutdown();
             Ok(std::process::ExitCode::SUCCESS)
         }
         Command::Bind(args) => {

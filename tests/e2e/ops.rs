@@ -867,3 +867,246 @@ async fn pkcs11_scenarios(hsm: SoftHsm) {
     );
     kh.stop().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// OpenTelemetry traces
+
+use keyholder_protocol::paths::{
+    HEADER_PLATFORM_REQUEST_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP, PATH_PROXY,
+};
+use keyholder_protocol::Purpose;
+
+/// All spans the collector received, flattened: (span JSON, its resource's service.name).
+fn received_spans(collector: &MockServer) -> Vec<(serde_json::Value, String)> {
+    let mut spans = Vec::new();
+    for request in collector.requests() {
+        let Ok(body) = serde_json::from_slice::<serde_json::Value>(&request.body) else {
+            continue;
+        };
+        for rs in body["resourceSpans"].as_array().into_iter().flatten() {
+            let service = rs["resource"]["attributes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|a| a["key"] == "service.name")
+                .and_then(|a| a["value"]["stringValue"].as_str())
+                .unwrap_or("")
+                .to_string();
+            for ss in rs["scopeSpans"].as_array().into_iter().flatten() {
+                for span in ss["spans"].as_array().into_iter().flatten() {
+                    spans.push((span.clone(), service.clone()));
+                }
+            }
+        }
+    }
+    spans
+}
+
+fn attr(span: &serde_json::Value, key: &str) -> Option<String> {
+    span["attributes"]
+        .as_array()?
+        .iter()
+        .find(|a| a["key"] == key)
+        .map(|a| {
+            let v = &a["value"];
+            v["stringValue"]
+                .as_str()
+                .map(str::to_string)
+                .or_else(|| v["intValue"].as_str().map(str::to_string))
+                .or_else(|| v["intValue"].as_i64().map(|i| i.to_string()))
+                .unwrap_or_else(|| v.to_string())
+        })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn otlp_traces_spans_per_request_with_children_traceparent_in_and_out_and_no_secret() {
+    let collector = MockServer::start(|_| Reply::json(200, json!({}))).await;
+    let settings = keyholder::telemetry::OtlpSettings {
+        traces_url: collector.url("/v1/traces"),
+        service_name: "keyholder-e2e".into(),
+        export_interval: std::time::Duration::from_millis(100),
+    };
+    tokio::task::spawn_blocking(move || keyholder::telemetry::init_traces_only(&settings))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(keyholder::telemetry::enabled());
+
+    let mut kh = Keyholder::start_with(|c| c.egress_allow_private = true).await;
+    let hmac = kh.bind().await;
+    let upstream = MockServer::ok().await;
+    const SECRET: &str = "gho_traced_but_never_in_a_span_8861";
+    assert_eq!(
+        kh.store("github", json!({"accessToken": SECRET}))
+            .await
+            .status,
+        200
+    );
+    kh.egress("allow", "github", &[&upstream.origin()], false)
+        .await;
+
+    // The platform's proxied call, part of its trace.
+    let trace_id = keyholder_tests::random_hex(16);
+    let parent_span = keyholder_tests::random_hex(8);
+    let traceparent = format!("00-{trace_id}-{parent_span}-01");
+    let mut claims = kh.claims(Purpose::Proxy, "github");
+    claims.aid = Some("agent_traced".into());
+    claims.pid = Some("proxy_traced".into());
+    let ticket = kh.ticket_from(&claims);
+    let request_id = format!("req_{}", keyholder_tests::random_hex(12));
+    let raw = serde_json::to_vec(&json!({
+        "ticket": ticket,
+        "service": "github",
+        "upstream": {"url": upstream.url("/user"), "method": "GET"},
+        "headerTemplates": {"Authorization": "Bearer ${TOKEN}"},
+        "requestId": request_id,
+    }))
+    .unwrap();
+    let ts = keyholder_tests::now();
+    let answer = kh
+        .http
+        .post(kh.url(PATH_PROXY))
+        .header("content-type", "application/json")
+        .header(
+            HEADER_SIGNATURE,
+            keyholder_protocol::signing::signature_header_value(&hmac, ts, &raw),
+        )
+        .header(HEADER_TIMESTAMP, ts.to_string())
+        .header(HEADER_PLATFORM_REQUEST_ID, &request_id)
+        .header("traceparent", &traceparent)
+        .body(raw)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+
+    // An agent's credential fetch (the ticket rides in the query).
+    let agent_ticket = kh.ticket(Purpose::AgentCredential, "github");
+    assert_eq!(
+        kh.credential_with(&agent_ticket, "github").await.status,
+        200
+    );
+
+    // The upstream got the trace context, as a child of the platform's trace.
+    let sent = upstream.requests();
+    let upstream_tp = sent[0]
+        .header("traceparent")
+        .expect("traceparent sent upstream")
+        .to_string();
+    let parts: Vec<&str> = upstream_tp.split('-').collect();
+    assert_eq!(parts.len(), 4, "{upstream_tp}");
+    assert_eq!(parts[1], trace_id);
+    assert_ne!(parts[2], parent_span);
+
+    // Wait for the exporter.
+    let mut spans = Vec::new();
+    for _ in 0..100 {
+        tokio::task::spawn_blocking(keyholder::telemetry::flush)
+            .await
+            .unwrap();
+        spans = received_spans(&collector);
+        let names: Vec<String> = spans
+            .iter()
+            .filter(|(s, _)| s["traceId"].as_str() == Some(trace_id.as_str()))
+            .map(|(s, _)| s["name"].as_str().unwrap_or("").to_string())
+            .collect();
+        if [
+            "POST /v1/proxy",
+            "ticket.verify",
+            "credential.decrypt",
+            "egress.policy",
+            "upstream.call",
+            "db.group_commit",
+        ]
+        .iter()
+        .all(|n| names.iter().any(|m| m == n))
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let in_trace: Vec<&serde_json::Value> = spans
+        .iter()
+        .filter(|(s, _)| s["traceId"].as_str() == Some(trace_id.as_str()))
+        .map(|(s, _)| s)
+        .collect();
+    let by_name = |name: &str| {
+        *in_trace
+            .iter()
+            .find(|s| s["name"] == name)
+            .unwrap_or_else(|| panic!("no span {name} in {in_trace:#?}"))
+    };
+    let server = by_name("POST /v1/proxy");
+    assert_eq!(server["parentSpanId"].as_str(), Some(parent_span.as_str()));
+    assert_eq!(attr(server, "http.route").as_deref(), Some("/v1/proxy"));
+    assert_eq!(
+        attr(server, "http.response.status_code").as_deref(),
+        Some("200")
+    );
+    assert_eq!(
+        attr(server, "request_id").as_deref(),
+        Some(request_id.as_str())
+    );
+    assert_eq!(attr(server, "agent_id").as_deref(), Some("agent_traced"));
+    assert_eq!(attr(server, "proxy_id").as_deref(), Some("proxy_traced"));
+    assert!(spans.iter().all(|(_, service)| service == "keyholder-e2e"));
+    let server_id = server["spanId"].as_str().unwrap();
+    // Every child is below the request span (directly or through the handler's spans).
+    let parent_of = |s: &serde_json::Value| s["parentSpanId"].as_str().unwrap_or("").to_string();
+    let descends = |s: &serde_json::Value| {
+        let mut at = parent_of(s);
+        for _ in 0..10 {
+            if at == server_id {
+                return true;
+            }
+            match in_trace
+                .iter()
+                .find(|p| p["spanId"].as_str() == Some(at.as_str()))
+            {
+                Some(p) => at = parent_of(p),
+                None => return false,
+            }
+        }
+        false
+    };
+    for name in [
+        "ticket.verify",
+        "credential.decrypt",
+        "egress.policy",
+        "upstream.call",
+        "db.group_commit",
+    ] {
+        assert!(
+            descends(by_name(name)),
+            "{name} is not under the request span"
+        );
+    }
+    assert_eq!(by_name("upstream.call")["spanId"].as_str(), Some(parts[2]));
+    // The agent's request is its own trace, with its route pattern.
+    assert!(spans.iter().any(|(s, _)| s["name"] == "GET /v1/credential"
+        && attr(s, "http.route").as_deref() == Some("/v1/credential")));
+
+    // No secret, ticket or credential in anything the collector received.
+    let everything: Vec<u8> = collector
+        .requests()
+        .into_iter()
+        .flat_map(|r| r.body)
+        .collect();
+    let hmac_b64 =
+        base64::Engine::encode(&base64::engine::general_purpose::STANDARD, hmac.expose());
+    for needle in [
+        SECRET,
+        ticket.as_str(),
+        agent_ticket.as_str(),
+        hmac_b64.as_str(),
+    ] {
+        assert!(
+            !contains(&everything, needle.as_bytes()),
+            "{needle} reached the collector"
+        );
+    }
+    // Nor the ticket's signature part alone.
+    let sig = ticket.rsplit('.').next().unwrap();
+    assert!(!contains(&everything, sig.as_bytes()));
+    kh.stop().await;
+}
