@@ -4,7 +4,7 @@
 use clap::{Parser, Subcommand};
 use keyholder::cli::owner::{
     self, AuditCommand, BackupArgs, ImportReferenceArgs, OwnerArgs, RestoreArgs, RetireKeyArgs,
-    RewrapArgs, RotateMasterKeyArgs,
+    RewrapArgs, RotateMasterKeyArgs, StoreArgs,
 };
 use keyholder::cli::{
     self, BindArgs, EgressArgs, HealthcheckArgs, OAuthArgs, OAuthOutcome, PlatformKeyAction,
@@ -40,7 +40,7 @@ enum Command {
     RotateKey(OwnerArgs),
     /// Re-encrypt every stored credential under the current data key, in small batches.
     Rewrap(RewrapArgs),
-    /// Remove a data-key version that no stored credential uses any more.
+    /// Remove a data-key version (or the imported `platform-v1` key) that no stored credential uses any more.
     RetireKey(RetireKeyArgs),
     /// Re-wrap the key ring under a new master key (key file or passphrase).
     RotateMasterKey(RotateMasterKeyArgs),
@@ -59,6 +59,8 @@ enum Command {
     ImportReference(ImportReferenceArgs),
     /// Check the setup and say what to fix (exit 0 only when nothing is wrong; --json for monitoring).
     Doctor(keyholder::cli::doctor::DoctorArgs),
+    /// Store a credential from a file or standard input, without the platform's pages or scripts.
+    Store(StoreArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -162,7 +164,18 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 for (version, count) in &status.documents_per_key {
                     println!("  v{version}: {count} document(s)");
                 }
-                println!("Reference key held: {}", status.reference_key);
+                println!(
+                    "Reference key held: {}{}",
+                    status.reference_key,
+                    if status.reference_key {
+                        format!(
+                            " ({} credential(s) still need it)",
+                            status.reference_key_documents
+                        )
+                    } else {
+                        String::new()
+                    }
+                );
                 println!("Credentials:        {}", status.credential_count);
                 println!("Sealed:             {}", status.sealed);
                 println!(
@@ -191,7 +204,17 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                     report.failed.join(", ")
                 );
             }
-            if report.still_in_use.is_empty() {
+            if report.reference_key {
+                if report.reference_key_documents == 0 {
+                    println!("No credential needs the reference key any more: `keyholder retire-key platform-v1` removes it.");
+                } else {
+                    println!(
+                        "The reference key still opens {} credential(s).",
+                        report.reference_key_documents
+                    );
+                }
+            }
+            if report.still_in_use.is_empty() && report.reference_key_documents == 0 {
                 println!("No document uses an older data key; old versions can be retired.");
                 Ok(std::process::ExitCode::SUCCESS)
             } else {
@@ -201,7 +224,8 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         }
         Command::RetireKey(args) => {
             owner::retire_key(&args)?;
-            println!("Data key v{} removed.", args.version);
+            let key = args.key.to_string();
+            println!("{}{} removed.", key[..1].to_uppercase(), &key[1..]);
             Ok(std::process::ExitCode::SUCCESS)
         }
         Command::RotateMasterKey(args) => {
@@ -339,6 +363,20 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                     Ok(std::process::ExitCode::from(1))
                 }
             }
+        }
+        Command::Store(args) => {
+            let report = owner::store(&args, &mut std::io::stdin().lock())?;
+            if args.json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                println!(
+                    "Stored the credential of '{}' ({} sealed; meta: {}).",
+                    report.service,
+                    args.field,
+                    serde_json::to_string(&report.meta)?
+                );
+            }
+            Ok(std::process::ExitCode::SUCCESS)
         }
         Command::ImportReference(args) => {
             let report = owner::import_reference(&args)?;

@@ -25,6 +25,11 @@ pub const PATH_TOTP_CODE: &str = "/v1/totp-code";
 pub const PATH_IDENTITY: &str = "/v1/identity";
 /// `/bind` (Keyholder extension): the owner's bind page.
 pub const PATH_BIND: &str = "/bind";
+/// `GET /store?ticket=..&service=..` (Keyholder extension): the keyholder's own page where the
+/// owner pastes a credential, so no script of the platform's ever sees it.
+pub const PATH_STORE_PAGE: &str = "/store";
+/// `GET /store.js` (Keyholder extension): the store page's script.
+pub const PATH_STORE_PAGE_SCRIPT: &str = "/store.js";
 
 /// HMAC request signature header (`sha256=<hex>`).
 pub const HEADER_SIGNATURE: &str = "X-TokenVault-Signature";

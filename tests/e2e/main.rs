@@ -19,4 +19,5 @@ mod proxy;
 mod refresh;
 mod signed;
 mod storage;
+mod store_page;
 mod tls;

@@ -48,8 +48,39 @@ pub struct RetireKeyArgs {
     /// Data folder and master key.
     #[command(flatten)]
     pub data: DataArgs,
-    /// The data-key version to remove.
-    pub version: u32,
+    /// The data-key version to remove, or `platform-v1` for the reference webhook's key (kept by
+    /// `import-reference`).
+    #[arg(value_name = "VERSION|platform-v1", value_parser = parse_retired_key)]
+    pub key: RetiredKey,
+}
+
+/// A key `keyholder retire-key` can remove.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetiredKey {
+    /// A data-key version.
+    Data(u32),
+    /// The reference webhook's key, for platform v1 ciphertexts.
+    PlatformV1,
+}
+
+impl std::fmt::Display for RetiredKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RetiredKey::Data(version) => write!(f, "data key v{version}"),
+            RetiredKey::PlatformV1 => f.write_str("reference key platform-v1"),
+        }
+    }
+}
+
+fn parse_retired_key(text: &str) -> Result<RetiredKey, String> {
+    if text == "platform-v1" {
+        return Ok(RetiredKey::PlatformV1);
+    }
+    text.strip_prefix('v')
+        .unwrap_or(text)
+        .parse()
+        .map(RetiredKey::Data)
+        .map_err(|_| "expected a data-key version (a number) or `platform-v1`".to_string())
 }
 
 /// Flags of `keyholder rotate-master-key`.
@@ -192,6 +223,149 @@ pub struct ImportReferenceArgs {
     pub force: bool,
 }
 
+/// Flags of `keyholder store`.
+#[derive(Debug, Clone, Args)]
+pub struct StoreArgs {
+    /// Data folder and master key.
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// The service (credential key) to store the credential under; an existing one is replaced.
+    pub service: String,
+    /// The credential's `tokenType` (default `oauth`).
+    #[arg(long = "type", value_name = "T")]
+    pub token_type: Option<String>,
+    /// A non-secret meta field, `key=value` (repeatable); never a sensitive field name.
+    #[arg(long = "meta", value_name = "KEY=VALUE")]
+    pub meta: Vec<String>,
+    /// File holding the secret, or `-` for standard input (the secret is never an argument).
+    /// Trailing line breaks are dropped.
+    #[arg(long, value_name = "FILE|-")]
+    pub secret_file: PathBuf,
+    /// The sensitive field the secret is stored as.
+    #[arg(long, default_value = "accessToken")]
+    pub field: String,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Longest secret `keyholder store` reads (the `/v1/store` body limit).
+pub const MAX_STORED_SECRET: usize = 64 * 1024;
+
+/// Meta keys `keyholder store --meta` refuses: sensitive fields (they would put a secret on the
+/// command line) and `totpUri` (an `otpauth://` link holds the TOTP seed).
+fn check_meta_key(key: &str) -> anyhow::Result<()> {
+    if key.is_empty() || key.len() > 128 || key.chars().any(char::is_control) {
+        anyhow::bail!("--meta: a key must be 1-128 characters without control characters");
+    }
+    if keyholder_protocol::document::is_sensitive(key) || key == "totpUri" {
+        anyhow::bail!(
+            "--meta {key}=...: '{key}' holds a secret; pass it with --field {key} --secret-file FILE|- instead"
+        );
+    }
+    Ok(())
+}
+
+/// Reads the secret from a file or (`-`) from `stdin`: at most [`MAX_STORED_SECRET`] bytes of
+/// UTF-8, trailing CR/LF dropped, held in zeroizing memory.
+fn read_secret(
+    path: &Path,
+    stdin: &mut dyn std::io::Read,
+) -> anyhow::Result<zeroize::Zeroizing<String>> {
+    use std::io::Read as _;
+    let mut raw = zeroize::Zeroizing::new(Vec::new());
+    let limit = (MAX_STORED_SECRET + 1) as u64;
+    if path == Path::new("-") {
+        stdin.take(limit).read_to_end(&mut raw)?;
+    } else {
+        std::fs::File::open(path)
+            .with_context(|| format!("--secret-file {}", path.display()))?
+            .take(limit)
+            .read_to_end(&mut raw)
+            .with_context(|| format!("--secret-file {}", path.display()))?;
+    }
+    if raw.len() > MAX_STORED_SECRET {
+        anyhow::bail!("--secret-file: the secret is longer than {MAX_STORED_SECRET} bytes");
+    }
+    let end = raw
+        .iter()
+        .rposition(|b| !matches!(b, b'\r' | b'\n'))
+        .map_or(0, |i| i + 1);
+    raw.truncate(end);
+    if raw.is_empty() {
+        anyhow::bail!("--secret-file: the secret is empty");
+    }
+    let text = std::str::from_utf8(&raw)
+        .map_err(|_| anyhow::anyhow!("--secret-file: the secret is not UTF-8 text"))?;
+    Ok(zeroize::Zeroizing::new(text.to_owned()))
+}
+
+/// What `keyholder store` stored (never the secret).
+#[derive(Debug, Clone, Serialize)]
+pub struct StoreReport {
+    /// Always `stored`.
+    pub status: &'static str,
+    /// The service.
+    pub service: String,
+    /// The credential's meta, as `/v1/store` answers it.
+    pub meta: serde_json::Map<String, Value>,
+}
+
+/// `keyholder store SERVICE --secret-file FILE|-`: seals the secret (and the meta) as the
+/// service's credential in the data folder, with an `owner:store` audit entry; a running server
+/// serves it within a quarter second. `stdin` is read for `--secret-file -`.
+pub fn store(args: &StoreArgs, stdin: &mut dyn std::io::Read) -> anyhow::Result<StoreReport> {
+    crate::vault::collections::validate_key(&args.service)?;
+    if !keyholder_protocol::document::is_sensitive(&args.field) {
+        anyhow::bail!(
+            "--field {}: must be one of {}",
+            args.field,
+            keyholder_protocol::document::SENSITIVE_FIELDS.join(", ")
+        );
+    }
+    let mut token_data = serde_json::Map::new();
+    for entry in &args.meta {
+        let (key, value) = entry
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--meta {entry}: expected KEY=VALUE"))?;
+        check_meta_key(key)?;
+        token_data.insert(key.to_owned(), Value::String(value.to_owned()));
+    }
+    if let Some(token_type) = &args.token_type {
+        if token_type.is_empty() || token_type.len() > 128 {
+            anyhow::bail!("--type: must be 1-128 characters");
+        }
+        token_data.insert("tokenType".into(), Value::String(token_type.clone()));
+    }
+    let secret = read_secret(&args.secret_file, stdin)?;
+    token_data.insert(
+        args.field.clone(),
+        Value::String(secret.as_str().to_owned()),
+    );
+    drop(secret);
+    let (mut conn, master) = open_existing(&args.data)?;
+    let service = args.service.clone();
+    let result = owner_change(&mut conn, &master, "store", |tx| {
+        let (ring, _, _) = keyring::load(tx, &master)?;
+        let meta = crate::vault::credentials::store_on_disk(
+            tx,
+            &ring,
+            &service,
+            &token_data,
+            crate::clock::now_unix(),
+        )?;
+        Ok((meta, service.clone()))
+    });
+    token_data
+        .values_mut()
+        .for_each(crate::vault::credentials::scrub);
+    Ok(StoreReport {
+        status: "stored",
+        service: args.service.clone(),
+        meta: result?,
+    })
+}
+
 /// Opens an existing data folder (never creates one) and unlocks it with the configured master key.
 pub fn open_existing(data: &DataArgs) -> anyhow::Result<(Connection, MasterKey)> {
     let mut conn = open_database(&data.data_dir)?;
@@ -254,6 +428,9 @@ pub struct Status {
     pub documents_per_key: BTreeMap<u32, usize>,
     /// Whether the reference webhook's key is held (for platform v1 documents).
     pub reference_key: bool,
+    /// Credentials the reference key still opens (v1 fields where they were imported); at 0
+    /// `retire-key platform-v1` can remove it.
+    pub reference_key_documents: usize,
     /// Stored credentials.
     pub credential_count: u64,
     /// Sealed by the owner.
@@ -276,6 +453,7 @@ pub fn status(args: &OwnerArgs) -> anyhow::Result<Status> {
         [KIND_LEGACY],
         |r| r.get(0),
     )?;
+    let (reference_key_documents, _) = rotation::platform_v1_in_use(&conn, &ring)?;
     Ok(Status {
         bound: get_setting(&conn, "bound")?.as_deref() == Some("true"),
         platform_scheme: platform_keys::read_scheme(&conn)?.as_str().to_owned(),
@@ -292,6 +470,7 @@ pub fn status(args: &OwnerArgs) -> anyhow::Result<Status> {
             .map(|(v, (n, _))| (v, n))
             .collect(),
         reference_key: legacy > 0,
+        reference_key_documents,
         credential_count: count("SELECT COUNT(*) FROM documents WHERE collection = 'tokens'")?,
         sealed: reload::read_sealed(&conn)?,
         last_credential_use: audit::last_credential_use(&conn)?
@@ -325,6 +504,10 @@ pub struct RewrapReport {
     pub failed: Vec<String>,
     /// Data-key versions still referenced afterwards, with document counts.
     pub still_in_use: BTreeMap<u32, usize>,
+    /// Whether the reference webhook's key is still held.
+    pub reference_key: bool,
+    /// Credentials the reference key still opens afterwards.
+    pub reference_key_documents: usize,
 }
 
 /// `keyholder rewrap`: every credential under the current data key, in small transactions. Passes
@@ -361,7 +544,9 @@ pub fn rewrap(args: &RewrapArgs) -> anyhow::Result<RewrapReport> {
             .filter(|(v, _)| *v != report.current_data_key)
             .map(|(v, (n, _))| (v, n))
             .collect();
-        if report.still_in_use.is_empty() || pass == 4 {
+        report.reference_key = ring.has_platform_v1_key();
+        report.reference_key_documents = rotation::platform_v1_in_use(&conn, &ring)?.0;
+        if (report.still_in_use.is_empty() && report.reference_key_documents == 0) || pass == 4 {
             break;
         }
         // Give a server that is about to reload its key ring the moment it needs.
@@ -375,13 +560,16 @@ pub fn rewrap(args: &RewrapArgs) -> anyhow::Result<RewrapReport> {
     Ok(report)
 }
 
-/// `keyholder retire-key VERSION`.
+/// `keyholder retire-key VERSION|platform-v1`.
 pub fn retire_key(args: &RetireKeyArgs) -> anyhow::Result<()> {
     let (mut conn, master) = open_existing(&args.data)?;
-    let version = args.version;
+    let key = args.key;
     owner_change(&mut conn, &master, "retire-key", |tx| {
-        rotation::retire_data_key(tx, version)?;
-        Ok(((), format!("data key v{version}")))
+        match key {
+            RetiredKey::Data(version) => rotation::retire_data_key(tx, version)?,
+            RetiredKey::PlatformV1 => rotation::retire_platform_v1_key(tx, &master)?,
+        }
+        Ok(((), key.to_string()))
     })
 }
 

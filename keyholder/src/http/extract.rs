@@ -388,6 +388,37 @@ pub async fn verify_ticket_for(
     Ok(claims)
 }
 
+/// Checks a ticket for `service` and one of `purposes` like [`verify_ticket_for`] (binding,
+/// scheme, form, signature, payload, expiry, nonce present, lifetime cap, scope), but without using
+/// up its nonce: for the keyholder's own `/store` page, which shows a bad link at once and leaves
+/// the ticket to the `/v1/store` call the page makes (that call is where the nonce is spent, and
+/// where a replayed one is refused).
+pub fn check_ticket_unspent(
+    state: &AppState,
+    ticket: &str,
+    service: &str,
+    purposes: &[Purpose],
+) -> Result<TicketClaims, ApiError> {
+    let binding = state.vault.binding();
+    if !binding.bound {
+        return Err(ApiError::SetupRequired);
+    }
+    let now = crate::clock::now_unix();
+    let max_lifetime = state.vault.settings().max_ticket_lifetime;
+    let claims = match (binding.scheme, is_kh2_ticket(ticket)) {
+        (PlatformScheme::Hmac, false) => {
+            verify_ticket(&binding.hmac, ticket, now, max_lifetime).map_err(ApiError::from)
+        }
+        (PlatformScheme::Ed25519, true) => {
+            verify_kh2_ticket(&binding.platform_keys, ticket, now, max_lifetime)
+                .map_err(ApiError::from)
+        }
+        _ => Err(ApiError::TicketWrongScheme),
+    }?;
+    claims.check_scope(purposes, service)?;
+    Ok(claims)
+}
+
 /// A request body that carries a ticket and the service it is for.
 pub trait CarriesTicket {
     /// The ticket text.

@@ -13,6 +13,7 @@ pub mod proxy;
 pub mod refresh;
 pub mod response_signer;
 pub mod storage;
+pub mod store_page;
 
 use actix_web::{web, HttpRequest};
 use keyholder_protocol::paths::*;
@@ -81,6 +82,16 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     .service(
         web::resource(PATH_BIND)
             .route(web::get().to(bind_page::bind_page))
+            .default_service(fallback("GET")),
+    )
+    .service(
+        web::resource(PATH_STORE_PAGE)
+            .route(web::get().to(store_page::store_page))
+            .default_service(fallback("GET")),
+    )
+    .service(
+        web::resource(PATH_STORE_PAGE_SCRIPT)
+            .route(web::get().to(store_page::store_script))
             .default_service(fallback("GET")),
     )
     .default_service(web::to(middleware::not_found));

@@ -208,6 +208,59 @@ impl Vault {
     }
 }
 
+/// Seals `token_data` as the credential of `service` inside the caller's transaction, for the
+/// owner's `keyholder store` on the data folder: under the data key current on disk, keeping the
+/// `createdAt` of a credential it replaces, like an overwriting `/v1/store`. Bumps the owner
+/// generation, so a running server drops its cached copy within a quarter second. Returns the meta.
+pub fn store_on_disk(
+    conn: &rusqlite::Connection,
+    ring: &super::keyring::KeyRing,
+    service: &str,
+    token_data: &Map<String, Value>,
+    now: i64,
+) -> Result<Map<String, Value>, VaultError> {
+    validate_key(service)?;
+    if token_data.is_empty() {
+        return Err(VaultError::Invalid("'tokenData' must not be empty".into()));
+    }
+    let existing: Option<String> = conn
+        .query_row(
+            "SELECT doc FROM documents WHERE collection = 'tokens' AND key = ?1",
+            [service],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let created_at = existing
+        .and_then(|text| serde_json::from_str::<Value>(&text).ok())
+        .and_then(|doc| {
+            doc.get("meta")?
+                .get("createdAt")?
+                .as_str()
+                .map(str::to_string)
+        });
+    let sealed = seal_token_data(
+        service,
+        token_data,
+        ring.current_data_key()?,
+        ring.current_data_version(),
+        now,
+        created_at.as_deref(),
+        None,
+    )
+    .map_err(document_error)?;
+    conn.execute(
+        "INSERT INTO documents(collection, key, doc, updated_at) VALUES ('tokens', ?1, ?2, ?3)
+         ON CONFLICT(collection, key) DO UPDATE SET doc = excluded.doc, updated_at = excluded.updated_at",
+        params![service, sealed.to_string(), now],
+    )?;
+    super::reload::bump_generation(conn)?;
+    Ok(sealed
+        .get("meta")
+        .and_then(Value::as_object)
+        .cloned()
+        .unwrap_or_default())
+}
+
 /// Computes the TOTP code at `now` from an `otpauth://` URI or a base32 secret
 /// (SHA1, 6 digits, 30 s unless the URI says otherwise).
 pub fn totp_now(secret: &str, now: i64) -> Result<TotpCodeResponse, VaultError> {

@@ -6,6 +6,7 @@ pub mod credentials;
 pub mod doc_cache;
 pub mod egress;
 pub mod import;
+pub mod imported_v1;
 pub mod keyring;
 pub mod master;
 pub mod minting;
