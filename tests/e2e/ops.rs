@@ -365,8 +365,9 @@ async fn doctor_finds_unused_egress_entries_orphan_policies_old_backups_tamperin
     assert!(gh.message.contains("api.unused.example"), "{gh:?}");
     assert!(
         gh.remedy.contains(&format!(
-            "keyholder egress allow --data-dir {} github {}",
+            "keyholder egress allow --data-dir {} --master-key-file {} github {}",
             kh.data_dir.display(),
+            keys.path().join("master.key").display(),
             upstream.origin()
         )),
         "{gh:?}"

@@ -156,6 +156,9 @@ pub async fn doctor(args: &DoctorArgs) -> anyhow::Result<DoctorReport> {
     let dir = shell(data_dir);
     let conn = super::owner::open_database(data_dir)?;
 
+    // `--data-dir DIR` plus the master-key flags this run was given, for remedies that are owner
+    // commands needing the key.
+    let with_key = format!("{dir}{}", key_flags(&args.data));
     check_master_key_location(&mut report, args, &dir);
     check_permissions(&mut report, args, &dir);
     let public_url = check_public_url(&mut report, args, &conn)?;
@@ -171,14 +174,36 @@ pub async fn doctor(args: &DoctorArgs) -> anyhow::Result<DoctorReport> {
         report.skip("public_url_reachable", "pass --probe");
         report.skip("clock_skew", "pass --probe");
     }
-    check_bound(&mut report, &conn, &dir)?;
+    check_bound(&mut report, &conn, &with_key)?;
     check_certificate(&mut report, args);
-    check_egress(&mut report, &conn, &dir)?;
+    check_egress(&mut report, &conn, &with_key)?;
     check_backup(&mut report, args, &conn, &dir)?;
     check_audit(&mut report, args, &dir);
     check_disk(&mut report, args);
     report.ok = report.findings.is_empty();
     Ok(report)
+}
+
+/// The master-key flags of `data`, as they would be typed (with a leading space), or nothing.
+fn key_flags(data: &DataArgs) -> String {
+    match data.master_key_source() {
+        MasterKeySource::DataFolder => String::new(),
+        MasterKeySource::File(path) => format!(" --master-key-file {}", shell(&path)),
+        MasterKeySource::Passphrase(path) => format!(" --passphrase-file {}", shell(&path)),
+        MasterKeySource::Pkcs11(config) => {
+            let mut flags = format!(
+                " --master-key-pkcs11 '{}'",
+                config.uri.replace('\'', "'\\''")
+            );
+            if let Some(module) = &config.module {
+                flags.push_str(&format!(" --pkcs11-module {}", shell(module)));
+            }
+            if let Some(pin) = &config.pin_file {
+                flags.push_str(&format!(" --pkcs11-pin-file {}", shell(pin)));
+            }
+            flags
+        }
+    }
 }
 
 fn check_master_key_location(report: &mut DoctorReport, args: &DoctorArgs, dir: &str) {
@@ -193,8 +218,9 @@ fn check_master_key_location(report: &mut DoctorReport, args: &DoctorArgs, dir: 
     let remedy = format!(
         "make a key outside the data folder and move the key ring to it: \
          `install -d -m 0700 /etc/keyholder && head -c 32 /dev/urandom | base64 > /etc/keyholder/master.key && chmod 0400 /etc/keyholder/master.key && \
-         keyholder rotate-master-key --data-dir {dir} <current master-key flag> --new-master-key-file /etc/keyholder/master.key`, \
-         then start with --master-key-file /etc/keyholder/master.key and delete the old key file"
+         keyholder rotate-master-key --data-dir {dir}{} --new-master-key-file /etc/keyholder/master.key`, \
+         then start with --master-key-file /etc/keyholder/master.key and delete the old key file",
+        key_flags(&args.data)
     );
     match args.data.master_key_source() {
         MasterKeySource::DataFolder => report.finding(
@@ -260,6 +286,11 @@ fn check_permissions(report: &mut DoctorReport, args: &DoctorArgs, dir: &str) {
         // The token's key cannot be read; its PIN file can.
         MasterKeySource::Pkcs11(config) => config.pin_file,
     };
+    let what = if matches!(args.data.master_key_source(), MasterKeySource::Pkcs11(_)) {
+        "the PKCS#11 PIN file"
+    } else {
+        "the master key file"
+    };
     match key_file {
         Some(path) if path.exists() => {
             if let Some(mode) = mode_of(&path) {
@@ -267,7 +298,7 @@ fn check_permissions(report: &mut DoctorReport, args: &DoctorArgs, dir: &str) {
                     report.finding(
                         check,
                         format!(
-                            "the master key file {} has mode {mode:04o}: other users can read it",
+                            "{what} {} has mode {mode:04o}: other users can read it",
                             shell(&path)
                         ),
                         format!("chmod 0400 {}", shell(&path)),
@@ -278,7 +309,7 @@ fn check_permissions(report: &mut DoctorReport, args: &DoctorArgs, dir: &str) {
         }
         Some(path) => report.finding(
             check,
-            format!("the master key file {} does not exist", shell(&path)),
+            format!("{what} {} does not exist", shell(&path)),
             "pass --master-key-file / --passphrase-file naming the file the server starts with",
         ),
         None => report.pass(check),
