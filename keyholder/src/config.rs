@@ -30,11 +30,48 @@ pub struct DataArgs {
     /// File holding a passphrase from which the master key is derived (Argon2id).
     #[arg(long, env = "KEYHOLDER_PASSPHRASE_FILE")]
     pub passphrase_file: Option<PathBuf>,
+    /// The master key sealed by a PKCS#11 token (HSM).
+    #[command(flatten)]
+    pub pkcs11: Pkcs11Args,
+}
+
+/// The PKCS#11 token that seals the master key (`--master-key-pkcs11`).
+#[derive(Debug, Clone, Default, Args)]
+pub struct Pkcs11Args {
+    /// RFC 7512 URI of a non-extractable AES key in a PKCS#11 token that seals the master key
+    /// (`pkcs11:token=<label>;object=<key label>`).
+    #[arg(
+        long,
+        env = "KEYHOLDER_MASTER_KEY_PKCS11",
+        value_name = "URI",
+        conflicts_with_all = ["master_key_file", "passphrase_file"]
+    )]
+    pub master_key_pkcs11: Option<String>,
+    /// The token's PKCS#11 module (shared library), e.g. /usr/lib/softhsm/libsofthsm2.so.
+    #[arg(long, env = "KEYHOLDER_PKCS11_MODULE", value_name = "PATH")]
+    pub pkcs11_module: Option<PathBuf>,
+    /// File holding the token's user PIN (else `KEYHOLDER_PKCS11_PIN`).
+    #[arg(long, env = "KEYHOLDER_PKCS11_PIN_FILE", value_name = "FILE")]
+    pub pkcs11_pin_file: Option<PathBuf>,
+}
+
+impl Pkcs11Args {
+    /// The token configuration for `uri` with these module and PIN settings.
+    pub fn config_for(&self, uri: &str) -> crate::vault::pkcs11::Pkcs11Config {
+        crate::vault::pkcs11::Pkcs11Config {
+            uri: uri.to_string(),
+            module: self.pkcs11_module.clone(),
+            pin_file: self.pkcs11_pin_file.clone(),
+        }
+    }
 }
 
 impl DataArgs {
     /// The master-key source these arguments select.
     pub fn master_key_source(&self) -> MasterKeySource {
+        if let Some(uri) = &self.pkcs11.master_key_pkcs11 {
+            return MasterKeySource::Pkcs11(self.pkcs11.config_for(uri));
+        }
         match (&self.master_key_file, &self.passphrase_file) {
             (Some(file), _) => MasterKeySource::File(file.clone()),
             (None, Some(file)) => MasterKeySource::Passphrase(file.clone()),
@@ -90,6 +127,10 @@ pub struct ServeArgs {
     /// Log filter (tracing EnvFilter syntax, e.g. `info` or `keyholder=debug`).
     #[arg(long, env = "KEYHOLDER_LOG", default_value = "info")]
     pub log: String,
+    /// Send OpenTelemetry traces to this OTLP/HTTP collector (e.g. http://127.0.0.1:4318; spans go
+    /// to `<URL>/v1/traces` as JSON). Off by default. `OTEL_SERVICE_NAME` sets `service.name`.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
     /// Log format: `text` or `json`.
     #[arg(long, env = "KEYHOLDER_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,

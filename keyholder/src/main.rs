@@ -57,25 +57,10 @@ enum Command {
     Audit(AuditCommand),
     /// Move in from the public reference webhook's two JSON files (keeps its binding).
     ImportReference(ImportReferenceArgs),
+    /// Check the setup and say what to fix (exit 0 only when nothing is wrong; --json for monitoring).
+    Doctor(keyholder::cli::doctor::DoctorArgs),
     /// Store a credential from a file or standard input, without the platform's pages or scripts.
     Store(StoreArgs),
-}
-
-fn init_logging(filter: &str, format: &str) -> anyhow::Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .map_err(|e| anyhow::anyhow!("invalid setting --log / KEYHOLDER_LOG: {e}"))?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // By default a failed log write is reported with `eprintln!`, which panics when stderr
-        // cannot be written (a log file on a full disk): the worker died and the connection dropped.
-        .log_internal_errors(false);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-    Ok(())
 }
 
 fn main() -> std::process::ExitCode {
@@ -92,7 +77,13 @@ fn main() -> std::process::ExitCode {
 fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
     match cli.command {
         Command::Serve(args) => {
-            init_logging(&args.log, &args.log_format)?;
+            let otlp = args
+                .otlp_endpoint
+                .as_deref()
+                .filter(|e| !e.trim().is_empty())
+                .map(keyholder::telemetry::OtlpSettings::from_endpoint)
+                .transpose()?;
+            keyholder::telemetry::init(&args.log, &args.log_format, otlp.as_ref())?;
             let config = Config::from_args(&args)?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -103,6 +94,8 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 tracing::info!("keyholder stopped");
                 Ok::<_, anyhow::Error>(())
             })?;
+            drop(runtime);
+            keyholder::telemetry::shutdown();
             Ok(std::process::ExitCode::SUCCESS)
         }
         Command::Bind(args) => {
@@ -242,6 +235,18 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             println!("as soon as it finds it where it was told to look (replace that file), or at its next start");
             println!("with --master-key-file / --passphrase-file pointing at the new one.");
             Ok(std::process::ExitCode::SUCCESS)
+        }
+        Command::Doctor(args) => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let report = runtime.block_on(keyholder::cli::doctor::doctor(&args))?;
+            if args.json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                print!("{}", report.to_text());
+            }
+            Ok(std::process::ExitCode::from(if report.ok { 0 } else { 1 }))
         }
         Command::Backup(args) => {
             owner::backup(&args)?;

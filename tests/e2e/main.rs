@@ -12,6 +12,7 @@ mod faults;
 mod metrics;
 mod minting;
 mod openapi;
+mod ops;
 mod owner;
 mod persistence;
 mod protocol24;

@@ -192,6 +192,8 @@ async fn master_key_rotation_keeps_the_server_serving_and_locks_out_the_old_key(
         data: kh.data_args(),
         new_master_key_file: Some(new_key.clone()),
         new_passphrase_file: None,
+        to_pkcs11: None,
+        from_pkcs11: None,
     };
     cli(move || owner::rotate_master_key(&args)).await.unwrap();
     // The old key no longer opens the folder.
@@ -294,6 +296,7 @@ async fn backup_under_concurrent_writes_restores_every_acknowledged_write() {
             data_dir: target.clone(),
             master_key_file: Some(kh.data_dir.join("master.key")),
             passphrase_file: None,
+            pkcs11: Default::default(),
         },
         from: out.clone(),
     };
@@ -398,6 +401,7 @@ fn copy_folder(from: &std::path::Path) -> (tempfile::TempDir, OwnerArgs) {
             data_dir: dir.path().to_path_buf(),
             master_key_file: None,
             passphrase_file: None,
+            pkcs11: Default::default(),
         },
         json: false,
     };

@@ -190,12 +190,21 @@ impl Keyholder {
         let (master_key_file, passphrase_file) = match &self.config.master_key {
             MasterKeySource::File(p) => (Some(p.clone()), None),
             MasterKeySource::Passphrase(p) => (None, Some(p.clone())),
-            MasterKeySource::DataFolder => (None, None),
+            MasterKeySource::DataFolder | MasterKeySource::Pkcs11(_) => (None, None),
+        };
+        let pkcs11 = match &self.config.master_key {
+            MasterKeySource::Pkcs11(c) => keyholder::config::Pkcs11Args {
+                master_key_pkcs11: Some(c.uri.clone()),
+                pkcs11_module: c.module.clone(),
+                pkcs11_pin_file: c.pin_file.clone(),
+            },
+            _ => Default::default(),
         };
         DataArgs {
             data_dir: self.data_dir.clone(),
             master_key_file,
             passphrase_file,
+            pkcs11,
         }
     }
 

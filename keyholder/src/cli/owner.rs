@@ -18,7 +18,7 @@ use crate::store::{self, backup, get_setting};
 use crate::vault::import::{self, ImportReport};
 use crate::vault::keyring::{self, KIND_LEGACY};
 use crate::vault::master::{self, load_master_key, MasterKey};
-use crate::vault::{platform_keys, reload, rotation};
+use crate::vault::{pkcs11, platform_keys, reload, rotation};
 
 /// Flags of commands that only need the data folder and its master key.
 #[derive(Debug, Clone, Args)]
@@ -85,7 +85,7 @@ fn parse_retired_key(text: &str) -> Result<RetiredKey, String> {
 
 /// Flags of `keyholder rotate-master-key`.
 #[derive(Debug, Clone, Args)]
-#[command(group(clap::ArgGroup::new("new_master").required(true).args(["new_master_key_file", "new_passphrase_file"])))]
+#[command(group(clap::ArgGroup::new("new_master").required(true).args(["new_master_key_file", "new_passphrase_file", "to_pkcs11"])))]
 pub struct RotateMasterKeyArgs {
     /// Data folder and the current master key.
     #[command(flatten)]
@@ -96,6 +96,13 @@ pub struct RotateMasterKeyArgs {
     /// File holding the new passphrase (the key is derived with Argon2id and a new salt).
     #[arg(long)]
     pub new_passphrase_file: Option<PathBuf>,
+    /// Seal the key ring by this PKCS#11 token key from now on (RFC 7512 URI; module and PIN from
+    /// --pkcs11-module and --pkcs11-pin-file / KEYHOLDER_PKCS11_PIN).
+    #[arg(long, value_name = "URI")]
+    pub to_pkcs11: Option<String>,
+    /// The current master key is sealed by this PKCS#11 token key (same as --master-key-pkcs11).
+    #[arg(long, value_name = "URI", conflicts_with_all = ["master_key_file", "passphrase_file", "master_key_pkcs11"])]
+    pub from_pkcs11: Option<String>,
 }
 
 /// Flags of `keyholder backup`.
@@ -569,17 +576,40 @@ pub fn retire_key(args: &RetireKeyArgs) -> anyhow::Result<()> {
 /// `keyholder rotate-master-key`: re-wraps the key ring under the new master key. Returns how
 /// many wrapped values moved.
 pub fn rotate_master_key(args: &RotateMasterKeyArgs) -> anyhow::Result<usize> {
-    let (mut conn, old) = open_existing(&args.data)?;
-    let (new, salt) = match (&args.new_master_key_file, &args.new_passphrase_file) {
-        (Some(file), _) => (master::read_key_file(file)?, None),
-        (None, Some(file)) => {
+    let mut current = args.data.clone();
+    if let Some(uri) = &args.from_pkcs11 {
+        current.pkcs11.master_key_pkcs11 = Some(uri.clone());
+    }
+    let (mut conn, old) = open_existing(&current)?;
+    let (new, salt, sealed) = match (
+        &args.new_master_key_file,
+        &args.new_passphrase_file,
+        &args.to_pkcs11,
+    ) {
+        (Some(file), _, _) => (master::read_key_file(file)?, None, None),
+        (None, Some(file), _) => {
             let salt = master::new_kdf_salt();
-            (master::derive_with_salt(file, &salt)?, Some(salt))
+            (master::derive_with_salt(file, &salt)?, Some(salt), None)
         }
-        (None, None) => anyhow::bail!("pass --new-master-key-file or --new-passphrase-file"),
+        (None, None, Some(uri)) => {
+            let (key, sealed) = pkcs11::new_sealed_master(&args.data.pkcs11.config_for(uri))?;
+            (key, None, Some(sealed))
+        }
+        (None, None, None) => {
+            anyhow::bail!("pass --new-master-key-file, --new-passphrase-file or --to-pkcs11")
+        }
     };
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let moved = rotation::rotate_master_key(&tx, &old, &new, salt.as_deref())?;
+    match &sealed {
+        Some(sealed) => store::put_setting(&tx, pkcs11::SEALED_SETTING, sealed)?,
+        None => {
+            tx.execute(
+                "DELETE FROM settings WHERE name = ?1",
+                [pkcs11::SEALED_SETTING],
+            )?;
+        }
+    }
     let (ring, _, _) = keyring::load(&tx, &new)?;
     audit::append_events(
         &tx,
@@ -605,9 +635,16 @@ pub fn set_sealed(args: &OwnerArgs, sealed: bool) -> anyhow::Result<()> {
 
 /// `keyholder backup --out FILE`.
 pub fn backup(args: &BackupArgs) -> anyhow::Result<()> {
-    drop(open_database(&args.data.data_dir)?);
+    let conn = open_database(&args.data.data_dir)?;
     backup::backup_database(&args.data.data_dir.join(store::DATABASE_FILE), &args.out)
-        .with_context(|| format!("backup to {} failed", args.out.display()))
+        .with_context(|| format!("backup to {} failed", args.out.display()))?;
+    // For `keyholder doctor`'s backup age (after the snapshot: the backup does not carry it).
+    store::put_setting(
+        &conn,
+        super::doctor::LAST_BACKUP_SETTING,
+        &crate::clock::now_unix().to_string(),
+    )?;
+    Ok(())
 }
 
 /// What `keyholder restore` found.

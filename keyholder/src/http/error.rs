@@ -115,6 +115,7 @@ impl ApiError {
                 | VaultError::WrongMasterKey
                 | VaultError::MasterKeyMissing(_)
                 | VaultError::KeyFile(..)
+                | VaultError::Pkcs11(_)
                 | VaultError::Corrupt(_)
                 | VaultError::Undecryptable
                 | VaultError::KeyRingChanged => ErrorCode::InternalError,
@@ -220,6 +221,7 @@ impl ApiError {
                 | VaultError::WrongMasterKey
                 | VaultError::MasterKeyMissing(_)
                 | VaultError::KeyFile(..)
+                | VaultError::Pkcs11(_)
                 | VaultError::Corrupt(_)
                 | VaultError::Undecryptable
                 | VaultError::KeyRingChanged,

@@ -144,7 +144,26 @@ pub async fn keyholder_layer(
         None
     };
     let state = req.app_data::<Data<AppState>>().cloned();
-    let span = tracing::info_span!("request", request_id = %request_id, method = %method, path = %raw_path);
+    let span = tracing::info_span!(
+        "request",
+        request_id = %request_id,
+        method = %method,
+        path = %raw_path,
+        otel.name = tracing::field::Empty,
+        otel.kind = "server",
+        http.route = tracing::field::Empty,
+        http.response.status_code = tracing::field::Empty,
+        agent_id = tracing::field::Empty,
+        proxy_id = tracing::field::Empty,
+    );
+    if crate::telemetry::enabled() {
+        // Named by the route pattern (never the raw path), before any child span starts it.
+        let route = req.match_pattern();
+        let route = route.as_deref().unwrap_or("unmatched");
+        span.record("otel.name", format!("{method} {route}"));
+        span.record("http.route", route);
+        crate::telemetry::adopt_remote_parent(&span, req.headers());
+    }
 
     let state_ref = state.as_ref().map(|s| s.get_ref());
     let finishing = |response, http_req| {
@@ -202,7 +221,12 @@ pub async fn keyholder_layer(
         // it is released only once they are durable.
         let finished = finishing(res.map_into_boxed_body(), &http_req).await;
         let settled = match state_ref {
-            Some(state) => barrier.settle(&state.vault.replay).await,
+            Some(state) => {
+                barrier
+                    .settle(&state.vault.replay)
+                    .instrument(tracing::debug_span!(target: crate::telemetry::TARGET, parent: &span, "db.group_commit"))
+                    .await
+            }
             None => Ok(()),
         };
         match settled {
@@ -266,6 +290,11 @@ pub async fn keyholder_layer(
                 request_id: request_id.clone(),
             });
         }
+    }
+    if crate::telemetry::enabled() {
+        span.record("http.response.status_code", status.as_u16());
+        span.record("agent_id", ticket.agent_id.as_deref().unwrap_or(""));
+        span.record("proxy_id", ticket.proxy_id.as_deref().unwrap_or(""));
     }
     span.in_scope(|| {
         tracing::info!(

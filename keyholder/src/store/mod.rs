@@ -223,7 +223,11 @@ impl Store {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
-        self.submit(f)?.await
+        tracing::Instrument::instrument(
+            self.submit(f)?,
+            tracing::debug_span!(target: crate::telemetry::TARGET, "db.group_commit"),
+        )
+        .await
     }
 
     /// Hands `f` to the writer now and returns a future that resolves once it is committed and

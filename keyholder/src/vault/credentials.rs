@@ -173,6 +173,12 @@ impl Vault {
     }
 
     /// Decrypts the credential of `service`.
+    #[tracing::instrument(
+        name = "credential.decrypt",
+        target = "keyholder::trace",
+        level = "debug",
+        skip_all
+    )]
     pub async fn open_credential(&self, service: &str) -> Result<OpenedToken, VaultError> {
         self.ensure_unsealed()?;
         validate_key(service)?;

@@ -11,6 +11,7 @@ pub mod keyring;
 pub mod master;
 pub mod minting;
 pub mod oauth;
+pub mod pkcs11;
 pub mod platform_keys;
 pub mod refresh;
 pub mod reload;
@@ -50,6 +51,9 @@ pub enum VaultError {
     /// A key or passphrase file could not be used.
     #[error("key file {0}: {1}")]
     KeyFile(PathBuf, String),
+    /// The PKCS#11 token could not be used (module, token, PIN or key); the text says which.
+    #[error("{0}")]
+    Pkcs11(String),
     /// Stored state is inconsistent.
     #[error("corrupt data folder: {0}")]
     Corrupt(String),
