@@ -586,7 +586,11 @@ async fn checker_runs_its_matrix_over_an_asymmetric_binding() {
     // Without a removed key, that one check is left out.
     assert_eq!(
         report.checks.len(),
-        check::MATRIX.len() + check::PROTOCOL_24_MATRIX.len() + check::WIRE_MATRIX.len() + check::ENVELOPE_MATRIX.len() - 1,
+        check::MATRIX.len()
+            + check::PROTOCOL_24_MATRIX.len()
+            + check::WIRE_MATRIX.len()
+            + check::ENVELOPE_MATRIX.len()
+            - 1,
         "{text}"
     );
     assert!(!text.contains(&code), "{text}");
@@ -622,7 +626,10 @@ async fn checker_runs_its_matrix_over_an_asymmetric_binding() {
     assert!(report.ok(), "{text}");
     assert_eq!(
         report.checks.len(),
-        check::MATRIX.len() + check::PROTOCOL_24_MATRIX.len() + check::WIRE_MATRIX.len() + check::ENVELOPE_MATRIX.len(),
+        check::MATRIX.len()
+            + check::PROTOCOL_24_MATRIX.len()
+            + check::WIRE_MATRIX.len()
+            + check::ENVELOPE_MATRIX.len(),
         "{text}"
     );
     assert!(report.check("removed_platform_key").unwrap().passed);
