@@ -360,6 +360,32 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             );
             Ok(std::process::ExitCode::SUCCESS)
         }
+        Command::Egress(EgressArgs {
+            action: cli::EgressAction::Pending { data, json },
+        }) => {
+            let pending = cli::egress_pending(&data)?;
+            if json {
+                println!("{}", serde_json::to_string(&pending)?);
+            } else if pending.is_empty() {
+                println!("No refused destinations.");
+            } else {
+                println!(
+                    "{:<24} {:<40} {:>7}  LAST (UTC)",
+                    "SERVICE", "ORIGIN", "COUNT"
+                );
+                for p in &pending {
+                    println!(
+                        "{:<24} {:<40} {:>7}  {}",
+                        p.service,
+                        p.origin,
+                        p.count,
+                        keyholder_protocol::document::format_iso8601(p.last_at)
+                    );
+                }
+                println!("Allow one with: keyholder egress allow SERVICE ORIGIN");
+            }
+            Ok(std::process::ExitCode::SUCCESS)
+        }
         Command::Egress(args) => {
             let (policy, json) = cli::egress(&args)?;
             if json {
@@ -370,10 +396,13 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 println!("Mode:          {}", mode.as_str().unwrap_or_default());
                 println!(
                     "Pinned origin: {}",
-                    policy
-                        .pinned_origin
-                        .as_deref()
-                        .unwrap_or("(none yet: the next successful call pins it)")
+                    policy.pinned_origin.as_deref().unwrap_or(
+                        if policy.mode == keyholder::vault::egress::EgressMode::Pinned {
+                            "(none yet: the next call with this credential pins it)"
+                        } else {
+                            "(none: only in pinned mode)"
+                        }
+                    )
                 );
                 println!(
                     "Allowlist:     {}",

@@ -188,6 +188,9 @@ async fn refresh_statuses() {
 #[tokio::test]
 async fn platform_secret_only_when_trusted_and_never_to_a_new_token_url() {
     let kh = keyholder_with_token(|c| c.oauth_trust_platform_secret = true).await;
+    // A platform-chosen token URL is under the egress policy: the owner allows the local hosts
+    // here, so what this test sees is the token-URL pin (refusals by the policy: issue17.rs).
+    kh.egress("allow", "github", &["127.0.0.1"], false).await;
     let first = token_endpoint(
         "platform-client",
         "platform-secret",
@@ -229,6 +232,7 @@ async fn platform_secret_only_when_trusted_and_never_to_a_new_token_url() {
     )
     .await;
     kh.egress("reset", "github", &[], false).await;
+    kh.egress("allow", "github", &["127.0.0.1"], false).await;
     assert_eq!(
         notify(&kh, "github", hint(again.url("/token")))
             .await

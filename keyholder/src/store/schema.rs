@@ -60,6 +60,19 @@ const MIGRATIONS: &[&str] = &[
     //    `replay_marks_packed_60s_<period>`; the live marks of the older tables are moved into
     //    them at start, see `vault::replay`.)
     "DROP INDEX audit_service;",
+    // 7 (owner-decided egress): the default mode becomes `known` (the built-in catalogue plus the
+    //    owner's entries). Pins of the old default were chosen by the platform's first call, so they
+    //    are not kept as allowed: each becomes a pending entry (count 0) that the owner sees in
+    //    `keyholder egress pending` and allows with one command. A pin now records the credential
+    //    it was made with; refusals are counted per service and origin.
+    "CREATE TABLE egress_refusals (
+        service TEXT NOT NULL, origin TEXT NOT NULL, count INTEGER NOT NULL, last_at INTEGER NOT NULL,
+        PRIMARY KEY (service, origin)) WITHOUT ROWID;
+     ALTER TABLE egress_policies ADD COLUMN pinned_credential TEXT;
+     INSERT INTO egress_refusals (service, origin, count, last_at)
+        SELECT service, pinned_origin, 0, updated_at FROM egress_policies
+        WHERE mode = 'pinned' AND pinned_origin IS NOT NULL;
+     UPDATE egress_policies SET mode = 'known', pinned_origin = NULL WHERE mode = 'pinned';",
 ];
 
 /// Applies every migration newer than the database's version, each in its own transaction.

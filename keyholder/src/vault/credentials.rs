@@ -8,6 +8,8 @@ use serde_json::{Map, Value};
 use zeroize::Zeroize;
 
 use super::collections::validate_key;
+use super::keyring::KeyRing;
+use super::sealed::{self, SealedInputs};
 use super::{from_store, into_store, Vault, VaultError};
 
 /// How `/v1/store` treats an existing credential.
@@ -28,6 +30,31 @@ impl StoreMode {
             Some(_) => Err(VaultError::Invalid("unknown store mode".into())),
         }
     }
+}
+
+/// A decrypted credential with its sealed inputs (no Debug: it holds secrets).
+pub struct OpenedCredential {
+    /// The credential's fields and meta.
+    pub token: OpenedToken,
+    /// What was sealed at store time beside them (minting inputs, provider), if anything.
+    pub sealed: Option<SealedInputs>,
+}
+
+/// Opens a stored document: the sealed inputs are taken out first (so they never show among the
+/// credential's fields) and opened on their own.
+pub fn open_with_inputs(
+    doc: &Value,
+    service: &str,
+    keys: &KeyRing,
+) -> Result<OpenedCredential, VaultError> {
+    let (rest, sealed_text) = sealed::detach(doc);
+    let token =
+        open_document(rest.as_ref().unwrap_or(doc), service, keys).map_err(document_error)?;
+    let sealed = match sealed_text {
+        Some(text) => Some(sealed::open(keys, service, &text)?),
+        None => None,
+    };
+    Ok(OpenedCredential { token, sealed })
 }
 
 /// Overwrites every string in a JSON value (plaintext credentials leave memory when dropped).
@@ -105,16 +132,21 @@ impl Vault {
         let keys = self.keys();
         let key = keys.current_data_key()?;
         let version = keys.current_data_version();
+        let (mut rest, inputs) = sealed::split_token_data(token_data)?;
         let sealed = seal_token_data(
             service,
-            token_data,
+            &rest,
             key,
             version,
             crate::clock::now_unix(),
             created_at.as_deref(),
             creation_id,
-        )
-        .map_err(document_error)?;
+        );
+        rest.values_mut().for_each(scrub);
+        let mut sealed = sealed.map_err(document_error)?;
+        if let Some(inputs) = &inputs {
+            sealed::attach(&mut sealed, inputs, key, version, service)?;
+        }
         let meta = sealed
             .get("meta")
             .and_then(Value::as_object)
@@ -161,6 +193,14 @@ impl Vault {
 
     /// Decrypts the credential of `service`.
     pub async fn open_credential(&self, service: &str) -> Result<OpenedToken, VaultError> {
+        Ok(self.open_credential_full(service).await?.token)
+    }
+
+    /// Decrypts the credential of `service` and its sealed inputs (see [`super::sealed`]).
+    pub async fn open_credential_full(
+        &self,
+        service: &str,
+    ) -> Result<OpenedCredential, VaultError> {
         self.ensure_unsealed()?;
         validate_key(service)?;
         let doc = self
@@ -170,8 +210,8 @@ impl Vault {
         let keys = self.keys();
         // Checked again right before decrypting: a seal that arrived during the read applies.
         self.ensure_unsealed()?;
-        match open_document(&doc, service, &*keys) {
-            Ok(token) => Ok(token),
+        match open_with_inputs(&doc, service, &keys) {
+            Ok(opened) => Ok(opened),
             // The owner may have re-encrypted and retired a key since this copy was cached:
             // forget it and try once more from the database.
             Err(_) if self.cache.get(Collection::Tokens, service).is_some() => {
@@ -180,9 +220,9 @@ impl Vault {
                     .document(Collection::Tokens, service.to_string())
                     .await?
                     .ok_or(VaultError::TokenNotFound)?;
-                open_document(&doc, service, &*self.keys()).map_err(document_error)
+                open_with_inputs(&doc, service, &self.keys())
             }
-            Err(err) => Err(document_error(err)),
+            Err(err) => Err(err),
         }
     }
 
