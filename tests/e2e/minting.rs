@@ -10,14 +10,18 @@ use std::sync::Arc;
 
 use crate::proxy::proxy_keyholder;
 
-fn assert_no_key(answer: &Answer, pem: &str) {
+pub(crate) fn assert_no_key(answer: &Answer, pem: &str) {
     let text = String::from_utf8_lossy(&answer.body);
     assert!(!text.contains("PRIVATE KEY"), "{text}");
     assert!(!text.contains(pem.lines().nth(1).unwrap()));
 }
 
 /// Google's token endpoint: checks the grant, the JWT signature and claims.
-async fn google_endpoint(key: Arc<TestRsa>, email: &'static str, expires_in: i64) -> MockServer {
+pub(crate) async fn google_endpoint(
+    key: Arc<TestRsa>,
+    email: &'static str,
+    expires_in: i64,
+) -> MockServer {
     MockServer::start(move |r| {
         let form = r.form();
         let assertion = form.get("assertion").cloned().unwrap_or_default();
@@ -39,7 +43,7 @@ async fn google_endpoint(key: Arc<TestRsa>, email: &'static str, expires_in: i64
     .await
 }
 
-fn service_account(key: &TestRsa, token_uri: &str) -> String {
+pub(crate) fn service_account(key: &TestRsa, token_uri: &str) -> String {
     json!({
         "type": "service_account", "project_id": "p", "private_key_id": "kid1",
         "private_key": key.private_pem(), "client_email": "sa@p.iam.gserviceaccount.com",

@@ -9,7 +9,7 @@ use keyholder_tests::*;
 use serde_json::{json, Value};
 
 /// A token endpoint that checks the form fields and the GitHub Accept header.
-async fn token_endpoint(
+pub(crate) async fn token_endpoint(
     client_id: &'static str,
     secret: &'static str,
     refresh: &'static str,
