@@ -259,19 +259,14 @@ async fn item2_existing_pins_become_pending_on_upgrade() {
     let pinned = attacker().await;
     kh.stop().await;
     // A data folder of the previous schema, where the platform's first call had pinned a host.
-    {
-        let db = kh.data_dir.join("keyholder.db");
-        let conn = rusqlite::Connection::open(&db).unwrap();
-        conn.execute_batch(&format!(
-            "DROP TABLE egress_refusals;
-             ALTER TABLE egress_policies DROP COLUMN pinned_credential;
-             INSERT INTO egress_policies (service, mode, allowlist, pinned_origin, updated_at)
-               VALUES ('github', 'pinned', '[]', '{}', 1);
-             PRAGMA user_version = 6;",
+    downgrade_to_schema_6(
+        &kh,
+        &format!(
+            "INSERT INTO egress_policies (service, mode, allowlist, pinned_origin, updated_at)
+               VALUES ('github', 'pinned', '[]', '{}', 1);",
             pinned.origin()
-        ))
-        .unwrap();
-    }
+        ),
+    );
     kh.restart().await;
     let policy = kh.egress("show", "github", &[], false).await;
     assert_eq!(
@@ -288,6 +283,73 @@ async fn item2_existing_pins_become_pending_on_upgrade() {
     assert!(pending
         .iter()
         .any(|p| p.service == "github" && p.origin == pinned.origin()));
+}
+
+/// Turns the data folder back into the previous schema (6), as a keyholder before issue 17 left it.
+fn downgrade_to_schema_6(kh: &Keyholder, extra_sql: &str) {
+    let conn = rusqlite::Connection::open(kh.data_dir.join("keyholder.db")).unwrap();
+    conn.execute_batch(&format!(
+        "DROP TABLE egress_refusals;
+         DROP TABLE legacy_minting;
+         ALTER TABLE egress_policies DROP COLUMN pinned_credential;
+         {extra_sql}
+         PRAGMA user_version = 6;"
+    ))
+    .unwrap();
+}
+
+#[tokio::test]
+async fn item1_legacy_github_apps_never_come_out_as_plain_credentials() {
+    let mut kh = policy_keyholder(|_| {}).await;
+    let key = TestRsa::generate();
+    // A GitHub App as the previous version stored it: the key an ordinary sealed field, the
+    // minting inputs in meta.
+    kh.store(
+        "legacy",
+        json!({"tokenType": "certificate", "privateKeyData": key.private_pem()}),
+    )
+    .await;
+    kh.stop().await;
+    downgrade_to_schema_6(
+        &kh,
+        "UPDATE documents SET doc = json_set(doc, '$.meta.tokenType', 'GitHubApp',
+            '$.meta.appId', '12345', '$.meta.installationId', '678')
+         WHERE collection = 'tokens' AND key = 'legacy';",
+    );
+    kh.restart().await;
+    // Minting from meta is refused until the owner stores it again.
+    let refused = kh.credential("legacy").await;
+    refused.assert_error(400, "invalid_request");
+    assert!(refused.json()["message"]
+        .as_str()
+        .unwrap()
+        .contains("store it again"));
+    // The platform flips meta so it would look like a plain credential: still no key.
+    let mut doc = storage_get(&kh, "legacy").await;
+    doc["meta"]["tokenType"] = json!("certificate");
+    storage_set(&kh, "legacy", &doc).await;
+    let answer = kh.credential("legacy").await;
+    answer.assert_error(400, "invalid_request");
+    assert_no_key(&answer, &key.private_pem());
+    // Stored again by the owner, it mints (from its sealed inputs).
+    let github = github_app_endpoint(Arc::new(key)).await;
+    kh.egress("allow", "legacy", &[&github.origin()], false)
+        .await;
+    let stored = kh.store("legacy", json!({"tokenType": "GitHubApp", "appId": "12345", "installationId": "678", "apiUrl": github.origin(), "privateKeyData": TestRsa::generate().private_pem()}))
+        .await;
+    assert_eq!(stored.status, 200);
+    // (A different key: the endpoint refuses it, which shows minting was attempted.)
+    kh.credential("legacy")
+        .await
+        .assert_error(502, "provider_error");
+    assert_eq!(github.count(), 1);
+    // A store replaced the old key, so the mark is gone: a certificate stored now comes out.
+    kh.store(
+        "legacy",
+        json!({"tokenType": "certificate", "privateKeyData": "-----BEGIN PRIVATE KEY-----x"}),
+    )
+    .await;
+    assert_eq!(kh.credential("legacy").await.status, 200);
 }
 
 #[tokio::test]

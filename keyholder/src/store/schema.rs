@@ -64,7 +64,10 @@ const MIGRATIONS: &[&str] = &[
     //    owner's entries). Pins of the old default were chosen by the platform's first call, so they
     //    are not kept as allowed: each becomes a pending entry (count 0) that the owner sees in
     //    `keyholder egress pending` and allows with one command. A pin now records the credential
-    //    it was made with; refusals are counted per service and origin.
+    //    it was made with; refusals are counted per service and origin. GitHub App credentials
+    //    stored before minting inputs were sealed (their key is an ordinary field) are listed in
+    //    `legacy_minting`: they are never handed out as plain credentials, whatever their meta says
+    //    later, until the owner stores them again.
     "CREATE TABLE egress_refusals (
         service TEXT NOT NULL, origin TEXT NOT NULL, count INTEGER NOT NULL, last_at INTEGER NOT NULL,
         PRIMARY KEY (service, origin)) WITHOUT ROWID;
@@ -72,7 +75,12 @@ const MIGRATIONS: &[&str] = &[
      INSERT INTO egress_refusals (service, origin, count, last_at)
         SELECT service, pinned_origin, 0, updated_at FROM egress_policies
         WHERE mode = 'pinned' AND pinned_origin IS NOT NULL;
-     UPDATE egress_policies SET mode = 'known', pinned_origin = NULL WHERE mode = 'pinned';",
+     UPDATE egress_policies SET mode = 'known', pinned_origin = NULL WHERE mode = 'pinned';
+     CREATE TABLE legacy_minting (service TEXT PRIMARY KEY) WITHOUT ROWID;
+     INSERT INTO legacy_minting (service)
+        SELECT key FROM documents WHERE collection = 'tokens'
+        AND (CASE WHEN json_valid(doc) THEN lower(json_extract(doc, '$.meta.tokenType')) END) = 'githubapp'
+        AND (CASE WHEN json_valid(doc) THEN json_extract(doc, '$.fields.sealedInputs') END) IS NULL;",
 ];
 
 /// Applies every migration newer than the database's version, each in its own transaction.

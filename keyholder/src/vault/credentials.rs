@@ -181,6 +181,7 @@ impl Vault {
                      ON CONFLICT(collection, key) DO UPDATE SET doc = excluded.doc, updated_at = excluded.updated_at",
                     params![service, text, now],
                 )?;
+                conn.execute("DELETE FROM legacy_minting WHERE service = ?1", [&service])?;
                 Ok(())
             })
             .await

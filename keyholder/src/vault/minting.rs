@@ -16,6 +16,7 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use keyholder_protocol::document::{format_iso8601, is_sensitive, parse_iso8601};
 use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE};
 use reqwest::Method;
+use rusqlite::OptionalExtension as _;
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 use url::Url;
@@ -203,13 +204,17 @@ pub(crate) fn detect(credential: &OpenedCredential) -> Result<Option<MintKind>, 
         .filter_map(|f| token.secret(f))
         .any(is_service_account_key);
     if github_app || service_account {
-        return Err(VaultError::Invalid(
-            "this signing credential was stored before its minting inputs were sealed (or they \
-             were removed); store it again"
-                .into(),
-        ));
+        return Err(legacy_minting_refusal());
     }
     Ok(None)
+}
+
+fn legacy_minting_refusal() -> VaultError {
+    VaultError::Invalid(
+        "this signing credential was stored before its minting inputs were sealed (or they were \
+         removed); store it again"
+            .into(),
+    )
 }
 
 fn sign_jwt(claims: &Value, pem: &str, kid: Option<&str>) -> Result<Zeroizing<String>, VaultError> {
@@ -414,6 +419,25 @@ impl Minter {
 }
 
 impl Vault {
+    /// Whether `service` holds a GitHub App stored before minting inputs were sealed: its key is
+    /// an ordinary field, which must not come out as a plain credential whatever meta now says.
+    async fn is_legacy_minting(&self, service: &str) -> Result<bool, VaultError> {
+        let service = service.to_string();
+        let found: Option<i64> = self
+            .store()
+            .read(move |conn| {
+                Ok(conn
+                    .query_row(
+                        "SELECT 1 FROM legacy_minting WHERE service = ?1",
+                        [&service],
+                        |r| r.get(0),
+                    )
+                    .optional()?)
+            })
+            .await?;
+        Ok(found.is_some())
+    }
+
     /// The token to inject for `service`: minted from its sealed signing key (the token endpoint
     /// first passes the egress policy), or its stored `accessToken`; `token_not_found` when there
     /// is neither.
@@ -473,6 +497,12 @@ impl Vault {
     ) -> Result<Zeroizing<Vec<u8>>, VaultError> {
         let credential = self.open_credential_full(service).await?;
         let Some(kind) = detect(&credential)? else {
+            if credential.sealed.is_none()
+                && credential.token.secret("privateKeyData").is_some()
+                && self.is_legacy_minting(service).await?
+            {
+                return Err(legacy_minting_refusal());
+            }
             return Ok(credential.token.credential_json());
         };
         let token = credential.token;

@@ -209,6 +209,32 @@ pub fn split_token_data(
     Ok((rest, (!inputs.is_empty()).then_some(inputs)))
 }
 
+/// Marks `service` as a GitHub App stored before minting inputs were sealed, if its document's
+/// meta says so (an import from a reference webhook brings such documents).
+pub fn mark_if_legacy_minting(
+    conn: &rusqlite::Connection,
+    service: &str,
+    doc: &Value,
+) -> Result<(), VaultError> {
+    let github_app = doc
+        .get("meta")
+        .and_then(|m| m.get("tokenType"))
+        .and_then(Value::as_str)
+        .is_some_and(|t| t.eq_ignore_ascii_case("githubapp"));
+    if github_app
+        && doc
+            .get("fields")
+            .and_then(|f| f.get(SEALED_FIELD))
+            .is_none()
+    {
+        conn.execute(
+            "INSERT INTO legacy_minting (service) VALUES (?1) ON CONFLICT(service) DO NOTHING",
+            [service],
+        )?;
+    }
+    Ok(())
+}
+
 /// Adds the sealed inputs to a sealed document (`seal_token_data`'s output).
 pub fn attach(
     doc: &mut Value,
