@@ -326,6 +326,19 @@ mod tests {
             open(&keys, "a", "bm90IGtoMQ=="),
             Err(VaultError::Undecryptable)
         ));
+        // A re-seal of the whole document by code that knows nothing of sealed inputs keeps them
+        // encrypted (a sensitive field), never in meta.
+        let opened = keyholder_protocol::document::open_document(&doc, "a", &keys).unwrap();
+        let mut data = Map::new();
+        for name in opened.field_names() {
+            data.insert(name.to_string(), json!(opened.secret(name).unwrap()));
+        }
+        let resealed =
+            keyholder_protocol::document::seal_token_data("a", &data, &key, 1, 0, None, None)
+                .unwrap();
+        assert!(resealed["meta"].get(SEALED_FIELD).is_none());
+        let text = resealed["fields"][SEALED_FIELD].as_str().unwrap();
+        assert!(open(&keys, "a", text).unwrap().github_app.is_some());
         let reserved = json!({"sealedInputs": "x"});
         assert!(split_token_data(reserved.as_object().unwrap()).is_err());
     }
