@@ -28,7 +28,8 @@ enum Command {
     Bind(BindArgs),
     /// The platform's Ed25519 keys of an asymmetric binding (add, remove, list; at most two active).
     PlatformKey(PlatformKeyArgs),
-    /// Show or change where a service's credential may be sent (pinned, allowlist, any).
+    /// Show or change where a service's credential may be sent (known, pinned, allowlist, any), and
+    /// list refused destinations (`egress pending`).
     Egress(EgressArgs),
     /// Configure the OAuth clients used to refresh tokens.
     Oauth(OAuthArgs),
