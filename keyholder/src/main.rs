@@ -395,16 +395,23 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 let mode = serde_json::to_value(policy.mode)?;
                 println!("Service:       {}", policy.service);
                 println!("Mode:          {}", mode.as_str().unwrap_or_default());
-                println!(
-                    "Pinned origin: {}",
-                    policy.pinned_origin.as_deref().unwrap_or(
+                if policy.pins.is_empty() {
+                    println!(
+                        "Pins:          {}",
                         if policy.mode == keyholder::vault::egress::EgressMode::Pinned {
-                            "(none yet: the next call with this credential pins it)"
+                            "(none yet: the first call with a credential pins its origin)"
                         } else {
                             "(none: only in pinned mode)"
                         }
-                    )
-                );
+                    );
+                }
+                for pin in &policy.pins {
+                    println!(
+                        "Pin:           {} (since {}, for one credential)",
+                        pin.origin,
+                        keyholder_protocol::document::format_iso8601(pin.pinned_at)
+                    );
+                }
                 println!(
                     "Allowlist:     {}",
                     if policy.allowlist.is_empty() {

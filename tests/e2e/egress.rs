@@ -190,10 +190,15 @@ async fn a_pin_belongs_to_its_credential() {
         kh.proxy_get("github", &owner_api.url("/")).await.status,
         200
     );
-    assert_eq!(
-        kh.egress("show", "github", &[], false).await.pinned_origin,
-        Some(owner_api.origin())
-    );
+    let pins: Vec<String> = kh
+        .egress("show", "github", &[], false)
+        .await
+        .pins
+        .into_iter()
+        .map(|p| p.origin)
+        .collect();
+    assert_eq!(pins.len(), 2, "{pins:?}");
+    assert!(pins.contains(&owner_api.origin()) && pins.contains(&attacker.origin()));
 
     // Deleting the document and writing the same bytes back (storage get/delete/set, as a
     // compromised platform can) does not free the pin: it belongs to the same credential.
@@ -223,7 +228,21 @@ async fn a_pin_belongs_to_its_credential() {
     kh.proxy_get("github", &attacker.url("/again"))
         .await
         .assert_error(403, "egress_denied");
-    assert_eq!(attacker.count(), 1, "only the throwaway credential's call");
+    // Nor does writing a throwaway credential in between, pinning the attacker's host with it,
+    // then writing the owner's document back: each credential keeps its own pin.
+    kh.storage(json!({"operation": "set", "collection": "tokens", "key": "github", "data": {"accessToken": "gho_platform_second"}}))
+        .await;
+    assert_eq!(kh.proxy_get("github", &attacker.url("/")).await.status, 200);
+    kh.storage(json!({"operation": "set", "collection": "tokens", "key": "github", "data": doc}))
+        .await;
+    kh.proxy_get("github", &attacker.url("/third"))
+        .await
+        .assert_error(403, "egress_denied");
+    assert_eq!(attacker.count(), 2, "only the throwaway credentials' calls");
+    assert!(attacker.requests().iter().all(|r| !r
+        .header("authorization")
+        .unwrap_or("")
+        .contains("gho_owner")));
     assert!(attacker.requests()[0]
         .header("authorization")
         .is_some_and(|a| a.contains("gho_platform_throwaway")));

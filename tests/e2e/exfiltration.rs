@@ -291,7 +291,7 @@ fn downgrade_to_schema_6(kh: &Keyholder, extra_sql: &str) {
     conn.execute_batch(&format!(
         "DROP TABLE egress_refusals;
          DROP TABLE legacy_minting;
-         ALTER TABLE egress_policies DROP COLUMN pinned_credential;
+         DROP TABLE egress_pins;
          {extra_sql}
          PRAGMA user_version = 6;"
     ))

@@ -131,14 +131,30 @@ pub struct EgressPolicy {
     pub mode: EgressMode,
     /// Allowed origins (`scheme://host:port`) and host patterns (`host`, `*.suffix`).
     pub allowlist: Vec<String>,
-    /// The pinned origin (pinned mode), for the credential it was made with.
+    /// The most recent pin's origin (pinned mode), for display.
     pub pinned_origin: Option<String>,
-    /// Keyed fingerprint of the credential the pin was made with (`v<key version>:<hex>`).
-    #[serde(skip)]
-    pub pinned_credential: Option<String>,
+    /// Every pin, newest first: one per credential the service has held in pinned mode.
+    pub pins: Vec<EgressPin>,
     /// The pinned OAuth token URL (refreshes with the platform's client configuration).
     pub token_url: Option<String>,
 }
+
+/// One pin: the origin a credential was first sent to (pinned mode).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EgressPin {
+    /// The pinned origin.
+    pub origin: String,
+    /// Unix time it was pinned.
+    pub pinned_at: i64,
+    /// Keyed fingerprint of the credential it belongs to (`v<key version>:<hex>`).
+    #[serde(skip)]
+    pub credential: String,
+}
+
+/// Most pins kept per service; beyond it no new one is made (refused until `egress reset`), so
+/// a platform cannot push a credential's pin out by cycling throwaway credentials.
+pub const MAX_PINS_PER_SERVICE: i64 = 32;
 
 /// What the policy says about one origin.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -164,7 +180,7 @@ impl EgressPolicy {
             mode: EgressMode::Known,
             allowlist: Vec::new(),
             pinned_origin: None,
-            pinned_credential: None,
+            pins: Vec::new(),
             token_url: None,
         }
     }
@@ -182,12 +198,12 @@ impl EgressPolicy {
     }
 
     /// Judges a normalized origin (see [`origin_of`]) for a proxied call carrying a credential of
-    /// `provider`'s shape; `pin_applies` says whether the stored pin was made with this credential.
+    /// `provider`'s shape; `pin` is the origin pinned for this very credential, if any.
     pub fn decide(
         &self,
         origin: &str,
         provider: Option<&'static Provider>,
-        pin_applies: bool,
+        pin: Option<&str>,
     ) -> Decision {
         if self.mode == EgressMode::Any || self.owner_allows(origin) {
             return Decision::Allow;
@@ -205,12 +221,10 @@ impl EgressPolicy {
                     "is not allowed (the credential matches no provider of the built-in catalogue)",
                 ),
             },
-            EgressMode::Pinned => match &self.pinned_origin {
-                Some(pinned) if pin_applies && pinned == origin => Decision::Allow,
-                Some(_) if pin_applies => {
-                    self.deny(origin, "is not the origin pinned for this credential")
-                }
-                _ => Decision::Pin,
+            EgressMode::Pinned => match pin {
+                Some(pinned) if pinned == origin => Decision::Allow,
+                Some(_) => self.deny(origin, "is not the origin pinned for this credential"),
+                None => Decision::Pin,
             },
             EgressMode::Allowlist => self.deny(origin, "is not on the owner's allowlist"),
         }
@@ -309,30 +323,41 @@ pub fn normalize_allow_entry(entry: &str) -> Result<String, VaultError> {
 pub fn load_policy(conn: &Connection, service: &str) -> Result<EgressPolicy, VaultError> {
     let row = conn
         .query_row(
-            "SELECT mode, allowlist, pinned_origin, token_url, pinned_credential FROM egress_policies WHERE service = ?1",
+            "SELECT mode, allowlist, token_url FROM egress_policies WHERE service = ?1",
             [service],
             |r| {
                 Ok((
                     r.get::<_, String>(0)?,
                     r.get::<_, String>(1)?,
                     r.get::<_, Option<String>>(2)?,
-                    r.get::<_, Option<String>>(3)?,
-                    r.get::<_, Option<String>>(4)?,
                 ))
             },
         )
         .optional()?;
-    let Some((mode, allowlist, pinned_origin, token_url, pinned_credential)) = row else {
+    let Some((mode, allowlist, token_url)) = row else {
         return Ok(EgressPolicy::default_for(service));
     };
+    let mut stmt = conn.prepare_cached(
+        "SELECT origin, pinned_at, credential FROM egress_pins WHERE service = ?1
+         ORDER BY pinned_at DESC, origin",
+    )?;
+    let pins = stmt
+        .query_map([service], |r| {
+            Ok(EgressPin {
+                origin: r.get(0)?,
+                pinned_at: r.get(1)?,
+                credential: r.get(2)?,
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(EgressPolicy {
         service: service.to_string(),
         mode: EgressMode::parse(&mode)
             .map_err(|_| VaultError::Corrupt(format!("egress mode '{mode}'")))?,
         allowlist: serde_json::from_str(&allowlist)
             .map_err(|e| VaultError::Corrupt(format!("egress allowlist: {e}")))?,
-        pinned_origin,
-        pinned_credential,
+        pinned_origin: pins.first().map(|p| p.origin.clone()),
+        pins,
         token_url,
     })
 }
@@ -350,17 +375,14 @@ fn save_policy(conn: &Connection, policy: &EgressPolicy) -> Result<(), VaultErro
     let allowlist =
         serde_json::to_string(&policy.allowlist).map_err(|e| VaultError::Corrupt(e.to_string()))?;
     conn.execute(
-        "UPDATE egress_policies SET mode = ?2, allowlist = ?3, pinned_origin = ?4, token_url = ?5, updated_at = ?6,
-           pinned_credential = ?7
+        "UPDATE egress_policies SET mode = ?2, allowlist = ?3, token_url = ?4, updated_at = ?5
          WHERE service = ?1",
         params![
             policy.service,
             policy.mode.as_str(),
             allowlist,
-            policy.pinned_origin,
             policy.token_url,
             crate::clock::now_unix(),
-            policy.pinned_credential,
         ],
     )?;
     Ok(())
@@ -410,8 +432,9 @@ pub fn set_mode(
 ) -> Result<EgressPolicy, VaultError> {
     let mut policy = load_policy(conn, service)?;
     if policy.mode != mode {
+        conn.execute("DELETE FROM egress_pins WHERE service = ?1", [service])?;
         policy.pinned_origin = None;
-        policy.pinned_credential = None;
+        policy.pins.clear();
     }
     policy.mode = mode;
     save_policy(conn, &policy)?;
@@ -473,12 +496,13 @@ pub fn list_pending(conn: &Connection) -> Result<Vec<PendingEgress>, VaultError>
 /// `keyholder egress reset`: back to the default (known, no entries, no pin, no token URL pinned).
 pub fn reset(conn: &Connection, service: &str) -> Result<EgressPolicy, VaultError> {
     conn.execute("DELETE FROM egress_policies WHERE service = ?1", [service])?;
+    conn.execute("DELETE FROM egress_pins WHERE service = ?1", [service])?;
     Ok(EgressPolicy::default_for(service))
 }
 
 /// Pins `origin` for the credential with fingerprint `credential` (pinned mode only, only while a
-/// credential is stored, replacing a pin made with another credential); true when `origin` is now
-/// this credential's pin, whoever set it.
+/// credential is stored, at most [`MAX_PINS_PER_SERVICE`] per service; pins of other credentials
+/// stay); true when `origin` is now this credential's pin, whoever set it.
 fn claim_pin(
     conn: &Connection,
     service: &str,
@@ -486,16 +510,28 @@ fn claim_pin(
     credential: &str,
 ) -> Result<bool, VaultError> {
     conn.execute(
-        "UPDATE egress_policies SET pinned_origin = ?2, pinned_credential = ?3, updated_at = ?4
-         WHERE service = ?1 AND mode = 'pinned'
-           AND (pinned_origin IS NULL OR pinned_credential IS NOT ?3)
-           AND EXISTS (SELECT 1 FROM documents WHERE collection = 'tokens' AND key = ?1)",
-        params![service, origin, credential, crate::clock::now_unix()],
+        "INSERT INTO egress_pins (service, credential, origin, pinned_at)
+         SELECT ?1, ?2, ?3, ?4
+         WHERE EXISTS (SELECT 1 FROM egress_policies WHERE service = ?1 AND mode = 'pinned')
+           AND EXISTS (SELECT 1 FROM documents WHERE collection = 'tokens' AND key = ?1)
+           AND (SELECT COUNT(*) FROM egress_pins WHERE service = ?1) < ?5
+         ON CONFLICT (service, credential) DO NOTHING",
+        params![
+            service,
+            credential,
+            origin,
+            crate::clock::now_unix(),
+            MAX_PINS_PER_SERVICE
+        ],
     )?;
-    let policy = load_policy(conn, service)?;
-    Ok(policy.mode == EgressMode::Pinned
-        && policy.pinned_origin.as_deref() == Some(origin)
-        && policy.pinned_credential.as_deref() == Some(credential))
+    let pinned: Option<String> = conn
+        .query_row(
+            "SELECT origin FROM egress_pins WHERE service = ?1 AND credential = ?2",
+            params![service, credential],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(pinned.as_deref() == Some(origin))
 }
 
 /// Keyed fingerprint of a credential's secret content (fields and sealed inputs), under the data
@@ -567,7 +603,6 @@ fn claim_token_url(conn: &Connection, service: &str, token_url: &str) -> Result<
 /// Which pinned value a failed first call releases.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum PinKind {
-    Origin,
     TokenUrl,
 }
 
@@ -716,14 +751,34 @@ impl Vault {
         claimed
     }
 
-    /// Undoes a pin set by a call that the guard then refused before anything was sent; a pin
-    /// changed meanwhile is left alone. Once a request may have left, a pin is never released.
+    /// Undoes the origin pin of `credential` set by a call that the guard then refused before
+    /// anything was sent. Once a request may have left, a pin is never released.
+    async fn release_origin_pin(&self, service: &str, credential: &str, origin: &str) {
+        let (owned, credential, origin) = (
+            service.to_string(),
+            credential.to_string(),
+            origin.to_string(),
+        );
+        let result = self
+            .store()
+            .write(move |conn| {
+                Ok(conn.execute(
+                    "DELETE FROM egress_pins WHERE service = ?1 AND credential = ?2 AND origin = ?3",
+                    params![owned, credential, origin],
+                )?)
+            })
+            .await;
+        self.egress_cache.invalidate(service);
+        if let Err(err) = result {
+            tracing::warn!(error = %err, "could not release an egress pin");
+        }
+    }
+
+    /// Undoes a token URL pin set by a refresh that failed without an answer; a pin changed
+    /// meanwhile is left alone.
     pub(crate) async fn release_pin(&self, kind: PinKind, service: &str, value: &str) {
         let (owned, value) = (service.to_string(), value.to_string());
         let sql = match kind {
-            PinKind::Origin => {
-                "UPDATE egress_policies SET pinned_origin = NULL, pinned_credential = NULL WHERE service = ?1 AND pinned_origin = ?2"
-            }
             PinKind::TokenUrl => {
                 "UPDATE egress_policies SET token_url = NULL WHERE service = ?1 AND token_url = ?2"
             }
@@ -826,11 +881,15 @@ impl Vault {
                 .and_then(catalogue::provider_for),
         };
         let keys = self.keys();
-        let pin_applies = match (&policy.pinned_origin, &policy.pinned_credential) {
-            (Some(_), Some(stored)) => pin_matches(&keys, stored, service, &credential),
-            _ => false,
+        let pin = match policy.mode {
+            EgressMode::Pinned => policy
+                .pins
+                .iter()
+                .find(|p| pin_matches(&keys, &p.credential, service, &credential))
+                .map(|p| p.origin.as_str()),
+            _ => None,
         };
-        let decision = policy.decide(&origin, provider, pin_applies);
+        let decision = policy.decide(&origin, provider, pin);
         if let Decision::Deny(reason) = decision {
             return Err(self
                 .refuse_egress(service, &origin, reason, request_id)
@@ -862,8 +921,8 @@ impl Vault {
             headers.insert(name.clone(), value);
         }
         drop(token);
-        let claimed = if let Some(fingerprint) = fingerprint {
-            if !self.claim_pin(service, &origin, &fingerprint).await? {
+        let claimed = if let Some(fingerprint) = &fingerprint {
+            if !self.claim_pin(service, &origin, fingerprint).await? {
                 let reason = policy.deny(&origin, "is not the origin pinned for this credential");
                 let Decision::Deny(reason) = reason else {
                     return Err(VaultError::EgressDenied(origin));
@@ -905,8 +964,8 @@ impl Vault {
             Err(err) => match err {
                 // The guard refused at resolution: nothing was sent, so a fresh pin goes again.
                 UpstreamError::Refused(refused) => {
-                    if claimed {
-                        self.release_pin(PinKind::Origin, service, &origin).await;
+                    if let (true, Some(fingerprint)) = (claimed, &fingerprint) {
+                        self.release_origin_pin(service, fingerprint, &origin).await;
                     }
                     Err(guard_deny(refused.to_string()))
                 }
@@ -1008,10 +1067,10 @@ mod tests {
         let mut p = EgressPolicy::default_for("s");
         assert_eq!(p.mode, EgressMode::Known);
         assert_eq!(
-            p.decide("https://api.github.com:443", github, false),
+            p.decide("https://api.github.com:443", github, None),
             Decision::Allow
         );
-        let Decision::Deny(message) = p.decide("https://a:443", github, false) else {
+        let Decision::Deny(message) = p.decide("https://a:443", github, None) else {
             panic!("known mode allowed an unknown origin");
         };
         assert!(
@@ -1019,29 +1078,27 @@ mod tests {
             "{message}"
         );
         assert!(matches!(
-            p.decide("https://api.github.com:443", None, false),
+            p.decide("https://api.github.com:443", None, None),
             Decision::Deny(_)
         ));
         p.allowlist.push("https://a:443".into());
-        assert_eq!(p.decide("https://a:443", None, false), Decision::Allow);
+        assert_eq!(p.decide("https://a:443", None, None), Decision::Allow);
         p.mode = EgressMode::Pinned;
-        assert_eq!(p.decide("https://b:443", github, false), Decision::Pin);
-        p.pinned_origin = Some("https://b:443".into());
-        assert_eq!(p.decide("https://b:443", github, true), Decision::Allow);
+        assert_eq!(p.decide("https://b:443", github, None), Decision::Pin);
+        let pin = Some("https://b:443");
+        assert_eq!(p.decide("https://b:443", github, pin), Decision::Allow);
         assert!(matches!(
-            p.decide("https://c:443", github, true),
+            p.decide("https://c:443", github, pin),
             Decision::Deny(_)
         ));
-        // A pin made with another credential does not apply: this one pins anew.
-        assert_eq!(p.decide("https://c:443", github, false), Decision::Pin);
         p.mode = EgressMode::Allowlist;
         assert!(matches!(
-            p.decide("https://api.github.com:443", github, false),
+            p.decide("https://api.github.com:443", github, None),
             Decision::Deny(_)
         ));
-        assert_eq!(p.decide("https://a:443", github, false), Decision::Allow);
+        assert_eq!(p.decide("https://a:443", github, None), Decision::Allow);
         p.mode = EgressMode::Any;
-        assert_eq!(p.decide("https://b:443", None, false), Decision::Allow);
+        assert_eq!(p.decide("https://b:443", None, None), Decision::Allow);
         // Token endpoints: catalogue endpoints in known mode, never a pin.
         p.mode = EgressMode::Known;
         assert_eq!(
