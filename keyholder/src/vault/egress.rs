@@ -673,6 +673,11 @@ fn plan(
         headers.append(name, value);
     }
     upstream::strip_hop_by_hop(&mut headers);
+    // Answers must arrive uncompressed, so that an echoed credential can be found and redacted.
+    headers.insert(
+        reqwest::header::ACCEPT_ENCODING,
+        HeaderValue::from_static("identity"),
+    );
     let mut parsed = Vec::with_capacity(templates.len());
     for (name, template) in templates {
         if has_cr_lf(&name) || has_cr_lf(&template) {
