@@ -190,11 +190,16 @@ impl EgressPolicy {
     }
 
     fn deny(&self, origin: &str, why: &str) -> Decision {
-        Decision::Deny(format!(
+        Decision::Deny(self.refusal(origin, why))
+    }
+
+    /// A refusal message: what was refused, why, and the command that allows it.
+    fn refusal(&self, origin: &str, why: &str) -> String {
+        format!(
             "{origin} {why} for service '{}'; the owner can allow it with `{}`",
             self.service,
             allow_command(&self.service, origin)
-        ))
+        )
     }
 
     /// Judges a normalized origin (see [`origin_of`]) for a proxied call carrying a credential of
@@ -928,10 +933,11 @@ impl Vault {
         drop(token);
         let claimed = if let Some(fingerprint) = &fingerprint {
             if !self.claim_pin(service, &origin, fingerprint).await? {
-                let reason = policy.deny(&origin, "is not the origin pinned for this credential");
-                let Decision::Deny(reason) = reason else {
-                    return Err(VaultError::EgressDenied(origin));
-                };
+                // Another call pinned another origin first, or the service holds the most pins.
+                let reason = policy.refusal(
+                    &origin,
+                    "could not be pinned (another origin was pinned first, or the pin limit was reached)",
+                );
                 return Err(self
                     .refuse_egress(service, &origin, reason, request_id)
                     .await);
@@ -1119,6 +1125,33 @@ mod tests {
             p.decide_token_endpoint("https://b:443", None),
             Decision::Deny(_)
         ));
+    }
+
+    #[test]
+    fn pins_need_pinned_mode_and_a_credential_and_are_bounded() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        crate::store::migrate(&mut conn).unwrap();
+        // Not in pinned mode, or no credential: nothing is pinned.
+        assert!(!claim_pin(&conn, "s", "https://a:443", "v1:x").unwrap());
+        set_mode(&conn, "s", EgressMode::Pinned).unwrap();
+        assert!(!claim_pin(&conn, "s", "https://a:443", "v1:x").unwrap());
+        conn.execute(
+            "INSERT INTO documents(collection, key, doc, updated_at) VALUES ('tokens', 's', '{}', 0)",
+            [],
+        )
+        .unwrap();
+        assert!(claim_pin(&conn, "s", "https://a:443", "v1:x").unwrap());
+        // The same credential keeps its pin; another origin is not it.
+        assert!(!claim_pin(&conn, "s", "https://b:443", "v1:x").unwrap());
+        for i in 1..MAX_PINS_PER_SERVICE {
+            assert!(claim_pin(&conn, "s", "https://c:443", &format!("v1:{i}")).unwrap());
+        }
+        assert!(!claim_pin(&conn, "s", "https://c:443", "v1:full").unwrap());
+        let policy = load_policy(&conn, "s").unwrap();
+        assert_eq!(policy.pins.len() as i64, MAX_PINS_PER_SERVICE);
+        // Changing the mode or resetting forgets them.
+        reset(&conn, "s").unwrap();
+        assert!(load_policy(&conn, "s").unwrap().pins.is_empty());
     }
 
     #[test]
