@@ -506,6 +506,28 @@ async fn item4_refresh_is_never_steered_to_another_provider_or_the_platforms_url
     // The other credential was never written by a refresh of this one.
     let b = kh.credential("other").await;
     b.assert_error(404, "token_not_found");
+    // A provider sealed at store time steers to the owner's client of that name, and stays sealed
+    // through the rewrite (a second refresh finds it again).
+    let work = MockServer::start(|_| Reply::json(200, json!({"access_token": "gho_work2"}))).await;
+    kh.oauth_set("github-oauth", &work.url("/token"), "c", "s");
+    kh.store(
+        "work",
+        json!({"accessToken": "gho_w", "refreshToken": "ghr_w", "provider": "github-oauth"}),
+    )
+    .await;
+    for _ in 0..2 {
+        let a = notify(&kh, "work", json!({"provider": "other"})).await;
+        assert_eq!(a.json()["status"], "refreshed", "{}", a.json());
+    }
+    assert_eq!(work.count(), 2);
+    assert!(work
+        .requests()
+        .iter()
+        .all(|r| r.form().get("refresh_token").map(String::as_str) == Some("ghr_w")));
+    let doc = storage_get(&kh, "work").await;
+    assert!(doc["fields"]["sealedInputs"].is_string(), "{doc}");
+    assert!(doc["meta"].get("sealedInputs").is_none(), "{doc}");
+    assert_eq!(other.count(), 0);
 }
 
 #[tokio::test]
