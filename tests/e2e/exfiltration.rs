@@ -259,7 +259,7 @@ async fn item2_existing_pins_become_pending_on_upgrade() {
     let pinned = attacker().await;
     kh.stop().await;
     // A data folder of the previous schema, where the platform's first call had pinned a host.
-    downgrade_to_schema_6(
+    downgrade_to_previous_schema(
         &kh,
         &format!(
             "INSERT INTO egress_policies (service, mode, allowlist, pinned_origin, updated_at)
@@ -285,15 +285,15 @@ async fn item2_existing_pins_become_pending_on_upgrade() {
         .any(|p| p.service == "github" && p.origin == pinned.origin()));
 }
 
-/// Turns the data folder back into the previous schema (6), as a keyholder before issue 17 left it.
-fn downgrade_to_schema_6(kh: &Keyholder, extra_sql: &str) {
+/// Turns the data folder back into the previous schema (7), as a keyholder before owner-decided egress left it.
+fn downgrade_to_previous_schema(kh: &Keyholder, extra_sql: &str) {
     let conn = rusqlite::Connection::open(kh.data_dir.join("keyholder.db")).unwrap();
     conn.execute_batch(&format!(
         "DROP TABLE egress_refusals;
          DROP TABLE legacy_minting;
          DROP TABLE egress_pins;
          {extra_sql}
-         PRAGMA user_version = 6;"
+         PRAGMA user_version = 7;"
     ))
     .unwrap();
 }
@@ -310,7 +310,7 @@ async fn item1_legacy_github_apps_never_come_out_as_plain_credentials() {
     )
     .await;
     kh.stop().await;
-    downgrade_to_schema_6(
+    downgrade_to_previous_schema(
         &kh,
         "UPDATE documents SET doc = json_set(doc, '$.meta.tokenType', 'GitHubApp',
             '$.meta.appId', '12345', '$.meta.installationId', '678')

@@ -205,17 +205,17 @@ impl Vault {
     }
 
     /// Decrypts the credential of `service`.
+    pub async fn open_credential(&self, service: &str) -> Result<OpenedToken, VaultError> {
+        Ok(self.open_credential_full(service).await?.token)
+    }
+
+    /// Decrypts the credential of `service` and its sealed inputs (see [`super::sealed`]).
     #[tracing::instrument(
         name = "credential.decrypt",
         target = "keyholder::trace",
         level = "debug",
         skip_all
     )]
-    pub async fn open_credential(&self, service: &str) -> Result<OpenedToken, VaultError> {
-        Ok(self.open_credential_full(service).await?.token)
-    }
-
-    /// Decrypts the credential of `service` and its sealed inputs (see [`super::sealed`]).
     pub async fn open_credential_full(
         &self,
         service: &str,

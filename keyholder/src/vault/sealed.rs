@@ -321,11 +321,11 @@ mod tests {
         assert_eq!(opened.provider.as_deref(), Some("gh"));
         assert!(matches!(
             open(&keys, "b", &text),
-            Err(VaultError::Undecryptable)
+            Err(VaultError::CorruptDocument)
         ));
         assert!(matches!(
             open(&keys, "a", "bm90IGtoMQ=="),
-            Err(VaultError::Undecryptable)
+            Err(VaultError::CorruptDocument)
         ));
         // A re-seal of the whole document by code that knows nothing of sealed inputs keeps them
         // encrypted (a sensitive field), never in meta.
