@@ -16,6 +16,7 @@ mod owner;
 mod persistence;
 mod proxy;
 mod refresh;
+mod release;
 mod signed;
 mod storage;
 mod tls;
