@@ -6,6 +6,9 @@
 //! ([`response_sig`], batches over [`merkle`] trees), the `kh1` field format ([`document`]) and the asymmetric binding's Ed25519 request
 //! envelopes ([`envelope`]) and `kh2` tickets ([`ticket_kh2`]). Every format has named valid and invalid
 //! cases in `protocol/vectors/`, run by [`vectors`].
+//!
+//! Versioning: this crate's public API and the wire formats it defines follow semver: a change to a
+//! wire format is a breaking change (see `CHANGELOG.md` in the repository).
 #![warn(missing_docs)]
 
 pub mod binding;
