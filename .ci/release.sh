@@ -27,7 +27,9 @@ fi
 
 step "package dry runs: keyholder-protocol, keyholder-client, keyholder-check, keyholder"
 cargo package --locked -p keyholder-protocol -p keyholder-client -p keyholder-check -p keyholder
-ls -l "$target"/package/*.crate
+for crate in keyholder-protocol keyholder-client keyholder-check keyholder; do
+    ls -l "$target/package/$crate-$version.crate"
+done
 
 step "licence check (deny.toml)"
 cargo deny --locked check licenses
@@ -52,8 +54,9 @@ for crate in ("keyholder-protocol", "actix-web", "rusqlite", "aes-gcm", "ed25519
     assert crate in names, f"{crate} missing from the SBOM"
 missing = [c["name"] for c in bom["components"] if not c.get("licenses")]
 assert not missing, f"components without a licence: {missing}"
-print(f"SBOM: {sys.argv[1]} ({len(bom['components'])} components)")
+print(f"SBOM of the keyholder binary: {sys.argv[1]} ({len(bom['components'])} components)")
 PY
+echo "SBOM of the keyholder-check binary: $target/sbom/keyholder-check-$version.cdx.json"
 
 step "cargo install --locked --path keyholder (clean target folder)"
 scratch=$(mktemp -d)

@@ -11,7 +11,6 @@
 //! to be used, so they stay out of the way of ordinary SDK use.
 
 use std::future::Future;
-
 use std::time::Duration;
 
 use keyholder_protocol::paths::{HEADER_KEYHOLDER_SIGNATURE, HEADER_REQUEST_ID, PATH_IDENTITY};
