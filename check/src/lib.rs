@@ -37,7 +37,15 @@ use keyholder_client::tickets::{Ticket, TicketIssuer};
 use keyholder_client::transport::{Outgoing, RawAgent as _, RawPlatform as _, RawResponse};
 use keyholder_client::{Agent, TokenData};
 
-/// Every check of the matrix, as `(group, name)`, in the order they run.
+mod protocol24;
+mod wire;
+
+pub use protocol24::MATRIX as PROTOCOL_24_MATRIX;
+pub use wire::WIRE_MATRIX;
+
+/// Every check of the base matrix, as `(group, name)`, in the order they run (then
+/// [`PROTOCOL_24_MATRIX`], the protocol 2.4.0 checks, and [`WIRE_MATRIX`], the wire refusals of
+/// replays, encoded paths and ticket times).
 pub const MATRIX: &[(&str, &str)] = &[
     ("workflow", "health_public"),
     ("workflow", "health_signed"),
@@ -164,6 +172,8 @@ pub struct Report {
     pub passed: usize,
     /// Number failed.
     pub failed: usize,
+    /// The protocol version the webhook reports in health, when it answered.
+    pub protocol_version: Option<String>,
 }
 
 impl Report {
@@ -193,6 +203,9 @@ impl Report {
                 let _ = write!(out, " -- {}", c.detail);
             }
             out.push('\n');
+        }
+        if let Some(version) = &self.protocol_version {
+            let _ = writeln!(out, "The webhook {}", protocol24::version_note(version));
         }
         let _ = writeln!(out, "{} passed, {} failed", self.passed, self.failed);
         out
@@ -398,13 +411,20 @@ fn random_suffix() -> String {
 /// Run the whole matrix.
 pub async fn run(options: CheckOptions) -> Report {
     let mut checks = Vec::new();
+    let mut protocol_version = None;
     match setup(&options).await {
         Ok(ctx) => {
+            protocol_version = ctx.platform.health().await.ok().map(|h| h.version);
             let envelope_checks = ENVELOPE_MATRIX
                 .iter()
                 .filter(|_| ctx.asymmetric)
                 .filter(|(_, name)| *name != "removed_platform_key" || ctx.removed.is_some());
-            for (group, name) in MATRIX.iter().chain(envelope_checks) {
+            for (group, name) in MATRIX
+                .iter()
+                .chain(PROTOCOL_24_MATRIX)
+                .chain(WIRE_MATRIX)
+                .chain(envelope_checks)
+            {
                 let mut run = Run::new();
                 let verdict = run_check(&ctx, name, &mut run).await;
                 checks.push(CheckResult {
@@ -439,6 +459,7 @@ pub async fn run(options: CheckOptions) -> Report {
         failed: checks.len() - passed,
         passed,
         checks,
+        protocol_version,
     }
 }
 
@@ -934,6 +955,10 @@ async fn run_check(ctx: &Ctx, name: &str, run: &mut Run) -> Result<(), String> {
                 .await;
             expect(&resp, &[401], Some("auth_failed"))
         }
+        other if PROTOCOL_24_MATRIX.iter().any(|(_, n)| *n == other) => {
+            protocol24::run_check(ctx, other, run).await
+        }
+        name if wire::handles(name) => wire::run_check(ctx, name, run).await,
         other => Err(format!("unknown check {other}")),
     }
 }

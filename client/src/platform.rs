@@ -37,6 +37,19 @@ pub struct ExchangeInfo {
     pub signing_key: Option<IdentityDocument>,
 }
 
+impl ExchangeInfo {
+    /// Whether the exchange listed `capability` (`totp`, `ticketConstraints`, ...).
+    pub fn has_capability(&self, capability: &str) -> bool {
+        self.capabilities.iter().any(|c| c == capability)
+    }
+
+    /// Whether the webhook speaks protocol 2.4.0 (version and the capabilities that come with it).
+    pub fn speaks_2_4_0(&self) -> bool {
+        self.version == keyholder_protocol::paths::PROTOCOL_VERSION
+            && self.has_capability(keyholder_protocol::paths::CAP_TICKET_CONSTRAINTS)
+    }
+}
+
 /// The platform's handle on one webhook: every call is signed with [`PlatformAuth`], each attempt with a
 /// fresh request id and timestamp, retried as the platform does.
 ///
@@ -247,6 +260,27 @@ impl Platform {
             request_id: request_id.to_owned(),
         })
         .await
+    }
+
+    /// `POST /v1/admin/migrate`, signed (protocol 2.4.0): the webhook seals every stored `totpUri`
+    /// link and answers counts only.
+    pub async fn admin_migrate(
+        &self,
+    ) -> Result<keyholder_protocol::wire::TotpMigrationCounts, Error> {
+        #[derive(Serialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Body {
+            request_id: String,
+        }
+        let answer: keyholder_protocol::wire::AdminMigrateResponse = self
+            .signed(
+                keyholder_protocol::paths::PATH_ADMIN_MIGRATE,
+                |request_id| Body {
+                    request_id: request_id.to_owned(),
+                },
+            )
+            .await?;
+        Ok(answer.totp)
     }
 
     /// A signed `POST` of `body(request_id)` to `path`, decoded as `R`. Each attempt gets a fresh request

@@ -207,21 +207,34 @@ impl TicketBuilder<'_> {
         self
     }
 
-    /// The `cid` claim (creation id).
+    /// The `cid` claim (creation id, protocol 2.4.0): a credential, proxy or TOTP-code ticket only
+    /// works while the stored token has this `creationId`; a store ticket gives it to the token.
     pub fn creation_id(mut self, creation_id: impl Into<String>) -> Self {
-        self.claims.cid = Some(creation_id.into());
+        self.claims.cid = Some(serde_json::Value::String(creation_id.into()));
         self
     }
 
     /// The `mode` claim (store tickets).
     pub fn mode(mut self, mode: StoreMode) -> Self {
-        self.claims.mode = Some(
+        self.claims.mode = Some(serde_json::Value::String(
             match mode {
                 StoreMode::Create => "create",
                 StoreMode::Overwrite => "overwrite",
             }
             .into(),
-        );
+        ));
+        self
+    }
+
+    /// Any JSON value as the `cid` claim (conformance checks of what a webhook refuses).
+    pub fn raw_creation_id(mut self, value: serde_json::Value) -> Self {
+        self.claims.cid = Some(value);
+        self
+    }
+
+    /// Any JSON value as the `mode` claim (conformance checks of what a webhook refuses).
+    pub fn raw_mode(mut self, value: serde_json::Value) -> Self {
+        self.claims.mode = Some(value);
         self
     }
 

@@ -36,6 +36,8 @@ pub struct AppState {
     pub config: Arc<Config>,
     /// The audit trail's appender (off the request path).
     pub audit: AuditRecorder,
+    /// The per-client-address request limit (`--rate-limit-per-ip`), when configured.
+    pub rate_limit: Option<crate::http::rate_limit::RateLimiter>,
 }
 
 /// A started server.
@@ -147,6 +149,18 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     )
     .await
     .context("cannot open the key ring")?;
+    // Protocol 2.4.0: links kept by earlier versions are sealed before anything is served.
+    match vault.migrate_totp_links().await {
+        Ok(report) if report.migrated > 0 || report.failed > 0 => tracing::info!(
+            migrated = report.migrated,
+            failed = report.failed,
+            "sealed stored totpUri links"
+        ),
+        Ok(_) => {}
+        Err(err) => {
+            tracing::warn!(error = %err, "stored totpUri links not sealed at start (sealed keyholder?); they are sealed on first read")
+        }
+    }
     if report.created_master_file {
         tracing::warn!(
             file = %config.data_dir.join(crate::vault::master::DEFAULT_MASTER_KEY_FILE).display(),
@@ -203,6 +217,9 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         upstream,
         config: Arc::clone(&config),
         audit,
+        rate_limit: config
+            .rate_limit_per_ip
+            .map(crate::http::rate_limit::RateLimiter::new),
     });
 
     let ring_state = state.clone();

@@ -30,11 +30,48 @@ pub struct DataArgs {
     /// File holding a passphrase from which the master key is derived (Argon2id).
     #[arg(long, env = "KEYHOLDER_PASSPHRASE_FILE")]
     pub passphrase_file: Option<PathBuf>,
+    /// The master key sealed by a PKCS#11 token (HSM).
+    #[command(flatten)]
+    pub pkcs11: Pkcs11Args,
+}
+
+/// The PKCS#11 token that seals the master key (`--master-key-pkcs11`).
+#[derive(Debug, Clone, Default, Args)]
+pub struct Pkcs11Args {
+    /// RFC 7512 URI of a non-extractable AES key in a PKCS#11 token that seals the master key
+    /// (`pkcs11:token=<label>;object=<key label>`).
+    #[arg(
+        long,
+        env = "KEYHOLDER_MASTER_KEY_PKCS11",
+        value_name = "URI",
+        conflicts_with_all = ["master_key_file", "passphrase_file"]
+    )]
+    pub master_key_pkcs11: Option<String>,
+    /// The token's PKCS#11 module (shared library), e.g. /usr/lib/softhsm/libsofthsm2.so.
+    #[arg(long, env = "KEYHOLDER_PKCS11_MODULE", value_name = "PATH")]
+    pub pkcs11_module: Option<PathBuf>,
+    /// File holding the token's user PIN (else `KEYHOLDER_PKCS11_PIN`).
+    #[arg(long, env = "KEYHOLDER_PKCS11_PIN_FILE", value_name = "FILE")]
+    pub pkcs11_pin_file: Option<PathBuf>,
+}
+
+impl Pkcs11Args {
+    /// The token configuration for `uri` with these module and PIN settings.
+    pub fn config_for(&self, uri: &str) -> crate::vault::pkcs11::Pkcs11Config {
+        crate::vault::pkcs11::Pkcs11Config {
+            uri: uri.to_string(),
+            module: self.pkcs11_module.clone(),
+            pin_file: self.pkcs11_pin_file.clone(),
+        }
+    }
 }
 
 impl DataArgs {
     /// The master-key source these arguments select.
     pub fn master_key_source(&self) -> MasterKeySource {
+        if let Some(uri) = &self.pkcs11.master_key_pkcs11 {
+            return MasterKeySource::Pkcs11(self.pkcs11.config_for(uri));
+        }
         match (&self.master_key_file, &self.passphrase_file) {
             (Some(file), _) => MasterKeySource::File(file.clone()),
             (None, Some(file)) => MasterKeySource::Passphrase(file.clone()),
@@ -90,6 +127,10 @@ pub struct ServeArgs {
     /// Log filter (tracing EnvFilter syntax, e.g. `info` or `keyholder=debug`).
     #[arg(long, env = "KEYHOLDER_LOG", default_value = "info")]
     pub log: String,
+    /// Send OpenTelemetry traces to this OTLP/HTTP collector (e.g. http://127.0.0.1:4318; spans go
+    /// to `<URL>/v1/traces` as JSON). Off by default. `OTEL_SERVICE_NAME` sets `service.name`.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
     /// Log format: `text` or `json`.
     #[arg(long, env = "KEYHOLDER_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
@@ -107,6 +148,10 @@ pub struct ServeArgs {
     /// Total time for one proxied upstream call, in seconds.
     #[arg(long, env = "KEYHOLDER_UPSTREAM_TIMEOUT", default_value_t = 30)]
     pub upstream_timeout: u64,
+    /// Limit every route to N requests per minute per client address (`N/min`; answered with
+    /// `429 rate_limited` and `Retry-After`). Default: no limit.
+    #[arg(long, env = "KEYHOLDER_RATE_LIMIT_PER_IP", value_name = "N/min")]
+    pub rate_limit_per_ip: Option<String>,
     /// Remove audit entries older than this many days (checked hourly; the chain is verified first
     /// and a signed prune entry is appended). Default: keep every entry.
     #[arg(long, env = "KEYHOLDER_AUDIT_RETENTION_DAYS", value_parser = clap::value_parser!(u32).range(1..=36_500))]
@@ -155,6 +200,25 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// Audit entries older than this are pruned (kept forever when `None`).
     pub audit_retention: Option<Duration>,
+    /// Requests per minute per client address (no limit when `None`).
+    pub rate_limit_per_ip: Option<u32>,
+}
+
+/// Parses `--rate-limit-per-ip`: `N/min` with N in 1-1000000 (`N` alone means the same).
+pub fn parse_rate_limit(value: &str) -> Result<u32, ConfigError> {
+    const SETTING: &str = "--rate-limit-per-ip / KEYHOLDER_RATE_LIMIT_PER_IP";
+    let value = value.trim();
+    let number = value.strip_suffix("/min").unwrap_or(value);
+    number
+        .parse::<u32>()
+        .ok()
+        .filter(|n| (1..=1_000_000).contains(n))
+        .ok_or_else(|| {
+            invalid(
+                SETTING,
+                format!("'{value}' is not a rate like 120/min (1-1000000 requests per minute)"),
+            )
+        })
 }
 
 /// Default total time of a proxied call.
@@ -243,6 +307,7 @@ impl Config {
             tls: None,
             metrics_listen: None,
             audit_retention: None,
+            rate_limit_per_ip: None,
         }
     }
 
@@ -356,6 +421,12 @@ impl Config {
             audit_retention: args
                 .audit_retention_days
                 .map(|days| Duration::from_secs(u64::from(days) * 86_400)),
+            rate_limit_per_ip: args
+                .rate_limit_per_ip
+                .as_deref()
+                .filter(|s| !s.trim().is_empty())
+                .map(parse_rate_limit)
+                .transpose()?,
         })
     }
 }

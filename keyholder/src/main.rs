@@ -4,7 +4,7 @@
 use clap::{Parser, Subcommand};
 use keyholder::cli::owner::{
     self, AuditCommand, BackupArgs, ImportReferenceArgs, OwnerArgs, RestoreArgs, RetireKeyArgs,
-    RewrapArgs, RotateMasterKeyArgs,
+    RewrapArgs, RotateMasterKeyArgs, StoreArgs,
 };
 use keyholder::cli::{
     self, BindArgs, EgressArgs, HealthcheckArgs, OAuthArgs, OAuthOutcome, PlatformKeyAction,
@@ -40,7 +40,7 @@ enum Command {
     RotateKey(OwnerArgs),
     /// Re-encrypt every stored credential under the current data key, in small batches.
     Rewrap(RewrapArgs),
-    /// Remove a data-key version that no stored credential uses any more.
+    /// Remove a data-key version (or the imported `platform-v1` key) that no stored credential uses any more.
     RetireKey(RetireKeyArgs),
     /// Re-wrap the key ring under a new master key (key file or passphrase).
     RotateMasterKey(RotateMasterKeyArgs),
@@ -57,23 +57,10 @@ enum Command {
     Audit(AuditCommand),
     /// Move in from the public reference webhook's two JSON files (keeps its binding).
     ImportReference(ImportReferenceArgs),
-}
-
-fn init_logging(filter: &str, format: &str) -> anyhow::Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .map_err(|e| anyhow::anyhow!("invalid setting --log / KEYHOLDER_LOG: {e}"))?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // By default a failed log write is reported with `eprintln!`, which panics when stderr
-        // cannot be written (a log file on a full disk): the worker died and the connection dropped.
-        .log_internal_errors(false);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-    Ok(())
+    /// Check the setup and say what to fix (exit 0 only when nothing is wrong; --json for monitoring).
+    Doctor(keyholder::cli::doctor::DoctorArgs),
+    /// Store a credential from a file or standard input, without the platform's pages or scripts.
+    Store(StoreArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -90,7 +77,13 @@ fn main() -> std::process::ExitCode {
 fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
     match cli.command {
         Command::Serve(args) => {
-            init_logging(&args.log, &args.log_format)?;
+            let otlp = args
+                .otlp_endpoint
+                .as_deref()
+                .filter(|e| !e.trim().is_empty())
+                .map(keyholder::telemetry::OtlpSettings::from_endpoint)
+                .transpose()?;
+            keyholder::telemetry::init(&args.log, &args.log_format, otlp.as_ref())?;
             let config = Config::from_args(&args)?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -101,6 +94,8 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 tracing::info!("keyholder stopped");
                 Ok::<_, anyhow::Error>(())
             })?;
+            drop(runtime);
+            keyholder::telemetry::shutdown();
             Ok(std::process::ExitCode::SUCCESS)
         }
         Command::Bind(args) => {
@@ -169,7 +164,18 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 for (version, count) in &status.documents_per_key {
                     println!("  v{version}: {count} document(s)");
                 }
-                println!("Reference key held: {}", status.reference_key);
+                println!(
+                    "Reference key held: {}{}",
+                    status.reference_key,
+                    if status.reference_key {
+                        format!(
+                            " ({} credential(s) still need it)",
+                            status.reference_key_documents
+                        )
+                    } else {
+                        String::new()
+                    }
+                );
                 println!("Credentials:        {}", status.credential_count);
                 println!("Sealed:             {}", status.sealed);
                 println!(
@@ -198,7 +204,17 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                     report.failed.join(", ")
                 );
             }
-            if report.still_in_use.is_empty() {
+            if report.reference_key {
+                if report.reference_key_documents == 0 {
+                    println!("No credential needs the reference key any more: `keyholder retire-key platform-v1` removes it.");
+                } else {
+                    println!(
+                        "The reference key still opens {} credential(s).",
+                        report.reference_key_documents
+                    );
+                }
+            }
+            if report.still_in_use.is_empty() && report.reference_key_documents == 0 {
                 println!("No document uses an older data key; old versions can be retired.");
                 Ok(std::process::ExitCode::SUCCESS)
             } else {
@@ -208,7 +224,8 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         }
         Command::RetireKey(args) => {
             owner::retire_key(&args)?;
-            println!("Data key v{} removed.", args.version);
+            let key = args.key.to_string();
+            println!("{}{} removed.", key[..1].to_uppercase(), &key[1..]);
             Ok(std::process::ExitCode::SUCCESS)
         }
         Command::RotateMasterKey(args) => {
@@ -218,6 +235,18 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             println!("as soon as it finds it where it was told to look (replace that file), or at its next start");
             println!("with --master-key-file / --passphrase-file pointing at the new one.");
             Ok(std::process::ExitCode::SUCCESS)
+        }
+        Command::Doctor(args) => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let report = runtime.block_on(keyholder::cli::doctor::doctor(&args))?;
+            if args.json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                print!("{}", report.to_text());
+            }
+            Ok(std::process::ExitCode::from(if report.ok { 0 } else { 1 }))
         }
         Command::Backup(args) => {
             owner::backup(&args)?;
@@ -259,23 +288,9 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Audit(AuditCommand::List(args)) => {
             for entry in owner::audit_list(&args)? {
                 if args.json {
-                    println!("{}", serde_json::to_string(&entry)?);
+                    println!("{}", owner::audit_json_line(&entry)?);
                 } else {
-                    let e = &entry.event;
-                    println!(
-                        "#{} {} {} service={} purpose={} agent={} proxy={} from={} upstream={} result={} request={}",
-                        entry.seq,
-                        keyholder_protocol::document::format_iso8601(e.at_ms.div_euclid(1000)),
-                        e.endpoint,
-                        e.service,
-                        e.purpose,
-                        e.agent_id,
-                        e.proxy_id,
-                        e.source,
-                        e.upstream,
-                        e.result,
-                        e.request_id
-                    );
+                    println!("{}", owner::audit_line(&entry));
                 }
             }
             Ok(std::process::ExitCode::SUCCESS)
@@ -335,6 +350,20 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 }
             }
         }
+        Command::Store(args) => {
+            let report = owner::store(&args, &mut std::io::stdin().lock())?;
+            if args.json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                println!(
+                    "Stored the credential of '{}' ({} sealed; meta: {}).",
+                    report.service,
+                    args.field,
+                    serde_json::to_string(&report.meta)?
+                );
+            }
+            Ok(std::process::ExitCode::SUCCESS)
+        }
         Command::ImportReference(args) => {
             let report = owner::import_reference(&args)?;
             println!("Imported the reference webhook {}:", report.webhook_id);
@@ -347,6 +376,12 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 "  proxy_configs: {}, audit: {}, vault_config: {}",
                 report.proxy_configs, report.audit, report.vault_config
             );
+            if report.totp_links_sealed > 0 {
+                println!(
+                    "  totpUri links sealed (seed encrypted, link removed): {}",
+                    report.totp_links_sealed
+                );
+            }
             if report.replaced > 0 {
                 println!("  replaced existing documents: {}", report.replaced);
             }

@@ -142,7 +142,7 @@ impl Metrics {
         );
         registry.register(
             "replay_refusals",
-            "Replayed platform request ids and ticket nonces refused, by kind",
+            "Replayed platform request ids, request signatures and nonces refused, by kind",
             m.replays_by_kind.clone(),
         );
         registry.register(
@@ -180,7 +180,7 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
-    /// Counts a replay refusal of `kind` (`request_id` or `nonce`).
+    /// Counts a replay refusal of `kind` (`request_id`, `signature`, `nonce` or `envelope_nonce`).
     pub fn replay_refused(&self, kind: &'static str) {
         self.replays.inc();
         self.replays_by_kind

@@ -17,6 +17,7 @@ use serde_json::{json, Value};
 
 const BIN: &str = env!("CARGO_BIN_EXE_keyholder");
 const SECRET: &str = "ghp_BlackBoxSecret_41c2e9";
+const TOTP_SEED: &str = "KRUGS4ZANFZSAYJAORXXI4BAONSWKZDB";
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -52,6 +53,7 @@ fn help_names_every_command() {
         "unseal",
         "audit",
         "import-reference",
+        "store",
     ] {
         assert!(text.contains(cmd), "{text}");
     }
@@ -119,6 +121,24 @@ fn invalid_settings_name_the_setting() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("KEYHOLDER_PLATFORM_IP"));
+    for rate in ["0/min", "ten/min", "5/hour"] {
+        let out = Command::new(BIN)
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--rate-limit-per-ip",
+                rate,
+            ])
+            .env("KEYHOLDER_DATA_DIR", dir.path())
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("KEYHOLDER_RATE_LIMIT_PER_IP"),
+            "{rate}"
+        );
+    }
 }
 
 #[test]
@@ -134,10 +154,18 @@ fn serve_bind_store_fetch_as_a_user_would() {
         .env("KEYHOLDER_PUBLIC_URL", "https://kh.example.org")
         .env("KEYHOLDER_LOG", "trace")
         .env("KEYHOLDER_LOG_FORMAT", "json")
+        .env("KEYHOLDER_RATE_LIMIT_PER_IP", "10000/min")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    // Drained while the server runs: a full pipe (trace level logs a lot) would block its writes.
+    let mut stderr = child.stderr.take().unwrap();
+    let drain = std::thread::spawn(move || {
+        let mut logs = String::new();
+        let _ = stderr.read_to_string(&mut logs);
+        logs
+    });
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -209,6 +237,32 @@ fn serve_bind_store_fetch_as_a_user_would() {
             .await
             .unwrap();
         assert_eq!(r["token"]["accessToken"], SECRET);
+        // Protocol 2.4.0: a totpUri link is sealed, a malformed one refused; neither reaches the log.
+        for (service, link, status) in [
+            ("bank", format!("otpauth://totp/Bank:me?secret={TOTP_SEED}&digits=8"), 200),
+            ("bad", format!("otpauth://totp/Bank:me?secret={TOTP_SEED}&digits=9"), 400),
+        ] {
+            let ticket = encode_ticket(&secret, &TicketClaims::new("u", service, Purpose::Store, n, n + 60, format!("n-store-{service}")));
+            let r = http
+                .post(format!("{base}{PATH_STORE}"))
+                .json(&json!({"ticket": ticket, "service": service, "tokenData": {"totpUri": link}}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), status, "{service}");
+            assert!(!r.text().await.unwrap().contains(TOTP_SEED));
+        }
+        let fetch_bank = encode_ticket(&secret, &TicketClaims::new("u", "bank", Purpose::AgentCredential, n, n + 60, "n-fetch-bank"));
+        let r = http
+            .get(format!("{base}{PATH_CREDENTIAL}"))
+            .query(&[("ticket", fetch_bank.as_str()), ("service", "bank")])
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(r.contains("\"totpGenerated\":true") && !r.contains(TOTP_SEED), "{r}");
         (store, fetch, secret.to_base64().to_string())
     });
 
@@ -242,13 +296,7 @@ fn serve_bind_store_fetch_as_a_user_would() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success(), "{status:?}");
-    let mut logs = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut logs)
-        .unwrap();
+    let logs = drain.join().unwrap();
     assert!(logs.contains("keyholder listening"), "{logs}");
     let (store_ticket, fetch_ticket, secret_b64) = ticket_secret;
     for needle in [
@@ -257,6 +305,8 @@ fn serve_bind_store_fetch_as_a_user_would() {
         fetch_ticket.as_str(),
         secret_b64.as_str(),
         code.as_str(),
+        TOTP_SEED,
+        "otpauth://",
     ] {
         assert!(!logs.contains(needle), "log leaks a secret: {needle}");
     }
@@ -348,6 +398,90 @@ fn owner_commands_status_seal_and_audit_verify() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// `keyholder store` as the owner types it: the secret comes on standard input, never as an
+/// argument, and is neither printed nor stored in the clear.
+#[test]
+fn store_reads_the_secret_from_standard_input() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let run = |args: &[&str]| {
+        Command::new(BIN)
+            .args(args)
+            .env("KEYHOLDER_DATA_DIR", &data)
+            .output()
+            .unwrap()
+    };
+    let out = run(&["bind", "--public-url", "https://kh.example", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut child = Command::new(BIN)
+        .args([
+            "store",
+            "github",
+            "--type",
+            "api_key",
+            "--meta",
+            "scope=repo",
+            "--secret-file",
+            "-",
+            "--json",
+        ])
+        .env("KEYHOLDER_DATA_DIR", &data)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{SECRET}\n").as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(!printed.contains(SECRET), "{printed}");
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["status"], "stored");
+    assert_eq!(report["meta"]["tokenType"], "api_key");
+    assert_eq!(report["meta"]["scope"], "repo");
+    let db = std::fs::read(data.join("keyholder.db")).unwrap();
+    let wal = std::fs::read(data.join("keyholder.db-wal")).unwrap_or_default();
+    for bytes in [&db, &wal] {
+        assert!(
+            !bytes.windows(SECRET.len()).any(|w| w == SECRET.as_bytes()),
+            "stored in the clear"
+        );
+    }
+    let out = run(&["status", "--json"]);
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["credentialCount"], 1);
+    let out = run(&["audit", "list", "--json"]);
+    let trail = String::from_utf8_lossy(&out.stdout);
+    assert!(trail.contains("\"owner:store\""), "{trail}");
+    // A secret offered as an argument is refused, naming the way to pass it.
+    let out = run(&[
+        "store",
+        "github",
+        "--meta",
+        &format!("accessToken={SECRET}"),
+        "--secret-file",
+        "-",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--secret-file"));
 }
 
 /// A self-signed P-256 certificate for 127.0.0.1, as PEM (certificate, key), and its SHA-256.

@@ -15,6 +15,13 @@
 //!
 //! `{"v":1,"alg":"AES-256-GCM","fields":{<field>:"<std base64 of IV(12) ‖ ciphertext ‖ tag(16)>"},"meta":{..}}`,
 //! no associated data, UTF-8 plaintexts. Read (for migration), never written by the keyholder.
+//!
+//! Without associated data nothing in a v1 ciphertext says where it belongs, so whoever holds a
+//! [`KeyLookup`] decides which v1 ciphertexts its platform key may open: [`open_document`] asks for
+//! the key with the service, the field name and the ciphertext's digest
+//! ([`platform_v1_field_digest`]: SHA-256 of the decoded bytes `IV ‖ ciphertext ‖ tag`). The keyholder
+//! records those three for every v1 field it imports and opens a v1 field only where it was
+//! imported, so a ciphertext copied to another service or field does not decrypt.
 
 use std::collections::BTreeMap;
 
@@ -68,8 +75,9 @@ pub enum DocumentError {
     /// A field was encrypted under a key version we do not have.
     #[error("unknown data key version {0}")]
     UnknownKeyVersion(u32),
-    /// A platform v1 field, but no platform key is configured.
-    #[error("platform v1 field but no platform key")]
+    /// A platform v1 field, but no platform key that may open it here (none held, or the
+    /// ciphertext was not imported as this service's field).
+    #[error("platform v1 field but no platform key for it")]
     NoPlatformKey,
     /// Authentication failed: wrong key, tampered or moved ciphertext.
     #[error("decryption failed")]
@@ -246,6 +254,14 @@ pub fn encrypt_platform_v1_field(key: &DataKey, plaintext: &[u8]) -> String {
     STANDARD.encode(seal(key, random_nonce(), plaintext, b""))
 }
 
+/// The digest that identifies a platform v1 field's ciphertext: SHA-256 of its decoded bytes
+/// (`IV ‖ ciphertext ‖ tag`), so every base64 spelling of one ciphertext has one digest.
+pub fn platform_v1_field_digest(value: &str) -> Result<[u8; 32], DocumentError> {
+    use sha2::{Digest as _, Sha256};
+    let sealed = decode_sealed(value)?;
+    Ok(Sha256::digest(&sealed).into())
+}
+
 /// Decrypt a platform v1 field.
 pub fn decrypt_platform_v1_field(
     key: &DataKey,
@@ -259,16 +275,20 @@ pub fn decrypt_platform_v1_field(
 pub trait KeyLookup {
     /// The data key of `version`, if held.
     fn data_key(&self, version: u32) -> Option<&DataKey>;
-    /// The key of the platform's v1 documents (imported from a reference webhook), if any.
-    fn platform_v1_key(&self) -> Option<&DataKey>;
+    /// The key that may open the platform v1 ciphertext with `digest` ([`platform_v1_field_digest`])
+    /// as field `field` of service `service`, if any: the implementor decides where v1 ciphertexts,
+    /// which carry no associated data, belong.
+    fn platform_v1_key(&self, service: &str, field: &str, digest: &[u8; 32]) -> Option<&DataKey>;
 }
 
-/// A simple in-memory [`KeyLookup`].
+/// A simple in-memory [`KeyLookup`] (test vectors, and checking a reference webhook's own files
+/// before they are imported).
 #[derive(Debug, Default)]
 pub struct KeySet {
     /// Data keys by version.
     pub keys: BTreeMap<u32, DataKey>,
-    /// The platform v1 key.
+    /// The platform v1 key: opens every v1 field, wherever it is (the keyholder's own key ring
+    /// binds each imported v1 ciphertext to its service and field instead).
     pub platform_v1: Option<DataKey>,
 }
 
@@ -276,7 +296,12 @@ impl KeyLookup for KeySet {
     fn data_key(&self, version: u32) -> Option<&DataKey> {
         self.keys.get(&version)
     }
-    fn platform_v1_key(&self) -> Option<&DataKey> {
+    fn platform_v1_key(
+        &self,
+        _service: &str,
+        _field: &str,
+        _digest: &[u8; 32],
+    ) -> Option<&DataKey> {
         self.platform_v1.as_ref()
     }
 }
@@ -542,7 +567,7 @@ fn into_text(
 }
 
 /// Open a stored document: our v2 shape (fields in `kh1` format, any key version via `keys`), the
-/// platform's v1 shape (needs `keys.platform_v1_key()`), or a plaintext document (no `fields`: every
+/// platform's v1 shape (each field needs `keys.platform_v1_key(service, field, digest)`), or a plaintext document (no `fields`: every
 /// top-level field except `meta` is returned as-is; meta from `meta` if present).
 ///
 /// With `v` = 2 every field must be `kh1`; with `v` = 1 every field must be platform v1; without `v` each
@@ -598,7 +623,10 @@ pub fn open_document(
                 decrypt_field(key, service, name, text)?
             }
             (FieldFormat::PlatformV1, None | Some(1)) => {
-                let key = keys.platform_v1_key().ok_or(DocumentError::NoPlatformKey)?;
+                let digest = platform_v1_field_digest(text)?;
+                let key = keys
+                    .platform_v1_key(service, name, &digest)
+                    .ok_or(DocumentError::NoPlatformKey)?;
                 decrypt_platform_v1_field(key, text)?
             }
             _ => return Err(DocumentError::Malformed),
@@ -839,7 +867,7 @@ mod tests {
     #[test]
     fn platform_and_plaintext_documents() {
         let k = keys();
-        let v1 = json!({"v":1,"alg":"AES-256-GCM","fields":{"accessToken": encrypt_platform_v1_field(k.platform_v1_key().unwrap(), b"tok")},"meta":{"serviceName":"x","accessToken":"shadow"}});
+        let v1 = json!({"v":1,"alg":"AES-256-GCM","fields":{"accessToken": encrypt_platform_v1_field(k.platform_v1.as_ref().unwrap(), b"tok")},"meta":{"serviceName":"x","accessToken":"shadow"}});
         let opened = open_document(&v1, "anything", &k).unwrap();
         let cred: Value = serde_json::from_slice(&opened.credential_json()).unwrap();
         assert_eq!(
@@ -861,7 +889,7 @@ mod tests {
         );
         assert_eq!(opened.secret("expires"), None);
 
-        let mixed = json!({"v":2,"fields":{"accessToken": encrypt_platform_v1_field(k.platform_v1_key().unwrap(), b"tok")}});
+        let mixed = json!({"v":2,"fields":{"accessToken": encrypt_platform_v1_field(k.platform_v1.as_ref().unwrap(), b"tok")}});
         assert!(matches!(
             open_document(&mixed, "x", &k),
             Err(DocumentError::Malformed)
@@ -879,6 +907,65 @@ mod tests {
             open_document(&unknown, "x", &k),
             Err(DocumentError::UnknownKeyVersion(7))
         ));
+    }
+
+    /// A lookup that opens one v1 ciphertext, only as one field of one service.
+    struct BoundV1 {
+        key: DataKey,
+        service: &'static str,
+        field: &'static str,
+        digest: [u8; 32],
+    }
+
+    impl KeyLookup for BoundV1 {
+        fn data_key(&self, _version: u32) -> Option<&DataKey> {
+            None
+        }
+        fn platform_v1_key(
+            &self,
+            service: &str,
+            field: &str,
+            digest: &[u8; 32],
+        ) -> Option<&DataKey> {
+            (service == self.service && field == self.field && digest == &self.digest)
+                .then_some(&self.key)
+        }
+    }
+
+    #[test]
+    fn platform_v1_fields_open_only_where_the_lookup_binds_them() {
+        use sha2::Digest as _;
+        let key = DataKey::from_bytes([9u8; 32]);
+        let ct = encrypt_platform_v1_field(&key, b"tok");
+        let digest = platform_v1_field_digest(&ct).unwrap();
+        let raw = STANDARD.decode(&ct).unwrap();
+        assert_eq!(digest, <[u8; 32]>::from(sha2::Sha256::digest(&raw)));
+        let lookup = BoundV1 {
+            key,
+            service: "github",
+            field: "accessToken",
+            digest,
+        };
+        let doc = |field: &str| json!({"v": 1, "fields": {field: ct.clone()}});
+        let opened = open_document(&doc("accessToken"), "github", &lookup).unwrap();
+        assert_eq!(opened.secret("accessToken"), Some("tok"));
+        // Another service, another field, another ciphertext: no key.
+        for (service, field) in [("gitlab", "accessToken"), ("github", "refreshToken")] {
+            assert!(matches!(
+                open_document(&doc(field), service, &lookup),
+                Err(DocumentError::NoPlatformKey)
+            ));
+        }
+        let other = encrypt_platform_v1_field(&lookup.key, b"tok");
+        let doc = json!({"v": 1, "fields": {"accessToken": other}});
+        assert!(matches!(
+            open_document(&doc, "github", &lookup),
+            Err(DocumentError::NoPlatformKey)
+        ));
+        assert_eq!(
+            platform_v1_field_digest("not base64!"),
+            Err(DocumentError::Malformed)
+        );
     }
 
     #[test]

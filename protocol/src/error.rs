@@ -27,14 +27,22 @@ pub enum ErrorCode {
     MethodNotAllowed,
     /// `already_exists` (409): `mode:create` over an existing token.
     AlreadyExists,
+    /// `stale_creation` (409, 2.4.0): the ticket's `cid` is not the stored token's `creationId`.
+    StaleCreation,
     /// `code_expired` (410): unknown or expired bind code.
     CodeExpired,
     /// `code_used` (410): the bind code was already used.
     CodeUsed,
     /// `payload_too_large` (413, Keyholder extension).
     PayloadTooLarge,
+    /// `rate_limited` (429, 2.4.0): too many requests from this client; sent with `Retry-After`.
+    RateLimited,
     /// `not_totp` (400): the token is not of type TOTP.
     NotTotp,
+    /// `corrupt_document` (422, Keyholder extension): the stored document (which the platform can
+    /// write with `storage set`) is malformed or its fields do not decrypt. Not a 5xx: retrying
+    /// cannot help, and the platform retries 5xx answers.
+    CorruptDocument,
     /// `internal_error` (500).
     InternalError,
     /// `storage_unavailable` (503, Keyholder extension).
@@ -65,10 +73,13 @@ impl ErrorCode {
         ErrorCode::TokenNotFound,
         ErrorCode::MethodNotAllowed,
         ErrorCode::AlreadyExists,
+        ErrorCode::StaleCreation,
         ErrorCode::CodeExpired,
         ErrorCode::CodeUsed,
         ErrorCode::PayloadTooLarge,
+        ErrorCode::RateLimited,
         ErrorCode::NotTotp,
+        ErrorCode::CorruptDocument,
         ErrorCode::InternalError,
         ErrorCode::StorageUnavailable,
         ErrorCode::Sealed,
@@ -92,10 +103,13 @@ impl ErrorCode {
             ErrorCode::TokenNotFound => "token_not_found",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
             ErrorCode::AlreadyExists => "already_exists",
+            ErrorCode::StaleCreation => "stale_creation",
             ErrorCode::CodeExpired => "code_expired",
             ErrorCode::CodeUsed => "code_used",
             ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::RateLimited => "rate_limited",
             ErrorCode::NotTotp => "not_totp",
+            ErrorCode::CorruptDocument => "corrupt_document",
             ErrorCode::InternalError => "internal_error",
             ErrorCode::StorageUnavailable => "storage_unavailable",
             ErrorCode::Sealed => "sealed",
@@ -114,9 +128,11 @@ impl ErrorCode {
             ErrorCode::SetupRequired | ErrorCode::Forbidden | ErrorCode::EgressDenied => 403,
             ErrorCode::NotFound | ErrorCode::TokenNotFound => 404,
             ErrorCode::MethodNotAllowed => 405,
-            ErrorCode::AlreadyExists => 409,
+            ErrorCode::AlreadyExists | ErrorCode::StaleCreation => 409,
             ErrorCode::CodeExpired | ErrorCode::CodeUsed => 410,
             ErrorCode::PayloadTooLarge => 413,
+            ErrorCode::RateLimited => 429,
+            ErrorCode::CorruptDocument => 422,
             ErrorCode::InternalError => 500,
             ErrorCode::UpstreamError | ErrorCode::ProviderError => 502,
             ErrorCode::StorageUnavailable | ErrorCode::Sealed => 503,
@@ -189,7 +205,7 @@ mod tests {
             assert_eq!(back, *code);
             assert!((400..600).contains(&code.http_status()));
         }
-        assert_eq!(ErrorCode::ALL.len(), 22);
+        assert_eq!(ErrorCode::ALL.len(), 25);
         assert_eq!(ErrorCode::parse("nope"), None);
     }
 
@@ -218,6 +234,9 @@ mod tests {
             ("payload_too_large", 413),
             ("storage_unavailable", 503),
             ("sealed", 503),
+            ("stale_creation", 409),
+            ("rate_limited", 429),
+            ("corrupt_document", 422),
         ];
         for (s, status) in expected {
             assert_eq!(ErrorCode::parse(s).unwrap().http_status(), status, "{s}");

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq as _;
 
 use crate::error::ErrorCode;
+use crate::paths::MAX_CLOCK_SKEW_SECS;
 use crate::secret::HmacSecret;
 use crate::signing::hmac_parts;
 
@@ -83,12 +84,13 @@ pub struct TicketClaims {
     /// Proxy config id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid: Option<String>,
-    /// Creation id.
+    /// Creation id (2.4.0 ticket constraint). Kept as the JSON value received, so that a `cid` that is
+    /// not a string is refused by the constraint checks with its own code rather than as undecodable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cid: Option<String>,
-    /// Store mode: `create` or `overwrite` (store tickets only).
+    pub cid: Option<serde_json::Value>,
+    /// Store mode: `create` or `overwrite` (store tickets only; kept as received, like `cid`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mode: Option<String>,
+    pub mode: Option<serde_json::Value>,
 }
 
 impl TicketClaims {
@@ -131,6 +133,91 @@ impl TicketClaims {
         }
         Ok(purpose)
     }
+
+    /// The `cid` claim when it is a non-empty string.
+    pub fn creation_id(&self) -> Option<&str> {
+        self.cid
+            .as_ref()
+            .and_then(serde_json::Value::as_str)
+            .filter(|c| !c.is_empty())
+    }
+
+    /// The constraint a credential, proxy or TOTP-code ticket puts on the stored token (PROTOCOL.md
+    /// §7.3): without `cid`, none; with one, it must be a non-empty string equal to the token's
+    /// `creationId` (`stored`), else [`ConstraintError::StaleCreation`]. A token without a
+    /// `creationId` fails a ticket that carries one. A JSON `null` claim counts as absent (here and in
+    /// [`TicketClaims::store_constraints`]), as serde and JavaScript optional fields treat it.
+    pub fn check_creation(&self, stored: Option<&str>) -> Result<(), ConstraintError> {
+        if matches!(self.cid, None | Some(serde_json::Value::Null)) {
+            return Ok(());
+        }
+        match (self.creation_id(), stored) {
+            (Some(wanted), Some(stored))
+                if bool::from(wanted.as_bytes().ct_eq(stored.as_bytes())) =>
+            {
+                Ok(())
+            }
+            _ => Err(ConstraintError::StaleCreation),
+        }
+    }
+
+    /// The constraints of a store ticket (PROTOCOL.md §7.3): `mode` absent, `create` or `overwrite`,
+    /// and `cid` absent or a non-empty string; anything else is refused.
+    pub fn store_constraints(&self) -> Result<StoreConstraints, ConstraintError> {
+        let create_only = match &self.mode {
+            None | Some(serde_json::Value::Null) => false,
+            Some(serde_json::Value::String(m)) if m == "overwrite" => false,
+            Some(serde_json::Value::String(m)) if m == "create" => true,
+            Some(_) => return Err(ConstraintError::InvalidMode),
+        };
+        let creation_id = match &self.cid {
+            None | Some(serde_json::Value::Null) => None,
+            Some(_) => Some(
+                self.creation_id()
+                    .ok_or(ConstraintError::InvalidCreationId)?
+                    .to_owned(),
+            ),
+        };
+        Ok(StoreConstraints {
+            create_only,
+            creation_id,
+        })
+    }
+}
+
+/// What a store ticket asks for (from [`TicketClaims::store_constraints`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreConstraints {
+    /// `mode: create`: refuse when a token is stored already (`409 already_exists`).
+    pub create_only: bool,
+    /// The `creationId` the stored token gets; `None` leaves the token without one.
+    pub creation_id: Option<String>,
+}
+
+/// Why a ticket's constraints (`cid`, `mode`) refuse the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ConstraintError {
+    /// A store ticket's `mode` is neither `create` nor `overwrite`.
+    #[error("Ticket mode must be 'create' or 'overwrite'")]
+    InvalidMode,
+    /// A store ticket's `cid` is not a non-empty string.
+    #[error("Ticket cid must be a non-empty string")]
+    InvalidCreationId,
+    /// The ticket's `cid` does not name the stored token.
+    #[error("Token was replaced since this ticket was issued")]
+    StaleCreation,
+}
+
+impl ConstraintError {
+    /// The wire code: `stale_creation` (409) or `invalid_request` (400).
+    pub fn error_code(&self) -> ErrorCode {
+        match self {
+            ConstraintError::StaleCreation => ErrorCode::StaleCreation,
+            ConstraintError::InvalidMode | ConstraintError::InvalidCreationId => {
+                ErrorCode::InvalidRequest
+            }
+        }
+    }
 }
 
 /// Why a ticket was refused.
@@ -151,9 +238,15 @@ pub enum TicketError {
     /// The nonce is missing or empty.
     #[error("Ticket has no nonce")]
     MissingNonce,
-    /// The ticket lives longer than the configured cap.
+    /// The ticket lives longer than the configured cap (`exp - now`).
     #[error("Ticket lifetime too long")]
     LifetimeTooLong,
+    /// `iat` is later than now plus the clock-skew allowance.
+    #[error("Ticket issued in the future")]
+    IssuedInFuture,
+    /// `iat` is later than `exp`.
+    #[error("Ticket issued after it expires")]
+    IssuedAfterExpiry,
     /// The purpose is not allowed here.
     #[error("Ticket purpose not allowed for this endpoint")]
     WrongPurpose,
@@ -184,7 +277,8 @@ pub fn encode_ticket(secret: &HmacSecret, claims: &TicketClaims) -> String {
 /// Verify a ticket's form, signature, encoding, expiry, nonce presence and lifetime (in that order).
 ///
 /// Scope (purpose, service) is checked separately with [`TicketClaims::check_scope`]; nonce replay by the
-/// server. When `iat` is present the lifetime is `exp - iat`; without it, `exp - now`.
+/// server. The lifetime left is measured from now (`exp - now`), whatever `iat` says; a present `iat`
+/// must not be later than now plus [`MAX_CLOCK_SKEW_SECS`], nor later than `exp`.
 pub fn verify_ticket(
     secret: &HmacSecret,
     ticket: &str,
@@ -208,7 +302,9 @@ pub fn verify_ticket(
 }
 
 /// The checks after the signature, shared by both ticket formats: payload decoding, expiry, nonce
-/// presence and lifetime cap (in that order).
+/// presence, `iat` (not in the future beyond the skew allowance, not after `exp`) and the lifetime
+/// cap from now (in that order). Every comparison with the clock is done in `i128`, so no claim
+/// value (`i64::MIN`, `2^63-1`) can overflow it.
 pub(crate) fn check_claims(
     payload: &str,
     now: i64,
@@ -230,7 +326,16 @@ pub(crate) fn check_claims(
     if claims.nonce.as_deref().is_none_or(str::is_empty) {
         return Err(TicketError::MissingNonce);
     }
-    let lifetime = i128::from(exp) - i128::from(claims.iat.unwrap_or(now));
+    if let Some(iat) = claims.iat {
+        if i128::from(iat) > i128::from(now) + i128::from(MAX_CLOCK_SKEW_SECS) {
+            return Err(TicketError::IssuedInFuture);
+        }
+        if iat > exp {
+            return Err(TicketError::IssuedAfterExpiry);
+        }
+    }
+    // From now, not from `iat`: a ticket "issued" in the past cannot stretch its remaining life.
+    let lifetime = i128::from(exp) - i128::from(now);
     if lifetime > i128::from(max_lifetime_secs) {
         return Err(TicketError::LifetimeTooLong);
     }
@@ -362,6 +467,65 @@ mod tests {
             v(&sign(&b64(r#"{"exp":1700003601,"nonce":"n"}"#))),
             Err(TicketError::LifetimeTooLong)
         );
+        // iat in the future beyond the skew allowance (300 s), iat after exp, and a lifetime
+        // stretched by an old iat: the cap is measured from now.
+        assert!(v(&sign(&b64(
+            r#"{"iat":1700000300,"exp":1700000600,"nonce":"n"}"#
+        )))
+        .is_ok());
+        assert_eq!(
+            v(&sign(&b64(
+                r#"{"iat":1700000301,"exp":1700000600,"nonce":"n"}"#
+            ))),
+            Err(TicketError::IssuedInFuture)
+        );
+        assert_eq!(
+            v(&sign(&b64(
+                r#"{"iat":1700000100,"exp":1700000050,"nonce":"n"}"#
+            ))),
+            Err(TicketError::IssuedAfterExpiry)
+        );
+        assert_eq!(
+            v(&sign(&b64(
+                r#"{"iat":1702592000,"exp":1702595600,"nonce":"n"}"#
+            ))),
+            Err(TicketError::IssuedInFuture)
+        );
+        assert_eq!(
+            v(&sign(&b64(
+                r#"{"iat":1600000000,"exp":1700003601,"nonce":"n"}"#
+            ))),
+            Err(TicketError::LifetimeTooLong)
+        );
+        // Extreme values never overflow and are refused.
+        for (iat, exp) in [
+            (i64::MIN, i64::MAX),
+            (i64::MAX, i64::MAX),
+            (1_700_000_000, i64::MAX),
+            (i64::MIN, i64::MIN),
+        ] {
+            let json = format!(r#"{{"iat":{iat},"exp":{exp},"nonce":"n"}}"#);
+            assert!(v(&sign(&b64(&json))).is_err(), "{json}");
+        }
+        assert!(
+            verify_ticket(
+                &s,
+                &sign(&b64(&format!(
+                    r#"{{"iat":1700000000,"exp":{},"nonce":"n"}}"#,
+                    i64::MAX
+                ))),
+                1_700_000_000,
+                i64::MAX
+            )
+            .is_ok(),
+            "an unbounded cap admits the largest exp without overflow"
+        );
+        assert_eq!(
+            v(&sign(&b64(
+                r#"{"iat":1700000000,"exp":18446744073709551615,"nonce":"n"}"#
+            ))),
+            Err(TicketError::Undecodable)
+        );
         assert!(v(&sign(&b64(r#"{"exp":1700003600,"nonce":"n"}"#))).is_ok());
         let wrong = HmacSecret::from_bytes([7u8; 32]);
         assert_eq!(
@@ -370,8 +534,87 @@ mod tests {
         );
         assert_eq!(TicketError::Expired.error_code(), ErrorCode::TicketExpired);
         assert_eq!(
+            ConstraintError::StaleCreation.error_code().http_status(),
+            409
+        );
+        assert_eq!(
             TicketError::MissingNonce.error_code(),
             ErrorCode::TicketInvalid
+        );
+    }
+
+    #[test]
+    fn creation_and_store_constraints() {
+        use serde_json::json;
+        let mut c = golden_claims();
+        assert_eq!(c.check_creation(None), Ok(()));
+        assert_eq!(c.check_creation(Some("c1")), Ok(()));
+        c.cid = Some(json!("c1"));
+        assert_eq!(c.check_creation(Some("c1")), Ok(()));
+        assert_eq!(
+            c.check_creation(Some("c2")),
+            Err(ConstraintError::StaleCreation)
+        );
+        assert_eq!(c.check_creation(None), Err(ConstraintError::StaleCreation));
+        for bad in [json!(""), json!(1), json!(["c1"])] {
+            c.cid = Some(bad.clone());
+            assert_eq!(
+                c.check_creation(Some("c1")),
+                Err(ConstraintError::StaleCreation),
+                "{bad}"
+            );
+            assert_eq!(
+                c.check_creation(Some("")),
+                Err(ConstraintError::StaleCreation),
+                "{bad}"
+            );
+            assert_eq!(
+                c.store_constraints(),
+                Err(ConstraintError::InvalidCreationId),
+                "{bad}"
+            );
+        }
+        c.cid = None;
+        assert_eq!(
+            c.store_constraints(),
+            Ok(StoreConstraints {
+                create_only: false,
+                creation_id: None
+            })
+        );
+        c.mode = Some(json!("create"));
+        c.cid = Some(json!("c9"));
+        assert_eq!(
+            c.store_constraints(),
+            Ok(StoreConstraints {
+                create_only: true,
+                creation_id: Some("c9".into())
+            })
+        );
+        c.mode = Some(json!("overwrite"));
+        assert_eq!(c.store_constraints().map(|s| s.create_only), Ok(false));
+        for bad in [json!("Create"), json!(""), json!(1), json!(true)] {
+            c.mode = Some(bad.clone());
+            assert_eq!(
+                c.store_constraints(),
+                Err(ConstraintError::InvalidMode),
+                "{bad}"
+            );
+        }
+        // A cid that is not a string still decodes (its refusal is the constraint's, not the payload's).
+        let s = golden_secret();
+        let payload = URL_SAFE_NO_PAD.encode(
+            r#"{"sub":"u","svc":"s","pur":"store","iat":1700000000,"exp":1700000060,"nonce":"n","cid":7,"mode":"x"}"#,
+        );
+        let t = format!(
+            "{payload}.{}",
+            crate::hex::encode(&hmac_parts(&s, &[payload.as_bytes()]))
+        );
+        let claims = verify_ticket(&s, &t, 1_700_000_000, 3600).unwrap();
+        assert_eq!(claims.cid, Some(json!(7)));
+        assert_eq!(
+            claims.store_constraints(),
+            Err(ConstraintError::InvalidMode)
         );
     }
 }

@@ -8,8 +8,8 @@
 //!
 //! Checks, in the order of platform tickets: length and form (exactly three non-empty parts, the first
 //! `kh2`) → `Malformed`; signature (canonical unpadded base64url of 64 bytes, strict Ed25519) →
-//! `BadSignature`; then, exactly as for platform tickets, payload decoding, expiry, nonce presence and
-//! the lifetime cap. Scope ([`TicketClaims::check_scope`]) and nonce replay are checked by the caller.
+//! `BadSignature`; then, exactly as for platform tickets, payload decoding, expiry, nonce presence,
+//! `iat` (not in the future, not after `exp`) and the lifetime cap measured from now. Scope ([`TicketClaims::check_scope`]) and nonce replay are checked by the caller.
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;

@@ -20,7 +20,7 @@ use crate::envelope::{self, Envelope, PlatformPublicKey, PlatformSigningKey};
 use crate::response_sig::{self, IdentityDocument, IdentityKey, ResponseSignature};
 use crate::secret::{DataKey, HmacSecret, KeyLengthError};
 use crate::ticket::{self, Purpose, TicketClaims};
-use crate::{binding, request_id, signing, ticket_kh2};
+use crate::{binding, otpauth, request_id, signing, ticket_kh2};
 
 /// Every vector file: `(file name, JSON text)`.
 pub const FILES: &[(&str, &str)] = &[
@@ -43,6 +43,11 @@ pub const FILES: &[(&str, &str)] = &[
     (
         "kh2_tickets.json",
         include_str!("../vectors/kh2_tickets.json"),
+    ),
+    ("otpauth.json", include_str!("../vectors/otpauth.json")),
+    (
+        "ticket_constraints.json",
+        include_str!("../vectors/ticket_constraints.json"),
     ),
 ];
 
@@ -119,6 +124,8 @@ fn run_case(file: &'static str, case: &Value) -> VectorOutcome {
         "request_ids.json" => request_id_case(case),
         "envelopes.json" => envelope_case(case),
         "kh2_tickets.json" => kh2_ticket_case(case),
+        "otpauth.json" => otpauth_case(case),
+        "ticket_constraints.json" => constraint_case(case),
         _ => Err(BadVector("unknown file".into())),
     };
     match actual {
@@ -564,6 +571,39 @@ fn kh2_ticket_case(case: &Value) -> Result<Actual, BadVector> {
         )
         .map_err(variant)
         .and_then(|c| claims_json(&c))),
+        op => Err(BadVector(format!("unknown op {op}"))),
+    }
+}
+
+fn otpauth_case(case: &Value) -> Result<Actual, BadVector> {
+    match text(case, "op")? {
+        "parse" => Ok(otpauth::parse_otpauth(text(case, "uri")?)
+            .map(|l| {
+                json!({
+                    "secret": l.secret(),
+                    "issuer": l.issuer,
+                    "accountName": l.account_name,
+                    "algorithm": l.algorithm.as_str(),
+                    "digits": l.digits,
+                    "period": l.period,
+                })
+            })
+            .map_err(variant)),
+        op => Err(BadVector(format!("unknown op {op}"))),
+    }
+}
+
+fn constraint_case(case: &Value) -> Result<Actual, BadVector> {
+    let claims = claims(case)?;
+    match text(case, "op")? {
+        "check_creation" => Ok(claims
+            .check_creation(opt_text(case, "stored_creation_id")?)
+            .map(|()| Value::Null)
+            .map_err(variant)),
+        "store_constraints" => Ok(claims
+            .store_constraints()
+            .map(|c| json!({ "createOnly": c.create_only, "creationId": c.creation_id }))
+            .map_err(variant)),
         op => Err(BadVector(format!("unknown op {op}"))),
     }
 }

@@ -552,6 +552,26 @@ impl fmt::Debug for TotpCodeResponse {
     }
 }
 
+/// Counts of a `totpUri` sweep.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TotpMigrationCounts {
+    /// Token documents examined.
+    pub scanned: u64,
+    /// Documents rewritten with the seed sealed and the link removed.
+    pub migrated: u64,
+    /// Documents whose link could not be sealed.
+    pub failed: u64,
+}
+
+/// `POST /v1/admin/migrate` response (2.4.0): counts only.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AdminMigrateResponse {
+    /// `ok`.
+    pub status: String,
+    /// The `totpUri` sweep.
+    pub totp: TotpMigrationCounts,
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {

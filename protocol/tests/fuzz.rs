@@ -358,3 +358,43 @@ fn fuzz_wire_types() {
         let _ = serde_json::from_slice::<wire::ExchangeRequest>(input);
     });
 }
+
+#[test]
+fn fuzz_otpauth_links() {
+    use keyholder_protocol::otpauth::{parse_otpauth, MAX_SECRET_CHARS, MAX_TEXT_LEN, MAX_URI_LEN};
+    let seeds = vec![
+        b"otpauth://totp/ACME%20Co:john%40example.com?secret=JBSWY3DPEHPK3PXP&issuer=ACME%20Co&algorithm=SHA256&digits=8&period=60".to_vec(),
+        b"otpauth://totp/a?secret=GEZDGNBVGY%3D%3D%3D%3D%3D%3D".to_vec(),
+        b"OTPAUTH://TOTP/x:y?secret=mzxw6===&digits=7&image=z".to_vec(),
+        b"otpauth://hotp/a?secret=JBSWY3DP&counter=0".to_vec(),
+    ];
+    fuzz("otpauth", seeds, |input| {
+        let Some(t) = text(input) else { return };
+        let Ok(link) = parse_otpauth(t) else { return };
+        assert!(t.len() <= MAX_URI_LEN);
+        let secret = link.secret();
+        assert!(!secret.is_empty() && secret.len() <= MAX_SECRET_CHARS);
+        assert!(secret
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || (b'2'..=b'7').contains(&b)));
+        assert!((6..=8).contains(&link.digits) && (1..=3600).contains(&link.period));
+        assert!(link.account_name.len() <= MAX_TEXT_LEN);
+        assert!(!link.account_name.chars().any(char::is_control));
+        if let Some(issuer) = &link.issuer {
+            assert!(issuer.len() <= MAX_TEXT_LEN && !issuer.chars().any(char::is_control));
+        }
+        // The normalised seed with the parsed descriptors is itself a link that parses the same.
+        let canonical = format!(
+            "otpauth://totp/x?secret={secret}&algorithm={}&digits={}&period={}",
+            link.algorithm.as_str(),
+            link.digits,
+            link.period
+        );
+        let again = parse_otpauth(&canonical).unwrap();
+        assert_eq!(again.secret(), secret);
+        assert_eq!(
+            (again.algorithm, again.digits, again.period),
+            (link.algorithm, link.digits, link.period)
+        );
+    });
+}

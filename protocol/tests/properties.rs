@@ -124,8 +124,8 @@ fn claims() -> impl Strategy<Value = TicketClaims> {
             let mut c = TicketClaims::new(sub, svc, pur, iat, iat + life, nonce);
             c.aid = aid;
             c.pid = pid;
-            c.cid = cid;
-            c.mode = mode;
+            c.cid = cid.map(Value::String);
+            c.mode = mode.map(Value::String);
             c
         })
 }

@@ -28,6 +28,17 @@ fn every_vector_passes() {
         ("envelopes.json", "body_swapped"),
         ("kh2_tickets.json", "golden_verify"),
         ("kh2_tickets.json", "payload_swapped_under_signature"),
+        ("otpauth.json", "minimal_defaults"),
+        ("otpauth.json", "wrong_scheme"),
+        ("otpauth.json", "hotp"),
+        ("otpauth.json", "bad_base32_character"),
+        ("otpauth.json", "digits_5"),
+        ("otpauth.json", "digits_9"),
+        ("otpauth.json", "period_0"),
+        ("otpauth.json", "period_3601"),
+        ("otpauth.json", "unknown_algorithm"),
+        ("ticket_constraints.json", "cid_differs"),
+        ("ticket_constraints.json", "store_mode_unknown"),
     ] {
         assert!(
             outcomes

@@ -156,6 +156,39 @@ def ticket(claims_json, secret=GOLDEN_SECRET):
     return ticket_from_payload(b64url(claims_json.encode()), secret)
 
 
+THIRTY_DAYS = 30 * 86400
+I64_MIN = -9223372036854775808
+U64_MAX = 18446744073709551615
+
+
+def iat_and_extreme_cases(ok):
+    """(name, claims over the base ticket, expected, verify kwargs): shared by both ticket formats.
+    The rules: iat <= now + 300 (clock skew), iat <= exp, exp - now <= cap, all without overflow."""
+    def claims(**c):
+        return dict({"sub": "u", "svc": "s", "pur": "proxy", "iat": NOW, "exp": NOW + 60, "nonce": "n1"}, **c)
+    return [
+        ("iat_at_skew_limit", {"iat": NOW + 300, "exp": NOW + 600}, ok(claims(iat=NOW + 300, exp=NOW + 600)), {}),
+        ("iat_in_future", {"iat": NOW + 301, "exp": NOW + 600}, err("IssuedInFuture"), {}),
+        ("iat_and_exp_thirty_days_ahead", {"iat": NOW + THIRTY_DAYS, "exp": NOW + THIRTY_DAYS + 60},
+         err("IssuedInFuture"), {}),
+        ("iat_after_exp", {"iat": NOW + 10, "exp": NOW + 5}, err("IssuedAfterExpiry"), {}),
+        ("old_iat_exp_beyond_cap_from_now", {"iat": NOW - 3000, "exp": NOW + 3601}, err("LifetimeTooLong"), {}),
+        ("old_iat_short_exp", {"iat": NOW - THIRTY_DAYS, "exp": NOW + 60},
+         ok(claims(iat=NOW - THIRTY_DAYS, exp=NOW + 60)), {}),
+        ("exp_i64_max", {"exp": I64_MAX}, err("LifetimeTooLong"), {}),
+        ("exp_i64_max_unbounded_cap", {"exp": I64_MAX}, ok(claims(exp=I64_MAX)),
+         {"max_lifetime_secs": I64_MAX}),
+        ("iat_i64_min_exp_i64_max", {"iat": I64_MIN, "exp": I64_MAX}, err("LifetimeTooLong"), {}),
+        ("iat_i64_max_exp_i64_max", {"iat": I64_MAX, "exp": I64_MAX}, err("IssuedInFuture"),
+         {"max_lifetime_secs": I64_MAX}),
+        ("iat_i64_min_short_exp", {"iat": I64_MIN}, ok(claims(iat=I64_MIN)), {}),
+        ("exp_i64_min", {"exp": I64_MIN}, err("Expired"), {}),
+        ("iat_i64_max", {"iat": I64_MAX}, err("IssuedInFuture"), {}),
+        ("exp_u64_max", {"exp": U64_MAX}, err("Undecodable"), {}),
+        ("exp_negative", {"iat": -5, "exp": -1}, err("Expired"), {}),
+    ]
+
+
 def tickets():
     golden_claims = {"sub": "user_test", "svc": "github", "pur": "agent_credential", "iat": 1700000000,
                      "exp": 9999999999, "nonce": "deadbeefdeadbeefdeadbeefdeadbeef", "aid": "agent_test"}
@@ -240,6 +273,12 @@ def tickets():
         verify("lifetime_too_long_without_iat",
                ticket(compact({k: v for k, v in dict(base, exp=NOW + 3601).items() if k != "iat"})),
                err("LifetimeTooLong")),
+    ] + [
+        # iat rules and the lifetime measured from now (issue 17, item 7); extreme values must be
+        # refused without overflowing (exp + skew at 2^63-1 wrapped in an older keyholder).
+        verify(name, ticket(compact(dict(base, **claims))), expected, **kw)
+        for name, claims, expected, kw in iat_and_extreme_cases(ok)
+    ] + [
         {"name": "scope_ok", "op": "check_scope", "claims": golden_claims,
          "allowed": ["agent_credential", "user_reveal"], "service": "github", "expected": ok("agent_credential")},
         {"name": "scope_wrong_purpose", "op": "check_scope", "claims": golden_claims, "allowed": ["store"],
@@ -719,6 +758,8 @@ def kh2_tickets():
     payload, sig = proxy.split(".")[1:]
     other = kh2(compact(dict(proxy_claims, svc="gitlab")))
 
+    base = {"sub": "u", "svc": "s", "pur": "proxy", "iat": NOW, "exp": NOW + 60, "nonce": "n1"}
+
     def verify(name, ticket_text, expected, now=NOW, keys=None, cap=3600):
         return {"name": name, "op": "verify", "public_keys_base64": [b64(k) for k in (keys or [pk])],
                 "ticket": ticket_text, "now": now, "max_lifetime_secs": cap, "expected": expected}
@@ -757,6 +798,10 @@ def kh2_tickets():
                err("LifetimeTooLong")),
         verify("lifetime_at_cap", kh2(compact({"iat": NOW, "exp": NOW + 3600, "nonce": "n"})),
                ok({"sub": "", "svc": "", "pur": "", "iat": NOW, "exp": NOW + 3600, "nonce": "n"})),
+    ] + [
+        verify(name, kh2(compact(dict(base, **claims))), expected,
+               cap=kw.get("max_lifetime_secs", 3600))
+        for name, claims, expected, kw in iat_and_extreme_cases(ok)
     ]
     write("kh2_tickets.json",
           "kh2 tickets: kh2.<unpadded base64url of the compact JSON claims>.<unpadded base64url of the Ed25519 "
@@ -773,6 +818,232 @@ def kh2_from_payload(payload, seed=PLATFORM_SEED):
     return signed + "." + b64url(Ed25519PrivateKey.from_private_bytes(seed).sign(signed.encode()))
 
 
+# ---------------------------------------------------------------- otpauth links (PROTOCOL.md 7.5)
+OTP_MAX_URI = 2048
+OTP_MAX_SECRET = 256
+OTP_MAX_TEXT = 256
+
+
+def otp_unquote(text):
+    """Strict percent-decoding to UTF-8; None on a bad escape or bad UTF-8. '+' stays a plus."""
+    out = bytearray()
+    i = 0
+    raw = text.encode("utf-8")
+    while i < len(raw):
+        if raw[i] == 0x25:
+            pair = raw[i + 1:i + 3].decode("ascii", "replace")
+            if len(pair) != 2 or any(c not in "0123456789abcdefABCDEF" for c in pair):
+                return None
+            out.append(int(pair, 16))
+            i += 3
+        else:
+            out.append(raw[i])
+            i += 1
+    try:
+        return out.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+class OtpError(Exception):
+    pass
+
+
+def otp_text(raw):
+    text = otp_unquote(raw)
+    if text is None or len(text.encode()) > OTP_MAX_TEXT or any(ord(c) < 0x20 or 0x7f <= ord(c) < 0xa0 for c in text):
+        raise OtpError("BadText")
+    return text
+
+
+def otp_parse(uri):
+    """The otpauth rules of protocol/src/otpauth.rs, written again from its module doc."""
+    if len(uri.encode()) > OTP_MAX_URI:
+        raise OtpError("TooLong")
+    if uri[:10].lower() != "otpauth://":
+        raise OtpError("WrongScheme")
+    rest = uri[10:]
+    if "#" in rest:
+        raise OtpError("Malformed")
+    if "/" not in rest:
+        raise OtpError("Malformed")
+    kind, rest = rest.split("/", 1)
+    if kind.lower() != "totp":
+        raise OtpError("NotTotp")
+    label, _, query = rest.partition("?")
+    label = otp_text(label)
+    if ":" in label:
+        label_issuer, account = label.split(":", 1)
+        account = account.lstrip(" ")
+    else:
+        label_issuer, account = None, label
+    params = {}
+    for piece in query.split("&"):
+        if not piece:
+            continue
+        if "=" not in piece:
+            raise OtpError("Malformed")
+        name, value = piece.split("=", 1)
+        if name not in ("secret", "issuer", "algorithm", "digits", "period"):
+            continue
+        if name in params:
+            raise OtpError("DuplicateParameter")
+        params[name] = value
+    if "secret" not in params:
+        raise OtpError("MissingSecret")
+    secret = otp_unquote(params["secret"])
+    if secret is None:
+        raise OtpError("BadSecret")
+    unpadded = secret.rstrip("=")
+    if (unpadded != secret and len(secret) % 8) or not unpadded or len(unpadded) > OTP_MAX_SECRET:
+        raise OtpError("BadSecret")
+    upper = unpadded.upper()
+    if any(c not in "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567" for c in upper):
+        raise OtpError("BadSecret")
+    try:
+        seed = base64.b32decode(upper + "=" * (-len(upper) % 8))
+    except Exception:
+        raise OtpError("BadSecret")
+    if base64.b32encode(seed).decode().rstrip("=") != upper:
+        raise OtpError("BadSecret")  # unused trailing bits set
+    issuer = otp_text(params["issuer"]) if "issuer" in params else label_issuer
+    algorithm = "SHA1"
+    if "algorithm" in params:
+        a = otp_unquote(params["algorithm"])
+        if a is None or a.upper() not in ("SHA1", "SHA256", "SHA512"):
+            raise OtpError("BadAlgorithm")
+        algorithm = a.upper()
+
+    def number(name, default, lo, hi, error):
+        if name not in params:
+            return default
+        v = params[name]
+        if not v or len(v) > 10 or any(c not in "0123456789" for c in v) or not lo <= int(v) <= hi:
+            raise OtpError(error)
+        return int(v)
+
+    digits = number("digits", 6, 6, 8, "BadDigits")
+    period = number("period", 30, 1, 3600, "BadPeriod")
+    return {"secret": upper, "issuer": issuer, "accountName": account, "algorithm": algorithm,
+            "digits": digits, "period": period}
+
+
+def otpauth():
+    def case(name, uri):
+        try:
+            expected = ok(otp_parse(uri))
+        except OtpError as e:
+            expected = err(str(e))
+        return {"name": name, "op": "parse", "uri": uri, "expected": expected}
+
+    seed = base64.b32encode(b"12345678901234567890").decode()  # RFC 6238's SHA1 seed
+    assert seed == "GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ"
+    cases = [
+        case("minimal_defaults", "otpauth://totp/alice?secret=" + seed),
+        case("issuer_label_and_parameter", "otpauth://totp/ACME%20Co:john%40example.com?secret=JBSWY3DPEHPK3PXP"
+             "&issuer=ACME%20Co&algorithm=SHA256&digits=8&period=60"),
+        case("issuer_from_label_only", "otpauth://totp/GitHub:%20me?secret=JBSWY3DPEHPK3PXP"),
+        case("parameter_issuer_wins", "otpauth://totp/Old:me?secret=JBSWY3DPEHPK3PXP&issuer=New"),
+        case("lowercase_seed_normalised", "otpauth://totp/a?secret=jbswy3dpehpk3pxp"),
+        case("padded_seed", "otpauth://totp/a?secret=GEZDGNBVGY%3D%3D%3D%3D%3D%3D"),
+        case("padding_literal", "otpauth://totp/a?secret=MZXW6===&digits=7"),
+        case("uppercase_scheme_and_type", "OTPAUTH://TOTP/a?secret=JBSWY3DP"),
+        case("algorithm_case_insensitive", "otpauth://totp/a?secret=JBSWY3DP&algorithm=sha512"),
+        case("plus_stays_plus", "otpauth://totp/a+b?secret=JBSWY3DP&issuer=x+y"),
+        case("unknown_parameters_ignored", "otpauth://totp/a?secret=JBSWY3DP&image=https%3A%2F%2Fx&counter=zz"),
+        case("empty_pieces_skipped", "otpauth://totp/a?&secret=JBSWY3DP&&"),
+        case("digits_6_and_period_1", "otpauth://totp/a?secret=JBSWY3DP&digits=6&period=1"),
+        case("digits_8_and_period_3600", "otpauth://totp/a?secret=JBSWY3DP&digits=8&period=3600"),
+        case("unicode_label", "otpauth://totp/%C3%89cole:%C3%A9l%C3%A8ve?secret=JBSWY3DP"),
+        # refusals named by issue 18
+        case("wrong_scheme", "https://totp/a?secret=JBSWY3DP"),
+        case("wrong_scheme_otpauth_without_slashes", "otpauth:totp/a?secret=JBSWY3DP"),
+        case("hotp", "otpauth://hotp/a?secret=JBSWY3DP&counter=0"),
+        case("bad_base32_character", "otpauth://totp/a?secret=JBSWY3D1"),
+        case("bad_base32_impossible_length", "otpauth://totp/a?secret=JBS"),
+        case("bad_base32_trailing_bits", "otpauth://totp/a?secret=AB"),
+        case("bad_base32_wrong_padding", "otpauth://totp/a?secret=MZXW6=="),
+        case("bad_base32_empty", "otpauth://totp/a?secret="),
+        case("digits_5", "otpauth://totp/a?secret=JBSWY3DP&digits=5"),
+        case("digits_9", "otpauth://totp/a?secret=JBSWY3DP&digits=9"),
+        case("digits_not_decimal", "otpauth://totp/a?secret=JBSWY3DP&digits=%36"),
+        case("period_0", "otpauth://totp/a?secret=JBSWY3DP&period=0"),
+        case("period_3601", "otpauth://totp/a?secret=JBSWY3DP&period=3601"),
+        case("period_negative", "otpauth://totp/a?secret=JBSWY3DP&period=-30"),
+        case("unknown_algorithm", "otpauth://totp/a?secret=JBSWY3DP&algorithm=MD5"),
+        case("missing_secret", "otpauth://totp/a?issuer=x"),
+        case("duplicate_secret", "otpauth://totp/a?secret=JBSWY3DP&secret=MZXW6YQ"),
+        case("no_type_separator", "otpauth://totp"),
+        case("fragment", "otpauth://totp/a?secret=JBSWY3DP#x"),
+        case("parameter_without_value", "otpauth://totp/a?secret=JBSWY3DP&digits"),
+        case("bad_percent_escape_in_label", "otpauth://totp/a%2?secret=JBSWY3DP"),
+        case("control_character_in_issuer", "otpauth://totp/a?secret=JBSWY3DP&issuer=x%0Ay"),
+        case("issuer_too_long", "otpauth://totp/a?secret=JBSWY3DP&issuer=" + "i" * 257),
+        case("seed_too_long", "otpauth://totp/a?secret=" + "A" * 264),
+        case("link_too_long", "otpauth://totp/a?secret=JBSWY3DP&image=" + "x" * 2048),
+    ]
+    expected_errors = {
+        "wrong_scheme": "WrongScheme", "hotp": "NotTotp", "bad_base32_character": "BadSecret",
+        "digits_5": "BadDigits", "digits_9": "BadDigits", "period_0": "BadPeriod",
+        "period_3601": "BadPeriod", "unknown_algorithm": "BadAlgorithm",
+    }
+    for c in cases:
+        if c["name"] in expected_errors:
+            assert c["expected"] == err(expected_errors[c["name"]]), c
+    write("otpauth.json",
+          "otpauth://totp/ links (PROTOCOL.md 7.5) as sealed at /v1/store. op parse: ok is "
+          "{secret (upper-case base32, no padding), issuer (or null), accountName, algorithm, digits, period}; "
+          "error is the OtpauthError variant.",
+          cases)
+
+
+def ticket_constraints():
+    def creation(name, cid, stored, expected):
+        claims = {"sub": "u", "svc": "s", "pur": "agent_credential", "iat": NOW, "exp": NOW + 60, "nonce": "n"}
+        if cid is not ABSENT:
+            claims["cid"] = cid
+        return {"name": name, "op": "check_creation", "claims": claims, "stored_creation_id": stored,
+                "expected": expected}
+
+    def store(name, mode, cid, expected):
+        claims = {"sub": "u", "svc": "s", "pur": "store", "iat": NOW, "exp": NOW + 60, "nonce": "n"}
+        if mode is not ABSENT:
+            claims["mode"] = mode
+        if cid is not ABSENT:
+            claims["cid"] = cid
+        return {"name": name, "op": "store_constraints", "claims": claims, "expected": expected}
+
+    cases = [
+        creation("no_cid_no_creation_id", ABSENT, None, ok(None)),
+        creation("no_cid_any_creation_id", ABSENT, "c1", ok(None)),
+        creation("cid_matches", "c1", "c1", ok(None)),
+        creation("cid_differs", "other", "c1", err("StaleCreation")),
+        creation("cid_but_token_has_none", "c1", None, err("StaleCreation")),
+        creation("cid_empty", "", "", err("StaleCreation")),
+        creation("cid_not_a_string", 1, "1", err("StaleCreation")),
+        creation("cid_null_is_absent", None, "c1", ok(None)),
+        creation("cid_case_differs", "C1", "c1", err("StaleCreation")),
+        store("store_defaults", ABSENT, ABSENT, ok({"createOnly": False, "creationId": None})),
+        store("store_create_with_cid", "create", "c7", ok({"createOnly": True, "creationId": "c7"})),
+        store("store_overwrite", "overwrite", ABSENT, ok({"createOnly": False, "creationId": None})),
+        store("store_mode_unknown", "replace", ABSENT, err("InvalidMode")),
+        store("store_mode_case", "Create", ABSENT, err("InvalidMode")),
+        store("store_mode_not_a_string", 1, ABSENT, err("InvalidMode")),
+        store("store_mode_null_is_absent", None, ABSENT, ok({"createOnly": False, "creationId": None})),
+        store("store_cid_empty", ABSENT, "", err("InvalidCreationId")),
+        store("store_cid_not_a_string", ABSENT, 5, err("InvalidCreationId")),
+        store("store_cid_null_is_absent", ABSENT, None, ok({"createOnly": False, "creationId": None})),
+    ]
+    write("ticket_constraints.json",
+          "Ticket constraints of protocol 2.4.0 (PROTOCOL.md 7.3). op check_creation: ok null when the ticket may "
+          "use a token whose creationId is stored_creation_id (null: none); op store_constraints: ok "
+          "{createOnly, creationId}; errors are ConstraintError variants. A null claim counts as absent.",
+          cases)
+
+
+ABSENT = object()
+
+
 if __name__ == "__main__":
     request_signatures()
     binding()
@@ -782,3 +1053,5 @@ if __name__ == "__main__":
     request_ids()
     envelopes()
     kh2_tickets()
+    otpauth()
+    ticket_constraints()

@@ -48,7 +48,7 @@ async fn exchange_hands_over_the_secret_once() {
     assert!(issued
         .registration_url
         .starts_with("https://tokenvault.uk/vault/webhook-bind?code="));
-    assert_eq!(body["version"], "2.2.0");
+    assert_eq!(body["version"], "2.4.0");
     assert!(body["webhookId"].as_str().unwrap().starts_with("wh_"));
     // Capabilities equal those of health.
     let health = read(kh.http.get(kh.url(PATH_HEALTH)).send().await.unwrap())

@@ -143,3 +143,168 @@ async fn store_and_fetch_from_another_origin_and_the_bind_page_renders() {
     .await
     .expect("browser test finished in time");
 }
+
+/// Reads the store page's state once its script has answered (or gives up after 15 s).
+async fn store_outcome(browser: &Browser) -> Value {
+    let started = std::time::Instant::now();
+    loop {
+        let out = browser
+            .execute(
+                "const r = document.getElementById('result'); \
+                 return { state: r.dataset.state, result: r.textContent, \
+                 meta: document.getElementById('stored-meta').textContent, \
+                 secretBox: document.getElementById('secret').value, \
+                 href: location.href, html: document.documentElement.outerHTML };",
+                vec![],
+            )
+            .await
+            .unwrap();
+        if out["state"] == "ok" || out["state"] == "error" {
+            return out;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "no answer on the page: {out}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Fills the store page's form as the owner would (typing, then clicking Store).
+async fn fill_and_submit(browser: &Browser, secret: &str, token_type: &str, meta: &str) {
+    let secret_box = browser.find("#secret").await.unwrap();
+    browser.type_into(&secret_box, secret).await.unwrap();
+    let type_box = browser.find("#tokenType").await.unwrap();
+    browser.type_into(&type_box, token_type).await.unwrap();
+    let meta_box = browser.find("#meta").await.unwrap();
+    browser.type_into(&meta_box, meta).await.unwrap();
+    let submit = browser.find("#submit").await.unwrap();
+    browser.click(&submit).await.unwrap();
+}
+
+/// Issue 17, item 10: the owner stores through the keyholder's own `/store` page (no page or
+/// script of the platform's involved): typed into the form in Chromium, posted by the page's own
+/// script, fetched back with a credential ticket; the secret is not shown back and leaves the
+/// page; the ticket leaves the address bar; a replayed and a forged link each show a clear error.
+#[tokio::test]
+async fn the_keyholders_own_store_page_stores_in_a_real_browser() {
+    let Some((chromium, chromedriver)) = find_browser() else {
+        if std::env::var_os("CI").is_some() {
+            panic!("CI: /usr/bin/chromium or /usr/bin/chromedriver is missing (.ci/run installs chromium and chromium-driver)");
+        }
+        eprintln!("SKIPPED store page browser test: Chromium not found (apt-get install -y chromium chromium-driver).");
+        return;
+    };
+    const PASTED: &str = "ghp_PastedIntoTheKeyholdersPage_9d3a";
+    tokio::time::timeout(Duration::from_secs(120), async {
+        let mut kh = Keyholder::start_with(|c| {
+            c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+        })
+        .await;
+        kh.bind().await;
+        let browser = Browser::start(&chromium, &chromedriver).await.unwrap();
+
+        let ticket = kh.ticket(Purpose::Store, "github");
+        let link = reqwest::Url::parse_with_params(
+            &kh.url(PATH_STORE_PAGE),
+            &[("ticket", ticket.as_str()), ("service", "github")],
+        )
+        .unwrap();
+        let headers = reqwest::get(link.clone()).await.unwrap();
+        let csp = headers.headers()["content-security-policy"].to_str().unwrap().to_string();
+        assert!(csp.contains("frame-ancestors 'none'") && csp.contains("script-src 'self'"), "{csp}");
+        assert_eq!(headers.headers()["x-frame-options"], "DENY");
+
+        browser.goto(link.as_str()).await.unwrap();
+        fill_and_submit(&browser, PASTED, "oauth", "scope=repo\nlogin=octocat").await;
+        let out = store_outcome(&browser).await;
+        assert_eq!(out["state"], "ok", "{}", out["result"]);
+        assert!(out["result"].as_str().unwrap().contains("github"), "{}", out["result"]);
+        let meta: Value = serde_json::from_str(out["meta"].as_str().unwrap()).unwrap();
+        assert_eq!(meta["scope"], "repo", "{meta}");
+        assert_eq!(meta["login"], "octocat", "{meta}");
+        assert_eq!(out["secretBox"], "", "the secret left the page");
+        assert!(!out["html"].as_str().unwrap().contains(PASTED), "the secret is not shown back");
+        assert_eq!(out["href"], Value::from(kh.url(PATH_STORE_PAGE)), "the ticket left the address bar");
+        let png = browser.screenshot().await.unwrap();
+        let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("browser");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("store-page.png"), &png).unwrap();
+
+        // Through a credential ticket, as an agent: it was stored.
+        let token = kh.credential("github").await.json();
+        assert_eq!(token["token"]["accessToken"], PASTED, "{token}");
+        assert_eq!(token["token"]["scope"], "repo", "{token}");
+
+        // The same link again: the page opens (it does not spend tickets), the store is refused
+        // as a replay and says so; nothing is overwritten.
+        browser.goto(link.as_str()).await.unwrap();
+        fill_and_submit(&browser, "ghp_second_attempt", "", "").await;
+        let out = store_outcome(&browser).await;
+        assert_eq!(out["state"], "error", "{out}");
+        assert!(out["result"].as_str().unwrap().contains("ticket_invalid"), "{}", out["result"]);
+        assert_eq!(out["secretBox"], "");
+        assert_eq!(kh.credential("github").await.json()["token"]["accessToken"], PASTED);
+
+        // A forged link shows a clear error and no form.
+        let forged = keyholder_protocol::ticket::encode_ticket(&HmacSecret::generate(), &kh.claims(Purpose::Store, "github"));
+        let link = reqwest::Url::parse_with_params(
+            &kh.url(PATH_STORE_PAGE),
+            &[("ticket", forged.as_str()), ("service", "github")],
+        )
+        .unwrap();
+        browser.goto(link.as_str()).await.unwrap();
+        let page = browser
+            .execute(
+                "const e = document.getElementById('error'); \
+                 return { code: e && e.dataset.code, text: e && e.textContent, form: !!document.getElementById('store-form') };",
+                vec![],
+            )
+            .await
+            .unwrap();
+        assert_eq!(page["code"], "ticket_invalid", "{page}");
+        assert!(page["text"].as_str().unwrap().contains("cannot be used"), "{page}");
+        assert_eq!(page["form"], false, "{page}");
+
+        // A hostile platform page frames the store page (to overlay it, or to watch what is typed):
+        // Chromium refuses to render it (frame-ancestors 'none', X-Frame-Options DENY), so the
+        // page's script is never even fetched.
+        let metrics_url = kh.server.as_ref().unwrap().metrics_url().unwrap();
+        let script_fetches = || async {
+            let text = reqwest::get(&metrics_url).await.unwrap().text().await.unwrap();
+            let line = format!(
+                "keyholder_http_requests_total{{route=\"{PATH_STORE_PAGE_SCRIPT}\",method=\"GET\",status=\"200\"}} "
+            );
+            text.lines()
+                .find_map(|l| l.strip_prefix(line.as_str()))
+                .map_or(0, |n| n.trim().parse::<u64>().unwrap())
+        };
+        let fetched = script_fetches().await;
+        assert_eq!(fetched, 2, "the page loaded its script twice above");
+        let (platform, platform_handle) = start_platform_page();
+        browser.goto(&format!("{platform}/")).await.unwrap();
+        let framed_ticket = kh.ticket(Purpose::Store, "github");
+        let framed = reqwest::Url::parse_with_params(
+            &kh.url(PATH_STORE_PAGE),
+            &[("ticket", framed_ticket.as_str()), ("service", "github")],
+        )
+        .unwrap();
+        let out = browser
+            .execute_async(
+                "const [src, done] = arguments; const f = document.createElement('iframe'); \
+                 f.onload = () => done('loaded'); setTimeout(() => done('timeout'), 3000); \
+                 f.src = src; document.body.appendChild(f);",
+                vec![json!(framed.as_str())],
+            )
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(script_fetches().await, fetched, "the framed page ran ({out})");
+        platform_handle.stop(false).await;
+
+        browser.quit().await;
+        kh.stop().await;
+    })
+    .await
+    .expect("browser test finished in time");
+}

@@ -361,13 +361,21 @@ fn options(kh: &Keyholder, auth: CheckAuth) -> CheckOptions {
 /// Every check of the matrix passes against our keyholder (the unsigned-proxy probe included).
 fn assert_all_pass(report: &check::Report) {
     let text = report.to_text();
-    assert_eq!(report.checks.len(), check::MATRIX.len(), "{text}");
+    assert_eq!(
+        report.checks.len(),
+        check::MATRIX.len() + check::PROTOCOL_24_MATRIX.len() + check::WIRE_MATRIX.len(),
+        "{text}"
+    );
     for c in &report.checks {
         assert!(c.passed, "{}: {}\n{text}", c.name, c.detail);
         assert!(!c.exchanges.is_empty(), "{}", c.name);
     }
     assert!(report.ok(), "{text}");
     assert!(text.ends_with(&format!("{} passed, 0 failed\n", report.passed)));
+    assert!(
+        text.contains("The webhook speaks protocol 2.4.0\n"),
+        "{text}"
+    );
 }
 
 #[tokio::test]
@@ -383,8 +391,9 @@ async fn checker_passes_against_our_keyholder() {
     let json = report.to_json();
     assert_eq!(
         json["checks"].as_array().unwrap().len(),
-        check::MATRIX.len()
+        check::MATRIX.len() + check::PROTOCOL_24_MATRIX.len() + check::WIRE_MATRIX.len()
     );
+    assert_eq!(json["protocol_version"], "2.4.0");
     assert_eq!(json["passed"], report.passed);
 
     // With the secret of an already-bound keyholder (the checker's own bind above gave it).
@@ -395,6 +404,11 @@ async fn checker_passes_against_our_keyholder() {
     // Nothing the checker wrote is left behind.
     let left = kh2
         .storage(json!({"operation":"list","collection":"vault_config"}))
+        .await
+        .json();
+    assert_eq!(left["items"], json!([]), "{left}");
+    let left = kh2
+        .storage(json!({"operation":"list","collection":"tokens"}))
         .await
         .json();
     assert_eq!(left["items"], json!([]), "{left}");

@@ -72,12 +72,12 @@ async fn store_then_fetch_as_agent_and_owner() {
         .unwrap()
         .starts_with("kh1:"));
 
-    // A ciphertext moved to another service does not decrypt there.
+    // A ciphertext moved to another service does not decrypt there (a 4xx: not retried).
     kh.storage(json!({"operation":"set","collection":"tokens","key":"gitlab","data":raw["data"]}))
         .await;
     kh.credential("gitlab")
         .await
-        .assert_error(500, "internal_error");
+        .assert_error(422, "corrupt_document");
 }
 
 #[tokio::test]

@@ -346,7 +346,7 @@ async fn envelope_and_scheme_refusals() {
         "{body}"
     );
 
-    let ok_body = br#"{"requestId":"r"}"#;
+    let ok_body = br#"{"probe":"r"}"#;
     let (answer, header) = enveloped(&kh, &key, PATH_HEALTH, ok_body, now()).await;
     assert_eq!(
         answer.status,
@@ -379,7 +379,7 @@ async fn envelope_and_scheme_refusals() {
     send(
         &kh,
         PATH_HEALTH,
-        br#"{"requestId":"x"}"#,
+        br#"{"probe":"x"}"#,
         &[(HEADER_ENVELOPE, &header)],
     )
     .await
@@ -586,7 +586,11 @@ async fn checker_runs_its_matrix_over_an_asymmetric_binding() {
     // Without a removed key, that one check is left out.
     assert_eq!(
         report.checks.len(),
-        check::MATRIX.len() + check::ENVELOPE_MATRIX.len() - 1,
+        check::MATRIX.len()
+            + check::PROTOCOL_24_MATRIX.len()
+            + check::WIRE_MATRIX.len()
+            + check::ENVELOPE_MATRIX.len()
+            - 1,
         "{text}"
     );
     assert!(!text.contains(&code), "{text}");
@@ -622,7 +626,10 @@ async fn checker_runs_its_matrix_over_an_asymmetric_binding() {
     assert!(report.ok(), "{text}");
     assert_eq!(
         report.checks.len(),
-        check::MATRIX.len() + check::ENVELOPE_MATRIX.len(),
+        check::MATRIX.len()
+            + check::PROTOCOL_24_MATRIX.len()
+            + check::WIRE_MATRIX.len()
+            + check::ENVELOPE_MATRIX.len(),
         "{text}"
     );
     assert!(report.check("removed_platform_key").unwrap().passed);
@@ -781,4 +788,66 @@ async fn data_folder_holds_nothing_that_signs_as_the_platform() {
         }
     }
     assert!(files >= 2, "the database and the master key file");
+}
+
+/// Issue 17, items 5 and 7 in the asymmetric binding: the envelope's signed nonce and target
+/// already make its signed bytes single-use on one endpoint; the body requestId must still equal
+/// the header, and `kh2` tickets obey the same `iat` rules and overflow-free clock arithmetic.
+#[tokio::test]
+async fn envelope_body_request_id_and_kh2_ticket_times() {
+    let keys_dir = tempfile::tempdir().unwrap();
+    let kh = Keyholder::start().await;
+    let key = PlatformSigningKey::generate();
+    let code = issue_asymmetric_code(&kh, &public_key_file(keys_dir.path(), &key, false), false);
+    assert_eq!(kh.exchange(&code).await.status, 200);
+    // `send` puts a fresh random request id in the header.
+    let body = br#"{"requestId":"req_not_the_header"}"#;
+    let (answer, _) = enveloped(&kh, &key, PATH_HEALTH, body, now()).await;
+    answer.assert_error(401, "auth_failed");
+    assert_eq!(
+        answer.json()["message"],
+        "Body requestId does not match X-TokenVault-Request-Id"
+    );
+    let header = sign_envelope(
+        &key,
+        now(),
+        &new_envelope_nonce(),
+        "POST",
+        PATH_HEALTH,
+        body,
+    );
+    let matching = read(
+        kh.http
+            .post(kh.url(PATH_HEALTH))
+            .header(HEADER_ENVELOPE, header)
+            .header(HEADER_PLATFORM_REQUEST_ID, "req_not_the_header")
+            .body(body.to_vec())
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(matching.status, 200);
+
+    let n = now();
+    for (iat, exp) in [
+        (n + 30 * 86_400, n + 30 * 86_400 + 60),
+        (n + 100, n + 50),
+        (n + 300, n + 3_900),
+        (i64::MAX - 60, i64::MAX),
+        (i64::MIN, i64::MAX),
+    ] {
+        let claims = TicketClaims::new(
+            "user_test",
+            "github",
+            Purpose::AgentCredential,
+            iat,
+            exp,
+            random_hex(16),
+        );
+        let ticket = encode_kh2_ticket(&key, &claims);
+        kh.credential_with(&ticket, "github")
+            .await
+            .assert_error(401, "ticket_invalid");
+    }
 }

@@ -5,12 +5,15 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use keyholder::cli::owner::{self, AuditExportArgs, OwnerArgs, RetireKeyArgs, RewrapArgs};
+use keyholder::cli::owner::{
+    self, AuditExportArgs, OwnerArgs, RetireKeyArgs, RetiredKey, RewrapArgs,
+};
 use keyholder::config::DataArgs;
 use keyholder::vault::master::MasterKeySource;
 use keyholder_protocol::document::encrypt_platform_v1_field;
 use keyholder_protocol::paths::*;
 use keyholder_protocol::{DataKey, HmacSecret, Purpose};
+use keyholder_tests::upstream::MockServer;
 use keyholder_tests::*;
 use serde_json::{json, Value};
 
@@ -113,13 +116,13 @@ async fn rotation_then_rewrap_then_retire_keeps_every_credential_readable() {
     // Retiring v1 is refused while credentials use it; retiring the current key always is.
     let args = RetireKeyArgs {
         data: kh.data_args(),
-        version: 1,
+        key: RetiredKey::Data(1),
     };
     let err = cli(move || owner::retire_key(&args)).await.unwrap_err();
     assert!(err.to_string().contains("still used"), "{err}");
     let args = RetireKeyArgs {
         data: kh.data_args(),
-        version: 2,
+        key: RetiredKey::Data(2),
     };
     let err = cli(move || owner::retire_key(&args)).await.unwrap_err();
     assert!(err.to_string().contains("current"), "{err}");
@@ -141,7 +144,7 @@ async fn rotation_then_rewrap_then_retire_keeps_every_credential_readable() {
 
     let args = RetireKeyArgs {
         data: kh.data_args(),
-        version: 1,
+        key: RetiredKey::Data(1),
     };
     cli(move || owner::retire_key(&args)).await.unwrap();
     within(Duration::from_secs(1), || {
@@ -189,6 +192,8 @@ async fn master_key_rotation_keeps_the_server_serving_and_locks_out_the_old_key(
         data: kh.data_args(),
         new_master_key_file: Some(new_key.clone()),
         new_passphrase_file: None,
+        to_pkcs11: None,
+        from_pkcs11: None,
     };
     cli(move || owner::rotate_master_key(&args)).await.unwrap();
     // The old key no longer opens the folder.
@@ -291,6 +296,7 @@ async fn backup_under_concurrent_writes_restores_every_acknowledged_write() {
             data_dir: target.clone(),
             master_key_file: Some(kh.data_dir.join("master.key")),
             passphrase_file: None,
+            pkcs11: Default::default(),
         },
         from: out.clone(),
     };
@@ -395,6 +401,7 @@ fn copy_folder(from: &std::path::Path) -> (tempfile::TempDir, OwnerArgs) {
             data_dir: dir.path().to_path_buf(),
             master_key_file: None,
             passphrase_file: None,
+            pkcs11: Default::default(),
         },
         json: false,
     };
@@ -441,7 +448,8 @@ async fn audit_trail_records_uses_and_refusals_and_verify_catches_tampering() {
         json: true,
     };
     let entries = cli(move || owner::audit_list(&args)).await.unwrap();
-    assert_eq!(entries.len(), 7, "{entries:#?}");
+    // The ticket for gitlab is recorded under the service it names (signed), not the one asked.
+    assert_eq!(entries.len(), 6, "{entries:#?}");
     assert_eq!(entries[0].event.endpoint, PATH_STORE);
     assert_eq!(entries[0].event.purpose, "store");
     let first_use = &entries[1].event;
@@ -457,7 +465,7 @@ async fn audit_trail_records_uses_and_refusals_and_verify_catches_tampering() {
     assert_eq!(first_use.source, "127.0.0.1");
     assert!(!first_use.request_id.is_empty());
     assert_eq!(entries[2].event.result, "ticket_invalid");
-    assert_eq!(entries[3].event.result, "ticket_invalid");
+    assert_eq!(entries[3].event.result, "ok");
     let args = owner_args(&kh);
     let status = cli(move || owner::status(&args)).await.unwrap();
     assert!(status.last_credential_use.is_some());
@@ -626,6 +634,398 @@ async fn import_from_the_reference_keeps_the_same_platform_working() {
         kh.credential("github").await.json()["token"]["accessToken"],
         "ghp_reference_token"
     );
+}
+
+/// Item 8 of issue 17: a v1 ciphertext carries no associated data, so a hostile platform that saw
+/// the reference's documents before the migration writes one into another service's document
+/// (`storage set`) and asks for it with that service's ticket, or proxies it to its own host. It
+/// opens only as the service and field it was imported as; `rewrap` re-seals what the reference
+/// key still opens in `kh1`, after which `retire-key platform-v1` removes the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn imported_v1_ciphertexts_open_only_where_imported_until_rewrap_and_retire() {
+    let reference_key = DataKey::generate();
+    let reference_secret = HmacSecret::generate();
+    let github_access = encrypt_platform_v1_field(&reference_key, b"ghp_reference_token");
+    let github_refresh = encrypt_platform_v1_field(&reference_key, b"ghr_reference_refresh");
+    let slack_access = encrypt_platform_v1_field(&reference_key, b"xoxb-reference-slack");
+    let github_v1 = json!({
+        "v": 1, "alg": "AES-256-GCM",
+        "fields": {"accessToken": github_access, "refreshToken": github_refresh},
+        "meta": {"serviceName": "GitHub", "tokenType": "oauth", "hasRefreshToken": true}
+    });
+    let key_file = json!({
+        "webhook_id": "wh_reference02",
+        "encryption_key": reference_key.to_base64().as_str(),
+        "hmac_secret": reference_secret.to_base64().as_str(),
+        "hmac_secret_hash": reference_secret.sha256_hex(),
+        "tokenvault_origin": "https://tokenvault.uk",
+        "is_configured": true,
+    });
+    let collections = json!({
+        "tokens": {
+            "github": github_v1,
+            "slack": {"v": 1, "alg": "AES-256-GCM", "fields": {"accessToken": slack_access}, "meta": {}},
+        }
+    });
+    let files = tempfile::tempdir().unwrap();
+    let store_file = files.path().join("tokenvault_store.json");
+    let kv_file = files.path().join("tokenvault_kv_store.json");
+    std::fs::write(&store_file, key_file.to_string()).unwrap();
+    std::fs::write(&kv_file, collections.to_string()).unwrap();
+
+    let mut kh = Keyholder::start_with(|c| c.egress_allow_private = true).await;
+    let args = owner::ImportReferenceArgs {
+        data: kh.data_args(),
+        store: store_file,
+        kv: kv_file,
+        force: false,
+    };
+    let report = cli(move || owner::import_reference(&args)).await.unwrap();
+    assert_eq!(report.tokens_reencrypted, 2);
+    kh.secret = Some(HmacSecret::from_bytes(*reference_secret.expose()));
+    let state = kh.server.as_ref().unwrap().state.clone();
+    within(Duration::from_secs(1), || state.vault.binding().bound).await;
+    let attacker = MockServer::ok().await;
+
+    // The platform writes pre-migration ciphertexts where they do not belong: github's access
+    // token as a new service's, and as slack's; github's refresh token as its access token.
+    let set = |key: &str, fields: Value| {
+        json!({"operation": "set", "collection": "tokens", "key": key,
+               "data": {"v": 1, "alg": "AES-256-GCM", "fields": fields, "meta": {}}})
+    };
+    for (key, fields) in [
+        ("evil", json!({"accessToken": github_access})),
+        ("slack", json!({"accessToken": github_access})),
+        ("github_swapped", json!({"accessToken": github_refresh})),
+    ] {
+        assert_eq!(kh.storage(set(key, fields)).await.status, 200);
+    }
+    // The owner lets `evil` reach anywhere, so only the v1 binding stands between the copied
+    // ciphertext and the attacker's host.
+    kh.egress("allow", "evil", &[], true).await;
+    for service in ["evil", "slack", "github_swapped"] {
+        let answer = kh.credential(service).await;
+        assert!(
+            answer.status >= 400,
+            "{service}: {}",
+            String::from_utf8_lossy(&answer.body)
+        );
+        assert!(answer.json()["error"].is_string());
+        let body = String::from_utf8_lossy(&answer.body);
+        assert!(
+            !body.contains("ghp_reference") && !body.contains("ghr_reference"),
+            "{body}"
+        );
+    }
+    let proxied = kh.proxy_get("evil", &attacker.url("/collect")).await;
+    assert!(
+        proxied.status >= 400,
+        "{}",
+        String::from_utf8_lossy(&proxied.body)
+    );
+    assert_eq!(attacker.count(), 0, "nothing reached the attacker");
+    // Its own ciphertexts, written back to where they were imported, still open (the platform
+    // may hold a copy from before the migration); that is what `rewrap` converts.
+    let written_back =
+        json!({"operation": "set", "collection": "tokens", "key": "github", "data": github_v1});
+    assert_eq!(kh.storage(written_back).await.status, 200);
+    let token = kh.credential("github").await.json();
+    assert_eq!(token["token"]["accessToken"], "ghp_reference_token");
+    assert_eq!(token["token"]["refreshToken"], "ghr_reference_refresh");
+
+    let args = owner_args(&kh);
+    let status = cli(move || owner::status(&args)).await.unwrap();
+    assert!(status.reference_key);
+    assert_eq!(status.reference_key_documents, 1, "{status:?}");
+    let retire = RetireKeyArgs {
+        data: kh.data_args(),
+        key: RetiredKey::PlatformV1,
+    };
+    let args = retire.clone();
+    let err = cli(move || owner::retire_key(&args)).await.unwrap_err();
+    assert!(err.to_string().contains("rewrap"), "{err}");
+
+    // rewrap re-seals github in kh1 (bound to service, field and key version); the misplaced
+    // copies are not laundered into kh1, they are left as they are and listed.
+    let args = RewrapArgs {
+        data: kh.data_args(),
+        batch_size: 2,
+    };
+    let report = cli(move || owner::rewrap(&args)).await.unwrap();
+    assert_eq!(report.reference_key_documents, 0, "{report:?}");
+    let mut failed = report.failed.clone();
+    failed.sort();
+    assert_eq!(failed, ["evil", "github_swapped", "slack"], "{report:?}");
+    let docs = token_docs(&kh);
+    let github = &docs.iter().find(|(k, _)| k == "github").unwrap().1;
+    let github: Value = serde_json::from_str(github).unwrap();
+    assert_eq!(github["v"], 2, "{github}");
+    for field in ["accessToken", "refreshToken"] {
+        assert!(
+            github["fields"][field]
+                .as_str()
+                .unwrap()
+                .starts_with("kh1:1:"),
+            "{github}"
+        );
+    }
+    for (key, doc) in docs.iter().filter(|(k, _)| k != "github") {
+        assert!(!doc.contains("kh1:"), "{key} was not re-sealed: {doc}");
+    }
+
+    // The reference key goes; everything that was the owner's still decrypts.
+    cli(move || owner::retire_key(&retire)).await.unwrap();
+    within(Duration::from_secs(1), || {
+        !state.vault.keys().has_platform_v1_key()
+    })
+    .await;
+    let token = kh.credential("github").await.json();
+    assert_eq!(token["token"]["accessToken"], "ghp_reference_token");
+    assert_eq!(token["token"]["refreshToken"], "ghr_reference_refresh");
+    assert!(kh.credential("evil").await.status >= 400);
+    let args = owner_args(&kh);
+    let status = cli(move || owner::status(&args)).await.unwrap();
+    assert!(!status.reference_key, "{status:?}");
+    assert_eq!(status.reference_key_documents, 0);
+    let conn = rusqlite::Connection::open(kh.data_dir.join("keyholder.db")).unwrap();
+    let places: i64 = conn
+        .query_row("SELECT COUNT(*) FROM imported_v1_fields", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(places, 0);
+    let list = owner::AuditListArgs {
+        data: kh.data_args(),
+        service: None,
+        since: None,
+        limit: None,
+        json: true,
+    };
+    let entries = cli(move || owner::audit_list(&list)).await.unwrap();
+    assert!(
+        entries
+            .iter()
+            .any(|e| e.event.endpoint == "owner:retire-key"
+                && e.event.service.contains("platform-v1"))
+    );
+    // Retiring it twice says there is nothing to retire.
+    let args = RetireKeyArgs {
+        data: kh.data_args(),
+        key: RetiredKey::PlatformV1,
+    };
+    let err = cli(move || owner::retire_key(&args)).await.unwrap_err();
+    assert!(err.to_string().contains("no reference"), "{err}");
+
+    // And after a restart too.
+    kh.restart().await;
+    assert_eq!(
+        kh.credential("github").await.json()["token"]["accessToken"],
+        "ghp_reference_token"
+    );
+}
+
+/// A copy the platform made before the migration, inside the reference's own files (its storage
+/// `set` wrote them too): the same v1 ciphertext under two services. Importing it would bind the
+/// copy as well, so the import is refused, naming both places, and nothing is imported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn import_refuses_a_v1_ciphertext_found_in_two_places() {
+    let reference_key = DataKey::generate();
+    let reference_secret = HmacSecret::generate();
+    let access = encrypt_platform_v1_field(&reference_key, b"ghp_reference_token");
+    let key_file = json!({
+        "webhook_id": "wh_reference03",
+        "encryption_key": reference_key.to_base64().as_str(),
+        "hmac_secret": reference_secret.to_base64().as_str(),
+        "is_configured": true,
+    });
+    let collections = json!({"tokens": {
+        "github": {"v": 1, "alg": "AES-256-GCM", "fields": {"accessToken": access}, "meta": {}},
+        "platform_copy": {"v": 1, "alg": "AES-256-GCM", "fields": {"accessToken": access}, "meta": {}},
+    }});
+    let files = tempfile::tempdir().unwrap();
+    let store_file = files.path().join("tokenvault_store.json");
+    let kv_file = files.path().join("tokenvault_kv_store.json");
+    std::fs::write(&store_file, key_file.to_string()).unwrap();
+    std::fs::write(&kv_file, collections.to_string()).unwrap();
+    let kh = Keyholder::start().await;
+    let args = owner::ImportReferenceArgs {
+        data: kh.data_args(),
+        store: store_file,
+        kv: kv_file,
+        force: false,
+    };
+    let err = cli(move || owner::import_reference(&args))
+        .await
+        .unwrap_err();
+    let text = format!("{err:#}");
+    assert!(
+        text.contains("tokens/github accessToken")
+            && text.contains("tokens/platform_copy accessToken"),
+        "{text}"
+    );
+    let args = owner_args(&kh);
+    let status = cli(move || owner::status(&args)).await.unwrap();
+    assert_eq!(status.credential_count, 0);
+    assert!(!status.reference_key && !status.bound, "{status:?}");
+}
+
+/// Item 10 of issue 17: `keyholder store` seals a credential from a file or standard input on the
+/// data folder, without any page or script of the platform's; a running server that had the old
+/// credential cached serves the new one within its quarter-second poll; the audit trail has
+/// `owner:store`; secrets are refused as arguments and nothing is half-written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn owner_store_from_a_file_reaches_the_running_server() {
+    let mut kh = Keyholder::start().await;
+    kh.bind().await;
+    assert_eq!(
+        kh.store(
+            "github",
+            json!({"accessToken": "ghp_old_one", "scope": "old"})
+        )
+        .await
+        .status,
+        200
+    );
+    let created_at = kh.credential("github").await.json()["token"]["createdAt"].clone();
+    assert!(created_at.is_string());
+
+    let files = tempfile::tempdir().unwrap();
+    let secret_file = files.path().join("token");
+    std::fs::write(&secret_file, "ghp_FromTheOwnerCli_77\n").unwrap();
+    let args = owner::StoreArgs {
+        data: kh.data_args(),
+        service: "github".into(),
+        token_type: Some("api_key".into()),
+        meta: vec!["scope=repo".into(), "serviceName=GitHub (CLI)".into()],
+        secret_file: secret_file.clone(),
+        field: "accessToken".into(),
+        json: false,
+    };
+    let store_args = args.clone();
+    let report = cli(move || owner::store(&store_args, &mut std::io::empty()))
+        .await
+        .unwrap();
+    assert_eq!(report.meta["tokenType"], "api_key");
+    assert!(!serde_json::to_string(&report)
+        .unwrap()
+        .contains("FromTheOwnerCli"));
+
+    // The server was not told: it notices the owner generation move within a quarter second.
+    let started = Instant::now();
+    let token = loop {
+        let token = kh.credential("github").await.json()["token"].clone();
+        if token["accessToken"] == "ghp_FromTheOwnerCli_77" {
+            break token;
+        }
+        assert_eq!(token["accessToken"], "ghp_old_one");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "the server kept the old credential"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(token["tokenType"], "api_key");
+    assert_eq!(token["scope"], "repo");
+    assert_eq!(token["serviceName"], "GitHub (CLI)");
+    assert_eq!(
+        token["createdAt"], created_at,
+        "a replacement keeps createdAt"
+    );
+    let doc = token_docs(&kh)
+        .into_iter()
+        .find(|(k, _)| k == "github")
+        .unwrap()
+        .1;
+    assert!(
+        !doc.contains("FromTheOwnerCli") && doc.contains("kh1:"),
+        "{doc}"
+    );
+
+    // Refused before anything is written: a secret as an argument, a field that is not
+    // sensitive, an empty or oversized secret, a missing file.
+    let refused = |adjust: fn(&mut owner::StoreArgs), needle: &'static str| {
+        let mut args = args.clone();
+        adjust(&mut args);
+        async move {
+            let err = cli(move || owner::store(&args, &mut std::io::empty()))
+                .await
+                .unwrap_err();
+            assert!(format!("{err:#}").contains(needle), "{err:#}");
+        }
+    };
+    refused(
+        |a| a.meta.push("accessToken=ghp_on_the_command_line".into()),
+        "--field accessToken",
+    )
+    .await;
+    refused(
+        |a| a.meta.push("totpUri=otpauth://totp/x?secret=AAAA".into()),
+        "holds a secret",
+    )
+    .await;
+    refused(|a| a.meta.push("novalue".into()), "KEY=VALUE").await;
+    refused(|a| a.field = "scope".into(), "must be one of").await;
+    refused(
+        |a| a.secret_file = a.secret_file.with_file_name("absent"),
+        "--secret-file",
+    )
+    .await;
+    std::fs::write(files.path().join("empty"), "\r\n").unwrap();
+    refused(
+        |a| a.secret_file = a.secret_file.with_file_name("empty"),
+        "empty",
+    )
+    .await;
+    std::fs::write(
+        files.path().join("big"),
+        vec![b'x'; owner::MAX_STORED_SECRET + 1],
+    )
+    .unwrap();
+    refused(
+        |a| a.secret_file = a.secret_file.with_file_name("big"),
+        "longer than",
+    )
+    .await;
+    // Standard input, another service.
+    let mut args = args.clone();
+    args.service = "slack".into();
+    args.secret_file = "-".into();
+    args.meta.clear();
+    args.token_type = None;
+    cli(move || owner::store(&args, &mut &b"xoxb-from-stdin\n"[..]))
+        .await
+        .unwrap();
+    kh.server
+        .as_ref()
+        .unwrap()
+        .state
+        .vault
+        .follow_owner_changes()
+        .await
+        .unwrap();
+    let slack = kh.credential("slack").await.json();
+    assert_eq!(slack["token"]["accessToken"], "xoxb-from-stdin");
+    assert_eq!(slack["token"]["tokenType"], "oauth");
+    assert_eq!(
+        kh.credential("github").await.json()["token"]["accessToken"],
+        "ghp_FromTheOwnerCli_77",
+        "the refused stores changed nothing"
+    );
+
+    let list = owner::AuditListArgs {
+        data: kh.data_args(),
+        service: None,
+        since: None,
+        limit: None,
+        json: true,
+    };
+    let entries = cli(move || owner::audit_list(&list)).await.unwrap();
+    let stores: Vec<&str> = entries
+        .iter()
+        .filter(|e| e.event.endpoint == "owner:store")
+        .map(|e| e.event.service.as_str())
+        .collect();
+    assert_eq!(stores, ["github", "slack"]);
+    let trail = serde_json::to_string(&entries).unwrap();
+    assert!(!trail.contains("FromTheOwnerCli") && !trail.contains("xoxb-from-stdin"));
 }
 
 /// `--audit-retention-days` in a running server: the old part of the trail goes, behind a signed

@@ -17,7 +17,8 @@ async fn post(kh: &Keyholder, headers: &[(&str, String)], body: &[u8]) -> Answer
 async fn platform_signature_refusals() {
     let mut kh = Keyholder::start().await;
     let secret = kh.bind().await;
-    let body = br#"{"requestId":"x"}"#;
+    // No body requestId: the header's must equal it where there is one.
+    let body = br#"{"probe":"x"}"#;
     let ts = now();
     let good_sig = signature_header_value(&secret, ts, body);
     let rid = || format!("req_{}", random_hex(8));
@@ -147,7 +148,7 @@ async fn platform_signature_refusals() {
             (HEADER_TIMESTAMP, ts.to_string()),
             (HEADER_PLATFORM_REQUEST_ID, rid()),
         ],
-        br#"{"requestId":"y"}"#,
+        br#"{"probe":"y"}"#,
     )
     .await;
     tampered.assert_error(401, "auth_failed");

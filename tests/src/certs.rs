@@ -22,8 +22,13 @@ pub struct TestCert {
 }
 
 impl TestCert {
-    /// A new self-signed certificate for 127.0.0.1.
+    /// A new self-signed certificate for 127.0.0.1, valid for two days.
     pub fn new(common_name: &str) -> TestCert {
+        Self::valid_for_days(common_name, 2)
+    }
+
+    /// A new self-signed certificate for 127.0.0.1, valid for `days` days from now.
+    pub fn valid_for_days(common_name: &str, days: u32) -> TestCert {
         let group = EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).unwrap();
         let key = PKey::from_ec_key(EcKey::generate(&group).unwrap()).unwrap();
         let mut name = X509NameBuilder::new().unwrap();
@@ -43,7 +48,7 @@ impl TestCert {
             .set_not_before(&Asn1Time::days_from_now(0).unwrap())
             .unwrap();
         builder
-            .set_not_after(&Asn1Time::days_from_now(2).unwrap())
+            .set_not_after(&Asn1Time::days_from_now(days).unwrap())
             .unwrap();
         let san = SubjectAlternativeName::new()
             .ip("127.0.0.1")

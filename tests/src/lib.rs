@@ -190,12 +190,21 @@ impl Keyholder {
         let (master_key_file, passphrase_file) = match &self.config.master_key {
             MasterKeySource::File(p) => (Some(p.clone()), None),
             MasterKeySource::Passphrase(p) => (None, Some(p.clone())),
-            MasterKeySource::DataFolder => (None, None),
+            MasterKeySource::DataFolder | MasterKeySource::Pkcs11(_) => (None, None),
+        };
+        let pkcs11 = match &self.config.master_key {
+            MasterKeySource::Pkcs11(c) => keyholder::config::Pkcs11Args {
+                master_key_pkcs11: Some(c.uri.clone()),
+                pkcs11_module: c.module.clone(),
+                pkcs11_pin_file: c.pin_file.clone(),
+            },
+            _ => Default::default(),
         };
         DataArgs {
             data_dir: self.data_dir.clone(),
             master_key_file,
             passphrase_file,
+            pkcs11,
         }
     }
 
@@ -249,11 +258,20 @@ impl Keyholder {
         self.secret.as_ref().expect("bound")
     }
 
-    /// A signed platform POST with a fresh request id and timestamp.
+    /// A signed platform POST as the platform sends it: a fresh timestamp, and the request id in
+    /// the body's `requestId` and in the header (a fresh one added to an object body without one,
+    /// so that two calls with the same body are not the same signed bytes).
     pub async fn signed(&self, path: &str, body: &Value) -> Answer {
-        let raw = serde_json::to_vec(body).unwrap();
-        self.signed_raw(path, &raw, now(), &format!("req_{}", random_hex(12)))
-            .await
+        let mut body = body.clone();
+        if let Some(map) = body.as_object_mut() {
+            map.entry("requestId")
+                .or_insert_with(|| json!(format!("req_{}", random_hex(12))));
+        }
+        let raw = serde_json::to_vec(&body).unwrap();
+        let request_id = body["requestId"]
+            .as_str()
+            .map_or_else(|| format!("req_{}", random_hex(12)), str::to_string);
+        self.signed_raw(path, &raw, now(), &request_id).await
     }
 
     /// A signed platform POST with every part chosen by the caller.

@@ -1,6 +1,7 @@
 //! A minimal W3C WebDriver client over reqwest, enough to drive headless Chromium through
-//! chromedriver: new session, navigate, run a script, take a screenshot. Five endpoints do not
-//! justify a WebDriver crate's dependency tree in the one test binary.
+//! chromedriver: new session, navigate, run a script, find, type into and click an element, take a
+//! screenshot. A handful of endpoints do not justify a WebDriver crate's dependency tree in the one
+//! test binary.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -24,6 +25,9 @@ pub fn find_browser() -> Option<(PathBuf, PathBuf)> {
         pick("KEYHOLDER_CHROMEDRIVER", "/usr/bin/chromedriver")?,
     ))
 }
+
+/// The W3C WebDriver key of an element reference.
+const ELEMENT_KEY: &str = "element-6066-11e4-a52e-4f735466cecf";
 
 /// A chromedriver process with one headless Chromium session.
 pub struct Browser {
@@ -164,6 +168,43 @@ impl Browser {
             json!({ "script": script, "args": args }),
         )
         .await
+    }
+
+    /// The first element matching a CSS selector (its WebDriver reference).
+    pub async fn find(&self, css: &str) -> anyhow::Result<String> {
+        let value = self
+            .command(
+                reqwest::Method::POST,
+                "/element",
+                json!({ "using": "css selector", "value": css }),
+            )
+            .await?;
+        value[ELEMENT_KEY]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| anyhow!("no element reference for {css}: {value}"))
+    }
+
+    /// Types `text` into an element, as a user would (key events, `\n` is Enter).
+    pub async fn type_into(&self, element: &str, text: &str) -> anyhow::Result<()> {
+        self.command(
+            reqwest::Method::POST,
+            &format!("/element/{element}/value"),
+            json!({ "text": text }),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Clicks an element.
+    pub async fn click(&self, element: &str) -> anyhow::Result<()> {
+        self.command(
+            reqwest::Method::POST,
+            &format!("/element/{element}/click"),
+            json!({}),
+        )
+        .await
+        .map(|_| ())
     }
 
     /// A PNG screenshot of the current page.

@@ -18,7 +18,7 @@ use crate::store::{self, backup, get_setting};
 use crate::vault::import::{self, ImportReport};
 use crate::vault::keyring::{self, KIND_LEGACY};
 use crate::vault::master::{self, load_master_key, MasterKey};
-use crate::vault::{platform_keys, reload, rotation};
+use crate::vault::{pkcs11, platform_keys, reload, rotation};
 
 /// Flags of commands that only need the data folder and its master key.
 #[derive(Debug, Clone, Args)]
@@ -48,13 +48,44 @@ pub struct RetireKeyArgs {
     /// Data folder and master key.
     #[command(flatten)]
     pub data: DataArgs,
-    /// The data-key version to remove.
-    pub version: u32,
+    /// The data-key version to remove, or `platform-v1` for the reference webhook's key (kept by
+    /// `import-reference`).
+    #[arg(value_name = "VERSION|platform-v1", value_parser = parse_retired_key)]
+    pub key: RetiredKey,
+}
+
+/// A key `keyholder retire-key` can remove.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetiredKey {
+    /// A data-key version.
+    Data(u32),
+    /// The reference webhook's key, for platform v1 ciphertexts.
+    PlatformV1,
+}
+
+impl std::fmt::Display for RetiredKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RetiredKey::Data(version) => write!(f, "data key v{version}"),
+            RetiredKey::PlatformV1 => f.write_str("reference key platform-v1"),
+        }
+    }
+}
+
+fn parse_retired_key(text: &str) -> Result<RetiredKey, String> {
+    if text == "platform-v1" {
+        return Ok(RetiredKey::PlatformV1);
+    }
+    text.strip_prefix('v')
+        .unwrap_or(text)
+        .parse()
+        .map(RetiredKey::Data)
+        .map_err(|_| "expected a data-key version (a number) or `platform-v1`".to_string())
 }
 
 /// Flags of `keyholder rotate-master-key`.
 #[derive(Debug, Clone, Args)]
-#[command(group(clap::ArgGroup::new("new_master").required(true).args(["new_master_key_file", "new_passphrase_file"])))]
+#[command(group(clap::ArgGroup::new("new_master").required(true).args(["new_master_key_file", "new_passphrase_file", "to_pkcs11"])))]
 pub struct RotateMasterKeyArgs {
     /// Data folder and the current master key.
     #[command(flatten)]
@@ -65,6 +96,13 @@ pub struct RotateMasterKeyArgs {
     /// File holding the new passphrase (the key is derived with Argon2id and a new salt).
     #[arg(long)]
     pub new_passphrase_file: Option<PathBuf>,
+    /// Seal the key ring by this PKCS#11 token key from now on (RFC 7512 URI; module and PIN from
+    /// --pkcs11-module and --pkcs11-pin-file / KEYHOLDER_PKCS11_PIN).
+    #[arg(long, value_name = "URI")]
+    pub to_pkcs11: Option<String>,
+    /// The current master key is sealed by this PKCS#11 token key (same as --master-key-pkcs11).
+    #[arg(long, value_name = "URI", conflicts_with_all = ["master_key_file", "passphrase_file", "master_key_pkcs11"])]
+    pub from_pkcs11: Option<String>,
 }
 
 /// Flags of `keyholder backup`.
@@ -185,6 +223,149 @@ pub struct ImportReferenceArgs {
     pub force: bool,
 }
 
+/// Flags of `keyholder store`.
+#[derive(Debug, Clone, Args)]
+pub struct StoreArgs {
+    /// Data folder and master key.
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// The service (credential key) to store the credential under; an existing one is replaced.
+    pub service: String,
+    /// The credential's `tokenType` (default `oauth`).
+    #[arg(long = "type", value_name = "T")]
+    pub token_type: Option<String>,
+    /// A non-secret meta field, `key=value` (repeatable); never a sensitive field name.
+    #[arg(long = "meta", value_name = "KEY=VALUE")]
+    pub meta: Vec<String>,
+    /// File holding the secret, or `-` for standard input (the secret is never an argument).
+    /// Trailing line breaks are dropped.
+    #[arg(long, value_name = "FILE|-")]
+    pub secret_file: PathBuf,
+    /// The sensitive field the secret is stored as.
+    #[arg(long, default_value = "accessToken")]
+    pub field: String,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Longest secret `keyholder store` reads (the `/v1/store` body limit).
+pub const MAX_STORED_SECRET: usize = 64 * 1024;
+
+/// Meta keys `keyholder store --meta` refuses: sensitive fields (they would put a secret on the
+/// command line) and `totpUri` (an `otpauth://` link holds the TOTP seed).
+fn check_meta_key(key: &str) -> anyhow::Result<()> {
+    if key.is_empty() || key.len() > 128 || key.chars().any(char::is_control) {
+        anyhow::bail!("--meta: a key must be 1-128 characters without control characters");
+    }
+    if keyholder_protocol::document::is_sensitive(key) || key == "totpUri" {
+        anyhow::bail!(
+            "--meta {key}=...: '{key}' holds a secret; pass it with --field {key} --secret-file FILE|- instead"
+        );
+    }
+    Ok(())
+}
+
+/// Reads the secret from a file or (`-`) from `stdin`: at most [`MAX_STORED_SECRET`] bytes of
+/// UTF-8, trailing CR/LF dropped, held in zeroizing memory.
+fn read_secret(
+    path: &Path,
+    stdin: &mut dyn std::io::Read,
+) -> anyhow::Result<zeroize::Zeroizing<String>> {
+    use std::io::Read as _;
+    let mut raw = zeroize::Zeroizing::new(Vec::new());
+    let limit = (MAX_STORED_SECRET + 1) as u64;
+    if path == Path::new("-") {
+        stdin.take(limit).read_to_end(&mut raw)?;
+    } else {
+        std::fs::File::open(path)
+            .with_context(|| format!("--secret-file {}", path.display()))?
+            .take(limit)
+            .read_to_end(&mut raw)
+            .with_context(|| format!("--secret-file {}", path.display()))?;
+    }
+    if raw.len() > MAX_STORED_SECRET {
+        anyhow::bail!("--secret-file: the secret is longer than {MAX_STORED_SECRET} bytes");
+    }
+    let end = raw
+        .iter()
+        .rposition(|b| !matches!(b, b'\r' | b'\n'))
+        .map_or(0, |i| i + 1);
+    raw.truncate(end);
+    if raw.is_empty() {
+        anyhow::bail!("--secret-file: the secret is empty");
+    }
+    let text = std::str::from_utf8(&raw)
+        .map_err(|_| anyhow::anyhow!("--secret-file: the secret is not UTF-8 text"))?;
+    Ok(zeroize::Zeroizing::new(text.to_owned()))
+}
+
+/// What `keyholder store` stored (never the secret).
+#[derive(Debug, Clone, Serialize)]
+pub struct StoreReport {
+    /// Always `stored`.
+    pub status: &'static str,
+    /// The service.
+    pub service: String,
+    /// The credential's meta, as `/v1/store` answers it.
+    pub meta: serde_json::Map<String, Value>,
+}
+
+/// `keyholder store SERVICE --secret-file FILE|-`: seals the secret (and the meta) as the
+/// service's credential in the data folder, with an `owner:store` audit entry; a running server
+/// serves it within a quarter second. `stdin` is read for `--secret-file -`.
+pub fn store(args: &StoreArgs, stdin: &mut dyn std::io::Read) -> anyhow::Result<StoreReport> {
+    crate::vault::collections::validate_key(&args.service)?;
+    if !keyholder_protocol::document::is_sensitive(&args.field) {
+        anyhow::bail!(
+            "--field {}: must be one of {}",
+            args.field,
+            keyholder_protocol::document::SENSITIVE_FIELDS.join(", ")
+        );
+    }
+    let mut token_data = serde_json::Map::new();
+    for entry in &args.meta {
+        let (key, value) = entry
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--meta {entry}: expected KEY=VALUE"))?;
+        check_meta_key(key)?;
+        token_data.insert(key.to_owned(), Value::String(value.to_owned()));
+    }
+    if let Some(token_type) = &args.token_type {
+        if token_type.is_empty() || token_type.len() > 128 {
+            anyhow::bail!("--type: must be 1-128 characters");
+        }
+        token_data.insert("tokenType".into(), Value::String(token_type.clone()));
+    }
+    let secret = read_secret(&args.secret_file, stdin)?;
+    token_data.insert(
+        args.field.clone(),
+        Value::String(secret.as_str().to_owned()),
+    );
+    drop(secret);
+    let (mut conn, master) = open_existing(&args.data)?;
+    let service = args.service.clone();
+    let result = owner_change(&mut conn, &master, "store", |tx| {
+        let (ring, _, _) = keyring::load(tx, &master)?;
+        let meta = crate::vault::credentials::store_on_disk(
+            tx,
+            &ring,
+            &service,
+            &mut token_data,
+            crate::clock::now_unix(),
+        )?;
+        Ok((meta, service.clone()))
+    });
+    token_data
+        .values_mut()
+        .for_each(crate::vault::credentials::scrub);
+    Ok(StoreReport {
+        status: "stored",
+        service: args.service.clone(),
+        meta: result?,
+    })
+}
+
 /// Opens an existing data folder (never creates one) and unlocks it with the configured master key.
 pub fn open_existing(data: &DataArgs) -> anyhow::Result<(Connection, MasterKey)> {
     let mut conn = open_database(&data.data_dir)?;
@@ -247,6 +428,9 @@ pub struct Status {
     pub documents_per_key: BTreeMap<u32, usize>,
     /// Whether the reference webhook's key is held (for platform v1 documents).
     pub reference_key: bool,
+    /// Credentials the reference key still opens (v1 fields where they were imported); at 0
+    /// `retire-key platform-v1` can remove it.
+    pub reference_key_documents: usize,
     /// Stored credentials.
     pub credential_count: u64,
     /// Sealed by the owner.
@@ -269,6 +453,7 @@ pub fn status(args: &OwnerArgs) -> anyhow::Result<Status> {
         [KIND_LEGACY],
         |r| r.get(0),
     )?;
+    let (reference_key_documents, _) = rotation::platform_v1_in_use(&conn, &ring)?;
     Ok(Status {
         bound: get_setting(&conn, "bound")?.as_deref() == Some("true"),
         platform_scheme: platform_keys::read_scheme(&conn)?.as_str().to_owned(),
@@ -285,6 +470,7 @@ pub fn status(args: &OwnerArgs) -> anyhow::Result<Status> {
             .map(|(v, (n, _))| (v, n))
             .collect(),
         reference_key: legacy > 0,
+        reference_key_documents,
         credential_count: count("SELECT COUNT(*) FROM documents WHERE collection = 'tokens'")?,
         sealed: reload::read_sealed(&conn)?,
         last_credential_use: audit::last_credential_use(&conn)?
@@ -318,6 +504,10 @@ pub struct RewrapReport {
     pub failed: Vec<String>,
     /// Data-key versions still referenced afterwards, with document counts.
     pub still_in_use: BTreeMap<u32, usize>,
+    /// Whether the reference webhook's key is still held.
+    pub reference_key: bool,
+    /// Credentials the reference key still opens afterwards.
+    pub reference_key_documents: usize,
 }
 
 /// `keyholder rewrap`: every credential under the current data key, in small transactions. Passes
@@ -354,7 +544,9 @@ pub fn rewrap(args: &RewrapArgs) -> anyhow::Result<RewrapReport> {
             .filter(|(v, _)| *v != report.current_data_key)
             .map(|(v, (n, _))| (v, n))
             .collect();
-        if report.still_in_use.is_empty() || pass == 4 {
+        report.reference_key = ring.has_platform_v1_key();
+        report.reference_key_documents = rotation::platform_v1_in_use(&conn, &ring)?.0;
+        if (report.still_in_use.is_empty() && report.reference_key_documents == 0) || pass == 4 {
             break;
         }
         // Give a server that is about to reload its key ring the moment it needs.
@@ -368,30 +560,56 @@ pub fn rewrap(args: &RewrapArgs) -> anyhow::Result<RewrapReport> {
     Ok(report)
 }
 
-/// `keyholder retire-key VERSION`.
+/// `keyholder retire-key VERSION|platform-v1`.
 pub fn retire_key(args: &RetireKeyArgs) -> anyhow::Result<()> {
     let (mut conn, master) = open_existing(&args.data)?;
-    let version = args.version;
+    let key = args.key;
     owner_change(&mut conn, &master, "retire-key", |tx| {
-        rotation::retire_data_key(tx, version)?;
-        Ok(((), format!("data key v{version}")))
+        match key {
+            RetiredKey::Data(version) => rotation::retire_data_key(tx, version)?,
+            RetiredKey::PlatformV1 => rotation::retire_platform_v1_key(tx, &master)?,
+        }
+        Ok(((), key.to_string()))
     })
 }
 
 /// `keyholder rotate-master-key`: re-wraps the key ring under the new master key. Returns how
 /// many wrapped values moved.
 pub fn rotate_master_key(args: &RotateMasterKeyArgs) -> anyhow::Result<usize> {
-    let (mut conn, old) = open_existing(&args.data)?;
-    let (new, salt) = match (&args.new_master_key_file, &args.new_passphrase_file) {
-        (Some(file), _) => (master::read_key_file(file)?, None),
-        (None, Some(file)) => {
+    let mut current = args.data.clone();
+    if let Some(uri) = &args.from_pkcs11 {
+        current.pkcs11.master_key_pkcs11 = Some(uri.clone());
+    }
+    let (mut conn, old) = open_existing(&current)?;
+    let (new, salt, sealed) = match (
+        &args.new_master_key_file,
+        &args.new_passphrase_file,
+        &args.to_pkcs11,
+    ) {
+        (Some(file), _, _) => (master::read_key_file(file)?, None, None),
+        (None, Some(file), _) => {
             let salt = master::new_kdf_salt();
-            (master::derive_with_salt(file, &salt)?, Some(salt))
+            (master::derive_with_salt(file, &salt)?, Some(salt), None)
         }
-        (None, None) => anyhow::bail!("pass --new-master-key-file or --new-passphrase-file"),
+        (None, None, Some(uri)) => {
+            let (key, sealed) = pkcs11::new_sealed_master(&args.data.pkcs11.config_for(uri))?;
+            (key, None, Some(sealed))
+        }
+        (None, None, None) => {
+            anyhow::bail!("pass --new-master-key-file, --new-passphrase-file or --to-pkcs11")
+        }
     };
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let moved = rotation::rotate_master_key(&tx, &old, &new, salt.as_deref())?;
+    match &sealed {
+        Some(sealed) => store::put_setting(&tx, pkcs11::SEALED_SETTING, sealed)?,
+        None => {
+            tx.execute(
+                "DELETE FROM settings WHERE name = ?1",
+                [pkcs11::SEALED_SETTING],
+            )?;
+        }
+    }
     let (ring, _, _) = keyring::load(&tx, &new)?;
     audit::append_events(
         &tx,
@@ -417,9 +635,16 @@ pub fn set_sealed(args: &OwnerArgs, sealed: bool) -> anyhow::Result<()> {
 
 /// `keyholder backup --out FILE`.
 pub fn backup(args: &BackupArgs) -> anyhow::Result<()> {
-    drop(open_database(&args.data.data_dir)?);
+    let conn = open_database(&args.data.data_dir)?;
     backup::backup_database(&args.data.data_dir.join(store::DATABASE_FILE), &args.out)
-        .with_context(|| format!("backup to {} failed", args.out.display()))
+        .with_context(|| format!("backup to {} failed", args.out.display()))?;
+    // For `keyholder doctor`'s backup age (after the snapshot: the backup does not carry it).
+    store::put_setting(
+        &conn,
+        super::doctor::LAST_BACKUP_SETTING,
+        &crate::clock::now_unix().to_string(),
+    )?;
+    Ok(())
 }
 
 /// What `keyholder restore` found.
@@ -480,6 +705,69 @@ pub fn audit_list(args: &AuditListArgs) -> anyhow::Result<Vec<AuditEntry>> {
             through_seq: None,
         },
     )?)
+}
+
+/// Characters that must not reach the owner's terminal as they are: C0 and C1 controls and DEL
+/// (escape sequences, carriage returns that overwrite a line, bells) and the bidirectional
+/// overrides and isolates that reorder what is shown. Audit fields come from the platform (agent
+/// ids, proxy ids, service names in its tickets) and from any caller (request ids, addresses).
+fn is_unsafe_for_terminal(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+/// `text` with every character unsafe for a terminal written as `\u{..}` (and `\` as `\\`, so
+/// that an escape in the output always means one was made). Whitespace is escaped too: the fields
+/// of a line are separated by spaces, so an agent id cannot pose as another field.
+pub fn escape_for_terminal(text: &str) -> std::borrow::Cow<'_, str> {
+    let escaped = |c: char| c.is_whitespace() || is_unsafe_for_terminal(c);
+    if !text.chars().any(|c| c == '\\' || escaped(c)) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            c if escaped(c) => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// One `keyholder audit list` line: every field escaped for the terminal.
+pub fn audit_line(entry: &AuditEntry) -> String {
+    let e = &entry.event;
+    let f = |text: &str| escape_for_terminal(text).into_owned();
+    format!(
+        "#{} {} {} service={} purpose={} agent={} proxy={} from={} upstream={} result={} request={}",
+        entry.seq,
+        keyholder_protocol::document::format_iso8601(e.at_ms.div_euclid(1000)),
+        f(&e.endpoint),
+        f(&e.service),
+        f(&e.purpose),
+        f(&e.agent_id),
+        f(&e.proxy_id),
+        f(&e.source),
+        f(&e.upstream),
+        f(&e.result),
+        f(&e.request_id)
+    )
+}
+
+/// One `keyholder audit list --json` line. JSON escapes C0 controls itself; DEL, C1 controls and
+/// bidirectional controls are written as `\uXXXX` too (still the same JSON strings).
+pub fn audit_json_line(entry: &AuditEntry) -> anyhow::Result<String> {
+    let json = serde_json::to_string(entry)?;
+    let mut out = String::with_capacity(json.len());
+    for c in json.chars() {
+        if is_unsafe_for_terminal(c) {
+            out.push_str(&format!("\\u{:04x}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    Ok(out)
 }
 
 /// `keyholder audit export --format jsonl`: writes every entry; returns how many.

@@ -23,10 +23,20 @@ pub async fn store(
     let token_data = request
         .token_data
         .ok_or_else(|| ApiError::InvalidRequest("missing 'tokenData'".into()))?;
-    let mode = StoreMode::from_claim(claims.mode.as_deref())?;
+    let constraints = claims.store_constraints()?;
+    let mode = if constraints.create_only {
+        StoreMode::Create
+    } else {
+        StoreMode::Overwrite
+    };
     let meta = state
         .vault
-        .store_credential(&service, token_data, mode, claims.cid.as_deref())
+        .store_credential(
+            &service,
+            token_data,
+            mode,
+            constraints.creation_id.as_deref(),
+        )
         .await?;
     Ok(HttpResponse::Ok().json(StoreResponse {
         status: "stored".into(),
@@ -40,6 +50,10 @@ pub async fn credential(
     state: Data<AppState>,
     ticketed: Ticketed<CredentialEndpoint>,
 ) -> Result<HttpResponse, ApiError> {
+    state
+        .vault
+        .check_creation(&ticketed.service, &ticketed.claims)
+        .await?;
     // A signing key (service account, GitHub App) is never handed out: a minted token is.
     let body = state
         .vault
@@ -55,5 +69,9 @@ pub async fn totp_code(
     state: Data<AppState>,
     ticketed: Ticketed<TotpEndpoint>,
 ) -> Result<HttpResponse, ApiError> {
+    state
+        .vault
+        .check_creation(&ticketed.service, &ticketed.claims)
+        .await?;
     Ok(HttpResponse::Ok().json(state.vault.totp_code(&ticketed.service).await?))
 }

@@ -5,7 +5,7 @@ use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, ResponseError};
 use keyholder_protocol::envelope::EnvelopeError;
 use keyholder_protocol::signing::RequestAuthError;
-use keyholder_protocol::{ErrorBody, ErrorCode, TicketError};
+use keyholder_protocol::{ConstraintError, ErrorBody, ErrorCode, TicketError};
 
 use crate::store::StoreError;
 use crate::upstream::UpstreamError;
@@ -40,6 +40,12 @@ pub enum ApiError {
     /// The platform request id was seen before.
     #[error("duplicate request id")]
     DuplicateRequestId,
+    /// The body's `requestId` differs from the request id header.
+    #[error("body requestId differs from the request id header")]
+    RequestIdMismatch,
+    /// The same signed bytes were accepted before (with another request id, or on another endpoint).
+    #[error("signed request already used")]
+    SignatureReplayed,
     /// The platform request id header is missing or malformed.
     #[error("missing or malformed request id")]
     BadRequestId,
@@ -61,6 +67,15 @@ pub enum ApiError {
     /// Route exists, method does not.
     #[error("method not allowed")]
     MethodNotAllowed,
+    /// A ticket's `cid`/`mode` constraint refused the request (2.4.0).
+    #[error("{0}")]
+    Constraint(#[from] ConstraintError),
+    /// Too many requests from this client address; try again after this many seconds.
+    #[error("too many requests")]
+    RateLimited {
+        /// Seconds until the next request is accepted (the `Retry-After` header).
+        retry_after_secs: u64,
+    },
     /// A domain error.
     #[error(transparent)]
     Vault(#[from] VaultError),
@@ -83,6 +98,8 @@ impl ApiError {
             | ApiError::EnvelopeReplayed
             | ApiError::WrongScheme
             | ApiError::DuplicateRequestId
+            | ApiError::RequestIdMismatch
+            | ApiError::SignatureReplayed
             | ApiError::BadRequestId => ErrorCode::AuthFailed,
             ApiError::Ticket(err) => err.error_code(),
             ApiError::TicketReplayed | ApiError::TicketWrongScheme => ErrorCode::TicketInvalid,
@@ -90,19 +107,24 @@ impl ApiError {
             ApiError::Forbidden(_) => ErrorCode::Forbidden,
             ApiError::NotFound => ErrorCode::NotFound,
             ApiError::MethodNotAllowed => ErrorCode::MethodNotAllowed,
+            ApiError::Constraint(err) => err.error_code(),
+            ApiError::RateLimited { .. } => ErrorCode::RateLimited,
             ApiError::Vault(err) => match err {
                 VaultError::Store(_) => ErrorCode::StorageUnavailable,
                 VaultError::Crypto
                 | VaultError::WrongMasterKey
                 | VaultError::MasterKeyMissing(_)
                 | VaultError::KeyFile(..)
+                | VaultError::Pkcs11(_)
                 | VaultError::Corrupt(_)
                 | VaultError::Undecryptable
                 | VaultError::KeyRingChanged => ErrorCode::InternalError,
                 VaultError::TokenNotFound => ErrorCode::TokenNotFound,
                 VaultError::AlreadyExists => ErrorCode::AlreadyExists,
+                VaultError::StaleCreation => ErrorCode::StaleCreation,
                 VaultError::Invalid(_) => ErrorCode::InvalidRequest,
                 VaultError::NotTotp => ErrorCode::NotTotp,
+                VaultError::CorruptDocument => ErrorCode::CorruptDocument,
                 VaultError::CodeExpired => ErrorCode::CodeExpired,
                 VaultError::CodeUsed => ErrorCode::CodeUsed,
                 VaultError::AlreadyBound => ErrorCode::Forbidden,
@@ -158,6 +180,12 @@ impl ApiError {
                 "This keyholder's binding does not accept this ticket scheme".into()
             }
             ApiError::DuplicateRequestId => "Duplicate request ID".into(),
+            ApiError::RequestIdMismatch => {
+                "Body requestId does not match X-TokenVault-Request-Id".into()
+            }
+            ApiError::SignatureReplayed => {
+                "Replayed request: these signed bytes were already accepted".into()
+            }
             ApiError::BadRequestId => {
                 "Missing or malformed X-TokenVault-Request-Id (1-128 chars of A-Z a-z 0-9 . _ : -)"
                     .into()
@@ -170,11 +198,21 @@ impl ApiError {
             ApiError::Ticket(TicketError::LifetimeTooLong) => {
                 "Ticket lifetime exceeds the allowed maximum".into()
             }
+            ApiError::Ticket(TicketError::IssuedInFuture) => "Ticket issued in the future".into(),
+            ApiError::Ticket(TicketError::IssuedAfterExpiry) => {
+                "Ticket issued after its expiry".into()
+            }
             ApiError::Ticket(TicketError::WrongPurpose) => {
                 "Ticket purpose not valid for this endpoint".into()
             }
             ApiError::Ticket(TicketError::WrongService) => "Ticket service does not match".into(),
             ApiError::TicketReplayed => "Ticket already used".into(),
+            ApiError::RateLimited { retry_after_secs } => {
+                format!("Too many requests from this address; retry after {retry_after_secs} s")
+            }
+            ApiError::Vault(VaultError::CorruptDocument) => {
+                "The stored document for this service is malformed or does not decrypt; store the credential again".into()
+            }
             ApiError::Vault(VaultError::Store(_)) => {
                 "Storage is temporarily unavailable; retry later".into()
             }
@@ -183,6 +221,7 @@ impl ApiError {
                 | VaultError::WrongMasterKey
                 | VaultError::MasterKeyMissing(_)
                 | VaultError::KeyFile(..)
+                | VaultError::Pkcs11(_)
                 | VaultError::Corrupt(_)
                 | VaultError::Undecryptable
                 | VaultError::KeyRingChanged,
@@ -244,7 +283,14 @@ impl ResponseError for ApiError {
 
     fn error_response(&self) -> HttpResponse {
         self.log();
-        HttpResponse::build(self.status_code()).json(self.body(None))
+        let mut response = HttpResponse::build(self.status_code());
+        if let ApiError::RateLimited { retry_after_secs } = self {
+            response.insert_header((
+                keyholder_protocol::paths::HEADER_RETRY_AFTER,
+                retry_after_secs.to_string(),
+            ));
+        }
+        response.json(self.body(None))
     }
 }
 
@@ -263,6 +309,8 @@ mod tests {
                 "auth_failed",
             ),
             (ApiError::DuplicateRequestId, 401, "auth_failed"),
+            (ApiError::RequestIdMismatch, 401, "auth_failed"),
+            (ApiError::SignatureReplayed, 401, "auth_failed"),
             (
                 ApiError::Envelope(EnvelopeError::UnknownKey),
                 401,
@@ -302,6 +350,38 @@ mod tests {
             ),
             (ApiError::Vault(VaultError::CodeUsed), 410, "code_used"),
             (ApiError::Vault(VaultError::NotTotp), 400, "not_totp"),
+            (
+                ApiError::Vault(VaultError::StaleCreation),
+                409,
+                "stale_creation",
+            ),
+            (
+                ApiError::Constraint(ConstraintError::StaleCreation),
+                409,
+                "stale_creation",
+            ),
+            (
+                ApiError::Constraint(ConstraintError::InvalidMode),
+                400,
+                "invalid_request",
+            ),
+            (
+                ApiError::Constraint(ConstraintError::InvalidCreationId),
+                400,
+                "invalid_request",
+            ),
+            (
+                ApiError::RateLimited {
+                    retry_after_secs: 3,
+                },
+                429,
+                "rate_limited",
+            ),
+            (
+                ApiError::Vault(VaultError::CorruptDocument),
+                422,
+                "corrupt_document",
+            ),
             (ApiError::Vault(VaultError::Sealed), 503, "sealed"),
             (
                 ApiError::Vault(VaultError::KeyRingChanged),
@@ -366,6 +446,22 @@ mod tests {
             assert_eq!(err.code().as_str(), code);
             assert_eq!(err.status_code().as_u16(), status);
         }
+    }
+
+    #[test]
+    fn rate_limited_carries_retry_after() {
+        let response = ApiError::RateLimited {
+            retry_after_secs: 7,
+        }
+        .error_response();
+        assert_eq!(response.status().as_u16(), 429);
+        assert_eq!(
+            response
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok()),
+            Some("7")
+        );
     }
 
     #[test]

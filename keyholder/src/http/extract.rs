@@ -37,7 +37,8 @@ pub struct TicketContext {
     pub agent_id: Option<String>,
     /// Proxy config id from the ticket.
     pub proxy_id: Option<String>,
-    /// Service the ticket was for (before verification: the service asked for, for the audit trail).
+    /// Service the verified ticket names (its signed `svc`). Empty while no ticket verified: a
+    /// name from an unverified request never reaches the audit trail as if it were verified.
     pub service: String,
     /// The ticket's purpose, once verified.
     pub purpose: Option<String>,
@@ -159,10 +160,14 @@ pub struct Signed<T> {
 /// Verifies a signed platform request over the exact bytes received, in the binding's scheme.
 ///
 /// HMAC scheme, in order: bound, no envelope header, signature headers, timestamp, signature
-/// (constant time), then request id replay (so a forger cannot burn ids). Asymmetric scheme: bound,
-/// no HMAC signature header, envelope format, known key, timestamp, Ed25519 signature over the
-/// method, target and body, a valid request id header, then nonce replay (durable, like request ids;
-/// the nonce is the replay key, the request id is only echoed). Returns the raw body and the request id.
+/// (constant time), a valid request id header equal to the body's `requestId` (where the body has
+/// one), then replay (so a forger cannot burn ids): the request id, and the signature itself, so
+/// that the same signed bytes are accepted once whatever request id or endpoint they come with
+/// (both marks durable, in one group commit). Asymmetric scheme: bound, no HMAC signature header,
+/// envelope format, known key, timestamp, Ed25519 signature over the method, target and body, the
+/// request id header as above, then nonce replay (durable; the nonce is the replay key and is
+/// signed with the method and target, so these signed bytes cannot be replayed on another
+/// endpoint either). Returns the raw body and the request id.
 pub async fn verify_signed(
     req: &HttpRequest,
     payload: &mut Payload,
@@ -172,20 +177,20 @@ pub async fn verify_signed(
     if !binding.bound {
         return Err(ApiError::SetupRequired);
     }
-    let body = read_body(req, payload, body_limit(req.path())).await?;
+    let body = read_body(req, payload, body_limit(req.match_info().as_str())).await?;
     let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
     let now = crate::clock::now_unix();
     let refused = |reason: &dyn std::fmt::Debug| {
         state.metrics.signature_failures.inc();
         tracing::info!(reason = ?reason, "platform signature refused");
     };
-    let envelope_nonce = match binding.scheme {
+    let replay_key = match binding.scheme {
         PlatformScheme::Hmac => {
             if req.headers().contains_key(HEADER_ENVELOPE) {
                 refused(&"envelope in an HMAC binding");
                 return Err(ApiError::WrongScheme);
             }
-            verify_request(
+            let ts = verify_request(
                 &binding.hmac,
                 header(HEADER_SIGNATURE),
                 header(HEADER_TIMESTAMP),
@@ -194,7 +199,14 @@ pub async fn verify_signed(
                 MAX_CLOCK_SKEW_SECS,
             )
             .inspect_err(|e| refused(e))?;
-            None
+            // Verified, so 64 lowercase hex: one spelling per signature.
+            let signature = header(HEADER_SIGNATURE)
+                .and_then(|h| h.strip_prefix("sha256="))
+                .unwrap_or_default();
+            ReplayKey::Signature {
+                signature,
+                until: ts.max(now).saturating_add(MAX_CLOCK_SKEW_SECS),
+            }
         }
         PlatformScheme::Ed25519 => {
             if req.headers().contains_key(HEADER_SIGNATURE) {
@@ -216,42 +228,95 @@ pub async fn verify_signed(
             )
             .inspect_err(|e| refused(e))?;
             // Accepted while |now - ts| <= skew: remembered at least that long.
-            Some((envelope.nonce, envelope.ts.max(now) + MAX_CLOCK_SKEW_SECS))
+            ReplayKey::EnvelopeNonce {
+                nonce: envelope.nonce,
+                until: envelope.ts.max(now).saturating_add(MAX_CLOCK_SKEW_SECS),
+            }
         }
     };
     let request_id = header(HEADER_PLATFORM_REQUEST_ID)
         .filter(|id| is_valid_request_id(id))
         .ok_or(ApiError::BadRequestId)?
         .to_string();
-    let (kind, key, until, metric) = match &envelope_nonce {
-        None => (
-            ReplayKind::RequestId,
-            request_id.as_str(),
-            now + REQUEST_ID_TTL_SECS,
-            "request_id",
-        ),
-        Some((nonce, until)) => (
-            ReplayKind::EnvelopeNonce,
-            nonce.as_str(),
-            *until,
-            "envelope_nonce",
-        ),
-    };
-    match state.vault.replay.remember(kind, key, until).await? {
-        Seen::Fresh => Ok((body, request_id)),
-        Seen::Replayed => {
-            state.metrics.replay_refused(metric);
-            match kind {
-                ReplayKind::EnvelopeNonce => {
-                    tracing::warn!("replayed envelope nonce refused");
-                    Err(ApiError::EnvelopeReplayed)
-                }
-                _ => {
-                    tracing::warn!("duplicate platform request id refused");
-                    Err(ApiError::DuplicateRequestId)
-                }
-            }
+    if !body_request_id_matches(&body, &request_id) {
+        refused(&"body requestId differs from the request id header");
+        return Err(ApiError::RequestIdMismatch);
+    }
+    let request_id_until = now.saturating_add(REQUEST_ID_TTL_SECS);
+    let replayed = match &replay_key {
+        ReplayKey::Signature { signature, until } => {
+            state
+                .vault
+                .replay
+                .remember_all(&[
+                    (ReplayKind::RequestId, request_id.as_str(), request_id_until),
+                    (ReplayKind::Signature, signature, *until),
+                ])
+                .await?
         }
+        ReplayKey::EnvelopeNonce { nonce, until } => {
+            state
+                .vault
+                .replay
+                .remember_all(&[(ReplayKind::EnvelopeNonce, nonce.as_str(), *until)])
+                .await?
+        }
+    };
+    match replayed {
+        None => Ok((body, request_id)),
+        Some(ReplayKind::EnvelopeNonce) => {
+            state.metrics.replay_refused("envelope_nonce");
+            tracing::warn!("replayed envelope nonce refused");
+            Err(ApiError::EnvelopeReplayed)
+        }
+        Some(ReplayKind::Signature) => {
+            state.metrics.replay_refused("signature");
+            tracing::warn!("replayed platform signature refused");
+            Err(ApiError::SignatureReplayed)
+        }
+        Some(_) => {
+            state.metrics.replay_refused("request_id");
+            tracing::warn!("duplicate platform request id refused");
+            Err(ApiError::DuplicateRequestId)
+        }
+    }
+}
+
+/// What makes a verified signed request single-use, besides its request id.
+enum ReplayKey<'a> {
+    /// HMAC scheme: the signature (the same signed bytes), until its timestamp's window ends.
+    Signature { signature: &'a str, until: i64 },
+    /// Asymmetric scheme: the envelope's nonce, until its timestamp's window ends.
+    EnvelopeNonce { nonce: String, until: i64 },
+}
+
+/// Whether a signed body's `requestId`, where it has one, is exactly `header` (PROTOCOL §2.1: the
+/// platform sends it in both). A body that is not a JSON object has none (its handler refuses it
+/// as invalid); a `requestId` that is present but not that string, or present twice, does not
+/// match. Only the one member is decoded: other values are skipped, not built.
+fn body_request_id_matches(body: &[u8], header: &str) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Probe {
+        #[serde(rename = "requestId", default, deserialize_with = "present")]
+        request_id: Option<serde_json::Value>,
+    }
+    fn present<'de, D: serde::Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<serde_json::Value>, D::Error> {
+        serde::Deserialize::deserialize(d).map(Some)
+    }
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return true;
+    }
+    match serde_json::from_slice::<Probe>(body) {
+        Ok(Probe { request_id: None }) => true,
+        Ok(Probe {
+            request_id: Some(value),
+        }) => value.as_str() == Some(header),
+        // Not JSON: refused by the handler's parse (400), nothing to compare.
+        Err(e) if e.is_syntax() || e.is_eof() => true,
+        // A duplicate `requestId`: ambiguous, so not a match.
+        Err(_) => false,
     }
 }
 
@@ -327,6 +392,12 @@ impl FromRequest for ProxyCall {
 /// bound, (scheme of the binding), form, signature, payload, expiry, (nonce present, lifetime cap),
 /// nonce replay, scope. Platform tickets verify with the HMAC secret, `kh2` tickets with the active
 /// platform keys; their nonces share one replay memory.
+#[tracing::instrument(
+    name = "ticket.verify",
+    target = "keyholder::trace",
+    level = "debug",
+    skip_all
+)]
 pub async fn verify_ticket_for(
     req: &HttpRequest,
     ticket: &str,
@@ -356,8 +427,21 @@ pub async fn verify_ticket_for(
         state.metrics.ticket_failures.inc();
         tracing::info!(reason = ?e, "ticket refused");
     })?;
+    // Signed by the platform from here on: what it names is recorded even if it is then refused
+    // (replayed, wrong purpose or service), and the purpose once the scope holds.
+    req.extensions_mut().insert(TicketContext {
+        agent_id: claims.aid.clone(),
+        proxy_id: claims.pid.clone(),
+        service: claims.svc.clone(),
+        purpose: None,
+    });
     let nonce = claims.nonce.clone().unwrap_or_default();
-    let until = claims.exp.unwrap_or(now).max(now) + MAX_CLOCK_SKEW_SECS;
+    // Verified, so `exp <= now + cap`; saturating all the same where a claim meets the clock.
+    let until = claims
+        .exp
+        .unwrap_or(now)
+        .max(now)
+        .saturating_add(MAX_CLOCK_SKEW_SECS);
     if state
         .vault
         .replay
@@ -373,12 +457,40 @@ pub async fn verify_ticket_for(
         state.metrics.ticket_failures.inc();
         tracing::info!(reason = ?e, "ticket scope refused");
     })?;
-    req.extensions_mut().insert(TicketContext {
-        agent_id: claims.aid.clone(),
-        proxy_id: claims.pid.clone(),
-        service: service.to_string(),
-        purpose: Some(claims.pur.clone()),
-    });
+    if let Some(context) = req.extensions_mut().get_mut::<TicketContext>() {
+        context.purpose = Some(claims.pur.clone());
+    }
+    Ok(claims)
+}
+
+/// Checks a ticket for `service` and one of `purposes` like [`verify_ticket_for`] (binding,
+/// scheme, form, signature, payload, expiry, nonce present, lifetime cap, scope), but without using
+/// up its nonce: for the keyholder's own `/store` page, which shows a bad link at once and leaves
+/// the ticket to the `/v1/store` call the page makes (that call is where the nonce is spent, and
+/// where a replayed one is refused).
+pub fn check_ticket_unspent(
+    state: &AppState,
+    ticket: &str,
+    service: &str,
+    purposes: &[Purpose],
+) -> Result<TicketClaims, ApiError> {
+    let binding = state.vault.binding();
+    if !binding.bound {
+        return Err(ApiError::SetupRequired);
+    }
+    let now = crate::clock::now_unix();
+    let max_lifetime = state.vault.settings().max_ticket_lifetime;
+    let claims = match (binding.scheme, is_kh2_ticket(ticket)) {
+        (PlatformScheme::Hmac, false) => {
+            verify_ticket(&binding.hmac, ticket, now, max_lifetime).map_err(ApiError::from)
+        }
+        (PlatformScheme::Ed25519, true) => {
+            verify_kh2_ticket(&binding.platform_keys, ticket, now, max_lifetime)
+                .map_err(ApiError::from)
+        }
+        _ => Err(ApiError::TicketWrongScheme),
+    }?;
+    claims.check_scope(purposes, service)?;
     Ok(claims)
 }
 
@@ -477,7 +589,8 @@ impl<E: TicketEndpoint + 'static> FromRequest for Ticketed<E> {
             let request: E::Request = if req.method() == actix_web::http::Method::GET {
                 serde_urlencoded_query(req.query_string())?
             } else {
-                let body = read_body(&req, &mut payload, body_limit(req.path())).await?;
+                let body =
+                    read_body(&req, &mut payload, body_limit(req.match_info().as_str())).await?;
                 parse_json(&body)?
             };
             let ticket = request
@@ -489,11 +602,6 @@ impl<E: TicketEndpoint + 'static> FromRequest for Ticketed<E> {
                 .filter(|s| !s.is_empty())
                 .ok_or_else(|| ApiError::InvalidRequest("missing 'service'".into()))?
                 .to_string();
-            // Recorded for the audit trail even if the ticket is then refused.
-            req.extensions_mut().insert(TicketContext {
-                service: service.clone(),
-                ..TicketContext::default()
-            });
             let claims = verify_ticket_for(&req, ticket, &service, E::PURPOSES).await?;
             Ok(Ticketed {
                 claims,
@@ -511,4 +619,40 @@ fn serde_urlencoded_query<T: DeserializeOwned>(query: &str) -> Result<T, ApiErro
     actix_web::web::Query::<T>::from_query(query)
         .map(|q| q.into_inner())
         .map_err(|_| ApiError::InvalidRequest("Invalid query string".into()))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::body_request_id_matches;
+
+    #[test]
+    fn a_body_request_id_must_be_exactly_the_header() {
+        let id = "req_1";
+        for (body, matches) in [
+            (r#"{"requestId":"req_1","operation":"list"}"#, true),
+            (
+                r#"  {"operation":"list","nested":{"requestId":"other"}}"#,
+                true,
+            ),
+            (r#"{"operation":"list"}"#, true),
+            ("", true),
+            ("[1,2]", true),
+            ("{not json", true),
+            (r#"{"requestId":"req_2"}"#, false),
+            (r#"{"requestId":"REQ_1"}"#, false),
+            (r#"{"requestId":1}"#, false),
+            (r#"{"requestId":null}"#, false),
+            (r#"{"requestId":["req_1"]}"#, false),
+            (r#"{"requestId":"req_1","requestId":"req_2"}"#, false),
+            (r#"{"requestId":"req_1","requestId":"req_1"}"#, false),
+            (r#"{"requestId":"req_\u0031"}"#, true),
+        ] {
+            assert_eq!(
+                body_request_id_matches(body.as_bytes(), id),
+                matches,
+                "{body}"
+            );
+        }
+    }
 }

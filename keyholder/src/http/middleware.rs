@@ -13,8 +13,9 @@ use actix_web::middleware::Next;
 use actix_web::web::{Bytes, Data};
 use actix_web::{HttpMessage, HttpResponse};
 use keyholder_protocol::paths::{
-    HEADER_PLATFORM_REQUEST_ID, HEADER_REQUEST_ID, PATH_CREDENTIAL, PATH_HEALTH, PATH_IDENTITY,
-    PATH_PROXY, PATH_REFRESH, PATH_REFRESH_NOTIFY, PATH_STORE, PATH_TOTP_CODE,
+    HEADER_PLATFORM_REQUEST_ID, HEADER_REQUEST_ID, PATH_ADMIN_MIGRATE, PATH_CREDENTIAL,
+    PATH_HEALTH, PATH_IDENTITY, PATH_PROXY, PATH_REFRESH, PATH_REFRESH_NOTIFY, PATH_STORE,
+    PATH_TOTP_CODE,
 };
 use keyholder_protocol::request_id::{is_valid_request_id, new_request_id};
 use keyholder_protocol::response_sig::{response_signing_message, ResponseToSign};
@@ -39,19 +40,53 @@ fn pick_request_id(headers: &HeaderMap) -> String {
         .unwrap_or_else(new_request_id)
 }
 
-/// Endpoints called from the owner's browser on the platform's origin.
-fn is_cors_path(path: &str) -> bool {
-    matches!(
-        path,
-        PATH_STORE | PATH_CREDENTIAL | PATH_TOTP_CODE | PATH_HEALTH | PATH_IDENTITY
-    )
+/// Whether `path` is in the one spelling the routes are written in: starts with `/`, only
+/// unreserved characters, sub-delimiters, `:`, `@` and `/`, and no percent-encoding (our paths never
+/// need one), empty segment (`//`) or dot segment (`.`, `..`). The router decodes `%63` to `c`
+/// before matching, so without this `/v1/%63redential` would be served as `/v1/credential` while a
+/// rule keyed by the raw path missed it; refusing such spellings outright leaves one name per route.
+pub fn is_canonical_path(path: &str) -> bool {
+    let allowed = |c: u8| c.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/".contains(&c);
+    path.starts_with('/')
+        && path.bytes().all(allowed)
+        && path
+            .split('/')
+            .skip(1)
+            .enumerate()
+            .all(|(i, segment)| match segment {
+                "." | ".." => false,
+                // An empty segment is `//`, except the root `/` itself.
+                "" => i == 0 && path == "/",
+                _ => true,
+            })
 }
 
-fn cors_headers(headers: &mut HeaderMap, origin: &HeaderValue) {
+/// Endpoints called from the owner's browser on the platform's origin, with the methods they
+/// answer CORS for. `/v1/health` is public (with CORS) only for `GET`: its `POST` is the signed
+/// platform call and `HEAD` is a liveness probe (PROTOCOL §3, §5), neither meant for a browser.
+fn cors_methods(path: &str) -> Option<&'static str> {
+    match path {
+        PATH_STORE | PATH_CREDENTIAL | PATH_TOTP_CODE => Some("GET, POST, OPTIONS"),
+        PATH_HEALTH | PATH_IDENTITY => Some("GET, OPTIONS"),
+        _ => None,
+    }
+}
+
+/// Whether `method` on `path` answers with CORS headers (`OPTIONS` being the preflight).
+fn answers_cors(path: &str, method: &Method) -> bool {
+    match cors_methods(path) {
+        Some(methods) => {
+            method == Method::OPTIONS || methods.split(", ").any(|m| m == method.as_str())
+        }
+        None => false,
+    }
+}
+
+fn cors_headers(headers: &mut HeaderMap, origin: &HeaderValue, methods: &'static str) {
     headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
     headers.insert(
         header::ACCESS_CONTROL_ALLOW_METHODS,
-        HeaderValue::from_static("GET, POST, OPTIONS"),
+        HeaderValue::from_static(methods),
     );
     headers.insert(
         header::ACCESS_CONTROL_ALLOW_HEADERS,
@@ -78,6 +113,7 @@ fn is_audited_path(path: &str) -> bool {
             | PATH_PROXY
             | PATH_REFRESH
             | PATH_REFRESH_NOTIFY
+            | PATH_ADMIN_MIGRATE
     )
 }
 
@@ -90,20 +126,44 @@ pub async fn keyholder_layer(
     let request_id = pick_request_id(req.headers());
     req.extensions_mut().insert(RequestId(request_id.clone()));
     let method = req.method().clone();
-    let path = req.path().to_string();
+    // Per-path rules are keyed by the path as the router matches it (percent-decoded), never
+    // the raw spelling; non-canonical spellings are refused below anyway.
+    let raw_path = req.path().to_string();
+    let path = req.match_info().as_str().to_string();
     let target = req
         .uri()
         .path_and_query()
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| path.clone());
-    let origin = if is_cors_path(&path) {
-        req.headers().get(header::ORIGIN).cloned()
+    let origin = if answers_cors(&path, &method) {
+        req.headers()
+            .get(header::ORIGIN)
+            .cloned()
+            .zip(cors_methods(&path))
     } else {
         None
     };
     let state = req.app_data::<Data<AppState>>().cloned();
-    let span =
-        tracing::info_span!("request", request_id = %request_id, method = %method, path = %path);
+    let span = tracing::info_span!(
+        "request",
+        request_id = %request_id,
+        method = %method,
+        path = %raw_path,
+        otel.name = tracing::field::Empty,
+        otel.kind = "server",
+        http.route = tracing::field::Empty,
+        http.response.status_code = tracing::field::Empty,
+        agent_id = tracing::field::Empty,
+        proxy_id = tracing::field::Empty,
+    );
+    if crate::telemetry::enabled() {
+        // Named by the route pattern (never the raw path), before any child span starts it.
+        let route = req.match_pattern();
+        let route = route.as_deref().unwrap_or("unmatched");
+        span.record("otel.name", format!("{method} {route}"));
+        span.record("http.route", route);
+        crate::telemetry::adopt_remote_parent(&span, req.headers());
+    }
 
     let state_ref = state.as_ref().map(|s| s.get_ref());
     let finishing = |response, http_req| {
@@ -116,7 +176,35 @@ pub async fn keyholder_layer(
             origin.as_ref(),
         )
     };
-    let (http_req, finished) = if method == Method::OPTIONS && is_cors_path(&path) {
+    let limited = state_ref.and_then(|state| {
+        let limiter = state.rate_limit.as_ref()?;
+        // An unreadable X-Forwarded-For from a trusted proxy counts against the proxy itself.
+        let ip = state
+            .network
+            .client_ip(req.request())
+            .ok()
+            .flatten()
+            .or_else(|| req.peer_addr().map(|a| a.ip()))?;
+        limiter.check(ip).err()
+    });
+    let (http_req, finished) = if let Some(retry_after_secs) = limited {
+        // Over the per-address limit: refused before any other work, preflights included.
+        let (http_req, _) = req.into_parts();
+        let refused = HttpResponse::from_error(actix_web::Error::from(ApiError::RateLimited {
+            retry_after_secs,
+        }));
+        let finished = finishing(refused, &http_req).await;
+        (http_req, finished)
+    } else if !is_canonical_path(&raw_path) {
+        // Before routing: nothing is verified, used or served under a second name.
+        let (http_req, _) = req.into_parts();
+        let refused = HttpResponse::from_error(actix_web::Error::from(ApiError::InvalidRequest(
+            "Non-canonical request path: percent-encoding, empty and dot segments are refused"
+                .into(),
+        )));
+        let finished = finishing(refused, &http_req).await;
+        (http_req, finished)
+    } else if method == Method::OPTIONS && cors_methods(&path).is_some() {
         // CORS preflight: the ticket, not CORS, is the security boundary.
         let (http_req, _) = req.into_parts();
         let finished = finishing(HttpResponse::NoContent().finish(), &http_req).await;
@@ -133,7 +221,12 @@ pub async fn keyholder_layer(
         // it is released only once they are durable.
         let finished = finishing(res.map_into_boxed_body(), &http_req).await;
         let settled = match state_ref {
-            Some(state) => barrier.settle(&state.vault.replay).await,
+            Some(state) => {
+                barrier
+                    .settle(&state.vault.replay)
+                    .instrument(tracing::debug_span!(target: crate::telemetry::TARGET, parent: &span, "db.group_commit"))
+                    .await
+            }
             None => Ok(()),
         };
         match settled {
@@ -198,6 +291,11 @@ pub async fn keyholder_layer(
             });
         }
     }
+    if crate::telemetry::enabled() {
+        span.record("http.response.status_code", status.as_u16());
+        span.record("agent_id", ticket.agent_id.as_deref().unwrap_or(""));
+        span.record("proxy_id", ticket.proxy_id.as_deref().unwrap_or(""));
+    }
     span.in_scope(|| {
         tracing::info!(
             status = status.as_u16(),
@@ -225,7 +323,7 @@ async fn finish(
     request_id: &str,
     target: &str,
     state: Option<&AppState>,
-    origin: Option<&HeaderValue>,
+    origin: Option<&(HeaderValue, &'static str)>,
 ) -> Finished {
     let method = http_req.method();
     let status = response.status();
@@ -280,8 +378,8 @@ async fn finish(
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
     );
-    if let Some(origin) = origin {
-        cors_headers(headers, origin);
+    if let Some((origin, methods)) = origin {
+        cors_headers(headers, origin, methods);
     }
     if let Some(AllowedMethods(allow)) = http_req.extensions().get::<AllowedMethods>().copied() {
         headers.insert(header::ALLOW, HeaderValue::from_static(allow));
@@ -314,4 +412,36 @@ pub async fn method_not_allowed(
 /// Status `200` with a JSON body.
 pub fn json_ok<T: serde::Serialize>(value: &T) -> HttpResponse {
     HttpResponse::build(StatusCode::OK).json(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_canonical_spelling_of_a_path_passes() {
+        for ok in ["/", "/v1/credential", "/v1/health", "/bind", "/v1/a:b@c"] {
+            assert!(is_canonical_path(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "v1/credential",
+            "/v1/%63redential",
+            "/%761/credential",
+            "/v1/%70roxy",
+            "/v1/credential%2F",
+            "//v1/credential",
+            "/v1//credential",
+            "/v1/credential/",
+            "/v1/./credential",
+            "/v1/../v1/credential",
+            "/v1/credential/.",
+            "/v1/credential/..",
+            "/v1\\credential",
+            "/v1/cred\u{e9}ntial",
+            "*",
+        ] {
+            assert!(!is_canonical_path(bad), "{bad}");
+        }
+    }
 }

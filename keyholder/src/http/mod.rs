@@ -1,6 +1,7 @@
 //! The HTTP face of the keyholder: routes, verification extractors, the response layer and the
 //! single error mapping. Handlers are thin: extract, call the domain, map the result.
 
+pub mod admin;
 pub mod bind_page;
 pub mod credential;
 pub mod error;
@@ -10,9 +11,11 @@ pub mod health;
 pub mod middleware;
 pub mod network;
 pub mod proxy;
+pub mod rate_limit;
 pub mod refresh;
 pub mod response_signer;
 pub mod storage;
+pub mod store_page;
 
 use actix_web::{web, HttpRequest};
 use keyholder_protocol::paths::*;
@@ -79,8 +82,23 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .default_service(fallback("POST")),
     )
     .service(
+        web::resource(PATH_ADMIN_MIGRATE)
+            .route(web::post().to(admin::admin_migrate))
+            .default_service(fallback("POST")),
+    )
+    .service(
         web::resource(PATH_BIND)
             .route(web::get().to(bind_page::bind_page))
+            .default_service(fallback("GET")),
+    )
+    .service(
+        web::resource(PATH_STORE_PAGE)
+            .route(web::get().to(store_page::store_page))
+            .default_service(fallback("GET")),
+    )
+    .service(
+        web::resource(PATH_STORE_PAGE_SCRIPT)
+            .route(web::get().to(store_page::store_script))
             .default_service(fallback("GET")),
     )
     .default_service(web::to(middleware::not_found));

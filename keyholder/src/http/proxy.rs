@@ -20,12 +20,14 @@ pub async fn proxy(
     call: ProxyCall,
 ) -> Result<HttpResponse, ApiError> {
     let ProxyCall {
+        claims,
         service,
         request_id,
         upstream,
         templates,
-        ..
     } = call;
+    // 2.4.0: a ticket for a token that was replaced since is refused before any upstream call.
+    state.vault.check_creation(&service, &claims).await?;
     // The audit entry of this request names the upstream origin (never the path or query).
     if let Some(origin) = upstream
         .url

@@ -58,8 +58,8 @@ struct WriteJob {
 enum Work {
     /// A closure run inside its own savepoint, so that a failure rolls back only this job.
     Run(JobFn),
-    /// A record appended with the batch's others (see [`Store::submit_record`]).
-    Record(PackedRecord),
+    /// Records appended with the batch's others (see [`Store::submit_records`]).
+    Records(Vec<PackedRecord>),
 }
 
 /// A small fixed-size record for [`Store::submit_record`]. The writer folds the records of one
@@ -223,7 +223,11 @@ impl Store {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
-        self.submit(f)?.await
+        tracing::Instrument::instrument(
+            self.submit(f)?,
+            tracing::debug_span!(target: crate::telemetry::TARGET, "db.group_commit"),
+        )
+        .await
     }
 
     /// Hands `f` to the writer now and returns a future that resolves once it is committed and
@@ -239,7 +243,16 @@ impl Store {
     /// Appends `record` in the next group commit; resolves once it is committed and fsync'ed.
     /// For the hottest writes (replay marks): no closure, no savepoint, no statement of its own.
     pub fn submit_record(&self, record: PackedRecord) -> Result<PendingWrite<()>, StoreError> {
-        self.enqueue_work(Work::Record(record))
+        self.submit_records(vec![record])
+    }
+
+    /// Appends `records` in the next group commit, all or none (one job, so never split across
+    /// two commits); resolves once they are committed and fsync'ed.
+    pub fn submit_records(
+        &self,
+        records: Vec<PackedRecord>,
+    ) -> Result<PendingWrite<()>, StoreError> {
+        self.enqueue_work(Work::Records(records))
     }
 
     fn enqueue<T, F>(&self, f: F) -> Result<PendingWrite<T>, StoreError>
@@ -449,8 +462,8 @@ fn run_batch(
     for job in jobs.by_ref() {
         let run = match job.work {
             Work::Run(run) => run,
-            Work::Record(record) => {
-                records.push((record, job.reply));
+            Work::Records(job_records) => {
+                records.push((job_records, job.reply));
                 continue;
             }
         };
@@ -486,7 +499,7 @@ fn run_batch(
     if !records.is_empty() {
         // All of the batch's records or none (one savepoint for them all).
         let written = tx.execute_batch("SAVEPOINT records").and_then(|()| {
-            let rows = write_records(&tx, records.iter().map(|(record, _)| *record));
+            let rows = write_records(&tx, records.iter().flat_map(|(job, _)| job.iter().copied()));
             match rows {
                 Ok(()) => tx.execute_batch("RELEASE records"),
                 Err(err) => {

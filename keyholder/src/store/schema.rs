@@ -60,6 +60,12 @@ const MIGRATIONS: &[&str] = &[
     //    `replay_marks_packed_60s_<period>`; the live marks of the older tables are moved into
     //    them at start, see `vault::replay`.)
     "DROP INDEX audit_service;",
+    // 7: where each platform v1 ciphertext imported from the reference webhook belongs (see
+    //    `vault::imported_v1`): v1 fields carry no associated data, so a v1 field opens only as the
+    //    service and field it was imported as. Emptied when the reference key is retired.
+    "CREATE TABLE imported_v1_fields (
+        digest BLOB NOT NULL, service TEXT NOT NULL, field TEXT NOT NULL,
+        PRIMARY KEY (digest, service, field)) WITHOUT ROWID;",
 ];
 
 /// Applies every migration newer than the database's version, each in its own transaction.

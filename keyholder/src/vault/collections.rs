@@ -60,13 +60,27 @@ impl Vault {
                     .optional()?)
             })
             .await?;
+        let mut cacheable = true;
         let doc = match text {
-            Some(t) => Some(Arc::new(
-                serde_json::from_str(&t).map_err(|e| VaultError::Corrupt(e.to_string()))?,
-            )),
+            Some(t) => {
+                let doc: Value =
+                    serde_json::from_str(&t).map_err(|e| VaultError::Corrupt(e.to_string()))?;
+                // A token document still holding a totpUri link is sealed on first read (2.4.0).
+                let doc = match collection {
+                    Collection::Tokens => {
+                        let (doc, on_disk) = self.upgrade_token_document(&key, &t, doc).await;
+                        cacheable = on_disk;
+                        doc
+                    }
+                    _ => doc,
+                };
+                Some(Arc::new(doc))
+            }
             None => None,
         };
-        self.cache.put(collection, &key, doc.clone(), epoch);
+        if cacheable {
+            self.cache.put(collection, &key, doc.clone(), epoch);
+        }
         Ok(doc)
     }
 
@@ -185,9 +199,18 @@ impl Vault {
             })
             .await?;
         let mut items = Vec::with_capacity(rows.len());
+        let mut cacheable = true;
         for (key, text) in rows {
-            let doc =
+            let doc: Value =
                 serde_json::from_str(&text).map_err(|e| VaultError::Corrupt(e.to_string()))?;
+            let doc = match collection {
+                Collection::Tokens => {
+                    let (doc, on_disk) = self.upgrade_token_document(&key, &text, doc).await;
+                    cacheable &= on_disk;
+                    doc
+                }
+                _ => doc,
+            };
             items.push(list_item(collection, &key, doc));
         }
         if collection == Collection::Audit {
@@ -195,7 +218,9 @@ impl Vault {
         }
         let json = serde_json::to_string(&items).map_err(|e| VaultError::Corrupt(e.to_string()))?;
         let list = Arc::new(CachedList { items, json });
-        self.cache.put_list(collection, Arc::clone(&list), epoch);
+        if cacheable {
+            self.cache.put_list(collection, Arc::clone(&list), epoch);
+        }
         Ok(list)
     }
 }

@@ -1,11 +1,15 @@
 //! Credentials: encrypt and store what the owner's browser sends, decrypt for ticket holders,
 //! and derive TOTP codes, all with the key ring in memory.
 
-use keyholder_protocol::document::{open_document, seal_token_data, DocumentError, OpenedToken};
+use keyholder_protocol::document::{
+    is_sensitive, open_document, seal_token_data, DocumentError, OpenedToken,
+};
+use keyholder_protocol::otpauth::{expand_totp_uri, parse_otpauth, TotpAlgorithm, TOTP_URI_FIELD};
 use keyholder_protocol::wire::{Collection, TotpCodeResponse};
+use keyholder_protocol::TicketClaims;
 use rusqlite::{params, OptionalExtension};
-use serde_json::{Map, Value};
-use zeroize::Zeroize;
+use serde_json::{json, Map, Value};
+use zeroize::{Zeroize, Zeroizing};
 
 use super::collections::validate_key;
 use super::{from_store, into_store, Vault, VaultError};
@@ -19,17 +23,6 @@ pub enum StoreMode {
     Create,
 }
 
-impl StoreMode {
-    /// From the ticket's `mode` claim.
-    pub fn from_claim(mode: Option<&str>) -> Result<StoreMode, VaultError> {
-        match mode {
-            None | Some("overwrite") => Ok(StoreMode::Overwrite),
-            Some("create") => Ok(StoreMode::Create),
-            Some(_) => Err(VaultError::Invalid("unknown store mode".into())),
-        }
-    }
-}
-
 /// Overwrites every string in a JSON value (plaintext credentials leave memory when dropped).
 pub fn scrub(value: &mut Value) {
     match value {
@@ -40,6 +33,15 @@ pub fn scrub(value: &mut Value) {
     }
 }
 
+/// Why a stored document could not be opened. Whatever is wrong with it (bad base64, wrong
+/// shapes, fields that do not decrypt under this service), the platform may have written it with
+/// `storage set`: `422 corrupt_document`, never a 5xx the platform would retry.
+pub(super) fn open_error(err: DocumentError) -> VaultError {
+    tracing::warn!(error = %err, "stored credential document cannot be opened");
+    VaultError::CorruptDocument
+}
+
+/// Why a credential could not be sealed (its input was refused, or sealing failed).
 pub(super) fn document_error(err: DocumentError) -> VaultError {
     match err {
         DocumentError::NotAString(field) => {
@@ -62,6 +64,17 @@ impl Vault {
         mode: StoreMode,
         creation_id: Option<&str>,
     ) -> Result<Map<String, Value>, VaultError> {
+        // The creation id comes from the ticket alone (2.4.0): none in the ticket, none stored.
+        if let Some(mut given) = token_data.remove("creationId") {
+            scrub(&mut given);
+        }
+        // A totpUri link is never kept: its seed becomes the sealed totpSecret, its descriptors meta.
+        if let Err(err) = expand_totp_uri(&mut token_data) {
+            token_data.values_mut().for_each(scrub);
+            return Err(VaultError::Invalid(format!(
+                "'totpUri' is not a usable otpauth://totp/ link: {err}"
+            )));
+        }
         let result = self
             .store_credential_once(service, &token_data, mode, creation_id)
             .await;
@@ -160,6 +173,12 @@ impl Vault {
     }
 
     /// Decrypts the credential of `service`.
+    #[tracing::instrument(
+        name = "credential.decrypt",
+        target = "keyholder::trace",
+        level = "debug",
+        skip_all
+    )]
     pub async fn open_credential(&self, service: &str) -> Result<OpenedToken, VaultError> {
         self.ensure_unsealed()?;
         validate_key(service)?;
@@ -180,65 +199,236 @@ impl Vault {
                     .document(Collection::Tokens, service.to_string())
                     .await?
                     .ok_or(VaultError::TokenNotFound)?;
-                open_document(&doc, service, &*self.keys()).map_err(document_error)
+                open_document(&doc, service, &*self.keys()).map_err(open_error)
             }
-            Err(err) => Err(document_error(err)),
+            Err(err) => Err(open_error(err)),
         }
     }
 
     /// The current TOTP code of a `tokenType: TOTP` credential.
     pub async fn totp_code(&self, service: &str) -> Result<TotpCodeResponse, VaultError> {
         let token = self.open_credential(service).await?;
-        let is_totp = token
-            .meta()
-            .get("tokenType")
-            .and_then(Value::as_str)
-            .is_some_and(|t| t.eq_ignore_ascii_case("totp"));
-        if !is_totp {
+        if !is_totp(&token) {
             return Err(VaultError::NotTotp);
         }
-        let secret = token.secret("totpSecret").ok_or(VaultError::NotTotp)?;
-        totp_now(secret, crate::clock::now_unix())
+        token_totp_now(&token, crate::clock::now_unix())
+    }
+
+    /// Refuses with `stale_creation` when the ticket carries a `cid` that is not the stored token's
+    /// `creationId` (in meta, or at the top level of a plaintext document). Without `cid`, no read.
+    pub async fn check_creation(
+        &self,
+        service: &str,
+        claims: &TicketClaims,
+    ) -> Result<(), VaultError> {
+        if matches!(claims.cid, None | Some(Value::Null)) {
+            return Ok(());
+        }
+        let doc = self
+            .document(Collection::Tokens, service.to_string())
+            .await?
+            .ok_or(VaultError::TokenNotFound)?;
+        let stored = doc
+            .get("meta")
+            .and_then(|m| m.get("creationId"))
+            .or_else(|| doc.get("creationId"))
+            .and_then(Value::as_str);
+        claims.check_creation(stored).map_err(|_| {
+            tracing::info!(
+                service,
+                "ticket for a replaced token refused (stale_creation)"
+            );
+            VaultError::StaleCreation
+        })
     }
 }
 
-/// Computes the TOTP code at `now` from an `otpauth://` URI or a base32 secret
-/// (SHA1, 6 digits, 30 s unless the URI says otherwise).
-pub fn totp_now(secret: &str, now: i64) -> Result<TotpCodeResponse, VaultError> {
-    let invalid = || {
-        VaultError::Invalid(
-            "the stored TOTP secret is not a valid otpauth URI or base32 secret".into(),
-        )
-    };
-    let totp = if secret.trim_start().starts_with("otpauth://") {
-        totp_rs::TOTP::from_url_unchecked(secret.trim()).map_err(|_| invalid())?
-    } else {
-        let cleaned: String = secret
-            .chars()
-            .filter(|c| !c.is_whitespace() && *c != '-')
-            .collect::<String>()
-            .to_uppercase();
-        let bytes = totp_rs::Secret::Encoded(cleaned)
-            .to_bytes()
-            .map_err(|_| invalid())?;
-        totp_rs::TOTP::new_unchecked(
-            totp_rs::Algorithm::SHA1,
-            6,
-            1,
-            30,
-            bytes,
-            None,
-            String::new(),
-        )
-    };
-    if totp.step == 0 || !(6..=8).contains(&totp.digits) {
-        return Err(invalid());
+/// Seals `token_data` as the credential of `service` inside the caller's transaction, for the
+/// owner's `keyholder store` on the data folder: under the data key current on disk, keeping the
+/// `createdAt` of a credential it replaces, like an overwriting `/v1/store`. Bumps the owner
+/// generation, so a running server drops its cached copy within a quarter second. Returns the meta.
+pub fn store_on_disk(
+    conn: &rusqlite::Connection,
+    ring: &super::keyring::KeyRing,
+    service: &str,
+    token_data: &mut Map<String, Value>,
+    now: i64,
+) -> Result<Map<String, Value>, VaultError> {
+    validate_key(service)?;
+    if token_data.is_empty() {
+        return Err(VaultError::Invalid("'tokenData' must not be empty".into()));
     }
+    // As on `/v1/store`: a totpUri link is never kept, its seed is sealed as totpSecret.
+    expand_totp_uri(token_data).map_err(|err| {
+        VaultError::Invalid(format!(
+            "'totpUri' is not a usable otpauth://totp/ link: {err}"
+        ))
+    })?;
+    let existing: Option<String> = conn
+        .query_row(
+            "SELECT doc FROM documents WHERE collection = 'tokens' AND key = ?1",
+            [service],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let created_at = existing
+        .and_then(|text| serde_json::from_str::<Value>(&text).ok())
+        .and_then(|doc| {
+            doc.get("meta")?
+                .get("createdAt")?
+                .as_str()
+                .map(str::to_string)
+        });
+    let sealed = seal_token_data(
+        service,
+        token_data,
+        ring.current_data_key()?,
+        ring.current_data_version(),
+        now,
+        created_at.as_deref(),
+        None,
+    )
+    .map_err(document_error)?;
+    conn.execute(
+        "INSERT INTO documents(collection, key, doc, updated_at) VALUES ('tokens', ?1, ?2, ?3)
+         ON CONFLICT(collection, key) DO UPDATE SET doc = excluded.doc, updated_at = excluded.updated_at",
+        params![service, sealed.to_string(), now],
+    )?;
+    super::reload::bump_generation(conn)?;
+    Ok(sealed
+        .get("meta")
+        .and_then(Value::as_object)
+        .cloned()
+        .unwrap_or_default())
+}
+
+/// True for a credential of `tokenType` TOTP (any case) that holds a seed.
+pub fn is_totp(token: &OpenedToken) -> bool {
+    token
+        .meta()
+        .get("tokenType")
+        .and_then(Value::as_str)
+        .is_some_and(|t| t.eq_ignore_ascii_case("totp"))
+        && token.secret("totpSecret").is_some()
+}
+
+/// The `/v1/credential` body of a TOTP credential (PROTOCOL.md §7.6): its meta, the current code in
+/// `accessToken` and the code's parameters; never the seed.
+pub fn totp_credential_json(
+    token: &OpenedToken,
+    service: &str,
+    now: i64,
+) -> Result<Zeroizing<Vec<u8>>, VaultError> {
+    let code = token_totp_now(token, now)?;
+    let mut fields: Map<String, Value> = token
+        .meta()
+        .iter()
+        .filter(|(name, _)| !is_sensitive(name) && name.as_str() != TOTP_URI_FIELD)
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let service_name = token
+        .meta()
+        .get("serviceName")
+        .and_then(Value::as_str)
+        .unwrap_or(service)
+        .to_string();
+    fields.insert("accessToken".into(), json!(code.code));
+    fields.insert("tokenType".into(), json!("TOTP"));
+    fields.insert("serviceName".into(), json!(service_name));
+    fields.insert("remainingSeconds".into(), json!(code.remaining_seconds));
+    fields.insert("period".into(), json!(code.period));
+    fields.insert("digits".into(), json!(code.digits));
+    fields.insert("totpGenerated".into(), json!(true));
+    let mut body = json!({ "token": fields });
+    let bytes = Zeroizing::new(serde_json::to_vec(&body).unwrap_or_default());
+    scrub(&mut body);
+    Ok(bytes)
+}
+
+fn stored_invalid() -> VaultError {
+    // The stored data is at fault, not the server: a 4xx, which the platform does not retry.
+    VaultError::Invalid(
+        "the stored TOTP secret or its parameters are not valid (store it again)".into(),
+    )
+}
+
+/// The current code of a TOTP credential: from a sealed base32 seed with the meta descriptors
+/// (`totpAlgorithm`, `totpDigits`, `totpPeriod`; defaults SHA1, 6, 30), or from a sealed
+/// `otpauth://totp/` link (documents of the reference webhooks).
+pub fn token_totp_now(token: &OpenedToken, now: i64) -> Result<TotpCodeResponse, VaultError> {
+    let secret = token.secret("totpSecret").ok_or(VaultError::NotTotp)?;
+    let meta = token.meta();
+    if secret
+        .trim_start()
+        .get(..10)
+        .is_some_and(|p| p.eq_ignore_ascii_case("otpauth://"))
+    {
+        let link = parse_otpauth(secret.trim()).map_err(|_| stored_invalid())?;
+        return totp_now(link.secret(), link.algorithm, link.digits, link.period, now);
+    }
+    let algorithm = match meta.get("totpAlgorithm") {
+        None | Some(Value::Null) => TotpAlgorithm::Sha1,
+        Some(v) => v
+            .as_str()
+            .and_then(TotpAlgorithm::parse)
+            .ok_or_else(stored_invalid)?,
+    };
+    let number =
+        |name: &str, default: u64, range: std::ops::RangeInclusive<u64>| match meta.get(name) {
+            None | Some(Value::Null) => Ok(default),
+            Some(v) => v
+                .as_u64()
+                .filter(|n| range.contains(n))
+                .ok_or_else(stored_invalid),
+        };
+    let digits = number("totpDigits", 6, 6..=8)? as u32;
+    let period = number("totpPeriod", 30, 1..=3600)?;
+    totp_now(secret, algorithm, digits, period, now)
+}
+
+/// Computes the TOTP code at `now` from a base32 seed (spaces, dashes and padding ignored).
+pub fn totp_now(
+    secret: &str,
+    algorithm: TotpAlgorithm,
+    digits: u32,
+    period: u64,
+    now: i64,
+) -> Result<TotpCodeResponse, VaultError> {
+    if period == 0 || !(6..=8).contains(&digits) {
+        return Err(stored_invalid());
+    }
+    let cleaned = Zeroizing::new(
+        secret
+            .chars()
+            .filter(|c| !c.is_whitespace() && *c != '-' && *c != '=')
+            .collect::<String>()
+            .to_uppercase(),
+    );
+    let bytes = totp_rs::Secret::Encoded(cleaned.to_string())
+        .to_bytes()
+        .map_err(|_| stored_invalid())?;
+    if bytes.is_empty() {
+        return Err(stored_invalid());
+    }
+    let algorithm = match algorithm {
+        TotpAlgorithm::Sha1 => totp_rs::Algorithm::SHA1,
+        TotpAlgorithm::Sha256 => totp_rs::Algorithm::SHA256,
+        TotpAlgorithm::Sha512 => totp_rs::Algorithm::SHA512,
+    };
+    let totp = totp_rs::TOTP::new_unchecked(
+        algorithm,
+        digits as usize,
+        1,
+        period,
+        bytes,
+        None,
+        String::new(),
+    );
     let now = u64::try_from(now).unwrap_or(0);
     Ok(TotpCodeResponse {
         code: totp.generate(now),
-        remaining_seconds: totp.step - (now % totp.step),
-        period: totp.step,
-        digits: totp.digits as u32,
+        remaining_seconds: period - (now % period),
+        period,
+        digits,
     })
 }

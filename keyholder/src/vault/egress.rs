@@ -14,6 +14,7 @@ use url::Url;
 use zeroize::Zeroizing;
 
 use super::{from_store, into_store, Vault, VaultError};
+use tracing::Instrument as _;
 
 /// The egress policies read so far, so a proxied call needs no database read. Server-side writes
 /// (pins) invalidate their service; the owner's `keyholder egress` bumps the owner generation,
@@ -540,7 +541,10 @@ impl Vault {
             .check_url(&plan.url)
             .map_err(|e| deny(e.to_string()))?;
         let origin = origin_of(&plan.url)?;
-        let policy = self.egress_policy(service).await?;
+        let policy = self
+            .egress_policy(service)
+            .instrument(tracing::debug_span!(target: crate::telemetry::TARGET, "egress.policy"))
+            .await?;
         let decision = policy.decide(&origin);
         if let Decision::Deny(reason) = &decision {
             return Err(deny(reason.clone()));
@@ -571,6 +575,14 @@ impl Vault {
         } else {
             false
         };
+        let call = tracing::debug_span!(
+            target: crate::telemetry::TARGET,
+            "upstream.call",
+            otel.kind = "client",
+            http.request.method = %plan.method,
+            server.address = %host,
+        );
+        call.in_scope(|| crate::telemetry::inject_current(&mut headers));
         let result = upstream
             .send(OutboundRequest {
                 method: plan.method,
@@ -578,6 +590,7 @@ impl Vault {
                 headers,
                 body: plan.body,
             })
+            .instrument(call)
             .await;
         match result {
             Ok(response) => Ok(response),

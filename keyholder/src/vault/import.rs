@@ -13,6 +13,7 @@ use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
 use super::collections::validate_key;
+use super::imported_v1;
 use super::keyring::{self, install_hmac_secret, KIND_HMAC, KIND_LEGACY};
 use super::master::MasterKey;
 use super::reload::bump_generation;
@@ -52,6 +53,8 @@ pub struct ImportReport {
     pub vault_config: usize,
     /// Documents replaced because the keyholder already held one under the same key (`--force`).
     pub replaced: usize,
+    /// Token documents whose `totpUri` link was sealed (seed as `totpSecret`, link removed).
+    pub totp_links_sealed: usize,
 }
 
 fn field<'a>(obj: &'a Map<String, Value>, name: &str) -> Result<&'a str, VaultError> {
@@ -132,9 +135,34 @@ pub fn import_reference(
     }
 
     // Keep the reference's key as the platform-v1 key, so v1 documents the platform may still
-    // write back stay readable (and `keyholder rewrap` converts them).
+    // write back to where they were stay readable (and `keyholder rewrap` converts them), until
+    // the owner retires it (`keyholder retire-key platform-v1`).
     conn.execute("DELETE FROM keyring WHERE kind = ?1", [KIND_LEGACY])?;
     keyring::store_key(conn, master, KIND_LEGACY, 1, keys.encryption_key.expose())?;
+    // v1 ciphertexts carry no associated data: remember where each one is imported, and the key
+    // opens it only there (`vault::imported_v1`). Places recorded for an earlier reference key
+    // mean nothing under this one.
+    // With a fresh random IV per field, one ciphertext in two places means one is a copy (the
+    // platform can write the reference's documents too): the owner decides which one is real.
+    imported_v1::clear(conn)?;
+    let mut seen: std::collections::HashMap<[u8; 32], String> = std::collections::HashMap::new();
+    if let Some(tokens) = obj
+        .get(Collection::Tokens.as_str())
+        .and_then(Value::as_object)
+    {
+        for (key, doc) in tokens {
+            for (field, digest) in imported_v1::v1_fields(doc) {
+                let place = format!("tokens/{key} {field}");
+                if let Some(first) = seen.insert(digest, place.clone()) {
+                    return Err(VaultError::Invalid(format!(
+                        "{first} and {place} hold the same ciphertext, so one of them is a copy; remove \
+                         the one that does not belong from the collections file and import again"
+                    )));
+                }
+                imported_v1::record(conn, key, &field, &digest)?;
+            }
+        }
+    }
     let (ring, _, _) = keyring::load(conn, master)?;
     // A ring that also holds exactly the reference's key, for opening its documents.
     let reference = KeySet {
@@ -185,6 +213,15 @@ pub fn import_reference(
                 Collection::ProxyConfigs => report.proxy_configs += 1,
                 Collection::Audit => report.audit += 1,
                 Collection::VaultConfig => report.vault_config += 1,
+            }
+            // Protocol 2.4.0: a totpUri link is never kept, so it is sealed on the way in.
+            if collection == &Collection::Tokens && super::totp_links::holds_totp_link(&doc) {
+                doc = super::totp_links::seal_totp_link(&doc, key, &ring, now).map_err(|e| {
+                    VaultError::Invalid(format!(
+                        "tokens/{key} holds a totpUri that cannot be sealed ({e}); fix or remove it in the collections file"
+                    ))
+                })?;
+                report.totp_links_sealed += 1;
             }
             let replaced = conn.execute(
                 "DELETE FROM documents WHERE collection = ?1 AND key = ?2",

@@ -8,6 +8,7 @@ use keyholder_protocol::{DataKey, HmacSecret, IdentityKey};
 use rand::RngCore;
 use rusqlite::{params, Connection, OptionalExtension};
 
+use super::imported_v1::{self, ImportedV1Fields};
 use super::master::MasterKey;
 use super::VaultError;
 use crate::store::{get_setting, put_setting};
@@ -26,6 +27,8 @@ pub struct KeyRing {
     data_keys: BTreeMap<u32, DataKey>,
     current_data_version: u32,
     legacy_v1: Option<DataKey>,
+    /// Where each imported v1 ciphertext belongs: the legacy key opens it only there.
+    legacy_v1_fields: ImportedV1Fields,
     identity: IdentityKey,
 }
 
@@ -51,6 +54,11 @@ impl KeyRing {
     pub fn identity(&self) -> &IdentityKey {
         &self.identity
     }
+
+    /// Whether the reference webhook's key (platform v1 ciphertexts) is held.
+    pub fn has_platform_v1_key(&self) -> bool {
+        self.legacy_v1.is_some()
+    }
 }
 
 impl KeyLookup for KeyRing {
@@ -58,8 +66,11 @@ impl KeyLookup for KeyRing {
         self.data_keys.get(&version)
     }
 
-    fn platform_v1_key(&self) -> Option<&DataKey> {
-        self.legacy_v1.as_ref()
+    /// Only for a ciphertext imported as this very service and field (see `vault::imported_v1`).
+    fn platform_v1_key(&self, service: &str, field: &str, digest: &[u8; 32]) -> Option<&DataKey> {
+        self.legacy_v1
+            .as_ref()
+            .filter(|_| self.legacy_v1_fields.allows(service, field, digest))
     }
 }
 
@@ -148,11 +159,17 @@ pub fn load(
         ),
         None => None,
     };
+    let legacy_v1_fields = if legacy_v1.is_some() {
+        imported_v1::load(conn)?
+    } else {
+        ImportedV1Fields::default()
+    };
     Ok((
         KeyRing {
             data_keys,
             current_data_version,
             legacy_v1,
+            legacy_v1_fields,
             identity,
         },
         hmac,

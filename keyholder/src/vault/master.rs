@@ -28,6 +28,8 @@ pub enum MasterKeySource {
     Passphrase(PathBuf),
     /// `master.key` inside the data folder, created on first start (convenient, and weaker).
     DataFolder,
+    /// A key-ring key sealed by a non-extractable AES key in a PKCS#11 token (see `vault::pkcs11`).
+    Pkcs11(super::pkcs11::Pkcs11Config),
 }
 
 /// The 32-byte key-encryption key. Never printed, zeroized on drop.
@@ -118,7 +120,13 @@ pub fn load_master_key(
     source: &MasterKeySource,
     conn: &Connection,
 ) -> Result<(MasterKey, bool), VaultError> {
+    if !matches!(source, MasterKeySource::Pkcs11(_)) && super::pkcs11::is_token_sealed(conn)? {
+        return Err(VaultError::Pkcs11(
+            "this data folder's master key is sealed by a PKCS#11 token: pass --master-key-pkcs11 URI with --pkcs11-module and the PIN (--pkcs11-pin-file or KEYHOLDER_PKCS11_PIN)".into(),
+        ));
+    }
     match source {
+        MasterKeySource::Pkcs11(config) => Ok((super::pkcs11::load(config, conn)?, false)),
         MasterKeySource::File(path) => Ok((read_key_file(path)?, false)),
         MasterKeySource::Passphrase(path) => Ok((derive_from_passphrase(path, conn)?, false)),
         MasterKeySource::DataFolder => {

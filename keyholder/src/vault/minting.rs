@@ -458,6 +458,14 @@ impl Vault {
         service: &str,
     ) -> Result<Zeroizing<Vec<u8>>, VaultError> {
         let token = self.open_credential(service).await?;
+        // 2.4.0: a TOTP credential is answered with its current code, never its seed.
+        if super::credentials::is_totp(&token) {
+            return super::credentials::totp_credential_json(
+                &token,
+                service,
+                crate::clock::now_unix(),
+            );
+        }
         let Some(kind) = detect(&token)? else {
             return Ok(token.credential_json());
         };

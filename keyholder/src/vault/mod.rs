@@ -6,16 +6,19 @@ pub mod credentials;
 pub mod doc_cache;
 pub mod egress;
 pub mod import;
+pub mod imported_v1;
 pub mod keyring;
 pub mod master;
 pub mod minting;
 pub mod oauth;
+pub mod pkcs11;
 pub mod platform_keys;
 pub mod refresh;
 pub mod reload;
 pub mod replay;
 pub mod retention;
 pub mod rotation;
+pub mod totp_links;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -48,6 +51,9 @@ pub enum VaultError {
     /// A key or passphrase file could not be used.
     #[error("key file {0}: {1}")]
     KeyFile(PathBuf, String),
+    /// The PKCS#11 token could not be used (module, token, PIN or key); the text says which.
+    #[error("{0}")]
+    Pkcs11(String),
     /// Stored state is inconsistent.
     #[error("corrupt data folder: {0}")]
     Corrupt(String),
@@ -63,6 +69,13 @@ pub enum VaultError {
     /// The stored credential cannot be decrypted with any key we hold.
     #[error("stored credential cannot be decrypted")]
     Undecryptable,
+    /// The ticket's `cid` does not name the stored token (2.4.0 ticket constraint).
+    #[error("Token was replaced since this ticket was issued")]
+    StaleCreation,
+    /// The stored document of a service (which the platform can write with `storage set`) is
+    /// malformed or its fields do not decrypt: the caller's problem to fix, not a retryable failure.
+    #[error("stored credential document is corrupt")]
+    CorruptDocument,
     /// The credential is not a TOTP secret.
     #[error("this credential is not a TOTP secret")]
     NotTotp,

@@ -16,7 +16,7 @@ use url::Url;
 use zeroize::Zeroizing;
 
 use super::collections::validate_key;
-use super::credentials::{document_error, scrub};
+use super::credentials::{document_error, open_error, scrub};
 use super::egress::PinKind;
 use super::minting::expires_in;
 use super::oauth::OAuthClient;
@@ -102,7 +102,7 @@ impl Vault {
         let doc: Value =
             serde_json::from_str(&text).map_err(|e| VaultError::Corrupt(e.to_string()))?;
         let keys = self.keys();
-        let token = open_document(&doc, service, &*keys).map_err(document_error)?;
+        let token = open_document(&doc, service, &*keys).map_err(open_error)?;
         Ok(Some(Current { text, token }))
     }
 

@@ -71,16 +71,18 @@ pub fn write_sealed(conn: &Connection, sealed: bool) -> Result<(), StoreError> {
     bump_generation(conn)
 }
 
-fn source_path(data_dir: &Path, source: &MasterKeySource) -> PathBuf {
+fn source_path(data_dir: &Path, source: &MasterKeySource) -> Option<PathBuf> {
     match source {
-        MasterKeySource::File(p) | MasterKeySource::Passphrase(p) => p.clone(),
-        MasterKeySource::DataFolder => data_dir.join(DEFAULT_MASTER_KEY_FILE),
+        MasterKeySource::File(p) | MasterKeySource::Passphrase(p) => Some(p.clone()),
+        MasterKeySource::DataFolder => Some(data_dir.join(DEFAULT_MASTER_KEY_FILE)),
+        // The token is asked once, at start: a running server keeps the keys it holds.
+        MasterKeySource::Pkcs11(_) => None,
     }
 }
 
 /// SHA-256 of the master key source file, to retry a changed source only once per change.
 fn source_fingerprint(data_dir: &Path, source: &MasterKeySource) -> Option<[u8; 32]> {
-    let bytes = zeroize::Zeroizing::new(std::fs::read(source_path(data_dir, source)).ok()?);
+    let bytes = zeroize::Zeroizing::new(std::fs::read(source_path(data_dir, source)?).ok()?);
     Some(Sha256::digest(bytes.as_slice()).into())
 }
 
@@ -213,7 +215,8 @@ impl Vault {
                 "the master key was rotated by the owner: serving on with the keys in memory; put the new key \
                  (or passphrase) where this server reads it ({}) or restart it with the new one to pick up \
                  further key changes",
-                source_path(&self.data_dir, &self.source).display()
+                source_path(&self.data_dir, &self.source)
+                    .map_or_else(|| "the PKCS#11 token".to_string(), |p| p.display().to_string())
             );
         }
         follow.master_stale = reloaded.master_stale;

@@ -1,5 +1,6 @@
-//! Replay memory for platform request ids, ticket nonces and envelope nonces: checked in memory
-//! (atomic check-and-insert), made durable before the request is answered, reloaded at start.
+//! Replay memory for platform request ids, request signatures, ticket nonces and envelope nonces:
+//! checked in memory (atomic check-and-insert), made durable before the request is answered,
+//! reloaded at start.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
@@ -20,8 +21,11 @@ tokio::task_local! {
 /// where they are made.
 #[derive(Default)]
 pub struct DurabilityBarrier {
-    pending: Mutex<Vec<(ReplayKind, MarkKey, PendingWrite<()>)>>,
+    pending: Mutex<Vec<DeferredMarks>>,
 }
+
+/// Marks made together (one job for the writer) and their pending commit.
+type DeferredMarks = (Vec<(ReplayKind, MarkKey)>, PendingWrite<()>);
 
 impl DurabilityBarrier {
     /// Runs `fut` (a request's handling) with this barrier in force.
@@ -29,9 +33,9 @@ impl DurabilityBarrier {
         DURABILITY.scope(Arc::clone(self), fut).await
     }
 
-    fn defer(&self, kind: ReplayKind, key: MarkKey, write: PendingWrite<()>) {
+    fn defer(&self, marks: Vec<(ReplayKind, MarkKey)>, write: PendingWrite<()>) {
         if let Ok(mut pending) = self.pending.lock() {
-            pending.push((kind, key, write));
+            pending.push((marks, write));
         }
     }
 
@@ -43,9 +47,11 @@ impl DurabilityBarrier {
             Err(_) => return Err(VaultError::Corrupt("durability barrier lock".into())),
         };
         let mut failure = None;
-        for (kind, key, write) in pending {
+        for (marks, write) in pending {
             if let Err(err) = write.await {
-                guard.set(kind).forget(key);
+                for (kind, key) in marks {
+                    guard.set(kind).forget(key);
+                }
                 failure.get_or_insert(err);
             }
         }
@@ -152,7 +158,7 @@ impl MarkSet {
             if long.get(&key).is_some_and(|&u| u >= now) {
                 return Ok(Seen::Replayed);
             }
-            if until - now > LONG_MARK_SECS {
+            if until.saturating_sub(now) > LONG_MARK_SECS {
                 long.insert(key, until);
                 return Ok(Seen::Fresh);
             }
@@ -164,7 +170,7 @@ impl MarkSet {
 
     /// Adds a mark loaded from disk (at start, before any check).
     fn insert_loaded(&self, key: MarkKey, until: i64, now: i64) {
-        if until - now > LONG_MARK_SECS {
+        if until.saturating_sub(now) > LONG_MARK_SECS {
             if let Ok(mut long) = self.long[shard_of(key)].lock() {
                 let entry = long.entry(key).or_insert(until);
                 *entry = (*entry).max(until);
@@ -268,15 +274,27 @@ pub enum ReplayKind {
     Nonce,
     /// Ed25519 request-envelope nonces (until the envelope's timestamp plus the clock-skew allowance).
     EnvelopeNonce,
+    /// HMAC request signatures (until the request's timestamp plus the clock-skew allowance): the
+    /// same signed bytes are accepted once, whatever request id or endpoint they come with.
+    Signature,
 }
 
 impl ReplayKind {
+    const ALL: [ReplayKind; 4] = [
+        ReplayKind::RequestId,
+        ReplayKind::Nonce,
+        ReplayKind::EnvelopeNonce,
+        ReplayKind::Signature,
+    ];
+
     /// Name in the legacy `replay_log` table.
     fn legacy_name(self) -> &'static str {
         match self {
             ReplayKind::RequestId => "request",
             ReplayKind::Nonce => "nonce",
             ReplayKind::EnvelopeNonce => "envelope",
+            // Never in the legacy table (newer than it).
+            ReplayKind::Signature => "signature",
         }
     }
 
@@ -286,17 +304,12 @@ impl ReplayKind {
             ReplayKind::RequestId => 1,
             ReplayKind::Nonce => 2,
             ReplayKind::EnvelopeNonce => 3,
+            ReplayKind::Signature => 4,
         }
     }
 
     fn from_code(code: i64) -> Option<ReplayKind> {
-        [
-            ReplayKind::RequestId,
-            ReplayKind::Nonce,
-            ReplayKind::EnvelopeNonce,
-        ]
-        .into_iter()
-        .find(|kind| kind.code() == code)
+        ReplayKind::ALL.into_iter().find(|kind| kind.code() == code)
     }
 }
 
@@ -321,6 +334,11 @@ const LEGACY_PERIOD_SECS: i64 = 300;
 
 fn period_of(expires_at: i64) -> i64 {
     expires_at.div_euclid(PERIOD_SECS)
+}
+
+/// The first unix second after `period` (saturating: a period near `i64::MAX / 60` must not wrap).
+fn period_end(period: i64) -> i64 {
+    period.saturating_add(1).saturating_mul(PERIOD_SECS)
 }
 
 /// The durable form of a mark: 8 bytes in its expiry period's table, tagged with its kind.
@@ -460,6 +478,7 @@ pub struct ReplayGuard {
     request_ids: MarkSet,
     nonces: MarkSet,
     envelope_nonces: MarkSet,
+    signatures: MarkSet,
 }
 
 impl ReplayGuard {
@@ -473,7 +492,7 @@ impl ReplayGuard {
             .read(move |conn| {
                 let periods = mark_periods(conn)?;
                 let mut rows = Vec::new();
-                for period in periods.iter().filter(|p| (*p + 1) * PERIOD_SECS > now) {
+                for period in periods.iter().filter(|p| period_end(**p) > now) {
                     let table = format!("{TABLE_PREFIX}{period}");
                     rows.extend(crate::store::read_packed_rows(conn, &table, now)?);
                 }
@@ -486,6 +505,7 @@ impl ReplayGuard {
             request_ids: MarkSet::default(),
             nonces: MarkSet::default(),
             envelope_nonces: MarkSet::default(),
+            signatures: MarkSet::default(),
         };
         for (kind, until, keys) in rows {
             // An unknown kind (a newer keyholder's) is kept as a nonce: refusing too much is safe.
@@ -504,6 +524,7 @@ impl ReplayGuard {
             ReplayKind::RequestId => &self.request_ids,
             ReplayKind::Nonce => &self.nonces,
             ReplayKind::EnvelopeNonce => &self.envelope_nonces,
+            ReplayKind::Signature => &self.signatures,
         }
     }
 
@@ -515,23 +536,51 @@ impl ReplayGuard {
         id: &str,
         expires_at: i64,
     ) -> Result<Seen, VaultError> {
+        Ok(match self.remember_all(&[(kind, id, expires_at)]).await? {
+            None => Seen::Fresh,
+            Some(_) => Seen::Replayed,
+        })
+    }
+
+    /// Marks every `(kind, id, expires_at)` used, all or none: returns the kind of the first mark
+    /// that was already used (and remembers none of them), else `None` once all are committed to
+    /// disk. The marks go to the writer as one job, so they share one group commit (and fsync).
+    pub async fn remember_all(
+        &self,
+        marks: &[(ReplayKind, &str, i64)],
+    ) -> Result<Option<ReplayKind>, VaultError> {
         let now = crate::clock::now_unix();
-        let key = mark_key(id);
-        if self.set(kind).check_and_insert(key, expires_at, now)? == Seen::Replayed {
-            return Ok(Seen::Replayed);
+        let mut taken: Vec<(ReplayKind, MarkKey)> = Vec::with_capacity(marks.len());
+        let mut records = Vec::with_capacity(marks.len());
+        for &(kind, id, expires_at) in marks {
+            // Claims meet the clock here: a negative expiry would name no valid table (and is
+            // expired anyway); every use of it below saturates.
+            let expires_at = expires_at.max(0);
+            let key = mark_key(id);
+            let seen = self.set(kind).check_and_insert(key, expires_at, now);
+            if seen.as_ref().map_or(true, |s| *s == Seen::Replayed) {
+                for (kind, key) in taken {
+                    self.set(kind).forget(key);
+                }
+                return seen.map(|_| Some(kind));
+            }
+            taken.push((kind, key));
+            records.push(mark_record(kind, key, expires_at));
         }
-        self.tables
-            .lock()
-            .map_err(poisoned)?
-            .insert(period_of(expires_at));
-        let submitted = self.store.submit_record(mark_record(kind, key, expires_at));
+        {
+            let mut tables = self.tables.lock().map_err(poisoned)?;
+            for record in &records {
+                tables.insert(record.table.1);
+            }
+        }
+        let submitted = self.store.submit_records(records);
         let result = match submitted {
             Ok(pending) => match DURABILITY.try_with(Arc::clone) {
                 // Inside a request: the commit runs while the request is handled, and the HTTP
                 // layer awaits it before the answer leaves.
                 Ok(barrier) => {
-                    barrier.defer(kind, key, pending);
-                    return Ok(Seen::Fresh);
+                    barrier.defer(taken, pending);
+                    return Ok(None);
                 }
                 Err(_) => pending.await,
             },
@@ -539,20 +588,18 @@ impl ReplayGuard {
         };
         if let Err(err) = result {
             // Not served, so not used: let the platform's retry through.
-            self.set(kind).forget(key);
+            for (kind, key) in taken {
+                self.set(kind).forget(key);
+            }
             return Err(err.into());
         }
-        Ok(Seen::Fresh)
+        Ok(None)
     }
 
     /// Forgets expired marks in memory and on disk; returns how many mark tables were dropped.
     pub async fn purge_expired(&self) -> Result<usize, VaultError> {
         let now = crate::clock::now_unix();
-        for kind in [
-            ReplayKind::RequestId,
-            ReplayKind::Nonce,
-            ReplayKind::EnvelopeNonce,
-        ] {
+        for kind in ReplayKind::ALL {
             self.set(kind).rotate(now);
         }
         // Tables whose whole period is over: every mark in them has expired.
@@ -561,7 +608,7 @@ impl ReplayGuard {
             let expired: Vec<i64> = tables
                 .iter()
                 .copied()
-                .filter(|p| (p + 1) * PERIOD_SECS <= now)
+                .filter(|p| period_end(*p) <= now)
                 .collect();
             for period in &expired {
                 tables.remove(period);
@@ -591,7 +638,7 @@ impl ReplayGuard {
 
     /// Entries held in memory (every kind), for metrics.
     pub fn len(&self) -> usize {
-        self.request_ids.len() + self.nonces.len() + self.envelope_nonces.len()
+        ReplayKind::ALL.iter().map(|k| self.set(*k).len()).sum()
     }
 
     /// True when nothing is remembered.
@@ -703,6 +750,81 @@ mod tests {
         let left = periods().await;
         assert!(!left.contains(&period_of(past)));
         assert!(left.contains(&period_of(later)), "live marks stay");
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod extreme_expiry_tests {
+    use super::*;
+
+    /// Expiries at the ends of `i64` (from claims a hostile platform chose) are stored, purged and
+    /// reloaded without overflow, in a table with a valid name, next to ordinary marks.
+    #[tokio::test]
+    async fn extreme_expiries_neither_overflow_nor_break_the_batch_or_the_purge() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let guard = ReplayGuard::load(store.clone()).await.unwrap();
+        let later = crate::clock::now_unix() + 300;
+        let marks = [
+            (ReplayKind::Nonce, "max", i64::MAX),
+            (ReplayKind::Nonce, "min", i64::MIN),
+            (ReplayKind::Signature, "negative", -1),
+            (ReplayKind::RequestId, "ordinary", later),
+        ];
+        assert_eq!(guard.remember_all(&marks).await.unwrap(), None);
+        assert_eq!(
+            guard
+                .remember(ReplayKind::Nonce, "max", later)
+                .await
+                .unwrap(),
+            Seen::Replayed
+        );
+        guard.purge_expired().await.unwrap();
+        guard.purge_expired().await.unwrap();
+        store.close();
+        let store = Store::open(dir.path()).unwrap();
+        let guard = ReplayGuard::load(store).await.unwrap();
+        for (kind, id) in [
+            (ReplayKind::Nonce, "max"),
+            (ReplayKind::RequestId, "ordinary"),
+        ] {
+            assert_eq!(
+                guard.remember(kind, id, later).await.unwrap(),
+                Seen::Replayed,
+                "{id}"
+            );
+        }
+        guard.purge_expired().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_replayed_mark_leaves_the_others_of_its_call_unused() {
+        let dir = tempfile::tempdir().unwrap();
+        let guard = ReplayGuard::load(Store::open(dir.path()).unwrap())
+            .await
+            .unwrap();
+        let later = crate::clock::now_unix() + 300;
+        guard
+            .remember(ReplayKind::Signature, "sig", later)
+            .await
+            .unwrap();
+        let marks = [
+            (ReplayKind::RequestId, "fresh-id", later),
+            (ReplayKind::Signature, "sig", later),
+        ];
+        assert_eq!(
+            guard.remember_all(&marks).await.unwrap(),
+            Some(ReplayKind::Signature)
+        );
+        assert_eq!(
+            guard
+                .remember(ReplayKind::RequestId, "fresh-id", later)
+                .await
+                .unwrap(),
+            Seen::Fresh,
+            "not used up by the refused call"
+        );
     }
 }
 

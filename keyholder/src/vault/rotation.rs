@@ -6,13 +6,14 @@ use std::collections::BTreeMap;
 
 use keyholder_protocol::document::{
     decrypt_field, decrypt_platform_v1_field, document_key_versions, encrypt_field,
-    field_key_version, FieldFormat, KeyLookup, DOCUMENT_ALG, DOCUMENT_VERSION,
+    field_key_version, platform_v1_field_digest, FieldFormat, KeyLookup, DOCUMENT_ALG,
+    DOCUMENT_VERSION,
 };
 use keyholder_protocol::DataKey;
 use rusqlite::{params, Connection};
 use serde_json::Value;
 
-use super::keyring::{self, KeyRing, KIND_DATA};
+use super::keyring::{self, KeyRing, KIND_DATA, KIND_LEGACY};
 use super::master::MasterKey;
 use super::reload::bump_generation;
 use super::VaultError;
@@ -33,7 +34,10 @@ pub fn rotate_data_key(conn: &Connection, master: &MasterKey) -> Result<u32, Vau
 }
 
 /// Re-encrypts the fields of one stored credential that are not under the current data key
-/// (older `kh1` versions, or the platform's v1 format). Meta and other fields are kept as they are.
+/// (older `kh1` versions, or the platform's v1 format), re-sealing them in `kh1` with the document's
+/// service, field and the current key version as associated data. A v1 field opens only where it
+/// was imported (see `vault::imported_v1`): one the platform copied elsewhere is refused, never
+/// laundered into a `kh1` field of the wrong service. Meta and other fields are kept as they are.
 /// Returns whether anything changed.
 pub fn rewrap_document(doc: &mut Value, service: &str, ring: &KeyRing) -> Result<bool, VaultError> {
     let current = ring.current_data_version();
@@ -58,7 +62,11 @@ pub fn rewrap_document(doc: &mut Value, service: &str, ring: &KeyRing) -> Result
                 decrypt_field(key, service, name, text).map_err(|_| VaultError::Undecryptable)?
             }
             FieldFormat::PlatformV1 => {
-                let key = ring.platform_v1_key().ok_or(VaultError::Undecryptable)?;
+                let digest =
+                    platform_v1_field_digest(text).map_err(|_| VaultError::Undecryptable)?;
+                let key = ring
+                    .platform_v1_key(service, name, &digest)
+                    .ok_or(VaultError::Undecryptable)?;
                 decrypt_platform_v1_field(key, text).map_err(|_| VaultError::Undecryptable)?
             }
         };
@@ -164,6 +172,66 @@ pub fn versions_in_use(
         }
     }
     Ok(used)
+}
+
+/// Credentials that the reference webhook's key still opens (a v1 field where it was imported),
+/// with up to five of their keys. v1 fields anywhere else never open, so they do not count.
+pub fn platform_v1_in_use(
+    conn: &Connection,
+    ring: &KeyRing,
+) -> Result<(usize, Vec<String>), VaultError> {
+    let mut stmt = conn.prepare("SELECT key, doc FROM documents WHERE collection = 'tokens'")?;
+    let mut rows = stmt.query([])?;
+    let (mut count, mut examples) = (0, Vec::new());
+    while let Some(row) = rows.next()? {
+        let key: String = row.get(0)?;
+        let text: String = row.get(1)?;
+        let Ok(doc) = serde_json::from_str::<Value>(&text) else {
+            continue;
+        };
+        let Some(fields) = doc.get("fields").and_then(Value::as_object) else {
+            continue;
+        };
+        let opens = fields.iter().any(|(name, value)| {
+            value
+                .as_str()
+                .filter(|t| matches!(field_key_version(t), Ok(FieldFormat::PlatformV1)))
+                .and_then(|t| platform_v1_field_digest(t).ok())
+                .is_some_and(|digest| ring.platform_v1_key(&key, name, &digest).is_some())
+        });
+        if opens {
+            count += 1;
+            if examples.len() < 5 {
+                examples.push(format!("tokens/{key}"));
+            }
+        }
+    }
+    Ok((count, examples))
+}
+
+/// Removes the reference webhook's key (platform v1) and the record of where its ciphertexts were
+/// imported: refused while a stored credential still needs it (run `rewrap` first). Afterwards no
+/// v1 ciphertext opens here, wherever it is written.
+pub fn retire_platform_v1_key(conn: &Connection, master: &MasterKey) -> Result<(), VaultError> {
+    let (ring, _, _) = keyring::load(conn, master)?;
+    if !ring.has_platform_v1_key() {
+        return Err(VaultError::Invalid(
+            "there is no reference (platform-v1) key: nothing was imported with `keyholder import-reference`, \
+             or it was retired already"
+                .into(),
+        ));
+    }
+    let (count, examples) = platform_v1_in_use(conn, &ring)?;
+    if count > 0 {
+        return Err(VaultError::Invalid(format!(
+            "the reference (platform-v1) key is still used by {count} document(s) (e.g. {}); run `keyholder rewrap` first",
+            examples.join(", ")
+        )));
+    }
+    conn.execute("DELETE FROM keyring WHERE kind = ?1", [KIND_LEGACY])?;
+    super::imported_v1::clear(conn)?;
+    bump_generation(conn)?;
+    Ok(())
 }
 
 /// Removes data-key `version`: refused while it is current or any stored document references it.
