@@ -26,6 +26,10 @@ if [ ${#tools[@]} -gt 0 ]; then
 fi
 
 step "package dry runs: keyholder-protocol, keyholder-client, keyholder-check, keyholder"
+# cargo unpacks the packages of its temporary local registry under $CARGO_HOME/registry/src/-<hash>/
+# and reuses an unpacked name-version found there, so a second run at the same version would verify
+# against the previous run's sources: remove them first (only these crates, only local registries).
+rm -rf "${CARGO_HOME:-$HOME/.cargo}"/registry/src/-*/keyholder{,-protocol,-client,-check}-"$version"
 cargo package --locked -p keyholder-protocol -p keyholder-client -p keyholder-check -p keyholder
 for crate in keyholder-protocol keyholder-client keyholder-check keyholder; do
     ls -l "$target/package/$crate-$version.crate"
