@@ -26,10 +26,12 @@ if [ ${#tools[@]} -gt 0 ]; then
 fi
 
 step "package dry runs: keyholder-protocol, keyholder-client, keyholder-check, keyholder"
-# cargo unpacks the packages of its temporary local registry under $CARGO_HOME/registry/src/-<hash>/
-# and reuses an unpacked name-version found there, so a second run at the same version would verify
-# against the previous run's sources: remove them first (only these crates, only local registries).
+# cargo treats registry crates as immutable: it reuses an unpacked name-version of its temporary local
+# registry under $CARGO_HOME/registry/src/-<hash>/ and the artifacts built from it in the target
+# folder, so a second run at the same version would verify against the previous run's code. Remove
+# both first (only these crates; cargo clean -p also drops their workspace artifacts, rebuilt below).
 rm -rf "${CARGO_HOME:-$HOME/.cargo}"/registry/src/-*/keyholder{,-protocol,-client,-check}-"$version"
+cargo clean --quiet -p keyholder-protocol -p keyholder-client -p keyholder-check -p keyholder
 cargo package --locked -p keyholder-protocol -p keyholder-client -p keyholder-check -p keyholder
 for crate in keyholder-protocol keyholder-client keyholder-check keyholder; do
     ls -l "$target/package/$crate-$version.crate"
