@@ -17,7 +17,7 @@ use crate::config::{validate_url, DataArgs};
 use crate::store::{self, get_setting};
 use crate::vault::binding::{issue_bind_code, IssuedCode};
 use crate::vault::collections::validate_key;
-use crate::vault::egress::{self, EgressPolicy};
+use crate::vault::egress::{self, EgressMode, EgressPolicy};
 use crate::vault::master::{load_master_key, MasterKey};
 use crate::vault::oauth::{self, ProviderInfo};
 use crate::vault::platform_keys::{self, PlatformKeyInfo};
@@ -204,8 +204,9 @@ pub enum EgressAction {
         #[arg(long)]
         json: bool,
     },
-    /// Allow origins (`https://host[:port]`) or host patterns (`api.example.com`, `*.example.com`):
-    /// switches the service to `allowlist` mode, keeping a pinned origin on the list; or `--any`.
+    /// Allow origins (`https://host[:port]`) or host patterns (`api.example.com`, `*.example.com`)
+    /// for the service's proxied calls and token endpoints (minting, e.g. a GitHub Enterprise
+    /// host), in every mode; or `--any` (mode `any`).
     Allow {
         /// Data folder and master key.
         #[command(flatten)]
@@ -218,8 +219,20 @@ pub enum EgressAction {
         #[arg(long, conflicts_with = "entries")]
         any: bool,
     },
-    /// Back to the default: `pinned` with nothing pinned (the next successful call pins again);
-    /// also forgets the pinned OAuth token URL.
+    /// Set the mode: `known` (default: the built-in catalogue for the credential's shape plus
+    /// allowed entries), `pinned` (the first call with a credential pins its origin), `allowlist`
+    /// (allowed entries only) or `any`.
+    Set {
+        /// Data folder and master key.
+        #[command(flatten)]
+        data: DataArgs,
+        /// The service (credential key).
+        service: String,
+        /// The mode.
+        #[arg(long)]
+        mode: EgressMode,
+    },
+    /// Back to the default: `known`, no allowed entries, no pin, no pinned OAuth token URL.
     Reset {
         /// Data folder and master key.
         #[command(flatten)]
@@ -227,6 +240,22 @@ pub enum EgressAction {
         /// The service (credential key).
         service: String,
     },
+    /// List refused (service, origin) pairs, with how often and when last, to allow with
+    /// `keyholder egress allow SERVICE ORIGIN`.
+    Pending {
+        /// Data folder and master key.
+        #[command(flatten)]
+        data: DataArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `keyholder egress pending`: the refusals recorded so far.
+pub fn egress_pending(data: &DataArgs) -> anyhow::Result<Vec<egress::PendingEgress>> {
+    let (conn, _master) = open_data(data)?;
+    Ok(egress::list_pending(&conn)?)
 }
 
 /// Runs an egress subcommand; returns the policy in force afterwards and whether to print JSON.
@@ -234,7 +263,11 @@ pub fn egress(args: &EgressArgs) -> anyhow::Result<(EgressPolicy, bool)> {
     let (data, service) = match &args.action {
         EgressAction::Show { data, service, .. }
         | EgressAction::Allow { data, service, .. }
+        | EgressAction::Set { data, service, .. }
         | EgressAction::Reset { data, service } => (data, service),
+        EgressAction::Pending { .. } => {
+            anyhow::bail!("`egress pending` lists refusals: use cli::egress_pending")
+        }
     };
     validate_key(service)?;
     let (mut conn, _master) = open_data(data)?;
@@ -244,7 +277,9 @@ pub fn egress(args: &EgressArgs) -> anyhow::Result<(EgressPolicy, bool)> {
         EgressAction::Allow { entries, any, .. } => {
             (egress::allow(&tx, service, entries, *any)?, false)
         }
+        EgressAction::Set { mode, .. } => (egress::set_mode(&tx, service, *mode)?, false),
         EgressAction::Reset { .. } => (egress::reset(&tx, service)?, false),
+        EgressAction::Pending { .. } => anyhow::bail!("not a policy change"),
     };
     if !matches!(args.action, EgressAction::Show { .. }) {
         // A running server drops its cached policy on its next look (within a quarter second).

@@ -28,7 +28,8 @@ enum Command {
     Bind(BindArgs),
     /// The platform's Ed25519 keys of an asymmetric binding (add, remove, list; at most two active).
     PlatformKey(PlatformKeyArgs),
-    /// Show or change where a service's credential may be sent (pinned, allowlist, any).
+    /// Show or change where a service's credential may be sent (known, pinned, allowlist, any), and
+    /// list refused destinations (`egress pending`).
     Egress(EgressArgs),
     /// Configure the OAuth clients used to refresh tokens.
     Oauth(OAuthArgs),
@@ -395,6 +396,32 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             );
             Ok(std::process::ExitCode::SUCCESS)
         }
+        Command::Egress(EgressArgs {
+            action: cli::EgressAction::Pending { data, json },
+        }) => {
+            let pending = cli::egress_pending(&data)?;
+            if json {
+                println!("{}", serde_json::to_string(&pending)?);
+            } else if pending.is_empty() {
+                println!("No refused destinations.");
+            } else {
+                println!(
+                    "{:<24} {:<40} {:>7}  LAST (UTC)",
+                    "SERVICE", "ORIGIN", "COUNT"
+                );
+                for p in &pending {
+                    println!(
+                        "{:<24} {:<40} {:>7}  {}",
+                        p.service,
+                        p.origin,
+                        p.count,
+                        keyholder_protocol::document::format_iso8601(p.last_at)
+                    );
+                }
+                println!("Allow one with: keyholder egress allow SERVICE ORIGIN");
+            }
+            Ok(std::process::ExitCode::SUCCESS)
+        }
         Command::Egress(args) => {
             let (policy, json) = cli::egress(&args)?;
             if json {
@@ -403,13 +430,23 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 let mode = serde_json::to_value(policy.mode)?;
                 println!("Service:       {}", policy.service);
                 println!("Mode:          {}", mode.as_str().unwrap_or_default());
-                println!(
-                    "Pinned origin: {}",
-                    policy
-                        .pinned_origin
-                        .as_deref()
-                        .unwrap_or("(none yet: the next successful call pins it)")
-                );
+                if policy.pins.is_empty() {
+                    println!(
+                        "Pins:          {}",
+                        if policy.mode == keyholder::vault::egress::EgressMode::Pinned {
+                            "(none yet: the first call with a credential pins its origin)"
+                        } else {
+                            "(none: only in pinned mode)"
+                        }
+                    );
+                }
+                for pin in &policy.pins {
+                    println!(
+                        "Pin:           {} (since {}, for one credential)",
+                        pin.origin,
+                        keyholder_protocol::document::format_iso8601(pin.pinned_at)
+                    );
+                }
                 println!(
                     "Allowlist:     {}",
                     if policy.allowlist.is_empty() {

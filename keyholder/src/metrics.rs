@@ -65,6 +65,8 @@ pub struct Metrics {
     pub egress_denials: Counter,
     /// Proxied upstream calls that got an answer.
     pub upstream_calls: Counter,
+    /// Injected credentials redacted from proxied answers (an upstream echoed them).
+    pub credential_redactions: Counter,
     /// Upstream calls that failed (timeout, connection, TLS, too large).
     pub upstream_errors: Counter,
     /// Upstream call latency, seconds.
@@ -107,6 +109,7 @@ impl Metrics {
             replays_by_kind: Family::default(),
             egress_denials: Counter::default(),
             upstream_calls: Counter::default(),
+            credential_redactions: Counter::default(),
             upstream_errors: Counter::default(),
             upstream_duration: latency_histogram(),
             http_requests: Family::default(),
@@ -154,6 +157,11 @@ impl Metrics {
             "upstream_calls",
             "Proxied upstream calls that got an answer",
             m.upstream_calls.clone(),
+        );
+        registry.register(
+            "credential_redactions",
+            "Injected credentials redacted from proxied answers (the upstream echoed them)",
+            m.credential_redactions.clone(),
         );
         registry.register(
             "upstream_errors",

@@ -36,8 +36,10 @@ use zeroize::{Zeroize as _, Zeroizing};
 
 use crate::secret::DataKey;
 
-/// Fields that are always encrypted, never in `meta`, never in a list.
-pub const SENSITIVE_FIELDS: [&str; 7] = [
+/// Fields that are always encrypted, never in `meta`, never in a list. `sealedInputs` is the
+/// keyholder's own (minting inputs and signing keys sealed at store time); listing it here keeps it
+/// encrypted through any re-seal of a document.
+pub const SENSITIVE_FIELDS: [&str; 8] = [
     "accessToken",
     "refreshToken",
     "certificateData",
@@ -45,6 +47,7 @@ pub const SENSITIVE_FIELDS: [&str; 7] = [
     "certificateChain",
     "sshPrivateKey",
     "totpSecret",
+    "sealedInputs",
 ];
 
 /// Prefix of our field format.

@@ -208,6 +208,8 @@ async fn asymmetric_binding_stores_fetches_proxies_refreshes_and_rotates() {
         )
     })
     .await;
+    kh.egress("allow", "github", &[&upstream.origin()], false)
+        .await;
     let answer = platform
         .proxy(
             issuer.proxy("github").expose(),
@@ -218,7 +220,12 @@ async fn asymmetric_binding_stores_fetches_proxies_refreshes_and_rotates() {
         .unwrap();
     assert_eq!(answer.status, 200);
     let seen: Value = serde_json::from_slice(&answer.body).unwrap();
-    assert_eq!(seen["auth"], "Bearer gho_asym_1");
+    // The upstream got the credential; its echo comes back redacted (issue 17, item 3).
+    assert_eq!(
+        upstream.requests()[0].header("authorization"),
+        Some("Bearer gho_asym_1")
+    );
+    assert_eq!(seen["auth"], "Bearer [REDACTED]");
 
     // Refresh through the owner's OAuth client.
     let provider = MockServer::start(|r| {

@@ -8,6 +8,7 @@ mod client;
 mod credentials;
 mod egress;
 mod envelope;
+mod exfiltration;
 mod faults;
 mod metrics;
 mod minting;

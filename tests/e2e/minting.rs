@@ -10,14 +10,18 @@ use std::sync::Arc;
 
 use crate::proxy::proxy_keyholder;
 
-fn assert_no_key(answer: &Answer, pem: &str) {
+pub(crate) fn assert_no_key(answer: &Answer, pem: &str) {
     let text = String::from_utf8_lossy(&answer.body);
     assert!(!text.contains("PRIVATE KEY"), "{text}");
     assert!(!text.contains(pem.lines().nth(1).unwrap()));
 }
 
 /// Google's token endpoint: checks the grant, the JWT signature and claims.
-async fn google_endpoint(key: Arc<TestRsa>, email: &'static str, expires_in: i64) -> MockServer {
+pub(crate) async fn google_endpoint(
+    key: Arc<TestRsa>,
+    email: &'static str,
+    expires_in: i64,
+) -> MockServer {
     MockServer::start(move |r| {
         let form = r.form();
         let assertion = form.get("assertion").cloned().unwrap_or_default();
@@ -39,7 +43,7 @@ async fn google_endpoint(key: Arc<TestRsa>, email: &'static str, expires_in: i64
     .await
 }
 
-fn service_account(key: &TestRsa, token_uri: &str) -> String {
+pub(crate) fn service_account(key: &TestRsa, token_uri: &str) -> String {
     json!({
         "type": "service_account", "project_id": "p", "private_key_id": "kid1",
         "private_key": key.private_pem(), "client_email": "sa@p.iam.gserviceaccount.com",
@@ -54,6 +58,10 @@ async fn google_service_account_mints_and_caches() {
     let key = Arc::new(TestRsa::generate());
     let google = google_endpoint(Arc::clone(&key), "sa@p.iam.gserviceaccount.com", 3600).await;
     let sa = service_account(&key, &google.url("/token"));
+    // The owner allows the local token endpoint and API (the built-in ones are Google's own).
+    let api = MockServer::ok().await;
+    kh.egress("allow", "gcs", &[&google.origin(), &api.origin()], false)
+        .await;
     let stored = kh
         .store("gcs", json!({"privateKeyData": sa, "tokenType": "service_account", "scopes": ["https://www.googleapis.com/auth/devstorage.read_only"]}))
         .await;
@@ -76,7 +84,6 @@ async fn google_service_account_mints_and_caches() {
     // Cached: the agent and the proxy get the same token without a second mint.
     let second = kh.credential("gcs").await;
     assert_eq!(second.json()["token"]["accessToken"], minted.as_str());
-    let api = MockServer::ok().await;
     assert_eq!(
         kh.proxy_get("gcs", &api.url("/storage/v1/b")).await.status,
         200
@@ -95,6 +102,9 @@ async fn short_lived_tokens_are_minted_again() {
     let key = Arc::new(TestRsa::generate());
     // 30 s is inside the refresh margin: never served from the cache.
     let google = google_endpoint(Arc::clone(&key), "sa@p.iam.gserviceaccount.com", 30).await;
+    kh.egress("allow", "gcs", &[&google.origin()], false).await;
+    kh.egress("allow", "forged", &[&google.origin()], false)
+        .await;
     kh.store("gcs", json!({"privateKeyData": service_account(&key, &google.url("/token")), "scope": "https://www.googleapis.com/auth/devstorage.read_only"}))
         .await;
     let a = kh.credential("gcs").await.json()["token"]["accessToken"].clone();
@@ -134,6 +144,10 @@ async fn github_app_installation_tokens_are_minted_and_cached() {
         Reply::json(201, json!({"token": "ghs_installation_1", "expires_at": format_iso8601(n + 3600), "permissions": {"contents": "read"}}))
     })
     .await;
+    // GitHub Enterprise-like: the owner allows the App's API host (minting and proxied calls).
+    let api = MockServer::ok().await;
+    kh.egress("allow", "gh-app", &[&github.origin(), &api.origin()], false)
+        .await;
     let stored = kh
         .store("gh-app", json!({"tokenType": "GitHubApp", "appId": 12345, "installationId": "678", "apiUrl": github.origin(), "privateKeyData": key.private_pem()}))
         .await;
@@ -150,7 +164,6 @@ async fn github_app_installation_tokens_are_minted_and_cached() {
     assert_eq!(answer.json()["token"]["tokenType"], "GitHubApp");
     assert_no_key(&answer, &key.private_pem());
 
-    let api = MockServer::ok().await;
     let proxied = kh
         .proxy(
             "gh-app",

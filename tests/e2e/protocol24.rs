@@ -186,6 +186,7 @@ async fn stale_creation_refuses_credential_totp_and_proxy_tickets() {
 
     // Proxy path: refused before any upstream call.
     let upstream = MockServer::start(|_| Reply::json(200, json!({"ok": true}))).await;
+    kh.egress("allow", "github", &["127.0.0.1"], false).await;
     let proxy = |cid: &str| {
         let claims = with_cid(kh.claims(Purpose::Proxy, "github"), json!(cid));
         json!({

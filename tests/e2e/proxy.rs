@@ -12,8 +12,18 @@ use serde_json::json;
 
 const TOKEN: &str = "gho_proxy_secret_123";
 
-/// A bound keyholder allowed to reach 127.0.0.1 upstreams, with a GitHub-like token stored.
+/// A bound keyholder allowed to reach 127.0.0.1 upstreams, with a GitHub-like token stored and the
+/// local upstreams allowed by the owner for it (these tests are about the proxy's mechanics; the
+/// egress policy itself is tested on [`policy_keyholder`]).
 pub async fn proxy_keyholder(adjust: impl FnOnce(&mut keyholder::Config)) -> Keyholder {
+    let kh = policy_keyholder(adjust).await;
+    kh.egress("allow", "github", &["127.0.0.1", "localhost"], false)
+        .await;
+    kh
+}
+
+/// [`proxy_keyholder`] with the default egress policy (mode `known`, nothing allowed).
+pub async fn policy_keyholder(adjust: impl FnOnce(&mut keyholder::Config)) -> Keyholder {
     let mut kh = Keyholder::start_with(|c| {
         c.egress_allow_private = true;
         adjust(c);
@@ -192,6 +202,7 @@ async fn cr_lf_in_templates_or_results_is_refused_and_nothing_is_sent() {
         .await
         .assert_error(400, "invalid_request");
     }
+    kh.egress("allow", "crlf", &["127.0.0.1"], false).await;
     kh.proxy_get("crlf", &upstream.url("/"))
         .await
         .assert_error(400, "invalid_request");

@@ -9,7 +9,7 @@ use keyholder_tests::*;
 use serde_json::{json, Value};
 
 /// A token endpoint that checks the form fields and the GitHub Accept header.
-async fn token_endpoint(
+pub(crate) async fn token_endpoint(
     client_id: &'static str,
     secret: &'static str,
     refresh: &'static str,
@@ -190,6 +190,9 @@ async fn refresh_statuses() {
 #[tokio::test]
 async fn platform_secret_only_when_trusted_and_never_to_a_new_token_url() {
     let kh = keyholder_with_token(|c| c.oauth_trust_platform_secret = true).await;
+    // A platform-chosen token URL is under the egress policy: the owner allows the local hosts
+    // here, so what this test sees is the token-URL pin (refusals by the policy: issue17.rs).
+    kh.egress("allow", "github", &["127.0.0.1"], false).await;
     let first = token_endpoint(
         "platform-client",
         "platform-secret",
@@ -231,6 +234,7 @@ async fn platform_secret_only_when_trusted_and_never_to_a_new_token_url() {
     )
     .await;
     kh.egress("reset", "github", &[], false).await;
+    kh.egress("allow", "github", &["127.0.0.1"], false).await;
     assert_eq!(
         notify(&kh, "github", hint(again.url("/token")))
             .await

@@ -390,7 +390,6 @@ impl Keyholder {
         .await
     }
 
-    /// `keyholder egress ...` as the owner runs it, on this keyholder's data folder.
     /// `keyholder egress ...` as the owner runs it; then the server picks the change up at once
     /// (as its quarter-second poll would).
     pub async fn egress(
@@ -416,6 +415,11 @@ impl Keyholder {
                 any,
             },
             "reset" => EgressAction::Reset { data, service },
+            "set" => EgressAction::Set {
+                data,
+                service,
+                mode: entries[0].parse().unwrap(),
+            },
             other => panic!("unknown egress action {other}"),
         };
         let policy = keyholder::cli::egress(&EgressArgs { action })
@@ -430,6 +434,16 @@ impl Keyholder {
                 .expect("server follows the owner's change");
         }
         policy
+    }
+
+    /// `keyholder egress set SERVICE --mode MODE` as the owner runs it.
+    pub async fn egress_mode(&self, service: &str, mode: &str) {
+        self.egress("set", service, &[mode], false).await;
+    }
+
+    /// `keyholder egress pending --json` as the owner runs it.
+    pub fn egress_pending(&self) -> Vec<keyholder::vault::egress::PendingEgress> {
+        keyholder::cli::egress_pending(&self.data_args()).expect("egress pending")
     }
 
     /// `keyholder oauth set PROVIDER ...` as the owner runs it.

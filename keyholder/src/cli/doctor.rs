@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::config::{validate_url, DataArgs};
 use crate::store::{self, get_setting};
-use crate::vault::egress::{self, Decision, EgressMode, EgressPolicy};
+use crate::vault::egress;
 use crate::vault::keyring;
 use crate::vault::master::MasterKeySource;
 
@@ -540,27 +540,29 @@ fn check_egress(report: &mut DoctorReport, conn: &Connection, dir: &str) -> anyh
                 format!("`keyholder egress reset --data-dir {dir} {service}` (or store the credential it was meant for)"),
             );
         }
+        // Owner entries count in every mode.
         let policy = egress::load_policy(conn, service)?;
-        if policy.mode != EgressMode::Allowlist {
-            continue;
-        }
         let origins: Vec<String> = {
             let mut stmt = conn.prepare(
                 "SELECT DISTINCT upstream FROM audit_log WHERE service = ?1 AND result = 'ok' AND upstream != ''",
             )?;
-            let rows = stmt
+            let rows: Vec<String> = stmt
                 .query_map([service], |r| r.get::<_, String>(0))?
                 .collect::<Result<_, _>>()?;
-            rows
+            // The audit trail's origins in the egress policy's form (default port written out).
+            rows.into_iter()
+                .map(|o| {
+                    url::Url::parse(&o)
+                        .ok()
+                        .and_then(|u| egress::origin_of(&u).ok())
+                        .unwrap_or(o)
+                })
+                .collect()
         };
         for entry in &policy.allowlist {
-            let single = EgressPolicy {
-                allowlist: vec![entry.clone()],
-                ..policy.clone()
-            };
             let used = origins
                 .iter()
-                .any(|origin| single.decide(origin) == Decision::Allow);
+                .any(|origin| egress::entry_matches(entry, origin));
             if !used {
                 let keep: Vec<&str> = policy
                     .allowlist

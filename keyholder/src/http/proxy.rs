@@ -43,8 +43,8 @@ pub async fn proxy(
         .proxy_call(&state.upstream, &service, upstream, templates, &request_id)
         .await
         .map_err(ApiError::from);
-    let response = match result {
-        Ok(response) => response,
+    let answer = match result {
+        Ok(answer) => answer,
         Err(err) => {
             if err.code() == ErrorCode::EgressDenied {
                 state.metrics.egress_denials.inc();
@@ -53,6 +53,13 @@ pub async fn proxy(
         }
     };
     state.metrics.upstream_calls.inc();
+    if answer.redactions > 0 {
+        state
+            .metrics
+            .credential_redactions
+            .inc_by(answer.redactions);
+    }
+    let response = answer.response;
     let status = StatusCode::from_u16(response.status.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
     let mut headers = response.headers;
     strip_hop_by_hop(&mut headers);

@@ -158,7 +158,7 @@ impl EgressGuard {
             AddressClass::Public => Ok(()),
             AddressClass::Private(_) if self.allow_private => Ok(()),
             AddressClass::Private(what) | AddressClass::Forbidden(what) => {
-                Err(EgressRefused(format!("address {ip} is {what}")))
+                Err(EgressRefused(format!("the URL's address is {what}")))
             }
         }
     }
@@ -221,10 +221,17 @@ impl Resolve for GuardedResolver {
                     as Box<dyn StdError + Send + Sync>);
             }
             for addr in &addrs {
-                guard.check_ip(addr.ip()).map_err(|e| {
-                    Box::new(EgressRefused(format!("{host} resolves to {}", e.0)))
-                        as Box<dyn StdError + Send + Sync>
-                })?;
+                // The message goes to the platform: it names the class, never the address the
+                // name resolves to (that stays in the server log).
+                let class = match classify(addr.ip()) {
+                    AddressClass::Public => continue,
+                    AddressClass::Private(_) if guard.allow_private => continue,
+                    AddressClass::Private(what) | AddressClass::Forbidden(what) => what,
+                };
+                tracing::warn!(host = %host, address = %addr.ip(), class, "egress refused: a name resolves to a refused address");
+                return Err(Box::new(EgressRefused(format!(
+                    "{host} resolves to an address the egress guard refuses"
+                ))) as Box<dyn StdError + Send + Sync>);
             }
             Ok(Box::new(addrs.into_iter()) as Addrs)
         })

@@ -12,6 +12,8 @@ use serde_json::{json, Map, Value};
 use zeroize::{Zeroize, Zeroizing};
 
 use super::collections::validate_key;
+use super::keyring::KeyRing;
+use super::sealed::{self, SealedInputs};
 use super::{from_store, into_store, Vault, VaultError};
 
 /// How `/v1/store` treats an existing credential.
@@ -21,6 +23,30 @@ pub enum StoreMode {
     Overwrite,
     /// Refuse with `already_exists`.
     Create,
+}
+
+/// A decrypted credential with its sealed inputs (no Debug: it holds secrets).
+pub struct OpenedCredential {
+    /// The credential's fields and meta.
+    pub token: OpenedToken,
+    /// What was sealed at store time beside them (minting inputs, provider), if anything.
+    pub sealed: Option<SealedInputs>,
+}
+
+/// Opens a stored document: the sealed inputs are taken out first (so they never show among the
+/// credential's fields) and opened on their own.
+pub fn open_with_inputs(
+    doc: &Value,
+    service: &str,
+    keys: &KeyRing,
+) -> Result<OpenedCredential, VaultError> {
+    let (rest, sealed_text) = sealed::detach(doc);
+    let token = open_document(rest.as_ref().unwrap_or(doc), service, keys).map_err(open_error)?;
+    let sealed = match sealed_text {
+        Some(text) => Some(sealed::open(keys, service, &text)?),
+        None => None,
+    };
+    Ok(OpenedCredential { token, sealed })
 }
 
 /// Overwrites every string in a JSON value (plaintext credentials leave memory when dropped).
@@ -118,16 +144,21 @@ impl Vault {
         let keys = self.keys();
         let key = keys.current_data_key()?;
         let version = keys.current_data_version();
+        let (mut rest, inputs) = sealed::split_token_data(token_data)?;
         let sealed = seal_token_data(
             service,
-            token_data,
+            &rest,
             key,
             version,
             crate::clock::now_unix(),
             created_at.as_deref(),
             creation_id,
-        )
-        .map_err(document_error)?;
+        );
+        rest.values_mut().for_each(scrub);
+        let mut sealed = sealed.map_err(document_error)?;
+        if let Some(inputs) = &inputs {
+            sealed::attach(&mut sealed, inputs, key, version, service)?;
+        }
         let meta = sealed
             .get("meta")
             .and_then(Value::as_object)
@@ -162,6 +193,7 @@ impl Vault {
                      ON CONFLICT(collection, key) DO UPDATE SET doc = excluded.doc, updated_at = excluded.updated_at",
                     params![service, text, now],
                 )?;
+                conn.execute("DELETE FROM legacy_minting WHERE service = ?1", [&service])?;
                 Ok(())
             })
             .await
@@ -173,13 +205,21 @@ impl Vault {
     }
 
     /// Decrypts the credential of `service`.
+    pub async fn open_credential(&self, service: &str) -> Result<OpenedToken, VaultError> {
+        Ok(self.open_credential_full(service).await?.token)
+    }
+
+    /// Decrypts the credential of `service` and its sealed inputs (see [`super::sealed`]).
     #[tracing::instrument(
         name = "credential.decrypt",
         target = "keyholder::trace",
         level = "debug",
         skip_all
     )]
-    pub async fn open_credential(&self, service: &str) -> Result<OpenedToken, VaultError> {
+    pub async fn open_credential_full(
+        &self,
+        service: &str,
+    ) -> Result<OpenedCredential, VaultError> {
         self.ensure_unsealed()?;
         validate_key(service)?;
         let doc = self
@@ -189,8 +229,8 @@ impl Vault {
         let keys = self.keys();
         // Checked again right before decrypting: a seal that arrived during the read applies.
         self.ensure_unsealed()?;
-        match open_document(&doc, service, &*keys) {
-            Ok(token) => Ok(token),
+        match open_with_inputs(&doc, service, &keys) {
+            Ok(opened) => Ok(opened),
             // The owner may have re-encrypted and retired a key since this copy was cached:
             // forget it and try once more from the database.
             Err(_) if self.cache.get(Collection::Tokens, service).is_some() => {
@@ -199,9 +239,9 @@ impl Vault {
                     .document(Collection::Tokens, service.to_string())
                     .await?
                     .ok_or(VaultError::TokenNotFound)?;
-                open_document(&doc, service, &*self.keys()).map_err(open_error)
+                open_with_inputs(&doc, service, &self.keys())
             }
-            Err(err) => Err(open_error(err)),
+            Err(err) => Err(err),
         }
     }
 
@@ -279,21 +319,30 @@ pub fn store_on_disk(
                 .as_str()
                 .map(str::to_string)
         });
+    let key = ring.current_data_key()?;
+    let version = ring.current_data_version();
+    // Minting inputs and the provider are sealed apart, as on `/v1/store`.
+    let (mut rest, inputs) = sealed::split_token_data(token_data)?;
     let sealed = seal_token_data(
         service,
-        token_data,
-        ring.current_data_key()?,
-        ring.current_data_version(),
+        &rest,
+        key,
+        version,
         now,
         created_at.as_deref(),
         None,
-    )
-    .map_err(document_error)?;
+    );
+    rest.values_mut().for_each(scrub);
+    let mut sealed = sealed.map_err(document_error)?;
+    if let Some(inputs) = &inputs {
+        sealed::attach(&mut sealed, inputs, key, version, service)?;
+    }
     conn.execute(
         "INSERT INTO documents(collection, key, doc, updated_at) VALUES ('tokens', ?1, ?2, ?3)
          ON CONFLICT(collection, key) DO UPDATE SET doc = excluded.doc, updated_at = excluded.updated_at",
         params![service, sealed.to_string(), now],
     )?;
+    conn.execute("DELETE FROM legacy_minting WHERE service = ?1", [service])?;
     super::reload::bump_generation(conn)?;
     Ok(sealed
         .get("meta")

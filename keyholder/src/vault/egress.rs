@@ -13,7 +13,17 @@ use serde::Serialize;
 use url::Url;
 use zeroize::Zeroizing;
 
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use subtle::ConstantTimeEq as _;
+
+use super::catalogue::{self, Provider};
+use super::credentials::OpenedCredential;
+use super::keyring::KeyRing;
+use super::minting::detect;
+use super::redact::Redactor;
 use super::{from_store, into_store, Vault, VaultError};
+use keyholder_protocol::document::KeyLookup as _;
 use tracing::Instrument as _;
 
 /// The egress policies read so far, so a proxied call needs no database read. Server-side writes
@@ -69,7 +79,11 @@ pub const TOKEN_PLACEHOLDER: &str = "${TOKEN}";
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum EgressMode {
-    /// The first successful call pins the origin; any other origin is refused (the default).
+    /// Origins the built-in catalogue knows for the credential's shape, plus the owner's entries
+    /// (the default).
+    Known,
+    /// The first call with a credential pins its origin for that credential (owner opt-in), plus
+    /// the owner's entries.
     Pinned,
     /// Only the owner's listed origins or host patterns.
     Allowlist,
@@ -80,23 +94,35 @@ pub enum EgressMode {
 impl EgressMode {
     fn as_str(self) -> &'static str {
         match self {
+            EgressMode::Known => "known",
             EgressMode::Pinned => "pinned",
             EgressMode::Allowlist => "allowlist",
             EgressMode::Any => "any",
         }
     }
 
-    fn parse(s: &str) -> Result<EgressMode, VaultError> {
+    /// Parses a mode name (`known`, `pinned`, `allowlist`, `any`).
+    pub fn parse(s: &str) -> Result<EgressMode, VaultError> {
         match s {
+            "known" => Ok(EgressMode::Known),
             "pinned" => Ok(EgressMode::Pinned),
             "allowlist" => Ok(EgressMode::Allowlist),
             "any" => Ok(EgressMode::Any),
-            other => Err(VaultError::Corrupt(format!("egress mode '{other}'"))),
+            other => Err(VaultError::Invalid(format!(
+                "egress mode '{other}' (known, pinned, allowlist or any)"
+            ))),
         }
     }
 }
 
-/// A service's egress policy as stored (a service without a row has the default: pinned, no pin).
+impl std::str::FromStr for EgressMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        EgressMode::parse(s).map_err(|e| e.to_string())
+    }
+}
+
+/// A service's egress policy as stored (a service without a row has the default: known).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct EgressPolicy {
@@ -106,21 +132,45 @@ pub struct EgressPolicy {
     pub mode: EgressMode,
     /// Allowed origins (`scheme://host:port`) and host patterns (`host`, `*.suffix`).
     pub allowlist: Vec<String>,
-    /// The pinned origin, once the first call succeeded.
+    /// The most recent pin's origin (pinned mode), for display.
     pub pinned_origin: Option<String>,
+    /// Every pin, newest first: one per credential the service has held in pinned mode.
+    pub pins: Vec<EgressPin>,
     /// The pinned OAuth token URL (refreshes with the platform's client configuration).
     pub token_url: Option<String>,
 }
+
+/// One pin: the origin a credential was first sent to (pinned mode).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EgressPin {
+    /// The pinned origin.
+    pub origin: String,
+    /// Unix time it was pinned.
+    pub pinned_at: i64,
+    /// Keyed fingerprint of the credential it belongs to (`v<key version>:<hex>`).
+    #[serde(skip)]
+    pub credential: String,
+}
+
+/// Most pins kept per service; beyond it no new one is made (refused until `egress reset`), so
+/// a platform cannot push a credential's pin out by cycling throwaway credentials.
+pub const MAX_PINS_PER_SERVICE: i64 = 32;
 
 /// What the policy says about one origin.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
     /// Send.
     Allow,
-    /// Send, and pin this origin (pinned mode, nothing pinned yet).
+    /// Send, and pin this origin (pinned mode, nothing pinned for this credential yet).
     Pin,
-    /// Refuse; the text says why (no secret in it).
+    /// Refuse; the text says why and how the owner allows it (no secret, no resolution).
     Deny(String),
+}
+
+/// The command that allows `origin` for `service`, for refusal messages.
+pub fn allow_command(service: &str, origin: &str) -> String {
+    format!("keyholder egress allow {service} {origin}")
 }
 
 impl EgressPolicy {
@@ -128,31 +178,80 @@ impl EgressPolicy {
     pub fn default_for(service: &str) -> EgressPolicy {
         EgressPolicy {
             service: service.to_string(),
-            mode: EgressMode::Pinned,
+            mode: EgressMode::Known,
             allowlist: Vec::new(),
             pinned_origin: None,
+            pins: Vec::new(),
             token_url: None,
         }
     }
 
-    /// Judges a normalized origin (see [`origin_of`]).
-    pub fn decide(&self, origin: &str) -> Decision {
+    fn owner_allows(&self, origin: &str) -> bool {
+        self.allowlist.iter().any(|e| entry_matches(e, origin))
+    }
+
+    fn deny(&self, origin: &str, why: &str) -> Decision {
+        Decision::Deny(self.refusal(origin, why))
+    }
+
+    /// A refusal message: what was refused, why, and the command that allows it.
+    fn refusal(&self, origin: &str, why: &str) -> String {
+        format!(
+            "{origin} {why} for service '{}'; the owner can allow it with `{}`",
+            self.service,
+            allow_command(&self.service, origin)
+        )
+    }
+
+    /// Judges a normalized origin (see [`origin_of`]) for a proxied call carrying a credential of
+    /// `provider`'s shape; `pin` is the origin pinned for this very credential, if any.
+    pub fn decide(
+        &self,
+        origin: &str,
+        provider: Option<&'static Provider>,
+        pin: Option<&str>,
+    ) -> Decision {
+        if self.mode == EgressMode::Any || self.owner_allows(origin) {
+            return Decision::Allow;
+        }
         match self.mode {
             EgressMode::Any => Decision::Allow,
-            EgressMode::Pinned => match &self.pinned_origin {
-                None => Decision::Pin,
-                Some(pinned) if pinned == origin => Decision::Allow,
-                Some(_) => Decision::Deny(format!(
-                    "{origin} is not the origin pinned for this service"
-                )),
+            EgressMode::Known => match provider {
+                Some(p) if p.knows_api(origin) => Decision::Allow,
+                Some(p) => self.deny(
+                    origin,
+                    &format!("is not an origin {} is known to use", p.name),
+                ),
+                None => self.deny(
+                    origin,
+                    "is not allowed (the credential matches no provider of the built-in catalogue)",
+                ),
             },
-            EgressMode::Allowlist => {
-                if self.allowlist.iter().any(|e| entry_matches(e, origin)) {
-                    Decision::Allow
-                } else {
-                    Decision::Deny(format!("{origin} is not on this service's allowlist"))
-                }
+            EgressMode::Pinned => match pin {
+                Some(pinned) if pinned == origin => Decision::Allow,
+                Some(_) => self.deny(origin, "is not the origin pinned for this credential"),
+                None => Decision::Pin,
+            },
+            EgressMode::Allowlist => self.deny(origin, "is not on the owner's allowlist"),
+        }
+    }
+
+    /// Judges a token endpoint (minting, OAuth refresh with the platform's client): the owner's
+    /// entries, and in `known` and `pinned` mode the catalogue's endpoints of the credential's
+    /// provider; never pinned on first use.
+    pub fn decide_token_endpoint(
+        &self,
+        origin: &str,
+        provider: Option<&'static Provider>,
+    ) -> Decision {
+        if self.mode == EgressMode::Any || self.owner_allows(origin) {
+            return Decision::Allow;
+        }
+        match (self.mode, provider) {
+            (EgressMode::Known | EgressMode::Pinned, Some(p)) if p.knows_token_endpoint(origin) => {
+                Decision::Allow
             }
+            _ => self.deny(origin, "is not a token endpoint known or allowed"),
         }
     }
 }
@@ -181,7 +280,8 @@ fn host_of(origin: &str) -> &str {
     }
 }
 
-fn entry_matches(entry: &str, origin: &str) -> bool {
+/// Whether an owner allowlist entry covers a normalized origin (see [`origin_of`]).
+pub fn entry_matches(entry: &str, origin: &str) -> bool {
     if entry.contains("://") {
         return entry == origin;
     }
@@ -230,34 +330,48 @@ pub fn normalize_allow_entry(entry: &str) -> Result<String, VaultError> {
 pub fn load_policy(conn: &Connection, service: &str) -> Result<EgressPolicy, VaultError> {
     let row = conn
         .query_row(
-            "SELECT mode, allowlist, pinned_origin, token_url FROM egress_policies WHERE service = ?1",
+            "SELECT mode, allowlist, token_url FROM egress_policies WHERE service = ?1",
             [service],
             |r| {
                 Ok((
                     r.get::<_, String>(0)?,
                     r.get::<_, String>(1)?,
                     r.get::<_, Option<String>>(2)?,
-                    r.get::<_, Option<String>>(3)?,
                 ))
             },
         )
         .optional()?;
-    let Some((mode, allowlist, pinned_origin, token_url)) = row else {
+    let Some((mode, allowlist, token_url)) = row else {
         return Ok(EgressPolicy::default_for(service));
     };
+    let mut stmt = conn.prepare_cached(
+        "SELECT origin, pinned_at, credential FROM egress_pins WHERE service = ?1
+         ORDER BY pinned_at DESC, origin",
+    )?;
+    let pins = stmt
+        .query_map([service], |r| {
+            Ok(EgressPin {
+                origin: r.get(0)?,
+                pinned_at: r.get(1)?,
+                credential: r.get(2)?,
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(EgressPolicy {
         service: service.to_string(),
-        mode: EgressMode::parse(&mode)?,
+        mode: EgressMode::parse(&mode)
+            .map_err(|_| VaultError::Corrupt(format!("egress mode '{mode}'")))?,
         allowlist: serde_json::from_str(&allowlist)
             .map_err(|e| VaultError::Corrupt(format!("egress allowlist: {e}")))?,
-        pinned_origin,
+        pinned_origin: pins.first().map(|p| p.origin.clone()),
+        pins,
         token_url,
     })
 }
 
 fn ensure_row(conn: &Connection, service: &str) -> Result<(), VaultError> {
     conn.execute(
-        "INSERT INTO egress_policies(service, updated_at) VALUES (?1, ?2) ON CONFLICT(service) DO NOTHING",
+        "INSERT INTO egress_policies(service, mode, updated_at) VALUES (?1, 'known', ?2) ON CONFLICT(service) DO NOTHING",
         params![service, crate::clock::now_unix()],
     )?;
     Ok(())
@@ -268,22 +382,21 @@ fn save_policy(conn: &Connection, policy: &EgressPolicy) -> Result<(), VaultErro
     let allowlist =
         serde_json::to_string(&policy.allowlist).map_err(|e| VaultError::Corrupt(e.to_string()))?;
     conn.execute(
-        "UPDATE egress_policies SET mode = ?2, allowlist = ?3, pinned_origin = ?4, token_url = ?5, updated_at = ?6
+        "UPDATE egress_policies SET mode = ?2, allowlist = ?3, token_url = ?4, updated_at = ?5
          WHERE service = ?1",
         params![
             policy.service,
             policy.mode.as_str(),
             allowlist,
-            policy.pinned_origin,
             policy.token_url,
-            crate::clock::now_unix()
+            crate::clock::now_unix(),
         ],
     )?;
     Ok(())
 }
 
-/// `keyholder egress allow`: adds entries and switches to `allowlist` (keeping a pinned origin on
-/// the list, so allowing one more origin does not cut off the current one), or switches to `any`.
+/// `keyholder egress allow`: adds entries (the mode stays; they count in every mode), or with
+/// `any` switches to mode `any`. Refusals the new entries cover leave the pending list.
 pub fn allow(
     conn: &Connection,
     service: &str,
@@ -299,38 +412,178 @@ pub fn allow(
                 "name at least one origin or host pattern, or pass --any".into(),
             ));
         }
-        if policy.mode == EgressMode::Pinned {
-            if let Some(pinned) = policy.pinned_origin.clone() {
-                policy.allowlist.push(pinned);
-            }
-        }
         for entry in entries {
             policy.allowlist.push(normalize_allow_entry(entry)?);
         }
         policy.allowlist.sort();
         policy.allowlist.dedup();
-        policy.mode = EgressMode::Allowlist;
     }
+    save_policy(conn, &policy)?;
+    for pending in list_pending(conn)? {
+        if pending.service == service && (any || policy.owner_allows(&pending.origin)) {
+            conn.execute(
+                "DELETE FROM egress_refusals WHERE service = ?1 AND origin = ?2",
+                params![service, pending.origin],
+            )?;
+        }
+    }
+    Ok(policy)
+}
+
+/// `keyholder egress set SERVICE --mode M`: changes the mode, keeping the owner's entries. Leaving
+/// or entering `pinned` forgets any pin (a pin is only ever made by a call in pinned mode).
+pub fn set_mode(
+    conn: &Connection,
+    service: &str,
+    mode: EgressMode,
+) -> Result<EgressPolicy, VaultError> {
+    let mut policy = load_policy(conn, service)?;
+    if policy.mode != mode {
+        conn.execute("DELETE FROM egress_pins WHERE service = ?1", [service])?;
+        policy.pinned_origin = None;
+        policy.pins.clear();
+    }
+    policy.mode = mode;
     save_policy(conn, &policy)?;
     Ok(policy)
 }
 
-/// `keyholder egress reset`: back to the default (pinned, nothing pinned, no token URL pinned).
+/// One refused (service, origin) the owner may want to allow.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PendingEgress {
+    /// The service.
+    pub service: String,
+    /// The refused origin (`scheme://host:port`).
+    pub origin: String,
+    /// Refusals so far.
+    pub count: i64,
+    /// Unix time of the last refusal.
+    pub last_at: i64,
+}
+
+/// Most distinct (service, origin) pairs kept; further new pairs are only logged.
+pub const MAX_PENDING: i64 = 1000;
+
+/// Records one refusal of the egress policy (counted per service and origin).
+pub fn record_refusal(conn: &Connection, service: &str, origin: &str) -> Result<(), VaultError> {
+    let now = crate::clock::now_unix();
+    let updated = conn.execute(
+        "UPDATE egress_refusals SET count = count + 1, last_at = ?3 WHERE service = ?1 AND origin = ?2",
+        params![service, origin, now],
+    )?;
+    if updated == 0 {
+        conn.execute(
+            "INSERT INTO egress_refusals(service, origin, count, last_at)
+             SELECT ?1, ?2, 1, ?3 WHERE (SELECT COUNT(*) FROM egress_refusals) < ?4",
+            params![service, origin, now, MAX_PENDING],
+        )?;
+    }
+    Ok(())
+}
+
+/// `keyholder egress pending`: every recorded refusal, most recent first.
+pub fn list_pending(conn: &Connection) -> Result<Vec<PendingEgress>, VaultError> {
+    let mut stmt = conn.prepare(
+        "SELECT service, origin, count, last_at FROM egress_refusals ORDER BY last_at DESC, service, origin",
+    )?;
+    let rows = stmt
+        .query_map([], |r| {
+            Ok(PendingEgress {
+                service: r.get(0)?,
+                origin: r.get(1)?,
+                count: r.get(2)?,
+                last_at: r.get(3)?,
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
+/// `keyholder egress reset`: back to the default (known, no entries, no pin, no token URL pinned).
 pub fn reset(conn: &Connection, service: &str) -> Result<EgressPolicy, VaultError> {
     conn.execute("DELETE FROM egress_policies WHERE service = ?1", [service])?;
+    conn.execute("DELETE FROM egress_pins WHERE service = ?1", [service])?;
     Ok(EgressPolicy::default_for(service))
 }
 
-/// Pins `origin` if nothing is pinned; true when `origin` is now the pin (whoever set it).
-fn claim_pin(conn: &Connection, service: &str, origin: &str) -> Result<bool, VaultError> {
-    ensure_row(conn, service)?;
+/// Pins `origin` for the credential with fingerprint `credential` (pinned mode only, only while a
+/// credential is stored, at most [`MAX_PINS_PER_SERVICE`] per service; pins of other credentials
+/// stay); true when `origin` is now this credential's pin, whoever set it.
+fn claim_pin(
+    conn: &Connection,
+    service: &str,
+    origin: &str,
+    credential: &str,
+) -> Result<bool, VaultError> {
     conn.execute(
-        "UPDATE egress_policies SET pinned_origin = ?2, updated_at = ?3
-         WHERE service = ?1 AND mode = 'pinned' AND pinned_origin IS NULL",
-        params![service, origin, crate::clock::now_unix()],
+        "INSERT INTO egress_pins (service, credential, origin, pinned_at)
+         SELECT ?1, ?2, ?3, ?4
+         WHERE EXISTS (SELECT 1 FROM egress_policies WHERE service = ?1 AND mode = 'pinned')
+           AND EXISTS (SELECT 1 FROM documents WHERE collection = 'tokens' AND key = ?1)
+           AND (SELECT COUNT(*) FROM egress_pins WHERE service = ?1) < ?5
+         ON CONFLICT (service, credential) DO NOTHING",
+        params![
+            service,
+            credential,
+            origin,
+            crate::clock::now_unix(),
+            MAX_PINS_PER_SERVICE
+        ],
     )?;
-    let policy = load_policy(conn, service)?;
-    Ok(policy.decide(origin) == Decision::Allow)
+    let pinned: Option<String> = conn
+        .query_row(
+            "SELECT origin FROM egress_pins WHERE service = ?1 AND credential = ?2",
+            params![service, credential],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(pinned.as_deref() == Some(origin))
+}
+
+/// Keyed fingerprint of a credential's secret content (fields and sealed inputs), under the data
+/// key of `version`: a pin applies only to the credential it was made with.
+fn fingerprint_with(
+    keys: &KeyRing,
+    version: u32,
+    service: &str,
+    credential: &OpenedCredential,
+) -> Option<String> {
+    let key = keys.data_key(version)?;
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key.expose()).ok()?;
+    let mut part = |b: &[u8]| {
+        mac.update(&(b.len() as u64).to_be_bytes());
+        mac.update(b);
+    };
+    part(b"keyholder/v1/egress-pin");
+    part(service.as_bytes());
+    for name in credential.token.field_names() {
+        part(name.as_bytes());
+        part(credential.token.secret(name).unwrap_or("").as_bytes());
+    }
+    if let Some(sealed) = &credential.sealed {
+        let bytes = Zeroizing::new(serde_json::to_vec(sealed).unwrap_or_default());
+        part(&bytes);
+    }
+    let tag = mac.finalize().into_bytes();
+    let hex: String = tag.iter().map(|b| format!("{b:02x}")).collect();
+    Some(format!("v{version}:{hex}"))
+}
+
+/// Whether a stored pin fingerprint is the one of `credential`. One under a key no longer held
+/// (retired) counts as matching: the pin stays in force rather than becoming claimable again.
+fn pin_matches(keys: &KeyRing, stored: &str, service: &str, credential: &OpenedCredential) -> bool {
+    let Some(version) = stored
+        .strip_prefix('v')
+        .and_then(|rest| rest.split_once(':'))
+        .and_then(|(v, _)| v.parse::<u32>().ok())
+    else {
+        return true;
+    };
+    match fingerprint_with(keys, version, service, credential) {
+        Some(current) => bool::from(current.as_bytes().ct_eq(stored.as_bytes())),
+        None => true,
+    }
 }
 
 /// Pins the token URL used with the platform's OAuth client; refuses a different one.
@@ -357,7 +610,6 @@ fn claim_token_url(conn: &Connection, service: &str, token_url: &str) -> Result<
 /// Which pinned value a failed first call releases.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum PinKind {
-    Origin,
     TokenUrl,
 }
 
@@ -428,6 +680,11 @@ fn plan(
         headers.append(name, value);
     }
     upstream::strip_hop_by_hop(&mut headers);
+    // Answers must arrive uncompressed, so that an echoed credential can be found and redacted.
+    headers.insert(
+        reqwest::header::ACCEPT_ENCODING,
+        HeaderValue::from_static("identity"),
+    );
     let mut parsed = Vec::with_capacity(templates.len());
     for (name, template) in templates {
         if has_cr_lf(&name) || has_cr_lf(&template) {
@@ -471,11 +728,20 @@ impl Vault {
         Ok(policy)
     }
 
-    async fn claim_pin(&self, service: &str, origin: &str) -> Result<bool, VaultError> {
-        let (owned, origin) = (service.to_string(), origin.to_string());
+    async fn claim_pin(
+        &self,
+        service: &str,
+        origin: &str,
+        credential: &str,
+    ) -> Result<bool, VaultError> {
+        let (owned, origin, credential) = (
+            service.to_string(),
+            origin.to_string(),
+            credential.to_string(),
+        );
         let claimed = self
             .store()
-            .write(move |conn| claim_pin(conn, &owned, &origin).map_err(into_store))
+            .write(move |conn| claim_pin(conn, &owned, &origin, &credential).map_err(into_store))
             .await
             .map_err(from_store);
         self.egress_cache.invalidate(service);
@@ -497,14 +763,34 @@ impl Vault {
         claimed
     }
 
-    /// Undoes a pin set by a call that then failed without an answer ("the first *successful*
-    /// call pins"); a pin changed meanwhile is left alone.
+    /// Undoes the origin pin of `credential` set by a call that the guard then refused before
+    /// anything was sent. Once a request may have left, a pin is never released.
+    async fn release_origin_pin(&self, service: &str, credential: &str, origin: &str) {
+        let (owned, credential, origin) = (
+            service.to_string(),
+            credential.to_string(),
+            origin.to_string(),
+        );
+        let result = self
+            .store()
+            .write(move |conn| {
+                Ok(conn.execute(
+                    "DELETE FROM egress_pins WHERE service = ?1 AND credential = ?2 AND origin = ?3",
+                    params![owned, credential, origin],
+                )?)
+            })
+            .await;
+        self.egress_cache.invalidate(service);
+        if let Err(err) = result {
+            tracing::warn!(error = %err, "could not release an egress pin");
+        }
+    }
+
+    /// Undoes a token URL pin set by a refresh that failed without an answer; a pin changed
+    /// meanwhile is left alone.
     pub(crate) async fn release_pin(&self, kind: PinKind, service: &str, value: &str) {
         let (owned, value) = (service.to_string(), value.to_string());
         let sql = match kind {
-            PinKind::Origin => {
-                "UPDATE egress_policies SET pinned_origin = NULL WHERE service = ?1 AND pinned_origin = ?2"
-            }
             PinKind::TokenUrl => {
                 "UPDATE egress_policies SET token_url = NULL WHERE service = ?1 AND token_url = ?2"
             }
@@ -519,8 +805,53 @@ impl Vault {
         }
     }
 
-    /// `/v1/proxy`: validates the call, applies the SSRF guard and the service's egress policy, only
-    /// then opens (or mints) the credential, fills the header templates, and sends.
+    /// Records a policy refusal durably (for `keyholder egress pending`) and builds its error.
+    pub(crate) async fn refuse_egress(
+        &self,
+        service: &str,
+        origin: &str,
+        reason: String,
+        request_id: &str,
+    ) -> VaultError {
+        tracing::warn!(request_id, service, origin, reason = %reason, "egress denied by the policy");
+        let (owned, origin_owned) = (service.to_string(), origin.to_string());
+        let recorded = self
+            .store()
+            .write(move |conn| record_refusal(conn, &owned, &origin_owned).map_err(into_store))
+            .await;
+        if let Err(err) = recorded {
+            tracing::warn!(request_id, error = %err, "could not record an egress refusal");
+        }
+        VaultError::EgressDenied(reason)
+    }
+
+    /// Checks a token endpoint (minting, or OAuth refresh with the platform's client) against the
+    /// SSRF guard and the service's egress policy before anything is sent there.
+    pub(crate) async fn check_token_endpoint(
+        &self,
+        upstream: &Upstream,
+        service: &str,
+        url: &Url,
+        provider: Option<&'static Provider>,
+        request_id: &str,
+    ) -> Result<(), VaultError> {
+        upstream.check_url(url).map_err(|e| {
+            tracing::warn!(request_id, service, reason = %e, "token endpoint refused by the egress guard");
+            VaultError::EgressDenied(e.to_string())
+        })?;
+        let origin = origin_of(url)?;
+        let policy = self.egress_policy(service).await?;
+        match policy.decide_token_endpoint(&origin, provider) {
+            Decision::Deny(reason) => Err(self
+                .refuse_egress(service, &origin, reason, request_id)
+                .await),
+            Decision::Allow | Decision::Pin => Ok(()),
+        }
+    }
+
+    /// `/v1/proxy`: validates the call, applies the SSRF guard and the service's egress policy
+    /// (judged against the credential's own shape), only then mints or takes the token, fills the
+    /// header templates, and sends. The answer comes back with the injected credential redacted.
     #[tracing::instrument(skip_all, fields(service = %service))]
     pub async fn proxy_call(
         &self,
@@ -529,27 +860,68 @@ impl Vault {
         request: UpstreamRequest,
         templates: BTreeMap<String, String>,
         request_id: &str,
-    ) -> Result<UpstreamResponse, VaultError> {
+    ) -> Result<ProxiedAnswer, VaultError> {
         let plan = plan(request, templates)?;
         let host = plan.url.host_str().unwrap_or("").to_string();
-        let deny = |reason: String| {
+        let guard_deny = |reason: String| {
             tracing::warn!(request_id, service, host = %host, reason = %reason, "egress denied");
             VaultError::EgressDenied(reason)
         };
         // The guard first: schemes without a host (file:) are refused here, not as malformed.
         upstream
             .check_url(&plan.url)
-            .map_err(|e| deny(e.to_string()))?;
+            .map_err(|e| guard_deny(e.to_string()))?;
         let origin = origin_of(&plan.url)?;
         let policy = self
             .egress_policy(service)
             .instrument(tracing::debug_span!(target: crate::telemetry::TARGET, "egress.policy"))
             .await?;
-        let decision = policy.decide(&origin);
-        if let Decision::Deny(reason) = &decision {
-            return Err(deny(reason.clone()));
+        let credential = self.open_credential_full(service).await?;
+        let mint = detect(&credential)?;
+        if mint.is_none()
+            && credential
+                .token
+                .secret("accessToken")
+                .filter(|t| !t.is_empty())
+                .is_none()
+        {
+            // Nothing to inject: no egress question to ask.
+            return Err(VaultError::TokenNotFound);
         }
-        let token = self.access_token(upstream, service).await?;
+        let provider = match &mint {
+            Some(kind) => Some(kind.provider()),
+            None => credential
+                .token
+                .secret("accessToken")
+                .and_then(catalogue::provider_for),
+        };
+        let keys = self.keys();
+        let pin = match policy.mode {
+            EgressMode::Pinned => policy
+                .pins
+                .iter()
+                .find(|p| pin_matches(&keys, &p.credential, service, &credential))
+                .map(|p| p.origin.as_str()),
+            _ => None,
+        };
+        let decision = policy.decide(&origin, provider, pin);
+        if let Decision::Deny(reason) = decision {
+            return Err(self
+                .refuse_egress(service, &origin, reason, request_id)
+                .await);
+        }
+        let fingerprint = match decision {
+            Decision::Pin => Some(
+                fingerprint_with(&keys, keys.current_data_version(), service, &credential)
+                    .ok_or_else(|| VaultError::Corrupt("no current data key".into()))?,
+            ),
+            _ => None,
+        };
+        drop(keys);
+        let token = self
+            .token_of(upstream, service, credential, mint, request_id)
+            .await?;
+        let mut redactor = Redactor::new(&token);
         let mut headers = plan.headers;
         for (name, template) in &plan.templates {
             let value = Zeroizing::new(template.replace(TOKEN_PLACEHOLDER, &token));
@@ -564,11 +936,16 @@ impl Vault {
             headers.insert(name.clone(), value);
         }
         drop(token);
-        let claimed = if decision == Decision::Pin {
-            if !self.claim_pin(service, &origin).await? {
-                return Err(deny(format!(
-                    "{origin} is not the origin pinned for this service"
-                )));
+        let claimed = if let Some(fingerprint) = &fingerprint {
+            if !self.claim_pin(service, &origin, fingerprint).await? {
+                // Another call pinned another origin first, or the service holds the most pins.
+                let reason = policy.refusal(
+                    &origin,
+                    "could not be pinned (another origin was pinned first, or the pin limit was reached)",
+                );
+                return Err(self
+                    .refuse_egress(service, &origin, reason, request_id)
+                    .await);
             }
             tracing::info!(request_id, origin = %origin, "egress origin pinned");
             true
@@ -593,21 +970,82 @@ impl Vault {
             .instrument(call)
             .await;
         match result {
-            Ok(response) => Ok(response),
-            Err(err) => {
-                if claimed {
-                    self.release_pin(PinKind::Origin, service, &origin).await;
+            Ok(response) => {
+                let (response, redactions) = redact_answer(&mut redactor, response);
+                if redactions > 0 {
+                    tracing::warn!(
+                        request_id,
+                        service,
+                        origin = %origin,
+                        redactions,
+                        "the upstream echoed the injected credential; redacted from the answer"
+                    );
                 }
-                match err {
-                    UpstreamError::Refused(refused) => Err(deny(refused.to_string())),
-                    other => {
-                        tracing::warn!(request_id, error = %other, "upstream call failed");
-                        Err(VaultError::Upstream(other))
-                    }
-                }
+                Ok(ProxiedAnswer {
+                    response,
+                    redactions,
+                })
             }
+            Err(err) => match err {
+                // The guard refused at resolution: nothing was sent, so a fresh pin goes again.
+                UpstreamError::Refused(refused) => {
+                    if let (true, Some(fingerprint)) = (claimed, &fingerprint) {
+                        self.release_origin_pin(service, fingerprint, &origin).await;
+                    }
+                    Err(guard_deny(refused.to_string()))
+                }
+                other => {
+                    tracing::warn!(request_id, error = %other, "upstream call failed");
+                    Err(VaultError::Upstream(other))
+                }
+            },
         }
     }
+}
+
+/// A proxied answer, with the injected credential redacted, and how many times it was.
+pub struct ProxiedAnswer {
+    /// The answer as the platform gets it.
+    pub response: UpstreamResponse,
+    /// Values redacted from headers and body.
+    pub redactions: u64,
+}
+
+/// Redacts the credential from every header value (dropping a header whose name holds it) and from
+/// the body. Today the body is whole; [`Redactor`] also works chunk by chunk.
+fn redact_answer(redactor: &mut Redactor, response: UpstreamResponse) -> (UpstreamResponse, u64) {
+    let UpstreamResponse {
+        status,
+        headers,
+        body,
+    } = response;
+    let mut clean = HeaderMap::with_capacity(headers.len());
+    let mut scratch = Vec::new();
+    for (name, value) in headers.iter() {
+        scratch.clear();
+        if redactor.redact_all(name.as_str().as_bytes(), &mut scratch) > 0 {
+            continue;
+        }
+        scratch.clear();
+        if redactor.redact_all(value.as_bytes(), &mut scratch) > 0 {
+            if let Ok(v) = HeaderValue::from_bytes(&scratch) {
+                clean.append(name.clone(), v);
+            }
+        } else {
+            clean.append(name.clone(), value.clone());
+        }
+    }
+    let mut out = Vec::with_capacity(body.len());
+    redactor.redact_all(&body, &mut out);
+    let redactions = redactor.count();
+    (
+        UpstreamResponse {
+            status,
+            headers: clean,
+            body: Bytes::from(out),
+        },
+        redactions,
+    )
 }
 
 #[cfg(test)]
@@ -650,13 +1088,84 @@ mod tests {
 
     #[test]
     fn decisions() {
+        let github = catalogue::provider_for("ghp_x");
         let mut p = EgressPolicy::default_for("s");
-        assert_eq!(p.decide("https://a:443"), Decision::Pin);
-        p.pinned_origin = Some("https://a:443".into());
-        assert_eq!(p.decide("https://a:443"), Decision::Allow);
-        assert!(matches!(p.decide("https://b:443"), Decision::Deny(_)));
+        assert_eq!(p.mode, EgressMode::Known);
+        assert_eq!(
+            p.decide("https://api.github.com:443", github, None),
+            Decision::Allow
+        );
+        let Decision::Deny(message) = p.decide("https://a:443", github, None) else {
+            panic!("known mode allowed an unknown origin");
+        };
+        assert!(
+            message.contains("keyholder egress allow s https://a:443"),
+            "{message}"
+        );
+        assert!(matches!(
+            p.decide("https://api.github.com:443", None, None),
+            Decision::Deny(_)
+        ));
+        p.allowlist.push("https://a:443".into());
+        assert_eq!(p.decide("https://a:443", None, None), Decision::Allow);
+        p.mode = EgressMode::Pinned;
+        assert_eq!(p.decide("https://b:443", github, None), Decision::Pin);
+        let pin = Some("https://b:443");
+        assert_eq!(p.decide("https://b:443", github, pin), Decision::Allow);
+        assert!(matches!(
+            p.decide("https://c:443", github, pin),
+            Decision::Deny(_)
+        ));
+        p.mode = EgressMode::Allowlist;
+        assert!(matches!(
+            p.decide("https://api.github.com:443", github, None),
+            Decision::Deny(_)
+        ));
+        assert_eq!(p.decide("https://a:443", github, None), Decision::Allow);
         p.mode = EgressMode::Any;
-        assert_eq!(p.decide("https://b:443"), Decision::Allow);
+        assert_eq!(p.decide("https://b:443", None, None), Decision::Allow);
+        // Token endpoints: catalogue endpoints in known mode, never a pin.
+        p.mode = EgressMode::Known;
+        assert_eq!(
+            p.decide_token_endpoint("https://github.com:443", github),
+            Decision::Allow
+        );
+        assert!(matches!(
+            p.decide_token_endpoint("https://ghe.example:443", github),
+            Decision::Deny(_)
+        ));
+        p.mode = EgressMode::Pinned;
+        assert!(matches!(
+            p.decide_token_endpoint("https://b:443", None),
+            Decision::Deny(_)
+        ));
+    }
+
+    #[test]
+    fn pins_need_pinned_mode_and_a_credential_and_are_bounded() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        crate::store::migrate(&mut conn).unwrap();
+        // Not in pinned mode, or no credential: nothing is pinned.
+        assert!(!claim_pin(&conn, "s", "https://a:443", "v1:x").unwrap());
+        set_mode(&conn, "s", EgressMode::Pinned).unwrap();
+        assert!(!claim_pin(&conn, "s", "https://a:443", "v1:x").unwrap());
+        conn.execute(
+            "INSERT INTO documents(collection, key, doc, updated_at) VALUES ('tokens', 's', '{}', 0)",
+            [],
+        )
+        .unwrap();
+        assert!(claim_pin(&conn, "s", "https://a:443", "v1:x").unwrap());
+        // The same credential keeps its pin; another origin is not it.
+        assert!(!claim_pin(&conn, "s", "https://b:443", "v1:x").unwrap());
+        for i in 1..MAX_PINS_PER_SERVICE {
+            assert!(claim_pin(&conn, "s", "https://c:443", &format!("v1:{i}")).unwrap());
+        }
+        assert!(!claim_pin(&conn, "s", "https://c:443", "v1:full").unwrap());
+        let policy = load_policy(&conn, "s").unwrap();
+        assert_eq!(policy.pins.len() as i64, MAX_PINS_PER_SERVICE);
+        // Changing the mode or resetting forgets them.
+        reset(&conn, "s").unwrap();
+        assert!(load_policy(&conn, "s").unwrap().pins.is_empty());
     }
 
     #[test]

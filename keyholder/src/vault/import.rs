@@ -232,6 +232,9 @@ pub fn import_reference(
                 "INSERT INTO documents(collection, key, doc, updated_at) VALUES (?1, ?2, ?3, ?4)",
                 params![collection.as_str(), key, doc.to_string(), now],
             )?;
+            if *collection == Collection::Tokens {
+                super::sealed::mark_if_legacy_minting(conn, key, &doc)?;
+            }
         }
     }
 

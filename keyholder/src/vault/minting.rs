@@ -2,33 +2,34 @@
 //! JWT that is exchanged for a short-lived access token; the key never leaves, the token is cached
 //! in memory until shortly before it expires.
 //!
-//! Where the key lives: a Google service-account key is the whole JSON key file (with
-//! `"type":"service_account"`) stored in the sensitive field `privateKeyData` (or, as a fallback,
-//! `accessToken`); optional meta `scopes`/`scope` (default cloud-platform) and `subject`. A GitHub App
-//! is `tokenType: GitHubApp` with meta `appId`, `installationId`, optional `apiUrl` (default
-//! `https://api.github.com`) and the PEM private key in `privateKeyData`.
+//! What is stored at `/v1/store`: a Google service-account key is the whole JSON key file (with
+//! `"type":"service_account"`) in `privateKeyData` (or `accessToken`), with optional
+//! `scopes`/`scope` (default cloud-platform) and `subject`; a GitHub App is `tokenType: GitHubApp`
+//! with `appId`, `installationId`, optional `apiUrl` (default `https://api.github.com`) and the PEM
+//! key in `privateKeyData`. All of it is sealed then into `sealedInputs` (see [`super::sealed`]) and
+//! read only from there; the token endpoint must pass the service's egress policy.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use keyholder_protocol::document::{format_iso8601, is_sensitive, parse_iso8601, OpenedToken};
+use keyholder_protocol::document::{format_iso8601, is_sensitive, parse_iso8601};
 use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE};
 use reqwest::Method;
+use rusqlite::OptionalExtension as _;
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 use url::Url;
 use zeroize::Zeroizing;
 
-use super::credentials::scrub;
+use super::catalogue::{self, Provider};
+use super::credentials::{scrub, OpenedCredential};
+use super::sealed::{is_service_account_key, GOOGLE_DEFAULT_TOKEN_URI};
 use super::{Vault, VaultError};
 use crate::upstream::{OutboundRequest, Upstream, UpstreamResponse};
 
 /// A cached token is handed out only while it has at least this long to live.
 pub const EXPIRY_MARGIN_SECS: i64 = 60;
-const GOOGLE_DEFAULT_TOKEN_URI: &str = "https://oauth2.googleapis.com/token";
-const GOOGLE_DEFAULT_SCOPE: &str = "https://www.googleapis.com/auth/cloud-platform";
-const GITHUB_DEFAULT_API: &str = "https://api.github.com";
 const MAX_CACHED: usize = 4096;
 
 /// One lock per key (service), so that concurrent misses mint or refresh once. The map only holds
@@ -70,7 +71,8 @@ pub struct Minter {
     flights: KeyedLocks,
 }
 
-enum MintKind {
+/// What a minting credential signs with and where (no Debug: it holds the key).
+pub(crate) enum MintKind {
     Google {
         client_email: String,
         private_key: Zeroizing<String>,
@@ -128,96 +130,91 @@ impl MintKind {
     }
 }
 
-fn meta_text(meta: &Map<String, Value>, name: &str) -> Option<String> {
-    match meta.get(name)? {
-        Value::String(s) if !s.trim().is_empty() => Some(s.trim().to_string()),
-        Value::Number(n) => Some(n.to_string()),
-        _ => None,
+impl MintKind {
+    /// The catalogue entry of what this credential mints (its tokens and its token endpoint).
+    pub(crate) fn provider(&self) -> &'static Provider {
+        match self {
+            MintKind::Google { .. } => &catalogue::GOOGLE,
+            MintKind::GitHubApp { .. } => &catalogue::GITHUB,
+        }
+    }
+
+    /// Where the signed assertion goes.
+    fn token_endpoint(&self) -> Result<Url, VaultError> {
+        match self {
+            MintKind::Google { token_uri, .. } => Url::parse(token_uri).map_err(|_| {
+                VaultError::Invalid("service-account 'token_uri' is not a URL".into())
+            }),
+            MintKind::GitHubApp {
+                api_url,
+                installation_id,
+                ..
+            } => Url::parse(&format!(
+                "{api_url}/app/installations/{installation_id}/access_tokens"
+            ))
+            .map_err(|_| VaultError::Invalid("GitHub App 'apiUrl' is not a URL".into())),
+        }
     }
 }
 
-fn google_scope(meta: &Map<String, Value>) -> String {
-    let value = meta.get("scopes").or_else(|| meta.get("scope"));
-    let scopes: Vec<String> = match value {
-        Some(Value::Array(items)) => items
-            .iter()
-            .filter_map(Value::as_str)
-            .map(str::to_string)
-            .collect(),
-        Some(Value::String(s)) => s
-            .split([' ', ','])
-            .filter(|s| !s.is_empty())
-            .map(str::to_string)
-            .collect(),
-        _ => Vec::new(),
-    };
-    if scopes.is_empty() {
-        GOOGLE_DEFAULT_SCOPE.to_string()
-    } else {
-        scopes.join(" ")
-    }
-}
-
-fn detect(token: &OpenedToken) -> Result<Option<MintKind>, VaultError> {
-    let meta = token.meta();
-    let token_type = meta_text(meta, "tokenType").unwrap_or_default();
-    if token_type.eq_ignore_ascii_case("githubapp") {
-        let invalid = |what: &str| VaultError::Invalid(format!("GitHub App credential: {what}"));
-        let app_id = meta_text(meta, "appId").ok_or_else(|| invalid("meta 'appId' missing"))?;
-        let installation_id = meta_text(meta, "installationId")
-            .ok_or_else(|| invalid("meta 'installationId' missing"))?;
-        if !app_id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '.')
-            || !installation_id.chars().all(|c| c.is_ascii_digit())
-        {
-            return Err(invalid("'appId' or 'installationId' is malformed"));
+/// The minting kind of a credential, from its sealed inputs only (meta is display data). A
+/// credential that looks like a minting one but has no sealed inputs was stored before they were
+/// sealed (or had them stripped): refused until stored again.
+pub(crate) fn detect(credential: &OpenedCredential) -> Result<Option<MintKind>, VaultError> {
+    if let Some(inputs) = &credential.sealed {
+        if let Some(app) = &inputs.github_app {
+            return Ok(Some(MintKind::GitHubApp {
+                app_id: app.app_id.clone(),
+                installation_id: app.installation_id.clone(),
+                api_url: app.api_url.clone(),
+                private_key: Zeroizing::new(app.private_key.clone()),
+            }));
         }
-        let api_url = meta_text(meta, "apiUrl").unwrap_or_else(|| GITHUB_DEFAULT_API.into());
-        let private_key = token
-            .secret("privateKeyData")
-            .filter(|k| !k.is_empty())
-            .ok_or_else(|| invalid("'privateKeyData' missing"))?;
-        return Ok(Some(MintKind::GitHubApp {
-            app_id,
-            installation_id,
-            api_url: api_url.trim_end_matches('/').to_string(),
-            private_key: Zeroizing::new(private_key.to_string()),
-        }));
-    }
-    for field in ["privateKeyData", "accessToken"] {
-        let Some(text) = token.secret(field) else {
-            continue;
-        };
-        if !text.trim_start().starts_with('{') {
-            continue;
-        }
-        let Ok(mut parsed) = serde_json::from_str::<Value>(text) else {
-            continue;
-        };
-        let found = if parsed.get("type").and_then(Value::as_str) == Some("service_account") {
+        if let Some(google) = &inputs.google {
+            let mut parsed: Value = serde_json::from_str(&google.key_json)
+                .map_err(|_| VaultError::Invalid("service-account key is not JSON".into()))?;
             let text_of = |name: &str| parsed.get(name).and_then(Value::as_str).map(str::to_string);
             let invalid =
                 |what: &str| VaultError::Invalid(format!("service-account key: '{what}' missing"));
-            Some(MintKind::Google {
-                client_email: text_of("client_email").ok_or_else(|| invalid("client_email"))?,
-                private_key: Zeroizing::new(
-                    text_of("private_key").ok_or_else(|| invalid("private_key"))?,
-                ),
-                private_key_id: text_of("private_key_id"),
-                token_uri: text_of("token_uri").unwrap_or_else(|| GOOGLE_DEFAULT_TOKEN_URI.into()),
-                scope: google_scope(meta),
-                subject: meta_text(meta, "subject"),
-            })
-        } else {
-            None
-        };
-        scrub(&mut parsed);
-        if found.is_some() {
-            return Ok(found);
+            let kind = (|| {
+                Ok(MintKind::Google {
+                    client_email: text_of("client_email").ok_or_else(|| invalid("client_email"))?,
+                    private_key: Zeroizing::new(
+                        text_of("private_key").ok_or_else(|| invalid("private_key"))?,
+                    ),
+                    private_key_id: text_of("private_key_id"),
+                    token_uri: text_of("token_uri")
+                        .unwrap_or_else(|| GOOGLE_DEFAULT_TOKEN_URI.into()),
+                    scope: google.scope.clone(),
+                    subject: google.subject.clone(),
+                })
+            })();
+            scrub(&mut parsed);
+            return kind.map(Some);
         }
     }
+    let token = &credential.token;
+    let github_app = token
+        .meta()
+        .get("tokenType")
+        .and_then(Value::as_str)
+        .is_some_and(|t| t.eq_ignore_ascii_case("githubapp"));
+    let service_account = ["privateKeyData", "accessToken"]
+        .iter()
+        .filter_map(|f| token.secret(f))
+        .any(is_service_account_key);
+    if github_app || service_account {
+        return Err(legacy_minting_refusal());
+    }
     Ok(None)
+}
+
+fn legacy_minting_refusal() -> VaultError {
+    VaultError::Invalid(
+        "this signing credential was stored before its minting inputs were sealed (or they were \
+         removed); store it again"
+            .into(),
+    )
 }
 
 fn sign_jwt(claims: &Value, pem: &str, kid: Option<&str>) -> Result<Zeroizing<String>, VaultError> {
@@ -260,9 +257,7 @@ async fn mint(upstream: &Upstream, kind: &MintKind) -> Result<MintedToken, Vault
                 map.insert("sub".into(), json!(sub));
             }
             let jwt = sign_jwt(&claims, private_key, private_key_id.as_deref())?;
-            let url = Url::parse(token_uri).map_err(|_| {
-                VaultError::Invalid("service-account 'token_uri' is not a URL".into())
-            })?;
+            let url = kind.token_endpoint()?;
             let body = Zeroizing::new(
                 url::form_urlencoded::Serializer::new(String::new())
                     .append_pair("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer")
@@ -304,17 +299,13 @@ async fn mint(upstream: &Upstream, kind: &MintKind) -> Result<MintedToken, Vault
         }
         MintKind::GitHubApp {
             app_id,
-            installation_id,
-            api_url,
             private_key,
+            ..
         } => {
             // GitHub allows at most 10 minutes; backdate iat for clock drift as GitHub advises.
             let claims = json!({"iat": now - 60, "exp": now + 540, "iss": app_id});
             let jwt = sign_jwt(&claims, private_key, None)?;
-            let url = Url::parse(&format!(
-                "{api_url}/app/installations/{installation_id}/access_tokens"
-            ))
-            .map_err(|_| VaultError::Invalid("GitHub App 'apiUrl' is not a URL".into()))?;
+            let url = kind.token_endpoint()?;
             let mut headers = HeaderMap::new();
             let bearer = Zeroizing::new(format!("Bearer {}", jwt.as_str()));
             let auth = crate::upstream::sensitive_value(&bearer)
@@ -428,26 +419,73 @@ impl Minter {
 }
 
 impl Vault {
-    /// The access token to use for `service`: minted from a stored signing key, or the stored
-    /// `accessToken`; `token_not_found` when there is neither.
+    /// Whether `service` holds a GitHub App stored before minting inputs were sealed: its key is
+    /// an ordinary field, which must not come out as a plain credential whatever meta now says.
+    async fn is_legacy_minting(&self, service: &str) -> Result<bool, VaultError> {
+        let service = service.to_string();
+        let found: Option<i64> = self
+            .store()
+            .read(move |conn| {
+                Ok(conn
+                    .query_row(
+                        "SELECT 1 FROM legacy_minting WHERE service = ?1",
+                        [&service],
+                        |r| r.get(0),
+                    )
+                    .optional()?)
+            })
+            .await?;
+        Ok(found.is_some())
+    }
+
+    /// The token to inject for `service`: minted from its sealed signing key (the token endpoint
+    /// first passes the egress policy), or its stored `accessToken`; `token_not_found` when there
+    /// is neither.
+    pub(crate) async fn token_of(
+        &self,
+        upstream: &Upstream,
+        service: &str,
+        credential: OpenedCredential,
+        mint: Option<MintKind>,
+        request_id: &str,
+    ) -> Result<Zeroizing<String>, VaultError> {
+        if let Some(kind) = mint {
+            drop(credential);
+            return Ok(self
+                .minted(upstream, service, &kind, request_id)
+                .await?
+                .token);
+        }
+        credential
+            .token
+            .secret("accessToken")
+            .filter(|t| !t.is_empty())
+            .map(|t| Zeroizing::new(t.to_string()))
+            .ok_or(VaultError::TokenNotFound)
+    }
+
+    async fn minted(
+        &self,
+        upstream: &Upstream,
+        service: &str,
+        kind: &MintKind,
+        request_id: &str,
+    ) -> Result<MintedToken, VaultError> {
+        let url = kind.token_endpoint()?;
+        self.check_token_endpoint(upstream, service, &url, Some(kind.provider()), request_id)
+            .await?;
+        self.minter.get_or_mint(upstream, service, kind).await
+    }
+
+    /// The access token to use for `service` (see [`Vault::token_of`]).
     pub async fn access_token(
         &self,
         upstream: &Upstream,
         service: &str,
     ) -> Result<Zeroizing<String>, VaultError> {
-        let token = self.open_credential(service).await?;
-        if let Some(kind) = detect(&token)? {
-            return Ok(self
-                .minter
-                .get_or_mint(upstream, service, &kind)
-                .await?
-                .token);
-        }
-        token
-            .secret("accessToken")
-            .filter(|t| !t.is_empty())
-            .map(|t| Zeroizing::new(t.to_string()))
-            .ok_or(VaultError::TokenNotFound)
+        let credential = self.open_credential_full(service).await?;
+        let mint = detect(&credential)?;
+        self.token_of(upstream, service, credential, mint, "").await
     }
 
     /// The `/v1/credential` body: for a minting credential, its meta with a minted `accessToken`
@@ -457,19 +495,26 @@ impl Vault {
         upstream: &Upstream,
         service: &str,
     ) -> Result<Zeroizing<Vec<u8>>, VaultError> {
-        let token = self.open_credential(service).await?;
+        let credential = self.open_credential_full(service).await?;
         // 2.4.0: a TOTP credential is answered with its current code, never its seed.
-        if super::credentials::is_totp(&token) {
+        if super::credentials::is_totp(&credential.token) {
             return super::credentials::totp_credential_json(
-                &token,
+                &credential.token,
                 service,
                 crate::clock::now_unix(),
             );
         }
-        let Some(kind) = detect(&token)? else {
-            return Ok(token.credential_json());
+        let Some(kind) = detect(&credential)? else {
+            if credential.sealed.is_none()
+                && credential.token.secret("privateKeyData").is_some()
+                && self.is_legacy_minting(service).await?
+            {
+                return Err(legacy_minting_refusal());
+            }
+            return Ok(credential.token.credential_json());
         };
-        let minted = self.minter.get_or_mint(upstream, service, &kind).await?;
+        let token = credential.token;
+        let minted = self.minted(upstream, service, &kind, "").await?;
         let mut fields: Map<String, Value> = token
             .meta()
             .iter()

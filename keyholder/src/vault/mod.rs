@@ -1,6 +1,7 @@
 //! The domain layer: keys, binding, replay memory and credential operations. Knows nothing of HTTP.
 
 pub mod binding;
+pub mod catalogue;
 pub mod collections;
 pub mod credentials;
 pub mod doc_cache;
@@ -13,11 +14,13 @@ pub mod minting;
 pub mod oauth;
 pub mod pkcs11;
 pub mod platform_keys;
+pub mod redact;
 pub mod refresh;
 pub mod reload;
 pub mod replay;
 pub mod retention;
 pub mod rotation;
+pub mod sealed;
 pub mod totp_links;
 
 use std::path::{Path, PathBuf};

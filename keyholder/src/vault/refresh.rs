@@ -3,9 +3,7 @@
 //! tv-refresh `get`/`update`. Every rewrite keeps all existing meta.
 
 use bytes::Bytes;
-use keyholder_protocol::document::{
-    format_iso8601, open_document, parse_iso8601, seal_token_data, OpenedToken,
-};
+use keyholder_protocol::document::{format_iso8601, parse_iso8601, seal_token_data, OpenedToken};
 use keyholder_protocol::wire::Collection;
 use keyholder_protocol::wire::{RefreshHint, RefreshTokens};
 use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, CONTENT_TYPE};
@@ -15,11 +13,13 @@ use serde_json::{json, Map, Value};
 use url::Url;
 use zeroize::Zeroizing;
 
+use super::catalogue;
 use super::collections::validate_key;
-use super::credentials::{document_error, open_error, scrub};
+use super::credentials::{document_error, open_with_inputs, scrub, OpenedCredential};
 use super::egress::PinKind;
 use super::minting::expires_in;
 use super::oauth::OAuthClient;
+use super::sealed::{self, SealedInputs};
 use super::{Vault, VaultError};
 use crate::upstream::{OutboundRequest, Upstream, UpstreamError};
 
@@ -58,6 +58,9 @@ enum ClientSource {
 struct Current {
     text: String,
     token: OpenedToken,
+    /// The sealed inputs as stored (kept verbatim on a rewrite) and opened.
+    sealed_text: Option<String>,
+    sealed: Option<SealedInputs>,
 }
 
 /// The credential's fields and meta as tokenData, to be sealed again with changes.
@@ -102,8 +105,14 @@ impl Vault {
         let doc: Value =
             serde_json::from_str(&text).map_err(|e| VaultError::Corrupt(e.to_string()))?;
         let keys = self.keys();
-        let token = open_document(&doc, service, &*keys).map_err(open_error)?;
-        Ok(Some(Current { text, token }))
+        let sealed_text = sealed::detach(&doc).1;
+        let OpenedCredential { token, sealed } = open_with_inputs(&doc, service, &keys)?;
+        Ok(Some(Current {
+            text,
+            token,
+            sealed_text,
+            sealed,
+        }))
     }
 
     /// Seals `current` again with `changes` applied (every other field and meta kept) and writes it
@@ -136,7 +145,11 @@ impl Vault {
             None,
         );
         data.values_mut().for_each(scrub);
-        let sealed = sealed.map_err(document_error)?;
+        let mut sealed = sealed.map_err(document_error)?;
+        if let Some(text) = current.sealed_text {
+            let mints = current.sealed.as_ref().is_some_and(SealedInputs::mints);
+            sealed::attach_text(&mut sealed, text, mints);
+        }
         let expiry = sealed
             .get("meta")
             .and_then(|m| m.get("expiryTime"))
@@ -189,16 +202,22 @@ impl Vault {
         else {
             return Ok(RefreshStatus::NoRefreshToken);
         };
+        // The provider comes from the sealed inputs or, by default, is the service itself: never
+        // from meta or the platform's hint, which the platform writes.
         let provider = current
-            .token
-            .meta()
-            .get("provider")
-            .and_then(Value::as_str)
-            .or_else(|| hint.and_then(|h| h.provider.as_deref()))
-            .unwrap_or(service)
-            .to_string();
+            .sealed
+            .as_ref()
+            .and_then(|s| s.provider.clone())
+            .unwrap_or_else(|| service.to_string());
         let (client, source) = match self.oauth_client(&provider).await? {
             Some(client) => (client, ClientSource::Owner),
+            // The owner configured a client for this service: the platform's is never used
+            // instead, whatever provider name got sealed.
+            None if provider != service && self.oauth_client(service).await?.is_some() => {
+                return Ok(RefreshStatus::Acknowledged(format!(
+                    "no OAuth client is configured here for provider '{provider}' (keyholder oauth set {provider} ...); the platform's client is not used for a service with an owner client"
+                )))
+            }
             None => match hint {
                 Some(RefreshHint {
                     token_url: Some(token_url),
@@ -229,6 +248,14 @@ impl Vault {
         let claimed = match source {
             ClientSource::Owner => false,
             ClientSource::Platform => {
+                // A platform-chosen token URL is under the egress policy like any other egress.
+                let shape = current
+                    .token
+                    .secret("accessToken")
+                    .and_then(catalogue::provider_for)
+                    .or_else(|| catalogue::provider_for(&refresh_token));
+                self.check_token_endpoint(upstream, service, &url, shape, request_id)
+                    .await?;
                 self.claim_token_url(service, url.as_str()).await.inspect_err(|_| {
                     tracing::warn!(request_id, token_url = %url, "refresh to a token URL other than the pinned one refused");
                 })?

@@ -528,6 +528,30 @@ pub async fn populate(addr: SocketAddr, secret: &HmacSecret, count: usize) -> an
     Ok(())
 }
 
+/// The owner allows the local upstream for the `count` bench services (`keyholder egress allow
+/// bench-NNN 127.0.0.1`): the default egress mode `known` sends a credential only to its
+/// provider's catalogued origins.
+pub fn allow_local_upstream(
+    opts: &BenchOptions,
+    data_dir: &Path,
+    count: usize,
+) -> anyhow::Result<()> {
+    for i in 0..count {
+        let service = format!("bench-{i:03}");
+        let out = Command::new(&opts.keyholder_bin)
+            .args(["egress", "allow", &service, "127.0.0.1"])
+            .env("KEYHOLDER_DATA_DIR", data_dir)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "keyholder egress allow failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Scenario request factories.
 pub fn credential_factory(secret: Arc<HmacSecret>) -> RequestFactory {
     Arc::new(move |n| {

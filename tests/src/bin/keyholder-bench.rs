@@ -275,6 +275,9 @@ async fn sustain(opts: BenchOptions, pace: Pace) -> anyhow::Result<()> {
     bench::populate(keyholder.addr, &secret, 100)
         .await
         .context("populating 100 credentials")?;
+    bench::allow_local_upstream(&opts, data.path(), 100)?;
+    // The running server follows owner changes within a quarter second.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     let upstream = bench::start_baseline(opts.workers).await?;
     let mix = bench::mixed_factory(Arc::clone(&secret), upstream.addr);
     let max = bench::run_scenario(
@@ -404,6 +407,7 @@ async fn run(opts: BenchOptions) -> anyhow::Result<()> {
     bench::populate(keyholder.addr, &secret, 100)
         .await
         .context("populating 100 credentials")?;
+    bench::allow_local_upstream(&opts, data.path(), 100)?;
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     let rss_idle = bench::rss_mb(keyholder.pid());
     let baseline = bench::start_baseline(opts.workers).await?;
@@ -417,7 +421,7 @@ async fn run(opts: BenchOptions) -> anyhow::Result<()> {
         startup.as_millis()
     );
 
-    // Is the proxy there? One call decides (it also pins the egress origin of the first service).
+    // Is the proxy there? One call decides.
     let probe = bench::proxy_factory(Arc::clone(&secret), baseline.addr)(u64::MAX / 2);
     let mut conn = bench::http1::Connection::open(keyholder.addr).await?;
     let proxy_available = matches!(conn.send(&probe).await, Ok((200, _)));

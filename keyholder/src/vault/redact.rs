@@ -1,0 +1,240 @@
+//! Redacts an injected credential from a proxied answer before it reaches the platform: an upstream
+//! that echoes request headers would otherwise hand the secret back. It looks for the raw value,
+//! its base64 forms (as inside `Basic base64(user:secret)`, at any alignment) and its JSON-escaped
+//! form, and works chunk by chunk: up to the longest needle minus one byte is held back between
+//! chunks, so a value split across a chunk boundary is still found.
+
+use base64::engine::general_purpose::STANDARD_NO_PAD;
+use base64::Engine as _;
+use zeroize::Zeroizing;
+
+/// What a found value is replaced with.
+pub const REDACTED: &[u8] = b"[REDACTED]";
+/// Needles shorter than this are not searched for: a short value would match ordinary text and
+/// corrupt answers, and tells an attacker little.
+pub const MIN_NEEDLE: usize = 8;
+
+/// A streaming redactor for one credential (no Debug or Clone: it holds the secret's forms).
+pub struct Redactor {
+    /// Longest first.
+    needles: Vec<Zeroizing<Vec<u8>>>,
+    first_bytes: [bool; 256],
+    max_len: usize,
+    held: Zeroizing<Vec<u8>>,
+    count: u64,
+}
+
+/// The base64 text that every encoding of `secret` contains when it starts `offset` (0..3) bytes
+/// into a 3-byte group: the characters that depend only on the secret's own bits.
+fn base64_core(secret: &[u8], offset: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; offset];
+    buf.extend_from_slice(secret);
+    let encoded = Zeroizing::new(STANDARD_NO_PAD.encode(&buf).into_bytes());
+    buf.iter_mut().for_each(|b| *b = 0);
+    let start = (offset * 8).div_ceil(6);
+    let end = if (offset + secret.len()) % 3 == 0 {
+        encoded.len()
+    } else {
+        encoded.len().saturating_sub(1)
+    };
+    encoded
+        .get(start..end)
+        .map(<[u8]>::to_vec)
+        .unwrap_or_default()
+}
+
+impl Redactor {
+    /// A redactor for `secret`.
+    pub fn new(secret: &str) -> Redactor {
+        let raw = secret.as_bytes();
+        let mut forms: Vec<Vec<u8>> = vec![raw.to_vec()];
+        for offset in 0..3 {
+            forms.push(base64_core(raw, offset));
+        }
+        let escaped = Zeroizing::new(serde_json::to_string(secret).unwrap_or_default());
+        if let Some(inner) = escaped.strip_prefix('"').and_then(|s| s.strip_suffix('"')) {
+            forms.push(inner.as_bytes().to_vec());
+            // Some encoders also escape the solidus.
+            forms.push(inner.replace('/', "\\/").into_bytes());
+        }
+        let mut needles: Vec<Zeroizing<Vec<u8>>> = Vec::new();
+        for form in forms {
+            let form = Zeroizing::new(form);
+            if form.len() >= MIN_NEEDLE && !needles.iter().any(|n| **n == *form) {
+                needles.push(form);
+            }
+        }
+        needles.sort_by_key(|n| std::cmp::Reverse(n.len()));
+        let mut first_bytes = [false; 256];
+        for needle in &needles {
+            if let Some(b) = needle.first() {
+                first_bytes[usize::from(*b)] = true;
+            }
+        }
+        let max_len = needles.first().map_or(0, |n| n.len());
+        Redactor {
+            needles,
+            first_bytes,
+            max_len,
+            held: Zeroizing::new(Vec::new()),
+            count: 0,
+        }
+    }
+
+    /// How many values were replaced so far.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// Feeds one chunk; appends what can be released to `out`.
+    pub fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
+        self.held.extend_from_slice(chunk);
+        self.drain(false, out);
+    }
+
+    /// Releases everything still held (end of the answer).
+    pub fn finish(&mut self, out: &mut Vec<u8>) {
+        self.drain(true, out);
+    }
+
+    /// Redacts a whole value at once; returns the count of replacements in it.
+    pub fn redact_all(&mut self, input: &[u8], out: &mut Vec<u8>) -> u64 {
+        let before = self.count;
+        self.push(input, out);
+        self.finish(out);
+        self.count - before
+    }
+
+    fn match_at(&self, at: usize) -> Option<usize> {
+        let rest = self.held.get(at..)?;
+        let first = *rest.first()?;
+        if !self.first_bytes[usize::from(first)] {
+            return None;
+        }
+        self.needles
+            .iter()
+            .find(|n| rest.starts_with(n))
+            .map(|n| n.len())
+    }
+
+    fn drain(&mut self, finish: bool, out: &mut Vec<u8>) {
+        if self.max_len == 0 {
+            out.extend_from_slice(&self.held);
+            self.held.clear();
+            return;
+        }
+        let len = self.held.len();
+        // A needle could still start at any position from here on once more bytes arrive.
+        let decidable = if finish {
+            len
+        } else {
+            len.saturating_sub(self.max_len - 1)
+        };
+        let mut emitted = 0;
+        let mut at = 0;
+        while at < decidable {
+            match self.match_at(at) {
+                Some(found) => {
+                    out.extend_from_slice(&self.held[emitted..at]);
+                    out.extend_from_slice(REDACTED);
+                    self.count += 1;
+                    at += found;
+                    emitted = at;
+                }
+                None => at += 1,
+            }
+        }
+        let keep_from = emitted.max(decidable);
+        out.extend_from_slice(&self.held[emitted..keep_from]);
+        let rest = Zeroizing::new(self.held[keep_from..].to_vec());
+        self.held.iter_mut().for_each(|b| *b = 0);
+        self.held.clear();
+        self.held.extend_from_slice(&rest);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+    use base64::engine::general_purpose::STANDARD;
+
+    const SECRET: &str = "ghp_Secret/Value\"123";
+
+    fn whole(input: &[u8]) -> (Vec<u8>, u64) {
+        let mut r = Redactor::new(SECRET);
+        let mut out = Vec::new();
+        let n = r.redact_all(input, &mut out);
+        (out, n)
+    }
+
+    fn chunked(input: &[u8], size: usize) -> (Vec<u8>, u64) {
+        let mut r = Redactor::new(SECRET);
+        let mut out = Vec::new();
+        for chunk in input.chunks(size) {
+            r.push(chunk, &mut out);
+        }
+        r.finish(&mut out);
+        (out, r.count())
+    }
+
+    fn contains(hay: &[u8], needle: &[u8]) -> bool {
+        hay.windows(needle.len()).any(|w| w == needle)
+    }
+
+    #[test]
+    fn every_form_is_redacted() {
+        let basic = STANDARD.encode(format!("x-access-token:{SECRET}"));
+        let basic2 = STANDARD.encode(format!("abc:{SECRET}"));
+        let basic3 = STANDARD.encode(format!("a:{SECRET}"));
+        let json = serde_json::to_string(SECRET).unwrap();
+        let input = format!(
+            "raw={SECRET} basic=Basic {basic} b2={basic2} b3={basic3} plain64={} json={json} slash={}",
+            STANDARD.encode(SECRET),
+            json.replace('/', "\\/")
+        );
+        let (out, n) = whole(input.as_bytes());
+        assert_eq!(n, 7, "{}", String::from_utf8_lossy(&out));
+        assert!(!contains(&out, SECRET.as_bytes()));
+        assert!(!contains(&out, b"Secret/Value"));
+        assert!(contains(&out, b"raw=[REDACTED]"));
+    }
+
+    #[test]
+    fn values_split_across_chunks_are_found() {
+        let input = format!("aaaa{SECRET}bbbb{SECRET}{SECRET}c");
+        let (expected, n) = whole(input.as_bytes());
+        assert_eq!(n, 3);
+        for size in 1..=input.len() {
+            let (out, count) = chunked(input.as_bytes(), size);
+            assert_eq!(out, expected, "chunk size {size}");
+            assert_eq!(count, 3, "chunk size {size}");
+        }
+    }
+
+    #[test]
+    fn boundaries_release_everything_else_unchanged() {
+        // A prefix of the secret at the very end is released at finish, not lost.
+        let partial = &SECRET[..SECRET.len() - 1];
+        for size in 1..=8 {
+            let input = format!("head {partial}");
+            let (out, n) = chunked(input.as_bytes(), size);
+            assert_eq!(out, input.as_bytes());
+            assert_eq!(n, 0);
+        }
+        // Empty input and input shorter than the hold-back.
+        assert_eq!(chunked(b"", 1).0, b"");
+        assert_eq!(chunked(b"ab", 1).0, b"ab");
+        // Binary bytes pass through.
+        let bin: Vec<u8> = (0..=255u8).collect();
+        assert_eq!(chunked(&bin, 7).0, bin);
+    }
+
+    #[test]
+    fn short_secrets_are_not_searched() {
+        let mut r = Redactor::new("abc");
+        let mut out = Vec::new();
+        assert_eq!(r.redact_all(b"abcabc", &mut out), 0);
+        assert_eq!(out, b"abcabc");
+    }
+}
