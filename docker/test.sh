@@ -68,6 +68,8 @@ cp "$binary" "$work/context/keyholder"
 log "building the runtime-prebuilt stage"
 # --format docker keeps HEALTHCHECK (the OCI format has no field for it).
 "${podman[@]}" build --quiet --network host --pull=never --format docker \
+    --build-arg VERSION="$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -1)" \
+    --build-arg REVISION="$(git rev-parse HEAD 2>/dev/null || echo unknown)" \
     -f docker/Dockerfile --target runtime-prebuilt -t "$image" "$work/context" >/dev/null
 
 # --- host side: data folder, master key secret, certificate ----------------------------------

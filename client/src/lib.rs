@@ -1,6 +1,7 @@
 //! `keyholder-client`: a typed async SDK for anything that talks to a Token Vault webhook (a Keyholder or
-//! any other implementation of the protocol): the platform side ([`Platform`], [`TicketIssuer`]), the agent
-//! and browser side ([`Agent`]), and the `keyholder-check` conformance checker ([`check`]).
+//! any other implementation of the protocol): the platform side ([`Platform`], [`TicketIssuer`]) and the
+//! agent and browser side ([`Agent`]). The `keyholder-check` conformance checker, built on this SDK, is its own
+//! crate; [`transport`] holds the low-level calls it needs.
 //!
 //! Every byte on the wire is produced and checked by [`keyholder_protocol`]; this crate adds transport,
 //! retries, identity pinning and typed answers. Secure by default: https only (unless
@@ -25,7 +26,6 @@
 pub mod agent;
 pub mod auth;
 pub mod builder;
-pub mod check;
 pub mod error;
 pub mod identity;
 pub mod platform;
@@ -35,8 +35,7 @@ pub mod retry;
 pub mod secret;
 pub mod storage;
 pub mod tickets;
-
-mod transport;
+pub mod transport;
 
 pub use agent::Agent;
 pub use auth::PlatformAuth;

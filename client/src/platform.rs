@@ -88,8 +88,8 @@ impl std::fmt::Debug for Platform {
     }
 }
 
-/// Seconds since the epoch.
-pub(crate) fn now_unix() -> i64 {
+/// The platform's clock: seconds since the Unix epoch (the timestamp of signed requests and tickets).
+pub fn now_unix() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))

@@ -1,7 +1,16 @@
 //! The HTTP core shared by every resource: URL building under the base URL, one fresh request id per
 //! attempt, the retry loop, reading the answer whole, response-signature verification when an identity is
 //! pinned, and the mapping of error answers to [`Error::Api`].
+//!
+//! **Low-level, for conformance testing.** The public part of this module ([`Outgoing`], [`RawResponse`],
+//! [`RawPlatform`], [`RawAgent`]) lets a checker such as the `keyholder-check` crate send requests built
+//! exactly as it chooses (a stale timestamp, a forged header, the same signed bytes twice), once, without
+//! retries, and read the answer uninterpreted. Applications want the typed calls on
+//! [`crate::Platform`] and [`crate::Agent`] instead: nothing here checks that a request makes sense. The
+//! traits are sealed (implemented only for [`crate::Platform`] and [`crate::Agent`]) and must be imported
+//! to be used, so they stay out of the way of ordinary SDK use.
 
+use std::future::Future;
 use std::time::Duration;
 
 use keyholder_protocol::paths::{HEADER_KEYHOLDER_SIGNATURE, HEADER_REQUEST_ID, PATH_IDENTITY};
@@ -18,7 +27,7 @@ use crate::identity::{IdentityPin, PinnedIdentity};
 use crate::retry::{Idempotence, RetryPolicy};
 
 /// One request as the SDK (or the checker) wants it sent.
-pub(crate) struct Outgoing {
+pub struct Outgoing {
     /// HTTP method.
     pub method: Method,
     /// Path under the base URL, starting with `/`.
@@ -45,7 +54,7 @@ impl Outgoing {
 }
 
 /// An answer, read whole.
-pub(crate) struct RawResponse {
+pub struct RawResponse {
     /// HTTP status.
     pub status: u16,
     /// Headers.
@@ -273,5 +282,82 @@ impl Transport {
             &resp.body,
         )?;
         Ok(identity)
+    }
+}
+
+mod sealed {
+    /// Keeps [`super::RawPlatform`] and [`super::RawAgent`] implemented only by this crate.
+    pub trait Sealed {}
+    impl Sealed for crate::Platform {}
+    impl Sealed for crate::Agent {}
+}
+
+/// Low-level platform calls for conformance testing (see the [module documentation](self)).
+pub trait RawPlatform: sealed::Sealed {
+    /// A signed `POST` of `body` to `path` with the caller's timestamp and request id (header
+    /// `X-TokenVault-Request-Id`; the body is sent as given and is not checked to carry the same id).
+    fn signed_outgoing(
+        &self,
+        path: &str,
+        body: Vec<u8>,
+        timestamp: i64,
+        request_id: &str,
+    ) -> Outgoing;
+
+    /// Send one prepared request once, without retries, with `request_id` as the `X-Request-Id` header
+    /// (a fresh one when `None`). When an identity is pinned the answer's signature must verify.
+    fn send_once(
+        &self,
+        out: &Outgoing,
+        request_id: Option<&str>,
+    ) -> impl Future<Output = Result<RawResponse, Error>> + Send;
+
+    /// The full URL of `path` and `query` under the base URL, and the exact path-and-query the webhook
+    /// sees (what request signatures cover).
+    fn target(&self, path: &str, query: &[(String, String)]) -> (Url, String);
+
+    /// The identity answers must be signed with, if one is pinned (after a bind: the one the exchange
+    /// announced).
+    fn pin(&self) -> Option<&IdentityPin>;
+}
+
+impl RawPlatform for crate::Platform {
+    fn signed_outgoing(
+        &self,
+        path: &str,
+        body: Vec<u8>,
+        timestamp: i64,
+        request_id: &str,
+    ) -> Outgoing {
+        crate::Platform::signed_outgoing(self, path, body, timestamp, request_id)
+    }
+
+    fn send_once(
+        &self,
+        out: &Outgoing,
+        request_id: Option<&str>,
+    ) -> impl Future<Output = Result<RawResponse, Error>> + Send {
+        crate::Platform::send_once(self, out, request_id)
+    }
+
+    fn target(&self, path: &str, query: &[(String, String)]) -> (Url, String) {
+        self.transport.target(path, query)
+    }
+
+    fn pin(&self) -> Option<&IdentityPin> {
+        self.transport.pin()
+    }
+}
+
+/// Low-level agent calls for conformance testing (see the [module documentation](self)).
+pub trait RawAgent: sealed::Sealed {
+    /// Send one prepared request once, without retries, with a fresh request id. When an identity is
+    /// pinned the answer's signature must verify.
+    fn send_once(&self, out: &Outgoing) -> impl Future<Output = Result<RawResponse, Error>> + Send;
+}
+
+impl RawAgent for crate::Agent {
+    fn send_once(&self, out: &Outgoing) -> impl Future<Output = Result<RawResponse, Error>> + Send {
+        crate::Agent::send_once(self, out)
     }
 }

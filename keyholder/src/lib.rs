@@ -4,6 +4,7 @@
 
 pub mod app;
 pub mod audit;
+pub mod build_info;
 pub mod cli;
 pub mod clock;
 pub mod config;

@@ -14,7 +14,7 @@ use keyholder::config::{Config, ServeArgs};
 
 /// Keyholder: the self-hosted key-custody webhook for Token Vault.
 #[derive(Debug, Parser)]
-#[command(name = "keyholder", version, about, long_about = None)]
+#[command(name = "keyholder", version = keyholder::build_info::long_version(), about, long_about = None)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

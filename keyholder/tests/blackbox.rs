@@ -68,6 +68,41 @@ fn help_names_every_command() {
     );
 }
 
+/// `keyholder --version`: package version, the commit built from, protocol version. In a git checkout
+/// the commit is `git rev-parse HEAD` (the build script reruns when HEAD moves).
+#[test]
+fn version_names_package_commit_and_protocol() {
+    let out = Command::new(BIN).arg("--version").output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let commit = keyholder::build_info::GIT_COMMIT;
+    assert_eq!(
+        text,
+        format!(
+            "keyholder {} (commit {commit}, protocol {PROTOCOL_VERSION})\n",
+            env!("CARGO_PKG_VERSION")
+        )
+    );
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .arg("-C")
+            .arg(env!("CARGO_MANIFEST_DIR"))
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8(o.stdout).unwrap().trim().to_owned())
+    };
+    match git(&["ls-files", "--error-unmatch", "Cargo.toml"]).and(git(&["rev-parse", "HEAD"])) {
+        Some(head) => assert_eq!(commit, head),
+        None => assert!(
+            commit == "unknown"
+                || (commit.len() >= 7 && commit.bytes().all(|b| b.is_ascii_hexdigit())),
+            "{commit}"
+        ),
+    }
+}
+
 #[test]
 fn invalid_settings_name_the_setting() {
     let dir = tempfile::tempdir().unwrap();

@@ -7,6 +7,9 @@
 //! envelopes ([`envelope`]) and `kh2` tickets ([`ticket_kh2`]). Protocol 2.4.0 adds the ticket
 //! constraints ([`ticket`]) and the strict `otpauth://totp/` parser that seals TOTP links ([`otpauth`]).
 //! Every format has named valid and invalid cases in `protocol/vectors/`, run by [`vectors`].
+//!
+//! Versioning: this crate's public API and the wire formats it defines follow semver: a change to a
+//! wire format is a breaking change (see `CHANGELOG.md` in the repository).
 #![warn(missing_docs)]
 
 pub mod binding;

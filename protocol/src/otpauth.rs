@@ -196,7 +196,7 @@ fn decode_text(s: &str) -> Result<String, OtpauthError> {
 /// Normalise and check a base32 seed (see the module doc).
 fn normalise_secret(raw: &str) -> Result<Zeroizing<String>, OtpauthError> {
     let unpadded = raw.trim_end_matches('=');
-    if unpadded.len() != raw.len() && raw.len() % 8 != 0 {
+    if unpadded.len() != raw.len() && !raw.len().is_multiple_of(8) {
         return Err(OtpauthError::BadSecret);
     }
     if unpadded.is_empty() || unpadded.len() > MAX_SECRET_CHARS {

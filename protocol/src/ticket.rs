@@ -323,7 +323,7 @@ pub(crate) fn check_claims(
         Some(exp) if exp >= now => exp,
         _ => return Err(TicketError::Expired),
     };
-    if claims.nonce.as_deref().map_or(true, str::is_empty) {
+    if claims.nonce.as_deref().is_none_or(str::is_empty) {
         return Err(TicketError::MissingNonce);
     }
     if let Some(iat) = claims.iat {

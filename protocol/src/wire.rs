@@ -80,6 +80,9 @@ pub struct HealthResponse {
     /// Whether the data keys are locked (Keyholder extension).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sealed: Option<bool>,
+    /// The server's own version, such as `0.1.0` (Keyholder extension; `version` is the protocol's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keyholder_version: Option<String>,
 }
 
 /// `/v1/storage` operation.
@@ -598,6 +601,7 @@ mod tests {
             uptime: 3,
             token_count: 1,
             sealed: None,
+            keyholder_version: None,
         };
         assert_eq!(
             serde_json::to_value(&h).unwrap(),

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::TryStreamExt as _;
-use keyholder_client::check::{self, CheckAuth, CheckOptions};
+use keyholder_check::{self as check, CheckAuth, CheckOptions};
 use keyholder_client::{ClientBuilder, Error, IdentityPin, Platform, StoreMode, TokenData};
 use keyholder_protocol::wire::{Collection, ListOptions};
 use keyholder_protocol::{ErrorCode, HmacSecret, IdentityKey, Purpose};

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use keyholder_client::check::{self, CheckAuth, CheckOptions};
+use keyholder_check::{self as check, CheckAuth, CheckOptions};
 use keyholder_client::{Platform, ProxyCall, TokenData};
 use keyholder_protocol::envelope::{new_envelope_nonce, sign_envelope};
 use keyholder_protocol::paths::*;

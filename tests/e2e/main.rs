@@ -19,6 +19,7 @@ mod persistence;
 mod protocol24;
 mod proxy;
 mod refresh;
+mod release;
 mod signed;
 mod storage;
 mod store_page;

@@ -831,7 +831,7 @@ async fn import_reference_seals_totp_links() {
 /// webhook here is a loopback stand-in answering health the way the previous release did.
 #[tokio::test]
 async fn checker_reports_a_2_2_0_webhook_as_such() {
-    use keyholder_client::check::{self, CheckAuth, CheckOptions};
+    use keyholder_check::{self as check, CheckAuth, CheckOptions};
     let old = MockServer::start(|r| {
         if r.target == PATH_HEALTH {
             Reply::json(

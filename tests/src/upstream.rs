@@ -374,7 +374,7 @@ async fn misbehave(mut stream: TcpStream, fault: Fault) -> std::io::Result<()> {
                 .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n")
                 .await?;
             let mut piece = format!("{:x}\r\n", 64 * 1024).into_bytes();
-            piece.extend(std::iter::repeat(b'y').take(64 * 1024));
+            piece.extend(std::iter::repeat_n(b'y', 64 * 1024));
             piece.extend_from_slice(b"\r\n");
             loop {
                 stream.write_all(&piece).await?;
@@ -390,7 +390,7 @@ async fn misbehave(mut stream: TcpStream, fault: Fault) -> std::io::Result<()> {
         }
         Fault::HugeHeader => {
             let mut head = b"HTTP/1.1 200 OK\r\nX-Huge: ".to_vec();
-            head.extend(std::iter::repeat(b'h').take(2 << 20));
+            head.extend(std::iter::repeat_n(b'h', 2 << 20));
             head.extend_from_slice(b"\r\nContent-Length: 2\r\n\r\n{}");
             stream.write_all(&head).await?;
             tokio::time::sleep(Duration::from_secs(30)).await;

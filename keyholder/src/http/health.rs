@@ -18,6 +18,7 @@ async fn health_body(state: &AppState) -> Result<HealthResponse, ApiError> {
         uptime: state.vault.uptime_secs(),
         token_count: state.vault.token_count().await?,
         sealed: Some(state.vault.is_sealed()),
+        keyholder_version: Some(crate::build_info::VERSION.into()),
     })
 }
 

@@ -190,12 +190,12 @@ fn read_pin(config: &Pkcs11Config, uri: &TokenUri) -> Result<AuthPin, VaultError
 }
 
 fn token_matches(uri: &TokenUri, slot: Slot, info: &cryptoki::slot::TokenInfo) -> bool {
-    let eq = |want: &Option<String>, have: &str| want.as_deref().map_or(true, |w| w == have.trim());
+    let eq = |want: &Option<String>, have: &str| want.as_deref().is_none_or(|w| w == have.trim());
     eq(&uri.token, info.label())
         && eq(&uri.manufacturer, info.manufacturer_id())
         && eq(&uri.serial, info.serial_number())
         && eq(&uri.model, info.model())
-        && uri.slot_id.map_or(true, |id| id == slot.id())
+        && uri.slot_id.is_none_or(|id| id == slot.id())
 }
 
 impl TokenKey {

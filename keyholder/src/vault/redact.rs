@@ -32,7 +32,7 @@ fn base64_core(secret: &[u8], offset: usize) -> Vec<u8> {
     let encoded = Zeroizing::new(STANDARD_NO_PAD.encode(&buf).into_bytes());
     buf.iter_mut().for_each(|b| *b = 0);
     let start = (offset * 8).div_ceil(6);
-    let end = if (offset + secret.len()) % 3 == 0 {
+    let end = if (offset + secret.len()).is_multiple_of(3) {
         encoded.len()
     } else {
         encoded.len().saturating_sub(1)

@@ -41,7 +41,7 @@ async fn writer(
     let mut n = 0usize;
     while !stop.load(Ordering::Relaxed) {
         let key = format!("c{cycle}-t{task}-n{n}");
-        let (kind, value, request) = if n % 2 == 0 {
+        let (kind, value, request) = if n.is_multiple_of(2) {
             let value = json!(format!("tok-{key}-{}", super::random_hex(8)));
             let req = platform.store(&key, json!({"accessToken": value, "note": key}));
             (Kind::Store, value, req)

@@ -9,6 +9,7 @@
 //! key, a replayed nonce, a body swapped under a valid signature, HMAC headers and HMAC tickets
 //! (refused in an asymmetric binding) and, when the operator names a key already removed with
 //! `keyholder platform-key remove` ([`CheckOptions::removed_platform_key`]), that key's signature.
+#![warn(missing_docs)]
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -27,14 +28,14 @@ use reqwest::Method;
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 
-use crate::builder::ClientBuilder;
-use crate::error::Error;
-use crate::identity::IdentityPin;
-use crate::platform::{now_unix, Platform};
-use crate::retry::RetryPolicy;
-use crate::tickets::{Ticket, TicketIssuer};
-use crate::transport::{Outgoing, RawResponse};
-use crate::{Agent, TokenData};
+use keyholder_client::builder::ClientBuilder;
+use keyholder_client::error::Error;
+use keyholder_client::identity::IdentityPin;
+use keyholder_client::platform::{now_unix, Platform};
+use keyholder_client::retry::RetryPolicy;
+use keyholder_client::tickets::{Ticket, TicketIssuer};
+use keyholder_client::transport::{Outgoing, RawAgent as _, RawPlatform as _, RawResponse};
+use keyholder_client::{Agent, TokenData};
 
 mod protocol24;
 mod wire;
@@ -139,7 +140,7 @@ impl CheckOptions {
             danger_allow_http: false,
             pin: None,
             retry: RetryPolicy::platform(),
-            timeout: crate::builder::DEFAULT_TIMEOUT,
+            timeout: keyholder_client::builder::DEFAULT_TIMEOUT,
             removed_platform_key: None,
         }
     }
@@ -504,7 +505,7 @@ async fn setup(options: &CheckOptions) -> Result<Ctx, (Vec<String>, String)> {
             .map_err(|e| (Vec::new(), e.to_string()))?,
     };
     // After a bind, the agent side must trust the same identity the platform pinned from the exchange.
-    let agent = match (&options.pin, platform.transport.pin()) {
+    let agent = match (&options.pin, platform.pin()) {
         (None, Some(pin)) => {
             let mut b = ClientBuilder::new(options.url.clone())
                 .retry(options.retry.clone())
@@ -727,7 +728,7 @@ async fn run_check(ctx: &Ctx, name: &str, run: &mut Run) -> Result<(), String> {
                 .map(PlatformSigningKey::key_id)
                 .unwrap_or_default();
             let forger = PlatformSigningKey::generate();
-            let (_, target) = p.transport.target(PATH_HEALTH, &[]);
+            let (_, target) = p.target(PATH_HEALTH, &[]);
             let forged = sign_envelope(
                 &forger,
                 now_unix(),

@@ -13,8 +13,8 @@ use reqwest::Method;
 use serde_json::{json, Value};
 
 use super::{expect, random_suffix, Ctx, Run};
-use crate::tickets::Ticket;
-use crate::transport::{Outgoing, RawResponse};
+use keyholder_client::tickets::Ticket;
+use keyholder_client::transport::{Outgoing, RawResponse};
 
 /// The 2.4.0 checks, as `(group, name)`, run after the base matrix.
 pub const MATRIX: &[(&str, &str)] = &[
@@ -85,14 +85,14 @@ fn get_with(path: &str, ticket: &Ticket, service: &str) -> Outgoing {
     out
 }
 
-fn body_json(resp: &Result<RawResponse, crate::Error>) -> Value {
+fn body_json(resp: &Result<RawResponse, keyholder_client::Error>) -> Value {
     resp.as_ref()
         .ok()
         .and_then(|r| serde_json::from_slice(&r.body).ok())
         .unwrap_or(Value::Null)
 }
 
-fn body_text(resp: &Result<RawResponse, crate::Error>) -> String {
+fn body_text(resp: &Result<RawResponse, keyholder_client::Error>) -> String {
     resp.as_ref()
         .map(|r| String::from_utf8_lossy(&r.body).into_owned())
         .unwrap_or_default()
@@ -276,7 +276,7 @@ pub(super) async fn run_check(ctx: &Ctx, name: &str, run: &mut Run) -> Result<()
                 let create = |cid: &str| {
                     ctx.tickets
                         .ticket(Purpose::Store, &service)
-                        .mode(crate::StoreMode::Create)
+                        .mode(keyholder_client::StoreMode::Create)
                         .creation_id(cid)
                         .mint()
                 };

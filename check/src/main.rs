@@ -1,4 +1,4 @@
-//! `keyholder-check`: run the conformance matrix of `keyholder_client::check` against a webhook and
+//! `keyholder-check`: run the conformance matrix of the `keyholder_check` library against a webhook and
 //! print one line per check (or a JSON report). Exits non-zero when any check fails.
 
 use std::path::PathBuf;
@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
-use keyholder_client::check::{self, CheckAuth, CheckOptions};
+use keyholder_check::{self as check, CheckAuth, CheckOptions};
 use keyholder_client::{IdentityPin, RetryPolicy};
 use keyholder_protocol::{HmacSecret, PlatformSigningKey};
 use zeroize::Zeroizing;

@@ -18,10 +18,10 @@ use serde_json::json;
 use std::sync::atomic::Ordering;
 
 use super::{expect, outcome, random_suffix, set_header, Ctx, LocalUpstream, Run};
-use crate::error::Error;
-use crate::platform::now_unix;
-use crate::transport::{Outgoing, RawResponse};
-use crate::TokenData;
+use keyholder_client::error::Error;
+use keyholder_client::platform::now_unix;
+use keyholder_client::transport::{Outgoing, RawPlatform as _, RawResponse};
+use keyholder_client::TokenData;
 
 /// The checks of this module, as `(group, name)`, run after the main matrix.
 pub const WIRE_MATRIX: &[(&str, &str)] = &[
