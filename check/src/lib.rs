@@ -16,17 +16,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use keyholder_protocol::envelope::{new_envelope_nonce, sign_envelope};
-use keyholder_protocol::paths::{
-    HEADER_ENVELOPE, HEADER_PLATFORM_REQUEST_ID, PATH_CREDENTIAL, PATH_HEALTH, PATH_PROXY,
-    PATH_STORE, PLATFORM_EGRESS_IP,
-};
-use keyholder_protocol::request_id::new_request_id;
-use keyholder_protocol::wire::{Collection, ListOptions};
-use keyholder_protocol::{HmacSecret, PlatformSigningKey, Purpose};
+use keyholder_protocol::paths::{PATH_CREDENTIAL, PATH_HEALTH, PATH_STORE};
+use keyholder_protocol::wire::Collection;
+use keyholder_protocol::{HmacSecret, PlatformSigningKey};
 use reqwest::Method;
 use serde::Serialize;
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
 use keyholder_client::builder::ClientBuilder;
 use keyholder_client::error::Error;
@@ -35,49 +30,18 @@ use keyholder_client::platform::{now_unix, Platform};
 use keyholder_client::retry::RetryPolicy;
 use keyholder_client::tickets::{Ticket, TicketIssuer};
 use keyholder_client::transport::{Outgoing, RawAgent as _, RawPlatform as _, RawResponse};
-use keyholder_client::{Agent, TokenData};
+use keyholder_client::Agent;
 
+mod base;
+mod envelope;
+mod matrix;
 mod protocol24;
+mod restart;
 mod wire;
 
-pub use protocol24::MATRIX as PROTOCOL_24_MATRIX;
-pub use wire::WIRE_MATRIX;
-
-/// Every check of the base matrix, as `(group, name)`, in the order they run (then
-/// [`PROTOCOL_24_MATRIX`], the protocol 2.4.0 checks, and [`WIRE_MATRIX`], the wire refusals of
-/// replays, encoded paths and ticket times).
-pub const MATRIX: &[(&str, &str)] = &[
-    ("workflow", "health_public"),
-    ("workflow", "health_signed"),
-    ("workflow", "storage_list"),
-    ("workflow", "storage_write"),
-    ("workflow", "storage_read_back"),
-    ("workflow", "storage_list_batch"),
-    ("workflow", "storage_delete"),
-    ("workflow", "agent_store_and_fetch"),
-    ("adversarial", "forged_credential_ticket"),
-    ("adversarial", "platform_address_refused"),
-    ("adversarial", "forged_store_ticket"),
-    ("refusal", "stale_timestamp"),
-    ("refusal", "forged_signature"),
-    ("refusal", "duplicate_request_id"),
-    ("refusal", "wrong_purpose"),
-    ("refusal", "wrong_service"),
-    ("refusal", "replayed_nonce"),
-    ("refusal", "expired_ticket"),
-    ("refusal", "unsigned_proxy"),
-];
-
-/// The extra checks of an asymmetric binding, run after [`MATRIX`]; `removed_platform_key` only when
-/// [`CheckOptions::removed_platform_key`] is given.
-pub const ENVELOPE_MATRIX: &[(&str, &str)] = &[
-    ("envelope", "unknown_platform_key"),
-    ("envelope", "replayed_envelope_nonce"),
-    ("envelope", "body_swapped"),
-    ("envelope", "hmac_signature_refused"),
-    ("envelope", "hmac_ticket_refused"),
-    ("envelope", "removed_platform_key"),
-];
+pub use matrix::{
+    Check, Matrix, ENVELOPE_MATRIX, MATRIX, PROTOCOL_24_MATRIX, RESTART_MATRIX, WIRE_MATRIX,
+};
 
 /// How the checker authenticates as the platform.
 pub enum CheckAuth {
@@ -126,6 +90,9 @@ pub struct CheckOptions {
     pub retry: RetryPolicy,
     /// Per-request timeout.
     pub timeout: Duration,
+    /// A shell command (run with `sh -c`) that restarts the webhook under test; with it the checker
+    /// runs [`RESTART_MATRIX`]: requests made before the restart are replayed after it.
+    pub restart_cmd: Option<String>,
     /// Asymmetric binding: a platform key the operator has removed (`keyholder platform-key remove`);
     /// its envelopes must be refused. Without it, that check is not run.
     pub removed_platform_key: Option<PlatformSigningKey>,
@@ -142,6 +109,7 @@ impl CheckOptions {
             retry: RetryPolicy::platform(),
             timeout: keyholder_client::builder::DEFAULT_TIMEOUT,
             removed_platform_key: None,
+            restart_cmd: None,
         }
     }
 }
@@ -159,6 +127,10 @@ pub struct CheckResult {
     pub exchanges: Vec<String>,
     /// Why it failed (empty when passed).
     pub detail: String,
+    /// When it failed: the last raw request of the check (method, path, headers and body excerpt,
+    /// secrets masked) and the answer (status, body excerpt).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failed_exchange: Option<String>,
 }
 
 /// The whole report.
@@ -201,6 +173,11 @@ impl Report {
             );
             if !c.passed {
                 let _ = write!(out, " -- {}", c.detail);
+                if let Some(exchange) = &c.failed_exchange {
+                    for line in exchange.lines() {
+                        let _ = write!(out, "\n    {line}");
+                    }
+                }
             }
             out.push('\n');
         }
@@ -220,13 +197,22 @@ impl Report {
 /// One check being run: its exchanges and verdict.
 struct Run {
     exchanges: Vec<String>,
+    /// The last raw exchange in full, shown when the check fails.
+    last: Option<String>,
 }
 
 impl Run {
     fn new() -> Self {
         Run {
             exchanges: Vec::new(),
+            last: None,
         }
+    }
+
+    /// Records a raw exchange: one summary line, and the whole of it as the last exchange.
+    fn record(&mut self, out: &Outgoing, note: &str, resp: &Result<RawResponse, Error>) {
+        self.note(format!("{} -> {}", describe(out, note), outcome(resp)));
+        self.last = Some(transcript(out, resp));
     }
 
     fn note(&mut self, line: impl Into<String>) {
@@ -253,6 +239,68 @@ fn describe(out: &Outgoing, note: &str) -> String {
     } else {
         format!("{} {target} [{note}]", out.method)
     }
+}
+
+/// Headers whose values are secrets or signatures (masked in transcripts).
+fn masked_header(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    [
+        "signature",
+        "envelope",
+        "authorization",
+        "ticket",
+        "cookie",
+        "secret",
+    ]
+    .iter()
+    .any(|s| n.contains(s))
+}
+
+/// Up to 400 bytes of a body, its secret-bearing JSON fields masked.
+fn excerpt(body: &[u8]) -> String {
+    const SECRET_KEYS: &[&str] = &["ticket", "tokenData", "code", "secret", "hmacSecret"];
+    let text = match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(mut map)) => {
+            for key in SECRET_KEYS {
+                if let Some(v) = map.get_mut(*key) {
+                    if !v.is_null() {
+                        *v = json!("<masked>");
+                    }
+                }
+            }
+            Value::Object(map).to_string()
+        }
+        _ => String::from_utf8_lossy(body).into_owned(),
+    };
+    match text.char_indices().nth(400) {
+        Some((i, _)) => format!("{}... ({} bytes)", &text[..i], body.len()),
+        None => text,
+    }
+}
+
+/// The whole of one raw exchange: request line, headers (secrets masked), body excerpt, and the answer.
+fn transcript(out: &Outgoing, resp: &Result<RawResponse, Error>) -> String {
+    let mut text = format!("request: {}", describe(out, ""));
+    for (name, value) in &out.headers {
+        let shown = if masked_header(name) {
+            "<masked>"
+        } else {
+            value
+        };
+        let _ = write!(text, "\n  {name}: {shown}");
+    }
+    if let Some(body) = &out.body {
+        let _ = write!(text, "\n  body: {}", excerpt(body));
+    }
+    match resp {
+        Ok(r) => {
+            let _ = write!(text, "\nanswer: {}\n  body: {}", r.status, excerpt(&r.body));
+        }
+        Err(e) => {
+            let _ = write!(text, "\nanswer: {e}");
+        }
+    }
+    text
 }
 
 fn outcome(resp: &Result<RawResponse, Error>) -> String {
@@ -302,12 +350,16 @@ struct Ctx {
     asymmetric: bool,
     /// A platform key the operator removed.
     removed: Option<PlatformSigningKey>,
+    /// The command that restarts the webhook under test.
+    restart_cmd: Option<String>,
+    /// Per-request timeout (the restart check waits for health this long).
+    timeout: Duration,
 }
 
 impl Ctx {
     async fn probe(&self, run: &mut Run, out: &Outgoing, note: &str) -> Result<RawResponse, Error> {
         let resp = self.agent.send_once(out).await;
-        run.note(format!("{} -> {}", describe(out, note), outcome(&resp)));
+        run.record(out, note, &resp);
         resp
     }
 
@@ -322,7 +374,7 @@ impl Ctx {
         let body = serde_json::to_vec(&json!({ "requestId": request_id })).unwrap_or_default();
         let out = platform.signed_outgoing(PATH_HEALTH, body, timestamp, request_id);
         let resp = platform.send_once(&out, Some(request_id)).await;
-        run.note(format!("{} -> {}", describe(&out, note), outcome(&resp)));
+        run.record(&out, note, &resp);
         resp
     }
 
@@ -340,7 +392,7 @@ impl Ctx {
         note: &str,
     ) -> Result<RawResponse, Error> {
         let resp = self.platform.send_once(out, Some(request_id)).await;
-        run.note(format!("{} -> {}", describe(out, note), outcome(&resp)));
+        run.record(out, note, &resp);
         resp
     }
 
@@ -415,22 +467,14 @@ pub async fn run(options: CheckOptions) -> Report {
     match setup(&options).await {
         Ok(ctx) => {
             protocol_version = ctx.platform.health().await.ok().map(|h| h.version);
-            let envelope_checks = ENVELOPE_MATRIX
-                .iter()
-                .filter(|_| ctx.asymmetric)
-                .filter(|(_, name)| *name != "removed_platform_key" || ctx.removed.is_some());
-            for (group, name) in MATRIX
-                .iter()
-                .chain(PROTOCOL_24_MATRIX)
-                .chain(WIRE_MATRIX)
-                .chain(envelope_checks)
-            {
+            for check in Check::ALL.iter().copied().filter(|c| c.applies(&ctx)) {
                 let mut run = Run::new();
-                let verdict = run_check(&ctx, name, &mut run).await;
+                let verdict = check.run(&ctx, &mut run).await;
                 checks.push(CheckResult {
-                    group: (*group).to_owned(),
-                    name: (*name).to_owned(),
+                    group: check.group().to_owned(),
+                    name: check.name().to_owned(),
                     passed: verdict.is_ok(),
+                    failed_exchange: if verdict.is_ok() { None } else { run.last },
                     exchanges: run.exchanges,
                     detail: verdict.err().unwrap_or_default(),
                 });
@@ -450,6 +494,7 @@ pub async fn run(options: CheckOptions) -> Report {
             name: "connect".into(),
             passed: false,
             exchanges,
+            failed_exchange: None,
             detail,
         }),
     }
@@ -534,433 +579,13 @@ async fn setup(options: &CheckOptions) -> Result<Ctx, (Vec<String>, String)> {
             .removed_platform_key
             .as_ref()
             .map(PlatformSigningKey::duplicate),
+        restart_cmd: options.restart_cmd.clone(),
+        timeout: options.timeout,
         platform,
         agent,
         key: format!("keyholder-check-{suffix}"),
         service: format!("keyholder-check-{suffix}"),
     })
-}
-
-async fn run_check(ctx: &Ctx, name: &str, run: &mut Run) -> Result<(), String> {
-    let p = &ctx.platform;
-    match name {
-        "health_public" => {
-            let r = p.health().await;
-            run.call("GET /v1/health", &r);
-            let h = r.map_err(|e| e.to_string())?;
-            (h.status == "healthy")
-                .then_some(())
-                .ok_or(format!("status {:?}", h.status))
-        }
-        "health_signed" => {
-            let r = p.health_signed().await;
-            run.call("POST /v1/health [signed]", &r);
-            let h = r.map_err(|e| e.to_string())?;
-            if !h.key_configured {
-                return Err("keyConfigured is false after binding".into());
-            }
-            match p.exchange_info() {
-                Some(info) if info.capabilities != h.capabilities => Err(format!(
-                    "capabilities {:?} differ from the exchange's {:?}",
-                    h.capabilities, info.capabilities
-                )),
-                _ => Ok(()),
-            }
-        }
-        "storage_list" => {
-            let r = p
-                .storage_list(Collection::Tokens, &ListOptions::default())
-                .await;
-            run.call("POST /v1/storage {list tokens} [signed]", &r);
-            r.map(|_| ()).map_err(|e| e.to_string())
-        }
-        "storage_write" => {
-            let mut doc = Map::new();
-            doc.insert("meta".into(), json!({"writtenBy": "keyholder-check"}));
-            doc.insert("value".into(), json!(ctx.key));
-            let r = p.storage_set(Collection::VaultConfig, &ctx.key, &doc).await;
-            run.call(
-                &format!("POST /v1/storage {{set vault_config/{}}} [signed]", ctx.key),
-                &r,
-            );
-            r.map_err(|e| e.to_string())
-        }
-        "storage_read_back" => {
-            let r = p.storage_get(Collection::VaultConfig, &ctx.key).await;
-            run.call(
-                &format!("POST /v1/storage {{get vault_config/{}}} [signed]", ctx.key),
-                &r,
-            );
-            match r.map_err(|e| e.to_string())? {
-                Some(doc) if doc["value"] == json!(ctx.key) => Ok(()),
-                other => Err(format!("read back {other:?}")),
-            }
-        }
-        "storage_list_batch" => {
-            let r = p
-                .storage_list_batch(
-                    &[Collection::Tokens, Collection::VaultConfig],
-                    &ListOptions::default(),
-                )
-                .await;
-            run.call(
-                "POST /v1/storage {list_batch tokens,vault_config} [signed]",
-                &r,
-            );
-            let results = r.map_err(|e| e.to_string())?;
-            let found = results
-                .get("vault_config")
-                .is_some_and(|page| page.items.iter().any(|i| i["key"] == json!(ctx.key)));
-            if !results.contains_key("tokens") {
-                return Err("no tokens page in the batch".into());
-            }
-            found
-                .then_some(())
-                .ok_or("the written key is not listed in vault_config".into())
-        }
-        "storage_delete" => {
-            let r = p.storage_delete(Collection::VaultConfig, &ctx.key).await;
-            run.call(
-                &format!(
-                    "POST /v1/storage {{delete vault_config/{}}} [signed]",
-                    ctx.key
-                ),
-                &r,
-            );
-            r.map_err(|e| e.to_string())?;
-            let r = p.storage_get(Collection::VaultConfig, &ctx.key).await;
-            run.call(
-                &format!("POST /v1/storage {{get vault_config/{}}} [signed]", ctx.key),
-                &r,
-            );
-            match r.map_err(|e| e.to_string())? {
-                None => Ok(()),
-                Some(_) => Err("the document is still there after delete".into()),
-            }
-        }
-        "agent_store_and_fetch" => {
-            let value = format!("kc_{}", random_suffix());
-            let data = TokenData::new()
-                .secret("accessToken", value.as_str())
-                .field("scope", "keyholder-check");
-            let ticket = ctx.tickets.store(&ctx.service);
-            let r = ctx.agent.store(ticket.expose(), &ctx.service, &data).await;
-            run.call(
-                &format!("POST /v1/store {{ticket:<masked>, service:{}, tokenData:{{accessToken:<masked>}}}}", ctx.service),
-                &r,
-            );
-            r.map_err(|e| e.to_string())?;
-            let ticket = ctx.tickets.credential(&ctx.service);
-            let r = ctx.agent.credential(ticket.expose(), &ctx.service).await;
-            run.call(
-                &format!("GET /v1/credential?ticket=<masked>&service={}", ctx.service),
-                &r,
-            );
-            let credential = r.map_err(|e| e.to_string())?;
-            let r = p.storage_delete(Collection::Tokens, &ctx.service).await;
-            run.call(
-                &format!(
-                    "POST /v1/storage {{delete tokens/{}}} [signed]",
-                    ctx.service
-                ),
-                &r,
-            );
-            match credential.access_token() {
-                Some(token) if token.expose() == value => r.map_err(|e| e.to_string()),
-                _ => Err("the fetched accessToken is not the stored one".into()),
-            }
-        }
-        "forged_credential_ticket" => {
-            let forged = ctx.forger.credential(&ctx.service);
-            let resp = ctx
-                .probe(
-                    run,
-                    &ctx.credential_get(&forged, &ctx.service),
-                    "ticket signed with a foreign key",
-                )
-                .await;
-            expect(&resp, &[401], Some("ticket_invalid"))
-        }
-        "platform_address_refused" => {
-            let ticket = ctx.tickets.credential(&ctx.service);
-            let mut out = ctx.credential_get(&ticket, &ctx.service);
-            out.headers
-                .push(("X-Forwarded-For".into(), PLATFORM_EGRESS_IP.into()));
-            let resp = ctx
-                .probe(
-                    run,
-                    &out,
-                    &format!("valid ticket, X-Forwarded-For: {PLATFORM_EGRESS_IP}"),
-                )
-                .await;
-            expect(&resp, &[403], Some("forbidden"))
-        }
-        "forged_store_ticket" => {
-            let forged = ctx.forger.store(&ctx.service);
-            let resp = ctx
-                .probe(
-                    run,
-                    &ctx.store_post(&forged, &ctx.service),
-                    "ticket signed with a foreign key",
-                )
-                .await;
-            expect(&resp, &[401], Some("ticket_invalid"))
-        }
-        "stale_timestamp" => {
-            let resp = ctx
-                .signed_probe(
-                    run,
-                    p,
-                    now_unix() - 600,
-                    &new_request_id(),
-                    "signed, ts=now-600",
-                )
-                .await;
-            expect(&resp, &[401], Some("auth_failed"))
-        }
-        "forged_signature" if ctx.asymmetric => {
-            // The real key's id, signed by another key.
-            let id = new_request_id();
-            let mut out = ctx.health_outgoing(p, &id);
-            let real = p
-                .auth()
-                .signing_key()
-                .map(PlatformSigningKey::key_id)
-                .unwrap_or_default();
-            let forger = PlatformSigningKey::generate();
-            let (_, target) = p.target(PATH_HEALTH, &[]);
-            let forged = sign_envelope(
-                &forger,
-                now_unix(),
-                &new_envelope_nonce(),
-                "POST",
-                &target,
-                out.body.as_deref().unwrap_or_default(),
-            )
-            .replace(&forger.key_id(), &real);
-            set_header(&mut out, HEADER_ENVELOPE, forged);
-            let resp = ctx
-                .send_probe(
-                    run,
-                    &out,
-                    &id,
-                    "envelope with the platform's key id, signed by another key",
-                )
-                .await;
-            expect(&resp, &[401], Some("auth_failed"))
-        }
-        "forged_signature" => {
-            // Same transport (and pin) as the real platform, a foreign secret.
-            let forged = p.with_auth(HmacSecret::generate());
-            let resp = ctx
-                .signed_probe(
-                    run,
-                    &forged,
-                    now_unix(),
-                    &new_request_id(),
-                    "signed with a foreign secret",
-                )
-                .await;
-            expect(&resp, &[401], Some("auth_failed"))
-        }
-        "duplicate_request_id" if ctx.asymmetric => {
-            // The same signed request, byte for byte, twice (the envelope's nonce is the replay key).
-            let id = new_request_id();
-            let out = ctx.health_outgoing(p, &id);
-            let first = ctx.send_probe(run, &out, &id, "signed, request id R").await;
-            expect(&first, &[200], None)?;
-            let second = ctx
-                .send_probe(
-                    run,
-                    &out,
-                    &id,
-                    "same request, same envelope, same request id R",
-                )
-                .await;
-            expect(&second, &[401], Some("auth_failed"))
-        }
-        "duplicate_request_id" => {
-            let id = new_request_id();
-            let ts = now_unix();
-            let first = ctx
-                .signed_probe(run, p, ts, &id, "signed, request id R")
-                .await;
-            expect(&first, &[200], None)?;
-            let second = ctx
-                .signed_probe(run, p, ts, &id, "same request, same request id R")
-                .await;
-            expect(&second, &[401], Some("auth_failed"))
-        }
-        "wrong_purpose" => {
-            let ticket = ctx.tickets.store(&ctx.service);
-            let resp = ctx
-                .probe(
-                    run,
-                    &ctx.credential_get(&ticket, &ctx.service),
-                    "store ticket on /v1/credential",
-                )
-                .await;
-            expect(&resp, &[401], Some("ticket_invalid"))
-        }
-        "wrong_service" => {
-            let ticket = ctx.tickets.credential(&ctx.service);
-            let other = format!("{}-other", ctx.service);
-            let resp = ctx
-                .probe(
-                    run,
-                    &ctx.credential_get(&ticket, &other),
-                    "ticket for another service",
-                )
-                .await;
-            expect(&resp, &[401], Some("ticket_invalid"))
-        }
-        "replayed_nonce" => {
-            let ticket = ctx.tickets.credential(&ctx.service);
-            let out = ctx.credential_get(&ticket, &ctx.service);
-            let first = ctx.probe(run, &out, "first use").await;
-            // Nothing is stored under this service: 404 means the ticket itself was accepted.
-            expect(&first, &[200, 404], None)?;
-            let second = ctx.probe(run, &out, "same ticket again").await;
-            expect(&second, &[401], Some("ticket_invalid"))
-        }
-        "expired_ticket" => {
-            let now = now_unix();
-            let ticket = ctx
-                .tickets
-                .ticket(Purpose::AgentCredential, &ctx.service)
-                .validity(now - 120, now - 60)
-                .mint();
-            let resp = ctx
-                .probe(
-                    run,
-                    &ctx.credential_get(&ticket, &ctx.service),
-                    "exp=now-60",
-                )
-                .await;
-            expect(&resp, &[401], Some("ticket_expired"))
-        }
-        "unsigned_proxy" => {
-            let upstream = LocalUpstream::start()
-                .await
-                .map_err(|e| format!("local upstream: {e}"))?;
-            let ticket = ctx.tickets.proxy(&ctx.service);
-            let mut out = Outgoing::new(Method::POST, PATH_PROXY);
-            out.body = serde_json::to_vec(&json!({
-                "ticket": ticket.expose(),
-                "service": ctx.service,
-                "upstream": {"url": upstream.url, "method": "GET"},
-                "headerTemplates": {"Authorization": "Bearer ${TOKEN}"},
-                "requestId": new_request_id(),
-            }))
-            .ok();
-            let resp = ctx
-                .probe(
-                    run,
-                    &out,
-                    &format!(
-                        "valid proxy ticket, no signature, upstream {}",
-                        upstream.url
-                    ),
-                )
-                .await;
-            expect(&resp, &[401, 403], None)?;
-            match upstream.hits.load(Ordering::SeqCst) {
-                0 => Ok(()),
-                n => Err(format!(
-                    "the upstream was called {n} time(s) for an unsigned request"
-                )),
-            }
-        }
-        "unknown_platform_key" => {
-            let stranger = p.with_auth(PlatformSigningKey::generate());
-            let resp = ctx
-                .signed_probe(
-                    run,
-                    &stranger,
-                    now_unix(),
-                    &new_request_id(),
-                    "envelope from an unknown key",
-                )
-                .await;
-            expect(&resp, &[401], Some("auth_failed"))
-        }
-        "replayed_envelope_nonce" => {
-            let id = new_request_id();
-            let out = ctx.health_outgoing(p, &id);
-            let first = ctx
-                .send_probe(run, &out, &id, "envelope with nonce N")
-                .await;
-            expect(&first, &[200], None)?;
-            let other_id = new_request_id();
-            let mut again = Outgoing::new(out.method.clone(), &out.path);
-            again.body = out.body.clone();
-            again.headers = out.headers.clone();
-            set_header(&mut again, HEADER_PLATFORM_REQUEST_ID, other_id.clone());
-            let second = ctx
-                .send_probe(
-                    run,
-                    &again,
-                    &other_id,
-                    "same envelope (nonce N), another request id",
-                )
-                .await;
-            expect(&second, &[401], Some("auth_failed"))
-        }
-        "body_swapped" => {
-            let id = new_request_id();
-            let mut out = ctx.health_outgoing(p, &id);
-            out.body = serde_json::to_vec(&json!({ "requestId": id, "swapped": true })).ok();
-            let resp = ctx
-                .send_probe(run, &out, &id, "valid envelope, another body")
-                .await;
-            expect(&resp, &[401], Some("auth_failed"))
-        }
-        "hmac_signature_refused" => {
-            let hmac = p.with_auth(HmacSecret::generate());
-            let resp = ctx
-                .signed_probe(
-                    run,
-                    &hmac,
-                    now_unix(),
-                    &new_request_id(),
-                    "HMAC-signed in an asymmetric binding",
-                )
-                .await;
-            expect(&resp, &[401], Some("auth_failed"))
-        }
-        "hmac_ticket_refused" => {
-            let ticket = TicketIssuer::new(HmacSecret::generate()).credential(&ctx.service);
-            let resp = ctx
-                .probe(
-                    run,
-                    &ctx.credential_get(&ticket, &ctx.service),
-                    "HMAC platform ticket in an asymmetric binding",
-                )
-                .await;
-            expect(&resp, &[401], Some("ticket_invalid"))
-        }
-        "removed_platform_key" => {
-            let Some(removed) = &ctx.removed else {
-                return Err("no removed platform key given".into());
-            };
-            let old = p.with_auth(removed.duplicate());
-            let resp = ctx
-                .signed_probe(
-                    run,
-                    &old,
-                    now_unix(),
-                    &new_request_id(),
-                    &format!("envelope from removed key {}", removed.key_id()),
-                )
-                .await;
-            expect(&resp, &[401], Some("auth_failed"))
-        }
-        other if PROTOCOL_24_MATRIX.iter().any(|(_, n)| *n == other) => {
-            protocol24::run_check(ctx, other, run).await
-        }
-        name if wire::handles(name) => wire::run_check(ctx, name, run).await,
-        other => Err(format!("unknown check {other}")),
-    }
 }
 
 /// Replaces (or adds) a header of a prepared request.

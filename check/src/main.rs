@@ -50,6 +50,10 @@ struct Args {
     /// Per-request timeout in seconds.
     #[arg(long, default_value_t = 35)]
     timeout: u64,
+    /// A shell command (run with `sh -c`) that restarts the webhook under test: adds the check that a
+    /// request id and a ticket nonce used before the restart are refused after it.
+    #[arg(long)]
+    restart_cmd: Option<String>,
     /// Do not retry 5xx answers and timeouts.
     #[arg(long)]
     no_retry: bool,
@@ -103,6 +107,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         options.removed_platform_key = Some(read_signing_key(path)?);
     }
     options.danger_allow_http = args.danger_allow_http;
+    options.restart_cmd = args.restart_cmd.clone();
     options.timeout = Duration::from_secs(args.timeout);
     if args.no_retry {
         options.retry = RetryPolicy::none();

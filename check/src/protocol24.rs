@@ -16,16 +16,6 @@ use super::{expect, random_suffix, Ctx, Run};
 use keyholder_client::tickets::Ticket;
 use keyholder_client::transport::{Outgoing, RawResponse};
 
-/// The 2.4.0 checks, as `(group, name)`, run after the base matrix.
-pub const MATRIX: &[(&str, &str)] = &[
-    ("protocol-2.4.0", "version_2_4_0"),
-    ("protocol-2.4.0", "capabilities_2_4_0"),
-    ("protocol-2.4.0", "stale_creation"),
-    ("protocol-2.4.0", "store_constraints"),
-    ("protocol-2.4.0", "totp_uri_sealed"),
-    ("protocol-2.4.0", "totp_code_on_credential"),
-];
-
 /// What a webhook of another version lacks, for the report.
 pub fn version_note(version: &str) -> String {
     match version {
@@ -155,279 +145,279 @@ impl Ctx {
     }
 }
 
-pub(super) async fn run_check(ctx: &Ctx, name: &str, run: &mut Run) -> Result<(), String> {
-    match name {
-        "version_2_4_0" => {
-            let r = ctx.platform.health().await;
-            run.call("GET /v1/health", &r);
-            let version = r.map_err(|e| e.to_string())?.version;
-            if version == PROTOCOL_VERSION {
-                Ok(())
-            } else {
-                Err(format!("the webhook {}", version_note(&version)))
-            }
+pub(crate) async fn version_2_4_0(ctx: &Ctx, run: &mut Run) -> Result<(), String> {
+    let r = ctx.platform.health().await;
+    run.call("GET /v1/health", &r);
+    let version = r.map_err(|e| e.to_string())?.version;
+    if version == PROTOCOL_VERSION {
+        Ok(())
+    } else {
+        Err(format!("the webhook {}", version_note(&version)))
+    }
+}
+
+pub(crate) async fn capabilities_2_4_0(ctx: &Ctx, run: &mut Run) -> Result<(), String> {
+    let r = ctx.platform.health().await;
+    run.call("GET /v1/health", &r);
+    let caps = r.map_err(|e| e.to_string())?.capabilities;
+    let missing: Vec<&str> = CANONICAL_CAPABILITIES
+        .iter()
+        .copied()
+        .filter(|c| *c != CAP_TV_REFRESH && !caps.iter().any(|have| have == c))
+        .collect();
+    if !missing.is_empty() {
+        return Err(format!("capabilities {caps:?} lack {missing:?}"));
+    }
+    if !is_canonical_order(&caps) {
+        return Err(format!(
+            "capabilities {caps:?} are not in the canonical order {CANONICAL_CAPABILITIES:?}"
+        ));
+    }
+    Ok(())
+}
+
+pub(crate) async fn stale_creation(ctx: &Ctx, run: &mut Run) -> Result<(), String> {
+    let service = ctx.probe_service("cid");
+    let cid = format!("kc-{}", random_suffix());
+    let secret = format!("kc_{}", random_suffix());
+    let ticket = ctx
+        .tickets
+        .ticket(Purpose::Store, &service)
+        .creation_id(cid.clone())
+        .mint();
+    let stored = ctx
+        .probe(
+            run,
+            &store_post(&ticket, &service, json!({"accessToken": secret})),
+            &format!("store ticket with cid {cid}"),
+        )
+        .await;
+    let verdict = async {
+        expect(&stored, &[200], None)?;
+        if body_json(&stored)["meta"]["creationId"] != json!(cid) {
+            return Err("the stored meta has no creationId from the ticket's cid".into());
         }
-        "capabilities_2_4_0" => {
-            let r = ctx.platform.health().await;
-            run.call("GET /v1/health", &r);
-            let caps = r.map_err(|e| e.to_string())?.capabilities;
-            let missing: Vec<&str> = CANONICAL_CAPABILITIES
-                .iter()
-                .copied()
-                .filter(|c| *c != CAP_TV_REFRESH && !caps.iter().any(|have| have == c))
-                .collect();
-            if !missing.is_empty() {
-                return Err(format!("capabilities {caps:?} lack {missing:?}"));
-            }
-            if !is_canonical_order(&caps) {
-                return Err(format!(
-                    "capabilities {caps:?} are not in the canonical order {CANONICAL_CAPABILITIES:?}"
-                ));
-            }
-            Ok(())
+        let stale = ctx
+            .tickets
+            .ticket(Purpose::AgentCredential, &service)
+            .creation_id("kc-other")
+            .mint();
+        let resp = ctx
+            .probe(
+                run,
+                &get_with(PATH_CREDENTIAL, &stale, &service),
+                "credential ticket with another cid",
+            )
+            .await;
+        expect(&resp, &[409], Some("stale_creation"))?;
+        if body_text(&resp).contains(&secret) {
+            return Err("the refusal carries the credential".into());
         }
-        "stale_creation" => {
-            let service = ctx.probe_service("cid");
-            let cid = format!("kc-{}", random_suffix());
-            let secret = format!("kc_{}", random_suffix());
-            let ticket = ctx
-                .tickets
-                .ticket(Purpose::Store, &service)
-                .creation_id(cid.clone())
-                .mint();
-            let stored = ctx
+        let fresh = ctx
+            .tickets
+            .ticket(Purpose::AgentCredential, &service)
+            .creation_id(cid.clone())
+            .mint();
+        let resp = ctx
+            .probe(
+                run,
+                &get_with(PATH_CREDENTIAL, &fresh, &service),
+                "credential ticket with the stored cid",
+            )
+            .await;
+        expect(&resp, &[200], None)?;
+        if body_json(&resp)["token"]["accessToken"] != json!(secret) {
+            return Err("the credential with the right cid is not the stored one".into());
+        }
+        Ok(())
+    }
+    .await;
+    ctx.delete_token(run, &service).await;
+    verdict
+}
+
+pub(crate) async fn store_constraints(ctx: &Ctx, run: &mut Run) -> Result<(), String> {
+    let service = ctx.probe_service("mode");
+    let data = || json!({"accessToken": "keyholder-check-not-a-secret"});
+    let verdict = async {
+        for (claim, value) in [("mode", json!("replace")), ("cid", json!(5))] {
+            let builder = ctx.tickets.ticket(Purpose::Store, &service);
+            let ticket = match claim {
+                "mode" => builder.raw_mode(value.clone()),
+                _ => builder.raw_creation_id(value.clone()),
+            }
+            .mint();
+            let resp = ctx
                 .probe(
                     run,
-                    &store_post(&ticket, &service, json!({"accessToken": secret})),
-                    &format!("store ticket with cid {cid}"),
+                    &store_post(&ticket, &service, data()),
+                    &format!("store ticket with {claim} {value}"),
                 )
                 .await;
-            let verdict = async {
-                expect(&stored, &[200], None)?;
-                if body_json(&stored)["meta"]["creationId"] != json!(cid) {
-                    return Err("the stored meta has no creationId from the ticket's cid".into());
-                }
-                let stale = ctx
-                    .tickets
-                    .ticket(Purpose::AgentCredential, &service)
-                    .creation_id("kc-other")
-                    .mint();
-                let resp = ctx
-                    .probe(
-                        run,
-                        &get_with(PATH_CREDENTIAL, &stale, &service),
-                        "credential ticket with another cid",
-                    )
-                    .await;
-                expect(&resp, &[409], Some("stale_creation"))?;
-                if body_text(&resp).contains(&secret) {
-                    return Err("the refusal carries the credential".into());
-                }
-                let fresh = ctx
-                    .tickets
-                    .ticket(Purpose::AgentCredential, &service)
-                    .creation_id(cid.clone())
-                    .mint();
-                let resp = ctx
-                    .probe(
-                        run,
-                        &get_with(PATH_CREDENTIAL, &fresh, &service),
-                        "credential ticket with the stored cid",
-                    )
-                    .await;
-                expect(&resp, &[200], None)?;
-                if body_json(&resp)["token"]["accessToken"] != json!(secret) {
-                    return Err("the credential with the right cid is not the stored one".into());
-                }
-                Ok(())
-            }
-            .await;
-            ctx.delete_token(run, &service).await;
-            verdict
+            expect(&resp, &[400], Some("invalid_request"))?;
         }
-        "store_constraints" => {
-            let service = ctx.probe_service("mode");
-            let data = || json!({"accessToken": "keyholder-check-not-a-secret"});
-            let verdict = async {
-                for (claim, value) in [("mode", json!("replace")), ("cid", json!(5))] {
-                    let builder = ctx.tickets.ticket(Purpose::Store, &service);
-                    let ticket = match claim {
-                        "mode" => builder.raw_mode(value.clone()),
-                        _ => builder.raw_creation_id(value.clone()),
-                    }
-                    .mint();
-                    let resp = ctx
-                        .probe(
-                            run,
-                            &store_post(&ticket, &service, data()),
-                            &format!("store ticket with {claim} {value}"),
-                        )
-                        .await;
-                    expect(&resp, &[400], Some("invalid_request"))?;
-                }
-                let r = ctx.platform.storage_get(Collection::Tokens, &service).await;
-                run.call(
-                    &format!("POST /v1/storage {{get tokens/{service}}} [signed]"),
-                    &r,
-                );
-                if r.map_err(|e| e.to_string())?.is_some() {
-                    return Err("a refused store left a token behind".into());
-                }
-                let create = |cid: &str| {
-                    ctx.tickets
-                        .ticket(Purpose::Store, &service)
-                        .mode(keyholder_client::StoreMode::Create)
-                        .creation_id(cid)
-                        .mint()
-                };
-                let resp = ctx
-                    .probe(
-                        run,
-                        &store_post(&create("kc-1"), &service, data()),
-                        "mode create",
-                    )
-                    .await;
-                expect(&resp, &[200], None)?;
-                let resp = ctx
-                    .probe(
-                        run,
-                        &store_post(&create("kc-2"), &service, data()),
-                        "mode create over the stored token",
-                    )
-                    .await;
-                expect(&resp, &[409], Some("already_exists"))?;
-                let overwrite = ctx.tickets.store(&service);
-                let resp = ctx
-                    .probe(
-                        run,
-                        &store_post(&overwrite, &service, data()),
-                        "overwrite without cid",
-                    )
-                    .await;
-                expect(&resp, &[200], None)?;
-                if body_json(&resp)["meta"].get("creationId").is_some() {
-                    return Err("an overwrite without cid kept a creationId".into());
-                }
-                Ok(())
-            }
-            .await;
-            ctx.delete_token(run, &service).await;
-            verdict
+        let r = ctx.platform.storage_get(Collection::Tokens, &service).await;
+        run.call(
+            &format!("POST /v1/storage {{get tokens/{service}}} [signed]"),
+            &r,
+        );
+        if r.map_err(|e| e.to_string())?.is_some() {
+            return Err("a refused store left a token behind".into());
         }
-        "totp_uri_sealed" => {
-            let service = ctx.probe_service("totp-uri");
-            let broken = ctx.probe_service("totp-bad");
-            let seed = random_seed();
-            let link = format!(
-                "otpauth://totp/keyholder-check:probe?secret={seed}&issuer=keyholder-check&digits=8&period=60"
-            );
-            let verdict = async {
-                let ticket = ctx.tickets.store(&service);
-                let stored = ctx
-                    .probe(
-                        run,
-                        &store_post(&ticket, &service, json!({"totpUri": link})),
-                        "tokenData.totpUri (otpauth://totp/ link)",
-                    )
-                    .await;
-                expect(&stored, &[200], None)?;
-                no_seed("the store answer", &body_text(&stored), &seed)?;
-                let meta = &body_json(&stored)["meta"];
-                if meta["totpDigits"] != json!(8) || meta["hasTotpSecret"] != json!(true) {
-                    return Err("the store answer's meta lacks the link's descriptors".into());
-                }
-                no_seed(
-                    "what the platform reads",
-                    &ctx.platform_views(run, &service).await?,
-                    &seed,
-                )?;
-                let ticket = ctx.tickets.credential(&service);
-                let resp = ctx
-                    .probe(run, &get_with(PATH_CREDENTIAL, &ticket, &service), "")
-                    .await;
-                expect(&resp, &[200], None)?;
-                no_seed("the credential answer", &body_text(&resp), &seed)?;
-                let ticket = ctx.tickets.totp(&service);
-                let resp = ctx
-                    .probe(run, &get_with(PATH_TOTP_CODE, &ticket, &service), "")
-                    .await;
-                expect(&resp, &[200], None)?;
-                no_seed("the totp-code answer", &body_text(&resp), &seed)?;
-                // A malformed link (digits 5) is refused and nothing is stored.
-                let ticket = ctx.tickets.store(&broken);
-                let bad = link.replace("digits=8", "digits=5");
-                let resp = ctx
-                    .probe(
-                        run,
-                        &store_post(&ticket, &broken, json!({"totpUri": bad})),
-                        "totpUri with digits=5",
-                    )
-                    .await;
-                expect(&resp, &[400], Some("invalid_request"))?;
-                // The refusal may name the scheme; it must not echo the seed.
-                if body_text(&resp)
-                    .to_ascii_lowercase()
-                    .contains(&seed.to_ascii_lowercase())
-                {
-                    return Err("the refusal echoes the TOTP seed".into());
-                }
-                let r = ctx.platform.storage_get(Collection::Tokens, &broken).await;
-                run.call(
-                    &format!("POST /v1/storage {{get tokens/{broken}}} [signed]"),
-                    &r,
-                );
-                if r.map_err(|e| e.to_string())?.is_some() {
-                    return Err("a malformed link was stored".into());
-                }
-                Ok(())
-            }
+        let create = |cid: &str| {
+            ctx.tickets
+                .ticket(Purpose::Store, &service)
+                .mode(keyholder_client::StoreMode::Create)
+                .creation_id(cid)
+                .mint()
+        };
+        let resp = ctx
+            .probe(
+                run,
+                &store_post(&create("kc-1"), &service, data()),
+                "mode create",
+            )
             .await;
-            ctx.delete_token(run, &service).await;
-            ctx.delete_token(run, &broken).await;
-            verdict
-        }
-        "totp_code_on_credential" => {
-            let service = ctx.probe_service("totp");
-            let seed = random_seed();
-            let verdict = async {
-                let ticket = ctx.tickets.store(&service);
-                let stored = ctx
-                    .probe(
-                        run,
-                        &store_post(
-                            &ticket,
-                            &service,
-                            json!({"totpSecret": seed, "tokenType": "TOTP"}),
-                        ),
-                        "tokenData.totpSecret, tokenType TOTP",
-                    )
-                    .await;
-                expect(&stored, &[200], None)?;
-                let ticket = ctx.tickets.credential(&service);
-                let resp = ctx
-                    .probe(run, &get_with(PATH_CREDENTIAL, &ticket, &service), "")
-                    .await;
-                expect(&resp, &[200], None)?;
-                no_seed("the credential answer", &body_text(&resp), &seed)?;
-                let token = &body_json(&resp)["token"];
-                let code = token["accessToken"].as_str().unwrap_or_default();
-                let is_code = (6..=8).contains(&code.len()) && code.bytes().all(|b| b.is_ascii_digit());
-                if !is_code || token["totpGenerated"] != json!(true) || token["tokenType"] != json!("TOTP") {
-                    return Err("the credential answer is not a generated TOTP code (accessToken, tokenType TOTP, totpGenerated)".into());
-                }
-                for field in ["remainingSeconds", "period", "digits"] {
-                    if !token[field].is_u64() {
-                        return Err(format!("the credential answer has no {field}"));
-                    }
-                }
-                Ok(())
-            }
+        expect(&resp, &[200], None)?;
+        let resp = ctx
+            .probe(
+                run,
+                &store_post(&create("kc-2"), &service, data()),
+                "mode create over the stored token",
+            )
             .await;
-            ctx.delete_token(run, &service).await;
-            verdict
+        expect(&resp, &[409], Some("already_exists"))?;
+        let overwrite = ctx.tickets.store(&service);
+        let resp = ctx
+            .probe(
+                run,
+                &store_post(&overwrite, &service, data()),
+                "overwrite without cid",
+            )
+            .await;
+        expect(&resp, &[200], None)?;
+        if body_json(&resp)["meta"].get("creationId").is_some() {
+            return Err("an overwrite without cid kept a creationId".into());
         }
-        other => Err(format!("unknown check {other}")),
+        Ok(())
     }
+    .await;
+    ctx.delete_token(run, &service).await;
+    verdict
+}
+
+pub(crate) async fn totp_uri_sealed(ctx: &Ctx, run: &mut Run) -> Result<(), String> {
+    let service = ctx.probe_service("totp-uri");
+    let broken = ctx.probe_service("totp-bad");
+    let seed = random_seed();
+    let link = format!(
+        "otpauth://totp/keyholder-check:probe?secret={seed}&issuer=keyholder-check&digits=8&period=60"
+    );
+    let verdict = async {
+        let ticket = ctx.tickets.store(&service);
+        let stored = ctx
+            .probe(
+                run,
+                &store_post(&ticket, &service, json!({"totpUri": link})),
+                "tokenData.totpUri (otpauth://totp/ link)",
+            )
+            .await;
+        expect(&stored, &[200], None)?;
+        no_seed("the store answer", &body_text(&stored), &seed)?;
+        let meta = &body_json(&stored)["meta"];
+        if meta["totpDigits"] != json!(8) || meta["hasTotpSecret"] != json!(true) {
+            return Err("the store answer's meta lacks the link's descriptors".into());
+        }
+        no_seed(
+            "what the platform reads",
+            &ctx.platform_views(run, &service).await?,
+            &seed,
+        )?;
+        let ticket = ctx.tickets.credential(&service);
+        let resp = ctx
+            .probe(run, &get_with(PATH_CREDENTIAL, &ticket, &service), "")
+            .await;
+        expect(&resp, &[200], None)?;
+        no_seed("the credential answer", &body_text(&resp), &seed)?;
+        let ticket = ctx.tickets.totp(&service);
+        let resp = ctx
+            .probe(run, &get_with(PATH_TOTP_CODE, &ticket, &service), "")
+            .await;
+        expect(&resp, &[200], None)?;
+        no_seed("the totp-code answer", &body_text(&resp), &seed)?;
+        // A malformed link (digits 5) is refused and nothing is stored.
+        let ticket = ctx.tickets.store(&broken);
+        let bad = link.replace("digits=8", "digits=5");
+        let resp = ctx
+            .probe(
+                run,
+                &store_post(&ticket, &broken, json!({"totpUri": bad})),
+                "totpUri with digits=5",
+            )
+            .await;
+        expect(&resp, &[400], Some("invalid_request"))?;
+        // The refusal may name the scheme; it must not echo the seed.
+        if body_text(&resp)
+            .to_ascii_lowercase()
+            .contains(&seed.to_ascii_lowercase())
+        {
+            return Err("the refusal echoes the TOTP seed".into());
+        }
+        let r = ctx.platform.storage_get(Collection::Tokens, &broken).await;
+        run.call(
+            &format!("POST /v1/storage {{get tokens/{broken}}} [signed]"),
+            &r,
+        );
+        if r.map_err(|e| e.to_string())?.is_some() {
+            return Err("a malformed link was stored".into());
+        }
+        Ok(())
+    }
+    .await;
+    ctx.delete_token(run, &service).await;
+    ctx.delete_token(run, &broken).await;
+    verdict
+}
+
+pub(crate) async fn totp_code_on_credential(ctx: &Ctx, run: &mut Run) -> Result<(), String> {
+    let service = ctx.probe_service("totp");
+    let seed = random_seed();
+    let verdict = async {
+        let ticket = ctx.tickets.store(&service);
+        let stored = ctx
+            .probe(
+                run,
+                &store_post(
+                    &ticket,
+                    &service,
+                    json!({"totpSecret": seed, "tokenType": "TOTP"}),
+                ),
+                "tokenData.totpSecret, tokenType TOTP",
+            )
+            .await;
+        expect(&stored, &[200], None)?;
+        let ticket = ctx.tickets.credential(&service);
+        let resp = ctx
+            .probe(run, &get_with(PATH_CREDENTIAL, &ticket, &service), "")
+            .await;
+        expect(&resp, &[200], None)?;
+        no_seed("the credential answer", &body_text(&resp), &seed)?;
+        let token = &body_json(&resp)["token"];
+        let code = token["accessToken"].as_str().unwrap_or_default();
+        let is_code = (6..=8).contains(&code.len()) && code.bytes().all(|b| b.is_ascii_digit());
+        if !is_code || token["totpGenerated"] != json!(true) || token["tokenType"] != json!("TOTP") {
+            return Err("the credential answer is not a generated TOTP code (accessToken, tokenType TOTP, totpGenerated)".into());
+        }
+        for field in ["remainingSeconds", "period", "digits"] {
+            if !token[field].is_u64() {
+                return Err(format!("the credential answer has no {field}"));
+            }
+        }
+        Ok(())
+    }
+    .await;
+    ctx.delete_token(run, &service).await;
+    verdict
 }
 
 #[cfg(test)]
