@@ -473,7 +473,13 @@ async fn list_pages(
             pagination.has_more, keys[1]
         ));
     };
-    options.since = Some(cursor.clone());
+    // The cursor names the last key listed (then the next page is `after` it) or the next one.
+    if cursor == json!(keys[0]) {
+        options.since = None;
+        options.after = Some(cursor.clone());
+    } else {
+        options.since = Some(cursor.clone());
+    }
     let r = ctx
         .platform
         .storage_list(Collection::VaultConfig, &options)

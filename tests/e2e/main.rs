@@ -4,6 +4,7 @@
 
 mod binding;
 mod browser;
+mod checker_faults;
 mod client;
 mod credentials;
 mod egress;

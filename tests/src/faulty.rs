@@ -1,0 +1,318 @@
+//! A deliberately faulty webhook for the checker's own tests: the real keyholder (harness server on
+//! its own temp folder) behind a small HTTP/1.1 front on 127.0.0.1 that injects exactly one
+//! [`Fault`], each a defect seen in the wild (the public Python reference webhook). The checker run
+//! against it must fail exactly the check that finds that fault.
+//!
+//! `restart_cmd()` is a shell command that asks the front to restart the keyholder behind it (stop,
+//! start again on the same data folder); with [`Fault::NoReplayMemoryAcrossRestart`] the replay
+//! memory is wiped in between, as a webhook that keeps it only in memory would.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Mutex;
+
+use crate::Keyholder;
+
+/// One defect the front injects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// None: the front forwards everything.
+    None,
+    /// `HEAD /v1/health` answers 405.
+    HeadHealth405,
+    /// `limit` gives no pagination (the `pagination` object is dropped from list answers).
+    NoPagination,
+    /// `list_batch` refused as an unknown operation.
+    ListBatchRefused,
+    /// A proxy ticket is accepted on `/v1/credential`.
+    ProxyTicketOnCredential,
+    /// A store ticket is accepted on `/v1/credential`.
+    StoreTicketOnCredential,
+    /// `X-Forwarded-For` is ignored, so the platform's address is not refused.
+    PlatformAddressAccepted,
+    /// A signed body that is not UTF-8 answers 500.
+    NonUtf8Body500,
+    /// `set` with data that is not an object is accepted.
+    SetNonObjectAccepted,
+    /// Replay memory is lost on restart.
+    NoReplayMemoryAcrossRestart,
+}
+
+impl Fault {
+    /// Every fault, with the check that must find it first, then any other check it breaks (a
+    /// refused `list_batch` also hides what `totp_uri_sealed` reads through it).
+    pub const ALL: &'static [(Fault, &'static [&'static str])] = &[
+        (Fault::HeadHealth405, &["health_head"]),
+        (Fault::NoPagination, &["storage_list_limit"]),
+        (
+            Fault::ListBatchRefused,
+            &["storage_list_batch", "totp_uri_sealed"],
+        ),
+        (
+            Fault::ProxyTicketOnCredential,
+            &["proxy_ticket_on_credential"],
+        ),
+        (Fault::StoreTicketOnCredential, &["wrong_purpose"]),
+        (
+            Fault::PlatformAddressAccepted,
+            &["platform_address_refused"],
+        ),
+        (Fault::NonUtf8Body500, &["non_utf8_body"]),
+        (Fault::SetNonObjectAccepted, &["storage_set_non_object"]),
+        (
+            Fault::NoReplayMemoryAcrossRestart,
+            &["replay_after_restart"],
+        ),
+    ];
+}
+
+struct Front {
+    fault: Fault,
+    backend: Mutex<Keyholder>,
+    restart_flag: PathBuf,
+    http: reqwest::Client,
+}
+
+/// The faulty webhook: its URL, its restart command, and the keyholder behind it.
+pub struct FaultyWebhook {
+    pub url: String,
+    front: Arc<Front>,
+    task: tokio::task::JoinHandle<()>,
+    _dir: tempfile::TempDir,
+}
+
+impl FaultyWebhook {
+    /// Starts a keyholder and the front injecting `fault`.
+    pub async fn start(fault: Fault) -> FaultyWebhook {
+        let backend = Keyholder::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let front = Arc::new(Front {
+            fault,
+            backend: Mutex::new(backend),
+            restart_flag: dir.path().join("restart"),
+            http: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .unwrap(),
+        });
+        let shared = front.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let front = shared.clone();
+                tokio::spawn(async move {
+                    let _ = serve(stream, &front).await;
+                });
+            }
+        });
+        FaultyWebhook {
+            url,
+            front,
+            task,
+            _dir: dir,
+        }
+    }
+
+    /// A one-time bind code of the keyholder behind the front.
+    pub async fn bind_code(&self) -> String {
+        self.front.backend.lock().await.issue_code(false).code
+    }
+
+    /// The shell command that restarts the keyholder behind the front (on the next request).
+    pub fn restart_cmd(&self) -> String {
+        format!("touch '{}'", self.front.restart_flag.display())
+    }
+}
+
+impl Drop for FaultyWebhook {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Restarts the backend when the restart command has run since the last request.
+async fn restart_if_asked(front: &Front) {
+    if std::fs::remove_file(&front.restart_flag).is_err() {
+        return;
+    }
+    let mut backend = front.backend.lock().await;
+    backend.stop().await;
+    if front.fault == Fault::NoReplayMemoryAcrossRestart {
+        let db = backend.data_dir.join(keyholder::store::DATABASE_FILE);
+        let conn = rusqlite::Connection::open(db).unwrap();
+        let tables: Vec<String> = conn
+            .prepare("SELECT name FROM sqlite_master WHERE type = 'table' AND name LIKE 'replay%'")
+            .unwrap()
+            .query_map([], |row| row.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(!tables.is_empty(), "no replay tables to wipe");
+        for table in tables {
+            conn.execute(&format!("DELETE FROM {table}"), []).unwrap();
+        }
+    }
+    backend.restart().await;
+}
+
+fn ticket_purpose(target: &str) -> Option<String> {
+    let query = target.split_once('?')?.1;
+    let ticket = url::form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == "ticket")?
+        .1
+        .into_owned();
+    let payload = URL_SAFE_NO_PAD.decode(ticket.split('.').next()?).ok()?;
+    let claims: Value = serde_json::from_slice(&payload).ok()?;
+    claims["pur"].as_str().map(str::to_owned)
+}
+
+/// The front's own answer for a request its fault changes, or `None` to forward it.
+fn injected(fault: Fault, method: &str, target: &str, body: &[u8]) -> Option<(u16, Value)> {
+    let path = target.split('?').next().unwrap_or_default();
+    let doc: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    match fault {
+        Fault::HeadHealth405 if method == "HEAD" && path == "/v1/health" => {
+            Some((405, json!({"detail": "Method Not Allowed"})))
+        }
+        Fault::ListBatchRefused if path == "/v1/storage" && doc["operation"] == "list_batch" => {
+            Some((
+                400,
+                json!({"error": "invalid_request", "message": "unknown operation"}),
+            ))
+        }
+        Fault::ProxyTicketOnCredential | Fault::StoreTicketOnCredential
+            if path == "/v1/credential" =>
+        {
+            let accepted = if fault == Fault::ProxyTicketOnCredential {
+                "proxy"
+            } else {
+                "store"
+            };
+            (ticket_purpose(target).as_deref() == Some(accepted)).then(|| {
+                (
+                    404,
+                    json!({"error": "token_not_found", "message": "no credential stored"}),
+                )
+            })
+        }
+        Fault::NonUtf8Body500 if method == "POST" && std::str::from_utf8(body).is_err() => {
+            Some((500, json!({"detail": "Internal Server Error"})))
+        }
+        Fault::SetNonObjectAccepted
+            if path == "/v1/storage" && doc["operation"] == "set" && !doc["data"].is_object() =>
+        {
+            Some((200, json!({"status": "ok"})))
+        }
+        _ => None,
+    }
+}
+
+async fn serve(mut stream: TcpStream, front: &Front) -> std::io::Result<()> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i;
+        }
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 || buf.len() > 1024 * 1024 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+    let mut lines = head.split("\r\n");
+    let mut request_line = lines.next().unwrap_or_default().split(' ');
+    let method = request_line.next().unwrap_or_default().to_string();
+    let target = request_line.next().unwrap_or_default().to_string();
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let length: usize = headers
+        .iter()
+        .find(|(n, _)| n == "content-length")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0);
+    let mut body = buf[head_end + 4..].to_vec();
+    while body.len() < length {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            break;
+        }
+        body.extend_from_slice(&chunk[..n]);
+    }
+    restart_if_asked(front).await;
+
+    let (status, answer_headers, answer) = match injected(front.fault, &method, &target, &body) {
+        Some((status, value)) => (
+            status,
+            vec![("content-type".to_owned(), "application/json".to_owned())],
+            value.to_string().into_bytes(),
+        ),
+        None => forward(front, &method, &target, &headers, body).await,
+    };
+    let mut out = format!("HTTP/1.1 {status} Faulty\r\n");
+    for (name, value) in &answer_headers {
+        out.push_str(&format!("{name}: {value}\r\n"));
+    }
+    out.push_str("Connection: close\r\n");
+    out.push_str(&format!("Content-Length: {}\r\n\r\n", answer.len()));
+    stream.write_all(out.as_bytes()).await?;
+    if method != "HEAD" {
+        stream.write_all(&answer).await?;
+    }
+    stream.flush().await?;
+    let _ = stream.shutdown().await;
+    Ok(())
+}
+
+async fn forward(
+    front: &Front,
+    method: &str,
+    target: &str,
+    headers: &[(String, String)],
+    body: Vec<u8>,
+) -> (u16, Vec<(String, String)>, Vec<u8>) {
+    let url = front.backend.lock().await.url(target);
+    let mut req = front
+        .http
+        .request(reqwest::Method::from_bytes(method.as_bytes()).unwrap(), url);
+    for (name, value) in headers {
+        let hop = ["host", "content-length", "connection", "transfer-encoding"];
+        let dropped = hop.contains(&name.as_str())
+            || (front.fault == Fault::PlatformAddressAccepted && name == "x-forwarded-for");
+        if !dropped {
+            req = req.header(name, value);
+        }
+    }
+    let resp = req.body(body).send().await.unwrap();
+    let status = resp.status().as_u16();
+    let headers: Vec<(String, String)> = resp
+        .headers()
+        .iter()
+        .filter(|(n, _)| {
+            !["content-length", "connection", "transfer-encoding"].contains(&n.as_str())
+        })
+        .map(|(n, v)| (n.to_string(), v.to_str().unwrap_or_default().to_owned()))
+        .collect();
+    let bytes = resp.bytes().await.unwrap().to_vec();
+    let bytes = match front.fault {
+        Fault::NoPagination => match serde_json::from_slice::<Value>(&bytes) {
+            Ok(Value::Object(mut map)) if map.contains_key("pagination") => {
+                map.remove("pagination");
+                Value::Object(map).to_string().into_bytes()
+            }
+            _ => bytes,
+        },
+        _ => bytes,
+    };
+    (status, headers, bytes)
+}
