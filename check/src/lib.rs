@@ -296,11 +296,17 @@ fn transcript(out: &Outgoing, resp: &Result<RawResponse, Error>) -> String {
         Ok(r) => {
             let _ = write!(text, "\nanswer: {}\n  body: {}", r.status, excerpt(&r.body));
         }
-        Err(e) => {
-            let _ = write!(text, "\nanswer: {e}");
+        Err(_) => {
+            let _ = write!(text, "\nanswer: {}", outcome(resp));
         }
     }
     text
+}
+
+/// A connection that broke before any answer (for instance a pooled one the webhook closed after
+/// an earlier failure): the probe is sent once more, since it says nothing about this request.
+fn is_transport(resp: &Result<RawResponse, Error>) -> bool {
+    matches!(resp, Err(Error::Transport { .. }))
 }
 
 fn outcome(resp: &Result<RawResponse, Error>) -> String {
@@ -309,6 +315,7 @@ fn outcome(resp: &Result<RawResponse, Error>) -> String {
             Some(b) if !(200..300).contains(&r.status) => format!("{} {}", r.status, b.error),
             _ => r.status.to_string(),
         },
+        Err(e @ Error::Transport { source, .. }) => format!("{e}: {source}"),
         Err(e) => e.to_string(),
     }
 }
@@ -358,7 +365,11 @@ struct Ctx {
 
 impl Ctx {
     async fn probe(&self, run: &mut Run, out: &Outgoing, note: &str) -> Result<RawResponse, Error> {
-        let resp = self.agent.send_once(out).await;
+        let mut resp = self.agent.send_once(out).await;
+        if is_transport(&resp) {
+            run.record(out, note, &resp);
+            resp = self.agent.send_once(out).await;
+        }
         run.record(out, note, &resp);
         resp
     }
@@ -373,7 +384,11 @@ impl Ctx {
     ) -> Result<RawResponse, Error> {
         let body = serde_json::to_vec(&json!({ "requestId": request_id })).unwrap_or_default();
         let out = platform.signed_outgoing(PATH_HEALTH, body, timestamp, request_id);
-        let resp = platform.send_once(&out, Some(request_id)).await;
+        let mut resp = platform.send_once(&out, Some(request_id)).await;
+        if is_transport(&resp) {
+            run.record(&out, note, &resp);
+            resp = platform.send_once(&out, Some(request_id)).await;
+        }
         run.record(&out, note, &resp);
         resp
     }
@@ -391,7 +406,11 @@ impl Ctx {
         request_id: &str,
         note: &str,
     ) -> Result<RawResponse, Error> {
-        let resp = self.platform.send_once(out, Some(request_id)).await;
+        let mut resp = self.platform.send_once(out, Some(request_id)).await;
+        if is_transport(&resp) {
+            run.record(out, note, &resp);
+            resp = self.platform.send_once(out, Some(request_id)).await;
+        }
         run.record(out, note, &resp);
         resp
     }
