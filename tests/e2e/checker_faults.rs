@@ -65,7 +65,11 @@ async fn checker_finds_each_fault_of_the_faulty_webhook() {
             "{fault:?}:\n{text}"
         );
         let result = report.check(check_name).unwrap();
-        assert!(!result.detail.is_empty(), "{fault:?}: {text}");
+        assert!(
+            result.detail.contains(fault.finding()),
+            "{fault:?}: {}\n{text}",
+            result.detail
+        );
         assert!(
             text.contains(&format!("FAIL {}/{check_name}", result.group)),
             "{text}"

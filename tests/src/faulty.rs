@@ -3,6 +3,10 @@
 //! [`Fault`], each a defect seen in the wild (the public Python reference webhook). The checker run
 //! against it must fail exactly the check that finds that fault.
 //!
+//! Like the reference, the front answers unsigned: it drops the identity from the bind exchange and
+//! the `X-Keyholder-Signature` of every answer, so the checker runs unpinned and each fault reaches
+//! the check's own logic (a pinned checker would refuse any altered answer for its signature alone).
+//!
 //! `restart_cmd()` is a shell command that asks the front to restart the keyholder behind it (stop,
 //! start again on the same data folder); with [`Fault::NoReplayMemoryAcrossRestart`] the replay
 //! memory is wiped in between, as a webhook that keeps it only in memory would.
@@ -70,6 +74,26 @@ impl Fault {
             &["replay_after_restart"],
         ),
     ];
+}
+
+impl Fault {
+    /// What the failed check's detail must say: it failed for this fault, not for another reason.
+    pub fn finding(self) -> &'static str {
+        match self {
+            Fault::None => "",
+            Fault::HeadHealth405 => "expected 200, got 405",
+            Fault::NoPagination => "answered no pagination",
+            Fault::ListBatchRefused => "HTTP 400 invalid_request",
+            Fault::ProxyTicketOnCredential
+            | Fault::StoreTicketOnCredential
+            | Fault::PlatformAddressAccepted => "got 404 token_not_found",
+            Fault::NonUtf8Body500 => "got 500",
+            Fault::SetNonObjectAccepted => "expected 400, got 200",
+            Fault::NoReplayMemoryAcrossRestart => {
+                "after the restart: expected 401 auth_failed, got 200"
+            }
+        }
+    }
 }
 
 struct Front {
@@ -304,14 +328,17 @@ async fn forward(
         .map(|(n, v)| (n.to_string(), v.to_str().unwrap_or_default().to_owned()))
         .collect();
     let bytes = resp.bytes().await.unwrap().to_vec();
-    let bytes = match front.fault {
-        Fault::NoPagination => match serde_json::from_slice::<Value>(&bytes) {
-            Ok(Value::Object(mut map)) if map.contains_key("pagination") => {
-                map.remove("pagination");
-                Value::Object(map).to_string().into_bytes()
-            }
-            _ => bytes,
-        },
+    let path = target.split('?').next().unwrap_or_default();
+    let dropped = match (front.fault, path) {
+        (_, "/v1/exchange") => Some("signingKey"),
+        (Fault::NoPagination, "/v1/storage") => Some("pagination"),
+        _ => None,
+    };
+    let bytes = match (dropped, serde_json::from_slice::<Value>(&bytes)) {
+        (Some(field), Ok(Value::Object(mut map))) if map.contains_key(field) => {
+            map.remove(field);
+            Value::Object(map).to_string().into_bytes()
+        }
         _ => bytes,
     };
     (status, headers, bytes)
