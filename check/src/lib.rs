@@ -2,6 +2,10 @@
 //! with the SDK itself. The platform's workflow, its adversarial probes and the protocol's refusals, each
 //! reported with the exchanges it made (tickets and secrets masked).
 //!
+//! Every check is one variant of [`Check`] (name, group, matrix and the one function that runs it,
+//! declared once in `matrix.rs`); the matrices run in order: [`MATRIX`], [`PROTOCOL_24_MATRIX`],
+//! [`WIRE_MATRIX`], then [`ENVELOPE_MATRIX`] and [`RESTART_MATRIX`] where they apply.
+//!
 //! The probes write only under keys named `keyholder-check-<random>` and delete them again.
 //!
 //! Over an asymmetric binding ([`CheckAuth::PlatformKey`]) the same matrix runs with Ed25519 envelopes
@@ -117,7 +121,8 @@ impl CheckOptions {
 /// The outcome of one check.
 #[derive(Debug, Clone, Serialize)]
 pub struct CheckResult {
-    /// `workflow`, `adversarial`, `refusal` (or `setup`).
+    /// The check's group ([`Check::group`]: `workflow`, `adversarial`, `refusal`, `protocol-2.4.0`,
+    /// `wire`, `envelope`, `restart`), or `setup` when the checker could not connect.
     pub group: String,
     /// The check's name.
     pub name: String,

@@ -7,7 +7,7 @@
 //! The percent-encoded path checks want the webhook itself to refuse such paths (`400`, or a `404`
 //! as an unknown route); a reverse proxy in front that rewrites `%63` to `c` makes them fail.
 //!
-//! Self-contained on purpose: [`WIRE_MATRIX`] and [`run_check`] are all the parent module uses.
+//! One function per check; `matrix.rs` lists them in [`crate::WIRE_MATRIX`].
 
 use keyholder_protocol::paths::{
     HEADER_PLATFORM_REQUEST_ID, PATH_HEALTH, PATH_PROXY, PATH_STORAGE,
