@@ -92,8 +92,8 @@ checks! {
     Protocol24 PROTOCOL_24_MATRIX {
         Version240 = "version_2_4_0", "protocol-2.4.0", protocol24::version_2_4_0, "Health reports protocol 2.4.0.";
         Capabilities240 = "capabilities_2_4_0", "protocol-2.4.0", protocol24::capabilities_2_4_0, "The 2.4.0 capability list, in canonical order.";
-        StaleCreation = "stale_creation", "protocol-2.4.0", protocol24::stale_creation, "A ticket with a stale creation id: 409 stale_creation.";
-        StoreConstraints = "store_constraints", "protocol-2.4.0", protocol24::store_constraints, "Store ticket mode and cid constraints are enforced.";
+        StaleCreation = "stale_creation", "protocol-2.4.0", protocol24::stale_creation, "A store ticket's cid is recorded; a ticket whose cid no longer matches: 409 stale_creation.";
+        StoreConstraints = "store_constraints", "protocol-2.4.0", protocol24::store_constraints, "Store tickets with a bad mode or a non-string cid are refused.";
         TotpUriSealed = "totp_uri_sealed", "protocol-2.4.0", protocol24::totp_uri_sealed, "A stored totpUri never appears in any answer.";
         TotpCodeOnCredential = "totp_code_on_credential", "protocol-2.4.0", protocol24::totp_code_on_credential, "The credential path gives TOTP codes, not seeds.";
     }
