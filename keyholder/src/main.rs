@@ -32,6 +32,8 @@ enum Command {
     Egress(EgressArgs),
     /// Configure the OAuth clients used to refresh tokens.
     Oauth(OAuthArgs),
+    /// The owner's custody policies: rules enforced here whatever a ticket says.
+    Policy(keyholder::cli::policy::PolicyArgs),
     /// Exit 0 if the local server answers healthy (for container health checks).
     Healthcheck(HealthcheckArgs),
     /// Show binding, keys, credential count, seal and last credential use.
@@ -183,6 +185,16 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                     status.last_credential_use.as_deref().unwrap_or("never")
                 );
                 println!("Audit entries:      {}", status.audit_entries);
+                if status.policies.is_empty() {
+                    println!("Policies:           (none)");
+                } else {
+                    println!("Policies:");
+                    for view in &status.policies {
+                        for line in view.lines() {
+                            println!("  {line}");
+                        }
+                    }
+                }
             }
             Ok(std::process::ExitCode::SUCCESS)
         }
@@ -422,6 +434,34 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                     "Token URL pin: {}",
                     policy.token_url.as_deref().unwrap_or("(none)")
                 );
+            }
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Command::Policy(args) => {
+            match keyholder::cli::policy::run(&args)? {
+                keyholder::cli::policy::PolicyOutcome::Done(line) => println!("{line}"),
+                keyholder::cli::policy::PolicyOutcome::Views(views, true) => {
+                    if matches!(
+                        args.action,
+                        keyholder::cli::policy::PolicyAction::Show { .. }
+                    ) {
+                        if let Some(view) = views.first() {
+                            println!("{}", serde_json::to_string(view)?);
+                        }
+                    } else {
+                        println!("{}", serde_json::to_string(&views)?);
+                    }
+                }
+                keyholder::cli::policy::PolicyOutcome::Views(views, false) => {
+                    if views.is_empty() {
+                        println!("No policies.");
+                    }
+                    for view in views {
+                        for line in view.lines() {
+                            println!("{line}");
+                        }
+                    }
+                }
             }
             Ok(std::process::ExitCode::SUCCESS)
         }

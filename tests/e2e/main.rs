@@ -15,6 +15,7 @@ mod openapi;
 mod ops;
 mod owner;
 mod persistence;
+mod policy;
 mod protocol24;
 mod proxy;
 mod refresh;

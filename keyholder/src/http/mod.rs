@@ -10,6 +10,7 @@ pub mod extract;
 pub mod health;
 pub mod middleware;
 pub mod network;
+pub mod policy;
 pub mod proxy;
 pub mod rate_limit;
 pub mod refresh;

@@ -66,6 +66,17 @@ const MIGRATIONS: &[&str] = &[
     "CREATE TABLE imported_v1_fields (
         digest BLOB NOT NULL, service TEXT NOT NULL, field TEXT NOT NULL,
         PRIMARY KEY (digest, service, field)) WITHOUT ROWID;",
+    // 8 (custody policies): the owner's named rule sets, what they attach to, and the durable
+    //    usage counts of their caps (one row per policy, target and period).
+    "CREATE TABLE policies (
+        name TEXT PRIMARY KEY, rules TEXT NOT NULL, source TEXT NOT NULL DEFAULT 'cli',
+        updated_at INTEGER NOT NULL) WITHOUT ROWID;
+     CREATE TABLE policy_attachments (
+        policy TEXT NOT NULL, kind TEXT NOT NULL, target TEXT NOT NULL,
+        PRIMARY KEY (policy, kind, target)) WITHOUT ROWID;
+     CREATE TABLE policy_usage (
+        policy TEXT NOT NULL, target TEXT NOT NULL, period TEXT NOT NULL, count INTEGER NOT NULL,
+        PRIMARY KEY (policy, target, period)) WITHOUT ROWID;",
 ];
 
 /// Applies every migration newer than the database's version, each in its own transaction.

@@ -1,0 +1,93 @@
+//! The owner's custody policies on the endpoints that use a credential (`/v1/credential`,
+//! `/v1/totp-code`, `/v1/proxy`, tv-refresh `get`): checked after the ticket or signature is
+//! verified and before anything is decrypted. Every decision goes to the audit entry of the
+//! request and to the metrics, by policy and rule name only.
+
+use actix_web::{HttpMessage, HttpRequest};
+use keyholder_protocol::TicketClaims;
+
+use super::error::ApiError;
+use crate::app::AppState;
+use crate::audit::PolicyNote;
+use crate::policy::{Admission, Endpoint, Refusal, UseRequest};
+
+/// Admits one use or refuses it (`403 policy_denied`, `429 rate_limited`). A use under a usage
+/// cap is durably counted before this returns; give it back with [`settle`] if the use fails.
+#[tracing::instrument(
+    name = "policy",
+    target = "keyholder::trace",
+    level = "debug",
+    skip_all
+)]
+pub async fn enforce(
+    req: &HttpRequest,
+    state: &AppState,
+    endpoint: Endpoint,
+    service: &str,
+    claims: Option<&TicketClaims>,
+) -> Result<Admission, ApiError> {
+    let client = state.network.client_ip(req)?;
+    let request = UseRequest {
+        endpoint,
+        service,
+        agent: claims.and_then(|c| c.aid.as_deref()),
+        proxy: claims.and_then(|c| c.pid.as_deref()),
+        client,
+    };
+    match state.vault.policy.admit(&request) {
+        Ok(mut admission) => {
+            if admission.policies.is_empty() {
+                return Ok(admission);
+            }
+            state
+                .vault
+                .policy
+                .record_uses(state.vault.store(), &mut admission)
+                .await?;
+            state.metrics.policy_decision("none", "allowed");
+            req.extensions_mut().insert(PolicyNote(format!(
+                "policy={}",
+                admission.policies.join(",")
+            )));
+            Ok(admission)
+        }
+        Err(refusal) => {
+            let (rule, policy) = match &refusal {
+                Refusal::Denied { rule, policy, .. } | Refusal::Limited { rule, policy, .. } => {
+                    (*rule, policy.clone())
+                }
+            };
+            state.metrics.policy_decision(rule, "refused");
+            tracing::warn!(rule, policy = %policy, "use refused by the owner's policy");
+            req.extensions_mut()
+                .insert(PolicyNote(format!("rule={rule} policy={policy}")));
+            Err(match refusal {
+                Refusal::Denied { message, .. } => ApiError::PolicyDenied(message),
+                Refusal::Limited {
+                    message,
+                    retry_after_secs,
+                    ..
+                } => ApiError::PolicyLimited {
+                    message,
+                    retry_after_secs,
+                },
+            })
+        }
+    }
+}
+
+/// Passes `result` on; a failed use gives its usage counts back (it did not happen).
+pub async fn settle<T>(
+    state: &AppState,
+    admission: Admission,
+    result: Result<T, ApiError>,
+) -> Result<T, ApiError> {
+    if result.is_err() {
+        state
+            .vault
+            .policy
+            .release(state.vault.store(), admission)
+            .await;
+    }
+    result
+}

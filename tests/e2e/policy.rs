@@ -1,0 +1,540 @@
+//! Custody policies (issue 19): the owner's rules refuse what a hostile platform's valid tickets
+//! ask for. Each rule refuses and allows as stated, rules and policies are AND'd, a refused or
+//! failed use burns no count, counts survive a restart, and nothing leaks in a refusal.
+
+use clap::Parser;
+use keyholder::cli::policy::{PolicyAction, PolicyArgs, PolicyOutcome, PolicyView};
+use keyholder_protocol::paths::*;
+use keyholder_protocol::Purpose;
+use keyholder_tests::upstream::MockServer;
+use keyholder_tests::*;
+use serde_json::json;
+
+const TOKEN: &str = "gho_policy_secret_1";
+
+#[derive(Parser)]
+struct PolicyCli {
+    #[command(subcommand)]
+    action: PolicyAction,
+}
+
+/// `keyholder policy ARGS --data-dir ...` parsed by the real CLI definition, run on the data
+/// folder; then the server follows the change (as its quarter-second poll would).
+async fn policy(kh: &Keyholder, args: &[&str]) -> anyhow::Result<PolicyOutcome> {
+    let mut argv: Vec<String> = vec!["policy".into()];
+    argv.extend(args.iter().map(|a| a.to_string()));
+    argv.push("--data-dir".into());
+    argv.push(kh.data_dir.display().to_string());
+    let parsed = PolicyCli::try_parse_from(&argv)?;
+    let outcome = tokio::task::spawn_blocking(move || {
+        keyholder::cli::policy::run(&PolicyArgs {
+            action: parsed.action,
+        })
+    })
+    .await
+    .unwrap()?;
+    if let Some(server) = kh.server.as_ref() {
+        server.state.vault.follow_owner_changes().await.unwrap();
+    }
+    Ok(outcome)
+}
+
+async fn show(kh: &Keyholder, name: &str) -> PolicyView {
+    match policy(kh, &["show", name, "--json"]).await.unwrap() {
+        PolicyOutcome::Views(mut views, true) => views.remove(0),
+        _ => panic!("show prints views"),
+    }
+}
+
+async fn keyholder() -> Keyholder {
+    let mut kh = Keyholder::start_with(|c| {
+        c.egress_allow_private = true;
+        c.enable_tv_refresh = true;
+    })
+    .await;
+    kh.bind().await;
+    assert_eq!(
+        kh.store(
+            "github",
+            json!({"accessToken": TOKEN, "refreshToken": "ghr_policy_refresh"})
+        )
+        .await
+        .status,
+        200
+    );
+    kh
+}
+
+fn with_agent(kh: &Keyholder, purpose: Purpose, service: &str, aid: Option<&str>) -> String {
+    let mut claims = kh.claims(purpose, service);
+    claims.aid = aid.map(str::to_string);
+    kh.ticket_from(&claims)
+}
+
+async fn credential_as(kh: &Keyholder, aid: Option<&str>) -> Answer {
+    let ticket = with_agent(kh, Purpose::AgentCredential, "github", aid);
+    kh.credential_with(&ticket, "github").await
+}
+
+fn assert_refused(answer: &Answer, status: u16, code: &str, rule_text: &str) {
+    answer.assert_error(status, code);
+    let text = String::from_utf8_lossy(&answer.body);
+    assert!(
+        answer.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains(rule_text),
+        "{text}"
+    );
+    assert!(
+        !text.contains(TOKEN) && !text.contains("ghr_policy"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn inject_only_refuses_every_hand_out_path_while_the_proxy_still_injects() {
+    let kh = keyholder().await;
+    assert_eq!(
+        kh.store(
+            "bank",
+            json!({"tokenType":"TOTP","totpSecret":"JBSWY3DPEHPK3PXP"})
+        )
+        .await
+        .status,
+        200
+    );
+    policy(&kh, &["create", "proxy-only", "--delivery", "inject-only"])
+        .await
+        .unwrap();
+    policy(&kh, &["attach", "proxy-only", "--service", "github"])
+        .await
+        .unwrap();
+    policy(&kh, &["attach", "proxy-only", "--service", "bank"])
+        .await
+        .unwrap();
+
+    // A valid agent_credential ticket (as a compromised platform mints) is refused.
+    assert_refused(
+        &kh.credential("github").await,
+        403,
+        "policy_denied",
+        "inject-only",
+    );
+    // So is user_reveal, a TOTP code, and tv-refresh get (the refresh token).
+    let reveal = kh.ticket(Purpose::UserReveal, "github");
+    assert_refused(
+        &kh.credential_with(&reveal, "github").await,
+        403,
+        "policy_denied",
+        "inject-only",
+    );
+    let totp = kh.ticket(Purpose::TotpCode, "bank");
+    let url = reqwest::Url::parse_with_params(
+        &kh.url(PATH_TOTP_CODE),
+        &[("ticket", totp.as_str()), ("service", "bank")],
+    )
+    .unwrap();
+    let code = read(kh.http.get(url).send().await.unwrap()).await;
+    assert_refused(&code, 403, "policy_denied", "inject-only");
+    assert!(code.json().get("code").is_none());
+    let got = kh
+        .signed(PATH_REFRESH, &json!({"action": "get", "service": "github"}))
+        .await;
+    assert_refused(&got, 403, "policy_denied", "inject-only");
+
+    // The proxy still injects it.
+    let upstream = MockServer::ok().await;
+    let proxied = kh.proxy_get("github", &upstream.url("/user")).await;
+    assert_eq!(
+        proxied.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&proxied.body)
+    );
+    assert_eq!(
+        upstream.requests()[0].header("authorization"),
+        Some(format!("Bearer {TOKEN}").as_str())
+    );
+
+    // Detached: handed out again (within the owner generation, no restart).
+    policy(&kh, &["detach", "proxy-only", "--service", "github"])
+        .await
+        .unwrap();
+    assert_eq!(kh.credential("github").await.status, 200);
+
+    // Every decision is in the signed audit trail by policy and rule, and in the metrics.
+    kh.server.as_ref().unwrap().state.audit.flush().await;
+    let args = keyholder::cli::owner::AuditListArgs {
+        data: kh.data_args(),
+        service: Some("github".into()),
+        since: None,
+        limit: None,
+        json: true,
+    };
+    let entries = tokio::task::spawn_blocking(move || keyholder::cli::owner::audit_list(&args))
+        .await
+        .unwrap()
+        .unwrap();
+    let results: Vec<&str> = entries.iter().map(|e| e.event.result.as_str()).collect();
+    assert!(
+        results.contains(&"policy_denied rule=delivery policy=proxy-only"),
+        "{results:?}"
+    );
+    assert!(results.contains(&"ok policy=proxy-only"), "{results:?}");
+    let metrics = kh.server.as_ref().unwrap().state.metrics.encode();
+    assert!(
+        metrics
+            .contains(r#"keyholder_policy_decisions_total{rule="delivery",outcome="refused"} 4"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"keyholder_policy_decisions_total{rule="none",outcome="allowed"} 1"#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn agents_and_client_ip_rules_refuse_and_allow_and_are_anded() {
+    let kh = keyholder().await;
+    policy(
+        &kh,
+        &[
+            "create",
+            "agents",
+            "--agents",
+            "agent_a,agent_b",
+            "--client-ip",
+            "10.0.0.0/8",
+        ],
+    )
+    .await
+    .unwrap();
+    policy(&kh, &["attach", "agents", "--service", "github"])
+        .await
+        .unwrap();
+    // Listed agent, but from an address outside the list: refused by client-ip.
+    assert_refused(
+        &credential_as(&kh, Some("agent_a")).await,
+        403,
+        "policy_denied",
+        "client address not allowed (10.0.0.0/8)",
+    );
+    policy(
+        &kh,
+        &["update", "agents", "--client-ip", "10.0.0.0/8,127.0.0.0/8"],
+    )
+    .await
+    .unwrap();
+    assert_eq!(credential_as(&kh, Some("agent_a")).await.status, 200);
+    assert_eq!(credential_as(&kh, Some("agent_b")).await.status, 200);
+    // An agent not listed, or a ticket without an aid: refused.
+    assert_refused(
+        &credential_as(&kh, Some("agent_evil")).await,
+        403,
+        "policy_denied",
+        "agent is not allowed",
+    );
+    assert_refused(
+        &credential_as(&kh, None).await,
+        403,
+        "policy_denied",
+        "agent is not allowed",
+    );
+
+    // A second policy, attached to agent_b only: AND'd with the first.
+    policy(
+        &kh,
+        &["create", "b-proxy-only", "--delivery", "inject-only"],
+    )
+    .await
+    .unwrap();
+    policy(&kh, &["attach", "b-proxy-only", "--agent", "agent_b"])
+        .await
+        .unwrap();
+    assert_refused(
+        &credential_as(&kh, Some("agent_b")).await,
+        403,
+        "policy_denied",
+        "policy 'b-proxy-only'",
+    );
+    assert_eq!(credential_as(&kh, Some("agent_a")).await.status, 200);
+
+    // A policy on a proxy config id applies to proxy tickets naming it (the platform's address).
+    policy(
+        &kh,
+        &["create", "office-net", "--client-ip", "192.0.2.0/24"],
+    )
+    .await
+    .unwrap();
+    policy(&kh, &["attach", "office-net", "--proxy", "pcfg_1"])
+        .await
+        .unwrap();
+    let upstream = MockServer::ok().await;
+    let mut claims = kh.claims(Purpose::Proxy, "github");
+    claims.aid = Some("agent_a".into());
+    claims.pid = Some("pcfg_1".into());
+    let ticket = kh.ticket_from(&claims);
+    let refused = kh
+        .signed(
+            PATH_PROXY,
+            &json!({"ticket": ticket, "service": "github",
+                    "upstream": {"url": upstream.url("/x"), "method": "GET"},
+                    "headerTemplates": {"Authorization": "Bearer ${TOKEN}"}}),
+        )
+        .await;
+    assert_refused(&refused, 403, "policy_denied", "policy 'office-net'");
+    assert_eq!(upstream.count(), 0, "nothing reached the upstream");
+
+    // Deleting a policy lifts it.
+    policy(&kh, &["delete", "agents"]).await.unwrap();
+    assert_eq!(credential_as(&kh, None).await.status, 200);
+    assert!(policy(&kh, &["show", "agents"]).await.is_err());
+}
+
+/// The weekday names of today and of every other day in `zone`.
+fn today_and_others(zone: &str) -> (String, String) {
+    const NAMES: [&str; 7] = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"];
+    let tz = jiff::tz::db().get(zone).unwrap();
+    let today = jiff::Timestamp::now()
+        .to_zoned(tz)
+        .weekday()
+        .to_monday_zero_offset() as usize;
+    (
+        NAMES[today].to_string(),
+        format!("{}-{}", NAMES[(today + 1) % 7], NAMES[(today + 6) % 7]),
+    )
+}
+
+#[tokio::test]
+async fn hours_follow_the_owners_time_zone() {
+    let kh = keyholder().await;
+    // Kiritimati is UTC+14: its weekday differs from UTC's for ten hours a day.
+    let zone = "Pacific/Kiritimati";
+    let (_, others) = today_and_others(zone);
+    let window = format!("{others} 00:00-24:00");
+    policy(
+        &kh,
+        &["create", "office", "--hours", &window, "--time-zone", zone],
+    )
+    .await
+    .unwrap();
+    policy(&kh, &["attach", "office", "--service", "github"])
+        .await
+        .unwrap();
+    let refused = kh.credential("github").await;
+    assert_refused(
+        &refused,
+        403,
+        "policy_denied",
+        &format!("outside allowed hours ({window} {zone})"),
+    );
+    // A second window that includes today (several windows: any one of them).
+    let (today, _) = today_and_others(zone);
+    let today_window = format!("{today} 00:00-24:00");
+    policy(
+        &kh,
+        &[
+            "update",
+            "office",
+            "--hours",
+            &window,
+            "--hours",
+            &today_window,
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(kh.credential("github").await.status, 200);
+    // An unknown zone is refused by the CLI, with the flag named.
+    let err = policy(&kh, &["update", "office", "--time-zone", "Mars/Olympus"])
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("--time-zone"), "{err}");
+}
+
+#[tokio::test]
+async fn a_rate_answers_429_with_retry_after_per_target() {
+    let kh = keyholder().await;
+    assert_eq!(
+        kh.store("gitlab", json!({"accessToken": "glpat_x"}))
+            .await
+            .status,
+        200
+    );
+    policy(&kh, &["create", "slow", "--rate", "2/min"])
+        .await
+        .unwrap();
+    policy(&kh, &["attach", "slow", "--service", "github"])
+        .await
+        .unwrap();
+    policy(&kh, &["attach", "slow", "--service", "gitlab"])
+        .await
+        .unwrap();
+    assert_eq!(kh.credential("github").await.status, 200);
+    assert_eq!(kh.credential("github").await.status, 200);
+    let limited = kh.credential("github").await;
+    assert_refused(&limited, 429, "rate_limited", "rate limit (2/min)");
+    let retry: u64 = limited.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=30).contains(&retry), "{retry}");
+    // Per target: the other service has its own bucket.
+    assert_eq!(kh.credential("gitlab").await.status, 200);
+}
+
+#[tokio::test]
+async fn usage_caps_count_successful_uses_only_and_survive_a_restart() {
+    let mut kh = keyholder().await;
+    policy(&kh, &["create", "cap", "--max-uses", "3", "--per", "total"])
+        .await
+        .unwrap();
+    policy(&kh, &["create", "agents", "--agents", "agent_a"])
+        .await
+        .unwrap();
+    for name in ["cap", "agents"] {
+        policy(&kh, &["attach", name, "--service", "github"])
+            .await
+            .unwrap();
+    }
+    policy(&kh, &["attach", "cap", "--service", "missing"])
+        .await
+        .unwrap();
+    // Refused by another policy: no count burnt.
+    for _ in 0..5 {
+        credential_as(&kh, Some("agent_x"))
+            .await
+            .assert_error(403, "policy_denied");
+    }
+    // A use that fails after admission (nothing stored) gives its count back.
+    for _ in 0..5 {
+        kh.credential("missing")
+            .await
+            .assert_error(404, "token_not_found");
+    }
+    assert_eq!(credential_as(&kh, Some("agent_a")).await.status, 200);
+    assert_eq!(credential_as(&kh, Some("agent_a")).await.status, 200);
+    let view = show(&kh, "cap").await;
+    assert_eq!(view.usage.len(), 2, "{:?}", view.usage);
+    let github = view
+        .usage
+        .iter()
+        .find(|u| u.target == "service:github")
+        .unwrap();
+    assert_eq!((github.period.as_str(), github.count), ("total", 2));
+    let missing = view
+        .usage
+        .iter()
+        .find(|u| u.target == "service:missing")
+        .unwrap();
+    assert_eq!(missing.count, 0);
+
+    // A restart keeps the count: one use left.
+    kh.restart().await;
+    assert_eq!(credential_as(&kh, Some("agent_a")).await.status, 200);
+    let capped = credential_as(&kh, Some("agent_a")).await;
+    assert_refused(
+        &capped,
+        429,
+        "rate_limited",
+        "usage cap reached (3 uses in total)",
+    );
+    assert!(capped.header("retry-after").is_some());
+
+    // `keyholder status` shows the policies, attachments and counts.
+    let args = keyholder::cli::owner::OwnerArgs {
+        data: kh.data_args(),
+        json: true,
+    };
+    let status = tokio::task::spawn_blocking(move || keyholder::cli::owner::status(&args))
+        .await
+        .unwrap()
+        .unwrap();
+    let cap = status
+        .policies
+        .iter()
+        .find(|p| p.policy.name == "cap")
+        .unwrap();
+    assert_eq!(cap.attachments.len(), 2);
+    assert!(cap
+        .usage
+        .iter()
+        .any(|u| u.target == "service:github" && u.count == 3));
+
+    // A daily cap counts per local day.
+    policy(
+        &kh,
+        &[
+            "create",
+            "daily",
+            "--max-uses",
+            "1",
+            "--per",
+            "day",
+            "--time-zone",
+            "Europe/Berlin",
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        kh.store("daily-svc", json!({"accessToken": "x"}))
+            .await
+            .status,
+        200
+    );
+    policy(&kh, &["attach", "daily", "--service", "daily-svc"])
+        .await
+        .unwrap();
+    assert_eq!(kh.credential("daily-svc").await.status, 200);
+    let daily = kh.credential("daily-svc").await;
+    assert_refused(&daily, 429, "rate_limited", "1 uses per day");
+    let retry: u64 = daily.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=25 * 3600).contains(&retry), "{retry}");
+    let today = jiff::Timestamp::now()
+        .to_zoned(jiff::tz::db().get("Europe/Berlin").unwrap())
+        .date()
+        .to_string();
+    assert_eq!(show(&kh, "daily").await.usage[0].period, today);
+}
+
+#[tokio::test]
+async fn the_cli_refuses_bad_rules_and_names_the_flag() {
+    let kh = keyholder().await;
+    for (args, flag) in [
+        (
+            vec!["create", "p", "--hours", "Mon-Fri 18:00-08:00"],
+            "--hours",
+        ),
+        (vec!["create", "p", "--rate", "5/day"], "--rate"),
+        (
+            vec!["create", "p", "--client-ip", "300.0.0.1"],
+            "--client-ip",
+        ),
+        (vec!["create", "p", "--delivery", "sometimes"], "--delivery"),
+        (vec!["create", "p", "--max-uses", "0"], "--max-uses"),
+        (vec!["create", "bad name"], "policy name"),
+    ] {
+        let err = policy(&kh, &args).await.err().unwrap().to_string();
+        assert!(err.contains(flag), "{args:?}: {err}");
+    }
+    policy(&kh, &["create", "p"]).await.unwrap();
+    assert!(
+        policy(&kh, &["create", "p"]).await.is_err(),
+        "exists already"
+    );
+    assert!(policy(&kh, &["attach", "nope", "--service", "github"])
+        .await
+        .is_err());
+    // Exactly one target.
+    assert!(policy(&kh, &["attach", "p"]).await.is_err());
+    assert!(
+        policy(&kh, &["attach", "p", "--service", "a", "--agent", "b"])
+            .await
+            .is_err()
+    );
+    match policy(&kh, &["list", "--json"]).await.unwrap() {
+        PolicyOutcome::Views(views, true) => assert_eq!(views.len(), 1),
+        _ => panic!("list prints views"),
+    }
+}
