@@ -34,6 +34,12 @@ enum Command {
     Oauth(OAuthArgs),
     /// The owner's custody policies: rules enforced here whatever a ticket says.
     Policy(keyholder::cli::policy::PolicyArgs),
+    /// Uses held for the owner's approval (service, agent, client address, endpoint, age).
+    Approvals(keyholder::cli::policy::ApprovalsArgs),
+    /// Approve a held use.
+    Approve(keyholder::cli::policy::DecideArgs),
+    /// Deny a held use.
+    Deny(keyholder::cli::policy::DecideArgs),
     /// Exit 0 if the local server answers healthy (for container health checks).
     Healthcheck(HealthcheckArgs),
     /// Show binding, keys, credential count, seal and last credential use.
@@ -463,6 +469,28 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                     }
                 }
             }
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Command::Approvals(args) => {
+            let pending = keyholder::cli::policy::approvals(&args)?;
+            if args.json {
+                println!("{}", serde_json::to_string(&pending)?);
+            } else if pending.is_empty() {
+                println!("No uses waiting for approval.");
+            } else {
+                let now = keyholder::clock::now_unix();
+                for p in &pending {
+                    println!("{}", keyholder::cli::policy::approval_line(p, now));
+                }
+            }
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Command::Approve(args) => {
+            println!("{}", keyholder::cli::policy::decide(&args, true)?);
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Command::Deny(args) => {
+            println!("{}", keyholder::cli::policy::decide(&args, false)?);
             Ok(std::process::ExitCode::SUCCESS)
         }
         Command::Oauth(args) => {

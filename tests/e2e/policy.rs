@@ -538,3 +538,136 @@ async fn the_cli_refuses_bad_rules_and_names_the_flag() {
         _ => panic!("list prints views"),
     }
 }
+
+async fn pending(kh: &Keyholder) -> Vec<keyholder::policy::approvals::PendingApproval> {
+    let args = keyholder::cli::policy::ApprovalsArgs {
+        data: kh.data_args(),
+        json: true,
+    };
+    tokio::task::spawn_blocking(move || keyholder::cli::policy::approvals(&args))
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+/// `keyholder approve|deny ID`; the server is left to pick it up by itself.
+async fn decide(kh: &Keyholder, id: &str, approve: bool) -> anyhow::Result<String> {
+    let args = keyholder::cli::policy::DecideArgs {
+        data: kh.data_args(),
+        id: id.to_string(),
+    };
+    tokio::task::spawn_blocking(move || keyholder::cli::policy::decide(&args, approve))
+        .await
+        .unwrap()
+}
+
+/// Waits for exactly one held use and returns it.
+async fn held(kh: &Keyholder) -> keyholder::policy::approvals::PendingApproval {
+    for _ in 0..200 {
+        let mut list = pending(kh).await;
+        if !list.is_empty() {
+            assert_eq!(list.len(), 1, "{list:?}");
+            return list.remove(0);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("no use was held for approval");
+}
+
+#[tokio::test]
+async fn approval_holds_each_use_until_the_owner_decides_and_a_timeout_denies() {
+    let kh = keyholder().await;
+    policy(
+        &kh,
+        &["create", "prod", "--approval", "--approval-timeout", "20"],
+    )
+    .await
+    .unwrap();
+    policy(&kh, &["attach", "prod", "--service", "github"])
+        .await
+        .unwrap();
+
+    // Approved with the CLI: the held request answers with the credential.
+    let owner = async {
+        let p = held(&kh).await;
+        assert_eq!(
+            (
+                p.service.as_str(),
+                p.agent.as_str(),
+                p.client.as_str(),
+                p.endpoint.as_str(),
+                p.policy.as_str()
+            ),
+            ("github", "agent_a", "127.0.0.1", PATH_CREDENTIAL, "prod")
+        );
+        assert!(p.expires_at - p.created_at == 20);
+        let decided_at = std::time::Instant::now();
+        decide(&kh, &p.id, true).await.unwrap();
+        // One-time: the same id cannot be decided again.
+        assert!(decide(&kh, &p.id, false).await.is_err());
+        decided_at
+    };
+    let (answer, decided_at) = tokio::join!(credential_as(&kh, Some("agent_a")), owner);
+    assert_eq!(
+        answer.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&answer.body)
+    );
+    assert_eq!(answer.json()["token"]["accessToken"], TOKEN);
+    // The running server followed the owner's decision by itself, within a second.
+    assert!(decided_at.elapsed() < std::time::Duration::from_secs(1));
+
+    // Denied: refused, nothing decrypted into the answer.
+    let owner = async {
+        let p = held(&kh).await;
+        decide(&kh, &p.id, false).await.unwrap();
+    };
+    let (answer, ()) = tokio::join!(kh.credential("github"), owner);
+    assert_refused(&answer, 403, "policy_denied", "the owner denied this use");
+
+    // No decision in time: denied, and the stale id can no longer be approved.
+    policy(&kh, &["update", "prod", "--approval-timeout", "1"])
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let owner = async { held(&kh).await };
+    let (answer, p) = tokio::join!(kh.credential("github"), owner);
+    assert_refused(
+        &answer,
+        403,
+        "policy_denied",
+        "no approval from the owner within 1 s",
+    );
+    assert!(started.elapsed() >= std::time::Duration::from_secs(1));
+    assert!(pending(&kh).await.is_empty());
+    assert!(decide(&kh, &p.id, true).await.is_err());
+    assert!(decide(&kh, "apr_0000000000000000", true).await.is_err());
+
+    // The trail says who decided.
+    kh.server.as_ref().unwrap().state.audit.flush().await;
+    let args = keyholder::cli::owner::AuditListArgs {
+        data: kh.data_args(),
+        service: Some("github".into()),
+        since: None,
+        limit: None,
+        json: true,
+    };
+    let entries = tokio::task::spawn_blocking(move || keyholder::cli::owner::audit_list(&args))
+        .await
+        .unwrap()
+        .unwrap();
+    let results: Vec<&str> = entries.iter().map(|e| e.event.result.as_str()).collect();
+    assert!(
+        results.contains(&"ok policy=prod approved-by=owner"),
+        "{results:?}"
+    );
+    assert_eq!(
+        results
+            .iter()
+            .filter(|r| **r == "policy_denied rule=approval policy=prod")
+            .count(),
+        2,
+        "{results:?}"
+    );
+}

@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use super::owner::{open_existing, owner_change};
 use crate::config::DataArgs;
+use crate::policy::approvals::PendingApproval;
 use crate::policy::{self, Attachment, Delivery, Per, Rules, StoredPolicy, TargetKind};
 use crate::vault::reload::bump_generation;
 
@@ -45,6 +46,12 @@ pub struct RuleArgs {
     /// Allowed agent ids (the ticket's aid).
     #[arg(long, value_name = "AID[,AID]", value_delimiter = ',')]
     pub agents: Vec<String>,
+    /// Each use waits (held open) for the owner's `keyholder approve ID`.
+    #[arg(long)]
+    pub approval: bool,
+    /// Seconds a use waits for approval before it is denied (default 60).
+    #[arg(long, value_name = "SECS")]
+    pub approval_timeout: Option<u64>,
 }
 
 impl RuleArgs {
@@ -81,6 +88,12 @@ impl RuleArgs {
         }
         if !self.agents.is_empty() {
             base.agents = self.agents.iter().map(|s| s.trim().to_string()).collect();
+        }
+        if self.approval {
+            base.approval = true;
+        }
+        if let Some(secs) = self.approval_timeout {
+            base.approval_timeout = Some(secs);
         }
         Ok(base)
     }
@@ -360,4 +373,65 @@ fn change(
         Ok((line, format!("policy {name}")))
     })?;
     Ok(PolicyOutcome::Done(line))
+}
+
+/// Flags of `keyholder approvals`.
+#[derive(Debug, Clone, Args)]
+pub struct ApprovalsArgs {
+    /// Data folder and master key.
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Flags of `keyholder approve` and `keyholder deny`.
+#[derive(Debug, Clone, Args)]
+pub struct DecideArgs {
+    /// Data folder and master key.
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// The approval id (from `keyholder approvals`).
+    pub id: String,
+}
+
+/// `keyholder approvals`: the uses waiting for the owner.
+pub fn approvals(args: &ApprovalsArgs) -> anyhow::Result<Vec<PendingApproval>> {
+    let (conn, _) = open_existing(&args.data)?;
+    Ok(policy::approvals::list_pending(
+        &conn,
+        crate::clock::now_unix(),
+    )?)
+}
+
+/// `keyholder approve ID` / `keyholder deny ID`.
+pub fn decide(args: &DecideArgs, approve: bool) -> anyhow::Result<String> {
+    let (mut conn, master) = open_existing(&args.data)?;
+    let id = args.id.trim().to_string();
+    let verb = if approve { "approve" } else { "deny" };
+    owner_change(&mut conn, &master, verb, |tx| {
+        if !policy::approvals::decide(tx, &id, approve, crate::clock::now_unix())? {
+            anyhow::bail!("no pending approval '{id}' (unknown, already decided or expired)");
+        }
+        // The waiting server picks the decision up with the owner generation.
+        bump_generation(tx)?;
+        let done = if approve { "approved" } else { "denied" };
+        Ok((format!("{id} {done}"), id.clone()))
+    })
+}
+
+/// One line per pending approval for the terminal.
+pub fn approval_line(p: &PendingApproval, now: i64) -> String {
+    format!(
+        "{}  service={} agent={} client={} endpoint={} policy={} age={}s (denied in {}s)",
+        p.id,
+        p.service,
+        if p.agent.is_empty() { "-" } else { &p.agent },
+        if p.client.is_empty() { "-" } else { &p.client },
+        p.endpoint,
+        p.policy,
+        (now - p.created_at).max(0),
+        (p.expires_at - now).max(0)
+    )
 }

@@ -9,6 +9,7 @@ use keyholder_protocol::TicketClaims;
 use super::error::ApiError;
 use crate::app::AppState;
 use crate::audit::PolicyNote;
+use crate::policy::approvals::{self, Decision, PendingApproval};
 use crate::policy::{Admission, Endpoint, Refusal, UseRequest};
 
 /// Admits one use or refuses it (`403 policy_denied`, `429 rate_limited`). A use under a usage
@@ -39,6 +40,59 @@ pub async fn enforce(
             if admission.policies.is_empty() {
                 return Ok(admission);
             }
+            let mut approved = "";
+            if let Some((asking, secs)) = admission.approval.clone() {
+                let now = crate::clock::now_unix();
+                let pending = PendingApproval {
+                    id: approvals::new_id(),
+                    policy: asking.clone(),
+                    service: service.to_string(),
+                    agent: request.agent.unwrap_or_default().to_string(),
+                    client: client.map(|ip| ip.to_string()).unwrap_or_default(),
+                    endpoint: req.path().to_string(),
+                    created_at: now,
+                    expires_at: now.saturating_add(secs as i64),
+                };
+                tracing::info!(id = %pending.id, policy = %asking, "use held for the owner's approval");
+                let decision = match state
+                    .vault
+                    .policy
+                    .approvals
+                    .hold(state.vault.store(), pending)
+                    .await
+                {
+                    Ok(decision) => decision,
+                    Err(err) => {
+                        state
+                            .vault
+                            .policy
+                            .release(state.vault.store(), admission)
+                            .await;
+                        return Err(err.into());
+                    }
+                };
+                let why = match decision {
+                    Decision::Approved => None,
+                    Decision::Denied => Some("the owner denied this use".to_string()),
+                    Decision::TimedOut => {
+                        Some(format!("no approval from the owner within {secs} s"))
+                    }
+                };
+                if let Some(why) = why {
+                    state
+                        .vault
+                        .policy
+                        .release(state.vault.store(), admission)
+                        .await;
+                    state.metrics.policy_decision("approval", "refused");
+                    req.extensions_mut()
+                        .insert(PolicyNote(format!("rule=approval policy={asking}")));
+                    return Err(ApiError::PolicyDenied(format!(
+                        "refused by policy '{asking}': {why}"
+                    )));
+                }
+                approved = " approved-by=owner";
+            }
             state
                 .vault
                 .policy
@@ -46,7 +100,7 @@ pub async fn enforce(
                 .await?;
             state.metrics.policy_decision("none", "allowed");
             req.extensions_mut().insert(PolicyNote(format!(
-                "policy={}",
+                "policy={}{approved}",
                 admission.policies.join(",")
             )));
             Ok(admission)

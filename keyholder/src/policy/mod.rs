@@ -7,6 +7,7 @@
 //! store's group commit, and is durable before anything is decrypted. A refused request reserves
 //! nothing; a use that then fails gives its count back.
 
+pub mod approvals;
 pub mod rules;
 
 use std::collections::{BTreeMap, HashMap};
@@ -119,6 +120,8 @@ pub enum Refusal {
 pub struct Admission {
     /// Names of the policies that applied (empty: no policy).
     pub policies: Vec<String>,
+    /// The owner must approve this use first: the policies asking, and the seconds to wait.
+    pub approval: Option<(String, u64)>,
     uses: Vec<UsageKey>,
     durable: bool,
 }
@@ -158,6 +161,8 @@ pub struct PolicyEngine {
     snapshot: RwLock<Arc<Snapshot>>,
     buckets: Mutex<HashMap<(String, String), Bucket>>,
     usage: Mutex<HashMap<UsageKey, UsageCount>>,
+    /// Uses held for the owner's approval.
+    pub approvals: approvals::Approvals,
 }
 
 fn target_label(kind: TargetKind, target: &str) -> String {
@@ -235,6 +240,7 @@ impl PolicyEngine {
             Ok(mut guard) => *guard = next,
             Err(poisoned) => *poisoned.into_inner() = next,
         }
+        self.approvals.wake_decided(store).await?;
         Ok(())
     }
 
@@ -281,8 +287,21 @@ impl PolicyEngine {
         let mut policies: Vec<String> = applied.iter().map(|(e, _)| e.name.clone()).collect();
         policies.sort();
         policies.dedup();
+        let mut asking: Vec<&str> = compiled
+            .iter()
+            .filter(|(_, c, _)| c.approval.is_some())
+            .map(|(name, _, _)| *name)
+            .collect();
+        asking.sort_unstable();
+        asking.dedup();
+        let approval = compiled
+            .iter()
+            .filter_map(|(_, c, _)| c.approval)
+            .min()
+            .map(|secs| (asking.join(","), secs));
         Ok(Admission {
             policies,
+            approval,
             uses,
             durable: false,
         })

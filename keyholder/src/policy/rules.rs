@@ -71,7 +71,16 @@ pub struct Rules {
     /// Allowed agent ids (the ticket's `aid`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub agents: Vec<String>,
+    /// Each use waits for the owner's approval.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub approval: bool,
+    /// Seconds a use waits for the owner (default 60); then it is denied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval_timeout: Option<u64>,
 }
+
+/// How long a use waits for the owner's approval unless the policy says otherwise.
+pub const DEFAULT_APPROVAL_TIMEOUT_SECS: u64 = 60;
 
 fn invalid(text: String) -> VaultError {
     VaultError::Invalid(text)
@@ -202,6 +211,8 @@ pub struct Compiled {
     pub max_uses: Option<(u64, Per)>,
     /// Allowed agent ids (empty: any).
     pub agents: BTreeSet<String>,
+    /// Seconds to wait for the owner's approval (None: no approval needed).
+    pub approval: Option<u64>,
 }
 
 fn parse_net(text: &str) -> Result<IpNet, VaultError> {
@@ -246,7 +257,18 @@ impl Rules {
         if agents.iter().any(String::is_empty) {
             return Err(invalid("--agents: an empty agent id".into()));
         }
+        let approval = match (self.approval, self.approval_timeout) {
+            (false, None) => None,
+            (false, Some(_)) => return Err(invalid("--approval-timeout needs --approval".into())),
+            (true, Some(secs)) if !(1..=3600).contains(&secs) => {
+                return Err(invalid(
+                    "--approval-timeout must be 1 to 3600 seconds".into(),
+                ))
+            }
+            (true, secs) => Some(secs.unwrap_or(DEFAULT_APPROVAL_TIMEOUT_SECS)),
+        };
         Ok(Compiled {
+            approval,
             rules: self.clone(),
             inject_only: self.delivery == Some(Delivery::InjectOnly),
             windows,
@@ -291,6 +313,13 @@ impl Rules {
         }
         if !self.agents.is_empty() {
             lines.push(format!("agents {}", self.agents.join(",")));
+        }
+        if self.approval {
+            lines.push(format!(
+                "approval (timeout {} s)",
+                self.approval_timeout
+                    .unwrap_or(DEFAULT_APPROVAL_TIMEOUT_SECS)
+            ));
         }
         lines
     }

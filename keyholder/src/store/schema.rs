@@ -76,7 +76,11 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (policy, kind, target)) WITHOUT ROWID;
      CREATE TABLE policy_usage (
         policy TEXT NOT NULL, target TEXT NOT NULL, period TEXT NOT NULL, count INTEGER NOT NULL,
-        PRIMARY KEY (policy, target, period)) WITHOUT ROWID;",
+        PRIMARY KEY (policy, target, period)) WITHOUT ROWID;
+     CREATE TABLE policy_approvals (
+        id TEXT PRIMARY KEY, policy TEXT NOT NULL, service TEXT NOT NULL, agent TEXT NOT NULL,
+        client TEXT NOT NULL, endpoint TEXT NOT NULL, created_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL, decision TEXT, decided_at INTEGER) WITHOUT ROWID;",
 ];
 
 /// Applies every migration newer than the database's version, each in its own transaction.
