@@ -36,6 +36,8 @@ pub struct AppState {
     pub config: Arc<Config>,
     /// The audit trail's appender (off the request path).
     pub audit: AuditRecorder,
+    /// Notifications to the owner (custody-policy approvals and refusals).
+    pub notifier: crate::policy::notify::Notifier,
     /// The per-client-address request limit (`--rate-limit-per-ip`), when configured.
     pub rate_limit: Option<crate::http::rate_limit::RateLimiter>,
 }
@@ -217,6 +219,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         upstream,
         config: Arc::clone(&config),
         audit,
+        notifier: crate::policy::notify::Notifier::new(config.notify_url.clone(), config.notify_on),
         rate_limit: config
             .rate_limit_per_ip
             .map(crate::http::rate_limit::RateLimiter::new),

@@ -671,3 +671,212 @@ async fn approval_holds_each_use_until_the_owner_decides_and_a_timeout_denies() 
         "{results:?}"
     );
 }
+
+/// The notified approval link (its JSON checked on the way), rewritten from the public URL to
+/// where this test server listens.
+async fn notified_link(kh: &Keyholder, receiver: &MockServer, nth: usize) -> (String, String) {
+    for _ in 0..250 {
+        let approvals: Vec<serde_json::Value> = receiver
+            .requests()
+            .iter()
+            .filter(|r| r.method == "POST")
+            .filter_map(|r| serde_json::from_slice::<serde_json::Value>(&r.body).ok())
+            .filter(|v| v["keyholder"]["event"] == "approval")
+            .collect();
+        if let Some(n) = approvals.get(nth) {
+            assert_eq!(n["topic"], "keyholder-owner");
+            assert!(n["title"].as_str().unwrap().contains("github"), "{n}");
+            assert_eq!(n["keyholder"]["service"], "github");
+            assert_eq!(n["keyholder"]["agent"], "agent_a");
+            let link = n["click"].as_str().unwrap().to_string();
+            assert_eq!(n["actions"][0]["url"], json!(link));
+            assert!(
+                link.starts_with(&format!("{PUBLIC_URL}/approval?id=apr_")),
+                "{link}"
+            );
+            assert!(!n.to_string().contains(TOKEN));
+            let id = n["keyholder"]["id"].as_str().unwrap().to_string();
+            return (link.replace(PUBLIC_URL, &kh.base), id);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("no approval notification reached the receiver");
+}
+
+async fn page_text(browser: &keyholder_tests::webdriver::Browser, id: &str) -> String {
+    for _ in 0..250 {
+        let text = browser
+            .execute(
+                "const e = document.getElementById(arguments[0]); return e ? e.textContent : null;",
+                vec![json!(id)],
+            )
+            .await
+            .unwrap();
+        if let Some(text) = text.as_str() {
+            return text.to_string();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("#{id} never appeared");
+}
+
+/// The approval flow through the notified link in headless Chromium: a receiver on 127.0.0.1
+/// gets the ntfy-compatible JSON; opening the link (GET) decides nothing; a forged token or a
+/// cross-site POST is refused; the page's Approve button releases the held request, Deny refuses
+/// it (and the refusal is notified too); a used link is dead.
+#[tokio::test]
+async fn approval_through_the_notified_link_in_a_real_browser() {
+    use keyholder_tests::webdriver::{find_browser, Browser};
+    let Some((chromium, chromedriver)) = find_browser() else {
+        if std::env::var_os("CI").is_some() {
+            panic!("CI: /usr/bin/chromium or /usr/bin/chromedriver is missing");
+        }
+        eprintln!("SKIPPED approval browser test: Chromium not found (apt-get install -y chromium chromium-driver).");
+        return;
+    };
+    let receiver = MockServer::ok().await;
+    let notify_url = receiver.url("/keyholder-owner");
+    let mut kh = Keyholder::start_with(|c| {
+        c.notify_url = Some(notify_url);
+        c.notify_on = keyholder::policy::notify::NotifyOn::All;
+    })
+    .await;
+    kh.bind().await;
+    kh.store("github", json!({"accessToken": TOKEN})).await;
+    policy(
+        &kh,
+        &["create", "prod", "--approval", "--approval-timeout", "60"],
+    )
+    .await
+    .unwrap();
+    policy(&kh, &["attach", "prod", "--service", "github"])
+        .await
+        .unwrap();
+    let browser = Browser::start(&chromium, &chromedriver).await.unwrap();
+
+    let owner = async {
+        let (link, id) = notified_link(&kh, &receiver, 0).await;
+        // A GET shows the page and decides nothing.
+        let shown = reqwest::get(&link).await.unwrap();
+        assert_eq!(shown.status(), 200);
+        let csp = shown.headers()["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        assert!(csp.contains("form-action 'self'") && csp.contains("frame-ancestors 'none'"));
+        assert_eq!(shown.headers()["referrer-policy"], "no-referrer");
+        assert!(shown.text().await.unwrap().contains("Approve"));
+        assert_eq!(pending(&kh).await.len(), 1);
+        // A forged token shows nothing; a cross-site POST with the right token decides nothing.
+        let forged = reqwest::get(format!("{}/approval?id={id}&t=forged", kh.base))
+            .await
+            .unwrap();
+        assert_eq!(forged.status(), 404);
+        let token = url::Url::parse(&link)
+            .unwrap()
+            .query_pairs()
+            .find(|(k, _)| k == "t")
+            .unwrap()
+            .1
+            .into_owned();
+        let cross = kh
+            .http
+            .post(kh.url("/approval"))
+            .header("sec-fetch-site", "cross-site")
+            .form(&[("id", id.as_str()), ("t", &token), ("decision", "approve")])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(cross.status(), 403);
+        let wrong = kh
+            .http
+            .post(kh.url("/approval"))
+            .form(&[("id", id.as_str()), ("t", "x"), ("decision", "approve")])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(wrong.status(), 404);
+        assert_eq!(pending(&kh).await.len(), 1);
+        // The owner opens the link in the browser and clicks Approve.
+        browser.goto(&link).await.unwrap();
+        assert_eq!(page_text(&browser, "service").await, "github");
+        assert_eq!(page_text(&browser, "agent").await, "agent_a");
+        let approve = browser.find("#approve").await.unwrap();
+        browser.click(&approve).await.unwrap();
+        assert!(page_text(&browser, "outcome").await.starts_with("Approved"));
+        link
+    };
+    let (answer, used_link) = tokio::join!(credential_as(&kh, Some("agent_a")), owner);
+    assert_eq!(
+        answer.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&answer.body)
+    );
+    assert_eq!(answer.json()["token"]["accessToken"], TOKEN);
+    // The link is one-time.
+    assert_eq!(reqwest::get(&used_link).await.unwrap().status(), 404);
+
+    // Denied from the page: refused, and the refusal is notified.
+    let owner = async {
+        let (link, _) = notified_link(&kh, &receiver, 1).await;
+        browser.goto(&link).await.unwrap();
+        let deny = browser.find("#deny").await.unwrap();
+        browser.click(&deny).await.unwrap();
+        assert!(page_text(&browser, "outcome").await.starts_with("Denied"));
+    };
+    let (answer, ()) = tokio::join!(credential_as(&kh, Some("agent_a")), owner);
+    assert_refused(&answer, 403, "policy_denied", "the owner denied this use");
+    let mut refusal = None;
+    for _ in 0..250 {
+        refusal = receiver
+            .requests()
+            .iter()
+            .filter_map(|r| serde_json::from_slice::<serde_json::Value>(&r.body).ok())
+            .find(|v| v["keyholder"]["event"] == "refusal");
+        if refusal.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let refusal = refusal.expect("refusal notified");
+    assert_eq!(refusal["keyholder"]["rule"], "approval");
+    assert_eq!(refusal["keyholder"]["policy"], "prod");
+    drop(browser);
+    kh.stop().await;
+}
+
+#[tokio::test]
+async fn refusal_notifications_are_rate_limited_so_a_flood_cannot_spam_the_owner() {
+    let receiver = MockServer::ok().await;
+    let notify_url = receiver.url("/owner");
+    let mut kh = Keyholder::start_with(|c| {
+        c.notify_url = Some(notify_url);
+        c.notify_on = keyholder::policy::notify::NotifyOn::Refusals;
+    })
+    .await;
+    kh.bind().await;
+    kh.store("github", json!({"accessToken": TOKEN})).await;
+    policy(&kh, &["create", "agents", "--agents", "agent_a"])
+        .await
+        .unwrap();
+    policy(&kh, &["attach", "agents", "--service", "github"])
+        .await
+        .unwrap();
+    for _ in 0..40 {
+        credential_as(&kh, Some("agent_flood"))
+            .await
+            .assert_error(403, "policy_denied");
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let sent: Vec<serde_json::Value> = receiver
+        .requests()
+        .iter()
+        .filter_map(|r| serde_json::from_slice(&r.body).ok())
+        .collect();
+    assert_eq!(sent.len(), 10, "a burst of 10, then at most 10 a minute");
+    assert!(sent.iter().all(|n| n["keyholder"]["rule"] == "agents"
+        && n["topic"] == "owner"
+        && !n.to_string().contains("agent_flood")));
+    kh.stop().await;
+}

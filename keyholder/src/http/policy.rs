@@ -4,7 +4,9 @@
 //! request and to the metrics, by policy and rule name only.
 
 use actix_web::{HttpMessage, HttpRequest};
+use base64::Engine as _;
 use keyholder_protocol::TicketClaims;
+use sha2::{Digest as _, Sha256};
 
 use super::error::ApiError;
 use crate::app::AppState;
@@ -54,11 +56,35 @@ pub async fn enforce(
                     expires_at: now.saturating_add(secs as i64),
                 };
                 tracing::info!(id = %pending.id, policy = %asking, "use held for the owner's approval");
+                // The one-time link's token: only its hash is kept.
+                let token = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .encode(rand::random::<[u8; 32]>());
+                let link_hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+                let link = state
+                    .config
+                    .public_url
+                    .as_deref()
+                    .map(|base| {
+                        format!(
+                            "{}{}?id={}&t={token}",
+                            base.trim_end_matches('/'),
+                            super::approval_page::PATH_APPROVAL_PAGE,
+                            pending.id
+                        )
+                    })
+                    .unwrap_or_default();
+                state.notifier.approval(
+                    &pending.id,
+                    &pending.service,
+                    &pending.agent,
+                    &pending.client,
+                    &link,
+                );
                 let decision = match state
                     .vault
                     .policy
                     .approvals
-                    .hold(state.vault.store(), pending)
+                    .hold(state.vault.store(), pending, link_hash)
                     .await
                 {
                     Ok(decision) => decision,
@@ -85,6 +111,7 @@ pub async fn enforce(
                         .release(state.vault.store(), admission)
                         .await;
                     state.metrics.policy_decision("approval", "refused");
+                    state.notifier.refusal(service, "approval", &asking);
                     req.extensions_mut()
                         .insert(PolicyNote(format!("rule=approval policy={asking}")));
                     return Err(ApiError::PolicyDenied(format!(
@@ -112,6 +139,7 @@ pub async fn enforce(
                 }
             };
             state.metrics.policy_decision(rule, "refused");
+            state.notifier.refusal(service, rule, &policy);
             tracing::warn!(rule, policy = %policy, "use refused by the owner's policy");
             req.extensions_mut()
                 .insert(PolicyNote(format!("rule={rule} policy={policy}")));

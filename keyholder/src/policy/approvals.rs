@@ -72,6 +72,7 @@ impl Approvals {
         &self,
         store: &Store,
         pending: PendingApproval,
+        link_hash: [u8; 32],
     ) -> Result<Decision, VaultError> {
         let (tx, rx) = oneshot::channel();
         if let Ok(mut waiters) = self.waiters.lock() {
@@ -83,9 +84,9 @@ impl Approvals {
         let inserted = store
             .write(move |conn| {
                 conn.execute(
-                    "INSERT INTO policy_approvals (id, policy, service, agent, client, endpoint, created_at, expires_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                    params![row.id, row.policy, row.service, row.agent, row.client, row.endpoint, row.created_at, row.expires_at],
+                    "INSERT INTO policy_approvals (id, policy, service, agent, client, endpoint, created_at, expires_at, link_hash)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                    params![row.id, row.policy, row.service, row.agent, row.client, row.endpoint, row.created_at, row.expires_at, link_hash.to_vec()],
                 )?;
                 Ok(())
             })
@@ -197,4 +198,42 @@ pub fn decide(conn: &Connection, id: &str, approve: bool, now: i64) -> Result<bo
         [now - 86_400],
     )?;
     Ok(changed > 0)
+}
+
+/// The pending use `id` if `token` is its link's token (compared in constant time).
+pub fn pending_for_link(
+    conn: &Connection,
+    id: &str,
+    token: &str,
+    now: i64,
+) -> Result<Option<PendingApproval>, StoreError> {
+    use sha2::Digest as _;
+    use subtle::ConstantTimeEq as _;
+    let row: Option<(Vec<u8>, PendingApproval)> = conn
+        .query_row(
+            "SELECT link_hash, id, policy, service, agent, client, endpoint, created_at, expires_at
+             FROM policy_approvals WHERE id = ?1 AND decision IS NULL AND expires_at > ?2",
+            params![id, now],
+            |r| {
+                Ok((
+                    r.get(0)?,
+                    PendingApproval {
+                        id: r.get(1)?,
+                        policy: r.get(2)?,
+                        service: r.get(3)?,
+                        agent: r.get(4)?,
+                        client: r.get(5)?,
+                        endpoint: r.get(6)?,
+                        created_at: r.get(7)?,
+                        expires_at: r.get(8)?,
+                    },
+                ))
+            },
+        )
+        .optional()?;
+    let Some((stored, pending)) = row else {
+        return Ok(None);
+    };
+    let given = sha2::Sha256::digest(token.as_bytes());
+    Ok(bool::from(stored.as_slice().ct_eq(given.as_slice())).then_some(pending))
 }

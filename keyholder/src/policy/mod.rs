@@ -8,6 +8,7 @@
 //! nothing; a use that then fails gives its count back.
 
 pub mod approvals;
+pub mod notify;
 pub mod rules;
 
 use std::collections::{BTreeMap, HashMap};

@@ -80,7 +80,8 @@ const MIGRATIONS: &[&str] = &[
      CREATE TABLE policy_approvals (
         id TEXT PRIMARY KEY, policy TEXT NOT NULL, service TEXT NOT NULL, agent TEXT NOT NULL,
         client TEXT NOT NULL, endpoint TEXT NOT NULL, created_at INTEGER NOT NULL,
-        expires_at INTEGER NOT NULL, decision TEXT, decided_at INTEGER) WITHOUT ROWID;",
+        expires_at INTEGER NOT NULL, decision TEXT, decided_at INTEGER,
+        link_hash BLOB NOT NULL) WITHOUT ROWID;",
 ];
 
 /// Applies every migration newer than the database's version, each in its own transaction.
