@@ -38,6 +38,8 @@ pub struct AppState {
     pub audit: AuditRecorder,
     /// Notifications to the owner (custody-policy approvals and refusals).
     pub notifier: crate::policy::notify::Notifier,
+    /// The owner's country database (`serve --geoip-db`), for `--geo` rules.
+    pub geoip: Option<maxminddb::Reader<Vec<u8>>>,
     /// The per-client-address request limit (`--rate-limit-per-ip`), when configured.
     pub rate_limit: Option<crate::http::rate_limit::RateLimiter>,
 }
@@ -210,6 +212,15 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         platform_ips: config.platform_ips.clone(),
         trusted_proxies: config.trusted_proxies.clone(),
     };
+    let geoip = match &config.geoip_db {
+        Some(path) => Some(maxminddb::Reader::open_readfile(path).with_context(|| {
+            format!(
+                "--geoip-db / KEYHOLDER_GEOIP_DB: cannot read the country database {}",
+                path.display()
+            )
+        })?),
+        None => None,
+    };
     let config = Arc::new(config);
     let (audit, audit_queue) = AuditRecorder::new();
     let state = Data::new(AppState {
@@ -219,6 +230,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         upstream,
         config: Arc::clone(&config),
         audit,
+        geoip,
         notifier: crate::policy::notify::Notifier::new(config.notify_url.clone(), config.notify_on),
         rate_limit: config
             .rate_limit_per_ip

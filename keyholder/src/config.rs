@@ -160,6 +160,9 @@ pub struct ServeArgs {
     /// one-time link to this keyholder's approval page) and, per --notify-on, for refusals.
     #[arg(long, env = "KEYHOLDER_NOTIFY_URL", value_name = "URL")]
     pub notify_url: Option<String>,
+    /// MaxMind-format country database (e.g. GeoLite2-Country.mmdb) for custody policies' --geo.
+    #[arg(long, env = "KEYHOLDER_GEOIP_DB", value_name = "FILE")]
+    pub geoip_db: Option<PathBuf>,
     /// What is notified: approvals (default), refusals or all (rate-limited).
     #[arg(long, env = "KEYHOLDER_NOTIFY_ON", default_value = "approvals", value_parser = ["approvals", "refusals", "all"])]
     pub notify_on: String,
@@ -213,6 +216,8 @@ pub struct Config {
     pub notify_url: Option<String>,
     /// What is notified.
     pub notify_on: crate::policy::notify::NotifyOn,
+    /// The country database for `--geo` rules.
+    pub geoip_db: Option<PathBuf>,
 }
 
 /// Parses `--rate-limit-per-ip`: `N/min` with N in 1-1000000 (`N` alone means the same).
@@ -331,6 +336,7 @@ impl Config {
             rate_limit_per_ip: None,
             notify_url: None,
             notify_on: crate::policy::notify::NotifyOn::Approvals,
+            geoip_db: None,
         }
     }
 
@@ -456,6 +462,7 @@ impl Config {
                 .filter(|s| !s.trim().is_empty())
                 .map(|u| validate_notify_url(u.trim()))
                 .transpose()?,
+            geoip_db: args.geoip_db.clone(),
             notify_on: crate::policy::notify::NotifyOn::parse(&args.notify_on).ok_or_else(
                 || {
                     invalid(

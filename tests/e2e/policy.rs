@@ -880,3 +880,61 @@ async fn refusal_notifications_are_rate_limited_so_a_flood_cannot_spam_the_owner
         && !n.to_string().contains("agent_flood")));
     kh.stop().await;
 }
+
+/// `--geo` with an owner-provided MaxMind-format database (built here by the tests' own writer):
+/// loopback maps to DE, so `--geo DE` allows, `--geo FR,NL` refuses, and an address the
+/// database does not know is refused too (as it is when no database is configured).
+#[tokio::test]
+async fn geo_rules_read_the_owners_country_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("countries.mmdb");
+    std::fs::write(
+        &db,
+        keyholder_tests::mmdb::country_db(&[
+            ("127.0.0.0".parse().unwrap(), 8, "DE"),
+            ("10.0.0.0".parse().unwrap(), 8, "FR"),
+        ]),
+    )
+    .unwrap();
+    let mut kh = Keyholder::start_with(|c| c.geoip_db = Some(db.clone())).await;
+    kh.bind().await;
+    kh.store("github", json!({"accessToken": TOKEN})).await;
+    policy(&kh, &["create", "eu", "--geo", "fr,nl"])
+        .await
+        .unwrap();
+    policy(&kh, &["attach", "eu", "--service", "github"])
+        .await
+        .unwrap();
+    assert_refused(
+        &kh.credential("github").await,
+        403,
+        "policy_denied",
+        "client country not allowed (FR,NL)",
+    );
+    policy(&kh, &["update", "eu", "--geo", "DE,FR"])
+        .await
+        .unwrap();
+    assert_eq!(kh.credential("github").await.status, 200);
+    kh.stop().await;
+
+    // Loopback not in the database: unknown country, refused.
+    std::fs::write(
+        &db,
+        keyholder_tests::mmdb::country_db(&[("10.0.0.0".parse().unwrap(), 8, "DE")]),
+    )
+    .unwrap();
+    kh.restart().await;
+    kh.credential("github")
+        .await
+        .assert_error(403, "policy_denied");
+    // Without a database nothing can be shown to be in an allowed country.
+    kh.stop().await;
+    kh.config.geoip_db = None;
+    kh.restart().await;
+    kh.credential("github")
+        .await
+        .assert_error(403, "policy_denied");
+    assert!(policy(&kh, &["update", "eu", "--geo", "Germany"])
+        .await
+        .is_err());
+}

@@ -46,6 +46,9 @@ pub struct RuleArgs {
     /// Allowed agent ids (the ticket's aid).
     #[arg(long, value_name = "AID[,AID]", value_delimiter = ',')]
     pub agents: Vec<String>,
+    /// Allowed client countries (ISO codes; needs `serve --geoip-db`).
+    #[arg(long, value_name = "CC[,CC]", value_delimiter = ',')]
+    pub geo: Vec<String>,
     /// Each use waits (held open) for the owner's `keyholder approve ID`.
     #[arg(long)]
     pub approval: bool,
@@ -88,6 +91,13 @@ impl RuleArgs {
         }
         if !self.agents.is_empty() {
             base.agents = self.agents.iter().map(|s| s.trim().to_string()).collect();
+        }
+        if !self.geo.is_empty() {
+            base.geo = self
+                .geo
+                .iter()
+                .map(|s| s.trim().to_ascii_uppercase())
+                .collect();
         }
         if self.approval {
             base.approval = true;

@@ -30,7 +30,16 @@ pub async fn enforce(
     claims: Option<&TicketClaims>,
 ) -> Result<Admission, ApiError> {
     let client = state.network.client_ip(req)?;
+    let country = match (&state.geoip, client) {
+        (Some(db), Some(ip)) if state.vault.policy.needs_geo() => db
+            .lookup::<maxminddb::geoip2::Country>(ip)
+            .ok()
+            .flatten()
+            .and_then(|c| c.country.and_then(|c| c.iso_code.map(str::to_string))),
+        _ => None,
+    };
     let request = UseRequest {
+        country: country.as_deref(),
         endpoint,
         service,
         agent: claims.and_then(|c| c.aid.as_deref()),

@@ -87,6 +87,8 @@ pub struct UseRequest<'a> {
     pub proxy: Option<&'a str>,
     /// The client address (the agent's, or the platform's for `/v1/proxy`).
     pub client: Option<IpAddr>,
+    /// The client address's country, looked up only when a policy has a `geo` rule.
+    pub country: Option<&'a str>,
 }
 
 /// Why a use was refused. The message names the rule and the owner's setting, never a value the
@@ -154,6 +156,8 @@ struct Entry {
 #[derive(Default)]
 struct Snapshot {
     by_target: HashMap<(TargetKind, String), Vec<Arc<Entry>>>,
+    /// Some attached policy has a `geo` rule (so the client's country is worth looking up).
+    needs_geo: bool,
 }
 
 /// The policies in force and their counters.
@@ -208,6 +212,10 @@ impl PolicyEngine {
         let mut snapshot = Snapshot::default();
         for a in attachments {
             if let Some(entry) = entries.get(&a.policy) {
+                snapshot.needs_geo |= entry
+                    .compiled
+                    .as_ref()
+                    .is_ok_and(|c| !c.countries.is_empty());
                 snapshot
                     .by_target
                     .entry((a.kind, a.target))
@@ -484,6 +492,11 @@ impl PolicyEngine {
         }
     }
 
+    /// Whether some attached policy has a `geo` rule.
+    pub fn needs_geo(&self) -> bool {
+        self.snapshot().needs_geo
+    }
+
     /// The names of the policies attached to a service itself (for `/v1/storage list` meta).
     pub fn service_policies(&self, service: &str) -> Vec<String> {
         self.snapshot()
@@ -541,6 +554,15 @@ fn check_fixed(
             format!(
                 "client address not allowed ({})",
                 c.rules.client_ip.join(",")
+            ),
+        ));
+    }
+    if !c.countries.is_empty() && !request.country.is_some_and(|cc| c.countries.contains(cc)) {
+        return Err(deny(
+            "geo",
+            format!(
+                "client country not allowed ({})",
+                c.countries.iter().cloned().collect::<Vec<_>>().join(",")
             ),
         ));
     }

@@ -71,6 +71,9 @@ pub struct Rules {
     /// Allowed agent ids (the ticket's `aid`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub agents: Vec<String>,
+    /// Allowed countries of the client address (ISO 3166-1 alpha-2, from `serve --geoip-db`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub geo: Vec<String>,
     /// Each use waits for the owner's approval.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub approval: bool,
@@ -213,6 +216,8 @@ pub struct Compiled {
     pub agents: BTreeSet<String>,
     /// Seconds to wait for the owner's approval (None: no approval needed).
     pub approval: Option<u64>,
+    /// Allowed client countries (empty: any).
+    pub countries: BTreeSet<String>,
 }
 
 fn parse_net(text: &str) -> Result<IpNet, VaultError> {
@@ -267,7 +272,18 @@ impl Rules {
             }
             (true, secs) => Some(secs.unwrap_or(DEFAULT_APPROVAL_TIMEOUT_SECS)),
         };
+        let mut countries = BTreeSet::new();
+        for code in &self.geo {
+            let code = code.trim().to_ascii_uppercase();
+            if code.len() != 2 || !code.bytes().all(|b| b.is_ascii_uppercase()) {
+                return Err(invalid(format!(
+                    "--geo '{code}': expected ISO 3166-1 alpha-2 country codes such as DE,FR"
+                )));
+            }
+            countries.insert(code);
+        }
         Ok(Compiled {
+            countries,
             approval,
             rules: self.clone(),
             inject_only: self.delivery == Some(Delivery::InjectOnly),
@@ -313,6 +329,9 @@ impl Rules {
         }
         if !self.agents.is_empty() {
             lines.push(format!("agents {}", self.agents.join(",")));
+        }
+        if !self.geo.is_empty() {
+            lines.push(format!("geo {}", self.geo.join(",")));
         }
         if self.approval {
             lines.push(format!(
