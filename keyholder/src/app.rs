@@ -153,6 +153,20 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     )
     .await
     .context("cannot open the key ring")?;
+    if let Some(path) = config.policy_file.clone() {
+        let declared = crate::policy::file::read(&path)
+            .with_context(|| format!("--policy-file / KEYHOLDER_POLICY_FILE {}", path.display()))?;
+        let count = declared.len();
+        store
+            .write(move |conn| {
+                crate::policy::file::apply(conn, &declared)
+                    .map_err(|e| crate::store::StoreError::Domain(Box::new(e)))
+            })
+            .await
+            .with_context(|| format!("--policy-file / KEYHOLDER_POLICY_FILE {}", path.display()))?;
+        vault.policy.reload(&store).await?;
+        tracing::info!(policies = count, file = %path.display(), "applied the policy file");
+    }
     // Protocol 2.4.0: links kept by earlier versions are sealed before anything is served.
     match vault.migrate_totp_links().await {
         Ok(report) if report.migrated > 0 || report.failed > 0 => tracing::info!(

@@ -160,6 +160,9 @@ pub struct ServeArgs {
     /// one-time link to this keyholder's approval page) and, per --notify-on, for refusals.
     #[arg(long, env = "KEYHOLDER_NOTIFY_URL", value_name = "URL")]
     pub notify_url: Option<String>,
+    /// TOML file declaring custody policies and attachments (applied at start; see the README).
+    #[arg(long, env = "KEYHOLDER_POLICY_FILE", value_name = "FILE")]
+    pub policy_file: Option<PathBuf>,
     /// MaxMind-format country database (e.g. GeoLite2-Country.mmdb) for custody policies' --geo.
     #[arg(long, env = "KEYHOLDER_GEOIP_DB", value_name = "FILE")]
     pub geoip_db: Option<PathBuf>,
@@ -218,6 +221,8 @@ pub struct Config {
     pub notify_on: crate::policy::notify::NotifyOn,
     /// The country database for `--geo` rules.
     pub geoip_db: Option<PathBuf>,
+    /// Policies declared in TOML.
+    pub policy_file: Option<PathBuf>,
 }
 
 /// Parses `--rate-limit-per-ip`: `N/min` with N in 1-1000000 (`N` alone means the same).
@@ -337,6 +342,7 @@ impl Config {
             notify_url: None,
             notify_on: crate::policy::notify::NotifyOn::Approvals,
             geoip_db: None,
+            policy_file: None,
         }
     }
 
@@ -463,6 +469,7 @@ impl Config {
                 .map(|u| validate_notify_url(u.trim()))
                 .transpose()?,
             geoip_db: args.geoip_db.clone(),
+            policy_file: args.policy_file.clone(),
             notify_on: crate::policy::notify::NotifyOn::parse(&args.notify_on).ok_or_else(
                 || {
                     invalid(

@@ -938,3 +938,124 @@ async fn geo_rules_read_the_owners_country_database() {
         .await
         .is_err());
 }
+
+fn names(views: &[PolicyView]) -> Vec<(String, String)> {
+    views
+        .iter()
+        .map(|v| (v.policy.name.clone(), v.policy.source.clone()))
+        .collect()
+}
+
+async fn list(kh: &Keyholder) -> Vec<PolicyView> {
+    match policy(kh, &["list", "--json"]).await.unwrap() {
+        PolicyOutcome::Views(views, true) => views,
+        _ => panic!("list prints views"),
+    }
+}
+
+#[tokio::test]
+async fn a_policy_file_declares_policies_that_the_cli_shows_and_does_not_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("policies.toml");
+    std::fs::write(
+        &file,
+        r#"
+[[policy]]
+name = "gh-proxy"
+delivery = "inject-only"
+attach = { services = ["github"] }
+
+[[policy]]
+name = "office"
+agents = ["agent_a"]
+hours = ["Mon-Sun 00:00-24:00"]
+time-zone = "Europe/Berlin"
+max-uses = 100
+per = "day"
+attach = { services = ["gitlab"] }
+"#,
+    )
+    .unwrap();
+    let path = file.clone();
+    let mut kh = Keyholder::start_with(move |c| c.policy_file = Some(path)).await;
+    kh.bind().await;
+    kh.store("github", json!({"accessToken": TOKEN})).await;
+    kh.store("gitlab", json!({"accessToken": "glpat_file"}))
+        .await;
+    assert_refused(
+        &kh.credential("github").await,
+        403,
+        "policy_denied",
+        "inject-only",
+    );
+    let gitlab = with_agent(&kh, Purpose::AgentCredential, "gitlab", Some("agent_a"));
+    assert_eq!(kh.credential_with(&gitlab, "gitlab").await.status, 200);
+    let views = list(&kh).await;
+    assert_eq!(
+        names(&views),
+        vec![
+            ("gh-proxy".to_string(), "file".to_string()),
+            ("office".to_string(), "file".to_string())
+        ]
+    );
+    assert_eq!(views[0].attachments[0].source, "file");
+    assert!(views[0].lines()[0].contains("from the policy file"));
+    // The CLI shows them but does not change them.
+    for args in [
+        vec!["update", "gh-proxy", "--rate", "1/s"],
+        vec!["delete", "gh-proxy"],
+        vec!["detach", "gh-proxy", "--service", "github"],
+    ] {
+        let err = policy(&kh, &args).await.err().unwrap().to_string();
+        assert!(err.contains("policy file"), "{args:?}: {err}");
+    }
+    policy(&kh, &["create", "extra", "--rate", "100/s"])
+        .await
+        .unwrap();
+
+    // The next start applies the edited file: gone from the file, gone; CLI policies stay.
+    std::fs::write(
+        &file,
+        "[[policy]]\nname = \"office\"\nagents = [\"agent_b\"]\nattach = { services = [\"gitlab\"] }\n",
+    )
+    .unwrap();
+    kh.restart().await;
+    assert_eq!(kh.credential("github").await.status, 200);
+    kh.credential_with(
+        &with_agent(&kh, Purpose::AgentCredential, "gitlab", Some("agent_a")),
+        "gitlab",
+    )
+    .await
+    .assert_error(403, "policy_denied");
+    assert_eq!(
+        names(&list(&kh).await),
+        vec![
+            ("extra".to_string(), "cli".to_string()),
+            ("office".to_string(), "file".to_string())
+        ]
+    );
+    kh.stop().await;
+
+    // A name used by the CLI and the file, or a bad file, stops the start with the file named.
+    for (text, expected) in [
+        ("[[policy]]\nname = \"extra\"\n", "also made with the CLI"),
+        (
+            "[[policy]]\nname = \"x\"\ncolour = \"red\"\n",
+            "unknown field",
+        ),
+        (
+            "[[policy]]\nname = \"x\"\nhours = [\"Mon 9-5\"]\n",
+            "--hours",
+        ),
+    ] {
+        std::fs::write(&file, text).unwrap();
+        let err = match keyholder::start(kh.config.clone()).await {
+            Ok(_) => panic!("started with {text}"),
+            Err(err) => format!("{err:#}"),
+        };
+        assert!(
+            err.contains("policies.toml") && err.contains(expected),
+            "{err}"
+        );
+    }
+}

@@ -256,11 +256,18 @@ impl PolicyView {
         if self.attachments.is_empty() {
             out.push("  attached to: (nothing)".into());
         }
-        out.extend(
-            self.attachments
-                .iter()
-                .map(|a| format!("  attached to: {} {}", a.kind.as_str(), a.target)),
-        );
+        out.extend(self.attachments.iter().map(|a| {
+            format!(
+                "  attached to: {} {}{}",
+                a.kind.as_str(),
+                a.target,
+                if a.source == "file" {
+                    " (from the policy file)"
+                } else {
+                    ""
+                }
+            )
+        }));
         out.extend(
             self.usage
                 .iter()
@@ -332,11 +339,20 @@ pub fn run(args: &PolicyArgs) -> anyhow::Result<PolicyOutcome> {
                 .into_iter()
                 .find(|p| &p.name == name)
                 .ok_or_else(|| anyhow::anyhow!("no policy '{name}'"))?;
+            if current.source == "file" {
+                anyhow::bail!("policy '{name}' comes from the policy file (serve --policy-file): edit the file");
+            }
             let next = rules.apply(current.rules)?;
             policy::put_policy(tx, name, &next, false, "cli")?;
             Ok(format!("policy '{name}' updated"))
         }),
         PolicyAction::Delete { data, name } => change(data, "policy delete", name, |tx| {
+            if policy::load_policies(tx)?
+                .iter()
+                .any(|p| &p.name == name && p.source == "file")
+            {
+                anyhow::bail!("policy '{name}' comes from the policy file (serve --policy-file): edit the file");
+            }
             if !policy::delete_policy(tx, name)? {
                 anyhow::bail!("no policy '{name}'");
             }
@@ -355,6 +371,11 @@ pub fn run(args: &PolicyArgs) -> anyhow::Result<PolicyOutcome> {
         PolicyAction::Detach { data, name, target } => {
             let (kind, target) = target.target()?;
             change(data, "policy detach", name, |tx| {
+                if policy::load_attachments(tx)?.iter().any(|a| {
+                    &a.policy == name && a.kind == kind && a.target == target && a.source == "file"
+                }) {
+                    anyhow::bail!("this attachment comes from the policy file (serve --policy-file): edit the file");
+                }
                 if !policy::set_attachment(tx, name, kind, &target, false)? {
                     anyhow::bail!(
                         "policy '{name}' is not attached to {} {target}",

@@ -8,6 +8,7 @@
 //! nothing; a use that then fails gives its count back.
 
 pub mod approvals;
+pub mod file;
 pub mod notify;
 pub mod rules;
 
@@ -596,6 +597,8 @@ pub struct Attachment {
     pub kind: TargetKind,
     /// The service, agent id or proxy config id.
     pub target: String,
+    /// `cli` or `file`.
+    pub source: String,
 }
 
 /// Every stored policy, by name.
@@ -625,22 +628,24 @@ pub fn load_policies(conn: &Connection) -> Result<Vec<StoredPolicy>, StoreError>
 /// Every attachment.
 pub fn load_attachments(conn: &Connection) -> Result<Vec<Attachment>, StoreError> {
     let mut stmt = conn.prepare(
-        "SELECT policy, kind, target FROM policy_attachments ORDER BY policy, kind, target",
+        "SELECT policy, kind, target, source FROM policy_attachments ORDER BY policy, kind, target",
     )?;
     let rows = stmt.query_map([], |r| {
         Ok((
             r.get::<_, String>(0)?,
             r.get::<_, String>(1)?,
             r.get::<_, String>(2)?,
+            r.get::<_, String>(3)?,
         ))
     })?;
     let mut out = Vec::new();
     for row in rows {
-        let (policy, kind, target) = row?;
+        let (policy, kind, target, source) = row?;
         out.push(Attachment {
             policy,
             kind: TargetKind::parse(&kind)?,
             target,
+            source,
         });
     }
     Ok(out)

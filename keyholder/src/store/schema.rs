@@ -73,7 +73,7 @@ const MIGRATIONS: &[&str] = &[
         updated_at INTEGER NOT NULL) WITHOUT ROWID;
      CREATE TABLE policy_attachments (
         policy TEXT NOT NULL, kind TEXT NOT NULL, target TEXT NOT NULL,
-        PRIMARY KEY (policy, kind, target)) WITHOUT ROWID;
+        source TEXT NOT NULL DEFAULT 'cli', PRIMARY KEY (policy, kind, target)) WITHOUT ROWID;
      CREATE TABLE policy_usage (
         policy TEXT NOT NULL, target TEXT NOT NULL, period TEXT NOT NULL, count INTEGER NOT NULL,
         PRIMARY KEY (policy, target, period)) WITHOUT ROWID;
