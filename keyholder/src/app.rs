@@ -141,6 +141,21 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     let metrics = Arc::new(Metrics::new());
     let store = Store::open_observed(&config.data_dir, Some(metrics.commit_observer()))
         .with_context(|| format!("cannot open the database in {}", config.data_dir.display()))?;
+    // Before the vault opens, so it starts at the owner generation the file's changes bumped
+    // (a reload racing the first requests would be needless).
+    if let Some(path) = config.policy_file.clone() {
+        let declared = crate::policy::file::read(&path)
+            .with_context(|| format!("--policy-file / KEYHOLDER_POLICY_FILE {}", path.display()))?;
+        let count = declared.len();
+        store
+            .write(move |conn| {
+                crate::policy::file::apply(conn, &declared)
+                    .map_err(|e| crate::store::StoreError::Domain(Box::new(e)))
+            })
+            .await
+            .with_context(|| format!("--policy-file / KEYHOLDER_POLICY_FILE {}", path.display()))?;
+        tracing::info!(policies = count, file = %path.display(), "applied the policy file");
+    }
     let settings = VaultSettings {
         max_ticket_lifetime: config.max_ticket_lifetime,
         capabilities: keyholder_protocol::paths::capabilities(config.enable_tv_refresh),
@@ -153,20 +168,6 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     )
     .await
     .context("cannot open the key ring")?;
-    if let Some(path) = config.policy_file.clone() {
-        let declared = crate::policy::file::read(&path)
-            .with_context(|| format!("--policy-file / KEYHOLDER_POLICY_FILE {}", path.display()))?;
-        let count = declared.len();
-        store
-            .write(move |conn| {
-                crate::policy::file::apply(conn, &declared)
-                    .map_err(|e| crate::store::StoreError::Domain(Box::new(e)))
-            })
-            .await
-            .with_context(|| format!("--policy-file / KEYHOLDER_POLICY_FILE {}", path.display()))?;
-        vault.policy.reload(&store).await?;
-        tracing::info!(policies = count, file = %path.display(), "applied the policy file");
-    }
     // Protocol 2.4.0: links kept by earlier versions are sealed before anything is served.
     match vault.migrate_totp_links().await {
         Ok(report) if report.migrated > 0 || report.failed > 0 => tracing::info!(

@@ -19,6 +19,7 @@ use std::time::Instant;
 
 use rusqlite::{params, Connection};
 use serde::Serialize;
+use tokio::sync::oneshot;
 
 use crate::store::{Store, StoreError};
 use crate::vault::VaultError;
@@ -169,6 +170,18 @@ pub struct PolicyEngine {
     usage: Mutex<HashMap<UsageKey, UsageCount>>,
     /// Uses held for the owner's approval.
     pub approvals: approvals::Approvals,
+    batch: Arc<Mutex<UsageBatch>>,
+}
+
+/// Usage increments waiting for the writer (see [`PolicyEngine::record_uses`]).
+#[derive(Default)]
+struct UsageBatch {
+    increments: HashMap<UsageKey, u64>,
+    waiters: Vec<oneshot::Sender<Result<(), String>>>,
+    /// A job is queued and has not been taken by the writer yet.
+    queued: bool,
+    /// Batches taken by the writer so far.
+    taken: u64,
 }
 
 fn target_label(kind: TargetKind, target: &str) -> String {
@@ -408,8 +421,10 @@ impl PolicyEngine {
         Ok(keys)
     }
 
-    /// Makes the reserved counts durable (one group-committed write; nothing to do without caps).
-    /// Called before anything is decrypted, so a crash never forgets a use that happened.
+    /// Makes the reserved counts durable before anything is decrypted, so a crash never forgets a
+    /// use that happened. Concurrent uses share one job in the store's group commit: the first
+    /// queues it, the others add their increments to it until the writer takes it (one upsert per
+    /// counter per commit, not per use), and each resolves once that commit is on disk.
     pub async fn record_uses(
         &self,
         store: &Store,
@@ -418,19 +433,25 @@ impl PolicyEngine {
         if admission.uses.is_empty() {
             return Ok(());
         }
-        let keys = admission.uses.clone();
-        let written = store
-            .write(move |conn| {
-                for key in &keys {
-                    conn.execute(
-                        "INSERT INTO policy_usage (policy, target, period, count) VALUES (?1, ?2, ?3, 1)
-                         ON CONFLICT(policy, target, period) DO UPDATE SET count = count + 1",
-                        params![key.policy, key.target, key.period],
-                    )?;
-                }
-                Ok(())
-            })
-            .await;
+        let (tx, rx) = oneshot::channel();
+        let queue = {
+            let Ok(mut batch) = self.batch.lock() else {
+                return Err(VaultError::Corrupt("usage batch lock".into()));
+            };
+            for key in &admission.uses {
+                *batch.increments.entry(key.clone()).or_default() += 1;
+            }
+            batch.waiters.push(tx);
+            (!std::mem::replace(&mut batch.queued, true)).then_some(batch.taken)
+        };
+        if let Some(taken_before) = queue {
+            self.queue_batch(store, taken_before);
+        }
+        let written = match rx.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(text)) => Err(VaultError::Store(StoreError::Corrupt(text))),
+            Err(_) => Err(VaultError::Store(StoreError::WriterGone)),
+        };
         if let Ok(mut usage) = self.usage.lock() {
             for key in &admission.uses {
                 let count = usage.entry(key.clone()).or_default();
@@ -447,8 +468,71 @@ impl PolicyEngine {
             }
             Err(err) => {
                 admission.uses.clear();
-                Err(err.into())
+                Err(err)
             }
+        }
+    }
+
+    fn queue_batch(&self, store: &Store, taken_before: u64) {
+        let batch = Arc::clone(&self.batch);
+        let job = store.submit(move |conn| {
+            let (increments, waiters) = match batch.lock() {
+                Ok(mut b) => {
+                    b.queued = false;
+                    b.taken += 1;
+                    (
+                        std::mem::take(&mut b.increments),
+                        std::mem::take(&mut b.waiters),
+                    )
+                }
+                Err(_) => return Err(StoreError::Corrupt("usage batch lock".into())),
+            };
+            // All or none of this batch, whatever else shares the commit.
+            conn.execute_batch("SAVEPOINT policy_usage")?;
+            let mut written = Ok(());
+            for (key, n) in &increments {
+                if let Err(err) = conn.execute(
+                    "INSERT INTO policy_usage (policy, target, period, count) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT(policy, target, period) DO UPDATE SET count = count + ?4",
+                    params![key.policy, key.target, key.period, *n as i64],
+                ) {
+                    written = Err(err.to_string());
+                    break;
+                }
+            }
+            if written.is_ok() {
+                conn.execute_batch("RELEASE policy_usage")?;
+            } else {
+                conn.execute_batch("ROLLBACK TO policy_usage; RELEASE policy_usage")?;
+            }
+            Ok((waiters, written))
+        });
+        let batch = Arc::clone(&self.batch);
+        let fail_untaken = move || {
+            // The writer never took the batch: fail its waiters and let the next use queue anew.
+            if let Ok(mut b) = batch.lock() {
+                if b.taken == taken_before {
+                    b.queued = false;
+                    b.increments.clear();
+                    b.waiters.clear();
+                }
+            }
+        };
+        match job {
+            Ok(pending) => {
+                tokio::spawn(async move {
+                    match pending.await {
+                        Ok((waiters, written)) => {
+                            for waiter in waiters {
+                                let _ = waiter.send(written.clone());
+                            }
+                        }
+                        // Taken and dropped with the failed commit: its waiters see an error.
+                        Err(_) => fail_untaken(),
+                    }
+                });
+            }
+            Err(_) => fail_untaken(),
         }
     }
 
