@@ -577,6 +577,11 @@ impl PolicyEngine {
         }
     }
 
+    /// Whether any policy is attached anywhere (else every use is admitted as before).
+    pub fn is_active(&self) -> bool {
+        !self.snapshot().by_target.is_empty()
+    }
+
     /// Whether some attached policy has a `geo` rule.
     pub fn needs_geo(&self) -> bool {
         self.snapshot().needs_geo
