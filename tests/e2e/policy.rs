@@ -157,11 +157,54 @@ async fn inject_only_refuses_every_hand_out_path_while_the_proxy_still_injects()
         Some(format!("Bearer {TOKEN}").as_str())
     );
 
+    // The platform's storage list names the policy on the token's meta (nothing more), and a
+    // name the platform writes there itself is not shown.
+    let meta_of = |list: serde_json::Value, key: &str| {
+        list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["key"] == key)
+            .unwrap()["meta"]
+            .clone()
+    };
+    let list = kh
+        .storage(json!({"operation": "list", "collection": "tokens"}))
+        .await
+        .json();
+    assert_eq!(
+        meta_of(list.clone(), "github")["keyholderPolicies"],
+        json!(["proxy-only"])
+    );
+    assert!(!list.to_string().contains("inject-only"));
+    let forged = kh
+        .storage(
+            json!({"operation": "set", "collection": "tokens", "key": "forged",
+                        "data": {"meta": {"keyholderPolicies": ["owner-approved"]}}}),
+        )
+        .await;
+    assert_eq!(
+        forged.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&forged.body)
+    );
+    let list = kh
+        .storage(json!({"operation": "list", "collection": "tokens"}))
+        .await
+        .json();
+    assert!(meta_of(list, "forged").get("keyholderPolicies").is_none());
+
     // Detached: handed out again (within the owner generation, no restart).
     policy(&kh, &["detach", "proxy-only", "--service", "github"])
         .await
         .unwrap();
     assert_eq!(kh.credential("github").await.status, 200);
+    let list = kh
+        .storage(json!({"operation": "list", "collection": "tokens"}))
+        .await
+        .json();
+    assert!(meta_of(list, "github").get("keyholderPolicies").is_none());
 
     // Every decision is in the signed audit trail by policy and rule, and in the metrics.
     kh.server.as_ref().unwrap().state.audit.flush().await;

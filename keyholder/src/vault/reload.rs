@@ -175,11 +175,12 @@ impl Vault {
                 })
             })
             .await?;
+        // Policies first (list items name them; the cache is cleared after), and before the seal:
+        // a change is in force by the time it is reported picked up.
+        self.policy.reload(self.store()).await?;
         // Documents may have changed under us (rewrap, import): read them afresh.
         self.cache.clear();
         self.egress_cache.clear();
-        // Policies before the seal: a change is in force by the time it is reported picked up.
-        self.policy.reload(self.store()).await?;
         // The seal applies whatever happens to the keys.
         self.sealed
             .store(reloaded.sealed, std::sync::atomic::Ordering::Release);
