@@ -156,6 +156,19 @@ pub struct ServeArgs {
     /// and a signed prune entry is appended). Default: keep every entry.
     #[arg(long, env = "KEYHOLDER_AUDIT_RETENTION_DAYS", value_parser = clap::value_parser!(u32).range(1..=36_500))]
     pub audit_retention_days: Option<u32>,
+    /// POST an ntfy-compatible JSON notification here for each use held for approval (with a
+    /// one-time link to this keyholder's approval page) and, per --notify-on, for refusals.
+    #[arg(long, env = "KEYHOLDER_NOTIFY_URL", value_name = "URL")]
+    pub notify_url: Option<String>,
+    /// TOML file declaring custody policies and attachments (applied at start; see the README).
+    #[arg(long, env = "KEYHOLDER_POLICY_FILE", value_name = "FILE")]
+    pub policy_file: Option<PathBuf>,
+    /// MaxMind-format country database (e.g. GeoLite2-Country.mmdb) for custody policies' --geo.
+    #[arg(long, env = "KEYHOLDER_GEOIP_DB", value_name = "FILE")]
+    pub geoip_db: Option<PathBuf>,
+    /// What is notified: approvals (default), refusals or all (rate-limited).
+    #[arg(long, env = "KEYHOLDER_NOTIFY_ON", default_value = "approvals", value_parser = ["approvals", "refusals", "all"])]
+    pub notify_on: String,
 }
 
 /// A validated configuration.
@@ -202,6 +215,14 @@ pub struct Config {
     pub audit_retention: Option<Duration>,
     /// Requests per minute per client address (no limit when `None`).
     pub rate_limit_per_ip: Option<u32>,
+    /// The owner's notification endpoint (custody-policy approvals and refusals).
+    pub notify_url: Option<String>,
+    /// What is notified.
+    pub notify_on: crate::policy::notify::NotifyOn,
+    /// The country database for `--geo` rules.
+    pub geoip_db: Option<PathBuf>,
+    /// Policies declared in TOML.
+    pub policy_file: Option<PathBuf>,
 }
 
 /// Parses `--rate-limit-per-ip`: `N/min` with N in 1-1000000 (`N` alone means the same).
@@ -257,6 +278,16 @@ pub fn validate_url(setting: &'static str, value: &str) -> Result<String, Config
     Ok(value.trim_end_matches('/').to_string())
 }
 
+/// Checks `--notify-url`: an absolute http(s) URL (a query is allowed: some relays need one).
+pub fn validate_notify_url(value: &str) -> Result<String, ConfigError> {
+    const SETTING: &str = "--notify-url / KEYHOLDER_NOTIFY_URL";
+    let url = url::Url::parse(value).map_err(|e| invalid(SETTING, e.to_string()))?;
+    if !matches!(url.scheme(), "https" | "http") || url.host().is_none() {
+        return Err(invalid(SETTING, "must be an absolute http(s) URL"));
+    }
+    Ok(value.to_string())
+}
+
 /// Parses the metrics address. Metrics carry no secret but show traffic, so a non-loopback
 /// address needs the explicit `--metrics-public`.
 pub fn validate_metrics_listen(value: &str, public: bool) -> Result<SocketAddr, ConfigError> {
@@ -308,6 +339,10 @@ impl Config {
             metrics_listen: None,
             audit_retention: None,
             rate_limit_per_ip: None,
+            notify_url: None,
+            notify_on: crate::policy::notify::NotifyOn::Approvals,
+            geoip_db: None,
+            policy_file: None,
         }
     }
 
@@ -427,6 +462,22 @@ impl Config {
                 .filter(|s| !s.trim().is_empty())
                 .map(parse_rate_limit)
                 .transpose()?,
+            notify_url: args
+                .notify_url
+                .as_deref()
+                .filter(|s| !s.trim().is_empty())
+                .map(|u| validate_notify_url(u.trim()))
+                .transpose()?,
+            geoip_db: args.geoip_db.clone(),
+            policy_file: args.policy_file.clone(),
+            notify_on: crate::policy::notify::NotifyOn::parse(&args.notify_on).ok_or_else(
+                || {
+                    invalid(
+                        "--notify-on / KEYHOLDER_NOTIFY_ON",
+                        "expected approvals, refusals or all",
+                    )
+                },
+            )?,
         })
     }
 }

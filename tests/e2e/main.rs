@@ -16,6 +16,7 @@ mod openapi;
 mod ops;
 mod owner;
 mod persistence;
+mod policy;
 mod protocol24;
 mod proxy;
 mod refresh;

@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod certs;
+pub mod mmdb;
 pub mod webdriver;
 
 use std::net::SocketAddr;

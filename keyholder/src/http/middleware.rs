@@ -24,7 +24,7 @@ use tracing::Instrument;
 use super::error::ApiError;
 use super::extract::TicketContext;
 use crate::app::AppState;
-use crate::audit::{AuditEvent, UpstreamOrigin};
+use crate::audit::{AuditEvent, PolicyNote, UpstreamOrigin};
 use crate::vault::replay::DurabilityBarrier;
 
 /// The request id of the current request, in request extensions.
@@ -266,6 +266,10 @@ pub async fn keyholder_layer(
                 Some(code) => code.to_string(),
                 None if status.is_success() => "ok".to_string(),
                 None => status.as_u16().to_string(),
+            };
+            let result = match http_req.extensions().get::<PolicyNote>() {
+                Some(note) => format!("{result} {}", note.0),
+                None => result,
             };
             state.audit.record(AuditEvent {
                 at_ms: crate::audit::now_ms(),

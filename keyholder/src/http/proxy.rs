@@ -10,6 +10,7 @@ use keyholder_protocol::ErrorCode;
 
 use super::error::ApiError;
 use super::extract::ProxyCall;
+use super::policy::{enforce, settle};
 use crate::app::AppState;
 use crate::upstream::strip_hop_by_hop;
 
@@ -26,8 +27,21 @@ pub async fn proxy(
         upstream,
         templates,
     } = call;
+    // The owner's policies (the client address is the platform's: it makes this call).
+    let admission = enforce(
+        &req,
+        &state,
+        crate::policy::Endpoint::Proxy,
+        &service,
+        Some(&claims),
+    )
+    .await?;
     // 2.4.0: a ticket for a token that was replaced since is refused before any upstream call.
-    state.vault.check_creation(&service, &claims).await?;
+    let checked = state
+        .vault
+        .check_creation(&service, &claims)
+        .await
+        .map_err(ApiError::from);
     // The audit entry of this request names the upstream origin (never the path or query).
     if let Some(origin) = upstream
         .url
@@ -38,11 +52,15 @@ pub async fn proxy(
         req.extensions_mut()
             .insert(crate::audit::UpstreamOrigin(origin));
     }
-    let result = state
-        .vault
-        .proxy_call(&state.upstream, &service, upstream, templates, &request_id)
-        .await
-        .map_err(ApiError::from);
+    let result = match checked {
+        Ok(()) => state
+            .vault
+            .proxy_call(&state.upstream, &service, upstream, templates, &request_id)
+            .await
+            .map_err(ApiError::from),
+        Err(err) => Err(err),
+    };
+    let result = settle(&state, admission, result).await;
     let answer = match result {
         Ok(answer) => answer,
         Err(err) => {

@@ -566,6 +566,72 @@ pub fn credential_factory(secret: Arc<HmacSecret>) -> RequestFactory {
     })
 }
 
+/// The agent whose tickets the `credential_policy` scenario carries (its policy is attached to it).
+pub const POLICY_AGENT: &str = "bench_policy_agent";
+
+/// `credential` under a custody policy with a time window, client-ip, rate and usage cap
+/// (attached to [`POLICY_AGENT`] by [`create_policy`]); its own nonce space.
+pub fn credential_policy_factory(secret: Arc<HmacSecret>) -> RequestFactory {
+    Arc::new(move |n| {
+        let service = format!("bench-{:03}", n % 100);
+        let t = now();
+        let nonce = format!("{}pol{:016x}", keyholder_tests_nonce_prefix(), n);
+        let mut claims = TicketClaims::new(
+            "bench",
+            &service,
+            Purpose::AgentCredential,
+            t,
+            t + 60,
+            nonce,
+        );
+        claims.aid = Some(POLICY_AGENT.into());
+        let t = encode_ticket(&secret, &claims);
+        request(
+            "GET",
+            &format!("{PATH_CREDENTIAL}?ticket={t}&service={service}"),
+            &[],
+            b"",
+        )
+    })
+}
+
+/// The owner's policy for `credential_policy`: every rule that costs on the hot path and never
+/// refuses a bench request (all week, loopback, a huge rate and daily cap).
+pub fn create_policy(opts: &BenchOptions, data_dir: &Path) -> anyhow::Result<()> {
+    for args in [
+        vec![
+            "policy",
+            "create",
+            "bench",
+            "--hours",
+            "Mon-Sun 00:00-24:00",
+            "--time-zone",
+            "Europe/Berlin",
+            "--client-ip",
+            "127.0.0.0/8,::1/128",
+            "--rate",
+            "1000000/s",
+            "--max-uses",
+            "1000000000",
+            "--per",
+            "day",
+        ],
+        vec!["policy", "attach", "bench", "--agent", POLICY_AGENT],
+    ] {
+        let out = Command::new(&opts.keyholder_bin)
+            .args(&args)
+            .env("KEYHOLDER_DATA_DIR", data_dir)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "keyholder {args:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Signed storage list over the 100 stored documents.
 pub fn storage_list_factory(secret: Arc<HmacSecret>) -> RequestFactory {
     Arc::new(move |n| {

@@ -43,7 +43,7 @@ struct Args {
     /// The keyholder binary (default: next to this one).
     #[arg(long)]
     keyholder_bin: Option<PathBuf>,
-    /// Run only these scenarios (baseline, credential, storage_list, store, direct_upstream,
+    /// Run only these scenarios (baseline, credential, credential_policy, storage_list, store, direct_upstream,
     /// bare_forwarder, proxy).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
@@ -408,6 +408,8 @@ async fn run(opts: BenchOptions) -> anyhow::Result<()> {
         .await
         .context("populating 100 credentials")?;
     bench::allow_local_upstream(&opts, data.path(), 100)?;
+    bench::create_policy(&opts, data.path()).context("creating the bench custody policy")?;
+    // The server follows the owner's change within a quarter second.
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     let rss_idle = bench::rss_mb(keyholder.pid());
     let baseline = bench::start_baseline(opts.workers).await?;
@@ -438,6 +440,11 @@ async fn run(opts: BenchOptions) -> anyhow::Result<()> {
                 "credential",
                 &keyholder,
                 bench::credential_factory(Arc::clone(&secret)),
+            ),
+            (
+                "credential_policy",
+                &keyholder,
+                bench::credential_policy_factory(Arc::clone(&secret)),
             ),
             (
                 "storage_list",
@@ -530,6 +537,17 @@ async fn run(opts: BenchOptions) -> anyhow::Result<()> {
         "bare_forwarder_ratio": ratio("bare_forwarder", "direct_upstream"),
         "proxy_to_bare_forwarder_ratio": ratio("proxy", "bare_forwarder"),
         "credential_cpu_us": find(&results, "credential", head).and_then(|r| r.server_cpu_us),
+        "credential_policy_rps": rps("credential_policy"),
+        "credential_policy_cpu_us": find(&results, "credential_policy", head).and_then(|r| r.server_cpu_us),
+        // Issue 19: keyholder CPU per credential GET under a policy (window, client-ip, rate,
+        // usage cap) over one without; target <= 1.2.
+        "credential_policy_cpu_ratio": match (
+            find(&results, "credential_policy", head).and_then(|r| r.server_cpu_us),
+            find(&results, "credential", head).and_then(|r| r.server_cpu_us),
+        ) {
+            (Some(with), Some(without)) if without > 0.0 => Some(with / without),
+            _ => None,
+        },
         "proxy_cpu_us": find(&results, "proxy", head).and_then(|r| r.server_cpu_us),
         "rss_idle_mb": (rss_idle * 10.0).round() / 10.0,
         "rss_load_mb": (rss_load * 10.0).round() / 10.0,
