@@ -143,8 +143,9 @@ async fn inject_only_refuses_every_hand_out_path_while_the_proxy_still_injects()
         .await;
     assert_refused(&got, 403, "policy_denied", "inject-only");
 
-    // The proxy still injects it.
+    // The proxy still injects it (to an origin the owner allowed).
     let upstream = MockServer::ok().await;
+    kh.egress("allow", "github", &["127.0.0.1"], false).await;
     let proxied = kh.proxy_get("github", &upstream.url("/user")).await;
     assert_eq!(
         proxied.status,
