@@ -22,5 +22,6 @@ mod refresh;
 mod signed;
 mod storage;
 mod store_page;
+mod streaming;
 mod tls;
 mod wire;
