@@ -490,3 +490,54 @@ impl Config {
         })
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use clap::{Args as _, FromArgMatches as _};
+
+    use super::*;
+
+    fn serve(flags: &[&str]) -> Result<Config, ConfigError> {
+        let mut argv = vec!["serve", "--data-dir", "/tmp/kh-config-test"];
+        argv.extend_from_slice(flags);
+        let matches = ServeArgs::augment_args(clap::Command::new("serve"))
+            .try_get_matches_from(argv)
+            .unwrap();
+        Config::from_args(&ServeArgs::from_arg_matches(&matches).unwrap())
+    }
+
+    #[test]
+    fn stream_time_limits_and_the_older_single_timeout() {
+        let c = serve(&[]).unwrap();
+        assert_eq!(c.upstream_connect_timeout, Duration::from_secs(5));
+        assert_eq!(c.upstream_timeout, DEFAULT_UPSTREAM_TIMEOUT);
+        assert_eq!(c.upstream_idle_timeout, DEFAULT_UPSTREAM_IDLE_TIMEOUT);
+        assert_eq!(c.upstream_max_stream, Some(DEFAULT_UPSTREAM_MAX_STREAM));
+        // The older flag sets head and idle where they are not given.
+        let c = serve(&["--upstream-timeout", "7", "--upstream-idle-timeout", "90"]).unwrap();
+        assert_eq!(c.upstream_timeout, Duration::from_secs(7));
+        assert_eq!(c.upstream_idle_timeout, Duration::from_secs(90));
+        let c = serve(&[
+            "--upstream-connect-timeout",
+            "2",
+            "--upstream-head-timeout",
+            "40",
+            "--upstream-max-stream",
+            "0",
+        ])
+        .unwrap();
+        assert_eq!(c.upstream_connect_timeout, Duration::from_secs(2));
+        assert_eq!(c.upstream_timeout, Duration::from_secs(40));
+        assert_eq!(c.upstream_max_stream, None);
+        for bad in [
+            ["--upstream-timeout", "0"],
+            ["--upstream-connect-timeout", "0"],
+            ["--upstream-head-timeout", "100000"],
+            ["--upstream-idle-timeout", "0"],
+        ] {
+            let err = serve(&bad).unwrap_err();
+            assert!(err.to_string().contains(bad[0]), "{err}");
+        }
+    }
+}
