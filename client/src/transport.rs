@@ -195,6 +195,39 @@ impl Transport {
         ))
     }
 
+    /// One attempt whose answer is read as a stream: the client's timeout covers the answer's head
+    /// only (a stream may last longer). Returns the response and the exact target sent.
+    pub async fn open_stream(
+        &self,
+        out: &Outgoing,
+        request_id: &str,
+    ) -> Result<(reqwest::Response, String), Error> {
+        let (url, path_and_query) = self.target(&out.path, &out.query);
+        let mut req = self
+            .http
+            .request(out.method.clone(), url)
+            .header(HEADER_REQUEST_ID, request_id);
+        for (name, value) in &out.headers {
+            req = req.header(name.as_str(), value.as_str());
+        }
+        if let Some(body) = &out.body {
+            req = req
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body.clone());
+        }
+        match tokio::time::timeout(self.timeout, req.send()).await {
+            Ok(Ok(resp)) => Ok((resp, path_and_query)),
+            Ok(Err(e)) => Err(Error::Transport {
+                request_id: request_id.to_owned(),
+                source: e.without_url(),
+            }),
+            Err(_) => Err(Error::Timeout {
+                request_id: request_id.to_owned(),
+                after: self.timeout,
+            }),
+        }
+    }
+
     /// One attempt; when an identity is pinned the answer's signature must verify over the request id
     /// and the target this attempt sent.
     pub async fn send_once(&self, out: &Outgoing, request_id: &str) -> Result<RawResponse, Error> {

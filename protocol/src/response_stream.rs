@@ -18,8 +18,9 @@
 //! suffix that a reader strips. A body without a valid frame is truncated or altered: fail closed.
 //!
 //! [`StreamVerifier`] checks the head at once, then the body incrementally: it hands chunks on
-//! as they arrive (holding back the last 188 bytes, which may be the frame) and its `finish`
-//! decides. Bytes handed on are provisional until `finish` returns `Ok`.
+//! as they arrive (holding back only a tail that could be the start of the frame, see
+//! [`releasable`]) and its `finish` decides. Bytes handed on are provisional until `finish`
+//! returns `Ok`.
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
@@ -249,8 +250,8 @@ impl StreamVerifier {
     /// (provisional until [`StreamVerifier::finish`]).
     pub fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
         self.held.extend_from_slice(chunk);
-        if self.held.len() > END_FRAME_LEN {
-            let release = self.held.len() - END_FRAME_LEN;
+        let release = releasable(&self.held);
+        if release > 0 {
             let body = &self.held[..release];
             self.hasher.update(body);
             self.length += release as u64;
@@ -286,6 +287,20 @@ impl StreamVerifier {
             .verify_strict(msg.as_bytes(), &Signature::from_bytes(&sig))
             .map_err(|_| ResponseSigError::BadSignature)
     }
+}
+
+/// How many leading bytes of `held` (received, not yet released) cannot belong to the end
+/// frame: all but the tail from the first of the last [`END_FRAME_LEN`] positions where the
+/// frame could start (the tail begins with [`END_FRAME_PREFIX`], or is the start of it). An
+/// event is thus handed on as soon as it arrives, not only once 188 more bytes followed it.
+pub fn releasable(held: &[u8]) -> usize {
+    let from = held.len().saturating_sub(END_FRAME_LEN);
+    (from..held.len())
+        .find(|&at| {
+            let tail = &held[at..];
+            tail.starts_with(END_FRAME_PREFIX) || END_FRAME_PREFIX.starts_with(tail)
+        })
+        .unwrap_or(held.len())
 }
 
 /// Verifies a whole received streamed answer and returns its body without the frame.
@@ -361,6 +376,33 @@ mod tests {
         )
         .unwrap();
         assert!(out.is_empty());
+    }
+
+    #[test]
+    fn an_event_is_released_at_once_and_a_look_alike_frame_is_body() {
+        let key = IdentityKey::from_bytes(&[9u8; 32]);
+        let stream = new_stream_id();
+        let head = sign_stream_head(&key, 1, "POST", "/v1/proxy", "kh_1", 200, &stream);
+        let vk = key.verifying_key();
+        let mut v = StreamVerifier::new(&vk, &head, "POST", "/v1/proxy", "kh_1", 200).unwrap();
+        let mut out = Vec::new();
+        v.push(b"data: one\n\n", &mut out);
+        assert_eq!(
+            out, b"data: one\n\n",
+            "nothing that could be the frame: released"
+        );
+        // An upstream's own text that looks like the frame's start stays body.
+        let fake = b": keyholder-end not a frame\n\n";
+        v.push(fake, &mut out);
+        let mut signer = StreamSigner::new(stream);
+        signer.update(b"data: one\n\n");
+        signer.update(fake);
+        let frame = signer.finish(&key);
+        for b in &frame {
+            v.push(&[*b], &mut out);
+        }
+        v.finish().unwrap();
+        assert_eq!(out, [&b"data: one\n\n"[..], fake].concat());
     }
 
     #[test]

@@ -10,6 +10,7 @@ mod egress;
 mod envelope;
 mod exfiltration;
 mod faults;
+mod mcp;
 mod metrics;
 mod minting;
 mod openapi;
