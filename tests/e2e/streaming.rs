@@ -291,3 +291,31 @@ async fn the_sdk_verifies_a_streamed_answer_and_strips_its_frame() {
         "the body, without the end frame"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_that_timed_out_at_the_upstream_is_not_sent_again() {
+    let kh = proxy_keyholder(|c| c.upstream_timeout = Duration::from_secs(1)).await;
+    // Reads the request, never answers: the head timeout ends the call.
+    let server =
+        keyholder_tests::upstream::FaultyServer::start(keyholder_tests::upstream::Fault::Hang)
+            .await;
+    for method in ["POST", "GET"] {
+        let before = server.connections();
+        let t0 = Instant::now();
+        let answer = kh
+            .proxy(
+                "github",
+                json!({"url": server.url("/tools/call"), "method": method, "body": "e30="}),
+                json!({}),
+            )
+            .await;
+        answer.assert_error(504, "upstream_timeout");
+        assert!(t0.elapsed() < Duration::from_secs(3));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            server.connections() - before,
+            1,
+            "{method} was sent once only"
+        );
+    }
+}
