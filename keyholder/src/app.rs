@@ -200,9 +200,13 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         guard: EgressGuard {
             allow_private: config.egress_allow_private,
         },
-        proxy_timeout: config.upstream_timeout,
+        proxy: crate::upstream::StreamLimits {
+            connect: config.upstream_connect_timeout,
+            head: config.upstream_timeout,
+            idle: config.upstream_idle_timeout,
+            max_stream: config.upstream_max_stream,
+        },
         provider_timeout: config.provider_timeout,
-        max_response: config.upstream_max_response,
     })
     .context("cannot build the outbound HTTP client")?;
     if config.egress_allow_private {
