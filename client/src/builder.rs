@@ -128,7 +128,8 @@ impl ClientBuilder {
             .https_only(!self.allow_http)
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(self.connect_timeout)
-            .timeout(self.timeout)
+            // The request timeout is set per request (a streamed proxy answer's covers its head
+            // only), never client-wide.
             .user_agent(self.user_agent.clone())
             .build()
             .map_err(|e| Error::Config(format!("HTTP client: {e}")))?;

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use keyholder_protocol::paths::{HEADER_KEYHOLDER_SIGNATURE, HEADER_REQUEST_ID, PATH_IDENTITY};
 use keyholder_protocol::request_id::new_request_id;
+use keyholder_protocol::response_stream;
 use keyholder_protocol::{ErrorBody, IdentityDocument};
 use reqwest::header::HeaderMap;
 use reqwest::Method;
@@ -203,10 +204,75 @@ impl Transport {
         ))
     }
 
+    /// One attempt whose answer is read as a stream: the client's timeout covers the answer's head
+    /// only (a stream may last longer). Returns the response and the exact target sent.
+    pub async fn open_stream(
+        &self,
+        out: &Outgoing,
+        request_id: &str,
+    ) -> Result<(reqwest::Response, String), Error> {
+        let (url, path_and_query) = self.target(&out.path, &out.query);
+        let mut req = self
+            .http
+            .request(out.method.clone(), url)
+            .header(HEADER_REQUEST_ID, request_id);
+        for (name, value) in &out.headers {
+            req = req.header(name.as_str(), value.as_str());
+        }
+        if let Some(body) = &out.body {
+            req = req
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body.clone());
+        }
+        match tokio::time::timeout(self.timeout, req.send()).await {
+            Ok(Ok(resp)) => Ok((resp, path_and_query)),
+            Ok(Err(e)) => Err(Error::Transport {
+                request_id: request_id.to_owned(),
+                source: e.without_url(),
+            }),
+            Err(_) => Err(Error::Timeout {
+                request_id: request_id.to_owned(),
+                after: self.timeout,
+            }),
+        }
+    }
+
     /// One attempt; when an identity is pinned the answer's signature must verify over the request id
     /// and the target this attempt sent.
     pub async fn send_once(&self, out: &Outgoing, request_id: &str) -> Result<RawResponse, Error> {
-        let (resp, path_and_query) = self.send_unverified(out, request_id).await?;
+        let (mut resp, path_and_query) = self.send_unverified(out, request_id).await?;
+        let streamed = resp
+            .header(HEADER_KEYHOLDER_SIGNATURE)
+            .is_some_and(response_stream::is_stream_header);
+        if streamed {
+            // A streamed answer (a proxied event stream or long body): head signature, body, end
+            // frame. Verified when an identity is pinned; the frame never reaches the caller.
+            let body = match self.identity().await? {
+                Some(identity) => response_stream::verify_stream_whole(
+                    identity.public_key(),
+                    resp.header(HEADER_KEYHOLDER_SIGNATURE).unwrap_or_default(),
+                    out.method.as_str(),
+                    &path_and_query,
+                    request_id,
+                    resp.status,
+                    &resp.body,
+                )
+                .map_err(|reason| Error::ResponseSignature {
+                    status: resp.status,
+                    request_id: request_id.to_owned(),
+                    reason,
+                })?,
+                None => {
+                    let cut = resp
+                        .body
+                        .len()
+                        .saturating_sub(response_stream::END_FRAME_LEN);
+                    resp.body[..cut].to_vec()
+                }
+            };
+            resp.body = bytes::Bytes::from(body);
+            return Ok(resp);
+        }
         if let Some(identity) = self.identity().await? {
             identity.verify(
                 resp.header(HEADER_KEYHOLDER_SIGNATURE),

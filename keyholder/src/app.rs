@@ -36,6 +36,10 @@ pub struct AppState {
     pub config: Arc<Config>,
     /// The audit trail's appender (off the request path).
     pub audit: AuditRecorder,
+    /// Notifications to the owner (custody-policy approvals and refusals).
+    pub notifier: crate::policy::notify::Notifier,
+    /// The owner's country database (`serve --geoip-db`), for `--geo` rules.
+    pub geoip: Option<maxminddb::Reader<Vec<u8>>>,
     /// The per-client-address request limit (`--rate-limit-per-ip`), when configured.
     pub rate_limit: Option<crate::http::rate_limit::RateLimiter>,
 }
@@ -137,6 +141,21 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     let metrics = Arc::new(Metrics::new());
     let store = Store::open_observed(&config.data_dir, Some(metrics.commit_observer()))
         .with_context(|| format!("cannot open the database in {}", config.data_dir.display()))?;
+    // Before the vault opens, so it starts at the owner generation the file's changes bumped
+    // (a reload racing the first requests would be needless).
+    if let Some(path) = config.policy_file.clone() {
+        let declared = crate::policy::file::read(&path)
+            .with_context(|| format!("--policy-file / KEYHOLDER_POLICY_FILE {}", path.display()))?;
+        let count = declared.len();
+        store
+            .write(move |conn| {
+                crate::policy::file::apply(conn, &declared)
+                    .map_err(|e| crate::store::StoreError::Domain(Box::new(e)))
+            })
+            .await
+            .with_context(|| format!("--policy-file / KEYHOLDER_POLICY_FILE {}", path.display()))?;
+        tracing::info!(policies = count, file = %path.display(), "applied the policy file");
+    }
     let settings = VaultSettings {
         max_ticket_lifetime: config.max_ticket_lifetime,
         capabilities: keyholder_protocol::paths::capabilities(config.enable_tv_refresh),
@@ -181,9 +200,13 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         guard: EgressGuard {
             allow_private: config.egress_allow_private,
         },
-        proxy_timeout: config.upstream_timeout,
+        proxy: crate::upstream::StreamLimits {
+            connect: config.upstream_connect_timeout,
+            head: config.upstream_timeout,
+            idle: config.upstream_idle_timeout,
+            max_stream: config.upstream_max_stream,
+        },
         provider_timeout: config.provider_timeout,
-        max_response: config.upstream_max_response,
     })
     .context("cannot build the outbound HTTP client")?;
     if config.egress_allow_private {
@@ -208,6 +231,15 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         platform_ips: config.platform_ips.clone(),
         trusted_proxies: config.trusted_proxies.clone(),
     };
+    let geoip = match &config.geoip_db {
+        Some(path) => Some(maxminddb::Reader::open_readfile(path).with_context(|| {
+            format!(
+                "--geoip-db / KEYHOLDER_GEOIP_DB: cannot read the country database {}",
+                path.display()
+            )
+        })?),
+        None => None,
+    };
     let config = Arc::new(config);
     let (audit, audit_queue) = AuditRecorder::new();
     let state = Data::new(AppState {
@@ -217,6 +249,8 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         upstream,
         config: Arc::clone(&config),
         audit,
+        geoip,
+        notifier: crate::policy::notify::Notifier::new(config.notify_url.clone(), config.notify_on),
         rate_limit: config
             .rate_limit_per_ip
             .map(crate::http::rate_limit::RateLimiter::new),

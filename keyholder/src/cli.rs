@@ -8,6 +8,7 @@ use std::time::Duration;
 
 pub mod doctor;
 pub mod owner;
+pub mod policy;
 
 use clap::Args;
 use rusqlite::Connection;

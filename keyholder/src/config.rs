@@ -145,9 +145,24 @@ pub struct ServeArgs {
     /// configured (the token URL is then pinned per service).
     #[arg(long, env = "KEYHOLDER_OAUTH_TRUST_PLATFORM_SECRET", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub oauth_trust_platform_secret: bool,
-    /// Total time for one proxied upstream call, in seconds.
-    #[arg(long, env = "KEYHOLDER_UPSTREAM_TIMEOUT", default_value_t = 30)]
-    pub upstream_timeout: u64,
+    /// Older single limit of proxied calls, in seconds: still accepted, it now sets the head and
+    /// idle timeouts below where they are not given.
+    #[arg(long, env = "KEYHOLDER_UPSTREAM_TIMEOUT")]
+    pub upstream_timeout: Option<u64>,
+    /// Time to open the upstream connection (TCP and TLS), in seconds.
+    #[arg(long, env = "KEYHOLDER_UPSTREAM_CONNECT_TIMEOUT", default_value_t = 5)]
+    pub upstream_connect_timeout: u64,
+    /// Time from sending a proxied request until the upstream's status and headers, in seconds
+    /// (default 30). Past it: `504 upstream_timeout`.
+    #[arg(long, env = "KEYHOLDER_UPSTREAM_HEAD_TIMEOUT")]
+    pub upstream_head_timeout: Option<u64>,
+    /// Longest pause between two chunks of a proxied answer's body, in seconds (default 60); a
+    /// stream that keeps delivering has no total limit but `--upstream-max-stream`.
+    #[arg(long, env = "KEYHOLDER_UPSTREAM_IDLE_TIMEOUT")]
+    pub upstream_idle_timeout: Option<u64>,
+    /// Longest proxied answer, head and body, in seconds; 0 = no limit.
+    #[arg(long, env = "KEYHOLDER_UPSTREAM_MAX_STREAM", default_value_t = 3600)]
+    pub upstream_max_stream: u64,
     /// Limit every route to N requests per minute per client address (`N/min`; answered with
     /// `429 rate_limited` and `Retry-After`). Default: no limit.
     #[arg(long, env = "KEYHOLDER_RATE_LIMIT_PER_IP", value_name = "N/min")]
@@ -156,6 +171,19 @@ pub struct ServeArgs {
     /// and a signed prune entry is appended). Default: keep every entry.
     #[arg(long, env = "KEYHOLDER_AUDIT_RETENTION_DAYS", value_parser = clap::value_parser!(u32).range(1..=36_500))]
     pub audit_retention_days: Option<u32>,
+    /// POST an ntfy-compatible JSON notification here for each use held for approval (with a
+    /// one-time link to this keyholder's approval page) and, per --notify-on, for refusals.
+    #[arg(long, env = "KEYHOLDER_NOTIFY_URL", value_name = "URL")]
+    pub notify_url: Option<String>,
+    /// TOML file declaring custody policies and attachments (applied at start; see the README).
+    #[arg(long, env = "KEYHOLDER_POLICY_FILE", value_name = "FILE")]
+    pub policy_file: Option<PathBuf>,
+    /// MaxMind-format country database (e.g. GeoLite2-Country.mmdb) for custody policies' --geo.
+    #[arg(long, env = "KEYHOLDER_GEOIP_DB", value_name = "FILE")]
+    pub geoip_db: Option<PathBuf>,
+    /// What is notified: approvals (default), refusals or all (rate-limited).
+    #[arg(long, env = "KEYHOLDER_NOTIFY_ON", default_value = "approvals", value_parser = ["approvals", "refusals", "all"])]
+    pub notify_on: String,
 }
 
 /// A validated configuration.
@@ -188,12 +216,16 @@ pub struct Config {
     pub enable_tv_refresh: bool,
     /// Trust the platform's OAuth client secret and token URL in `refreshHint`.
     pub oauth_trust_platform_secret: bool,
-    /// Total time for one proxied call (`504 upstream_timeout` past it).
+    /// Connect timeout of proxied calls.
+    pub upstream_connect_timeout: Duration,
+    /// Time until a proxied answer's head (`504 upstream_timeout` past it).
     pub upstream_timeout: Duration,
+    /// Longest pause between two body chunks of a proxied answer.
+    pub upstream_idle_timeout: Duration,
+    /// Longest proxied answer, if limited.
+    pub upstream_max_stream: Option<Duration>,
     /// Total time for one OAuth or token-minting call.
     pub provider_timeout: Duration,
-    /// Largest proxied response body (`502 upstream_error` past it).
-    pub upstream_max_response: usize,
     /// Serve https with this certificate and key.
     pub tls: Option<TlsFiles>,
     /// Prometheus metrics listener (off when `None`).
@@ -202,6 +234,14 @@ pub struct Config {
     pub audit_retention: Option<Duration>,
     /// Requests per minute per client address (no limit when `None`).
     pub rate_limit_per_ip: Option<u32>,
+    /// The owner's notification endpoint (custody-policy approvals and refusals).
+    pub notify_url: Option<String>,
+    /// What is notified.
+    pub notify_on: crate::policy::notify::NotifyOn,
+    /// The country database for `--geo` rules.
+    pub geoip_db: Option<PathBuf>,
+    /// Policies declared in TOML.
+    pub policy_file: Option<PathBuf>,
 }
 
 /// Parses `--rate-limit-per-ip`: `N/min` with N in 1-1000000 (`N` alone means the same).
@@ -221,12 +261,14 @@ pub fn parse_rate_limit(value: &str) -> Result<u32, ConfigError> {
         })
 }
 
-/// Default total time of a proxied call.
+/// Default time until a proxied answer's head.
 pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default longest pause between two body chunks of a proxied answer.
+pub const DEFAULT_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default longest proxied answer.
+pub const DEFAULT_UPSTREAM_MAX_STREAM: Duration = Duration::from_secs(3600);
 /// Default total time of an OAuth or token-minting call.
 pub const DEFAULT_PROVIDER_TIMEOUT: Duration = Duration::from_secs(10);
-/// Default cap on a proxied response body.
-pub const DEFAULT_UPSTREAM_MAX_RESPONSE: usize = 10 * 1024 * 1024;
 
 /// A setting that cannot be used, named.
 #[derive(Debug, thiserror::Error)]
@@ -255,6 +297,16 @@ pub fn validate_url(setting: &'static str, value: &str) -> Result<String, Config
         return Err(invalid(setting, "must not have a query or fragment"));
     }
     Ok(value.trim_end_matches('/').to_string())
+}
+
+/// Checks `--notify-url`: an absolute http(s) URL (a query is allowed: some relays need one).
+pub fn validate_notify_url(value: &str) -> Result<String, ConfigError> {
+    const SETTING: &str = "--notify-url / KEYHOLDER_NOTIFY_URL";
+    let url = url::Url::parse(value).map_err(|e| invalid(SETTING, e.to_string()))?;
+    if !matches!(url.scheme(), "https" | "http") || url.host().is_none() {
+        return Err(invalid(SETTING, "must be an absolute http(s) URL"));
+    }
+    Ok(value.to_string())
 }
 
 /// Parses the metrics address. Metrics carry no secret but show traffic, so a non-loopback
@@ -301,13 +353,19 @@ impl Config {
             egress_allow_private: false,
             enable_tv_refresh: false,
             oauth_trust_platform_secret: false,
+            upstream_connect_timeout: crate::upstream::CONNECT_TIMEOUT,
             upstream_timeout: DEFAULT_UPSTREAM_TIMEOUT,
+            upstream_idle_timeout: DEFAULT_UPSTREAM_IDLE_TIMEOUT,
+            upstream_max_stream: Some(DEFAULT_UPSTREAM_MAX_STREAM),
             provider_timeout: DEFAULT_PROVIDER_TIMEOUT,
-            upstream_max_response: DEFAULT_UPSTREAM_MAX_RESPONSE,
             tls: None,
             metrics_listen: None,
             audit_retention: None,
             rate_limit_per_ip: None,
+            notify_url: None,
+            notify_on: crate::policy::notify::NotifyOn::Approvals,
+            geoip_db: None,
+            policy_file: None,
         }
     }
 
@@ -359,12 +417,47 @@ impl Config {
                 "must be 1-86400 seconds",
             ));
         }
-        if !(1..=600).contains(&args.upstream_timeout) {
-            return Err(invalid(
+        let seconds = |name: &'static str, value: u64, max: u64| {
+            if (1..=max).contains(&value) {
+                Ok(Duration::from_secs(value))
+            } else {
+                Err(invalid(name, format!("must be 1-{max} seconds")))
+            }
+        };
+        if let Some(legacy) = args.upstream_timeout {
+            seconds(
                 "--upstream-timeout / KEYHOLDER_UPSTREAM_TIMEOUT",
-                "must be 1-600 seconds",
-            ));
+                legacy,
+                600,
+            )?;
         }
+        let upstream_connect_timeout = seconds(
+            "--upstream-connect-timeout / KEYHOLDER_UPSTREAM_CONNECT_TIMEOUT",
+            args.upstream_connect_timeout,
+            120,
+        )?;
+        let upstream_head_timeout = seconds(
+            "--upstream-head-timeout / KEYHOLDER_UPSTREAM_HEAD_TIMEOUT",
+            args.upstream_head_timeout
+                .or(args.upstream_timeout)
+                .unwrap_or(DEFAULT_UPSTREAM_TIMEOUT.as_secs()),
+            3600,
+        )?;
+        let upstream_idle_timeout = seconds(
+            "--upstream-idle-timeout / KEYHOLDER_UPSTREAM_IDLE_TIMEOUT",
+            args.upstream_idle_timeout
+                .or(args.upstream_timeout)
+                .unwrap_or(DEFAULT_UPSTREAM_IDLE_TIMEOUT.as_secs()),
+            3600,
+        )?;
+        let upstream_max_stream = match args.upstream_max_stream {
+            0 => None,
+            n => Some(seconds(
+                "--upstream-max-stream / KEYHOLDER_UPSTREAM_MAX_STREAM",
+                n,
+                7 * 86_400,
+            )?),
+        };
         if args.workers == Some(0) {
             return Err(invalid(
                 "--workers / KEYHOLDER_WORKERS",
@@ -413,9 +506,11 @@ impl Config {
             egress_allow_private: args.egress_allow_private,
             enable_tv_refresh: args.enable_tv_refresh,
             oauth_trust_platform_secret: args.oauth_trust_platform_secret,
-            upstream_timeout: Duration::from_secs(args.upstream_timeout),
+            upstream_connect_timeout,
+            upstream_timeout: upstream_head_timeout,
+            upstream_idle_timeout,
+            upstream_max_stream,
             provider_timeout: DEFAULT_PROVIDER_TIMEOUT,
-            upstream_max_response: DEFAULT_UPSTREAM_MAX_RESPONSE,
             tls,
             metrics_listen,
             audit_retention: args
@@ -427,6 +522,73 @@ impl Config {
                 .filter(|s| !s.trim().is_empty())
                 .map(parse_rate_limit)
                 .transpose()?,
+            notify_url: args
+                .notify_url
+                .as_deref()
+                .filter(|s| !s.trim().is_empty())
+                .map(|u| validate_notify_url(u.trim()))
+                .transpose()?,
+            geoip_db: args.geoip_db.clone(),
+            policy_file: args.policy_file.clone(),
+            notify_on: crate::policy::notify::NotifyOn::parse(&args.notify_on).ok_or_else(
+                || {
+                    invalid(
+                        "--notify-on / KEYHOLDER_NOTIFY_ON",
+                        "expected approvals, refusals or all",
+                    )
+                },
+            )?,
         })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use clap::{Args as _, FromArgMatches as _};
+
+    use super::*;
+
+    fn serve(flags: &[&str]) -> Result<Config, ConfigError> {
+        let mut argv = vec!["serve", "--data-dir", "/tmp/kh-config-test"];
+        argv.extend_from_slice(flags);
+        let matches = ServeArgs::augment_args(clap::Command::new("serve"))
+            .try_get_matches_from(argv)
+            .unwrap();
+        Config::from_args(&ServeArgs::from_arg_matches(&matches).unwrap())
+    }
+
+    #[test]
+    fn stream_time_limits_and_the_older_single_timeout() {
+        let c = serve(&[]).unwrap();
+        assert_eq!(c.upstream_connect_timeout, Duration::from_secs(5));
+        assert_eq!(c.upstream_timeout, DEFAULT_UPSTREAM_TIMEOUT);
+        assert_eq!(c.upstream_idle_timeout, DEFAULT_UPSTREAM_IDLE_TIMEOUT);
+        assert_eq!(c.upstream_max_stream, Some(DEFAULT_UPSTREAM_MAX_STREAM));
+        // The older flag sets head and idle where they are not given.
+        let c = serve(&["--upstream-timeout", "7", "--upstream-idle-timeout", "90"]).unwrap();
+        assert_eq!(c.upstream_timeout, Duration::from_secs(7));
+        assert_eq!(c.upstream_idle_timeout, Duration::from_secs(90));
+        let c = serve(&[
+            "--upstream-connect-timeout",
+            "2",
+            "--upstream-head-timeout",
+            "40",
+            "--upstream-max-stream",
+            "0",
+        ])
+        .unwrap();
+        assert_eq!(c.upstream_connect_timeout, Duration::from_secs(2));
+        assert_eq!(c.upstream_timeout, Duration::from_secs(40));
+        assert_eq!(c.upstream_max_stream, None);
+        for bad in [
+            ["--upstream-timeout", "0"],
+            ["--upstream-connect-timeout", "0"],
+            ["--upstream-head-timeout", "100000"],
+            ["--upstream-idle-timeout", "0"],
+        ] {
+            let err = serve(&bad).unwrap_err();
+            assert!(err.to_string().contains(bad[0]), "{err}");
+        }
     }
 }

@@ -10,6 +10,7 @@ pub mod clock;
 pub mod config;
 pub mod http;
 pub mod metrics;
+pub mod policy;
 pub mod store;
 pub mod telemetry;
 pub mod tls;

@@ -33,6 +33,14 @@ enum Command {
     Egress(EgressArgs),
     /// Configure the OAuth clients used to refresh tokens.
     Oauth(OAuthArgs),
+    /// The owner's custody policies: rules enforced here whatever a ticket says.
+    Policy(keyholder::cli::policy::PolicyArgs),
+    /// Uses held for the owner's approval (service, agent, client address, endpoint, age).
+    Approvals(keyholder::cli::policy::ApprovalsArgs),
+    /// Approve a held use.
+    Approve(keyholder::cli::policy::DecideArgs),
+    /// Deny a held use.
+    Deny(keyholder::cli::policy::DecideArgs),
     /// Exit 0 if the local server answers healthy (for container health checks).
     Healthcheck(HealthcheckArgs),
     /// Show binding, keys, credential count, seal and last credential use.
@@ -184,6 +192,16 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                     status.last_credential_use.as_deref().unwrap_or("never")
                 );
                 println!("Audit entries:      {}", status.audit_entries);
+                if status.policies.is_empty() {
+                    println!("Policies:           (none)");
+                } else {
+                    println!("Policies:");
+                    for view in &status.policies {
+                        for line in view.lines() {
+                            println!("  {line}");
+                        }
+                    }
+                }
             }
             Ok(std::process::ExitCode::SUCCESS)
         }
@@ -460,6 +478,56 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                     policy.token_url.as_deref().unwrap_or("(none)")
                 );
             }
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Command::Policy(args) => {
+            match keyholder::cli::policy::run(&args)? {
+                keyholder::cli::policy::PolicyOutcome::Done(line) => println!("{line}"),
+                keyholder::cli::policy::PolicyOutcome::Views(views, true) => {
+                    if matches!(
+                        args.action,
+                        keyholder::cli::policy::PolicyAction::Show { .. }
+                    ) {
+                        if let Some(view) = views.first() {
+                            println!("{}", serde_json::to_string(view)?);
+                        }
+                    } else {
+                        println!("{}", serde_json::to_string(&views)?);
+                    }
+                }
+                keyholder::cli::policy::PolicyOutcome::Views(views, false) => {
+                    if views.is_empty() {
+                        println!("No policies.");
+                    }
+                    for view in views {
+                        for line in view.lines() {
+                            println!("{line}");
+                        }
+                    }
+                }
+            }
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Command::Approvals(args) => {
+            let pending = keyholder::cli::policy::approvals(&args)?;
+            if args.json {
+                println!("{}", serde_json::to_string(&pending)?);
+            } else if pending.is_empty() {
+                println!("No uses waiting for approval.");
+            } else {
+                let now = keyholder::clock::now_unix();
+                for p in &pending {
+                    println!("{}", keyholder::cli::policy::approval_line(p, now));
+                }
+            }
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Command::Approve(args) => {
+            println!("{}", keyholder::cli::policy::decide(&args, true)?);
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Command::Deny(args) => {
+            println!("{}", keyholder::cli::policy::decide(&args, false)?);
             Ok(std::process::ExitCode::SUCCESS)
         }
         Command::Oauth(args) => {

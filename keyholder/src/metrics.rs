@@ -32,6 +32,15 @@ pub struct RouteLabels {
     pub route: String,
 }
 
+/// A custody-policy decision: the rule (never a value) and the outcome.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyLabels {
+    /// `none` when allowed, else the refusing rule (`delivery`, `hours`, `client_ip`, `rate`, ...).
+    pub rule: &'static str,
+    /// `allowed` or `refused`.
+    pub outcome: &'static str,
+}
+
 /// What was replayed.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReplayLabels {
@@ -61,6 +70,8 @@ pub struct Metrics {
     pub replays: Counter,
     /// Replays by kind.
     pub replays_by_kind: Family<ReplayLabels, Counter>,
+    /// Custody-policy decisions by rule and outcome.
+    pub policy_decisions: Family<PolicyLabels, Counter>,
     /// Outbound calls refused by the egress policy.
     pub egress_denials: Counter,
     /// Proxied upstream calls that got an answer.
@@ -107,6 +118,7 @@ impl Metrics {
             ticket_failures: Counter::default(),
             replays: Counter::default(),
             replays_by_kind: Family::default(),
+            policy_decisions: Family::default(),
             egress_denials: Counter::default(),
             upstream_calls: Counter::default(),
             credential_redactions: Counter::default(),
@@ -117,6 +129,11 @@ impl Metrics {
             db_commit_duration: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             db_commit_batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
         };
+        registry.register(
+            "policy_decisions",
+            "Custody-policy decisions, by refusing rule and outcome",
+            m.policy_decisions.clone(),
+        );
         registry.register(
             "http_requests",
             "Requests answered, by route, method and status",
@@ -193,6 +210,13 @@ impl Metrics {
         self.replays.inc();
         self.replays_by_kind
             .get_or_create(&ReplayLabels { kind })
+            .inc();
+    }
+
+    /// Counts a custody-policy decision.
+    pub fn policy_decision(&self, rule: &'static str, outcome: &'static str) {
+        self.policy_decisions
+            .get_or_create(&PolicyLabels { rule, outcome })
             .inc();
     }
 

@@ -19,6 +19,9 @@ pub enum ErrorCode {
     Forbidden,
     /// `egress_denied` (403, Keyholder extension): an upstream destination is not allowed.
     EgressDenied,
+    /// `policy_denied` (403, Keyholder extension): a rule of the owner's custody policy refused
+    /// the use; the message names the rule.
+    PolicyDenied,
     /// `not_found` (404, Keyholder extension): unknown path.
     NotFound,
     /// `token_not_found` (404): no stored document for the service.
@@ -69,6 +72,7 @@ impl ErrorCode {
         ErrorCode::SetupRequired,
         ErrorCode::Forbidden,
         ErrorCode::EgressDenied,
+        ErrorCode::PolicyDenied,
         ErrorCode::NotFound,
         ErrorCode::TokenNotFound,
         ErrorCode::MethodNotAllowed,
@@ -99,6 +103,7 @@ impl ErrorCode {
             ErrorCode::SetupRequired => "setup_required",
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::EgressDenied => "egress_denied",
+            ErrorCode::PolicyDenied => "policy_denied",
             ErrorCode::NotFound => "not_found",
             ErrorCode::TokenNotFound => "token_not_found",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
@@ -125,7 +130,10 @@ impl ErrorCode {
         match self {
             ErrorCode::InvalidRequest | ErrorCode::NotTotp => 400,
             ErrorCode::AuthFailed | ErrorCode::TicketInvalid | ErrorCode::TicketExpired => 401,
-            ErrorCode::SetupRequired | ErrorCode::Forbidden | ErrorCode::EgressDenied => 403,
+            ErrorCode::SetupRequired
+            | ErrorCode::Forbidden
+            | ErrorCode::EgressDenied
+            | ErrorCode::PolicyDenied => 403,
             ErrorCode::NotFound | ErrorCode::TokenNotFound => 404,
             ErrorCode::MethodNotAllowed => 405,
             ErrorCode::AlreadyExists | ErrorCode::StaleCreation => 409,
@@ -205,7 +213,7 @@ mod tests {
             assert_eq!(back, *code);
             assert!((400..600).contains(&code.http_status()));
         }
-        assert_eq!(ErrorCode::ALL.len(), 25);
+        assert_eq!(ErrorCode::ALL.len(), 26);
         assert_eq!(ErrorCode::parse("nope"), None);
     }
 
@@ -229,6 +237,7 @@ mod tests {
             ("provider_timeout", 504),
             ("not_totp", 400),
             ("egress_denied", 403),
+            ("policy_denied", 403),
             ("not_found", 404),
             ("method_not_allowed", 405),
             ("payload_too_large", 413),

@@ -21,6 +21,7 @@ pub mod otpauth;
 pub mod paths;
 pub mod request_id;
 pub mod response_sig;
+pub mod response_stream;
 pub mod secret;
 pub mod signing;
 pub mod ticket;

@@ -32,6 +32,8 @@ pub const PATH_BIND: &str = "/bind";
 /// `GET /store?ticket=..&service=..` (Keyholder extension): the keyholder's own page where the
 /// owner pastes a credential, so no script of the platform's ever sees it.
 pub const PATH_STORE_PAGE: &str = "/store";
+/// The keyholder's own page behind a notified one-time approval link (custody policies).
+pub const PATH_APPROVAL_PAGE: &str = "/approval";
 /// `GET /store.js` (Keyholder extension): the store page's script.
 pub const PATH_STORE_PAGE_SCRIPT: &str = "/store.js";
 

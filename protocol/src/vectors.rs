@@ -36,6 +36,10 @@ pub const FILES: &[(&str, &str)] = &[
         include_str!("../vectors/response_signatures.json"),
     ),
     (
+        "response_streams.json",
+        include_str!("../vectors/response_streams.json"),
+    ),
+    (
         "request_ids.json",
         include_str!("../vectors/request_ids.json"),
     ),
@@ -121,6 +125,7 @@ fn run_case(file: &'static str, case: &Value) -> VectorOutcome {
         "tickets.json" => ticket_case(case),
         "documents.json" => document_case(case),
         "response_signatures.json" => response_case(case),
+        "response_streams.json" => response_stream_case(case),
         "request_ids.json" => request_id_case(case),
         "envelopes.json" => envelope_case(case),
         "kh2_tickets.json" => kh2_ticket_case(case),
@@ -481,6 +486,58 @@ fn response_case(case: &Value) -> Result<Actual, BadVector> {
                 .verifying_key()
                 .map(|vk| json!(STANDARD.encode(vk.as_bytes())))
                 .map_err(variant))
+        }
+        op => Err(BadVector(format!("unknown op {op}"))),
+    }
+}
+
+fn response_stream_case(case: &Value) -> Result<Actual, BadVector> {
+    use crate::response_stream;
+    match text(case, "op")? {
+        "head_message" => Ok(Ok(json!(response_stream::stream_head_message(
+            int(case, "ts")?,
+            text(case, "method")?,
+            text(case, "path_and_query")?,
+            text(case, "request_id")?,
+            status(case)?,
+            text(case, "stream")?,
+        )))),
+        "sign_head" => Ok(Ok(json!(response_stream::sign_stream_head(
+            &seed(case)?,
+            int(case, "ts")?,
+            text(case, "method")?,
+            text(case, "path_and_query")?,
+            text(case, "request_id")?,
+            status(case)?,
+            text(case, "stream")?,
+        )))),
+        "end_frame" => {
+            let mut signer = response_stream::StreamSigner::new(text(case, "stream")?.to_owned());
+            signer.update(text(case, "body")?.as_bytes());
+            let frame = signer.finish(&seed(case)?);
+            Ok(Ok(json!(String::from_utf8_lossy(&frame))))
+        }
+        "verify" => {
+            let raw = STANDARD
+                .decode(text(case, "public_key_base64")?)
+                .map_err(|_| BadVector("bad public key".into()))?;
+            let bytes: [u8; 32] = raw
+                .as_slice()
+                .try_into()
+                .map_err(|_| BadVector("bad public key length".into()))?;
+            let vk = ed25519_dalek::VerifyingKey::from_bytes(&bytes)
+                .map_err(|_| BadVector("bad public key point".into()))?;
+            Ok(response_stream::verify_stream_whole(
+                &vk,
+                text(case, "header")?,
+                text(case, "method")?,
+                text(case, "path_and_query")?,
+                text(case, "request_id")?,
+                status(case)?,
+                text(case, "received")?.as_bytes(),
+            )
+            .map(|body| json!(String::from_utf8_lossy(&body)))
+            .map_err(variant))
         }
         op => Err(BadVector(format!("unknown op {op}"))),
     }

@@ -537,6 +537,77 @@ def response_signatures():
           "SHA-256(0x01 || left || right), signed message 'keyholder-response-batch-v1\\n<n>\\n<hex root>'.",
           cases)
 
+# ---------------------------------------------------------------- streamed response signatures (issue 20)
+def stream_head_message(ts, method, path, request_id, status, stream):
+    return "\n".join(["keyholder-response-stream-v1", str(ts), method + " " + path, request_id, str(status),
+                      stream, "body-follows"])
+
+
+def stream_end_frame(sk, stream, body):
+    digest = hashlib.sha256(body).hexdigest()
+    msg = "\n".join(["keyholder-response-stream-end-v1", stream, str(len(body)), digest])
+    frame = ": keyholder-end %016x %s %s\n\n" % (len(body), digest, b64(sk.sign(msg.encode())))
+    assert len(frame) == 188
+    return frame.encode()
+
+
+def response_streams():
+    seed = bytes(range(32))
+    sk = Ed25519PrivateKey.from_private_bytes(seed)
+    pk = sk.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    other = Ed25519PrivateKey.from_private_bytes(bytes([7] * 32))
+    key_id = hashlib.sha256(pk).hexdigest()[:16]
+    stream = b64(bytes(range(100, 116)))
+    stream2 = b64(bytes(range(200, 216)))
+    path, rid = "/v1/proxy", "req_streamfixture1"
+    head_msg = stream_head_message(NOW, "POST", path, rid, 200, stream)
+    header = "keyId=%s,ts=%d,stream=%s,sig=%s" % (key_id, NOW, stream, b64(sk.sign(head_msg.encode())))
+    body = b"event: message\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/progress\"}\n\n" * 3
+    frame = stream_end_frame(sk, stream, body)
+    received = (body + frame).decode()
+
+    def verify(name, expected, hdr=header, method="POST", p=path, r=rid, status=200, recv=received):
+        return {"name": name, "op": "verify", "public_key_base64": b64(pk), "header": hdr, "method": method,
+                "path_and_query": p, "request_id": r, "status": status, "received": recv, "expected": expected}
+
+    other_frame = stream_end_frame(other, stream, body).decode()
+    cases = [
+        {"name": "head_message", "op": "head_message", "ts": NOW, "method": "POST", "path_and_query": path,
+         "request_id": rid, "status": 200, "stream": stream, "expected": ok(head_msg)},
+        {"name": "sign_head", "op": "sign_head", "seed_hex": seed.hex(), "ts": NOW, "method": "POST",
+         "path_and_query": path, "request_id": rid, "status": 200, "stream": stream, "expected": ok(header)},
+        {"name": "end_frame", "op": "end_frame", "seed_hex": seed.hex(), "stream": stream, "body": body.decode(),
+         "expected": ok(frame.decode())},
+        {"name": "end_frame_empty_body", "op": "end_frame", "seed_hex": seed.hex(), "stream": stream, "body": "",
+         "expected": ok(stream_end_frame(sk, stream, b"").decode())},
+        verify("verify_ok", ok(body.decode())),
+        verify("verify_empty_body", ok(""), recv=stream_end_frame(sk, stream, b"").decode()),
+        verify("truncated_no_frame", err("BadSignature"), recv=body.decode()),
+        verify("truncated_inside_frame", err("BadSignature"), recv=received[:-1]),
+        verify("truncated_body_kept_frame", err("BadSignature"), recv=(body[10:] + frame).decode()),
+        verify("altered_body", err("BadSignature"), recv=received.replace("progress", "progresS", 1)),
+        verify("appended_after_frame", err("BadSignature"), recv=received + "data: x\n\n"),
+        verify("frame_of_other_stream", err("BadSignature"),
+               recv=(body + stream_end_frame(sk, stream2, body)).decode()),
+        verify("frame_of_other_key", err("BadSignature"), recv=body.decode() + other_frame),
+        verify("head_other_status", err("BadSignature"), status=201),
+        verify("head_other_request_id", err("BadSignature"), r="req_streamfixture2"),
+        verify("head_other_path", err("BadSignature"), p="/v1/credential"),
+        verify("head_plain_form", err("Malformed"), hdr="keyId=%s,ts=%d,sig=%s" % (
+            key_id, NOW, b64(sk.sign(head_msg.encode())))),
+        verify("head_stream_not_16_bytes", err("Malformed"), hdr=header.replace(stream, b64(bytes(15)))),
+        verify("head_other_key_id", err("UnknownKey"), hdr=header.replace(key_id, "0" * 16)),
+    ]
+    write("response_streams.json",
+          "Streamed form of X-Keyholder-Signature (response_stream). Head header keyId=<16 hex>,ts=<unix s>,"
+          "stream=<std base64 of 16 bytes>,sig=<std base64> over the seven lines keyholder-response-stream-v1, "
+          "ts, '<METHOD> <path-and-query>', X-Request-Id, status, stream, body-follows. The body is followed "
+          "by the 188-byte end frame ': keyholder-end <16 hex length> <hex SHA-256 of the body> <std base64 "
+          "sig>\\n\\n', sig over keyholder-response-stream-end-v1, stream, the decimal length, the hex hash. "
+          "verify: 'received' is the body plus frame as received; expected.ok is the body without the frame; "
+          "errors are ResponseSigError variants.",
+          cases)
+
 
 def merkle_root_and_proofs(leaves):
     """RFC 9162 2.1.1 tree hash and 2.1.3.1 inclusion proofs (leaf to root), written from the RFC."""
@@ -1050,6 +1121,7 @@ if __name__ == "__main__":
     tickets()
     documents()
     response_signatures()
+    response_streams()
     request_ids()
     envelopes()
     kh2_tickets()

@@ -292,6 +292,10 @@ fn downgrade_to_previous_schema(kh: &Keyholder, extra_sql: &str) {
         "DROP TABLE egress_refusals;
          DROP TABLE legacy_minting;
          DROP TABLE egress_pins;
+         DROP TABLE policies;
+         DROP TABLE policy_attachments;
+         DROP TABLE policy_usage;
+         DROP TABLE policy_approvals;
          {extra_sql}
          PRAGMA user_version = 7;"
     ))

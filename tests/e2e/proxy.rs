@@ -10,7 +10,7 @@ use keyholder_tests::upstream::{MockServer, Reply};
 use keyholder_tests::*;
 use serde_json::json;
 
-const TOKEN: &str = "gho_proxy_secret_123";
+pub const TOKEN: &str = "gho_proxy_secret_123";
 
 /// A bound keyholder allowed to reach 127.0.0.1 upstreams, with a GitHub-like token stored and the
 /// local upstreams allowed by the owner for it (these tests are about the proxy's mechanics; the
@@ -314,7 +314,7 @@ async fn a_hanging_upstream_times_out_without_blocking_others() {
 
 #[tokio::test]
 async fn upstream_failures_are_502() {
-    let kh = proxy_keyholder(|c| c.upstream_max_response = 1024).await;
+    let kh = proxy_keyholder(|_| {}).await;
     kh.egress("allow", "github", &["127.0.0.1"], false).await;
     // Nothing listens there.
     let closed = {
@@ -324,8 +324,4 @@ async fn upstream_failures_are_502() {
     kh.proxy_get("github", &format!("http://{closed}/"))
         .await
         .assert_error(502, "upstream_error");
-    let big = MockServer::start(|_| Reply::text(200, &"x".repeat(4096))).await;
-    let a = kh.proxy_get("github", &big.url("/")).await;
-    a.assert_error(502, "upstream_error");
-    assert!(!String::from_utf8_lossy(&a.body).contains("127.0.0.1"));
 }

@@ -5,6 +5,7 @@
 pub mod bench;
 pub mod certs;
 pub mod faulty;
+pub mod mmdb;
 pub mod webdriver;
 
 use std::net::SocketAddr;
@@ -93,10 +94,14 @@ impl Answer {
     }
 }
 
-pub async fn read(resp: reqwest::Response) -> Answer {
+/// Reads an answer whole; a streamed body cut by the server keeps what arrived before the cut.
+pub async fn read(mut resp: reqwest::Response) -> Answer {
     let status = resp.status().as_u16();
     let headers = resp.headers().clone();
-    let body = resp.bytes().await.unwrap().to_vec();
+    let mut body = Vec::new();
+    while let Ok(Some(chunk)) = resp.chunk().await {
+        body.extend_from_slice(&chunk);
+    }
     Answer {
         status,
         headers,
@@ -379,6 +384,42 @@ impl Keyholder {
             }),
         )
         .await
+    }
+
+    /// The platform's signed `/v1/proxy` call, its answer not read: the response (to read as a
+    /// stream) and the request id the keyholder signs it for.
+    pub async fn proxy_streaming(
+        &self,
+        service: &str,
+        upstream: Value,
+        templates: Value,
+    ) -> (reqwest::Response, String) {
+        let request_id = format!("req_{}", random_hex(8));
+        let ticket = self.ticket(Purpose::Proxy, service);
+        let raw = serde_json::to_vec(&json!({
+            "ticket": ticket,
+            "service": service,
+            "upstream": upstream,
+            "headerTemplates": templates,
+            "requestId": request_id,
+        }))
+        .unwrap();
+        let ts = now();
+        let response = self
+            .http
+            .post(self.url(PATH_PROXY))
+            .header("content-type", "application/json")
+            .header(
+                HEADER_SIGNATURE,
+                signature_header_value(self.secret(), ts, &raw),
+            )
+            .header(HEADER_TIMESTAMP, ts.to_string())
+            .header(HEADER_PLATFORM_REQUEST_ID, &request_id)
+            .body(raw)
+            .send()
+            .await
+            .unwrap();
+        (response, request_id)
     }
 
     /// `proxy` with `Authorization: Bearer ${TOKEN}` and a GET to `url`.

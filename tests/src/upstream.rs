@@ -398,3 +398,90 @@ async fn misbehave(mut stream: TcpStream, fault: Fault) -> std::io::Result<()> {
     }
     Ok(())
 }
+
+/// An upstream that answers every request with a chunked body sent piece by piece: each piece
+/// after its delay. It records whether the client went away before the end (a write failed).
+pub struct StreamingServer {
+    pub addr: SocketAddr,
+    /// Set when a write failed: the reader (the keyholder) closed the connection.
+    pub client_gone: Arc<std::sync::atomic::AtomicBool>,
+    /// Requests seen (head and body as text).
+    pub requests: Arc<Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl StreamingServer {
+    /// `headers` go into the head after the status line (`Name: value` each).
+    pub async fn start(
+        status: u16,
+        headers: &[(&str, &str)],
+        pieces: Vec<(Duration, Vec<u8>)>,
+    ) -> StreamingServer {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client_gone = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let mut head = format!("HTTP/1.1 {status} OK\r\nTransfer-Encoding: chunked\r\n");
+        for (name, value) in headers {
+            head.push_str(&format!("{name}: {value}\r\n"));
+        }
+        head.push_str("\r\n");
+        let pieces = Arc::new(pieces);
+        let (gone, reqs) = (Arc::clone(&client_gone), Arc::clone(&requests));
+        let task = tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let (head, pieces, gone, reqs) = (
+                    head.clone(),
+                    Arc::clone(&pieces),
+                    Arc::clone(&gone),
+                    Arc::clone(&reqs),
+                );
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 8192];
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    reqs.lock()
+                        .unwrap()
+                        .push(String::from_utf8_lossy(&buf).into_owned());
+                    let write = async {
+                        stream.write_all(head.as_bytes()).await?;
+                        for (delay, piece) in pieces.iter() {
+                            tokio::time::sleep(*delay).await;
+                            let mut framed = format!("{:x}\r\n", piece.len()).into_bytes();
+                            framed.extend_from_slice(piece);
+                            framed.extend_from_slice(b"\r\n");
+                            stream.write_all(&framed).await?;
+                            stream.flush().await?;
+                        }
+                        stream.write_all(b"0\r\n\r\n").await?;
+                        stream.flush().await
+                    };
+                    if write.await.is_err() {
+                        gone.store(true, Ordering::SeqCst);
+                    }
+                });
+            }
+        });
+        StreamingServer {
+            addr,
+            client_gone,
+            requests,
+            task,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+}
+
+impl Drop for StreamingServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

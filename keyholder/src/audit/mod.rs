@@ -50,6 +50,11 @@ pub const MAX_FIELD_LEN: usize = 512;
 #[derive(Debug, Clone)]
 pub struct UpstreamOrigin(pub String);
 
+/// The custody-policy decision of a request, appended to its audit entry's result
+/// (`ok policy=NAME,...` or `policy_denied rule=RULE policy=NAME`): policy and rule names only.
+#[derive(Debug, Clone)]
+pub struct PolicyNote(pub String);
+
 /// What happened, before it is chained and signed.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -341,7 +346,7 @@ pub fn list_entries(
 /// Unix time (ms) of the newest successful credential use, if any.
 pub fn last_credential_use(conn: &Connection) -> Result<Option<i64>, StoreError> {
     Ok(conn.query_row(
-        "SELECT MAX(at_ms) FROM audit_log WHERE result = 'ok' AND endpoint NOT LIKE 'owner:%'
+        "SELECT MAX(at_ms) FROM audit_log WHERE (result = 'ok' OR result LIKE 'ok %') AND endpoint NOT LIKE 'owner:%'
            AND endpoint != '/v1/store'",
         [],
         |r| r.get(0),

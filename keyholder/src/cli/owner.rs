@@ -392,7 +392,7 @@ pub fn open_database(data_dir: &Path) -> anyhow::Result<Connection> {
 }
 
 /// Runs `f` in one immediate transaction and appends an owner entry to the audit trail with it.
-fn owner_change<T>(
+pub(crate) fn owner_change<T>(
     conn: &mut Connection,
     master: &MasterKey,
     command: &str,
@@ -439,6 +439,8 @@ pub struct Status {
     pub last_credential_use: Option<String>,
     /// Audit entries.
     pub audit_entries: u64,
+    /// Custody policies with their attachments and usage counts.
+    pub policies: Vec<super::policy::PolicyView>,
 }
 
 /// `keyholder status`.
@@ -476,6 +478,7 @@ pub fn status(args: &OwnerArgs) -> anyhow::Result<Status> {
         last_credential_use: audit::last_credential_use(&conn)?
             .map(|ms| keyholder_protocol::document::format_iso8601(ms.div_euclid(1000))),
         audit_entries: count("SELECT COUNT(*) FROM audit_log")?,
+        policies: super::policy::views(&conn)?,
     })
 }
 

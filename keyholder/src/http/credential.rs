@@ -2,12 +2,14 @@
 //! `/v1/totp-code`. The platform's own addresses are refused on all three.
 
 use actix_web::web::Data;
-use actix_web::HttpResponse;
+use actix_web::{HttpRequest, HttpResponse};
 use keyholder_protocol::wire::StoreResponse;
 
 use super::error::ApiError;
 use super::extract::{CredentialEndpoint, StoreEndpoint, Ticketed, TotpEndpoint};
+use super::policy::{enforce, settle};
 use crate::app::AppState;
+use crate::policy::Endpoint;
 use crate::vault::credentials::StoreMode;
 
 /// `POST /v1/store`: encrypt and keep a credential sent by the owner's browser.
@@ -47,18 +49,31 @@ pub async fn store(
 
 /// `GET|POST /v1/credential`: the decrypted credential for a ticket holder.
 pub async fn credential(
+    req: HttpRequest,
     state: Data<AppState>,
     ticketed: Ticketed<CredentialEndpoint>,
 ) -> Result<HttpResponse, ApiError> {
-    state
-        .vault
-        .check_creation(&ticketed.service, &ticketed.claims)
-        .await?;
-    // A signing key (service account, GitHub App) is never handed out: a minted token is.
-    let body = state
-        .vault
-        .credential_body(&state.upstream, &ticketed.service)
-        .await?;
+    let admission = enforce(
+        &req,
+        &state,
+        Endpoint::Credential,
+        &ticketed.service,
+        Some(&ticketed.claims),
+    )
+    .await?;
+    let result = async {
+        state
+            .vault
+            .check_creation(&ticketed.service, &ticketed.claims)
+            .await?;
+        // A signing key (service account, GitHub App) is never handed out: a minted token is.
+        Ok(state
+            .vault
+            .credential_body(&state.upstream, &ticketed.service)
+            .await?)
+    }
+    .await;
+    let body = settle(&state, admission, result).await?;
     Ok(HttpResponse::Ok()
         .content_type("application/json")
         .body(body.to_vec()))
@@ -66,12 +81,26 @@ pub async fn credential(
 
 /// `GET|POST /v1/totp-code`: the current code of a TOTP credential.
 pub async fn totp_code(
+    req: HttpRequest,
     state: Data<AppState>,
     ticketed: Ticketed<TotpEndpoint>,
 ) -> Result<HttpResponse, ApiError> {
-    state
-        .vault
-        .check_creation(&ticketed.service, &ticketed.claims)
-        .await?;
-    Ok(HttpResponse::Ok().json(state.vault.totp_code(&ticketed.service).await?))
+    let admission = enforce(
+        &req,
+        &state,
+        Endpoint::TotpCode,
+        &ticketed.service,
+        Some(&ticketed.claims),
+    )
+    .await?;
+    let result = async {
+        state
+            .vault
+            .check_creation(&ticketed.service, &ticketed.claims)
+            .await?;
+        Ok(state.vault.totp_code(&ticketed.service).await?)
+    }
+    .await;
+    let code = settle(&state, admission, result).await?;
+    Ok(HttpResponse::Ok().json(code))
 }

@@ -76,6 +76,17 @@ pub enum ApiError {
         /// Seconds until the next request is accepted (the `Retry-After` header).
         retry_after_secs: u64,
     },
+    /// A rule of the owner's custody policy refused the use (the text names policy and rule).
+    #[error("{0}")]
+    PolicyDenied(String),
+    /// A rate or usage cap of the owner's custody policy refused the use for now.
+    #[error("{message}")]
+    PolicyLimited {
+        /// Names the policy and the cap.
+        message: String,
+        /// Seconds until a retry can succeed (the `Retry-After` header).
+        retry_after_secs: u64,
+    },
     /// A domain error.
     #[error(transparent)]
     Vault(#[from] VaultError),
@@ -108,7 +119,8 @@ impl ApiError {
             ApiError::NotFound => ErrorCode::NotFound,
             ApiError::MethodNotAllowed => ErrorCode::MethodNotAllowed,
             ApiError::Constraint(err) => err.error_code(),
-            ApiError::RateLimited { .. } => ErrorCode::RateLimited,
+            ApiError::RateLimited { .. } | ApiError::PolicyLimited { .. } => ErrorCode::RateLimited,
+            ApiError::PolicyDenied(_) => ErrorCode::PolicyDenied,
             ApiError::Vault(err) => match err {
                 VaultError::Store(_) => ErrorCode::StorageUnavailable,
                 VaultError::Crypto
@@ -284,7 +296,11 @@ impl ResponseError for ApiError {
     fn error_response(&self) -> HttpResponse {
         self.log();
         let mut response = HttpResponse::build(self.status_code());
-        if let ApiError::RateLimited { retry_after_secs } = self {
+        if let ApiError::RateLimited { retry_after_secs }
+        | ApiError::PolicyLimited {
+            retry_after_secs, ..
+        } = self
+        {
             response.insert_header((
                 keyholder_protocol::paths::HEADER_RETRY_AFTER,
                 retry_after_secs.to_string(),
@@ -377,6 +393,15 @@ mod tests {
                 429,
                 "rate_limited",
             ),
+            (
+                ApiError::PolicyLimited {
+                    message: "x".into(),
+                    retry_after_secs: 3,
+                },
+                429,
+                "rate_limited",
+            ),
+            (ApiError::PolicyDenied("x".into()), 403, "policy_denied"),
             (
                 ApiError::Vault(VaultError::CorruptDocument),
                 422,

@@ -24,7 +24,7 @@ use tracing::Instrument;
 use super::error::ApiError;
 use super::extract::TicketContext;
 use crate::app::AppState;
-use crate::audit::{AuditEvent, UpstreamOrigin};
+use crate::audit::{AuditEvent, PolicyNote, UpstreamOrigin};
 use crate::vault::replay::DurabilityBarrier;
 
 /// The request id of the current request, in request extensions.
@@ -267,6 +267,10 @@ pub async fn keyholder_layer(
                 None if status.is_success() => "ok".to_string(),
                 None => status.as_u16().to_string(),
             };
+            let result = match http_req.extensions().get::<PolicyNote>() {
+                Some(note) => format!("{result} {}", note.0),
+                None => result,
+            };
             state.audit.record(AuditEvent {
                 at_ms: crate::audit::now_ms(),
                 endpoint: path.clone(),
@@ -330,11 +334,17 @@ async fn finish(
     let api_error = response.error().and_then(|e| e.as_error::<ApiError>());
     let error_code = api_error.map(|e| e.code().as_str());
     let error_body = api_error.map(|e| e.body(Some(request_id)));
+    let proxied = response.extensions().get::<ProxiedAnswerHead>().copied();
     let mut head = HttpResponse::build(status);
     for (name, value) in response.headers() {
         head.append_header((name.clone(), value.clone()));
     }
     let mut built = head.finish();
+    if let (Some(ProxiedAnswerHead { streamed: true }), Some(state), true) =
+        (proxied, state, api_error.is_none())
+    {
+        return finish_streamed(response, built, http_req, request_id, target, state, origin);
+    }
     let bytes: Bytes = match error_body {
         Some(json) => {
             built.headers_mut().insert(
@@ -373,11 +383,7 @@ async fn finish(
             headers.insert(HeaderName::from_static("x-keyholder-signature"), v);
         }
     }
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    headers.insert(
-        header::X_CONTENT_TYPE_OPTIONS,
-        HeaderValue::from_static("nosniff"),
-    );
+    security_headers(headers, proxied.is_some() && error_code.is_none());
     if let Some((origin, methods)) = origin {
         cors_headers(headers, origin, methods);
     }
@@ -388,6 +394,122 @@ async fn finish(
         response: built.set_body(BoxBody::new(bytes)),
         status,
         error_code,
+    }
+}
+
+/// Set by the proxy handler on an upstream's answer: its `Cache-Control` is kept, and a streamed
+/// body is signed in the streamed form (`response_stream`) instead of being collected.
+#[derive(Debug, Clone, Copy)]
+pub struct ProxiedAnswerHead {
+    /// The body is a stream of unknown length.
+    pub streamed: bool,
+}
+
+/// Our own headers on every answer. On an upstream's answer they are added to its own, not put
+/// in their place: its `Cache-Control` stays (an MCP event stream says `no-cache`), `no-store`
+/// only where it said nothing.
+fn security_headers(headers: &mut actix_web::http::header::HeaderMap, upstream_answer: bool) {
+    if !upstream_answer || !headers.contains_key(header::CACHE_CONTROL) {
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+}
+
+/// A streamed upstream answer: the head is signed at once with the `stream` marker, the body
+/// goes on chunk by chunk as the upstream sends it and ends with its signed end frame.
+fn finish_streamed(
+    response: HttpResponse<BoxBody>,
+    mut built: HttpResponse,
+    http_req: &actix_web::HttpRequest,
+    request_id: &str,
+    target: &str,
+    state: &AppState,
+    origin: Option<&(HeaderValue, &'static str)>,
+) -> Finished {
+    let status = response.status();
+    let keys = state.vault.keys();
+    let stream = keyholder_protocol::response_stream::new_stream_id();
+    let signature = keyholder_protocol::response_stream::sign_stream_head(
+        keys.identity(),
+        crate::clock::now_unix(),
+        http_req.method().as_str(),
+        target,
+        request_id,
+        status.as_u16(),
+        &stream,
+    );
+    let headers = built.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        headers.insert(HeaderName::from_static("x-request-id"), v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&signature) {
+        headers.insert(HeaderName::from_static("x-keyholder-signature"), v);
+    }
+    security_headers(headers, true);
+    if let Some((origin, methods)) = origin {
+        cors_headers(headers, origin, methods);
+    }
+    let body = SignedStreamBody {
+        inner: response.into_body(),
+        signer: Some(keyholder_protocol::response_stream::StreamSigner::new(
+            stream,
+        )),
+        keys,
+    };
+    Finished {
+        response: built.set_body(BoxBody::new(body)),
+        status,
+        error_code: None,
+    }
+}
+
+/// A streamed body that hashes what it sends and appends the signed end frame after the last
+/// chunk. On an upstream failure mid-stream it ends without the frame (truncated, so refused by
+/// a verifier).
+struct SignedStreamBody {
+    inner: BoxBody,
+    signer: Option<keyholder_protocol::response_stream::StreamSigner>,
+    keys: Arc<crate::vault::keyring::KeyRing>,
+}
+
+impl MessageBody for SignedStreamBody {
+    type Error = Box<dyn std::error::Error>;
+
+    fn size(&self) -> body::BodySize {
+        body::BodySize::Stream
+    }
+
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Bytes, Self::Error>>> {
+        use std::task::Poll;
+        let this = self.get_mut();
+        if this.signer.is_none() {
+            return Poll::Ready(None);
+        }
+        match std::pin::Pin::new(&mut this.inner).poll_next(cx) {
+            Poll::Ready(Some(Ok(chunk))) => {
+                if let Some(signer) = this.signer.as_mut() {
+                    signer.update(&chunk);
+                }
+                Poll::Ready(Some(Ok(chunk)))
+            }
+            Poll::Ready(Some(Err(err))) => {
+                this.signer = None;
+                Poll::Ready(Some(Err(err)))
+            }
+            Poll::Ready(None) => match this.signer.take() {
+                Some(signer) => {
+                    Poll::Ready(Some(Ok(Bytes::from(signer.finish(this.keys.identity())))))
+                }
+                None => Poll::Ready(None),
+            },
+            Poll::Pending => Poll::Pending,
+        }
     }
 }
 

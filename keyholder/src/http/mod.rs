@@ -2,6 +2,7 @@
 //! single error mapping. Handlers are thin: extract, call the domain, map the result.
 
 pub mod admin;
+pub mod approval_page;
 pub mod bind_page;
 pub mod credential;
 pub mod error;
@@ -10,6 +11,7 @@ pub mod extract;
 pub mod health;
 pub mod middleware;
 pub mod network;
+pub mod policy;
 pub mod proxy;
 pub mod rate_limit;
 pub mod refresh;
@@ -95,6 +97,22 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         web::resource(PATH_STORE_PAGE)
             .route(web::get().to(store_page::store_page))
             .default_service(fallback("GET")),
+    )
+    .service(
+        web::resource(PATH_APPROVAL_PAGE)
+            .app_data(
+                web::FormConfig::default()
+                    .limit(4096)
+                    .error_handler(|_, _| {
+                        error::ApiError::InvalidRequest("Invalid approval form".into()).into()
+                    }),
+            )
+            .app_data(web::QueryConfig::default().error_handler(|_, _| {
+                error::ApiError::InvalidRequest("Invalid query string".into()).into()
+            }))
+            .route(web::get().to(approval_page::approval_page))
+            .route(web::post().to(approval_page::approval_decide))
+            .default_service(fallback("GET, POST")),
     )
     .service(
         web::resource(PATH_STORE_PAGE_SCRIPT)

@@ -1,5 +1,6 @@
 //! `POST /v1/proxy`: the platform's signed call with a `proxy` ticket; the domain makes the upstream
-//! call under the egress policy, and the answer goes back with hop-by-hop headers removed.
+//! call under the egress policy, and the answer goes back with hop-by-hop headers removed, its body
+//! streamed as it arrives (short answers of known length whole).
 
 use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::http::StatusCode;
@@ -10,8 +11,11 @@ use keyholder_protocol::ErrorCode;
 
 use super::error::ApiError;
 use super::extract::ProxyCall;
+use super::middleware::ProxiedAnswerHead;
+use super::policy::{enforce, settle};
 use crate::app::AppState;
 use crate::upstream::strip_hop_by_hop;
+use crate::vault::egress::ProxiedBody;
 
 /// Proxies one upstream call with the credential injected.
 pub async fn proxy(
@@ -26,8 +30,21 @@ pub async fn proxy(
         upstream,
         templates,
     } = call;
+    // The owner's policies (the client address is the platform's: it makes this call).
+    let admission = enforce(
+        &req,
+        &state,
+        crate::policy::Endpoint::Proxy,
+        &service,
+        Some(&claims),
+    )
+    .await?;
     // 2.4.0: a ticket for a token that was replaced since is refused before any upstream call.
-    state.vault.check_creation(&service, &claims).await?;
+    let checked = state
+        .vault
+        .check_creation(&service, &claims)
+        .await
+        .map_err(ApiError::from);
     // The audit entry of this request names the upstream origin (never the path or query).
     if let Some(origin) = upstream
         .url
@@ -38,11 +55,15 @@ pub async fn proxy(
         req.extensions_mut()
             .insert(crate::audit::UpstreamOrigin(origin));
     }
-    let result = state
-        .vault
-        .proxy_call(&state.upstream, &service, upstream, templates, &request_id)
-        .await
-        .map_err(ApiError::from);
+    let result = match checked {
+        Ok(()) => state
+            .vault
+            .proxy_call(&state.upstream, &service, upstream, templates, &request_id)
+            .await
+            .map_err(ApiError::from),
+        Err(err) => Err(err),
+    };
+    let result = settle(&state, admission, result).await;
     let answer = match result {
         Ok(answer) => answer,
         Err(err) => {
@@ -59,9 +80,8 @@ pub async fn proxy(
             .credential_redactions
             .inc_by(answer.redactions);
     }
-    let response = answer.response;
-    let status = StatusCode::from_u16(response.status.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
-    let mut headers = response.headers;
+    let status = StatusCode::from_u16(answer.status.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let mut headers = answer.headers;
     strip_hop_by_hop(&mut headers);
     let mut builder = HttpResponse::build(status);
     for (name, value) in headers.iter() {
@@ -73,5 +93,46 @@ pub async fn proxy(
         }
     }
     builder.insert_header((HEADER_UPSTREAM_STATUS, status.as_u16().to_string()));
-    Ok(builder.body(response.body))
+    match answer.body {
+        ProxiedBody::Whole(body) => {
+            builder
+                .extensions_mut()
+                .insert(ProxiedAnswerHead { streamed: false });
+            Ok(builder.body(body))
+        }
+        ProxiedBody::Stream(stream) => {
+            builder
+                .extensions_mut()
+                .insert(ProxiedAnswerHead { streamed: true });
+            let metrics = state.metrics.clone();
+            let counted = answer.redactions;
+            let body = futures_util::stream::unfold(Some(stream), move |stream| {
+                let metrics = metrics.clone();
+                async move {
+                    let mut stream = stream?;
+                    match stream.next_chunk().await {
+                        Ok(Some(chunk)) => Some((Ok(chunk), Some(stream))),
+                        Ok(None) => {
+                            let found = stream.redactions().saturating_sub(counted);
+                            if found > 0 {
+                                tracing::warn!(
+                                    redactions = found,
+                                    "the upstream echoed the injected credential; redacted from the streamed answer"
+                                );
+                                metrics.credential_redactions.inc_by(found);
+                            }
+                            None
+                        }
+                        Err(err) => {
+                            // The head is sent: the body ends without its signed end frame,
+                            // which a verifier treats as truncated.
+                            tracing::warn!(error = %err, "proxied stream ended early");
+                            Some((Err(err), None))
+                        }
+                    }
+                }
+            });
+            Ok(builder.streaming(body))
+        }
+    }
 }

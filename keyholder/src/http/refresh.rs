@@ -2,7 +2,7 @@
 //! `POST /v1/refresh` (tv-refresh `get`/`update`), both platform-signed.
 
 use actix_web::web::Data;
-use actix_web::HttpResponse;
+use actix_web::{HttpRequest, HttpResponse};
 use keyholder_protocol::wire::{
     RefreshGetResponse, RefreshNotifyRequest, RefreshNotifyResponse, RefreshRequest,
     RefreshUpdateResponse,
@@ -64,6 +64,7 @@ pub async fn refresh_notify(
 /// `POST /v1/refresh` (tv-refresh): refused unless the owner enabled it.
 pub async fn refresh(
     _unsealed: Unsealed,
+    req: HttpRequest,
     state: Data<AppState>,
     signed: Signed<RefreshRequest>,
 ) -> Result<HttpResponse, ApiError> {
@@ -85,7 +86,22 @@ pub async fn refresh(
     let service = service_of(body.service)?;
     match body.action.as_deref() {
         Some("get") => {
-            let mut response = match state.vault.refresh_get(&service).await? {
+            // The refresh token is handed out: the owner's policies decide (no ticket: no agent).
+            let admission = super::policy::enforce(
+                &req,
+                &state,
+                crate::policy::Endpoint::RefreshGet,
+                &service,
+                None,
+            )
+            .await?;
+            let got = state
+                .vault
+                .refresh_get(&service)
+                .await
+                .map_err(ApiError::from);
+            let got = super::policy::settle(&state, admission, got).await?;
+            let mut response = match got {
                 RefreshGet::Ok(token, meta) => RefreshGetResponse {
                     status: "ok".into(),
                     refresh_token: Some(token.to_string()),

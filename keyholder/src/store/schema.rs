@@ -90,6 +90,22 @@ const MIGRATIONS: &[&str] = &[
         SELECT key FROM documents WHERE collection = 'tokens'
         AND (CASE WHEN json_valid(doc) THEN lower(json_extract(doc, '$.meta.tokenType')) END) = 'githubapp'
         AND (CASE WHEN json_valid(doc) THEN json_extract(doc, '$.fields.sealedInputs') END) IS NULL;",
+    // 9 (custody policies): the owner's named rule sets, what they attach to, and the durable
+    //    usage counts of their caps (one row per policy, target and period).
+    "CREATE TABLE policies (
+        name TEXT PRIMARY KEY, rules TEXT NOT NULL, source TEXT NOT NULL DEFAULT 'cli',
+        updated_at INTEGER NOT NULL) WITHOUT ROWID;
+     CREATE TABLE policy_attachments (
+        policy TEXT NOT NULL, kind TEXT NOT NULL, target TEXT NOT NULL,
+        source TEXT NOT NULL DEFAULT 'cli', PRIMARY KEY (policy, kind, target)) WITHOUT ROWID;
+     CREATE TABLE policy_usage (
+        policy TEXT NOT NULL, target TEXT NOT NULL, period TEXT NOT NULL, count INTEGER NOT NULL,
+        PRIMARY KEY (policy, target, period)) WITHOUT ROWID;
+     CREATE TABLE policy_approvals (
+        id TEXT PRIMARY KEY, policy TEXT NOT NULL, service TEXT NOT NULL, agent TEXT NOT NULL,
+        client TEXT NOT NULL, endpoint TEXT NOT NULL, created_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL, decision TEXT, decided_at INTEGER,
+        link_hash BLOB NOT NULL) WITHOUT ROWID;",
 ];
 
 /// Applies every migration newer than the database's version, each in its own transaction.

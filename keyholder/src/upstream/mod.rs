@@ -1,5 +1,7 @@
 //! The outbound side: one pooled HTTP client built at start, behind the SSRF guard, used for proxied
-//! upstream calls and for OAuth and token-minting endpoints. Bodies are read with a size cap.
+//! upstream calls and for OAuth and token-minting endpoints. Token-endpoint bodies are read whole
+//! with a size cap; proxied answers come back as a head and a body stream ([`StreamedResponse`])
+//! under the stream time limits (connect, head, idle between chunks, optional whole-stream cap).
 
 pub mod guard;
 
@@ -12,8 +14,11 @@ use url::Url;
 
 pub use guard::{EgressGuard, EgressRefused};
 
-/// Connect timeout of every outbound call.
+/// Default connect timeout of every outbound call.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// A proxied answer with a known length up to this many bytes is read whole and signed as today
+/// (one signature over its body); longer, unknown-length and event-stream answers are streamed.
+pub const BUFFERED_ANSWER_MAX: u64 = 64 * 1024;
 /// Largest token-endpoint answer read (OAuth and minting).
 pub const PROVIDER_MAX_RESPONSE: usize = 256 * 1024;
 
@@ -63,17 +68,71 @@ pub struct UpstreamResponse {
     pub body: Bytes,
 }
 
+/// The head of a proxied answer and its body, still arriving.
+pub struct StreamedResponse {
+    /// Status.
+    pub status: StatusCode,
+    /// Headers as received.
+    pub headers: HeaderMap,
+    /// The body.
+    pub body: UpstreamBody,
+}
+
+/// A proxied answer's body as it arrives: whole when short ([`BUFFERED_ANSWER_MAX`]), otherwise
+/// a stream that yields chunks under the idle and whole-stream limits.
+pub enum UpstreamBody {
+    /// Read whole (short, known length, not an event stream).
+    Whole(Bytes),
+    /// Still arriving.
+    Stream(BodyStream),
+}
+
+/// The body of a streamed answer. Dropping it drops the upstream response, which closes (or
+/// cancels, on HTTP/2) the upstream request: a platform that goes away ends the upstream call.
+pub struct BodyStream {
+    response: reqwest::Response,
+    idle: Duration,
+    deadline: Option<tokio::time::Instant>,
+}
+
+impl BodyStream {
+    /// The next chunk, `None` at the end. `Timeout` when the upstream sent nothing for the idle
+    /// time or the stream reached its maximum duration.
+    pub async fn next_chunk(&mut self) -> Result<Option<Bytes>, UpstreamError> {
+        let idle = tokio::time::Instant::now() + self.idle;
+        let until = match self.deadline {
+            Some(deadline) => deadline.min(idle),
+            None => idle,
+        };
+        match tokio::time::timeout_at(until, self.response.chunk()).await {
+            Ok(chunk) => chunk.map_err(map_error),
+            Err(_) => Err(UpstreamError::Timeout),
+        }
+    }
+}
+
+/// The time limits of proxied calls.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamLimits {
+    /// Until the TCP (and TLS) connection is up.
+    pub connect: Duration,
+    /// From sending the request until the answer's status and headers.
+    pub head: Duration,
+    /// Longest pause between two body chunks.
+    pub idle: Duration,
+    /// Longest whole answer (head and body), if any.
+    pub max_stream: Option<Duration>,
+}
+
 /// Settings of the outbound side, fixed at start.
 #[derive(Debug, Clone, Copy)]
 pub struct UpstreamSettings {
     /// The SSRF guard.
     pub guard: EgressGuard,
-    /// Total time for one proxied call (connect, send, read the whole body).
-    pub proxy_timeout: Duration,
+    /// Time limits of proxied calls.
+    pub proxy: StreamLimits,
     /// Total time for one OAuth or minting call.
     pub provider_timeout: Duration,
-    /// Largest proxied response body.
-    pub max_response: usize,
 }
 
 /// The outbound client: one pooled `reqwest` client per thread, each built once. A connection is
@@ -117,14 +176,82 @@ impl Upstream {
         self.settings.guard.check_url(url).map_err(Into::into)
     }
 
-    /// A proxied call: total timeout and body cap of the proxy.
-    pub async fn send(&self, request: OutboundRequest) -> Result<UpstreamResponse, UpstreamError> {
-        self.execute(
-            request,
-            self.settings.proxy_timeout,
-            self.settings.max_response,
-        )
-        .await
+    /// A proxied call: waits for the answer's head (head timeout), then reads the body whole when
+    /// it is short and has a known length, or hands it back as a stream. A call whose request may
+    /// have reached the upstream is never sent twice (see [`may_send_again`]).
+    pub async fn send_streaming(
+        &self,
+        request: OutboundRequest,
+    ) -> Result<StreamedResponse, UpstreamError> {
+        self.check_url(&request.url)?;
+        let client = self.client()?;
+        let limits = self.settings.proxy;
+        let started = tokio::time::Instant::now();
+        let deadline = limits.max_stream.map(|max| started + max);
+        let head_by = match deadline {
+            Some(deadline) => deadline.min(started + limits.head),
+            None => started + limits.head,
+        };
+        let build = |request: &OutboundRequest| {
+            let builder = client
+                .request(request.method.clone(), request.url.clone())
+                .headers(request.headers.clone());
+            match request.body.clone() {
+                Some(body) => builder.body(body),
+                None => builder,
+            }
+        };
+        let head = async {
+            match build(&request).send().await {
+                Ok(response) => Ok(response),
+                Err(err) if may_send_again(&request.method, &err) => {
+                    tracing::debug!(error = %err.without_url(), "upstream connection failed before an answer; sending once more");
+                    build(&request).send().await.map_err(map_error)
+                }
+                Err(err) => Err(map_error(err)),
+            }
+        };
+        let mut response = match tokio::time::timeout_at(head_by, head).await {
+            Ok(result) => result?,
+            Err(_) => return Err(UpstreamError::Timeout),
+        };
+        let status = response.status();
+        let headers = std::mem::take(response.headers_mut());
+        let event_stream = headers
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| {
+                v.trim_start()
+                    .to_ascii_lowercase()
+                    .starts_with("text/event-stream")
+            });
+        let short = response
+            .content_length()
+            .is_some_and(|len| len <= BUFFERED_ANSWER_MAX);
+        let mut stream = BodyStream {
+            response,
+            idle: limits.idle,
+            deadline,
+        };
+        if short && !event_stream {
+            let mut body = BytesMut::new();
+            while let Some(chunk) = stream.next_chunk().await? {
+                if (body.len() + chunk.len()) as u64 > BUFFERED_ANSWER_MAX {
+                    return Err(UpstreamError::TooLarge(BUFFERED_ANSWER_MAX as usize));
+                }
+                body.extend_from_slice(&chunk);
+            }
+            return Ok(StreamedResponse {
+                status,
+                headers,
+                body: UpstreamBody::Whole(body.freeze()),
+            });
+        }
+        Ok(StreamedResponse {
+            status,
+            headers,
+            body: UpstreamBody::Stream(stream),
+        })
     }
 
     /// A token-endpoint call: the provider timeout and a small body cap.
@@ -204,7 +331,7 @@ fn build_client(settings: &UpstreamSettings) -> Result<reqwest::Client, Upstream
         // A redirect would skip the egress policy: the platform gets the 3xx as it is.
         .redirect(reqwest::redirect::Policy::none())
         .https_only(!settings.guard.allow_private)
-        .connect_timeout(CONNECT_TIMEOUT)
+        .connect_timeout(settings.proxy.connect)
         .pool_idle_timeout(Duration::from_secs(90))
         // Enough idle connections for a worker's concurrent calls to one upstream: a smaller pool
         // closes connections after every burst and opens new ones (handshake, task) on the next.

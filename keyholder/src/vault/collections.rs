@@ -211,7 +211,19 @@ impl Vault {
                 }
                 _ => doc,
             };
-            items.push(list_item(collection, &key, doc));
+            let mut item = list_item(collection, &key, doc);
+            if collection == Collection::Tokens {
+                // The owner's custody policies on this service, by name only (so the platform's
+                // dashboard can explain a refusal); the platform cannot set or hide this field.
+                let policies = self.policy.service_policies(&key);
+                if let Some(meta) = item.get_mut("meta").and_then(Value::as_object_mut) {
+                    meta.remove("keyholderPolicies");
+                    if !policies.is_empty() {
+                        meta.insert("keyholderPolicies".into(), serde_json::json!(policies));
+                    }
+                }
+            }
+            items.push(item);
         }
         if collection == Collection::Audit {
             items.sort_by(|a, b| cursor_cmp(&cursor(collection, b), &cursor(collection, a)));

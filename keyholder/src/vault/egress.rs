@@ -70,7 +70,9 @@ impl EgressPolicyCache {
         }
     }
 }
-use crate::upstream::{self, OutboundRequest, Upstream, UpstreamError, UpstreamResponse};
+use crate::upstream::{
+    self, BodyStream, OutboundRequest, StreamedResponse, Upstream, UpstreamBody, UpstreamError,
+};
 
 /// The placeholder replaced by the credential in header templates.
 pub const TOKEN_PLACEHOLDER: &str = "${TOKEN}";
@@ -921,7 +923,7 @@ impl Vault {
         let token = self
             .token_of(upstream, service, credential, mint, request_id)
             .await?;
-        let mut redactor = Redactor::new(&token);
+        let redactor = Redactor::new(&token);
         let mut headers = plan.headers;
         for (name, template) in &plan.templates {
             let value = Zeroizing::new(template.replace(TOKEN_PLACEHOLDER, &token));
@@ -961,7 +963,7 @@ impl Vault {
         );
         call.in_scope(|| crate::telemetry::inject_current(&mut headers));
         let result = upstream
-            .send(OutboundRequest {
+            .send_streaming(OutboundRequest {
                 method: plan.method,
                 url: plan.url,
                 headers,
@@ -971,7 +973,8 @@ impl Vault {
             .await;
         match result {
             Ok(response) => {
-                let (response, redactions) = redact_answer(&mut redactor, response);
+                let answer = redact_answer(redactor, response);
+                let redactions = answer.redactions;
                 if redactions > 0 {
                     tracing::warn!(
                         request_id,
@@ -981,10 +984,7 @@ impl Vault {
                         "the upstream echoed the injected credential; redacted from the answer"
                     );
                 }
-                Ok(ProxiedAnswer {
-                    response,
-                    redactions,
-                })
+                Ok(answer)
             }
             Err(err) => match err {
                 // The guard refused at resolution: nothing was sent, so a fresh pin goes again.
@@ -1003,18 +1003,64 @@ impl Vault {
     }
 }
 
-/// A proxied answer, with the injected credential redacted, and how many times it was.
+/// A proxied answer, with the injected credential redacted from its head (and from its body as
+/// the body is read).
 pub struct ProxiedAnswer {
-    /// The answer as the platform gets it.
-    pub response: UpstreamResponse,
-    /// Values redacted from headers and body.
+    /// The upstream status.
+    pub status: reqwest::StatusCode,
+    /// The upstream headers, redacted.
+    pub headers: HeaderMap,
+    /// The body, redacted whole or as it streams.
+    pub body: ProxiedBody,
+    /// Values redacted from the headers and (when whole) the body.
     pub redactions: u64,
 }
 
-/// Redacts the credential from every header value (dropping a header whose name holds it) and from
-/// the body. Today the body is whole; [`Redactor`] also works chunk by chunk.
-fn redact_answer(redactor: &mut Redactor, response: UpstreamResponse) -> (UpstreamResponse, u64) {
-    let UpstreamResponse {
+/// The body of a proxied answer.
+pub enum ProxiedBody {
+    /// Read whole and redacted.
+    Whole(Bytes),
+    /// Redacted chunk by chunk as it arrives.
+    Stream(Box<RedactedStream>),
+}
+
+/// A streamed upstream body passed through the credential [`Redactor`]: a value split across
+/// chunks is still found (the redactor holds back up to the longest form minus one byte).
+pub struct RedactedStream {
+    inner: BodyStream,
+    redactor: Redactor,
+    done: bool,
+}
+
+impl RedactedStream {
+    /// The next redacted chunk, `None` at the end of the body.
+    pub async fn next_chunk(&mut self) -> Result<Option<Bytes>, UpstreamError> {
+        while !self.done {
+            let mut out = Vec::new();
+            match self.inner.next_chunk().await? {
+                Some(chunk) => self.redactor.push(&chunk, &mut out),
+                None => {
+                    self.done = true;
+                    self.redactor.finish(&mut out);
+                }
+            }
+            if !out.is_empty() {
+                return Ok(Some(Bytes::from(out)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Values redacted from the body so far.
+    pub fn redactions(&self) -> u64 {
+        self.redactor.count()
+    }
+}
+
+/// Redacts the credential from every header value (dropping a header whose name holds it) and
+/// from the body: a whole body at once, a streamed one as it is read.
+fn redact_answer(mut redactor: Redactor, response: StreamedResponse) -> ProxiedAnswer {
+    let StreamedResponse {
         status,
         headers,
         body,
@@ -1035,17 +1081,30 @@ fn redact_answer(redactor: &mut Redactor, response: UpstreamResponse) -> (Upstre
             clean.append(name.clone(), value.clone());
         }
     }
-    let mut out = Vec::with_capacity(body.len());
-    redactor.redact_all(&body, &mut out);
-    let redactions = redactor.count();
-    (
-        UpstreamResponse {
-            status,
-            headers: clean,
-            body: Bytes::from(out),
-        },
+    let (body, redactions) = match body {
+        UpstreamBody::Whole(body) => {
+            let mut out = Vec::with_capacity(body.len());
+            redactor.redact_all(&body, &mut out);
+            (ProxiedBody::Whole(Bytes::from(out)), redactor.count())
+        }
+        UpstreamBody::Stream(inner) => {
+            let count = redactor.count();
+            (
+                ProxiedBody::Stream(Box::new(RedactedStream {
+                    inner,
+                    redactor,
+                    done: false,
+                })),
+                count,
+            )
+        }
+    };
+    ProxiedAnswer {
+        status,
+        headers: clean,
+        body,
         redactions,
-    )
+    }
 }
 
 #[cfg(test)]

@@ -167,6 +167,8 @@ pub struct Vault {
     egress_cache: egress::EgressPolicyCache,
     /// One OAuth refresh per service at a time.
     refresh_locks: minting::KeyedLocks,
+    /// The owner's custody policies (reloaded with every owner change).
+    pub policy: crate::policy::PolicyEngine,
 }
 
 /// What opening the vault found, for the start-up log.
@@ -244,7 +246,9 @@ impl Vault {
             cache: doc_cache::DocumentCache::default(),
             egress_cache: egress::EgressPolicyCache::default(),
             refresh_locks: minting::KeyedLocks::default(),
+            policy: crate::policy::PolicyEngine::default(),
         };
+        vault.policy.reload(&vault.store).await?;
         Ok((vault, report))
     }
 

@@ -1,8 +1,9 @@
 //! Redacts an injected credential from a proxied answer before it reaches the platform: an upstream
 //! that echoes request headers would otherwise hand the secret back. It looks for the raw value,
 //! its base64 forms (as inside `Basic base64(user:secret)`, at any alignment) and its JSON-escaped
-//! form, and works chunk by chunk: up to the longest needle minus one byte is held back between
-//! chunks, so a value split across a chunk boundary is still found.
+//! form, and works chunk by chunk: a chunk's tail that could be the start of one of those forms
+//! (at most the longest minus one byte) is held back until the next chunk, so a value split
+//! across a chunk boundary is still found, and nothing else waits.
 
 use base64::engine::general_purpose::STANDARD_NO_PAD;
 use base64::Engine as _;
@@ -105,18 +106,6 @@ impl Redactor {
         self.count - before
     }
 
-    fn match_at(&self, at: usize) -> Option<usize> {
-        let rest = self.held.get(at..)?;
-        let first = *rest.first()?;
-        if !self.first_bytes[usize::from(first)] {
-            return None;
-        }
-        self.needles
-            .iter()
-            .find(|n| rest.starts_with(n))
-            .map(|n| n.len())
-    }
-
     fn drain(&mut self, finish: bool, out: &mut Vec<u8>) {
         if self.max_len == 0 {
             out.extend_from_slice(&self.held);
@@ -124,17 +113,29 @@ impl Redactor {
             return;
         }
         let len = self.held.len();
-        // A needle could still start at any position from here on once more bytes arrive.
-        let decidable = if finish {
-            len
-        } else {
-            len.saturating_sub(self.max_len - 1)
-        };
         let mut emitted = 0;
         let mut at = 0;
-        while at < decidable {
-            match self.match_at(at) {
+        while at < len {
+            let rest = &self.held[at..];
+            if !self.first_bytes[usize::from(rest[0])] {
+                at += 1;
+                continue;
+            }
+            // Undecided while the rest is a proper prefix of a needle (always longer than any
+            // whole match here): hold back from this byte until more arrives. Only a possible
+            // start of the secret waits, so an event stream's last event goes on at once.
+            if !finish
+                && self
+                    .needles
+                    .iter()
+                    .any(|n| n.len() > rest.len() && n.starts_with(rest))
+            {
+                break;
+            }
+            // Longest first.
+            match self.needles.iter().find(|n| rest.starts_with(n)) {
                 Some(found) => {
+                    let found = found.len();
                     out.extend_from_slice(&self.held[emitted..at]);
                     out.extend_from_slice(REDACTED);
                     self.count += 1;
@@ -144,7 +145,7 @@ impl Redactor {
                 None => at += 1,
             }
         }
-        let keep_from = emitted.max(decidable);
+        let keep_from = at.min(len);
         out.extend_from_slice(&self.held[emitted..keep_from]);
         let rest = Zeroizing::new(self.held[keep_from..].to_vec());
         self.held.iter_mut().for_each(|b| *b = 0);
@@ -228,6 +229,20 @@ mod tests {
         // Binary bytes pass through.
         let bin: Vec<u8> = (0..=255u8).collect();
         assert_eq!(chunked(&bin, 7).0, bin);
+    }
+
+    #[test]
+    fn only_a_possible_start_of_the_secret_is_held_back() {
+        let mut r = Redactor::new(SECRET);
+        let mut out = Vec::new();
+        r.push(b"data: one\n\n", &mut out);
+        assert_eq!(out, b"data: one\n\n", "nothing to wait for");
+        out.clear();
+        r.push(b"data: ghp_Sec", &mut out);
+        assert_eq!(out, b"data: ", "the start of the secret waits");
+        out.clear();
+        r.push(b"ret/Value\"123 x", &mut out);
+        assert_eq!(out, b"[REDACTED] x");
     }
 
     #[test]

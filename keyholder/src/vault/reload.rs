@@ -175,6 +175,9 @@ impl Vault {
                 })
             })
             .await?;
+        // Policies first (list items name them; the cache is cleared after), and before the seal:
+        // a change is in force by the time it is reported picked up.
+        self.policy.reload(self.store()).await?;
         // Documents may have changed under us (rewrap, import): read them afresh.
         self.cache.clear();
         self.egress_cache.clear();

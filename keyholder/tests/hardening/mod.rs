@@ -5,6 +5,7 @@
 
 mod connections;
 mod crash;
+mod policy_caps;
 mod storage_faults;
 
 use std::path::{Path, PathBuf};

@@ -1,5 +1,6 @@
 //! A minimal HTTP/1.1 keep-alive client for the load generator: it writes prepared request bytes
-//! and reads one response (Content-Length bodies only), so the generator costs as little as possible.
+//! and reads one response (Content-Length or chunked bodies), so the generator costs as little as
+//! possible.
 
 use std::io;
 
@@ -17,7 +18,8 @@ fn find_header_end(buf: &[u8]) -> Option<usize> {
     buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4)
 }
 
-fn content_length(head: &[u8]) -> io::Result<usize> {
+/// How the body is framed: `Some(length)`, or `None` for a chunked body.
+fn content_length(head: &[u8]) -> io::Result<Option<usize>> {
     let text = std::str::from_utf8(head).map_err(|_| io::Error::other("non-UTF-8 head"))?;
     for line in text.split("\r\n").skip(1) {
         if let Some((name, value)) = line.split_once(':') {
@@ -25,16 +27,39 @@ fn content_length(head: &[u8]) -> io::Result<usize> {
                 return value
                     .trim()
                     .parse()
+                    .map(Some)
                     .map_err(|_| io::Error::other("bad content-length"));
             }
             if name.trim().eq_ignore_ascii_case("transfer-encoding") {
-                return Err(io::Error::other(
-                    "chunked bodies are not supported by the bench client",
-                ));
+                return Ok(None);
             }
         }
     }
-    Ok(0)
+    Ok(Some(0))
+}
+
+/// The end of a complete chunked body starting at `from`, and its payload length.
+fn chunked_end(buf: &[u8], mut from: usize) -> io::Result<Option<(usize, usize)>> {
+    let mut payload = 0;
+    loop {
+        let Some(line) = buf[from..].windows(2).position(|w| w == b"\r\n") else {
+            return Ok(None);
+        };
+        let size_text = std::str::from_utf8(&buf[from..from + line])
+            .map_err(|_| io::Error::other("bad chunk size"))?;
+        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
+            .map_err(|_| io::Error::other("bad chunk size"))?;
+        let data = from + line + 2;
+        if size == 0 {
+            // No trailers from our servers: the last chunk is followed by one CRLF.
+            return Ok((buf.len() >= data + 2).then_some((data + 2, payload)));
+        }
+        if buf.len() < data + size + 2 {
+            return Ok(None);
+        }
+        payload += size;
+        from = data + size + 2;
+    }
 }
 
 impl Connection {
@@ -82,7 +107,23 @@ impl Connection {
             .ok()
             .and_then(|s| s.parse().ok())
             .ok_or_else(|| io::Error::other("bad status line"))?;
-        let len = content_length(&self.buf[..head_end])?;
+        let Some(len) = content_length(&self.buf[..head_end])? else {
+            // Chunked (a streamed proxy answer): read to the last chunk.
+            let mut chunk = vec![0u8; 64 * 1024];
+            loop {
+                if let Some((_, payload)) = chunked_end(&self.buf, head_end)? {
+                    return Ok((status, payload));
+                }
+                let n = self.stream.read(&mut chunk).await?;
+                if n == 0 {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "body cut short",
+                    ));
+                }
+                self.buf.extend_from_slice(&chunk[..n]);
+            }
+        };
         while self.buf.len() < head_end + len {
             let mut chunk = [0u8; 8192];
             let n = self.stream.read(&mut chunk).await?;

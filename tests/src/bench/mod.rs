@@ -192,9 +192,12 @@ pub fn serve_baseline(addr: SocketAddr, workers: usize) -> anyhow::Result<()> {
         .build()?;
     rt.block_on(async move {
         HttpServer::new(|| {
-            App::new().default_service(web::to(|| async {
-                HttpResponse::Ok().json(json!({"status": "ok", "service": "baseline"}))
-            }))
+            App::new()
+                .route(LARGE_PATH, web::get().to(large_answer))
+                .route(EVENTS_PATH, web::get().to(event_stream))
+                .default_service(web::to(|| async {
+                    HttpResponse::Ok().json(json!({"status": "ok", "service": "baseline"}))
+                }))
         })
         .workers(workers)
         .bind(addr)?
@@ -202,6 +205,88 @@ pub fn serve_baseline(addr: SocketAddr, workers: usize) -> anyhow::Result<()> {
         .await
     })?;
     Ok(())
+}
+
+/// The baseline's 1 MiB answer (`proxy_large`).
+pub const LARGE_PATH: &str = "/api/large";
+/// The baseline's event stream: [`STREAM_EVENTS`] SSE events [`STREAM_GAP`] apart (`proxy_stream`).
+pub const EVENTS_PATH: &str = "/api/events";
+/// Events per stream.
+pub const STREAM_EVENTS: usize = 10;
+/// Pause between two events.
+pub const STREAM_GAP: Duration = Duration::from_millis(5);
+
+async fn large_answer() -> actix_web::HttpResponse {
+    static BODY: std::sync::OnceLock<actix_web::web::Bytes> = std::sync::OnceLock::new();
+    let body = BODY.get_or_init(|| actix_web::web::Bytes::from(vec![b'x'; 1 << 20]));
+    actix_web::HttpResponse::Ok()
+        .content_type("application/octet-stream")
+        .body(body.clone())
+}
+
+async fn event_stream() -> actix_web::HttpResponse {
+    let events = futures_util::stream::unfold(0usize, |i| async move {
+        if i >= STREAM_EVENTS {
+            return None;
+        }
+        if i > 0 {
+            tokio::time::sleep(STREAM_GAP).await;
+        }
+        let event = actix_web::web::Bytes::from(format!("event: message\ndata: {{\"n\":{i}}}\n\n"));
+        Some((Ok::<_, std::io::Error>(event), i + 1))
+    });
+    actix_web::HttpResponse::Ok()
+        .content_type("text/event-stream")
+        .insert_header(("Cache-Control", "no-cache"))
+        .streaming(events)
+}
+
+/// Time to the first event and the number of events of one streamed answer, read raw from a
+/// fresh connection (`request` asks for an event stream, directly or through `/v1/proxy`).
+pub async fn first_event(addr: SocketAddr, request: &[u8]) -> anyhow::Result<(Duration, usize)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let mut req = request.to_vec();
+    if let Some(pos) = req.windows(2).position(|w| w == b"\r\n") {
+        req.splice(pos + 2..pos + 2, b"Connection: close\r\n".iter().copied());
+    }
+    let started = Instant::now();
+    stream.write_all(&req).await?;
+    let mut out = Vec::new();
+    let mut first = None;
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&chunk[..n]);
+        if first.is_none() && out.windows(6).any(|w| w == b"data: ") {
+            first = Some(started.elapsed());
+        }
+    }
+    let events = out.windows(6).filter(|w| *w == b"data: ").count();
+    Ok((first.context("no event arrived")?, events))
+}
+
+/// `/v1/proxy` to `path` on `upstream`.
+pub fn proxy_path_factory(
+    secret: Arc<HmacSecret>,
+    upstream: SocketAddr,
+    path: &'static str,
+) -> RequestFactory {
+    Arc::new(move |n| {
+        let service = format!("bench-{:03}", n % 100);
+        let t = ticket(&secret, Purpose::Proxy, &service, n);
+        let body = serde_json::to_vec(&json!({
+            "ticket": t, "service": service,
+            "upstream": {"url": format!("http://{upstream}{path}"), "method": "GET"},
+            "headerTemplates": {"Authorization": "Bearer ${TOKEN}"}
+        }))
+        .unwrap_or_default();
+        signed_request(&secret, PATH_PROXY, &body, n)
+    })
 }
 
 /// Starts the bare forwarder (this same binary in `--serve-forwarder` mode) in front of `upstream`.
@@ -564,6 +649,72 @@ pub fn credential_factory(secret: Arc<HmacSecret>) -> RequestFactory {
             b"",
         )
     })
+}
+
+/// The agent whose tickets the `credential_policy` scenario carries (its policy is attached to it).
+pub const POLICY_AGENT: &str = "bench_policy_agent";
+
+/// `credential` under a custody policy with a time window, client-ip, rate and usage cap
+/// (attached to [`POLICY_AGENT`] by [`create_policy`]); its own nonce space.
+pub fn credential_policy_factory(secret: Arc<HmacSecret>) -> RequestFactory {
+    Arc::new(move |n| {
+        let service = format!("bench-{:03}", n % 100);
+        let t = now();
+        let nonce = format!("{}pol{:016x}", keyholder_tests_nonce_prefix(), n);
+        let mut claims = TicketClaims::new(
+            "bench",
+            &service,
+            Purpose::AgentCredential,
+            t,
+            t + 60,
+            nonce,
+        );
+        claims.aid = Some(POLICY_AGENT.into());
+        let t = encode_ticket(&secret, &claims);
+        request(
+            "GET",
+            &format!("{PATH_CREDENTIAL}?ticket={t}&service={service}"),
+            &[],
+            b"",
+        )
+    })
+}
+
+/// The owner's policy for `credential_policy`: every rule that costs on the hot path and never
+/// refuses a bench request (all week, loopback, a huge rate and daily cap).
+pub fn create_policy(opts: &BenchOptions, data_dir: &Path) -> anyhow::Result<()> {
+    for args in [
+        vec![
+            "policy",
+            "create",
+            "bench",
+            "--hours",
+            "Mon-Sun 00:00-24:00",
+            "--time-zone",
+            "Europe/Berlin",
+            "--client-ip",
+            "127.0.0.0/8,::1/128",
+            "--rate",
+            "1000000/s",
+            "--max-uses",
+            "1000000000",
+            "--per",
+            "day",
+        ],
+        vec!["policy", "attach", "bench", "--agent", POLICY_AGENT],
+    ] {
+        let out = Command::new(&opts.keyholder_bin)
+            .args(&args)
+            .env("KEYHOLDER_DATA_DIR", data_dir)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "keyholder {args:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Signed storage list over the 100 stored documents.

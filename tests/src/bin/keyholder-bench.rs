@@ -43,8 +43,8 @@ struct Args {
     /// The keyholder binary (default: next to this one).
     #[arg(long)]
     keyholder_bin: Option<PathBuf>,
-    /// Run only these scenarios (baseline, credential, storage_list, store, direct_upstream,
-    /// bare_forwarder, proxy).
+    /// Run only these scenarios (baseline, credential, credential_policy, storage_list, store,
+    /// direct_upstream, bare_forwarder, proxy, bare_forwarder_large, proxy_large, proxy_stream).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Server worker threads, for the keyholder and the baseline alike.
@@ -408,6 +408,8 @@ async fn run(opts: BenchOptions) -> anyhow::Result<()> {
         .await
         .context("populating 100 credentials")?;
     bench::allow_local_upstream(&opts, data.path(), 100)?;
+    bench::create_policy(&opts, data.path()).context("creating the bench custody policy")?;
+    // The server follows the owner's change within a quarter second.
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     let rss_idle = bench::rss_mb(keyholder.pid());
     let baseline = bench::start_baseline(opts.workers).await?;
@@ -440,6 +442,11 @@ async fn run(opts: BenchOptions) -> anyhow::Result<()> {
                 bench::credential_factory(Arc::clone(&secret)),
             ),
             (
+                "credential_policy",
+                &keyholder,
+                bench::credential_policy_factory(Arc::clone(&secret)),
+            ),
+            (
                 "storage_list",
                 &keyholder,
                 bench::storage_list_factory(Arc::clone(&secret)),
@@ -465,6 +472,17 @@ async fn run(opts: BenchOptions) -> anyhow::Result<()> {
                 "proxy",
                 &keyholder,
                 bench::proxy_factory(Arc::clone(&secret), baseline.addr),
+            ));
+            // 1 MiB answers: streamed through the keyholder, whole through the bare forwarder.
+            plan.push((
+                "bare_forwarder_large",
+                &forwarder,
+                bench::fixed_factory(bench::LARGE_PATH),
+            ));
+            plan.push((
+                "proxy_large",
+                &keyholder,
+                bench::proxy_path_factory(Arc::clone(&secret), baseline.addr, bench::LARGE_PATH),
             ));
         }
         plan.retain(|(name, _, _)| opts.only.is_empty() || opts.only.iter().any(|o| o == name));
@@ -507,6 +525,42 @@ async fn run(opts: BenchOptions) -> anyhow::Result<()> {
         }
     }
     let rss_load = bench::rss_mb(keyholder.pid());
+    // proxy_stream: time to the first of 10 SSE events 5 ms apart, through the proxy and
+    // directly, alternating on fresh connections; every event must arrive.
+    let wanted = |name: &str| opts.only.is_empty() || opts.only.iter().any(|o| o == name);
+    let stream = if proxy_available && wanted("proxy_stream") {
+        let runs = if opts.seconds < 1.0 { 5 } else { 50 };
+        let direct_req = bench::http1::request("GET", bench::EVENTS_PATH, &[], b"");
+        let via = bench::proxy_path_factory(Arc::clone(&secret), baseline.addr, bench::EVENTS_PATH);
+        let (mut direct, mut proxied, mut complete) = (Vec::new(), Vec::new(), true);
+        for i in 0..runs {
+            let (d, n) = bench::first_event(baseline.addr, &direct_req).await?;
+            complete &= n == bench::STREAM_EVENTS;
+            let (p, n) = bench::first_event(keyholder.addr, &via(9_000_000_000_000 + i)).await?;
+            complete &= n == bench::STREAM_EVENTS;
+            direct.push(d.as_secs_f64() * 1000.0);
+            proxied.push(p.as_secs_f64() * 1000.0);
+        }
+        let p50 = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let (d50, p50v) = (p50(&mut direct), p50(&mut proxied));
+        println!(
+            "proxy_stream     runs={runs} first event p50 direct={d50:.3}ms proxy={p50v:.3}ms delta={:.3}ms all events={complete}",
+            p50v - d50
+        );
+        Some(json!({
+            "runs": runs,
+            "direct_first_event_p50_ms": (d50 * 1000.0).round() / 1000.0,
+            "proxy_first_event_p50_ms": (p50v * 1000.0).round() / 1000.0,
+            "first_event_delta_p50_ms": ((p50v - d50) * 1000.0).round() / 1000.0,
+            "all_events_delivered": complete,
+        }))
+    } else {
+        None
+    };
+    let rss_end = bench::rss_mb(keyholder.pid());
     let head = *opts.connections.iter().max().unwrap_or(&64);
     let rps = |s: &str| find(&results, s, head).map(|r| r.rps);
     let ratio = |a: &str, b: &str| match (rps(a), rps(b)) {
@@ -530,7 +584,24 @@ async fn run(opts: BenchOptions) -> anyhow::Result<()> {
         "bare_forwarder_ratio": ratio("bare_forwarder", "direct_upstream"),
         "proxy_to_bare_forwarder_ratio": ratio("proxy", "bare_forwarder"),
         "credential_cpu_us": find(&results, "credential", head).and_then(|r| r.server_cpu_us),
+        "credential_policy_rps": rps("credential_policy"),
+        "credential_policy_cpu_us": find(&results, "credential_policy", head).and_then(|r| r.server_cpu_us),
+        // Issue 19: keyholder CPU per credential GET under a policy (window, client-ip, rate,
+        // usage cap) over one without; target <= 1.2.
+        "credential_policy_cpu_ratio": match (
+            find(&results, "credential_policy", head).and_then(|r| r.server_cpu_us),
+            find(&results, "credential", head).and_then(|r| r.server_cpu_us),
+        ) {
+            (Some(with), Some(without)) if without > 0.0 => Some(with / without),
+            _ => None,
+        },
         "proxy_cpu_us": find(&results, "proxy", head).and_then(|r| r.server_cpu_us),
+        "proxy_large_rps": rps("proxy_large"),
+        "bare_forwarder_large_rps": rps("bare_forwarder_large"),
+        "proxy_large_to_bare_forwarder_ratio": ratio("proxy_large", "bare_forwarder_large"),
+        "proxy_large_cpu_us": find(&results, "proxy_large", head).and_then(|r| r.server_cpu_us),
+        "proxy_stream": stream,
+        "rss_end_mb": (rss_end * 10.0).round() / 10.0,
         "rss_idle_mb": (rss_idle * 10.0).round() / 10.0,
         "rss_load_mb": (rss_load * 10.0).round() / 10.0,
         "startup_ms": startup.as_millis() as u64,

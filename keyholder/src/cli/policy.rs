@@ -1,0 +1,468 @@
+//! `keyholder policy ...`: the owner's custody policies (create, update, delete, list, show,
+//! attach, detach). Each change is one transaction with an owner entry in the audit trail and an
+//! owner-generation bump, so a running server applies it within a quarter second.
+
+use clap::{ArgGroup, Args, Subcommand};
+use serde::Serialize;
+
+use super::owner::{open_existing, owner_change};
+use crate::config::DataArgs;
+use crate::policy::approvals::PendingApproval;
+use crate::policy::{self, Attachment, Delivery, Per, Rules, StoredPolicy, TargetKind};
+use crate::vault::reload::bump_generation;
+
+/// `keyholder policy`.
+#[derive(Debug, Clone, Args)]
+pub struct PolicyArgs {
+    /// What to do.
+    #[command(subcommand)]
+    pub action: PolicyAction,
+}
+
+/// The rules of a policy (all must hold).
+#[derive(Debug, Clone, Default, Args)]
+pub struct RuleArgs {
+    /// `inject-only` (only `/v1/proxy` uses the credential; never handed out) or `hand-out`.
+    #[arg(long, value_name = "MODE")]
+    pub delivery: Option<String>,
+    /// An allowed window such as 'Mon-Fri 08:00-18:00' (repeat for several).
+    #[arg(long, value_name = "WINDOW")]
+    pub hours: Vec<String>,
+    /// IANA time zone of --hours and of daily caps (default UTC).
+    #[arg(long, value_name = "IANA")]
+    pub time_zone: Option<String>,
+    /// Allowed client addresses or networks (the agent's; the platform's for /v1/proxy).
+    #[arg(long, value_name = "CIDR[,CIDR]", value_delimiter = ',')]
+    pub client_ip: Vec<String>,
+    /// Uses per target: N/s, N/min or N/h.
+    #[arg(long, value_name = "N/UNIT")]
+    pub rate: Option<String>,
+    /// Usage cap (durable across restarts and crashes).
+    #[arg(long, value_name = "N")]
+    pub max_uses: Option<u64>,
+    /// What --max-uses counts over: day or total (default total).
+    #[arg(long, value_name = "day|total")]
+    pub per: Option<String>,
+    /// Allowed agent ids (the ticket's aid).
+    #[arg(long, value_name = "AID[,AID]", value_delimiter = ',')]
+    pub agents: Vec<String>,
+    /// Allowed client countries (ISO codes; needs `serve --geoip-db`).
+    #[arg(long, value_name = "CC[,CC]", value_delimiter = ',')]
+    pub geo: Vec<String>,
+    /// Each use waits (held open) for the owner's `keyholder approve ID`.
+    #[arg(long)]
+    pub approval: bool,
+    /// Seconds a use waits for approval before it is denied (default 60).
+    #[arg(long, value_name = "SECS")]
+    pub approval_timeout: Option<u64>,
+}
+
+impl RuleArgs {
+    /// Lays the given flags over `base` (a rule not given keeps its value).
+    fn apply(&self, mut base: Rules) -> anyhow::Result<Rules> {
+        if let Some(d) = &self.delivery {
+            base.delivery = Some(Delivery::parse(d)?);
+        }
+        if !self.hours.is_empty() {
+            base.hours = self.hours.clone();
+        }
+        if let Some(tz) = &self.time_zone {
+            base.time_zone = Some(tz.clone());
+        }
+        if !self.client_ip.is_empty() {
+            base.client_ip = self
+                .client_ip
+                .iter()
+                .map(|s| s.trim().to_string())
+                .collect();
+        }
+        if let Some(r) = &self.rate {
+            base.rate = Some(r.clone());
+        }
+        if let Some(n) = self.max_uses {
+            base.max_uses = Some(n);
+        }
+        if let Some(per) = &self.per {
+            base.per = Some(match per.as_str() {
+                "day" => Per::Day,
+                "total" => Per::Total,
+                other => anyhow::bail!("--per '{other}': expected day or total"),
+            });
+        }
+        if !self.agents.is_empty() {
+            base.agents = self.agents.iter().map(|s| s.trim().to_string()).collect();
+        }
+        if !self.geo.is_empty() {
+            base.geo = self
+                .geo
+                .iter()
+                .map(|s| s.trim().to_ascii_uppercase())
+                .collect();
+        }
+        if self.approval {
+            base.approval = true;
+        }
+        if let Some(secs) = self.approval_timeout {
+            base.approval_timeout = Some(secs);
+        }
+        Ok(base)
+    }
+}
+
+/// What a policy attaches to (exactly one).
+#[derive(Debug, Clone, Args)]
+#[command(group(ArgGroup::new("target").required(true).multiple(false)))]
+pub struct TargetArgs {
+    /// A service (credential key).
+    #[arg(long, group = "target")]
+    pub service: Option<String>,
+    /// An agent id (the ticket's aid).
+    #[arg(long, group = "target")]
+    pub agent: Option<String>,
+    /// A proxy config id (the ticket's pid).
+    #[arg(long, group = "target")]
+    pub proxy: Option<String>,
+}
+
+impl TargetArgs {
+    fn target(&self) -> anyhow::Result<(TargetKind, String)> {
+        match (&self.service, &self.agent, &self.proxy) {
+            (Some(s), None, None) => Ok((TargetKind::Service, s.clone())),
+            (None, Some(a), None) => Ok((TargetKind::Agent, a.clone())),
+            (None, None, Some(p)) => Ok((TargetKind::Proxy, p.clone())),
+            _ => anyhow::bail!("give exactly one of --service, --agent, --proxy"),
+        }
+    }
+}
+
+/// `keyholder policy` subcommands.
+#[derive(Debug, Clone, Subcommand)]
+pub enum PolicyAction {
+    /// Create a policy (its rules all must hold).
+    Create {
+        /// Data folder and master key.
+        #[command(flatten)]
+        data: DataArgs,
+        /// Policy name.
+        name: String,
+        /// Rules.
+        #[command(flatten)]
+        rules: RuleArgs,
+    },
+    /// Change rules of a policy (rules not given keep their value).
+    Update {
+        /// Data folder and master key.
+        #[command(flatten)]
+        data: DataArgs,
+        /// Policy name.
+        name: String,
+        /// Rules.
+        #[command(flatten)]
+        rules: RuleArgs,
+    },
+    /// Delete a policy with its attachments and counts.
+    Delete {
+        /// Data folder and master key.
+        #[command(flatten)]
+        data: DataArgs,
+        /// Policy name.
+        name: String,
+    },
+    /// List policies with their attachments and counts.
+    List {
+        /// Data folder and master key.
+        #[command(flatten)]
+        data: DataArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one policy.
+    Show {
+        /// Data folder and master key.
+        #[command(flatten)]
+        data: DataArgs,
+        /// Policy name.
+        name: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Attach a policy to a service, an agent id or a proxy config.
+    Attach {
+        /// Data folder and master key.
+        #[command(flatten)]
+        data: DataArgs,
+        /// Policy name.
+        name: String,
+        /// The target.
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+    /// Detach a policy.
+    Detach {
+        /// Data folder and master key.
+        #[command(flatten)]
+        data: DataArgs,
+        /// Policy name.
+        name: String,
+        /// The target.
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+}
+
+/// A durable usage count.
+#[derive(Debug, Clone, Serialize)]
+pub struct UsageView {
+    /// `service:S`, `agent:A` or `proxy:P`.
+    pub target: String,
+    /// `total` or the local date.
+    pub period: String,
+    /// Uses counted.
+    pub count: u64,
+}
+
+/// A policy as the CLI shows it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyView {
+    /// The policy.
+    #[serde(flatten)]
+    pub policy: StoredPolicy,
+    /// Where it is attached.
+    pub attachments: Vec<Attachment>,
+    /// Its durable usage counts.
+    pub usage: Vec<UsageView>,
+}
+
+impl PolicyView {
+    /// Text lines for the terminal.
+    pub fn lines(&self) -> Vec<String> {
+        let mut out = vec![format!(
+            "{} (from {})",
+            self.policy.name,
+            if self.policy.source == "file" {
+                "the policy file"
+            } else {
+                "the CLI"
+            }
+        )];
+        let rules = self.policy.rules.describe();
+        if rules.is_empty() {
+            out.push("  rules: (none)".into());
+        }
+        out.extend(rules.into_iter().map(|r| format!("  rule: {r}")));
+        if self.attachments.is_empty() {
+            out.push("  attached to: (nothing)".into());
+        }
+        out.extend(self.attachments.iter().map(|a| {
+            format!(
+                "  attached to: {} {}{}",
+                a.kind.as_str(),
+                a.target,
+                if a.source == "file" {
+                    " (from the policy file)"
+                } else {
+                    ""
+                }
+            )
+        }));
+        out.extend(
+            self.usage
+                .iter()
+                .map(|u| format!("  uses: {} {} = {}", u.target, u.period, u.count)),
+        );
+        out
+    }
+}
+
+/// What a policy command printed.
+pub enum PolicyOutcome {
+    /// A confirmation line.
+    Done(String),
+    /// Policies to show.
+    Views(Vec<PolicyView>, bool),
+}
+
+/// Every policy with attachments and counts (also for `keyholder status`).
+pub fn views(conn: &rusqlite::Connection) -> anyhow::Result<Vec<PolicyView>> {
+    let attachments = policy::load_attachments(conn)?;
+    policy::load_policies(conn)?
+        .into_iter()
+        .map(|p| {
+            let usage = policy::usage_of(conn, &p.name)?
+                .into_iter()
+                .map(|(target, period, count)| UsageView {
+                    target,
+                    period,
+                    count,
+                })
+                .collect();
+            Ok(PolicyView {
+                attachments: attachments
+                    .iter()
+                    .filter(|a| a.policy == p.name)
+                    .cloned()
+                    .collect(),
+                usage,
+                policy: p,
+            })
+        })
+        .collect()
+}
+
+/// Runs a policy subcommand.
+pub fn run(args: &PolicyArgs) -> anyhow::Result<PolicyOutcome> {
+    match &args.action {
+        PolicyAction::List { data, json } => {
+            let (conn, _) = open_existing(data)?;
+            Ok(PolicyOutcome::Views(views(&conn)?, *json))
+        }
+        PolicyAction::Show { data, name, json } => {
+            let (conn, _) = open_existing(data)?;
+            let view = views(&conn)?
+                .into_iter()
+                .find(|v| &v.policy.name == name)
+                .ok_or_else(|| anyhow::anyhow!("no policy '{name}'"))?;
+            Ok(PolicyOutcome::Views(vec![view], *json))
+        }
+        PolicyAction::Create { data, name, rules } => {
+            let rules = rules.apply(Rules::default())?;
+            change(data, "policy create", name, |tx| {
+                policy::put_policy(tx, name, &rules, true, "cli")?;
+                Ok(format!("policy '{name}' created"))
+            })
+        }
+        PolicyAction::Update { data, name, rules } => change(data, "policy update", name, |tx| {
+            let current = policy::load_policies(tx)?
+                .into_iter()
+                .find(|p| &p.name == name)
+                .ok_or_else(|| anyhow::anyhow!("no policy '{name}'"))?;
+            if current.source == "file" {
+                anyhow::bail!("policy '{name}' comes from the policy file (serve --policy-file): edit the file");
+            }
+            let next = rules.apply(current.rules)?;
+            policy::put_policy(tx, name, &next, false, "cli")?;
+            Ok(format!("policy '{name}' updated"))
+        }),
+        PolicyAction::Delete { data, name } => change(data, "policy delete", name, |tx| {
+            if policy::load_policies(tx)?
+                .iter()
+                .any(|p| &p.name == name && p.source == "file")
+            {
+                anyhow::bail!("policy '{name}' comes from the policy file (serve --policy-file): edit the file");
+            }
+            if !policy::delete_policy(tx, name)? {
+                anyhow::bail!("no policy '{name}'");
+            }
+            Ok(format!("policy '{name}' deleted"))
+        }),
+        PolicyAction::Attach { data, name, target } => {
+            let (kind, target) = target.target()?;
+            change(data, "policy attach", name, |tx| {
+                policy::set_attachment(tx, name, kind, &target, true)?;
+                Ok(format!(
+                    "policy '{name}' attached to {} {target}",
+                    kind.as_str()
+                ))
+            })
+        }
+        PolicyAction::Detach { data, name, target } => {
+            let (kind, target) = target.target()?;
+            change(data, "policy detach", name, |tx| {
+                if policy::load_attachments(tx)?.iter().any(|a| {
+                    &a.policy == name && a.kind == kind && a.target == target && a.source == "file"
+                }) {
+                    anyhow::bail!("this attachment comes from the policy file (serve --policy-file): edit the file");
+                }
+                if !policy::set_attachment(tx, name, kind, &target, false)? {
+                    anyhow::bail!(
+                        "policy '{name}' is not attached to {} {target}",
+                        kind.as_str()
+                    );
+                }
+                Ok(format!(
+                    "policy '{name}' detached from {} {target}",
+                    kind.as_str()
+                ))
+            })
+        }
+    }
+}
+
+fn change(
+    data: &DataArgs,
+    command: &str,
+    name: &str,
+    f: impl FnOnce(&rusqlite::Connection) -> anyhow::Result<String>,
+) -> anyhow::Result<PolicyOutcome> {
+    let (mut conn, master) = open_existing(data)?;
+    let line = owner_change(&mut conn, &master, command, |tx| {
+        let line = f(tx)?;
+        bump_generation(tx)?;
+        Ok((line, format!("policy {name}")))
+    })?;
+    Ok(PolicyOutcome::Done(line))
+}
+
+/// Flags of `keyholder approvals`.
+#[derive(Debug, Clone, Args)]
+pub struct ApprovalsArgs {
+    /// Data folder and master key.
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Flags of `keyholder approve` and `keyholder deny`.
+#[derive(Debug, Clone, Args)]
+pub struct DecideArgs {
+    /// Data folder and master key.
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// The approval id (from `keyholder approvals`).
+    pub id: String,
+}
+
+/// `keyholder approvals`: the uses waiting for the owner.
+pub fn approvals(args: &ApprovalsArgs) -> anyhow::Result<Vec<PendingApproval>> {
+    let (conn, _) = open_existing(&args.data)?;
+    Ok(policy::approvals::list_pending(
+        &conn,
+        crate::clock::now_unix(),
+    )?)
+}
+
+/// `keyholder approve ID` / `keyholder deny ID`.
+pub fn decide(args: &DecideArgs, approve: bool) -> anyhow::Result<String> {
+    let (mut conn, master) = open_existing(&args.data)?;
+    let id = args.id.trim().to_string();
+    let verb = if approve { "approve" } else { "deny" };
+    owner_change(&mut conn, &master, verb, |tx| {
+        if !policy::approvals::decide(tx, &id, approve, crate::clock::now_unix())? {
+            anyhow::bail!("no pending approval '{id}' (unknown, already decided or expired)");
+        }
+        // The waiting server picks the decision up with the owner generation.
+        bump_generation(tx)?;
+        let done = if approve { "approved" } else { "denied" };
+        Ok((format!("{id} {done}"), id.clone()))
+    })
+}
+
+/// One line per pending approval for the terminal.
+pub fn approval_line(p: &PendingApproval, now: i64) -> String {
+    format!(
+        "{}  service={} agent={} client={} endpoint={} policy={} age={}s (denied in {}s)",
+        p.id,
+        p.service,
+        if p.agent.is_empty() { "-" } else { &p.agent },
+        if p.client.is_empty() { "-" } else { &p.client },
+        p.endpoint,
+        p.policy,
+        (now - p.created_at).max(0),
+        (p.expires_at - now).max(0)
+    )
+}

@@ -1,0 +1,188 @@
+//! The owner's custody policies on the endpoints that use a credential (`/v1/credential`,
+//! `/v1/totp-code`, `/v1/proxy`, tv-refresh `get`): checked after the ticket or signature is
+//! verified and before anything is decrypted. Every decision goes to the audit entry of the
+//! request and to the metrics, by policy and rule name only.
+
+use actix_web::{HttpMessage, HttpRequest};
+use base64::Engine as _;
+use keyholder_protocol::TicketClaims;
+use sha2::{Digest as _, Sha256};
+
+use super::error::ApiError;
+use crate::app::AppState;
+use crate::audit::PolicyNote;
+use crate::policy::approvals::{self, Decision, PendingApproval};
+use crate::policy::{Admission, Endpoint, Refusal, UseRequest};
+
+/// Admits one use or refuses it (`403 policy_denied`, `429 rate_limited`). A use under a usage
+/// cap is durably counted before this returns; give it back with [`settle`] if the use fails.
+#[tracing::instrument(
+    name = "policy",
+    target = "keyholder::trace",
+    level = "debug",
+    skip_all
+)]
+pub async fn enforce(
+    req: &HttpRequest,
+    state: &AppState,
+    endpoint: Endpoint,
+    service: &str,
+    claims: Option<&TicketClaims>,
+) -> Result<Admission, ApiError> {
+    // No policy anywhere: nothing to look at (not even the client address).
+    if !state.vault.policy.is_active() {
+        return Ok(Admission::default());
+    }
+    let client = state.network.client_ip(req)?;
+    let country = match (&state.geoip, client) {
+        (Some(db), Some(ip)) if state.vault.policy.needs_geo() => db
+            .lookup::<maxminddb::geoip2::Country>(ip)
+            .ok()
+            .flatten()
+            .and_then(|c| c.country.and_then(|c| c.iso_code.map(str::to_string))),
+        _ => None,
+    };
+    let request = UseRequest {
+        country: country.as_deref(),
+        endpoint,
+        service,
+        agent: claims.and_then(|c| c.aid.as_deref()),
+        proxy: claims.and_then(|c| c.pid.as_deref()),
+        client,
+    };
+    match state.vault.policy.admit(&request) {
+        Ok(mut admission) => {
+            if admission.policies.is_empty() {
+                return Ok(admission);
+            }
+            let mut approved = "";
+            if let Some((asking, secs)) = admission.approval.clone() {
+                let now = crate::clock::now_unix();
+                let pending = PendingApproval {
+                    id: approvals::new_id(),
+                    policy: asking.clone(),
+                    service: service.to_string(),
+                    agent: request.agent.unwrap_or_default().to_string(),
+                    client: client.map(|ip| ip.to_string()).unwrap_or_default(),
+                    endpoint: req.path().to_string(),
+                    created_at: now,
+                    expires_at: now.saturating_add(secs as i64),
+                };
+                tracing::info!(id = %pending.id, policy = %asking, "use held for the owner's approval");
+                // The one-time link's token: only its hash is kept.
+                let token = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .encode(rand::random::<[u8; 32]>());
+                let link_hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+                let link = state
+                    .config
+                    .public_url
+                    .as_deref()
+                    .map(|base| {
+                        format!(
+                            "{}{}?id={}&t={token}",
+                            base.trim_end_matches('/'),
+                            super::approval_page::PATH_APPROVAL_PAGE,
+                            pending.id
+                        )
+                    })
+                    .unwrap_or_default();
+                state.notifier.approval(
+                    &pending.id,
+                    &pending.service,
+                    &pending.agent,
+                    &pending.client,
+                    &link,
+                );
+                let decision = match state
+                    .vault
+                    .policy
+                    .approvals
+                    .hold(state.vault.store(), pending, link_hash)
+                    .await
+                {
+                    Ok(decision) => decision,
+                    Err(err) => {
+                        state
+                            .vault
+                            .policy
+                            .release(state.vault.store(), admission)
+                            .await;
+                        return Err(err.into());
+                    }
+                };
+                let why = match decision {
+                    Decision::Approved => None,
+                    Decision::Denied => Some("the owner denied this use".to_string()),
+                    Decision::TimedOut => {
+                        Some(format!("no approval from the owner within {secs} s"))
+                    }
+                };
+                if let Some(why) = why {
+                    state
+                        .vault
+                        .policy
+                        .release(state.vault.store(), admission)
+                        .await;
+                    state.metrics.policy_decision("approval", "refused");
+                    state.notifier.refusal(service, "approval", &asking);
+                    req.extensions_mut()
+                        .insert(PolicyNote(format!("rule=approval policy={asking}")));
+                    return Err(ApiError::PolicyDenied(format!(
+                        "refused by policy '{asking}': {why}"
+                    )));
+                }
+                approved = " approved-by=owner";
+            }
+            state
+                .vault
+                .policy
+                .record_uses(state.vault.store(), &mut admission)
+                .await?;
+            state.metrics.policy_decision("none", "allowed");
+            req.extensions_mut().insert(PolicyNote(format!(
+                "policy={}{approved}",
+                admission.policies.join(",")
+            )));
+            Ok(admission)
+        }
+        Err(refusal) => {
+            let (rule, policy) = match &refusal {
+                Refusal::Denied { rule, policy, .. } | Refusal::Limited { rule, policy, .. } => {
+                    (*rule, policy.clone())
+                }
+            };
+            state.metrics.policy_decision(rule, "refused");
+            state.notifier.refusal(service, rule, &policy);
+            tracing::warn!(rule, policy = %policy, "use refused by the owner's policy");
+            req.extensions_mut()
+                .insert(PolicyNote(format!("rule={rule} policy={policy}")));
+            Err(match refusal {
+                Refusal::Denied { message, .. } => ApiError::PolicyDenied(message),
+                Refusal::Limited {
+                    message,
+                    retry_after_secs,
+                    ..
+                } => ApiError::PolicyLimited {
+                    message,
+                    retry_after_secs,
+                },
+            })
+        }
+    }
+}
+
+/// Passes `result` on; a failed use gives its usage counts back (it did not happen).
+pub async fn settle<T>(
+    state: &AppState,
+    admission: Admission,
+    result: Result<T, ApiError>,
+) -> Result<T, ApiError> {
+    if result.is_err() {
+        state
+            .vault
+            .policy
+            .release(state.vault.store(), admission)
+            .await;
+    }
+    result
+}

@@ -1,0 +1,858 @@
+//! Custody policies: the owner's named rule sets, attached to services, agent ids (`aid`) and proxy
+//! configs (`pid`), checked after a ticket is verified and before anything is decrypted, whatever
+//! the ticket says. All rules of a policy, and all policies that apply, must hold (AND).
+//!
+//! The hot path reads one in-memory snapshot (rebuilt when the owner generation moves) and two
+//! small maps (token buckets and usage counts); only a use under a usage cap writes, in the
+//! store's group commit, and is durable before anything is decrypted. A refused request reserves
+//! nothing; a use that then fails gives its count back.
+
+pub mod approvals;
+pub mod file;
+pub mod notify;
+pub mod rules;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+
+use rusqlite::{params, Connection};
+use serde::Serialize;
+use tokio::sync::oneshot;
+
+use crate::store::{Store, StoreError};
+use crate::vault::VaultError;
+pub use rules::{Compiled, Delivery, Per, Rules};
+
+/// What a policy attaches to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TargetKind {
+    /// A service (credential key).
+    Service,
+    /// An agent id (a ticket's `aid`).
+    Agent,
+    /// A proxy config id (a ticket's `pid`).
+    Proxy,
+}
+
+impl TargetKind {
+    /// Stored spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TargetKind::Service => "service",
+            TargetKind::Agent => "agent",
+            TargetKind::Proxy => "proxy",
+        }
+    }
+
+    fn parse(text: &str) -> Result<TargetKind, StoreError> {
+        match text {
+            "service" => Ok(TargetKind::Service),
+            "agent" => Ok(TargetKind::Agent),
+            "proxy" => Ok(TargetKind::Proxy),
+            other => Err(StoreError::Corrupt(format!("policy target kind '{other}'"))),
+        }
+    }
+}
+
+/// The endpoint a use comes through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `/v1/credential` (hands the credential out).
+    Credential,
+    /// `/v1/totp-code` (hands a code out).
+    TotpCode,
+    /// `/v1/proxy` (injects; the credential never leaves).
+    Proxy,
+    /// tv-refresh `get` (hands the refresh token out).
+    RefreshGet,
+}
+
+impl Endpoint {
+    fn hands_out(self) -> bool {
+        !matches!(self, Endpoint::Proxy)
+    }
+}
+
+/// One use asked for, as the verified request names it.
+#[derive(Debug, Clone, Copy)]
+pub struct UseRequest<'a> {
+    /// Where it comes in.
+    pub endpoint: Endpoint,
+    /// The verified service.
+    pub service: &'a str,
+    /// The ticket's `aid`.
+    pub agent: Option<&'a str>,
+    /// The ticket's `pid`.
+    pub proxy: Option<&'a str>,
+    /// The client address (the agent's, or the platform's for `/v1/proxy`).
+    pub client: Option<IpAddr>,
+    /// The client address's country, looked up only when a policy has a `geo` rule.
+    pub country: Option<&'a str>,
+}
+
+/// Why a use was refused. The message names the rule and the owner's setting, never a value the
+/// caller sent beyond what it already knows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// `403 policy_denied`.
+    Denied {
+        /// Metric and audit label of the rule.
+        rule: &'static str,
+        /// The policy.
+        policy: String,
+        /// Message for the caller.
+        message: String,
+    },
+    /// `429 rate_limited` with `Retry-After`.
+    Limited {
+        /// `rate` or `max_uses`.
+        rule: &'static str,
+        /// The policy.
+        policy: String,
+        /// Message for the caller.
+        message: String,
+        /// Seconds until a retry can succeed.
+        retry_after_secs: u64,
+    },
+}
+
+/// A use admitted by every policy that applies; counts under usage caps are reserved in memory
+/// until [`PolicyEngine::record_uses`] makes them durable (or [`PolicyEngine::release`] gives them back).
+#[derive(Debug, Default)]
+pub struct Admission {
+    /// Names of the policies that applied (empty: no policy).
+    pub policies: Vec<String>,
+    /// The owner must approve this use first: the policies asking, and the seconds to wait.
+    pub approval: Option<(String, u64)>,
+    uses: Vec<UsageKey>,
+    durable: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct UsageKey {
+    policy: String,
+    target: String,
+    period: String,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct UsageCount {
+    committed: u64,
+    reserved: u64,
+}
+
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+/// A stored policy, compiled (or the reason it does not compile: then it refuses everything).
+struct Entry {
+    name: String,
+    compiled: Result<Compiled, String>,
+}
+
+#[derive(Default)]
+struct Snapshot {
+    by_target: HashMap<(TargetKind, String), Vec<Arc<Entry>>>,
+    /// Some attached policy has a `geo` rule (so the client's country is worth looking up).
+    needs_geo: bool,
+}
+
+/// The policies in force and their counters.
+#[derive(Default)]
+pub struct PolicyEngine {
+    snapshot: RwLock<Arc<Snapshot>>,
+    buckets: Mutex<HashMap<(String, String), Bucket>>,
+    usage: Mutex<HashMap<UsageKey, UsageCount>>,
+    /// Uses held for the owner's approval.
+    pub approvals: approvals::Approvals,
+    batch: Arc<Mutex<UsageBatch>>,
+}
+
+/// Usage increments waiting for the writer (see [`PolicyEngine::record_uses`]).
+#[derive(Default)]
+struct UsageBatch {
+    increments: HashMap<UsageKey, u64>,
+    waiters: Vec<oneshot::Sender<Result<(), String>>>,
+    /// A job is queued and has not been taken by the writer yet.
+    queued: bool,
+    /// Batches taken by the writer so far.
+    taken: u64,
+}
+
+fn target_label(kind: TargetKind, target: &str) -> String {
+    format!("{}:{target}", kind.as_str())
+}
+
+impl PolicyEngine {
+    fn snapshot(&self) -> Arc<Snapshot> {
+        match self.snapshot.read() {
+            Ok(guard) => Arc::clone(&guard),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    /// Re-reads policies, attachments and durable counts (at start and on every owner change).
+    pub async fn reload(&self, store: &Store) -> Result<(), VaultError> {
+        let (policies, attachments, usage) = store
+            .read(|conn| {
+                Ok((
+                    load_policies(conn)?,
+                    load_attachments(conn)?,
+                    load_usage(conn)?,
+                ))
+            })
+            .await?;
+        let entries: BTreeMap<String, Arc<Entry>> = policies
+            .into_iter()
+            .map(|p| {
+                let compiled = p.rules.compile().map_err(|e| e.to_string());
+                if let Err(reason) = &compiled {
+                    tracing::error!(policy = %p.name, %reason, "stored policy does not compile: it refuses every use");
+                }
+                (
+                    p.name.clone(),
+                    Arc::new(Entry {
+                        name: p.name,
+                        compiled,
+                    }),
+                )
+            })
+            .collect();
+        let mut snapshot = Snapshot::default();
+        for a in attachments {
+            if let Some(entry) = entries.get(&a.policy) {
+                snapshot.needs_geo |= entry
+                    .compiled
+                    .as_ref()
+                    .is_ok_and(|c| !c.countries.is_empty());
+                snapshot
+                    .by_target
+                    .entry((a.kind, a.target))
+                    .or_default()
+                    .push(Arc::clone(entry));
+            }
+        }
+        if let Ok(mut counts) = self.usage.lock() {
+            let mut fresh: HashMap<UsageKey, UsageCount> = usage
+                .into_iter()
+                .map(|(key, committed)| {
+                    (
+                        key,
+                        UsageCount {
+                            committed,
+                            reserved: 0,
+                        },
+                    )
+                })
+                .collect();
+            // Uses in flight keep their reservations.
+            for (key, count) in counts.iter() {
+                if count.reserved > 0 {
+                    fresh.entry(key.clone()).or_default().reserved = count.reserved;
+                }
+            }
+            *counts = fresh;
+        }
+        let next = Arc::new(snapshot);
+        match self.snapshot.write() {
+            Ok(mut guard) => *guard = next,
+            Err(poisoned) => *poisoned.into_inner() = next,
+        }
+        self.approvals.wake_decided(store).await?;
+        Ok(())
+    }
+
+    /// Checks one use against every policy that applies: refusing rules first (delivery,
+    /// agents, client address, hours), then rates, then usage caps (reserving a count). Nothing
+    /// is reserved when it is refused.
+    pub fn admit(&self, request: &UseRequest<'_>) -> Result<Admission, Refusal> {
+        let snapshot = self.snapshot();
+        if snapshot.by_target.is_empty() {
+            return Ok(Admission::default());
+        }
+        let mut applied: Vec<(&Arc<Entry>, String)> = Vec::new();
+        let mut collect = |kind: TargetKind, target: Option<&str>| {
+            if let Some(target) = target {
+                if let Some(entries) = snapshot.by_target.get(&(kind, target.to_string())) {
+                    for entry in entries {
+                        applied.push((entry, target_label(kind, target)));
+                    }
+                }
+            }
+        };
+        collect(TargetKind::Service, Some(request.service));
+        collect(TargetKind::Agent, request.agent);
+        collect(TargetKind::Proxy, request.proxy);
+        if applied.is_empty() {
+            return Ok(Admission::default());
+        }
+        let now = jiff::Timestamp::now();
+        let mut compiled = Vec::with_capacity(applied.len());
+        for (entry, target) in &applied {
+            let c = entry.compiled.as_ref().map_err(|_| Refusal::Denied {
+                rule: "invalid",
+                policy: entry.name.clone(),
+                message: format!(
+                    "refused by policy '{}' (it is invalid; see the server log)",
+                    entry.name
+                ),
+            })?;
+            check_fixed(&entry.name, c, request, now)?;
+            compiled.push((entry.name.as_str(), c, target.as_str()));
+        }
+        self.take_rate_tokens(&compiled)?;
+        let uses = self.reserve_uses(&compiled, now)?;
+        let mut policies: Vec<String> = applied.iter().map(|(e, _)| e.name.clone()).collect();
+        policies.sort();
+        policies.dedup();
+        let mut asking: Vec<&str> = compiled
+            .iter()
+            .filter(|(_, c, _)| c.approval.is_some())
+            .map(|(name, _, _)| *name)
+            .collect();
+        asking.sort_unstable();
+        asking.dedup();
+        let approval = compiled
+            .iter()
+            .filter_map(|(_, c, _)| c.approval)
+            .min()
+            .map(|secs| (asking.join(","), secs));
+        Ok(Admission {
+            policies,
+            approval,
+            uses,
+            durable: false,
+        })
+    }
+
+    fn take_rate_tokens(&self, compiled: &[(&str, &Compiled, &str)]) -> Result<(), Refusal> {
+        let rated: Vec<_> = compiled
+            .iter()
+            .filter_map(|(name, c, target)| c.rate.map(|r| (*name, r, *target)))
+            .collect();
+        if rated.is_empty() {
+            return Ok(());
+        }
+        let Ok(mut buckets) = self.buckets.lock() else {
+            return Err(poisoned_refusal());
+        };
+        let now = Instant::now();
+        // Refill and check every bucket first, so a refusal by one takes no token from another.
+        for (name, rate, target) in &rated {
+            let bucket = buckets
+                .entry((name.to_string(), target.to_string()))
+                .or_insert(Bucket {
+                    tokens: f64::from(rate.count),
+                    at: now,
+                });
+            let per_token = rate.per_secs / f64::from(rate.count);
+            let elapsed = now.duration_since(bucket.at).as_secs_f64();
+            bucket.tokens = (bucket.tokens + elapsed / per_token).min(f64::from(rate.count));
+            bucket.at = now;
+            if bucket.tokens < 1.0 {
+                let wait = ((1.0 - bucket.tokens) * per_token).ceil().max(1.0) as u64;
+                return Err(Refusal::Limited {
+                    rule: "rate",
+                    policy: name.to_string(),
+                    message: format!(
+                        "refused by policy '{name}': rate limit ({}) reached; retry after {wait} s",
+                        compiled_rate_text(compiled, name)
+                    ),
+                    retry_after_secs: wait,
+                });
+            }
+        }
+        for (name, _, target) in &rated {
+            if let Some(bucket) = buckets.get_mut(&(name.to_string(), target.to_string())) {
+                bucket.tokens -= 1.0;
+            }
+        }
+        Ok(())
+    }
+
+    fn reserve_uses(
+        &self,
+        compiled: &[(&str, &Compiled, &str)],
+        now: jiff::Timestamp,
+    ) -> Result<Vec<UsageKey>, Refusal> {
+        let capped: Vec<_> = compiled
+            .iter()
+            .filter_map(|(name, c, target)| c.max_uses.map(|cap| (*name, *c, cap, *target)))
+            .collect();
+        if capped.is_empty() {
+            return Ok(Vec::new());
+        }
+        let Ok(mut usage) = self.usage.lock() else {
+            return Err(poisoned_refusal());
+        };
+        let mut keys = Vec::with_capacity(capped.len());
+        for (name, c, (cap, per), target) in &capped {
+            let (period, left) = c.period(now);
+            let key = UsageKey {
+                policy: name.to_string(),
+                target: target.to_string(),
+                period,
+            };
+            let count = usage.get(&key).copied().unwrap_or_default();
+            if count.committed + count.reserved >= *cap {
+                let per_text = match per {
+                    Per::Day => "per day",
+                    Per::Total => "in total",
+                };
+                return Err(Refusal::Limited {
+                    rule: "max_uses",
+                    policy: name.to_string(),
+                    message: format!(
+                        "refused by policy '{name}': usage cap reached ({cap} uses {per_text})"
+                    ),
+                    retry_after_secs: left,
+                });
+            }
+            keys.push(key);
+        }
+        for key in &keys {
+            usage.entry(key.clone()).or_default().reserved += 1;
+        }
+        Ok(keys)
+    }
+
+    /// Makes the reserved counts durable before anything is decrypted, so a crash never forgets a
+    /// use that happened. Concurrent uses share one job in the store's group commit: the first
+    /// queues it, the others add their increments to it until the writer takes it (one upsert per
+    /// counter per commit, not per use), and each resolves once that commit is on disk.
+    pub async fn record_uses(
+        &self,
+        store: &Store,
+        admission: &mut Admission,
+    ) -> Result<(), VaultError> {
+        if admission.uses.is_empty() {
+            return Ok(());
+        }
+        let (tx, rx) = oneshot::channel();
+        let queue = {
+            let Ok(mut batch) = self.batch.lock() else {
+                return Err(VaultError::Corrupt("usage batch lock".into()));
+            };
+            for key in &admission.uses {
+                *batch.increments.entry(key.clone()).or_default() += 1;
+            }
+            batch.waiters.push(tx);
+            (!std::mem::replace(&mut batch.queued, true)).then_some(batch.taken)
+        };
+        if let Some(taken_before) = queue {
+            self.queue_batch(store, taken_before);
+        }
+        let written = match rx.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(text)) => Err(VaultError::Store(StoreError::Corrupt(text))),
+            Err(_) => Err(VaultError::Store(StoreError::WriterGone)),
+        };
+        if let Ok(mut usage) = self.usage.lock() {
+            for key in &admission.uses {
+                let count = usage.entry(key.clone()).or_default();
+                count.reserved = count.reserved.saturating_sub(1);
+                if written.is_ok() {
+                    count.committed += 1;
+                }
+            }
+        }
+        match written {
+            Ok(()) => {
+                admission.durable = true;
+                Ok(())
+            }
+            Err(err) => {
+                admission.uses.clear();
+                Err(err)
+            }
+        }
+    }
+
+    fn queue_batch(&self, store: &Store, taken_before: u64) {
+        let batch = Arc::clone(&self.batch);
+        let job = store.submit(move |conn| {
+            let (increments, waiters) = match batch.lock() {
+                Ok(mut b) => {
+                    b.queued = false;
+                    b.taken += 1;
+                    (
+                        std::mem::take(&mut b.increments),
+                        std::mem::take(&mut b.waiters),
+                    )
+                }
+                Err(_) => return Err(StoreError::Corrupt("usage batch lock".into())),
+            };
+            // All or none of this batch, whatever else shares the commit.
+            conn.execute_batch("SAVEPOINT policy_usage")?;
+            let mut written = Ok(());
+            for (key, n) in &increments {
+                if let Err(err) = conn.execute(
+                    "INSERT INTO policy_usage (policy, target, period, count) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT(policy, target, period) DO UPDATE SET count = count + ?4",
+                    params![key.policy, key.target, key.period, *n as i64],
+                ) {
+                    written = Err(err.to_string());
+                    break;
+                }
+            }
+            if written.is_ok() {
+                conn.execute_batch("RELEASE policy_usage")?;
+            } else {
+                conn.execute_batch("ROLLBACK TO policy_usage; RELEASE policy_usage")?;
+            }
+            Ok((waiters, written))
+        });
+        let batch = Arc::clone(&self.batch);
+        let fail_untaken = move || {
+            // The writer never took the batch: fail its waiters and let the next use queue anew.
+            if let Ok(mut b) = batch.lock() {
+                if b.taken == taken_before {
+                    b.queued = false;
+                    b.increments.clear();
+                    b.waiters.clear();
+                }
+            }
+        };
+        match job {
+            Ok(pending) => {
+                tokio::spawn(async move {
+                    match pending.await {
+                        Ok((waiters, written)) => {
+                            for waiter in waiters {
+                                let _ = waiter.send(written.clone());
+                            }
+                        }
+                        // Taken and dropped with the failed commit: its waiters see an error.
+                        Err(_) => fail_untaken(),
+                    }
+                });
+            }
+            Err(_) => fail_untaken(),
+        }
+    }
+
+    /// Gives back the counts of a use that did not happen after all (it failed after admission).
+    pub async fn release(&self, store: &Store, admission: Admission) {
+        if admission.uses.is_empty() {
+            return;
+        }
+        if !admission.durable {
+            if let Ok(mut usage) = self.usage.lock() {
+                for key in &admission.uses {
+                    let count = usage.entry(key.clone()).or_default();
+                    count.reserved = count.reserved.saturating_sub(1);
+                }
+            }
+            return;
+        }
+        let keys = admission.uses.clone();
+        let result = store
+            .write(move |conn| {
+                for key in &keys {
+                    conn.execute(
+                        "UPDATE policy_usage SET count = MAX(count - 1, 0)
+                         WHERE policy = ?1 AND target = ?2 AND period = ?3",
+                        params![key.policy, key.target, key.period],
+                    )?;
+                }
+                Ok(())
+            })
+            .await;
+        match result {
+            Ok(()) => {
+                if let Ok(mut usage) = self.usage.lock() {
+                    for key in &admission.uses {
+                        let count = usage.entry(key.clone()).or_default();
+                        count.committed = count.committed.saturating_sub(1);
+                    }
+                }
+            }
+            // Kept as used: the cap errs on the owner's side.
+            Err(err) => tracing::warn!(error = %err, "could not give back a usage count"),
+        }
+    }
+
+    /// Whether any policy is attached anywhere (else every use is admitted as before).
+    pub fn is_active(&self) -> bool {
+        !self.snapshot().by_target.is_empty()
+    }
+
+    /// Whether some attached policy has a `geo` rule.
+    pub fn needs_geo(&self) -> bool {
+        self.snapshot().needs_geo
+    }
+
+    /// The names of the policies attached to a service itself (for `/v1/storage list` meta).
+    pub fn service_policies(&self, service: &str) -> Vec<String> {
+        self.snapshot()
+            .by_target
+            .get(&(TargetKind::Service, service.to_string()))
+            .map(|entries| entries.iter().map(|e| e.name.clone()).collect())
+            .unwrap_or_default()
+    }
+}
+
+fn compiled_rate_text(compiled: &[(&str, &Compiled, &str)], name: &str) -> String {
+    compiled
+        .iter()
+        .find(|(n, _, _)| *n == name)
+        .and_then(|(_, c, _)| c.rules.rate.clone())
+        .unwrap_or_default()
+}
+
+fn poisoned_refusal() -> Refusal {
+    Refusal::Denied {
+        rule: "internal",
+        policy: String::new(),
+        message: "refused: policy state unavailable".into(),
+    }
+}
+
+/// The rules that need no counter: delivery, agents, client address, hours.
+fn check_fixed(
+    name: &str,
+    c: &Compiled,
+    request: &UseRequest<'_>,
+    now: jiff::Timestamp,
+) -> Result<(), Refusal> {
+    let deny = |rule: &'static str, why: String| Refusal::Denied {
+        rule,
+        policy: name.to_string(),
+        message: format!("refused by policy '{name}': {why}"),
+    };
+    if c.inject_only && request.endpoint.hands_out() {
+        return Err(deny(
+            "delivery",
+            "this credential is inject-only (used through /v1/proxy, never handed out)".into(),
+        ));
+    }
+    if !c.agents.is_empty() && !request.agent.is_some_and(|a| c.agents.contains(a)) {
+        return Err(deny("agents", "this agent is not allowed".into()));
+    }
+    if !c.nets.is_empty()
+        && !request
+            .client
+            .is_some_and(|ip| c.nets.iter().any(|n| n.contains(&ip)))
+    {
+        return Err(deny(
+            "client_ip",
+            format!(
+                "client address not allowed ({})",
+                c.rules.client_ip.join(",")
+            ),
+        ));
+    }
+    if !c.countries.is_empty() && !request.country.is_some_and(|cc| c.countries.contains(cc)) {
+        return Err(deny(
+            "geo",
+            format!(
+                "client country not allowed ({})",
+                c.countries.iter().cloned().collect::<Vec<_>>().join(",")
+            ),
+        ));
+    }
+    if !c.within_hours(now) {
+        return Err(deny(
+            "hours",
+            format!("outside allowed hours ({})", c.hours_text()),
+        ));
+    }
+    Ok(())
+}
+
+/// A stored policy.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StoredPolicy {
+    /// Its name.
+    pub name: String,
+    /// Its rules.
+    pub rules: Rules,
+    /// `cli` or `file` (declared by `serve --policy-file`).
+    pub source: String,
+}
+
+/// An attachment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Attachment {
+    /// The policy.
+    pub policy: String,
+    /// What it attaches to.
+    pub kind: TargetKind,
+    /// The service, agent id or proxy config id.
+    pub target: String,
+    /// `cli` or `file`.
+    pub source: String,
+}
+
+/// Every stored policy, by name.
+pub fn load_policies(conn: &Connection) -> Result<Vec<StoredPolicy>, StoreError> {
+    let mut stmt = conn.prepare("SELECT name, rules, source FROM policies ORDER BY name")?;
+    let rows = stmt.query_map([], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, String>(2)?,
+        ))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (name, rules, source) = row?;
+        let rules: Rules = serde_json::from_str(&rules)
+            .map_err(|e| StoreError::Corrupt(format!("policy '{name}': {e}")))?;
+        out.push(StoredPolicy {
+            name,
+            rules,
+            source,
+        });
+    }
+    Ok(out)
+}
+
+/// Every attachment.
+pub fn load_attachments(conn: &Connection) -> Result<Vec<Attachment>, StoreError> {
+    let mut stmt = conn.prepare(
+        "SELECT policy, kind, target, source FROM policy_attachments ORDER BY policy, kind, target",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, String>(2)?,
+            r.get::<_, String>(3)?,
+        ))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (policy, kind, target, source) = row?;
+        out.push(Attachment {
+            policy,
+            kind: TargetKind::parse(&kind)?,
+            target,
+            source,
+        });
+    }
+    Ok(out)
+}
+
+fn load_usage(conn: &Connection) -> Result<Vec<(UsageKey, u64)>, StoreError> {
+    let mut stmt = conn.prepare("SELECT policy, target, period, count FROM policy_usage")?;
+    let rows = stmt.query_map([], |r| {
+        Ok((
+            UsageKey {
+                policy: r.get(0)?,
+                target: r.get(1)?,
+                period: r.get(2)?,
+            },
+            r.get::<_, i64>(3)?.max(0) as u64,
+        ))
+    })?;
+    rows.collect::<Result<Vec<_>, _>>().map_err(Into::into)
+}
+
+/// Durable usage counts of a policy: (target, period, count).
+pub fn usage_of(conn: &Connection, policy: &str) -> Result<Vec<(String, String, u64)>, StoreError> {
+    let mut stmt = conn.prepare(
+        "SELECT target, period, count FROM policy_usage WHERE policy = ?1 ORDER BY target, period",
+    )?;
+    let rows = stmt.query_map([policy], |r| {
+        Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)?.max(0) as u64))
+    })?;
+    rows.collect::<Result<Vec<_>, _>>().map_err(Into::into)
+}
+
+/// Validates a policy name: 1-64 characters of `[A-Za-z0-9._-]`.
+pub fn validate_name(name: &str) -> Result<(), VaultError> {
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+    {
+        return Err(VaultError::Invalid(format!(
+            "policy name '{name}': use 1-64 letters, digits, '.', '_' or '-'"
+        )));
+    }
+    Ok(())
+}
+
+/// Creates (`create = true`, refusing an existing name) or replaces a policy's rules.
+pub fn put_policy(
+    conn: &Connection,
+    name: &str,
+    rules: &Rules,
+    create: bool,
+    source: &str,
+) -> Result<(), VaultError> {
+    validate_name(name)?;
+    rules.compile()?;
+    let exists: bool = conn.query_row(
+        "SELECT EXISTS(SELECT 1 FROM policies WHERE name = ?1)",
+        [name],
+        |r| r.get(0),
+    )?;
+    if create && exists {
+        return Err(VaultError::Invalid(format!(
+            "policy '{name}' exists already (use `keyholder policy update`)"
+        )));
+    }
+    if !create && !exists {
+        return Err(VaultError::Invalid(format!("no policy '{name}'")));
+    }
+    let text = serde_json::to_string(rules).map_err(|e| VaultError::Corrupt(e.to_string()))?;
+    conn.execute(
+        "INSERT INTO policies (name, rules, source, updated_at) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT(name) DO UPDATE SET rules = ?2, source = ?3, updated_at = ?4",
+        params![name, text, source, crate::clock::now_unix()],
+    )?;
+    Ok(())
+}
+
+/// Deletes a policy with its attachments and counts; false if there was none.
+pub fn delete_policy(conn: &Connection, name: &str) -> Result<bool, VaultError> {
+    let n = conn.execute("DELETE FROM policies WHERE name = ?1", [name])?;
+    conn.execute("DELETE FROM policy_attachments WHERE policy = ?1", [name])?;
+    conn.execute("DELETE FROM policy_usage WHERE policy = ?1", [name])?;
+    Ok(n > 0)
+}
+
+/// Attaches (or detaches) a policy; returns whether anything changed.
+pub fn set_attachment(
+    conn: &Connection,
+    name: &str,
+    kind: TargetKind,
+    target: &str,
+    attach: bool,
+) -> Result<bool, VaultError> {
+    if target.is_empty() || target.len() > 256 {
+        return Err(VaultError::Invalid(format!(
+            "{} '{target}': expected 1-256 characters",
+            kind.as_str()
+        )));
+    }
+    let exists: bool = conn.query_row(
+        "SELECT EXISTS(SELECT 1 FROM policies WHERE name = ?1)",
+        [name],
+        |r| r.get(0),
+    )?;
+    if !exists {
+        return Err(VaultError::Invalid(format!("no policy '{name}'")));
+    }
+    let n = if attach {
+        conn.execute(
+            "INSERT OR IGNORE INTO policy_attachments (policy, kind, target) VALUES (?1, ?2, ?3)",
+            params![name, kind.as_str(), target],
+        )?
+    } else {
+        conn.execute(
+            "DELETE FROM policy_attachments WHERE policy = ?1 AND kind = ?2 AND target = ?3",
+            params![name, kind.as_str(), target],
+        )?
+    };
+    Ok(n > 0)
+}

@@ -1,0 +1,137 @@
+//! Custody-policy usage caps across SIGKILL (issue 19): agents fetch a capped credential as fast
+//! as they can, the server is killed mid-flight and restarted on the same folder. No more uses
+//! than the cap are ever answered, every acknowledged use stays counted, and the owner's CLI
+//! (the built binary, on the running server's folder) sets it all up without a restart.
+
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use keyholder_protocol::paths::PATH_CREDENTIAL;
+use keyholder_protocol::Purpose;
+use serde_json::json;
+
+use super::{Platform, Server, BIN};
+
+const CAP: usize = 60;
+const AGENTS: usize = 6;
+
+fn owner(data: &std::path::Path, args: &[&str]) -> String {
+    let out = Command::new(BIN)
+        .args(args)
+        .env("KEYHOLDER_DATA_DIR", data)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// One credential fetch: the status, or `None` when the connection died with the server.
+async fn fetch(platform: &Platform) -> Option<u16> {
+    let ticket = platform.ticket(Purpose::AgentCredential, "github");
+    let resp = platform
+        .http
+        .get(format!("{}{PATH_CREDENTIAL}", platform.base))
+        .query(&[("ticket", ticket.as_str()), ("service", "github")])
+        .send()
+        .await
+        .ok()?;
+    let status = resp.status().as_u16();
+    resp.bytes().await.ok()?;
+    Some(status)
+}
+
+#[test]
+fn usage_caps_hold_across_sigkill_and_restart() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    rt.block_on(async {
+        let mut server = Server::start(&data).await;
+        let platform = Platform::bind(&server).await;
+        let (status, _) = platform
+            .send(&platform.store("github", json!({"accessToken": "gho_capped"})))
+            .await
+            .unwrap();
+        assert_eq!(status, 200);
+        let cap = CAP.to_string();
+        owner(
+            &data,
+            &[
+                "policy",
+                "create",
+                "cap",
+                "--max-uses",
+                &cap,
+                "--per",
+                "total",
+            ],
+        );
+        owner(&data, &["policy", "attach", "cap", "--service", "github"]);
+        // The running server follows the owner's change within a second.
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+
+        let ok = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut tasks = Vec::new();
+        for _ in 0..AGENTS {
+            let (platform, ok, stop) = (platform.to(&server), ok.clone(), stop.clone());
+            tasks.push(tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    match fetch(&platform).await {
+                        Some(200) => {
+                            ok.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Some(other) => panic!("answered {other} before the cap"),
+                        None => return,
+                    }
+                }
+            }));
+        }
+        while ok.load(Ordering::SeqCst) < CAP / 3 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        server.kill();
+        stop.store(true, Ordering::Relaxed);
+        for task in tasks {
+            task.await.unwrap();
+        }
+        let before = ok.load(Ordering::SeqCst);
+        assert!(before < CAP, "{before}");
+
+        let server = Server::start(&data).await;
+        let platform = platform.to(&server);
+        let mut after = 0;
+        let refused = loop {
+            match fetch(&platform).await {
+                Some(200) => after += 1,
+                other => break other,
+            }
+            assert!(
+                before + after <= CAP,
+                "{before} + {after} uses over a cap of {CAP}"
+            );
+        };
+        assert_eq!(refused, Some(429));
+        // Every acknowledged use stayed counted; at most the uses in flight at the kill were
+        // counted without an answer (counted before decrypting, so a crash never undercounts).
+        assert!(
+            before + after + AGENTS >= CAP,
+            "{before} + {after} (+{AGENTS} in flight) should reach {CAP}"
+        );
+        let shown = owner(&data, &["policy", "show", "cap", "--json"]);
+        let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
+        assert_eq!(shown["usage"][0]["count"], CAP as u64);
+        assert_eq!(shown["attachments"][0]["target"], "github");
+        drop(server);
+    });
+}
