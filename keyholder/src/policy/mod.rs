@@ -238,22 +238,27 @@ impl PolicyEngine {
             }
         }
         if let Ok(mut counts) = self.usage.lock() {
+            // This process is the only writer of the counts, so what it holds in memory is
+            // authoritative for a key it knows: the database may already hold a use whose commit
+            // has not been accounted here yet (it adds itself when its commit resolves), and
+            // taking the database's figure would count that use twice. Keys the database no
+            // longer has (a deleted policy) are dropped unless a use of them is in flight.
             let mut fresh: HashMap<UsageKey, UsageCount> = usage
                 .into_iter()
                 .map(|(key, committed)| {
-                    (
-                        key,
-                        UsageCount {
-                            committed,
-                            reserved: 0,
-                        },
-                    )
+                    let count = counts.get(&key).copied().unwrap_or(UsageCount {
+                        committed,
+                        reserved: 0,
+                    });
+                    (key, count)
                 })
                 .collect();
-            // Uses in flight keep their reservations.
             for (key, count) in counts.iter() {
                 if count.reserved > 0 {
-                    fresh.entry(key.clone()).or_default().reserved = count.reserved;
+                    fresh.entry(key.clone()).or_insert(UsageCount {
+                        committed: 0,
+                        reserved: count.reserved,
+                    });
                 }
             }
             *counts = fresh;
