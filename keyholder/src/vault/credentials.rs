@@ -6,7 +6,7 @@ use keyholder_protocol::document::{
 };
 use keyholder_protocol::otpauth::{expand_totp_uri, parse_otpauth, TotpAlgorithm, TOTP_URI_FIELD};
 use keyholder_protocol::wire::{Collection, TotpCodeResponse};
-use keyholder_protocol::TicketClaims;
+use keyholder_protocol::{DataKey, TicketClaims};
 use rusqlite::{params, OptionalExtension};
 use serde_json::{json, Map, Value};
 use zeroize::{Zeroize, Zeroizing};
@@ -144,21 +144,15 @@ impl Vault {
         let keys = self.keys();
         let key = keys.current_data_key()?;
         let version = keys.current_data_version();
-        let (mut rest, inputs) = sealed::split_token_data(token_data)?;
-        let sealed = seal_token_data(
+        let sealed = seal_credential(
             service,
-            &rest,
+            token_data,
             key,
             version,
             crate::clock::now_unix(),
             created_at.as_deref(),
             creation_id,
-        );
-        rest.values_mut().for_each(scrub);
-        let mut sealed = sealed.map_err(document_error)?;
-        if let Some(inputs) = &inputs {
-            sealed::attach(&mut sealed, inputs, key, version, service)?;
-        }
+        )?;
         let meta = sealed
             .get("meta")
             .and_then(Value::as_object)
@@ -283,6 +277,27 @@ impl Vault {
     }
 }
 
+/// The sealed document of a credential: its fields under `key`, and the minting inputs and the
+/// provider sealed apart in `sealedInputs` (the one sealing path of `/v1/store` and `keyholder store`).
+fn seal_credential(
+    service: &str,
+    token_data: &Map<String, Value>,
+    key: &DataKey,
+    version: u32,
+    now: i64,
+    created_at: Option<&str>,
+    creation_id: Option<&str>,
+) -> Result<Value, VaultError> {
+    let (mut rest, inputs) = sealed::split_token_data(token_data)?;
+    let sealed = seal_token_data(service, &rest, key, version, now, created_at, creation_id);
+    rest.values_mut().for_each(scrub);
+    let mut sealed = sealed.map_err(document_error)?;
+    if let Some(inputs) = &inputs {
+        sealed::attach(&mut sealed, inputs, key, version, service)?;
+    }
+    Ok(sealed)
+}
+
 /// Seals `token_data` as the credential of `service` inside the caller's transaction, for the
 /// owner's `keyholder store` on the data folder: under the data key current on disk, keeping the
 /// `createdAt` of a credential it replaces, like an overwriting `/v1/store`. Bumps the owner
@@ -321,22 +336,15 @@ pub fn store_on_disk(
         });
     let key = ring.current_data_key()?;
     let version = ring.current_data_version();
-    // Minting inputs and the provider are sealed apart, as on `/v1/store`.
-    let (mut rest, inputs) = sealed::split_token_data(token_data)?;
-    let sealed = seal_token_data(
+    let sealed = seal_credential(
         service,
-        &rest,
+        token_data,
         key,
         version,
         now,
         created_at.as_deref(),
         None,
-    );
-    rest.values_mut().for_each(scrub);
-    let mut sealed = sealed.map_err(document_error)?;
-    if let Some(inputs) = &inputs {
-        sealed::attach(&mut sealed, inputs, key, version, service)?;
-    }
+    )?;
     conn.execute(
         "INSERT INTO documents(collection, key, doc, updated_at) VALUES ('tokens', ?1, ?2, ?3)
          ON CONFLICT(collection, key) DO UPDATE SET doc = excluded.doc, updated_at = excluded.updated_at",
