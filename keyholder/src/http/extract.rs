@@ -75,15 +75,11 @@ fn state(req: &HttpRequest) -> Result<Data<AppState>, ApiError> {
     })
 }
 
-/// Body size limit of each endpoint.
-pub fn body_limit(path: &str) -> usize {
-    use keyholder_protocol::paths::*;
-    match path {
-        PATH_STORAGE => 1024 * 1024,
-        PATH_PROXY => 8 * 1024 * 1024,
-        PATH_STORE => 64 * 1024,
-        _ => 16 * 1024,
-    }
+/// The body limit of the endpoint `req` is for (from the endpoint table).
+fn body_limit(req: &HttpRequest) -> usize {
+    super::layers::context(req)
+        .endpoint
+        .map_or(super::endpoints::DEFAULT_BODY_LIMIT, |e| e.body_limit)
 }
 
 /// Reads the whole body, refusing more than `limit` bytes (checked before and while reading).
@@ -177,7 +173,7 @@ pub async fn verify_signed(
     if !binding.bound {
         return Err(ApiError::SetupRequired);
     }
-    let body = read_body(req, payload, body_limit(req.match_info().as_str())).await?;
+    let body = read_body(req, payload, body_limit(req)).await?;
     let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
     let now = crate::clock::now_unix();
     let refused = |reason: &dyn std::fmt::Debug| {
@@ -589,8 +585,7 @@ impl<E: TicketEndpoint + 'static> FromRequest for Ticketed<E> {
             let request: E::Request = if req.method() == actix_web::http::Method::GET {
                 serde_urlencoded_query(req.query_string())?
             } else {
-                let body =
-                    read_body(&req, &mut payload, body_limit(req.match_info().as_str())).await?;
+                let body = read_body(&req, &mut payload, body_limit(&req)).await?;
                 parse_json(&body)?
             };
             let ticket = request

@@ -33,7 +33,7 @@ pub async fn enforce(
     if !state.vault.policy.is_active() {
         return Ok(Admission::default());
     }
-    let client = state.network.client_ip(req)?;
+    let client = super::network::client_address(req).ip()?;
     let country = match (&state.geoip, client) {
         (Some(db), Some(ip)) if state.vault.policy.needs_geo() => db
             .lookup::<maxminddb::geoip2::Country>(ip)

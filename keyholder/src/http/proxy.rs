@@ -11,7 +11,7 @@ use keyholder_protocol::ErrorCode;
 
 use super::error::ApiError;
 use super::extract::ProxyCall;
-use super::middleware::ProxiedAnswerHead;
+use super::layers::ProxiedAnswerHead;
 use super::policy::{enforce, settle};
 use crate::app::AppState;
 use crate::upstream::strip_hop_by_hop;
