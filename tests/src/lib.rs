@@ -216,7 +216,7 @@ impl Keyholder {
 
     /// `keyholder bind` as the owner runs it (same code path as the CLI).
     pub fn issue_code(&self, rebind: bool) -> keyholder::vault::binding::IssuedCode {
-        let args = keyholder::cli::BindArgs {
+        let args = keyholder::cli::bind::BindArgs {
             data: self.data_args(),
             public_url: None,
             frontend_url: DEFAULT_FRONTEND.into(),
@@ -224,7 +224,7 @@ impl Keyholder {
             platform_key: None,
             json: true,
         };
-        keyholder::cli::bind(&args).expect("bind code issued")
+        keyholder::cli::bind::bind(&args).expect("bind code issued")
     }
 
     /// The platform's exchange call.
@@ -441,7 +441,7 @@ impl Keyholder {
         entries: &[&str],
         any: bool,
     ) -> keyholder::vault::egress::EgressPolicy {
-        use keyholder::cli::{EgressAction, EgressArgs};
+        use keyholder::cli::egress::{EgressAction, EgressArgs};
         let data = self.data_args();
         let service = service.to_string();
         let action = match action {
@@ -464,7 +464,7 @@ impl Keyholder {
             },
             other => panic!("unknown egress action {other}"),
         };
-        let policy = keyholder::cli::egress(&EgressArgs { action })
+        let policy = keyholder::cli::egress::egress(&EgressArgs { action })
             .expect("egress command")
             .0;
         if let Some(server) = self.server.as_ref() {
@@ -485,15 +485,15 @@ impl Keyholder {
 
     /// `keyholder egress pending --json` as the owner runs it.
     pub fn egress_pending(&self) -> Vec<keyholder::vault::egress::PendingEgress> {
-        keyholder::cli::egress_pending(&self.data_args()).expect("egress pending")
+        keyholder::cli::egress::egress_pending(&self.data_args()).expect("egress pending")
     }
 
     /// `keyholder oauth set PROVIDER ...` as the owner runs it.
     pub fn oauth_set(&self, provider: &str, token_url: &str, client_id: &str, secret: &str) {
-        use keyholder::cli::{OAuthAction, OAuthArgs};
+        use keyholder::cli::oauth::{OAuthAction, OAuthArgs};
         let file = self.data_dir.join(format!("{provider}.secret"));
         std::fs::write(&file, format!("{secret}\n")).unwrap();
-        keyholder::cli::oauth(&OAuthArgs {
+        keyholder::cli::oauth::oauth(&OAuthArgs {
             action: OAuthAction::Set {
                 data: self.data_args(),
                 provider: provider.into(),

@@ -3,6 +3,7 @@
 //! key ring only to verify the audit trail). Exit code 0 only when nothing is wrong.
 
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Args;
@@ -154,7 +155,7 @@ pub async fn doctor(args: &DoctorArgs) -> anyhow::Result<DoctorReport> {
     let mut report = DoctorReport::default();
     let data_dir = &args.data.data_dir;
     let dir = shell(data_dir);
-    let conn = super::owner::open_database(data_dir)?;
+    let conn = super::data_folder::open_database(data_dir)?;
 
     // `--data-dir DIR` plus the master-key flags this run was given, for remedies that are owner
     // commands needing the key.
@@ -628,7 +629,7 @@ fn check_backup(
 
 fn check_audit(report: &mut DoctorReport, args: &DoctorArgs, dir: &str) {
     let check = "audit_chain";
-    let opened = super::owner::open_existing(&args.data).and_then(|(conn, master)| {
+    let opened = super::data_folder::open_existing(&args.data).and_then(|(conn, master)| {
         let (ring, _, _) = keyring::load(&conn, &master)?;
         Ok(crate::audit::verify_chain(
             &conn,
@@ -688,4 +689,19 @@ fn check_disk(report: &mut DoctorReport, args: &DoctorArgs) {
     } else {
         report.pass(check);
     }
+}
+
+/// Runs `keyholder doctor` and prints the findings (or one JSON object); exit code 0 only when
+/// nothing is wrong.
+pub fn execute(args: &DoctorArgs) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let report = runtime.block_on(doctor(args))?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", report.to_text());
+    }
+    Ok(ExitCode::from(if report.ok { 0 } else { 1 }))
 }
