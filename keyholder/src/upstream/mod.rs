@@ -4,6 +4,7 @@
 //! under the stream time limits (connect, head, idle between chunks, optional whole-stream cap).
 
 pub mod guard;
+pub mod origin;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,6 +15,7 @@ use reqwest::{Method, StatusCode};
 use url::Url;
 
 pub use guard::{EgressGuard, EgressRefused};
+pub use origin::Origin;
 
 use crate::metrics::Metrics;
 

@@ -95,7 +95,7 @@ fn audit(
         upstream: http_req
             .extensions()
             .get::<UpstreamOrigin>()
-            .map(|o| o.0.clone())
+            .map(|o| o.0.to_string())
             .unwrap_or_default(),
         result,
         request_id: context.request_id.clone(),
