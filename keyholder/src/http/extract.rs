@@ -401,25 +401,8 @@ pub async fn verify_ticket_for(
     purposes: &[Purpose],
 ) -> Result<TicketClaims, ApiError> {
     let state = state(req)?;
-    let binding = state.vault.binding();
-    if !binding.bound {
-        return Err(ApiError::SetupRequired);
-    }
     let now = crate::clock::now_unix();
-    let max_lifetime = state.vault.settings().max_ticket_lifetime;
-    let claims = match (binding.scheme, is_kh2_ticket(ticket)) {
-        (PlatformScheme::Hmac, false) => {
-            verify_ticket(&binding.hmac, ticket, now, max_lifetime).map_err(ApiError::from)
-        }
-        (PlatformScheme::Ed25519, true) => {
-            verify_kh2_ticket(&binding.platform_keys, ticket, now, max_lifetime)
-                .map_err(ApiError::from)
-        }
-        // One scheme per binding: a platform ticket in an asymmetric binding, or a kh2 one in an
-        // HMAC binding, is refused before anything else is looked at.
-        _ => Err(ApiError::TicketWrongScheme),
-    }
-    .inspect_err(|e| {
+    let claims = verify_ticket_signed(&state, ticket, now).inspect_err(|e| {
         state.metrics.ticket_failures.inc();
         tracing::info!(reason = ?e, "ticket refused");
     })?;
@@ -470,13 +453,25 @@ pub fn check_ticket_unspent(
     service: &str,
     purposes: &[Purpose],
 ) -> Result<TicketClaims, ApiError> {
+    let claims = verify_ticket_signed(state, ticket, crate::clock::now_unix())?;
+    claims.check_scope(purposes, service)?;
+    Ok(claims)
+}
+
+/// The ticket's checks up to its scope, in the binding's scheme: bound, scheme, form, signature,
+/// payload, expiry, nonce present, lifetime cap. Platform tickets verify with the HMAC secret,
+/// `kh2` tickets with the active platform keys.
+fn verify_ticket_signed(
+    state: &AppState,
+    ticket: &str,
+    now: i64,
+) -> Result<TicketClaims, ApiError> {
     let binding = state.vault.binding();
     if !binding.bound {
         return Err(ApiError::SetupRequired);
     }
-    let now = crate::clock::now_unix();
     let max_lifetime = state.vault.settings().max_ticket_lifetime;
-    let claims = match (binding.scheme, is_kh2_ticket(ticket)) {
+    match (binding.scheme, is_kh2_ticket(ticket)) {
         (PlatformScheme::Hmac, false) => {
             verify_ticket(&binding.hmac, ticket, now, max_lifetime).map_err(ApiError::from)
         }
@@ -484,10 +479,10 @@ pub fn check_ticket_unspent(
             verify_kh2_ticket(&binding.platform_keys, ticket, now, max_lifetime)
                 .map_err(ApiError::from)
         }
+        // One scheme per binding: a platform ticket in an asymmetric binding, or a kh2 one in an
+        // HMAC binding, is refused before anything else is looked at.
         _ => Err(ApiError::TicketWrongScheme),
-    }?;
-    claims.check_scope(purposes, service)?;
-    Ok(claims)
+    }
 }
 
 /// A request body that carries a ticket and the service it is for.
