@@ -319,18 +319,7 @@ async fn the_audit_trail_names_the_upstream_as_the_pin_holds_it() {
         .pinned_origin
         .expect("pinned on first use");
     assert_eq!(pinned, format!("http://localhost:{}", upstream.addr.port()));
-    kh.server.as_ref().unwrap().state.audit.flush().await;
-    let args = keyholder::cli::audit::AuditListArgs {
-        data: kh.data_args(),
-        service: Some("github".into()),
-        since: None,
-        limit: None,
-        json: true,
-    };
-    let entries = tokio::task::spawn_blocking(move || keyholder::cli::audit::audit_list(&args))
-        .await
-        .unwrap()
-        .unwrap();
+    let entries = kh.audit_entries(Some("github")).await;
     let proxied = entries
         .iter()
         .rfind(|e| e.event.endpoint == keyholder_protocol::paths::PATH_PROXY)

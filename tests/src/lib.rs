@@ -483,6 +483,23 @@ impl Keyholder {
         self.egress("set", service, &[mode], false).await;
     }
 
+    /// The audit trail of `service` (every service when `None`) as the owner lists it, after the
+    /// queued entries are written.
+    pub async fn audit_entries(&self, service: Option<&str>) -> Vec<keyholder::audit::AuditEntry> {
+        self.server.as_ref().unwrap().state.audit.flush().await;
+        let args = keyholder::cli::audit::AuditListArgs {
+            data: self.data_args(),
+            service: service.map(str::to_owned),
+            since: None,
+            limit: None,
+            json: true,
+        };
+        tokio::task::spawn_blocking(move || keyholder::cli::audit::audit_list(&args))
+            .await
+            .unwrap()
+            .unwrap()
+    }
+
     /// `keyholder egress pending --json` as the owner runs it.
     pub fn egress_pending(&self) -> Vec<keyholder::vault::egress::PendingEgress> {
         keyholder::cli::egress::egress_pending(&self.data_args()).expect("egress pending")
