@@ -85,18 +85,7 @@ fn signed_headers(
 
 /// The audit trail as the owner lists it.
 async fn audit(kh: &Keyholder) -> Vec<keyholder::audit::AuditEntry> {
-    kh.server.as_ref().unwrap().state.audit.flush().await;
-    let args = keyholder::cli::audit::AuditListArgs {
-        data: kh.data_args(),
-        service: None,
-        since: None,
-        limit: None,
-        json: true,
-    };
-    tokio::task::spawn_blocking(move || keyholder::cli::audit::audit_list(&args))
-        .await
-        .unwrap()
-        .unwrap()
+    kh.audit_entries(None).await
 }
 
 // ---------------------------------------------------------------- item 5: replays in the window
