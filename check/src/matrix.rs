@@ -163,7 +163,8 @@ mod tests {
             + PROTOCOL_24_MATRIX.len()
             + WIRE_MATRIX.len()
             + ENVELOPE_MATRIX.len()
-            + RESTART_MATRIX.len();
+            + RESTART_MATRIX.len()
+            + STREAM_MATRIX.len();
         assert_eq!(listed, Check::ALL.len());
     }
 }
