@@ -12,6 +12,8 @@
 pub mod audit;
 pub mod binding;
 pub mod changes;
+#[cfg(any(test, feature = "storage-conformance"))]
+pub mod conformance;
 pub mod documents;
 pub mod egress;
 mod error;
