@@ -41,7 +41,7 @@ pub use keyring::{ImportedField, KeyRingSnapshot, KeyRingStore, WrappedKey};
 pub use oauth::{OAuthClientRow, OAuthClients};
 pub use policies::{
     ApprovalDecision, ApprovalRow, AttachmentRow, PolicyRow, PolicySnapshot, PolicyStore,
-    UsageCounter,
+    UsageCommit, UsageCounter, UsageReply, UsageTake,
 };
 pub use replay::{LoadedMark, Mark, MarkCommit, MarkReply, MarkVerdict, ReplayKind, ReplayMarks};
 pub use settings::{Setting, Settings};
