@@ -52,6 +52,16 @@ impl KeyRingSnapshot {
         self.settings.get(&setting).map(String::as_str)
     }
 
+    /// The highest version of a key kind (0 when none).
+    pub fn latest_version(&self, kind: &str) -> u32 {
+        self.keys
+            .iter()
+            .filter(|k| k.kind == kind)
+            .map(|k| k.version)
+            .max()
+            .unwrap_or(0)
+    }
+
     /// A wrapped key.
     pub fn key(&self, kind: &str, version: u32) -> Option<&WrappedKey> {
         self.keys

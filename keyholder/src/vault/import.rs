@@ -267,13 +267,7 @@ pub async fn import_reference(
         }
     }
 
-    let latest = snapshot
-        .keys
-        .iter()
-        .filter(|k| k.kind == KIND_HMAC)
-        .map(|k| k.version)
-        .max()
-        .unwrap_or(0);
+    let latest = snapshot.latest_version(KIND_HMAC);
     let (unchanged, install) = install_hmac_secret(master, &keys.hmac_secret, latest)?;
     change = change.check(unchanged);
     change.writes.extend(install);

@@ -227,6 +227,35 @@ fn sign_jwt(claims: &Value, pem: &str, kid: Option<&str>) -> Result<Zeroizing<St
         .map_err(|_| VaultError::Invalid("the stored private key cannot sign".into()))
 }
 
+/// POSTs a form to a token endpoint (minting, OAuth refresh) through the provider client: the
+/// form's secrets (assertion, client secret, refresh token) only in a zeroized body.
+pub(crate) async fn post_token_form(
+    upstream: &Upstream,
+    url: Url,
+    form: &[(&str, &str)],
+) -> Result<UpstreamResponse, crate::upstream::UpstreamError> {
+    let mut serializer = url::form_urlencoded::Serializer::new(String::new());
+    for (name, value) in form {
+        serializer.append_pair(name, value);
+    }
+    let body = Zeroizing::new(serializer.finish());
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/x-www-form-urlencoded"),
+    );
+    // GitHub answers form-encoded unless asked for JSON; every other provider accepts it too.
+    headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
+    upstream
+        .send_provider(OutboundRequest {
+            method: Method::POST,
+            url,
+            headers,
+            body: Some(bytes::Bytes::copy_from_slice(body.as_bytes())),
+        })
+        .await
+}
+
 fn provider_json(response: &UpstreamResponse, what: &str) -> Result<Value, VaultError> {
     if !response.status.is_success() {
         return Err(VaultError::ProviderRejected(format!(
@@ -257,25 +286,11 @@ async fn mint(upstream: &Upstream, kind: &MintKind) -> Result<MintedToken, Vault
             }
             let jwt = sign_jwt(&claims, private_key, private_key_id.as_deref())?;
             let url = kind.token_endpoint()?;
-            let body = Zeroizing::new(
-                url::form_urlencoded::Serializer::new(String::new())
-                    .append_pair("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer")
-                    .append_pair("assertion", &jwt)
-                    .finish(),
-            );
-            let mut headers = HeaderMap::new();
-            headers.insert(
-                CONTENT_TYPE,
-                HeaderValue::from_static("application/x-www-form-urlencoded"),
-            );
-            headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
-            let response = upstream
-                .send_provider(OutboundRequest {
-                    method: Method::POST,
-                    url,
-                    headers,
-                    body: Some(bytes::Bytes::copy_from_slice(body.as_bytes())),
-                })
+            let form = [
+                ("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer"),
+                ("assertion", jwt.as_str()),
+            ];
+            let response = post_token_form(upstream, url, &form)
                 .await
                 .map_err(VaultError::Provider)?;
             let mut answer = provider_json(&response, "the Google token endpoint")?;
