@@ -187,7 +187,7 @@ impl Vault {
             master::open_master_key(storage.as_ref(), data_dir, source).await?;
         let loaded = keyring::init_or_load(storage.as_ref(), &master).await?;
         let snapshot = storage.key_ring_snapshot().await?;
-        let bound = snapshot.setting(crate::storage::Setting::Bound) == Some("true");
+        let bound = snapshot.is_bound();
         let sealed = reload::read_sealed(&snapshot);
         let generation = reload::owner_generation(&snapshot);
         let (scheme, platform_keys) = platform_keys::load(&snapshot)?;
