@@ -5,11 +5,11 @@ use std::process::ExitCode;
 
 use clap::Args;
 
-use super::data_folder::{open_existing, owner_change};
+use super::session::{block, Owner};
 use crate::config::DataArgs;
 use crate::policy;
 use crate::policy::approvals::PendingApproval;
-use crate::vault::reload::bump_generation;
+use crate::storage::{ChangeSet, Check, Write};
 
 /// Flags of `keyholder approvals`.
 #[derive(Debug, Clone, Args)]
@@ -34,26 +34,32 @@ pub struct DecideArgs {
 
 /// `keyholder approvals`: the uses waiting for the owner.
 pub fn approvals(args: &ApprovalsArgs) -> anyhow::Result<Vec<PendingApproval>> {
-    let (conn, _) = open_existing(&args.data)?;
-    Ok(policy::approvals::list_pending(
-        &conn,
-        crate::clock::now_unix(),
-    )?)
+    block(async {
+        let owner = Owner::open(&args.data).await?;
+        Ok(policy::approvals::list_pending(owner.storage(), crate::clock::now_unix()).await?)
+    })
 }
 
 /// `keyholder approve ID` / `keyholder deny ID`.
 pub fn decide(args: &DecideArgs, approve: bool) -> anyhow::Result<String> {
-    let (mut conn, master) = open_existing(&args.data)?;
     let id = args.id.trim().to_string();
     let verb = if approve { "approve" } else { "deny" };
-    owner_change(&mut conn, &master, verb, |tx| {
-        if !policy::approvals::decide(tx, &id, approve, crate::clock::now_unix())? {
+    block(async {
+        let owner = Owner::open(&args.data).await?;
+        let now = crate::clock::now_unix();
+        // The waiting server picks the decision up with the owner generation.
+        let change = ChangeSet::owner()
+            .check(Check::ApprovalPending(id.clone(), now))
+            .write(Write::DecideApproval {
+                id: id.clone(),
+                approve,
+                now,
+            });
+        if owner.change(verb, &id, change).await?.is_err() {
             anyhow::bail!("no pending approval '{id}' (unknown, already decided or expired)");
         }
-        // The waiting server picks the decision up with the owner generation.
-        bump_generation(tx)?;
         let done = if approve { "approved" } else { "denied" };
-        Ok((format!("{id} {done}"), id.clone()))
+        Ok(format!("{id} {done}"))
     })
 }
 

@@ -5,14 +5,12 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use rusqlite::{Connection, TransactionBehavior};
 use serde::Serialize;
 
-use super::data_folder::{open_existing, OwnerArgs};
+use super::data_folder::OwnerArgs;
+use super::session::{block, Owner};
 use crate::audit::{self, AuditEntry, AuditFilter, AuditVerification};
 use crate::config::DataArgs;
-use crate::vault::keyring;
-use crate::vault::master::MasterKey;
 
 /// `keyholder audit` subcommands.
 #[derive(Debug, Clone, Subcommand)]
@@ -93,32 +91,33 @@ pub struct AuditExportArgs {
     pub out: Option<PathBuf>,
 }
 
-fn identity_verifying_key(
-    conn: &Connection,
-    master: &MasterKey,
+async fn identity_verifying_key(
+    owner: &Owner,
 ) -> anyhow::Result<(ed25519_dalek::VerifyingKey, String)> {
-    let (ring, _, _) = keyring::load(conn, master)?;
+    let ring = owner.ring().await?;
     Ok((ring.identity().verifying_key(), ring.identity().key_id()))
 }
 
 /// `keyholder audit list`.
 pub fn audit_list(args: &AuditListArgs) -> anyhow::Result<Vec<AuditEntry>> {
-    let (conn, _) = open_existing(&args.data)?;
     let since_ms = match &args.since {
         Some(text) => Some(audit::parse_since(text).ok_or_else(|| {
             anyhow::anyhow!("--since must be unix seconds or YYYY-MM-DDTHH:MM:SSZ")
         })?),
         None => None,
     };
-    Ok(audit::list_entries(
-        &conn,
-        &AuditFilter {
-            service: args.service.clone(),
-            since_ms,
-            limit: args.limit,
-            through_seq: None,
-        },
-    )?)
+    block(async {
+        let owner = Owner::open(&args.data).await?;
+        Ok(owner
+            .storage()
+            .audit_entries(AuditFilter {
+                service: args.service.clone(),
+                since_ms,
+                limit: args.limit,
+                through_seq: None,
+            })
+            .await?)
+    })
 }
 
 /// Characters that must not reach the owner's terminal as they are: C0 and C1 controls and DEL
@@ -186,8 +185,13 @@ pub fn audit_json_line(entry: &AuditEntry) -> anyhow::Result<String> {
 
 /// `keyholder audit export --format jsonl`: writes every entry; returns how many.
 pub fn audit_export(args: &AuditExportArgs, out: &mut dyn std::io::Write) -> anyhow::Result<usize> {
-    let (conn, _) = open_existing(&args.data)?;
-    let entries = audit::list_entries(&conn, &AuditFilter::default())?;
+    let entries = block(async {
+        let owner = Owner::open(&args.data).await?;
+        Ok(owner
+            .storage()
+            .audit_entries(AuditFilter::default())
+            .await?)
+    })?;
     for entry in &entries {
         serde_json::to_writer(&mut *out, entry)?;
         out.write_all(b"\n")?;
@@ -198,80 +202,81 @@ pub fn audit_export(args: &AuditExportArgs, out: &mut dyn std::io::Write) -> any
 
 /// `keyholder audit prune`: verify, export (optional), record the prune, delete in chunks.
 pub fn audit_prune(args: &AuditPruneArgs) -> anyhow::Result<AuditPruneReport> {
-    let (mut conn, master) = open_existing(&args.data)?;
-    let before_ms = audit::now_ms() - i64::from(args.older_than_days) * 86_400_000;
-    let Some(boundary) = audit::prune_boundary(&conn, before_ms)? else {
-        return Ok(AuditPruneReport {
-            removed: 0,
-            through_seq: 0,
-            exported: 0,
-        });
-    };
-    let (key, _) = identity_verifying_key(&conn, &master)?;
-    if let Some(problem) = audit::verify_chain(&conn, &key)?.problem {
-        if !args.force {
-            anyhow::bail!(
-                "the audit chain does not verify at #{} ({}): nothing pruned. Export it \
-                 (`keyholder audit export`) and prune with --force if you must.",
-                problem.seq,
-                problem.reason
-            );
-        }
-    }
-    let mut exported = 0;
-    if let Some(path) = &args.export {
-        let mut options = std::fs::OpenOptions::new();
-        options.write(true).create_new(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            options.mode(0o600);
-        }
-        let file = options
-            .open(path)
-            .with_context(|| format!("cannot create {}", path.display()))?;
-        let mut out = std::io::BufWriter::new(file);
-        let through = AuditFilter {
-            through_seq: Some(boundary.through_seq),
-            ..AuditFilter::default()
+    block(async {
+        let owner = Owner::open(&args.data).await?;
+        let storage = owner.storage();
+        let before_ms = audit::now_ms() - i64::from(args.older_than_days) * 86_400_000;
+        let Some(boundary) = storage.prune_boundary(before_ms).await? else {
+            return Ok(AuditPruneReport {
+                removed: 0,
+                through_seq: 0,
+                exported: 0,
+            });
         };
-        for entry in audit::list_entries(&conn, &through)? {
-            serde_json::to_writer(&mut out, &entry)?;
-            std::io::Write::write_all(&mut out, b"\n")?;
-            exported += 1;
+        let (key, _) = identity_verifying_key(&owner).await?;
+        if let Some(problem) = storage.verify_audit(key).await?.problem {
+            if !args.force {
+                anyhow::bail!(
+                    "the audit chain does not verify at #{} ({}): nothing pruned. Export it \
+                     (`keyholder audit export`) and prune with --force if you must.",
+                    problem.seq,
+                    problem.reason
+                );
+            }
         }
-        let file = out.into_inner().map_err(|e| e.into_error())?;
-        file.sync_all()
-            .with_context(|| format!("cannot fsync {}", path.display()))?;
-    }
-    {
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let (ring, _, _) = keyring::load(&tx, &master)?;
-        audit::record_prune(&tx, ring.identity(), boundary, "cli")?;
-        tx.commit()?;
-    }
-    let mut removed = 0;
-    loop {
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let deleted = audit::delete_pruned(&tx, boundary)?;
-        tx.commit()?;
-        if deleted == 0 {
-            break;
+        let mut exported = 0;
+        if let Some(path) = &args.export {
+            let mut options = std::fs::OpenOptions::new();
+            options.write(true).create_new(true);
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::OpenOptionsExt;
+                options.mode(0o600);
+            }
+            let file = options
+                .open(path)
+                .with_context(|| format!("cannot create {}", path.display()))?;
+            let mut out = std::io::BufWriter::new(file);
+            let through = AuditFilter {
+                through_seq: Some(boundary.through_seq),
+                ..AuditFilter::default()
+            };
+            for entry in storage.audit_entries(through).await? {
+                serde_json::to_writer(&mut out, &entry)?;
+                std::io::Write::write_all(&mut out, b"\n")?;
+                exported += 1;
+            }
+            let file = out.into_inner().map_err(|e| e.into_error())?;
+            file.sync_all()
+                .with_context(|| format!("cannot fsync {}", path.display()))?;
         }
-        removed += deleted;
-    }
-    Ok(AuditPruneReport {
-        removed,
-        through_seq: boundary.through_seq,
-        exported,
+        let signer: crate::storage::SharedSigner = std::sync::Arc::new(owner.ring().await?);
+        storage
+            .append_audit(vec![audit::prune_event(boundary, "cli")], signer)
+            .await?;
+        let mut removed = 0;
+        loop {
+            let deleted = storage.delete_pruned(boundary).await?;
+            if deleted == 0 {
+                break;
+            }
+            removed += deleted;
+        }
+        Ok(AuditPruneReport {
+            removed,
+            through_seq: boundary.through_seq,
+            exported,
+        })
     })
 }
 
 /// `keyholder audit verify`: the verification and the identity key id it used.
 pub fn audit_verify(args: &OwnerArgs) -> anyhow::Result<(AuditVerification, String)> {
-    let (conn, master) = open_existing(&args.data)?;
-    let (key, key_id) = identity_verifying_key(&conn, &master)?;
-    Ok((audit::verify_chain(&conn, &key)?, key_id))
+    block(async {
+        let owner = Owner::open(&args.data).await?;
+        let (key, key_id) = identity_verifying_key(&owner).await?;
+        Ok((owner.storage().verify_audit(key).await?, key_id))
+    })
 }
 
 /// Runs a `keyholder audit` subcommand and prints its entries or its result.

@@ -6,9 +6,10 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Args;
 
-use super::data_folder::open_database;
+use super::session::{block, open_storage};
 use crate::config::DataArgs;
-use crate::store::{self, backup};
+use crate::storage::Setting;
+use crate::store::backup;
 
 /// Flags of `keyholder backup`.
 #[derive(Debug, Clone, Args)]
@@ -23,16 +24,20 @@ pub struct BackupArgs {
 
 /// `keyholder backup --out FILE`.
 pub fn backup(args: &BackupArgs) -> anyhow::Result<()> {
-    let conn = open_database(&args.data.data_dir)?;
-    backup::backup_database(&args.data.data_dir.join(store::DATABASE_FILE), &args.out)
-        .with_context(|| format!("backup to {} failed", args.out.display()))?;
+    let storage = open_storage(&args.data.data_dir, false)?;
+    backup::backup_database(
+        &args.data.data_dir.join(crate::store::DATABASE_FILE),
+        &args.out,
+    )
+    .with_context(|| format!("backup to {} failed", args.out.display()))?;
     // For `keyholder doctor`'s backup age (after the snapshot: the backup does not carry it).
-    store::put_setting(
-        &conn,
-        super::doctor::LAST_BACKUP_SETTING,
-        &crate::clock::now_unix().to_string(),
-    )?;
-    Ok(())
+    block(async {
+        storage
+            .put_setting(Setting::LastBackupAt, &crate::clock::now_unix().to_string())
+            .await?;
+        storage.close();
+        Ok(())
+    })
 }
 
 /// Runs `keyholder backup` and says where the snapshot went.

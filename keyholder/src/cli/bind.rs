@@ -5,10 +5,10 @@ use std::process::ExitCode;
 
 use clap::Args;
 
-use super::data_folder::open_data;
 use super::platform_key::read_platform_key;
+use super::session::{block, Owner};
 use crate::config::{validate_url, DataArgs};
-use crate::store::get_setting;
+use crate::storage::Setting;
 use crate::vault::binding::{issue_bind_code, IssuedCode};
 use crate::vault::VaultError;
 
@@ -41,38 +41,39 @@ pub struct BindArgs {
 /// Issues a bind code (see [`issue_bind_code`]).
 pub fn bind(args: &BindArgs) -> anyhow::Result<IssuedCode> {
     let frontend = validate_url("--frontend-url", &args.frontend_url)?;
-    let (mut conn, master) = open_data(&args.data)?;
-    let public_url = match &args.public_url {
-        Some(url) => validate_url("--public-url / KEYHOLDER_PUBLIC_URL", url)?,
-        None => get_setting(&conn, "public_url")?.ok_or_else(|| {
-            anyhow::anyhow!(
-                "no public URL known: pass --public-url https://<host> (the address the platform reaches this keyholder at)"
-            )
-        })?,
-    };
     let platform_key = args
         .platform_key
         .as_deref()
         .map(read_platform_key)
         .transpose()?;
-    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    let issued = match issue_bind_code(
-        &tx,
-        &master,
-        args.rebind,
-        platform_key.as_ref(),
-        &public_url,
-        &frontend,
-        crate::clock::now_unix(),
-    ) {
-        Ok(issued) => issued,
-        Err(VaultError::AlreadyBound) => anyhow::bail!(
-            "this keyholder is already bound; `keyholder bind --rebind` issues a code that replaces the binding"
-        ),
-        Err(other) => return Err(other.into()),
-    };
-    tx.commit()?;
-    Ok(issued)
+    block(async {
+        let owner = Owner::open_or_create(&args.data).await?;
+        let public_url = match &args.public_url {
+            Some(url) => validate_url("--public-url / KEYHOLDER_PUBLIC_URL", url)?,
+            None => owner.storage().setting(Setting::PublicUrl).await?.ok_or_else(|| {
+                anyhow::anyhow!(
+                    "no public URL known: pass --public-url https://<host> (the address the platform reaches this keyholder at)"
+                )
+            })?,
+        };
+        match issue_bind_code(
+            owner.storage(),
+            &owner.master,
+            args.rebind,
+            platform_key.as_ref(),
+            &public_url,
+            &frontend,
+            crate::clock::now_unix(),
+        )
+        .await
+        {
+            Ok(issued) => Ok(issued),
+            Err(VaultError::AlreadyBound) => anyhow::bail!(
+                "this keyholder is already bound; `keyholder bind --rebind` issues a code that replaces the binding"
+            ),
+            Err(other) => Err(other.into()),
+        }
+    })
 }
 
 /// Runs `keyholder bind` and prints the code and links (or one JSON object).

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Args;
 
-use super::data_folder::open_data;
+use super::session::{block, Owner};
 use crate::config::DataArgs;
 use crate::vault::collections::validate_key;
 use crate::vault::egress::{self, EgressMode, EgressPolicy};
@@ -82,8 +82,10 @@ pub enum EgressAction {
 
 /// `keyholder egress pending`: the refusals recorded so far.
 pub fn egress_pending(data: &DataArgs) -> anyhow::Result<Vec<egress::PendingEgress>> {
-    let (conn, _master) = open_data(data)?;
-    Ok(egress::list_pending(&conn)?)
+    block(async {
+        let owner = Owner::open_or_create(data).await?;
+        Ok(egress::list_pending(owner.storage()).await?)
+    })
 }
 
 /// Runs an egress subcommand; returns the policy in force afterwards and whether to print JSON.
@@ -98,23 +100,34 @@ pub fn egress(args: &EgressArgs) -> anyhow::Result<(EgressPolicy, bool)> {
         }
     };
     validate_key(service)?;
-    let (mut conn, _master) = open_data(data)?;
-    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    let (policy, json) = match &args.action {
-        EgressAction::Show { json, .. } => (egress::load_policy(&tx, service)?, *json),
-        EgressAction::Allow { entries, any, .. } => {
-            (egress::allow(&tx, service, entries, *any)?, false)
+    block(async {
+        let owner = Owner::open_or_create(data).await?;
+        let storage = owner.storage();
+        // Every change bumps the owner generation: a running server drops its cached policy on
+        // its next look (within a quarter second).
+        let (change, policy, json) = match &args.action {
+            EgressAction::Show { json, .. } => {
+                (None, egress::load_policy(storage, service).await?, *json)
+            }
+            EgressAction::Allow { entries, any, .. } => {
+                let (change, policy) = egress::allow(storage, service, entries, *any).await?;
+                (Some(change), policy, false)
+            }
+            EgressAction::Set { mode, .. } => {
+                let (change, policy) = egress::set_mode(storage, service, *mode).await?;
+                (Some(change), policy, false)
+            }
+            EgressAction::Reset { .. } => {
+                let (change, policy) = egress::reset(service);
+                (Some(change), policy, false)
+            }
+            EgressAction::Pending { .. } => anyhow::bail!("not a policy change"),
+        };
+        if let Some(change) = change {
+            storage.apply(change).await?;
         }
-        EgressAction::Set { mode, .. } => (egress::set_mode(&tx, service, *mode)?, false),
-        EgressAction::Reset { .. } => (egress::reset(&tx, service)?, false),
-        EgressAction::Pending { .. } => anyhow::bail!("not a policy change"),
-    };
-    if !matches!(args.action, EgressAction::Show { .. }) {
-        // A running server drops its cached policy on its next look (within a quarter second).
-        crate::vault::reload::bump_generation(&tx)?;
-    }
-    tx.commit()?;
-    Ok((policy, json))
+        Ok((policy, json))
+    })
 }
 
 /// Runs `keyholder egress` and prints the policy in force afterwards (or the refusals).

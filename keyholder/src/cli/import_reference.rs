@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::Args;
 use serde_json::Value;
 
-use super::data_folder::{open_existing, owner_change};
+use super::session::{block, Owner};
 use crate::config::DataArgs;
 use crate::vault::import::{self, ImportReport};
 
@@ -55,15 +55,18 @@ pub fn import_reference(args: &ImportReferenceArgs) -> anyhow::Result<ImportRepo
         };
     let keys = import::parse_reference_keys(&key_text)?;
     let collections: Value = serde_json::from_str(&collections_text)?;
-    let (mut conn, master) = open_existing(&args.data)?;
     let force = args.force;
-    owner_change(&mut conn, &master, "import-reference", |tx| {
-        let report = import::import_reference(tx, &master, &keys, &collections, force)?;
+    block(async {
+        let owner = Owner::open(&args.data).await?;
+        let (change, report) =
+            import::import_reference(owner.storage(), &owner.master, &keys, &collections, force)
+                .await?;
         let detail = format!(
             "webhook {}: {} credential(s) re-encrypted",
             report.webhook_id, report.tokens_reencrypted
         );
-        Ok((report, detail))
+        owner.commit("import-reference", &detail, change).await?;
+        Ok(report)
     })
 }
 

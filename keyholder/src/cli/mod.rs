@@ -22,6 +22,7 @@ pub mod rotate_key;
 pub mod rotate_master_key;
 pub mod seal;
 pub mod serve;
+pub mod session;
 pub mod status;
 pub mod store;
 

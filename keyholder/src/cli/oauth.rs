@@ -6,8 +6,9 @@ use std::process::ExitCode;
 use clap::Args;
 use zeroize::Zeroizing;
 
-use super::data_folder::open_data;
+use super::session::{block, Owner};
 use crate::config::DataArgs;
+use crate::storage::Applied;
 use crate::vault::oauth::{self, ProviderInfo};
 
 /// `keyholder oauth`: the owner's OAuth clients, used by `/v1/refresh-notify`.
@@ -97,28 +98,37 @@ pub fn oauth(args: &OAuthArgs) -> anyhow::Result<OAuthOutcome> {
                 }
                 None => Zeroizing::new(Vec::new()),
             };
-            let (mut conn, master) = open_data(data)?;
-            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            oauth::set_provider(
-                &tx,
-                &master,
-                provider,
-                url.as_str(),
-                client_id.trim(),
-                &secret,
-            )?;
-            tx.commit()?;
-            Ok(OAuthOutcome::Set(provider.clone()))
+            block(async {
+                let owner = Owner::open_or_create(data).await?;
+                let mut change = oauth::set_provider(
+                    &owner.master,
+                    provider,
+                    url.as_str(),
+                    client_id.trim(),
+                    &secret,
+                )?;
+                // Read per call by the server: nothing to reload.
+                change.bump_generation = false;
+                owner.storage().apply(change).await?;
+                Ok(OAuthOutcome::Set(provider.clone()))
+            })
         }
-        OAuthAction::List { data } => {
-            let (conn, _master) = open_data(data)?;
-            Ok(OAuthOutcome::List(oauth::list_providers(&conn)?))
-        }
-        OAuthAction::Remove { data, provider } => {
-            let (conn, _master) = open_data(data)?;
-            let removed = oauth::remove_provider(&conn, provider)?;
+        OAuthAction::List { data } => block(async {
+            let owner = Owner::open_or_create(data).await?;
+            Ok(OAuthOutcome::List(
+                oauth::list_providers(owner.storage()).await?,
+            ))
+        }),
+        OAuthAction::Remove { data, provider } => block(async {
+            let owner = Owner::open_or_create(data).await?;
+            let mut change = oauth::remove_provider(provider);
+            change.bump_generation = false;
+            let removed = matches!(
+                owner.storage().apply(change).await?,
+                Applied::Done { changed } if changed.first() == Some(&true)
+            );
             Ok(OAuthOutcome::Removed(provider.clone(), removed))
-        }
+        }),
     }
 }
 

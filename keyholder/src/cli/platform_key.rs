@@ -4,11 +4,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Args;
-use keyholder_protocol::PlatformPublicKey;
 
-use super::data_folder::open_data;
+use super::session::{block, Owner};
 use crate::config::DataArgs;
+use crate::storage::Applied;
 use crate::vault::platform_keys::{self, PlatformKeyInfo};
+use keyholder_protocol::PlatformPublicKey;
 
 /// Reads a platform public key file (32 raw bytes, standard base64, or an identity document).
 pub fn read_platform_key(path: &std::path::Path) -> anyhow::Result<PlatformPublicKey> {
@@ -68,20 +69,28 @@ pub fn platform_key(args: &PlatformKeyArgs) -> anyhow::Result<Vec<PlatformKeyInf
         PlatformKeyAction::Add { file, .. } => Some(read_platform_key(file)?),
         _ => None,
     };
-    let (mut conn, _master) = open_data(data)?;
-    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    match (&args.action, &key) {
-        (PlatformKeyAction::Add { .. }, Some(key)) => {
-            platform_keys::add_key(&tx, key, crate::clock::now_unix())?
+    block(async {
+        let owner = Owner::open_or_create(data).await?;
+        let storage = owner.storage();
+        let change = match (&args.action, &key) {
+            (PlatformKeyAction::Add { .. }, Some(key)) => Some(platform_keys::add_key(
+                &storage.key_ring_snapshot().await?,
+                key,
+                crate::clock::now_unix(),
+            )?),
+            (PlatformKeyAction::Remove { key_id, .. }, _) => Some(platform_keys::remove_key(
+                &storage.key_ring_snapshot().await?,
+                key_id.trim(),
+            )?),
+            _ => None,
+        };
+        if let Some(change) = change {
+            if let Applied::CheckFailed(_) = storage.apply(change).await? {
+                anyhow::bail!("the platform keys changed meanwhile; run the command again");
+            }
         }
-        (PlatformKeyAction::Remove { key_id, .. }, _) => {
-            platform_keys::remove_key(&tx, key_id.trim())?
-        }
-        _ => {}
-    }
-    let keys = platform_keys::list_keys(&tx)?;
-    tx.commit()?;
-    Ok(keys)
+        Ok(platform_keys::list_keys(storage).await?)
+    })
 }
 
 /// Runs `keyholder platform-key` and prints what it did and the keys active afterwards.

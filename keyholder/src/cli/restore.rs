@@ -7,10 +7,11 @@ use anyhow::Context;
 use clap::Args;
 use serde::Serialize;
 
-use super::data_folder::open_database;
+use super::session::{block, open_storage};
 use crate::config::DataArgs;
-use crate::store::{backup, get_setting};
-use crate::vault::keyring;
+use crate::storage::Setting;
+use crate::store::backup;
+use crate::vault::keyring::{self};
 use crate::vault::master::load_master_key;
 
 /// Flags of `keyholder restore`.
@@ -38,21 +39,28 @@ pub struct RestoreReport {
 pub fn restore(args: &RestoreArgs) -> anyhow::Result<RestoreReport> {
     backup::restore_database(&args.from, &args.data.data_dir)
         .with_context(|| format!("restore from {} failed", args.from.display()))?;
-    let conn = open_database(&args.data.data_dir)?;
-    let webhook_id = get_setting(&conn, "webhook_id")?.unwrap_or_default();
-    let master_key_checked =
-        if args.data.master_key_file.is_some() || args.data.passphrase_file.is_some() {
-            let source = args.data.master_key_source();
-            let ok = load_master_key(&args.data.data_dir, &source, &conn)
-                .ok()
-                .is_some_and(|(m, _)| keyring::load(&conn, &m).is_ok());
-            Some(ok)
-        } else {
-            None
-        };
-    Ok(RestoreReport {
-        webhook_id,
-        master_key_checked,
+    let storage = open_storage(&args.data.data_dir, false)?;
+    block(async {
+        let snapshot = storage.key_ring_snapshot().await?;
+        let webhook_id = snapshot
+            .setting(Setting::WebhookId)
+            .unwrap_or_default()
+            .to_string();
+        let master_key_checked =
+            if args.data.master_key_file.is_some() || args.data.passphrase_file.is_some() {
+                let source = args.data.master_key_source();
+                let ok = load_master_key(&args.data.data_dir, &source, &snapshot)
+                    .ok()
+                    .is_some_and(|m| keyring::load(&snapshot, &m.key).is_ok());
+                Some(ok)
+            } else {
+                None
+            };
+        storage.close();
+        Ok(RestoreReport {
+            webhook_id,
+            master_key_checked,
+        })
     })
 }
 

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Args;
 
-use super::data_folder::{open_existing, owner_change};
+use super::session::{block, Owner};
 use crate::config::DataArgs;
 use crate::vault::rotation;
 
@@ -52,14 +52,19 @@ fn parse_retired_key(text: &str) -> Result<RetiredKey, String> {
 
 /// `keyholder retire-key VERSION|platform-v1`.
 pub fn retire_key(args: &RetireKeyArgs) -> anyhow::Result<()> {
-    let (mut conn, master) = open_existing(&args.data)?;
-    let key = args.key;
-    owner_change(&mut conn, &master, "retire-key", |tx| {
-        match key {
-            RetiredKey::Data(version) => rotation::retire_data_key(tx, version)?,
-            RetiredKey::PlatformV1 => rotation::retire_platform_v1_key(tx, &master)?,
-        }
-        Ok(((), key.to_string()))
+    block(async {
+        let owner = Owner::open(&args.data).await?;
+        let key = args.key;
+        let change = match key {
+            RetiredKey::Data(version) => {
+                rotation::retire_data_key(owner.storage(), version).await?
+            }
+            RetiredKey::PlatformV1 => {
+                rotation::retire_platform_v1_key(owner.storage(), &owner.master).await?
+            }
+        };
+        owner.commit("retire-key", &key.to_string(), change).await?;
+        Ok(())
     })
 }
 

@@ -4,12 +4,11 @@ use std::collections::BTreeMap;
 use std::process::ExitCode;
 
 use clap::Args;
-use rusqlite::TransactionBehavior;
 use serde::Serialize;
 
-use super::data_folder::{open_existing, owner_change};
+use super::session::{block, Owner};
 use crate::config::DataArgs;
-use crate::vault::{keyring, rotation};
+use crate::vault::rotation;
 
 /// Flags of `keyholder rewrap`.
 #[derive(Debug, Clone, Args)]
@@ -48,50 +47,64 @@ pub struct RewrapReport {
 /// over the credentials until none is left under an older key (a server that has not yet noticed a
 /// rotation may write one more under the old key; its next write uses the new one).
 pub fn rewrap(args: &RewrapArgs) -> anyhow::Result<RewrapReport> {
-    let (mut conn, master) = open_existing(&args.data)?;
-    let mut report = RewrapReport::default();
-    for pass in 0..5 {
-        let mut cursor: Option<String> = None;
-        report.failed.clear();
-        loop {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let batch = rotation::rewrap_batch(
-                &tx,
-                &master,
-                cursor.as_deref(),
-                usize::from(args.batch_size),
-            )?;
-            tx.commit()?;
-            report.batches += 1;
-            report.examined += batch.examined;
-            report.rewrapped += batch.rewrapped;
-            report.failed.extend(batch.failed);
-            match batch.last_key {
-                Some(last) if batch.examined == usize::from(args.batch_size) => cursor = Some(last),
-                _ => break,
+    block(async {
+        let owner = Owner::open(&args.data).await?;
+        let storage = owner.storage();
+        let mut report = RewrapReport::default();
+        for pass in 0..5 {
+            let mut cursor: Option<String> = None;
+            report.failed.clear();
+            loop {
+                let (change, batch) = rotation::rewrap_batch(
+                    storage,
+                    &owner.master,
+                    cursor.as_deref(),
+                    usize::from(args.batch_size),
+                )
+                .await?;
+                if batch.rewrapped > 0 {
+                    if let crate::storage::Applied::CheckFailed(_) = storage.apply(change).await? {
+                        // A document changed under the batch (a store by the server): again.
+                        continue;
+                    }
+                }
+                report.batches += 1;
+                report.examined += batch.examined;
+                report.rewrapped += batch.rewrapped;
+                report.failed.extend(batch.failed);
+                match batch.last_key {
+                    Some(last) if batch.examined == usize::from(args.batch_size) => {
+                        cursor = Some(last)
+                    }
+                    _ => break,
+                }
             }
+            let ring = owner.ring().await?;
+            report.current_data_key = ring.current_data_version();
+            report.still_in_use = rotation::versions_in_use(storage)
+                .await?
+                .into_iter()
+                .filter(|(v, _)| *v != report.current_data_key)
+                .map(|(v, (n, _))| (v, n))
+                .collect();
+            report.reference_key = ring.has_platform_v1_key();
+            report.reference_key_documents = rotation::platform_v1_in_use(storage, &ring).await?.0;
+            if (report.still_in_use.is_empty() && report.reference_key_documents == 0) || pass == 4
+            {
+                break;
+            }
+            // Give a server that is about to reload its key ring the moment it needs.
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
         }
-        let (ring, _, _) = keyring::load(&conn, &master)?;
-        report.current_data_key = ring.current_data_version();
-        report.still_in_use = rotation::versions_in_use(&conn)?
-            .into_iter()
-            .filter(|(v, _)| *v != report.current_data_key)
-            .map(|(v, (n, _))| (v, n))
-            .collect();
-        report.reference_key = ring.has_platform_v1_key();
-        report.reference_key_documents = rotation::platform_v1_in_use(&conn, &ring)?.0;
-        if (report.still_in_use.is_empty() && report.reference_key_documents == 0) || pass == 4 {
-            break;
-        }
-        // Give a server that is about to reload its key ring the moment it needs.
-        std::thread::sleep(std::time::Duration::from_millis(300));
-    }
-    let detail = format!(
-        "{} credential(s) under data key v{}",
-        report.rewrapped, report.current_data_key
-    );
-    owner_change(&mut conn, &master, "rewrap", |_| Ok(((), detail)))?;
-    Ok(report)
+        let detail = format!(
+            "{} credential(s) under data key v{}",
+            report.rewrapped, report.current_data_key
+        );
+        // The entry alone (the batches were written and followed already).
+        let note = crate::storage::ChangeSet::default();
+        owner.commit("rewrap", &detail, note).await?;
+        Ok(report)
+    })
 }
 
 /// Runs `keyholder rewrap` and prints what it did; exit code 1 while an older key is still in use.

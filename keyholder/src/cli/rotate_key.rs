@@ -2,15 +2,20 @@
 
 use std::process::ExitCode;
 
-use super::data_folder::{open_existing, owner_change, OwnerArgs};
+use super::data_folder::OwnerArgs;
+use super::session::{block, Owner};
 use crate::vault::rotation;
 
 /// `keyholder rotate-key`: returns the new current version.
 pub fn rotate_key(args: &OwnerArgs) -> anyhow::Result<u32> {
-    let (mut conn, master) = open_existing(&args.data)?;
-    owner_change(&mut conn, &master, "rotate-key", |tx| {
-        let version = rotation::rotate_data_key(tx, &master)?;
-        Ok((version, format!("data key v{version}")))
+    block(async {
+        let owner = Owner::open(&args.data).await?;
+        let snapshot = owner.storage().key_ring_snapshot().await?;
+        let (change, version) = rotation::rotate_data_key(&snapshot, &owner.master)?;
+        owner
+            .commit("rotate-key", &format!("data key v{version}"), change)
+            .await?;
+        Ok(version)
     })
 }
 

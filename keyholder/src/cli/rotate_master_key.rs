@@ -5,14 +5,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Args;
-use rusqlite::TransactionBehavior;
 
-use super::data_folder::open_existing;
-use crate::audit::{self, AuditEvent};
+use super::session::{block, Owner};
 use crate::config::DataArgs;
-use crate::store;
-use crate::vault::keyring;
-use crate::vault::{master, pkcs11, rotation};
+use crate::storage::{Setting, Write};
+use crate::vault::master::{self};
+use crate::vault::{pkcs11, rotation};
 
 /// Flags of `keyholder rotate-master-key`.
 #[derive(Debug, Clone, Args)]
@@ -43,7 +41,6 @@ pub fn rotate_master_key(args: &RotateMasterKeyArgs) -> anyhow::Result<usize> {
     if let Some(uri) = &args.from_pkcs11 {
         current.pkcs11.master_key_pkcs11 = Some(uri.clone());
     }
-    let (mut conn, old) = open_existing(&current)?;
     let (new, salt, sealed) = match (
         &args.new_master_key_file,
         &args.new_passphrase_file,
@@ -62,28 +59,25 @@ pub fn rotate_master_key(args: &RotateMasterKeyArgs) -> anyhow::Result<usize> {
             anyhow::bail!("pass --new-master-key-file, --new-passphrase-file or --to-pkcs11")
         }
     };
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let moved = rotation::rotate_master_key(&tx, &old, &new, salt.as_deref())?;
-    match &sealed {
-        Some(sealed) => store::put_setting(&tx, pkcs11::SEALED_SETTING, sealed)?,
-        None => {
-            tx.execute(
-                "DELETE FROM settings WHERE name = ?1",
-                [pkcs11::SEALED_SETTING],
-            )?;
-        }
-    }
-    let (ring, _, _) = keyring::load(&tx, &new)?;
-    audit::append_events(
-        &tx,
-        ring.identity(),
-        [AuditEvent::owner(
-            "rotate-master-key",
-            &format!("{moved} wrapped value(s)"),
-        )],
-    )?;
-    tx.commit()?;
-    Ok(moved)
+    block(async {
+        let owner = Owner::open(&current).await?;
+        let (mut change, moved) =
+            rotation::rotate_master_key(owner.storage(), &owner.master, &new, salt.as_deref())
+                .await?;
+        change = change.write(match &sealed {
+            Some(sealed) => Write::PutSetting(Setting::Pkcs11SealedMaster, sealed.clone()),
+            None => Write::DeleteSetting(Setting::Pkcs11SealedMaster),
+        });
+        // The entry is signed with the identity key, which the rotation does not change.
+        owner
+            .commit(
+                "rotate-master-key",
+                &format!("{moved} wrapped value(s)"),
+                change,
+            )
+            .await?;
+        Ok(moved)
+    })
 }
 
 /// Runs `keyholder rotate-master-key` and says how a running server follows.

@@ -3,16 +3,19 @@
 
 use std::process::ExitCode;
 
-use super::data_folder::{open_existing, owner_change, OwnerArgs};
+use super::data_folder::OwnerArgs;
+use super::session::{block, Owner};
 use crate::vault::reload;
 
 /// `keyholder seal` (`sealed = true`) and `keyholder unseal`.
 pub fn set_sealed(args: &OwnerArgs, sealed: bool) -> anyhow::Result<()> {
-    let (mut conn, master) = open_existing(&args.data)?;
-    let command = if sealed { "seal" } else { "unseal" };
-    owner_change(&mut conn, &master, command, |tx| {
-        reload::write_sealed(tx, sealed)?;
-        Ok(((), String::new()))
+    block(async {
+        let owner = Owner::open(&args.data).await?;
+        let command = if sealed { "seal" } else { "unseal" };
+        owner
+            .commit(command, "", reload::write_sealed(sealed))
+            .await?;
+        Ok(())
     })
 }
 

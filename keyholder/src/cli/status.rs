@@ -5,9 +5,8 @@ use std::process::ExitCode;
 
 use serde::Serialize;
 
-use super::data_folder::{open_existing, OwnerArgs};
-use crate::audit;
-use crate::store::get_setting;
+use super::data_folder::OwnerArgs;
+use super::session::{block, Owner};
 use crate::vault::keyring::{self, KIND_LEGACY};
 use crate::vault::{platform_keys, reload, rotation};
 
@@ -50,40 +49,42 @@ pub struct Status {
 
 /// `keyholder status`.
 pub fn status(args: &OwnerArgs) -> anyhow::Result<Status> {
-    let (conn, master) = open_existing(&args.data)?;
-    let (ring, _, webhook_id) = keyring::load(&conn, &master)?;
-    let count = |sql: &str| -> anyhow::Result<u64> {
-        Ok(conn.query_row(sql, [], |r| r.get::<_, i64>(0))?.max(0) as u64)
-    };
-    let legacy: i64 = conn.query_row(
-        "SELECT COUNT(*) FROM keyring WHERE kind = ?1",
-        [KIND_LEGACY],
-        |r| r.get(0),
-    )?;
-    let (reference_key_documents, _) = rotation::platform_v1_in_use(&conn, &ring)?;
-    Ok(Status {
-        bound: get_setting(&conn, "bound")?.as_deref() == Some("true"),
-        platform_scheme: platform_keys::read_scheme(&conn)?.as_str().to_owned(),
-        platform_keys: platform_keys::list_keys(&conn)?
-            .into_iter()
-            .map(|k| k.key_id)
-            .collect(),
-        webhook_id,
-        identity_key_id: ring.identity().key_id(),
-        data_key_versions: ring.data_versions(),
-        current_data_key: ring.current_data_version(),
-        documents_per_key: rotation::versions_in_use(&conn)?
-            .into_iter()
-            .map(|(v, (n, _))| (v, n))
-            .collect(),
-        reference_key: legacy > 0,
-        reference_key_documents,
-        credential_count: count("SELECT COUNT(*) FROM documents WHERE collection = 'tokens'")?,
-        sealed: reload::read_sealed(&conn)?,
-        last_credential_use: audit::last_credential_use(&conn)?
-            .map(|ms| keyholder_protocol::document::format_iso8601(ms.div_euclid(1000))),
-        audit_entries: count("SELECT COUNT(*) FROM audit_log")?,
-        policies: super::policy::views(&conn)?,
+    block(async {
+        let owner = Owner::open(&args.data).await?;
+        let storage = owner.storage();
+        let snapshot = storage.key_ring_snapshot().await?;
+        let (ring, _, webhook_id) = keyring::load(&snapshot, &owner.master)?;
+        let (reference_key_documents, _) = rotation::platform_v1_in_use(storage, &ring).await?;
+        Ok(Status {
+            bound: snapshot.is_bound(),
+            platform_scheme: platform_keys::read_scheme(&snapshot).as_str().to_owned(),
+            platform_keys: platform_keys::list_keys(storage)
+                .await?
+                .into_iter()
+                .map(|k| k.key_id)
+                .collect(),
+            webhook_id,
+            identity_key_id: ring.identity().key_id(),
+            data_key_versions: ring.data_versions(),
+            current_data_key: ring.current_data_version(),
+            documents_per_key: rotation::versions_in_use(storage)
+                .await?
+                .into_iter()
+                .map(|(v, (n, _))| (v, n))
+                .collect(),
+            reference_key: snapshot.keys.iter().any(|k| k.kind == KIND_LEGACY),
+            reference_key_documents,
+            credential_count: storage
+                .count_documents(Some(keyholder_protocol::wire::Collection::Tokens))
+                .await?,
+            sealed: reload::read_sealed(&snapshot),
+            last_credential_use: storage
+                .last_credential_use()
+                .await?
+                .map(|ms| keyholder_protocol::document::format_iso8601(ms.div_euclid(1000))),
+            audit_entries: storage.audit_count().await?,
+            policies: super::policy::views(storage).await?,
+        })
     })
 }
 

@@ -9,9 +9,8 @@ use clap::Args;
 use serde::Serialize;
 use serde_json::Value;
 
-use super::data_folder::{open_existing, owner_change};
+use super::session::{block, Owner};
 use crate::config::DataArgs;
-use crate::vault::keyring;
 
 /// Flags of `keyholder store`.
 #[derive(Debug, Clone, Args)]
@@ -133,18 +132,23 @@ pub fn store(args: &StoreArgs, stdin: &mut dyn std::io::Read) -> anyhow::Result<
         Value::String(secret.as_str().to_owned()),
     );
     drop(secret);
-    let (mut conn, master) = open_existing(&args.data)?;
     let service = args.service.clone();
-    let result = owner_change(&mut conn, &master, "store", |tx| {
-        let (ring, _, _) = keyring::load(tx, &master)?;
-        let meta = crate::vault::credentials::store_on_disk(
-            tx,
+    let result = block(async {
+        let owner = Owner::open(&args.data).await?;
+        let ring = owner.ring().await?;
+        let existing = owner
+            .storage()
+            .document(keyholder_protocol::wire::Collection::Tokens, &service)
+            .await?;
+        let (change, meta) = crate::vault::credentials::store_on_disk(
             &ring,
             &service,
             &mut token_data,
+            existing.as_deref(),
             crate::clock::now_unix(),
         )?;
-        Ok((meta, service.clone()))
+        owner.commit("store", &service, change).await?;
+        Ok(meta)
     });
     token_data
         .values_mut()

@@ -28,7 +28,7 @@ use actix_web::middleware::from_fn;
 use actix_web::web::{self, Data};
 use actix_web::App;
 
-use crate::app::AppState;
+use crate::state::AppState;
 
 /// Registers every route of the [`endpoints::ENDPOINTS`] table; unknown paths and methods get JSON
 /// errors (a 405 names the methods allowed, as RFC 9110 requires; `OPTIONS` on the browser-facing

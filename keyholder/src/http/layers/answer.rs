@@ -17,10 +17,10 @@ use keyholder_protocol::response_sig::{response_signing_message, ResponseToSign}
 use tracing::Instrument;
 
 use super::context::{context, RequestContext};
-use crate::app::AppState;
 use crate::audit::{AuditEvent, PolicyNote, UpstreamOrigin};
 use crate::http::error::ApiError;
 use crate::http::extract::TicketContext;
+use crate::state::AppState;
 use crate::vault::replay::DurabilityBarrier;
 
 /// The layer function (registered with `actix_web::middleware::from_fn`).

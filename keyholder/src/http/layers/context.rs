@@ -16,10 +16,10 @@ use keyholder_protocol::paths::{HEADER_PLATFORM_REQUEST_ID, HEADER_REQUEST_ID};
 use keyholder_protocol::request_id::{is_valid_request_id, new_request_id};
 use tracing::Instrument;
 
-use crate::app::AppState;
 use crate::http::endpoints::{self, Endpoint};
 use crate::http::extract::TicketContext;
 use crate::http::network::ClientAddress;
+use crate::state::AppState;
 
 /// What every layer and extractor needs to know about the request, worked out once.
 #[derive(Debug)]

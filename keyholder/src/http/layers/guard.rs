@@ -8,8 +8,8 @@ use actix_web::middleware::Next;
 use actix_web::web::Data;
 
 use super::context;
-use crate::app::AppState;
 use crate::http::error::ApiError;
+use crate::state::AppState;
 
 /// The layer function (registered with `actix_web::middleware::from_fn`).
 pub async fn guard(
