@@ -9,6 +9,7 @@ use std::time::Duration;
 pub mod doctor;
 pub mod owner;
 pub mod policy;
+pub mod sign_config;
 
 use clap::Args;
 use rusqlite::Connection;

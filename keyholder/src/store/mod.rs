@@ -3,6 +3,7 @@
 
 pub mod backup;
 mod schema;
+pub mod sign_configs;
 
 pub use schema::migrate;
 

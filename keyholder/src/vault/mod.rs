@@ -21,6 +21,7 @@ pub mod replay;
 pub mod retention;
 pub mod rotation;
 pub mod sealed;
+pub mod signing;
 pub mod totp_links;
 
 use std::path::{Path, PathBuf};
@@ -165,6 +166,8 @@ pub struct Vault {
     cache: doc_cache::DocumentCache,
     /// Egress policies, so a proxied call skips the database.
     egress_cache: egress::EgressPolicyCache,
+    /// Signing configurations, assumed-role sessions and exchanged JWT tokens (issue 24).
+    signing: signing::SigningState,
     /// One OAuth refresh per service at a time.
     refresh_locks: minting::KeyedLocks,
     /// The owner's custody policies (reloaded with every owner change).
@@ -245,6 +248,7 @@ impl Vault {
             minter: minting::Minter::default(),
             cache: doc_cache::DocumentCache::default(),
             egress_cache: egress::EgressPolicyCache::default(),
+            signing: signing::SigningState::default(),
             refresh_locks: minting::KeyedLocks::default(),
             policy: crate::policy::PolicyEngine::default(),
         };
