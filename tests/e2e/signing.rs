@@ -1188,3 +1188,51 @@ async fn inject_only_refuses_every_signing_key_type_on_credential() {
         }
     }
 }
+
+// ---------------------------------------------------------------- the SDK
+
+#[tokio::test]
+async fn the_sdk_stores_an_aws_key_and_proxies_a_signed_call() {
+    use keyholder_client::{ProxyCall, TokenData};
+    let verifier = SigV4Verifier::start(verifier_config("s3", "us-east-1")).await;
+    let kh = Keyholder::start_with(|c| c.egress_allow_private = true).await;
+    let code = kh.issue_code(false);
+    let platform = kh.sdk_builder().bind(&code.code).await.unwrap();
+    let issuer = platform.ticket_issuer().subject("user_test");
+    let agent = kh.sdk_builder().agent().unwrap();
+    let stored = agent
+        .store(
+            issuer.store("s3").expose(),
+            "s3",
+            &TokenData::aws(TEMP_KEY_ID, TEMP_SECRET).session_token(TEMP_TOKEN),
+        )
+        .await
+        .unwrap();
+    assert_eq!(stored.meta["tokenType"], "aws");
+    assert!(stored.meta.get("secretAccessKey").is_none());
+    sign_config(
+        &kh,
+        &[
+            "set",
+            "s3",
+            "--aws-region",
+            "us-east-1",
+            "--aws-service",
+            "s3",
+        ],
+    )
+    .await
+    .unwrap();
+    kh.egress("allow", "s3", &[&verifier.origin()], false).await;
+    let answer = platform
+        .proxy(
+            issuer.proxy("s3").expose(),
+            "s3",
+            &ProxyCall::new(verifier.url("/?list-type=2")),
+        )
+        .await
+        .unwrap();
+    assert_eq!(answer.status, 200);
+    assert!(String::from_utf8_lossy(&answer.body).contains("hello.txt"));
+    assert_eq!(verifier.records().await[0]["ok"], true);
+}
