@@ -1000,14 +1000,25 @@ impl Vault {
         let redactor = Redactor::new(redact);
         let mut headers = plan.headers;
         for (name, template) in &plan.templates {
-            let mut value = Zeroizing::new(template.clone());
-            if value.contains(TOKEN_PLACEHOLDER) {
-                let token = token.as_ref().ok_or(VaultError::TokenNotFound)?;
-                value = Zeroizing::new(value.replace(TOKEN_PLACEHOLDER, token));
-            }
-            if let Some(jwt) = &jwt {
-                value = Zeroizing::new(value.replace(super::signing::jwt::JWT_PLACEHOLDER, jwt));
-            }
+            let value = match (&token, &jwt) {
+                // A bearer credential: one substitution, as always.
+                (Some(token), None) => Zeroizing::new(template.replace(TOKEN_PLACEHOLDER, token)),
+                (token, jwt) => {
+                    let mut value = match token {
+                        Some(token) => Zeroizing::new(template.replace(TOKEN_PLACEHOLDER, token)),
+                        None if template.contains(TOKEN_PLACEHOLDER) => {
+                            return Err(VaultError::TokenNotFound)
+                        }
+                        None => Zeroizing::new(template.clone()),
+                    };
+                    if let Some(jwt) = jwt {
+                        value = Zeroizing::new(
+                            value.replace(super::signing::jwt::JWT_PLACEHOLDER, jwt),
+                        );
+                    }
+                    value
+                }
+            };
             if has_cr_lf(&value) {
                 return Err(VaultError::Invalid(format!(
                     "header '{name}' would contain CR or LF after substitution"
