@@ -445,6 +445,92 @@ mod tests {
         );
     }
 
+    /// Cases of AWS's published SigV4 test suite (`aws-signing-test-suite/v4/<case>`: request.txt,
+    /// context.json and the Authorization of header-signed-request.txt; key `AKIDEXAMPLE`, region
+    /// us-east-1, service `service`, 2015-08-30T12:36:00Z), run through our request handling.
+    #[test]
+    fn aws_signing_test_suite_cases() {
+        let cases: [(&str, &str, &str, &[(&str, &str)], Option<&str>, &str, &str); 5] = [
+            (
+                "get-vanilla-query-order-key-case",
+                "GET",
+                "/?Param2=value2&Param1=value1",
+                &[],
+                None,
+                "host;x-amz-date",
+                "b97d918cfa904a5beff61c982a1b6f458b799221646efd99d3219ec94cdf2500",
+            ),
+            (
+                "post-vanilla-query",
+                "POST",
+                "/?Param1=value1",
+                &[],
+                None,
+                "host;x-amz-date",
+                "28038455d6de14eafc1f9222cf5aa6f1a96197d7deb8263271d420d138af7f11",
+            ),
+            (
+                "get-unreserved",
+                "GET",
+                "/-._~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz",
+                &[],
+                None,
+                "host;x-amz-date",
+                "07ef7494c76fa4850883e2b006601f940f8a34d404d0cfa977f52a65bbf5f24f",
+            ),
+            (
+                "post-header-key-sort",
+                "POST",
+                "/",
+                &[("my-header1", "value1")],
+                None,
+                "host;my-header1;x-amz-date",
+                "c5410059b04c1ee005303aed430f6e6645f61f4dc9e1461ec8f8916fdf18852c",
+            ),
+            (
+                "get-vanilla-with-session-token",
+                "GET",
+                "/",
+                &[],
+                Some("6e86291e8372ff2a2260956d9b8aae1d763fbf315fa00fa31553b73ebf194267"),
+                "host;x-amz-date;x-amz-security-token",
+                "07ec1639c89043aa0e3e2de82b96708f198cceab042d4a97044c66dd9f74e7f8",
+            ),
+        ];
+        let time = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_440_938_160);
+        for (name, method, target, headers, token, signed, signature) in cases {
+            let mut map = HeaderMap::new();
+            for (k, v) in headers {
+                map.insert(
+                    HeaderName::from_static(k),
+                    HeaderValue::from_str(v).unwrap(),
+                );
+            }
+            let mut request = OutboundRequest {
+                method: Method::from_bytes(method.as_bytes()).unwrap(),
+                url: Url::parse(&format!("https://example.amazonaws.com{target}")).unwrap(),
+                headers: map,
+                body: None,
+            };
+            let key = AwsKey {
+                access_key_id: "AKIDEXAMPLE".into(),
+                secret_access_key: Zeroizing::new(
+                    "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY".into(),
+                ),
+                session_token: token.map(|t| Zeroizing::new(t.to_string())),
+            };
+            sign_request(&mut request, &key, "service", "us-east-1", false, time).unwrap();
+            assert_eq!(
+                request.headers["authorization"].to_str().unwrap(),
+                format!(
+                    "AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20150830/us-east-1/service/aws4_request, \
+                     SignedHeaders={signed}, Signature={signature}"
+                ),
+                "{name}"
+            );
+        }
+    }
+
     /// The example of AWS's documentation ("Signature Version 4 signing process", the
     /// `GET /?Action=ListUsers&Version=2010-05-08` IAM request of 2015-08-30T12:36:00Z, key
     /// `AKIDEXAMPLE` / `wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY`), whose published signature is
