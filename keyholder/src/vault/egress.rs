@@ -904,28 +904,11 @@ impl Vault {
                 .and_then(catalogue::provider_for),
         };
         let aws_scope = match &signing {
-            Some(s) if s.aws.is_some() => {
-                let config = s.config.aws.as_ref();
-                // The owner's region scopes the AWS origins: another region's host is refused.
-                if let (Some(region), Some((_, host_region))) = (
-                    config.and_then(|c| c.region.as_deref()),
-                    plan.url
-                        .host_str()
-                        .and_then(super::signing::aws::scope_from_host),
-                ) {
-                    if host_region != region {
-                        let reason = format!(
-                            "{origin} is in AWS region {host_region}, outside the region {region} \
-                             the owner set for service '{service}' (keyholder sign-config)"
-                        );
-                        return Err(self
-                            .refuse_egress(service, &origin, reason, request_id)
-                            .await);
-                    }
-                }
-                Some(super::signing::aws::scope_for(&plan.url, config)?)
+            Some(signing) => {
+                self.aws_scope(service, signing, &plan.url, &origin, request_id)
+                    .await?
             }
-            _ => None,
+            None => None,
         };
         let keys = self.keys();
         let pin = match policy.mode {
@@ -1061,45 +1044,19 @@ impl Vault {
             headers,
             body: plan.body,
         };
-        let mut aws_key_id = None;
         let signed = match &signing {
             None => None,
-            Some(signing) => {
-                if let (Some(key), Some((aws_service, region))) = (&signing.aws, &aws_scope) {
-                    let config = signing.config.aws.as_ref();
-                    let assumed = match config.filter(|c| c.role_arn.is_some()) {
-                        Some(config) => {
-                            let sts = super::signing::aws::sts_endpoint(config)?;
-                            self.check_token_endpoint(
-                                upstream,
-                                service,
-                                &sts,
-                                Some(&catalogue::AWS),
-                                request_id,
-                            )
-                            .await?;
-                            Some(
-                                self.signing
-                                    .sessions
-                                    .assume_role(upstream, service, key, config, sts)
-                                    .await?,
-                            )
-                        }
-                        None => None,
-                    };
-                    let used = assumed.as_ref().unwrap_or(key);
-                    aws_key_id = Some(used.access_key_id.clone());
-                    super::signing::aws::sign_request(
-                        &mut outbound,
-                        used,
-                        aws_service,
-                        region,
-                        config.is_some_and(|c| c.unsigned_payload),
-                        std::time::SystemTime::now(),
-                    )?;
-                }
-                Some(signing.note(aws_key_id.as_deref(), aws_scope.as_ref()))
-            }
+            Some(signing) => Some(
+                self.sign_outbound(
+                    upstream,
+                    service,
+                    signing,
+                    aws_scope.as_ref(),
+                    &mut outbound,
+                    request_id,
+                )
+                .await?,
+            ),
         };
         let tls = signing.as_ref().and_then(|s| s.tls.as_ref());
         let result = match tls {

@@ -450,7 +450,17 @@ mod tests {
     /// us-east-1, service `service`, 2015-08-30T12:36:00Z), run through our request handling.
     #[test]
     fn aws_signing_test_suite_cases() {
-        let cases: [(&str, &str, &str, &[(&str, &str)], Option<&str>, &str, &str); 5] = [
+        // (case, method, target, headers, session token, signed headers, signature)
+        type Case<'a> = (
+            &'a str,
+            &'a str,
+            &'a str,
+            &'a [(&'a str, &'a str)],
+            Option<&'a str>,
+            &'a str,
+            &'a str,
+        );
+        let cases: [Case; 5] = [
             (
                 "get-vanilla-query-order-key-case",
                 "GET",

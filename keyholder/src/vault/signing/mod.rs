@@ -20,11 +20,15 @@ use keyholder_protocol::document::OpenedToken;
 use serde_json::{Map, Value};
 use zeroize::Zeroizing;
 
+use url::Url;
+
 use self::aws::AwsKey;
 use self::config::{JwtTemplate, SignConfig};
+use super::catalogue;
 use super::credentials::OpenedCredential;
 use super::{Vault, VaultError};
 use crate::upstream::mtls::{check_identity, ClientIdentity};
+use crate::upstream::{OutboundRequest, Upstream};
 
 /// The signing state of a running server: the owner's configurations read so far (cleared with
 /// every owner change), assumed-role sessions and exchanged JWT access tokens.
@@ -249,5 +253,86 @@ impl Vault {
             config,
             certificate,
         }))
+    }
+
+    /// The SigV4 scope `(service, region)` of an AWS-signed call to `url` (None for other keys).
+    /// The owner's region scopes the AWS origins: a host of another region is refused (and
+    /// recorded like any egress refusal) before anything is sent.
+    pub(crate) async fn aws_scope(
+        &self,
+        service: &str,
+        signing: &Signing,
+        url: &Url,
+        origin: &str,
+        request_id: &str,
+    ) -> Result<Option<(String, String)>, VaultError> {
+        if signing.aws.is_none() {
+            return Ok(None);
+        }
+        let config = signing.config.aws.as_ref();
+        if let (Some(region), Some((_, host_region))) = (
+            config.and_then(|c| c.region.as_deref()),
+            url.host_str().and_then(aws::scope_from_host),
+        ) {
+            if host_region != region {
+                let reason = format!(
+                    "{origin} is in AWS region {host_region}, outside the region {region} the \
+                     owner set for service '{service}' (keyholder sign-config)"
+                );
+                return Err(self
+                    .refuse_egress(service, origin, reason, request_id)
+                    .await);
+            }
+        }
+        aws::scope_for(url, config).map(Some)
+    }
+
+    /// Signs the outbound request as `signing` says (SigV4, with assumed-role session
+    /// credentials when the owner named a role; the TLS identity and JWT act elsewhere), right
+    /// before it is sent; returns the audit note.
+    pub(crate) async fn sign_outbound(
+        &self,
+        upstream: &Upstream,
+        service: &str,
+        signing: &Signing,
+        aws_scope: Option<&(String, String)>,
+        outbound: &mut OutboundRequest,
+        request_id: &str,
+    ) -> Result<String, VaultError> {
+        let mut key_id = None;
+        if let (Some(key), Some((aws_service, region))) = (&signing.aws, aws_scope) {
+            let config = signing.config.aws.as_ref();
+            let assumed = match config.filter(|c| c.role_arn.is_some()) {
+                Some(config) => {
+                    let sts = aws::sts_endpoint(config)?;
+                    self.check_token_endpoint(
+                        upstream,
+                        service,
+                        &sts,
+                        Some(&catalogue::AWS),
+                        request_id,
+                    )
+                    .await?;
+                    Some(
+                        self.signing
+                            .sessions
+                            .assume_role(upstream, service, key, config, sts)
+                            .await?,
+                    )
+                }
+                None => None,
+            };
+            let used = assumed.as_ref().unwrap_or(key);
+            key_id = Some(used.access_key_id.clone());
+            aws::sign_request(
+                outbound,
+                used,
+                aws_service,
+                region,
+                config.is_some_and(|c| c.unsigned_payload),
+                std::time::SystemTime::now(),
+            )?;
+        }
+        Ok(signing.note(key_id.as_deref(), aws_scope))
     }
 }
