@@ -4,7 +4,8 @@
 //!
 //! The hot path reads one in-memory snapshot (rebuilt when the owner generation moves) and two
 //! small maps (token buckets and usage counts); only a use under a usage cap writes, in the
-//! store's group commit, and is durable before anything is decrypted. A refused request reserves
+//! store's group commit, and is durable before the credential leaves (the answer, or the upstream
+//! call of `/v1/proxy`). A refused request reserves
 //! nothing; a use that then fails gives its count back.
 
 pub mod approvals;
@@ -120,7 +121,7 @@ pub enum Refusal {
 }
 
 /// A use admitted by every policy that applies; counts under usage caps are reserved in memory
-/// until [`PolicyEngine::record_uses`] makes them durable (or [`PolicyEngine::release`] gives them back).
+/// until [`PolicyEngine::queue_uses`] and [`PolicyEngine::confirm_uses`] make them durable (or [`PolicyEngine::release`] gives them back).
 #[derive(Debug, Default)]
 pub struct Admission {
     /// Names of the policies that applied (empty: no policy).
@@ -128,6 +129,8 @@ pub struct Admission {
     /// The owner must approve this use first: the policies asking, and the seconds to wait.
     pub approval: Option<(String, u64)>,
     uses: Vec<UsageKey>,
+    /// The commit the counts were queued for (see [`PolicyEngine::queue_uses`]).
+    pending: Option<oneshot::Receiver<Result<(), String>>>,
     durable: bool,
 }
 
@@ -167,13 +170,13 @@ struct Snapshot {
 pub struct PolicyEngine {
     snapshot: RwLock<Arc<Snapshot>>,
     buckets: Mutex<HashMap<(String, String), Bucket>>,
-    usage: Mutex<HashMap<UsageKey, UsageCount>>,
+    usage: Arc<Mutex<HashMap<UsageKey, UsageCount>>>,
     /// Uses held for the owner's approval.
     pub approvals: approvals::Approvals,
     batch: Arc<Mutex<UsageBatch>>,
 }
 
-/// Usage increments waiting for the writer (see [`PolicyEngine::record_uses`]).
+/// Usage increments waiting for the writer (see [`PolicyEngine::queue_uses`]).
 #[derive(Default)]
 struct UsageBatch {
     increments: HashMap<UsageKey, u64>,
@@ -331,6 +334,7 @@ impl PolicyEngine {
             policies,
             approval,
             uses,
+            pending: None,
             durable: false,
         })
     }
@@ -426,16 +430,15 @@ impl PolicyEngine {
         Ok(keys)
     }
 
-    /// Makes the reserved counts durable before anything is decrypted, so a crash never forgets a
-    /// use that happened. Concurrent uses share one job in the store's group commit: the first
-    /// queues it, the others add their increments to it until the writer takes it (one upsert per
-    /// counter per commit, not per use), and each resolves once that commit is on disk.
-    pub async fn record_uses(
-        &self,
-        store: &Store,
-        admission: &mut Admission,
-    ) -> Result<(), VaultError> {
-        if admission.uses.is_empty() {
+    /// Hands the reserved counts to the writer without waiting: they join the group commit that
+    /// the request's replay marks go to (one upsert per counter per commit, not per use), so the
+    /// request goes on (decrypts, shapes its answer) while the commit happens.
+    /// [`PolicyEngine::confirm_uses`] then waits for that commit before the credential leaves the
+    /// keyholder (the answer, or the upstream call on `/v1/proxy`): a crash never forgets a use
+    /// that happened. Concurrent uses share one job: the first queues it, the others add their
+    /// increments to it until the writer takes it, and each resolves once that commit is on disk.
+    pub fn queue_uses(&self, store: &Store, admission: &mut Admission) -> Result<(), VaultError> {
+        if admission.uses.is_empty() || admission.pending.is_some() || admission.durable {
             return Ok(());
         }
         let (tx, rx) = oneshot::channel();
@@ -452,20 +455,18 @@ impl PolicyEngine {
         if let Some(taken_before) = queue {
             self.queue_batch(store, taken_before);
         }
-        let written = match rx.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(text)) => Err(VaultError::Store(StoreError::Corrupt(text))),
-            Err(_) => Err(VaultError::Store(StoreError::WriterGone)),
+        admission.pending = Some(rx);
+        Ok(())
+    }
+
+    /// Waits until the counts queued by [`PolicyEngine::queue_uses`] are committed (at once if
+    /// they are, or if nothing was counted). On failure the use is not counted (its reservation
+    /// is given back) and the error is returned: the credential must not leave.
+    pub async fn confirm_uses(&self, admission: &mut Admission) -> Result<(), VaultError> {
+        let Some(rx) = admission.pending.take() else {
+            return Ok(());
         };
-        if let Ok(mut usage) = self.usage.lock() {
-            for key in &admission.uses {
-                let count = usage.entry(key.clone()).or_default();
-                count.reserved = count.reserved.saturating_sub(1);
-                if written.is_ok() {
-                    count.committed += 1;
-                }
-            }
-        }
+        let written = settle_uses(rx, &self.usage, &admission.uses).await;
         match written {
             Ok(()) => {
                 admission.durable = true;
@@ -476,6 +477,38 @@ impl PolicyEngine {
                 Err(err)
             }
         }
+    }
+
+    /// [`PolicyEngine::confirm_uses`] for a use that succeeded, inside a request without waiting
+    /// here: the request's durability barrier waits for the commit, with its replay marks, before
+    /// any answer leaves (a count that could not be written turns the answer into the error).
+    /// Outside a request it waits here.
+    pub async fn confirm_uses_before_answer(
+        &self,
+        admission: &mut Admission,
+    ) -> Result<(), VaultError> {
+        let Some(rx) = admission.pending.take() else {
+            return Ok(());
+        };
+        let uses = std::mem::take(&mut admission.uses);
+        let usage = Arc::clone(&self.usage);
+        let work: crate::vault::replay::DurableWork =
+            Box::pin(async move { settle_uses(rx, &usage, &uses).await });
+        match crate::vault::replay::defer_until_answer(work) {
+            None => Ok(()),
+            Some(work) => work.await,
+        }
+    }
+
+    /// Makes the reserved counts durable now ([`PolicyEngine::queue_uses`], then
+    /// [`PolicyEngine::confirm_uses`]).
+    pub async fn record_uses(
+        &self,
+        store: &Store,
+        admission: &mut Admission,
+    ) -> Result<(), VaultError> {
+        self.queue_uses(store, admission)?;
+        self.confirm_uses(admission).await
     }
 
     fn queue_batch(&self, store: &Store, taken_before: u64) {
@@ -496,11 +529,15 @@ impl PolicyEngine {
             conn.execute_batch("SAVEPOINT policy_usage")?;
             let mut written = Ok(());
             for (key, n) in &increments {
-                if let Err(err) = conn.execute(
-                    "INSERT INTO policy_usage (policy, target, period, count) VALUES (?1, ?2, ?3, ?4)
+                let upsert = conn
+                    .prepare_cached(
+                        "INSERT INTO policy_usage (policy, target, period, count) VALUES (?1, ?2, ?3, ?4)
                      ON CONFLICT(policy, target, period) DO UPDATE SET count = count + ?4",
-                    params![key.policy, key.target, key.period, *n as i64],
-                ) {
+                    )
+                    .and_then(|mut stmt| {
+                        stmt.execute(params![key.policy, key.target, key.period, *n as i64])
+                    });
+                if let Err(err) = upsert {
                     written = Err(err.to_string());
                     break;
                 }
@@ -542,8 +579,13 @@ impl PolicyEngine {
     }
 
     /// Gives back the counts of a use that did not happen after all (it failed after admission).
-    pub async fn release(&self, store: &Store, admission: Admission) {
+    pub async fn release(&self, store: &Store, mut admission: Admission) {
         if admission.uses.is_empty() {
+            return;
+        }
+        // Queued for a commit: once it resolves the count is durable (then taken back below) or
+        // was never written (then `confirm_uses` gave the reservation back).
+        if admission.pending.is_some() && self.confirm_uses(&mut admission).await.is_err() {
             return;
         }
         if !admission.durable {
@@ -600,6 +642,30 @@ impl PolicyEngine {
             .map(|entries| entries.iter().map(|e| e.name.clone()).collect())
             .unwrap_or_default()
     }
+}
+
+/// Waits for the commit of queued counts and accounts for it: the reservation becomes a committed
+/// count, or is given back when the commit failed.
+async fn settle_uses(
+    rx: oneshot::Receiver<Result<(), String>>,
+    usage: &Mutex<HashMap<UsageKey, UsageCount>>,
+    uses: &[UsageKey],
+) -> Result<(), VaultError> {
+    let written = match rx.await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(text)) => Err(VaultError::Store(StoreError::Corrupt(text))),
+        Err(_) => Err(VaultError::Store(StoreError::WriterGone)),
+    };
+    if let Ok(mut usage) = usage.lock() {
+        for key in uses {
+            let count = usage.entry(key.clone()).or_default();
+            count.reserved = count.reserved.saturating_sub(1);
+            if written.is_ok() {
+                count.committed += 1;
+            }
+        }
+    }
+    written
 }
 
 fn compiled_rate_text(compiled: &[(&str, &Compiled, &str)], name: &str) -> String {
