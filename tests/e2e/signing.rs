@@ -173,6 +173,46 @@ async fn aws_s3_list_and_put_are_signed_as_botocore_verifies() {
 }
 
 #[tokio::test]
+async fn aws_unsigned_payload_only_for_s3_and_only_when_the_owner_chose_it() {
+    let verifier = SigV4Verifier::start(verifier_config("s3", "us-east-1")).await;
+    let kh = aws_keyholder(&verifier, "s3", "us-east-1").await;
+    sign_config(&kh, &["set", "aws", "--aws-unsigned-payload"])
+        .await
+        .unwrap();
+    let put = kh
+        .proxy(
+            "aws",
+            json!({"url": verifier.url("/demo/big.bin"), "method": "PUT", "body": "AAECAw=="}),
+            json!({}),
+        )
+        .await;
+    assert_eq!(put.status, 200, "{}", String::from_utf8_lossy(&put.body));
+    let record = verifier.records().await.remove(0);
+    assert_eq!(record["ok"], true, "{record}");
+    assert_eq!(record["headers"]["x-amz-content-sha256"], "UNSIGNED-PAYLOAD");
+    // The CLI refuses it for another signing service.
+    assert!(sign_config(
+        &kh,
+        &["set", "other", "--aws-service", "execute-api", "--aws-unsigned-payload"]
+    )
+    .await
+    .is_err());
+}
+
+#[tokio::test]
+async fn a_lone_session_token_field_is_sealed_but_not_an_aws_key() {
+    let kh = keyholder().await;
+    let stored = kh
+        .store(
+            "app",
+            json!({"accessToken": "gho_app_session_1", "sessionToken": "opaque-session-value"}),
+        )
+        .await;
+    assert_eq!(stored.status, 200);
+    assert!(!String::from_utf8_lossy(&stored.body).contains("opaque-session-value"));
+}
+
+#[tokio::test]
 async fn aws_secret_is_sealed_never_listed_or_echoed() {
     let kh = keyholder().await;
     let stored = kh

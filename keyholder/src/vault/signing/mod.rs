@@ -123,9 +123,9 @@ fn text<'a>(data: &'a Map<String, Value>, name: &str) -> Option<&'a str> {
 /// (`tokenType: "aws"` or a `secretAccessKey`) needs a well-formed key; a certificate with a
 /// private key must parse as a TLS client identity.
 pub fn validate_material(token_data: &Map<String, Value>) -> Result<(), VaultError> {
+    // A lone `sessionToken` (another kind of credential may use the name) is sealed, not checked.
     let aws = text(token_data, "tokenType").is_some_and(|t| t.eq_ignore_ascii_case("aws"))
-        || token_data.contains_key("secretAccessKey")
-        || token_data.contains_key("sessionToken");
+        || token_data.contains_key("secretAccessKey");
     if aws {
         let field = |name: &str| -> Result<Option<&str>, VaultError> {
             match token_data.get(name) {
