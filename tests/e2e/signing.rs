@@ -189,11 +189,20 @@ async fn aws_unsigned_payload_only_for_s3_and_only_when_the_owner_chose_it() {
     assert_eq!(put.status, 200, "{}", String::from_utf8_lossy(&put.body));
     let record = verifier.records().await.remove(0);
     assert_eq!(record["ok"], true, "{record}");
-    assert_eq!(record["headers"]["x-amz-content-sha256"], "UNSIGNED-PAYLOAD");
+    assert_eq!(
+        record["headers"]["x-amz-content-sha256"],
+        "UNSIGNED-PAYLOAD"
+    );
     // The CLI refuses it for another signing service.
     assert!(sign_config(
         &kh,
-        &["set", "other", "--aws-service", "execute-api", "--aws-unsigned-payload"]
+        &[
+            "set",
+            "other",
+            "--aws-service",
+            "execute-api",
+            "--aws-unsigned-payload"
+        ]
     )
     .await
     .is_err());

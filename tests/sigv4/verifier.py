@@ -103,10 +103,9 @@ def verify(method, path, headers, body, service, region, allowed_keys):
     )
     canonical = signer.canonical_request(request)
     expected = signer.signature(signer.string_to_sign(request, canonical), request)
-    if signer.signed_headers(signer.headers_to_sign(request)) != ";".join(
-        auth["signed_headers"]
-    ):
-        return False, "SignedHeaders differ"
+    computed = signer.signed_headers(signer.headers_to_sign(request))
+    if computed != ";".join(auth["signed_headers"]):
+        return False, f"SignedHeaders differ: {computed} != {';'.join(auth['signed_headers'])}"
     if not hmac.compare_digest(expected, auth["signature"]):
         return False, "SignatureDoesNotMatch"
     return True, key["accessKeyId"]

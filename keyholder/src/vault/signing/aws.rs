@@ -176,6 +176,14 @@ pub fn sign_request(
     )
     .into();
     let mut settings = SigningSettings::default();
+    // W3C trace context is ours (OpenTelemetry) and may be rewritten on the way, as the AWS SDKs
+    // (botocore's SIGNED_HEADERS_BLACKLIST) assume: not signed.
+    if let Some(excluded) = settings.excluded_headers.as_mut() {
+        excluded.extend([
+            std::borrow::Cow::Borrowed("traceparent"),
+            std::borrow::Cow::Borrowed("tracestate"),
+        ]);
+    }
     if service == "s3" {
         // S3 signs the path as sent (no second encoding, no normalization) and wants the payload
         // hash in x-amz-content-sha256.
@@ -551,6 +559,11 @@ mod tests {
         headers.insert(
             CONTENT_TYPE,
             HeaderValue::from_static("application/x-www-form-urlencoded; charset=utf-8"),
+        );
+        // Trace context (added by OpenTelemetry) is not signed: the published signature holds.
+        headers.insert(
+            "traceparent",
+            HeaderValue::from_static("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
         );
         let mut request = OutboundRequest {
             method: Method::GET,
