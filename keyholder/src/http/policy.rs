@@ -18,12 +18,6 @@ use crate::policy::{Admission, Endpoint, Refusal, UseRequest};
 /// cap is counted in the request's group commit: durably before this returns for `/v1/proxy`
 /// (before the upstream call), in [`settle`] for the others (before the answer); [`settle`] also
 /// gives the count back if the use fails.
-#[tracing::instrument(
-    name = "policy",
-    target = "keyholder::trace",
-    level = "debug",
-    skip_all
-)]
 pub async fn enforce(
     req: &HttpRequest,
     state: &AppState,
@@ -31,10 +25,26 @@ pub async fn enforce(
     service: &str,
     claims: Option<&TicketClaims>,
 ) -> Result<Admission, ApiError> {
-    // No policy anywhere: nothing to look at (not even the client address).
+    // No policy anywhere: nothing to look at (not even the client address), and no span.
     if !state.vault.policy.is_active() {
         return Ok(Admission::default());
     }
+    enforce_policies(req, state, endpoint, service, claims).await
+}
+
+#[tracing::instrument(
+    name = "policy",
+    target = "keyholder::trace",
+    level = "debug",
+    skip_all
+)]
+async fn enforce_policies(
+    req: &HttpRequest,
+    state: &AppState,
+    endpoint: Endpoint,
+    service: &str,
+    claims: Option<&TicketClaims>,
+) -> Result<Admission, ApiError> {
     let client = state.network.client_ip(req)?;
     let country = match (&state.geoip, client) {
         (Some(db), Some(ip)) if state.vault.policy.needs_geo() => db
