@@ -776,7 +776,8 @@ async fn jwt_in_a_header_template_is_fresh_and_verifies_with_the_public_key() {
             .and_then(|a| a.strip_prefix("Bearer "))
             .unwrap_or("");
         match verify_key.verify_jwt(jwt) {
-            Some(_) => Reply::json(200, json!({"ok": true})),
+            // Echoes the assertion, as a careless upstream might: it must come back redacted.
+            Some(_) => Reply::json(200, json!({"ok": true, "echo": jwt})),
             None => Reply::json(401, json!({"error": "bad jwt"})),
         }
     })
@@ -820,6 +821,7 @@ async fn jwt_in_a_header_template_is_fresh_and_verifies_with_the_public_key() {
             "{}",
             String::from_utf8_lossy(&answer.body)
         );
+        assert_eq!(answer.json()["echo"], "[REDACTED]");
     }
     let requests = upstream.requests();
     let jwts: Vec<&str> = requests
