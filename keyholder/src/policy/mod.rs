@@ -500,17 +500,6 @@ impl PolicyEngine {
         }
     }
 
-    /// Makes the reserved counts durable now ([`PolicyEngine::queue_uses`], then
-    /// [`PolicyEngine::confirm_uses`]).
-    pub async fn record_uses(
-        &self,
-        store: &Store,
-        admission: &mut Admission,
-    ) -> Result<(), VaultError> {
-        self.queue_uses(store, admission)?;
-        self.confirm_uses(admission).await
-    }
-
     fn queue_batch(&self, store: &Store, taken_before: u64) {
         let batch = Arc::clone(&self.batch);
         let job = store.submit(move |conn| {
