@@ -11,11 +11,14 @@ pub mod config;
 pub mod http;
 pub mod metrics;
 pub mod policy;
+pub mod state;
+pub mod storage;
 pub mod store;
 pub mod telemetry;
 pub mod tls;
 pub mod upstream;
 pub mod vault;
 
-pub use app::{start, AppState, RunningServer};
+pub use app::{start, RunningServer};
 pub use config::Config;
+pub use state::AppState;

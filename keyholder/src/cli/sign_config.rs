@@ -8,11 +8,10 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand, ValueEnum};
 use serde_json::json;
 
-use super::owner::{open_existing, owner_change};
+use super::session::{block, Owner};
 use crate::config::DataArgs;
-use crate::store::sign_configs;
+use crate::storage::{ChangeSet, Storage, Write};
 use crate::vault::collections::validate_key;
-use crate::vault::reload::bump_generation;
 use crate::vault::signing::config::{
     JwtAlg, JwtTemplate, SignConfig, DEFAULT_JWT_LIFETIME, MAX_CA_PEM,
 };
@@ -135,8 +134,8 @@ pub enum SignConfigAction {
     },
 }
 
-fn load(conn: &rusqlite::Connection, service: &str) -> anyhow::Result<Option<SignConfig>> {
-    Ok(match sign_configs::load(conn, service)? {
+async fn load(storage: &dyn Storage, service: &str) -> anyhow::Result<Option<SignConfig>> {
+    Ok(match storage.sign_config(service).await? {
         Some(text) => Some(SignConfig::from_stored(&text)?),
         None => None,
     })
@@ -309,6 +308,14 @@ fn as_json(service: &str, config: &SignConfig) -> serde_json::Value {
     value
 }
 
+fn put(service: &str, config: &SignConfig) -> anyhow::Result<ChangeSet> {
+    Ok(ChangeSet::owner().write(Write::PutSignConfig(
+        service.to_string(),
+        config.to_stored()?,
+        crate::clock::now_unix(),
+    )))
+}
+
 /// Runs a `sign-config` subcommand; returns what to print.
 pub fn run(args: &SignConfigArgs) -> anyhow::Result<String> {
     match &args.action {
@@ -316,24 +323,30 @@ pub fn run(args: &SignConfigArgs) -> anyhow::Result<String> {
             data,
             service,
             flags,
-        } => {
+        } => block(async {
             validate_key(service)?;
-            let (mut conn, master) = open_existing(data)?;
-            owner_change(&mut conn, &master, "sign-config-set", |tx| {
-                let config = apply(load(tx, service)?.unwrap_or_default(), flags)?;
-                sign_configs::save(tx, service, &config.to_stored()?, crate::clock::now_unix())?;
-                bump_generation(tx)?;
-                Ok((describe(service, &config), format!("sign-config {service}")))
-            })
-        }
+            let owner = Owner::open(data).await?;
+            let config = apply(
+                load(owner.storage(), service).await?.unwrap_or_default(),
+                flags,
+            )?;
+            owner
+                .commit(
+                    "sign-config-set",
+                    &format!("sign-config {service}"),
+                    put(service, &config)?,
+                )
+                .await?;
+            Ok(describe(service, &config))
+        }),
         SignConfigAction::Show {
             data,
             service,
             json,
-        } => {
+        } => block(async {
             validate_key(service)?;
-            let (conn, _master) = open_existing(data)?;
-            let Some(config) = load(&conn, service)? else {
+            let owner = Owner::open(data).await?;
+            let Some(config) = load(owner.storage(), service).await? else {
                 anyhow::bail!("no signing configuration for service '{service}'");
             };
             Ok(if *json {
@@ -341,11 +354,11 @@ pub fn run(args: &SignConfigArgs) -> anyhow::Result<String> {
             } else {
                 describe(service, &config)
             })
-        }
-        SignConfigAction::List { data, json } => {
-            let (conn, _master) = open_existing(data)?;
+        }),
+        SignConfigAction::List { data, json } => block(async {
+            let owner = Owner::open(data).await?;
             let mut all = Vec::new();
-            for (service, text) in sign_configs::list(&conn)? {
+            for (service, text) in owner.storage().sign_configs().await? {
                 all.push((service, SignConfig::from_stored(&text)?));
             }
             Ok(if *json {
@@ -359,48 +372,50 @@ pub fn run(args: &SignConfigArgs) -> anyhow::Result<String> {
                     .collect::<Vec<_>>()
                     .join("\n\n")
             })
-        }
+        }),
         SignConfigAction::Remove {
             data,
             service,
             part,
-        } => {
+        } => block(async {
             validate_key(service)?;
-            let (mut conn, master) = open_existing(data)?;
-            owner_change(&mut conn, &master, "sign-config-remove", |tx| {
-                let Some(mut config) = load(tx, service)? else {
-                    anyhow::bail!("no signing configuration for service '{service}'");
-                };
-                let line = match part {
-                    None => {
-                        sign_configs::remove(tx, service)?;
-                        format!("removed the signing configuration of '{service}'")
+            let owner = Owner::open(data).await?;
+            let Some(mut config) = load(owner.storage(), service).await? else {
+                anyhow::bail!("no signing configuration for service '{service}'");
+            };
+            let (change, line) = match part {
+                None => (
+                    ChangeSet::owner().write(Write::DeleteSignConfig(service.clone())),
+                    format!("removed the signing configuration of '{service}'"),
+                ),
+                Some(part) => {
+                    match part {
+                        Part::Aws => config.aws = None,
+                        Part::Jwt => config.jwt = None,
+                        Part::Tls => config.tls_ca_pem = None,
                     }
-                    Some(part) => {
-                        match part {
-                            Part::Aws => config.aws = None,
-                            Part::Jwt => config.jwt = None,
-                            Part::Tls => config.tls_ca_pem = None,
-                        }
-                        if config.is_empty() {
-                            sign_configs::remove(tx, service)?;
-                        } else {
-                            sign_configs::save(
-                                tx,
-                                service,
-                                &config.to_stored()?,
-                                crate::clock::now_unix(),
-                            )?;
-                        }
+                    let change = if config.is_empty() {
+                        ChangeSet::owner().write(Write::DeleteSignConfig(service.clone()))
+                    } else {
+                        put(service, &config)?
+                    };
+                    (
+                        change,
                         format!(
                             "removed the {} part of the signing configuration of '{service}'",
                             format!("{part:?}").to_ascii_lowercase()
-                        )
-                    }
-                };
-                bump_generation(tx)?;
-                Ok((line, format!("sign-config {service}")))
-            })
-        }
+                        ),
+                    )
+                }
+            };
+            owner
+                .commit(
+                    "sign-config-remove",
+                    &format!("sign-config {service}"),
+                    change,
+                )
+                .await?;
+            Ok(line)
+        }),
     }
 }

@@ -23,8 +23,8 @@ use tracing::Instrument;
 
 use super::error::ApiError;
 use super::extract::TicketContext;
-use crate::app::AppState;
 use crate::audit::{AuditEvent, PolicyNote, SigningNote, UpstreamOrigin};
+use crate::state::AppState;
 use crate::vault::replay::DurabilityBarrier;
 
 /// The request id of the current request, in request extensions.

@@ -9,10 +9,10 @@ use keyholder_protocol::TicketClaims;
 use sha2::{Digest as _, Sha256};
 
 use super::error::ApiError;
-use crate::app::AppState;
 use crate::audit::PolicyNote;
 use crate::policy::approvals::{self, Decision, PendingApproval};
 use crate::policy::{Admission, Endpoint, Refusal, UseRequest};
+use crate::state::AppState;
 
 /// Admits one use or refuses it (`403 policy_denied`, `429 rate_limited`). A use under a usage
 /// cap is counted in the request's group commit: durably before this returns for `/v1/proxy`
@@ -109,7 +109,7 @@ async fn enforce_policies(
                     .vault
                     .policy
                     .approvals
-                    .hold(state.vault.store(), pending, link_hash)
+                    .hold(state.vault.storage().as_ref(), pending, link_hash)
                     .await
                 {
                     Ok(decision) => decision,
@@ -117,7 +117,7 @@ async fn enforce_policies(
                         state
                             .vault
                             .policy
-                            .release(state.vault.store(), admission)
+                            .release(state.vault.storage().as_ref(), admission)
                             .await;
                         return Err(err.into());
                     }
@@ -133,7 +133,7 @@ async fn enforce_policies(
                     state
                         .vault
                         .policy
-                        .release(state.vault.store(), admission)
+                        .release(state.vault.storage().as_ref(), admission)
                         .await;
                     state.metrics.policy_decision("approval", "refused");
                     state.notifier.refusal(service, "approval", &asking);
@@ -151,7 +151,7 @@ async fn enforce_policies(
             state
                 .vault
                 .policy
-                .queue_uses(state.vault.store(), &mut admission)?;
+                .queue_uses(state.vault.storage().as_ref(), &mut admission)?;
             if endpoint == Endpoint::Proxy {
                 state.vault.policy.confirm_uses(&mut admission).await?;
             }
@@ -200,7 +200,7 @@ pub async fn settle<T>(
         state
             .vault
             .policy
-            .release(state.vault.store(), admission)
+            .release(state.vault.storage().as_ref(), admission)
             .await;
         return result;
     }

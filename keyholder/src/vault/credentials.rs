@@ -1,20 +1,22 @@
-//! Credentials: encrypt and store what the owner's browser sends, decrypt for ticket holders,
-//! and derive TOTP codes, all with the key ring in memory.
+//! Credentials: encrypt and store what the owner's browser sends, decrypt for ticket holders
+//! (the `/v1/credential` body starts here: documents cache, key ring, protocol), and derive TOTP
+//! codes, all with the key ring in memory.
 
 use keyholder_protocol::document::{
-    is_sensitive, open_document, seal_token_data, DocumentError, OpenedToken,
+    format_iso8601, is_sensitive, open_document, seal_token_data, DocumentError, OpenedToken,
 };
 use keyholder_protocol::otpauth::{expand_totp_uri, parse_otpauth, TotpAlgorithm, TOTP_URI_FIELD};
 use keyholder_protocol::wire::{Collection, TotpCodeResponse};
 use keyholder_protocol::{DataKey, TicketClaims};
-use rusqlite::{params, OptionalExtension};
 use serde_json::{json, Map, Value};
 use zeroize::{Zeroize, Zeroizing};
 
 use super::collections::validate_key;
 use super::keyring::KeyRing;
 use super::sealed::{self, SealedInputs};
-use super::{from_store, into_store, Vault, VaultError};
+use super::{Vault, VaultError};
+use crate::storage::{ChangeSet, Check, CredentialDocument, CredentialWrite, Write};
+use crate::upstream::Upstream;
 
 /// How `/v1/store` treats an existing credential.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -158,44 +160,75 @@ impl Vault {
             .and_then(Value::as_object)
             .cloned()
             .unwrap_or_default();
-        let text = sealed.to_string();
-        let service_name = service.to_string();
-        let service = service.to_string();
-        let now = crate::clock::now_unix();
-        let written = self.store()
-            .write(move |conn| {
-                // Written under the version that is current on disk, never under one the owner has
-                // since rotated away from (and perhaps retired).
-                let current = crate::store::get_setting(conn, "data_version")?;
-                if current.as_deref() != Some(version.to_string().as_str()) {
-                    return Err(into_store(VaultError::KeyRingChanged));
-                }
-                if mode == StoreMode::Create {
-                    let exists: Option<i64> = conn
-                        .query_row(
-                            "SELECT 1 FROM documents WHERE collection = 'tokens' AND key = ?1",
-                            [&service],
-                            |r| r.get(0),
-                        )
-                        .optional()?;
-                    if exists.is_some() {
-                        return Err(into_store(VaultError::AlreadyExists));
-                    }
-                }
-                conn.execute(
-                    "INSERT INTO documents(collection, key, doc, updated_at) VALUES ('tokens', ?1, ?2, ?3)
-                     ON CONFLICT(collection, key) DO UPDATE SET doc = excluded.doc, updated_at = excluded.updated_at",
-                    params![service, text, now],
-                )?;
-                conn.execute("DELETE FROM legacy_minting WHERE service = ?1", [&service])?;
-                Ok(())
+        let written = self
+            .documents()
+            .store_credential(CredentialDocument {
+                service: service.to_string(),
+                doc: sealed.to_string(),
+                // Written under the version that is current on disk, never under one the owner
+                // has since rotated away from (and perhaps retired).
+                data_version: version,
+                create_only: mode == StoreMode::Create,
+                now: crate::clock::now_unix(),
             })
-            .await
-            .map_err(from_store);
-        // Whatever the outcome, a cached copy may now be stale.
-        self.cache.invalidate(Collection::Tokens, &service_name);
-        written?;
-        Ok(meta)
+            .await?;
+        match written {
+            CredentialWrite::Stored => Ok(meta),
+            CredentialWrite::KeyRingChanged => Err(VaultError::KeyRingChanged),
+            CredentialWrite::AlreadyExists => Err(VaultError::AlreadyExists),
+        }
+    }
+
+    /// The `/v1/credential` path, top-down: the stored document (through the documents cache),
+    /// opened with the key ring, answered as the protocol's credential body.
+    /// The access token to use for `service` (see [`Vault::token_of`]).
+    pub async fn access_token(
+        &self,
+        upstream: &Upstream,
+        service: &str,
+    ) -> Result<Zeroizing<String>, VaultError> {
+        let credential = self.open_credential_full(service).await?;
+        let mint = super::minting::detect(&credential)?;
+        self.token_of(upstream, service, credential, mint, "").await
+    }
+
+    /// The `/v1/credential` body: for a minting credential, its meta with a minted `accessToken`
+    /// (never the key); otherwise the decrypted credential.
+    pub async fn credential_body(
+        &self,
+        upstream: &Upstream,
+        service: &str,
+    ) -> Result<Zeroizing<Vec<u8>>, VaultError> {
+        let credential = self.open_credential_full(service).await?;
+        // 2.4.0: a TOTP credential is answered with its current code, never its seed.
+        if is_totp(&credential.token) {
+            return totp_credential_json(&credential.token, service, crate::clock::now_unix());
+        }
+        let Some(kind) = super::minting::detect(&credential)? else {
+            if credential.sealed.is_none()
+                && credential.token.secret("privateKeyData").is_some()
+                && self.is_legacy_minting(service).await?
+            {
+                return Err(super::minting::legacy_minting_refusal());
+            }
+            return Ok(credential.token.credential_json());
+        };
+        let token = credential.token;
+        let minted = self.minted(upstream, service, &kind, "").await?;
+        let mut fields: Map<String, Value> = token
+            .meta()
+            .iter()
+            .filter(|(name, _)| !is_sensitive(name))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        fields.insert("accessToken".into(), json!(minted.token.as_str()));
+        fields.insert("expiresAt".into(), json!(format_iso8601(minted.expires_at)));
+        fields.insert("expiryTime".into(), json!(minted.expires_at * 1000));
+        fields.insert("minted".into(), json!(true));
+        let mut body = json!({ "token": fields });
+        let bytes = Zeroizing::new(serde_json::to_vec(&body).unwrap_or_default());
+        scrub(&mut body);
+        Ok(bytes)
     }
 
     /// Decrypts the credential of `service`.
@@ -227,8 +260,13 @@ impl Vault {
             Ok(opened) => Ok(opened),
             // The owner may have re-encrypted and retired a key since this copy was cached:
             // forget it and try once more from the database.
-            Err(_) if self.cache.get(Collection::Tokens, service).is_some() => {
-                self.cache.invalidate(Collection::Tokens, service);
+            Err(_)
+                if self
+                    .documents()
+                    .cached(Collection::Tokens, service)
+                    .is_some() =>
+            {
+                self.documents().forget(Collection::Tokens, service);
                 let doc = self
                     .document(Collection::Tokens, service.to_string())
                     .await?
@@ -299,17 +337,19 @@ fn seal_credential(
     Ok(sealed)
 }
 
-/// Seals `token_data` as the credential of `service` inside the caller's transaction, for the
-/// owner's `keyholder store` on the data folder: under the data key current on disk, keeping the
-/// `createdAt` of a credential it replaces, like an overwriting `/v1/store`. Bumps the owner
-/// generation, so a running server drops its cached copy within a quarter second. Returns the meta.
+/// Seals `token_data` as the credential of `service` for the owner's `keyholder store` on the
+/// data folder: under the data key current in storage (the ring `ring` was read with), keeping
+/// the `createdAt` of a credential it replaces, like an overwriting `/v1/store`. `existing` is the
+/// stored document as read; the change applies only if it is still that one and the data key
+/// version unchanged, and it bumps the owner generation, so a running server drops its cached
+/// copy within a quarter second. Returns the change and the meta.
 pub fn store_on_disk(
-    conn: &rusqlite::Connection,
     ring: &super::keyring::KeyRing,
     service: &str,
     token_data: &mut Map<String, Value>,
+    existing: Option<&str>,
     now: i64,
-) -> Result<Map<String, Value>, VaultError> {
+) -> Result<(ChangeSet, Map<String, Value>), VaultError> {
     validate_key(service)?;
     if token_data.is_empty() {
         return Err(VaultError::Invalid("'tokenData' must not be empty".into()));
@@ -320,15 +360,8 @@ pub fn store_on_disk(
             "'totpUri' is not a usable otpauth://totp/ link: {err}"
         ))
     })?;
-    let existing: Option<String> = conn
-        .query_row(
-            "SELECT doc FROM documents WHERE collection = 'tokens' AND key = ?1",
-            [service],
-            |r| r.get(0),
-        )
-        .optional()?;
     let created_at = existing
-        .and_then(|text| serde_json::from_str::<Value>(&text).ok())
+        .and_then(|text| serde_json::from_str::<Value>(text).ok())
         .and_then(|doc| {
             doc.get("meta")?
                 .get("createdAt")?
@@ -346,18 +379,29 @@ pub fn store_on_disk(
         created_at.as_deref(),
         None,
     )?;
-    conn.execute(
-        "INSERT INTO documents(collection, key, doc, updated_at) VALUES ('tokens', ?1, ?2, ?3)
-         ON CONFLICT(collection, key) DO UPDATE SET doc = excluded.doc, updated_at = excluded.updated_at",
-        params![service, sealed.to_string(), now],
-    )?;
-    conn.execute("DELETE FROM legacy_minting WHERE service = ?1", [service])?;
-    super::reload::bump_generation(conn)?;
-    Ok(sealed
+    let unchanged = match existing {
+        Some(text) => Check::DocumentIs(Collection::Tokens, service.into(), text.into()),
+        None => Check::DocumentAbsent(Collection::Tokens, service.into()),
+    };
+    let change = ChangeSet::owner()
+        .check(Check::SettingIs(
+            crate::storage::Setting::DataVersion,
+            Some(version.to_string()),
+        ))
+        .check(unchanged)
+        .write(Write::PutDocument {
+            collection: Collection::Tokens,
+            key: service.into(),
+            doc: sealed.to_string(),
+            now,
+        })
+        .write(Write::ClearLegacyMinting(service.into()));
+    let meta = sealed
         .get("meta")
         .and_then(Value::as_object)
         .cloned()
-        .unwrap_or_default())
+        .unwrap_or_default();
+    Ok((change, meta))
 }
 
 /// True for a credential of `tokenType` TOTP (any case) that holds a seed.

@@ -2,13 +2,9 @@
 //! platform's hint only when trusted and with its token URL pinned per service), and the opt-in
 //! tv-refresh `get`/`update`. Every rewrite keeps all existing meta.
 
-use bytes::Bytes;
 use keyholder_protocol::document::{format_iso8601, parse_iso8601, seal_token_data, OpenedToken};
 use keyholder_protocol::wire::Collection;
 use keyholder_protocol::wire::{RefreshHint, RefreshTokens};
-use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, CONTENT_TYPE};
-use reqwest::Method;
-use rusqlite::{params, OptionalExtension};
 use serde_json::{json, Map, Value};
 use url::Url;
 use zeroize::Zeroizing;
@@ -21,7 +17,8 @@ use super::minting::expires_in;
 use super::oauth::OAuthClient;
 use super::sealed::{self, SealedInputs};
 use super::{Vault, VaultError};
-use crate::upstream::{OutboundRequest, Upstream, UpstreamError};
+use crate::storage::{DocumentSwap, SwapOutcome};
+use crate::upstream::{Upstream, UpstreamError};
 
 /// Result of `/v1/refresh-notify`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,19 +83,7 @@ fn provider_error_text(body: &[u8]) -> String {
 impl Vault {
     async fn current(&self, service: &str) -> Result<Option<Current>, VaultError> {
         validate_key(service)?;
-        let key = service.to_string();
-        let text: Option<String> = self
-            .store()
-            .read(move |conn| {
-                Ok(conn
-                    .query_row(
-                        "SELECT doc FROM documents WHERE collection = 'tokens' AND key = ?1",
-                        [&key],
-                        |r| r.get(0),
-                    )
-                    .optional()?)
-            })
-            .await?;
+        let text = self.documents().read(Collection::Tokens, service).await?;
         let Some(text) = text else {
             return Ok(None);
         };
@@ -155,21 +140,18 @@ impl Vault {
             .and_then(|m| m.get("expiryTime"))
             .and_then(Value::as_i64)
             .map(|ms| ms / 1000);
-        let (service, before, after) = (service.to_string(), current.text, sealed.to_string());
-        let now = crate::clock::now_unix();
-        let updated = service.clone();
         let written = self
-            .store()
-            .write(move |conn| {
-                Ok(conn.execute(
-                    "UPDATE documents SET doc = ?3, updated_at = ?4 WHERE collection = 'tokens' AND key = ?1 AND doc = ?2",
-                    params![updated, before, after, now],
-                )?)
+            .documents()
+            .swap(DocumentSwap {
+                collection: Collection::Tokens,
+                key: service.to_string(),
+                expected: current.text,
+                doc: sealed.to_string(),
+                now: crate::clock::now_unix(),
+                data_version: None,
             })
-            .await;
-        self.cache.invalidate(Collection::Tokens, &service);
-        let written = written?;
-        if written == 0 {
+            .await?;
+        if written != SwapOutcome::Swapped {
             return Err(VaultError::Invalid(
                 "the credential changed while it was being refreshed; retry".into(),
             ));
@@ -261,29 +243,15 @@ impl Vault {
                 })?
             }
         };
-        let mut form = url::form_urlencoded::Serializer::new(String::new());
-        form.append_pair("grant_type", "refresh_token")
-            .append_pair("client_id", &client.client_id);
+        let mut form = vec![
+            ("grant_type", "refresh_token"),
+            ("client_id", client.client_id.as_str()),
+        ];
         if let Some(secret) = &client.client_secret {
-            form.append_pair("client_secret", secret);
+            form.push(("client_secret", secret.as_str()));
         }
-        form.append_pair("refresh_token", &refresh_token);
-        let body = Zeroizing::new(form.finish());
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            CONTENT_TYPE,
-            HeaderValue::from_static("application/x-www-form-urlencoded"),
-        );
-        // GitHub answers form-encoded unless asked for JSON; every other provider accepts it too.
-        headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
-        let result = upstream
-            .send_provider(OutboundRequest {
-                method: Method::POST,
-                url: url.clone(),
-                headers,
-                body: Some(Bytes::copy_from_slice(body.as_bytes())),
-            })
-            .await;
+        form.push(("refresh_token", refresh_token.as_str()));
+        let result = super::minting::post_token_form(upstream, url.clone(), &form).await;
         let response = match result {
             Ok(response) => response,
             Err(err) => {

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use super::{Vault, VaultError};
-use crate::audit::{self, PruneBoundary};
+use crate::audit;
 
 impl Vault {
     /// Prunes audit entries older than `retention`; returns how many were removed.
@@ -12,42 +12,20 @@ impl Vault {
         let age_ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
         let before_ms = audit::now_ms().saturating_sub(age_ms);
         let key = self.keys().identity().verifying_key();
-        let checked = self
-            .store()
-            .read(move |conn| {
-                let Some(boundary) = audit::prune_boundary(conn, before_ms)? else {
-                    return Ok(None);
-                };
-                Ok(Some((boundary, audit::verify_chain(conn, &key)?)))
-            })
-            .await?;
-        let Some((boundary, verification)) = checked else {
+        if self.storage().prune_boundary(before_ms).await?.is_none() {
             return Ok(0);
-        };
-        if let Some(problem) = verification.problem {
+        }
+        let chains = self.storage().verify_audit_chains(key).await?;
+        if let Some(problem) = chains.into_iter().find_map(|(_, v)| v.problem) {
             return Err(VaultError::Corrupt(format!(
                 "the audit chain does not verify at #{} ({}); run `keyholder audit verify`",
                 problem.seq, problem.reason
             )));
         }
-        let ring = self.keys();
-        self.store()
-            .write(move |conn| audit::record_prune(conn, ring.identity(), boundary, "retention"))
-            .await?;
-        self.delete_pruned(boundary).await
-    }
-
-    async fn delete_pruned(&self, boundary: PruneBoundary) -> Result<u64, VaultError> {
-        let mut removed = 0;
-        loop {
-            let deleted = self
-                .store()
-                .write(move |conn| audit::delete_pruned(conn, boundary))
-                .await?;
-            if deleted == 0 {
-                return Ok(removed);
-            }
-            removed += deleted;
-        }
+        let ring: crate::storage::SharedSigner = self.keys();
+        Ok(self
+            .storage()
+            .prune_audit(before_ms, ring, "retention")
+            .await?)
     }
 }

@@ -172,11 +172,7 @@ impl Vault {
         {
             return Ok(hit);
         }
-        let owned = service.to_string();
-        let text = self
-            .store()
-            .read(move |conn| crate::store::sign_configs::load(conn, &owned))
-            .await?;
+        let text = self.storage().sign_config(service).await?;
         let config = match text {
             Some(text) => Some(Arc::new(SignConfig::from_stored(&text)?)),
             None => None,
