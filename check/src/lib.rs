@@ -42,6 +42,7 @@ mod envelope;
 mod matrix;
 mod protocol24;
 mod restart;
+mod signing;
 mod stream;
 mod wire;
 

@@ -24,6 +24,7 @@ mod proxy;
 mod refresh;
 mod release;
 mod signed;
+mod signing;
 mod storage;
 mod store_page;
 mod streaming;

@@ -6,6 +6,8 @@ pub mod bench;
 pub mod certs;
 pub mod faulty;
 pub mod mmdb;
+pub mod mtls;
+pub mod sigv4;
 pub mod webdriver;
 
 use std::net::SocketAddr;

@@ -23,6 +23,7 @@ pub mod rotate_master_key;
 pub mod seal;
 pub mod serve;
 pub mod session;
+pub mod sign_config;
 pub mod status;
 pub mod store;
 
@@ -58,6 +59,9 @@ pub enum Command {
     Oauth(oauth::OAuthArgs),
     /// The owner's custody policies: rules enforced here whatever a ticket says.
     Policy(policy::PolicyArgs),
+    /// How a service's key signs proxied requests: AWS region/service/STS role, JWT assertion
+    /// template, upstream CA for client certificates (set, list, show, remove).
+    SignConfig(sign_config::SignConfigArgs),
     /// Uses held for the owner's approval (service, agent, client address, endpoint, age).
     Approvals(approvals::ApprovalsArgs),
     /// Approve a held use.
@@ -117,6 +121,10 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Egress(args) => egress::execute(&args),
         Command::Oauth(args) => oauth::execute(&args),
         Command::Policy(args) => policy::execute(&args),
+        Command::SignConfig(args) => {
+            println!("{}", sign_config::run(&args)?);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Approvals(args) => approvals::execute_list(&args),
         Command::Approve(args) => approvals::execute_decide(&args, true),
         Command::Deny(args) => approvals::execute_decide(&args, false),

@@ -75,6 +75,9 @@ pub async fn proxy(
         }
     };
     state.metrics.upstream_calls.inc();
+    if let Some(note) = answer.signed.clone() {
+        req.extensions_mut().insert(crate::audit::SigningNote(note));
+    }
     if answer.redactions > 0 {
         state
             .metrics

@@ -22,6 +22,7 @@ pub mod oauth;
 pub mod policies;
 pub mod replay;
 pub mod settings;
+pub mod sign_configs;
 pub mod sqlite;
 
 use std::sync::Arc;
@@ -45,6 +46,7 @@ pub use policies::{
 };
 pub use replay::{LoadedMark, Mark, MarkCommit, MarkReply, MarkVerdict, ReplayKind, ReplayMarks};
 pub use settings::{Setting, Settings};
+pub use sign_configs::SignConfigs;
 
 /// Every repository of one engine.
 pub trait Storage:
@@ -55,6 +57,7 @@ pub trait Storage:
     + EgressStore
     + PolicyStore
     + OAuthClients
+    + SignConfigs
     + AuditLog
     + Settings
     + ChangeSets

@@ -326,6 +326,7 @@ fn seal_credential(
     created_at: Option<&str>,
     creation_id: Option<&str>,
 ) -> Result<Value, VaultError> {
+    super::signing::validate_material(token_data)?;
     let (mut rest, inputs) = sealed::split_token_data(token_data)?;
     let sealed = seal_token_data(service, &rest, key, version, now, created_at, creation_id);
     rest.values_mut().for_each(scrub);

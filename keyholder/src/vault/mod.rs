@@ -22,6 +22,7 @@ pub mod replay;
 pub mod retention;
 pub mod rotation;
 pub mod sealed;
+pub mod signing;
 pub mod totp_links;
 
 use std::path::{Path, PathBuf};
@@ -160,6 +161,8 @@ pub struct Vault {
     documents: documents::CachedDocuments,
     /// Egress policies, so a proxied call skips the database.
     egress_cache: egress::EgressPolicyCache,
+    /// Signing configurations, assumed-role sessions and exchanged JWT tokens (issue 24).
+    signing: signing::SigningState,
     /// One OAuth refresh per service at a time.
     refresh_locks: minting::KeyedLocks,
     /// The owner's custody policies (reloaded with every owner change).
@@ -217,6 +220,7 @@ impl Vault {
             follow: Mutex::new(reload::FollowState::new(generation)),
             minter: minting::Minter::default(),
             egress_cache: egress::EgressPolicyCache::default(),
+            signing: signing::SigningState::default(),
             refresh_locks: minting::KeyedLocks::default(),
             policy: crate::policy::PolicyEngine::default(),
         };

@@ -169,6 +169,7 @@ impl Vault {
         // Documents may have changed under us (rewrap, import): read them afresh.
         self.documents().forget_all();
         self.egress_cache.clear();
+        self.signing.clear();
         // The seal applies whatever happens to the keys.
         self.sealed
             .store(reloaded.sealed, std::sync::atomic::Ordering::Release);

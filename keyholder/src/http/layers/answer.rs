@@ -17,7 +17,7 @@ use keyholder_protocol::response_sig::{response_signing_message, ResponseToSign}
 use tracing::Instrument;
 
 use super::context::{context, RequestContext};
-use crate::audit::{AuditEvent, PolicyNote, UpstreamOrigin};
+use crate::audit::{AuditEvent, PolicyNote, SigningNote, UpstreamOrigin};
 use crate::http::error::ApiError;
 use crate::http::extract::TicketContext;
 use crate::state::AppState;
@@ -77,6 +77,11 @@ fn audit(
         None => finished.status.as_u16().to_string(),
     };
     let result = match http_req.extensions().get::<PolicyNote>() {
+        Some(note) => format!("{result} {}", note.0),
+        None => result,
+    };
+    // Which key signed what kind of request (issue 24): never a key or a signature.
+    let result = match http_req.extensions().get::<SigningNote>() {
         Some(note) => format!("{result} {}", note.0),
         None => result,
     };
