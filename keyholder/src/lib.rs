@@ -11,7 +11,7 @@ pub mod config;
 pub mod http;
 pub mod metrics;
 pub mod policy;
-pub mod postgres;
+pub mod storage;
 pub mod store;
 pub mod telemetry;
 pub mod tls;

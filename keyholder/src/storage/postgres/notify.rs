@@ -9,12 +9,44 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use tokio::sync::Notify;
+use keyholder_protocol::wire::Collection;
+use tokio::sync::{broadcast, Notify};
 
 use super::{PgError, PgTarget};
+use crate::storage::DocumentChange;
 
 /// The channel owner changes are announced on.
 pub const CHANNEL: &str = "keyholder_owner";
+/// The channel document writes are announced on (`<node>\n<collection>\n<key>`), so that the
+/// other replicas' document caches forget what changed.
+pub const DOCS_CHANNEL: &str = "keyholder_documents";
+/// Longest key announced by name (NOTIFY payloads are limited); longer ones announce "any".
+const MAX_ANNOUNCED_KEY: usize = 4000;
+
+/// The payload announcing a write of `key` in `collection` by `node` (`*`: possibly any).
+pub fn document_payload(node: &str, collection: Collection, key: &str) -> String {
+    let key = if key.len() > MAX_ANNOUNCED_KEY || key == "*" {
+        "*"
+    } else {
+        key
+    };
+    format!("{node}\n{}\n{key}", collection.as_str())
+}
+
+fn parse_document_payload(payload: &str) -> Option<(&str, DocumentChange)> {
+    let mut parts = payload.splitn(3, '\n');
+    let node = parts.next()?;
+    let collection = Collection::parse(parts.next()?)?;
+    let key = parts.next()?;
+    Some((
+        node,
+        if key == "*" {
+            DocumentChange::All
+        } else {
+            DocumentChange::One(collection, key.to_string())
+        },
+    ))
+}
 /// Poll interval while the listening connection is down.
 pub const POLL_WHILE_DOWN: Duration = Duration::from_millis(250);
 /// Poll interval while it is up (a safety net only).
@@ -31,12 +63,13 @@ pub async fn announce(
     Ok(())
 }
 
-/// What the listener tells the follower.
-#[derive(Default)]
+/// What the listener tells the follower and the document cache.
 pub struct OwnerSignal {
     wake: Notify,
     listening: AtomicBool,
     received: AtomicU64,
+    node: String,
+    docs: broadcast::Sender<DocumentChange>,
 }
 
 impl OwnerSignal {
@@ -56,16 +89,27 @@ impl OwnerSignal {
         self.listening.load(Ordering::Acquire)
     }
 
-    /// Notifications received so far.
+    /// Owner-change notifications received so far.
     pub fn received(&self) -> u64 {
         self.received.load(Ordering::Acquire)
+    }
+
+    /// Documents written by other replicas.
+    pub fn documents(&self) -> broadcast::Receiver<DocumentChange> {
+        self.docs.subscribe()
     }
 }
 
 /// Starts the listener: one connection of its own, reconnected with a growing pause (at most 2 s)
 /// whenever it is lost.
-pub fn listen(target: PgTarget) -> Arc<OwnerSignal> {
-    let signal = Arc::new(OwnerSignal::default());
+pub fn listen(target: PgTarget, node: String) -> Arc<OwnerSignal> {
+    let signal = Arc::new(OwnerSignal {
+        wake: Notify::new(),
+        listening: AtomicBool::new(false),
+        received: AtomicU64::new(0),
+        node,
+        docs: broadcast::channel(1024).0,
+    });
     let running = Arc::clone(&signal);
     tokio::spawn(async move {
         let mut pause = Duration::from_millis(100);
@@ -77,8 +121,10 @@ pub fn listen(target: PgTarget) -> Arc<OwnerSignal> {
                 }
             }
             running.listening.store(false, Ordering::Release);
-            // Whatever was announced meanwhile is lost: the follower re-reads now.
+            // Whatever was announced meanwhile is lost: the follower re-reads now, and the
+            // document cache forgets everything.
             running.wake.notify_waiters();
+            let _ = running.docs.send(DocumentChange::All);
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_secs(2));
         }
@@ -94,7 +140,8 @@ async fn listen_once(target: &PgTarget, signal: &OwnerSignal) -> Result<(), PgEr
         while let Some(message) = messages.next().await {
             match message {
                 Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
-                    if tx.send(n.payload().to_string()).is_err() {
+                    let message = (n.channel().to_string(), n.payload().to_string());
+                    if tx.send(message).is_err() {
                         break;
                     }
                 }
@@ -106,11 +153,26 @@ async fn listen_once(target: &PgTarget, signal: &OwnerSignal) -> Result<(), PgEr
             }
         }
     });
-    client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
+    client
+        .batch_execute(&format!("LISTEN {CHANNEL}; LISTEN {DOCS_CHANNEL}"))
+        .await?;
     signal.listening.store(true, Ordering::Release);
     // Changes made before LISTEN took effect were not announced to us.
     signal.wake.notify_waiters();
-    while rx.recv().await.is_some() {
+    let _ = signal.docs.send(DocumentChange::All);
+    while let Some((channel, payload)) = rx.recv().await {
+        if channel == DOCS_CHANNEL {
+            match parse_document_payload(&payload) {
+                Some((node, _)) if node == signal.node => {}
+                Some((_, change)) => {
+                    let _ = signal.docs.send(change);
+                }
+                None => {
+                    let _ = signal.docs.send(DocumentChange::All);
+                }
+            }
+            continue;
+        }
         signal.received.fetch_add(1, Ordering::AcqRel);
         signal.wake.notify_waiters();
     }
@@ -129,7 +191,10 @@ mod tests {
         let Some(db) = TestDatabase::create().await else {
             return;
         };
-        let (a, b) = (listen(db.target().clone()), listen(db.target().clone()));
+        let (a, b) = (
+            listen(db.target().clone(), "a".into()),
+            listen(db.target().clone(), "b".into()),
+        );
         for _ in 0..100 {
             if a.listening() && b.listening() {
                 break;

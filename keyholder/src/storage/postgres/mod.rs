@@ -10,6 +10,7 @@
 //! flushed to the server's WAL, so nothing is acknowledged before it is durable.
 
 pub mod audit;
+pub mod engine;
 pub mod housekeeping;
 pub mod notify;
 pub mod replay;
@@ -23,6 +24,8 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use openssl::ssl::{SslConnector, SslMethod, SslVerifyMode};
 use postgres_openssl::MakeTlsConnector;
 use zeroize::Zeroizing;
+
+pub use engine::PostgresStorage;
 
 /// Connections kept per replica.
 pub const POOL_SIZE: usize = 16;

@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
+use crate::storage::AuditSigner;
 use deadpool_postgres::Pool;
-use keyholder_protocol::IdentityKey;
 
 use super::schema::HOUSEKEEPING_LOCK;
 use super::PgError;
@@ -27,7 +27,7 @@ pub struct Round {
 pub async fn round(
     pool: &Pool,
     now: i64,
-    retention: Option<(Duration, &IdentityKey)>,
+    retention: Option<(Duration, &dyn AuditSigner)>,
 ) -> Result<Option<Round>, PgError> {
     let mut client = super::client(pool).await?;
     let got: bool = client

@@ -55,7 +55,7 @@ fn rows_of(mark: &Mark, now: i64) -> impl Iterator<Item = (i64, i16, i64)> + '_ 
 struct Job {
     marks: Vec<Mark>,
     now: i64,
-    reply: oneshot::Sender<Result<bool, PgError>>,
+    reply: oneshot::Sender<Result<Option<usize>, PgError>>,
 }
 
 /// The group-committing writer of replay marks (cheap to clone).
@@ -80,15 +80,30 @@ impl PgReplayMarks {
 
     /// [`PgReplayMarks::claim`] at a given time (tests).
     pub async fn claim_at(&self, marks: Vec<Mark>, now: i64) -> Result<bool, PgError> {
-        if marks.is_empty() {
-            return Ok(true);
-        }
+        Ok(self.submit(marks, now).await?.is_none())
+    }
+
+    /// Queues a claim; resolves to `None` when all marks were new, else the index of the first
+    /// mark that was already held.
+    pub fn submit(
+        &self,
+        marks: Vec<Mark>,
+        now: i64,
+    ) -> impl std::future::Future<Output = Result<Option<usize>, PgError>> {
         let (reply, rx) = oneshot::channel();
-        self.queue
-            .send(Job { marks, now, reply })
-            .map_err(|_| PgError::Unavailable("replay writer stopped".into()))?;
-        rx.await
-            .map_err(|_| PgError::Unavailable("replay writer stopped".into()))?
+        let sent = if marks.is_empty() {
+            let _ = reply.send(Ok(None));
+            true
+        } else {
+            self.queue.send(Job { marks, now, reply }).is_ok()
+        };
+        async move {
+            if !sent {
+                return Err(PgError::Unavailable("replay writer stopped".into()));
+            }
+            rx.await
+                .map_err(|_| PgError::Unavailable("replay writer stopped".into()))?
+        }
     }
 }
 
@@ -115,9 +130,9 @@ async fn writer(pool: Pool, mut rx: mpsc::UnboundedReceiver<Job>) {
         tokio::spawn(async move {
             let outcome = run_batch(&pool, &partitions, &batch).await;
             match outcome {
-                Ok(fresh) => {
-                    for (job, fresh) in batch.into_iter().zip(fresh) {
-                        let _ = job.reply.send(Ok(fresh));
+                Ok(verdicts) => {
+                    for (job, verdict) in batch.into_iter().zip(verdicts) {
+                        let _ = job.reply.send(Ok(verdict));
                     }
                 }
                 Err(err) => {
@@ -135,26 +150,32 @@ async fn writer(pool: Pool, mut rx: mpsc::UnboundedReceiver<Job>) {
 
 type Row = (i64, i16, i64);
 
-/// One statement for the whole batch; returns per job whether all its marks were new.
+/// Records that mark `m` of a job was already held (keeping the first such mark).
+fn lose(lost: &mut Option<usize>, m: usize) {
+    *lost = Some(lost.map_or(m, |l| l.min(m)));
+}
+
+/// One statement for the whole batch; returns per job `None` when all its marks were new, else
+/// the index of its first mark already held.
 async fn run_batch(
     pool: &Pool,
     partitions: &tokio::sync::Mutex<i64>,
     batch: &[Job],
-) -> Result<Vec<bool>, PgError> {
+) -> Result<Vec<Option<usize>>, PgError> {
     // The first job of the batch to name a row claims it; a later job naming it too is a replay.
-    let mut claimant: HashMap<Row, usize> = HashMap::new();
+    let mut claimant: HashMap<Row, (usize, usize)> = HashMap::new();
     let mut rows: Vec<Row> = Vec::new();
-    let mut lost = vec![false; batch.len()];
+    let mut lost: Vec<Option<usize>> = vec![None; batch.len()];
     let mut highest = i64::MIN;
     for (i, job) in batch.iter().enumerate() {
-        for mark in &job.marks {
+        for (m, mark) in job.marks.iter().enumerate() {
             for row in rows_of(mark, job.now) {
                 highest = highest.max(row.0);
                 match claimant.get(&row) {
-                    Some(&owner) if owner != i => lost[i] = true,
+                    Some(&(owner, _)) if owner != i => lose(&mut lost[i], m),
                     Some(_) => {}
                     None => {
-                        claimant.insert(row, i);
+                        claimant.insert(row, (i, m));
                         rows.push(row);
                     }
                 }
@@ -203,15 +224,17 @@ async fn run_batch(
         .collect();
     for row in &rows {
         if !inserted.contains(row) {
-            if let Some(&owner) = claimant.get(row) {
-                lost[owner] = true;
+            if let Some(&(owner, m)) = claimant.get(row) {
+                lose(&mut lost[owner], m);
             }
         }
     }
     // All or none per job: a job that lost any row gives back the rows it did insert.
     let give_back: Vec<&Row> = rows
         .iter()
-        .filter(|row| inserted.contains(*row) && claimant.get(*row).is_some_and(|&o| lost[o]))
+        .filter(|row| {
+            inserted.contains(*row) && claimant.get(*row).is_some_and(|&(o, _)| lost[o].is_some())
+        })
         .collect();
     if !give_back.is_empty() {
         let b: Vec<i64> = give_back.iter().map(|r| r.0).collect();
@@ -225,7 +248,7 @@ async fn run_batch(
             )
             .await?;
     }
-    Ok(lost.into_iter().map(|l| !l).collect())
+    Ok(lost)
 }
 
 fn partition_name(bucket: i64) -> String {

@@ -14,11 +14,11 @@ use std::collections::BTreeMap;
 
 use deadpool_postgres::GenericClient;
 use ed25519_dalek::{Signature, VerifyingKey};
-use keyholder_protocol::IdentityKey;
 use sha2::{Digest, Sha256};
 
 use super::PgError;
 use crate::audit::{canonical_bytes, AuditEntry, AuditEvent, AuditProblem, AuditVerification};
+use crate::storage::AuditSigner;
 
 /// Label before the node id in a replica chain's canonical bytes.
 pub const NODE_LABEL: &[u8] = b"keyholder/v1/audit-node";
@@ -50,7 +50,7 @@ fn to32(bytes: &[u8]) -> Result<[u8; 32], PgError> {
 pub async fn append_events(
     tx: &impl GenericClient,
     node: &str,
-    identity: &IdentityKey,
+    signer: &dyn AuditSigner,
     events: Vec<AuditEvent>,
 ) -> Result<u64, PgError> {
     if events.is_empty() {
@@ -79,7 +79,7 @@ pub async fn append_events(
         let bytes = node_canonical_bytes(node, seq, &event, &prev);
         let hash: [u8; 32] = Sha256::digest(&bytes).into();
         let signature = if i + 1 == count {
-            identity.sign(&bytes).to_vec()
+            signer.sign_audit(&bytes).to_vec()
         } else {
             Vec::new()
         };
@@ -180,7 +180,7 @@ pub async fn head(client: &impl GenericClient, node: &str) -> Result<(u64, [u8; 
 pub async fn append_xref(
     tx: &impl GenericClient,
     node: &str,
-    identity: &IdentityKey,
+    signer: &dyn AuditSigner,
 ) -> Result<u64, PgError> {
     let rows = tx
         .query(
@@ -202,7 +202,7 @@ pub async fn append_xref(
     let mut event = AuditEvent::owner("xref", &detail.join(","));
     event.endpoint = XREF_ENDPOINT.into();
     event.source = "replica".into();
-    append_events(tx, node, identity, vec![event]).await
+    append_events(tx, node, signer, vec![event]).await
 }
 
 const SELECT_ENTRIES: &str = "SELECT node, seq, at_ms, endpoint, service, purpose, agent_id,
@@ -490,7 +490,7 @@ pub fn verify_chain(
 /// entry naming the boundary, then the entries up to it. Returns how many entries were removed.
 pub async fn prune_before(
     client: &mut deadpool_postgres::Object,
-    identity: &IdentityKey,
+    signer: &dyn AuditSigner,
     before_ms: i64,
     source: &str,
 ) -> Result<u64, PgError> {
@@ -526,7 +526,7 @@ pub async fn prune_before(
         let mut event =
             AuditEvent::owner("audit-prune", &format!("{through}:{}", hex::encode(hash)));
         event.source = source.to_string();
-        append_events(&tx, &node, identity, vec![event]).await?;
+        append_events(&tx, &node, signer, vec![event]).await?;
         tx.commit().await?;
         loop {
             let deleted = client
@@ -550,6 +550,14 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
     use super::super::testing::TestDatabase;
     use super::*;
+    use keyholder_protocol::IdentityKey;
+
+    struct Signer(IdentityKey);
+    impl AuditSigner for Signer {
+        fn sign_audit(&self, bytes: &[u8]) -> [u8; 64] {
+            self.0.sign(bytes)
+        }
+    }
 
     fn events(n: usize, service: &str) -> Vec<AuditEvent> {
         (0..n)
@@ -570,7 +578,7 @@ mod tests {
         };
         super::super::schema::migrate(db.target()).await.unwrap();
         let pool = db.target().pool().unwrap();
-        let key = std::sync::Arc::new(IdentityKey::generate());
+        let key = std::sync::Arc::new(Signer(IdentityKey::generate()));
         // Two replicas appending at once.
         let mut tasks = Vec::new();
         for node in ["a", "b"] {
@@ -579,7 +587,7 @@ mod tests {
                 tasks.push(tokio::spawn(async move {
                     let mut c = pool.get().await.unwrap();
                     let tx = c.transaction().await.unwrap();
-                    append_events(&tx, node, &key, events(3, node))
+                    append_events(&tx, node, &*key, events(3, node))
                         .await
                         .unwrap();
                     tx.commit().await.unwrap();
@@ -591,9 +599,9 @@ mod tests {
         }
         let mut c = pool.get().await.unwrap();
         let tx = c.transaction().await.unwrap();
-        append_xref(&tx, "a", &key).await.unwrap();
+        append_xref(&tx, "a", &*key).await.unwrap();
         tx.commit().await.unwrap();
-        let report = verify_all(&mut c, &key.verifying_key()).await.unwrap();
+        let report = verify_all(&mut c, &key.0.verifying_key()).await.unwrap();
         assert_eq!(report.len(), 2);
         for chain in &report {
             assert!(chain.verification.problem.is_none(), "{chain:?}");
@@ -627,7 +635,7 @@ mod tests {
         .unwrap();
         // 27 is an unsigned entry: sign nothing, so also the "no signature" rule fires; the
         // cross-reference names the gap either way.
-        let report = verify_all(&mut c, &key.verifying_key()).await.unwrap();
+        let report = verify_all(&mut c, &key.0.verifying_key()).await.unwrap();
         let b = report.iter().find(|r| r.node == "b").unwrap();
         assert!(b.verification.problem.is_some(), "{b:?}");
         let a = report.iter().find(|r| r.node == "a").unwrap();
@@ -640,7 +648,7 @@ mod tests {
         )
         .await
         .unwrap();
-        let report = verify_all(&mut c, &key.verifying_key()).await.unwrap();
+        let report = verify_all(&mut c, &key.0.verifying_key()).await.unwrap();
         let a = report.iter().find(|r| r.node == "a").unwrap();
         assert_eq!(a.verification.problem.as_ref().unwrap().seq, 4);
     }
@@ -652,7 +660,7 @@ mod tests {
         };
         super::super::schema::migrate(db.target()).await.unwrap();
         let pool = db.target().pool().unwrap();
-        let key = IdentityKey::generate();
+        let key = Signer(IdentityKey::generate());
         let mut c = pool.get().await.unwrap();
         for batch in 0..3 {
             let tx = c.transaction().await.unwrap();
@@ -682,7 +690,7 @@ mod tests {
         )
         .await
         .unwrap();
-        let report = verify_all(&mut c, &key.verifying_key()).await.unwrap();
+        let report = verify_all(&mut c, &key.0.verifying_key()).await.unwrap();
         let b = report.iter().find(|r| r.node == "b").unwrap();
         let problem = b.verification.problem.as_ref().unwrap();
         assert!(problem.reason.contains("missing"), "{problem:?}");

@@ -1,0 +1,135 @@
+//! The owner's custody policies, their attachments, the durable usage counts of their caps, and
+//! the uses waiting for the owner's approval.
+
+use async_trait::async_trait;
+
+use super::StorageResult;
+
+/// A stored policy (rules as stored JSON).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyRow {
+    /// Its name.
+    pub name: String,
+    /// Its rules (JSON text).
+    pub rules: String,
+    /// `cli` or `file`.
+    pub source: String,
+}
+
+/// A stored attachment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttachmentRow {
+    /// The policy.
+    pub policy: String,
+    /// The target kind's stored spelling (`service`, `agent`, `proxy`).
+    pub kind: String,
+    /// The target.
+    pub target: String,
+    /// `cli` or `file`.
+    pub source: String,
+}
+
+/// One usage counter: policy, target and period (as the domain spells them).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct UsageCounter {
+    /// The policy.
+    pub policy: String,
+    /// The target.
+    pub target: String,
+    /// The period.
+    pub period: String,
+}
+
+/// Everything the policy engine loads, in one snapshot.
+#[derive(Debug, Clone, Default)]
+pub struct PolicySnapshot {
+    /// Policies by name.
+    pub policies: Vec<PolicyRow>,
+    /// Attachments.
+    pub attachments: Vec<AttachmentRow>,
+    /// Durable counts.
+    pub usage: Vec<(UsageCounter, u64)>,
+}
+
+/// A use waiting for the owner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApprovalRow {
+    /// Approval id.
+    pub id: String,
+    /// The policy that asks.
+    pub policy: String,
+    /// Service.
+    pub service: String,
+    /// Agent.
+    pub agent: String,
+    /// Client address.
+    pub client: String,
+    /// Endpoint.
+    pub endpoint: String,
+    /// Unix time made.
+    pub created_at: i64,
+    /// Unix time it times out.
+    pub expires_at: i64,
+}
+
+/// A stored decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApprovalDecision {
+    /// Approved by the owner.
+    Approved,
+    /// Denied by the owner.
+    Denied,
+    /// Nobody decided in time.
+    TimedOut,
+}
+
+/// The policy repository. The owner's policy edits go through [`super::ChangeSet`].
+#[async_trait]
+pub trait PolicyStore: Send + Sync {
+    /// Policies, attachments and counts (at start and on every owner change).
+    async fn policy_snapshot(&self) -> StorageResult<PolicySnapshot>;
+
+    /// Adds `n` to each counter, all or none, durable on return; returns each counter's count
+    /// after the add, in order (so that an engine shared by replicas lets the caller see uses made
+    /// elsewhere). Exact under concurrency: the engine adds in storage, never read-modify-write in
+    /// memory. The domain coalesces the increments of concurrent uses into one call while one is
+    /// in flight.
+    async fn add_usage(&self, increments: Vec<(UsageCounter, u64)>) -> StorageResult<Vec<u64>>;
+
+    /// Takes one use back from each counter (never below zero).
+    async fn release_usage(&self, counters: Vec<UsageCounter>) -> StorageResult<()>;
+
+    /// Durable counts of one policy: (target, period, count), ordered.
+    async fn usage_of(&self, policy: &str) -> StorageResult<Vec<(String, String, u64)>>;
+
+    /// Records a use waiting for approval with the hash of its link's token.
+    async fn insert_approval(
+        &self,
+        approval: ApprovalRow,
+        link_hash: [u8; 32],
+    ) -> StorageResult<()>;
+
+    /// Marks an undecided approval timed out; returns the decision in force afterwards.
+    async fn time_out_approval(&self, id: &str, now: i64) -> StorageResult<ApprovalDecision>;
+
+    /// The decisions of these approvals (undecided ones left out).
+    async fn approval_decisions(
+        &self,
+        ids: &[String],
+    ) -> StorageResult<Vec<(String, ApprovalDecision)>>;
+
+    /// Undecided, unexpired approvals, oldest first.
+    async fn pending_approvals(&self, now: i64) -> StorageResult<Vec<ApprovalRow>>;
+
+    /// An undecided, unexpired approval with its link hash.
+    async fn pending_approval(
+        &self,
+        id: &str,
+        now: i64,
+    ) -> StorageResult<Option<(ApprovalRow, [u8; 32])>>;
+
+    /// Decides an undecided, unexpired approval (pruning rows expired over a day ago); false if
+    /// nothing was decided. (The owner CLI decides through [`super::ChangeSet`] instead, with its
+    /// audit entry and a generation bump that wakes the waiter on every replica.)
+    async fn decide_approval(&self, id: &str, approve: bool, now: i64) -> StorageResult<bool>;
+}
