@@ -33,6 +33,18 @@ pub struct DataArgs {
     /// The master key sealed by a PKCS#11 token (HSM).
     #[command(flatten)]
     pub pkcs11: Pkcs11Args,
+    /// The shared database of several replicas (`postgres://user@host:5432/db?sslmode=verify-full`)
+    /// instead of the data folder's SQLite file. Keep the password out of it: see
+    /// --database-password-file.
+    #[arg(long, env = "KEYHOLDER_DATABASE_URL", value_name = "URL")]
+    pub database_url: Option<String>,
+    /// File holding the PostgreSQL password (first line).
+    #[arg(long, env = "KEYHOLDER_DATABASE_PASSWORD_FILE", value_name = "FILE")]
+    pub database_password_file: Option<PathBuf>,
+    /// This process's node id on a shared database: names its audit chain (default: the host
+    /// name for `serve`, `cli` for owner commands).
+    #[arg(long, env = "KEYHOLDER_NODE_ID", value_name = "ID")]
+    pub node_id: Option<String>,
 }
 
 /// The PKCS#11 token that seals the master key (`--master-key-pkcs11`).

@@ -211,6 +211,9 @@ impl Keyholder {
             master_key_file,
             passphrase_file,
             pkcs11,
+            database_url: None,
+            database_password_file: None,
+            node_id: None,
         }
     }
 
