@@ -1970,3 +1970,242 @@ impl ChangeSets for PostgresStorage {
         Ok(Applied::Done { changed })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::super::testing::TestDatabase;
+    use super::*;
+    use crate::storage::{MarkVerdict, ReplayKind};
+
+    async fn two() -> Option<(TestDatabase, Arc<PostgresStorage>, Arc<PostgresStorage>)> {
+        let db = TestDatabase::create().await?;
+        // Both open together: the migration lock keeps them apart.
+        let (a, b) = tokio::join!(
+            PostgresStorage::open(db.target().clone(), "a"),
+            PostgresStorage::open(db.target().clone(), "b")
+        );
+        Some((db, Arc::new(a.unwrap()), Arc::new(b.unwrap())))
+    }
+
+    fn code(hash: &str, rebind: bool) -> BindCode {
+        BindCode {
+            code_hash: hash.into(),
+            created_at: 1,
+            expires_at: i64::MAX,
+            used_at: None,
+            rebind,
+            hmac_hash: String::new(),
+            pending_secret: None,
+            platform_key: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_bind_code_is_used_once_across_replicas() {
+        let Some((_db, a, b)) = two().await else {
+            return;
+        };
+        a.put_setting(Setting::MasterCheck, "mc").await.unwrap();
+        a.insert_bind_code(code("h", false), 0, "https://p", "https://f")
+            .await
+            .unwrap();
+        let ex = |s: Arc<PostgresStorage>| async move {
+            s.exchange(Exchange {
+                code_hash: "h".into(),
+                now: 10,
+                bound_in_memory: false,
+                master_check: "mc".into(),
+                install: ExchangeInstall::KeepHmac,
+            })
+            .await
+            .unwrap()
+        };
+        let (x, y) = tokio::join!(ex(Arc::clone(&a)), ex(Arc::clone(&b)));
+        let mut outcomes = [x, y];
+        outcomes.sort_by_key(|o| format!("{o:?}"));
+        assert_eq!(
+            outcomes,
+            [ExchangeOutcome::Exchanged, ExchangeOutcome::Used]
+        );
+        assert!(b.is_bound().await.unwrap());
+        // A wrong master check leaves the code unused.
+        a.insert_bind_code(code("r", true), 0, "https://p", "https://f")
+            .await
+            .unwrap();
+        let out = b
+            .exchange(Exchange {
+                code_hash: "r".into(),
+                now: 10,
+                bound_in_memory: true,
+                master_check: "other".into(),
+                install: ExchangeInstall::KeepHmac,
+            })
+            .await
+            .unwrap();
+        assert_eq!(out, ExchangeOutcome::MasterKeyChanged);
+        assert_eq!(a.bind_code("r").await.unwrap().unwrap().used_at, None);
+    }
+
+    #[tokio::test]
+    async fn usage_counts_are_exact_across_replicas() {
+        let Some((_db, a, b)) = two().await else {
+            return;
+        };
+        let counter = UsageCounter {
+            policy: "p".into(),
+            target: "svc".into(),
+            period: "d1".into(),
+        };
+        let mut tasks = Vec::new();
+        for i in 0..100 {
+            let s = if i % 2 == 0 {
+                Arc::clone(&a)
+            } else {
+                Arc::clone(&b)
+            };
+            let c = counter.clone();
+            tasks.push(tokio::spawn(async move {
+                s.add_usage(vec![(c, 1)]).await.unwrap()[0]
+            }));
+        }
+        let mut seen: Vec<u64> = Vec::new();
+        for t in tasks {
+            seen.push(t.await.unwrap());
+        }
+        seen.sort_unstable();
+        assert_eq!(
+            seen,
+            (1..=100).collect::<Vec<_>>(),
+            "each use saw its own count"
+        );
+        b.release_usage(vec![counter.clone()]).await.unwrap();
+        assert_eq!(a.usage_of("p").await.unwrap()[0].2, 99);
+    }
+
+    #[tokio::test]
+    async fn writes_on_one_replica_reach_the_other() {
+        let Some((_db, a, b)) = two().await else {
+            return;
+        };
+        let mut docs = b.watch_documents().unwrap();
+        let mut generation = b.watch_owner_generation().unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        while docs.try_recv().is_ok() {}
+        a.put_setting(Setting::DataVersion, "1").await.unwrap();
+        let stored = a
+            .store_credential(CredentialDocument {
+                service: "svc".into(),
+                doc: "{\"fields\":{}}".into(),
+                data_version: 1,
+                create_only: true,
+                now: 5,
+            })
+            .await
+            .unwrap();
+        assert_eq!(stored, CredentialWrite::Stored);
+        assert_eq!(
+            b.document(Collection::Tokens, "svc")
+                .await
+                .unwrap()
+                .as_deref(),
+            Some("{\"fields\":{}}")
+        );
+        let change = tokio::time::timeout(Duration::from_secs(1), docs.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            change,
+            DocumentChange::One(Collection::Tokens, "svc".into())
+        );
+        let again = b
+            .store_credential(CredentialDocument {
+                service: "svc".into(),
+                doc: "{}".into(),
+                data_version: 1,
+                create_only: true,
+                now: 6,
+            })
+            .await
+            .unwrap();
+        assert_eq!(again, CredentialWrite::AlreadyExists);
+        // An owner change set on A (the seal) reaches B's generation watch within a second.
+        let before = *generation.borrow_and_update();
+        let started = Instant::now();
+        let applied = a
+            .apply(ChangeSet::owner().write(Write::PutSetting(Setting::Sealed, "true".into())))
+            .await
+            .unwrap();
+        assert!(matches!(applied, Applied::Done { .. }));
+        tokio::time::timeout(Duration::from_secs(1), generation.changed())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(*generation.borrow() > before);
+        assert!(started.elapsed() < Duration::from_secs(1));
+        assert_eq!(
+            b.setting(Setting::Sealed).await.unwrap().as_deref(),
+            Some("true")
+        );
+        // A failed check writes nothing.
+        let failed = b
+            .apply(
+                ChangeSet::owner()
+                    .check(Check::SettingIs(Setting::Sealed, Some("false".into())))
+                    .write(Write::PutSetting(Setting::Sealed, "false".into())),
+            )
+            .await
+            .unwrap();
+        assert_eq!(failed, Applied::CheckFailed(0));
+        assert_eq!(
+            a.setting(Setting::Sealed).await.unwrap().as_deref(),
+            Some("true")
+        );
+    }
+
+    #[tokio::test]
+    async fn replay_marks_are_decided_by_the_database() {
+        let Some((_db, a, b)) = two().await else {
+            return;
+        };
+        assert!(!a.verdict_is_local());
+        let now = crate::clock::now_unix();
+        let mark = |key| Mark {
+            kind: ReplayKind::Nonce,
+            key,
+            expires_at: now + 60,
+        };
+        assert_eq!(
+            a.append_marks(vec![mark(1), mark(2)]).await.unwrap(),
+            MarkVerdict::Fresh
+        );
+        assert_eq!(
+            b.append_marks(vec![mark(3), mark(2)]).await.unwrap(),
+            MarkVerdict::Replayed(1)
+        );
+        assert_eq!(
+            b.append_marks(vec![mark(3)]).await.unwrap(),
+            MarkVerdict::Fresh
+        );
+        // Housekeeping runs on one replica at a time.
+        let (x, y) = (
+            a.housekeeping_turn("replay").await.unwrap(),
+            b.housekeeping_turn("replay").await.unwrap(),
+        );
+        assert!(x && !y);
+        assert!(a.housekeeping_turn("replay").await.unwrap(), "kept");
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_database_is_unavailable_not_an_error() {
+        let target =
+            PgTarget::parse("postgres://nobody@127.0.0.1:1/none?sslmode=disable", None).unwrap();
+        let pool = target.pool().unwrap();
+        let err = super::super::client(&pool).await.err().unwrap();
+        assert!(matches!(
+            StorageError::from(err),
+            StorageError::Unavailable(_)
+        ));
+    }
+}

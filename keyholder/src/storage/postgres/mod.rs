@@ -325,4 +325,71 @@ mod tests {
         assert_eq!(other.database(), Some("other"));
         assert!(other.display().ends_with("/other"), "{}", other.display());
     }
+
+    /// `sslmode=require` negotiates TLS through openssl; `verify-full` against a root that did not
+    /// sign the server's certificate is refused (nothing is sent unverified).
+    #[tokio::test]
+    async fn sslmode_require_uses_tls_and_verify_full_checks_the_certificate() {
+        let Some(db) = testing::TestDatabase::create().await else {
+            return;
+        };
+        let plain = db.target().connect().await.unwrap();
+        let ssl_on: String = plain.query_one("SHOW ssl", &[]).await.unwrap().get(0);
+        if ssl_on != "on" {
+            eprintln!("SKIPPED: the test PostgreSQL has ssl off");
+            return;
+        }
+        let with_mode = |mode: &str, extra: &str| {
+            let mut url = url::Url::parse(&db.url()).unwrap();
+            url.query_pairs_mut().append_pair("sslmode", mode);
+            let mut text = url.to_string();
+            text.push_str(extra);
+            PgTarget::parse(&text, None).unwrap()
+        };
+        let tls = with_mode("require", "").connect().await.unwrap();
+        let on: bool = tls
+            .query_one(
+                "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert!(on, "not encrypted");
+        let disabled = with_mode("disable", "").connect().await.unwrap();
+        let off: bool = disabled
+            .query_one(
+                "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert!(!off);
+        // A CA of our own that signed nothing the server holds.
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        let key =
+            openssl::pkey::PKey::from_rsa(openssl::rsa::Rsa::generate(2048).unwrap()).unwrap();
+        let mut name = openssl::x509::X509NameBuilder::new().unwrap();
+        name.append_entry_by_text("CN", "not the server's CA")
+            .unwrap();
+        let name = name.build();
+        let mut cert = openssl::x509::X509Builder::new().unwrap();
+        cert.set_subject_name(&name).unwrap();
+        cert.set_issuer_name(&name).unwrap();
+        cert.set_pubkey(&key).unwrap();
+        cert.set_not_before(&openssl::asn1::Asn1Time::days_from_now(0).unwrap())
+            .unwrap();
+        cert.set_not_after(&openssl::asn1::Asn1Time::days_from_now(1).unwrap())
+            .unwrap();
+        cert.sign(&key, openssl::hash::MessageDigest::sha256())
+            .unwrap();
+        std::fs::write(&ca, cert.build().to_pem().unwrap()).unwrap();
+        let strict = with_mode("verify-full", &format!("&sslrootcert={}", ca.display()));
+        assert!(
+            strict.connect().await.is_err(),
+            "an unverifiable server was accepted"
+        );
+    }
 }
