@@ -6,6 +6,7 @@ pub mod bench;
 pub mod certs;
 pub mod faulty;
 pub mod mmdb;
+pub mod replicas;
 pub mod webdriver;
 
 use std::net::SocketAddr;
