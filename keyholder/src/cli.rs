@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub mod doctor;
+pub mod migrate_storage;
 pub mod owner;
 pub mod policy;
 

@@ -57,6 +57,9 @@ enum Command {
     Backup(BackupArgs),
     /// Restore a backup into an empty data folder.
     Restore(RestoreArgs),
+    /// Move the storage: this data folder's SQLite into an empty PostgreSQL database
+    /// (`--to postgres://...`), or `--database-url` into a new SQLite data folder (`--to FOLDER`).
+    MigrateStorage(keyholder::cli::migrate_storage::MigrateStorageArgs),
     /// Kill switch: refuse every credential use (503 sealed) until `unseal`, without going offline.
     Seal(OwnerArgs),
     /// Lift the seal.
@@ -151,6 +154,33 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                         keyholder_protocol::document::format_iso8601(key.added_at)
                     );
                 }
+            }
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Command::MigrateStorage(args) => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let report =
+                runtime.block_on(keyholder::cli::migrate_storage::migrate_storage(&args))?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                for (table, rows) in &report.tables {
+                    println!("{table:<20} {rows} rows");
+                }
+                println!(
+                    "audit trail          {} entries, head {}",
+                    report.audit_entries, report.audit_head
+                );
+                println!("replay marks         {}", report.replay_marks);
+                if report.archived_replica_entries > 0 {
+                    println!(
+                        "replica chains       {} entries archived in audit-replicas.jsonl",
+                        report.archived_replica_entries
+                    );
+                }
+                println!("Verified: every table's count and the audit chain match the source.");
             }
             Ok(std::process::ExitCode::SUCCESS)
         }

@@ -12,6 +12,7 @@
 pub mod audit;
 pub mod engine;
 pub mod housekeeping;
+pub mod migrate;
 pub mod notify;
 pub mod replay;
 pub mod schema;
