@@ -17,7 +17,8 @@ use crate::audit::AuditRecorder;
 use crate::config::Config;
 use crate::http::{self, network::NetworkRules};
 use crate::metrics::Metrics;
-use crate::store::{put_setting, Store};
+use crate::storage::sqlite::SqliteStorage;
+use crate::storage::{Setting, SharedStorage};
 use crate::tls::{CertReloader, TlsError};
 use crate::upstream::{EgressGuard, Upstream, UpstreamSettings};
 use crate::vault::{Vault, VaultSettings};
@@ -92,7 +93,7 @@ impl RunningServer {
         for task in &self.background {
             task.abort();
         }
-        self.state.vault.store().close();
+        self.state.vault.storage().close();
     }
 
     /// Base URL of the server, `http://addr` or `https://addr`.
@@ -139,19 +140,28 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         .map(Arc::new);
     prepare_data_dir(&config)?;
     let metrics = Arc::new(Metrics::new());
-    let store = Store::open_observed(&config.data_dir, Some(metrics.commit_observer()))
-        .with_context(|| format!("cannot open the database in {}", config.data_dir.display()))?;
+    let storage: SharedStorage = Arc::new(
+        SqliteStorage::open_observed(&config.data_dir, Some(metrics.commit_observer()))
+            .with_context(|| {
+                format!("cannot open the database in {}", config.data_dir.display())
+            })?,
+    );
     // Before the vault opens, so it starts at the owner generation the file's changes bumped
     // (a reload racing the first requests would be needless).
     if let Some(path) = config.policy_file.clone() {
         let declared = crate::policy::file::read(&path)
             .with_context(|| format!("--policy-file / KEYHOLDER_POLICY_FILE {}", path.display()))?;
         let count = declared.len();
-        store
-            .write(move |conn| {
-                crate::policy::file::apply(conn, &declared)
-                    .map_err(|e| crate::store::StoreError::Domain(Box::new(e)))
-            })
+        let applied = async {
+            let change = crate::policy::file::apply(storage.as_ref(), &declared).await?;
+            match storage.apply(change).await? {
+                crate::storage::Applied::Done { .. } => Ok(()),
+                crate::storage::Applied::CheckFailed(_) => Err(crate::vault::VaultError::Invalid(
+                    "the policies changed while the file was applied; start again".into(),
+                )),
+            }
+        };
+        applied
             .await
             .with_context(|| format!("--policy-file / KEYHOLDER_POLICY_FILE {}", path.display()))?;
         tracing::info!(policies = count, file = %path.display(), "applied the policy file");
@@ -161,7 +171,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         capabilities: keyholder_protocol::paths::capabilities(config.enable_tv_refresh),
     };
     let (vault, report) = Vault::open(
-        store.clone(),
+        Arc::clone(&storage),
         &config.data_dir,
         &config.master_key,
         settings,
@@ -192,9 +202,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         tracing::info!("created new keys (data key v1, identity key, HMAC secret)");
     }
     if let Some(public_url) = config.public_url.clone() {
-        store
-            .write(move |conn| put_setting(conn, "public_url", &public_url))
-            .await?;
+        storage.put_setting(Setting::PublicUrl, &public_url).await?;
     }
     let upstream = Upstream::new(UpstreamSettings {
         guard: EgressGuard {
@@ -257,7 +265,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     });
 
     let ring_state = state.clone();
-    let audit_task = audit_queue.spawn(store.clone(), move || ring_state.vault.keys());
+    let audit_task = audit_queue.spawn(Arc::clone(&storage), move || ring_state.vault.keys());
     // Before the listener exists, so no SIGHUP can arrive while it would still end the process.
     let mut background = Vec::new();
     if config.handle_signals {

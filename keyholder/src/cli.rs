@@ -10,21 +10,21 @@ pub mod doctor;
 pub mod migrate_storage;
 pub mod owner;
 pub mod policy;
+pub mod session;
 
 use clap::Args;
-use rusqlite::Connection;
 use zeroize::Zeroizing;
 
 use crate::config::{validate_url, DataArgs};
-use crate::store::{self, get_setting};
+use crate::storage::{Applied, Setting};
 use crate::vault::binding::{issue_bind_code, IssuedCode};
 use crate::vault::collections::validate_key;
 use crate::vault::egress::{self, EgressMode, EgressPolicy};
-use crate::vault::master::{load_master_key, MasterKey};
 use crate::vault::oauth::{self, ProviderInfo};
 use crate::vault::platform_keys::{self, PlatformKeyInfo};
-use crate::vault::{keyring, VaultError};
+use crate::vault::VaultError;
 use keyholder_protocol::PlatformPublicKey;
+use session::{block, Owner};
 
 /// Flags of `keyholder bind`.
 #[derive(Debug, Clone, Args)]
@@ -52,62 +52,42 @@ pub struct BindArgs {
     pub json: bool,
 }
 
-/// Opens the data folder's database for an owner command (creating and migrating it if needed),
-/// and unlocks the key ring with the configured master key (creating keys on a new folder).
-pub fn open_data(data: &DataArgs) -> anyhow::Result<(Connection, MasterKey)> {
-    std::fs::create_dir_all(&data.data_dir)?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(&data.data_dir, std::fs::Permissions::from_mode(0o700));
-    }
-    let path = data.data_dir.join(store::DATABASE_FILE);
-    store::create_private_file(&path)?;
-    let mut conn = store::open_connection(&path, false)?;
-    store::migrate(&mut conn)?;
-    store::restrict_file_mode(&path);
-    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    let (master, _) = load_master_key(&data.data_dir, &data.master_key_source(), &tx)?;
-    keyring::init_or_load(&tx, &master)?;
-    tx.commit()?;
-    Ok((conn, master))
-}
-
 /// Issues a bind code (see [`issue_bind_code`]).
 pub fn bind(args: &BindArgs) -> anyhow::Result<IssuedCode> {
     let frontend = validate_url("--frontend-url", &args.frontend_url)?;
-    let (mut conn, master) = open_data(&args.data)?;
-    let public_url = match &args.public_url {
-        Some(url) => validate_url("--public-url / KEYHOLDER_PUBLIC_URL", url)?,
-        None => get_setting(&conn, "public_url")?.ok_or_else(|| {
-            anyhow::anyhow!(
-                "no public URL known: pass --public-url https://<host> (the address the platform reaches this keyholder at)"
-            )
-        })?,
-    };
     let platform_key = args
         .platform_key
         .as_deref()
         .map(read_platform_key)
         .transpose()?;
-    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    let issued = match issue_bind_code(
-        &tx,
-        &master,
-        args.rebind,
-        platform_key.as_ref(),
-        &public_url,
-        &frontend,
-        crate::clock::now_unix(),
-    ) {
-        Ok(issued) => issued,
-        Err(VaultError::AlreadyBound) => anyhow::bail!(
-            "this keyholder is already bound; `keyholder bind --rebind` issues a code that replaces the binding"
-        ),
-        Err(other) => return Err(other.into()),
-    };
-    tx.commit()?;
-    Ok(issued)
+    block(async {
+        let owner = Owner::open_or_create(&args.data).await?;
+        let public_url = match &args.public_url {
+            Some(url) => validate_url("--public-url / KEYHOLDER_PUBLIC_URL", url)?,
+            None => owner.storage().setting(Setting::PublicUrl).await?.ok_or_else(|| {
+                anyhow::anyhow!(
+                    "no public URL known: pass --public-url https://<host> (the address the platform reaches this keyholder at)"
+                )
+            })?,
+        };
+        match issue_bind_code(
+            owner.storage(),
+            &owner.master,
+            args.rebind,
+            platform_key.as_ref(),
+            &public_url,
+            &frontend,
+            crate::clock::now_unix(),
+        )
+        .await
+        {
+            Ok(issued) => Ok(issued),
+            Err(VaultError::AlreadyBound) => anyhow::bail!(
+                "this keyholder is already bound; `keyholder bind --rebind` issues a code that replaces the binding"
+            ),
+            Err(other) => Err(other.into()),
+        }
+    })
 }
 
 /// Reads a platform public key file (32 raw bytes, standard base64, or an identity document).
@@ -168,20 +148,28 @@ pub fn platform_key(args: &PlatformKeyArgs) -> anyhow::Result<Vec<PlatformKeyInf
         PlatformKeyAction::Add { file, .. } => Some(read_platform_key(file)?),
         _ => None,
     };
-    let (mut conn, _master) = open_data(data)?;
-    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    match (&args.action, &key) {
-        (PlatformKeyAction::Add { .. }, Some(key)) => {
-            platform_keys::add_key(&tx, key, crate::clock::now_unix())?
+    block(async {
+        let owner = Owner::open_or_create(data).await?;
+        let storage = owner.storage();
+        let change = match (&args.action, &key) {
+            (PlatformKeyAction::Add { .. }, Some(key)) => Some(platform_keys::add_key(
+                &storage.key_ring_snapshot().await?,
+                key,
+                crate::clock::now_unix(),
+            )?),
+            (PlatformKeyAction::Remove { key_id, .. }, _) => Some(platform_keys::remove_key(
+                &storage.key_ring_snapshot().await?,
+                key_id.trim(),
+            )?),
+            _ => None,
+        };
+        if let Some(change) = change {
+            if let Applied::CheckFailed(_) = storage.apply(change).await? {
+                anyhow::bail!("the platform keys changed meanwhile; run the command again");
+            }
         }
-        (PlatformKeyAction::Remove { key_id, .. }, _) => {
-            platform_keys::remove_key(&tx, key_id.trim())?
-        }
-        _ => {}
-    }
-    let keys = platform_keys::list_keys(&tx)?;
-    tx.commit()?;
-    Ok(keys)
+        Ok(platform_keys::list_keys(storage).await?)
+    })
 }
 
 /// `keyholder egress`: the owner's control over where each credential may be sent.
@@ -256,8 +244,10 @@ pub enum EgressAction {
 
 /// `keyholder egress pending`: the refusals recorded so far.
 pub fn egress_pending(data: &DataArgs) -> anyhow::Result<Vec<egress::PendingEgress>> {
-    let (conn, _master) = open_data(data)?;
-    Ok(egress::list_pending(&conn)?)
+    block(async {
+        let owner = Owner::open_or_create(data).await?;
+        Ok(egress::list_pending(owner.storage()).await?)
+    })
 }
 
 /// Runs an egress subcommand; returns the policy in force afterwards and whether to print JSON.
@@ -272,23 +262,34 @@ pub fn egress(args: &EgressArgs) -> anyhow::Result<(EgressPolicy, bool)> {
         }
     };
     validate_key(service)?;
-    let (mut conn, _master) = open_data(data)?;
-    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    let (policy, json) = match &args.action {
-        EgressAction::Show { json, .. } => (egress::load_policy(&tx, service)?, *json),
-        EgressAction::Allow { entries, any, .. } => {
-            (egress::allow(&tx, service, entries, *any)?, false)
+    block(async {
+        let owner = Owner::open_or_create(data).await?;
+        let storage = owner.storage();
+        // Every change bumps the owner generation: a running server drops its cached policy on
+        // its next look (within a quarter second).
+        let (change, policy, json) = match &args.action {
+            EgressAction::Show { json, .. } => {
+                (None, egress::load_policy(storage, service).await?, *json)
+            }
+            EgressAction::Allow { entries, any, .. } => {
+                let (change, policy) = egress::allow(storage, service, entries, *any).await?;
+                (Some(change), policy, false)
+            }
+            EgressAction::Set { mode, .. } => {
+                let (change, policy) = egress::set_mode(storage, service, *mode).await?;
+                (Some(change), policy, false)
+            }
+            EgressAction::Reset { .. } => {
+                let (change, policy) = egress::reset(service);
+                (Some(change), policy, false)
+            }
+            EgressAction::Pending { .. } => anyhow::bail!("not a policy change"),
+        };
+        if let Some(change) = change {
+            storage.apply(change).await?;
         }
-        EgressAction::Set { mode, .. } => (egress::set_mode(&tx, service, *mode)?, false),
-        EgressAction::Reset { .. } => (egress::reset(&tx, service)?, false),
-        EgressAction::Pending { .. } => anyhow::bail!("not a policy change"),
-    };
-    if !matches!(args.action, EgressAction::Show { .. }) {
-        // A running server drops its cached policy on its next look (within a quarter second).
-        crate::vault::reload::bump_generation(&tx)?;
-    }
-    tx.commit()?;
-    Ok((policy, json))
+        Ok((policy, json))
+    })
 }
 
 /// `keyholder oauth`: the owner's OAuth clients, used by `/v1/refresh-notify`.
@@ -378,28 +379,37 @@ pub fn oauth(args: &OAuthArgs) -> anyhow::Result<OAuthOutcome> {
                 }
                 None => Zeroizing::new(Vec::new()),
             };
-            let (mut conn, master) = open_data(data)?;
-            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            oauth::set_provider(
-                &tx,
-                &master,
-                provider,
-                url.as_str(),
-                client_id.trim(),
-                &secret,
-            )?;
-            tx.commit()?;
-            Ok(OAuthOutcome::Set(provider.clone()))
+            block(async {
+                let owner = Owner::open_or_create(data).await?;
+                let mut change = oauth::set_provider(
+                    &owner.master,
+                    provider,
+                    url.as_str(),
+                    client_id.trim(),
+                    &secret,
+                )?;
+                // Read per call by the server: nothing to reload.
+                change.bump_generation = false;
+                owner.storage().apply(change).await?;
+                Ok(OAuthOutcome::Set(provider.clone()))
+            })
         }
-        OAuthAction::List { data } => {
-            let (conn, _master) = open_data(data)?;
-            Ok(OAuthOutcome::List(oauth::list_providers(&conn)?))
-        }
-        OAuthAction::Remove { data, provider } => {
-            let (conn, _master) = open_data(data)?;
-            let removed = oauth::remove_provider(&conn, provider)?;
+        OAuthAction::List { data } => block(async {
+            let owner = Owner::open_or_create(data).await?;
+            Ok(OAuthOutcome::List(
+                oauth::list_providers(owner.storage()).await?,
+            ))
+        }),
+        OAuthAction::Remove { data, provider } => block(async {
+            let owner = Owner::open_or_create(data).await?;
+            let mut change = oauth::remove_provider(provider);
+            change.bump_generation = false;
+            let removed = matches!(
+                owner.storage().apply(change).await?,
+                Applied::Done { changed } if changed.first() == Some(&true)
+            );
             Ok(OAuthOutcome::Removed(provider.clone(), removed))
-        }
+        }),
     }
 }
 

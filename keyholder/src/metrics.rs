@@ -11,7 +11,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::store::CommitObserver;
+use crate::storage::sqlite::CommitObserver;
 
 /// Labels of an answered request: the registered route pattern (never the raw path, so the set
 /// is bounded; `unmatched` for anything else), a method from a small fixed set and the status.

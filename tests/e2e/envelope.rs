@@ -450,8 +450,16 @@ async fn envelope_and_scheme_refusals() {
     // HMAC headers and platform tickets are refused, even made with the very HMAC secret the
     // keyholder keeps in its data folder.
     let stored_secret = {
-        let (conn, master) = keyholder::cli::open_data(&kh.data_args()).unwrap();
-        keyholder::vault::keyring::load(&conn, &master).unwrap().1
+        let data = kh.data_args();
+        keyholder::cli::session::block(async {
+            let owner = keyholder::cli::session::Owner::open(&data).await?;
+            Ok(
+                keyholder::vault::keyring::load_current(owner.storage(), &owner.master)
+                    .await?
+                    .1,
+            )
+        })
+        .unwrap()
     };
     let ts = now();
     let sig = signature_header_value(&stored_secret, ts, ok_body);
@@ -693,7 +701,12 @@ async fn data_folder_holds_nothing_that_signs_as_the_platform() {
     };
 
     // 1. Everything the keyholder itself can decrypt or read as a key.
-    let (conn, master) = keyholder::cli::open_data(&kh.data_args()).unwrap();
+    let data = kh.data_args();
+    let master = keyholder::cli::session::block(async {
+        Ok(keyholder::cli::session::Owner::open(&data).await?.master)
+    })
+    .unwrap();
+    let conn = rusqlite::Connection::open(data.data_dir.join("keyholder.db")).unwrap();
     let mut candidates: Vec<Vec<u8>> = Vec::new();
     let mut stmt = conn
         .prepare("SELECT kind, version, wrapped FROM keyring")

@@ -31,12 +31,10 @@
 pub mod recorder;
 
 use ed25519_dalek::{Signature, VerifyingKey};
-use keyholder_protocol::IdentityKey;
-use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::store::{get_setting, put_setting, StoreError};
+use crate::storage::AuditSigner;
 
 pub use recorder::AuditRecorder;
 
@@ -199,73 +197,47 @@ pub fn canonical_bytes(seq: u64, event: &AuditEvent, prev_hash: &[u8; 32]) -> Ve
     out
 }
 
-/// The last entry's sequence number and hash (zeros for an empty trail).
-fn head(conn: &Connection) -> Result<(u64, [u8; 32]), StoreError> {
-    let row: Option<(i64, Vec<u8>)> = conn
-        .query_row(
-            "SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .optional()?;
-    match row {
-        None => Ok((0, [0u8; 32])),
-        Some((seq, hash)) => {
-            let hash: [u8; 32] = hash
-                .as_slice()
-                .try_into()
-                .map_err(|_| StoreError::Corrupt("audit hash length".into()))?;
-            Ok((u64::try_from(seq).unwrap_or(0), hash))
-        }
-    }
-}
-
-/// Appends events to the chain inside the caller's write transaction (the head is read in the
-/// same transaction, so the server and the owner's CLI can both append). Returns the new head seq.
-pub fn append_events(
-    conn: &Connection,
-    identity: &IdentityKey,
+/// Links events onto a chain whose head is `(seq, hash)`: bounds each event, gives it the next
+/// sequence number and the previous hash, hashes its canonical bytes, and signs the newest (the
+/// chain carries that signature back over the others). Engines store the entries as returned, in
+/// the transaction that read the head.
+pub fn link_events(
+    head: (u64, [u8; 32]),
     events: impl IntoIterator<Item = AuditEvent>,
-) -> Result<u64, StoreError> {
-    let (mut seq, mut prev) = head(conn)?;
+    signer: &dyn AuditSigner,
+) -> Vec<AuditEntry> {
+    let (mut seq, mut prev) = head;
     let mut events = events.into_iter().peekable();
-    let mut stmt = conn.prepare_cached(
-        "INSERT INTO audit_log(seq, at_ms, endpoint, service, purpose, agent_id, proxy_id, source,
-                               upstream, result, request_id, prev_hash, hash, signature)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
-    )?;
+    let mut out = Vec::new();
     while let Some(event) = events.next() {
         let event = event.bounded();
         seq += 1;
         let bytes = canonical_bytes(seq, &event, &prev);
         let hash: [u8; 32] = Sha256::digest(&bytes).into();
         // Only the batch's newest entry is signed; the chain carries the signature back.
-        let signature: Vec<u8> = if events.peek().is_none() {
-            identity.sign(&bytes).to_vec()
-        } else {
-            Vec::new()
-        };
-        stmt.execute(params![
-            i64::try_from(seq).unwrap_or(i64::MAX),
-            event.at_ms,
-            event.endpoint,
-            event.service,
-            event.purpose,
-            event.agent_id,
-            event.proxy_id,
-            event.source,
-            event.upstream,
-            event.result,
-            event.request_id,
-            prev.as_slice(),
-            hash.as_slice(),
-            signature.as_slice(),
-        ])?;
+        let signature = events.peek().is_none().then(|| signer.sign_audit(&bytes));
+        out.push(AuditEntry {
+            seq,
+            event,
+            prev_hash: prev,
+            hash,
+            signature,
+        });
         prev = hash;
     }
-    // The head is kept apart too, so that removing the newest entries is noticed as well.
-    put_setting(conn, "audit_head", &format!("{seq}:{}", hex::encode(prev)))?;
-    Ok(seq)
+    out
+}
+
+/// The recorded head after `entries` (kept apart from the entries, so that removing the newest
+/// ones is noticed too): `<seq>:<hash hex>`.
+pub fn head_record(seq: u64, hash: &[u8; 32]) -> String {
+    format!("{seq}:{}", hex::encode(hash))
+}
+
+impl AuditSigner for keyholder_protocol::IdentityKey {
+    fn sign_audit(&self, bytes: &[u8]) -> [u8; 64] {
+        self.sign(bytes)
+    }
 }
 
 /// Which entries [`list_entries`] returns.
@@ -279,78 +251,6 @@ pub struct AuditFilter {
     pub limit: Option<u64>,
     /// Only entries up to this sequence number.
     pub through_seq: Option<u64>,
-}
-
-fn entry_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AuditEntry> {
-    let blob = |i: usize| -> rusqlite::Result<Vec<u8>> { r.get(i) };
-    let to32 = |v: Vec<u8>| -> [u8; 32] {
-        let mut out = [0u8; 32];
-        if v.len() == 32 {
-            out.copy_from_slice(&v);
-        }
-        out
-    };
-    let sig = blob(13)?;
-    let signature = <[u8; 64]>::try_from(sig.as_slice()).ok();
-    Ok(AuditEntry {
-        seq: u64::try_from(r.get::<_, i64>(0)?).unwrap_or(0),
-        event: AuditEvent {
-            at_ms: r.get(1)?,
-            endpoint: r.get(2)?,
-            service: r.get(3)?,
-            purpose: r.get(4)?,
-            agent_id: r.get(5)?,
-            proxy_id: r.get(6)?,
-            source: r.get(7)?,
-            upstream: r.get(8)?,
-            result: r.get(9)?,
-            request_id: r.get(10)?,
-        },
-        prev_hash: to32(blob(11)?),
-        hash: to32(blob(12)?),
-        signature,
-    })
-}
-
-const SELECT_ENTRIES: &str =
-    "SELECT seq, at_ms, endpoint, service, purpose, agent_id, proxy_id, source, upstream,
-        result, request_id, prev_hash, hash, signature FROM audit_log";
-
-/// Entries in chain order, filtered.
-pub fn list_entries(
-    conn: &Connection,
-    filter: &AuditFilter,
-) -> Result<Vec<AuditEntry>, StoreError> {
-    let limit = filter
-        .limit
-        .map(|l| i64::try_from(l).unwrap_or(i64::MAX))
-        .unwrap_or(-1);
-    let sql = format!(
-        "SELECT * FROM ({SELECT_ENTRIES} WHERE (?1 IS NULL OR service = ?1) AND (?2 IS NULL OR at_ms >= ?2)
-         AND seq <= ?4 ORDER BY seq DESC LIMIT ?3) ORDER BY seq"
-    );
-    let through = filter
-        .through_seq
-        .map(|s| i64::try_from(s).unwrap_or(i64::MAX))
-        .unwrap_or(i64::MAX);
-    let mut stmt = conn.prepare(&sql)?;
-    let rows = stmt
-        .query_map(
-            params![filter.service, filter.since_ms, limit, through],
-            entry_from_row,
-        )?
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(rows)
-}
-
-/// Unix time (ms) of the newest successful credential use, if any.
-pub fn last_credential_use(conn: &Connection) -> Result<Option<i64>, StoreError> {
-    Ok(conn.query_row(
-        "SELECT MAX(at_ms) FROM audit_log WHERE (result = 'ok' OR result LIKE 'ok %') AND endpoint NOT LIKE 'owner:%'
-           AND endpoint != '/v1/store'",
-        [],
-        |r| r.get(0),
-    )?)
 }
 
 /// Why verification stopped.
@@ -379,119 +279,143 @@ pub struct AuditVerification {
     pub problem: Option<AuditProblem>,
 }
 
-/// Walks the whole chain in order: sequence without gaps, each entry's `prev_hash` equal to the
-/// previous entry's hash, its hash equal to SHA-256 of its canonical bytes, its signature valid under
-/// `key`, and the recorded head equal to the last entry. Stops at the first bad entry.
-pub fn verify_chain(
-    conn: &Connection,
-    key: &VerifyingKey,
-) -> Result<AuditVerification, StoreError> {
-    // One snapshot for all the reads: a server appending meanwhile must not make the recorded head
-    // look newer than the entries read.
-    conn.execute_batch("SAVEPOINT audit_verify")?;
-    let result = verify_snapshot(conn, key);
-    conn.execute_batch("RELEASE audit_verify")?;
-    result
+/// Walks a chain in order (see [`ChainVerifier::check`]): sequence without gaps, each entry's
+/// `prev_hash` equal to the previous entry's hash, its hash equal to SHA-256 of its canonical
+/// bytes, its signature valid under the key, and the recorded head equal to the last entry. Stops
+/// at the first bad entry. Engines feed it the entries of one snapshot.
+pub struct ChainVerifier {
+    key: VerifyingKey,
+    expected_seq: u64,
+    prev: [u8; 32],
+    unanchored: bool,
+    checked_from: u64,
+    last_signed: bool,
+    problem: Option<AuditProblem>,
 }
 
-fn verify_snapshot(conn: &Connection, key: &VerifyingKey) -> Result<AuditVerification, StoreError> {
-    // After a prune the chain starts at the first kept entry, anchored by a prune entry further
-    // on (which the walk below verifies like every other entry).
-    let first: Option<i64> = conn.query_row("SELECT MIN(seq) FROM audit_log", [], |r| r.get(0))?;
-    let first = first.and_then(|s| u64::try_from(s).ok()).unwrap_or(1);
-    let (mut expected_seq, mut prev, mut unanchored) = (1u64, [0u8; 32], false);
-    if first > 1 {
-        let prunes = recorded_prunes(conn)?;
-        if let Some(b) = prunes.iter().find(|b| b.through_seq == first - 1) {
-            (expected_seq, prev) = (first, b.hash);
-        } else if prunes.iter().any(|b| b.through_seq >= first) {
-            // A prune still deleting: the first kept entry is itself to be removed, and its link
-            // to the deleted one cannot be checked.
-            (expected_seq, unanchored) = (first, true);
+impl ChainVerifier {
+    /// Starts at the chain's first stored entry `first_seq` (above 1 after a prune, anchored by
+    /// one of the recorded prunes).
+    pub fn new(key: VerifyingKey, first_seq: Option<u64>, prunes: &[PruneBoundary]) -> Self {
+        let first = first_seq.unwrap_or(1);
+        let (mut expected_seq, mut prev, mut unanchored) = (1u64, [0u8; 32], false);
+        // After a prune the chain starts at the first kept entry, anchored by a prune entry
+        // further on (which the walk verifies like every other entry).
+        if first > 1 {
+            if let Some(b) = prunes.iter().find(|b| b.through_seq == first - 1) {
+                (expected_seq, prev) = (first, b.hash);
+            } else if prunes.iter().any(|b| b.through_seq >= first) {
+                // A prune still deleting: the first kept entry is itself to be removed, and its
+                // link to the deleted one cannot be checked.
+                (expected_seq, unanchored) = (first, true);
+            }
+        }
+        ChainVerifier {
+            key,
+            expected_seq,
+            prev,
+            unanchored,
+            checked_from: expected_seq,
+            last_signed: true,
+            problem: None,
         }
     }
-    let checked_from = expected_seq;
-    let mut stmt = conn.prepare(&format!("{SELECT_ENTRIES} ORDER BY rowid"))?;
-    let mut rows = stmt.query([])?;
-    let mut problem = None;
-    let mut last_signed = true;
-    while let Some(row) = rows.next()? {
-        let entry = entry_from_row(row)?;
-        if unanchored {
-            prev = entry.prev_hash;
-            unanchored = false;
+
+    /// Checks the next entry in storage order; false once a problem is found (stop feeding).
+    pub fn check(&mut self, entry: &AuditEntry) -> bool {
+        if self.problem.is_some() {
+            return false;
         }
+        if self.unanchored {
+            self.prev = entry.prev_hash;
+            self.unanchored = false;
+        }
+        let expected_seq = self.expected_seq;
         let bad = |reason: &str| AuditProblem {
             seq: expected_seq,
             reason: format!("{reason} (entry stored as #{})", entry.seq),
         };
         if entry.seq != expected_seq {
-            problem = Some(bad(if entry.seq > expected_seq {
+            self.problem = Some(bad(if entry.seq > expected_seq {
                 "entries are missing before this one"
             } else {
                 "entry out of order"
             }));
-            break;
+            return false;
         }
-        if entry.prev_hash != prev {
-            problem = Some(bad(
+        if entry.prev_hash != self.prev {
+            self.problem = Some(bad(
                 "does not chain to the previous entry (removed or reordered entries)",
             ));
-            break;
+            return false;
         }
         let bytes = canonical_bytes(entry.seq, &entry.event, &entry.prev_hash);
         let hash: [u8; 32] = Sha256::digest(&bytes).into();
         if hash != entry.hash {
-            problem = Some(bad("content does not match its hash (edited)"));
-            break;
+            self.problem = Some(bad("content does not match its hash (edited)"));
+            return false;
         }
         if let Some(sig) = entry.signature.as_ref() {
-            if key
+            if self
+                .key
                 .verify_strict(&bytes, &Signature::from_bytes(sig))
                 .is_err()
             {
-                problem = Some(bad("signature invalid"));
-                break;
+                self.problem = Some(bad("signature invalid"));
+                return false;
             }
         }
-        last_signed = entry.signature.is_some();
-        prev = hash;
-        expected_seq += 1;
+        self.last_signed = entry.signature.is_some();
+        self.prev = hash;
+        self.expected_seq += 1;
+        true
     }
-    let checked = expected_seq - 1;
-    let entries = checked + 1 - checked_from;
-    if problem.is_none() && !last_signed {
-        problem = Some(AuditProblem {
-            seq: checked,
-            reason: "the newest entry carries no signature (entries were removed or forged)".into(),
-        });
-    }
-    if problem.is_none() {
-        let recorded = get_setting(conn, "audit_head")?;
-        let actual = format!("{checked}:{}", hex::encode(prev));
-        match recorded {
-            Some(head) if head != actual => {
-                problem = Some(AuditProblem {
-                    seq: checked + 1,
-                    reason: format!("the newest entries were removed (recorded head {head})"),
-                });
+
+    /// The outcome, given the recorded head (see [`head_record`]).
+    pub fn finish(self, recorded_head: Option<String>) -> AuditVerification {
+        let ChainVerifier {
+            expected_seq,
+            prev,
+            checked_from,
+            last_signed,
+            mut problem,
+            ..
+        } = self;
+        let checked = expected_seq - 1;
+        let entries = checked + 1 - checked_from;
+        if problem.is_none() && !last_signed {
+            problem = Some(AuditProblem {
+                seq: checked,
+                reason: "the newest entry carries no signature (entries were removed or forged)"
+                    .into(),
+            });
+        }
+        if problem.is_none() {
+            let actual = head_record(checked, &prev);
+            match recorded_head {
+                Some(head) if head != actual => {
+                    problem = Some(AuditProblem {
+                        seq: checked + 1,
+                        reason: format!("the newest entries were removed (recorded head {head})"),
+                    });
+                }
+                None if checked > 0 => {
+                    problem = Some(AuditProblem {
+                        seq: checked + 1,
+                        reason: "the recorded head is missing".into(),
+                    });
+                }
+                _ => {}
             }
-            None if checked > 0 => {
-                problem = Some(AuditProblem {
-                    seq: checked + 1,
-                    reason: "the recorded head is missing".into(),
-                });
-            }
-            _ => {}
+        }
+        AuditVerification {
+            entries,
+            first_seq: checked_from,
+            head_seq: checked,
+            head_hash: hex::encode(prev),
+            problem,
         }
     }
-    Ok(AuditVerification {
-        entries,
-        first_seq: checked_from,
-        head_seq: checked,
-        head_hash: hex::encode(prev),
-        problem,
-    })
 }
 
 /// Endpoint of the entry that records a prune.
@@ -511,11 +435,13 @@ pub struct PruneBoundary {
 }
 
 impl PruneBoundary {
-    fn detail(&self) -> String {
+    /// The detail of its prune entry: `<seq>:<hash hex>`.
+    pub fn detail(&self) -> String {
         format!("{}:{}", self.through_seq, hex::encode(self.hash))
     }
 
-    fn parse(detail: &str) -> Option<PruneBoundary> {
+    /// Parses a prune entry's detail.
+    pub fn parse(detail: &str) -> Option<PruneBoundary> {
         let (seq, hash) = detail.split_once(':')?;
         let hash = hex::decode(hash).ok()?;
         Some(PruneBoundary {
@@ -525,79 +451,12 @@ impl PruneBoundary {
     }
 }
 
-/// Where a prune of every entry older than `before_ms` would end: the newest entry before the first
-/// one at or after `before_ms` (entries at or after it are always kept). `None` if nothing is older.
-pub fn prune_boundary(
-    conn: &Connection,
-    before_ms: i64,
-) -> Result<Option<PruneBoundary>, StoreError> {
-    let first_kept: Option<i64> = conn.query_row(
-        "SELECT MIN(seq) FROM audit_log WHERE at_ms >= ?1",
-        [before_ms],
-        |r| r.get(0),
-    )?;
-    let row: Option<(i64, Vec<u8>)> = match first_kept {
-        Some(kept) => conn
-            .query_row(
-                "SELECT seq, hash FROM audit_log WHERE seq < ?1 ORDER BY seq DESC LIMIT 1",
-                [kept],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()?,
-        None => conn
-            .query_row(
-                "SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1",
-                [],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()?,
-    };
-    Ok(row.and_then(|(seq, hash)| {
-        Some(PruneBoundary {
-            through_seq: u64::try_from(seq).ok()?,
-            hash: hash.as_slice().try_into().ok()?,
-        })
-    }))
-}
-
-/// Records a prune (appends the signed `owner:audit-prune` entry). Call in the caller's write
-/// transaction, then [`delete_pruned`] until it returns 0.
-pub fn record_prune(
-    conn: &Connection,
-    identity: &IdentityKey,
-    boundary: PruneBoundary,
-    source: &str,
-) -> Result<u64, StoreError> {
+/// The signed `owner:audit-prune` entry that records a prune (append it, then delete the entries
+/// up to the boundary in chunks).
+pub fn prune_event(boundary: PruneBoundary, source: &str) -> AuditEvent {
     let mut event = AuditEvent::owner("audit-prune", &boundary.detail());
     event.source = source.to_string();
-    append_events(conn, identity, [event])
-}
-
-/// Deletes up to [`PRUNE_CHUNK`] of the oldest entries up to a recorded prune's boundary; returns
-/// how many were deleted (0 when none are left).
-pub fn delete_pruned(conn: &Connection, boundary: PruneBoundary) -> Result<u64, StoreError> {
-    let through = boundary.through_seq;
-    let deleted = conn.execute(
-        "DELETE FROM audit_log WHERE seq IN (SELECT seq FROM audit_log WHERE seq <= ?1
-           ORDER BY seq LIMIT ?2)",
-        params![
-            i64::try_from(through).unwrap_or(i64::MAX),
-            i64::try_from(PRUNE_CHUNK).unwrap_or(i64::MAX)
-        ],
-    )?;
-    Ok(deleted as u64)
-}
-
-/// Every prune boundary the trail records (the prune entries' details).
-fn recorded_prunes(conn: &Connection) -> Result<Vec<PruneBoundary>, StoreError> {
-    let mut stmt = conn.prepare("SELECT service FROM audit_log WHERE endpoint = ?1")?;
-    let details = stmt
-        .query_map([PRUNE_ENDPOINT], |r| r.get::<_, String>(0))?
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(details
-        .iter()
-        .filter_map(|d| PruneBoundary::parse(d))
-        .collect())
+    event
 }
 
 /// Parses `--since`: unix seconds, or an ISO 8601 time `YYYY-MM-DDTHH:MM:SSZ`. Returns milliseconds.
@@ -612,12 +471,6 @@ pub fn parse_since(text: &str) -> Option<i64> {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
-
-    fn db() -> Connection {
-        let mut conn = Connection::open_in_memory().unwrap();
-        crate::store::migrate(&mut conn).unwrap();
-        conn
-    }
 
     #[test]
     fn canonical_bytes_are_length_prefixed() {
@@ -636,154 +489,6 @@ mod tests {
             canonical_bytes(1, &b, &[0; 32])
         );
         assert!(canonical_bytes(1, &a, &[0; 32]).starts_with(AUDIT_LABEL));
-    }
-
-    #[test]
-    fn chain_verifies_and_detects_edits() {
-        let conn = db();
-        let key = IdentityKey::generate();
-        let events = (0..5).map(|i| AuditEvent {
-            at_ms: i,
-            endpoint: "/v1/credential".into(),
-            service: format!("svc{i}"),
-            result: "ok".into(),
-            ..AuditEvent::default()
-        });
-        assert_eq!(append_events(&conn, &key, events).unwrap(), 5);
-        let ok = verify_chain(&conn, &key.verifying_key()).unwrap();
-        assert_eq!(ok.entries, 5);
-        assert!(ok.problem.is_none());
-        // Another key: the batch's signed entry (its newest) does not verify.
-        let other = IdentityKey::generate();
-        let wrong = verify_chain(&conn, &other.verifying_key()).unwrap();
-        assert_eq!(wrong.problem.unwrap().seq, 5);
-        // Only the newest entry of a batch is signed, and the chain must end signed.
-        let signed: Vec<bool> = list_entries(&conn, &AuditFilter::default())
-            .unwrap()
-            .iter()
-            .map(|e| e.signature.is_some())
-            .collect();
-        assert_eq!(signed.iter().filter(|s| **s).count(), 1);
-        conn.execute(
-            "UPDATE audit_log SET result = 'ticket_invalid' WHERE seq = 3",
-            [],
-        )
-        .unwrap();
-        let bad = verify_chain(&conn, &key.verifying_key()).unwrap();
-        assert_eq!(bad.problem.unwrap().seq, 3);
-    }
-
-    fn append_aged(conn: &Connection, key: &IdentityKey, ages_ms: &[i64]) {
-        for at_ms in ages_ms {
-            let event = AuditEvent {
-                at_ms: *at_ms,
-                endpoint: "/v1/credential".into(),
-                result: "ok".into(),
-                ..AuditEvent::default()
-            };
-            append_events(conn, key, [event]).unwrap();
-        }
-    }
-
-    fn prune(conn: &Connection, key: &IdentityKey, before_ms: i64) -> Option<PruneBoundary> {
-        let boundary = prune_boundary(conn, before_ms).unwrap()?;
-        record_prune(conn, key, boundary, "test").unwrap();
-        while delete_pruned(conn, boundary).unwrap() > 0 {}
-        Some(boundary)
-    }
-
-    #[test]
-    fn a_recorded_prune_keeps_the_rest_verifiable() {
-        let conn = db();
-        let key = IdentityKey::generate();
-        append_aged(&conn, &key, &[100, 200, 300, 400, 500]);
-        assert!(prune(&conn, &key, 50).is_none(), "nothing is that old");
-        let boundary = prune(&conn, &key, 350).unwrap();
-        assert_eq!(boundary.through_seq, 3);
-        let seqs: Vec<u64> = list_entries(&conn, &AuditFilter::default())
-            .unwrap()
-            .iter()
-            .map(|e| e.seq)
-            .collect();
-        assert_eq!(seqs, vec![4, 5, 6], "#6 is the prune entry");
-        let ok = verify_chain(&conn, &key.verifying_key()).unwrap();
-        assert!(ok.problem.is_none(), "{:?}", ok.problem);
-        assert_eq!((ok.first_seq, ok.entries, ok.head_seq), (4, 3, 6));
-        // A second prune later: the first prune's entry (#6, written now) is newer, so kept.
-        append_aged(&conn, &key, &[900]);
-        let boundary = prune(&conn, &key, 800).unwrap();
-        assert_eq!(boundary.through_seq, 5);
-        let ok = verify_chain(&conn, &key.verifying_key()).unwrap();
-        assert!(ok.problem.is_none(), "{:?}", ok.problem);
-        assert_eq!(ok.first_seq, 6);
-    }
-
-    #[test]
-    fn dropping_old_entries_without_a_signed_prune_is_detected() {
-        let conn = db();
-        let key = IdentityKey::generate();
-        append_aged(&conn, &key, &[100, 200, 300, 400]);
-        conn.execute("DELETE FROM audit_log WHERE seq <= 2", [])
-            .unwrap();
-        let bad = verify_chain(&conn, &key.verifying_key()).unwrap();
-        assert_eq!(bad.problem.unwrap().seq, 1, "entries missing before #3");
-        // A prune entry names the boundary, but nobody without the identity key can sign it: an
-        // attacker's one (signed with another key) breaks the chain where it stands.
-        let boundary = PruneBoundary {
-            through_seq: 2,
-            hash: {
-                let row: Vec<u8> = conn
-                    .query_row("SELECT prev_hash FROM audit_log WHERE seq = 3", [], |r| {
-                        r.get(0)
-                    })
-                    .unwrap();
-                row.try_into().unwrap()
-            },
-        };
-        let forger = IdentityKey::generate();
-        record_prune(&conn, &forger, boundary, "attacker").unwrap();
-        let bad = verify_chain(&conn, &key.verifying_key()).unwrap();
-        let problem = bad.problem.unwrap();
-        assert_eq!(problem.seq, 5, "{problem:?}");
-        assert!(problem.reason.contains("signature"), "{problem:?}");
-    }
-
-    #[test]
-    fn a_prune_still_deleting_verifies() {
-        let conn = db();
-        let key = IdentityKey::generate();
-        append_aged(&conn, &key, &[100, 200, 300, 400, 500]);
-        let boundary = prune_boundary(&conn, 450).unwrap().unwrap();
-        record_prune(&conn, &key, boundary, "test").unwrap();
-        // Interrupted after deleting part of the range.
-        conn.execute("DELETE FROM audit_log WHERE seq <= 2", [])
-            .unwrap();
-        let ok = verify_chain(&conn, &key.verifying_key()).unwrap();
-        assert!(ok.problem.is_none(), "{:?}", ok.problem);
-        assert_eq!(ok.first_seq, 3);
-    }
-
-    #[test]
-    fn an_unsigned_newest_entry_is_refused() {
-        let conn = db();
-        let key = IdentityKey::generate();
-        let events = (0..3).map(|i| AuditEvent {
-            at_ms: i,
-            endpoint: "/v1/credential".into(),
-            ..AuditEvent::default()
-        });
-        append_events(&conn, &key, events).unwrap();
-        // Dropping the signed newest entry (and fixing the recorded head) leaves an unsigned end.
-        let (hash,): (Vec<u8>,) = conn
-            .query_row("SELECT hash FROM audit_log WHERE seq = 2", [], |r| {
-                Ok((r.get(0)?,))
-            })
-            .unwrap();
-        conn.execute("DELETE FROM audit_log WHERE seq = 3", [])
-            .unwrap();
-        put_setting(&conn, "audit_head", &format!("2:{}", hex::encode(hash))).unwrap();
-        let bad = verify_chain(&conn, &key.verifying_key()).unwrap();
-        assert!(bad.problem.unwrap().reason.contains("no signature"));
     }
 
     #[test]

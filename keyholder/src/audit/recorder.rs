@@ -12,8 +12,8 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Duration, Instant};
 
-use super::{append_events, AuditEvent};
-use crate::store::Store;
+use super::AuditEvent;
+use crate::storage::SharedStorage;
 use crate::vault::keyring::KeyRing;
 
 /// Events queued at most before new ones are counted as dropped.
@@ -47,10 +47,10 @@ impl AuditQueue {
     /// Starts the appending task; `keys` gives the identity key in force at each batch.
     pub fn spawn(
         self,
-        store: Store,
+        storage: SharedStorage,
         keys: impl Fn() -> Arc<KeyRing> + Send + 'static,
     ) -> tokio::task::JoinHandle<()> {
-        tokio::spawn(run(store, keys, self.rx, self.dropped))
+        tokio::spawn(run(storage, keys, self.rx, self.dropped))
     }
 }
 
@@ -85,7 +85,7 @@ impl AuditRecorder {
 }
 
 async fn run(
-    store: Store,
+    storage: SharedStorage,
     keys: impl Fn() -> Arc<KeyRing> + Send + 'static,
     mut rx: mpsc::Receiver<Message>,
     dropped: Arc<AtomicU64>,
@@ -124,11 +124,9 @@ async fn run(
         }
         if !events.is_empty() {
             last_write = Instant::now();
-            let ring = keys();
+            let ring: crate::storage::SharedSigner = keys();
             let count = events.len();
-            let result = store
-                .write(move |conn| append_events(conn, ring.identity(), events))
-                .await;
+            let result = storage.append_audit(events, ring).await;
             if let Err(err) = result {
                 tracing::error!(error = %err, count, "audit entries could not be written");
                 dropped.fetch_add(count as u64, Ordering::Relaxed);
@@ -155,27 +153,26 @@ fn sort_message(
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
-    use crate::audit::{list_entries, verify_chain, AuditFilter};
-    use crate::store::{open_connection, DATABASE_FILE};
+    use crate::audit::AuditFilter;
+    use crate::storage::sqlite::SqliteStorage;
     use crate::vault::keyring::init_or_load;
     use crate::vault::master::MasterKey;
 
     #[tokio::test]
     async fn entries_are_written_at_most_once_an_interval_and_all_on_flush() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let ring = {
-            let conn = open_connection(&dir.path().join(DATABASE_FILE), false).unwrap();
-            Arc::new(
-                init_or_load(&conn, &MasterKey::from_bytes([7; 32]))
-                    .unwrap()
-                    .ring,
-            )
-        };
+        let sqlite = Arc::new(SqliteStorage::open(dir.path()).unwrap());
+        let storage: SharedStorage = sqlite.clone();
+        let ring = Arc::new(
+            init_or_load(storage.as_ref(), &MasterKey::from_bytes([7; 32]))
+                .await
+                .unwrap()
+                .ring,
+        );
         let (recorder, queue) = AuditRecorder::new();
         let keys = Arc::clone(&ring);
-        queue.spawn(store.clone(), move || Arc::clone(&keys));
-        let before = store.commit_stats().jobs;
+        queue.spawn(Arc::clone(&storage), move || Arc::clone(&keys));
+        let before = sqlite.commit_stats().jobs;
         let started = Instant::now();
         // One event every 2 ms for about 200 ms: a write per event would be 100 jobs.
         for i in 0..100 {
@@ -184,22 +181,15 @@ mod tests {
         }
         recorder.flush().await;
         let elapsed = started.elapsed();
-        let jobs = store.commit_stats().jobs - before;
+        let jobs = sqlite.commit_stats().jobs - before;
         let most = elapsed.as_millis() / WRITE_INTERVAL.as_millis() + 2;
         assert!(
             (1..=most as u64).contains(&jobs),
             "{jobs} write jobs in {elapsed:?} (at most {most})"
         );
         let key = ring.identity().verifying_key();
-        let (entries, check) = store
-            .read(move |conn| {
-                Ok((
-                    list_entries(conn, &AuditFilter::default())?,
-                    verify_chain(conn, &key)?,
-                ))
-            })
-            .await
-            .unwrap();
+        let entries = storage.audit_entries(AuditFilter::default()).await.unwrap();
+        let check = storage.verify_audit(key).await.unwrap();
         assert_eq!(entries.len(), 100, "every event is written by the flush");
         assert!(check.problem.is_none(), "{:?}", check.problem);
     }

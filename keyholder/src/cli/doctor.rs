@@ -6,13 +6,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Args;
-use rusqlite::Connection;
 use serde::Serialize;
 
+use crate::audit::AuditFilter;
 use crate::config::{validate_url, DataArgs};
-use crate::store::{self, get_setting};
+use crate::storage::{Setting, Storage};
 use crate::vault::egress;
-use crate::vault::keyring;
 use crate::vault::master::MasterKeySource;
 
 /// The setting recording when `keyholder backup` last wrote a snapshot (unix seconds).
@@ -154,14 +153,15 @@ pub async fn doctor(args: &DoctorArgs) -> anyhow::Result<DoctorReport> {
     let mut report = DoctorReport::default();
     let data_dir = &args.data.data_dir;
     let dir = shell(data_dir);
-    let conn = super::owner::open_database(data_dir)?;
+    let storage = super::session::open_storage(data_dir, false)?;
+    let repos = storage.as_ref();
 
     // `--data-dir DIR` plus the master-key flags this run was given, for remedies that are owner
     // commands needing the key.
     let with_key = format!("{dir}{}", key_flags(&args.data));
     check_master_key_location(&mut report, args, &dir);
     check_permissions(&mut report, args, &dir);
-    let public_url = check_public_url(&mut report, args, &conn)?;
+    let public_url = check_public_url(&mut report, args, repos).await?;
     if args.probe {
         match &public_url {
             Some(url) => probe(&mut report, url, args.probe_ca.as_deref()).await,
@@ -174,11 +174,12 @@ pub async fn doctor(args: &DoctorArgs) -> anyhow::Result<DoctorReport> {
         report.skip("public_url_reachable", "pass --probe");
         report.skip("clock_skew", "pass --probe");
     }
-    check_bound(&mut report, &conn, &with_key)?;
+    check_bound(&mut report, repos, &with_key).await?;
     check_certificate(&mut report, args);
-    check_egress(&mut report, &conn, &with_key)?;
-    check_backup(&mut report, args, &conn, &dir)?;
-    check_audit(&mut report, args, &dir);
+    check_egress(&mut report, repos, &with_key).await?;
+    check_backup(&mut report, args, repos, &dir).await?;
+    check_audit(&mut report, args, &dir).await;
+    storage.close();
     check_disk(&mut report, args);
     report.ok = report.findings.is_empty();
     Ok(report)
@@ -261,7 +262,7 @@ fn check_permissions(report: &mut DoctorReport, args: &DoctorArgs, dir: &str) {
         }
     }
     for suffix in ["", "-wal", "-shm"] {
-        let path = data_dir.join(format!("{}{suffix}", store::DATABASE_FILE));
+        let path = data_dir.join(format!("{}{suffix}", crate::store::DATABASE_FILE));
         if let Some(mode) = mode_of(&path) {
             if mode & 0o077 != 0 {
                 report.finding(
@@ -316,15 +317,15 @@ fn check_permissions(report: &mut DoctorReport, args: &DoctorArgs, dir: &str) {
     }
 }
 
-fn check_public_url(
+async fn check_public_url(
     report: &mut DoctorReport,
     args: &DoctorArgs,
-    conn: &Connection,
+    storage: &dyn Storage,
 ) -> anyhow::Result<Option<String>> {
     let check = "public_url_https";
     let url = match &args.public_url {
         Some(url) => Some(url.clone()),
-        None => get_setting(conn, "public_url")?,
+        None => storage.setting(Setting::PublicUrl).await?,
     };
     let Some(url) = url else {
         report.finding(
@@ -454,8 +455,12 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
-fn check_bound(report: &mut DoctorReport, conn: &Connection, dir: &str) -> anyhow::Result<()> {
-    if get_setting(conn, "bound")?.as_deref() == Some("true") {
+async fn check_bound(
+    report: &mut DoctorReport,
+    storage: &dyn Storage,
+    dir: &str,
+) -> anyhow::Result<()> {
+    if storage.is_bound().await? {
         report.pass("bound");
     } else {
         report.finding(
@@ -515,23 +520,24 @@ fn check_certificate(report: &mut DoctorReport, args: &DoctorArgs) {
 }
 
 /// The credential services that have a stored credential.
-fn stored_services(conn: &Connection) -> anyhow::Result<std::collections::BTreeSet<String>> {
-    let mut stmt = conn.prepare("SELECT key FROM documents WHERE collection = 'tokens'")?;
-    let rows = stmt
-        .query_map([], |r| r.get::<_, String>(0))?
-        .collect::<Result<_, _>>()?;
-    Ok(rows)
+async fn stored_services(
+    storage: &dyn Storage,
+) -> anyhow::Result<std::collections::BTreeSet<String>> {
+    Ok(storage
+        .documents(keyholder_protocol::wire::Collection::Tokens)
+        .await?
+        .into_iter()
+        .map(|d| d.key)
+        .collect())
 }
 
-fn check_egress(report: &mut DoctorReport, conn: &Connection, dir: &str) -> anyhow::Result<()> {
-    let services: Vec<String> = {
-        let mut stmt = conn.prepare("SELECT service FROM egress_policies ORDER BY service")?;
-        let rows = stmt
-            .query_map([], |r| r.get::<_, String>(0))?
-            .collect::<Result<_, _>>()?;
-        rows
-    };
-    let stored = stored_services(conn)?;
+async fn check_egress(
+    report: &mut DoctorReport,
+    storage: &dyn Storage,
+    dir: &str,
+) -> anyhow::Result<()> {
+    let services = storage.egress_services().await?;
+    let stored = stored_services(storage).await?;
     for service in &services {
         if !stored.contains(service) {
             report.finding(
@@ -541,14 +547,19 @@ fn check_egress(report: &mut DoctorReport, conn: &Connection, dir: &str) -> anyh
             );
         }
         // Owner entries count in every mode.
-        let policy = egress::load_policy(conn, service)?;
+        let policy = egress::load_policy(storage, service).await?;
         let origins: Vec<String> = {
-            let mut stmt = conn.prepare(
-                "SELECT DISTINCT upstream FROM audit_log WHERE service = ?1 AND result = 'ok' AND upstream != ''",
-            )?;
-            let rows: Vec<String> = stmt
-                .query_map([service], |r| r.get::<_, String>(0))?
-                .collect::<Result<_, _>>()?;
+            let filter = AuditFilter {
+                service: Some(service.clone()),
+                ..AuditFilter::default()
+            };
+            let rows: std::collections::BTreeSet<String> = storage
+                .audit_entries(filter)
+                .await?
+                .into_iter()
+                .filter(|e| e.event.result == "ok" && !e.event.upstream.is_empty())
+                .map(|e| e.event.upstream)
+                .collect();
             // The audit trail's origins in the egress policy's form (default port written out).
             rows.into_iter()
                 .map(|o| {
@@ -593,17 +604,20 @@ fn check_egress(report: &mut DoctorReport, conn: &Connection, dir: &str) -> anyh
     Ok(())
 }
 
-fn check_backup(
+async fn check_backup(
     report: &mut DoctorReport,
     args: &DoctorArgs,
-    conn: &Connection,
+    storage: &dyn Storage,
     dir: &str,
 ) -> anyhow::Result<()> {
     let check = "backup_age";
     let remedy = format!(
         "`keyholder backup --data-dir {dir} --out /var/backups/keyholder-$(date +%F).db` (daily, e.g. from a timer); keep the master key apart"
     );
-    let last = get_setting(conn, LAST_BACKUP_SETTING)?.and_then(|v| v.parse::<i64>().ok());
+    let last = storage
+        .setting(Setting::LastBackupAt)
+        .await?
+        .and_then(|v| v.parse::<i64>().ok());
     let now = crate::clock::now_unix();
     let max_age = i64::from(args.backup_max_age_days) * 86_400;
     match last {
@@ -626,15 +640,19 @@ fn check_backup(
     Ok(())
 }
 
-fn check_audit(report: &mut DoctorReport, args: &DoctorArgs, dir: &str) {
+async fn check_audit(report: &mut DoctorReport, args: &DoctorArgs, dir: &str) {
     let check = "audit_chain";
-    let opened = super::owner::open_existing(&args.data).and_then(|(conn, master)| {
-        let (ring, _, _) = keyring::load(&conn, &master)?;
-        Ok(crate::audit::verify_chain(
-            &conn,
-            &ring.identity().verifying_key(),
-        )?)
-    });
+    let opened = async {
+        let owner = super::session::Owner::open(&args.data).await?;
+        let ring = owner.ring().await?;
+        Ok::<_, anyhow::Error>(
+            owner
+                .storage()
+                .verify_audit(ring.identity().verifying_key())
+                .await?,
+        )
+    }
+    .await;
     match opened {
         Ok(verification) => match verification.problem {
             None => report.pass(check),
@@ -669,7 +687,7 @@ fn check_disk(report: &mut DoctorReport, args: &DoctorArgs) {
     let db: u64 = ["", "-wal"]
         .iter()
         .filter_map(|s| {
-            std::fs::metadata(data_dir.join(format!("{}{s}", store::DATABASE_FILE))).ok()
+            std::fs::metadata(data_dir.join(format!("{}{s}", crate::store::DATABASE_FILE))).ok()
         })
         .map(|m| m.len())
         .sum();

@@ -8,16 +8,17 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use rusqlite::{Connection, TransactionBehavior};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::audit::{self, AuditEntry, AuditEvent, AuditFilter, AuditVerification};
+use super::session::{block, open_storage, Owner};
+use crate::audit::{self, AuditEntry, AuditFilter, AuditVerification};
 use crate::config::DataArgs;
-use crate::store::{self, backup, get_setting};
+use crate::storage::{Setting, Write};
+use crate::store::backup;
 use crate::vault::import::{self, ImportReport};
 use crate::vault::keyring::{self, KIND_LEGACY};
-use crate::vault::master::{self, load_master_key, MasterKey};
+use crate::vault::master::{self, load_master_key};
 use crate::vault::{pkcs11, platform_keys, reload, rotation};
 
 /// Flags of commands that only need the data folder and its master key.
@@ -343,18 +344,23 @@ pub fn store(args: &StoreArgs, stdin: &mut dyn std::io::Read) -> anyhow::Result<
         Value::String(secret.as_str().to_owned()),
     );
     drop(secret);
-    let (mut conn, master) = open_existing(&args.data)?;
     let service = args.service.clone();
-    let result = owner_change(&mut conn, &master, "store", |tx| {
-        let (ring, _, _) = keyring::load(tx, &master)?;
-        let meta = crate::vault::credentials::store_on_disk(
-            tx,
+    let result = block(async {
+        let owner = Owner::open(&args.data).await?;
+        let ring = owner.ring().await?;
+        let existing = owner
+            .storage()
+            .document(keyholder_protocol::wire::Collection::Tokens, &service)
+            .await?;
+        let (change, meta) = crate::vault::credentials::store_on_disk(
             &ring,
             &service,
             &mut token_data,
+            existing.as_deref(),
             crate::clock::now_unix(),
         )?;
-        Ok((meta, service.clone()))
+        owner.commit("store", &service, change).await?;
+        Ok(meta)
     });
     token_data
         .values_mut()
@@ -364,46 +370,6 @@ pub fn store(args: &StoreArgs, stdin: &mut dyn std::io::Read) -> anyhow::Result<
         service: args.service.clone(),
         meta: result?,
     })
-}
-
-/// Opens an existing data folder (never creates one) and unlocks it with the configured master key.
-pub fn open_existing(data: &DataArgs) -> anyhow::Result<(Connection, MasterKey)> {
-    let mut conn = open_database(&data.data_dir)?;
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let (master, _) = load_master_key(&data.data_dir, &data.master_key_source(), &tx)?;
-    master.check_or_record(&tx)?;
-    tx.commit()?;
-    Ok((conn, master))
-}
-
-/// Opens an existing data folder's database (migrated), without its keys.
-pub fn open_database(data_dir: &Path) -> anyhow::Result<Connection> {
-    let path = data_dir.join(store::DATABASE_FILE);
-    if !path.is_file() {
-        anyhow::bail!(
-            "no keyholder data in {} (expected {}); pass --data-dir or set KEYHOLDER_DATA_DIR",
-            data_dir.display(),
-            path.display()
-        );
-    }
-    let mut conn = store::open_connection(&path, false)?;
-    store::migrate(&mut conn)?;
-    Ok(conn)
-}
-
-/// Runs `f` in one immediate transaction and appends an owner entry to the audit trail with it.
-pub(crate) fn owner_change<T>(
-    conn: &mut Connection,
-    master: &MasterKey,
-    command: &str,
-    f: impl FnOnce(&Connection) -> anyhow::Result<(T, String)>,
-) -> anyhow::Result<T> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let (value, detail) = f(&tx)?;
-    let (ring, _, _) = keyring::load(&tx, master)?;
-    audit::append_events(&tx, ring.identity(), [AuditEvent::owner(command, &detail)])?;
-    tx.commit()?;
-    Ok(value)
 }
 
 /// What `keyholder status` reports.
@@ -445,49 +411,55 @@ pub struct Status {
 
 /// `keyholder status`.
 pub fn status(args: &OwnerArgs) -> anyhow::Result<Status> {
-    let (conn, master) = open_existing(&args.data)?;
-    let (ring, _, webhook_id) = keyring::load(&conn, &master)?;
-    let count = |sql: &str| -> anyhow::Result<u64> {
-        Ok(conn.query_row(sql, [], |r| r.get::<_, i64>(0))?.max(0) as u64)
-    };
-    let legacy: i64 = conn.query_row(
-        "SELECT COUNT(*) FROM keyring WHERE kind = ?1",
-        [KIND_LEGACY],
-        |r| r.get(0),
-    )?;
-    let (reference_key_documents, _) = rotation::platform_v1_in_use(&conn, &ring)?;
-    Ok(Status {
-        bound: get_setting(&conn, "bound")?.as_deref() == Some("true"),
-        platform_scheme: platform_keys::read_scheme(&conn)?.as_str().to_owned(),
-        platform_keys: platform_keys::list_keys(&conn)?
-            .into_iter()
-            .map(|k| k.key_id)
-            .collect(),
-        webhook_id,
-        identity_key_id: ring.identity().key_id(),
-        data_key_versions: ring.data_versions(),
-        current_data_key: ring.current_data_version(),
-        documents_per_key: rotation::versions_in_use(&conn)?
-            .into_iter()
-            .map(|(v, (n, _))| (v, n))
-            .collect(),
-        reference_key: legacy > 0,
-        reference_key_documents,
-        credential_count: count("SELECT COUNT(*) FROM documents WHERE collection = 'tokens'")?,
-        sealed: reload::read_sealed(&conn)?,
-        last_credential_use: audit::last_credential_use(&conn)?
-            .map(|ms| keyholder_protocol::document::format_iso8601(ms.div_euclid(1000))),
-        audit_entries: count("SELECT COUNT(*) FROM audit_log")?,
-        policies: super::policy::views(&conn)?,
+    block(async {
+        let owner = Owner::open(&args.data).await?;
+        let storage = owner.storage();
+        let snapshot = storage.key_ring_snapshot().await?;
+        let (ring, _, webhook_id) = keyring::load(&snapshot, &owner.master)?;
+        let (reference_key_documents, _) = rotation::platform_v1_in_use(storage, &ring).await?;
+        Ok(Status {
+            bound: snapshot.setting(Setting::Bound) == Some("true"),
+            platform_scheme: platform_keys::read_scheme(&snapshot).as_str().to_owned(),
+            platform_keys: platform_keys::list_keys(storage)
+                .await?
+                .into_iter()
+                .map(|k| k.key_id)
+                .collect(),
+            webhook_id,
+            identity_key_id: ring.identity().key_id(),
+            data_key_versions: ring.data_versions(),
+            current_data_key: ring.current_data_version(),
+            documents_per_key: rotation::versions_in_use(storage)
+                .await?
+                .into_iter()
+                .map(|(v, (n, _))| (v, n))
+                .collect(),
+            reference_key: snapshot.keys.iter().any(|k| k.kind == KIND_LEGACY),
+            reference_key_documents,
+            credential_count: storage
+                .count_documents(Some(keyholder_protocol::wire::Collection::Tokens))
+                .await?,
+            sealed: reload::read_sealed(&snapshot),
+            last_credential_use: storage
+                .last_credential_use()
+                .await?
+                .map(|ms| keyholder_protocol::document::format_iso8601(ms.div_euclid(1000))),
+            audit_entries: storage.audit_count().await?,
+            policies: super::policy::views(storage).await?,
+        })
     })
 }
 
 /// `keyholder rotate-key`: returns the new current version.
 pub fn rotate_key(args: &OwnerArgs) -> anyhow::Result<u32> {
-    let (mut conn, master) = open_existing(&args.data)?;
-    owner_change(&mut conn, &master, "rotate-key", |tx| {
-        let version = rotation::rotate_data_key(tx, &master)?;
-        Ok((version, format!("data key v{version}")))
+    block(async {
+        let owner = Owner::open(&args.data).await?;
+        let snapshot = owner.storage().key_ring_snapshot().await?;
+        let (change, version) = rotation::rotate_data_key(&snapshot, &owner.master)?;
+        owner
+            .commit("rotate-key", &format!("data key v{version}"), change)
+            .await?;
+        Ok(version)
     })
 }
 
@@ -517,62 +489,81 @@ pub struct RewrapReport {
 /// over the credentials until none is left under an older key (a server that has not yet noticed a
 /// rotation may write one more under the old key; its next write uses the new one).
 pub fn rewrap(args: &RewrapArgs) -> anyhow::Result<RewrapReport> {
-    let (mut conn, master) = open_existing(&args.data)?;
-    let mut report = RewrapReport::default();
-    for pass in 0..5 {
-        let mut cursor: Option<String> = None;
-        report.failed.clear();
-        loop {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let batch = rotation::rewrap_batch(
-                &tx,
-                &master,
-                cursor.as_deref(),
-                usize::from(args.batch_size),
-            )?;
-            tx.commit()?;
-            report.batches += 1;
-            report.examined += batch.examined;
-            report.rewrapped += batch.rewrapped;
-            report.failed.extend(batch.failed);
-            match batch.last_key {
-                Some(last) if batch.examined == usize::from(args.batch_size) => cursor = Some(last),
-                _ => break,
+    block(async {
+        let owner = Owner::open(&args.data).await?;
+        let storage = owner.storage();
+        let mut report = RewrapReport::default();
+        for pass in 0..5 {
+            let mut cursor: Option<String> = None;
+            report.failed.clear();
+            loop {
+                let (change, batch) = rotation::rewrap_batch(
+                    storage,
+                    &owner.master,
+                    cursor.as_deref(),
+                    usize::from(args.batch_size),
+                )
+                .await?;
+                if batch.rewrapped > 0 {
+                    if let crate::storage::Applied::CheckFailed(_) = storage.apply(change).await? {
+                        // A document changed under the batch (a store by the server): again.
+                        continue;
+                    }
+                }
+                report.batches += 1;
+                report.examined += batch.examined;
+                report.rewrapped += batch.rewrapped;
+                report.failed.extend(batch.failed);
+                match batch.last_key {
+                    Some(last) if batch.examined == usize::from(args.batch_size) => {
+                        cursor = Some(last)
+                    }
+                    _ => break,
+                }
             }
+            let ring = owner.ring().await?;
+            report.current_data_key = ring.current_data_version();
+            report.still_in_use = rotation::versions_in_use(storage)
+                .await?
+                .into_iter()
+                .filter(|(v, _)| *v != report.current_data_key)
+                .map(|(v, (n, _))| (v, n))
+                .collect();
+            report.reference_key = ring.has_platform_v1_key();
+            report.reference_key_documents = rotation::platform_v1_in_use(storage, &ring).await?.0;
+            if (report.still_in_use.is_empty() && report.reference_key_documents == 0) || pass == 4
+            {
+                break;
+            }
+            // Give a server that is about to reload its key ring the moment it needs.
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
         }
-        let (ring, _, _) = keyring::load(&conn, &master)?;
-        report.current_data_key = ring.current_data_version();
-        report.still_in_use = rotation::versions_in_use(&conn)?
-            .into_iter()
-            .filter(|(v, _)| *v != report.current_data_key)
-            .map(|(v, (n, _))| (v, n))
-            .collect();
-        report.reference_key = ring.has_platform_v1_key();
-        report.reference_key_documents = rotation::platform_v1_in_use(&conn, &ring)?.0;
-        if (report.still_in_use.is_empty() && report.reference_key_documents == 0) || pass == 4 {
-            break;
-        }
-        // Give a server that is about to reload its key ring the moment it needs.
-        std::thread::sleep(std::time::Duration::from_millis(300));
-    }
-    let detail = format!(
-        "{} credential(s) under data key v{}",
-        report.rewrapped, report.current_data_key
-    );
-    owner_change(&mut conn, &master, "rewrap", |_| Ok(((), detail)))?;
-    Ok(report)
+        let detail = format!(
+            "{} credential(s) under data key v{}",
+            report.rewrapped, report.current_data_key
+        );
+        // The entry alone (the batches were written and followed already).
+        let note = crate::storage::ChangeSet::default();
+        owner.commit("rewrap", &detail, note).await?;
+        Ok(report)
+    })
 }
 
 /// `keyholder retire-key VERSION|platform-v1`.
 pub fn retire_key(args: &RetireKeyArgs) -> anyhow::Result<()> {
-    let (mut conn, master) = open_existing(&args.data)?;
-    let key = args.key;
-    owner_change(&mut conn, &master, "retire-key", |tx| {
-        match key {
-            RetiredKey::Data(version) => rotation::retire_data_key(tx, version)?,
-            RetiredKey::PlatformV1 => rotation::retire_platform_v1_key(tx, &master)?,
-        }
-        Ok(((), key.to_string()))
+    block(async {
+        let owner = Owner::open(&args.data).await?;
+        let key = args.key;
+        let change = match key {
+            RetiredKey::Data(version) => {
+                rotation::retire_data_key(owner.storage(), version).await?
+            }
+            RetiredKey::PlatformV1 => {
+                rotation::retire_platform_v1_key(owner.storage(), &owner.master).await?
+            }
+        };
+        owner.commit("retire-key", &key.to_string(), change).await?;
+        Ok(())
     })
 }
 
@@ -583,7 +574,6 @@ pub fn rotate_master_key(args: &RotateMasterKeyArgs) -> anyhow::Result<usize> {
     if let Some(uri) = &args.from_pkcs11 {
         current.pkcs11.master_key_pkcs11 = Some(uri.clone());
     }
-    let (mut conn, old) = open_existing(&current)?;
     let (new, salt, sealed) = match (
         &args.new_master_key_file,
         &args.new_passphrase_file,
@@ -602,52 +592,55 @@ pub fn rotate_master_key(args: &RotateMasterKeyArgs) -> anyhow::Result<usize> {
             anyhow::bail!("pass --new-master-key-file, --new-passphrase-file or --to-pkcs11")
         }
     };
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let moved = rotation::rotate_master_key(&tx, &old, &new, salt.as_deref())?;
-    match &sealed {
-        Some(sealed) => store::put_setting(&tx, pkcs11::SEALED_SETTING, sealed)?,
-        None => {
-            tx.execute(
-                "DELETE FROM settings WHERE name = ?1",
-                [pkcs11::SEALED_SETTING],
-            )?;
-        }
-    }
-    let (ring, _, _) = keyring::load(&tx, &new)?;
-    audit::append_events(
-        &tx,
-        ring.identity(),
-        [AuditEvent::owner(
-            "rotate-master-key",
-            &format!("{moved} wrapped value(s)"),
-        )],
-    )?;
-    tx.commit()?;
-    Ok(moved)
+    block(async {
+        let owner = Owner::open(&current).await?;
+        let (mut change, moved) =
+            rotation::rotate_master_key(owner.storage(), &owner.master, &new, salt.as_deref())
+                .await?;
+        change = change.write(match &sealed {
+            Some(sealed) => Write::PutSetting(Setting::Pkcs11SealedMaster, sealed.clone()),
+            None => Write::DeleteSetting(Setting::Pkcs11SealedMaster),
+        });
+        // The entry is signed with the identity key, which the rotation does not change.
+        owner
+            .commit(
+                "rotate-master-key",
+                &format!("{moved} wrapped value(s)"),
+                change,
+            )
+            .await?;
+        Ok(moved)
+    })
 }
 
 /// `keyholder seal` (`sealed = true`) and `keyholder unseal`.
 pub fn set_sealed(args: &OwnerArgs, sealed: bool) -> anyhow::Result<()> {
-    let (mut conn, master) = open_existing(&args.data)?;
-    let command = if sealed { "seal" } else { "unseal" };
-    owner_change(&mut conn, &master, command, |tx| {
-        reload::write_sealed(tx, sealed)?;
-        Ok(((), String::new()))
+    block(async {
+        let owner = Owner::open(&args.data).await?;
+        let command = if sealed { "seal" } else { "unseal" };
+        owner
+            .commit(command, "", reload::write_sealed(sealed))
+            .await?;
+        Ok(())
     })
 }
 
 /// `keyholder backup --out FILE`.
 pub fn backup(args: &BackupArgs) -> anyhow::Result<()> {
-    let conn = open_database(&args.data.data_dir)?;
-    backup::backup_database(&args.data.data_dir.join(store::DATABASE_FILE), &args.out)
-        .with_context(|| format!("backup to {} failed", args.out.display()))?;
+    let storage = open_storage(&args.data.data_dir, false)?;
+    backup::backup_database(
+        &args.data.data_dir.join(crate::store::DATABASE_FILE),
+        &args.out,
+    )
+    .with_context(|| format!("backup to {} failed", args.out.display()))?;
     // For `keyholder doctor`'s backup age (after the snapshot: the backup does not carry it).
-    store::put_setting(
-        &conn,
-        super::doctor::LAST_BACKUP_SETTING,
-        &crate::clock::now_unix().to_string(),
-    )?;
-    Ok(())
+    block(async {
+        storage
+            .put_setting(Setting::LastBackupAt, &crate::clock::now_unix().to_string())
+            .await?;
+        storage.close();
+        Ok(())
+    })
 }
 
 /// What `keyholder restore` found.
@@ -664,50 +657,58 @@ pub struct RestoreReport {
 pub fn restore(args: &RestoreArgs) -> anyhow::Result<RestoreReport> {
     backup::restore_database(&args.from, &args.data.data_dir)
         .with_context(|| format!("restore from {} failed", args.from.display()))?;
-    let conn = open_database(&args.data.data_dir)?;
-    let webhook_id = get_setting(&conn, "webhook_id")?.unwrap_or_default();
-    let master_key_checked =
-        if args.data.master_key_file.is_some() || args.data.passphrase_file.is_some() {
-            let source = args.data.master_key_source();
-            let ok = load_master_key(&args.data.data_dir, &source, &conn)
-                .ok()
-                .is_some_and(|(m, _)| keyring::load(&conn, &m).is_ok());
-            Some(ok)
-        } else {
-            None
-        };
-    Ok(RestoreReport {
-        webhook_id,
-        master_key_checked,
+    let storage = open_storage(&args.data.data_dir, false)?;
+    block(async {
+        let snapshot = storage.key_ring_snapshot().await?;
+        let webhook_id = snapshot
+            .setting(Setting::WebhookId)
+            .unwrap_or_default()
+            .to_string();
+        let master_key_checked =
+            if args.data.master_key_file.is_some() || args.data.passphrase_file.is_some() {
+                let source = args.data.master_key_source();
+                let ok = load_master_key(&args.data.data_dir, &source, &snapshot)
+                    .ok()
+                    .is_some_and(|m| keyring::load(&snapshot, &m.key).is_ok());
+                Some(ok)
+            } else {
+                None
+            };
+        storage.close();
+        Ok(RestoreReport {
+            webhook_id,
+            master_key_checked,
+        })
     })
 }
 
-fn identity_verifying_key(
-    conn: &Connection,
-    master: &MasterKey,
+async fn identity_verifying_key(
+    owner: &Owner,
 ) -> anyhow::Result<(ed25519_dalek::VerifyingKey, String)> {
-    let (ring, _, _) = keyring::load(conn, master)?;
+    let ring = owner.ring().await?;
     Ok((ring.identity().verifying_key(), ring.identity().key_id()))
 }
 
 /// `keyholder audit list`.
 pub fn audit_list(args: &AuditListArgs) -> anyhow::Result<Vec<AuditEntry>> {
-    let (conn, _) = open_existing(&args.data)?;
     let since_ms = match &args.since {
         Some(text) => Some(audit::parse_since(text).ok_or_else(|| {
             anyhow::anyhow!("--since must be unix seconds or YYYY-MM-DDTHH:MM:SSZ")
         })?),
         None => None,
     };
-    Ok(audit::list_entries(
-        &conn,
-        &AuditFilter {
-            service: args.service.clone(),
-            since_ms,
-            limit: args.limit,
-            through_seq: None,
-        },
-    )?)
+    block(async {
+        let owner = Owner::open(&args.data).await?;
+        Ok(owner
+            .storage()
+            .audit_entries(AuditFilter {
+                service: args.service.clone(),
+                since_ms,
+                limit: args.limit,
+                through_seq: None,
+            })
+            .await?)
+    })
 }
 
 /// Characters that must not reach the owner's terminal as they are: C0 and C1 controls and DEL
@@ -775,8 +776,13 @@ pub fn audit_json_line(entry: &AuditEntry) -> anyhow::Result<String> {
 
 /// `keyholder audit export --format jsonl`: writes every entry; returns how many.
 pub fn audit_export(args: &AuditExportArgs, out: &mut dyn std::io::Write) -> anyhow::Result<usize> {
-    let (conn, _) = open_existing(&args.data)?;
-    let entries = audit::list_entries(&conn, &AuditFilter::default())?;
+    let entries = block(async {
+        let owner = Owner::open(&args.data).await?;
+        Ok(owner
+            .storage()
+            .audit_entries(AuditFilter::default())
+            .await?)
+    })?;
     for entry in &entries {
         serde_json::to_writer(&mut *out, entry)?;
         out.write_all(b"\n")?;
@@ -787,80 +793,81 @@ pub fn audit_export(args: &AuditExportArgs, out: &mut dyn std::io::Write) -> any
 
 /// `keyholder audit prune`: verify, export (optional), record the prune, delete in chunks.
 pub fn audit_prune(args: &AuditPruneArgs) -> anyhow::Result<AuditPruneReport> {
-    let (mut conn, master) = open_existing(&args.data)?;
-    let before_ms = audit::now_ms() - i64::from(args.older_than_days) * 86_400_000;
-    let Some(boundary) = audit::prune_boundary(&conn, before_ms)? else {
-        return Ok(AuditPruneReport {
-            removed: 0,
-            through_seq: 0,
-            exported: 0,
-        });
-    };
-    let (key, _) = identity_verifying_key(&conn, &master)?;
-    if let Some(problem) = audit::verify_chain(&conn, &key)?.problem {
-        if !args.force {
-            anyhow::bail!(
-                "the audit chain does not verify at #{} ({}): nothing pruned. Export it \
-                 (`keyholder audit export`) and prune with --force if you must.",
-                problem.seq,
-                problem.reason
-            );
-        }
-    }
-    let mut exported = 0;
-    if let Some(path) = &args.export {
-        let mut options = std::fs::OpenOptions::new();
-        options.write(true).create_new(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            options.mode(0o600);
-        }
-        let file = options
-            .open(path)
-            .with_context(|| format!("cannot create {}", path.display()))?;
-        let mut out = std::io::BufWriter::new(file);
-        let through = AuditFilter {
-            through_seq: Some(boundary.through_seq),
-            ..AuditFilter::default()
+    block(async {
+        let owner = Owner::open(&args.data).await?;
+        let storage = owner.storage();
+        let before_ms = audit::now_ms() - i64::from(args.older_than_days) * 86_400_000;
+        let Some(boundary) = storage.prune_boundary(before_ms).await? else {
+            return Ok(AuditPruneReport {
+                removed: 0,
+                through_seq: 0,
+                exported: 0,
+            });
         };
-        for entry in audit::list_entries(&conn, &through)? {
-            serde_json::to_writer(&mut out, &entry)?;
-            std::io::Write::write_all(&mut out, b"\n")?;
-            exported += 1;
+        let (key, _) = identity_verifying_key(&owner).await?;
+        if let Some(problem) = storage.verify_audit(key).await?.problem {
+            if !args.force {
+                anyhow::bail!(
+                    "the audit chain does not verify at #{} ({}): nothing pruned. Export it \
+                     (`keyholder audit export`) and prune with --force if you must.",
+                    problem.seq,
+                    problem.reason
+                );
+            }
         }
-        let file = out.into_inner().map_err(|e| e.into_error())?;
-        file.sync_all()
-            .with_context(|| format!("cannot fsync {}", path.display()))?;
-    }
-    {
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let (ring, _, _) = keyring::load(&tx, &master)?;
-        audit::record_prune(&tx, ring.identity(), boundary, "cli")?;
-        tx.commit()?;
-    }
-    let mut removed = 0;
-    loop {
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let deleted = audit::delete_pruned(&tx, boundary)?;
-        tx.commit()?;
-        if deleted == 0 {
-            break;
+        let mut exported = 0;
+        if let Some(path) = &args.export {
+            let mut options = std::fs::OpenOptions::new();
+            options.write(true).create_new(true);
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::OpenOptionsExt;
+                options.mode(0o600);
+            }
+            let file = options
+                .open(path)
+                .with_context(|| format!("cannot create {}", path.display()))?;
+            let mut out = std::io::BufWriter::new(file);
+            let through = AuditFilter {
+                through_seq: Some(boundary.through_seq),
+                ..AuditFilter::default()
+            };
+            for entry in storage.audit_entries(through).await? {
+                serde_json::to_writer(&mut out, &entry)?;
+                std::io::Write::write_all(&mut out, b"\n")?;
+                exported += 1;
+            }
+            let file = out.into_inner().map_err(|e| e.into_error())?;
+            file.sync_all()
+                .with_context(|| format!("cannot fsync {}", path.display()))?;
         }
-        removed += deleted;
-    }
-    Ok(AuditPruneReport {
-        removed,
-        through_seq: boundary.through_seq,
-        exported,
+        let signer: crate::storage::SharedSigner = std::sync::Arc::new(owner.ring().await?);
+        storage
+            .append_audit(vec![audit::prune_event(boundary, "cli")], signer)
+            .await?;
+        let mut removed = 0;
+        loop {
+            let deleted = storage.delete_pruned(boundary).await?;
+            if deleted == 0 {
+                break;
+            }
+            removed += deleted;
+        }
+        Ok(AuditPruneReport {
+            removed,
+            through_seq: boundary.through_seq,
+            exported,
+        })
     })
 }
 
 /// `keyholder audit verify`: the verification and the identity key id it used.
 pub fn audit_verify(args: &OwnerArgs) -> anyhow::Result<(AuditVerification, String)> {
-    let (conn, master) = open_existing(&args.data)?;
-    let (key, key_id) = identity_verifying_key(&conn, &master)?;
-    Ok((audit::verify_chain(&conn, &key)?, key_id))
+    block(async {
+        let owner = Owner::open(&args.data).await?;
+        let (key, key_id) = identity_verifying_key(&owner).await?;
+        Ok((owner.storage().verify_audit(key).await?, key_id))
+    })
 }
 
 fn read_json(path: &Path) -> anyhow::Result<zeroize::Zeroizing<String>> {
@@ -889,14 +896,17 @@ pub fn import_reference(args: &ImportReferenceArgs) -> anyhow::Result<ImportRepo
         };
     let keys = import::parse_reference_keys(&key_text)?;
     let collections: Value = serde_json::from_str(&collections_text)?;
-    let (mut conn, master) = open_existing(&args.data)?;
     let force = args.force;
-    owner_change(&mut conn, &master, "import-reference", |tx| {
-        let report = import::import_reference(tx, &master, &keys, &collections, force)?;
+    block(async {
+        let owner = Owner::open(&args.data).await?;
+        let (change, report) =
+            import::import_reference(owner.storage(), &owner.master, &keys, &collections, force)
+                .await?;
         let detail = format!(
             "webhook {}: {} credential(s) re-encrypted",
             report.webhook_id, report.tokens_reencrypted
         );
-        Ok((report, detail))
+        owner.commit("import-reference", &detail, change).await?;
+        Ok(report)
     })
 }

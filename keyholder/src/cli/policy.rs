@@ -5,11 +5,11 @@
 use clap::{ArgGroup, Args, Subcommand};
 use serde::Serialize;
 
-use super::owner::{open_existing, owner_change};
+use super::session::{block, Owner};
 use crate::config::DataArgs;
 use crate::policy::approvals::PendingApproval;
 use crate::policy::{self, Attachment, Delivery, Per, Rules, StoredPolicy, TargetKind};
-use crate::vault::reload::bump_generation;
+use crate::storage::{ChangeSet, Check, Storage, Write};
 
 /// `keyholder policy`.
 #[derive(Debug, Clone, Args)]
@@ -286,56 +286,63 @@ pub enum PolicyOutcome {
 }
 
 /// Every policy with attachments and counts (also for `keyholder status`).
-pub fn views(conn: &rusqlite::Connection) -> anyhow::Result<Vec<PolicyView>> {
-    let attachments = policy::load_attachments(conn)?;
-    policy::load_policies(conn)?
-        .into_iter()
-        .map(|p| {
-            let usage = policy::usage_of(conn, &p.name)?
-                .into_iter()
-                .map(|(target, period, count)| UsageView {
-                    target,
-                    period,
-                    count,
-                })
-                .collect();
-            Ok(PolicyView {
-                attachments: attachments
-                    .iter()
-                    .filter(|a| a.policy == p.name)
-                    .cloned()
-                    .collect(),
-                usage,
-                policy: p,
+pub async fn views(storage: &dyn Storage) -> anyhow::Result<Vec<PolicyView>> {
+    let attachments = policy::load_attachments(storage).await?;
+    let mut out = Vec::new();
+    for p in policy::load_policies(storage).await? {
+        let usage = policy::usage_of(storage, &p.name)
+            .await?
+            .into_iter()
+            .map(|(target, period, count)| UsageView {
+                target,
+                period,
+                count,
             })
-        })
-        .collect()
+            .collect();
+        out.push(PolicyView {
+            attachments: attachments
+                .iter()
+                .filter(|a| a.policy == p.name)
+                .cloned()
+                .collect(),
+            usage,
+            policy: p,
+        });
+    }
+    Ok(out)
 }
 
 /// Runs a policy subcommand.
 pub fn run(args: &PolicyArgs) -> anyhow::Result<PolicyOutcome> {
     match &args.action {
-        PolicyAction::List { data, json } => {
-            let (conn, _) = open_existing(data)?;
-            Ok(PolicyOutcome::Views(views(&conn)?, *json))
-        }
-        PolicyAction::Show { data, name, json } => {
-            let (conn, _) = open_existing(data)?;
-            let view = views(&conn)?
+        PolicyAction::List { data, json } => block(async {
+            let owner = Owner::open(data).await?;
+            Ok(PolicyOutcome::Views(views(owner.storage()).await?, *json))
+        }),
+        PolicyAction::Show { data, name, json } => block(async {
+            let owner = Owner::open(data).await?;
+            let view = views(owner.storage())
+                .await?
                 .into_iter()
                 .find(|v| &v.policy.name == name)
                 .ok_or_else(|| anyhow::anyhow!("no policy '{name}'"))?;
             Ok(PolicyOutcome::Views(vec![view], *json))
-        }
+        }),
         PolicyAction::Create { data, name, rules } => {
             let rules = rules.apply(Rules::default())?;
-            change(data, "policy create", name, |tx| {
-                policy::put_policy(tx, name, &rules, true, "cli")?;
-                Ok(format!("policy '{name}' created"))
+            block(async {
+                let owner = Owner::open(data).await?;
+                let change = policy::put_policy(name, &rules, true, "cli")?;
+                if apply(&owner, "policy create", name, change).await?.is_err() {
+                    return Err(policy::policy_exists(name).into());
+                }
+                Ok(PolicyOutcome::Done(format!("policy '{name}' created")))
             })
         }
-        PolicyAction::Update { data, name, rules } => change(data, "policy update", name, |tx| {
-            let current = policy::load_policies(tx)?
+        PolicyAction::Update { data, name, rules } => block(async {
+            let owner = Owner::open(data).await?;
+            let current = policy::load_policies(owner.storage())
+                .await?
                 .into_iter()
                 .find(|p| &p.name == name)
                 .ok_or_else(|| anyhow::anyhow!("no policy '{name}'"))?;
@@ -343,67 +350,97 @@ pub fn run(args: &PolicyArgs) -> anyhow::Result<PolicyOutcome> {
                 anyhow::bail!("policy '{name}' comes from the policy file (serve --policy-file): edit the file");
             }
             let next = rules.apply(current.rules)?;
-            policy::put_policy(tx, name, &next, false, "cli")?;
-            Ok(format!("policy '{name}' updated"))
+            let change = policy::put_policy(name, &next, false, "cli")?
+                .check(Check::PolicyExists(name.clone(), true));
+            if apply(&owner, "policy update", name, change).await?.is_err() {
+                anyhow::bail!("no policy '{name}'");
+            }
+            Ok(PolicyOutcome::Done(format!("policy '{name}' updated")))
         }),
-        PolicyAction::Delete { data, name } => change(data, "policy delete", name, |tx| {
-            if policy::load_policies(tx)?
+        PolicyAction::Delete { data, name } => block(async {
+            let owner = Owner::open(data).await?;
+            if policy::load_policies(owner.storage())
+                .await?
                 .iter()
                 .any(|p| &p.name == name && p.source == "file")
             {
                 anyhow::bail!("policy '{name}' comes from the policy file (serve --policy-file): edit the file");
             }
-            if !policy::delete_policy(tx, name)? {
+            let change = policy::delete_policy(name).check(Check::PolicyExists(name.clone(), true));
+            if apply(&owner, "policy delete", name, change).await?.is_err() {
                 anyhow::bail!("no policy '{name}'");
             }
-            Ok(format!("policy '{name}' deleted"))
+            Ok(PolicyOutcome::Done(format!("policy '{name}' deleted")))
         }),
         PolicyAction::Attach { data, name, target } => {
             let (kind, target) = target.target()?;
-            change(data, "policy attach", name, |tx| {
-                policy::set_attachment(tx, name, kind, &target, true)?;
-                Ok(format!(
+            block(async {
+                let owner = Owner::open(data).await?;
+                let change = policy::set_attachment(name, kind, &target, true)?;
+                if apply(&owner, "policy attach", name, change).await?.is_err() {
+                    return Err(policy::no_policy(name).into());
+                }
+                Ok(PolicyOutcome::Done(format!(
                     "policy '{name}' attached to {} {target}",
                     kind.as_str()
-                ))
+                )))
             })
         }
         PolicyAction::Detach { data, name, target } => {
             let (kind, target) = target.target()?;
-            change(data, "policy detach", name, |tx| {
-                if policy::load_attachments(tx)?.iter().any(|a| {
-                    &a.policy == name && a.kind == kind && a.target == target && a.source == "file"
-                }) {
+            block(async {
+                let owner = Owner::open(data).await?;
+                if policy::load_attachments(owner.storage())
+                    .await?
+                    .iter()
+                    .any(|a| {
+                        &a.policy == name
+                            && a.kind == kind
+                            && a.target == target
+                            && a.source == "file"
+                    })
+                {
                     anyhow::bail!("this attachment comes from the policy file (serve --policy-file): edit the file");
                 }
-                if !policy::set_attachment(tx, name, kind, &target, false)? {
-                    anyhow::bail!(
+                let not_attached = || {
+                    anyhow::anyhow!(
                         "policy '{name}' is not attached to {} {target}",
                         kind.as_str()
-                    );
+                    )
+                };
+                let change = policy::set_attachment(name, kind, &target, false)?
+                    // Nothing to detach: nothing written (and no audit entry).
+                    .check(Check::AttachmentIs(
+                        name.clone(),
+                        kind.as_str().to_string(),
+                        target.clone(),
+                        true,
+                    ));
+                match apply(&owner, "policy detach", name, change).await? {
+                    Ok(_) => {}
+                    Err(0) => return Err(policy::no_policy(name).into()),
+                    Err(_) => return Err(not_attached()),
                 }
-                Ok(format!(
+                Ok(PolicyOutcome::Done(format!(
                     "policy '{name}' detached from {} {target}",
                     kind.as_str()
-                ))
+                )))
             })
         }
     }
 }
 
-fn change(
-    data: &DataArgs,
+/// Applies a policy change with its owner entry (detail `policy NAME`); `Err(i)`: check `i`
+/// failed and nothing was written.
+async fn apply(
+    owner: &Owner,
     command: &str,
     name: &str,
-    f: impl FnOnce(&rusqlite::Connection) -> anyhow::Result<String>,
-) -> anyhow::Result<PolicyOutcome> {
-    let (mut conn, master) = open_existing(data)?;
-    let line = owner_change(&mut conn, &master, command, |tx| {
-        let line = f(tx)?;
-        bump_generation(tx)?;
-        Ok((line, format!("policy {name}")))
-    })?;
-    Ok(PolicyOutcome::Done(line))
+    change: ChangeSet,
+) -> anyhow::Result<Result<Vec<bool>, usize>> {
+    owner
+        .change(command, &format!("policy {name}"), change)
+        .await
 }
 
 /// Flags of `keyholder approvals`.
@@ -429,26 +466,32 @@ pub struct DecideArgs {
 
 /// `keyholder approvals`: the uses waiting for the owner.
 pub fn approvals(args: &ApprovalsArgs) -> anyhow::Result<Vec<PendingApproval>> {
-    let (conn, _) = open_existing(&args.data)?;
-    Ok(policy::approvals::list_pending(
-        &conn,
-        crate::clock::now_unix(),
-    )?)
+    block(async {
+        let owner = Owner::open(&args.data).await?;
+        Ok(policy::approvals::list_pending(owner.storage(), crate::clock::now_unix()).await?)
+    })
 }
 
 /// `keyholder approve ID` / `keyholder deny ID`.
 pub fn decide(args: &DecideArgs, approve: bool) -> anyhow::Result<String> {
-    let (mut conn, master) = open_existing(&args.data)?;
     let id = args.id.trim().to_string();
     let verb = if approve { "approve" } else { "deny" };
-    owner_change(&mut conn, &master, verb, |tx| {
-        if !policy::approvals::decide(tx, &id, approve, crate::clock::now_unix())? {
+    block(async {
+        let owner = Owner::open(&args.data).await?;
+        let now = crate::clock::now_unix();
+        // The waiting server picks the decision up with the owner generation.
+        let change = ChangeSet::owner()
+            .check(Check::ApprovalPending(id.clone(), now))
+            .write(Write::DecideApproval {
+                id: id.clone(),
+                approve,
+                now,
+            });
+        if owner.change(verb, &id, change).await?.is_err() {
             anyhow::bail!("no pending approval '{id}' (unknown, already decided or expired)");
         }
-        // The waiting server picks the decision up with the owner generation.
-        bump_generation(tx)?;
         let done = if approve { "approved" } else { "denied" };
-        Ok((format!("{id} {done}"), id.clone()))
+        Ok(format!("{id} {done}"))
     })
 }
 

@@ -69,10 +69,7 @@ async fn find(state: &AppState, id: String, token: String) -> Option<PendingAppr
         return None;
     }
     let now = crate::clock::now_unix();
-    state
-        .vault
-        .store()
-        .read(move |conn| approvals::pending_for_link(conn, &id, &token, now))
+    approvals::pending_for_link(state.vault.storage().as_ref(), &id, &token, now)
         .await
         .ok()
         .flatten()
@@ -144,8 +141,8 @@ pub async fn approval_decide(
     let decided_id = id.clone();
     let decided = state
         .vault
-        .store()
-        .write(move |conn| approvals::decide(conn, &decided_id, approve, now))
+        .storage()
+        .decide_approval(&decided_id, approve, now)
         .await;
     match decided {
         Ok(true) => {
@@ -153,7 +150,7 @@ pub async fn approval_decide(
                 .vault
                 .policy
                 .approvals
-                .wake_decided(state.vault.store())
+                .wake_decided(state.vault.storage().as_ref())
                 .await
             {
                 tracing::warn!(error = %err, "could not wake the held request");

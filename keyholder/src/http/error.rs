@@ -7,7 +7,7 @@ use keyholder_protocol::envelope::EnvelopeError;
 use keyholder_protocol::signing::RequestAuthError;
 use keyholder_protocol::{ConstraintError, ErrorBody, ErrorCode, TicketError};
 
-use crate::store::StoreError;
+use crate::storage::StorageError;
 use crate::upstream::UpstreamError;
 use crate::vault::VaultError;
 
@@ -92,8 +92,8 @@ pub enum ApiError {
     Vault(#[from] VaultError),
 }
 
-impl From<StoreError> for ApiError {
-    fn from(err: StoreError) -> Self {
+impl From<StorageError> for ApiError {
+    fn from(err: StorageError) -> Self {
         ApiError::Vault(VaultError::Store(err))
     }
 }
@@ -419,7 +419,9 @@ mod tests {
                 "internal_error",
             ),
             (
-                ApiError::Vault(VaultError::Store(StoreError::WriterGone)),
+                ApiError::Vault(VaultError::Store(StorageError::Unavailable(
+                    "storage writer is not running".into(),
+                ))),
                 503,
                 "storage_unavailable",
             ),
@@ -493,7 +495,7 @@ mod tests {
     fn internal_details_never_reach_the_caller() {
         let err = ApiError::Vault(VaultError::Corrupt("secret path /data/x".into()));
         assert_eq!(err.public_message(), "Internal error");
-        let err = ApiError::Vault(VaultError::Store(StoreError::Commit(
+        let err = ApiError::Vault(VaultError::Store(StorageError::Unavailable(
             "disk I/O error at page 7".into(),
         )));
         assert!(!err.public_message().contains("page 7"));

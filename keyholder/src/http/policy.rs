@@ -97,7 +97,7 @@ pub async fn enforce(
                     .vault
                     .policy
                     .approvals
-                    .hold(state.vault.store(), pending, link_hash)
+                    .hold(state.vault.storage().as_ref(), pending, link_hash)
                     .await
                 {
                     Ok(decision) => decision,
@@ -105,7 +105,7 @@ pub async fn enforce(
                         state
                             .vault
                             .policy
-                            .release(state.vault.store(), admission)
+                            .release(state.vault.storage().as_ref(), admission)
                             .await;
                         return Err(err.into());
                     }
@@ -121,7 +121,7 @@ pub async fn enforce(
                     state
                         .vault
                         .policy
-                        .release(state.vault.store(), admission)
+                        .release(state.vault.storage().as_ref(), admission)
                         .await;
                     state.metrics.policy_decision("approval", "refused");
                     state.notifier.refusal(service, "approval", &asking);
@@ -136,7 +136,7 @@ pub async fn enforce(
             state
                 .vault
                 .policy
-                .record_uses(state.vault.store(), &mut admission)
+                .record_uses(state.vault.storage(), &mut admission)
                 .await?;
             state.metrics.policy_decision("none", "allowed");
             req.extensions_mut().insert(PolicyNote(format!(
@@ -181,7 +181,7 @@ pub async fn settle<T>(
         state
             .vault
             .policy
-            .release(state.vault.store(), admission)
+            .release(state.vault.storage().as_ref(), admission)
             .await;
     }
     result

@@ -7,11 +7,10 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 use tokio::sync::oneshot;
 
-use crate::store::{Store, StoreError};
+use crate::storage::{ApprovalDecision, ApprovalRow, Storage, StorageError};
 use crate::vault::VaultError;
 
 /// A use waiting for the owner.
@@ -53,11 +52,43 @@ pub struct Approvals {
     waiters: Mutex<HashMap<String, oneshot::Sender<Decision>>>,
 }
 
-fn parse_decision(text: &str) -> Decision {
-    match text {
-        "approved" => Decision::Approved,
-        "denied" => Decision::Denied,
-        _ => Decision::TimedOut,
+impl From<ApprovalDecision> for Decision {
+    fn from(decision: ApprovalDecision) -> Decision {
+        match decision {
+            ApprovalDecision::Approved => Decision::Approved,
+            ApprovalDecision::Denied => Decision::Denied,
+            ApprovalDecision::TimedOut => Decision::TimedOut,
+        }
+    }
+}
+
+impl From<PendingApproval> for ApprovalRow {
+    fn from(p: PendingApproval) -> ApprovalRow {
+        ApprovalRow {
+            id: p.id,
+            policy: p.policy,
+            service: p.service,
+            agent: p.agent,
+            client: p.client,
+            endpoint: p.endpoint,
+            created_at: p.created_at,
+            expires_at: p.expires_at,
+        }
+    }
+}
+
+impl From<ApprovalRow> for PendingApproval {
+    fn from(p: ApprovalRow) -> PendingApproval {
+        PendingApproval {
+            id: p.id,
+            policy: p.policy,
+            service: p.service,
+            agent: p.agent,
+            client: p.client,
+            endpoint: p.endpoint,
+            created_at: p.created_at,
+            expires_at: p.expires_at,
+        }
     }
 }
 
@@ -70,7 +101,7 @@ impl Approvals {
     /// Records `pending` and waits for the owner's decision until its expiry.
     pub async fn hold(
         &self,
-        store: &Store,
+        storage: &dyn Storage,
         pending: PendingApproval,
         link_hash: [u8; 32],
     ) -> Result<Decision, VaultError> {
@@ -80,17 +111,7 @@ impl Approvals {
         }
         let id = pending.id.clone();
         let wait = Duration::from_secs((pending.expires_at - pending.created_at).max(1) as u64);
-        let row = pending.clone();
-        let inserted = store
-            .write(move |conn| {
-                conn.execute(
-                    "INSERT INTO policy_approvals (id, policy, service, agent, client, endpoint, created_at, expires_at, link_hash)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-                    params![row.id, row.policy, row.service, row.agent, row.client, row.endpoint, row.created_at, row.expires_at, link_hash.to_vec()],
-                )?;
-                Ok(())
-            })
-            .await;
+        let inserted = storage.insert_approval(pending.into(), link_hash).await;
         if let Err(err) = inserted {
             self.forget(&id);
             return Err(err.into());
@@ -100,20 +121,10 @@ impl Approvals {
             // Timed out (or the waiter was dropped): close it unless the owner decided just now.
             _ => {
                 self.forget(&id);
-                let id = id.clone();
-                store
-                    .write(move |conn| {
-                        let changed = conn.execute(
-                            "UPDATE policy_approvals SET decision = 'timeout', decided_at = ?2
-                             WHERE id = ?1 AND decision IS NULL",
-                            params![id, crate::clock::now_unix()],
-                        )?;
-                        if changed > 0 {
-                            return Ok(Decision::TimedOut);
-                        }
-                        Ok(decision_of(conn, &id)?.unwrap_or(Decision::TimedOut))
-                    })
+                storage
+                    .time_out_approval(&id, crate::clock::now_unix())
                     .await?
+                    .into()
             }
         };
         Ok(decision)
@@ -126,26 +137,16 @@ impl Approvals {
     }
 
     /// Wakes the requests whose approval the owner decided (after an owner-generation change).
-    pub async fn wake_decided(&self, store: &Store) -> Result<(), StoreError> {
+    pub async fn wake_decided(&self, storage: &dyn Storage) -> Result<(), StorageError> {
         let ids: Vec<String> = match self.waiters.lock() {
             Ok(waiters) if !waiters.is_empty() => waiters.keys().cloned().collect(),
             _ => return Ok(()),
         };
-        let decided = store
-            .read(move |conn| {
-                let mut out = Vec::new();
-                for id in ids {
-                    if let Some(d) = decision_of(conn, &id)? {
-                        out.push((id, d));
-                    }
-                }
-                Ok(out)
-            })
-            .await?;
+        let decided = storage.approval_decisions(&ids).await?;
         if let Ok(mut waiters) = self.waiters.lock() {
             for (id, decision) in decided {
                 if let Some(tx) = waiters.remove(&id) {
-                    let _ = tx.send(decision);
+                    let _ = tx.send(decision.into());
                 }
             }
         }
@@ -153,87 +154,31 @@ impl Approvals {
     }
 }
 
-fn decision_of(conn: &Connection, id: &str) -> Result<Option<Decision>, StoreError> {
-    let text: Option<Option<String>> = conn
-        .query_row(
-            "SELECT decision FROM policy_approvals WHERE id = ?1",
-            [id],
-            |r| r.get(0),
-        )
-        .optional()?;
-    Ok(text.flatten().map(|t| parse_decision(&t)))
-}
-
 /// Uses waiting for the owner now (the CLI's `keyholder approvals`).
-pub fn list_pending(conn: &Connection, now: i64) -> Result<Vec<PendingApproval>, StoreError> {
-    let mut stmt = conn.prepare(
-        "SELECT id, policy, service, agent, client, endpoint, created_at, expires_at
-         FROM policy_approvals WHERE decision IS NULL AND expires_at > ?1 ORDER BY created_at, id",
-    )?;
-    let rows = stmt.query_map([now], |r| {
-        Ok(PendingApproval {
-            id: r.get(0)?,
-            policy: r.get(1)?,
-            service: r.get(2)?,
-            agent: r.get(3)?,
-            client: r.get(4)?,
-            endpoint: r.get(5)?,
-            created_at: r.get(6)?,
-            expires_at: r.get(7)?,
-        })
-    })?;
-    rows.collect::<Result<Vec<_>, _>>().map_err(Into::into)
-}
-
-/// Decides a pending use (the owner's `approve`/`deny`): false if it is unknown, already decided
-/// or expired. Old decided rows are pruned on the way.
-pub fn decide(conn: &Connection, id: &str, approve: bool, now: i64) -> Result<bool, StoreError> {
-    let changed = conn.execute(
-        "UPDATE policy_approvals SET decision = ?2, decided_at = ?3
-         WHERE id = ?1 AND decision IS NULL AND expires_at > ?3",
-        params![id, if approve { "approved" } else { "denied" }, now],
-    )?;
-    conn.execute(
-        "DELETE FROM policy_approvals WHERE expires_at < ?1",
-        [now - 86_400],
-    )?;
-    Ok(changed > 0)
+pub async fn list_pending(
+    storage: &dyn Storage,
+    now: i64,
+) -> Result<Vec<PendingApproval>, StorageError> {
+    Ok(storage
+        .pending_approvals(now)
+        .await?
+        .into_iter()
+        .map(PendingApproval::from)
+        .collect())
 }
 
 /// The pending use `id` if `token` is its link's token (compared in constant time).
-pub fn pending_for_link(
-    conn: &Connection,
+pub async fn pending_for_link(
+    storage: &dyn Storage,
     id: &str,
     token: &str,
     now: i64,
-) -> Result<Option<PendingApproval>, StoreError> {
+) -> Result<Option<PendingApproval>, StorageError> {
     use sha2::Digest as _;
     use subtle::ConstantTimeEq as _;
-    let row: Option<(Vec<u8>, PendingApproval)> = conn
-        .query_row(
-            "SELECT link_hash, id, policy, service, agent, client, endpoint, created_at, expires_at
-             FROM policy_approvals WHERE id = ?1 AND decision IS NULL AND expires_at > ?2",
-            params![id, now],
-            |r| {
-                Ok((
-                    r.get(0)?,
-                    PendingApproval {
-                        id: r.get(1)?,
-                        policy: r.get(2)?,
-                        service: r.get(3)?,
-                        agent: r.get(4)?,
-                        client: r.get(5)?,
-                        endpoint: r.get(6)?,
-                        created_at: r.get(7)?,
-                        expires_at: r.get(8)?,
-                    },
-                ))
-            },
-        )
-        .optional()?;
-    let Some((stored, pending)) = row else {
+    let Some((pending, stored)) = storage.pending_approval(id, now).await? else {
         return Ok(None);
     };
     let given = sha2::Sha256::digest(token.as_bytes());
-    Ok(bool::from(stored.as_slice().ct_eq(given.as_slice())).then_some(pending))
+    Ok(bool::from(stored.as_slice().ct_eq(given.as_slice())).then(|| pending.into()))
 }

@@ -17,7 +17,8 @@
 
 use std::path::Path;
 
-use rusqlite::{params, Connection};
+use crate::storage::{AttachmentRow, ChangeSet, Check, Storage, Write};
+
 use serde::Deserialize;
 
 use super::{put_policy, Delivery, Per, Rules, TargetKind};
@@ -138,39 +139,43 @@ pub fn read(path: &Path) -> Result<Vec<Declared>, VaultError> {
     Ok(out)
 }
 
-/// Replaces the file-declared policies and attachments with `declared` (one transaction).
-pub fn apply(conn: &Connection, declared: &[Declared]) -> Result<(), VaultError> {
-    conn.execute("DELETE FROM policy_attachments WHERE source = 'file'", [])?;
-    let old: Vec<String> = conn
-        .prepare("SELECT name FROM policies WHERE source = 'file'")?
-        .query_map([], |r| r.get(0))?
-        .collect::<Result<_, _>>()?;
-    for name in old {
-        if !declared.iter().any(|(n, _, _)| *n == name) {
-            super::delete_policy(conn, &name)?;
+/// The change that replaces the file-declared policies and attachments with `declared` (one
+/// transaction, checked against the policies as read).
+pub async fn apply(storage: &dyn Storage, declared: &[Declared]) -> Result<ChangeSet, VaultError> {
+    let stored = super::load_policies(storage).await?;
+    let source_of = |name: &str| {
+        stored
+            .iter()
+            .find(|p| p.name == name)
+            .map(|p| p.source.clone())
+    };
+    let mut change = ChangeSet::owner().write(Write::DeleteAttachmentsOf("file".into()));
+    for old in stored.iter().filter(|p| p.source == "file") {
+        if !declared.iter().any(|(n, _, _)| *n == old.name) {
+            change = change
+                .check(Check::PolicyExists(old.name.clone(), true))
+                .write(Write::DeletePolicy(old.name.clone()));
         }
     }
     for (name, rules, targets) in declared {
-        let source: Option<String> = conn
-            .query_row("SELECT source FROM policies WHERE name = ?1", [name], |r| {
-                r.get(0)
-            })
-            .ok();
+        let source = source_of(name);
         if source.as_deref() == Some("cli") {
             return Err(VaultError::Invalid(format!(
                 "policy '{name}' is declared in the policy file and was also made with the CLI; \
                  delete one of them"
             )));
         }
-        put_policy(conn, name, rules, source.is_none(), "file")?;
+        let put = put_policy(name, rules, source.is_none(), "file")?;
+        change.checks.extend(put.checks);
+        change.writes.extend(put.writes);
         for (kind, target) in targets {
-            conn.execute(
-                "INSERT OR REPLACE INTO policy_attachments (policy, kind, target, source)
-                 VALUES (?1, ?2, ?3, 'file')",
-                params![name, kind.as_str(), target],
-            )?;
+            change = change.write(Write::ReplaceAttachment(AttachmentRow {
+                policy: name.clone(),
+                kind: kind.as_str().to_string(),
+                target: target.clone(),
+                source: "file".into(),
+            }));
         }
     }
-    crate::vault::reload::bump_generation(conn)?;
-    Ok(())
+    Ok(change)
 }

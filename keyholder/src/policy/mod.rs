@@ -17,11 +17,12 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
-use rusqlite::{params, Connection};
 use serde::Serialize;
 use tokio::sync::oneshot;
 
-use crate::store::{Store, StoreError};
+use crate::storage::{
+    AttachmentRow, ChangeSet, Check, PolicyRow, Storage, StorageError, UsageCounter, Write,
+};
 use crate::vault::VaultError;
 pub use rules::{Compiled, Delivery, Per, Rules};
 
@@ -47,12 +48,14 @@ impl TargetKind {
         }
     }
 
-    fn parse(text: &str) -> Result<TargetKind, StoreError> {
+    fn parse(text: &str) -> Result<TargetKind, StorageError> {
         match text {
             "service" => Ok(TargetKind::Service),
             "agent" => Ok(TargetKind::Agent),
             "proxy" => Ok(TargetKind::Proxy),
-            other => Err(StoreError::Corrupt(format!("policy target kind '{other}'"))),
+            other => Err(StorageError::Corrupt(format!(
+                "policy target kind '{other}'"
+            ))),
         }
     }
 }
@@ -131,12 +134,8 @@ pub struct Admission {
     durable: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct UsageKey {
-    policy: String,
-    target: String,
-    period: String,
-}
+/// A usage counter: policy, target and period.
+type UsageKey = UsageCounter;
 
 #[derive(Debug, Default, Clone, Copy)]
 struct UsageCount {
@@ -173,16 +172,18 @@ pub struct PolicyEngine {
     batch: Arc<Mutex<UsageBatch>>,
 }
 
-/// Usage increments waiting for the writer (see [`PolicyEngine::record_uses`]).
+/// Usage increments waiting for storage (see [`PolicyEngine::record_uses`]).
 #[derive(Default)]
 struct UsageBatch {
     increments: HashMap<UsageKey, u64>,
     waiters: Vec<oneshot::Sender<Result<(), String>>>,
-    /// A job is queued and has not been taken by the writer yet.
-    queued: bool,
-    /// Batches taken by the writer so far.
-    taken: u64,
+    /// Batches handed to storage and not yet answered.
+    in_flight: usize,
 }
+
+/// Batches of increments handed to storage at once: one being committed and the next queued
+/// behind it (so it joins the following group commit); later uses gather until one is answered.
+const USAGE_BATCHES_IN_FLIGHT: usize = 2;
 
 fn target_label(kind: TargetKind, target: &str) -> String {
     format!("{}:{target}", kind.as_str())
@@ -197,16 +198,8 @@ impl PolicyEngine {
     }
 
     /// Re-reads policies, attachments and durable counts (at start and on every owner change).
-    pub async fn reload(&self, store: &Store) -> Result<(), VaultError> {
-        let (policies, attachments, usage) = store
-            .read(|conn| {
-                Ok((
-                    load_policies(conn)?,
-                    load_attachments(conn)?,
-                    load_usage(conn)?,
-                ))
-            })
-            .await?;
+    pub async fn reload(&self, storage: &dyn Storage) -> Result<(), VaultError> {
+        let (policies, attachments, usage) = load(storage).await?;
         let entries: BTreeMap<String, Arc<Entry>> = policies
             .into_iter()
             .map(|p| {
@@ -268,7 +261,7 @@ impl PolicyEngine {
             Ok(mut guard) => *guard = next,
             Err(poisoned) => *poisoned.into_inner() = next,
         }
-        self.approvals.wake_decided(store).await?;
+        self.approvals.wake_decided(storage).await?;
         Ok(())
     }
 
@@ -432,14 +425,14 @@ impl PolicyEngine {
     /// counter per commit, not per use), and each resolves once that commit is on disk.
     pub async fn record_uses(
         &self,
-        store: &Store,
+        storage: &Arc<dyn Storage>,
         admission: &mut Admission,
     ) -> Result<(), VaultError> {
         if admission.uses.is_empty() {
             return Ok(());
         }
         let (tx, rx) = oneshot::channel();
-        let queue = {
+        let start = {
             let Ok(mut batch) = self.batch.lock() else {
                 return Err(VaultError::Corrupt("usage batch lock".into()));
             };
@@ -447,15 +440,21 @@ impl PolicyEngine {
                 *batch.increments.entry(key.clone()).or_default() += 1;
             }
             batch.waiters.push(tx);
-            (!std::mem::replace(&mut batch.queued, true)).then_some(batch.taken)
+            let start = batch.in_flight < USAGE_BATCHES_IN_FLIGHT;
+            if start {
+                batch.in_flight += 1;
+            }
+            start
         };
-        if let Some(taken_before) = queue {
-            self.queue_batch(store, taken_before);
+        if start {
+            tokio::spawn(flush_usage(Arc::clone(&self.batch), Arc::clone(storage)));
         }
         let written = match rx.await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(text)) => Err(VaultError::Store(StoreError::Corrupt(text))),
-            Err(_) => Err(VaultError::Store(StoreError::WriterGone)),
+            Ok(Err(text)) => Err(VaultError::Store(StorageError::Unavailable(text))),
+            Err(_) => Err(VaultError::Store(StorageError::Unavailable(
+                "usage counts not written".into(),
+            ))),
         };
         if let Ok(mut usage) = self.usage.lock() {
             for key in &admission.uses {
@@ -478,71 +477,8 @@ impl PolicyEngine {
         }
     }
 
-    fn queue_batch(&self, store: &Store, taken_before: u64) {
-        let batch = Arc::clone(&self.batch);
-        let job = store.submit(move |conn| {
-            let (increments, waiters) = match batch.lock() {
-                Ok(mut b) => {
-                    b.queued = false;
-                    b.taken += 1;
-                    (
-                        std::mem::take(&mut b.increments),
-                        std::mem::take(&mut b.waiters),
-                    )
-                }
-                Err(_) => return Err(StoreError::Corrupt("usage batch lock".into())),
-            };
-            // All or none of this batch, whatever else shares the commit.
-            conn.execute_batch("SAVEPOINT policy_usage")?;
-            let mut written = Ok(());
-            for (key, n) in &increments {
-                if let Err(err) = conn.execute(
-                    "INSERT INTO policy_usage (policy, target, period, count) VALUES (?1, ?2, ?3, ?4)
-                     ON CONFLICT(policy, target, period) DO UPDATE SET count = count + ?4",
-                    params![key.policy, key.target, key.period, *n as i64],
-                ) {
-                    written = Err(err.to_string());
-                    break;
-                }
-            }
-            if written.is_ok() {
-                conn.execute_batch("RELEASE policy_usage")?;
-            } else {
-                conn.execute_batch("ROLLBACK TO policy_usage; RELEASE policy_usage")?;
-            }
-            Ok((waiters, written))
-        });
-        let batch = Arc::clone(&self.batch);
-        let fail_untaken = move || {
-            // The writer never took the batch: fail its waiters and let the next use queue anew.
-            if let Ok(mut b) = batch.lock() {
-                if b.taken == taken_before {
-                    b.queued = false;
-                    b.increments.clear();
-                    b.waiters.clear();
-                }
-            }
-        };
-        match job {
-            Ok(pending) => {
-                tokio::spawn(async move {
-                    match pending.await {
-                        Ok((waiters, written)) => {
-                            for waiter in waiters {
-                                let _ = waiter.send(written.clone());
-                            }
-                        }
-                        // Taken and dropped with the failed commit: its waiters see an error.
-                        Err(_) => fail_untaken(),
-                    }
-                });
-            }
-            Err(_) => fail_untaken(),
-        }
-    }
-
     /// Gives back the counts of a use that did not happen after all (it failed after admission).
-    pub async fn release(&self, store: &Store, admission: Admission) {
+    pub async fn release(&self, storage: &dyn Storage, admission: Admission) {
         if admission.uses.is_empty() {
             return;
         }
@@ -555,19 +491,7 @@ impl PolicyEngine {
             }
             return;
         }
-        let keys = admission.uses.clone();
-        let result = store
-            .write(move |conn| {
-                for key in &keys {
-                    conn.execute(
-                        "UPDATE policy_usage SET count = MAX(count - 1, 0)
-                         WHERE policy = ?1 AND target = ?2 AND period = ?3",
-                        params![key.policy, key.target, key.period],
-                    )?;
-                }
-                Ok(())
-            })
-            .await;
+        let result = storage.release_usage(admission.uses.clone()).await;
         match result {
             Ok(()) => {
                 if let Ok(mut usage) = self.usage.lock() {
@@ -695,80 +619,87 @@ pub struct Attachment {
     pub source: String,
 }
 
+/// Policies (decoded), attachments and durable counts, from one storage snapshot.
+async fn load(
+    storage: &dyn Storage,
+) -> Result<(Vec<StoredPolicy>, Vec<Attachment>, Vec<(UsageKey, u64)>), VaultError> {
+    let snapshot = storage.policy_snapshot().await?;
+    let policies = snapshot
+        .policies
+        .into_iter()
+        .map(
+            |PolicyRow {
+                 name,
+                 rules,
+                 source,
+             }| {
+                let rules: Rules = serde_json::from_str(&rules)
+                    .map_err(|e| StorageError::Corrupt(format!("policy '{name}': {e}")))?;
+                Ok(StoredPolicy {
+                    name,
+                    rules,
+                    source,
+                })
+            },
+        )
+        .collect::<Result<Vec<_>, StorageError>>()?;
+    let attachments = snapshot
+        .attachments
+        .into_iter()
+        .map(|a| {
+            Ok(Attachment {
+                policy: a.policy,
+                kind: TargetKind::parse(&a.kind)?,
+                target: a.target,
+                source: a.source,
+            })
+        })
+        .collect::<Result<Vec<_>, StorageError>>()?;
+    Ok((policies, attachments, snapshot.usage))
+}
+
 /// Every stored policy, by name.
-pub fn load_policies(conn: &Connection) -> Result<Vec<StoredPolicy>, StoreError> {
-    let mut stmt = conn.prepare("SELECT name, rules, source FROM policies ORDER BY name")?;
-    let rows = stmt.query_map([], |r| {
-        Ok((
-            r.get::<_, String>(0)?,
-            r.get::<_, String>(1)?,
-            r.get::<_, String>(2)?,
-        ))
-    })?;
-    let mut out = Vec::new();
-    for row in rows {
-        let (name, rules, source) = row?;
-        let rules: Rules = serde_json::from_str(&rules)
-            .map_err(|e| StoreError::Corrupt(format!("policy '{name}': {e}")))?;
-        out.push(StoredPolicy {
-            name,
-            rules,
-            source,
-        });
-    }
-    Ok(out)
+pub async fn load_policies(storage: &dyn Storage) -> Result<Vec<StoredPolicy>, VaultError> {
+    Ok(load(storage).await?.0)
 }
 
 /// Every attachment.
-pub fn load_attachments(conn: &Connection) -> Result<Vec<Attachment>, StoreError> {
-    let mut stmt = conn.prepare(
-        "SELECT policy, kind, target, source FROM policy_attachments ORDER BY policy, kind, target",
-    )?;
-    let rows = stmt.query_map([], |r| {
-        Ok((
-            r.get::<_, String>(0)?,
-            r.get::<_, String>(1)?,
-            r.get::<_, String>(2)?,
-            r.get::<_, String>(3)?,
-        ))
-    })?;
-    let mut out = Vec::new();
-    for row in rows {
-        let (policy, kind, target, source) = row?;
-        out.push(Attachment {
-            policy,
-            kind: TargetKind::parse(&kind)?,
-            target,
-            source,
-        });
-    }
-    Ok(out)
-}
-
-fn load_usage(conn: &Connection) -> Result<Vec<(UsageKey, u64)>, StoreError> {
-    let mut stmt = conn.prepare("SELECT policy, target, period, count FROM policy_usage")?;
-    let rows = stmt.query_map([], |r| {
-        Ok((
-            UsageKey {
-                policy: r.get(0)?,
-                target: r.get(1)?,
-                period: r.get(2)?,
-            },
-            r.get::<_, i64>(3)?.max(0) as u64,
-        ))
-    })?;
-    rows.collect::<Result<Vec<_>, _>>().map_err(Into::into)
+pub async fn load_attachments(storage: &dyn Storage) -> Result<Vec<Attachment>, VaultError> {
+    Ok(load(storage).await?.1)
 }
 
 /// Durable usage counts of a policy: (target, period, count).
-pub fn usage_of(conn: &Connection, policy: &str) -> Result<Vec<(String, String, u64)>, StoreError> {
-    let mut stmt = conn.prepare(
-        "SELECT target, period, count FROM policy_usage WHERE policy = ?1 ORDER BY target, period",
-    )?;
-    let rows = stmt.query_map([policy], |r| {
-        Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)?.max(0) as u64))
-    })?;
-    rows.collect::<Result<Vec<_>, _>>().map_err(Into::into)
+pub async fn usage_of(
+    storage: &dyn Storage,
+    policy: &str,
+) -> Result<Vec<(String, String, u64)>, VaultError> {
+    Ok(storage.usage_of(policy).await?)
+}
+
+/// Hands the gathered increments to storage until none are left, answering their waiters.
+async fn flush_usage(batch: Arc<Mutex<UsageBatch>>, storage: Arc<dyn Storage>) {
+    loop {
+        let (increments, waiters) = match batch.lock() {
+            Ok(mut b) if !b.waiters.is_empty() => (
+                std::mem::take(&mut b.increments),
+                std::mem::take(&mut b.waiters),
+            ),
+            Ok(mut b) => {
+                b.in_flight = b.in_flight.saturating_sub(1);
+                return;
+            }
+            Err(_) => return,
+        };
+        // One call, all or none of this batch, whatever else shares the commit.
+        let written = storage
+            .add_usage(increments.into_iter().collect())
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string());
+        for waiter in waiters {
+            let _ = waiter.send(written.clone());
+        }
+    }
 }
 
 /// Validates a policy name: 1-64 characters of `[A-Za-z0-9._-]`.
@@ -786,78 +717,78 @@ pub fn validate_name(name: &str) -> Result<(), VaultError> {
     Ok(())
 }
 
-/// Creates (`create = true`, refusing an existing name) or replaces a policy's rules.
+/// The change that creates (`create = true`: only if no policy has the name) or replaces a
+/// policy's rules.
 pub fn put_policy(
-    conn: &Connection,
     name: &str,
     rules: &Rules,
     create: bool,
     source: &str,
-) -> Result<(), VaultError> {
+) -> Result<ChangeSet, VaultError> {
     validate_name(name)?;
     rules.compile()?;
-    let exists: bool = conn.query_row(
-        "SELECT EXISTS(SELECT 1 FROM policies WHERE name = ?1)",
-        [name],
-        |r| r.get(0),
-    )?;
-    if create && exists {
-        return Err(VaultError::Invalid(format!(
-            "policy '{name}' exists already (use `keyholder policy update`)"
-        )));
-    }
-    if !create && !exists {
-        return Err(VaultError::Invalid(format!("no policy '{name}'")));
-    }
     let text = serde_json::to_string(rules).map_err(|e| VaultError::Corrupt(e.to_string()))?;
-    conn.execute(
-        "INSERT INTO policies (name, rules, source, updated_at) VALUES (?1, ?2, ?3, ?4)
-         ON CONFLICT(name) DO UPDATE SET rules = ?2, source = ?3, updated_at = ?4",
-        params![name, text, source, crate::clock::now_unix()],
-    )?;
-    Ok(())
+    let mut change = ChangeSet::owner();
+    if create {
+        change = change.check(Check::PolicyExists(name.to_string(), false));
+    }
+    Ok(change.write(Write::PutPolicy(
+        PolicyRow {
+            name: name.to_string(),
+            rules: text,
+            source: source.to_string(),
+        },
+        crate::clock::now_unix(),
+    )))
 }
 
-/// Deletes a policy with its attachments and counts; false if there was none.
-pub fn delete_policy(conn: &Connection, name: &str) -> Result<bool, VaultError> {
-    let n = conn.execute("DELETE FROM policies WHERE name = ?1", [name])?;
-    conn.execute("DELETE FROM policy_attachments WHERE policy = ?1", [name])?;
-    conn.execute("DELETE FROM policy_usage WHERE policy = ?1", [name])?;
-    Ok(n > 0)
+/// The error of a create that found the name taken.
+pub fn policy_exists(name: &str) -> VaultError {
+    VaultError::Invalid(format!(
+        "policy '{name}' exists already (use `keyholder policy update`)"
+    ))
 }
 
-/// Attaches (or detaches) a policy; returns whether anything changed.
+/// The change that deletes a policy with its attachments and counts (its write reports whether
+/// there was one).
+pub fn delete_policy(name: &str) -> ChangeSet {
+    ChangeSet::owner().write(Write::DeletePolicy(name.to_string()))
+}
+
+/// The change that attaches (or detaches) a policy, only while it exists (its write reports
+/// whether anything changed).
 pub fn set_attachment(
-    conn: &Connection,
     name: &str,
     kind: TargetKind,
     target: &str,
     attach: bool,
-) -> Result<bool, VaultError> {
+) -> Result<ChangeSet, VaultError> {
     if target.is_empty() || target.len() > 256 {
         return Err(VaultError::Invalid(format!(
             "{} '{target}': expected 1-256 characters",
             kind.as_str()
         )));
     }
-    let exists: bool = conn.query_row(
-        "SELECT EXISTS(SELECT 1 FROM policies WHERE name = ?1)",
-        [name],
-        |r| r.get(0),
-    )?;
-    if !exists {
-        return Err(VaultError::Invalid(format!("no policy '{name}'")));
-    }
-    let n = if attach {
-        conn.execute(
-            "INSERT OR IGNORE INTO policy_attachments (policy, kind, target) VALUES (?1, ?2, ?3)",
-            params![name, kind.as_str(), target],
-        )?
+    let write = if attach {
+        Write::Attach(AttachmentRow {
+            policy: name.to_string(),
+            kind: kind.as_str().to_string(),
+            target: target.to_string(),
+            source: "cli".to_string(),
+        })
     } else {
-        conn.execute(
-            "DELETE FROM policy_attachments WHERE policy = ?1 AND kind = ?2 AND target = ?3",
-            params![name, kind.as_str(), target],
-        )?
+        Write::Detach(
+            name.to_string(),
+            kind.as_str().to_string(),
+            target.to_string(),
+        )
     };
-    Ok(n > 0)
+    Ok(ChangeSet::owner()
+        .check(Check::PolicyExists(name.to_string(), true))
+        .write(write))
+}
+
+/// The error of an attachment change for a policy that does not exist.
+pub fn no_policy(name: &str) -> VaultError {
+    VaultError::Invalid(format!("no policy '{name}'"))
 }

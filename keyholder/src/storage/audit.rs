@@ -33,6 +33,9 @@ pub trait AuditLog: Send + Sync {
     /// Entries in chain order, filtered.
     async fn audit_entries(&self, filter: AuditFilter) -> StorageResult<Vec<AuditEntry>>;
 
+    /// Number of entries held.
+    async fn audit_count(&self) -> StorageResult<u64>;
+
     /// Unix time (ms) of the newest successful credential use.
     async fn last_credential_use(&self) -> StorageResult<Option<i64>>;
 

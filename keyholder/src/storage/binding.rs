@@ -44,10 +44,22 @@ pub enum ExchangeInstall {
     /// HMAC binding keeping the current secret.
     KeepHmac,
     /// HMAC binding with the code's pending secret as the new current secret (older ones dropped).
-    NewHmac(WrappedKey),
+    NewHmac {
+        /// The secret wrapped as the next `hmac` version.
+        key: WrappedKey,
+        /// SHA-256 (hex) of the secret.
+        hash: String,
+    },
     /// Asymmetric binding: this key is the only platform key, and this fresh (never handed out)
     /// HMAC secret replaces every older one.
-    Ed25519(StoredPlatformKey, WrappedKey),
+    Ed25519 {
+        /// The platform key.
+        platform_key: StoredPlatformKey,
+        /// The fresh secret wrapped as the next `hmac` version.
+        key: WrappedKey,
+        /// SHA-256 (hex) of the secret.
+        hash: String,
+    },
 }
 
 /// One exchange, applied in one transaction by [`Binding::exchange`].
@@ -104,6 +116,9 @@ pub trait Binding: Send + Sync {
     /// Consumes a code and installs the binding, all in one transaction; the code is used at most
     /// once whatever runs concurrently.
     async fn exchange(&self, exchange: Exchange) -> StorageResult<ExchangeOutcome>;
+
+    /// Every code still holding a wrapped pending secret: (code hash, wrapped secret).
+    async fn pending_secrets(&self) -> StorageResult<Vec<(String, Vec<u8>)>>;
 
     /// The platform's active public keys, oldest first.
     async fn platform_keys(&self) -> StorageResult<Vec<StoredPlatformKey>>;

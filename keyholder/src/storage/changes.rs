@@ -28,6 +28,10 @@ pub enum Check {
     LatestKeyVersion(String, u32),
     /// A policy of this name exists (`true`) or not (`false`).
     PolicyExists(String, bool),
+    /// An attachment (policy, kind, target) exists (`true`) or not (`false`).
+    AttachmentIs(String, String, String, bool),
+    /// The active platform keys are exactly these ids (any order).
+    PlatformKeysAre(Vec<String>),
     /// An approval of this id is undecided and unexpired at this unix time.
     ApprovalPending(String, i64),
 }

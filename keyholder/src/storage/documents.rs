@@ -52,6 +52,34 @@ pub struct CredentialDocument {
     pub now: i64,
 }
 
+/// A compare-and-swap of one document.
+#[derive(Debug, Clone)]
+pub struct DocumentSwap {
+    /// Collection.
+    pub collection: Collection,
+    /// Key.
+    pub key: String,
+    /// The text the document must still hold.
+    pub expected: String,
+    /// Its replacement.
+    pub doc: String,
+    /// Unix time of the write.
+    pub now: i64,
+    /// The data key version `doc` was sealed under, if it must still be current.
+    pub data_version: Option<u32>,
+}
+
+/// What [`Documents::swap_document`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SwapOutcome {
+    /// Replaced.
+    Swapped,
+    /// The document no longer reads `expected` (or is gone): nothing written.
+    Changed,
+    /// The data key version moved: nothing written.
+    KeyRingChanged,
+}
+
 /// The documents repository.
 #[async_trait]
 pub trait Documents: Send + Sync {
@@ -88,16 +116,9 @@ pub trait Documents: Send + Sync {
     /// Deletes a document (a missing one is not an error); durable on return.
     async fn delete_document(&self, collection: Collection, key: &str) -> StorageResult<()>;
 
-    /// Replaces a document only if it still reads `expected` (compare and swap); true when
-    /// replaced.
-    async fn replace_document(
-        &self,
-        collection: Collection,
-        key: &str,
-        expected: &str,
-        doc: &str,
-        now: i64,
-    ) -> StorageResult<bool>;
+    /// Replaces a document only if it still reads `expected` (compare and swap) and, when
+    /// `data_version` is given, that data key version is still current.
+    async fn swap_document(&self, swap: DocumentSwap) -> StorageResult<SwapOutcome>;
 
     /// Writes a sealed credential in one transaction: checks the data key version and (with
     /// `create_only`) absence, upserts, clears the service's legacy-minting mark.

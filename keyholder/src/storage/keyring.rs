@@ -1,9 +1,12 @@
 //! The key ring as stored: keys wrapped by the master key, by kind and version, and where each
 //! imported platform v1 ciphertext belongs.
 
+use std::collections::HashMap;
+
 use async_trait::async_trait;
 
-use super::StorageResult;
+use super::binding::StoredPlatformKey;
+use super::{Setting, StorageResult};
 
 /// A wrapped key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,10 +32,41 @@ pub struct ImportedField {
     pub field: String,
 }
 
+/// Everything the key ring, the binding and the seal are rebuilt from, read in one snapshot (at
+/// start and whenever the owner generation moves).
+#[derive(Debug, Clone, Default)]
+pub struct KeyRingSnapshot {
+    /// Every setting that is set.
+    pub settings: HashMap<Setting, String>,
+    /// Every wrapped key.
+    pub keys: Vec<WrappedKey>,
+    /// Where imported v1 ciphertexts belong.
+    pub imported: Vec<ImportedField>,
+    /// The platform's public keys, oldest first.
+    pub platform_keys: Vec<StoredPlatformKey>,
+}
+
+impl KeyRingSnapshot {
+    /// A setting's value.
+    pub fn setting(&self, setting: Setting) -> Option<&str> {
+        self.settings.get(&setting).map(String::as_str)
+    }
+
+    /// A wrapped key.
+    pub fn key(&self, kind: &str, version: u32) -> Option<&WrappedKey> {
+        self.keys
+            .iter()
+            .find(|k| k.kind == kind && k.version == version)
+    }
+}
+
 /// The key-ring repository. Writes go through [`super::ChangeSet`] (every key change is an owner
 /// change, applied with its audit entry and a generation bump).
 #[async_trait]
 pub trait KeyRingStore: Send + Sync {
+    /// Settings, keys, imported fields and platform keys in one snapshot.
+    async fn key_ring_snapshot(&self) -> StorageResult<KeyRingSnapshot>;
+
     /// Every wrapped key, by kind then version.
     async fn wrapped_keys(&self) -> StorageResult<Vec<WrappedKey>>;
 

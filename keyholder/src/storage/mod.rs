@@ -31,11 +31,12 @@ pub use binding::{
 };
 pub use changes::{Applied, ChangeSet, ChangeSets, Check, Write};
 pub use documents::{
-    CredentialDocument, CredentialWrite, DocumentChange, Documents, ScannedDocument, StoredDocument,
+    CredentialDocument, CredentialWrite, DocumentChange, DocumentSwap, Documents, ScannedDocument,
+    StoredDocument, SwapOutcome,
 };
 pub use egress::{EgressRow, EgressStore, PinRow, RefusalRow};
 pub use error::{StorageError, StorageResult};
-pub use keyring::{ImportedField, KeyRingStore, WrappedKey};
+pub use keyring::{ImportedField, KeyRingSnapshot, KeyRingStore, WrappedKey};
 pub use oauth::{OAuthClientRow, OAuthClients};
 pub use policies::{
     ApprovalDecision, ApprovalRow, AttachmentRow, PolicyRow, PolicySnapshot, PolicyStore,

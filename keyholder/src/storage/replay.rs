@@ -54,6 +54,18 @@ impl ReplayKind {
     }
 }
 
+/// The 8-byte key a mark is kept under: the first 8 bytes of the SHA-256 of its id. Fixed size
+/// (a fifth of a `String` entry) whatever the id's length. A collision could only refuse a fresh
+/// id as a replay (never accept a replay), ids and nonces are chosen by the signer, and with
+/// millions of live marks the chance that a fresh id collides is about one in 10^12.
+pub fn mark_key(id: &str) -> u64 {
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(id.as_bytes());
+    let mut key = [0u8; 8];
+    key.copy_from_slice(&digest[..8]);
+    u64::from_le_bytes(key)
+}
+
 /// One mark: its kind, the 8-byte key of its id (first 8 bytes of SHA-256), its expiry (unix s).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Mark {

@@ -58,7 +58,7 @@ fn copy_all(source: &Connection, dest: &mut Connection) -> Result<(), StoreError
             _ => std::thread::sleep(Duration::from_millis(10)),
         }
     }
-    Err(StoreError::Commit(
+    Err(StoreError::Unavailable(
         "the database stayed busy; backup not taken".into(),
     ))
 }

@@ -8,15 +8,14 @@
 //! exchanged last is the one in force, so a re-bind can switch either way.
 
 use keyholder_protocol::{binding, HmacSecret, PlatformPublicKey};
-use rusqlite::{params, Connection, OptionalExtension};
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
-use super::keyring::{install_hmac_secret, KIND_HMAC};
+use super::keyring::{wrap_key, KIND_HMAC};
 use super::master::MasterKey;
 use super::platform_keys::{self, PlatformScheme};
-use super::{from_store, into_store, BindingState, Vault, VaultError};
-use crate::store::{get_setting, put_setting};
+use super::{BindingState, Vault, VaultError};
+use crate::storage::{BindCode, Exchange, ExchangeInstall, ExchangeOutcome, Setting, Storage};
 
 /// A freshly issued bind code, as `keyholder bind` prints it.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -49,11 +48,11 @@ pub(crate) fn pending_kind(hash: &str) -> String {
     format!("bind:{hash}")
 }
 
-/// Issues a bind code (the owner's CLI, on its own connection to a possibly running server's
-/// database). A plain code is refused once bound; `rebind` makes a code whose exchange installs a
-/// new HMAC secret. With `platform_key` the code is for an asymmetric binding to that key.
-pub fn issue_bind_code(
-    conn: &Connection,
+/// Issues a bind code (the owner's CLI, on storage a server may be using). A plain code is
+/// refused once bound; `rebind` makes a code whose exchange installs a new HMAC secret. With
+/// `platform_key` the code is for an asymmetric binding to that key.
+pub async fn issue_bind_code(
+    storage: &dyn Storage,
     master: &MasterKey,
     rebind: bool,
     platform_key: Option<&PlatformPublicKey>,
@@ -61,64 +60,53 @@ pub fn issue_bind_code(
     frontend: &str,
     now: i64,
 ) -> Result<IssuedCode, VaultError> {
-    let bound = get_setting(conn, "bound")?.as_deref() == Some("true");
-    if bound && !rebind {
+    if storage.is_bound().await? && !rebind {
         return Err(VaultError::AlreadyBound);
     }
     let code = uuid::Uuid::new_v4().to_string();
     let hash = code_hash(&code);
     let ttl = keyholder_protocol::paths::BIND_CODE_TTL_SECS;
-    if let Some(key) = platform_key {
-        conn.execute(
-            "INSERT INTO bind_codes(code_hash, created_at, expires_at, used_at, rebind, hmac_hash, pending_secret, platform_key)
-             VALUES (?1, ?2, ?3, NULL, ?4, '', NULL, ?5)",
-            params![hash, now, now + ttl, rebind, key.as_bytes().as_slice()],
-        )?;
-        conn.execute(
-            "DELETE FROM bind_codes WHERE expires_at < ?1",
-            [now - 86_400],
-        )?;
-        put_setting(conn, "public_url", public_url)?;
-        put_setting(conn, "frontend_url", frontend)?;
-        return Ok(IssuedCode {
-            bind_page_url: format!("{}/bind?code={}", public_url.trim_end_matches('/'), code),
-            registration_url: binding::registration_url_for_platform_key(
-                frontend,
-                &code,
-                public_url,
-                key.key_id(),
-            ),
-            code,
-            expires_in: ttl,
-            expires_at: now + ttl,
-            rebind,
-            platform_key_id: Some(key.key_id().to_owned()),
-        });
-    }
-    let secret = if rebind {
-        HmacSecret::generate()
-    } else {
-        let (_, current, _) = super::keyring::load(conn, master)?;
-        current
+    // What the code's link names: the platform key, or the secret the exchange hands out (a new
+    // one for a re-bind code, kept wrapped until then).
+    let (hmac_hash, pending_secret, registration_url) = match platform_key {
+        Some(key) => (
+            String::new(),
+            None,
+            binding::registration_url_for_platform_key(frontend, &code, public_url, key.key_id()),
+        ),
+        None => {
+            let secret = if rebind {
+                HmacSecret::generate()
+            } else {
+                super::keyring::load_current(storage, master).await?.1
+            };
+            let pending = if rebind {
+                Some(master.wrap(&pending_kind(&hash), 0, secret.expose())?)
+            } else {
+                None
+            };
+            let url = binding::registration_url(frontend, &code, public_url, &secret);
+            (secret.sha256_hex(), pending, url)
+        }
     };
-    let pending = if rebind {
-        Some(master.wrap(&pending_kind(&hash), 0, secret.expose())?)
-    } else {
-        None
-    };
-    conn.execute(
-        "INSERT INTO bind_codes(code_hash, created_at, expires_at, used_at, rebind, hmac_hash, pending_secret)
-         VALUES (?1, ?2, ?3, NULL, ?4, ?5, ?6)",
-        params![hash, now, now + ttl, rebind, secret.sha256_hex(), pending],
-    )?;
-    // Forget long-dead codes so the table stays small.
-    conn.execute(
-        "DELETE FROM bind_codes WHERE expires_at < ?1",
-        [now - 86_400],
-    )?;
-    put_setting(conn, "public_url", public_url)?;
-    put_setting(conn, "frontend_url", frontend)?;
-    let registration_url = binding::registration_url(frontend, &code, public_url, &secret);
+    storage
+        .insert_bind_code(
+            BindCode {
+                code_hash: hash,
+                created_at: now,
+                expires_at: now + ttl,
+                used_at: None,
+                rebind,
+                hmac_hash,
+                pending_secret,
+                platform_key: platform_key.map(|k| k.as_bytes().to_vec()),
+            },
+            // Forget long-dead codes so the table stays small.
+            now - 86_400,
+            public_url,
+            frontend,
+        )
+        .await?;
     Ok(IssuedCode {
         bind_page_url: format!("{}/bind?code={}", public_url.trim_end_matches('/'), code),
         code,
@@ -126,19 +114,8 @@ pub fn issue_bind_code(
         expires_in: ttl,
         expires_at: now + ttl,
         rebind,
-        platform_key_id: None,
+        platform_key_id: platform_key.map(|k| k.key_id().to_owned()),
     })
-}
-
-/// A bind code row: expiry, use time, re-bind flag, wrapped pending secret, platform key.
-type CodeRow = (i64, Option<i64>, bool, Option<Vec<u8>>, Option<Vec<u8>>);
-
-enum ExchangeStep {
-    /// HMAC binding: the secret to hand out.
-    Hmac(Zeroizing<String>),
-    /// Asymmetric binding to this key; the fresh (never handed out) HMAC secret.
-    Ed25519(PlatformPublicKey, HmacSecret),
-    Refused(VaultError),
 }
 
 /// What the platform receives from a successful exchange.
@@ -149,86 +126,104 @@ pub struct Exchanged {
     pub webhook_id: String,
 }
 
+/// The error of a refused exchange (`None`: exchanged).
+fn refusal(outcome: ExchangeOutcome) -> Option<VaultError> {
+    match outcome {
+        ExchangeOutcome::Exchanged => None,
+        ExchangeOutcome::Expired => Some(VaultError::CodeExpired),
+        ExchangeOutcome::Used => Some(VaultError::CodeUsed),
+        ExchangeOutcome::AlreadyBound => Some(VaultError::AlreadyBound),
+        ExchangeOutcome::MasterKeyChanged => Some(VaultError::WrongMasterKey),
+        ExchangeOutcome::KeyRingChanged => Some(VaultError::KeyRingChanged),
+    }
+}
+
+/// How an exchange ends, once storage has answered.
+enum Bound {
+    Hmac(HmacSecret),
+    Ed25519(Box<PlatformPublicKey>, HmacSecret),
+}
+
 impl Vault {
     /// Consumes a bind code and returns the HMAC secret the platform will sign with. A re-bind
     /// code installs its new secret in the same transaction, so the old one stops working now.
     pub async fn exchange(&self, code: &str) -> Result<Exchanged, VaultError> {
         let hash = code_hash(code);
         let now = crate::clock::now_unix();
-        let bound_now = self.binding().bound;
+        let storage = self.storage();
+        // The install is prepared from the code as read; storage applies it only if the code is
+        // still unused, the master key unchanged and the HMAC versions as read.
+        let Some(stored) = storage.bind_code(&hash).await? else {
+            return Err(VaultError::CodeExpired);
+        };
         let master = self.master();
-        let step = self
-            .store()
-            .write(move |conn| {
-                let row: Option<CodeRow> = conn
-                    .query_row(
-                        "SELECT expires_at, used_at, rebind, pending_secret, platform_key FROM bind_codes WHERE code_hash = ?1",
-                        [&hash],
-                        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
-                    )
-                    .optional()?;
-                let Some((expires_at, used_at, rebind, pending, platform_key)) = row else {
-                    return Ok(ExchangeStep::Refused(VaultError::CodeExpired));
+        let snapshot = storage.key_ring_snapshot().await?;
+        // Never wrap with a master key the owner has rotated away (see `reload`): with a stale
+        // key nothing is installed, and storage refuses the exchange after its bound check.
+        let Ok(master_check) = master.check(snapshot.setting(Setting::MasterCheck)) else {
+            let outcome = storage
+                .exchange(Exchange {
+                    code_hash: hash,
+                    now,
+                    bound_in_memory: self.binding().bound,
+                    master_check: String::new(),
+                    install: ExchangeInstall::KeepHmac,
+                })
+                .await?;
+            return Err(refusal(outcome).unwrap_or(VaultError::WrongMasterKey));
+        };
+        let latest_hmac = snapshot
+            .keys
+            .iter()
+            .filter(|k| k.kind == KIND_HMAC)
+            .map(|k| k.version)
+            .max()
+            .unwrap_or(0);
+        let (install, bound) = match (&stored.platform_key, &stored.pending_secret) {
+            (Some(raw), _) => {
+                let key = PlatformPublicKey::parse(raw)
+                    .map_err(|_| VaultError::Corrupt("bind code platform key".into()))?;
+                // Nobody ever receives this secret, and it is never accepted in this scheme;
+                // replacing it drops whatever secret an earlier HMAC platform held.
+                let secret = HmacSecret::generate();
+                let install = ExchangeInstall::Ed25519 {
+                    platform_key: platform_keys::stored(&key, now),
+                    key: wrap_key(&master, KIND_HMAC, latest_hmac + 1, secret.expose())?,
+                    hash: secret.sha256_hex(),
                 };
-                if used_at.is_some() {
-                    return Ok(ExchangeStep::Refused(VaultError::CodeUsed));
-                }
-                if expires_at < now {
-                    return Ok(ExchangeStep::Refused(VaultError::CodeExpired));
-                }
-                conn.execute("UPDATE bind_codes SET used_at = ?1 WHERE code_hash = ?2", params![now, hash])?;
-                let bound = get_setting(conn, "bound")?.as_deref() == Some("true");
-                if (bound || bound_now) && !rebind {
-                    return Ok(ExchangeStep::Refused(VaultError::AlreadyBound));
-                }
-                let master: &MasterKey = &master;
-                // Never wrap with a master key the owner has rotated away (see `reload`).
-                master.check_or_record(conn).map_err(into_store)?;
-                if let Some(raw) = platform_key {
-                    let key = PlatformPublicKey::parse(&raw)
-                        .map_err(|_| into_store(VaultError::Corrupt("bind code platform key".into())))?;
-                    // Nobody ever receives this secret, and it is never accepted in this scheme;
-                    // replacing it drops whatever secret an earlier HMAC platform held.
-                    let secret = HmacSecret::generate();
-                    install_hmac_secret(conn, master, &secret).map_err(into_store)?;
-                    conn.execute(
-                        "DELETE FROM keyring WHERE kind = ?1 AND version < (SELECT MAX(version) FROM keyring WHERE kind = ?1)",
-                        [KIND_HMAC],
-                    )?;
-                    platform_keys::install_for_binding(conn, &key, now).map_err(into_store)?;
-                    put_setting(conn, "bound", "true")?;
-                    put_setting(conn, "bound_at", &now.to_string())?;
-                    return Ok(ExchangeStep::Ed25519(key, secret));
-                }
-                platform_keys::switch_to_hmac(conn).map_err(into_store)?;
-                let secret = match pending {
-                    Some(wrapped) => {
-                        let plain = master.unwrap_key(&pending_kind(&hash), 0, &wrapped).map_err(into_store)?;
-                        let secret = HmacSecret::from_slice(&plain)
-                            .map_err(|_| into_store(VaultError::Corrupt("pending secret".into())))?;
-                        install_hmac_secret(conn, master, &secret).map_err(into_store)?;
-                        // Old secrets are of no further use: remove them.
-                        conn.execute(
-                            "DELETE FROM keyring WHERE kind = ?1 AND version < (SELECT MAX(version) FROM keyring WHERE kind = ?1)",
-                            [KIND_HMAC],
-                        )?;
-                        conn.execute("UPDATE bind_codes SET pending_secret = NULL WHERE code_hash = ?1", [&hash])?;
-                        secret
-                    }
-                    None => super::keyring::load(conn, master).map_err(into_store)?.1,
+                (install, Bound::Ed25519(Box::new(key), secret))
+            }
+            (None, Some(wrapped)) => {
+                let plain = master.unwrap_key(&pending_kind(&hash), 0, wrapped)?;
+                let secret = HmacSecret::from_slice(&plain)
+                    .map_err(|_| VaultError::Corrupt("pending secret".into()))?;
+                let install = ExchangeInstall::NewHmac {
+                    key: wrap_key(&master, KIND_HMAC, latest_hmac + 1, secret.expose())?,
+                    hash: secret.sha256_hex(),
                 };
-                put_setting(conn, "bound", "true")?;
-                put_setting(conn, "bound_at", &now.to_string())?;
-                Ok(ExchangeStep::Hmac(secret.to_base64()))
+                (install, Bound::Hmac(secret))
+            }
+            (None, None) => {
+                let (_, secret, _) = super::keyring::load(&snapshot, &master)?;
+                (ExchangeInstall::KeepHmac, Bound::Hmac(secret))
+            }
+        };
+        let outcome = storage
+            .exchange(Exchange {
+                code_hash: hash,
+                now,
+                bound_in_memory: self.binding().bound,
+                master_check,
+                install,
             })
-            .await
-            .map_err(from_store)?;
+            .await?;
+        if let Some(err) = refusal(outcome) {
+            return Err(err);
+        }
         let webhook_id = self.binding().webhook_id.clone();
-        match step {
-            ExchangeStep::Refused(err) => Err(err),
-            ExchangeStep::Hmac(secret_base64) => {
-                let secret = HmacSecret::from_base64(&secret_base64)
-                    .map_err(|_| VaultError::Corrupt("secret encoding".into()))?;
+        match bound {
+            Bound::Hmac(secret) => {
+                let secret_base64 = secret.to_base64();
                 self.set_binding(BindingState {
                     bound: true,
                     webhook_id: webhook_id.clone(),
@@ -241,13 +236,13 @@ impl Vault {
                     webhook_id,
                 })
             }
-            ExchangeStep::Ed25519(key, secret) => {
+            Bound::Ed25519(key, secret) => {
                 self.set_binding(BindingState {
                     bound: true,
                     webhook_id: webhook_id.clone(),
                     hmac: secret,
                     scheme: PlatformScheme::Ed25519,
-                    platform_keys: vec![key],
+                    platform_keys: vec![*key],
                 });
                 Ok(Exchanged {
                     secret_base64: None,
@@ -259,30 +254,39 @@ impl Vault {
 
     /// The registration link for a live, unused code (for the `/bind` page), or `None`.
     pub async fn bind_link(&self, code: &str) -> Result<Option<String>, VaultError> {
-        let hash = code_hash(code);
+        let storage = self.storage();
         let now = crate::clock::now_unix();
-        let code = code.to_string();
-        Ok(self
-            .store()
-            .read(move |conn| {
-                let row: Option<(String, Option<Vec<u8>>)> = conn
-                    .query_row(
-                        "SELECT hmac_hash, platform_key FROM bind_codes WHERE code_hash = ?1 AND used_at IS NULL AND expires_at >= ?2",
-                        params![hash, now],
-                        |r| Ok((r.get(0)?, r.get(1)?)),
-                    )
-                    .optional()?;
-                let Some((hmac_hash, platform_key)) = row else { return Ok(None) };
-                let public = get_setting(conn, "public_url")?.unwrap_or_default();
-                let frontend = get_setting(conn, "frontend_url")?
-                    .unwrap_or_else(|| keyholder_protocol::paths::DEFAULT_FRONTEND.to_string());
-                if let Some(key) = platform_key.and_then(|raw| PlatformPublicKey::parse(&raw).ok()) {
-                    return Ok(Some(binding::registration_url_for_platform_key(
-                        &frontend, &code, &public, key.key_id(),
-                    )));
-                }
-                Ok(Some(binding::registration_url_for_hash(&frontend, &code, &public, &hmac_hash)))
-            })
-            .await?)
+        let Some(stored) = storage.bind_code(&code_hash(code)).await? else {
+            return Ok(None);
+        };
+        if stored.used_at.is_some() || stored.expires_at < now {
+            return Ok(None);
+        }
+        let urls = storage
+            .settings(&[Setting::PublicUrl, Setting::FrontendUrl])
+            .await?;
+        let mut urls = urls.into_iter();
+        let public = urls.next().flatten().unwrap_or_default();
+        let frontend = urls
+            .next()
+            .flatten()
+            .unwrap_or_else(|| keyholder_protocol::paths::DEFAULT_FRONTEND.to_string());
+        if let Some(key) = stored
+            .platform_key
+            .and_then(|raw| PlatformPublicKey::parse(&raw).ok())
+        {
+            return Ok(Some(binding::registration_url_for_platform_key(
+                &frontend,
+                code,
+                &public,
+                key.key_id(),
+            )));
+        }
+        Ok(Some(binding::registration_url_for_hash(
+            &frontend,
+            code,
+            &public,
+            &stored.hmac_hash,
+        )))
     }
 }

@@ -7,11 +7,11 @@ use std::sync::Arc;
 
 use keyholder_protocol::document::is_sensitive;
 use keyholder_protocol::wire::{Collection, ListOptions, ListPage, Pagination};
-use rusqlite::{params, OptionalExtension};
 use serde_json::{Map, Value};
 
 use super::doc_cache::CachedList;
 use super::{Vault, VaultError};
+use crate::storage::StoredDocument;
 
 /// Longest accepted document key.
 pub const MAX_KEY_LEN: usize = 256;
@@ -46,20 +46,11 @@ impl Vault {
         key: String,
     ) -> Result<Option<Arc<Value>>, VaultError> {
         validate_key(&key)?;
-        if let Some(cached) = self.cache.get(collection, &key) {
+        if let Some(cached) = self.documents.cached(collection, &key) {
             return Ok(cached);
         }
-        let epoch = self.cache.epoch();
-        let lookup = key.clone();
-        let text: Option<String> = self
-            .store()
-            .read(move |conn| {
-                Ok(conn
-                    .prepare_cached("SELECT doc FROM documents WHERE collection = ?1 AND key = ?2")?
-                    .query_row(params![collection.as_str(), lookup], |r| r.get(0))
-                    .optional()?)
-            })
-            .await?;
+        let epoch = self.documents.epoch();
+        let text = self.documents.read(collection, &key).await?;
         let mut cacheable = true;
         let doc = match text {
             Some(t) => {
@@ -79,7 +70,7 @@ impl Vault {
             None => None,
         };
         if cacheable {
-            self.cache.put(collection, &key, doc.clone(), epoch);
+            self.documents.fill(collection, &key, doc.clone(), epoch);
         }
         Ok(doc)
     }
@@ -95,21 +86,14 @@ impl Vault {
         if !data.is_object() {
             return Err(VaultError::Invalid("'data' must be a JSON object".into()));
         }
-        let text = data.to_string();
-        let now = crate::clock::now_unix();
-        let written = key.clone();
-        self.store()
-            .write(move |conn| {
-                conn.execute(
-                    "INSERT INTO documents(collection, key, doc, updated_at) VALUES (?1, ?2, ?3, ?4)
-                     ON CONFLICT(collection, key) DO UPDATE SET doc = excluded.doc, updated_at = excluded.updated_at",
-                    params![collection.as_str(), written, text, now],
-                )?;
-                Ok(())
-            })
-            .await?;
-        self.cache.invalidate(collection, &key);
-        Ok(())
+        self.documents
+            .put(
+                collection,
+                &key,
+                &data.to_string(),
+                crate::clock::now_unix(),
+            )
+            .await
     }
 
     /// Deletes a document; deleting a missing one is not an error.
@@ -119,18 +103,7 @@ impl Vault {
         key: String,
     ) -> Result<(), VaultError> {
         validate_key(&key)?;
-        let deleted = key.clone();
-        self.store()
-            .write(move |conn| {
-                conn.execute(
-                    "DELETE FROM documents WHERE collection = ?1 AND key = ?2",
-                    params![collection.as_str(), deleted],
-                )?;
-                Ok(())
-            })
-            .await?;
-        self.cache.invalidate(collection, &key);
-        Ok(())
+        self.documents.delete(collection, &key).await
     }
 
     /// Lists a collection with the given options.
@@ -168,39 +141,21 @@ impl Vault {
     /// Number of stored credentials (documents in `tokens`).
     pub async fn token_count(&self) -> Result<u64, VaultError> {
         Ok(self
-            .store()
-            .read(|conn| {
-                Ok(conn.query_row(
-                    "SELECT COUNT(*) FROM documents WHERE collection = 'tokens'",
-                    [],
-                    |r| r.get::<_, i64>(0),
-                )?)
-            })
-            .await?
-            .max(0) as u64)
+            .storage()
+            .count_documents(Some(Collection::Tokens))
+            .await?)
     }
 
     /// A collection's list items (built, in list order), from the cache or the database.
     pub async fn list_items(&self, collection: Collection) -> Result<Arc<CachedList>, VaultError> {
-        if let Some(items) = self.cache.list(collection) {
+        if let Some(items) = self.documents.cached_list(collection) {
             return Ok(items);
         }
-        let epoch = self.cache.epoch();
-        let rows: Vec<(String, String)> = self
-            .store()
-            .read(move |conn| {
-                let mut stmt = conn.prepare_cached(
-                    "SELECT key, doc FROM documents WHERE collection = ?1 ORDER BY key",
-                )?;
-                let rows = stmt
-                    .query_map([collection.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))?
-                    .collect::<Result<Vec<_>, _>>()?;
-                Ok(rows)
-            })
-            .await?;
+        let epoch = self.documents.epoch();
+        let rows = self.documents.read_all(collection).await?;
         let mut items = Vec::with_capacity(rows.len());
         let mut cacheable = true;
-        for (key, text) in rows {
+        for StoredDocument { key, doc: text } in rows {
             let doc: Value =
                 serde_json::from_str(&text).map_err(|e| VaultError::Corrupt(e.to_string()))?;
             let doc = match collection {
@@ -231,7 +186,8 @@ impl Vault {
         let json = serde_json::to_string(&items).map_err(|e| VaultError::Corrupt(e.to_string()))?;
         let list = Arc::new(CachedList { items, json });
         if cacheable {
-            self.cache.put_list(collection, Arc::clone(&list), epoch);
+            self.documents
+                .fill_list(collection, Arc::clone(&list), epoch);
         }
         Ok(list)
     }

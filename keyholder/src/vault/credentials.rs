@@ -7,14 +7,14 @@ use keyholder_protocol::document::{
 use keyholder_protocol::otpauth::{expand_totp_uri, parse_otpauth, TotpAlgorithm, TOTP_URI_FIELD};
 use keyholder_protocol::wire::{Collection, TotpCodeResponse};
 use keyholder_protocol::{DataKey, TicketClaims};
-use rusqlite::{params, OptionalExtension};
 use serde_json::{json, Map, Value};
 use zeroize::{Zeroize, Zeroizing};
 
 use super::collections::validate_key;
 use super::keyring::KeyRing;
 use super::sealed::{self, SealedInputs};
-use super::{from_store, into_store, Vault, VaultError};
+use super::{Vault, VaultError};
+use crate::storage::{ChangeSet, Check, CredentialDocument, CredentialWrite, Write};
 
 /// How `/v1/store` treats an existing credential.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -158,44 +158,23 @@ impl Vault {
             .and_then(Value::as_object)
             .cloned()
             .unwrap_or_default();
-        let text = sealed.to_string();
-        let service_name = service.to_string();
-        let service = service.to_string();
-        let now = crate::clock::now_unix();
-        let written = self.store()
-            .write(move |conn| {
-                // Written under the version that is current on disk, never under one the owner has
-                // since rotated away from (and perhaps retired).
-                let current = crate::store::get_setting(conn, "data_version")?;
-                if current.as_deref() != Some(version.to_string().as_str()) {
-                    return Err(into_store(VaultError::KeyRingChanged));
-                }
-                if mode == StoreMode::Create {
-                    let exists: Option<i64> = conn
-                        .query_row(
-                            "SELECT 1 FROM documents WHERE collection = 'tokens' AND key = ?1",
-                            [&service],
-                            |r| r.get(0),
-                        )
-                        .optional()?;
-                    if exists.is_some() {
-                        return Err(into_store(VaultError::AlreadyExists));
-                    }
-                }
-                conn.execute(
-                    "INSERT INTO documents(collection, key, doc, updated_at) VALUES ('tokens', ?1, ?2, ?3)
-                     ON CONFLICT(collection, key) DO UPDATE SET doc = excluded.doc, updated_at = excluded.updated_at",
-                    params![service, text, now],
-                )?;
-                conn.execute("DELETE FROM legacy_minting WHERE service = ?1", [&service])?;
-                Ok(())
+        let written = self
+            .documents()
+            .store_credential(CredentialDocument {
+                service: service.to_string(),
+                doc: sealed.to_string(),
+                // Written under the version that is current on disk, never under one the owner
+                // has since rotated away from (and perhaps retired).
+                data_version: version,
+                create_only: mode == StoreMode::Create,
+                now: crate::clock::now_unix(),
             })
-            .await
-            .map_err(from_store);
-        // Whatever the outcome, a cached copy may now be stale.
-        self.cache.invalidate(Collection::Tokens, &service_name);
-        written?;
-        Ok(meta)
+            .await?;
+        match written {
+            CredentialWrite::Stored => Ok(meta),
+            CredentialWrite::KeyRingChanged => Err(VaultError::KeyRingChanged),
+            CredentialWrite::AlreadyExists => Err(VaultError::AlreadyExists),
+        }
     }
 
     /// Decrypts the credential of `service`.
@@ -227,8 +206,13 @@ impl Vault {
             Ok(opened) => Ok(opened),
             // The owner may have re-encrypted and retired a key since this copy was cached:
             // forget it and try once more from the database.
-            Err(_) if self.cache.get(Collection::Tokens, service).is_some() => {
-                self.cache.invalidate(Collection::Tokens, service);
+            Err(_)
+                if self
+                    .documents()
+                    .cached(Collection::Tokens, service)
+                    .is_some() =>
+            {
+                self.documents().forget(Collection::Tokens, service);
                 let doc = self
                     .document(Collection::Tokens, service.to_string())
                     .await?
@@ -298,17 +282,19 @@ fn seal_credential(
     Ok(sealed)
 }
 
-/// Seals `token_data` as the credential of `service` inside the caller's transaction, for the
-/// owner's `keyholder store` on the data folder: under the data key current on disk, keeping the
-/// `createdAt` of a credential it replaces, like an overwriting `/v1/store`. Bumps the owner
-/// generation, so a running server drops its cached copy within a quarter second. Returns the meta.
+/// Seals `token_data` as the credential of `service` for the owner's `keyholder store` on the
+/// data folder: under the data key current in storage (the ring `ring` was read with), keeping
+/// the `createdAt` of a credential it replaces, like an overwriting `/v1/store`. `existing` is the
+/// stored document as read; the change applies only if it is still that one and the data key
+/// version unchanged, and it bumps the owner generation, so a running server drops its cached
+/// copy within a quarter second. Returns the change and the meta.
 pub fn store_on_disk(
-    conn: &rusqlite::Connection,
     ring: &super::keyring::KeyRing,
     service: &str,
     token_data: &mut Map<String, Value>,
+    existing: Option<&str>,
     now: i64,
-) -> Result<Map<String, Value>, VaultError> {
+) -> Result<(ChangeSet, Map<String, Value>), VaultError> {
     validate_key(service)?;
     if token_data.is_empty() {
         return Err(VaultError::Invalid("'tokenData' must not be empty".into()));
@@ -319,15 +305,8 @@ pub fn store_on_disk(
             "'totpUri' is not a usable otpauth://totp/ link: {err}"
         ))
     })?;
-    let existing: Option<String> = conn
-        .query_row(
-            "SELECT doc FROM documents WHERE collection = 'tokens' AND key = ?1",
-            [service],
-            |r| r.get(0),
-        )
-        .optional()?;
     let created_at = existing
-        .and_then(|text| serde_json::from_str::<Value>(&text).ok())
+        .and_then(|text| serde_json::from_str::<Value>(text).ok())
         .and_then(|doc| {
             doc.get("meta")?
                 .get("createdAt")?
@@ -345,18 +324,29 @@ pub fn store_on_disk(
         created_at.as_deref(),
         None,
     )?;
-    conn.execute(
-        "INSERT INTO documents(collection, key, doc, updated_at) VALUES ('tokens', ?1, ?2, ?3)
-         ON CONFLICT(collection, key) DO UPDATE SET doc = excluded.doc, updated_at = excluded.updated_at",
-        params![service, sealed.to_string(), now],
-    )?;
-    conn.execute("DELETE FROM legacy_minting WHERE service = ?1", [service])?;
-    super::reload::bump_generation(conn)?;
-    Ok(sealed
+    let unchanged = match existing {
+        Some(text) => Check::DocumentIs(Collection::Tokens, service.into(), text.into()),
+        None => Check::DocumentAbsent(Collection::Tokens, service.into()),
+    };
+    let change = ChangeSet::owner()
+        .check(Check::SettingIs(
+            crate::storage::Setting::DataVersion,
+            Some(version.to_string()),
+        ))
+        .check(unchanged)
+        .write(Write::PutDocument {
+            collection: Collection::Tokens,
+            key: service.into(),
+            doc: sealed.to_string(),
+            now,
+        })
+        .write(Write::ClearLegacyMinting(service.into()));
+    let meta = sealed
         .get("meta")
         .and_then(Value::as_object)
         .cloned()
-        .unwrap_or_default())
+        .unwrap_or_default();
+    Ok((change, meta))
 }
 
 /// True for a credential of `tokenType` TOTP (any case) that holds a seed.

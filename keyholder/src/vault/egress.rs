@@ -8,7 +8,6 @@ use bytes::Bytes;
 use keyholder_protocol::wire::UpstreamRequest;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use reqwest::Method;
-use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 use url::Url;
 use zeroize::Zeroizing;
@@ -22,7 +21,8 @@ use super::credentials::OpenedCredential;
 use super::keyring::KeyRing;
 use super::minting::detect;
 use super::redact::Redactor;
-use super::{from_store, into_store, Vault, VaultError};
+use super::{Vault, VaultError};
+use crate::storage::{ChangeSet, EgressRow, PinRow, RefusalRow, Storage, Write};
 use keyholder_protocol::document::KeyLookup as _;
 use tracing::Instrument as _;
 
@@ -328,84 +328,63 @@ pub fn normalize_allow_entry(entry: &str) -> Result<String, VaultError> {
     Ok(pattern)
 }
 
-/// Reads a service's policy (the default when none is stored).
-pub fn load_policy(conn: &Connection, service: &str) -> Result<EgressPolicy, VaultError> {
-    let row = conn
-        .query_row(
-            "SELECT mode, allowlist, token_url FROM egress_policies WHERE service = ?1",
-            [service],
-            |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, Option<String>>(2)?,
-                ))
-            },
-        )
-        .optional()?;
-    let Some((mode, allowlist, token_url)) = row else {
+/// A service's policy from its stored row and pins (the default when none is stored).
+fn policy_from(
+    service: &str,
+    row: Option<EgressRow>,
+    pins: Vec<PinRow>,
+) -> Result<EgressPolicy, VaultError> {
+    let Some(row) = row else {
         return Ok(EgressPolicy::default_for(service));
     };
-    let mut stmt = conn.prepare_cached(
-        "SELECT origin, pinned_at, credential FROM egress_pins WHERE service = ?1
-         ORDER BY pinned_at DESC, origin",
-    )?;
-    let pins = stmt
-        .query_map([service], |r| {
-            Ok(EgressPin {
-                origin: r.get(0)?,
-                pinned_at: r.get(1)?,
-                credential: r.get(2)?,
-            })
-        })?
-        .collect::<Result<Vec<_>, _>>()?;
+    let pins: Vec<EgressPin> = pins
+        .into_iter()
+        .map(|p| EgressPin {
+            origin: p.origin,
+            pinned_at: p.pinned_at,
+            credential: p.credential,
+        })
+        .collect();
     Ok(EgressPolicy {
         service: service.to_string(),
-        mode: EgressMode::parse(&mode)
-            .map_err(|_| VaultError::Corrupt(format!("egress mode '{mode}'")))?,
-        allowlist: serde_json::from_str(&allowlist)
-            .map_err(|e| VaultError::Corrupt(format!("egress allowlist: {e}")))?,
+        mode: EgressMode::parse(&row.mode)
+            .map_err(|_| VaultError::Corrupt(format!("egress mode '{}'", row.mode)))?,
+        allowlist: row.allowlist,
         pinned_origin: pins.first().map(|p| p.origin.clone()),
         pins,
-        token_url,
+        token_url: row.token_url,
     })
 }
 
-fn ensure_row(conn: &Connection, service: &str) -> Result<(), VaultError> {
-    conn.execute(
-        "INSERT INTO egress_policies(service, mode, updated_at) VALUES (?1, 'known', ?2) ON CONFLICT(service) DO NOTHING",
-        params![service, crate::clock::now_unix()],
-    )?;
-    Ok(())
+/// Reads a service's policy (the default when none is stored).
+pub async fn load_policy(storage: &dyn Storage, service: &str) -> Result<EgressPolicy, VaultError> {
+    let (row, pins) = storage.egress_policy(service).await?;
+    policy_from(service, row, pins)
 }
 
-fn save_policy(conn: &Connection, policy: &EgressPolicy) -> Result<(), VaultError> {
-    ensure_row(conn, &policy.service)?;
-    let allowlist =
-        serde_json::to_string(&policy.allowlist).map_err(|e| VaultError::Corrupt(e.to_string()))?;
-    conn.execute(
-        "UPDATE egress_policies SET mode = ?2, allowlist = ?3, token_url = ?4, updated_at = ?5
-         WHERE service = ?1",
-        params![
-            policy.service,
-            policy.mode.as_str(),
-            allowlist,
-            policy.token_url,
-            crate::clock::now_unix(),
-        ],
-    )?;
-    Ok(())
+/// The write that stores `policy` (pins apart).
+fn save_policy(policy: &EgressPolicy) -> Write {
+    Write::PutEgressPolicy(
+        EgressRow {
+            service: policy.service.clone(),
+            mode: policy.mode.as_str().to_string(),
+            allowlist: policy.allowlist.clone(),
+            token_url: policy.token_url.clone(),
+        },
+        crate::clock::now_unix(),
+    )
 }
 
 /// `keyholder egress allow`: adds entries (the mode stays; they count in every mode), or with
-/// `any` switches to mode `any`. Refusals the new entries cover leave the pending list.
-pub fn allow(
-    conn: &Connection,
+/// `any` switches to mode `any`. Refusals the new entries cover leave the pending list. Returns
+/// the owner change to apply and the policy it makes.
+pub async fn allow(
+    storage: &dyn Storage,
     service: &str,
     entries: &[String],
     any: bool,
-) -> Result<EgressPolicy, VaultError> {
-    let mut policy = load_policy(conn, service)?;
+) -> Result<(ChangeSet, EgressPolicy), VaultError> {
+    let mut policy = load_policy(storage, service).await?;
     if any {
         policy.mode = EgressMode::Any;
     } else {
@@ -420,34 +399,31 @@ pub fn allow(
         policy.allowlist.sort();
         policy.allowlist.dedup();
     }
-    save_policy(conn, &policy)?;
-    for pending in list_pending(conn)? {
+    let mut change = ChangeSet::owner().write(save_policy(&policy));
+    for pending in list_pending(storage).await? {
         if pending.service == service && (any || policy.owner_allows(&pending.origin)) {
-            conn.execute(
-                "DELETE FROM egress_refusals WHERE service = ?1 AND origin = ?2",
-                params![service, pending.origin],
-            )?;
+            change = change.write(Write::DeleteRefusal(service.to_string(), pending.origin));
         }
     }
-    Ok(policy)
+    Ok((change, policy))
 }
 
 /// `keyholder egress set SERVICE --mode M`: changes the mode, keeping the owner's entries. Leaving
 /// or entering `pinned` forgets any pin (a pin is only ever made by a call in pinned mode).
-pub fn set_mode(
-    conn: &Connection,
+pub async fn set_mode(
+    storage: &dyn Storage,
     service: &str,
     mode: EgressMode,
-) -> Result<EgressPolicy, VaultError> {
-    let mut policy = load_policy(conn, service)?;
+) -> Result<(ChangeSet, EgressPolicy), VaultError> {
+    let mut policy = load_policy(storage, service).await?;
+    let mut change = ChangeSet::owner();
     if policy.mode != mode {
-        conn.execute("DELETE FROM egress_pins WHERE service = ?1", [service])?;
+        change = change.write(Write::DeleteEgressPins(service.to_string()));
         policy.pinned_origin = None;
         policy.pins.clear();
     }
     policy.mode = mode;
-    save_policy(conn, &policy)?;
-    Ok(policy)
+    Ok((change.write(save_policy(&policy)), policy))
 }
 
 /// One refused (service, origin) the owner may want to allow.
@@ -467,80 +443,27 @@ pub struct PendingEgress {
 /// Most distinct (service, origin) pairs kept; further new pairs are only logged.
 pub const MAX_PENDING: i64 = 1000;
 
-/// Records one refusal of the egress policy (counted per service and origin).
-pub fn record_refusal(conn: &Connection, service: &str, origin: &str) -> Result<(), VaultError> {
-    let now = crate::clock::now_unix();
-    let updated = conn.execute(
-        "UPDATE egress_refusals SET count = count + 1, last_at = ?3 WHERE service = ?1 AND origin = ?2",
-        params![service, origin, now],
-    )?;
-    if updated == 0 {
-        conn.execute(
-            "INSERT INTO egress_refusals(service, origin, count, last_at)
-             SELECT ?1, ?2, 1, ?3 WHERE (SELECT COUNT(*) FROM egress_refusals) < ?4",
-            params![service, origin, now, MAX_PENDING],
-        )?;
-    }
-    Ok(())
-}
-
 /// `keyholder egress pending`: every recorded refusal, most recent first.
-pub fn list_pending(conn: &Connection) -> Result<Vec<PendingEgress>, VaultError> {
-    let mut stmt = conn.prepare(
-        "SELECT service, origin, count, last_at FROM egress_refusals ORDER BY last_at DESC, service, origin",
-    )?;
-    let rows = stmt
-        .query_map([], |r| {
-            Ok(PendingEgress {
-                service: r.get(0)?,
-                origin: r.get(1)?,
-                count: r.get(2)?,
-                last_at: r.get(3)?,
-            })
-        })?
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(rows)
+pub async fn list_pending(storage: &dyn Storage) -> Result<Vec<PendingEgress>, VaultError> {
+    Ok(storage
+        .refusals()
+        .await?
+        .into_iter()
+        .map(|r: RefusalRow| PendingEgress {
+            service: r.service,
+            origin: r.origin,
+            count: r.count,
+            last_at: r.last_at,
+        })
+        .collect())
 }
 
 /// `keyholder egress reset`: back to the default (known, no entries, no pin, no token URL pinned).
-pub fn reset(conn: &Connection, service: &str) -> Result<EgressPolicy, VaultError> {
-    conn.execute("DELETE FROM egress_policies WHERE service = ?1", [service])?;
-    conn.execute("DELETE FROM egress_pins WHERE service = ?1", [service])?;
-    Ok(EgressPolicy::default_for(service))
-}
-
-/// Pins `origin` for the credential with fingerprint `credential` (pinned mode only, only while a
-/// credential is stored, at most [`MAX_PINS_PER_SERVICE`] per service; pins of other credentials
-/// stay); true when `origin` is now this credential's pin, whoever set it.
-fn claim_pin(
-    conn: &Connection,
-    service: &str,
-    origin: &str,
-    credential: &str,
-) -> Result<bool, VaultError> {
-    conn.execute(
-        "INSERT INTO egress_pins (service, credential, origin, pinned_at)
-         SELECT ?1, ?2, ?3, ?4
-         WHERE EXISTS (SELECT 1 FROM egress_policies WHERE service = ?1 AND mode = 'pinned')
-           AND EXISTS (SELECT 1 FROM documents WHERE collection = 'tokens' AND key = ?1)
-           AND (SELECT COUNT(*) FROM egress_pins WHERE service = ?1) < ?5
-         ON CONFLICT (service, credential) DO NOTHING",
-        params![
-            service,
-            credential,
-            origin,
-            crate::clock::now_unix(),
-            MAX_PINS_PER_SERVICE
-        ],
-    )?;
-    let pinned: Option<String> = conn
-        .query_row(
-            "SELECT origin FROM egress_pins WHERE service = ?1 AND credential = ?2",
-            params![service, credential],
-            |r| r.get(0),
-        )
-        .optional()?;
-    Ok(pinned.as_deref() == Some(origin))
+pub fn reset(service: &str) -> (ChangeSet, EgressPolicy) {
+    let change = ChangeSet::owner()
+        .write(Write::DeleteEgressPolicy(service.to_string()))
+        .write(Write::DeleteEgressPins(service.to_string()));
+    (change, EgressPolicy::default_for(service))
 }
 
 /// Keyed fingerprint of a credential's secret content (fields and sealed inputs), under the data
@@ -585,27 +508,6 @@ fn pin_matches(keys: &KeyRing, stored: &str, service: &str, credential: &OpenedC
     match fingerprint_with(keys, version, service, credential) {
         Some(current) => bool::from(current.as_bytes().ct_eq(stored.as_bytes())),
         None => true,
-    }
-}
-
-/// Pins the token URL used with the platform's OAuth client; refuses a different one.
-fn claim_token_url(conn: &Connection, service: &str, token_url: &str) -> Result<bool, VaultError> {
-    ensure_row(conn, service)?;
-    let claimed = conn.execute(
-        "UPDATE egress_policies SET token_url = ?2, updated_at = ?3 WHERE service = ?1 AND token_url IS NULL",
-        params![service, token_url, crate::clock::now_unix()],
-    )? > 0;
-    let pinned: Option<String> = conn.query_row(
-        "SELECT token_url FROM egress_policies WHERE service = ?1",
-        [service],
-        |r| r.get(0),
-    )?;
-    if pinned.as_deref() == Some(token_url) {
-        Ok(claimed)
-    } else {
-        Err(VaultError::EgressDenied(
-            "the token URL differs from the one pinned for this service".into(),
-        ))
     }
 }
 
@@ -720,12 +622,7 @@ impl Vault {
             return Ok(policy);
         }
         let epoch = self.egress_cache.epoch();
-        let owned = service.to_string();
-        let policy = self
-            .store()
-            .read(move |conn| load_policy(conn, &owned).map_err(into_store))
-            .await
-            .map_err(from_store)?;
+        let policy = load_policy(self.storage().as_ref(), service).await?;
         self.egress_cache.put(service, policy.clone(), epoch);
         Ok(policy)
     }
@@ -736,18 +633,18 @@ impl Vault {
         origin: &str,
         credential: &str,
     ) -> Result<bool, VaultError> {
-        let (owned, origin, credential) = (
-            service.to_string(),
-            origin.to_string(),
-            credential.to_string(),
-        );
         let claimed = self
-            .store()
-            .write(move |conn| claim_pin(conn, &owned, &origin, &credential).map_err(into_store))
-            .await
-            .map_err(from_store);
+            .storage()
+            .claim_pin(
+                service,
+                credential,
+                origin,
+                crate::clock::now_unix(),
+                MAX_PINS_PER_SERVICE,
+            )
+            .await;
         self.egress_cache.invalidate(service);
-        claimed
+        Ok(claimed?)
     }
 
     pub(crate) async fn claim_token_url(
@@ -755,32 +652,27 @@ impl Vault {
         service: &str,
         token_url: &str,
     ) -> Result<bool, VaultError> {
-        let (owned, url) = (service.to_string(), token_url.to_string());
         let claimed = self
-            .store()
-            .write(move |conn| claim_token_url(conn, &owned, &url).map_err(into_store))
-            .await
-            .map_err(from_store);
+            .storage()
+            .claim_token_url(service, token_url, crate::clock::now_unix())
+            .await;
         self.egress_cache.invalidate(service);
-        claimed
+        let (claimed, pinned) = claimed?;
+        if pinned.as_deref() == Some(token_url) {
+            Ok(claimed)
+        } else {
+            Err(VaultError::EgressDenied(
+                "the token URL differs from the one pinned for this service".into(),
+            ))
+        }
     }
 
     /// Undoes the origin pin of `credential` set by a call that the guard then refused before
     /// anything was sent. Once a request may have left, a pin is never released.
     async fn release_origin_pin(&self, service: &str, credential: &str, origin: &str) {
-        let (owned, credential, origin) = (
-            service.to_string(),
-            credential.to_string(),
-            origin.to_string(),
-        );
         let result = self
-            .store()
-            .write(move |conn| {
-                Ok(conn.execute(
-                    "DELETE FROM egress_pins WHERE service = ?1 AND credential = ?2 AND origin = ?3",
-                    params![owned, credential, origin],
-                )?)
-            })
+            .storage()
+            .release_pin(service, credential, origin)
             .await;
         self.egress_cache.invalidate(service);
         if let Err(err) = result {
@@ -791,16 +683,9 @@ impl Vault {
     /// Undoes a token URL pin set by a refresh that failed without an answer; a pin changed
     /// meanwhile is left alone.
     pub(crate) async fn release_pin(&self, kind: PinKind, service: &str, value: &str) {
-        let (owned, value) = (service.to_string(), value.to_string());
-        let sql = match kind {
-            PinKind::TokenUrl => {
-                "UPDATE egress_policies SET token_url = NULL WHERE service = ?1 AND token_url = ?2"
-            }
+        let result = match kind {
+            PinKind::TokenUrl => self.storage().release_token_url(service, value).await,
         };
-        let result = self
-            .store()
-            .write(move |conn| Ok(conn.execute(sql, params![owned, value])?))
-            .await;
         self.egress_cache.invalidate(service);
         if let Err(err) = result {
             tracing::warn!(error = %err, "could not release an egress pin");
@@ -816,10 +701,9 @@ impl Vault {
         request_id: &str,
     ) -> VaultError {
         tracing::warn!(request_id, service, origin, reason = %reason, "egress denied by the policy");
-        let (owned, origin_owned) = (service.to_string(), origin.to_string());
         let recorded = self
-            .store()
-            .write(move |conn| record_refusal(conn, &owned, &origin_owned).map_err(into_store))
+            .storage()
+            .record_refusal(service, origin, crate::clock::now_unix(), MAX_PENDING)
             .await;
         if let Err(err) = recorded {
             tracing::warn!(request_id, error = %err, "could not record an egress refusal");
@@ -1111,6 +995,8 @@ fn redact_answer(mut redactor: Redactor, response: StreamedResponse) -> ProxiedA
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
+    use crate::storage::{Documents as _, EgressStore as _};
+    use keyholder_protocol::wire::Collection;
 
     #[test]
     fn origins_and_patterns() {
@@ -1200,31 +1086,41 @@ mod tests {
         ));
     }
 
-    #[test]
-    fn pins_need_pinned_mode_and_a_credential_and_are_bounded() {
-        let mut conn = Connection::open_in_memory().unwrap();
-        crate::store::migrate(&mut conn).unwrap();
+    #[tokio::test]
+    async fn pins_need_pinned_mode_and_a_credential_and_are_bounded() {
+        use crate::storage::ChangeSets as _;
+        let dir = tempfile::tempdir().unwrap();
+        let storage = crate::storage::sqlite::SqliteStorage::open(dir.path()).unwrap();
+        let claim = |origin: &'static str, credential: String| {
+            let storage = &storage;
+            async move {
+                storage
+                    .claim_pin("s", &credential, origin, 0, MAX_PINS_PER_SERVICE)
+                    .await
+                    .unwrap()
+            }
+        };
         // Not in pinned mode, or no credential: nothing is pinned.
-        assert!(!claim_pin(&conn, "s", "https://a:443", "v1:x").unwrap());
-        set_mode(&conn, "s", EgressMode::Pinned).unwrap();
-        assert!(!claim_pin(&conn, "s", "https://a:443", "v1:x").unwrap());
-        conn.execute(
-            "INSERT INTO documents(collection, key, doc, updated_at) VALUES ('tokens', 's', '{}', 0)",
-            [],
-        )
-        .unwrap();
-        assert!(claim_pin(&conn, "s", "https://a:443", "v1:x").unwrap());
+        assert!(!claim("https://a:443", "v1:x".into()).await);
+        let (change, _) = set_mode(&storage, "s", EgressMode::Pinned).await.unwrap();
+        storage.apply(change).await.unwrap();
+        assert!(!claim("https://a:443", "v1:x".into()).await);
+        storage
+            .put_document(Collection::Tokens, "s", "{}", 0)
+            .await
+            .unwrap();
+        assert!(claim("https://a:443", "v1:x".into()).await);
         // The same credential keeps its pin; another origin is not it.
-        assert!(!claim_pin(&conn, "s", "https://b:443", "v1:x").unwrap());
+        assert!(!claim("https://b:443", "v1:x".into()).await);
         for i in 1..MAX_PINS_PER_SERVICE {
-            assert!(claim_pin(&conn, "s", "https://c:443", &format!("v1:{i}")).unwrap());
+            assert!(claim("https://c:443", format!("v1:{i}")).await);
         }
-        assert!(!claim_pin(&conn, "s", "https://c:443", "v1:full").unwrap());
-        let policy = load_policy(&conn, "s").unwrap();
+        assert!(!claim("https://c:443", "v1:full".into()).await);
+        let policy = load_policy(&storage, "s").await.unwrap();
         assert_eq!(policy.pins.len() as i64, MAX_PINS_PER_SERVICE);
         // Changing the mode or resetting forgets them.
-        reset(&conn, "s").unwrap();
-        assert!(load_policy(&conn, "s").unwrap().pins.is_empty());
+        storage.apply(reset("s").0).await.unwrap();
+        assert!(load_policy(&storage, "s").await.unwrap().pins.is_empty());
     }
 
     #[test]

@@ -6,7 +6,6 @@
 use keyholder_protocol::document::KeySet;
 use keyholder_protocol::wire::Collection;
 use keyholder_protocol::{DataKey, HmacSecret};
-use rusqlite::{params, Connection};
 use serde::Serialize;
 use serde_json::{Map, Value};
 use subtle::ConstantTimeEq;
@@ -16,10 +15,9 @@ use super::collections::validate_key;
 use super::imported_v1;
 use super::keyring::{self, install_hmac_secret, KIND_HMAC, KIND_LEGACY};
 use super::master::MasterKey;
-use super::reload::bump_generation;
 use super::rotation::rewrap_document;
 use super::VaultError;
-use crate::store::put_setting;
+use crate::storage::{ChangeSet, Check, ImportedField, Setting, Storage, Write};
 
 /// The reference webhook's key material (its key file), held only for the import.
 pub struct ReferenceKeys {
@@ -105,15 +103,16 @@ pub fn looks_like_key_file(value: &Value) -> bool {
     value.get("encryption_key").is_some() || value.get("hmac_secret").is_some()
 }
 
-/// Imports inside the caller's transaction. Refuses when the keyholder already holds documents or
-/// is bound, unless `force` (then documents under the same key are replaced, others kept).
-pub fn import_reference(
-    conn: &Connection,
+/// Prepares the import as one owner change (applied by the caller with its audit entry). Refuses
+/// when the keyholder already holds documents or is bound, unless `force` (then documents under the
+/// same key are replaced, others kept).
+pub async fn import_reference(
+    storage: &dyn Storage,
     master: &MasterKey,
     keys: &ReferenceKeys,
     collections: &Value,
     force: bool,
-) -> Result<ImportReport, VaultError> {
+) -> Result<(ChangeSet, ImportReport), VaultError> {
     let obj = collections
         .as_object()
         .ok_or_else(|| VaultError::Invalid("the collections file is not a JSON object".into()))?;
@@ -124,8 +123,10 @@ pub fn import_reference(
             )));
         }
     }
-    let existing: i64 = conn.query_row("SELECT COUNT(*) FROM documents", [], |r| r.get(0))?;
-    let bound = crate::store::get_setting(conn, "bound")?.as_deref() == Some("true");
+    let mut snapshot = storage.key_ring_snapshot().await?;
+    master.check(snapshot.setting(Setting::MasterCheck))?;
+    let existing = storage.count_documents(None).await?;
+    let bound = snapshot.setting(Setting::Bound) == Some("true");
     if (existing > 0 || bound) && !force {
         return Err(VaultError::Invalid(format!(
             "this keyholder already holds {existing} document(s){}; import only into a new one, or pass --force \
@@ -137,14 +138,21 @@ pub fn import_reference(
     // Keep the reference's key as the platform-v1 key, so v1 documents the platform may still
     // write back to where they were stay readable (and `keyholder rewrap` converts them), until
     // the owner retires it (`keyholder retire-key platform-v1`).
-    conn.execute("DELETE FROM keyring WHERE kind = ?1", [KIND_LEGACY])?;
-    keyring::store_key(conn, master, KIND_LEGACY, 1, keys.encryption_key.expose())?;
+    let legacy = keyring::wrap_key(master, KIND_LEGACY, 1, keys.encryption_key.expose())?;
+    let mut change = ChangeSet::owner()
+        .check(Check::SettingIs(
+            Setting::MasterCheck,
+            snapshot.setting(Setting::MasterCheck).map(str::to_string),
+        ))
+        .write(Write::DeleteKeysOfKind(KIND_LEGACY.into()))
+        .write(Write::PutKey(legacy.clone()));
     // v1 ciphertexts carry no associated data: remember where each one is imported, and the key
     // opens it only there (`vault::imported_v1`). Places recorded for an earlier reference key
     // mean nothing under this one.
     // With a fresh random IV per field, one ciphertext in two places means one is a copy (the
     // platform can write the reference's documents too): the owner decides which one is real.
-    imported_v1::clear(conn)?;
+    change = change.write(Write::ClearImportedFields);
+    let mut imported = Vec::new();
     let mut seen: std::collections::HashMap<[u8; 32], String> = std::collections::HashMap::new();
     if let Some(tokens) = obj
         .get(Collection::Tokens.as_str())
@@ -159,11 +167,23 @@ pub fn import_reference(
                          the one that does not belong from the collections file and import again"
                     )));
                 }
-                imported_v1::record(conn, key, &field, &digest)?;
+                imported.push(ImportedField {
+                    digest,
+                    service: key.clone(),
+                    field,
+                });
             }
         }
     }
-    let (ring, _, _) = keyring::load(conn, master)?;
+    // The ring as it will be once the change is applied: with the reference's key, opening its
+    // ciphertexts where they are imported.
+    snapshot.keys.retain(|k| k.kind != KIND_LEGACY);
+    snapshot.keys.push(legacy);
+    snapshot.imported = imported.clone();
+    let (ring, _, _) = keyring::load(&snapshot, master)?;
+    for field in imported {
+        change = change.write(Write::RecordImportedField(field));
+    }
     // A ring that also holds exactly the reference's key, for opening its documents.
     let reference = KeySet {
         platform_v1: Some(DataKey::from_bytes(*keys.encryption_key.expose())),
@@ -182,6 +202,12 @@ pub fn import_reference(
                 collection.as_str()
             ))
         })?;
+        let stored: std::collections::HashSet<String> = storage
+            .documents(*collection)
+            .await?
+            .into_iter()
+            .map(|d| d.key)
+            .collect();
         for (key, doc) in docs {
             validate_key(key).map_err(|_| {
                 VaultError::Invalid(format!(
@@ -223,39 +249,50 @@ pub fn import_reference(
                 })?;
                 report.totp_links_sealed += 1;
             }
-            let replaced = conn.execute(
-                "DELETE FROM documents WHERE collection = ?1 AND key = ?2",
-                params![collection.as_str(), key],
-            )?;
-            report.replaced += replaced;
-            conn.execute(
-                "INSERT INTO documents(collection, key, doc, updated_at) VALUES (?1, ?2, ?3, ?4)",
-                params![collection.as_str(), key, doc.to_string(), now],
-            )?;
+            if stored.contains(key) {
+                report.replaced += 1;
+                change = change.write(Write::DeleteDocument(*collection, key.clone()));
+            }
+            change = change.write(Write::PutDocument {
+                collection: *collection,
+                key: key.clone(),
+                doc: doc.to_string(),
+                now,
+            });
             if *collection == Collection::Tokens {
-                super::sealed::mark_if_legacy_minting(conn, key, &doc)?;
+                if let Some(mark) = super::sealed::mark_if_legacy_minting(key, &doc) {
+                    change = change.write(mark);
+                }
             }
         }
     }
 
-    install_hmac_secret(conn, master, &keys.hmac_secret)?;
-    conn.execute(
-        "DELETE FROM keyring WHERE kind = ?1 AND version < (SELECT MAX(version) FROM keyring WHERE kind = ?1)",
-        [KIND_HMAC],
-    )?;
-    // Outstanding bind codes belong to the replaced secret.
-    conn.execute("DELETE FROM bind_codes", [])?;
-    put_setting(conn, "webhook_id", &keys.webhook_id)?;
-    put_setting(
-        conn,
-        "bound",
-        if keys.configured { "true" } else { "false" },
-    )?;
+    let latest = snapshot
+        .keys
+        .iter()
+        .filter(|k| k.kind == KIND_HMAC)
+        .map(|k| k.version)
+        .max()
+        .unwrap_or(0);
+    let (unchanged, install) = install_hmac_secret(master, &keys.hmac_secret, latest)?;
+    change = change.check(unchanged);
+    change.writes.extend(install);
+    change = change
+        .write(Write::DeleteKeysBelow(KIND_HMAC.into(), latest + 1))
+        // Outstanding bind codes belong to the replaced secret.
+        .write(Write::DeleteBindCodes)
+        .write(Write::PutSetting(
+            Setting::WebhookId,
+            keys.webhook_id.clone(),
+        ))
+        .write(Write::PutSetting(
+            Setting::Bound,
+            if keys.configured { "true" } else { "false" }.into(),
+        ));
     if keys.configured {
-        put_setting(conn, "bound_at", &now.to_string())?;
+        change = change.write(Write::PutSetting(Setting::BoundAt, now.to_string()));
     }
-    bump_generation(conn)?;
     report.webhook_id = keys.webhook_id.clone();
     report.bound = keys.configured;
-    Ok(report)
+    Ok((change, report))
 }

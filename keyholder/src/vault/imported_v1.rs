@@ -13,10 +13,9 @@
 use std::collections::HashMap;
 
 use keyholder_protocol::document::{field_key_version, platform_v1_field_digest, FieldFormat};
-use rusqlite::{params, Connection};
 use serde_json::Value;
 
-use crate::store::StoreError;
+use crate::storage::ImportedField;
 
 /// The imported v1 ciphertexts, by digest, with the (service, field) places each was imported as.
 #[derive(Debug, Default)]
@@ -33,26 +32,18 @@ impl ImportedV1Fields {
     }
 }
 
-/// Loads every recorded place.
-pub fn load(conn: &Connection) -> Result<ImportedV1Fields, StoreError> {
-    let mut stmt = conn.prepare("SELECT digest, service, field FROM imported_v1_fields")?;
-    let rows = stmt.query_map([], |r| {
-        Ok((
-            r.get::<_, Vec<u8>>(0)?,
-            r.get::<_, String>(1)?,
-            r.get::<_, String>(2)?,
-        ))
-    })?;
-    let mut out = ImportedV1Fields::default();
-    for row in rows {
-        let (digest, service, field) = row?;
-        let digest: [u8; 32] = digest
-            .as_slice()
-            .try_into()
-            .map_err(|_| StoreError::Corrupt("imported_v1_fields digest length".into()))?;
-        out.places.entry(digest).or_default().push((service, field));
+impl ImportedV1Fields {
+    /// The places recorded in storage.
+    pub fn from_fields(fields: &[ImportedField]) -> ImportedV1Fields {
+        let mut out = ImportedV1Fields::default();
+        for f in fields {
+            out.places
+                .entry(f.digest)
+                .or_default()
+                .push((f.service.clone(), f.field.clone()));
+        }
+        out
     }
-    Ok(out)
 }
 
 /// The v1 fields of a credential document: (field name, ciphertext digest). A field whose text is
@@ -73,24 +64,4 @@ pub fn v1_fields(doc: &Value) -> Vec<(String, [u8; 32])> {
                 .map(|digest| (field.clone(), digest))
         })
         .collect()
-}
-
-/// Records that the ciphertext with `digest` was imported as field `field` of service `service`.
-pub fn record(
-    conn: &Connection,
-    service: &str,
-    field: &str,
-    digest: &[u8; 32],
-) -> Result<(), StoreError> {
-    conn.execute(
-        "INSERT OR IGNORE INTO imported_v1_fields(digest, service, field) VALUES (?1, ?2, ?3)",
-        params![digest.as_slice(), service, field],
-    )?;
-    Ok(())
-}
-
-/// Forgets every recorded place (a new import replaces the reference key; retiring removes it).
-pub fn clear(conn: &Connection) -> Result<(), StoreError> {
-    conn.execute("DELETE FROM imported_v1_fields", [])?;
-    Ok(())
 }

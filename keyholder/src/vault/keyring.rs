@@ -6,12 +6,13 @@ use std::collections::BTreeMap;
 use keyholder_protocol::document::KeyLookup;
 use keyholder_protocol::{DataKey, HmacSecret, IdentityKey};
 use rand::RngCore;
-use rusqlite::{params, Connection, OptionalExtension};
 
-use super::imported_v1::{self, ImportedV1Fields};
+use super::imported_v1::ImportedV1Fields;
 use super::master::MasterKey;
 use super::VaultError;
-use crate::store::{get_setting, put_setting};
+use crate::storage::{
+    Applied, ChangeSet, Check, KeyRingSnapshot, Setting, Storage, WrappedKey, Write,
+};
 
 /// Key kinds as stored in the `keyring` table.
 pub const KIND_DATA: &str = "data";
@@ -61,6 +62,12 @@ impl KeyRing {
     }
 }
 
+impl crate::storage::AuditSigner for KeyRing {
+    fn sign_audit(&self, bytes: &[u8]) -> [u8; 64] {
+        self.identity.sign(bytes)
+    }
+}
+
 impl KeyLookup for KeyRing {
     fn data_key(&self, version: u32) -> Option<&DataKey> {
         self.data_keys.get(&version)
@@ -90,27 +97,67 @@ fn now_unix() -> i64 {
     crate::clock::now_unix()
 }
 
-/// Creates the keys on first start (inside the caller's transaction) and loads them all.
-pub fn init_or_load(conn: &Connection, master: &MasterKey) -> Result<LoadedKeys, VaultError> {
-    master.check_or_record(conn)?;
+/// The change that makes a new data folder's keys (only if it still has none).
+fn first_keys(master: &MasterKey) -> Result<ChangeSet, VaultError> {
+    let mut id = [0u8; 8];
+    rand::rngs::OsRng.fill_bytes(&mut id);
+    let hmac = HmacSecret::generate();
+    let data = DataKey::generate();
+    let identity = IdentityKey::generate();
+    Ok(ChangeSet::default()
+        .check(Check::SettingIs(Setting::WebhookId, None))
+        .write(Write::PutSetting(
+            Setting::WebhookId,
+            format!("wh_{}", hex::encode(id)),
+        ))
+        .write(Write::PutKey(wrap_key(
+            master,
+            KIND_HMAC,
+            1,
+            hmac.expose(),
+        )?))
+        .write(Write::PutSetting(Setting::HmacVersion, "1".into()))
+        .write(Write::PutSetting(Setting::HmacHash, hmac.sha256_hex()))
+        .write(Write::PutKey(wrap_key(
+            master,
+            KIND_DATA,
+            1,
+            data.expose(),
+        )?))
+        .write(Write::PutSetting(Setting::DataVersion, "1".into()))
+        .write(Write::PutKey(wrap_key(
+            master,
+            KIND_IDENTITY,
+            1,
+            identity.to_bytes().as_ref(),
+        )?))
+        .write(Write::PutSetting(Setting::Bound, "false".into())))
+}
+
+/// Records the master key check and creates the keys on first start; loads them all.
+pub async fn init_or_load(
+    storage: &dyn Storage,
+    master: &MasterKey,
+) -> Result<LoadedKeys, VaultError> {
+    let mut snapshot = storage.key_ring_snapshot().await?;
+    let (_, record) = master.check_or_record(snapshot.setting(Setting::MasterCheck))?;
     let mut created = false;
-    if get_setting(conn, "webhook_id")?.is_none() {
+    let mut changes = record.unwrap_or_default();
+    if snapshot.setting(Setting::WebhookId).is_none() {
+        let keys = first_keys(master)?;
+        changes.checks.extend(keys.checks);
+        changes.writes.extend(keys.writes);
         created = true;
-        let mut id = [0u8; 8];
-        rand::rngs::OsRng.fill_bytes(&mut id);
-        put_setting(conn, "webhook_id", &format!("wh_{}", hex::encode(id)))?;
-        let hmac = HmacSecret::generate();
-        store_key(conn, master, KIND_HMAC, 1, hmac.expose())?;
-        put_setting(conn, "hmac_version", "1")?;
-        put_setting(conn, "hmac_hash", &hmac.sha256_hex())?;
-        let data = DataKey::generate();
-        store_key(conn, master, KIND_DATA, 1, data.expose())?;
-        put_setting(conn, "data_version", "1")?;
-        let identity = IdentityKey::generate();
-        store_key(conn, master, KIND_IDENTITY, 1, identity.to_bytes().as_ref())?;
-        put_setting(conn, "bound", "false")?;
     }
-    load(conn, master).map(|(ring, hmac, webhook_id)| LoadedKeys {
+    if !changes.writes.is_empty() {
+        if let Applied::CheckFailed(_) = storage.apply(changes).await? {
+            // Another process made them first: use theirs (checked below like any).
+            created = false;
+        }
+        snapshot = storage.key_ring_snapshot().await?;
+        master.check(snapshot.setting(Setting::MasterCheck))?;
+    }
+    load(&snapshot, master).map(|(ring, hmac, webhook_id)| LoadedKeys {
         ring,
         hmac,
         webhook_id,
@@ -118,41 +165,36 @@ pub fn init_or_load(conn: &Connection, master: &MasterKey) -> Result<LoadedKeys,
     })
 }
 
-/// Loads the key ring and the current HMAC secret.
+/// Unwraps the key ring and the current HMAC secret from a snapshot.
 pub fn load(
-    conn: &Connection,
+    snapshot: &KeyRingSnapshot,
     master: &MasterKey,
 ) -> Result<(KeyRing, HmacSecret, String), VaultError> {
-    let webhook_id =
-        get_setting(conn, "webhook_id")?.ok_or_else(|| VaultError::Corrupt("webhook_id".into()))?;
-    let hmac_version = setting_u32(conn, "hmac_version")?;
-    let hmac = HmacSecret::from_slice(&load_key(conn, master, KIND_HMAC, hmac_version)?)
+    let webhook_id = snapshot
+        .setting(Setting::WebhookId)
+        .ok_or_else(|| VaultError::Corrupt("webhook_id".into()))?
+        .to_string();
+    let hmac_version = setting_u32(snapshot, Setting::HmacVersion)?;
+    let hmac = HmacSecret::from_slice(&load_key(snapshot, master, KIND_HMAC, hmac_version)?)
         .map_err(|_| VaultError::Corrupt("hmac key length".into()))?;
-    let current_data_version = setting_u32(conn, "data_version")?;
+    let current_data_version = setting_u32(snapshot, Setting::DataVersion)?;
     let mut data_keys = BTreeMap::new();
-    let mut stmt =
-        conn.prepare("SELECT version, wrapped FROM keyring WHERE kind = ?1 ORDER BY version")?;
-    let rows = stmt
-        .query_map([KIND_DATA], |r| {
-            Ok((r.get::<_, u32>(0)?, r.get::<_, Vec<u8>>(1)?))
-        })?
-        .collect::<Result<Vec<_>, _>>()?;
-    for (version, wrapped) in rows {
-        let plain = master.unwrap_key(KIND_DATA, version, &wrapped)?;
-        let key = DataKey::from_slice(&plain)
+    for key in snapshot.keys.iter().filter(|k| k.kind == KIND_DATA) {
+        let plain = master.unwrap_key(KIND_DATA, key.version, &key.wrapped)?;
+        let data = DataKey::from_slice(&plain)
             .map_err(|_| VaultError::Corrupt("data key length".into()))?;
-        data_keys.insert(version, key);
+        data_keys.insert(key.version, data);
     }
     if !data_keys.contains_key(&current_data_version) {
         return Err(VaultError::Corrupt("current data key missing".into()));
     }
-    let identity_bytes = load_key(conn, master, KIND_IDENTITY, 1)?;
+    let identity_bytes = load_key(snapshot, master, KIND_IDENTITY, 1)?;
     let seed: [u8; 32] = identity_bytes
         .as_slice()
         .try_into()
         .map_err(|_| VaultError::Corrupt("identity key length".into()))?;
     let identity = IdentityKey::from_bytes(&seed);
-    let legacy_v1 = match try_load_key(conn, master, KIND_LEGACY, 1)? {
+    let legacy_v1 = match try_load_key(snapshot, master, KIND_LEGACY, 1)? {
         Some(bytes) => Some(
             DataKey::from_slice(&bytes)
                 .map_err(|_| VaultError::Corrupt("legacy key length".into()))?,
@@ -160,7 +202,7 @@ pub fn load(
         None => None,
     };
     let legacy_v1_fields = if legacy_v1.is_some() {
-        imported_v1::load(conn)?
+        ImportedV1Fields::from_fields(&snapshot.imported)
     } else {
         ImportedV1Fields::default()
     };
@@ -177,70 +219,74 @@ pub fn load(
     ))
 }
 
-fn setting_u32(conn: &Connection, name: &str) -> Result<u32, VaultError> {
-    get_setting(conn, name)?
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| VaultError::Corrupt(name.to_string()))
+/// Reads a snapshot and unwraps the key ring from it (owner commands).
+pub async fn load_current(
+    storage: &dyn Storage,
+    master: &MasterKey,
+) -> Result<(KeyRing, HmacSecret, String), VaultError> {
+    let snapshot = storage.key_ring_snapshot().await?;
+    master.check(snapshot.setting(Setting::MasterCheck))?;
+    load(&snapshot, master)
 }
 
-/// Wraps and inserts a key.
-pub fn store_key(
-    conn: &Connection,
+fn setting_u32(snapshot: &KeyRingSnapshot, setting: Setting) -> Result<u32, VaultError> {
+    snapshot
+        .setting(setting)
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| VaultError::Corrupt(setting.name().to_string()))
+}
+
+/// Wraps a key as `kind` version `version`.
+pub fn wrap_key(
     master: &MasterKey,
     kind: &str,
     version: u32,
     key: &[u8],
-) -> Result<(), VaultError> {
-    let wrapped = master.wrap(kind, version, key)?;
-    conn.execute(
-        "INSERT INTO keyring(kind, version, wrapped, created_at) VALUES (?1, ?2, ?3, ?4)",
-        params![kind, version, wrapped, now_unix()],
-    )?;
-    Ok(())
+) -> Result<WrappedKey, VaultError> {
+    Ok(WrappedKey {
+        kind: kind.to_string(),
+        version,
+        wrapped: master.wrap(kind, version, key)?,
+        created_at: now_unix(),
+    })
 }
 
 fn load_key(
-    conn: &Connection,
+    snapshot: &KeyRingSnapshot,
     master: &MasterKey,
     kind: &str,
     version: u32,
 ) -> Result<zeroize::Zeroizing<Vec<u8>>, VaultError> {
-    try_load_key(conn, master, kind, version)?
+    try_load_key(snapshot, master, kind, version)?
         .ok_or_else(|| VaultError::Corrupt(format!("{kind} key v{version} missing")))
 }
 
 fn try_load_key(
-    conn: &Connection,
+    snapshot: &KeyRingSnapshot,
     master: &MasterKey,
     kind: &str,
     version: u32,
 ) -> Result<Option<zeroize::Zeroizing<Vec<u8>>>, VaultError> {
-    let wrapped: Option<Vec<u8>> = conn
-        .query_row(
-            "SELECT wrapped FROM keyring WHERE kind = ?1 AND version = ?2",
-            params![kind, version],
-            |r| r.get(0),
-        )
-        .optional()?;
-    match wrapped {
-        Some(w) => Ok(Some(master.unwrap_key(kind, version, &w)?)),
+    match snapshot.key(kind, version) {
+        Some(w) => Ok(Some(master.unwrap_key(kind, version, &w.wrapped)?)),
         None => Ok(None),
     }
 }
 
-/// Replaces the current HMAC secret with `secret` (re-binding); the old one stops working.
+/// The writes that make `secret` the current HMAC secret (re-binding, import) when the latest
+/// stored version is `latest`; the old one stops working.
 pub fn install_hmac_secret(
-    conn: &Connection,
     master: &MasterKey,
     secret: &HmacSecret,
-) -> Result<(), VaultError> {
-    let next: u32 = conn.query_row(
-        "SELECT COALESCE(MAX(version), 0) + 1 FROM keyring WHERE kind = ?1",
-        [KIND_HMAC],
-        |r| r.get(0),
-    )?;
-    store_key(conn, master, KIND_HMAC, next, secret.expose())?;
-    put_setting(conn, "hmac_version", &next.to_string())?;
-    put_setting(conn, "hmac_hash", &secret.sha256_hex())?;
-    Ok(())
+    latest: u32,
+) -> Result<(Check, Vec<Write>), VaultError> {
+    let next = latest + 1;
+    Ok((
+        Check::LatestKeyVersion(KIND_HMAC.into(), latest),
+        vec![
+            Write::PutKey(wrap_key(master, KIND_HMAC, next, secret.expose())?),
+            Write::PutSetting(Setting::HmacVersion, next.to_string()),
+            Write::PutSetting(Setting::HmacHash, secret.sha256_hex()),
+        ],
+    ))
 }

@@ -1,18 +1,18 @@
 //! The master key that wraps every other key: from a key file, from a passphrase (Argon2id), or a
 //! key file created in the data folder on first start. Wrapping is AES-256-GCM bound to what is wrapped.
 
-use std::io::Write;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use base64::Engine;
 use rand::RngCore;
-use rusqlite::Connection;
 use zeroize::Zeroizing;
 
 use super::VaultError;
-use crate::store::{get_setting, put_setting, restrict_file_mode};
+use crate::storage::{ChangeSet, Check, KeyRingSnapshot, Setting, Write};
+use crate::store::restrict_file_mode;
 
 /// Name of the master key file created in the data folder when no other source is configured.
 pub const DEFAULT_MASTER_KEY_FILE: &str = "master.key";
@@ -81,25 +81,40 @@ impl MasterKey {
             .map_err(|_| VaultError::Crypto)
     }
 
-    /// Records a check value so that a wrong master key is reported clearly at start, or
-    /// verifies it when it exists.
-    pub fn check_or_record(&self, conn: &Connection) -> Result<(), VaultError> {
-        match get_setting(conn, "master_check")? {
+    /// Verifies the stored check value (`stored`, the `master_check` setting) so that a wrong
+    /// master key is reported clearly, or makes one when none is stored. Returns the check value
+    /// in force and, when it is new, the change that records it (only if still unset).
+    pub fn check_or_record(
+        &self,
+        stored: Option<&str>,
+    ) -> Result<(String, Option<ChangeSet>), VaultError> {
+        match stored {
             Some(stored) => {
-                let wrapped = hex::decode(&stored).map_err(|_| VaultError::WrongMasterKey)?;
+                let wrapped = hex::decode(stored).map_err(|_| VaultError::WrongMasterKey)?;
                 let plain = self
                     .unwrap_key("check", 0, &wrapped)
                     .map_err(|_| VaultError::WrongMasterKey)?;
                 if plain.as_slice() != CHECK_PLAINTEXT {
                     return Err(VaultError::WrongMasterKey);
                 }
-                Ok(())
+                Ok((stored.to_string(), None))
             }
             None => {
-                let wrapped = self.wrap("check", 0, CHECK_PLAINTEXT)?;
-                put_setting(conn, "master_check", &hex::encode(&wrapped))?;
-                Ok(())
+                let check = hex::encode(self.wrap("check", 0, CHECK_PLAINTEXT)?);
+                Ok((
+                    check.clone(),
+                    Some(record_once(Setting::MasterCheck, check)),
+                ))
             }
+        }
+    }
+
+    /// Like [`MasterKey::check_or_record`] for a key that must match what is stored: the check
+    /// value, or [`VaultError::WrongMasterKey`] (also when none is stored yet).
+    pub fn check(&self, stored: Option<&str>) -> Result<String, VaultError> {
+        match stored {
+            Some(_) => Ok(self.check_or_record(stored)?.0),
+            None => Err(VaultError::WrongMasterKey),
         }
     }
 }
@@ -113,28 +128,71 @@ fn wrap_aad(kind: &str, version: u32) -> Vec<u8> {
     aad
 }
 
-/// Loads (or, for [`MasterKeySource::DataFolder`], creates) the master key. `conn` must be a write
-/// connection: the passphrase salt is created on first use. Returns whether a key file was created.
+/// A change that sets `setting` to `value` only if it is still unset (first start).
+pub fn record_once(setting: Setting, value: String) -> ChangeSet {
+    ChangeSet::default()
+        .check(Check::SettingIs(setting, None))
+        .write(Write::PutSetting(setting, value))
+}
+
+/// What [`load_master_key`] found or made.
+pub struct LoadedMaster {
+    /// The key.
+    pub key: MasterKey,
+    /// A key file was created in the data folder.
+    pub created_file: bool,
+    /// Settings first use makes (the passphrase salt, the token-sealed key), to apply.
+    pub record: Option<ChangeSet>,
+}
+
+/// Loads (or, for [`MasterKeySource::DataFolder`], creates) the master key from the settings in
+/// `stored`. The passphrase salt (or the token-sealed key) made on first use comes back as
+/// [`LoadedMaster::record`] for the caller to apply.
 pub fn load_master_key(
     data_dir: &Path,
     source: &MasterKeySource,
-    conn: &Connection,
-) -> Result<(MasterKey, bool), VaultError> {
-    if !matches!(source, MasterKeySource::Pkcs11(_)) && super::pkcs11::is_token_sealed(conn)? {
+    stored: &KeyRingSnapshot,
+) -> Result<LoadedMaster, VaultError> {
+    let done = |key: MasterKey| LoadedMaster {
+        key,
+        created_file: false,
+        record: None,
+    };
+    if !matches!(source, MasterKeySource::Pkcs11(_))
+        && stored.setting(Setting::Pkcs11SealedMaster).is_some()
+    {
         return Err(VaultError::Pkcs11(
             "this data folder's master key is sealed by a PKCS#11 token: pass --master-key-pkcs11 URI with --pkcs11-module and the PIN (--pkcs11-pin-file or KEYHOLDER_PKCS11_PIN)".into(),
         ));
     }
     match source {
-        MasterKeySource::Pkcs11(config) => Ok((super::pkcs11::load(config, conn)?, false)),
-        MasterKeySource::File(path) => Ok((read_key_file(path)?, false)),
-        MasterKeySource::Passphrase(path) => Ok((derive_from_passphrase(path, conn)?, false)),
+        MasterKeySource::Pkcs11(config) => {
+            let (key, record) = super::pkcs11::load(
+                config,
+                stored.setting(Setting::Pkcs11SealedMaster),
+                stored.setting(Setting::MasterCheck),
+            )?;
+            Ok(LoadedMaster {
+                key,
+                created_file: false,
+                record: record.map(|sealed| record_once(Setting::Pkcs11SealedMaster, sealed)),
+            })
+        }
+        MasterKeySource::File(path) => Ok(done(read_key_file(path)?)),
+        MasterKeySource::Passphrase(path) => {
+            let (key, salt) = derive_from_passphrase(path, stored.setting(Setting::KdfSalt))?;
+            Ok(LoadedMaster {
+                key,
+                created_file: false,
+                record: salt.map(|salt| record_once(Setting::KdfSalt, salt)),
+            })
+        }
         MasterKeySource::DataFolder => {
             let path = data_dir.join(DEFAULT_MASTER_KEY_FILE);
             if path.exists() {
-                return Ok((read_key_file(&path)?, false));
+                return Ok(done(read_key_file(&path)?));
             }
-            if get_setting(conn, "master_check")?.is_some() {
+            if stored.setting(Setting::MasterCheck).is_some() {
                 // Keys exist but the key file is gone: never silently make a new one.
                 return Err(VaultError::MasterKeyMissing(path));
             }
@@ -143,9 +201,39 @@ pub fn load_master_key(
             let text =
                 Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(bytes.as_ref()));
             write_private_file(&path, text.as_bytes())?;
-            Ok((MasterKey(bytes), true))
+            Ok(LoadedMaster {
+                key: MasterKey(bytes),
+                created_file: true,
+                record: None,
+            })
         }
     }
+}
+
+/// Loads the master key from `source` for the data folder behind `storage`, recording what first
+/// use makes (the passphrase salt, the token-sealed key). Returns whether a key file was created.
+pub async fn open_master_key(
+    storage: &dyn crate::storage::Storage,
+    data_dir: &Path,
+    source: &MasterKeySource,
+) -> Result<(MasterKey, bool), VaultError> {
+    let mut created = false;
+    for _ in 0..2 {
+        let snapshot = storage.key_ring_snapshot().await?;
+        let loaded = load_master_key(data_dir, source, &snapshot)?;
+        created |= loaded.created_file;
+        let Some(record) = loaded.record else {
+            return Ok((loaded.key, created));
+        };
+        match storage.apply(record).await? {
+            crate::storage::Applied::Done { .. } => return Ok((loaded.key, created)),
+            // Another process (the owner's CLI) recorded its own first: use theirs.
+            crate::storage::Applied::CheckFailed(_) => continue,
+        }
+    }
+    Err(VaultError::Corrupt(
+        "the master key settings keep changing; try again".into(),
+    ))
 }
 
 /// Writes a new file readable by its owner only; refuses to overwrite.
@@ -198,16 +286,22 @@ pub fn read_key_file(path: &Path) -> Result<MasterKey, VaultError> {
     Ok(MasterKey(key))
 }
 
-fn derive_from_passphrase(path: &Path, conn: &Connection) -> Result<MasterKey, VaultError> {
-    let salt = match get_setting(conn, "kdf_salt")? {
-        Some(stored) => hex::decode(&stored).map_err(|_| VaultError::Corrupt("kdf_salt".into()))?,
+/// The key from a passphrase and the stored salt; on first use a new salt, returned (hex) to
+/// record.
+fn derive_from_passphrase(
+    path: &Path,
+    stored: Option<&str>,
+) -> Result<(MasterKey, Option<String>), VaultError> {
+    match stored {
+        Some(stored) => {
+            let salt = hex::decode(stored).map_err(|_| VaultError::Corrupt("kdf_salt".into()))?;
+            Ok((derive_with_salt(path, &salt)?, None))
+        }
         None => {
             let salt = new_kdf_salt();
-            put_setting(conn, "kdf_salt", &hex::encode(&salt))?;
-            salt
+            Ok((derive_with_salt(path, &salt)?, Some(hex::encode(&salt))))
         }
-    };
-    derive_with_salt(path, &salt)
+    }
 }
 
 /// A fresh random salt for the passphrase KDF.

@@ -16,7 +16,6 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use keyholder_protocol::document::{format_iso8601, is_sensitive, parse_iso8601};
 use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE};
 use reqwest::Method;
-use rusqlite::OptionalExtension as _;
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 use url::Url;
@@ -422,20 +421,7 @@ impl Vault {
     /// Whether `service` holds a GitHub App stored before minting inputs were sealed: its key is
     /// an ordinary field, which must not come out as a plain credential whatever meta now says.
     async fn is_legacy_minting(&self, service: &str) -> Result<bool, VaultError> {
-        let service = service.to_string();
-        let found: Option<i64> = self
-            .store()
-            .read(move |conn| {
-                Ok(conn
-                    .query_row(
-                        "SELECT 1 FROM legacy_minting WHERE service = ?1",
-                        [&service],
-                        |r| r.get(0),
-                    )
-                    .optional()?)
-            })
-            .await?;
-        Ok(found.is_some())
+        Ok(self.storage().is_legacy_minting(service).await?)
     }
 
     /// The token to inject for `service`: minted from its sealed signing key (the token endpoint

@@ -5,6 +5,7 @@ pub mod catalogue;
 pub mod collections;
 pub mod credentials;
 pub mod doc_cache;
+pub mod documents;
 pub mod egress;
 pub mod import;
 pub mod imported_v1;
@@ -29,7 +30,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use keyholder_protocol::{HmacSecret, PlatformPublicKey};
 
-use crate::store::{Store, StoreError};
+use crate::storage::{SharedStorage, StorageError};
 use crate::upstream::UpstreamError;
 use keyring::KeyRing;
 use master::{MasterKey, MasterKeySource};
@@ -41,7 +42,7 @@ use replay::ReplayGuard;
 pub enum VaultError {
     /// Storage failed (logged in full, sent as a fixed code).
     #[error(transparent)]
-    Store(#[from] StoreError),
+    Store(#[from] StorageError),
     /// A key could not be wrapped or unwrapped.
     #[error("key wrapping failed")]
     Crypto,
@@ -113,12 +114,6 @@ pub enum VaultError {
     ProviderRejected(String),
 }
 
-impl From<rusqlite::Error> for VaultError {
-    fn from(err: rusqlite::Error) -> Self {
-        VaultError::Store(StoreError::Sqlite(err))
-    }
-}
-
 /// Runtime settings of the domain layer.
 #[derive(Debug, Clone)]
 pub struct VaultSettings {
@@ -144,7 +139,7 @@ pub struct BindingState {
 
 /// The keyholder's domain state, shared by all workers.
 pub struct Vault {
-    store: Store,
+    storage: SharedStorage,
     master: RwLock<Arc<MasterKey>>,
     keys: RwLock<Arc<KeyRing>>,
     binding: RwLock<Arc<BindingState>>,
@@ -162,7 +157,7 @@ pub struct Vault {
     /// Minted short-lived tokens, in memory only.
     minter: minting::Minter,
     /// Stored documents and list items, so hot paths skip the database.
-    cache: doc_cache::DocumentCache,
+    documents: documents::CachedDocuments,
     /// Egress policies, so a proxied call skips the database.
     egress_cache: egress::EgressPolicyCache,
     /// One OAuth refresh per service at a time.
@@ -180,52 +175,30 @@ pub struct OpenReport {
 }
 
 impl Vault {
-    /// Opens the vault on `store`: loads (creating on first start) the master key and key ring,
-    /// and the replay memory.
+    /// Opens the vault on `storage`: loads (creating on first start) the master key and key
+    /// ring, and the replay memory.
     pub async fn open(
-        store: Store,
+        storage: SharedStorage,
         data_dir: &Path,
         source: &MasterKeySource,
         settings: VaultSettings,
     ) -> Result<(Vault, OpenReport), VaultError> {
-        let data_dir = data_dir.to_path_buf();
-        let source = source.clone();
-        let data_dir_owned = data_dir.clone();
-        let source_owned = source.clone();
-        let (
-            master,
-            created_master_file,
-            loaded,
-            (bound, (scheme, platform_keys)),
-            sealed,
-            generation,
-        ) = store
-            .write(move |conn| {
-                let (master, created_file) =
-                    master::load_master_key(&data_dir, &source, conn).map_err(into_store)?;
-                let loaded = keyring::init_or_load(conn, &master).map_err(into_store)?;
-                let bound = crate::store::get_setting(conn, "bound")?.as_deref() == Some("true");
-                let sealed = reload::read_sealed(conn)?;
-                let generation = reload::read_generation(conn)?;
-                let platform = platform_keys::load(conn).map_err(into_store)?;
-                Ok((
-                    master,
-                    created_file,
-                    loaded,
-                    (bound, platform),
-                    sealed,
-                    generation,
-                ))
-            })
-            .await
-            .map_err(from_store)?;
-        let replay = ReplayGuard::load(store.clone()).await?;
+        let (master, created_master_file) =
+            master::open_master_key(storage.as_ref(), data_dir, source).await?;
+        let loaded = keyring::init_or_load(storage.as_ref(), &master).await?;
+        let snapshot = storage.key_ring_snapshot().await?;
+        let bound = snapshot.setting(crate::storage::Setting::Bound) == Some("true");
+        let sealed = reload::read_sealed(&snapshot);
+        let generation = reload::owner_generation(&snapshot);
+        let (scheme, platform_keys) = platform_keys::load(&snapshot)?;
+        let replay = ReplayGuard::load(Arc::clone(&storage)).await?;
         let report = OpenReport {
             created_keys: loaded.created,
             created_master_file,
         };
         let vault = Vault {
-            store,
+            documents: documents::CachedDocuments::new(Arc::clone(&storage)),
+            storage,
             master: RwLock::new(Arc::new(master)),
             keys: RwLock::new(Arc::new(loaded.ring)),
             binding: RwLock::new(Arc::new(BindingState {
@@ -239,16 +212,15 @@ impl Vault {
             settings,
             started: std::time::Instant::now(),
             sealed: AtomicBool::new(sealed),
-            data_dir: data_dir_owned,
-            source: source_owned,
+            data_dir: data_dir.to_path_buf(),
+            source: source.clone(),
             follow: Mutex::new(reload::FollowState::new(generation)),
             minter: minting::Minter::default(),
-            cache: doc_cache::DocumentCache::default(),
             egress_cache: egress::EgressPolicyCache::default(),
             refresh_locks: minting::KeyedLocks::default(),
             policy: crate::policy::PolicyEngine::default(),
         };
-        vault.policy.reload(&vault.store).await?;
+        vault.policy.reload(vault.storage.as_ref()).await?;
         Ok((vault, report))
     }
 
@@ -320,32 +292,18 @@ impl Vault {
         &self.settings
     }
 
-    /// The store.
-    pub fn store(&self) -> &Store {
-        &self.store
+    /// The storage.
+    pub fn storage(&self) -> &SharedStorage {
+        &self.storage
+    }
+
+    /// The stored documents, through their cache.
+    pub fn documents(&self) -> &documents::CachedDocuments {
+        &self.documents
     }
 
     /// Seconds since this vault was opened.
     pub fn uptime_secs(&self) -> u64 {
         self.started.elapsed().as_secs()
-    }
-}
-
-/// Carries a domain error through a store job (the job closure must return `StoreError`).
-fn into_store(err: VaultError) -> StoreError {
-    match err {
-        VaultError::Store(inner) => inner,
-        other => StoreError::Domain(Box::new(other)),
-    }
-}
-
-/// Unpacks a domain error carried through a store job.
-fn from_store(err: StoreError) -> VaultError {
-    match err {
-        StoreError::Domain(inner) => match inner.downcast::<VaultError>() {
-            Ok(v) => *v,
-            Err(other) => VaultError::Corrupt(other.to_string()),
-        },
-        other => VaultError::Store(other),
     }
 }

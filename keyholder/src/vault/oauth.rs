@@ -4,12 +4,12 @@
 
 use std::sync::Arc;
 
-use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 use zeroize::Zeroizing;
 
 use super::master::MasterKey;
-use super::{from_store, into_store, Vault, VaultError};
+use super::{Vault, VaultError};
+use crate::storage::{ChangeSet, OAuthClientRow, Storage, Write};
 
 /// An OAuth client usable for refreshing (no Debug: it holds the secret).
 pub struct OAuthClient {
@@ -55,78 +55,56 @@ pub fn validate_provider_name(name: &str) -> Result<(), VaultError> {
     }
 }
 
-/// Creates or replaces a provider's client.
+/// Creates or replaces a provider's client: the owner change to apply.
 pub fn set_provider(
-    conn: &Connection,
     master: &MasterKey,
     name: &str,
     token_url: &str,
     client_id: &str,
     client_secret: &[u8],
-) -> Result<(), VaultError> {
+) -> Result<ChangeSet, VaultError> {
     validate_provider_name(name)?;
     let wrapped = master.wrap(&wrap_kind(name), 1, client_secret)?;
-    conn.execute(
-        "INSERT INTO oauth_providers(name, token_url, client_id, wrapped_secret, updated_at) VALUES (?1, ?2, ?3, ?4, ?5)
-         ON CONFLICT(name) DO UPDATE SET token_url = excluded.token_url, client_id = excluded.client_id,
-           wrapped_secret = excluded.wrapped_secret, updated_at = excluded.updated_at",
-        params![name, token_url, client_id, wrapped, crate::clock::now_unix()],
-    )?;
-    Ok(())
+    Ok(
+        ChangeSet::owner().write(Write::PutOAuthClient(OAuthClientRow {
+            name: name.to_string(),
+            token_url: token_url.to_string(),
+            client_id: client_id.to_string(),
+            wrapped_secret: wrapped,
+            updated_at: crate::clock::now_unix(),
+        })),
+    )
 }
 
 /// Every configured provider.
-pub fn list_providers(conn: &Connection) -> Result<Vec<ProviderInfo>, VaultError> {
-    let mut stmt = conn.prepare(
-        "SELECT name, token_url, client_id, updated_at FROM oauth_providers ORDER BY name",
-    )?;
-    let rows = stmt
-        .query_map([], |r| {
-            Ok(ProviderInfo {
-                name: r.get(0)?,
-                token_url: r.get(1)?,
-                client_id: r.get(2)?,
-                updated_at: r.get(3)?,
-            })
-        })?
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(rows)
+pub async fn list_providers(storage: &dyn Storage) -> Result<Vec<ProviderInfo>, VaultError> {
+    Ok(storage
+        .oauth_clients()
+        .await?
+        .into_iter()
+        .map(|row| ProviderInfo {
+            name: row.name,
+            token_url: row.token_url,
+            client_id: row.client_id,
+            updated_at: row.updated_at,
+        })
+        .collect())
 }
 
-/// Removes a provider; true if it existed.
-pub fn remove_provider(conn: &Connection, name: &str) -> Result<bool, VaultError> {
-    Ok(conn.execute("DELETE FROM oauth_providers WHERE name = ?1", [name])? > 0)
+/// Removes a provider: the owner change to apply (its write reports whether it existed).
+pub fn remove_provider(name: &str) -> ChangeSet {
+    ChangeSet::owner().write(Write::RemoveOAuthClient(name.to_string()))
 }
 
-fn load_provider(
-    conn: &Connection,
-    master: &MasterKey,
-    name: &str,
-) -> Result<Option<OAuthClient>, VaultError> {
-    let row = conn
-        .query_row(
-            "SELECT token_url, client_id, wrapped_secret FROM oauth_providers WHERE name = ?1",
-            [name],
-            |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, Vec<u8>>(2)?,
-                ))
-            },
-        )
-        .optional()?;
-    let Some((token_url, client_id, wrapped)) = row else {
-        return Ok(None);
-    };
-    let secret = master.unwrap_key(&wrap_kind(name), 1, &wrapped)?;
+fn open_provider(master: &MasterKey, row: OAuthClientRow) -> Result<OAuthClient, VaultError> {
+    let secret = master.unwrap_key(&wrap_kind(&row.name), 1, &row.wrapped_secret)?;
     let secret = std::str::from_utf8(&secret)
         .map_err(|_| VaultError::Corrupt("OAuth client secret is not UTF-8".into()))?;
-    Ok(Some(OAuthClient {
-        token_url,
-        client_id,
+    Ok(OAuthClient {
+        token_url: row.token_url,
+        client_id: row.client_id,
         client_secret: (!secret.is_empty()).then(|| Zeroizing::new(secret.to_string())),
-    }))
+    })
 }
 
 impl Vault {
@@ -135,11 +113,10 @@ impl Vault {
         if validate_provider_name(provider).is_err() {
             return Ok(None);
         }
+        let Some(row) = self.storage().oauth_client(provider).await? else {
+            return Ok(None);
+        };
         let master: Arc<MasterKey> = self.master();
-        let name = provider.to_string();
-        self.store()
-            .read(move |conn| load_provider(conn, &master, &name).map_err(into_store))
-            .await
-            .map_err(from_store)
+        open_provider(&master, row).map(Some)
     }
 }

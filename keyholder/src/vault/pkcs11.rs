@@ -15,12 +15,10 @@ use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
 use rand::RngCore;
-use rusqlite::Connection;
 use zeroize::Zeroizing;
 
 use super::master::MasterKey;
 use super::VaultError;
-use crate::store::{get_setting, put_setting};
 
 /// The database setting holding the token-encrypted key-ring key (hex of IV || ciphertext || tag).
 pub const SEALED_SETTING: &str = "pkcs11_sealed_master";
@@ -399,37 +397,35 @@ pub fn new_sealed_master(config: &Pkcs11Config) -> Result<(MasterKey, String), V
     Ok((MasterKey::from_bytes(*bytes), hex::encode(sealed)))
 }
 
-/// Loads the master key through the token (asking it once), or on a new data folder makes one
-/// and records it sealed. `conn` must be a write connection.
-pub fn load(config: &Pkcs11Config, conn: &Connection) -> Result<MasterKey, VaultError> {
-    match get_setting(conn, SEALED_SETTING)? {
+/// Loads the master key through the token (asking it once) from the stored sealed key, or on a
+/// new data folder makes one and returns it sealed (hex) to record.
+pub fn load(
+    config: &Pkcs11Config,
+    stored: Option<&str>,
+    master_check: Option<&str>,
+) -> Result<(MasterKey, Option<String>), VaultError> {
+    match stored {
         Some(stored) => {
             let sealed =
-                hex::decode(&stored).map_err(|_| VaultError::Corrupt(SEALED_SETTING.into()))?;
+                hex::decode(stored).map_err(|_| VaultError::Corrupt(SEALED_SETTING.into()))?;
             let token = TokenKey::open(config)?;
             let plain = token.open_sealed(&sealed)?;
             let bytes: [u8; 32] = plain
                 .as_slice()
                 .try_into()
                 .map_err(|_| VaultError::Corrupt(SEALED_SETTING.into()))?;
-            Ok(MasterKey::from_bytes(bytes))
+            Ok((MasterKey::from_bytes(bytes), None))
         }
         None => {
-            if get_setting(conn, "master_check")?.is_some() {
+            if master_check.is_some() {
                 return Err(VaultError::Pkcs11(
                     "this data folder's master key is not in a PKCS#11 token; move it there with `keyholder rotate-master-key --to-pkcs11 URI` (with the current key's flags)".into(),
                 ));
             }
             let (master, sealed) = new_sealed_master(config)?;
-            put_setting(conn, SEALED_SETTING, &sealed)?;
-            Ok(master)
+            Ok((master, Some(sealed)))
         }
     }
-}
-
-/// True when the data folder's master key is sealed by a token.
-pub fn is_token_sealed(conn: &Connection) -> Result<bool, VaultError> {
-    Ok(get_setting(conn, SEALED_SETTING)?.is_some())
 }
 
 #[cfg(test)]

@@ -4,14 +4,11 @@
 
 use keyholder_protocol::envelope::MAX_PLATFORM_KEYS;
 use keyholder_protocol::PlatformPublicKey;
-use rusqlite::{params, Connection};
 
-use super::reload::bump_generation;
 use super::VaultError;
-use crate::store::{get_setting, put_setting};
-
-/// Setting naming the scheme the platform authenticates with: `hmac` (default) or `ed25519`.
-pub const SCHEME_SETTING: &str = "platform_scheme";
+use crate::storage::{
+    ChangeSet, Check, KeyRingSnapshot, Setting, Storage, StoredPlatformKey, Write,
+};
 
 /// How the bound platform authenticates (one scheme per binding).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,17 +42,18 @@ pub struct PlatformKeyInfo {
 }
 
 /// The scheme in force.
-pub fn read_scheme(conn: &Connection) -> Result<PlatformScheme, VaultError> {
-    Ok(match get_setting(conn, SCHEME_SETTING)?.as_deref() {
+pub fn read_scheme(snapshot: &KeyRingSnapshot) -> PlatformScheme {
+    match snapshot.setting(Setting::PlatformScheme) {
         Some("ed25519") => PlatformScheme::Ed25519,
         _ => PlatformScheme::Hmac,
-    })
+    }
 }
 
 /// The scheme and the active platform keys (oldest first).
-pub fn load(conn: &Connection) -> Result<(PlatformScheme, Vec<PlatformPublicKey>), VaultError> {
-    let scheme = read_scheme(conn)?;
-    let keys = list(conn)?
+pub fn load(
+    snapshot: &KeyRingSnapshot,
+) -> Result<(PlatformScheme, Vec<PlatformPublicKey>), VaultError> {
+    let keys = list(&snapshot.platform_keys)?
         .into_iter()
         .map(|(info, key)| {
             if key.key_id() != info.key_id {
@@ -64,31 +62,22 @@ pub fn load(conn: &Connection) -> Result<(PlatformScheme, Vec<PlatformPublicKey>
             Ok(key)
         })
         .collect::<Result<Vec<_>, _>>()?;
-    Ok((scheme, keys))
+    Ok((read_scheme(snapshot), keys))
 }
 
-fn list(conn: &Connection) -> Result<Vec<(PlatformKeyInfo, PlatformPublicKey)>, VaultError> {
-    let mut stmt = conn.prepare(
-        "SELECT key_id, public_key, added_at FROM platform_keys ORDER BY added_at, key_id",
-    )?;
-    let rows = stmt
-        .query_map([], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, Vec<u8>>(1)?,
-                r.get::<_, i64>(2)?,
-            ))
-        })?
-        .collect::<Result<Vec<_>, _>>()?;
-    rows.into_iter()
-        .map(|(key_id, bytes, added_at)| {
-            let key = PlatformPublicKey::parse(&bytes)
+fn list(
+    stored: &[StoredPlatformKey],
+) -> Result<Vec<(PlatformKeyInfo, PlatformPublicKey)>, VaultError> {
+    stored
+        .iter()
+        .map(|row| {
+            let key = PlatformPublicKey::parse(&row.public_key)
                 .map_err(|_| VaultError::Corrupt("platform key".into()))?;
             Ok((
                 PlatformKeyInfo {
-                    key_id,
+                    key_id: row.key_id.clone(),
                     public_key: key.to_base64(),
-                    added_at,
+                    added_at: row.added_at,
                 },
                 key,
             ))
@@ -97,40 +86,25 @@ fn list(conn: &Connection) -> Result<Vec<(PlatformKeyInfo, PlatformPublicKey)>, 
 }
 
 /// `keyholder platform-key list`.
-pub fn list_keys(conn: &Connection) -> Result<Vec<PlatformKeyInfo>, VaultError> {
-    Ok(list(conn)?.into_iter().map(|(info, _)| info).collect())
+pub async fn list_keys(storage: &dyn Storage) -> Result<Vec<PlatformKeyInfo>, VaultError> {
+    Ok(list(&storage.platform_keys().await?)?
+        .into_iter()
+        .map(|(info, _)| info)
+        .collect())
 }
 
-fn insert(conn: &Connection, key: &PlatformPublicKey, now: i64) -> Result<(), VaultError> {
-    conn.execute(
-        "INSERT INTO platform_keys(key_id, public_key, added_at) VALUES (?1, ?2, ?3)",
-        params![key.key_id(), key.as_bytes().as_slice(), now],
-    )?;
-    Ok(())
+/// The stored form of a platform key.
+pub fn stored(key: &PlatformPublicKey, now: i64) -> StoredPlatformKey {
+    StoredPlatformKey {
+        key_id: key.key_id().to_owned(),
+        public_key: key.as_bytes().to_vec(),
+        added_at: now,
+    }
 }
 
-/// Makes `key` the only platform key and switches to the Ed25519 scheme (an asymmetric exchange).
-pub fn install_for_binding(
-    conn: &Connection,
-    key: &PlatformPublicKey,
-    now: i64,
-) -> Result<(), VaultError> {
-    conn.execute("DELETE FROM platform_keys", [])?;
-    insert(conn, key, now)?;
-    put_setting(conn, SCHEME_SETTING, PlatformScheme::Ed25519.as_str())?;
-    Ok(())
-}
-
-/// Switches to the HMAC scheme and forgets every platform key (an HMAC exchange).
-pub fn switch_to_hmac(conn: &Connection) -> Result<(), VaultError> {
-    conn.execute("DELETE FROM platform_keys", [])?;
-    put_setting(conn, SCHEME_SETTING, PlatformScheme::Hmac.as_str())?;
-    Ok(())
-}
-
-fn require_asymmetric(conn: &Connection) -> Result<(), VaultError> {
-    let bound = get_setting(conn, "bound")?.as_deref() == Some("true");
-    if !bound || read_scheme(conn)? != PlatformScheme::Ed25519 {
+fn require_asymmetric(snapshot: &KeyRingSnapshot) -> Result<(), VaultError> {
+    let bound = snapshot.setting(Setting::Bound) == Some("true");
+    if !bound || read_scheme(snapshot) != PlatformScheme::Ed25519 {
         return Err(VaultError::Invalid(
             "this keyholder is not bound asymmetrically; bind first with `keyholder bind --platform-key FILE`"
                 .into(),
@@ -139,11 +113,34 @@ fn require_asymmetric(conn: &Connection) -> Result<(), VaultError> {
     Ok(())
 }
 
+/// The checks that keep a platform-key change valid until it is applied: the binding and the set
+/// of active keys as read.
+fn unchanged(snapshot: &KeyRingSnapshot) -> ChangeSet {
+    ChangeSet::owner()
+        .check(Check::SettingIs(Setting::Bound, Some("true".into())))
+        .check(Check::SettingIs(
+            Setting::PlatformScheme,
+            Some(PlatformScheme::Ed25519.as_str().into()),
+        ))
+        .check(Check::PlatformKeysAre(
+            snapshot
+                .platform_keys
+                .iter()
+                .map(|k| k.key_id.clone())
+                .collect(),
+        ))
+}
+
 /// `keyholder platform-key add`: a second active key (rotation). Refused unless the binding is
-/// asymmetric, when the key is already active, or when two keys are active already.
-pub fn add_key(conn: &Connection, key: &PlatformPublicKey, now: i64) -> Result<(), VaultError> {
-    require_asymmetric(conn)?;
-    let active = list(conn)?;
+/// asymmetric, when the key is already active, or when two keys are active already. Returns the
+/// owner change to apply (it bumps the generation).
+pub fn add_key(
+    snapshot: &KeyRingSnapshot,
+    key: &PlatformPublicKey,
+    now: i64,
+) -> Result<ChangeSet, VaultError> {
+    require_asymmetric(snapshot)?;
+    let active = list(&snapshot.platform_keys)?;
     if active.iter().any(|(info, _)| info.key_id == key.key_id()) {
         return Err(VaultError::Invalid(format!(
             "platform key {} is already active",
@@ -155,16 +152,14 @@ pub fn add_key(conn: &Connection, key: &PlatformPublicKey, now: i64) -> Result<(
             "{MAX_PLATFORM_KEYS} platform keys are active already; remove one first"
         )));
     }
-    insert(conn, key, now)?;
-    bump_generation(conn)?;
-    Ok(())
+    Ok(unchanged(snapshot).write(Write::AddPlatformKey(stored(key, now))))
 }
 
 /// `keyholder platform-key remove`: the key stops verifying at once. The last key cannot be removed
 /// (that would lock the platform out; re-bind instead).
-pub fn remove_key(conn: &Connection, key_id: &str) -> Result<(), VaultError> {
-    require_asymmetric(conn)?;
-    let active = list(conn)?;
+pub fn remove_key(snapshot: &KeyRingSnapshot, key_id: &str) -> Result<ChangeSet, VaultError> {
+    require_asymmetric(snapshot)?;
+    let active = list(&snapshot.platform_keys)?;
     if !active.iter().any(|(info, _)| info.key_id == key_id) {
         return Err(VaultError::Invalid(format!(
             "no active platform key {key_id}"
@@ -175,7 +170,5 @@ pub fn remove_key(conn: &Connection, key_id: &str) -> Result<(), VaultError> {
             "this is the only platform key; add its successor first (or re-bind)".into(),
         ));
     }
-    conn.execute("DELETE FROM platform_keys WHERE key_id = ?1", [key_id])?;
-    bump_generation(conn)?;
-    Ok(())
+    Ok(unchanged(snapshot).write(Write::RemovePlatformKey(key_id.to_string())))
 }

@@ -8,7 +8,6 @@ use keyholder_protocol::wire::Collection;
 use keyholder_protocol::wire::{RefreshHint, RefreshTokens};
 use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, CONTENT_TYPE};
 use reqwest::Method;
-use rusqlite::{params, OptionalExtension};
 use serde_json::{json, Map, Value};
 use url::Url;
 use zeroize::Zeroizing;
@@ -21,6 +20,7 @@ use super::minting::expires_in;
 use super::oauth::OAuthClient;
 use super::sealed::{self, SealedInputs};
 use super::{Vault, VaultError};
+use crate::storage::{DocumentSwap, SwapOutcome};
 use crate::upstream::{OutboundRequest, Upstream, UpstreamError};
 
 /// Result of `/v1/refresh-notify`.
@@ -86,19 +86,7 @@ fn provider_error_text(body: &[u8]) -> String {
 impl Vault {
     async fn current(&self, service: &str) -> Result<Option<Current>, VaultError> {
         validate_key(service)?;
-        let key = service.to_string();
-        let text: Option<String> = self
-            .store()
-            .read(move |conn| {
-                Ok(conn
-                    .query_row(
-                        "SELECT doc FROM documents WHERE collection = 'tokens' AND key = ?1",
-                        [&key],
-                        |r| r.get(0),
-                    )
-                    .optional()?)
-            })
-            .await?;
+        let text = self.documents().read(Collection::Tokens, service).await?;
         let Some(text) = text else {
             return Ok(None);
         };
@@ -155,21 +143,18 @@ impl Vault {
             .and_then(|m| m.get("expiryTime"))
             .and_then(Value::as_i64)
             .map(|ms| ms / 1000);
-        let (service, before, after) = (service.to_string(), current.text, sealed.to_string());
-        let now = crate::clock::now_unix();
-        let updated = service.clone();
         let written = self
-            .store()
-            .write(move |conn| {
-                Ok(conn.execute(
-                    "UPDATE documents SET doc = ?3, updated_at = ?4 WHERE collection = 'tokens' AND key = ?1 AND doc = ?2",
-                    params![updated, before, after, now],
-                )?)
+            .documents()
+            .swap(DocumentSwap {
+                collection: Collection::Tokens,
+                key: service.to_string(),
+                expected: current.text,
+                doc: sealed.to_string(),
+                now: crate::clock::now_unix(),
+                data_version: None,
             })
-            .await;
-        self.cache.invalidate(Collection::Tokens, &service);
-        let written = written?;
-        if written == 0 {
+            .await?;
+        if written != SwapOutcome::Swapped {
             return Err(VaultError::Invalid(
                 "the credential changed while it was being refreshed; retry".into(),
             ));

@@ -12,31 +12,25 @@
 
 use std::path::{Path, PathBuf};
 
-use rusqlite::Connection;
 use sha2::{Digest, Sha256};
 
 use super::keyring::{self, KeyRing};
 use super::master::{self, MasterKey, MasterKeySource, DEFAULT_MASTER_KEY_FILE};
 use super::platform_keys::{self, PlatformScheme};
 use super::{BindingState, Vault, VaultError};
-use crate::store::{get_setting, put_setting, StoreError};
+use crate::storage::{ChangeSet, KeyRingSnapshot, Setting, Write};
 use keyholder_protocol::{HmacSecret, PlatformPublicKey};
-
-/// Setting bumped by every owner change the server must pick up.
-pub const GENERATION_SETTING: &str = "owner_generation";
-/// Setting holding the kill switch (`true` while sealed).
-pub const SEALED_SETTING: &str = "sealed";
 
 /// What the server last saw on disk.
 pub struct FollowState {
-    generation: String,
+    generation: u64,
     master_stale: bool,
     tried_source: Option<[u8; 32]>,
 }
 
 impl FollowState {
     /// State right after start.
-    pub fn new(generation: String) -> FollowState {
+    pub fn new(generation: u64) -> FollowState {
         FollowState {
             generation,
             master_stale: false,
@@ -45,30 +39,25 @@ impl FollowState {
     }
 }
 
-/// The current generation (`"0"` before any owner change).
-pub fn read_generation(conn: &Connection) -> Result<String, StoreError> {
-    Ok(get_setting(conn, GENERATION_SETTING)?.unwrap_or_else(|| "0".into()))
-}
-
-/// Bumps the generation inside the caller's transaction (every owner change calls this).
-pub fn bump_generation(conn: &Connection) -> Result<(), StoreError> {
-    conn.execute(
-        "INSERT INTO settings(name, value) VALUES (?1, '1')
-         ON CONFLICT(name) DO UPDATE SET value = CAST(value AS INTEGER) + 1",
-        [GENERATION_SETTING],
-    )?;
-    Ok(())
+/// The owner generation a snapshot was taken at.
+pub fn owner_generation(snapshot: &KeyRingSnapshot) -> u64 {
+    snapshot
+        .setting(Setting::OwnerGeneration)
+        .and_then(|g| g.parse().ok())
+        .unwrap_or(0)
 }
 
 /// Whether the keyholder is sealed.
-pub fn read_sealed(conn: &Connection) -> Result<bool, StoreError> {
-    Ok(get_setting(conn, SEALED_SETTING)?.as_deref() == Some("true"))
+pub fn read_sealed(snapshot: &KeyRingSnapshot) -> bool {
+    snapshot.setting(Setting::Sealed) == Some("true")
 }
 
-/// Seals or unseals, inside the caller's transaction.
-pub fn write_sealed(conn: &Connection, sealed: bool) -> Result<(), StoreError> {
-    put_setting(conn, SEALED_SETTING, if sealed { "true" } else { "false" })?;
-    bump_generation(conn)
+/// The owner change that seals or unseals.
+pub fn write_sealed(sealed: bool) -> ChangeSet {
+    ChangeSet::owner().write(Write::PutSetting(
+        Setting::Sealed,
+        if sealed { "true" } else { "false" }.into(),
+    ))
 }
 
 fn source_path(data_dir: &Path, source: &MasterKeySource) -> Option<PathBuf> {
@@ -87,7 +76,7 @@ fn source_fingerprint(data_dir: &Path, source: &MasterKeySource) -> Option<[u8; 
 }
 
 struct Reloaded {
-    generation: String,
+    generation: u64,
     sealed: bool,
     bound: bool,
     platform: (PlatformScheme, Vec<PlatformPublicKey>),
@@ -100,7 +89,7 @@ impl Vault {
     /// Polled by the server: picks up the owner's changes when the generation moved (or, while the
     /// master key is stale, when its source file changed). Returns whether anything was reloaded.
     pub async fn follow_owner_changes(&self) -> Result<bool, VaultError> {
-        let generation = self.store().read(read_generation).await?;
+        let generation = self.storage().owner_generation().await?;
         let retry_master = {
             let follow = self
                 .follow
@@ -127,59 +116,58 @@ impl Vault {
         let data_dir = self.data_dir.clone();
         let source = self.source.clone();
         let fingerprint = source_fingerprint(&data_dir, &source);
-        let reloaded = self
-            .store()
-            .read(move |conn| {
-                let generation = read_generation(conn)?;
-                let sealed = read_sealed(conn)?;
-                let bound = get_setting(conn, "bound")?.as_deref() == Some("true");
-                let platform = platform_keys::load(conn).map_err(super::into_store)?;
-                if master.check_or_record(conn).is_ok() {
-                    let keys = keyring::load(conn, &master).map_err(super::into_store)?;
-                    return Ok(Reloaded {
-                        generation,
-                        sealed,
-                        bound,
-                        platform: platform.clone(),
-                        keys: Some(keys),
-                        new_master: None,
-                        master_stale: false,
-                    });
-                }
-                // The owner rotated the master key: try the configured source again.
-                if try_master_source {
-                    if let Ok((candidate, _)) = master::load_master_key(&data_dir, &source, conn) {
-                        if candidate.check_or_record(conn).is_ok() {
-                            let keys =
-                                keyring::load(conn, &candidate).map_err(super::into_store)?;
-                            return Ok(Reloaded {
-                                generation,
-                                sealed,
-                                bound,
-                                platform: platform.clone(),
-                                keys: Some(keys),
-                                new_master: Some(candidate),
-                                master_stale: false,
-                            });
-                        }
-                    }
-                }
-                Ok(Reloaded {
+        let snapshot = self.storage().key_ring_snapshot().await?;
+        // The generation of the same snapshot: a change committed after it is picked up next time.
+        let generation = owner_generation(&snapshot);
+        let reloaded = {
+            let sealed = read_sealed(&snapshot);
+            let bound = snapshot.setting(Setting::Bound) == Some("true");
+            let platform = platform_keys::load(&snapshot)?;
+            let stored_check = snapshot.setting(Setting::MasterCheck);
+            if master.check(stored_check).is_ok() {
+                Reloaded {
                     generation,
                     sealed,
                     bound,
                     platform,
-                    keys: None,
+                    keys: Some(keyring::load(&snapshot, &master)?),
                     new_master: None,
-                    master_stale: true,
-                })
-            })
-            .await?;
+                    master_stale: false,
+                }
+            } else {
+                // The owner rotated the master key: try the configured source again.
+                let candidate = try_master_source
+                    .then(|| master::load_master_key(&data_dir, &source, &snapshot).ok())
+                    .flatten()
+                    .map(|loaded| loaded.key)
+                    .filter(|candidate| candidate.check(stored_check).is_ok());
+                match candidate {
+                    Some(candidate) => Reloaded {
+                        generation,
+                        sealed,
+                        bound,
+                        platform,
+                        keys: Some(keyring::load(&snapshot, &candidate)?),
+                        new_master: Some(candidate),
+                        master_stale: false,
+                    },
+                    None => Reloaded {
+                        generation,
+                        sealed,
+                        bound,
+                        platform,
+                        keys: None,
+                        new_master: None,
+                        master_stale: true,
+                    },
+                }
+            }
+        };
         // Policies first (list items name them; the cache is cleared after), and before the seal:
         // a change is in force by the time it is reported picked up.
-        self.policy.reload(self.store()).await?;
+        self.policy.reload(self.storage().as_ref()).await?;
         // Documents may have changed under us (rewrap, import): read them afresh.
-        self.cache.clear();
+        self.documents().forget_all();
         self.egress_cache.clear();
         // The seal applies whatever happens to the keys.
         self.sealed

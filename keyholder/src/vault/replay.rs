@@ -5,10 +5,9 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 
-use sha2::{Digest, Sha256};
-
 use super::VaultError;
-use crate::store::{PackedRecord, PendingWrite, Store};
+pub use crate::storage::ReplayKind;
+use crate::storage::{replay::mark_key, Mark, MarkCommit, MarkVerdict, SharedStorage};
 
 tokio::task_local! {
     /// Set by the HTTP layer around each request (see [`DurabilityBarrier`]).
@@ -24,8 +23,8 @@ pub struct DurabilityBarrier {
     pending: Mutex<Vec<DeferredMarks>>,
 }
 
-/// Marks made together (one job for the writer) and their pending commit.
-type DeferredMarks = (Vec<(ReplayKind, MarkKey)>, PendingWrite<()>);
+/// Marks made together (one batch for the engine) and their pending commit.
+type DeferredMarks = (Vec<(ReplayKind, MarkKey)>, MarkCommit);
 
 impl DurabilityBarrier {
     /// Runs `fut` (a request's handling) with this barrier in force.
@@ -33,7 +32,7 @@ impl DurabilityBarrier {
         DURABILITY.scope(Arc::clone(self), fut).await
     }
 
-    fn defer(&self, marks: Vec<(ReplayKind, MarkKey)>, write: PendingWrite<()>) {
+    fn defer(&self, marks: Vec<(ReplayKind, MarkKey)>, write: MarkCommit) {
         if let Ok(mut pending) = self.pending.lock() {
             pending.push((marks, write));
         }
@@ -48,6 +47,7 @@ impl DurabilityBarrier {
         };
         let mut failure = None;
         for (marks, write) in pending {
+            // Deferred only where the verdict is local: a durable batch is always fresh.
             if let Err(err) = write.await {
                 for (kind, key) in marks {
                     guard.set(kind).forget(key);
@@ -62,18 +62,8 @@ impl DurabilityBarrier {
     }
 }
 
-/// In memory a mark is kept as the first 8 bytes of the SHA-256 of its id: fixed size (a fifth of a
-/// `String` entry) whatever the id's length. A collision could only refuse a fresh id as a replay
-/// (never accept a replay), ids and nonces are chosen by the signer, and with millions of live marks
-/// the chance that a fresh id collides is about one in 10^12.
+/// In memory a mark is kept as its 8-byte key (see [`mark_key`]).
 type MarkKey = u64;
-
-fn mark_key(id: &str) -> MarkKey {
-    let digest = Sha256::digest(id.as_bytes());
-    let mut key = [0u8; 8];
-    key.copy_from_slice(&digest[..8]);
-    u64::from_le_bytes(key)
-}
 
 /// Shards per mark set: a check holds one shard's lock, so concurrent requests rarely wait.
 const SHARDS: usize = 64;
@@ -265,202 +255,6 @@ impl MarkSet {
     }
 }
 
-/// What is remembered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReplayKind {
-    /// `X-TokenVault-Request-Id` values (600 s).
-    RequestId,
-    /// Ticket nonces (until the ticket's expiry plus the clock-skew allowance).
-    Nonce,
-    /// Ed25519 request-envelope nonces (until the envelope's timestamp plus the clock-skew allowance).
-    EnvelopeNonce,
-    /// HMAC request signatures (until the request's timestamp plus the clock-skew allowance): the
-    /// same signed bytes are accepted once, whatever request id or endpoint they come with.
-    Signature,
-}
-
-impl ReplayKind {
-    const ALL: [ReplayKind; 4] = [
-        ReplayKind::RequestId,
-        ReplayKind::Nonce,
-        ReplayKind::EnvelopeNonce,
-        ReplayKind::Signature,
-    ];
-
-    /// Name in the legacy `replay_log` table.
-    fn legacy_name(self) -> &'static str {
-        match self {
-            ReplayKind::RequestId => "request",
-            ReplayKind::Nonce => "nonce",
-            ReplayKind::EnvelopeNonce => "envelope",
-            // Never in the legacy table (newer than it).
-            ReplayKind::Signature => "signature",
-        }
-    }
-
-    /// Stored code in `replay_marks`.
-    fn code(self) -> i64 {
-        match self {
-            ReplayKind::RequestId => 1,
-            ReplayKind::Nonce => 2,
-            ReplayKind::EnvelopeNonce => 3,
-            ReplayKind::Signature => 4,
-        }
-    }
-
-    fn from_code(code: i64) -> Option<ReplayKind> {
-        ReplayKind::ALL.into_iter().find(|kind| kind.code() == code)
-    }
-}
-
-/// Seconds of expiry per mark table: every mark in `replay_marks_packed_60s_<p>` expires within
-/// `[p * PERIOD_SECS, (p + 1) * PERIOD_SECS)`, so the whole table is dropped after that. A drop
-/// frees every page of the table and holds all other writes meanwhile: measured under 10-11k req/s
-/// of sustained load, a 5-minute table held the writer 106-246 ms, a 1-minute table 21-86 ms, and
-/// with a group commit's marks packed into rows (see [`PackedRecord`]) 11-46 ms. Measured and left:
-/// emptying the table 2,000 rows per group commit before the drop held the writer at most 1.4-5.9
-/// ms per slice, but took 3-10 times the writer time of a drop (80-290 ms per table, pages rewritten
-/// rather than freed) within a fraction of a second, and three sustained runs with it had worse p99
-/// windows (medians 38-54 ms against 12-26 ms), two of them queueing for seconds near the end. The
-/// cost is a CREATE and a DROP per minute (schema changes re-prepare cached statements: negligible).
-const PERIOD_SECS: i64 = 60;
-const TABLE_PREFIX: &str = "replay_marks_packed_60s_";
-/// Tables of one row per mark and minute (`replay_marks_60s_<p>`, before packing) and of 5-minute
-/// periods (`replay_marks_<p>`, schema 6): their live marks are packed into the current tables at
-/// load.
-const ROW_TABLE_PREFIX: &str = "replay_marks_60s_";
-const LEGACY_PERIOD_PREFIX: &str = "replay_marks_";
-const LEGACY_PERIOD_SECS: i64 = 300;
-
-fn period_of(expires_at: i64) -> i64 {
-    expires_at.div_euclid(PERIOD_SECS)
-}
-
-/// The first unix second after `period` (saturating: a period near `i64::MAX / 60` must not wrap).
-fn period_end(period: i64) -> i64 {
-    period.saturating_add(1).saturating_mul(PERIOD_SECS)
-}
-
-/// The durable form of a mark: 8 bytes in its expiry period's table, tagged with its kind.
-fn mark_record(kind: ReplayKind, key: MarkKey, expires_at: i64) -> PackedRecord {
-    PackedRecord {
-        table: (TABLE_PREFIX, period_of(expires_at)),
-        tag: kind.code(),
-        until: expires_at,
-        bytes: key.to_le_bytes(),
-    }
-}
-
-/// Writes marks found in an older layout (at load) in the current one.
-fn write_converted_marks(
-    conn: &rusqlite::Connection,
-    marks: impl IntoIterator<Item = (ReplayKind, MarkKey, i64)>,
-) -> Result<(), crate::store::StoreError> {
-    let records = marks
-        .into_iter()
-        .map(|(kind, key, expires_at)| mark_record(kind, key, expires_at));
-    crate::store::write_records(conn, records)?;
-    Ok(())
-}
-
-/// Every table name in the schema.
-fn table_names(conn: &rusqlite::Connection) -> Result<Vec<String>, crate::store::StoreError> {
-    let mut stmt = conn.prepare("SELECT name FROM sqlite_schema WHERE type = 'table'")?;
-    let names = stmt
-        .query_map([], |r| r.get::<_, String>(0))?
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(names)
-}
-
-/// The periods that have a mark table, from the schema.
-fn mark_periods(conn: &rusqlite::Connection) -> Result<Vec<i64>, crate::store::StoreError> {
-    Ok(table_names(conn)?
-        .iter()
-        .filter_map(|n| n.strip_prefix(TABLE_PREFIX)?.parse().ok())
-        .collect())
-}
-
-/// The `(kind, key, expires_at)` rows of a one-row-per-mark table that have not expired at `now`.
-fn live_marks(
-    conn: &rusqlite::Connection,
-    table: &str,
-    now: i64,
-) -> Result<Vec<(ReplayKind, MarkKey, i64)>, crate::store::StoreError> {
-    let mut stmt = conn.prepare(&format!(
-        "SELECT kind, key, expires_at FROM {table} WHERE expires_at >= ?1"
-    ))?;
-    let rows = stmt
-        .query_map([now], |r| {
-            // An unknown kind (a newer keyholder's) is kept as a nonce: refusing too much is safe.
-            let kind = ReplayKind::from_code(r.get(0)?).unwrap_or(ReplayKind::Nonce);
-            Ok((kind, r.get::<_, i64>(1)? as MarkKey, r.get(2)?))
-        })?
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(rows)
-}
-
-/// Packs the live marks of one-row-per-mark tables (of 5-minute or one-minute periods) into the
-/// current tables, then drops them.
-fn convert_row_tables(conn: &rusqlite::Connection) -> Result<(), crate::store::StoreError> {
-    let now = crate::clock::now_unix();
-    let names = table_names(conn)?;
-    let period_tables = |prefix: &str, secs: i64| -> Vec<(String, i64)> {
-        names
-            .iter()
-            .filter_map(|n| Some((n.clone(), n.strip_prefix(prefix)?.parse::<i64>().ok()?)))
-            .map(|(name, period)| (name, (period + 1) * secs))
-            .collect()
-    };
-    let legacy = period_tables(LEGACY_PERIOD_PREFIX, LEGACY_PERIOD_SECS);
-    for (table, period_end) in legacy
-        .into_iter()
-        .chain(period_tables(ROW_TABLE_PREFIX, PERIOD_SECS))
-    {
-        if period_end > now {
-            write_converted_marks(conn, live_marks(conn, &table, now)?)?;
-        }
-        conn.execute_batch(&format!("DROP TABLE {table}"))?;
-    }
-    Ok(())
-}
-
-/// Moves marks of the text-id `replay_log` (schema 5) into the period tables, then drops it.
-fn convert_legacy_marks(conn: &rusqlite::Connection) -> Result<(), crate::store::StoreError> {
-    let exists: bool = conn.query_row(
-        "SELECT EXISTS (SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = 'replay_log')",
-        [],
-        |r| r.get(0),
-    )?;
-    if !exists {
-        return Ok(());
-    }
-    let rows = {
-        let mut stmt = conn.prepare("SELECT kind, id, expires_at FROM replay_log")?;
-        let rows = stmt
-            .query_map([], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, i64>(2)?,
-                ))
-            })?
-            .collect::<Result<Vec<_>, _>>()?;
-        rows
-    };
-    write_converted_marks(
-        conn,
-        rows.into_iter().map(|(name, id, expires_at)| {
-            let kind = [ReplayKind::RequestId, ReplayKind::EnvelopeNonce]
-                .into_iter()
-                .find(|k| k.legacy_name() == name)
-                .unwrap_or(ReplayKind::Nonce);
-            (kind, mark_key(&id), expires_at)
-        }),
-    )?;
-    conn.execute_batch("DROP TABLE replay_log")?;
-    Ok(())
-}
-
 /// Outcome of [`ReplayGuard::remember`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Seen {
@@ -470,11 +264,12 @@ pub enum Seen {
     Replayed,
 }
 
-/// In-memory sets backed by the `replay_marks_<period>` tables.
+/// In-memory sets backed by the storage's replay marks.
 pub struct ReplayGuard {
-    store: Store,
-    /// Periods whose table exists (created, or found at start).
-    tables: Mutex<HashSet<i64>>,
+    storage: SharedStorage,
+    /// The in-memory check is the authority (one process on the storage): commits may be awaited
+    /// just before the answer leaves. Otherwise the storage's verdict is awaited at once.
+    local: bool,
     request_ids: MarkSet,
     nonces: MarkSet,
     envelope_nonces: MarkSet,
@@ -482,39 +277,23 @@ pub struct ReplayGuard {
 }
 
 impl ReplayGuard {
-    /// Loads every unexpired entry from the database (converting marks an older keyholder kept
-    /// as text ids, or one row per mark, first).
-    pub async fn load(store: Store) -> Result<ReplayGuard, VaultError> {
-        store.write(convert_legacy_marks).await?;
-        store.write(convert_row_tables).await?;
+    /// Loads every unexpired mark from storage (which converts marks an older keyholder kept
+    /// in another layout first).
+    pub async fn load(storage: SharedStorage) -> Result<ReplayGuard, VaultError> {
         let now = crate::clock::now_unix();
-        let (periods, rows) = store
-            .read(move |conn| {
-                let periods = mark_periods(conn)?;
-                let mut rows = Vec::new();
-                for period in periods.iter().filter(|p| period_end(**p) > now) {
-                    let table = format!("{TABLE_PREFIX}{period}");
-                    rows.extend(crate::store::read_packed_rows(conn, &table, now)?);
-                }
-                Ok((periods, rows))
-            })
-            .await?;
+        let marks = storage.load_marks(now).await?;
         let guard = ReplayGuard {
-            tables: Mutex::new(periods.into_iter().collect()),
-            store,
+            local: storage.verdict_is_local(),
+            storage,
             request_ids: MarkSet::default(),
             nonces: MarkSet::default(),
             envelope_nonces: MarkSet::default(),
             signatures: MarkSet::default(),
         };
-        for (kind, until, keys) in rows {
-            // An unknown kind (a newer keyholder's) is kept as a nonce: refusing too much is safe.
-            // Each mark of a row is kept until the row's `until` (the latest of its period): at
-            // most a minute longer than its own expiry.
-            let set = guard.set(ReplayKind::from_code(kind).unwrap_or(ReplayKind::Nonce));
-            for key in keys {
-                set.insert_loaded(MarkKey::from_le_bytes(key), until, now);
-            }
+        for mark in marks {
+            guard
+                .set(mark.kind)
+                .insert_loaded(mark.key, mark.until, now);
         }
         Ok(guard)
     }
@@ -565,75 +344,49 @@ impl ReplayGuard {
                 return seen.map(|_| Some(kind));
             }
             taken.push((kind, key));
-            records.push(mark_record(kind, key, expires_at));
+            records.push(Mark {
+                kind,
+                key,
+                expires_at,
+            });
         }
-        {
-            let mut tables = self.tables.lock().map_err(poisoned)?;
-            for record in &records {
-                tables.insert(record.table.1);
-            }
-        }
-        let submitted = self.store.submit_records(records);
-        let result = match submitted {
-            Ok(pending) => match DURABILITY.try_with(Arc::clone) {
+        let pending = self.storage.append_marks(records);
+        if self.local {
+            if let Ok(barrier) = DURABILITY.try_with(Arc::clone) {
                 // Inside a request: the commit runs while the request is handled, and the HTTP
                 // layer awaits it before the answer leaves.
-                Ok(barrier) => {
-                    barrier.defer(taken, pending);
-                    return Ok(None);
-                }
-                Err(_) => pending.await,
-            },
-            Err(err) => Err(err),
-        };
-        if let Err(err) = result {
-            // Not served, so not used: let the platform's retry through.
-            for (kind, key) in taken {
-                self.set(kind).forget(key);
+                barrier.defer(taken, pending);
+                return Ok(None);
             }
-            return Err(err.into());
         }
-        Ok(None)
+        match pending.await {
+            Ok(MarkVerdict::Fresh) => Ok(None),
+            Ok(MarkVerdict::Replayed(i)) => {
+                // Another process sharing the storage had one of them: none is used here.
+                let kind = taken.get(i).map_or(ReplayKind::Nonce, |(kind, _)| *kind);
+                for (kind, key) in taken {
+                    self.set(kind).forget(key);
+                }
+                Ok(Some(kind))
+            }
+            Err(err) => {
+                // Not served, so not used: let the platform's retry through.
+                for (kind, key) in taken {
+                    self.set(kind).forget(key);
+                }
+                Err(err.into())
+            }
+        }
     }
 
-    /// Forgets expired marks in memory and on disk; returns how many mark tables were dropped.
+    /// Forgets expired marks in memory and in storage; returns how many mark groups (tables) were
+    /// dropped.
     pub async fn purge_expired(&self) -> Result<usize, VaultError> {
         let now = crate::clock::now_unix();
         for kind in ReplayKind::ALL {
             self.set(kind).rotate(now);
         }
-        // Tables whose whole period is over: every mark in them has expired.
-        let expired: Vec<i64> = {
-            let mut tables = self.tables.lock().map_err(poisoned)?;
-            let expired: Vec<i64> = tables
-                .iter()
-                .copied()
-                .filter(|p| period_end(*p) <= now)
-                .collect();
-            for period in &expired {
-                tables.remove(period);
-            }
-            expired
-        };
-        let mut dropped = 0;
-        for period in expired {
-            let held = self
-                .store
-                .write(move |conn| {
-                    let started = std::time::Instant::now();
-                    conn.execute_batch(&format!("DROP TABLE IF EXISTS {TABLE_PREFIX}{period}"))?;
-                    Ok(started.elapsed())
-                })
-                .await?;
-            // The drop holds every other write for this long (it frees every page of the table).
-            tracing::info!(
-                period,
-                held_ms = held.as_secs_f64() * 1000.0,
-                "dropped the replay marks of an expired period"
-            );
-            dropped += 1;
-        }
-        Ok(dropped)
+        Ok(self.storage.drop_expired_marks(now).await?)
     }
 
     /// Entries held in memory (every kind), for metrics.
@@ -649,122 +402,20 @@ impl ReplayGuard {
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-mod tests {
-    use super::*;
-    use rusqlite::params;
-
-    #[tokio::test]
-    async fn marks_survive_a_restart_and_legacy_marks_are_converted() {
-        let dir = tempfile::tempdir().unwrap();
-        let later = crate::clock::now_unix() + 300;
-        {
-            let store = Store::open(dir.path()).unwrap();
-            // Rows as a schema-5 keyholder wrote them (one already expired).
-            store
-                .write(move |conn| {
-                    conn.execute(
-                        "INSERT INTO replay_log(kind, id, expires_at) VALUES
-                         ('request', 'req-old', ?1), ('nonce', 'nonce-old', ?1),
-                         ('envelope', 'env-old', ?1), ('nonce', 'gone', 1)",
-                        [later],
-                    )?;
-                    // And as keyholders with one row per mark in 5-minute and in one-minute
-                    // tables did (one table of each over, one live).
-                    for (table, id, expires_at) in [
-                        (format!("replay_marks_{}", later / 300), "nonce-5min", later),
-                        ("replay_marks_1".into(), "nonce-5min-gone", 400),
-                        (
-                            format!("replay_marks_60s_{}", later / 60),
-                            "nonce-1min",
-                            later,
-                        ),
-                        ("replay_marks_60s_6".into(), "nonce-1min-gone", 400),
-                    ] {
-                        conn.execute_batch(&format!(
-                            "CREATE TABLE IF NOT EXISTS {table} (kind INTEGER NOT NULL,
-                               key INTEGER NOT NULL, expires_at INTEGER NOT NULL)"
-                        ))?;
-                        conn.execute(
-                            &format!("INSERT INTO {table} VALUES (2, ?1, ?2)"),
-                            params![mark_key(id) as i64, expires_at],
-                        )?;
-                    }
-                    Ok(())
-                })
-                .await
-                .unwrap();
-            let guard = ReplayGuard::load(store.clone()).await.unwrap();
-            assert_eq!(guard.len(), 5, "the expired legacy marks are not loaded");
-            let names = store.read(table_names).await.unwrap();
-            assert!(
-                !names.iter().any(|n| n.starts_with(ROW_TABLE_PREFIX)
-                    || n.strip_prefix(LEGACY_PERIOD_PREFIX)
-                        .is_some_and(|p| p.parse::<i64>().is_ok())),
-                "one-row-per-mark tables are gone: {names:?}"
-            );
-            let fresh = guard
-                .remember(ReplayKind::Nonce, "nonce-new", later)
-                .await
-                .unwrap();
-            assert_eq!(fresh, Seen::Fresh);
-            store.close();
-        }
-        let store = Store::open(dir.path()).unwrap();
-        let guard = ReplayGuard::load(store).await.unwrap();
-        for (kind, id) in [
-            (ReplayKind::RequestId, "req-old"),
-            (ReplayKind::Nonce, "nonce-old"),
-            (ReplayKind::EnvelopeNonce, "env-old"),
-            (ReplayKind::Nonce, "nonce-5min"),
-            (ReplayKind::Nonce, "nonce-1min"),
-            (ReplayKind::Nonce, "nonce-new"),
-        ] {
-            let seen = guard.remember(kind, id, later).await.unwrap();
-            assert_eq!(seen, Seen::Replayed, "{id} must be refused after a restart");
-        }
-        // Kinds are separate sets, and an expired mark is usable again.
-        assert_eq!(
-            guard
-                .remember(ReplayKind::RequestId, "nonce-old", later)
-                .await
-                .unwrap(),
-            Seen::Fresh
-        );
-        assert_eq!(
-            guard
-                .remember(ReplayKind::Nonce, "gone", later)
-                .await
-                .unwrap(),
-            Seen::Fresh
-        );
-        // A mark whose period is over goes with its whole table at the next purge.
-        let past = crate::clock::now_unix() - 10 * PERIOD_SECS;
-        guard
-            .remember(ReplayKind::Nonce, "stale", past)
-            .await
-            .unwrap();
-        let periods = || async { guard.store.read(mark_periods).await.unwrap() };
-        assert!(periods().await.contains(&period_of(past)));
-        // Its table, and the one the expired legacy mark was converted into.
-        assert_eq!(guard.purge_expired().await.unwrap(), 2);
-        let left = periods().await;
-        assert!(!left.contains(&period_of(past)));
-        assert!(left.contains(&period_of(later)), "live marks stay");
-    }
-}
-
-#[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod extreme_expiry_tests {
     use super::*;
+
+    fn sqlite(dir: &std::path::Path) -> SharedStorage {
+        Arc::new(crate::storage::sqlite::SqliteStorage::open(dir).unwrap())
+    }
 
     /// Expiries at the ends of `i64` (from claims a hostile platform chose) are stored, purged and
     /// reloaded without overflow, in a table with a valid name, next to ordinary marks.
     #[tokio::test]
     async fn extreme_expiries_neither_overflow_nor_break_the_batch_or_the_purge() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let guard = ReplayGuard::load(store.clone()).await.unwrap();
+        let store = sqlite(dir.path());
+        let guard = ReplayGuard::load(Arc::clone(&store)).await.unwrap();
         let later = crate::clock::now_unix() + 300;
         let marks = [
             (ReplayKind::Nonce, "max", i64::MAX),
@@ -783,7 +434,7 @@ mod extreme_expiry_tests {
         guard.purge_expired().await.unwrap();
         guard.purge_expired().await.unwrap();
         store.close();
-        let store = Store::open(dir.path()).unwrap();
+        let store = sqlite(dir.path());
         let guard = ReplayGuard::load(store).await.unwrap();
         for (kind, id) in [
             (ReplayKind::Nonce, "max"),
@@ -801,9 +452,7 @@ mod extreme_expiry_tests {
     #[tokio::test]
     async fn a_replayed_mark_leaves_the_others_of_its_call_unused() {
         let dir = tempfile::tempdir().unwrap();
-        let guard = ReplayGuard::load(Store::open(dir.path()).unwrap())
-            .await
-            .unwrap();
+        let guard = ReplayGuard::load(sqlite(dir.path())).await.unwrap();
         let later = crate::clock::now_unix() + 300;
         guard
             .remember(ReplayKind::Signature, "sig", later)

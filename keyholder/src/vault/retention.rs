@@ -12,27 +12,19 @@ impl Vault {
         let age_ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
         let before_ms = audit::now_ms().saturating_sub(age_ms);
         let key = self.keys().identity().verifying_key();
-        let checked = self
-            .store()
-            .read(move |conn| {
-                let Some(boundary) = audit::prune_boundary(conn, before_ms)? else {
-                    return Ok(None);
-                };
-                Ok(Some((boundary, audit::verify_chain(conn, &key)?)))
-            })
-            .await?;
-        let Some((boundary, verification)) = checked else {
+        let Some(boundary) = self.storage().prune_boundary(before_ms).await? else {
             return Ok(0);
         };
+        let verification = self.storage().verify_audit(key).await?;
         if let Some(problem) = verification.problem {
             return Err(VaultError::Corrupt(format!(
                 "the audit chain does not verify at #{} ({}); run `keyholder audit verify`",
                 problem.seq, problem.reason
             )));
         }
-        let ring = self.keys();
-        self.store()
-            .write(move |conn| audit::record_prune(conn, ring.identity(), boundary, "retention"))
+        let ring: crate::storage::SharedSigner = self.keys();
+        self.storage()
+            .append_audit(vec![audit::prune_event(boundary, "retention")], ring)
             .await?;
         self.delete_pruned(boundary).await
     }
@@ -40,10 +32,7 @@ impl Vault {
     async fn delete_pruned(&self, boundary: PruneBoundary) -> Result<u64, VaultError> {
         let mut removed = 0;
         loop {
-            let deleted = self
-                .store()
-                .write(move |conn| audit::delete_pruned(conn, boundary))
-                .await?;
+            let deleted = self.storage().delete_pruned(boundary).await?;
             if deleted == 0 {
                 return Ok(removed);
             }

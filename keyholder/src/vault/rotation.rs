@@ -9,28 +9,47 @@ use keyholder_protocol::document::{
     field_key_version, platform_v1_field_digest, FieldFormat, KeyLookup, DOCUMENT_ALG,
     DOCUMENT_VERSION,
 };
+use keyholder_protocol::wire::Collection;
 use keyholder_protocol::DataKey;
-use rusqlite::{params, Connection};
 use serde_json::Value;
 
 use super::keyring::{self, KeyRing, KIND_DATA, KIND_LEGACY};
 use super::master::MasterKey;
-use super::reload::bump_generation;
 use super::VaultError;
-use crate::store::{get_setting, put_setting};
+use crate::storage::{
+    ChangeSet, Check, KeyRingSnapshot, Setting, Storage, StoredDocument, WrappedKey, Write,
+};
 
-/// Adds a data-key version and makes it current for new writes. Returns the new version.
-pub fn rotate_data_key(conn: &Connection, master: &MasterKey) -> Result<u32, VaultError> {
-    let next: u32 = conn.query_row(
-        "SELECT COALESCE(MAX(version), 0) + 1 FROM keyring WHERE kind = ?1",
-        [KIND_DATA],
-        |r| r.get(0),
-    )?;
+/// The latest version of a key kind in a snapshot (0 when none).
+fn latest(snapshot: &KeyRingSnapshot, kind: &str) -> u32 {
+    snapshot
+        .keys
+        .iter()
+        .filter(|k| k.kind == kind)
+        .map(|k| k.version)
+        .max()
+        .unwrap_or(0)
+}
+
+/// The change that adds a data-key version and makes it current for new writes, and the new
+/// version.
+pub fn rotate_data_key(
+    snapshot: &KeyRingSnapshot,
+    master: &MasterKey,
+) -> Result<(ChangeSet, u32), VaultError> {
+    let latest = latest(snapshot, KIND_DATA);
+    let next = latest + 1;
     let key = DataKey::generate();
-    keyring::store_key(conn, master, KIND_DATA, next, key.expose())?;
-    put_setting(conn, "data_version", &next.to_string())?;
-    bump_generation(conn)?;
-    Ok(next)
+    let change = ChangeSet::owner()
+        .check(Check::LatestKeyVersion(KIND_DATA.into(), latest))
+        .write(Write::PutKey(keyring::wrap_key(
+            master,
+            KIND_DATA,
+            next,
+            key.expose(),
+        )?))
+        .write(Write::PutSetting(Setting::DataVersion, next.to_string()));
+    Ok((change, next))
 }
 
 /// Re-encrypts the fields of one stored credential that are not under the current data key
@@ -99,29 +118,23 @@ pub struct RewrapBatch {
     pub failed: Vec<String>,
 }
 
-/// Re-encrypts up to `limit` credentials after the cursor `after`, inside the caller's (short)
-/// transaction, so the server keeps writing between batches.
-pub fn rewrap_batch(
-    conn: &Connection,
+/// Re-encrypts up to `limit` credentials after the cursor `after` as one short change (each
+/// document written only if it is still the one read), so the server keeps writing between
+/// batches. Returns the change (empty when nothing was rewrapped) and the batch's counts.
+pub async fn rewrap_batch(
+    storage: &dyn Storage,
     master: &MasterKey,
     after: Option<&str>,
     limit: usize,
-) -> Result<RewrapBatch, VaultError> {
-    let (ring, _, _) = keyring::load(conn, master)?;
-    let mut stmt = conn.prepare(
-        "SELECT key, doc FROM documents WHERE collection = 'tokens' AND key > ?1 ORDER BY key LIMIT ?2",
-    )?;
-    let rows = stmt
-        .query_map(
-            params![
-                after.unwrap_or(""),
-                i64::try_from(limit).unwrap_or(i64::MAX)
-            ],
-            |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)),
-        )?
-        .collect::<Result<Vec<_>, _>>()?;
+) -> Result<(ChangeSet, RewrapBatch), VaultError> {
+    let (ring, _, _) = keyring::load_current(storage, master).await?;
+    let rows = storage
+        .documents_after(Collection::Tokens, after.unwrap_or(""), limit)
+        .await?;
     let mut batch = RewrapBatch::default();
-    for (key, text) in rows {
+    // A running server drops its cached copies of the rewritten documents.
+    let mut change = ChangeSet::owner();
+    for StoredDocument { key, doc: text } in rows {
         batch.examined += 1;
         batch.last_key = Some(key.clone());
         let Ok(mut doc) = serde_json::from_str::<Value>(&text) else {
@@ -130,36 +143,30 @@ pub fn rewrap_batch(
         };
         match rewrap_document(&mut doc, &key, &ring) {
             Ok(true) => {
-                conn.execute(
-                    "UPDATE documents SET doc = ?1 WHERE collection = 'tokens' AND key = ?2",
-                    params![doc.to_string(), key],
-                )?;
+                change = change
+                    .check(Check::DocumentIs(Collection::Tokens, key.clone(), text))
+                    .write(Write::RewriteDocument(
+                        Collection::Tokens,
+                        key,
+                        doc.to_string(),
+                    ));
                 batch.rewrapped += 1;
             }
             Ok(false) => {}
             Err(_) => batch.failed.push(key),
         }
     }
-    if batch.rewrapped > 0 {
-        // A running server drops its cached copies of the rewritten documents.
-        bump_generation(conn)?;
-    }
-    Ok(batch)
+    Ok((change, batch))
 }
 
 /// Data-key versions referenced by stored documents (any collection), each with up to five keys
 /// (`collection/key`) that use it.
-pub fn versions_in_use(
-    conn: &Connection,
+pub async fn versions_in_use(
+    storage: &dyn Storage,
 ) -> Result<BTreeMap<u32, (usize, Vec<String>)>, VaultError> {
-    let mut stmt =
-        conn.prepare("SELECT collection, key, doc FROM documents WHERE doc LIKE '%kh1:%'")?;
-    let mut rows = stmt.query([])?;
     let mut used: BTreeMap<u32, (usize, Vec<String>)> = BTreeMap::new();
-    while let Some(row) = rows.next()? {
-        let collection: String = row.get(0)?;
-        let key: String = row.get(1)?;
-        let text: String = row.get(2)?;
+    for found in storage.scan_documents("kh1:").await? {
+        let (collection, key, text) = (found.collection.as_str(), found.key, found.doc);
         let Ok(doc) = serde_json::from_str::<Value>(&text) else {
             continue;
         };
@@ -176,16 +183,12 @@ pub fn versions_in_use(
 
 /// Credentials that the reference webhook's key still opens (a v1 field where it was imported),
 /// with up to five of their keys. v1 fields anywhere else never open, so they do not count.
-pub fn platform_v1_in_use(
-    conn: &Connection,
+pub async fn platform_v1_in_use(
+    storage: &dyn Storage,
     ring: &KeyRing,
 ) -> Result<(usize, Vec<String>), VaultError> {
-    let mut stmt = conn.prepare("SELECT key, doc FROM documents WHERE collection = 'tokens'")?;
-    let mut rows = stmt.query([])?;
     let (mut count, mut examples) = (0, Vec::new());
-    while let Some(row) = rows.next()? {
-        let key: String = row.get(0)?;
-        let text: String = row.get(1)?;
+    for StoredDocument { key, doc: text } in storage.documents(Collection::Tokens).await? {
         let Ok(doc) = serde_json::from_str::<Value>(&text) else {
             continue;
         };
@@ -212,8 +215,11 @@ pub fn platform_v1_in_use(
 /// Removes the reference webhook's key (platform v1) and the record of where its ciphertexts were
 /// imported: refused while a stored credential still needs it (run `rewrap` first). Afterwards no
 /// v1 ciphertext opens here, wherever it is written.
-pub fn retire_platform_v1_key(conn: &Connection, master: &MasterKey) -> Result<(), VaultError> {
-    let (ring, _, _) = keyring::load(conn, master)?;
+pub async fn retire_platform_v1_key(
+    storage: &dyn Storage,
+    master: &MasterKey,
+) -> Result<ChangeSet, VaultError> {
+    let (ring, _, _) = keyring::load_current(storage, master).await?;
     if !ring.has_platform_v1_key() {
         return Err(VaultError::Invalid(
             "there is no reference (platform-v1) key: nothing was imported with `keyholder import-reference`, \
@@ -221,22 +227,23 @@ pub fn retire_platform_v1_key(conn: &Connection, master: &MasterKey) -> Result<(
                 .into(),
         ));
     }
-    let (count, examples) = platform_v1_in_use(conn, &ring)?;
+    let (count, examples) = platform_v1_in_use(storage, &ring).await?;
     if count > 0 {
         return Err(VaultError::Invalid(format!(
             "the reference (platform-v1) key is still used by {count} document(s) (e.g. {}); run `keyholder rewrap` first",
             examples.join(", ")
         )));
     }
-    conn.execute("DELETE FROM keyring WHERE kind = ?1", [KIND_LEGACY])?;
-    super::imported_v1::clear(conn)?;
-    bump_generation(conn)?;
-    Ok(())
+    Ok(ChangeSet::owner()
+        .write(Write::DeleteKeysOfKind(KIND_LEGACY.into()))
+        .write(Write::ClearImportedFields))
 }
 
 /// Removes data-key `version`: refused while it is current or any stored document references it.
-pub fn retire_data_key(conn: &Connection, version: u32) -> Result<(), VaultError> {
-    let current: u32 = get_setting(conn, "data_version")?
+pub async fn retire_data_key(storage: &dyn Storage, version: u32) -> Result<ChangeSet, VaultError> {
+    let snapshot = storage.key_ring_snapshot().await?;
+    let current: u32 = snapshot
+        .setting(Setting::DataVersion)
         .and_then(|v| v.parse().ok())
         .ok_or_else(|| VaultError::Corrupt("data_version".into()))?;
     if version == current {
@@ -244,101 +251,65 @@ pub fn retire_data_key(conn: &Connection, version: u32) -> Result<(), VaultError
             "data key v{version} is current; run `keyholder rotate-key` and `keyholder rewrap` first"
         )));
     }
-    let exists: i64 = conn.query_row(
-        "SELECT COUNT(*) FROM keyring WHERE kind = ?1 AND version = ?2",
-        params![KIND_DATA, version],
-        |r| r.get(0),
-    )?;
-    if exists == 0 {
+    if snapshot.key(KIND_DATA, version).is_none() {
         return Err(VaultError::Invalid(format!(
             "there is no data key v{version}"
         )));
     }
-    if let Some((count, examples)) = versions_in_use(conn)?.remove(&version) {
+    if let Some((count, examples)) = versions_in_use(storage).await?.remove(&version) {
         return Err(VaultError::Invalid(format!(
             "data key v{version} is still used by {count} document(s) (e.g. {}); run `keyholder rewrap` first",
             examples.join(", ")
         )));
     }
-    conn.execute(
-        "DELETE FROM keyring WHERE kind = ?1 AND version = ?2",
-        params![KIND_DATA, version],
-    )?;
-    bump_generation(conn)?;
-    Ok(())
+    Ok(ChangeSet::owner()
+        .check(Check::SettingIs(
+            Setting::DataVersion,
+            Some(current.to_string()),
+        ))
+        .write(Write::DeleteKey(KIND_DATA.into(), version)))
 }
 
-/// Re-wraps every wrapped value (key ring and pending re-bind secrets) from `old` to `new`, records
-/// the new master check value and, for a passphrase, its new salt. Returns how many values moved.
-pub fn rotate_master_key(
-    conn: &Connection,
+/// The change that re-wraps every wrapped value (key ring, pending re-bind secrets, OAuth client
+/// secrets) from `old` to `new`, records the new master check value and, for a passphrase, its
+/// new salt; and how many values it moves.
+pub async fn rotate_master_key(
+    storage: &dyn Storage,
     old: &MasterKey,
     new: &MasterKey,
     new_kdf_salt: Option<&[u8]>,
-) -> Result<usize, VaultError> {
-    old.check_or_record(conn)?;
+) -> Result<(ChangeSet, usize), VaultError> {
+    let snapshot = storage.key_ring_snapshot().await?;
+    let old_check = old.check(snapshot.setting(Setting::MasterCheck))?;
+    let mut change =
+        ChangeSet::owner().check(Check::SettingIs(Setting::MasterCheck, Some(old_check)));
     let mut moved = 0;
-    let rows = conn
-        .prepare("SELECT kind, version, wrapped FROM keyring")?
-        .query_map([], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, u32>(1)?,
-                r.get::<_, Vec<u8>>(2)?,
-            ))
-        })?
-        .collect::<Result<Vec<_>, _>>()?;
-    for (kind, version, wrapped) in rows {
-        let plain = old.unwrap_key(&kind, version, &wrapped)?;
-        let rewrapped = new.wrap(&kind, version, &plain)?;
-        conn.execute(
-            "UPDATE keyring SET wrapped = ?1 WHERE kind = ?2 AND version = ?3",
-            params![rewrapped, kind, version],
-        )?;
+    for key in &snapshot.keys {
+        let plain = old.unwrap_key(&key.kind, key.version, &key.wrapped)?;
+        change = change.write(Write::PutKey(WrappedKey {
+            wrapped: new.wrap(&key.kind, key.version, &plain)?,
+            ..key.clone()
+        }));
         moved += 1;
     }
-    let pending = conn
-        .prepare(
-            "SELECT code_hash, pending_secret FROM bind_codes WHERE pending_secret IS NOT NULL",
-        )?
-        .query_map([], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
-        })?
-        .collect::<Result<Vec<_>, _>>()?;
-    for (hash, wrapped) in pending {
+    for (hash, wrapped) in storage.pending_secrets().await? {
         let kind = super::binding::pending_kind(&hash);
         let plain = old.unwrap_key(&kind, 0, &wrapped)?;
-        let rewrapped = new.wrap(&kind, 0, &plain)?;
-        conn.execute(
-            "UPDATE bind_codes SET pending_secret = ?1 WHERE code_hash = ?2",
-            params![rewrapped, hash],
-        )?;
+        change = change.write(Write::PutPendingSecret(hash, new.wrap(&kind, 0, &plain)?));
         moved += 1;
     }
-    let providers = conn
-        .prepare("SELECT name, wrapped_secret FROM oauth_providers")?
-        .query_map([], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
-        })?
-        .collect::<Result<Vec<_>, _>>()?;
-    for (name, wrapped) in providers {
-        let kind = super::oauth::wrap_kind(&name);
-        let plain = old.unwrap_key(&kind, 1, &wrapped)?;
-        let rewrapped = new.wrap(&kind, 1, &plain)?;
-        conn.execute(
-            "UPDATE oauth_providers SET wrapped_secret = ?1 WHERE name = ?2",
-            params![rewrapped, name],
-        )?;
+    for mut row in storage.oauth_clients().await? {
+        let kind = super::oauth::wrap_kind(&row.name);
+        let plain = old.unwrap_key(&kind, 1, &row.wrapped_secret)?;
+        row.wrapped_secret = new.wrap(&kind, 1, &plain)?;
+        change = change.write(Write::PutOAuthClient(row));
         moved += 1;
     }
-    conn.execute("DELETE FROM settings WHERE name = 'master_check'", [])?;
-    match new_kdf_salt {
-        Some(salt) => put_setting(conn, "kdf_salt", &hex::encode(salt))?,
-        None => {
-            conn.execute("DELETE FROM settings WHERE name = 'kdf_salt'", [])?;
-        }
-    }
-    new.check_or_record(conn)?;
-    bump_generation(conn)?;
-    Ok(moved)
+    change = change.write(match new_kdf_salt {
+        Some(salt) => Write::PutSetting(Setting::KdfSalt, hex::encode(salt)),
+        None => Write::DeleteSetting(Setting::KdfSalt),
+    });
+    let (new_check, _) = new.check_or_record(None)?;
+    change = change.write(Write::PutSetting(Setting::MasterCheck, new_check));
+    Ok((change, moved))
 }

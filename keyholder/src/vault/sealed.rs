@@ -209,13 +209,9 @@ pub fn split_token_data(
     Ok((rest, (!inputs.is_empty()).then_some(inputs)))
 }
 
-/// Marks `service` as a GitHub App stored before minting inputs were sealed, if its document's
-/// meta says so (an import from a reference webhook brings such documents).
-pub fn mark_if_legacy_minting(
-    conn: &rusqlite::Connection,
-    service: &str,
-    doc: &Value,
-) -> Result<(), VaultError> {
+/// The write that marks `service` as a GitHub App stored before minting inputs were sealed, if
+/// its document's meta says so (an import from a reference webhook brings such documents).
+pub fn mark_if_legacy_minting(service: &str, doc: &Value) -> Option<crate::storage::Write> {
     let github_app = doc
         .get("meta")
         .and_then(|m| m.get("tokenType"))
@@ -227,12 +223,11 @@ pub fn mark_if_legacy_minting(
             .and_then(|f| f.get(SEALED_FIELD))
             .is_none()
     {
-        conn.execute(
-            "INSERT INTO legacy_minting (service) VALUES (?1) ON CONFLICT(service) DO NOTHING",
-            [service],
-        )?;
+        return Some(crate::storage::Write::MarkLegacyMinting(
+            service.to_string(),
+        ));
     }
-    Ok(())
+    None
 }
 
 /// Adds the sealed inputs to a sealed document (`seal_token_data`'s output).

@@ -8,12 +8,12 @@
 use keyholder_protocol::document::{open_document, seal_token_data};
 use keyholder_protocol::otpauth::{expand_totp_uri, parse_otpauth, TOTP_URI_FIELD};
 use keyholder_protocol::wire::Collection;
-use rusqlite::params;
 use serde_json::{Map, Value};
 
 use super::credentials::scrub;
 use super::keyring::KeyRing;
-use super::{from_store, into_store, Vault, VaultError};
+use super::{Vault, VaultError};
+use crate::storage::{DocumentSwap, StoredDocument, SwapOutcome};
 
 /// Counts of one sweep (`POST /v1/admin/migrate`): documents looked at, rewritten, and left as they
 /// were because their link could not be sealed.
@@ -176,44 +176,30 @@ impl Vault {
         new_doc: &Value,
         version: u32,
     ) -> Result<bool, VaultError> {
-        let (key_owned, old, new) = (key.to_string(), old_text.to_string(), new_doc.to_string());
-        let now = crate::clock::now_unix();
-        let replaced = self
-            .store()
-            .write(move |conn| {
-                let current = crate::store::get_setting(conn, "data_version")?;
-                if current.as_deref() != Some(version.to_string().as_str()) {
-                    return Err(into_store(VaultError::KeyRingChanged));
-                }
-                Ok(conn.execute(
-                    "UPDATE documents SET doc = ?1, updated_at = ?2
-                     WHERE collection = 'tokens' AND key = ?3 AND doc = ?4",
-                    params![new, now, key_owned, old],
-                )? == 1)
+        let swapped = self
+            .documents()
+            .swap(DocumentSwap {
+                collection: Collection::Tokens,
+                key: key.to_string(),
+                expected: old_text.to_string(),
+                doc: new_doc.to_string(),
+                now: crate::clock::now_unix(),
+                data_version: Some(version),
             })
-            .await
-            .map_err(from_store);
-        self.cache.invalidate(Collection::Tokens, key);
-        replaced
+            .await?;
+        match swapped {
+            SwapOutcome::Swapped => Ok(true),
+            SwapOutcome::Changed => Ok(false),
+            SwapOutcome::KeyRingChanged => Err(VaultError::KeyRingChanged),
+        }
     }
 
     /// Seals every stored link (`POST /v1/admin/migrate`, and at start). Counts only.
     pub async fn migrate_totp_links(&self) -> Result<TotpMigration, VaultError> {
         self.ensure_unsealed()?;
-        let rows: Vec<(String, String)> = self
-            .store()
-            .read(|conn| {
-                let mut stmt = conn.prepare(
-                    "SELECT key, doc FROM documents WHERE collection = 'tokens' ORDER BY key",
-                )?;
-                let rows = stmt
-                    .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
-                    .collect::<Result<Vec<_>, _>>()?;
-                Ok(rows)
-            })
-            .await?;
+        let rows = self.documents().read_all(Collection::Tokens).await?;
         let mut report = TotpMigration::default();
-        for (key, text) in rows {
+        for StoredDocument { key, doc: text } in rows {
             report.scanned += 1;
             let Ok(doc) = serde_json::from_str::<Value>(&text) else {
                 continue;
