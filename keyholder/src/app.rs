@@ -140,12 +140,20 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         .map(Arc::new);
     prepare_data_dir(&config)?;
     let metrics = Arc::new(Metrics::new());
-    let storage: SharedStorage = Arc::new(
-        SqliteStorage::open_observed(&config.data_dir, Some(metrics.commit_observer()))
-            .with_context(|| {
-                format!("cannot open the database in {}", config.data_dir.display())
-            })?,
-    );
+    let storage: SharedStorage = match &config.database {
+        // Several replicas on one PostgreSQL database (`--database-url`).
+        Some(db) => Arc::new(
+            crate::storage::postgres::PostgresStorage::open(db.target.clone(), &db.node_id)
+                .await
+                .with_context(|| format!("cannot open the database {}", db.target.display()))?,
+        ),
+        None => Arc::new(
+            SqliteStorage::open_observed(&config.data_dir, Some(metrics.commit_observer()))
+                .with_context(|| {
+                    format!("cannot open the database in {}", config.data_dir.display())
+                })?,
+        ),
+    };
     // Before the vault opens, so it starts at the owner generation the file's changes bumped
     // (a reload racing the first requests would be needless).
     if let Some(path) = config.policy_file.clone() {
@@ -350,8 +358,22 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         let mut tick = tokio::time::interval(FOLLOW_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut failing = false;
+        // A shared database announces owner changes (PostgreSQL NOTIFY): follow them at once.
+        let mut pushed = follow_state.vault.storage().watch_owner_generation();
         loop {
-            tick.tick().await;
+            match pushed.as_mut() {
+                Some(watch) => tokio::select! {
+                    _ = tick.tick() => {}
+                    changed = watch.changed() => {
+                        if changed.is_err() {
+                            pushed = None;
+                        }
+                    }
+                },
+                None => {
+                    tick.tick().await;
+                }
+            }
             match follow_state.vault.follow_owner_changes().await {
                 Ok(changed) => {
                     if changed {

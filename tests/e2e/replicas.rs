@@ -37,9 +37,14 @@ async fn try_store(kh: &Keyholder, service: &str, token: &str) -> Option<u16> {
 async fn access_token(kh: &Keyholder, service: &str) -> Result<String, u16> {
     let answer = kh.credential(service).await;
     if answer.status != 200 {
+        eprintln!(
+            "{service}: {} {}",
+            answer.status,
+            String::from_utf8_lossy(&answer.body)
+        );
         return Err(answer.status);
     }
-    Ok(answer.json()["accessToken"]
+    Ok(answer.json()["token"]["accessToken"]
         .as_str()
         .unwrap_or_default()
         .to_string())

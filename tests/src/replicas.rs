@@ -245,6 +245,25 @@ impl Cluster {
         let secret =
             HmacSecret::from_base64(answer.json()["hmacSecret"].as_str().unwrap()).unwrap();
         self.secret = Some(secret);
+        // Every replica follows the binding (the exchange's owner change) within a second.
+        let started = Instant::now();
+        for r in 0..self.replicas.len() {
+            let view = self.view(r);
+            loop {
+                let answer = view
+                    .storage(serde_json::json!({"operation": "list", "collection": "tokens"}))
+                    .await;
+                if answer.status == 200 {
+                    break;
+                }
+                assert!(
+                    started.elapsed() < Duration::from_secs(1),
+                    "replica {r} did not follow the binding: {}",
+                    String::from_utf8_lossy(&answer.body)
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
     }
 
     /// The replicas' addresses.

@@ -29,9 +29,10 @@ use crate::storage::{
     EgressStore, Exchange, ExchangeInstall, ExchangeOutcome, ImportedField, KeyRingStore,
     LoadedMark, Mark, MarkCommit, OAuthClientRow, OAuthClients, PinRow, PolicyRow, PolicySnapshot,
     PolicyStore, RefusalRow, ReplayMarks, ScannedDocument, Setting, Settings, SharedSigner,
-    Storage, StorageError, StorageResult, StoredDocument, StoredPlatformKey, UsageCounter,
-    WrappedKey, Write,
+    Storage, StorageError, StorageResult, StoredDocument, StoredPlatformKey, SwapOutcome,
+    UsageCounter, WrappedKey, Write,
 };
+use crate::storage::{DocumentSwap, KeyRingSnapshot};
 
 /// Serialises owner change sets and exchanges (exclusive) against writes that must not cross a
 /// key rotation (shared).
@@ -490,29 +491,39 @@ impl Documents for PostgresStorage {
         tx.commit().await.db()
     }
 
-    async fn replace_document(
-        &self,
-        collection: Collection,
-        key: &str,
-        expected: &str,
-        doc: &str,
-        now: i64,
-    ) -> StorageResult<bool> {
+    async fn swap_document(&self, swap: DocumentSwap) -> StorageResult<SwapOutcome> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.db()?;
+        if let Some(version) = swap.data_version {
+            owner_lock(&tx, true).await?;
+            let current = get_setting(&tx, Setting::DataVersion).await?;
+            if current.as_deref() != Some(version.to_string().as_str()) {
+                return Ok(SwapOutcome::KeyRingChanged);
+            }
+        }
         let n = tx
             .execute(
                 "UPDATE documents SET doc = $4, updated_at = $5
                  WHERE collection = $1 AND key = $2 AND doc = $3",
-                &[&collection.as_str(), &key, &expected, &doc, &now],
+                &[
+                    &swap.collection.as_str(),
+                    &swap.key,
+                    &swap.expected,
+                    &swap.doc,
+                    &swap.now,
+                ],
             )
             .await
             .db()?;
         if n > 0 {
-            announce_document(&tx, &self.node, collection, key).await?;
+            announce_document(&tx, &self.node, swap.collection, &swap.key).await?;
         }
         tx.commit().await.db()?;
-        Ok(n > 0)
+        Ok(if n > 0 {
+            SwapOutcome::Swapped
+        } else {
+            SwapOutcome::Changed
+        })
     }
 
     async fn store_credential(&self, write: CredentialDocument) -> StorageResult<CredentialWrite> {
@@ -621,7 +632,11 @@ async fn put_key(client: &impl GenericClient, key: &WrappedKey) -> StorageResult
     Ok(())
 }
 
-async fn install_hmac(client: &impl GenericClient, key: &WrappedKey) -> StorageResult<()> {
+async fn install_hmac(
+    client: &impl GenericClient,
+    key: &WrappedKey,
+    hash: &str,
+) -> StorageResult<()> {
     put_key(client, key).await?;
     client
         .execute(
@@ -630,7 +645,8 @@ async fn install_hmac(client: &impl GenericClient, key: &WrappedKey) -> StorageR
         )
         .await
         .db()?;
-    put_setting(client, Setting::HmacVersion, &key.version.to_string()).await
+    put_setting(client, Setting::HmacVersion, &key.version.to_string()).await?;
+    put_setting(client, Setting::HmacHash, hash).await
 }
 
 async fn insert_platform_key(
@@ -691,13 +707,13 @@ async fn exchange_in(
             tx.execute("DELETE FROM platform_keys", &[]).await.db()?;
             put_setting(tx, Setting::PlatformScheme, "hmac").await?;
         }
-        ExchangeInstall::NewHmac(key) => {
+        ExchangeInstall::NewHmac { key, hash } => {
             if latest_version(tx, &key.kind).await? + 1 != key.version {
                 return Err(rollback(ExchangeOutcome::KeyRingChanged));
             }
             tx.execute("DELETE FROM platform_keys", &[]).await.db()?;
             put_setting(tx, Setting::PlatformScheme, "hmac").await?;
-            install_hmac(tx, key).await?;
+            install_hmac(tx, key, hash).await?;
             tx.execute(
                 "UPDATE bind_codes SET pending_secret = NULL WHERE code_hash = $1",
                 &[&ex.code_hash],
@@ -705,11 +721,15 @@ async fn exchange_in(
             .await
             .db()?;
         }
-        ExchangeInstall::Ed25519(platform_key, key) => {
+        ExchangeInstall::Ed25519 {
+            platform_key,
+            key,
+            hash,
+        } => {
             if latest_version(tx, &key.kind).await? + 1 != key.version {
                 return Err(rollback(ExchangeOutcome::KeyRingChanged));
             }
-            install_hmac(tx, key).await?;
+            install_hmac(tx, key, hash).await?;
             tx.execute("DELETE FROM platform_keys", &[]).await.db()?;
             insert_platform_key(tx, platform_key).await?;
             put_setting(tx, Setting::PlatformScheme, "ed25519").await?;
@@ -807,6 +827,21 @@ impl Binding for PostgresStorage {
         }
     }
 
+    async fn pending_secrets(&self) -> StorageResult<Vec<(String, Vec<u8>)>> {
+        Ok(self
+            .client()
+            .await?
+            .query(
+                "SELECT code_hash, pending_secret FROM bind_codes WHERE pending_secret IS NOT NULL",
+                &[],
+            )
+            .await
+            .db()?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect())
+    }
+
     async fn platform_keys(&self) -> StorageResult<Vec<StoredPlatformKey>> {
         let rows = self
             .client()
@@ -828,6 +863,31 @@ impl Binding for PostgresStorage {
     }
 }
 
+fn imported_of(rows: Vec<tokio_postgres::Row>) -> StorageResult<Vec<ImportedField>> {
+    rows.iter()
+        .map(|r| {
+            let digest: &[u8] = r.get(0);
+            Ok(ImportedField {
+                digest: digest.try_into().map_err(|_| {
+                    StorageError::Corrupt("imported_v1_fields digest length".into())
+                })?,
+                service: r.get(1),
+                field: r.get(2),
+            })
+        })
+        .collect()
+}
+
+fn platform_keys_of(rows: Vec<tokio_postgres::Row>) -> Vec<StoredPlatformKey> {
+    rows.iter()
+        .map(|r| StoredPlatformKey {
+            key_id: r.get(0),
+            public_key: r.get(1),
+            added_at: r.get(2),
+        })
+        .collect()
+}
+
 fn key_of(r: &tokio_postgres::Row) -> WrappedKey {
     WrappedKey {
         kind: r.get(0),
@@ -839,6 +899,58 @@ fn key_of(r: &tokio_postgres::Row) -> WrappedKey {
 
 #[async_trait]
 impl KeyRingStore for PostgresStorage {
+    async fn key_ring_snapshot(&self) -> StorageResult<KeyRingSnapshot> {
+        let mut client = self.client().await?;
+        let tx = client
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await
+            .db()?;
+        let stored: std::collections::HashMap<String, String> = tx
+            .query("SELECT name, value FROM settings", &[])
+            .await
+            .db()?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        let settings = Setting::ALL
+            .into_iter()
+            .filter_map(|s| stored.get(s.name()).map(|v| (s, v.clone())))
+            .collect();
+        let keys = tx
+            .query(
+                "SELECT kind, version, wrapped, created_at FROM keyring ORDER BY kind, version",
+                &[],
+            )
+            .await
+            .db()?
+            .iter()
+            .map(key_of)
+            .collect();
+        let imported = imported_of(
+            tx.query("SELECT digest, service, field FROM imported_v1_fields", &[])
+                .await
+                .db()?,
+        )?;
+        let platform_keys = platform_keys_of(
+            tx.query(
+                "SELECT key_id, public_key, added_at FROM platform_keys ORDER BY added_at, key_id",
+                &[],
+            )
+            .await
+            .db()?,
+        );
+        tx.commit().await.db()?;
+        Ok(KeyRingSnapshot {
+            settings,
+            keys,
+            imported,
+            platform_keys,
+        })
+    }
+
     async fn wrapped_keys(&self) -> StorageResult<Vec<WrappedKey>> {
         let rows = self
             .client()
@@ -877,18 +989,7 @@ impl KeyRingStore for PostgresStorage {
             .query("SELECT digest, service, field FROM imported_v1_fields", &[])
             .await
             .db()?;
-        rows.iter()
-            .map(|r| {
-                let digest: &[u8] = r.get(0);
-                Ok(ImportedField {
-                    digest: digest.try_into().map_err(|_| {
-                        StorageError::Corrupt("imported_v1_fields digest length".into())
-                    })?,
-                    service: r.get(1),
-                    field: r.get(2),
-                })
-            })
-            .collect()
+        imported_of(rows)
     }
 }
 
@@ -1597,6 +1698,17 @@ impl AuditLog for PostgresStorage {
         Ok(out)
     }
 
+    async fn audit_count(&self) -> StorageResult<u64> {
+        let n: i64 = self
+            .client()
+            .await?
+            .query_one("SELECT COUNT(*) FROM audit_log", &[])
+            .await
+            .db()?
+            .get(0);
+        Ok(unsigned(n))
+    }
+
     async fn last_credential_use(&self) -> StorageResult<Option<i64>> {
         Ok(self
             .client()
@@ -1732,6 +1844,29 @@ async fn check(tx: &deadpool_postgres::Transaction<'_>, check: &Check) -> Storag
                 .db()?
                 .is_some()
                 == *exists
+        }
+        Check::AttachmentIs(policy, kind, target, exists) => {
+            tx.query_opt(
+                "SELECT 1 FROM policy_attachments WHERE policy = $1 AND kind = $2 AND target = $3",
+                &[policy, kind, target],
+            )
+            .await
+            .db()?
+            .is_some()
+                == *exists
+        }
+        Check::PlatformKeysAre(ids) => {
+            let mut stored: Vec<String> = tx
+                .query("SELECT key_id FROM platform_keys", &[])
+                .await
+                .db()?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            let mut wanted = ids.clone();
+            stored.sort();
+            wanted.sort();
+            stored == wanted
         }
         Check::ApprovalPending(id, now) => tx
             .query_opt(
