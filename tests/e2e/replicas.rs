@@ -260,6 +260,11 @@ async fn kill_9_of_a_replica_under_durable_writes_loses_no_acknowledged_write() 
         let (a, _) = t.await.unwrap();
         acked.extend(a);
     }
+    eprintln!(
+        "kill -9: {} of {} stores acknowledged",
+        acked.len(),
+        writers * per_writer
+    );
     assert!(
         acked.len() > writers * per_writer / 2,
         "B did not keep serving: {} acknowledged",
