@@ -150,10 +150,33 @@ async fn two_replicas_share_credentials_replay_marks_and_the_seal() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
-    // Every replica's audit chain verifies.
+    // Every replica's audit chain verifies (one chain per replica, and the CLI's own).
     let out = cluster.owner(&["audit", "verify"]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(!text.to_lowercase().contains("problem"), "{text}");
+    assert!(text.starts_with("OK:"), "{text}");
+    let db = cluster.db.target().connect().await.unwrap();
+    let nodes: Vec<String> = db
+        .query("SELECT node FROM audit_heads ORDER BY node", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(
+        nodes.contains(&"replica-a".to_string()) && nodes.contains(&"replica-b".to_string()),
+        "{nodes:?}"
+    );
+    // An entry removed from B's chain: `audit verify` fails and names that chain.
+    db.execute(
+        "DELETE FROM audit_log WHERE node = 'replica-b' AND seq = 1",
+        &[],
+    )
+    .await
+    .unwrap();
+    let out = cluster.owner_output(&["audit", "verify"]);
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("replica-b") && text.contains("missing"), "{text}");
 }
 
 #[tokio::test]

@@ -186,16 +186,20 @@ impl Cluster {
         self.wait_healthy(i).await;
     }
 
-    /// An owner command (`keyholder <args>`) against the shared database; its output.
-    pub fn owner(&self, args: &[&str]) -> std::process::Output {
+    /// An owner command (`keyholder <args>`) against the shared database, whatever its exit.
+    pub fn owner_output(&self, args: &[&str]) -> std::process::Output {
         let data = self.dir.path().join("cli");
         std::fs::create_dir_all(&data).unwrap();
-        let out = self
-            .command()
+        self.command()
             .args(args)
             .env("KEYHOLDER_DATA_DIR", data)
             .output()
-            .unwrap();
+            .unwrap()
+    }
+
+    /// An owner command that must succeed; its output.
+    pub fn owner(&self, args: &[&str]) -> std::process::Output {
+        let out = self.owner_output(args);
         assert!(
             out.status.success(),
             "keyholder {args:?}: {}",
