@@ -176,7 +176,10 @@ async fn two_replicas_share_credentials_replay_marks_and_the_seal() {
     let out = cluster.owner_output(&["audit", "verify"]);
     assert!(!out.status.success());
     let text = String::from_utf8_lossy(&out.stderr);
-    assert!(text.contains("replica-b") && text.contains("missing"), "{text}");
+    assert!(
+        text.contains("replica-b") && text.contains("missing"),
+        "{text}"
+    );
 }
 
 #[tokio::test]

@@ -512,11 +512,23 @@ pub async fn prune_before(
     before_ms: i64,
     source: &str,
 ) -> Result<u64, PgError> {
+    prune_chains_before(client, signer, before_ms, source, None).await
+}
+
+/// [`prune_before`] for every chain but `skip`'s.
+pub async fn prune_chains_before(
+    client: &mut deadpool_postgres::Object,
+    signer: &dyn AuditSigner,
+    before_ms: i64,
+    source: &str,
+    skip: Option<&str>,
+) -> Result<u64, PgError> {
     let nodes: Vec<String> = client
         .query("SELECT node FROM audit_heads WHERE seq > 0", &[])
         .await?
         .iter()
-        .map(|r| r.get(0))
+        .map(|r| r.get::<_, String>(0))
+        .filter(|n| Some(n.as_str()) != skip)
         .collect();
     let mut removed = 0u64;
     for node in nodes {

@@ -88,6 +88,8 @@ pub struct PostgresStorage {
     /// The connection holding the housekeeping lock, while this replica holds it.
     leader: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
     last_xref: Mutex<Option<Instant>>,
+    /// The identity signer the domain appends with (kept for pruning the other replicas' chains).
+    signer: Mutex<Option<SharedSigner>>,
     closed: AtomicBool,
 }
 
@@ -140,6 +142,7 @@ impl PostgresStorage {
             generation: rx,
             leader: tokio::sync::Mutex::new(None),
             last_xref: Mutex::new(None),
+            signer: Mutex::new(None),
             closed: AtomicBool::new(false),
         })
     }
@@ -1634,6 +1637,10 @@ impl ReplayMarks for PostgresStorage {
     }
 
     async fn drop_expired_marks(&self, now: i64) -> StorageResult<usize> {
+        // Once for all replicas: on the one holding the housekeeping lock.
+        if !self.housekeeping_turn("replay-purge").await? {
+            return Ok(0);
+        }
         let client = self.client().await?;
         Ok(marks::drop_expired_partitions(&client, now).await?)
     }
@@ -1650,6 +1657,9 @@ impl AuditLog for PostgresStorage {
         events: Vec<AuditEvent>,
         signer: SharedSigner,
     ) -> StorageResult<u64> {
+        if let Ok(mut kept) = self.signer.lock() {
+            *kept = Some(Arc::clone(&signer));
+        }
         let mut client = self.client().await?;
         let tx = client.transaction().await.db()?;
         let mut head = audit::append_events(&tx, &self.node, signer.as_ref(), events).await?;
@@ -1730,7 +1740,24 @@ impl AuditLog for PostgresStorage {
     }
 
     async fn prune_boundary(&self, before_ms: i64) -> StorageResult<Option<PruneBoundary>> {
-        // This replica's own chain (the prune entry is appended to it by `append_audit`).
+        // Retention runs on the replica holding the housekeeping lock: it prunes the other
+        // replicas' chains here, then its own through the domain's prune (the prune entry is
+        // appended to its chain by `append_audit`).
+        if !self.housekeeping_turn("audit-retention").await? {
+            return Ok(None);
+        }
+        let signer = self.signer.lock().ok().and_then(|s| s.clone());
+        if let Some(signer) = signer {
+            let mut client = self.client().await?;
+            audit::prune_chains_before(
+                &mut client,
+                signer.as_ref(),
+                before_ms,
+                "retention",
+                Some(&self.node),
+            )
+            .await?;
+        }
         let client = self.client().await?;
         let first_kept: Option<i64> = client
             .query_one(
@@ -2330,6 +2357,61 @@ mod tests {
         );
         assert!(x && !y);
         assert!(a.housekeeping_turn("replay").await.unwrap(), "kept");
+        // Expired hours are dropped by the lock holder only.
+        let later = now + 4 * 3600;
+        assert_eq!(b.drop_expired_marks(later).await.unwrap(), 0);
+        assert!(a.drop_expired_marks(later).await.unwrap() >= 1);
+    }
+
+    struct Signer(keyholder_protocol::IdentityKey);
+    impl crate::storage::AuditSigner for Signer {
+        fn sign_audit(&self, bytes: &[u8]) -> [u8; 64] {
+            self.0.sign(bytes)
+        }
+    }
+
+    #[tokio::test]
+    async fn retention_on_the_lock_holder_prunes_every_chain() {
+        let Some((_db, a, b)) = two().await else {
+            return;
+        };
+        let identity = keyholder_protocol::IdentityKey::generate();
+        let key = identity.verifying_key();
+        let signer: SharedSigner = Arc::new(Signer(identity));
+        let old = |at_ms| AuditEvent {
+            at_ms,
+            endpoint: "/v1/credential".into(),
+            result: "ok".into(),
+            ..AuditEvent::default()
+        };
+        for at in [10, 20, 30] {
+            a.append_audit(vec![old(at)], Arc::clone(&signer))
+                .await
+                .unwrap();
+            b.append_audit(vec![old(at)], Arc::clone(&signer))
+                .await
+                .unwrap();
+        }
+        assert!(a.housekeeping_turn("audit").await.unwrap());
+        assert_eq!(
+            b.prune_boundary(i64::MAX).await.unwrap(),
+            None,
+            "not b's turn"
+        );
+        let boundary = a.prune_boundary(25).await.unwrap().unwrap();
+        a.append_audit(
+            vec![crate::audit::prune_event(boundary, "retention")],
+            Arc::clone(&signer),
+        )
+        .await
+        .unwrap();
+        while a.delete_pruned(boundary).await.unwrap() > 0 {}
+        let chains = a.verify_chains(&key).await.unwrap();
+        for chain in &chains {
+            assert!(chain.verification.problem.is_none(), "{chain:?}");
+            assert!(chain.verification.first_seq > 1, "{chain:?} not pruned");
+        }
+        assert_eq!(chains.len(), 2);
     }
 
     #[tokio::test]
