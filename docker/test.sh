@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Container test, following ../shared/CONTAINERS.md: builds the image's runtime stage from the host's
-# release binary with podman, runs it with a host folder as /data (TLS with a self-signed
-# certificate, metrics on), waits for its HEALTHCHECK, binds and stores a credential through it,
+# release binary with podman, writes the image's CycloneDX SBOM (binary and Debian packages) to
+# target/sbom/, runs it with a host folder as /data (TLS with a self-signed certificate, metrics
+# on), waits for its HEALTHCHECK, binds and stores a credential through it,
 # reloads the certificate with SIGHUP, restarts it and fetches the credential again, and checks
 # that it runs as non-root and leaves nothing world-readable in /data. Cleans up its container and
 # files; keeps the base image and the built image as a build cache.
@@ -71,6 +72,35 @@ log "building the runtime-prebuilt stage"
     --build-arg VERSION="$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -1)" \
     --build-arg REVISION="$(git rev-parse HEAD 2>/dev/null || echo unknown)" \
     -f docker/Dockerfile --target runtime-prebuilt -t "$image" "$work/context" >/dev/null
+
+# --- the image's SBOM: the binary's CycloneDX SBOM (.ci/release.sh) plus the Debian packages -----
+version=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -1)
+sbom_dir=${CARGO_TARGET_DIR:-$root/target}/sbom
+binary_sbom="$sbom_dir/keyholder-$version.cdx.json"
+if [ ! -s "$binary_sbom" ]; then
+    command -v cargo-cyclonedx >/dev/null 2>&1 \
+        || { echo "no $binary_sbom and no cargo-cyclonedx to make it (run .ci/release.sh first)"; exit 1; }
+    log "making the binary's SBOM"
+    cargo cyclonedx --manifest-path keyholder/Cargo.toml --format json --spec-version 1.5 \
+        --describe binaries --quiet
+    mkdir -p "$sbom_dir" && mv keyholder/keyholder_bin.cdx.json "$binary_sbom" && rm -f ./*/*_bin.cdx.json
+fi
+sbom_venv=${CARGO_TARGET_DIR:-$root/target}/sbom-venv
+if ! "$sbom_venv/bin/python" -c 'import cyclonedx.validation.json' 2>/dev/null; then
+    log "installing cyclonedx-python-lib into $sbom_venv"
+    python3 -m venv "$sbom_venv"
+    "$sbom_venv/bin/pip" install -q "cyclonedx-python-lib[json-validation]==11.12.0"
+fi
+log "listing the image's Debian packages for its SBOM"
+# dpkg's own database inside the image, with the DEP-5 licence names of each copyright file.
+"${podman[@]}" run --rm --network none --entrypoint /bin/sh "$image" -c '
+    dpkg-query -W -f "\${Package}\t\${Version}\t\${Architecture}\t\${source:Package}\t\${source:Version}\n" |
+    while IFS="$(printf "\t")" read -r p v a s sv; do
+        l=$(grep -h "^License:" "/usr/share/doc/$p/copyright" 2>/dev/null | sed "s/^License: *//" | sort -u | paste -sd, -)
+        printf "%s\t%s\t%s\t%s\t%s\t%s\n" "$p" "$v" "$a" "$s" "$sv" "$l"
+    done' > "$work/dpkg.tsv" 2>>"$work/podman.log"
+"$sbom_venv/bin/python" docker/image_sbom.py "$binary_sbom" "$work/dpkg.tsv" "$image" \
+    "$("${podman[@]}" image inspect -f '{{.Id}}' "$image")" "$version" "$sbom_dir/keyholder-image-$version.cdx.json"
 
 # --- host side: data folder, master key secret, certificate ----------------------------------
 uid=10001

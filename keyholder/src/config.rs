@@ -177,7 +177,8 @@ pub struct ServeArgs {
     #[arg(long, env = "KEYHOLDER_LOG", default_value = "info")]
     pub log: String,
     /// Send OpenTelemetry traces to this OTLP/HTTP collector (e.g. http://127.0.0.1:4318; spans go
-    /// to `<URL>/v1/traces` as JSON). Off by default. `OTEL_SERVICE_NAME` sets `service.name`.
+    /// to `<URL>/v1/traces` as protobuf, or JSON with `OTEL_EXPORTER_OTLP_PROTOCOL=http/json`).
+    /// Off by default. `OTEL_SERVICE_NAME` sets `service.name`.
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL")]
     pub otlp_endpoint: Option<String>,
     /// Log format: `text` or `json`.

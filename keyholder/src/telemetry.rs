@@ -1,4 +1,5 @@
-//! Logs and, when an OTLP endpoint is configured, OpenTelemetry traces (OTLP/HTTP with JSON).
+//! Logs and, when an OTLP endpoint is configured, OpenTelemetry traces (OTLP/HTTP, protobuf by
+//! default, JSON with `OTEL_EXPORTER_OTLP_PROTOCOL=http/json`).
 //!
 //! Off by default, and then free: no OpenTelemetry layer is installed, and the request path only
 //! reads one atomic flag before skipping the trace-context work. With `--otlp-endpoint` (or
@@ -7,6 +8,12 @@
 //! group commit; a W3C `traceparent` from the platform makes it part of the platform's trace, and
 //! proxied calls carry the trace context on to the upstream. Span attributes are ids, routes,
 //! methods, statuses and service names only: never a secret, a ticket or a credential.
+//!
+//! With traces on, a request costs a few spans (measured by `keyholder-bench`'s `trace_cpu_ratio`):
+//! spans carry only the attributes named above (no source location, thread or busy/idle times,
+//! which the bridge would add to every span and measure on every poll), events below `warn` are
+//! not turned into span events, and spans are exported as protobuf (JSON encoding cost several
+//! times the CPU of the whole request path).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
@@ -38,6 +45,8 @@ pub struct OtlpSettings {
     pub service_name: String,
     /// How often finished spans are sent.
     pub export_interval: Duration,
+    /// Protobuf (`http/protobuf`, the default) or JSON (`http/json`).
+    pub json: bool,
 }
 
 impl OtlpSettings {
@@ -62,10 +71,22 @@ impl OtlpSettings {
             .ok()
             .filter(|s| !s.trim().is_empty())
             .unwrap_or_else(|| "keyholder".to_string());
+        let protocol = std::env::var("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+            .or_else(|_| std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL"))
+            .ok()
+            .filter(|s| !s.trim().is_empty());
+        let json = match protocol.as_deref().map(str::trim) {
+            None | Some("http/protobuf") => false,
+            Some("http/json") => true,
+            Some(other) => anyhow::bail!(
+                "invalid setting OTEL_EXPORTER_OTLP_PROTOCOL: '{other}' (Keyholder exports OTLP/HTTP: http/protobuf or http/json)"
+            ),
+        };
         Ok(OtlpSettings {
             traces_url,
             service_name,
             export_interval: Duration::from_secs(2),
+            json,
         })
     }
 }
@@ -117,7 +138,11 @@ where
 {
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_http()
-        .with_protocol(Protocol::HttpJson)
+        .with_protocol(if settings.json {
+            Protocol::HttpJson
+        } else {
+            Protocol::HttpBinary
+        })
         .with_endpoint(settings.traces_url.clone())
         .with_timeout(Duration::from_secs(5))
         .build()
@@ -126,6 +151,9 @@ where
         .with_batch_config(
             BatchConfigBuilder::default()
                 .with_scheduled_delay(settings.export_interval)
+                // Room for a couple of seconds of spans under load before any is dropped.
+                .with_max_queue_size(16 * 1024)
+                .with_max_export_batch_size(1024)
                 .build(),
         )
         .build();
@@ -143,14 +171,69 @@ where
     let tracer = provider.tracer("keyholder");
     let _ = PROVIDER.set(provider);
     ENABLED.store(true, Ordering::Relaxed);
-    // Only Keyholder's own spans (info, and the debug-level child spans), whatever the log filter says.
-    let targets = tracing_subscriber::filter::Targets::new()
-        .with_target("keyholder", tracing::Level::INFO)
-        .with_target(TARGET, tracing::Level::DEBUG);
     Ok(tracing_opentelemetry::layer()
         .with_tracer(tracer)
-        .with_filter(targets)
+        // What the spans are for is in their names and ids; these would be attributes (and
+        // clock reads on every poll of an instrumented future) on every span.
+        .with_location(false)
+        .with_threads(false)
+        .with_target(false)
+        .with_tracked_inactivity(false)
+        // Outbound trace context is taken from the span itself (`inject_current`).
+        .with_context_activation(false)
+        .with_filter(TraceFilter)
         .boxed())
+}
+
+/// What the OpenTelemetry layer sees: Keyholder's own spans (info, and the debug-level child
+/// spans under [`TARGET`]) and its warnings and errors (as span events), whatever the log filter
+/// says. Decided per call site once (never per call), so everything else stays free.
+struct TraceFilter;
+
+impl TraceFilter {
+    fn wants(meta: &tracing::Metadata<'_>) -> bool {
+        let target = meta.target();
+        let ours = target == "keyholder" || target.starts_with("keyholder::");
+        if !ours {
+            return false;
+        }
+        if meta.is_span() {
+            let child = target == TARGET;
+            *meta.level()
+                <= if child {
+                    tracing::Level::DEBUG
+                } else {
+                    tracing::Level::INFO
+                }
+        } else {
+            *meta.level() <= tracing::Level::WARN
+        }
+    }
+}
+
+impl<S> tracing_subscriber::layer::Filter<S> for TraceFilter {
+    fn enabled(
+        &self,
+        meta: &tracing::Metadata<'_>,
+        _cx: &tracing_subscriber::layer::Context<'_, S>,
+    ) -> bool {
+        Self::wants(meta)
+    }
+
+    fn callsite_enabled(
+        &self,
+        meta: &'static tracing::Metadata<'static>,
+    ) -> tracing::subscriber::Interest {
+        if Self::wants(meta) {
+            tracing::subscriber::Interest::always()
+        } else {
+            tracing::subscriber::Interest::never()
+        }
+    }
+
+    fn max_level_hint(&self) -> Option<tracing::level_filters::LevelFilter> {
+        Some(tracing::level_filters::LevelFilter::DEBUG)
+    }
 }
 
 /// Sends every finished span now (blocking: call off the async runtime).
@@ -221,6 +304,10 @@ mod tests {
     fn endpoint_gets_the_traces_path_once_and_bad_ones_are_refused() {
         let s = OtlpSettings::from_endpoint("http://127.0.0.1:4318").unwrap();
         assert_eq!(s.traces_url, "http://127.0.0.1:4318/v1/traces");
+        assert!(
+            !s.json,
+            "protobuf unless OTEL_EXPORTER_OTLP_PROTOCOL says http/json"
+        );
         let s = OtlpSettings::from_endpoint("https://otel.example/v1/traces/").unwrap();
         assert_eq!(s.traces_url, "https://otel.example/v1/traces");
         let s = OtlpSettings::from_endpoint("https://otel.example/prefix/").unwrap();

@@ -896,7 +896,16 @@ use keyholder_protocol::Purpose;
 fn received_spans(collector: &MockServer) -> Vec<(serde_json::Value, String)> {
     let mut spans = Vec::new();
     for request in collector.requests() {
-        let Ok(body) = serde_json::from_slice::<serde_json::Value>(&request.body) else {
+        // Protobuf (the default), read into the JSON form of the same messages.
+        assert_eq!(
+            request.header("content-type"),
+            Some("application/x-protobuf"),
+            "OTLP/HTTP export is protobuf by default"
+        );
+        let Ok(decoded) = <opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest as prost::Message>::decode(request.body.as_slice()) else {
+            continue;
+        };
+        let Ok(body) = serde_json::to_value(&decoded) else {
             continue;
         };
         for rs in body["resourceSpans"].as_array().into_iter().flatten() {
@@ -941,6 +950,7 @@ async fn otlp_traces_spans_per_request_with_children_traceparent_in_and_out_and_
         traces_url: collector.url("/v1/traces"),
         service_name: "keyholder-e2e".into(),
         export_interval: std::time::Duration::from_millis(100),
+        json: false,
     };
     tokio::task::spawn_blocking(move || keyholder::telemetry::init_traces_only(&settings))
         .await

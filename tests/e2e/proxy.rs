@@ -325,3 +325,129 @@ async fn upstream_failures_are_502() {
         .await
         .assert_error(502, "upstream_error");
 }
+
+/// The request body of `/v1/proxy` is read and verified whole before anything goes upstream (see
+/// docs/streaming.md): a platform uploading slowly reaches the upstream only once its last byte
+/// is in and the signature holds, and an upload past the 8 MiB cap without a declared length is
+/// refused with 413 while it is still arriving, the upstream never contacted.
+#[tokio::test]
+async fn a_slow_upload_reaches_the_upstream_only_verified_and_an_endless_one_is_cut_at_the_cap() {
+    use futures_util::StreamExt as _;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let kh = proxy_keyholder(|_| {}).await;
+    let upstream = Arc::new(MockServer::ok().await);
+    let payload = vec![b'p'; 200 * 1024];
+    let request_id = format!("req_{}", random_hex(8));
+    let raw = serde_json::to_vec(&json!({
+        "ticket": kh.ticket(Purpose::Proxy, "github"),
+        "service": "github",
+        "upstream": {
+            "url": upstream.url("/upload"),
+            "method": "POST",
+            "body": base64::engine::general_purpose::STANDARD.encode(&payload),
+        },
+        "headerTemplates": {"Authorization": "Bearer ${TOKEN}"},
+        "requestId": request_id,
+    }))
+    .unwrap();
+    let ts = now();
+    let signature = keyholder_protocol::signing::signature_header_value(kh.secret(), ts, &raw);
+    // Four pieces 300 ms apart; before the last one, how many connections the upstream had.
+    let seen_before_last = Arc::new(AtomicUsize::new(usize::MAX));
+    let pieces: Vec<Vec<u8>> = raw
+        .chunks(raw.len().div_ceil(4))
+        .map(<[u8]>::to_vec)
+        .collect();
+    let last = pieces.len() - 1;
+    let (seen, counter) = (Arc::clone(&seen_before_last), Arc::clone(&upstream));
+    let body =
+        futures_util::stream::iter(pieces.into_iter().enumerate()).then(move |(i, piece)| {
+            let (seen, counter) = (Arc::clone(&seen), Arc::clone(&counter));
+            async move {
+                if i > 0 {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+                if i == last {
+                    seen.store(counter.connections(), Ordering::SeqCst);
+                }
+                Ok::<_, std::io::Error>(piece)
+            }
+        });
+    let started = Instant::now();
+    let answer = kh
+        .http
+        .post(kh.url(PATH_PROXY))
+        .header("content-type", "application/json")
+        .header(HEADER_SIGNATURE, &signature)
+        .header(HEADER_TIMESTAMP, ts.to_string())
+        .header(HEADER_PLATFORM_REQUEST_ID, &request_id)
+        .body(reqwest::Body::wrap_stream(body))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        answer.status(),
+        200,
+        "{}",
+        answer.text().await.unwrap_or_default()
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "the upload took its time"
+    );
+    assert_eq!(
+        seen_before_last.load(Ordering::SeqCst),
+        0,
+        "nothing reached the upstream while the signed body was still arriving"
+    );
+    let sent = upstream.requests();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].body, payload, "the whole body, decoded, once");
+
+    // Endless: 1 MiB pieces with no declared length, past the 8 MiB cap.
+    let quiet = MockServer::ok().await;
+    let request_id = format!("req_{}", random_hex(8));
+    let head = format!(
+        r#"{{"ticket":"{}","service":"github","upstream":{{"url":"{}","method":"POST","body":""#,
+        kh.ticket(Purpose::Proxy, "github"),
+        quiet.url("/upload")
+    );
+    let sent_bytes = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&sent_bytes);
+    let pieces =
+        std::iter::once(head.into_bytes()).chain(std::iter::repeat_n(vec![b'A'; 1024 * 1024], 32));
+    let body = futures_util::stream::iter(pieces).then(move |piece| {
+        let counted = Arc::clone(&counted);
+        async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            counted.fetch_add(piece.len(), Ordering::SeqCst);
+            Ok::<_, std::io::Error>(piece)
+        }
+    });
+    let ts = now();
+    let answer = kh
+        .http
+        .post(kh.url(PATH_PROXY))
+        .header("content-type", "application/json")
+        .header(HEADER_SIGNATURE, "sha256=".to_string() + &"0".repeat(64))
+        .header(HEADER_TIMESTAMP, ts.to_string())
+        .header(HEADER_PLATFORM_REQUEST_ID, &request_id)
+        .body(reqwest::Body::wrap_stream(body))
+        .send()
+        .await;
+    // The keyholder answers 413 and closes while the upload goes on; the client sees the
+    // answer, or (having had its connection closed mid-upload) an error. Either way the upload
+    // stopped well short of its 32 MiB and the upstream heard nothing.
+    if let Ok(answer) = answer {
+        assert_eq!(answer.status(), 413);
+        let body: serde_json::Value = answer.json().await.unwrap();
+        assert_eq!(body["error"], "payload_too_large");
+    }
+    assert!(
+        sent_bytes.load(Ordering::SeqCst) < 16 * 1024 * 1024,
+        "cut at the cap, not read to the end ({} bytes sent)",
+        sent_bytes.load(Ordering::SeqCst)
+    );
+    assert_eq!(quiet.connections(), 0, "the upstream was never contacted");
+}

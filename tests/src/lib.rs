@@ -264,7 +264,8 @@ impl Keyholder {
         format!("{}{}", self.base, path)
     }
 
-    fn secret(&self) -> &HmacSecret {
+    /// The platform HMAC secret of the binding (panics when unbound).
+    pub fn secret(&self) -> &HmacSecret {
         self.secret.as_ref().expect("bound")
     }
 

@@ -20,7 +20,7 @@ use crate::vault::keyring::KeyRing;
 const QUEUE: usize = 16_384;
 /// Events appended in one write job at most.
 const BATCH: usize = 512;
-/// Write jobs start at most this often (unless a flush is asked for or a batch is full). Each one
+/// Write jobs start at most this often (unless a flush comes first or a batch is full). Each one
 /// signs its newest entry and updates the chain head: written at every group commit, that cost
 /// the writer thread about a tenth of a core under 8k requests/s of paced load.
 const WRITE_INTERVAL: Duration = Duration::from_millis(20);
@@ -94,25 +94,33 @@ async fn run(
         .checked_sub(WRITE_INTERVAL)
         .unwrap_or_else(Instant::now);
     let mut open = true;
+    let mut behind = false;
     while open {
         let Some(first) = rx.recv().await else {
             break;
         };
         let (mut events, mut flushes) = (Vec::new(), Vec::new());
         sort_message(first, &mut events, &mut flushes);
-        // Gather until the interval since the last write is over (at once if it is), a flush
-        // is asked for or the batch is full.
+        // Gather until the interval since the last write is over (at once if it is, or if the
+        // first message is a flush), then take what queued meanwhile, up to a batch. Sleeping
+        // instead of receiving each event as it comes: a sender wakes this task (and its thread)
+        // once per batch, not once per request.
+        // A full batch last time: more is queued, write on without waiting.
         let deadline = last_write + WRITE_INTERVAL;
-        loop {
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(message)) => sort_message(message, &mut events, &mut flushes),
-                Ok(None) => open = false,
-                Err(_) => {}
-            }
-            if !open || !flushes.is_empty() || events.len() >= BATCH || Instant::now() >= deadline {
-                break;
+        if flushes.is_empty() && !behind {
+            tokio::time::sleep_until(deadline).await;
+        }
+        while events.len() < BATCH {
+            match rx.try_recv() {
+                Ok(message) => sort_message(message, &mut events, &mut flushes),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    open = false;
+                    break;
+                }
             }
         }
+        behind = events.len() >= BATCH;
         let lost = dropped.swap(0, Ordering::Relaxed);
         if lost > 0 {
             tracing::error!(lost, "audit queue was full: events were dropped");

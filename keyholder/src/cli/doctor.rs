@@ -153,14 +153,15 @@ pub async fn doctor(args: &DoctorArgs) -> anyhow::Result<DoctorReport> {
     let mut report = DoctorReport::default();
     let data_dir = &args.data.data_dir;
     let dir = shell(data_dir);
-    let storage = super::session::open_storage(data_dir, false)?;
-    let repos = storage.as_ref();
 
     // `--data-dir DIR` plus the master-key flags this run was given, for remedies that are owner
     // commands needing the key.
     let with_key = format!("{dir}{}", key_flags(&args.data));
     check_master_key_location(&mut report, args, &dir);
     check_permissions(&mut report, args, &dir);
+    // Opened after the permission checks: opening makes the database file owner-only.
+    let storage = super::session::open_storage(data_dir, false)?;
+    let repos = storage.as_ref();
     let public_url = check_public_url(&mut report, args, repos).await?;
     if args.probe {
         match &public_url {

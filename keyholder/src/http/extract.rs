@@ -172,6 +172,16 @@ pub async fn verify_signed(
     req: &HttpRequest,
     payload: &mut Payload,
 ) -> Result<(Bytes, String), ApiError> {
+    verify_signed_marks(req, payload, false).await
+}
+
+/// [`verify_signed`] whose replay marks, taken at once, go to the writer with the request's next
+/// marks (the proxy ticket's nonce): one commit for the three.
+async fn verify_signed_marks(
+    req: &HttpRequest,
+    payload: &mut Payload,
+    with_next: bool,
+) -> Result<(Bytes, String), ApiError> {
     let state = state(req)?;
     let binding = state.vault.binding();
     if !binding.bound {
@@ -243,24 +253,20 @@ pub async fn verify_signed(
         return Err(ApiError::RequestIdMismatch);
     }
     let request_id_until = now.saturating_add(REQUEST_ID_TTL_SECS);
-    let replayed = match &replay_key {
-        ReplayKey::Signature { signature, until } => {
-            state
-                .vault
-                .replay
-                .remember_all(&[
-                    (ReplayKind::RequestId, request_id.as_str(), request_id_until),
-                    (ReplayKind::Signature, signature, *until),
-                ])
-                .await?
-        }
+    let marks = match &replay_key {
+        ReplayKey::Signature { signature, until } => vec![
+            (ReplayKind::RequestId, request_id.as_str(), request_id_until),
+            (ReplayKind::Signature, *signature, *until),
+        ],
         ReplayKey::EnvelopeNonce { nonce, until } => {
-            state
-                .vault
-                .replay
-                .remember_all(&[(ReplayKind::EnvelopeNonce, nonce.as_str(), *until)])
-                .await?
+            vec![(ReplayKind::EnvelopeNonce, nonce.as_str(), *until)]
         }
+    };
+    let replay = &state.vault.replay;
+    let replayed = if with_next {
+        replay.remember_all_with_next(&marks).await?
+    } else {
+        replay.remember_all(&marks).await?
     };
     match replayed {
         None => Ok((body, request_id)),
@@ -361,7 +367,7 @@ impl FromRequest for ProxyCall {
         Box::pin(async move {
             // Sealed: refuse before anything is verified, so no ticket is used up.
             ensure_unsealed(&*state(&req)?)?;
-            let (body, request_id) = verify_signed(&req, &mut payload).await?;
+            let (body, request_id) = verify_signed_marks(&req, &mut payload, true).await?;
             let request: ProxyRequest = parse_json(&body)?;
             let ticket = request
                 .ticket

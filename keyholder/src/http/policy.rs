@@ -15,13 +15,9 @@ use crate::policy::approvals::{self, Decision, PendingApproval};
 use crate::policy::{Admission, Endpoint, Refusal, UseRequest};
 
 /// Admits one use or refuses it (`403 policy_denied`, `429 rate_limited`). A use under a usage
-/// cap is durably counted before this returns; give it back with [`settle`] if the use fails.
-#[tracing::instrument(
-    name = "policy",
-    target = "keyholder::trace",
-    level = "debug",
-    skip_all
-)]
+/// cap is counted in the request's group commit: durably before this returns for `/v1/proxy`
+/// (before the upstream call), in [`settle`] for the others (before the answer); [`settle`] also
+/// gives the count back if the use fails.
 pub async fn enforce(
     req: &HttpRequest,
     state: &AppState,
@@ -29,10 +25,26 @@ pub async fn enforce(
     service: &str,
     claims: Option<&TicketClaims>,
 ) -> Result<Admission, ApiError> {
-    // No policy anywhere: nothing to look at (not even the client address).
+    // No policy anywhere: nothing to look at (not even the client address), and no span.
     if !state.vault.policy.is_active() {
         return Ok(Admission::default());
     }
+    enforce_policies(req, state, endpoint, service, claims).await
+}
+
+#[tracing::instrument(
+    name = "policy",
+    target = "keyholder::trace",
+    level = "debug",
+    skip_all
+)]
+async fn enforce_policies(
+    req: &HttpRequest,
+    state: &AppState,
+    endpoint: Endpoint,
+    service: &str,
+    claims: Option<&TicketClaims>,
+) -> Result<Admission, ApiError> {
     let client = state.network.client_ip(req)?;
     let country = match (&state.geoip, client) {
         (Some(db), Some(ip)) if state.vault.policy.needs_geo() => db
@@ -133,11 +145,16 @@ pub async fn enforce(
                 }
                 approved = " approved-by=owner";
             }
+            // Counted in the request's group commit; `/v1/proxy` waits for it before the upstream
+            // call (the credential leaves there), the other endpoints in `settle`, before the
+            // answer is built.
             state
                 .vault
                 .policy
-                .record_uses(state.vault.storage(), &mut admission)
-                .await?;
+                .queue_uses(state.vault.storage().as_ref(), &mut admission)?;
+            if endpoint == Endpoint::Proxy {
+                state.vault.policy.confirm_uses(&mut admission).await?;
+            }
             state.metrics.policy_decision("none", "allowed");
             req.extensions_mut().insert(PolicyNote(format!(
                 "policy={}{approved}",
@@ -171,10 +188,12 @@ pub async fn enforce(
     }
 }
 
-/// Passes `result` on; a failed use gives its usage counts back (it did not happen).
+/// Passes `result` on once the use's counts are durable (a use that could not be counted is not
+/// handed out: the commit's error instead); a failed use gives its usage counts back (it did not
+/// happen).
 pub async fn settle<T>(
     state: &AppState,
-    admission: Admission,
+    mut admission: Admission,
     result: Result<T, ApiError>,
 ) -> Result<T, ApiError> {
     if result.is_err() {
@@ -183,6 +202,13 @@ pub async fn settle<T>(
             .policy
             .release(state.vault.storage().as_ref(), admission)
             .await;
+        return result;
     }
+    // Durable before the answer leaves: the request's barrier waits for the commit.
+    state
+        .vault
+        .policy
+        .confirm_uses_before_answer(&mut admission)
+        .await?;
     result
 }

@@ -4,7 +4,8 @@
 //!
 //! The hot path reads one in-memory snapshot (rebuilt when the owner generation moves) and two
 //! small maps (token buckets and usage counts); only a use under a usage cap writes, in the
-//! store's group commit, and is durable before anything is decrypted. A refused request reserves
+//! store's group commit, and is durable before the credential leaves (the answer, or the upstream
+//! call of `/v1/proxy`). A refused request reserves
 //! nothing; a use that then fails gives its count back.
 
 pub mod approvals;
@@ -21,7 +22,8 @@ use serde::Serialize;
 use tokio::sync::oneshot;
 
 use crate::storage::{
-    AttachmentRow, ChangeSet, Check, PolicyRow, Storage, StorageError, UsageCounter, Write,
+    AttachmentRow, ChangeSet, Check, PolicyRow, Storage, StorageError, UsageCounter, UsageTake,
+    Write,
 };
 use crate::vault::VaultError;
 pub use rules::{Compiled, Delivery, Per, Rules};
@@ -123,7 +125,7 @@ pub enum Refusal {
 }
 
 /// A use admitted by every policy that applies; counts under usage caps are reserved in memory
-/// until [`PolicyEngine::record_uses`] makes them durable (or [`PolicyEngine::release`] gives them back).
+/// until [`PolicyEngine::queue_uses`] and [`PolicyEngine::confirm_uses`] make them durable (or [`PolicyEngine::release`] gives them back).
 #[derive(Debug, Default)]
 pub struct Admission {
     /// Names of the policies that applied (empty: no policy).
@@ -131,6 +133,8 @@ pub struct Admission {
     /// The owner must approve this use first: the policies asking, and the seconds to wait.
     pub approval: Option<(String, u64)>,
     uses: Vec<UsageKey>,
+    /// The commit the counts were queued for (see [`PolicyEngine::queue_uses`]).
+    pending: Option<oneshot::Receiver<Result<(), String>>>,
     durable: bool,
 }
 
@@ -166,24 +170,25 @@ struct Snapshot {
 pub struct PolicyEngine {
     snapshot: RwLock<Arc<Snapshot>>,
     buckets: Mutex<HashMap<(String, String), Bucket>>,
-    usage: Mutex<HashMap<UsageKey, UsageCount>>,
+    usage: Arc<Mutex<HashMap<UsageKey, UsageCount>>>,
     /// Uses held for the owner's approval.
     pub approvals: approvals::Approvals,
     batch: Arc<Mutex<UsageBatch>>,
 }
 
-/// Usage increments waiting for storage (see [`PolicyEngine::record_uses`]).
+/// Answered once the write of its uses is committed (or failed, with the reason).
+type UsageWaiter = oneshot::Sender<Result<(), String>>;
+
+/// Usage increments waiting for storage (see [`PolicyEngine::queue_uses`]).
 #[derive(Default)]
 struct UsageBatch {
     increments: HashMap<UsageKey, u64>,
-    waiters: Vec<oneshot::Sender<Result<(), String>>>,
-    /// Batches handed to storage and not yet answered.
-    in_flight: usize,
+    waiters: Vec<UsageWaiter>,
+    /// A write is queued and the engine has not taken its increments yet.
+    queued: bool,
+    /// Batches taken by the engine so far.
+    taken: u64,
 }
-
-/// Batches of increments handed to storage at once: one being committed and the next queued
-/// behind it (so it joins the following group commit); later uses gather until one is answered.
-const USAGE_BATCHES_IN_FLIGHT: usize = 2;
 
 fn target_label(kind: TargetKind, target: &str) -> String {
     format!("{}:{target}", kind.as_str())
@@ -324,6 +329,7 @@ impl PolicyEngine {
             policies,
             approval,
             uses,
+            pending: None,
             durable: false,
         })
     }
@@ -419,20 +425,23 @@ impl PolicyEngine {
         Ok(keys)
     }
 
-    /// Makes the reserved counts durable before anything is decrypted, so a crash never forgets a
-    /// use that happened. Concurrent uses share one job in the store's group commit: the first
-    /// queues it, the others add their increments to it until the writer takes it (one upsert per
-    /// counter per commit, not per use), and each resolves once that commit is on disk.
-    pub async fn record_uses(
+    /// Hands the reserved counts to storage without waiting: they join the group commit that
+    /// the request's replay marks go to (one upsert per counter per commit, not per use), so the
+    /// request goes on (decrypts, shapes its answer) while the commit happens.
+    /// [`PolicyEngine::confirm_uses`] then waits for that commit before the credential leaves the
+    /// keyholder (the answer, or the upstream call on `/v1/proxy`): a crash never forgets a use
+    /// that happened. Concurrent uses share one write: the first queues it, the others add their
+    /// increments to it until the engine takes it, and each resolves once that commit is on disk.
+    pub fn queue_uses(
         &self,
-        storage: &Arc<dyn Storage>,
+        storage: &dyn Storage,
         admission: &mut Admission,
     ) -> Result<(), VaultError> {
-        if admission.uses.is_empty() {
+        if admission.uses.is_empty() || admission.pending.is_some() || admission.durable {
             return Ok(());
         }
         let (tx, rx) = oneshot::channel();
-        let start = {
+        let queue = {
             let Ok(mut batch) = self.batch.lock() else {
                 return Err(VaultError::Corrupt("usage batch lock".into()));
             };
@@ -440,31 +449,23 @@ impl PolicyEngine {
                 *batch.increments.entry(key.clone()).or_default() += 1;
             }
             batch.waiters.push(tx);
-            let start = batch.in_flight < USAGE_BATCHES_IN_FLIGHT;
-            if start {
-                batch.in_flight += 1;
-            }
-            start
+            (!std::mem::replace(&mut batch.queued, true)).then_some(batch.taken)
         };
-        if start {
-            tokio::spawn(flush_usage(Arc::clone(&self.batch), Arc::clone(storage)));
+        if let Some(taken_before) = queue {
+            self.queue_batch(storage, taken_before);
         }
-        let written = match rx.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(text)) => Err(VaultError::Store(StorageError::Unavailable(text))),
-            Err(_) => Err(VaultError::Store(StorageError::Unavailable(
-                "usage counts not written".into(),
-            ))),
+        admission.pending = Some(rx);
+        Ok(())
+    }
+
+    /// Waits until the counts queued by [`PolicyEngine::queue_uses`] are committed (at once if
+    /// they are, or if nothing was counted). On failure the use is not counted (its reservation
+    /// is given back) and the error is returned: the credential must not leave.
+    pub async fn confirm_uses(&self, admission: &mut Admission) -> Result<(), VaultError> {
+        let Some(rx) = admission.pending.take() else {
+            return Ok(());
         };
-        if let Ok(mut usage) = self.usage.lock() {
-            for key in &admission.uses {
-                let count = usage.entry(key.clone()).or_default();
-                count.reserved = count.reserved.saturating_sub(1);
-                if written.is_ok() {
-                    count.committed += 1;
-                }
-            }
-        }
+        let written = settle_uses(rx, &self.usage, &admission.uses).await;
         match written {
             Ok(()) => {
                 admission.durable = true;
@@ -477,9 +478,87 @@ impl PolicyEngine {
         }
     }
 
+    /// [`PolicyEngine::confirm_uses`] for a use that succeeded, inside a request without waiting
+    /// here: the request's durability barrier waits for the commit, with its replay marks, before
+    /// any answer leaves (a count that could not be written turns the answer into the error).
+    /// Outside a request it waits here.
+    pub async fn confirm_uses_before_answer(
+        &self,
+        admission: &mut Admission,
+    ) -> Result<(), VaultError> {
+        let Some(rx) = admission.pending.take() else {
+            return Ok(());
+        };
+        let uses = std::mem::take(&mut admission.uses);
+        let usage = Arc::clone(&self.usage);
+        let work: crate::vault::replay::DurableWork =
+            Box::pin(async move { settle_uses(rx, &usage, &uses).await });
+        match crate::vault::replay::defer_until_answer(work) {
+            None => Ok(()),
+            Some(work) => work.await,
+        }
+    }
+
+    /// Makes the reserved counts durable now ([`PolicyEngine::queue_uses`], then
+    /// [`PolicyEngine::confirm_uses`]).
+    pub async fn record_uses(
+        &self,
+        storage: &dyn Storage,
+        admission: &mut Admission,
+    ) -> Result<(), VaultError> {
+        self.queue_uses(storage, admission)?;
+        self.confirm_uses(admission).await
+    }
+
+    fn queue_batch(&self, storage: &dyn Storage, taken_before: u64) {
+        let batch = Arc::clone(&self.batch);
+        // The waiters of the increments the engine takes, answered once their commit resolves.
+        let taken_waiters: Arc<Mutex<Vec<UsageWaiter>>> = Arc::default();
+        let waiters_slot = Arc::clone(&taken_waiters);
+        let take: UsageTake = Box::new(move || match batch.lock() {
+            Ok(mut b) => {
+                b.queued = false;
+                b.taken += 1;
+                if let Ok(mut slot) = waiters_slot.lock() {
+                    *slot = std::mem::take(&mut b.waiters);
+                }
+                std::mem::take(&mut b.increments).into_iter().collect()
+            }
+            Err(_) => Vec::new(),
+        });
+        let commit = storage.queue_usage(take);
+        let batch = Arc::clone(&self.batch);
+        tokio::spawn(async move {
+            let written = commit.await.map_err(|err| err.to_string());
+            let waiters = taken_waiters
+                .lock()
+                .map(|mut w| std::mem::take(&mut *w))
+                .unwrap_or_default();
+            if written.is_err() {
+                // The engine never took the batch: fail its waiters and let the next use queue
+                // anew. (Taken and failed with its commit: its waiters see the error below.)
+                if let Ok(mut b) = batch.lock() {
+                    if b.taken == taken_before {
+                        b.queued = false;
+                        b.increments.clear();
+                        b.waiters.clear();
+                    }
+                }
+            }
+            for waiter in waiters {
+                let _ = waiter.send(written.clone());
+            }
+        });
+    }
+
     /// Gives back the counts of a use that did not happen after all (it failed after admission).
-    pub async fn release(&self, storage: &dyn Storage, admission: Admission) {
+    pub async fn release(&self, storage: &dyn Storage, mut admission: Admission) {
         if admission.uses.is_empty() {
+            return;
+        }
+        // Queued for a commit: once it resolves the count is durable (then taken back below) or
+        // was never written (then `confirm_uses` gave the reservation back).
+        if admission.pending.is_some() && self.confirm_uses(&mut admission).await.is_err() {
             return;
         }
         if !admission.durable {
@@ -524,6 +603,32 @@ impl PolicyEngine {
             .map(|entries| entries.iter().map(|e| e.name.clone()).collect())
             .unwrap_or_default()
     }
+}
+
+/// Waits for the commit of queued counts and accounts for it: the reservation becomes a committed
+/// count, or is given back when the commit failed.
+async fn settle_uses(
+    rx: oneshot::Receiver<Result<(), String>>,
+    usage: &Mutex<HashMap<UsageKey, UsageCount>>,
+    uses: &[UsageKey],
+) -> Result<(), VaultError> {
+    let written = match rx.await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(text)) => Err(VaultError::Store(StorageError::Unavailable(text))),
+        Err(_) => Err(VaultError::Store(StorageError::Unavailable(
+            "usage counts not written".into(),
+        ))),
+    };
+    if let Ok(mut usage) = usage.lock() {
+        for key in uses {
+            let count = usage.entry(key.clone()).or_default();
+            count.reserved = count.reserved.saturating_sub(1);
+            if written.is_ok() {
+                count.committed += 1;
+            }
+        }
+    }
+    written
 }
 
 fn compiled_rate_text(compiled: &[(&str, &Compiled, &str)], name: &str) -> String {
@@ -674,32 +779,6 @@ pub async fn usage_of(
     policy: &str,
 ) -> Result<Vec<(String, String, u64)>, VaultError> {
     Ok(storage.usage_of(policy).await?)
-}
-
-/// Hands the gathered increments to storage until none are left, answering their waiters.
-async fn flush_usage(batch: Arc<Mutex<UsageBatch>>, storage: Arc<dyn Storage>) {
-    loop {
-        let (increments, waiters) = match batch.lock() {
-            Ok(mut b) if !b.waiters.is_empty() => (
-                std::mem::take(&mut b.increments),
-                std::mem::take(&mut b.waiters),
-            ),
-            Ok(mut b) => {
-                b.in_flight = b.in_flight.saturating_sub(1);
-                return;
-            }
-            Err(_) => return,
-        };
-        // One call, all or none of this batch, whatever else shares the commit.
-        let written = storage
-            .add_usage(increments.into_iter().collect())
-            .await
-            .map(|_| ())
-            .map_err(|e| e.to_string());
-        for waiter in waiters {
-            let _ = waiter.send(written.clone());
-        }
-    }
 }
 
 /// Validates a policy name: 1-64 characters of `[A-Za-z0-9._-]`.

@@ -42,6 +42,38 @@ pub trait AuditLog: Send + Sync {
     /// Verifies the whole chain in one snapshot (see `audit::verify_chain`).
     async fn verify_audit(&self, key: VerifyingKey) -> StorageResult<AuditVerification>;
 
+    /// Verifies every chain the storage holds: (node id, its verification). One chain (SQLite)
+    /// has the empty node id; engines with a chain per replica override this.
+    async fn verify_audit_chains(
+        &self,
+        key: VerifyingKey,
+    ) -> StorageResult<Vec<(String, AuditVerification)>> {
+        Ok(vec![(String::new(), self.verify_audit(key).await?)])
+    }
+
+    /// Prunes entries older than `before_ms` behind a signed prune entry (`source`: who asked);
+    /// returns how many were removed. The caller has verified the chain first.
+    async fn prune_audit(
+        &self,
+        before_ms: i64,
+        signer: SharedSigner,
+        source: &str,
+    ) -> StorageResult<u64> {
+        let Some(boundary) = self.prune_boundary(before_ms).await? else {
+            return Ok(0);
+        };
+        self.append_audit(vec![crate::audit::prune_event(boundary, source)], signer)
+            .await?;
+        let mut removed = 0;
+        loop {
+            let deleted = self.delete_pruned(boundary).await?;
+            if deleted == 0 {
+                return Ok(removed);
+            }
+            removed += deleted;
+        }
+    }
+
     /// Where a prune of entries older than `before_ms` would end.
     async fn prune_boundary(&self, before_ms: i64) -> StorageResult<Option<PruneBoundary>>;
 

@@ -12,6 +12,8 @@
 pub mod audit;
 pub mod binding;
 pub mod changes;
+#[cfg(any(test, feature = "storage-conformance"))]
+pub mod conformance;
 pub mod documents;
 pub mod egress;
 mod error;
@@ -40,7 +42,7 @@ pub use keyring::{ImportedField, KeyRingSnapshot, KeyRingStore, WrappedKey};
 pub use oauth::{OAuthClientRow, OAuthClients};
 pub use policies::{
     ApprovalDecision, ApprovalRow, AttachmentRow, PolicyRow, PolicySnapshot, PolicyStore,
-    UsageCounter,
+    UsageCommit, UsageCounter, UsageReply, UsageTake,
 };
 pub use replay::{LoadedMark, Mark, MarkCommit, MarkReply, MarkVerdict, ReplayKind, ReplayMarks};
 pub use settings::{Setting, Settings};

@@ -1,9 +1,44 @@
 //! The owner's custody policies, their attachments, the durable usage counts of their caps, and
 //! the uses waiting for the owner's approval.
 
-use async_trait::async_trait;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
-use super::StorageResult;
+use async_trait::async_trait;
+use tokio::sync::oneshot;
+
+use super::{StorageError, StorageResult};
+
+/// Increments gathered by the domain, taken by the engine at the moment it writes them.
+pub type UsageTake = Box<dyn FnOnce() -> Vec<(UsageCounter, u64)> + Send>;
+
+/// A queued usage write, resolving once durable. A plain channel, not a boxed future: one is
+/// made per batch of uses on the credential path.
+pub struct UsageCommit {
+    rx: oneshot::Receiver<StorageResult<()>>,
+}
+
+/// The sending half of a [`UsageCommit`], for engines.
+pub type UsageReply = oneshot::Sender<StorageResult<()>>;
+
+impl UsageCommit {
+    /// A commit and the sender its engine answers on.
+    pub fn channel() -> (UsageReply, UsageCommit) {
+        let (tx, rx) = oneshot::channel();
+        (tx, UsageCommit { rx })
+    }
+}
+
+impl Future for UsageCommit {
+    type Output = StorageResult<()>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.rx).poll(cx).map(|received| {
+            received.unwrap_or_else(|_| Err(StorageError::Unavailable("usage writer gone".into())))
+        })
+    }
+}
 
 /// A stored policy (rules as stored JSON).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,6 +130,13 @@ pub trait PolicyStore: Send + Sync {
     /// memory. The domain coalesces the increments of concurrent uses into one call while one is
     /// in flight.
     async fn add_usage(&self, increments: Vec<(UsageCounter, u64)>) -> StorageResult<Vec<u64>>;
+
+    /// Queues a write of usage increments and returns at once (no await, so it joins the group
+    /// commit of whatever was queued just before, such as the request's replay marks). The engine
+    /// calls `take` when it writes: increments gathered until then join the same write. All or
+    /// none; exact like [`PolicyStore::add_usage`]. If the engine fails before writing, `take` is
+    /// dropped uncalled and the commit resolves to the error.
+    fn queue_usage(&self, take: UsageTake) -> UsageCommit;
 
     /// Takes one use back from each counter (never below zero).
     async fn release_usage(&self, counters: Vec<UsageCounter>) -> StorageResult<()>;

@@ -908,31 +908,51 @@ pub enum ProxiedBody {
     Stream(Box<RedactedStream>),
 }
 
+/// Room for a few `[REDACTED]` markers (longer than nothing, shorter than most secrets) beyond a
+/// chunk's own length, so that a chunk's output is allocated once.
+const REDACTED_SLACK: usize = 64;
+
 /// A streamed upstream body passed through the credential [`Redactor`]: a value split across
 /// chunks is still found (the redactor holds back up to the longest form minus one byte).
 pub struct RedactedStream {
     inner: BodyStream,
     redactor: Redactor,
     done: bool,
+    /// The rest of the upstream's last chunk, passed on a slice at a time.
+    pending: Bytes,
 }
+
+/// Largest piece of an upstream chunk redacted and passed on at once: the client's read buffer
+/// grows to a few hundred KiB on a fast upstream, and each piece is copied once more on its way
+/// out, so a stream holds a few of these rather than a few of those.
+const STREAM_SLICE: usize = 64 * 1024;
 
 impl RedactedStream {
     /// The next redacted chunk, `None` at the end of the body.
     pub async fn next_chunk(&mut self) -> Result<Option<Bytes>, UpstreamError> {
-        while !self.done {
+        loop {
             let mut out = Vec::new();
-            match self.inner.next_chunk().await? {
-                Some(chunk) => self.redactor.push(&chunk, &mut out),
-                None => {
-                    self.done = true;
-                    self.redactor.finish(&mut out);
+            if self.pending.is_empty() {
+                if self.done {
+                    return Ok(None);
                 }
+                match self.inner.next_chunk().await? {
+                    Some(chunk) => self.pending = chunk,
+                    None => {
+                        self.done = true;
+                        self.redactor.finish(&mut out);
+                    }
+                }
+            }
+            if !self.pending.is_empty() {
+                let piece = self.pending.split_to(self.pending.len().min(STREAM_SLICE));
+                out.reserve_exact(piece.len() + REDACTED_SLACK);
+                self.redactor.push(&piece, &mut out);
             }
             if !out.is_empty() {
                 return Ok(Some(Bytes::from(out)));
             }
         }
-        Ok(None)
     }
 
     /// Values redacted from the body so far.
@@ -978,6 +998,7 @@ fn redact_answer(mut redactor: Redactor, response: StreamedResponse) -> ProxiedA
                     inner,
                     redactor,
                     done: false,
+                    pending: Bytes::new(),
                 })),
                 count,
             )

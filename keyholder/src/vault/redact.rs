@@ -89,13 +89,23 @@ impl Redactor {
 
     /// Feeds one chunk; appends what can be released to `out`.
     pub fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
-        self.held.extend_from_slice(chunk);
-        self.drain(false, out);
+        if self.held.is_empty() {
+            // Nothing held back: scan the chunk where it is, keep only its undecided tail.
+            let keep_from = self.scan(chunk, false, out);
+            self.held.extend_from_slice(&chunk[keep_from..]);
+            return;
+        }
+        let mut data = std::mem::take(&mut self.held);
+        data.extend_from_slice(chunk);
+        let keep_from = self.scan(&data, false, out);
+        self.held.extend_from_slice(&data[keep_from..]);
+        // `data` is wiped as it drops.
     }
 
     /// Releases everything still held (end of the answer).
     pub fn finish(&mut self, out: &mut Vec<u8>) {
-        self.drain(true, out);
+        let data = std::mem::take(&mut self.held);
+        self.scan(&data, true, out);
     }
 
     /// Redacts a whole value at once; returns the count of replacements in it.
@@ -106,21 +116,46 @@ impl Redactor {
         self.count - before
     }
 
-    fn drain(&mut self, finish: bool, out: &mut Vec<u8>) {
+    /// Appends the redacted part of `data` that can be released to `out`; returns where the
+    /// undecided tail starts (`data.len()` when `finish`). Jumps between the bytes a needle can
+    /// start with (`memchr`, a few at a time), so a long answer without them is scanned at memory
+    /// speed rather than byte by byte.
+    fn scan(&mut self, data: &[u8], finish: bool, out: &mut Vec<u8>) -> usize {
         if self.max_len == 0 {
-            out.extend_from_slice(&self.held);
-            self.held.clear();
-            return;
+            out.extend_from_slice(data);
+            return data.len();
         }
-        let len = self.held.len();
+        let len = data.len();
+        out.reserve(len);
+        let firsts: Vec<u8> = (0..=255u8)
+            .filter(|b| self.first_bytes[usize::from(*b)])
+            .collect();
+        let groups: Vec<&[u8]> = firsts.chunks(3).collect();
+        // Next position of a byte of each group at or after `at` (stale once `at` passes it).
+        let mut next: Vec<Option<usize>> = vec![None; groups.len()];
         let mut emitted = 0;
         let mut at = 0;
         while at < len {
-            let rest = &self.held[at..];
-            if !self.first_bytes[usize::from(rest[0])] {
-                at += 1;
-                continue;
+            let mut candidate = len;
+            for (group, next) in groups.iter().zip(next.iter_mut()) {
+                if next.is_none_or(|n| n < at) {
+                    let hay = &data[at..];
+                    let found = match group {
+                        [a] => memchr::memchr(*a, hay),
+                        [a, b] => memchr::memchr2(*a, *b, hay),
+                        [a, b, c, ..] => memchr::memchr3(*a, *b, *c, hay),
+                        [] => None,
+                    };
+                    *next = Some(found.map_or(len, |offset| at + offset));
+                }
+                candidate = candidate.min(next.unwrap_or(len));
             }
+            if candidate >= len {
+                at = len;
+                break;
+            }
+            at = candidate;
+            let rest = &data[at..];
             // Undecided while the rest is a proper prefix of a needle (always longer than any
             // whole match here): hold back from this byte until more arrives. Only a possible
             // start of the secret waits, so an event stream's last event goes on at once.
@@ -136,7 +171,7 @@ impl Redactor {
             match self.needles.iter().find(|n| rest.starts_with(n)) {
                 Some(found) => {
                     let found = found.len();
-                    out.extend_from_slice(&self.held[emitted..at]);
+                    out.extend_from_slice(&data[emitted..at]);
                     out.extend_from_slice(REDACTED);
                     self.count += 1;
                     at += found;
@@ -146,11 +181,8 @@ impl Redactor {
             }
         }
         let keep_from = at.min(len);
-        out.extend_from_slice(&self.held[emitted..keep_from]);
-        let rest = Zeroizing::new(self.held[keep_from..].to_vec());
-        self.held.iter_mut().for_each(|b| *b = 0);
-        self.held.clear();
-        self.held.extend_from_slice(&rest);
+        out.extend_from_slice(&data[emitted..keep_from]);
+        keep_from
     }
 }
 

@@ -21,10 +21,40 @@ tokio::task_local! {
 #[derive(Default)]
 pub struct DurabilityBarrier {
     pending: Mutex<Vec<DeferredMarks>>,
+    /// Marks already taken in memory whose records go to the writer with the request's next
+    /// marks (see [`ReplayGuard::remember_all_with_next`]), or at [`DurabilityBarrier::settle`].
+    parked: Mutex<ParkedMarks>,
+    /// See [`defer_until_answer`].
+    works: Mutex<Vec<DurableWork>>,
+}
+
+#[derive(Default)]
+struct ParkedMarks {
+    taken: Vec<(ReplayKind, MarkKey)>,
+    records: Vec<Mark>,
 }
 
 /// Marks made together (one batch for the engine) and their pending commit.
 type DeferredMarks = (Vec<(ReplayKind, MarkKey)>, MarkCommit);
+
+/// Other durable work of a request (a policy's usage counts) that its answer waits for.
+pub type DurableWork =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), VaultError>> + Send>>;
+
+/// Inside a request: `work` is awaited by the request's [`DurabilityBarrier::settle`], before
+/// any answer leaves (`None`). Outside a request it is handed back, for the caller to await.
+pub fn defer_until_answer(work: DurableWork) -> Option<DurableWork> {
+    match DURABILITY.try_with(Arc::clone) {
+        Ok(barrier) => match barrier.works.lock() {
+            Ok(mut works) => {
+                works.push(work);
+                None
+            }
+            Err(_) => Some(work),
+        },
+        Err(_) => Some(work),
+    }
+}
 
 impl DurabilityBarrier {
     /// Runs `fut` (a request's handling) with this barrier in force.
@@ -41,6 +71,13 @@ impl DurabilityBarrier {
     /// Waits until every mark made in the scope is committed. On failure the failed marks are
     /// forgotten (the request is answered 503 and may be retried) and the error is returned.
     pub async fn settle(&self, guard: &ReplayGuard) -> Result<(), VaultError> {
+        let parked = match self.parked.lock() {
+            Ok(mut parked) => std::mem::take(&mut *parked),
+            Err(_) => return Err(VaultError::Corrupt("durability barrier lock".into())),
+        };
+        if !parked.records.is_empty() {
+            self.defer(parked.taken, guard.storage.append_marks(parked.records));
+        }
         let pending = match self.pending.lock() {
             Ok(mut pending) => std::mem::take(&mut *pending),
             Err(_) => return Err(VaultError::Corrupt("durability barrier lock".into())),
@@ -55,9 +92,20 @@ impl DurabilityBarrier {
                 failure.get_or_insert(err);
             }
         }
-        match failure {
-            Some(err) => Err(err.into()),
-            None => Ok(()),
+        let works = match self.works.lock() {
+            Ok(mut works) => std::mem::take(&mut *works),
+            Err(_) => return Err(VaultError::Corrupt("durability barrier lock".into())),
+        };
+        let mut work_failure = None;
+        for work in works {
+            if let Err(err) = work.await {
+                work_failure.get_or_insert(err);
+            }
+        }
+        match (failure, work_failure) {
+            (Some(err), _) => Err(err.into()),
+            (None, Some(err)) => Err(err),
+            (None, None) => Ok(()),
         }
     }
 }
@@ -328,6 +376,25 @@ impl ReplayGuard {
         &self,
         marks: &[(ReplayKind, &str, i64)],
     ) -> Result<Option<ReplayKind>, VaultError> {
+        self.remember_marks(marks, false).await
+    }
+
+    /// As [`ReplayGuard::remember_all`], checked and taken in memory at once, but inside a
+    /// request the records wait for the request's next marks and go to the writer with them as
+    /// one job (or at the request's settle, if none follow): a `/v1/proxy` call's request id,
+    /// signature and ticket nonce share one commit instead of two in a row.
+    pub async fn remember_all_with_next(
+        &self,
+        marks: &[(ReplayKind, &str, i64)],
+    ) -> Result<Option<ReplayKind>, VaultError> {
+        self.remember_marks(marks, true).await
+    }
+
+    async fn remember_marks(
+        &self,
+        marks: &[(ReplayKind, &str, i64)],
+        park: bool,
+    ) -> Result<Option<ReplayKind>, VaultError> {
         let now = crate::clock::now_unix();
         let mut taken: Vec<(ReplayKind, MarkKey)> = Vec::with_capacity(marks.len());
         let mut records = Vec::with_capacity(marks.len());
@@ -350,14 +417,37 @@ impl ReplayGuard {
                 expires_at,
             });
         }
-        let pending = self.storage.append_marks(records);
-        if self.local {
-            if let Ok(barrier) = DURABILITY.try_with(Arc::clone) {
-                // Inside a request: the commit runs while the request is handled, and the HTTP
-                // layer awaits it before the answer leaves.
-                barrier.defer(taken, pending);
+        // Inside a request on an engine whose verdict is local: the commit runs while the
+        // request is handled, and the HTTP layer awaits it before the answer leaves.
+        let barrier = if self.local {
+            DURABILITY.try_with(Arc::clone).ok()
+        } else {
+            None
+        };
+        if let Some(barrier) = &barrier {
+            let Ok(mut parked) = barrier.parked.lock() else {
+                for (kind, key) in taken {
+                    self.set(kind).forget(key);
+                }
+                return Err(VaultError::Corrupt("durability barrier lock".into()));
+            };
+            if park {
+                parked.taken.append(&mut taken);
+                parked.records.append(&mut records);
                 return Ok(None);
             }
+            if !parked.records.is_empty() {
+                let mut earlier = std::mem::take(&mut *parked);
+                earlier.taken.append(&mut taken);
+                earlier.records.append(&mut records);
+                taken = earlier.taken;
+                records = earlier.records;
+            }
+        }
+        let pending = self.storage.append_marks(records);
+        if let Some(barrier) = barrier {
+            barrier.defer(taken, pending);
+            return Ok(None);
         }
         match pending.await {
             Ok(MarkVerdict::Fresh) => Ok(None),
@@ -447,6 +537,83 @@ mod extreme_expiry_tests {
             );
         }
         guard.purge_expired().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn parked_marks_go_with_the_next_ones_or_at_settle_and_other_work_is_awaited() {
+        let dir = tempfile::tempdir().unwrap();
+        let sqlite = Arc::new(crate::storage::sqlite::SqliteStorage::open(dir.path()).unwrap());
+        let store: SharedStorage = sqlite.clone();
+        let guard = Arc::new(ReplayGuard::load(Arc::clone(&store)).await.unwrap());
+        let later = crate::clock::now_unix() + 300;
+        // A proxy call: request id and signature parked, the ticket nonce takes them along.
+        let before = sqlite.commit_stats().jobs;
+        let barrier = Arc::new(DurabilityBarrier::default());
+        let g = Arc::clone(&guard);
+        barrier
+            .scope(async move {
+                let parked = [
+                    (ReplayKind::RequestId, "req-1", later),
+                    (ReplayKind::Signature, "sig-1", later),
+                ];
+                assert_eq!(g.remember_all_with_next(&parked).await.unwrap(), None);
+                assert_eq!(
+                    g.remember(ReplayKind::Nonce, "nonce-1", later)
+                        .await
+                        .unwrap(),
+                    Seen::Fresh
+                );
+            })
+            .await;
+        barrier.settle(&guard).await.unwrap();
+        assert_eq!(
+            sqlite.commit_stats().jobs - before,
+            1,
+            "one job for the three marks"
+        );
+        // Parked with nothing after them (a call refused before its ticket): written at settle.
+        let barrier = Arc::new(DurabilityBarrier::default());
+        let g = Arc::clone(&guard);
+        let ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = Arc::clone(&ran);
+        barrier
+            .scope(async move {
+                let parked = [(ReplayKind::RequestId, "req-2", later)];
+                assert_eq!(g.remember_all_with_next(&parked).await.unwrap(), None);
+                let work: DurableWork = Box::pin(async move {
+                    flag.store(true, std::sync::atomic::Ordering::SeqCst);
+                    Ok(())
+                });
+                assert!(
+                    defer_until_answer(work).is_none(),
+                    "deferred inside a request"
+                );
+            })
+            .await;
+        assert!(!ran.load(std::sync::atomic::Ordering::SeqCst));
+        barrier.settle(&guard).await.unwrap();
+        assert!(
+            ran.load(std::sync::atomic::Ordering::SeqCst),
+            "awaited at settle"
+        );
+        drop(guard);
+        // Durable: a fresh load from the database knows all four marks.
+        let reloaded = ReplayGuard::load(store).await.unwrap();
+        for (kind, id) in [
+            (ReplayKind::RequestId, "req-1"),
+            (ReplayKind::Signature, "sig-1"),
+            (ReplayKind::Nonce, "nonce-1"),
+            (ReplayKind::RequestId, "req-2"),
+        ] {
+            assert_eq!(
+                reloaded.remember(kind, id, later).await.unwrap(),
+                Seen::Replayed,
+                "{id}"
+            );
+        }
+        // Outside a request, other work is handed back to be awaited by the caller.
+        let work: DurableWork = Box::pin(async { Ok(()) });
+        assert!(defer_until_answer(work).is_some());
     }
 
     #[tokio::test]

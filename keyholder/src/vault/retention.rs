@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use super::{Vault, VaultError};
-use crate::audit::{self, PruneBoundary};
+use crate::audit;
 
 impl Vault {
     /// Prunes audit entries older than `retention`; returns how many were removed.
@@ -12,31 +12,20 @@ impl Vault {
         let age_ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
         let before_ms = audit::now_ms().saturating_sub(age_ms);
         let key = self.keys().identity().verifying_key();
-        let Some(boundary) = self.storage().prune_boundary(before_ms).await? else {
+        if self.storage().prune_boundary(before_ms).await?.is_none() {
             return Ok(0);
-        };
-        let verification = self.storage().verify_audit(key).await?;
-        if let Some(problem) = verification.problem {
+        }
+        let chains = self.storage().verify_audit_chains(key).await?;
+        if let Some(problem) = chains.into_iter().find_map(|(_, v)| v.problem) {
             return Err(VaultError::Corrupt(format!(
                 "the audit chain does not verify at #{} ({}); run `keyholder audit verify`",
                 problem.seq, problem.reason
             )));
         }
         let ring: crate::storage::SharedSigner = self.keys();
-        self.storage()
-            .append_audit(vec![audit::prune_event(boundary, "retention")], ring)
-            .await?;
-        self.delete_pruned(boundary).await
-    }
-
-    async fn delete_pruned(&self, boundary: PruneBoundary) -> Result<u64, VaultError> {
-        let mut removed = 0;
-        loop {
-            let deleted = self.storage().delete_pruned(boundary).await?;
-            if deleted == 0 {
-                return Ok(removed);
-            }
-            removed += deleted;
-        }
+        Ok(self
+            .storage()
+            .prune_audit(before_ms, ring, "retention")
+            .await?)
     }
 }

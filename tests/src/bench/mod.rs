@@ -137,6 +137,15 @@ pub async fn start_keyholder(
     opts: &BenchOptions,
     data_dir: &Path,
 ) -> anyhow::Result<(ChildServer, Duration)> {
+    start_keyholder_with(opts, data_dir, &[]).await
+}
+
+/// [`start_keyholder`] with extra environment variables (`credential_traced`: an OTLP endpoint).
+pub async fn start_keyholder_with(
+    opts: &BenchOptions,
+    data_dir: &Path,
+    env: &[(&str, String)],
+) -> anyhow::Result<(ChildServer, Duration)> {
     let port = free_port()?;
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
     // `KEYHOLDER_BENCH_LOG=<filter>` shows the server's log on stderr (to study a run).
@@ -150,6 +159,8 @@ pub async fn start_keyholder(
         .env("KEYHOLDER_WORKERS", opts.workers.to_string())
         .env("KEYHOLDER_LOG", log.as_deref().unwrap_or("warn"))
         .env("KEYHOLDER_EGRESS_ALLOW_PRIVATE", "true")
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .stdout(Stdio::null())
         .stderr(match log {
             Some(_) => Stdio::inherit(),
@@ -195,6 +206,7 @@ pub fn serve_baseline(addr: SocketAddr, workers: usize) -> anyhow::Result<()> {
             App::new()
                 .route(LARGE_PATH, web::get().to(large_answer))
                 .route(EVENTS_PATH, web::get().to(event_stream))
+                .route(OTLP_TRACES_PATH, web::post().to(otlp_sink))
                 .default_service(web::to(|| async {
                     HttpResponse::Ok().json(json!({"status": "ok", "service": "baseline"}))
                 }))
@@ -205,6 +217,22 @@ pub fn serve_baseline(addr: SocketAddr, workers: usize) -> anyhow::Result<()> {
         .await
     })?;
     Ok(())
+}
+
+/// The baseline is also the OTLP/HTTP collector of `credential_traced`: it reads each export
+/// whole and answers an empty success.
+pub const OTLP_TRACES_PATH: &str = "/v1/traces";
+
+async fn otlp_sink(mut payload: actix_web::web::Payload) -> actix_web::HttpResponse {
+    use futures_util::StreamExt as _;
+    while let Some(chunk) = payload.next().await {
+        if chunk.is_err() {
+            return actix_web::HttpResponse::BadRequest().finish();
+        }
+    }
+    actix_web::HttpResponse::Ok()
+        .content_type("application/json")
+        .body("{}")
 }
 
 /// The baseline's 1 MiB answer (`proxy_large`).

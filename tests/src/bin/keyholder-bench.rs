@@ -43,7 +43,8 @@ struct Args {
     /// The keyholder binary (default: next to this one).
     #[arg(long)]
     keyholder_bin: Option<PathBuf>,
-    /// Run only these scenarios (baseline, credential, credential_policy, storage_list, store,
+    /// Run only these scenarios (baseline, credential, credential_policy, credential_traced
+    /// (a second keyholder exporting OTLP traces), storage_list, store,
     /// direct_upstream, bare_forwarder, proxy, bare_forwarder_large, proxy_large, proxy_stream).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
@@ -432,6 +433,24 @@ async fn run(opts: BenchOptions) -> anyhow::Result<()> {
     let rss_idle = bench::rss_mb(keyholder.pid());
     let baseline = bench::start_baseline(opts.workers).await?;
     let forwarder = bench::start_forwarder(opts.workers, baseline.addr).await?;
+    // Issue 23: a second keyholder exporting OTLP traces (to the baseline, a collector that
+    // reads and discards), for `credential_traced` against `credential`.
+    let wanted = |name: &str| opts.only.is_empty() || opts.only.iter().any(|o| o == name);
+    let traced_data = tempfile::tempdir()?;
+    let traced = if wanted("credential_traced") {
+        let env = [(
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            format!("http://{}", baseline.addr),
+        )];
+        let (server, _) = bench::start_keyholder_with(&opts, traced_data.path(), &env).await?;
+        let secret = bench::bind(&opts, traced_data.path(), server.addr).await?;
+        bench::populate(server.addr, &secret, 100)
+            .await
+            .context("populating the traced keyholder")?;
+        Some((server, secret))
+    } else {
+        None
+    };
     println!(
         "keyholder-bench: {} s per scenario in {} rounds, connections {:?}, {} server workers, healthy {} ms after start",
         opts.seconds,
@@ -464,6 +483,15 @@ async fn run(opts: BenchOptions) -> anyhow::Result<()> {
                 &keyholder,
                 bench::credential_policy_factory(Arc::clone(&secret)),
             ),
+        ];
+        if let Some((server, secret)) = &traced {
+            plan.push((
+                "credential_traced",
+                server,
+                bench::credential_factory(Arc::clone(secret)),
+            ));
+        }
+        plan.extend([
             (
                 "storage_list",
                 &keyholder,
@@ -474,7 +502,7 @@ async fn run(opts: BenchOptions) -> anyhow::Result<()> {
                 &keyholder,
                 bench::store_factory(Arc::clone(&secret)),
             ),
-        ];
+        ]);
         if proxy_available {
             plan.push((
                 "direct_upstream",
@@ -545,7 +573,6 @@ async fn run(opts: BenchOptions) -> anyhow::Result<()> {
     let rss_load = bench::rss_mb(keyholder.pid());
     // proxy_stream: time to the first of 10 SSE events 5 ms apart, through the proxy and
     // directly, alternating on fresh connections; every event must arrive.
-    let wanted = |name: &str| opts.only.is_empty() || opts.only.iter().any(|o| o == name);
     let stream = if proxy_available && wanted("proxy_stream") {
         let runs = if opts.seconds < 1.0 { 5 } else { 50 };
         let direct_req = bench::http1::request("GET", bench::EVENTS_PATH, &[], b"");
@@ -613,6 +640,15 @@ async fn run(opts: BenchOptions) -> anyhow::Result<()> {
             (Some(with), Some(without)) if without > 0.0 => Some(with / without),
             _ => None,
         },
+        "credential_traced_cpu_us": find(&results, "credential_traced", head).and_then(|r| r.server_cpu_us),
+        // Issue 23: keyholder CPU per credential GET with OTLP traces on over off; target <= 1.1.
+        "trace_cpu_ratio": match (
+            find(&results, "credential_traced", head).and_then(|r| r.server_cpu_us),
+            find(&results, "credential", head).and_then(|r| r.server_cpu_us),
+        ) {
+            (Some(with), Some(without)) if without > 0.0 => Some(with / without),
+            _ => None,
+        },
         "proxy_cpu_us": find(&results, "proxy", head).and_then(|r| r.server_cpu_us),
         "proxy_large_rps": rps("proxy_large"),
         "bare_forwarder_large_rps": rps("bare_forwarder_large"),
@@ -626,6 +662,7 @@ async fn run(opts: BenchOptions) -> anyhow::Result<()> {
         "errors": errors,
         "scenarios": results,
     });
+    drop(traced);
     drop(forwarder);
     drop(baseline);
     drop(keyholder);

@@ -32,7 +32,7 @@ use crate::storage::{
     Storage, StorageError, StorageResult, StoredDocument, StoredPlatformKey, SwapOutcome,
     UsageCounter, WrappedKey, Write,
 };
-use crate::storage::{DocumentSwap, KeyRingSnapshot};
+use crate::storage::{DocumentSwap, KeyRingSnapshot, UsageCommit, UsageTake};
 
 /// Serialises owner change sets and exchanges (exclusive) against writes that must not cross a
 /// key rotation (shared).
@@ -88,8 +88,6 @@ pub struct PostgresStorage {
     /// The connection holding the housekeeping lock, while this replica holds it.
     leader: tokio::sync::Mutex<Option<tokio_postgres::Client>>,
     last_xref: Mutex<Option<Instant>>,
-    /// The identity signer the domain appends with (kept for pruning the other replicas' chains).
-    signer: Mutex<Option<SharedSigner>>,
     closed: AtomicBool,
 }
 
@@ -142,7 +140,6 @@ impl PostgresStorage {
             generation: rx,
             leader: tokio::sync::Mutex::new(None),
             last_xref: Mutex::new(None),
-            signer: Mutex::new(None),
             closed: AtomicBool::new(false),
         })
     }
@@ -1247,6 +1244,58 @@ impl EgressStore for PostgresStorage {
     }
 }
 
+/// Adds the increments in one statement; each counter's count after the add, in order.
+async fn add_usage_on(
+    client: &impl GenericClient,
+    increments: Vec<(UsageCounter, u64)>,
+) -> StorageResult<Vec<u64>> {
+    if increments.is_empty() {
+        return Ok(Vec::new());
+    }
+    // One statement, rows in key order (replicas adding to the same counters lock them in
+    // the same order: no deadlock); duplicates folded first.
+    let mut folded: std::collections::BTreeMap<&UsageCounter, i64> = Default::default();
+    for (key, n) in &increments {
+        *folded.entry(key).or_default() += signed(*n);
+    }
+    let (mut p, mut t, mut d, mut n) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (key, add) in &folded {
+        p.push(key.policy.as_str());
+        t.push(key.target.as_str());
+        d.push(key.period.as_str());
+        n.push(*add);
+    }
+    let rows = client
+        .query(
+            "INSERT INTO policy_usage (policy, target, period, count)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[]) ORDER BY 1, 2, 3
+             ON CONFLICT (policy, target, period) DO UPDATE
+                SET count = policy_usage.count + excluded.count
+             RETURNING policy, target, period, count",
+            &[&p, &t, &d, &n],
+        )
+        .await
+        .db()?;
+    let after: std::collections::HashMap<(String, String, String), i64> = rows
+        .iter()
+        .map(|r| ((r.get(0), r.get(1), r.get(2)), r.get(3)))
+        .collect();
+    // A counter named twice in one call: each reports its own share of the total, in order.
+    let mut taken: std::collections::HashMap<&UsageCounter, i64> = Default::default();
+    increments
+        .iter()
+        .map(|(key, add)| {
+            let total = *after
+                .get(&(key.policy.clone(), key.target.clone(), key.period.clone()))
+                .ok_or_else(|| StorageError::Corrupt("usage counter not returned".into()))?;
+            let folded_add = folded.get(key).copied().unwrap_or(0);
+            let before_this = taken.entry(key).or_default();
+            *before_this += signed(*add);
+            Ok(unsigned(total - folded_add + *before_this))
+        })
+        .collect()
+}
+
 fn decision(text: &str) -> ApprovalDecision {
     match text {
         "approved" => ApprovalDecision::Approved,
@@ -1365,53 +1414,23 @@ impl PolicyStore for PostgresStorage {
     }
 
     async fn add_usage(&self, increments: Vec<(UsageCounter, u64)>) -> StorageResult<Vec<u64>> {
-        if increments.is_empty() {
-            return Ok(Vec::new());
-        }
-        // One statement, rows in key order (replicas adding to the same counters lock them in
-        // the same order: no deadlock); duplicates folded first.
-        let mut folded: std::collections::BTreeMap<&UsageCounter, i64> = Default::default();
-        for (key, n) in &increments {
-            *folded.entry(key).or_default() += signed(*n);
-        }
-        let (mut p, mut t, mut d, mut n) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for (key, add) in &folded {
-            p.push(key.policy.as_str());
-            t.push(key.target.as_str());
-            d.push(key.period.as_str());
-            n.push(*add);
-        }
-        let rows = self
-            .client()
-            .await?
-            .query(
-                "INSERT INTO policy_usage (policy, target, period, count)
-                 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[]) ORDER BY 1, 2, 3
-                 ON CONFLICT (policy, target, period) DO UPDATE
-                    SET count = policy_usage.count + excluded.count
-                 RETURNING policy, target, period, count",
-                &[&p, &t, &d, &n],
-            )
-            .await
-            .db()?;
-        let after: std::collections::HashMap<(String, String, String), i64> = rows
-            .iter()
-            .map(|r| ((r.get(0), r.get(1), r.get(2)), r.get(3)))
-            .collect();
-        // A counter named twice in one call: each reports its own share of the total, in order.
-        let mut taken: std::collections::HashMap<&UsageCounter, i64> = Default::default();
-        increments
-            .iter()
-            .map(|(key, add)| {
-                let total = *after
-                    .get(&(key.policy.clone(), key.target.clone(), key.period.clone()))
-                    .ok_or_else(|| StorageError::Corrupt("usage counter not returned".into()))?;
-                let folded_add = folded.get(key).copied().unwrap_or(0);
-                let before_this = taken.entry(key).or_default();
-                *before_this += signed(*add);
-                Ok(unsigned(total - folded_add + *before_this))
-            })
-            .collect()
+        add_usage_on(&self.client().await?, increments).await
+    }
+
+    fn queue_usage(&self, take: UsageTake) -> UsageCommit {
+        let (reply, commit) = UsageCommit::channel();
+        let pool = self.pool.clone();
+        tokio::spawn(async move {
+            let written = async {
+                let client = super::client(&pool).await?;
+                // Taken only now that a connection is in hand: uses counted meanwhile join it.
+                let increments = take();
+                add_usage_on(&client, increments).await.map(|_| ())
+            }
+            .await;
+            let _ = reply.send(written);
+        });
+        commit
     }
 
     async fn release_usage(&self, counters: Vec<UsageCounter>) -> StorageResult<()> {
@@ -1657,9 +1676,6 @@ impl AuditLog for PostgresStorage {
         events: Vec<AuditEvent>,
         signer: SharedSigner,
     ) -> StorageResult<u64> {
-        if let Ok(mut kept) = self.signer.lock() {
-            *kept = Some(Arc::clone(&signer));
-        }
         let mut client = self.client().await?;
         let tx = client.transaction().await.db()?;
         let mut head = audit::append_events(&tx, &self.node, signer.as_ref(), events).await?;
@@ -1739,25 +1755,34 @@ impl AuditLog for PostgresStorage {
         Ok(combine(&self.node, chains))
     }
 
+    async fn verify_audit_chains(
+        &self,
+        key: VerifyingKey,
+    ) -> StorageResult<Vec<(String, AuditVerification)>> {
+        Ok(self
+            .verify_chains(&key)
+            .await?
+            .into_iter()
+            .map(|c| (c.node, c.verification))
+            .collect())
+    }
+
+    async fn prune_audit(
+        &self,
+        before_ms: i64,
+        signer: SharedSigner,
+        source: &str,
+    ) -> StorageResult<u64> {
+        // Retention runs on whichever replica holds the housekeeping lock, for every chain; the
+        // owner's `audit prune` always runs.
+        if source == "retention" && !self.housekeeping_turn("audit-retention").await? {
+            return Ok(0);
+        }
+        self.prune_chains(&signer, before_ms, source).await
+    }
+
     async fn prune_boundary(&self, before_ms: i64) -> StorageResult<Option<PruneBoundary>> {
-        // Retention runs on the replica holding the housekeeping lock: it prunes the other
-        // replicas' chains here, then its own through the domain's prune (the prune entry is
-        // appended to its chain by `append_audit`).
-        if !self.housekeeping_turn("audit-retention").await? {
-            return Ok(None);
-        }
-        let signer = self.signer.lock().ok().and_then(|s| s.clone());
-        if let Some(signer) = signer {
-            let mut client = self.client().await?;
-            audit::prune_chains_before(
-                &mut client,
-                signer.as_ref(),
-                before_ms,
-                "retention",
-                Some(&self.node),
-            )
-            .await?;
-        }
+        // This replica's chain (the prune entry of `delete_pruned`'s caller is appended to it).
         let client = self.client().await?;
         let first_kept: Option<i64> = client
             .query_one(
@@ -1775,12 +1800,29 @@ impl AuditLog for PostgresStorage {
             )
             .await
             .db()?;
-        Ok(row.and_then(|r| {
+        let own = row.and_then(|r| {
             let hash: &[u8] = r.get(1);
             Some(PruneBoundary {
                 through_seq: u64::try_from(r.get::<_, i64>(0)).ok()?,
                 hash: hash.try_into().ok()?,
             })
+        });
+        if own.is_some() {
+            return Ok(own);
+        }
+        // Nothing old in this chain, but perhaps in another replica's: `prune_audit` prunes
+        // every chain, so say there is something (an empty boundary of this chain).
+        let elsewhere: bool = client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM audit_log WHERE at_ms < $1)",
+                &[&before_ms],
+            )
+            .await
+            .db()?
+            .get(0);
+        Ok(elsewhere.then_some(PruneBoundary {
+            through_seq: 0,
+            hash: [0u8; 32],
         }))
     }
 
@@ -2394,18 +2436,17 @@ mod tests {
         }
         assert!(a.housekeeping_turn("audit").await.unwrap());
         assert_eq!(
-            b.prune_boundary(i64::MAX).await.unwrap(),
-            None,
+            b.prune_audit(25, Arc::clone(&signer), "retention")
+                .await
+                .unwrap(),
+            0,
             "not b's turn"
         );
-        let boundary = a.prune_boundary(25).await.unwrap().unwrap();
-        a.append_audit(
-            vec![crate::audit::prune_event(boundary, "retention")],
-            Arc::clone(&signer),
-        )
-        .await
-        .unwrap();
-        while a.delete_pruned(boundary).await.unwrap() > 0 {}
+        let removed = a
+            .prune_audit(25, Arc::clone(&signer), "retention")
+            .await
+            .unwrap();
+        assert_eq!(removed, 2, "the oldest entry of each chain");
         let chains = a.verify_chains(&key).await.unwrap();
         for chain in &chains {
             assert!(chain.verification.problem.is_none(), "{chain:?}");

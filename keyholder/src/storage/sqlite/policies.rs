@@ -7,7 +7,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use super::{signed, unsigned, SqliteStorage};
 use crate::storage::{
     ApprovalDecision, ApprovalRow, AttachmentRow, PolicyRow, PolicySnapshot, PolicyStore,
-    StorageResult, UsageCounter,
+    StorageResult, UsageCommit, UsageCounter, UsageTake,
 };
 
 fn decision(text: &str) -> ApprovalDecision {
@@ -142,6 +142,20 @@ impl PolicyStore for SqliteStorage {
                     .collect()
             })
             .await
+    }
+
+    fn queue_usage(&self, take: UsageTake) -> UsageCommit {
+        // The job's savepoint makes the batch all or none, whatever else shares the commit.
+        self.db.submit_unit(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "INSERT INTO policy_usage (policy, target, period, count) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(policy, target, period) DO UPDATE SET count = count + ?4",
+            )?;
+            for (key, n) in take() {
+                stmt.execute(params![key.policy, key.target, key.period, signed(n)])?;
+            }
+            Ok(())
+        })
     }
 
     async fn release_usage(&self, counters: Vec<UsageCounter>) -> StorageResult<()> {

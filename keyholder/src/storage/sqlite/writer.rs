@@ -55,6 +55,7 @@ struct WriteJob {
 enum Reply {
     Job(oneshot::Sender<AnyResult>),
     Marks(MarkReply),
+    Unit(crate::storage::UsageReply),
 }
 
 impl Reply {
@@ -66,6 +67,9 @@ impl Reply {
             Reply::Marks(tx) => {
                 let _ = tx.send(result.map(|_| MarkVerdict::Fresh));
             }
+            Reply::Unit(tx) => {
+                let _ = tx.send(result.map(|_| ()));
+            }
         }
     }
 }
@@ -76,6 +80,7 @@ impl WriteJob {
         match self.work {
             Work::Run(run, tx) => (Some(run), None, Reply::Job(tx)),
             Work::Records(records, tx) => (None, Some(records), Reply::Marks(tx)),
+            Work::RunUnit(run, tx) => (Some(run), None, Reply::Unit(tx)),
         }
     }
 }
@@ -86,6 +91,8 @@ enum Work {
     /// Records appended with the batch's others (see [`Db::submit_records`]), answered on their
     /// own typed channel.
     Records(Vec<PackedRecord>, MarkReply),
+    /// A closure like `Run`, answered on a typed channel (see [`Db::submit_unit`]).
+    RunUnit(JobFn, crate::storage::UsageReply),
 }
 
 /// A small fixed-size record for [`Db::submit_record`]. The writer folds the records of one
@@ -295,6 +302,21 @@ impl Db {
             rx,
             _result: std::marker::PhantomData,
         })
+    }
+
+    /// Hands `f` to the writer now; the commit resolves once it is committed and fsync'ed, on a
+    /// typed channel (no boxed result to downcast).
+    pub fn submit_unit<F>(&self, f: F) -> crate::storage::UsageCommit
+    where
+        F: FnOnce(&Connection) -> Result<(), StoreError> + Send + 'static,
+    {
+        let (reply, commit) = crate::storage::UsageCommit::channel();
+        let run: JobFn =
+            Box::new(move |conn| f(conn).map(|()| Box::new(()) as Box<dyn Any + Send>));
+        if let Err((err, Work::RunUnit(_, reply))) = self.send_work(Work::RunUnit(run, reply)) {
+            let _ = reply.send(Err(err));
+        }
+        commit
     }
 
     /// Hands work to the writer; gives it back with the error when the writer is gone.
