@@ -188,6 +188,10 @@ pub async fn append_xref(
             &[&node],
         )
         .await?;
+    if rows.is_empty() {
+        // No other chain to refer to (a single replica).
+        return head(tx, node).await.map(|(seq, _)| seq);
+    }
     let detail: Vec<String> = rows
         .iter()
         .map(|r| {

@@ -365,7 +365,7 @@ pub async fn sqlite_to_postgres(
             .map_err(sqlite_err)?;
         names
     };
-    let mut marks: Vec<(i64, i16, i64)> = Vec::new();
+    let mut marks: Vec<(i64, i16, i64, i64)> = Vec::new();
     for table in tables {
         let mut stmt = conn
             .prepare(&format!(
@@ -387,8 +387,10 @@ pub async fn sqlite_to_postgres(
             for key in records.chunks_exact(8) {
                 let key = i64::from_le_bytes(key.try_into().unwrap_or([0u8; 8]));
                 report.replay_marks += 1;
-                for bucket in replay::bucket_of(now)..=replay::bucket_of(until.max(now)) {
-                    marks.push((bucket, i16::try_from(tag).unwrap_or(i16::MAX), key));
+                let first = replay::bucket_of(now);
+                let last = replay::bucket_of(until.max(now)).min(first + replay::HORIZON_BUCKETS);
+                for bucket in first..=last {
+                    marks.push((bucket, i16::try_from(tag).unwrap_or(i16::MAX), key, until));
                 }
             }
         }
@@ -403,10 +405,12 @@ pub async fn sqlite_to_postgres(
             let b: Vec<i64> = chunk.iter().map(|m| m.0).collect();
             let k: Vec<i16> = chunk.iter().map(|m| m.1).collect();
             let y: Vec<i64> = chunk.iter().map(|m| m.2).collect();
+            let e: Vec<i64> = chunk.iter().map(|m| m.3).collect();
             tx.execute(
-                "INSERT INTO replay_marks (bucket, kind, key)
-                 SELECT * FROM unnest($1::int8[], $2::int2[], $3::int8[]) ON CONFLICT DO NOTHING",
-                &[&b, &k, &y],
+                "INSERT INTO replay_marks (bucket, kind, key, expires_at)
+                 SELECT * FROM unnest($1::int8[], $2::int2[], $3::int8[], $4::int8[])
+                 ON CONFLICT DO NOTHING",
+                &[&b, &k, &y, &e],
             )
             .await?;
         }

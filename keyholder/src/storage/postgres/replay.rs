@@ -45,10 +45,24 @@ pub fn bucket_of(unix: i64) -> i64 {
     unix.div_euclid(BUCKET_SECS)
 }
 
-/// The rows of a mark arriving at `now`: its kind and key in every bucket of its life.
+/// Hours ahead of now a mark's rows reach at most: a ticket lives at most a day
+/// (`--max-ticket-lifetime` is at most 86,400 s) plus the clock-skew allowance, so every real
+/// mark fits; a longer one is refused for this long.
+pub const HORIZON_BUCKETS: i64 = 26;
+/// The bucket of marks that arrive already expired (no memory needed; dropped at the next purge).
+pub const EXPIRED_BUCKET: i64 = 0;
+
+/// The buckets of a mark arriving at `now`: every hour of its life (at most the horizon).
 fn rows_of(mark: &Mark, now: i64) -> impl Iterator<Item = (i64, i16, i64)> + '_ {
-    let first = bucket_of(now);
-    let last = bucket_of(mark.expires_at.max(now));
+    let (first, last) = if mark.expires_at < now {
+        (EXPIRED_BUCKET, EXPIRED_BUCKET)
+    } else {
+        let first = bucket_of(now);
+        (
+            first,
+            bucket_of(mark.expires_at).min(first + HORIZON_BUCKETS),
+        )
+    };
     (first..=last).map(move |b| (b, mark.kind, mark.key))
 }
 
@@ -109,7 +123,7 @@ impl PgReplayMarks {
 
 async fn writer(pool: Pool, mut rx: mpsc::UnboundedReceiver<Job>) {
     let permits = Arc::new(Semaphore::new(IN_FLIGHT));
-    let partitions = Arc::new(tokio::sync::Mutex::new(i64::MIN));
+    let partitions = Arc::new(tokio::sync::Mutex::new(HashSet::new()));
     while let Some(first) = rx.recv().await {
         let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
             break;
@@ -159,24 +173,26 @@ fn lose(lost: &mut Option<usize>, m: usize) {
 /// the index of its first mark already held.
 async fn run_batch(
     pool: &Pool,
-    partitions: &tokio::sync::Mutex<i64>,
+    partitions: &tokio::sync::Mutex<HashSet<i64>>,
     batch: &[Job],
 ) -> Result<Vec<Option<usize>>, PgError> {
     // The first job of the batch to name a row claims it; a later job naming it too is a replay.
     let mut claimant: HashMap<Row, (usize, usize)> = HashMap::new();
     let mut rows: Vec<Row> = Vec::new();
+    let mut expiries: Vec<i64> = Vec::new();
     let mut lost: Vec<Option<usize>> = vec![None; batch.len()];
-    let mut highest = i64::MIN;
+    let mut needed: HashSet<i64> = HashSet::new();
     for (i, job) in batch.iter().enumerate() {
         for (m, mark) in job.marks.iter().enumerate() {
             for row in rows_of(mark, job.now) {
-                highest = highest.max(row.0);
+                needed.insert(row.0);
                 match claimant.get(&row) {
                     Some(&(owner, _)) if owner != i => lose(&mut lost[i], m),
                     Some(_) => {}
                     None => {
                         claimant.insert(row, (i, m));
                         rows.push(row);
+                        expiries.push(mark.expires_at);
                     }
                 }
             }
@@ -185,10 +201,9 @@ async fn run_batch(
     let client = super::client(pool).await?;
     {
         let mut known = partitions.lock().await;
-        if highest > *known {
-            let now = batch.iter().map(|j| j.now).min().unwrap_or(0);
-            ensure_partitions(&client, bucket_of(now) - KEEP_PAST_BUCKETS, highest).await?;
-            *known = highest;
+        if needed.iter().any(|b| !known.contains(b)) {
+            ensure_buckets(&client, needed.iter().copied()).await?;
+            known.extend(needed.iter().copied());
         }
     }
     let (buckets, kinds, keys): (Vec<i64>, Vec<i16>, Vec<i64>) = {
@@ -204,17 +219,18 @@ async fn run_batch(
     };
     let insert = client
         .prepare_cached(
-            "INSERT INTO replay_marks (bucket, kind, key)
-             SELECT * FROM unnest($1::int8[], $2::int2[], $3::int8[])
+            "INSERT INTO replay_marks (bucket, kind, key, expires_at)
+             SELECT * FROM unnest($1::int8[], $2::int2[], $3::int8[], $4::int8[])
              ON CONFLICT DO NOTHING RETURNING bucket, kind, key",
         )
         .await?;
-    let answer = match client.query(&insert, &[&buckets, &kinds, &keys]).await {
-        // 23514: no partition for a row (dropped or never made meanwhile): make them, once more.
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
+        [&buckets, &kinds, &keys, &expiries];
+    let answer = match client.query(&insert, &params).await {
+        // 23514: no partition for a row (dropped meanwhile, e.g. the expired bucket): make them.
         Err(err) if err.code().is_some_and(|c| c.code() == "23514") => {
-            let low = rows.iter().map(|r| r.0).min().unwrap_or(highest);
-            ensure_partitions(&client, low, highest).await?;
-            client.query(&insert, &[&buckets, &kinds, &keys]).await?
+            ensure_buckets(&client, needed.iter().copied()).await?;
+            client.query(&insert, &params).await?
         }
         other => other?,
     };
@@ -267,8 +283,21 @@ pub async fn ensure_partitions(
     from: i64,
     to: i64,
 ) -> Result<(), PgError> {
+    ensure_buckets(client, from..=to).await
+}
+
+/// Creates the partitions of these buckets that do not exist yet.
+pub async fn ensure_buckets(
+    client: &tokio_postgres::Client,
+    buckets: impl IntoIterator<Item = i64>,
+) -> Result<(), PgError> {
     let existing = partition_buckets(client).await?;
-    let missing: Vec<i64> = (from..=to).filter(|b| !existing.contains(b)).collect();
+    let mut missing: Vec<i64> = buckets
+        .into_iter()
+        .filter(|b| !existing.contains(b))
+        .collect();
+    missing.sort_unstable();
+    missing.dedup();
     if missing.is_empty() {
         return Ok(());
     }

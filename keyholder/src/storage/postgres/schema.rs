@@ -77,8 +77,12 @@ const MIGRATIONS: &[&str] = &[
     //    replica makes it. An hour's partition is consulted only during that hour (a mark's
     //    check inserts into the current hour first), so it is dropped whole once the hour is over
     //    (plus a margin for replicas' clocks): marks expire by partition, never by row.
+    //    A mark already expired when it arrives needs no memory: it goes to bucket 0, dropped at
+    //    the next purge. Rows reach at most `replay::HORIZON_BUCKETS` hours ahead (tickets live at
+    //    most a day); `expires_at` is the mark's own expiry, for loading.
     "CREATE TABLE replay_marks (
         bucket BIGINT NOT NULL, kind SMALLINT NOT NULL, key BIGINT NOT NULL,
+        expires_at BIGINT NOT NULL,
         PRIMARY KEY (bucket, kind, key)) PARTITION BY RANGE (bucket);",
 ];
 
