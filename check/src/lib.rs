@@ -41,6 +41,7 @@ mod envelope;
 mod matrix;
 mod protocol24;
 mod restart;
+mod signing;
 mod wire;
 
 pub use matrix::{

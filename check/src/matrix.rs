@@ -1,7 +1,7 @@
 //! Every check as one variant of [`Check`], declared once in the table below: its name (kept stable:
 //! tests and docs use it), its group, the matrix it belongs to and the one function that runs it.
 
-use super::{base, envelope, protocol24, restart, wire, Ctx, Run};
+use super::{base, envelope, protocol24, restart, signing, wire, Ctx, Run};
 
 /// The matrices a check belongs to, run in this order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,6 +88,7 @@ checks! {
         UnsignedProxy = "unsigned_proxy", "refusal", base::unsigned_proxy, "An unsigned proxy call is refused and never reaches the upstream.";
         NonUtf8Body = "non_utf8_body", "refusal", base::non_utf8_body, "A correctly signed body that is not UTF-8: a 4xx JSON error, never a 5xx.";
         StorageSetNonObject = "storage_set_non_object", "refusal", base::storage_set_non_object, "set with data that is not an object: 400.";
+        AwsSecretSealed = "aws_secret_sealed", "adversarial", signing::aws_secret_sealed, "An AWS key's secretAccessKey and sessionToken never appear in what the platform reads.";
     }
     Protocol24 PROTOCOL_24_MATRIX {
         Version240 = "version_2_4_0", "protocol-2.4.0", protocol24::version_2_4_0, "Health reports protocol 2.4.0.";

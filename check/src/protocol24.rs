@@ -49,13 +49,13 @@ fn base32(bytes: &[u8]) -> String {
     out
 }
 
-fn random_seed() -> String {
+pub(crate) fn random_seed() -> String {
     let mut bytes = uuid::Uuid::new_v4().as_bytes().to_vec();
     bytes.extend_from_slice(&uuid::Uuid::new_v4().as_bytes()[..4]);
     base32(&bytes)
 }
 
-fn store_post(ticket: &Ticket, service: &str, token_data: Value) -> Outgoing {
+pub(crate) fn store_post(ticket: &Ticket, service: &str, token_data: Value) -> Outgoing {
     let mut out = Outgoing::new(Method::POST, PATH_STORE);
     out.body = serde_json::to_vec(&json!({
         "ticket": ticket.expose(),
@@ -66,7 +66,7 @@ fn store_post(ticket: &Ticket, service: &str, token_data: Value) -> Outgoing {
     out
 }
 
-fn get_with(path: &str, ticket: &Ticket, service: &str) -> Outgoing {
+pub(crate) fn get_with(path: &str, ticket: &Ticket, service: &str) -> Outgoing {
     let mut out = Outgoing::new(Method::GET, path);
     out.query = vec![
         ("ticket".into(), ticket.expose().to_owned()),
@@ -75,14 +75,14 @@ fn get_with(path: &str, ticket: &Ticket, service: &str) -> Outgoing {
     out
 }
 
-fn body_json(resp: &Result<RawResponse, keyholder_client::Error>) -> Value {
+pub(crate) fn body_json(resp: &Result<RawResponse, keyholder_client::Error>) -> Value {
     resp.as_ref()
         .ok()
         .and_then(|r| serde_json::from_slice(&r.body).ok())
         .unwrap_or(Value::Null)
 }
 
-fn body_text(resp: &Result<RawResponse, keyholder_client::Error>) -> String {
+pub(crate) fn body_text(resp: &Result<RawResponse, keyholder_client::Error>) -> String {
     resp.as_ref()
         .map(|r| String::from_utf8_lossy(&r.body).into_owned())
         .unwrap_or_default()
@@ -98,11 +98,11 @@ fn no_seed(what: &str, text: &str, seed: &str) -> Result<(), String> {
 }
 
 impl Ctx {
-    fn probe_service(&self, what: &str) -> String {
+    pub(crate) fn probe_service(&self, what: &str) -> String {
         format!("{}-{what}", self.service)
     }
 
-    async fn delete_token(&self, run: &mut Run, service: &str) {
+    pub(crate) async fn delete_token(&self, run: &mut Run, service: &str) {
         let r = self
             .platform
             .storage_delete(Collection::Tokens, service)
@@ -114,7 +114,11 @@ impl Ctx {
     }
 
     /// Every answer the platform can read about `service`: get, list, list_batch.
-    async fn platform_views(&self, run: &mut Run, service: &str) -> Result<String, String> {
+    pub(crate) async fn platform_views(
+        &self,
+        run: &mut Run,
+        service: &str,
+    ) -> Result<String, String> {
         let get = self.platform.storage_get(Collection::Tokens, service).await;
         run.call(
             &format!("POST /v1/storage {{get tokens/{service}}} [signed]"),

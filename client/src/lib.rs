@@ -43,7 +43,7 @@ pub use builder::ClientBuilder;
 pub use error::Error;
 pub use identity::{IdentityPin, PinnedIdentity};
 pub use platform::{ExchangeInfo, Platform};
-pub use proxy::{ProxyCall, ProxyResponse, ProxyStream};
+pub use proxy::{ProxyCall, ProxyResponse, ProxyStream, JWT_PLACEHOLDER, TOKEN_PLACEHOLDER};
 pub use refresh::RefreshGet;
 pub use retry::RetryPolicy;
 pub use secret::{Credential, SecretString, TokenData, TotpCode};

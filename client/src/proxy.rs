@@ -15,6 +15,12 @@ use crate::error::Error;
 use crate::platform::{now_unix, Platform};
 use crate::retry::Idempotence;
 
+/// Replaced by the credential (or a token minted or exchanged with it) in header templates.
+pub const TOKEN_PLACEHOLDER: &str = "${TOKEN}";
+/// Replaced by a fresh JWT assertion in header templates (Keyholder: the owner's `sign-config`
+/// template, signed with the credential's `privateKeyData`).
+pub const JWT_PLACEHOLDER: &str = "${JWT}";
+
 /// One proxied upstream call.
 ///
 /// ```
@@ -66,7 +72,10 @@ impl ProxyCall {
         self
     }
 
-    /// A header template: `${TOKEN}` in `template` is replaced by the credential on the webhook.
+    /// A header template: `${TOKEN}` ([`TOKEN_PLACEHOLDER`]) in `template` is replaced by the
+    /// credential on the webhook, and on a Keyholder `${JWT}` ([`JWT_PLACEHOLDER`]) by a fresh JWT
+    /// signed with the credential's key from the owner's template. An AWS key needs no template:
+    /// the request itself is signed (SigV4).
     pub fn template(mut self, header: impl Into<String>, template: impl Into<String>) -> Self {
         self.templates.insert(header.into(), template.into());
         self

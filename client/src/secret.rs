@@ -188,6 +188,56 @@ impl TokenData {
         self
     }
 
+    /// An AWS access key (`tokenType: "aws"`): a Keyholder signs proxied requests with it
+    /// (Signature Version 4) and never sends the secret; add temporary credentials' token with
+    /// [`TokenData::session_token`]. Region and signing service come from the upstream host or the
+    /// owner's `keyholder sign-config`.
+    ///
+    /// ```
+    /// use keyholder_client::TokenData;
+    /// let data = TokenData::aws("AKIDEXAMPLE00000001", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY")
+    ///     .session_token("FwoGZXIvYXdzEXAMPLE");
+    /// assert_eq!(data.field_names(), ["accessKeyId", "secretAccessKey", "sessionToken", "tokenType"]);
+    /// assert!(!format!("{data:?}").contains("EXAMPLEKEY"));
+    /// ```
+    pub fn aws(
+        access_key_id: impl Into<String>,
+        secret_access_key: impl Into<SecretString>,
+    ) -> Self {
+        TokenData::new()
+            .field("tokenType", "aws")
+            .field("accessKeyId", access_key_id.into())
+            .secret("secretAccessKey", secret_access_key)
+    }
+
+    /// The `sessionToken` of temporary AWS credentials (sealed like `secretAccessKey`).
+    pub fn session_token(self, token: impl Into<SecretString>) -> Self {
+        self.secret("sessionToken", token)
+    }
+
+    /// A TLS client certificate and its private key (PEM): a Keyholder presents it on its
+    /// connection to the upstream (mutual TLS), one connection pool per credential. Add
+    /// intermediates with `.secret("certificateChain", pem)`, and a bearer token for header
+    /// templates with `.secret("accessToken", token)`.
+    pub fn client_certificate(
+        certificate_pem: impl Into<SecretString>,
+        private_key_pem: impl Into<SecretString>,
+    ) -> Self {
+        TokenData::new()
+            .field("tokenType", "certificate")
+            .secret("certificateData", certificate_pem)
+            .secret("privateKeyData", private_key_pem)
+    }
+
+    /// A private key (PEM) that signs JWT assertions from the owner's template
+    /// (`keyholder sign-config set SERVICE --iss --sub --aud`): injected as `${JWT}`, or exchanged
+    /// at the owner's token URL for `${TOKEN}`.
+    pub fn jwt_signing_key(private_key_pem: impl Into<SecretString>) -> Self {
+        TokenData::new()
+            .field("tokenType", "jwt")
+            .secret("privateKeyData", private_key_pem)
+    }
+
     /// Every field name, sorted.
     pub fn field_names(&self) -> Vec<&str> {
         let mut names: Vec<&str> = self

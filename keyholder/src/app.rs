@@ -1,4 +1,4 @@
-//! Assembles the server: opens the store and the vault, builds the shared state, binds the
+//! Assembles the server: builds the shared state (`state`), spawns the background jobs, binds the
 //! listener (plain or TLS) and runs actix-web, plus the optional metrics listener; returns a
 //! handle so tests can run several servers in one process.
 
@@ -13,37 +13,12 @@ use actix_web::web::{self, Data};
 use actix_web::{App, HttpResponse, HttpServer};
 use anyhow::Context;
 
-use crate::audit::AuditRecorder;
+use crate::audit::recorder::AuditQueue;
 use crate::config::Config;
-use crate::http::{self, network::NetworkRules};
+use crate::http;
 use crate::metrics::Metrics;
-use crate::storage::sqlite::SqliteStorage;
-use crate::storage::{Setting, SharedStorage};
+use crate::state::AppState;
 use crate::tls::{CertReloader, TlsError};
-use crate::upstream::{EgressGuard, Upstream, UpstreamSettings};
-use crate::vault::{Vault, VaultSettings};
-
-/// State shared by every worker.
-pub struct AppState {
-    /// The domain layer.
-    pub vault: Vault,
-    /// Who may call what, by address.
-    pub network: NetworkRules,
-    /// Prometheus metrics (counted always, served only with `--metrics-listen`).
-    pub metrics: Arc<Metrics>,
-    /// The shared outbound client behind the SSRF guard (built once at start).
-    pub upstream: Upstream,
-    /// The configuration the server was started with.
-    pub config: Arc<Config>,
-    /// The audit trail's appender (off the request path).
-    pub audit: AuditRecorder,
-    /// Notifications to the owner (custody-policy approvals and refusals).
-    pub notifier: crate::policy::notify::Notifier,
-    /// The owner's country database (`serve --geoip-db`), for `--geo` rules.
-    pub geoip: Option<maxminddb::Reader<Vec<u8>>>,
-    /// The per-client-address request limit (`--rate-limit-per-ip`), when configured.
-    pub rate_limit: Option<crate::http::rate_limit::RateLimiter>,
-}
 
 /// A started server.
 pub struct RunningServer {
@@ -129,7 +104,8 @@ pub fn prepare_data_dir(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Opens everything and starts serving on `config.listen`.
+/// Opens everything and starts serving on `config.listen`: builds the state, spawns the
+/// background jobs, binds the listeners.
 pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     // Certificate problems are configuration errors: report them before touching the data.
     let tls = config
@@ -140,191 +116,80 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         .map(Arc::new);
     prepare_data_dir(&config)?;
     let metrics = Arc::new(Metrics::new());
-    let storage: SharedStorage = match &config.database {
-        // Several replicas on one PostgreSQL database (`--database-url`).
-        Some(db) => Arc::new(
-            crate::storage::postgres::PostgresStorage::open(db.target.clone(), &db.node_id)
-                .await
-                .with_context(|| format!("cannot open the database {}", db.target.display()))?,
-        ),
-        None => Arc::new(
-            SqliteStorage::open_observed(&config.data_dir, Some(metrics.commit_observer()))
-                .with_context(|| {
-                    format!("cannot open the database in {}", config.data_dir.display())
-                })?,
-        ),
-    };
-    // Before the vault opens, so it starts at the owner generation the file's changes bumped
-    // (a reload racing the first requests would be needless).
-    if let Some(path) = config.policy_file.clone() {
-        let declared = crate::policy::file::read(&path)
-            .with_context(|| format!("--policy-file / KEYHOLDER_POLICY_FILE {}", path.display()))?;
-        let count = declared.len();
-        let applied = async {
-            let change = crate::policy::file::apply(storage.as_ref(), &declared).await?;
-            match storage.apply(change).await? {
-                crate::storage::Applied::Done { .. } => Ok(()),
-                crate::storage::Applied::CheckFailed(_) => Err(crate::vault::VaultError::Invalid(
-                    "the policies changed while the file was applied; start again".into(),
-                )),
-            }
-        };
-        applied
-            .await
-            .with_context(|| format!("--policy-file / KEYHOLDER_POLICY_FILE {}", path.display()))?;
-        tracing::info!(policies = count, file = %path.display(), "applied the policy file");
-    }
-    let settings = VaultSettings {
-        max_ticket_lifetime: config.max_ticket_lifetime,
-        capabilities: keyholder_protocol::paths::capabilities(config.enable_tv_refresh),
-    };
-    let (vault, report) = Vault::open(
-        Arc::clone(&storage),
-        &config.data_dir,
-        &config.master_key,
-        settings,
-    )
-    .await
-    .context("cannot open the key ring")?;
-    // Protocol 2.4.0: links kept by earlier versions are sealed before anything is served.
-    match vault.migrate_totp_links().await {
-        Ok(report) if report.migrated > 0 || report.failed > 0 => tracing::info!(
-            migrated = report.migrated,
-            failed = report.failed,
-            "sealed stored totpUri links"
-        ),
-        Ok(_) => {}
+    let (state, audit_queue) = AppState::build(config, Arc::clone(&metrics)).await?;
+    let config = Arc::clone(&state.config);
+    let background = spawn_background(&state, audit_queue, tls.clone())?;
+    let listeners = match bind_listeners(&state, tls.as_ref(), &metrics) {
+        Ok(listeners) => listeners,
         Err(err) => {
-            tracing::warn!(error = %err, "stored totpUri links not sealed at start (sealed keyholder?); they are sealed on first read")
+            for task in &background {
+                task.abort();
+            }
+            return Err(err);
         }
-    }
-    if report.created_master_file {
-        tracing::warn!(
-            file = %config.data_dir.join(crate::vault::master::DEFAULT_MASTER_KEY_FILE).display(),
-            "created a master key file inside the data folder: whoever copies the folder gets the keys. \
-             Move it elsewhere and start with --master-key-file (KEYHOLDER_MASTER_KEY_FILE), \
-             or use --passphrase-file on a new data folder"
+    };
+    let Listeners {
+        addr,
+        handle,
+        task,
+        metrics_addr,
+        metrics_server,
+    } = listeners;
+    let binding = state.vault.binding();
+    tracing::info!(
+        listen = %addr,
+        tls = tls.is_some(),
+        certificate_sha256 = %tls.as_ref().map(|t| t.fingerprint()).unwrap_or_default(),
+        metrics = %metrics_addr.map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
+        bound = binding.bound,
+        webhook_id = %binding.webhook_id,
+        identity_key = %state.vault.keys().identity().key_id(),
+        "keyholder listening"
+    );
+    if !binding.bound {
+        tracing::info!(
+            "not bound yet: run `keyholder bind --data-dir {} --public-url https://<your-host>` and open the link it prints",
+            config.data_dir.display()
         );
     }
-    if report.created_keys {
-        tracing::info!("created new keys (data key v1, identity key, HMAC secret)");
-    }
-    if let Some(public_url) = config.public_url.clone() {
-        storage.put_setting(Setting::PublicUrl, &public_url).await?;
-    }
-    let upstream = Upstream::new(UpstreamSettings {
-        guard: EgressGuard {
-            allow_private: config.egress_allow_private,
-        },
-        proxy: crate::upstream::StreamLimits {
-            connect: config.upstream_connect_timeout,
-            head: config.upstream_timeout,
-            idle: config.upstream_idle_timeout,
-            max_stream: config.upstream_max_stream,
-        },
-        provider_timeout: config.provider_timeout,
+    Ok(RunningServer {
+        addr,
+        state,
+        metrics_addr,
+        handle,
+        task,
+        metrics_server,
+        tls,
+        background,
     })
-    .context("cannot build the outbound HTTP client")?;
-    if config.egress_allow_private {
-        tracing::warn!(
-            "EGRESS GUARD RELAXED (--egress-allow-private / KEYHOLDER_EGRESS_ALLOW_PRIVATE): proxied and \
-             OAuth calls may use plain http and reach loopback and private networks. Use this only for \
-             tests and home labs; cloud metadata, link-local, multicast and unspecified addresses stay refused"
-        );
-    }
-    if config.enable_tv_refresh {
-        tracing::warn!(
-            "tv-refresh enabled: /v1/refresh hands refresh tokens to the platform when it asks"
-        );
-    }
-    if config.oauth_trust_platform_secret {
-        tracing::warn!(
-            "trusting the platform's OAuth client secret and token URL where no local client is \
-             configured (the token URL is pinned per service on first use)"
-        );
-    }
-    let network = NetworkRules {
-        platform_ips: config.platform_ips.clone(),
-        trusted_proxies: config.trusted_proxies.clone(),
-    };
-    let geoip = match &config.geoip_db {
-        Some(path) => Some(maxminddb::Reader::open_readfile(path).with_context(|| {
-            format!(
-                "--geoip-db / KEYHOLDER_GEOIP_DB: cannot read the country database {}",
-                path.display()
-            )
-        })?),
-        None => None,
-    };
-    let config = Arc::new(config);
-    let (audit, audit_queue) = AuditRecorder::new();
-    let state = Data::new(AppState {
-        vault,
-        network,
-        metrics: Arc::clone(&metrics),
-        upstream,
-        config: Arc::clone(&config),
-        audit,
-        geoip,
-        notifier: crate::policy::notify::Notifier::new(config.notify_url.clone(), config.notify_on),
-        rate_limit: config
-            .rate_limit_per_ip
-            .map(crate::http::rate_limit::RateLimiter::new),
-    });
+}
 
+/// The listeners once bound.
+struct Listeners {
+    addr: SocketAddr,
+    handle: ServerHandle,
+    task: ServerTask,
+    metrics_addr: Option<SocketAddr>,
+    metrics_server: Option<(ServerHandle, ServerTask)>,
+}
+
+/// The jobs that run beside the listeners: the audit appender, SIGHUP, the replay purge, audit
+/// retention and following the owner's changes.
+fn spawn_background(
+    state: &Data<AppState>,
+    audit_queue: AuditQueue,
+    tls: Option<Arc<CertReloader>>,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    let config = Arc::clone(&state.config);
     let ring_state = state.clone();
-    let audit_task = audit_queue.spawn(Arc::clone(&storage), move || ring_state.vault.keys());
+    let audit_task = audit_queue.spawn(Arc::clone(state.vault.storage()), move || {
+        ring_state.vault.keys()
+    });
     // Before the listener exists, so no SIGHUP can arrive while it would still end the process.
     let mut background = Vec::new();
     if config.handle_signals {
-        background.push(spawn_reload_on_hangup(tls.clone())?);
+        background.push(spawn_reload_on_hangup(tls)?);
     }
-
-    let app_state = state.clone();
-    let mut server = HttpServer::new(move || {
-        // Runs once on each worker thread.
-        app_state.upstream.warm();
-        App::new()
-            .app_data(app_state.clone())
-            // Extractors read bodies themselves with per-endpoint limits; this caps the rest.
-            .app_data(web::PayloadConfig::new(64 * 1024))
-            .wrap(from_fn(http::middleware::keyholder_layer))
-            .configure(http::configure)
-    })
-    .client_request_timeout(Duration::from_secs(10))
-    .client_disconnect_timeout(Duration::from_secs(2))
-    .keep_alive(Duration::from_secs(30))
-    .shutdown_timeout(15)
-    .max_connection_rate(512)
-    .max_connections(10_000);
-    if let Some(workers) = config.workers {
-        server = server.workers(workers);
-    }
-    if !config.handle_signals {
-        server = server.disable_signals();
-    }
-    let server = match &tls {
-        Some(tls) => server.bind_openssl(config.listen, tls.acceptor()?),
-        None => server.bind(config.listen),
-    }
-    .with_context(|| format!("cannot listen on {}", config.listen))?;
-    let addr = server
-        .addrs()
-        .first()
-        .copied()
-        .context("no listening address")?;
-    let server = server.run();
-    let handle = server.handle();
-    let task = tokio::spawn(server);
-
-    let (metrics_addr, metrics_server) = match config.metrics_listen {
-        Some(listen) => {
-            let (addr, handle, task) = start_metrics_server(listen, Arc::clone(&metrics))?;
-            (Some(addr), Some((handle, task)))
-        }
-        None => (None, None),
-    };
-
     let purge_state = state.clone();
     let purge = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(60));
@@ -393,36 +258,69 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
             }
         }
     });
-
-    let binding = state.vault.binding();
-    tracing::info!(
-        listen = %addr,
-        tls = tls.is_some(),
-        certificate_sha256 = %tls.as_ref().map(|t| t.fingerprint()).unwrap_or_default(),
-        metrics = %metrics_addr.map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
-        bound = binding.bound,
-        webhook_id = %binding.webhook_id,
-        identity_key = %state.vault.keys().identity().key_id(),
-        "keyholder listening"
-    );
-    if !binding.bound {
-        tracing::info!(
-            "not bound yet: run `keyholder bind --data-dir {} --public-url https://<your-host>` and open the link it prints",
-            config.data_dir.display()
-        );
-    }
     background.push(purge);
     background.push(follow);
     background.push(audit_task);
-    Ok(RunningServer {
+    Ok(background)
+}
+
+/// Binds the webhook listener (plain or TLS) and, if configured, the metrics listener.
+fn bind_listeners(
+    state: &Data<AppState>,
+    tls: Option<&Arc<CertReloader>>,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<Listeners> {
+    let config = Arc::clone(&state.config);
+    let app_state = state.clone();
+    let mut server = HttpServer::new(move || {
+        // Runs once on each worker thread.
+        app_state.upstream.warm();
+        App::new()
+            .app_data(app_state.clone())
+            // Extractors read bodies themselves with per-endpoint limits; this caps the rest.
+            .app_data(web::PayloadConfig::new(64 * 1024))
+            .wrap(from_fn(http::middleware::keyholder_layer))
+            .configure(http::configure)
+    })
+    .client_request_timeout(Duration::from_secs(10))
+    .client_disconnect_timeout(Duration::from_secs(2))
+    .keep_alive(Duration::from_secs(30))
+    .shutdown_timeout(15)
+    .max_connection_rate(512)
+    .max_connections(10_000);
+    if let Some(workers) = config.workers {
+        server = server.workers(workers);
+    }
+    if !config.handle_signals {
+        server = server.disable_signals();
+    }
+    let server = match &tls {
+        Some(tls) => server.bind_openssl(config.listen, tls.acceptor()?),
+        None => server.bind(config.listen),
+    }
+    .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let addr = server
+        .addrs()
+        .first()
+        .copied()
+        .context("no listening address")?;
+    let server = server.run();
+    let handle = server.handle();
+    let task = tokio::spawn(server);
+
+    let (metrics_addr, metrics_server) = match config.metrics_listen {
+        Some(listen) => {
+            let (addr, handle, task) = start_metrics_server(listen, Arc::clone(metrics))?;
+            (Some(addr), Some((handle, task)))
+        }
+        None => (None, None),
+    };
+    Ok(Listeners {
         addr,
-        state,
-        metrics_addr,
         handle,
         task,
+        metrics_addr,
         metrics_server,
-        tls,
-        background,
     })
 }
 

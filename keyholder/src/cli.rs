@@ -11,6 +11,7 @@ pub mod migrate_storage;
 pub mod owner;
 pub mod policy;
 pub mod session;
+pub mod sign_config;
 
 use clap::Args;
 use zeroize::Zeroizing;

@@ -11,6 +11,7 @@ pub mod config;
 pub mod http;
 pub mod metrics;
 pub mod policy;
+pub mod state;
 pub mod storage;
 pub mod store;
 pub mod telemetry;
@@ -18,5 +19,6 @@ pub mod tls;
 pub mod upstream;
 pub mod vault;
 
-pub use app::{start, AppState, RunningServer};
+pub use app::{start, RunningServer};
 pub use config::Config;
+pub use state::AppState;

@@ -35,6 +35,9 @@ enum Command {
     Oauth(OAuthArgs),
     /// The owner's custody policies: rules enforced here whatever a ticket says.
     Policy(keyholder::cli::policy::PolicyArgs),
+    /// How a service's key signs proxied requests: AWS region/service/STS role, JWT assertion
+    /// template, upstream CA for client certificates (set, list, show, remove).
+    SignConfig(keyholder::cli::sign_config::SignConfigArgs),
     /// Uses held for the owner's approval (service, agent, client address, endpoint, age).
     Approvals(keyholder::cli::policy::ApprovalsArgs),
     /// Approve a held use.
@@ -508,6 +511,10 @@ fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                     policy.token_url.as_deref().unwrap_or("(none)")
                 );
             }
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Command::SignConfig(args) => {
+            println!("{}", keyholder::cli::sign_config::run(&args)?);
             Ok(std::process::ExitCode::SUCCESS)
         }
         Command::Policy(args) => {

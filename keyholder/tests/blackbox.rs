@@ -54,6 +54,7 @@ fn help_names_every_command() {
         "audit",
         "import-reference",
         "store",
+        "sign-config",
     ] {
         assert!(text.contains(cmd), "{text}");
     }
@@ -66,6 +67,58 @@ fn help_names_every_command() {
         text.contains("KEYHOLDER_DATA_DIR") && text.contains("KEYHOLDER_LISTEN"),
         "{text}"
     );
+}
+
+/// `keyholder sign-config --help` and `sign-config set --help` name the subcommands and every flag
+/// the issue fixes (issue 24).
+#[test]
+fn sign_config_help_names_its_subcommands_and_flags() {
+    let out = Command::new(BIN)
+        .args(["sign-config", "--help"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    for sub in ["set", "list", "show", "remove"] {
+        assert!(text.contains(sub), "{text}");
+    }
+    let out = Command::new(BIN)
+        .args(["sign-config", "set", "--help"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    for flag in [
+        "--aws-region",
+        "--aws-service",
+        "--aws-unsigned-payload",
+        "--aws-role-arn",
+        "--iss",
+        "--sub",
+        "--aud",
+        "--lifetime",
+        "--alg",
+        "--token-url",
+        "--tls-ca",
+    ] {
+        assert!(text.contains(flag), "{flag}: {text}");
+    }
+    // A bad value is refused with a message, not a panic.
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args([
+            "sign-config",
+            "set",
+            "svc",
+            "--aws-region",
+            "Not A Region",
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked"));
 }
 
 /// `keyholder --version`: package version, the commit built from, protocol version. In a git checkout

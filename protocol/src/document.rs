@@ -38,8 +38,9 @@ use crate::secret::DataKey;
 
 /// Fields that are always encrypted, never in `meta`, never in a list. `sealedInputs` is the
 /// keyholder's own (minting inputs and signing keys sealed at store time); listing it here keeps it
-/// encrypted through any re-seal of a document.
-pub const SENSITIVE_FIELDS: [&str; 8] = [
+/// encrypted through any re-seal of a document. `secretAccessKey` and `sessionToken` are the secret
+/// halves of an AWS credential (`tokenType: "aws"`), which the keyholder signs with (SigV4).
+pub const SENSITIVE_FIELDS: [&str; 10] = [
     "accessToken",
     "refreshToken",
     "certificateData",
@@ -48,6 +49,8 @@ pub const SENSITIVE_FIELDS: [&str; 8] = [
     "sshPrivateKey",
     "totpSecret",
     "sealedInputs",
+    "secretAccessKey",
+    "sessionToken",
 ];
 
 /// Prefix of our field format.

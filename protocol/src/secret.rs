@@ -58,100 +58,85 @@ fn to_base64(bytes: &[u8; 32]) -> Zeroizing<String> {
     out
 }
 
-/// The webhook's 32-byte HMAC secret (request signatures, tickets, bind `hmac_hash`).
-pub struct HmacSecret(Zeroizing<[u8; 32]>);
+/// What a 32-byte secret is for: names the type in `Debug` output and keeps the kinds apart (an
+/// HMAC secret is never usable as a data key, or the other way round).
+pub trait SecretKind {
+    /// The type's name in `Debug` output.
+    const NAME: &'static str;
+}
 
-impl HmacSecret {
+/// Marks the webhook's HMAC secret.
+pub enum HmacKind {}
+impl SecretKind for HmacKind {
+    const NAME: &'static str = "HmacSecret";
+}
+
+/// Marks an AES-256-GCM data key.
+pub enum DataKind {}
+impl SecretKind for DataKind {
+    const NAME: &'static str = "DataKey";
+}
+
+/// A 32-byte secret of kind `K`: zeroized on drop, never printed, cloned or serialized.
+pub struct Secret32<K: SecretKind>(Zeroizing<[u8; 32]>, std::marker::PhantomData<fn() -> K>);
+
+/// The webhook's 32-byte HMAC secret (request signatures, tickets, bind `hmac_hash`).
+pub type HmacSecret = Secret32<HmacKind>;
+
+/// A 32-byte AES-256-GCM data key that encrypts stored credential fields.
+pub type DataKey = Secret32<DataKind>;
+
+impl<K: SecretKind> Secret32<K> {
+    fn new(bytes: Zeroizing<[u8; 32]>) -> Self {
+        Secret32(bytes, std::marker::PhantomData)
+    }
+
     /// A fresh secret from the OS random generator.
     pub fn generate() -> Self {
-        HmacSecret(random_array())
+        Self::new(random_array())
     }
 
     /// Wrap raw bytes.
     pub fn from_bytes(bytes: [u8; 32]) -> Self {
-        HmacSecret(Zeroizing::new(bytes))
+        Self::new(Zeroizing::new(bytes))
     }
 
     /// Copy from a slice that must be exactly 32 bytes.
     pub fn from_slice(b: &[u8]) -> Result<Self, KeyLengthError> {
-        array_from_slice(b).map(HmacSecret)
+        array_from_slice(b).map(Self::new)
     }
 
     /// Decode canonical standard (padded) base64 of exactly 32 bytes.
     pub fn from_base64(s: &str) -> Result<Self, KeyLengthError> {
-        array_from_base64(s).map(HmacSecret)
+        array_from_base64(s).map(Self::new)
     }
 
-    /// The raw bytes, for use at the point of signing only.
+    /// The raw bytes, for use at the point of signing or encryption only.
     pub fn expose(&self) -> &[u8; 32] {
         &self.0
     }
 
-    /// Standard base64 (as sent in the exchange response).
+    /// Standard base64 (as sent in the exchange response, or for key files).
     pub fn to_base64(&self) -> Zeroizing<String> {
         to_base64(&self.0)
     }
 
+    /// Constant-time equality.
+    pub fn ct_eq(&self, other: &Self) -> bool {
+        self.0.ct_eq(&*other.0).into()
+    }
+}
+
+impl Secret32<HmacKind> {
     /// Lowercase hex SHA-256 of the raw secret bytes (the bind `hmac_hash`).
     pub fn sha256_hex(&self) -> String {
         crate::hex::encode(&Sha256::digest(self.0.as_ref()))
     }
-
-    /// Constant-time equality.
-    pub fn ct_eq(&self, other: &Self) -> bool {
-        self.0.ct_eq(&*other.0).into()
-    }
 }
 
-impl std::fmt::Debug for HmacSecret {
+impl<K: SecretKind> std::fmt::Debug for Secret32<K> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("HmacSecret(<redacted>)")
-    }
-}
-
-/// A 32-byte AES-256-GCM data key that encrypts stored credential fields.
-pub struct DataKey(Zeroizing<[u8; 32]>);
-
-impl DataKey {
-    /// A fresh key from the OS random generator.
-    pub fn generate() -> Self {
-        DataKey(random_array())
-    }
-
-    /// Wrap raw bytes.
-    pub fn from_bytes(bytes: [u8; 32]) -> Self {
-        DataKey(Zeroizing::new(bytes))
-    }
-
-    /// Copy from a slice that must be exactly 32 bytes.
-    pub fn from_slice(b: &[u8]) -> Result<Self, KeyLengthError> {
-        array_from_slice(b).map(DataKey)
-    }
-
-    /// Decode canonical standard (padded) base64 of exactly 32 bytes.
-    pub fn from_base64(s: &str) -> Result<Self, KeyLengthError> {
-        array_from_base64(s).map(DataKey)
-    }
-
-    /// The raw bytes, for use at the point of encryption only.
-    pub fn expose(&self) -> &[u8; 32] {
-        &self.0
-    }
-
-    /// Standard base64 (for key files).
-    pub fn to_base64(&self) -> Zeroizing<String> {
-        to_base64(&self.0)
-    }
-
-    /// Constant-time equality.
-    pub fn ct_eq(&self, other: &Self) -> bool {
-        self.0.ct_eq(&*other.0).into()
-    }
-}
-
-impl std::fmt::Debug for DataKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("DataKey(<redacted>)")
+        write!(f, "{}(<redacted>)", K::NAME)
     }
 }
 

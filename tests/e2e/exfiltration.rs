@@ -296,6 +296,7 @@ fn downgrade_to_previous_schema(kh: &Keyholder, extra_sql: &str) {
          DROP TABLE policy_attachments;
          DROP TABLE policy_usage;
          DROP TABLE policy_approvals;
+         DROP TABLE sign_configs;
          {extra_sql}
          PRAGMA user_version = 7;"
     ))

@@ -25,6 +25,7 @@ mod refresh;
 mod release;
 mod replicas;
 mod signed;
+mod signing;
 mod storage;
 mod store_page;
 mod streaming;

@@ -56,7 +56,7 @@ impl Fault {
         (Fault::NoPagination, &["storage_list_limit"]),
         (
             Fault::ListBatchRefused,
-            &["storage_list_batch", "totp_uri_sealed"],
+            &["storage_list_batch", "totp_uri_sealed", "aws_secret_sealed"],
         ),
         (
             Fault::ProxyTicketOnCredential,

@@ -6,7 +6,9 @@ pub mod bench;
 pub mod certs;
 pub mod faulty;
 pub mod mmdb;
+pub mod mtls;
 pub mod replicas;
+pub mod sigv4;
 pub mod webdriver;
 
 use std::net::SocketAddr;

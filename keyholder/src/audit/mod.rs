@@ -53,6 +53,12 @@ pub struct UpstreamOrigin(pub String);
 #[derive(Debug, Clone)]
 pub struct PolicyNote(pub String);
 
+/// How a proxied request was signed (`signed=aws-sigv4 key=AKID... scope=REGION/SERVICE`,
+/// `signed=tls-client-cert cert=sha256:...`, `signed=jwt-ALG iss=... use=...`), appended to its
+/// audit entry's result: key ids and certificate fingerprints only, never a key or a signature.
+#[derive(Debug, Clone)]
+pub struct SigningNote(pub String);
+
 /// What happened, before it is chained and signed.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]

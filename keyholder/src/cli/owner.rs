@@ -418,7 +418,7 @@ pub fn status(args: &OwnerArgs) -> anyhow::Result<Status> {
         let (ring, _, webhook_id) = keyring::load(&snapshot, &owner.master)?;
         let (reference_key_documents, _) = rotation::platform_v1_in_use(storage, &ring).await?;
         Ok(Status {
-            bound: snapshot.setting(Setting::Bound) == Some("true"),
+            bound: snapshot.is_bound(),
             platform_scheme: platform_keys::read_scheme(&snapshot).as_str().to_owned(),
             platform_keys: platform_keys::list_keys(storage)
                 .await?

@@ -7,7 +7,7 @@ use keyholder_protocol::wire::AdminMigrateResponse;
 
 use super::error::ApiError;
 use super::extract::Signed;
-use crate::app::AppState;
+use crate::state::AppState;
 
 /// `POST /v1/admin/migrate` (signed, 2.4.0): seals every stored `totpUri` link; answers counts only.
 pub async fn admin_migrate(

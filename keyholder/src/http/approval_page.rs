@@ -11,8 +11,8 @@ use actix_web::web::{Data, Form, Query};
 use actix_web::{HttpRequest, HttpResponse};
 use serde::Deserialize;
 
-use crate::app::AppState;
 use crate::policy::approvals::{self, PendingApproval};
+use crate::state::AppState;
 
 pub use keyholder_protocol::paths::PATH_APPROVAL_PAGE;
 

@@ -6,7 +6,7 @@ use actix_web::HttpResponse;
 use serde::Deserialize;
 
 use super::error::ApiError;
-use crate::app::AppState;
+use crate::state::AppState;
 
 /// Query of the bind page.
 #[derive(Debug, Deserialize)]

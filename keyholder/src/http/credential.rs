@@ -8,8 +8,8 @@ use keyholder_protocol::wire::StoreResponse;
 use super::error::ApiError;
 use super::extract::{CredentialEndpoint, StoreEndpoint, Ticketed, TotpEndpoint};
 use super::policy::{enforce, settle};
-use crate::app::AppState;
 use crate::policy::Endpoint;
+use crate::state::AppState;
 use crate::vault::credentials::StoreMode;
 
 /// `POST /v1/store`: encrypt and keep a credential sent by the owner's browser.

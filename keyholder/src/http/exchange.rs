@@ -8,7 +8,7 @@ use keyholder_protocol::wire::{ExchangeRequest, ExchangeResponse};
 
 use super::error::ApiError;
 use super::extract::parse_json;
-use crate::app::AppState;
+use crate::state::AppState;
 
 /// Handles the exchange. The code is the only authentication here.
 pub async fn exchange(state: Data<AppState>, body: Bytes) -> Result<HttpResponse, ApiError> {

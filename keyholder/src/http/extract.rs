@@ -26,7 +26,7 @@ use keyholder_protocol::{Purpose, TicketClaims};
 use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
-use crate::app::AppState;
+use crate::state::AppState;
 use crate::vault::platform_keys::PlatformScheme;
 use crate::vault::replay::{ReplayKind, Seen};
 

@@ -7,7 +7,7 @@ use keyholder_protocol::wire::HealthResponse;
 
 use super::error::ApiError;
 use super::extract::Signed;
-use crate::app::AppState;
+use crate::state::AppState;
 
 async fn health_body(state: &AppState) -> Result<HealthResponse, ApiError> {
     Ok(HealthResponse {

@@ -23,8 +23,8 @@ use tracing::Instrument;
 
 use super::error::ApiError;
 use super::extract::TicketContext;
-use crate::app::AppState;
-use crate::audit::{AuditEvent, PolicyNote, UpstreamOrigin};
+use crate::audit::{AuditEvent, PolicyNote, SigningNote, UpstreamOrigin};
+use crate::state::AppState;
 use crate::vault::replay::DurabilityBarrier;
 
 /// The request id of the current request, in request extensions.
@@ -268,6 +268,11 @@ pub async fn keyholder_layer(
                 None => status.as_u16().to_string(),
             };
             let result = match http_req.extensions().get::<PolicyNote>() {
+                Some(note) => format!("{result} {}", note.0),
+                None => result,
+            };
+            // Which key signed what kind of request (issue 24): never a key or a signature.
+            let result = match http_req.extensions().get::<SigningNote>() {
                 Some(note) => format!("{result} {}", note.0),
                 None => result,
             };

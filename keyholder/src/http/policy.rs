@@ -9,10 +9,10 @@ use keyholder_protocol::TicketClaims;
 use sha2::{Digest as _, Sha256};
 
 use super::error::ApiError;
-use crate::app::AppState;
 use crate::audit::PolicyNote;
 use crate::policy::approvals::{self, Decision, PendingApproval};
 use crate::policy::{Admission, Endpoint, Refusal, UseRequest};
+use crate::state::AppState;
 
 /// Admits one use or refuses it (`403 policy_denied`, `429 rate_limited`). A use under a usage
 /// cap is counted in the request's group commit: durably before this returns for `/v1/proxy`

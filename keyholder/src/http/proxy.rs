@@ -13,7 +13,7 @@ use super::error::ApiError;
 use super::extract::ProxyCall;
 use super::middleware::ProxiedAnswerHead;
 use super::policy::{enforce, settle};
-use crate::app::AppState;
+use crate::state::AppState;
 use crate::upstream::strip_hop_by_hop;
 use crate::vault::egress::ProxiedBody;
 
@@ -74,6 +74,9 @@ pub async fn proxy(
         }
     };
     state.metrics.upstream_calls.inc();
+    if let Some(note) = answer.signed.clone() {
+        req.extensions_mut().insert(crate::audit::SigningNote(note));
+    }
     if answer.redactions > 0 {
         state
             .metrics

@@ -11,7 +11,7 @@ use zeroize::{Zeroize, Zeroizing};
 
 use super::error::ApiError;
 use super::extract::{Signed, Unsealed};
-use crate::app::AppState;
+use crate::state::AppState;
 use crate::vault::refresh::{RefreshGet, RefreshStatus};
 
 fn service_of(service: Option<String>) -> Result<String, ApiError> {

@@ -9,7 +9,7 @@ use keyholder_protocol::wire::{
 
 use super::error::ApiError;
 use super::extract::Signed;
-use crate::app::AppState;
+use crate::state::AppState;
 
 fn collection(name: Option<&str>) -> Result<Collection, ApiError> {
     let name = name.ok_or_else(|| ApiError::InvalidRequest("missing 'collection'".into()))?;

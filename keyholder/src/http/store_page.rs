@@ -25,7 +25,7 @@ use sha2::{Digest as _, Sha256};
 
 use super::error::ApiError;
 use super::extract::check_ticket_unspent;
-use crate::app::AppState;
+use crate::state::AppState;
 
 const STYLE: &str = include_str!("store_page/store.css");
 const SCRIPT: &str = include_str!("store_page/store.js");

@@ -7,33 +7,13 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use serde::Serialize;
 use tokio::sync::oneshot;
 
 use crate::storage::{ApprovalDecision, ApprovalRow, Storage, StorageError};
 use crate::vault::VaultError;
 
-/// A use waiting for the owner.
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct PendingApproval {
-    /// One-time id (`apr_` and 16 hex digits).
-    pub id: String,
-    /// The policies asking for approval.
-    pub policy: String,
-    /// The service.
-    pub service: String,
-    /// The ticket's agent id (empty: none).
-    pub agent: String,
-    /// The client address (empty: unknown).
-    pub client: String,
-    /// The endpoint.
-    pub endpoint: String,
-    /// Unix seconds when it was asked.
-    pub created_at: i64,
-    /// Unix seconds when it is denied unless decided.
-    pub expires_at: i64,
-}
+/// A use waiting for the owner (as stored: see [`ApprovalRow`]).
+pub type PendingApproval = ApprovalRow;
 
 /// How a held use ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,36 +42,6 @@ impl From<ApprovalDecision> for Decision {
     }
 }
 
-impl From<PendingApproval> for ApprovalRow {
-    fn from(p: PendingApproval) -> ApprovalRow {
-        ApprovalRow {
-            id: p.id,
-            policy: p.policy,
-            service: p.service,
-            agent: p.agent,
-            client: p.client,
-            endpoint: p.endpoint,
-            created_at: p.created_at,
-            expires_at: p.expires_at,
-        }
-    }
-}
-
-impl From<ApprovalRow> for PendingApproval {
-    fn from(p: ApprovalRow) -> PendingApproval {
-        PendingApproval {
-            id: p.id,
-            policy: p.policy,
-            service: p.service,
-            agent: p.agent,
-            client: p.client,
-            endpoint: p.endpoint,
-            created_at: p.created_at,
-            expires_at: p.expires_at,
-        }
-    }
-}
-
 /// A fresh approval id.
 pub fn new_id() -> String {
     format!("apr_{}", hex::encode(rand::random::<[u8; 8]>()))
@@ -111,7 +61,7 @@ impl Approvals {
         }
         let id = pending.id.clone();
         let wait = Duration::from_secs((pending.expires_at - pending.created_at).max(1) as u64);
-        let inserted = storage.insert_approval(pending.into(), link_hash).await;
+        let inserted = storage.insert_approval(pending, link_hash).await;
         if let Err(err) = inserted {
             self.forget(&id);
             return Err(err.into());
@@ -159,12 +109,7 @@ pub async fn list_pending(
     storage: &dyn Storage,
     now: i64,
 ) -> Result<Vec<PendingApproval>, StorageError> {
-    Ok(storage
-        .pending_approvals(now)
-        .await?
-        .into_iter()
-        .map(PendingApproval::from)
-        .collect())
+    storage.pending_approvals(now).await
 }
 
 /// The pending use `id` if `token` is its link's token (compared in constant time).
@@ -180,5 +125,5 @@ pub async fn pending_for_link(
         return Ok(None);
     };
     let given = sha2::Sha256::digest(token.as_bytes());
-    Ok(bool::from(stored.as_slice().ct_eq(given.as_slice())).then(|| pending.into()))
+    Ok(bool::from(stored.as_slice().ct_eq(given.as_slice())).then_some(pending))
 }

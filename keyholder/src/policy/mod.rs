@@ -499,17 +499,6 @@ impl PolicyEngine {
         }
     }
 
-    /// Makes the reserved counts durable now ([`PolicyEngine::queue_uses`], then
-    /// [`PolicyEngine::confirm_uses`]).
-    pub async fn record_uses(
-        &self,
-        storage: &dyn Storage,
-        admission: &mut Admission,
-    ) -> Result<(), VaultError> {
-        self.queue_uses(storage, admission)?;
-        self.confirm_uses(admission).await
-    }
-
     fn queue_batch(&self, storage: &dyn Storage, taken_before: u64) {
         let batch = Arc::clone(&self.batch);
         // The waiters of the increments the engine takes, answered once their commit resolves.

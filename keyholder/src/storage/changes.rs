@@ -86,6 +86,10 @@ pub enum Write {
     PutOAuthClient(OAuthClientRow),
     /// Removes an OAuth client.
     RemoveOAuthClient(String),
+    /// Upserts a service's signing configuration (service, JSON text, `now`: its update time).
+    PutSignConfig(String, String, i64),
+    /// Removes a service's signing configuration.
+    DeleteSignConfig(String),
     /// Upserts a service's egress policy row (`now`: its update time).
     PutEgressPolicy(EgressRow, i64),
     /// Removes a service's egress policy row.

@@ -39,6 +39,7 @@ pub async fn run_all(engine: &dyn Engine) {
     usage_counts_are_exact_under_concurrency(engine).await;
     approvals(engine).await;
     oauth_clients(engine).await;
+    sign_configs(engine).await;
     audit(engine).await;
     change_sets(engine).await;
 }
@@ -978,6 +979,49 @@ pub async fn oauth_clients(engine: &dyn Engine) {
         .await
         .unwrap();
     assert_eq!(done(removed), [true, false]);
+}
+
+/// Signing configurations (issue 24): upsert replaces, list in service order, delete reports
+/// whether it removed anything.
+pub async fn sign_configs(engine: &dyn Engine) {
+    let s = fresh(engine).await;
+    assert_eq!(s.sign_config("s3").await.unwrap(), None);
+    done(
+        s.apply(
+            ChangeSet::default()
+                .write(Write::PutSignConfig("s3".into(), r#"{"aws":{}}"#.into(), 1))
+                .write(Write::PutSignConfig("bank".into(), "{}".into(), 1))
+                .write(Write::PutSignConfig(
+                    "s3".into(),
+                    r#"{"aws":{"region":"eu-west-1"}}"#.into(),
+                    2,
+                )),
+        )
+        .await
+        .unwrap(),
+    );
+    assert_eq!(
+        s.sign_config("s3").await.unwrap().as_deref(),
+        Some(r#"{"aws":{"region":"eu-west-1"}}"#)
+    );
+    let services: Vec<String> = s
+        .sign_configs()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(service, _)| service)
+        .collect();
+    assert_eq!(services, ["bank", "s3"]);
+    let removed = s
+        .apply(
+            ChangeSet::default()
+                .write(Write::DeleteSignConfig("bank".into()))
+                .write(Write::DeleteSignConfig("bank".into())),
+        )
+        .await
+        .unwrap();
+    assert_eq!(done(removed), [true, false]);
+    assert_eq!(s.sign_config("bank").await.unwrap(), None);
 }
 
 /// The audit chain: appended, listed, verified, pruned behind a signed prune entry.

@@ -52,6 +52,22 @@ impl KeyRingSnapshot {
         self.settings.get(&setting).map(String::as_str)
     }
 
+    /// Whether the keyholder is bound, as of the snapshot (the typed reading of
+    /// [`Setting::Bound`], like [`super::Settings::is_bound`]).
+    pub fn is_bound(&self) -> bool {
+        self.setting(Setting::Bound) == Some("true")
+    }
+
+    /// The highest version of a key kind (0 when none).
+    pub fn latest_version(&self, kind: &str) -> u32 {
+        self.keys
+            .iter()
+            .filter(|k| k.kind == kind)
+            .map(|k| k.version)
+            .max()
+            .unwrap_or(0)
+    }
+
     /// A wrapped key.
     pub fn key(&self, kind: &str, version: u32) -> Option<&WrappedKey> {
         self.keys

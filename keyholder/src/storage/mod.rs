@@ -23,6 +23,7 @@ pub mod policies;
 pub mod postgres;
 pub mod replay;
 pub mod settings;
+pub mod sign_configs;
 pub mod sqlite;
 
 use std::sync::Arc;
@@ -46,6 +47,7 @@ pub use policies::{
 };
 pub use replay::{LoadedMark, Mark, MarkCommit, MarkReply, MarkVerdict, ReplayKind, ReplayMarks};
 pub use settings::{Setting, Settings};
+pub use sign_configs::SignConfigs;
 
 /// Every repository of one engine.
 pub trait Storage:
@@ -56,6 +58,7 @@ pub trait Storage:
     + EgressStore
     + PolicyStore
     + OAuthClients
+    + SignConfigs
     + AuditLog
     + Settings
     + ChangeSets

@@ -86,24 +86,25 @@ pub struct PolicySnapshot {
     pub usage: Vec<(UsageCounter, u64)>,
 }
 
-/// A use waiting for the owner.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A use waiting for the owner (also what `keyholder approvals --json` prints).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct ApprovalRow {
-    /// Approval id.
+    /// One-time id (`apr_` and 16 hex digits).
     pub id: String,
-    /// The policy that asks.
+    /// The policies asking for approval.
     pub policy: String,
-    /// Service.
+    /// The service.
     pub service: String,
-    /// Agent.
+    /// The ticket's agent id (empty: none).
     pub agent: String,
-    /// Client address.
+    /// The client address (empty: unknown).
     pub client: String,
-    /// Endpoint.
+    /// The endpoint.
     pub endpoint: String,
-    /// Unix time made.
+    /// Unix seconds when it was asked.
     pub created_at: i64,
-    /// Unix time it times out.
+    /// Unix seconds when it is denied unless decided.
     pub expires_at: i64,
 }
 

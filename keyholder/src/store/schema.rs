@@ -106,6 +106,10 @@ const MIGRATIONS: &[&str] = &[
         client TEXT NOT NULL, endpoint TEXT NOT NULL, created_at INTEGER NOT NULL,
         expires_at INTEGER NOT NULL, decision TEXT, decided_at INTEGER,
         link_hash BLOB NOT NULL) WITHOUT ROWID;",
+    // 10 (signing, issue 24): the owner's signing configuration per service (AWS region and
+    //    service, STS role, JWT assertion template, upstream CA), as one JSON document per row.
+    "CREATE TABLE sign_configs (
+        service TEXT PRIMARY KEY, config TEXT NOT NULL, updated_at INTEGER NOT NULL) WITHOUT ROWID;",
 ];
 
 /// Applies every migration newer than the database's version, each in its own transaction.

@@ -4,6 +4,7 @@
 //! under the stream time limits (connect, head, idle between chunks, optional whole-stream cap).
 
 pub mod guard;
+pub mod mtls;
 
 use std::time::Duration;
 
@@ -141,6 +142,8 @@ pub struct UpstreamSettings {
 pub struct Upstream {
     clients: thread_local::ThreadLocal<reqwest::Client>,
     settings: UpstreamSettings,
+    /// Clients of credentials that present a TLS client certificate (one each, own pools).
+    identities: mtls::IdentityClients,
 }
 
 impl Upstream {
@@ -150,6 +153,7 @@ impl Upstream {
         let upstream = Upstream {
             clients: thread_local::ThreadLocal::new(),
             settings,
+            identities: mtls::IdentityClients::default(),
         };
         upstream.client()?;
         Ok(upstream)
@@ -185,6 +189,26 @@ impl Upstream {
     ) -> Result<StreamedResponse, UpstreamError> {
         self.check_url(&request.url)?;
         let client = self.client()?;
+        self.stream_on(client, request).await
+    }
+
+    /// [`Upstream::send_streaming`] presenting a credential's TLS client certificate, on that
+    /// credential's own client (and connection pool).
+    pub async fn send_streaming_as(
+        &self,
+        request: OutboundRequest,
+        identity: &mtls::ClientIdentity,
+    ) -> Result<StreamedResponse, UpstreamError> {
+        self.check_url(&request.url)?;
+        let client = self.identities.get(&self.settings, identity)?;
+        self.stream_on(&client, request).await
+    }
+
+    async fn stream_on(
+        &self,
+        client: &reqwest::Client,
+        request: OutboundRequest,
+    ) -> Result<StreamedResponse, UpstreamError> {
         let limits = self.settings.proxy;
         let started = tokio::time::Instant::now();
         let deadline = limits.max_stream.map(|max| started + max);
@@ -324,7 +348,23 @@ impl Upstream {
 }
 
 fn build_client(settings: &UpstreamSettings) -> Result<reqwest::Client, UpstreamError> {
-    reqwest::Client::builder()
+    build_client_with(settings, None, Vec::new())
+}
+
+/// The outbound client, optionally presenting a TLS client identity and trusting further roots.
+fn build_client_with(
+    settings: &UpstreamSettings,
+    identity: Option<reqwest::Identity>,
+    roots: Vec<reqwest::Certificate>,
+) -> Result<reqwest::Client, UpstreamError> {
+    let mut builder = reqwest::Client::builder();
+    if let Some(identity) = identity {
+        builder = builder.identity(identity);
+    }
+    for root in roots {
+        builder = builder.add_root_certificate(root);
+    }
+    builder
         .dns_resolver(settings.guard.resolver())
         // A proxy from the environment would receive every request: never use one.
         .no_proxy()

@@ -172,13 +172,7 @@ impl Vault {
                 .await?;
             return Err(refusal(outcome).unwrap_or(VaultError::WrongMasterKey));
         };
-        let latest_hmac = snapshot
-            .keys
-            .iter()
-            .filter(|k| k.kind == KIND_HMAC)
-            .map(|k| k.version)
-            .max()
-            .unwrap_or(0);
+        let latest_hmac = snapshot.latest_version(KIND_HMAC);
         let (install, bound) = match (&stored.platform_key, &stored.pending_secret) {
             (Some(raw), _) => {
                 let key = PlatformPublicKey::parse(raw)

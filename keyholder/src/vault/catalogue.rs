@@ -44,6 +44,17 @@ pub const GOOGLE: Provider = Provider {
     token_endpoints: &["https://oauth2.googleapis.com"],
 };
 
+/// AWS (credentials of `tokenType: "aws"`, signed with SigV4; recognised by their sealed
+/// `secretAccessKey`, not by a prefix): every API endpoint is `<service>.<region>.amazonaws.com`
+/// or a global `<service>.amazonaws.com` (https://docs.aws.amazon.com/general/latest/gr/rande.html),
+/// STS included. The owner's `sign-config --aws-region` narrows this to one region.
+pub const AWS: Provider = Provider {
+    name: "AWS",
+    prefixes: &[],
+    origins: &["https://*.amazonaws.com"],
+    token_endpoints: &[],
+};
+
 /// The catalogue, most specific prefixes first where two could overlap.
 pub const CATALOGUE: &[Provider] = &[
     GITHUB,

@@ -1,8 +1,9 @@
-//! Credentials: encrypt and store what the owner's browser sends, decrypt for ticket holders,
-//! and derive TOTP codes, all with the key ring in memory.
+//! Credentials: encrypt and store what the owner's browser sends, decrypt for ticket holders
+//! (the `/v1/credential` body starts here: documents cache, key ring, protocol), and derive TOTP
+//! codes, all with the key ring in memory.
 
 use keyholder_protocol::document::{
-    is_sensitive, open_document, seal_token_data, DocumentError, OpenedToken,
+    format_iso8601, is_sensitive, open_document, seal_token_data, DocumentError, OpenedToken,
 };
 use keyholder_protocol::otpauth::{expand_totp_uri, parse_otpauth, TotpAlgorithm, TOTP_URI_FIELD};
 use keyholder_protocol::wire::{Collection, TotpCodeResponse};
@@ -15,6 +16,7 @@ use super::keyring::KeyRing;
 use super::sealed::{self, SealedInputs};
 use super::{Vault, VaultError};
 use crate::storage::{ChangeSet, Check, CredentialDocument, CredentialWrite, Write};
+use crate::upstream::Upstream;
 
 /// How `/v1/store` treats an existing credential.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -177,6 +179,58 @@ impl Vault {
         }
     }
 
+    /// The `/v1/credential` path, top-down: the stored document (through the documents cache),
+    /// opened with the key ring, answered as the protocol's credential body.
+    /// The access token to use for `service` (see [`Vault::token_of`]).
+    pub async fn access_token(
+        &self,
+        upstream: &Upstream,
+        service: &str,
+    ) -> Result<Zeroizing<String>, VaultError> {
+        let credential = self.open_credential_full(service).await?;
+        let mint = super::minting::detect(&credential)?;
+        self.token_of(upstream, service, credential, mint, "").await
+    }
+
+    /// The `/v1/credential` body: for a minting credential, its meta with a minted `accessToken`
+    /// (never the key); otherwise the decrypted credential.
+    pub async fn credential_body(
+        &self,
+        upstream: &Upstream,
+        service: &str,
+    ) -> Result<Zeroizing<Vec<u8>>, VaultError> {
+        let credential = self.open_credential_full(service).await?;
+        // 2.4.0: a TOTP credential is answered with its current code, never its seed.
+        if is_totp(&credential.token) {
+            return totp_credential_json(&credential.token, service, crate::clock::now_unix());
+        }
+        let Some(kind) = super::minting::detect(&credential)? else {
+            if credential.sealed.is_none()
+                && credential.token.secret("privateKeyData").is_some()
+                && self.is_legacy_minting(service).await?
+            {
+                return Err(super::minting::legacy_minting_refusal());
+            }
+            return Ok(credential.token.credential_json());
+        };
+        let token = credential.token;
+        let minted = self.minted(upstream, service, &kind, "").await?;
+        let mut fields: Map<String, Value> = token
+            .meta()
+            .iter()
+            .filter(|(name, _)| !is_sensitive(name))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        fields.insert("accessToken".into(), json!(minted.token.as_str()));
+        fields.insert("expiresAt".into(), json!(format_iso8601(minted.expires_at)));
+        fields.insert("expiryTime".into(), json!(minted.expires_at * 1000));
+        fields.insert("minted".into(), json!(true));
+        let mut body = json!({ "token": fields });
+        let bytes = Zeroizing::new(serde_json::to_vec(&body).unwrap_or_default());
+        scrub(&mut body);
+        Ok(bytes)
+    }
+
     /// Decrypts the credential of `service`.
     pub async fn open_credential(&self, service: &str) -> Result<OpenedToken, VaultError> {
         Ok(self.open_credential_full(service).await?.token)
@@ -272,6 +326,7 @@ fn seal_credential(
     created_at: Option<&str>,
     creation_id: Option<&str>,
 ) -> Result<Value, VaultError> {
+    super::signing::validate_material(token_data)?;
     let (mut rest, inputs) = sealed::split_token_data(token_data)?;
     let sealed = seal_token_data(service, &rest, key, version, now, created_at, creation_id);
     rest.values_mut().for_each(scrub);

@@ -764,22 +764,35 @@ impl Vault {
             .await?;
         let credential = self.open_credential_full(service).await?;
         let mint = detect(&credential)?;
-        if mint.is_none()
-            && credential
-                .token
-                .secret("accessToken")
-                .filter(|t| !t.is_empty())
-                .is_none()
-        {
+        // Keys that sign rather than travel (issue 24); a bearer credential skips this.
+        let material = mint.is_none() && super::signing::has_material(&credential.token);
+        let signing = match material {
+            true => self.signing_plan(service, &credential).await?,
+            false => None,
+        };
+        let has_token = credential
+            .token
+            .secret("accessToken")
+            .filter(|t| !t.is_empty())
+            .is_some();
+        if mint.is_none() && signing.is_none() && !has_token {
             // Nothing to inject: no egress question to ask.
             return Err(VaultError::TokenNotFound);
         }
-        let provider = match &mint {
-            Some(kind) => Some(kind.provider()),
-            None => credential
+        let provider = match (&mint, &signing) {
+            (Some(kind), _) => Some(kind.provider()),
+            (None, Some(s)) if s.aws.is_some() => Some(&catalogue::AWS),
+            _ => credential
                 .token
                 .secret("accessToken")
                 .and_then(catalogue::provider_for),
+        };
+        let aws_scope = match &signing {
+            Some(signing) => {
+                self.aws_scope(service, signing, &plan.url, &origin, request_id)
+                    .await?
+            }
+            None => None,
         };
         let keys = self.keys();
         let pin = match policy.mode {
@@ -804,13 +817,75 @@ impl Vault {
             _ => None,
         };
         drop(keys);
-        let token = self
-            .token_of(upstream, service, credential, mint, request_id)
-            .await?;
-        let redactor = Redactor::new(&token);
+        let token = match signing.as_ref().and_then(|s| s.jwt.as_ref()) {
+            // RFC 7523: the assertion is exchanged at the owner's token URL for ${TOKEN}.
+            Some((template, key)) if template.token_url.is_some() => {
+                drop(credential);
+                let url = Url::parse(template.token_url.as_deref().unwrap_or(""))
+                    .map_err(|_| VaultError::Invalid("the JWT token URL is not a URL".into()))?;
+                self.check_token_endpoint(upstream, service, &url, None, request_id)
+                    .await?;
+                Some(
+                    self.signing
+                        .exchanged
+                        .token(upstream, service, template, key, url)
+                        .await?,
+                )
+            }
+            _ if mint.is_some() || has_token => Some(
+                self.token_of(upstream, service, credential, mint, request_id)
+                    .await?,
+            ),
+            _ => {
+                drop(credential);
+                None
+            }
+        };
+        let wants_jwt = material
+            && plan
+                .templates
+                .iter()
+                .any(|(_, t)| t.contains(super::signing::jwt::JWT_PLACEHOLDER));
+        let jwt = match signing.as_ref().and_then(|s| s.jwt.as_ref()) {
+            Some((template, key)) if wants_jwt => {
+                Some(super::signing::jwt::assertion(template, key)?)
+            }
+            None if wants_jwt => {
+                return Err(VaultError::Invalid(format!(
+                    "{} needs the owner's JWT template (keyholder sign-config set {service} --iss I --sub S --aud A)",
+                    super::signing::jwt::JWT_PLACEHOLDER
+                )))
+            }
+            _ => None,
+        };
+        let redact = match (&token, &jwt, signing.as_ref().and_then(|s| s.aws.as_ref())) {
+            (Some(token), _, _) => token.as_str(),
+            (None, Some(jwt), _) => jwt.as_str(),
+            (None, None, Some(aws)) => aws.session_token.as_deref().map_or("", |t| t.as_str()),
+            (None, None, None) => "",
+        };
+        let redactor = Redactor::new(redact);
         let mut headers = plan.headers;
         for (name, template) in &plan.templates {
-            let value = Zeroizing::new(template.replace(TOKEN_PLACEHOLDER, &token));
+            let value = match (&token, &jwt) {
+                // A bearer credential: one substitution, as always.
+                (Some(token), None) => Zeroizing::new(template.replace(TOKEN_PLACEHOLDER, token)),
+                (token, jwt) => {
+                    let mut value = match token {
+                        Some(token) => Zeroizing::new(template.replace(TOKEN_PLACEHOLDER, token)),
+                        None if template.contains(TOKEN_PLACEHOLDER) => {
+                            return Err(VaultError::TokenNotFound)
+                        }
+                        None => Zeroizing::new(template.clone()),
+                    };
+                    if let Some(jwt) = jwt {
+                        value = Zeroizing::new(
+                            value.replace(super::signing::jwt::JWT_PLACEHOLDER, jwt),
+                        );
+                    }
+                    value
+                }
+            };
             if has_cr_lf(&value) {
                 return Err(VaultError::Invalid(format!(
                     "header '{name}' would contain CR or LF after substitution"
@@ -822,6 +897,7 @@ impl Vault {
             headers.insert(name.clone(), value);
         }
         drop(token);
+        drop(jwt);
         let claimed = if let Some(fingerprint) = &fingerprint {
             if !self.claim_pin(service, &origin, fingerprint).await? {
                 // Another call pinned another origin first, or the service holds the most pins.
@@ -846,18 +922,40 @@ impl Vault {
             server.address = %host,
         );
         call.in_scope(|| crate::telemetry::inject_current(&mut headers));
-        let result = upstream
-            .send_streaming(OutboundRequest {
-                method: plan.method,
-                url: plan.url,
-                headers,
-                body: plan.body,
-            })
-            .instrument(call)
-            .await;
+        let mut outbound = OutboundRequest {
+            method: plan.method,
+            url: plan.url,
+            headers,
+            body: plan.body,
+        };
+        let signed = match &signing {
+            None => None,
+            Some(signing) => Some(
+                self.sign_outbound(
+                    upstream,
+                    service,
+                    signing,
+                    aws_scope.as_ref(),
+                    &mut outbound,
+                    request_id,
+                )
+                .await?,
+            ),
+        };
+        let tls = signing.as_ref().and_then(|s| s.tls.as_ref());
+        let result = match tls {
+            None => upstream.send_streaming(outbound).instrument(call).await,
+            Some(identity) => {
+                upstream
+                    .send_streaming_as(outbound, identity)
+                    .instrument(call)
+                    .await
+            }
+        };
         match result {
             Ok(response) => {
-                let answer = redact_answer(redactor, response);
+                let mut answer = redact_answer(redactor, response);
+                answer.signed = signed;
                 let redactions = answer.redactions;
                 if redactions > 0 {
                     tracing::warn!(
@@ -898,6 +996,8 @@ pub struct ProxiedAnswer {
     pub body: ProxiedBody,
     /// Values redacted from the headers and (when whole) the body.
     pub redactions: u64,
+    /// How the request was signed, for the audit entry (issue 24; never a key or signature).
+    pub signed: Option<String>,
 }
 
 /// The body of a proxied answer.
@@ -1009,6 +1109,7 @@ fn redact_answer(mut redactor: Redactor, response: StreamedResponse) -> ProxiedA
         headers: clean,
         body,
         redactions,
+        signed: None,
     }
 }
 

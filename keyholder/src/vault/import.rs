@@ -126,7 +126,7 @@ pub async fn import_reference(
     let mut snapshot = storage.key_ring_snapshot().await?;
     master.check(snapshot.setting(Setting::MasterCheck))?;
     let existing = storage.count_documents(None).await?;
-    let bound = snapshot.setting(Setting::Bound) == Some("true");
+    let bound = snapshot.is_bound();
     if (existing > 0 || bound) && !force {
         return Err(VaultError::Invalid(format!(
             "this keyholder already holds {existing} document(s){}; import only into a new one, or pass --force \
@@ -267,13 +267,7 @@ pub async fn import_reference(
         }
     }
 
-    let latest = snapshot
-        .keys
-        .iter()
-        .filter(|k| k.kind == KIND_HMAC)
-        .map(|k| k.version)
-        .max()
-        .unwrap_or(0);
+    let latest = snapshot.latest_version(KIND_HMAC);
     let (unchanged, install) = install_hmac_secret(master, &keys.hmac_secret, latest)?;
     change = change.check(unchanged);
     change.writes.extend(install);

@@ -13,10 +13,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use keyholder_protocol::document::{format_iso8601, is_sensitive, parse_iso8601};
+use keyholder_protocol::document::parse_iso8601;
 use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE};
 use reqwest::Method;
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use url::Url;
 use zeroize::Zeroizing;
@@ -208,7 +208,7 @@ pub(crate) fn detect(credential: &OpenedCredential) -> Result<Option<MintKind>, 
     Ok(None)
 }
 
-fn legacy_minting_refusal() -> VaultError {
+pub(crate) fn legacy_minting_refusal() -> VaultError {
     VaultError::Invalid(
         "this signing credential was stored before its minting inputs were sealed (or they were \
          removed); store it again"
@@ -225,6 +225,35 @@ fn sign_jwt(claims: &Value, pem: &str, kid: Option<&str>) -> Result<Zeroizing<St
     jsonwebtoken::encode(&header, claims, &key)
         .map(Zeroizing::new)
         .map_err(|_| VaultError::Invalid("the stored private key cannot sign".into()))
+}
+
+/// POSTs a form to a token endpoint (minting, OAuth refresh) through the provider client: the
+/// form's secrets (assertion, client secret, refresh token) only in a zeroized body.
+pub(crate) async fn post_token_form(
+    upstream: &Upstream,
+    url: Url,
+    form: &[(&str, &str)],
+) -> Result<UpstreamResponse, crate::upstream::UpstreamError> {
+    let mut serializer = url::form_urlencoded::Serializer::new(String::new());
+    for (name, value) in form {
+        serializer.append_pair(name, value);
+    }
+    let body = Zeroizing::new(serializer.finish());
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/x-www-form-urlencoded"),
+    );
+    // GitHub answers form-encoded unless asked for JSON; every other provider accepts it too.
+    headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
+    upstream
+        .send_provider(OutboundRequest {
+            method: Method::POST,
+            url,
+            headers,
+            body: Some(bytes::Bytes::copy_from_slice(body.as_bytes())),
+        })
+        .await
 }
 
 fn provider_json(response: &UpstreamResponse, what: &str) -> Result<Value, VaultError> {
@@ -257,25 +286,11 @@ async fn mint(upstream: &Upstream, kind: &MintKind) -> Result<MintedToken, Vault
             }
             let jwt = sign_jwt(&claims, private_key, private_key_id.as_deref())?;
             let url = kind.token_endpoint()?;
-            let body = Zeroizing::new(
-                url::form_urlencoded::Serializer::new(String::new())
-                    .append_pair("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer")
-                    .append_pair("assertion", &jwt)
-                    .finish(),
-            );
-            let mut headers = HeaderMap::new();
-            headers.insert(
-                CONTENT_TYPE,
-                HeaderValue::from_static("application/x-www-form-urlencoded"),
-            );
-            headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
-            let response = upstream
-                .send_provider(OutboundRequest {
-                    method: Method::POST,
-                    url,
-                    headers,
-                    body: Some(bytes::Bytes::copy_from_slice(body.as_bytes())),
-                })
+            let form = [
+                ("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer"),
+                ("assertion", jwt.as_str()),
+            ];
+            let response = post_token_form(upstream, url, &form)
                 .await
                 .map_err(VaultError::Provider)?;
             let mut answer = provider_json(&response, "the Google token endpoint")?;
@@ -420,7 +435,7 @@ impl Minter {
 impl Vault {
     /// Whether `service` holds a GitHub App stored before minting inputs were sealed: its key is
     /// an ordinary field, which must not come out as a plain credential whatever meta now says.
-    async fn is_legacy_minting(&self, service: &str) -> Result<bool, VaultError> {
+    pub(crate) async fn is_legacy_minting(&self, service: &str) -> Result<bool, VaultError> {
         Ok(self.storage().is_legacy_minting(service).await?)
     }
 
@@ -450,7 +465,7 @@ impl Vault {
             .ok_or(VaultError::TokenNotFound)
     }
 
-    async fn minted(
+    pub(crate) async fn minted(
         &self,
         upstream: &Upstream,
         service: &str,
@@ -461,59 +476,5 @@ impl Vault {
         self.check_token_endpoint(upstream, service, &url, Some(kind.provider()), request_id)
             .await?;
         self.minter.get_or_mint(upstream, service, kind).await
-    }
-
-    /// The access token to use for `service` (see [`Vault::token_of`]).
-    pub async fn access_token(
-        &self,
-        upstream: &Upstream,
-        service: &str,
-    ) -> Result<Zeroizing<String>, VaultError> {
-        let credential = self.open_credential_full(service).await?;
-        let mint = detect(&credential)?;
-        self.token_of(upstream, service, credential, mint, "").await
-    }
-
-    /// The `/v1/credential` body: for a minting credential, its meta with a minted `accessToken`
-    /// (never the key); otherwise the decrypted credential.
-    pub async fn credential_body(
-        &self,
-        upstream: &Upstream,
-        service: &str,
-    ) -> Result<Zeroizing<Vec<u8>>, VaultError> {
-        let credential = self.open_credential_full(service).await?;
-        // 2.4.0: a TOTP credential is answered with its current code, never its seed.
-        if super::credentials::is_totp(&credential.token) {
-            return super::credentials::totp_credential_json(
-                &credential.token,
-                service,
-                crate::clock::now_unix(),
-            );
-        }
-        let Some(kind) = detect(&credential)? else {
-            if credential.sealed.is_none()
-                && credential.token.secret("privateKeyData").is_some()
-                && self.is_legacy_minting(service).await?
-            {
-                return Err(legacy_minting_refusal());
-            }
-            return Ok(credential.token.credential_json());
-        };
-        let token = credential.token;
-        let minted = self.minted(upstream, service, &kind, "").await?;
-        let mut fields: Map<String, Value> = token
-            .meta()
-            .iter()
-            .filter(|(name, _)| !is_sensitive(name))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        fields.insert("accessToken".into(), json!(minted.token.as_str()));
-        fields.insert("expiresAt".into(), json!(format_iso8601(minted.expires_at)));
-        fields.insert("expiryTime".into(), json!(minted.expires_at * 1000));
-        fields.insert("minted".into(), json!(true));
-        let mut body = json!({ "token": fields });
-        let bytes = Zeroizing::new(serde_json::to_vec(&body).unwrap_or_default());
-        scrub(&mut body);
-        Ok(bytes)
     }
 }

@@ -22,6 +22,7 @@ pub mod replay;
 pub mod retention;
 pub mod rotation;
 pub mod sealed;
+pub mod signing;
 pub mod totp_links;
 
 use std::path::{Path, PathBuf};
@@ -160,6 +161,8 @@ pub struct Vault {
     documents: documents::CachedDocuments,
     /// Egress policies, so a proxied call skips the database.
     egress_cache: egress::EgressPolicyCache,
+    /// Signing configurations, assumed-role sessions and exchanged JWT tokens (issue 24).
+    signing: signing::SigningState,
     /// One OAuth refresh per service at a time.
     refresh_locks: minting::KeyedLocks,
     /// The owner's custody policies (reloaded with every owner change).
@@ -187,7 +190,7 @@ impl Vault {
             master::open_master_key(storage.as_ref(), data_dir, source).await?;
         let loaded = keyring::init_or_load(storage.as_ref(), &master).await?;
         let snapshot = storage.key_ring_snapshot().await?;
-        let bound = snapshot.setting(crate::storage::Setting::Bound) == Some("true");
+        let bound = snapshot.is_bound();
         let sealed = reload::read_sealed(&snapshot);
         let generation = reload::owner_generation(&snapshot);
         let (scheme, platform_keys) = platform_keys::load(&snapshot)?;
@@ -217,6 +220,7 @@ impl Vault {
             follow: Mutex::new(reload::FollowState::new(generation)),
             minter: minting::Minter::default(),
             egress_cache: egress::EgressPolicyCache::default(),
+            signing: signing::SigningState::default(),
             refresh_locks: minting::KeyedLocks::default(),
             policy: crate::policy::PolicyEngine::default(),
         };

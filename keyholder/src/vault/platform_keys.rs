@@ -103,7 +103,7 @@ pub fn stored(key: &PlatformPublicKey, now: i64) -> StoredPlatformKey {
 }
 
 fn require_asymmetric(snapshot: &KeyRingSnapshot) -> Result<(), VaultError> {
-    let bound = snapshot.setting(Setting::Bound) == Some("true");
+    let bound = snapshot.is_bound();
     if !bound || read_scheme(snapshot) != PlatformScheme::Ed25519 {
         return Err(VaultError::Invalid(
             "this keyholder is not bound asymmetrically; bind first with `keyholder bind --platform-key FILE`"

@@ -19,9 +19,12 @@ pub const MIN_NEEDLE: usize = 8;
 pub struct Redactor {
     /// Longest first.
     needles: Vec<Zeroizing<Vec<u8>>>,
-    first_bytes: [bool; 256],
     max_len: usize,
     held: Zeroizing<Vec<u8>>,
+    /// The distinct first bytes of the needles, in groups of up to three (one `memchr` each).
+    groups: Vec<Vec<u8>>,
+    /// Scratch for [`Redactor::scan`]: each group's next position.
+    next: Vec<Option<usize>>,
     count: u64,
 }
 
@@ -73,11 +76,17 @@ impl Redactor {
             }
         }
         let max_len = needles.first().map_or(0, |n| n.len());
+        let firsts: Vec<u8> = (0..=255u8)
+            .filter(|b| first_bytes[usize::from(*b)])
+            .collect();
+        let groups: Vec<Vec<u8>> = firsts.chunks(3).map(<[u8]>::to_vec).collect();
+        let next = vec![None; groups.len()];
         Redactor {
             needles,
-            first_bytes,
             max_len,
             held: Zeroizing::new(Vec::new()),
+            groups,
+            next,
             count: 0,
         }
     }
@@ -127,20 +136,17 @@ impl Redactor {
         }
         let len = data.len();
         out.reserve(len);
-        let firsts: Vec<u8> = (0..=255u8)
-            .filter(|b| self.first_bytes[usize::from(*b)])
-            .collect();
-        let groups: Vec<&[u8]> = firsts.chunks(3).collect();
         // Next position of a byte of each group at or after `at` (stale once `at` passes it).
-        let mut next: Vec<Option<usize>> = vec![None; groups.len()];
+        let mut next = std::mem::take(&mut self.next);
+        next.fill(None);
         let mut emitted = 0;
         let mut at = 0;
         while at < len {
             let mut candidate = len;
-            for (group, next) in groups.iter().zip(next.iter_mut()) {
+            for (group, next) in self.groups.iter().zip(next.iter_mut()) {
                 if next.is_none_or(|n| n < at) {
                     let hay = &data[at..];
-                    let found = match group {
+                    let found = match group.as_slice() {
                         [a] => memchr::memchr(*a, hay),
                         [a, b] => memchr::memchr2(*a, *b, hay),
                         [a, b, c, ..] => memchr::memchr3(*a, *b, *c, hay),
@@ -180,6 +186,7 @@ impl Redactor {
                 None => at += 1,
             }
         }
+        self.next = next;
         let keep_from = at.min(len);
         out.extend_from_slice(&data[emitted..keep_from]);
         keep_from

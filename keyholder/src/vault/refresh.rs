@@ -2,12 +2,9 @@
 //! platform's hint only when trusted and with its token URL pinned per service), and the opt-in
 //! tv-refresh `get`/`update`. Every rewrite keeps all existing meta.
 
-use bytes::Bytes;
 use keyholder_protocol::document::{format_iso8601, parse_iso8601, seal_token_data, OpenedToken};
 use keyholder_protocol::wire::Collection;
 use keyholder_protocol::wire::{RefreshHint, RefreshTokens};
-use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, CONTENT_TYPE};
-use reqwest::Method;
 use serde_json::{json, Map, Value};
 use url::Url;
 use zeroize::Zeroizing;
@@ -21,7 +18,7 @@ use super::oauth::OAuthClient;
 use super::sealed::{self, SealedInputs};
 use super::{Vault, VaultError};
 use crate::storage::{DocumentSwap, SwapOutcome};
-use crate::upstream::{OutboundRequest, Upstream, UpstreamError};
+use crate::upstream::{Upstream, UpstreamError};
 
 /// Result of `/v1/refresh-notify`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -246,29 +243,15 @@ impl Vault {
                 })?
             }
         };
-        let mut form = url::form_urlencoded::Serializer::new(String::new());
-        form.append_pair("grant_type", "refresh_token")
-            .append_pair("client_id", &client.client_id);
+        let mut form = vec![
+            ("grant_type", "refresh_token"),
+            ("client_id", client.client_id.as_str()),
+        ];
         if let Some(secret) = &client.client_secret {
-            form.append_pair("client_secret", secret);
+            form.push(("client_secret", secret.as_str()));
         }
-        form.append_pair("refresh_token", &refresh_token);
-        let body = Zeroizing::new(form.finish());
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            CONTENT_TYPE,
-            HeaderValue::from_static("application/x-www-form-urlencoded"),
-        );
-        // GitHub answers form-encoded unless asked for JSON; every other provider accepts it too.
-        headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
-        let result = upstream
-            .send_provider(OutboundRequest {
-                method: Method::POST,
-                url: url.clone(),
-                headers,
-                body: Some(Bytes::copy_from_slice(body.as_bytes())),
-            })
-            .await;
+        form.push(("refresh_token", refresh_token.as_str()));
+        let result = super::minting::post_token_form(upstream, url.clone(), &form).await;
         let response = match result {
             Ok(response) => response,
             Err(err) => {

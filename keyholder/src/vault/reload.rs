@@ -121,7 +121,7 @@ impl Vault {
         let generation = owner_generation(&snapshot);
         let reloaded = {
             let sealed = read_sealed(&snapshot);
-            let bound = snapshot.setting(Setting::Bound) == Some("true");
+            let bound = snapshot.is_bound();
             let platform = platform_keys::load(&snapshot)?;
             let stored_check = snapshot.setting(Setting::MasterCheck);
             if master.check(stored_check).is_ok() {
@@ -169,6 +169,7 @@ impl Vault {
         // Documents may have changed under us (rewrap, import): read them afresh.
         self.documents().forget_all();
         self.egress_cache.clear();
+        self.signing.clear();
         // The seal applies whatever happens to the keys.
         self.sealed
             .store(reloaded.sealed, std::sync::atomic::Ordering::Release);

@@ -20,24 +20,13 @@ use crate::storage::{
     ChangeSet, Check, KeyRingSnapshot, Setting, Storage, StoredDocument, WrappedKey, Write,
 };
 
-/// The latest version of a key kind in a snapshot (0 when none).
-fn latest(snapshot: &KeyRingSnapshot, kind: &str) -> u32 {
-    snapshot
-        .keys
-        .iter()
-        .filter(|k| k.kind == kind)
-        .map(|k| k.version)
-        .max()
-        .unwrap_or(0)
-}
-
 /// The change that adds a data-key version and makes it current for new writes, and the new
 /// version.
 pub fn rotate_data_key(
     snapshot: &KeyRingSnapshot,
     master: &MasterKey,
 ) -> Result<(ChangeSet, u32), VaultError> {
-    let latest = latest(snapshot, KIND_DATA);
+    let latest = snapshot.latest_version(KIND_DATA);
     let next = latest + 1;
     let key = DataKey::generate();
     let change = ChangeSet::owner()

@@ -1623,6 +1623,31 @@ impl OAuthClients for PostgresStorage {
 }
 
 #[async_trait]
+impl crate::storage::SignConfigs for PostgresStorage {
+    async fn sign_config(&self, service: &str) -> StorageResult<Option<String>> {
+        Ok(self
+            .client()
+            .await?
+            .query_opt("SELECT config FROM sign_configs WHERE service = $1", &[&service])
+            .await
+            .db()?
+            .map(|r| r.get(0)))
+    }
+
+    async fn sign_configs(&self) -> StorageResult<Vec<(String, String)>> {
+        Ok(self
+            .client()
+            .await?
+            .query("SELECT service, config FROM sign_configs ORDER BY service", &[])
+            .await
+            .db()?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect())
+    }
+}
+
+#[async_trait]
 impl ReplayMarks for PostgresStorage {
     fn verdict_is_local(&self) -> bool {
         false
@@ -2161,6 +2186,19 @@ async fn apply_write(
             .execute("DELETE FROM policy_attachments WHERE source = $1", &[source])
             .await
             .db()?,
+        Write::PutSignConfig(service, config, now) => tx
+            .execute(
+                "INSERT INTO sign_configs (service, config, updated_at) VALUES ($1, $2, $3)
+                 ON CONFLICT (service) DO UPDATE SET config = excluded.config,
+                    updated_at = excluded.updated_at",
+                &[service, config, now],
+            )
+            .await
+            .db()?,
+        Write::DeleteSignConfig(service) => tx
+            .execute("DELETE FROM sign_configs WHERE service = $1", &[service])
+            .await
+            .db()?,
         Write::DecideApproval { id, approve, now } => u64::from(decide(tx, id, *approve, *now).await?),
     };
     Ok(n > 0)
@@ -2557,5 +2595,6 @@ mod conformance {
         oauth_clients,
         audit,
         change_sets,
+        sign_configs,
     );
 }

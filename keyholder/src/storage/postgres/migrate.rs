@@ -37,6 +37,7 @@ pub const TABLES: &[&str] = &[
     "policy_attachments",
     "policy_usage",
     "policy_approvals",
+    "sign_configs",
 ];
 
 /// Hours ahead of now that moved replay marks may reach (tickets live at most a day, plus skew).

@@ -84,6 +84,9 @@ const MIGRATIONS: &[&str] = &[
         bucket BIGINT NOT NULL, kind SMALLINT NOT NULL, key BIGINT NOT NULL,
         expires_at BIGINT NOT NULL,
         PRIMARY KEY (bucket, kind, key)) PARTITION BY RANGE (bucket);",
+    // 4 (signing, issue 24; SQLite's migration 10): the owner's signing configuration per service.
+    "CREATE TABLE sign_configs (
+        service TEXT PRIMARY KEY, config TEXT NOT NULL, updated_at BIGINT NOT NULL);",
 ];
 
 /// Applies every migration newer than the database's version. Holds [`MIGRATION_LOCK`] (a

@@ -130,6 +130,10 @@ fn write(conn: &Connection, write: &Write) -> StorageResult<bool> {
         Write::RemoveOAuthClient(name) => {
             conn.execute("DELETE FROM oauth_providers WHERE name = ?1", [name])?
         }
+        Write::PutSignConfig(service, config, now) => {
+            super::sign_configs::put(conn, service, config, *now)?
+        }
+        Write::DeleteSignConfig(service) => super::sign_configs::delete(conn, service)?,
         Write::PutEgressPolicy(row, now) => {
             super::egress::put_policy(conn, row, *now)?;
             1

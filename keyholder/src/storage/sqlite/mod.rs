@@ -12,6 +12,7 @@ mod keyring;
 mod oauth;
 mod policies;
 mod replay;
+mod sign_configs;
 pub mod writer;
 
 use std::path::Path;
