@@ -49,9 +49,7 @@ impl AppState {
             Some(db) => Arc::new(
                 crate::storage::postgres::PostgresStorage::open(db.target.clone(), &db.node_id)
                     .await
-                    .with_context(|| {
-                        format!("cannot open the database {}", db.target.display())
-                    })?,
+                    .with_context(|| format!("cannot open the database {}", db.target.display()))?,
             ),
             None => Arc::new(
                 SqliteStorage::open_observed(&config.data_dir, Some(metrics.commit_observer()))

@@ -19,6 +19,13 @@ async fn cluster(n: usize) -> Option<Cluster> {
     Some(cluster)
 }
 
+/// A cluster alone on the PostgreSQL server (the test restarts it).
+async fn exclusive_cluster(n: usize) -> Option<Cluster> {
+    let mut cluster = Cluster::start_exclusive(std::path::Path::new(BIN), n).await?;
+    cluster.bind(0).await;
+    Some(cluster)
+}
+
 /// A store that may fail in transport (a killed replica): `Some(status)` when answered.
 async fn try_store(kh: &Keyholder, service: &str, token: &str) -> Option<u16> {
     let ticket = kh.ticket(Purpose::Store, service);
@@ -328,7 +335,7 @@ async fn postgres_restarted_under_load_answers_503_then_recovers_by_itself() {
         eprintln!("SKIPPED: cannot stop and start the local PostgreSQL here (needs root and pg_ctlcluster)");
         return;
     }
-    let Some(cluster) = cluster(1).await else {
+    let Some(cluster) = exclusive_cluster(1).await else {
         return;
     };
     let kh = cluster.view(0);

@@ -17,6 +17,19 @@ use keyholder_protocol::HmacSecret;
 
 use crate::{Keyholder, PUBLIC_URL};
 
+/// Tests that use the local PostgreSQL hold this shared; the one that restarts it holds it
+/// exclusively, so that no other test's replicas lose their database meanwhile.
+fn postgres_use() -> Arc<tokio::sync::RwLock<()>> {
+    static LOCK: std::sync::OnceLock<Arc<tokio::sync::RwLock<()>>> = std::sync::OnceLock::new();
+    Arc::clone(LOCK.get_or_init(|| Arc::new(tokio::sync::RwLock::new(()))))
+}
+
+/// How a cluster holds the PostgreSQL it uses.
+enum Use {
+    Shared(#[allow(dead_code)] tokio::sync::OwnedRwLockReadGuard<()>),
+    Exclusive(#[allow(dead_code)] tokio::sync::OwnedRwLockWriteGuard<()>),
+}
+
 /// A free loopback port (bound, then released).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -67,12 +80,24 @@ pub struct Cluster {
     /// The binding's HMAC secret, once bound.
     pub secret: Option<HmacSecret>,
     http: reqwest::Client,
+    _use: Use,
 }
 
 impl Cluster {
     /// Starts `n` replicas of `bin` (the `keyholder` command) on a new database; `None` when no
     /// PostgreSQL is reachable (the test then skips, with the message printed).
     pub async fn start(bin: &Path, n: usize) -> Option<Cluster> {
+        let held = Use::Shared(postgres_use().read_owned().await);
+        Self::start_holding(bin, n, held).await
+    }
+
+    /// Like [`Cluster::start`], alone on the PostgreSQL server (tests that restart it).
+    pub async fn start_exclusive(bin: &Path, n: usize) -> Option<Cluster> {
+        let held = Use::Exclusive(postgres_use().write_owned().await);
+        Self::start_holding(bin, n, held).await
+    }
+
+    async fn start_holding(bin: &Path, n: usize, held: Use) -> Option<Cluster> {
         let db = TestDatabase::create().await?;
         let dir = tempfile::tempdir().unwrap();
         let master_key = dir.path().join("master.key");
@@ -98,6 +123,7 @@ impl Cluster {
                 .timeout(Duration::from_secs(10))
                 .build()
                 .unwrap(),
+            _use: held,
         };
         for i in 0..n {
             let node = format!("replica-{}", (b'a' + i as u8) as char);

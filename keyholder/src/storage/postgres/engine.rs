@@ -1628,7 +1628,10 @@ impl crate::storage::SignConfigs for PostgresStorage {
         Ok(self
             .client()
             .await?
-            .query_opt("SELECT config FROM sign_configs WHERE service = $1", &[&service])
+            .query_opt(
+                "SELECT config FROM sign_configs WHERE service = $1",
+                &[&service],
+            )
             .await
             .db()?
             .map(|r| r.get(0)))
@@ -1638,7 +1641,10 @@ impl crate::storage::SignConfigs for PostgresStorage {
         Ok(self
             .client()
             .await?
-            .query("SELECT service, config FROM sign_configs ORDER BY service", &[])
+            .query(
+                "SELECT service, config FROM sign_configs ORDER BY service",
+                &[],
+            )
             .await
             .db()?
             .iter()
