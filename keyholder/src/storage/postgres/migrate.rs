@@ -638,9 +638,9 @@ mod tests {
         )
         .unwrap();
         let now = crate::clock::now_unix();
-        conn.execute_batch(&format!(
-            "CREATE TABLE replay_marks_packed_60s_1 (tag INTEGER NOT NULL, until INTEGER NOT NULL, records BLOB NOT NULL);"
-        ))
+        conn.execute_batch(
+            "CREATE TABLE replay_marks_packed_60s_1 (tag INTEGER NOT NULL, until INTEGER NOT NULL, records BLOB NOT NULL);",
+        )
         .unwrap();
         conn.execute(
             "INSERT INTO replay_marks_packed_60s_1 VALUES (2, ?1, ?2)",
