@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use actix_web::dev::ServerHandle;
 use actix_web::http::header;
-use actix_web::middleware::from_fn;
 use actix_web::web::{self, Data};
 use actix_web::{App, HttpResponse, HttpServer};
 use anyhow::Context;
@@ -275,12 +274,7 @@ fn bind_listeners(
     let mut server = HttpServer::new(move || {
         // Runs once on each worker thread.
         app_state.upstream.warm();
-        App::new()
-            .app_data(app_state.clone())
-            // Extractors read bodies themselves with per-endpoint limits; this caps the rest.
-            .app_data(web::PayloadConfig::new(64 * 1024))
-            .wrap(from_fn(http::middleware::keyholder_layer))
-            .configure(http::configure)
+        http::app(app_state.clone())
     })
     .client_request_timeout(Duration::from_secs(10))
     .client_disconnect_timeout(Duration::from_secs(2))

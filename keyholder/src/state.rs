@@ -131,7 +131,8 @@ impl AppState {
             },
             provider_timeout: config.provider_timeout,
         })
-        .context("cannot build the outbound HTTP client")?;
+        .context("cannot build the outbound HTTP client")?
+        .observed(Arc::clone(&metrics));
         if config.egress_allow_private {
             tracing::warn!(
                 "EGRESS GUARD RELAXED (--egress-allow-private / KEYHOLDER_EGRESS_ALLOW_PRIVATE): proxied and \
