@@ -4,7 +4,8 @@
 //!
 //! Every check is one variant of [`Check`] (name, group, matrix and the one function that runs it,
 //! declared once in `matrix.rs`); the matrices run in order: [`MATRIX`], [`PROTOCOL_24_MATRIX`],
-//! [`WIRE_MATRIX`], then [`ENVELOPE_MATRIX`] and [`RESTART_MATRIX`] where they apply.
+//! [`WIRE_MATRIX`], then [`ENVELOPE_MATRIX`], [`RESTART_MATRIX`] and [`STREAM_MATRIX`] where they
+//! apply.
 //!
 //! The probes write only under keys named `keyholder-check-<random>` and delete them again.
 //!
@@ -42,10 +43,12 @@ mod matrix;
 mod protocol24;
 mod restart;
 mod signing;
+mod stream;
 mod wire;
 
 pub use matrix::{
-    Check, Matrix, ENVELOPE_MATRIX, MATRIX, PROTOCOL_24_MATRIX, RESTART_MATRIX, WIRE_MATRIX,
+    Check, Matrix, ENVELOPE_MATRIX, MATRIX, PROTOCOL_24_MATRIX, RESTART_MATRIX, STREAM_MATRIX,
+    WIRE_MATRIX,
 };
 
 /// How the checker authenticates as the platform.
@@ -101,6 +104,10 @@ pub struct CheckOptions {
     /// Asymmetric binding: a platform key the operator has removed (`keyholder platform-key remove`);
     /// its envelopes must be refused. Without it, that check is not run.
     pub removed_platform_key: Option<PlatformSigningKey>,
+    /// A service whose egress policy lets the webhook call the checker's loopback upstream (on the
+    /// webhook's machine, with private egress allowed: `keyholder egress allow NAME 127.0.0.1`);
+    /// with it the checker runs [`STREAM_MATRIX`] and stores a dummy credential under it.
+    pub stream_service: Option<String>,
 }
 
 impl CheckOptions {
@@ -115,6 +122,7 @@ impl CheckOptions {
             timeout: keyholder_client::builder::DEFAULT_TIMEOUT,
             removed_platform_key: None,
             restart_cmd: None,
+            stream_service: None,
         }
     }
 }
@@ -367,6 +375,8 @@ struct Ctx {
     restart_cmd: Option<String>,
     /// Per-request timeout (the restart check waits for health this long).
     timeout: Duration,
+    /// The service of the streamed-answer check.
+    stream_service: Option<String>,
 }
 
 impl Ctx {
@@ -513,6 +523,12 @@ pub async fn run(options: CheckOptions) -> Report {
                 .platform
                 .storage_delete(Collection::Tokens, &ctx.service)
                 .await;
+            if let Some(service) = &ctx.stream_service {
+                let _ = ctx
+                    .platform
+                    .storage_delete(Collection::Tokens, service)
+                    .await;
+            }
         }
         Err((exchanges, detail)) => checks.push(CheckResult {
             group: "setup".into(),
@@ -606,6 +622,7 @@ async fn setup(options: &CheckOptions) -> Result<Ctx, (Vec<String>, String)> {
             .map(PlatformSigningKey::duplicate),
         restart_cmd: options.restart_cmd.clone(),
         timeout: options.timeout,
+        stream_service: options.stream_service.clone(),
         platform,
         agent,
         key: format!("keyholder-check-{suffix}"),

@@ -54,6 +54,11 @@ struct Args {
     /// request id and a ticket nonce used before the restart are refused after it.
     #[arg(long)]
     restart_cmd: Option<String>,
+    /// A service whose egress policy lets the webhook call the checker's loopback upstream (the
+    /// webhook on this machine with private egress allowed, and `keyholder egress allow NAME
+    /// 127.0.0.1`): adds the check of a streamed proxy answer's signature.
+    #[arg(long, value_name = "NAME")]
+    stream_service: Option<String>,
     /// Do not retry 5xx answers and timeouts.
     #[arg(long)]
     no_retry: bool,
@@ -108,6 +113,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     }
     options.danger_allow_http = args.danger_allow_http;
     options.restart_cmd = args.restart_cmd.clone();
+    options.stream_service = args.stream_service.clone();
     options.timeout = Duration::from_secs(args.timeout);
     if args.no_retry {
         options.retry = RetryPolicy::none();

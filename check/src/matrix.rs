@@ -1,7 +1,7 @@
 //! Every check as one variant of [`Check`], declared once in the table below: its name (kept stable:
 //! tests and docs use it), its group, the matrix it belongs to and the one function that runs it.
 
-use super::{base, envelope, protocol24, restart, signing, wire, Ctx, Run};
+use super::{base, envelope, protocol24, restart, signing, stream, wire, Ctx, Run};
 
 /// The matrices a check belongs to, run in this order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -16,6 +16,9 @@ pub enum Matrix {
     Envelope,
     /// Only with a restart command ([`crate::CheckOptions::restart_cmd`]).
     Restart,
+    /// Only with a service the webhook may proxy to the checker's loopback upstream
+    /// ([`crate::CheckOptions::stream_service`]).
+    Stream,
 }
 
 macro_rules! checks {
@@ -120,6 +123,9 @@ checks! {
     Restart RESTART_MATRIX {
         ReplayAfterRestart = "replay_after_restart", "restart", restart::replay_after_restart, "A request id and a ticket nonce used before a restart are refused after it.";
     }
+    Stream STREAM_MATRIX {
+        StreamedAnswer = "streamed_answer", "streaming", stream::streamed_answer, "A proxied event stream: head signed in the streamed form, body verified as it arrives up to a valid end frame, events intact.";
+    }
 }
 
 impl Check {
@@ -137,6 +143,7 @@ impl Check {
                 ctx.asymmetric && (self != Check::RemovedPlatformKey || ctx.removed.is_some())
             }
             Matrix::Restart => ctx.restart_cmd.is_some(),
+            Matrix::Stream => ctx.stream_service.is_some(),
         }
     }
 }
@@ -157,7 +164,8 @@ mod tests {
             + PROTOCOL_24_MATRIX.len()
             + WIRE_MATRIX.len()
             + ENVELOPE_MATRIX.len()
-            + RESTART_MATRIX.len();
+            + RESTART_MATRIX.len()
+            + STREAM_MATRIX.len();
         assert_eq!(listed, Check::ALL.len());
     }
 }

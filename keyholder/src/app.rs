@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use actix_web::dev::ServerHandle;
 use actix_web::http::header;
-use actix_web::middleware::from_fn;
 use actix_web::web::{self, Data};
 use actix_web::{App, HttpResponse, HttpServer};
 use anyhow::Context;
@@ -223,8 +222,22 @@ fn spawn_background(
         let mut tick = tokio::time::interval(FOLLOW_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut failing = false;
+        // A shared database announces owner changes (PostgreSQL NOTIFY): follow them at once.
+        let mut pushed = follow_state.vault.storage().watch_owner_generation();
         loop {
-            tick.tick().await;
+            match pushed.as_mut() {
+                Some(watch) => tokio::select! {
+                    _ = tick.tick() => {}
+                    changed = watch.changed() => {
+                        if changed.is_err() {
+                            pushed = None;
+                        }
+                    }
+                },
+                None => {
+                    tick.tick().await;
+                }
+            }
             match follow_state.vault.follow_owner_changes().await {
                 Ok(changed) => {
                     if changed {
@@ -261,12 +274,7 @@ fn bind_listeners(
     let mut server = HttpServer::new(move || {
         // Runs once on each worker thread.
         app_state.upstream.warm();
-        App::new()
-            .app_data(app_state.clone())
-            // Extractors read bodies themselves with per-endpoint limits; this caps the rest.
-            .app_data(web::PayloadConfig::new(64 * 1024))
-            .wrap(from_fn(http::middleware::keyholder_layer))
-            .configure(http::configure)
+        http::app(app_state.clone())
     })
     .client_request_timeout(Duration::from_secs(10))
     .client_disconnect_timeout(Duration::from_secs(2))

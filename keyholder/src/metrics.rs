@@ -78,9 +78,12 @@ pub struct Metrics {
     pub upstream_calls: Counter,
     /// Injected credentials redacted from proxied answers (an upstream echoed them).
     pub credential_redactions: Counter,
-    /// Upstream calls that failed (timeout, connection, TLS, too large).
+    /// Outbound calls (proxied, OAuth refresh, token minting) that failed (connection, TLS,
+    /// timeout, too large, a stream cut after its head) or were answered with a 5xx; counted by
+    /// [`crate::upstream::Upstream`].
     pub upstream_errors: Counter,
-    /// Upstream call latency, seconds.
+    /// Outbound call latency until the answer (its head, for a streamed one) or the failure,
+    /// seconds.
     pub upstream_duration: Histogram,
     /// Requests by route, method and status.
     pub http_requests: Family<RequestLabels, Counter>,
@@ -182,12 +185,12 @@ impl Metrics {
         );
         registry.register(
             "upstream_errors",
-            "Upstream calls that failed (timeout, connection, TLS, size)",
+            "Outbound calls that failed (timeout, connection, TLS, size) or answered 5xx",
             m.upstream_errors.clone(),
         );
         registry.register_with_unit(
             "upstream_duration",
-            "Upstream call latency",
+            "Outbound call latency until the answer head or the failure",
             Unit::Seconds,
             m.upstream_duration.clone(),
         );

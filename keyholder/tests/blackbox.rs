@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod hardening;
+mod harness;
 
 use std::io::Read;
 use std::process::{Command, Stdio};
@@ -15,24 +16,10 @@ use keyholder_protocol::ticket::encode_ticket;
 use keyholder_protocol::{HmacSecret, Purpose, TicketClaims};
 use serde_json::{json, Value};
 
-const BIN: &str = env!("CARGO_BIN_EXE_keyholder");
+use harness::{bind_json, free_port, now, owner, wait_healthy, BIN};
+
 const SECRET: &str = "ghp_BlackBoxSecret_41c2e9";
 const TOTP_SEED: &str = "KRUGS4ZANFZSAYJAORXXI4BAONSWKZDB";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
-}
 
 #[test]
 fn help_names_every_command() {
@@ -224,34 +211,12 @@ fn serve_bind_store_fetch_as_a_user_would() {
         .build()
         .unwrap();
     let http = reqwest::Client::new();
-    let started = Instant::now();
-    rt.block_on(async {
-        loop {
-            if let Ok(r) = http.get(format!("{base}{PATH_HEALTH}")).send().await {
-                if r.status().is_success() {
-                    break;
-                }
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(20),
-                "server did not come up"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    });
+    rt.block_on(wait_healthy(&http, &base, Duration::from_secs(20), || {
+        child.try_wait().unwrap().map(|s| s.to_string())
+    }));
 
     // The owner issues a code while the server runs.
-    let out = Command::new(BIN)
-        .args(["bind", "--json"])
-        .env("KEYHOLDER_DATA_DIR", &data)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let issued: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let issued = bind_json(&data);
     let code = issued["code"].as_str().unwrap().to_string();
     assert!(issued["registrationUrl"]
         .as_str()
@@ -320,11 +285,7 @@ fn serve_bind_store_fetch_as_a_user_would() {
     });
 
     // A binding code for a bound keyholder is refused with a hint.
-    let out = Command::new(BIN)
-        .args(["bind"])
-        .env("KEYHOLDER_DATA_DIR", &data)
-        .output()
-        .unwrap();
+    let out = owner(&data)(&["bind"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--rebind"));
 
@@ -369,13 +330,7 @@ fn serve_bind_store_fetch_as_a_user_would() {
 fn owner_commands_status_seal_and_audit_verify() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let run = |args: &[&str]| {
-        Command::new(BIN)
-            .args(args)
-            .env("KEYHOLDER_DATA_DIR", &data)
-            .output()
-            .unwrap()
-    };
+    let run = owner(&data);
     // Owner commands never create a data folder.
     let out = run(&["status"]);
     assert!(!out.status.success());
@@ -460,13 +415,7 @@ fn store_reads_the_secret_from_standard_input() {
     use std::io::Write;
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let run = |args: &[&str]| {
-        Command::new(BIN)
-            .args(args)
-            .env("KEYHOLDER_DATA_DIR", &data)
-            .output()
-            .unwrap()
-    };
+    let run = owner(&data);
     let out = run(&["bind", "--public-url", "https://kh.example", "--json"]);
     assert!(
         out.status.success(),

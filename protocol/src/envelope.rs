@@ -266,40 +266,18 @@ impl Envelope {
     /// Strict parse: exactly `keyId=<16 lowercase hex>,ts=<canonical integer>,nonce=<32 lowercase
     /// hex>,sig=<canonical padded standard base64 of 64 bytes>`.
     pub fn parse(header: &str) -> Result<Self, EnvelopeError> {
-        if header.len() > MAX_ENVELOPE_LEN {
-            return Err(EnvelopeError::Malformed);
-        }
-        let mut parts = header.split(',');
-        let (k, t, n, s) = match (
-            parts.next(),
-            parts.next(),
-            parts.next(),
-            parts.next(),
-            parts.next(),
-        ) {
-            (Some(k), Some(t), Some(n), Some(s), None) => (k, t, n, s),
-            _ => return Err(EnvelopeError::Malformed),
-        };
-        let key_id = k.strip_prefix("keyId=").ok_or(EnvelopeError::Malformed)?;
-        let ts_text = t.strip_prefix("ts=").ok_or(EnvelopeError::Malformed)?;
-        let nonce = n.strip_prefix("nonce=").ok_or(EnvelopeError::Malformed)?;
-        let sig_text = s.strip_prefix("sig=").ok_or(EnvelopeError::Malformed)?;
+        use crate::compact::{base64_exact, canonical_i64, field, split_exact};
+        let [k, t, n, s] =
+            split_exact::<4>(header, ',', MAX_ENVELOPE_LEN).ok_or(EnvelopeError::Malformed)?;
+        let key_id = field(k, "keyId").ok_or(EnvelopeError::Malformed)?;
+        let ts_text = field(t, "ts").ok_or(EnvelopeError::Malformed)?;
+        let nonce = field(n, "nonce").ok_or(EnvelopeError::Malformed)?;
+        let sig_text = field(s, "sig").ok_or(EnvelopeError::Malformed)?;
         if !crate::hex::is_lower_hex(key_id, 16) || !crate::hex::is_lower_hex(nonce, 32) {
             return Err(EnvelopeError::Malformed);
         }
-        let ts = crate::signing::parse_strict_i64(ts_text)
-            .filter(|ts| ts.to_string() == ts_text)
-            .ok_or(EnvelopeError::Malformed)?;
-        if sig_text.len() != 88 {
-            return Err(EnvelopeError::Malformed);
-        }
-        let raw = STANDARD
-            .decode(sig_text)
-            .map_err(|_| EnvelopeError::Malformed)?;
-        let sig: [u8; 64] = raw
-            .as_slice()
-            .try_into()
-            .map_err(|_| EnvelopeError::Malformed)?;
+        let ts = canonical_i64(ts_text).ok_or(EnvelopeError::Malformed)?;
+        let sig = base64_exact::<64>(sig_text).ok_or(EnvelopeError::Malformed)?;
         Ok(Envelope {
             key_id: key_id.to_owned(),
             ts,

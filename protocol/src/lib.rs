@@ -29,6 +29,7 @@ pub mod ticket_kh2;
 pub mod vectors;
 pub mod wire;
 
+mod compact;
 mod hex;
 
 pub use envelope::{PlatformPublicKey, PlatformSigningKey};

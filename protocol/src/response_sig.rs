@@ -293,17 +293,8 @@ impl ResponseSignature {
             (Some(b), Some(salt), Some(path), None) => Some(parse_batch(b, salt, path)?),
             _ => return Err(ResponseSigError::Malformed),
         };
-        let key_id = k
-            .strip_prefix("keyId=")
-            .ok_or(ResponseSigError::Malformed)?;
-        let ts_text = t.strip_prefix("ts=").ok_or(ResponseSigError::Malformed)?;
+        let (key_id, ts) = parse_key_and_ts(k, t)?;
         let sig_text = s.strip_prefix("sig=").ok_or(ResponseSigError::Malformed)?;
-        if !crate::hex::is_lower_hex(key_id, 16) {
-            return Err(ResponseSigError::Malformed);
-        }
-        let ts = crate::signing::parse_strict_i64(ts_text)
-            .filter(|ts| ts.to_string() == ts_text)
-            .ok_or(ResponseSigError::Malformed)?;
         let sig: [u8; 64] = decode_exact(sig_text)?;
         Ok(ResponseSignature {
             key_id: key_id.to_owned(),
@@ -315,16 +306,39 @@ impl ResponseSignature {
 }
 
 /// Canonical standard base64 of exactly `N` bytes.
-fn decode_exact<const N: usize>(text: &str) -> Result<[u8; N], ResponseSigError> {
-    if text.len() != N.div_ceil(3) * 4 {
-        return Err(ResponseSigError::Malformed);
+pub(crate) fn decode_exact<const N: usize>(text: &str) -> Result<[u8; N], ResponseSigError> {
+    crate::compact::base64_exact::<N>(text).ok_or(ResponseSigError::Malformed)
+}
+
+/// The `keyId=<16 lowercase hex>` and `ts=<canonical integer>` fields that open both forms of
+/// the response signature header (whole and streamed).
+pub(crate) fn parse_key_and_ts<'a>(
+    k: &'a str,
+    t: &str,
+) -> Result<(&'a str, i64), ResponseSigError> {
+    let key_id = crate::compact::field(k, "keyId")
+        .filter(|k| crate::hex::is_lower_hex(k, 16))
+        .ok_or(ResponseSigError::Malformed)?;
+    let ts = crate::compact::field(t, "ts")
+        .and_then(crate::compact::canonical_i64)
+        .ok_or(ResponseSigError::Malformed)?;
+    Ok((key_id, ts))
+}
+
+/// Before a response signature is checked: it is by `key`, and no signed field holds a line
+/// break (which would let one message stand for another).
+pub(crate) fn check_signer_and_fields(
+    key: &VerifyingKey,
+    signed_by: &str,
+    fields: [&str; 3],
+) -> Result<(), ResponseSigError> {
+    if signed_by != key_id(key) {
+        return Err(ResponseSigError::UnknownKey);
     }
-    let raw = STANDARD
-        .decode(text)
-        .map_err(|_| ResponseSigError::Malformed)?;
-    raw.as_slice()
-        .try_into()
-        .map_err(|_| ResponseSigError::Malformed)
+    if fields.iter().any(|f| f.contains(['\n', '\r'])) {
+        return Err(ResponseSigError::BadSignature);
+    }
+    Ok(())
 }
 
 fn parse_count(text: &str) -> Result<u32, ResponseSigError> {
@@ -404,16 +418,7 @@ pub fn verify_response(
     body: &[u8],
 ) -> Result<ResponseSignature, ResponseSigError> {
     let parsed = ResponseSignature::parse(header)?;
-    if parsed.key_id != key_id(key) {
-        return Err(ResponseSigError::UnknownKey);
-    }
-    // A line break inside a field would let one message stand for another.
-    if [method, path_and_query, request_id]
-        .iter()
-        .any(|f| f.contains(['\n', '\r']))
-    {
-        return Err(ResponseSigError::BadSignature);
-    }
+    check_signer_and_fields(key, &parsed.key_id, [method, path_and_query, request_id])?;
     let msg = response_signing_message(parsed.ts, method, path_and_query, request_id, status, body);
     let signed = match parsed.batch.as_ref() {
         None => msg,

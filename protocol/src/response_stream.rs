@@ -28,7 +28,9 @@ use ed25519_dalek::{Signature, VerifyingKey};
 use rand::RngCore as _;
 use sha2::{Digest as _, Sha256};
 
-use crate::response_sig::{key_id, IdentityKey, ResponseSigError};
+use crate::response_sig::{
+    check_signer_and_fields, decode_exact, parse_key_and_ts, IdentityKey, ResponseSigError,
+};
 
 /// First line of the signed head of a streamed answer.
 pub const STREAM_HEAD_LABEL: &str = "keyholder-response-stream-v1";
@@ -146,26 +148,14 @@ pub struct StreamHead {
 impl StreamHead {
     /// Strict parse of `keyId=..,ts=..,stream=..,sig=..`.
     pub fn parse(header: &str) -> Result<Self, ResponseSigError> {
-        if header.len() > 256 {
-            return Err(ResponseSigError::Malformed);
-        }
-        let parts: Vec<&str> = header.split(',').collect();
-        let [k, t, s, g] = parts.as_slice() else {
-            return Err(ResponseSigError::Malformed);
-        };
-        let key_id = k
-            .strip_prefix("keyId=")
-            .filter(|k| crate::hex::is_lower_hex(k, 16))
+        let [k, t, s, g] = crate::compact::split_exact::<4>(header, ',', 256)
             .ok_or(ResponseSigError::Malformed)?;
-        let ts_text = t.strip_prefix("ts=").ok_or(ResponseSigError::Malformed)?;
-        let ts = crate::signing::parse_strict_i64(ts_text)
-            .filter(|ts| ts.to_string() == *ts_text)
-            .ok_or(ResponseSigError::Malformed)?;
-        let stream = s
-            .strip_prefix("stream=")
-            .ok_or(ResponseSigError::Malformed)?;
+        let (key_id, ts) = parse_key_and_ts(k, t)?;
+        let stream = crate::compact::field(s, "stream").ok_or(ResponseSigError::Malformed)?;
         decode_exact::<16>(stream)?;
-        let sig = decode_exact::<64>(g.strip_prefix("sig=").ok_or(ResponseSigError::Malformed)?)?;
+        let sig = decode_exact::<64>(
+            crate::compact::field(g, "sig").ok_or(ResponseSigError::Malformed)?,
+        )?;
         Ok(StreamHead {
             key_id: key_id.to_owned(),
             ts,
@@ -178,18 +168,6 @@ impl StreamHead {
 /// True when a signature header is of the streamed form (has a `stream=` field).
 pub fn is_stream_header(header: &str) -> bool {
     header.split(',').any(|p| p.starts_with("stream="))
-}
-
-fn decode_exact<const N: usize>(text: &str) -> Result<[u8; N], ResponseSigError> {
-    if text.len() != N.div_ceil(3) * 4 {
-        return Err(ResponseSigError::Malformed);
-    }
-    let raw = STANDARD
-        .decode(text)
-        .map_err(|_| ResponseSigError::Malformed)?;
-    raw.as_slice()
-        .try_into()
-        .map_err(|_| ResponseSigError::Malformed)
 }
 
 /// Verifies a streamed answer: the head at construction, the body chunk by chunk, the end frame
@@ -213,15 +191,7 @@ impl StreamVerifier {
         status: u16,
     ) -> Result<Self, ResponseSigError> {
         let head = StreamHead::parse(header)?;
-        if head.key_id != key_id(key) {
-            return Err(ResponseSigError::UnknownKey);
-        }
-        if [method, path_and_query, request_id]
-            .iter()
-            .any(|f| f.contains(['\n', '\r']))
-        {
-            return Err(ResponseSigError::BadSignature);
-        }
+        check_signer_and_fields(key, &head.key_id, [method, path_and_query, request_id])?;
         let msg = stream_head_message(
             head.ts,
             method,

@@ -285,20 +285,21 @@ pub fn verify_ticket(
     now: i64,
     max_lifetime_secs: i64,
 ) -> Result<TicketClaims, TicketError> {
-    if ticket.len() > MAX_TICKET_LEN {
-        return Err(TicketError::Malformed);
-    }
-    let mut parts = ticket.split('.');
-    let (payload, sig) = match (parts.next(), parts.next(), parts.next()) {
-        (Some(p), Some(s), None) if !p.is_empty() && !s.is_empty() => (p, s),
-        _ => return Err(TicketError::Malformed),
-    };
+    let [payload, sig] = split_ticket(ticket)?;
     let given = crate::hex::decode_lower::<32>(sig).ok_or(TicketError::BadSignature)?;
     let expected = hmac_parts(secret, &[payload.as_bytes()]);
     if !bool::from(expected.ct_eq(&given)) {
         return Err(TicketError::BadSignature);
     }
     check_claims(payload, now, max_lifetime_secs)
+}
+
+/// A ticket's `N` dot-separated parts (at most [`MAX_TICKET_LEN`] bytes, none empty): the prelude
+/// of both ticket formats.
+pub(crate) fn split_ticket<const N: usize>(ticket: &str) -> Result<[&str; N], TicketError> {
+    crate::compact::split_exact::<N>(ticket, '.', MAX_TICKET_LEN)
+        .filter(|parts| parts.iter().all(|p| !p.is_empty()))
+        .ok_or(TicketError::Malformed)
 }
 
 /// The checks after the signature, shared by both ticket formats: payload decoding, expiry, nonce

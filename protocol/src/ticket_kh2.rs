@@ -15,7 +15,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 
 use crate::envelope::{PlatformPublicKey, PlatformSigningKey};
-use crate::ticket::{check_claims, TicketClaims, TicketError, MAX_TICKET_LEN};
+use crate::ticket::{check_claims, TicketClaims, TicketError};
 
 /// The prefix (first part) of every `kh2` ticket.
 pub const KH2_PREFIX: &str = "kh2";
@@ -42,14 +42,10 @@ pub fn verify_kh2_ticket(
     now: i64,
     max_lifetime_secs: i64,
 ) -> Result<TicketClaims, TicketError> {
-    if ticket.len() > MAX_TICKET_LEN {
+    let [prefix, payload, sig] = crate::ticket::split_ticket(ticket)?;
+    if prefix != KH2_PREFIX {
         return Err(TicketError::Malformed);
     }
-    let mut parts = ticket.split('.');
-    let (payload, sig) = match (parts.next(), parts.next(), parts.next(), parts.next()) {
-        (Some(KH2_PREFIX), Some(p), Some(s), None) if !p.is_empty() && !s.is_empty() => (p, s),
-        _ => return Err(TicketError::Malformed),
-    };
     if sig.len() != 86 {
         return Err(TicketError::BadSignature);
     }

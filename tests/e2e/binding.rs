@@ -104,7 +104,7 @@ async fn a_bound_keyholder_issues_no_plain_codes_and_refuses_stale_ones() {
     kh.exchange(&early.code)
         .await
         .assert_error(403, "forbidden");
-    let args = keyholder::cli::BindArgs {
+    let args = keyholder::cli::bind::BindArgs {
         data: kh.data_args(),
         public_url: None,
         frontend_url: DEFAULT_FRONTEND.into(),
@@ -112,7 +112,7 @@ async fn a_bound_keyholder_issues_no_plain_codes_and_refuses_stale_ones() {
         platform_key: None,
         json: false,
     };
-    let err = keyholder::cli::bind(&args)
+    let err = keyholder::cli::bind::bind(&args)
         .expect_err("refused once bound")
         .to_string();
     assert!(err.contains("--rebind"), "{err}");

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use keyholder_check::{self as check, CheckAuth, CheckOptions};
 use keyholder_tests::fast_retry;
-use keyholder_tests::faulty::{Fault, FaultyWebhook};
+use keyholder_tests::faulty::{Fault, FaultyWebhook, STREAM_SERVICE};
 
 async fn run_against(fault: Fault) -> check::Report {
     let webhook = FaultyWebhook::start(fault).await;
@@ -20,6 +20,7 @@ async fn run_against(fault: Fault) -> check::Report {
     options.retry = fast_retry();
     options.timeout = Duration::from_secs(10);
     options.restart_cmd = Some(webhook.restart_cmd());
+    options.stream_service = Some(STREAM_SERVICE.to_owned());
     check::run(options).await
 }
 
@@ -41,12 +42,14 @@ async fn checker_passes_against_the_front_without_a_fault() {
     let expected = check::MATRIX.len()
         + check::PROTOCOL_24_MATRIX.len()
         + check::WIRE_MATRIX.len()
-        + check::RESTART_MATRIX.len();
+        + check::RESTART_MATRIX.len()
+        + check::STREAM_MATRIX.len();
     assert_eq!(report.checks.len(), expected, "{text}");
     assert!(
         report.check("replay_after_restart").unwrap().passed,
         "{text}"
     );
+    assert!(report.check("streamed_answer").unwrap().passed, "{text}");
 }
 
 /// Each fault fails exactly its check, and the failure shows the request and the answer.

@@ -378,6 +378,24 @@ fn assert_all_pass(report: &check::Report) {
     );
 }
 
+/// With `--stream-service` the checker verifies a streamed proxy answer end to end (pinned to the
+/// identity the exchange announced).
+#[tokio::test]
+async fn checker_verifies_a_streamed_answer_from_our_keyholder() {
+    let kh = Keyholder::start_with(|c| c.egress_allow_private = true).await;
+    kh.egress("allow", "keyholder-check-stream", &["127.0.0.1"], false)
+        .await;
+    let code = kh.issue_code(false);
+    let mut options = options(&kh, CheckAuth::BindCode(code.code.clone()));
+    options.stream_service = Some("keyholder-check-stream".into());
+    let report = check::run(options).await;
+    let text = report.to_text();
+    assert!(report.ok(), "{text}");
+    let streamed = report.check("streamed_answer").unwrap();
+    assert!(streamed.passed, "{text}");
+    assert!(text.contains("PASS streaming/streamed_answer"), "{text}");
+}
+
 #[tokio::test]
 async fn checker_passes_against_our_keyholder() {
     let kh = Keyholder::start().await;

@@ -300,3 +300,30 @@ async fn owner_commands_take_effect_at_once() {
     assert_eq!(kh.proxy_get("github", &a.url("/")).await.status, 200);
     assert_eq!(kh.proxy_get("github", &b.url("/")).await.status, 200);
 }
+
+/// One meaning of "origin": the audit entry of a proxied call names its upstream exactly as the
+/// egress pin holds it (`scheme://host:port`), so the owner can allow or compare what the trail
+/// shows as it is.
+#[tokio::test]
+async fn the_audit_trail_names_the_upstream_as_the_pin_holds_it() {
+    let kh = policy_keyholder(|_| {}).await;
+    kh.egress_mode("github", "pinned").await;
+    let upstream = MockServer::ok().await;
+    let url = upstream
+        .url("/repos?per_page=1")
+        .replace("127.0.0.1", "LocalHost");
+    assert_eq!(kh.proxy_get("github", &url).await.status, 200);
+    let pinned = kh
+        .egress("show", "github", &[], false)
+        .await
+        .pinned_origin
+        .expect("pinned on first use");
+    assert_eq!(pinned, format!("http://localhost:{}", upstream.addr.port()));
+    let entries = kh.audit_entries(Some("github")).await;
+    let proxied = entries
+        .iter()
+        .rfind(|e| e.event.endpoint == keyholder_protocol::paths::PATH_PROXY)
+        .expect("the proxied call is audited");
+    assert_eq!(proxied.event.result, "ok");
+    assert_eq!(proxied.event.upstream, pinned);
+}

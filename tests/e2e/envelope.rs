@@ -36,7 +36,7 @@ fn public_key_file(dir: &Path, key: &PlatformSigningKey, document: bool) -> std:
 
 /// `keyholder bind [--rebind] --platform-key FILE` as the owner runs it.
 fn issue_asymmetric_code(kh: &Keyholder, file: &Path, rebind: bool) -> String {
-    let args = keyholder::cli::BindArgs {
+    let args = keyholder::cli::bind::BindArgs {
         data: kh.data_args(),
         public_url: None,
         frontend_url: DEFAULT_FRONTEND.into(),
@@ -44,7 +44,7 @@ fn issue_asymmetric_code(kh: &Keyholder, file: &Path, rebind: bool) -> String {
         platform_key: Some(file.to_path_buf()),
         json: true,
     };
-    let issued = keyholder::cli::bind(&args).expect("asymmetric code issued");
+    let issued = keyholder::cli::bind::bind(&args).expect("asymmetric code issued");
     assert!(
         issued.registration_url.contains("platform_key_id="),
         "{}",
@@ -55,7 +55,7 @@ fn issue_asymmetric_code(kh: &Keyholder, file: &Path, rebind: bool) -> String {
 }
 
 fn platform_key_cli(kh: &Keyholder, action: &str, arg: &str) -> anyhow::Result<Vec<String>> {
-    use keyholder::cli::{PlatformKeyAction, PlatformKeyArgs};
+    use keyholder::cli::platform_key::{PlatformKeyAction, PlatformKeyArgs};
     let data = kh.data_args();
     let action = match action {
         "add" => PlatformKeyAction::Add {
@@ -68,7 +68,7 @@ fn platform_key_cli(kh: &Keyholder, action: &str, arg: &str) -> anyhow::Result<V
         },
         _ => PlatformKeyAction::List { data, json: true },
     };
-    keyholder::cli::platform_key(&PlatformKeyArgs { action })
+    keyholder::cli::platform_key::platform_key(&PlatformKeyArgs { action })
         .map(|keys| keys.into_iter().map(|k| k.key_id).collect())
 }
 

@@ -4,6 +4,7 @@
 use keyholder::config::validate_metrics_listen;
 use keyholder_protocol::paths::*;
 use keyholder_protocol::Purpose;
+use keyholder_tests::upstream::{Fault, FaultyServer, MockServer, Reply};
 use keyholder_tests::{now, random_hex, Keyholder};
 use serde_json::json;
 
@@ -128,21 +129,84 @@ async fn metrics_listener_serves_every_family() {
     );
     assert!(value(&text, "keyholder_db_commit_duration_seconds_sum") > 0.0);
 
-    // Counters the proxy code will feed are live in the same registry.
-    let state = &kh.server.as_ref().unwrap().state;
-    state.metrics.egress_denials.inc();
-    state.metrics.upstream_errors.inc();
-    state
-        .metrics
-        .observe_upstream(std::time::Duration::from_millis(12));
-    let text = reqwest::get(&url).await.unwrap().text().await.unwrap();
-    assert_eq!(value(&text, "keyholder_egress_denials_total"), 1.0);
-    assert_eq!(value(&text, "keyholder_upstream_errors_total"), 1.0);
-    assert_eq!(
-        value(&text, "keyholder_upstream_duration_seconds_count"),
-        1.0
-    );
     kh.stop().await;
+}
+
+/// The upstream metrics count real outbound calls where they happen: a refused connection, a
+/// timeout and a 5xx answer through `/v1/proxy`, and a token endpoint failing an OAuth refresh,
+/// are errors; a good answer is timed but no error; an egress refusal (nothing sent) is neither.
+#[tokio::test]
+async fn upstream_failures_are_counted_where_the_calls_happen() {
+    let kh = crate::proxy::proxy_keyholder(|c| {
+        c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+        c.upstream_timeout = std::time::Duration::from_secs(1);
+        c.provider_timeout = std::time::Duration::from_secs(1);
+    })
+    .await;
+    let url = kh.server.as_ref().unwrap().metrics_url().unwrap();
+    let metric = |series: &'static str| {
+        let url = url.clone();
+        async move {
+            value(
+                &reqwest::get(&url).await.unwrap().text().await.unwrap(),
+                series,
+            )
+        }
+    };
+    const ERRORS: &str = "keyholder_upstream_errors_total";
+    const TIMED: &str = "keyholder_upstream_duration_seconds_count";
+    assert_eq!((metric(ERRORS).await, metric(TIMED).await), (0.0, 0.0));
+
+    let good = MockServer::ok().await;
+    assert_eq!(kh.proxy_get("github", &good.url("/ok")).await.status, 200);
+    assert_eq!((metric(ERRORS).await, metric(TIMED).await), (0.0, 1.0));
+
+    // Nothing listens on a port just closed: the connection is refused.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    kh.proxy_get("github", &format!("http://127.0.0.1:{port}/x"))
+        .await
+        .assert_error(502, "upstream_error");
+    assert_eq!((metric(ERRORS).await, metric(TIMED).await), (1.0, 2.0));
+
+    let hang = FaultyServer::start(Fault::Hang).await;
+    kh.proxy_get("github", &hang.url("/x"))
+        .await
+        .assert_error(504, "upstream_timeout");
+    assert_eq!((metric(ERRORS).await, metric(TIMED).await), (2.0, 3.0));
+
+    let failing = MockServer::start(|_| Reply::text(503, "down")).await;
+    let answer = kh.proxy_get("github", &failing.url("/x")).await;
+    assert_eq!(answer.header("x-upstream-status").as_deref(), Some("503"));
+    assert_eq!((metric(ERRORS).await, metric(TIMED).await), (3.0, 4.0));
+
+    // The token endpoint of an OAuth refresh answers 500.
+    let provider = MockServer::start(|_| Reply::json(500, json!({"error": "server_error"}))).await;
+    kh.oauth_set("prov", &provider.url("/token"), "client", "secret");
+    let stored = kh
+        .store(
+            "oauthsvc",
+            json!({"accessToken": "old", "refreshToken": "r", "provider": "prov"}),
+        )
+        .await;
+    assert_eq!(stored.status, 200);
+    let refreshed = kh
+        .signed(
+            PATH_REFRESH_NOTIFY,
+            &json!({"requestId": format!("req_{}", random_hex(6)), "service": "oauthsvc", "reason": "expired"}),
+        )
+        .await;
+    assert_eq!(refreshed.json()["status"], "refresh_failed");
+    assert_eq!(provider.count(), 1);
+    assert_eq!((metric(ERRORS).await, metric(TIMED).await), (4.0, 5.0));
+
+    // Refused by the egress policy before any call: a denial, not an upstream error.
+    kh.proxy_get("github", "https://elsewhere.example/x")
+        .await
+        .assert_error(403, "egress_denied");
+    assert_eq!(metric("keyholder_egress_denials_total").await, 1.0);
+    assert_eq!((metric(ERRORS).await, metric(TIMED).await), (4.0, 5.0));
 }
 
 #[test]

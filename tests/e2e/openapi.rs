@@ -1,39 +1,25 @@
 //! `docs/openapi.json` cannot drift from the server: every documented path and method is served
 //! (never 404/405), every other method on a documented path is `405` with an `Allow` header listing
-//! exactly the documented methods, every route registered in `http::configure` is documented,
-//! and unknown paths are `404 not_found`.
+//! exactly the documented methods, every route of the endpoint table (`http::endpoints`) is
+//! documented with the methods the table gives it, and unknown paths are `404 not_found`.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use keyholder_tests::*;
 use serde_json::Value;
 
 const SPEC: &str = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/openapi.json"));
-const ROUTES: &str = include_str!(concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../keyholder/src/http/mod.rs"
-));
-const PATHS: &str = include_str!(concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../protocol/src/paths.rs"
-));
 const METHODS: [&str; 8] = [
     "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE",
 ];
 
-/// Paths registered with `web::resource(PATH_...)` in the server's route table.
-fn registered_paths() -> BTreeSet<String> {
-    ROUTES
-        .split("web::resource(")
-        .skip(1)
-        .map(|rest| {
-            let name = rest.split(')').next().unwrap();
-            let decl = format!("pub const {name}: &str = \"");
-            let value = PATHS
-                .split(&decl)
-                .nth(1)
-                .unwrap_or_else(|| panic!("{name} not in paths.rs"));
-            value.split('"').next().unwrap().to_string()
+/// Every route of the server's endpoint table, with the methods it says it serves (its `Allow`).
+fn registered_routes() -> BTreeMap<String, BTreeSet<String>> {
+    keyholder::http::endpoints::ENDPOINTS
+        .iter()
+        .map(|e| {
+            let methods = e.allow().split(", ").map(str::to_string).collect();
+            (e.route.to_string(), methods)
         })
         .collect()
 }
@@ -42,11 +28,17 @@ fn registered_paths() -> BTreeSet<String> {
 async fn openapi_describes_exactly_the_served_routes() {
     let spec: Value = serde_json::from_str(SPEC).unwrap();
     let paths = spec["paths"].as_object().unwrap();
-    let documented: BTreeSet<String> = paths.keys().cloned().collect();
+    let documented: BTreeMap<String, BTreeSet<String>> = paths
+        .iter()
+        .map(|(path, ops)| {
+            let methods = ops.as_object().unwrap().keys().map(|m| m.to_uppercase());
+            (path.clone(), methods.collect())
+        })
+        .collect();
     assert_eq!(
         documented,
-        registered_paths(),
-        "docs/openapi.json paths vs http::configure"
+        registered_routes(),
+        "docs/openapi.json paths and methods vs http::endpoints::ENDPOINTS"
     );
 
     let mut kh = Keyholder::start().await;

@@ -175,7 +175,7 @@ async fn keyholder_with_key_outside(keys: &Path) -> Keyholder {
 }
 
 fn backup(kh: &Keyholder, out: &Path) {
-    keyholder::cli::owner::backup(&keyholder::cli::owner::BackupArgs {
+    keyholder::cli::backup::backup(&keyholder::cli::backup::BackupArgs {
         data: kh.data_args(),
         out: out.to_path_buf(),
     })
@@ -812,14 +812,14 @@ async fn pkcs11_scenarios(hsm: SoftHsm) {
     std::fs::write(&key_file, [5u8; 32]).unwrap();
     let mut data_args = kh.data_args();
     data_args.pkcs11.master_key_pkcs11 = None; // named by --from-pkcs11 instead
-    let from = keyholder::cli::owner::RotateMasterKeyArgs {
+    let from = keyholder::cli::rotate_master_key::RotateMasterKeyArgs {
         data: data_args.clone(),
         new_master_key_file: Some(key_file.clone()),
         new_passphrase_file: None,
         to_pkcs11: None,
         from_pkcs11: Some(uri.into()),
     };
-    keyholder::cli::owner::rotate_master_key(&from).unwrap();
+    keyholder::cli::rotate_master_key::rotate_master_key(&from).unwrap();
     let mut on_file = config.clone();
     on_file.master_key = MasterKeySource::File(key_file.clone());
     let err = start_err(config.clone()).await;
@@ -836,7 +836,7 @@ async fn pkcs11_scenarios(hsm: SoftHsm) {
     kh_file.stop().await;
 
     // ... and back with --to-pkcs11 URI: the key file no longer opens the folder.
-    let to = keyholder::cli::owner::RotateMasterKeyArgs {
+    let to = keyholder::cli::rotate_master_key::RotateMasterKeyArgs {
         data: keyholder::config::DataArgs {
             master_key_file: Some(key_file.clone()),
             ..data_args
@@ -846,7 +846,7 @@ async fn pkcs11_scenarios(hsm: SoftHsm) {
         to_pkcs11: Some(uri.into()),
         from_pkcs11: None,
     };
-    keyholder::cli::owner::rotate_master_key(&to).unwrap();
+    keyholder::cli::rotate_master_key::rotate_master_key(&to).unwrap();
     let err = start_err(on_file).await;
     assert!(err.contains("sealed by a PKCS#11 token"), "{err}");
     kh.restart().await;

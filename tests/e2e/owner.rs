@@ -5,9 +5,10 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use keyholder::cli::owner::{
-    self, AuditExportArgs, OwnerArgs, RetireKeyArgs, RetiredKey, RewrapArgs,
-};
+use keyholder::cli::audit::AuditExportArgs;
+use keyholder::cli::data_folder::OwnerArgs;
+use keyholder::cli::retire_key::{RetireKeyArgs, RetiredKey};
+use keyholder::cli::rewrap::RewrapArgs;
 use keyholder::config::DataArgs;
 use keyholder::vault::master::MasterKeySource;
 use keyholder_protocol::document::encrypt_platform_v1_field;
@@ -89,7 +90,9 @@ async fn rotation_then_rewrap_then_retire_keeps_every_credential_readable() {
     assert_eq!(state.vault.keys().current_data_version(), 1);
 
     let args = owner_args(&kh);
-    let version = cli(move || owner::rotate_key(&args)).await.unwrap();
+    let version = cli(move || keyholder::cli::rotate_key::rotate_key(&args))
+        .await
+        .unwrap();
     assert_eq!(version, 2);
     // The running server follows without a restart.
     within(Duration::from_secs(1), || {
@@ -118,13 +121,17 @@ async fn rotation_then_rewrap_then_retire_keeps_every_credential_readable() {
         data: kh.data_args(),
         key: RetiredKey::Data(1),
     };
-    let err = cli(move || owner::retire_key(&args)).await.unwrap_err();
+    let err = cli(move || keyholder::cli::retire_key::retire_key(&args))
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("still used"), "{err}");
     let args = RetireKeyArgs {
         data: kh.data_args(),
         key: RetiredKey::Data(2),
     };
-    let err = cli(move || owner::retire_key(&args)).await.unwrap_err();
+    let err = cli(move || keyholder::cli::retire_key::retire_key(&args))
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("current"), "{err}");
 
     // Rewrap in small batches while the server keeps serving.
@@ -132,7 +139,7 @@ async fn rotation_then_rewrap_then_retire_keeps_every_credential_readable() {
         data: kh.data_args(),
         batch_size: 7,
     };
-    let rewrap = tokio::spawn(cli(move || owner::rewrap(&args)));
+    let rewrap = tokio::spawn(cli(move || keyholder::cli::rewrap::rewrap(&args)));
     for i in 0..10 {
         assert_eq!(kh.credential(&format!("svc{i:03}")).await.status, 200);
     }
@@ -146,7 +153,9 @@ async fn rotation_then_rewrap_then_retire_keeps_every_credential_readable() {
         data: kh.data_args(),
         key: RetiredKey::Data(1),
     };
-    cli(move || owner::retire_key(&args)).await.unwrap();
+    cli(move || keyholder::cli::retire_key::retire_key(&args))
+        .await
+        .unwrap();
     within(Duration::from_secs(1), || {
         state.vault.keys().data_versions() == vec![2]
     })
@@ -158,7 +167,9 @@ async fn rotation_then_rewrap_then_retire_keeps_every_credential_readable() {
     );
 
     let args = owner_args(&kh);
-    let status = cli(move || owner::status(&args)).await.unwrap();
+    let status = cli(move || keyholder::cli::status::status(&args))
+        .await
+        .unwrap();
     assert_eq!(status.data_key_versions, vec![2]);
     assert_eq!(status.current_data_key, 2);
     assert_eq!(status.credential_count as usize, N + 1);
@@ -188,17 +199,21 @@ async fn master_key_rotation_keeps_the_server_serving_and_locks_out_the_old_key(
         200
     );
 
-    let args = owner::RotateMasterKeyArgs {
+    let args = keyholder::cli::rotate_master_key::RotateMasterKeyArgs {
         data: kh.data_args(),
         new_master_key_file: Some(new_key.clone()),
         new_passphrase_file: None,
         to_pkcs11: None,
         from_pkcs11: None,
     };
-    cli(move || owner::rotate_master_key(&args)).await.unwrap();
+    cli(move || keyholder::cli::rotate_master_key::rotate_master_key(&args))
+        .await
+        .unwrap();
     // The old key no longer opens the folder.
     let old_args = owner_args(&kh);
-    assert!(cli(move || owner::status(&old_args)).await.is_err());
+    assert!(cli(move || keyholder::cli::status::status(&old_args))
+        .await
+        .is_err());
     // The server keeps serving with the keys it holds...
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(
@@ -208,7 +223,9 @@ async fn master_key_rotation_keeps_the_server_serving_and_locks_out_the_old_key(
     // ...and picks up the new key once it is where the server reads it.
     std::fs::copy(&new_key, &live_key).unwrap();
     let args = owner_args(&kh);
-    cli(move || owner::rotate_key(&args)).await.unwrap();
+    cli(move || keyholder::cli::rotate_key::rotate_key(&args))
+        .await
+        .unwrap();
     let state = kh.server.as_ref().unwrap().state.clone();
     within(Duration::from_secs(2), || {
         state.vault.keys().current_data_version() == 2
@@ -261,22 +278,26 @@ async fn backup_under_concurrent_writes_restores_every_acknowledged_write() {
     let out = backups.path().join("snapshot.db");
     let before: Vec<usize> = acked.lock().unwrap().clone();
     assert!(!before.is_empty());
-    let args = owner::BackupArgs {
+    let args = keyholder::cli::backup::BackupArgs {
         data: kh.data_args(),
         out: out.clone(),
     };
-    cli(move || owner::backup(&args)).await.unwrap();
+    cli(move || keyholder::cli::backup::backup(&args))
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for w in writers {
         w.await.unwrap();
     }
     // Never overwrites a file.
-    let args = owner::BackupArgs {
+    let args = keyholder::cli::backup::BackupArgs {
         data: kh.data_args(),
         out: out.clone(),
     };
-    assert!(cli(move || owner::backup(&args)).await.is_err());
+    assert!(cli(move || keyholder::cli::backup::backup(&args))
+        .await
+        .is_err());
     // The snapshot holds no key in the clear, and no master key file.
     let bytes = std::fs::read(&out).unwrap();
     let master = std::fs::read(kh.data_dir.join("master.key")).unwrap();
@@ -284,23 +305,30 @@ async fn backup_under_concurrent_writes_restores_every_acknowledged_write() {
     assert!(!bytes.windows(20).any(|w| w == &master.as_bytes()[..20]));
 
     // Restore refuses a non-empty folder, then restores into an empty one.
-    let args = owner::RestoreArgs {
+    let args = keyholder::cli::restore::RestoreArgs {
         data: kh.data_args(),
         from: out.clone(),
     };
-    assert!(cli(move || owner::restore(&args)).await.is_err());
+    assert!(cli(move || keyholder::cli::restore::restore(&args))
+        .await
+        .is_err());
     let restored = tempfile::tempdir().unwrap();
     let target = restored.path().join("data");
-    let args = owner::RestoreArgs {
+    let args = keyholder::cli::restore::RestoreArgs {
         data: DataArgs {
             data_dir: target.clone(),
             master_key_file: Some(kh.data_dir.join("master.key")),
             passphrase_file: None,
             pkcs11: Default::default(),
+            database_url: None,
+            database_password_file: None,
+            node_id: None,
         },
         from: out.clone(),
     };
-    let report = cli(move || owner::restore(&args)).await.unwrap();
+    let report = cli(move || keyholder::cli::restore::restore(&args))
+        .await
+        .unwrap();
     assert_eq!(report.master_key_checked, Some(true));
 
     let mut config = Keyholder::config_in(&target);
@@ -345,7 +373,9 @@ async fn seal_stops_in_flight_traffic_within_a_second_and_unseal_restores_it() {
     within(Duration::from_secs(1), || last.lock().unwrap().0 == 200).await;
 
     let args = owner_args(&kh);
-    cli(move || owner::set_sealed(&args, true)).await.unwrap();
+    cli(move || keyholder::cli::seal::set_sealed(&args, true))
+        .await
+        .unwrap();
     let took = within(Duration::from_secs(1), || {
         let l = last.lock().unwrap();
         l.0 == 503 && l.1 == "sealed"
@@ -377,7 +407,9 @@ async fn seal_stops_in_flight_traffic_within_a_second_and_unseal_restores_it() {
         .assert_error(503, "sealed");
 
     let args = owner_args(&kh);
-    cli(move || owner::set_sealed(&args, false)).await.unwrap();
+    cli(move || keyholder::cli::seal::set_sealed(&args, false))
+        .await
+        .unwrap();
     within(Duration::from_secs(1), || last.lock().unwrap().0 == 200).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     traffic.await.unwrap();
@@ -402,6 +434,9 @@ fn copy_folder(from: &std::path::Path) -> (tempfile::TempDir, OwnerArgs) {
             master_key_file: None,
             passphrase_file: None,
             pkcs11: Default::default(),
+            database_url: None,
+            database_password_file: None,
+            node_id: None,
         },
         json: false,
     };
@@ -440,14 +475,16 @@ async fn audit_trail_records_uses_and_refusals_and_verify_catches_tampering() {
     }
     kh.server.as_ref().unwrap().state.audit.flush().await;
 
-    let args = owner::AuditListArgs {
+    let args = keyholder::cli::audit::AuditListArgs {
         data: kh.data_args(),
         service: Some("github".into()),
         since: Some((now() - 60).to_string()),
         limit: None,
         json: true,
     };
-    let entries = cli(move || owner::audit_list(&args)).await.unwrap();
+    let entries = cli(move || keyholder::cli::audit::audit_list(&args))
+        .await
+        .unwrap();
     // The ticket for gitlab is recorded under the service it names (signed), not the one asked.
     assert_eq!(entries.len(), 6, "{entries:#?}");
     assert_eq!(entries[0].event.endpoint, PATH_STORE);
@@ -467,7 +504,9 @@ async fn audit_trail_records_uses_and_refusals_and_verify_catches_tampering() {
     assert_eq!(entries[2].event.result, "ticket_invalid");
     assert_eq!(entries[3].event.result, "ok");
     let args = owner_args(&kh);
-    let status = cli(move || owner::status(&args)).await.unwrap();
+    let status = cli(move || keyholder::cli::status::status(&args))
+        .await
+        .unwrap();
     assert!(status.last_credential_use.is_some());
     assert_eq!(status.audit_entries, 7);
 
@@ -477,7 +516,7 @@ async fn audit_trail_records_uses_and_refusals_and_verify_catches_tampering() {
         out: None,
     };
     let mut out = Vec::new();
-    let exported = owner::audit_export(&args, &mut out).unwrap();
+    let exported = keyholder::cli::audit::audit_export(&args, &mut out).unwrap();
     assert_eq!(exported, 7);
     let lines: Vec<Value> = String::from_utf8(out)
         .unwrap()
@@ -490,7 +529,7 @@ async fn audit_trail_records_uses_and_refusals_and_verify_catches_tampering() {
 
     kh.stop().await;
     let (_d, args) = copy_folder(&kh.data_dir);
-    let (verification, _) = owner::audit_verify(&args).unwrap();
+    let (verification, _) = keyholder::cli::audit::audit_verify(&args).unwrap();
     assert!(verification.problem.is_none(), "{verification:?}");
     assert_eq!(verification.entries, 7);
 
@@ -500,17 +539,17 @@ async fn audit_trail_records_uses_and_refusals_and_verify_catches_tampering() {
         dir.path(),
         "UPDATE audit_log SET result = 'ok' WHERE seq = 3",
     );
-    let (verification, _) = owner::audit_verify(&args).unwrap();
+    let (verification, _) = keyholder::cli::audit::audit_verify(&args).unwrap();
     assert_eq!(verification.problem.unwrap().seq, 3);
     // Removed.
     let (dir, args) = copy_folder(&kh.data_dir);
     tamper(dir.path(), "DELETE FROM audit_log WHERE seq = 4");
-    let (verification, _) = owner::audit_verify(&args).unwrap();
+    let (verification, _) = keyholder::cli::audit::audit_verify(&args).unwrap();
     assert_eq!(verification.problem.unwrap().seq, 4);
     // The newest removed.
     let (dir, args) = copy_folder(&kh.data_dir);
     tamper(dir.path(), "DELETE FROM audit_log WHERE seq = 7");
-    let (verification, _) = owner::audit_verify(&args).unwrap();
+    let (verification, _) = keyholder::cli::audit::audit_verify(&args).unwrap();
     // Found at #6 if it came in #7's batch (unsigned, so not a newest entry), else by the head.
     let seq = verification.problem.unwrap().seq;
     assert!(seq == 6 || seq == 7, "problem at #{seq}");
@@ -522,7 +561,7 @@ async fn audit_trail_records_uses_and_refusals_and_verify_catches_tampering() {
          UPDATE audit_log SET seq = 5 WHERE seq = 6;
          UPDATE audit_log SET seq = 6 WHERE seq = -5;",
     );
-    let (verification, _) = owner::audit_verify(&args).unwrap();
+    let (verification, _) = keyholder::cli::audit::audit_verify(&args).unwrap();
     assert_eq!(verification.problem.unwrap().seq, 5);
 }
 
@@ -561,13 +600,15 @@ async fn import_from_the_reference_keeps_the_same_platform_working() {
     std::fs::write(&kv_file, collections.to_string()).unwrap();
 
     let mut kh = Keyholder::start().await;
-    let args = owner::ImportReferenceArgs {
+    let args = keyholder::cli::import_reference::ImportReferenceArgs {
         data: kh.data_args(),
         store: store_file.clone(),
         kv: kv_file.clone(),
         force: false,
     };
-    let report = cli(move || owner::import_reference(&args)).await.unwrap();
+    let report = cli(move || keyholder::cli::import_reference::import_reference(&args))
+        .await
+        .unwrap();
     assert_eq!(
         (
             report.tokens_reencrypted,
@@ -613,17 +654,19 @@ async fn import_from_the_reference_keeps_the_same_platform_working() {
         "re-encrypted under our key: {github}"
     );
     let args = owner_args(&kh);
-    let status = cli(move || owner::status(&args)).await.unwrap();
+    let status = cli(move || keyholder::cli::status::status(&args))
+        .await
+        .unwrap();
     assert_eq!(status.webhook_id, "wh_reference01");
 
     // A second import into a keyholder that holds credentials is refused without --force.
-    let args = owner::ImportReferenceArgs {
+    let args = keyholder::cli::import_reference::ImportReferenceArgs {
         data: kh.data_args(),
         store: store_file,
         kv: kv_file,
         force: false,
     };
-    let err = cli(move || owner::import_reference(&args))
+    let err = cli(move || keyholder::cli::import_reference::import_reference(&args))
         .await
         .unwrap_err();
     assert!(err.to_string().contains("--force"), "{err}");
@@ -674,13 +717,15 @@ async fn imported_v1_ciphertexts_open_only_where_imported_until_rewrap_and_retir
     std::fs::write(&kv_file, collections.to_string()).unwrap();
 
     let mut kh = Keyholder::start_with(|c| c.egress_allow_private = true).await;
-    let args = owner::ImportReferenceArgs {
+    let args = keyholder::cli::import_reference::ImportReferenceArgs {
         data: kh.data_args(),
         store: store_file,
         kv: kv_file,
         force: false,
     };
-    let report = cli(move || owner::import_reference(&args)).await.unwrap();
+    let report = cli(move || keyholder::cli::import_reference::import_reference(&args))
+        .await
+        .unwrap();
     assert_eq!(report.tokens_reencrypted, 2);
     kh.secret = Some(HmacSecret::from_bytes(*reference_secret.expose()));
     let state = kh.server.as_ref().unwrap().state.clone();
@@ -734,7 +779,9 @@ async fn imported_v1_ciphertexts_open_only_where_imported_until_rewrap_and_retir
     assert_eq!(token["token"]["refreshToken"], "ghr_reference_refresh");
 
     let args = owner_args(&kh);
-    let status = cli(move || owner::status(&args)).await.unwrap();
+    let status = cli(move || keyholder::cli::status::status(&args))
+        .await
+        .unwrap();
     assert!(status.reference_key);
     assert_eq!(status.reference_key_documents, 1, "{status:?}");
     let retire = RetireKeyArgs {
@@ -742,7 +789,9 @@ async fn imported_v1_ciphertexts_open_only_where_imported_until_rewrap_and_retir
         key: RetiredKey::PlatformV1,
     };
     let args = retire.clone();
-    let err = cli(move || owner::retire_key(&args)).await.unwrap_err();
+    let err = cli(move || keyholder::cli::retire_key::retire_key(&args))
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("rewrap"), "{err}");
 
     // rewrap re-seals github in kh1 (bound to service, field and key version); the misplaced
@@ -751,7 +800,9 @@ async fn imported_v1_ciphertexts_open_only_where_imported_until_rewrap_and_retir
         data: kh.data_args(),
         batch_size: 2,
     };
-    let report = cli(move || owner::rewrap(&args)).await.unwrap();
+    let report = cli(move || keyholder::cli::rewrap::rewrap(&args))
+        .await
+        .unwrap();
     assert_eq!(report.reference_key_documents, 0, "{report:?}");
     let mut failed = report.failed.clone();
     failed.sort();
@@ -774,7 +825,9 @@ async fn imported_v1_ciphertexts_open_only_where_imported_until_rewrap_and_retir
     }
 
     // The reference key goes; everything that was the owner's still decrypts.
-    cli(move || owner::retire_key(&retire)).await.unwrap();
+    cli(move || keyholder::cli::retire_key::retire_key(&retire))
+        .await
+        .unwrap();
     within(Duration::from_secs(1), || {
         !state.vault.keys().has_platform_v1_key()
     })
@@ -784,7 +837,9 @@ async fn imported_v1_ciphertexts_open_only_where_imported_until_rewrap_and_retir
     assert_eq!(token["token"]["refreshToken"], "ghr_reference_refresh");
     assert!(kh.credential("evil").await.status >= 400);
     let args = owner_args(&kh);
-    let status = cli(move || owner::status(&args)).await.unwrap();
+    let status = cli(move || keyholder::cli::status::status(&args))
+        .await
+        .unwrap();
     assert!(!status.reference_key, "{status:?}");
     assert_eq!(status.reference_key_documents, 0);
     let conn = rusqlite::Connection::open(kh.data_dir.join("keyholder.db")).unwrap();
@@ -792,14 +847,16 @@ async fn imported_v1_ciphertexts_open_only_where_imported_until_rewrap_and_retir
         .query_row("SELECT COUNT(*) FROM imported_v1_fields", [], |r| r.get(0))
         .unwrap();
     assert_eq!(places, 0);
-    let list = owner::AuditListArgs {
+    let list = keyholder::cli::audit::AuditListArgs {
         data: kh.data_args(),
         service: None,
         since: None,
         limit: None,
         json: true,
     };
-    let entries = cli(move || owner::audit_list(&list)).await.unwrap();
+    let entries = cli(move || keyholder::cli::audit::audit_list(&list))
+        .await
+        .unwrap();
     assert!(
         entries
             .iter()
@@ -811,7 +868,9 @@ async fn imported_v1_ciphertexts_open_only_where_imported_until_rewrap_and_retir
         data: kh.data_args(),
         key: RetiredKey::PlatformV1,
     };
-    let err = cli(move || owner::retire_key(&args)).await.unwrap_err();
+    let err = cli(move || keyholder::cli::retire_key::retire_key(&args))
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("no reference"), "{err}");
 
     // And after a restart too.
@@ -846,13 +905,13 @@ async fn import_refuses_a_v1_ciphertext_found_in_two_places() {
     std::fs::write(&store_file, key_file.to_string()).unwrap();
     std::fs::write(&kv_file, collections.to_string()).unwrap();
     let kh = Keyholder::start().await;
-    let args = owner::ImportReferenceArgs {
+    let args = keyholder::cli::import_reference::ImportReferenceArgs {
         data: kh.data_args(),
         store: store_file,
         kv: kv_file,
         force: false,
     };
-    let err = cli(move || owner::import_reference(&args))
+    let err = cli(move || keyholder::cli::import_reference::import_reference(&args))
         .await
         .unwrap_err();
     let text = format!("{err:#}");
@@ -862,7 +921,9 @@ async fn import_refuses_a_v1_ciphertext_found_in_two_places() {
         "{text}"
     );
     let args = owner_args(&kh);
-    let status = cli(move || owner::status(&args)).await.unwrap();
+    let status = cli(move || keyholder::cli::status::status(&args))
+        .await
+        .unwrap();
     assert_eq!(status.credential_count, 0);
     assert!(!status.reference_key && !status.bound, "{status:?}");
 }
@@ -890,7 +951,7 @@ async fn owner_store_from_a_file_reaches_the_running_server() {
     let files = tempfile::tempdir().unwrap();
     let secret_file = files.path().join("token");
     std::fs::write(&secret_file, "ghp_FromTheOwnerCli_77\n").unwrap();
-    let args = owner::StoreArgs {
+    let args = keyholder::cli::store::StoreArgs {
         data: kh.data_args(),
         service: "github".into(),
         token_type: Some("api_key".into()),
@@ -900,7 +961,7 @@ async fn owner_store_from_a_file_reaches_the_running_server() {
         json: false,
     };
     let store_args = args.clone();
-    let report = cli(move || owner::store(&store_args, &mut std::io::empty()))
+    let report = cli(move || keyholder::cli::store::store(&store_args, &mut std::io::empty()))
         .await
         .unwrap();
     assert_eq!(report.meta["tokenType"], "api_key");
@@ -941,11 +1002,11 @@ async fn owner_store_from_a_file_reaches_the_running_server() {
 
     // Refused before anything is written: a secret as an argument, a field that is not
     // sensitive, an empty or oversized secret, a missing file.
-    let refused = |adjust: fn(&mut owner::StoreArgs), needle: &'static str| {
+    let refused = |adjust: fn(&mut keyholder::cli::store::StoreArgs), needle: &'static str| {
         let mut args = args.clone();
         adjust(&mut args);
         async move {
-            let err = cli(move || owner::store(&args, &mut std::io::empty()))
+            let err = cli(move || keyholder::cli::store::store(&args, &mut std::io::empty()))
                 .await
                 .unwrap_err();
             assert!(format!("{err:#}").contains(needle), "{err:#}");
@@ -976,7 +1037,7 @@ async fn owner_store_from_a_file_reaches_the_running_server() {
     .await;
     std::fs::write(
         files.path().join("big"),
-        vec![b'x'; owner::MAX_STORED_SECRET + 1],
+        vec![b'x'; keyholder::cli::store::MAX_STORED_SECRET + 1],
     )
     .unwrap();
     refused(
@@ -990,7 +1051,7 @@ async fn owner_store_from_a_file_reaches_the_running_server() {
     args.secret_file = "-".into();
     args.meta.clear();
     args.token_type = None;
-    cli(move || owner::store(&args, &mut &b"xoxb-from-stdin\n"[..]))
+    cli(move || keyholder::cli::store::store(&args, &mut &b"xoxb-from-stdin\n"[..]))
         .await
         .unwrap();
     kh.server
@@ -1010,14 +1071,16 @@ async fn owner_store_from_a_file_reaches_the_running_server() {
         "the refused stores changed nothing"
     );
 
-    let list = owner::AuditListArgs {
+    let list = keyholder::cli::audit::AuditListArgs {
         data: kh.data_args(),
         service: None,
         since: None,
         limit: None,
         json: true,
     };
-    let entries = cli(move || owner::audit_list(&list)).await.unwrap();
+    let entries = cli(move || keyholder::cli::audit::audit_list(&list))
+        .await
+        .unwrap();
     let stores: Vec<&str> = entries
         .iter()
         .filter(|e| e.event.endpoint == "owner:store")
@@ -1045,12 +1108,12 @@ async fn audit_retention_prunes_in_a_running_server_and_the_rest_verifies() {
         assert_eq!(kh.credential("github").await.status, 200);
     }
     kh.stop().await;
-    let args = owner::OwnerArgs {
+    let args = keyholder::cli::data_folder::OwnerArgs {
         data: kh.data_args(),
         json: false,
     };
     let verify_args = args.clone();
-    let (before, _) = cli(move || owner::audit_verify(&verify_args))
+    let (before, _) = cli(move || keyholder::cli::audit::audit_verify(&verify_args))
         .await
         .unwrap();
     assert!(before.problem.is_none());
@@ -1065,7 +1128,7 @@ async fn audit_retention_prunes_in_a_running_server_and_the_rest_verifies() {
         // Traffic while the prune runs.
         assert_eq!(kh.credential("github").await.status, 200);
         let verify_args = args.clone();
-        let (v, _) = cli(move || owner::audit_verify(&verify_args))
+        let (v, _) = cli(move || keyholder::cli::audit::audit_verify(&verify_args))
             .await
             .unwrap();
         if v.first_seq > old_head {
@@ -1078,14 +1141,16 @@ async fn audit_retention_prunes_in_a_running_server_and_the_rest_verifies() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     };
     assert!(verification.problem.is_none(), "{verification:?}");
-    let list_args = owner::AuditListArgs {
+    let list_args = keyholder::cli::audit::AuditListArgs {
         data: kh.data_args(),
         service: None,
         since: None,
         limit: None,
         json: true,
     };
-    let entries = cli(move || owner::audit_list(&list_args)).await.unwrap();
+    let entries = cli(move || keyholder::cli::audit::audit_list(&list_args))
+        .await
+        .unwrap();
     let prune = entries
         .iter()
         .find(|e| e.event.endpoint == "owner:audit-prune")

@@ -209,14 +209,14 @@ async fn inject_only_refuses_every_hand_out_path_while_the_proxy_still_injects()
 
     // Every decision is in the signed audit trail by policy and rule, and in the metrics.
     kh.server.as_ref().unwrap().state.audit.flush().await;
-    let args = keyholder::cli::owner::AuditListArgs {
+    let args = keyholder::cli::audit::AuditListArgs {
         data: kh.data_args(),
         service: Some("github".into()),
         since: None,
         limit: None,
         json: true,
     };
-    let entries = tokio::task::spawn_blocking(move || keyholder::cli::owner::audit_list(&args))
+    let entries = tokio::task::spawn_blocking(move || keyholder::cli::audit::audit_list(&args))
         .await
         .unwrap()
         .unwrap();
@@ -486,11 +486,11 @@ async fn usage_caps_count_successful_uses_only_and_survive_a_restart() {
     assert!(capped.header("retry-after").is_some());
 
     // `keyholder status` shows the policies, attachments and counts.
-    let args = keyholder::cli::owner::OwnerArgs {
+    let args = keyholder::cli::data_folder::OwnerArgs {
         data: kh.data_args(),
         json: true,
     };
-    let status = tokio::task::spawn_blocking(move || keyholder::cli::owner::status(&args))
+    let status = tokio::task::spawn_blocking(move || keyholder::cli::status::status(&args))
         .await
         .unwrap()
         .unwrap();
@@ -584,11 +584,11 @@ async fn the_cli_refuses_bad_rules_and_names_the_flag() {
 }
 
 async fn pending(kh: &Keyholder) -> Vec<keyholder::policy::approvals::PendingApproval> {
-    let args = keyholder::cli::policy::ApprovalsArgs {
+    let args = keyholder::cli::approvals::ApprovalsArgs {
         data: kh.data_args(),
         json: true,
     };
-    tokio::task::spawn_blocking(move || keyholder::cli::policy::approvals(&args))
+    tokio::task::spawn_blocking(move || keyholder::cli::approvals::approvals(&args))
         .await
         .unwrap()
         .unwrap()
@@ -596,11 +596,11 @@ async fn pending(kh: &Keyholder) -> Vec<keyholder::policy::approvals::PendingApp
 
 /// `keyholder approve|deny ID`; the server is left to pick it up by itself.
 async fn decide(kh: &Keyholder, id: &str, approve: bool) -> anyhow::Result<String> {
-    let args = keyholder::cli::policy::DecideArgs {
+    let args = keyholder::cli::approvals::DecideArgs {
         data: kh.data_args(),
         id: id.to_string(),
     };
-    tokio::task::spawn_blocking(move || keyholder::cli::policy::decide(&args, approve))
+    tokio::task::spawn_blocking(move || keyholder::cli::approvals::decide(&args, approve))
         .await
         .unwrap()
 }
@@ -702,14 +702,14 @@ async fn approval_holds_each_use_until_the_owner_decides_and_a_timeout_denies() 
 
     // The trail says who decided.
     kh.server.as_ref().unwrap().state.audit.flush().await;
-    let args = keyholder::cli::owner::AuditListArgs {
+    let args = keyholder::cli::audit::AuditListArgs {
         data: kh.data_args(),
         service: Some("github".into()),
         since: None,
         limit: None,
         json: true,
     };
-    let entries = tokio::task::spawn_blocking(move || keyholder::cli::owner::audit_list(&args))
+    let entries = tokio::task::spawn_blocking(move || keyholder::cli::audit::audit_list(&args))
         .await
         .unwrap()
         .unwrap();

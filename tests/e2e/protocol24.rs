@@ -740,7 +740,6 @@ async fn per_address_rate_limit_answers_429_with_retry_after() {
 /// (a link that cannot be sealed stops the import, naming the document, with nothing imported).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn import_reference_seals_totp_links() {
-    use keyholder::cli::owner;
     use keyholder_protocol::document::encrypt_platform_v1_field;
     use keyholder_protocol::DataKey;
 
@@ -766,13 +765,13 @@ async fn import_reference_seals_totp_links() {
     std::fs::write(&store_file, key_file.to_string()).unwrap();
     let import = |kh: &Keyholder, collections: Value| {
         std::fs::write(&kv_file, collections.to_string()).unwrap();
-        let args = owner::ImportReferenceArgs {
+        let args = keyholder::cli::import_reference::ImportReferenceArgs {
             data: kh.data_args(),
             store: store_file.clone(),
             kv: kv_file.clone(),
             force: false,
         };
-        std::thread::spawn(move || owner::import_reference(&args))
+        std::thread::spawn(move || keyholder::cli::import_reference::import_reference(&args))
             .join()
             .unwrap()
     };
@@ -883,7 +882,7 @@ async fn checker_reports_a_2_2_0_webhook_as_such() {
 /// read seals it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sealed_keyholder_leaves_links_out_and_seals_them_after_unseal() {
-    use keyholder::cli::owner::{self, OwnerArgs};
+    use keyholder::cli::data_folder::OwnerArgs;
     let kh = bound().await;
     kh.storage(json!({"operation":"set","collection":"tokens","key":"bank",
         "data":{"meta":{"totpUri": link(SEED), "tokenType": "TOTP"}}}))
@@ -894,7 +893,7 @@ async fn sealed_keyholder_leaves_links_out_and_seals_them_after_unseal() {
     };
     let seal = |sealed: bool| {
         let args = args.clone();
-        std::thread::spawn(move || owner::set_sealed(&args, sealed))
+        std::thread::spawn(move || keyholder::cli::seal::set_sealed(&args, sealed))
             .join()
             .unwrap()
             .unwrap()

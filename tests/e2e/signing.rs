@@ -58,14 +58,14 @@ async fn keyholder() -> Keyholder {
 
 async fn audit_results(kh: &Keyholder) -> Vec<String> {
     kh.server.as_ref().unwrap().state.audit.flush().await;
-    let args = keyholder::cli::owner::AuditListArgs {
+    let args = keyholder::cli::audit::AuditListArgs {
         data: kh.data_args(),
         service: None,
         since: None,
         limit: None,
         json: true,
     };
-    tokio::task::spawn_blocking(move || keyholder::cli::owner::audit_list(&args))
+    tokio::task::spawn_blocking(move || keyholder::cli::audit::audit_list(&args))
         .await
         .unwrap()
         .unwrap()
@@ -1151,14 +1151,14 @@ async fn sign_config_list_show_remove() {
     assert!(sign_config(&kh, &["show", "aws"]).await.is_err());
     // Each change is an owner entry of the audit trail.
     kh.server.as_ref().unwrap().state.audit.flush().await;
-    let args = keyholder::cli::owner::AuditListArgs {
+    let args = keyholder::cli::audit::AuditListArgs {
         data: kh.data_args(),
         service: None,
         since: None,
         limit: None,
         json: true,
     };
-    let entries = tokio::task::spawn_blocking(move || keyholder::cli::owner::audit_list(&args))
+    let entries = tokio::task::spawn_blocking(move || keyholder::cli::audit::audit_list(&args))
         .await
         .unwrap()
         .unwrap();

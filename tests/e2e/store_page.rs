@@ -186,11 +186,11 @@ async fn store_page_headers_unspent_ticket_and_refusals() {
     assert_eq!(kh.credential_with(&reveal, "github").await.status, 200);
 
     // Sealed by the owner: the page says so (and /v1/store would refuse too).
-    let args = keyholder::cli::owner::OwnerArgs {
+    let args = keyholder::cli::data_folder::OwnerArgs {
         data: kh.data_args(),
         json: false,
     };
-    keyholder::cli::owner::set_sealed(&args, true).unwrap();
+    keyholder::cli::seal::set_sealed(&args, true).unwrap();
     kh.server
         .as_ref()
         .unwrap()

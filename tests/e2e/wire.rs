@@ -85,18 +85,7 @@ fn signed_headers(
 
 /// The audit trail as the owner lists it.
 async fn audit(kh: &Keyholder) -> Vec<keyholder::audit::AuditEntry> {
-    kh.server.as_ref().unwrap().state.audit.flush().await;
-    let args = keyholder::cli::owner::AuditListArgs {
-        data: kh.data_args(),
-        service: None,
-        since: None,
-        limit: None,
-        json: true,
-    };
-    tokio::task::spawn_blocking(move || keyholder::cli::owner::audit_list(&args))
-        .await
-        .unwrap()
-        .unwrap()
+    kh.audit_entries(None).await
 }
 
 // ---------------------------------------------------------------- item 5: replays in the window
@@ -201,14 +190,25 @@ async fn the_same_signed_bytes_are_accepted_once_with_any_request_id_on_any_endp
     // And the other way round: bytes first accepted by the signed health check, then sent to
     // storage.
     let probe = br#"{"operation":"list","collection":"tokens"}"#;
-    let ts = now();
+    // Its own timestamp: `ts` stays the first call's, replayed after the restart below.
+    let probe_ts = now();
     let health = kh
-        .signed_raw(PATH_HEALTH, probe, ts, &format!("req_{}", random_hex(8)))
+        .signed_raw(
+            PATH_HEALTH,
+            probe,
+            probe_ts,
+            &format!("req_{}", random_hex(8)),
+        )
         .await;
     assert_eq!(health.status, 200);
-    kh.signed_raw(PATH_STORAGE, probe, ts, &format!("req_{}", random_hex(8)))
-        .await
-        .assert_error(401, "auth_failed");
+    kh.signed_raw(
+        PATH_STORAGE,
+        probe,
+        probe_ts,
+        &format!("req_{}", random_hex(8)),
+    )
+    .await
+    .assert_error(401, "auth_failed");
 
     // Remembered durably: still refused after a restart (within the window).
     kh.restart().await;
@@ -618,7 +618,7 @@ async fn audit_list_escapes_what_the_platform_put_in_a_ticket() {
             || ('\u{202a}'..='\u{202e}').contains(&c)
             || ('\u{2066}'..='\u{2069}').contains(&c)
     };
-    let line = keyholder::cli::owner::audit_line(entry);
+    let line = keyholder::cli::audit::audit_line(entry);
     assert!(!line.chars().any(unsafe_char), "{line:?}");
     assert!(line.contains(r"agent=\u{1b}]0;owned\u{7}\u{1b}[2J\u{d}\u{a}result=ok\u{20}agent=\u{202e}gnp.exe\u{9b}1m\u{7f}\\ "), "{line}");
     assert!(line.contains(r"proxy=p\u{85}id "), "{line}");
@@ -627,7 +627,7 @@ async fn audit_list_escapes_what_the_platform_put_in_a_ticket() {
         1,
         "no field can pose as another: {line}"
     );
-    let json = keyholder::cli::owner::audit_json_line(entry).unwrap();
+    let json = keyholder::cli::audit::audit_json_line(entry).unwrap();
     assert!(!json.chars().any(unsafe_char), "{json:?}");
     let back: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(

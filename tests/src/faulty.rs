@@ -46,7 +46,15 @@ pub enum Fault {
     SetNonObjectAccepted,
     /// Replay memory is lost on restart.
     NoReplayMemoryAcrossRestart,
+    /// A streamed proxy answer loses its end frame (truncated).
+    StreamEndFrameMissing,
+    /// A streamed proxy answer arrives with one body byte changed (the end frame kept).
+    StreamBodyAltered,
 }
+
+/// The service the checker's streamed-answer check proxies for (`CheckOptions::stream_service`):
+/// the keyholder behind the front lets it reach loopback upstreams.
+pub const STREAM_SERVICE: &str = "keyholder-check-stream";
 
 impl Fault {
     /// Every fault, with the check that must find it first, then any other check it breaks (a
@@ -73,6 +81,8 @@ impl Fault {
             Fault::NoReplayMemoryAcrossRestart,
             &["replay_after_restart"],
         ),
+        (Fault::StreamEndFrameMissing, &["streamed_answer"]),
+        (Fault::StreamBodyAltered, &["streamed_answer"]),
     ];
 }
 
@@ -91,6 +101,9 @@ impl Fault {
             Fault::SetNonObjectAccepted => "expected 400, got 200",
             Fault::NoReplayMemoryAcrossRestart => {
                 "after the restart: expected 401 auth_failed, got 200"
+            }
+            Fault::StreamEndFrameMissing | Fault::StreamBodyAltered => {
+                "the streamed answer does not verify"
             }
         }
     }
@@ -114,7 +127,10 @@ pub struct FaultyWebhook {
 impl FaultyWebhook {
     /// Starts a keyholder and the front injecting `fault`.
     pub async fn start(fault: Fault) -> FaultyWebhook {
-        let backend = Keyholder::start().await;
+        let backend = Keyholder::start_with(|c| c.egress_allow_private = true).await;
+        backend
+            .egress("allow", STREAM_SERVICE, &["127.0.0.1"], false)
+            .await;
         let dir = tempfile::tempdir().unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
@@ -334,12 +350,25 @@ async fn forward(
         (Fault::NoPagination, "/v1/storage") => Some("pagination"),
         _ => None,
     };
-    let bytes = match (dropped, serde_json::from_slice::<Value>(&bytes)) {
+    let mut bytes = match (dropped, serde_json::from_slice::<Value>(&bytes)) {
         (Some(field), Ok(Value::Object(mut map))) if map.contains_key(field) => {
             map.remove(field);
             Value::Object(map).to_string().into_bytes()
         }
         _ => bytes,
     };
+    let streamed = headers.iter().any(|(n, v)| {
+        n == "x-keyholder-signature" && keyholder_protocol::response_stream::is_stream_header(v)
+    });
+    let frame = keyholder_protocol::response_stream::END_FRAME_LEN;
+    match front.fault {
+        Fault::StreamEndFrameMissing if streamed && bytes.len() >= frame => {
+            bytes.truncate(bytes.len() - frame);
+        }
+        Fault::StreamBodyAltered if streamed && bytes.len() > frame => {
+            bytes[0] ^= 0x20;
+        }
+        _ => {}
+    }
     (status, headers, bytes)
 }

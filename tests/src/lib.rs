@@ -7,6 +7,7 @@ pub mod certs;
 pub mod faulty;
 pub mod mmdb;
 pub mod mtls;
+pub mod replicas;
 pub mod sigv4;
 pub mod webdriver;
 
@@ -213,12 +214,15 @@ impl Keyholder {
             master_key_file,
             passphrase_file,
             pkcs11,
+            database_url: None,
+            database_password_file: None,
+            node_id: None,
         }
     }
 
     /// `keyholder bind` as the owner runs it (same code path as the CLI).
     pub fn issue_code(&self, rebind: bool) -> keyholder::vault::binding::IssuedCode {
-        let args = keyholder::cli::BindArgs {
+        let args = keyholder::cli::bind::BindArgs {
             data: self.data_args(),
             public_url: None,
             frontend_url: DEFAULT_FRONTEND.into(),
@@ -226,7 +230,7 @@ impl Keyholder {
             platform_key: None,
             json: true,
         };
-        keyholder::cli::bind(&args).expect("bind code issued")
+        keyholder::cli::bind::bind(&args).expect("bind code issued")
     }
 
     /// The platform's exchange call.
@@ -444,7 +448,7 @@ impl Keyholder {
         entries: &[&str],
         any: bool,
     ) -> keyholder::vault::egress::EgressPolicy {
-        use keyholder::cli::{EgressAction, EgressArgs};
+        use keyholder::cli::egress::{EgressAction, EgressArgs};
         let data = self.data_args();
         let service = service.to_string();
         let action = match action {
@@ -467,7 +471,7 @@ impl Keyholder {
             },
             other => panic!("unknown egress action {other}"),
         };
-        let policy = keyholder::cli::egress(&EgressArgs { action })
+        let policy = keyholder::cli::egress::egress(&EgressArgs { action })
             .expect("egress command")
             .0;
         if let Some(server) = self.server.as_ref() {
@@ -486,17 +490,34 @@ impl Keyholder {
         self.egress("set", service, &[mode], false).await;
     }
 
+    /// The audit trail of `service` (every service when `None`) as the owner lists it, after the
+    /// queued entries are written.
+    pub async fn audit_entries(&self, service: Option<&str>) -> Vec<keyholder::audit::AuditEntry> {
+        self.server.as_ref().unwrap().state.audit.flush().await;
+        let args = keyholder::cli::audit::AuditListArgs {
+            data: self.data_args(),
+            service: service.map(str::to_owned),
+            since: None,
+            limit: None,
+            json: true,
+        };
+        tokio::task::spawn_blocking(move || keyholder::cli::audit::audit_list(&args))
+            .await
+            .unwrap()
+            .unwrap()
+    }
+
     /// `keyholder egress pending --json` as the owner runs it.
     pub fn egress_pending(&self) -> Vec<keyholder::vault::egress::PendingEgress> {
-        keyholder::cli::egress_pending(&self.data_args()).expect("egress pending")
+        keyholder::cli::egress::egress_pending(&self.data_args()).expect("egress pending")
     }
 
     /// `keyholder oauth set PROVIDER ...` as the owner runs it.
     pub fn oauth_set(&self, provider: &str, token_url: &str, client_id: &str, secret: &str) {
-        use keyholder::cli::{OAuthAction, OAuthArgs};
+        use keyholder::cli::oauth::{OAuthAction, OAuthArgs};
         let file = self.data_dir.join(format!("{provider}.secret"));
         std::fs::write(&file, format!("{secret}\n")).unwrap();
-        keyholder::cli::oauth(&OAuthArgs {
+        keyholder::cli::oauth::oauth(&OAuthArgs {
             action: OAuthAction::Set {
                 data: self.data_args(),
                 provider: provider.into(),

@@ -43,10 +43,10 @@ pub const AUDIT_LABEL: &[u8] = b"keyholder/v1/audit";
 /// Longest text kept per field (longer values are cut, on a character boundary).
 pub const MAX_FIELD_LEN: usize = 512;
 
-/// The upstream origin (`scheme://host[:port]`) of a proxied call: the proxy handler puts it in the
-/// request extensions, and the audit entry of the request carries it.
+/// The upstream origin of a proxied call (`scheme://host:port`, the form egress pins hold): the
+/// proxy handler puts it in the request extensions, and the audit entry of the request carries it.
 #[derive(Debug, Clone)]
-pub struct UpstreamOrigin(pub String);
+pub struct UpstreamOrigin(pub crate::upstream::Origin);
 
 /// The custody-policy decision of a request, appended to its audit entry's result
 /// (`ok policy=NAME,...` or `policy_denied rule=RULE policy=NAME`): policy and rule names only.

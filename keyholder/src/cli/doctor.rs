@@ -3,6 +3,7 @@
 //! key ring only to verify the audit trail). Exit code 0 only when nothing is wrong.
 
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Args;
@@ -707,4 +708,19 @@ fn check_disk(report: &mut DoctorReport, args: &DoctorArgs) {
     } else {
         report.pass(check);
     }
+}
+
+/// Runs `keyholder doctor` and prints the findings (or one JSON object); exit code 0 only when
+/// nothing is wrong.
+pub fn execute(args: &DoctorArgs) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let report = runtime.block_on(doctor(args))?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", report.to_text());
+    }
+    Ok(ExitCode::from(if report.ok { 0 } else { 1 }))
 }

@@ -2,14 +2,15 @@
 //! attach, detach). Each change is one transaction with an owner entry in the audit trail and an
 //! owner-generation bump, so a running server applies it within a quarter second.
 
+use std::process::ExitCode;
+
 use clap::{ArgGroup, Args, Subcommand};
 use serde::Serialize;
 
 use super::session::{block, Owner};
 use crate::config::DataArgs;
-use crate::policy::approvals::PendingApproval;
 use crate::policy::{self, Attachment, Delivery, Per, Rules, StoredPolicy, TargetKind};
-use crate::storage::{ChangeSet, Check, Storage, Write};
+use crate::storage::{ChangeSet, Check, Storage};
 
 /// `keyholder policy`.
 #[derive(Debug, Clone, Args)]
@@ -443,69 +444,29 @@ async fn apply(
         .await
 }
 
-/// Flags of `keyholder approvals`.
-#[derive(Debug, Clone, Args)]
-pub struct ApprovalsArgs {
-    /// Data folder and master key.
-    #[command(flatten)]
-    pub data: DataArgs,
-    /// Print JSON.
-    #[arg(long)]
-    pub json: bool,
-}
-
-/// Flags of `keyholder approve` and `keyholder deny`.
-#[derive(Debug, Clone, Args)]
-pub struct DecideArgs {
-    /// Data folder and master key.
-    #[command(flatten)]
-    pub data: DataArgs,
-    /// The approval id (from `keyholder approvals`).
-    pub id: String,
-}
-
-/// `keyholder approvals`: the uses waiting for the owner.
-pub fn approvals(args: &ApprovalsArgs) -> anyhow::Result<Vec<PendingApproval>> {
-    block(async {
-        let owner = Owner::open(&args.data).await?;
-        Ok(policy::approvals::list_pending(owner.storage(), crate::clock::now_unix()).await?)
-    })
-}
-
-/// `keyholder approve ID` / `keyholder deny ID`.
-pub fn decide(args: &DecideArgs, approve: bool) -> anyhow::Result<String> {
-    let id = args.id.trim().to_string();
-    let verb = if approve { "approve" } else { "deny" };
-    block(async {
-        let owner = Owner::open(&args.data).await?;
-        let now = crate::clock::now_unix();
-        // The waiting server picks the decision up with the owner generation.
-        let change = ChangeSet::owner()
-            .check(Check::ApprovalPending(id.clone(), now))
-            .write(Write::DecideApproval {
-                id: id.clone(),
-                approve,
-                now,
-            });
-        if owner.change(verb, &id, change).await?.is_err() {
-            anyhow::bail!("no pending approval '{id}' (unknown, already decided or expired)");
+/// Runs `keyholder policy` and prints the change made or the policies (or JSON).
+pub fn execute(args: &PolicyArgs) -> anyhow::Result<ExitCode> {
+    match run(args)? {
+        PolicyOutcome::Done(line) => println!("{line}"),
+        PolicyOutcome::Views(views, true) => {
+            if matches!(args.action, PolicyAction::Show { .. }) {
+                if let Some(view) = views.first() {
+                    println!("{}", serde_json::to_string(view)?);
+                }
+            } else {
+                println!("{}", serde_json::to_string(&views)?);
+            }
         }
-        let done = if approve { "approved" } else { "denied" };
-        Ok(format!("{id} {done}"))
-    })
-}
-
-/// One line per pending approval for the terminal.
-pub fn approval_line(p: &PendingApproval, now: i64) -> String {
-    format!(
-        "{}  service={} agent={} client={} endpoint={} policy={} age={}s (denied in {}s)",
-        p.id,
-        p.service,
-        if p.agent.is_empty() { "-" } else { &p.agent },
-        if p.client.is_empty() { "-" } else { &p.client },
-        p.endpoint,
-        p.policy,
-        (now - p.created_at).max(0),
-        (p.expires_at - now).max(0)
-    )
+        PolicyOutcome::Views(views, false) => {
+            if views.is_empty() {
+                println!("No policies.");
+            }
+            for view in views {
+                for line in view.lines() {
+                    println!("{line}");
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -6,7 +6,7 @@ use actix_web::{HttpRequest, HttpResponse};
 use keyholder_protocol::wire::StoreResponse;
 
 use super::error::ApiError;
-use super::extract::{CredentialEndpoint, StoreEndpoint, Ticketed, TotpEndpoint};
+use super::extract::{CredentialEndpoint, StoreEndpoint, TicketEndpoint, Ticketed, TotpEndpoint};
 use super::policy::{enforce, settle};
 use crate::policy::Endpoint;
 use crate::state::AppState;
@@ -53,27 +53,14 @@ pub async fn credential(
     state: Data<AppState>,
     ticketed: Ticketed<CredentialEndpoint>,
 ) -> Result<HttpResponse, ApiError> {
-    let admission = enforce(
-        &req,
-        &state,
-        Endpoint::Credential,
-        &ticketed.service,
-        Some(&ticketed.claims),
-    )
-    .await?;
-    let result = async {
+    let body = use_credential(&req, &state, Endpoint::Credential, &ticketed, || async {
+        // A signing key (service account, GitHub App) is never handed out: a minted token is.
         state
             .vault
-            .check_creation(&ticketed.service, &ticketed.claims)
-            .await?;
-        // A signing key (service account, GitHub App) is never handed out: a minted token is.
-        Ok(state
-            .vault
             .credential_body(&state.upstream, &ticketed.service)
-            .await?)
-    }
-    .await;
-    let body = settle(&state, admission, result).await?;
+            .await
+    })
+    .await?;
     Ok(HttpResponse::Ok()
         .content_type("application/json")
         .body(body.to_vec()))
@@ -85,10 +72,31 @@ pub async fn totp_code(
     state: Data<AppState>,
     ticketed: Ticketed<TotpEndpoint>,
 ) -> Result<HttpResponse, ApiError> {
+    let code = use_credential(&req, &state, Endpoint::TotpCode, &ticketed, || async {
+        state.vault.totp_code(&ticketed.service).await
+    })
+    .await?;
+    Ok(HttpResponse::Ok().json(code))
+}
+
+/// One use of the ticket's credential: admitted by the owner's policies, refused when the ticket's
+/// creation no longer matches (2.4.0), then `body`; a use that fails is given back to its usage
+/// caps.
+async fn use_credential<E, T, F>(
+    req: &HttpRequest,
+    state: &AppState,
+    endpoint: Endpoint,
+    ticketed: &Ticketed<E>,
+    body: impl FnOnce() -> F,
+) -> Result<T, ApiError>
+where
+    E: TicketEndpoint,
+    F: std::future::Future<Output = Result<T, crate::vault::VaultError>>,
+{
     let admission = enforce(
-        &req,
-        &state,
-        Endpoint::TotpCode,
+        req,
+        state,
+        endpoint,
         &ticketed.service,
         Some(&ticketed.claims),
     )
@@ -98,9 +106,8 @@ pub async fn totp_code(
             .vault
             .check_creation(&ticketed.service, &ticketed.claims)
             .await?;
-        Ok(state.vault.totp_code(&ticketed.service).await?)
+        Ok(body().await?)
     }
     .await;
-    let code = settle(&state, admission, result).await?;
-    Ok(HttpResponse::Ok().json(code))
+    settle(state, admission, result).await
 }

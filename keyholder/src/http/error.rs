@@ -306,7 +306,9 @@ impl ResponseError for ApiError {
                 retry_after_secs.to_string(),
             ));
         }
-        response.json(self.body(None))
+        // The body is written once, by the answer layer, which knows the request id
+        // (`http::layers::answer`).
+        response.content_type("application/json").finish()
     }
 }
 

@@ -75,15 +75,11 @@ fn state(req: &HttpRequest) -> Result<Data<AppState>, ApiError> {
     })
 }
 
-/// Body size limit of each endpoint.
-pub fn body_limit(path: &str) -> usize {
-    use keyholder_protocol::paths::*;
-    match path {
-        PATH_STORAGE => 1024 * 1024,
-        PATH_PROXY => 8 * 1024 * 1024,
-        PATH_STORE => 64 * 1024,
-        _ => 16 * 1024,
-    }
+/// The body limit of the endpoint `req` is for (from the endpoint table).
+fn body_limit(req: &HttpRequest) -> usize {
+    super::layers::context(req)
+        .endpoint
+        .map_or(super::endpoints::DEFAULT_BODY_LIMIT, |e| e.body_limit)
 }
 
 /// Reads the whole body, refusing more than `limit` bytes (checked before and while reading).
@@ -187,7 +183,7 @@ async fn verify_signed_marks(
     if !binding.bound {
         return Err(ApiError::SetupRequired);
     }
-    let body = read_body(req, payload, body_limit(req.match_info().as_str())).await?;
+    let body = read_body(req, payload, body_limit(req)).await?;
     let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
     let now = crate::clock::now_unix();
     let refused = |reason: &dyn std::fmt::Debug| {
@@ -411,25 +407,8 @@ pub async fn verify_ticket_for(
     purposes: &[Purpose],
 ) -> Result<TicketClaims, ApiError> {
     let state = state(req)?;
-    let binding = state.vault.binding();
-    if !binding.bound {
-        return Err(ApiError::SetupRequired);
-    }
     let now = crate::clock::now_unix();
-    let max_lifetime = state.vault.settings().max_ticket_lifetime;
-    let claims = match (binding.scheme, is_kh2_ticket(ticket)) {
-        (PlatformScheme::Hmac, false) => {
-            verify_ticket(&binding.hmac, ticket, now, max_lifetime).map_err(ApiError::from)
-        }
-        (PlatformScheme::Ed25519, true) => {
-            verify_kh2_ticket(&binding.platform_keys, ticket, now, max_lifetime)
-                .map_err(ApiError::from)
-        }
-        // One scheme per binding: a platform ticket in an asymmetric binding, or a kh2 one in an
-        // HMAC binding, is refused before anything else is looked at.
-        _ => Err(ApiError::TicketWrongScheme),
-    }
-    .inspect_err(|e| {
+    let claims = verify_ticket_signed(&state, ticket, now).inspect_err(|e| {
         state.metrics.ticket_failures.inc();
         tracing::info!(reason = ?e, "ticket refused");
     })?;
@@ -480,13 +459,25 @@ pub fn check_ticket_unspent(
     service: &str,
     purposes: &[Purpose],
 ) -> Result<TicketClaims, ApiError> {
+    let claims = verify_ticket_signed(state, ticket, crate::clock::now_unix())?;
+    claims.check_scope(purposes, service)?;
+    Ok(claims)
+}
+
+/// The ticket's checks up to its scope, in the binding's scheme: bound, scheme, form, signature,
+/// payload, expiry, nonce present, lifetime cap. Platform tickets verify with the HMAC secret,
+/// `kh2` tickets with the active platform keys.
+fn verify_ticket_signed(
+    state: &AppState,
+    ticket: &str,
+    now: i64,
+) -> Result<TicketClaims, ApiError> {
     let binding = state.vault.binding();
     if !binding.bound {
         return Err(ApiError::SetupRequired);
     }
-    let now = crate::clock::now_unix();
     let max_lifetime = state.vault.settings().max_ticket_lifetime;
-    let claims = match (binding.scheme, is_kh2_ticket(ticket)) {
+    match (binding.scheme, is_kh2_ticket(ticket)) {
         (PlatformScheme::Hmac, false) => {
             verify_ticket(&binding.hmac, ticket, now, max_lifetime).map_err(ApiError::from)
         }
@@ -494,10 +485,10 @@ pub fn check_ticket_unspent(
             verify_kh2_ticket(&binding.platform_keys, ticket, now, max_lifetime)
                 .map_err(ApiError::from)
         }
+        // One scheme per binding: a platform ticket in an asymmetric binding, or a kh2 one in an
+        // HMAC binding, is refused before anything else is looked at.
         _ => Err(ApiError::TicketWrongScheme),
-    }?;
-    claims.check_scope(purposes, service)?;
-    Ok(claims)
+    }
 }
 
 /// A request body that carries a ticket and the service it is for.
@@ -595,8 +586,7 @@ impl<E: TicketEndpoint + 'static> FromRequest for Ticketed<E> {
             let request: E::Request = if req.method() == actix_web::http::Method::GET {
                 serde_urlencoded_query(req.query_string())?
             } else {
-                let body =
-                    read_body(&req, &mut payload, body_limit(req.match_info().as_str())).await?;
+                let body = read_body(&req, &mut payload, body_limit(&req)).await?;
                 parse_json(&body)?
             };
             let ticket = request

@@ -5,11 +5,12 @@ pub mod admin;
 pub mod approval_page;
 pub mod bind_page;
 pub mod credential;
+pub mod endpoints;
 pub mod error;
 pub mod exchange;
 pub mod extract;
 pub mod health;
-pub mod middleware;
+pub mod layers;
 pub mod network;
 pub mod policy;
 pub mod proxy;
@@ -19,105 +20,71 @@ pub mod response_signer;
 pub mod storage;
 pub mod store_page;
 
-use actix_web::{web, HttpRequest};
-use keyholder_protocol::paths::*;
+use actix_web::body::MessageBody;
+use actix_web::dev::{ServiceFactory, ServiceRequest, ServiceResponse};
+use actix_web::http::header::HeaderValue;
+use actix_web::http::Method;
+use actix_web::middleware::from_fn;
+use actix_web::web::{self, Data};
+use actix_web::App;
 
-/// Registers every route; unknown paths and methods get JSON errors (a 405 names the methods
-/// allowed, as RFC 9110 requires; `OPTIONS` on the browser-facing paths is the CORS preflight).
-/// `docs/openapi.json` describes exactly these routes (checked by `tests/e2e/openapi.rs`).
+use crate::state::AppState;
+
+/// Registers every route of the [`endpoints::ENDPOINTS`] table; unknown paths and methods get JSON
+/// errors (a 405 names the methods allowed, as RFC 9110 requires; `OPTIONS` on the browser-facing
+/// paths is the CORS preflight). `docs/openapi.json` describes exactly these routes (checked by
+/// `tests/e2e/openapi.rs`).
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    let fallback = |allow: &'static str| {
-        web::to(move |req: HttpRequest| middleware::method_not_allowed(req, allow))
-    };
-    cfg.service(
-        web::resource(PATH_EXCHANGE)
-            .route(web::post().to(exchange::exchange))
-            .default_service(fallback("POST")),
-    )
-    .service(
-        web::resource(PATH_HEALTH)
-            .route(web::get().to(health::health_public))
-            .route(web::head().to(health::health_public))
-            .route(web::post().to(health::health_signed))
-            .default_service(fallback("GET, HEAD, POST, OPTIONS")),
-    )
-    .service(
-        web::resource(PATH_IDENTITY)
-            .route(web::get().to(health::identity))
-            .default_service(fallback("GET, OPTIONS")),
-    )
-    .service(
-        web::resource(PATH_STORAGE)
-            .route(web::post().to(storage::storage))
-            .default_service(fallback("POST")),
-    )
-    .service(
-        web::resource(PATH_STORE)
-            .route(web::post().to(credential::store))
-            .default_service(fallback("POST, OPTIONS")),
-    )
-    .service(
-        web::resource(PATH_CREDENTIAL)
-            .route(web::get().to(credential::credential))
-            .route(web::post().to(credential::credential))
-            .default_service(fallback("GET, POST, OPTIONS")),
-    )
-    .service(
-        web::resource(PATH_TOTP_CODE)
-            .route(web::get().to(credential::totp_code))
-            .route(web::post().to(credential::totp_code))
-            .default_service(fallback("GET, POST, OPTIONS")),
-    )
-    .service(
-        web::resource(PATH_PROXY)
-            .route(web::post().to(proxy::proxy))
-            .default_service(fallback("POST")),
-    )
-    .service(
-        web::resource(PATH_REFRESH_NOTIFY)
-            .route(web::post().to(refresh::refresh_notify))
-            .default_service(fallback("POST")),
-    )
-    .service(
-        web::resource(PATH_REFRESH)
-            .route(web::post().to(refresh::refresh))
-            .default_service(fallback("POST")),
-    )
-    .service(
-        web::resource(PATH_ADMIN_MIGRATE)
-            .route(web::post().to(admin::admin_migrate))
-            .default_service(fallback("POST")),
-    )
-    .service(
-        web::resource(PATH_BIND)
-            .route(web::get().to(bind_page::bind_page))
-            .default_service(fallback("GET")),
-    )
-    .service(
-        web::resource(PATH_STORE_PAGE)
-            .route(web::get().to(store_page::store_page))
-            .default_service(fallback("GET")),
-    )
-    .service(
-        web::resource(PATH_APPROVAL_PAGE)
-            .app_data(
-                web::FormConfig::default()
-                    .limit(4096)
-                    .error_handler(|_, _| {
-                        error::ApiError::InvalidRequest("Invalid approval form".into()).into()
-                    }),
-            )
-            .app_data(web::QueryConfig::default().error_handler(|_, _| {
-                error::ApiError::InvalidRequest("Invalid query string".into()).into()
-            }))
-            .route(web::get().to(approval_page::approval_page))
-            .route(web::post().to(approval_page::approval_decide))
-            .default_service(fallback("GET, POST")),
-    )
-    .service(
-        web::resource(PATH_STORE_PAGE_SCRIPT)
-            .route(web::get().to(store_page::store_script))
-            .default_service(fallback("GET")),
-    )
-    .default_service(web::to(middleware::not_found));
+    for endpoint in endpoints::ENDPOINTS {
+        let mut resource = web::resource(endpoint.route);
+        if endpoint.form {
+            resource = resource
+                .app_data(
+                    web::FormConfig::default()
+                        .limit(endpoint.body_limit)
+                        .error_handler(|_, _| {
+                            error::ApiError::InvalidRequest("Invalid approval form".into()).into()
+                        }),
+                )
+                .app_data(web::QueryConfig::default().error_handler(|_, _| {
+                    error::ApiError::InvalidRequest("Invalid query string".into()).into()
+                }));
+        }
+        for (verb, handler) in endpoint.methods {
+            resource = resource.route(handler().method(verb.method()));
+        }
+        if endpoint.cors.is_some() {
+            // The preflight: the ticket, not CORS, is the security boundary.
+            resource = resource.route(web::route().method(Method::OPTIONS).to(layers::preflight));
+        }
+        let allow = HeaderValue::from_str(&endpoint.allow()).ok();
+        cfg.service(
+            resource.default_service(web::to(move || layers::method_not_allowed(allow.clone()))),
+        );
+    }
+    cfg.default_service(web::to(layers::not_found));
+}
+
+/// The actix application of one worker: the shared state, the layers in their order (the last
+/// `wrap` is the outermost, see [`layers`]) and the routes.
+pub fn app(
+    state: Data<AppState>,
+) -> App<
+    impl ServiceFactory<
+        ServiceRequest,
+        Config = (),
+        Response = ServiceResponse<impl MessageBody>,
+        Error = actix_web::Error,
+        InitError = (),
+    >,
+> {
+    App::new()
+        .app_data(state)
+        // Extractors read bodies themselves with per-endpoint limits; this caps the rest.
+        .app_data(web::PayloadConfig::new(64 * 1024))
+        .wrap(from_fn(layers::guard::guard))
+        .wrap(from_fn(layers::answer::sign_and_audit))
+        .wrap(from_fn(layers::cors::cors))
+        .wrap(from_fn(layers::context::request_context))
+        .configure(configure)
 }

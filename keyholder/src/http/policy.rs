@@ -45,7 +45,7 @@ async fn enforce_policies(
     service: &str,
     claims: Option<&TicketClaims>,
 ) -> Result<Admission, ApiError> {
-    let client = state.network.client_ip(req)?;
+    let client = super::network::client_address(req).ip()?;
     let country = match (&state.geoip, client) {
         (Some(db), Some(ip)) if state.vault.policy.needs_geo() => db
             .lookup::<maxminddb::geoip2::Country>(ip)

@@ -11,7 +11,7 @@ use keyholder_protocol::ErrorCode;
 
 use super::error::ApiError;
 use super::extract::ProxyCall;
-use super::middleware::ProxiedAnswerHead;
+use super::layers::ProxiedAnswerHead;
 use super::policy::{enforce, settle};
 use crate::state::AppState;
 use crate::upstream::strip_hop_by_hop;
@@ -45,12 +45,13 @@ pub async fn proxy(
         .check_creation(&service, &claims)
         .await
         .map_err(ApiError::from);
-    // The audit entry of this request names the upstream origin (never the path or query).
+    // The audit entry of this request names the upstream origin (never the path or query), in
+    // the one form the egress policy pins and allows (`scheme://host:port`).
     if let Some(origin) = upstream
         .url
         .as_deref()
         .and_then(|u| url::Url::parse(u).ok())
-        .map(|u| u.origin().ascii_serialization())
+        .and_then(|u| crate::upstream::Origin::of(&u).ok())
     {
         req.extensions_mut()
             .insert(crate::audit::UpstreamOrigin(origin));

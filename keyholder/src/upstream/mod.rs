@@ -5,7 +5,9 @@
 
 pub mod guard;
 pub mod mtls;
+pub mod origin;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -14,6 +16,9 @@ use reqwest::{Method, StatusCode};
 use url::Url;
 
 pub use guard::{EgressGuard, EgressRefused};
+pub use origin::Origin;
+
+use crate::metrics::Metrics;
 
 /// Default connect timeout of every outbound call.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -94,6 +99,7 @@ pub struct BodyStream {
     response: reqwest::Response,
     idle: Duration,
     deadline: Option<tokio::time::Instant>,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl BodyStream {
@@ -105,10 +111,15 @@ impl BodyStream {
             Some(deadline) => deadline.min(idle),
             None => idle,
         };
-        match tokio::time::timeout_at(until, self.response.chunk()).await {
+        let chunk = match tokio::time::timeout_at(until, self.response.chunk()).await {
             Ok(chunk) => chunk.map_err(map_error),
             Err(_) => Err(UpstreamError::Timeout),
+        };
+        if let (Err(_), Some(metrics)) = (&chunk, &self.metrics) {
+            // A stream that fails after its head is a failed call too.
+            metrics.upstream_errors.inc();
         }
+        chunk
     }
 }
 
@@ -142,6 +153,7 @@ pub struct UpstreamSettings {
 pub struct Upstream {
     clients: thread_local::ThreadLocal<reqwest::Client>,
     settings: UpstreamSettings,
+    metrics: Option<Arc<Metrics>>,
     /// Clients of credentials that present a TLS client certificate (one each, own pools).
     identities: mtls::IdentityClients,
 }
@@ -153,10 +165,40 @@ impl Upstream {
         let upstream = Upstream {
             clients: thread_local::ThreadLocal::new(),
             settings,
+            metrics: None,
             identities: mtls::IdentityClients::default(),
         };
         upstream.client()?;
         Ok(upstream)
+    }
+
+    /// Counts every call in `metrics`: `upstream_errors_total` for a call that failed (connection,
+    /// TLS, timeout, too large, a stream cut after its head) or was answered with a 5xx, and
+    /// `upstream_duration_seconds` for the time until the answer (its head, for a streamed one)
+    /// or the failure. A destination the guard refuses was never called and is not counted.
+    pub fn observed(mut self, metrics: Arc<Metrics>) -> Upstream {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    fn observe<T>(
+        &self,
+        started: tokio::time::Instant,
+        result: &Result<T, UpstreamError>,
+        status: impl FnOnce(&T) -> StatusCode,
+    ) {
+        let Some(metrics) = &self.metrics else {
+            return;
+        };
+        let failed = match result {
+            Err(err) if err.refused() => return,
+            Err(_) => true,
+            Ok(answer) => status(answer).is_server_error(),
+        };
+        if failed {
+            metrics.upstream_errors.inc();
+        }
+        metrics.observe_upstream(started.elapsed());
     }
 
     /// Builds the calling thread's client now (each server worker at start), not on a first call.
@@ -184,6 +226,23 @@ impl Upstream {
     /// it is short and has a known length, or hands it back as a stream. A call whose request may
     /// have reached the upstream is never sent twice (see [`may_send_again`]).
     pub async fn send_streaming(
+        &self,
+        request: OutboundRequest,
+    ) -> Result<StreamedResponse, UpstreamError> {
+        let started = tokio::time::Instant::now();
+        let mut result = self.stream_call(request).await;
+        self.observe(started, &result, |answer| answer.status);
+        if let Ok(StreamedResponse {
+            body: UpstreamBody::Stream(stream),
+            ..
+        }) = &mut result
+        {
+            stream.metrics = self.metrics.clone();
+        }
+        result
+    }
+
+    async fn stream_call(
         &self,
         request: OutboundRequest,
     ) -> Result<StreamedResponse, UpstreamError> {
@@ -256,6 +315,7 @@ impl Upstream {
             response,
             idle: limits.idle,
             deadline,
+            metrics: None,
         };
         if short && !event_stream {
             let mut body = BytesMut::new();
@@ -283,12 +343,16 @@ impl Upstream {
         &self,
         request: OutboundRequest,
     ) -> Result<UpstreamResponse, UpstreamError> {
-        self.execute(
-            request,
-            self.settings.provider_timeout,
-            PROVIDER_MAX_RESPONSE,
-        )
-        .await
+        let started = tokio::time::Instant::now();
+        let result = self
+            .execute(
+                request,
+                self.settings.provider_timeout,
+                PROVIDER_MAX_RESPONSE,
+            )
+            .await;
+        self.observe(started, &result, |answer| answer.status);
+        result
     }
 
     async fn execute(

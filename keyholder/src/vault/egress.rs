@@ -258,20 +258,13 @@ impl EgressPolicy {
     }
 }
 
-/// `scheme://host:port` of a URL, with the scheme's default port written out.
+/// `scheme://host:port` of a URL, with the scheme's default port written out: the one origin form
+/// ([`crate::upstream::Origin`]), also the one the audit trail names. Pins stored before it was a
+/// type were written by this same function in this same form, so they match as they are.
 pub fn origin_of(url: &Url) -> Result<String, VaultError> {
-    let host = url
-        .host_str()
-        .ok_or_else(|| VaultError::Invalid("the upstream URL has no host".into()))?;
-    let port = url
-        .port_or_known_default()
-        .ok_or_else(|| VaultError::Invalid("the upstream URL has no port".into()))?;
-    Ok(format!(
-        "{}://{}:{}",
-        url.scheme(),
-        host.trim_end_matches('.').to_ascii_lowercase(),
-        port
-    ))
+    crate::upstream::Origin::of(url)
+        .map(|origin| origin.to_string())
+        .map_err(|e| VaultError::Invalid(e.to_string()))
 }
 
 fn host_of(origin: &str) -> &str {

@@ -48,11 +48,7 @@ async fn closed_by_server(stream: &mut TcpStream) -> bool {
 fn idle_slow_and_huge_header_clients_do_not_stop_service() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = super::runtime();
     rt.block_on(async {
         let mut server = Server::start(&data).await;
         let platform = Platform::bind(&server).await;

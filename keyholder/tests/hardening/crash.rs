@@ -102,11 +102,7 @@ fn acknowledged_writes_survive_sigkill() {
     let seed: u64 = rand::random();
     eprintln!("crash test: {cycles} cycles, seed {seed}");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = super::runtime();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let started = Instant::now();

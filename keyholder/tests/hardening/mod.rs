@@ -11,7 +11,7 @@ mod storage_faults;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use keyholder_protocol::paths::*;
 use keyholder_protocol::signing::signature_header_value;
@@ -19,7 +19,8 @@ use keyholder_protocol::ticket::encode_ticket;
 use keyholder_protocol::{HmacSecret, Purpose, TicketClaims};
 use serde_json::{json, Value};
 
-use super::{free_port, now, BIN};
+use super::harness::{bind_json, free_port, now, wait_healthy, BIN};
+pub use super::harness::{random_hex, runtime};
 
 /// A `keyholder serve` child process; SIGKILLed when dropped.
 pub struct Server {
@@ -72,20 +73,12 @@ impl Server {
     }
 
     pub async fn wait_healthy(&mut self) {
-        let http = client();
-        let started = Instant::now();
-        loop {
-            if let Ok(r) = http.get(format!("{}{PATH_HEALTH}", self.base)).send().await {
-                if r.status().is_success() {
-                    return;
-                }
-            }
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("keyholder exited with {status}: {}", self.log());
-            }
-            assert!(started.elapsed() < Duration::from_secs(30), "not healthy");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let base = self.base.clone();
+        wait_healthy(&client(), &base, Duration::from_secs(30), || {
+            let status = self.child.try_wait().unwrap()?;
+            Some(format!("{status}: {}", self.log()))
+        })
+        .await
     }
 
     pub fn pid(&self) -> u32 {
@@ -148,13 +141,6 @@ pub fn rss_mb(pid: u32) -> f64 {
         .unwrap_or(0.0)
 }
 
-pub fn random_hex(bytes: usize) -> String {
-    use rand::RngCore;
-    let mut b = vec![0u8; bytes];
-    rand::thread_rng().fill_bytes(&mut b);
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 /// A prepared request: sent as is, and sent again to prove a replay is refused.
 #[derive(Debug, Clone)]
 pub struct Prepared {
@@ -174,17 +160,7 @@ pub struct Platform {
 impl Platform {
     /// Binds the keyholder in `data` (owner's CLI, then the platform's exchange).
     pub async fn bind(server: &Server) -> Platform {
-        let out = Command::new(BIN)
-            .args(["bind", "--json"])
-            .env("KEYHOLDER_DATA_DIR", &server.data)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let issued: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let issued = bind_json(&server.data);
         let http = client();
         let answer: Value = http
             .post(format!("{}{PATH_EXCHANGE}", server.base))

@@ -48,11 +48,7 @@ async fn fetch(platform: &Platform) -> Option<u16> {
 
 #[test]
 fn usage_caps_hold_across_sigkill_and_restart() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = super::runtime();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     rt.block_on(async {

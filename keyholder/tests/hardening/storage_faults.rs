@@ -222,11 +222,7 @@ fn full_then_read_only_file_system() {
 fn database_locked_by_another_process() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = super::runtime();
     rt.block_on(async {
         let server = Server::start(&data).await;
         let platform = Platform::bind(&server).await;
