@@ -235,32 +235,7 @@ impl PolicyEngine {
                     .push(Arc::clone(entry));
             }
         }
-        if let Ok(mut counts) = self.usage.lock() {
-            // This process is the only writer of the counts, so what it holds in memory is
-            // authoritative for a key it knows: the database may already hold a use whose commit
-            // has not been accounted here yet (it adds itself when its commit resolves), and
-            // taking the database's figure would count that use twice. Keys the database no
-            // longer has (a deleted policy) are dropped unless a use of them is in flight.
-            let mut fresh: HashMap<UsageKey, UsageCount> = usage
-                .into_iter()
-                .map(|(key, committed)| {
-                    let count = counts.get(&key).copied().unwrap_or(UsageCount {
-                        committed,
-                        reserved: 0,
-                    });
-                    (key, count)
-                })
-                .collect();
-            for (key, count) in counts.iter() {
-                if count.reserved > 0 {
-                    fresh.entry(key.clone()).or_insert(UsageCount {
-                        committed: 0,
-                        reserved: count.reserved,
-                    });
-                }
-            }
-            *counts = fresh;
-        }
+        self.merge_counts(usage, entries.keys());
         let next = Arc::new(snapshot);
         match self.snapshot.write() {
             Ok(mut guard) => *guard = next,
@@ -268,6 +243,52 @@ impl PolicyEngine {
         }
         self.approvals.wake_decided(storage).await?;
         Ok(())
+    }
+
+    /// Merges the durable counts of a storage snapshot into memory. This process is the only
+    /// writer of the counts, so what it holds is authoritative for a key it knows: the snapshot
+    /// may be older than a commit already accounted here (the read runs before the lock is
+    /// taken), or hold a commit not accounted yet (it adds itself when its commit resolves);
+    /// taking the snapshot's figure would forget the one or count the other twice. A key the
+    /// snapshot lacks is therefore kept while its policy exists (its first commits may have
+    /// landed after the read); only the keys of deleted policies are dropped (their rows went
+    /// with them), unless a use of them is in flight.
+    fn merge_counts<'a>(
+        &self,
+        usage: Vec<(UsageKey, u64)>,
+        policies: impl Iterator<Item = &'a String>,
+    ) {
+        let policies: std::collections::HashSet<&str> = policies.map(String::as_str).collect();
+        let Ok(mut counts) = self.usage.lock() else {
+            return;
+        };
+        let mut fresh: HashMap<UsageKey, UsageCount> = usage
+            .into_iter()
+            .map(|(key, committed)| {
+                let count = counts.get(&key).copied().unwrap_or(UsageCount {
+                    committed,
+                    reserved: 0,
+                });
+                (key, count)
+            })
+            .collect();
+        for (key, count) in counts.iter() {
+            if fresh.contains_key(key) {
+                continue;
+            }
+            if policies.contains(key.policy.as_str()) {
+                fresh.insert(key.clone(), *count);
+            } else if count.reserved > 0 {
+                fresh.insert(
+                    key.clone(),
+                    UsageCount {
+                        committed: 0,
+                        reserved: count.reserved,
+                    },
+                );
+            }
+        }
+        *counts = fresh;
     }
 
     /// Checks one use against every policy that applies: refusing rules first (delivery,
@@ -859,4 +880,79 @@ pub fn set_attachment(
 /// The error of an attachment change for a policy that does not exist.
 pub fn no_policy(name: &str) -> VaultError {
     VaultError::Invalid(format!("no policy '{name}'"))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+    use crate::storage::changes::ChangeSets;
+    use crate::storage::sqlite::SqliteStorage;
+    use crate::storage::PolicyStore;
+
+    fn use_of(service: &str) -> UseRequest<'_> {
+        UseRequest {
+            endpoint: Endpoint::Credential,
+            service,
+            agent: None,
+            proxy: None,
+            client: None,
+            country: None,
+        }
+    }
+
+    /// A reload reads the durable counts before it takes the counts' lock. Uses committed and
+    /// accounted in between (here: the first uses of a counter, so the read saw no row for it)
+    /// were dropped from memory before the fix: the cap then let those uses through again.
+    #[tokio::test]
+    async fn a_reload_racing_the_first_commits_of_a_counter_forgets_no_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = SqliteStorage::open(dir.path()).unwrap();
+        let rules = Rules {
+            max_uses: Some(2),
+            per: Some(Per::Total),
+            ..Rules::default()
+        };
+        storage
+            .apply(put_policy("cap", &rules, true, "cli").unwrap())
+            .await
+            .unwrap();
+        storage
+            .apply(set_attachment("cap", TargetKind::Service, "github", true).unwrap())
+            .await
+            .unwrap();
+        let engine = PolicyEngine::default();
+        engine.reload(&storage).await.unwrap();
+
+        // The reload's read, before any use was counted.
+        let (policies, _, stale) = load(&storage).await.unwrap();
+        assert!(stale.is_empty());
+        for _ in 0..2 {
+            let mut admission = engine.admit(&use_of("github")).unwrap();
+            engine.queue_uses(&storage, &mut admission).unwrap();
+            engine.confirm_uses(&mut admission).await.unwrap();
+        }
+        // The reload's merge, after both uses were committed and accounted.
+        let names: Vec<String> = policies.into_iter().map(|p| p.name).collect();
+        engine.merge_counts(stale, names.iter());
+        assert!(
+            matches!(
+                engine.admit(&use_of("github")),
+                Err(Refusal::Limited { .. })
+            ),
+            "a third use under a cap of 2"
+        );
+        // And a fresh reload agrees with storage.
+        engine.reload(&storage).await.unwrap();
+        assert!(engine.admit(&use_of("github")).is_err());
+        assert_eq!(
+            storage.usage_of("cap").await.unwrap(),
+            vec![("service:github".to_string(), "total".to_string(), 2)]
+        );
+
+        // A deleted policy's counts go with it once nothing of it is in flight.
+        storage.apply(delete_policy("cap")).await.unwrap();
+        engine.reload(&storage).await.unwrap();
+        assert!(engine.usage.lock().unwrap().is_empty());
+    }
 }
