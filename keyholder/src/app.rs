@@ -226,8 +226,22 @@ fn spawn_background(
         let mut tick = tokio::time::interval(FOLLOW_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut failing = false;
+        // A shared database announces owner changes (PostgreSQL NOTIFY): follow them at once.
+        let mut pushed = follow_state.storage.watch_owner_generation();
         loop {
-            tick.tick().await;
+            match pushed.as_mut() {
+                Some(watch) => tokio::select! {
+                    _ = tick.tick() => {}
+                    changed = watch.changed() => {
+                        if changed.is_err() {
+                            pushed = None;
+                        }
+                    }
+                },
+                None => {
+                    tick.tick().await;
+                }
+            }
             match follow_state.reload.follow_owner_changes().await {
                 Ok(changed) => {
                     if changed {

@@ -33,6 +33,18 @@ pub struct DataArgs {
     /// The master key sealed by a PKCS#11 token (HSM).
     #[command(flatten)]
     pub pkcs11: Pkcs11Args,
+    /// The shared database of several replicas (`postgres://user@host:5432/db?sslmode=verify-full`)
+    /// instead of the data folder's SQLite file. Keep the password out of it: see
+    /// --database-password-file.
+    #[arg(long, env = "KEYHOLDER_DATABASE_URL", value_name = "URL")]
+    pub database_url: Option<String>,
+    /// File holding the PostgreSQL password (first line).
+    #[arg(long, env = "KEYHOLDER_DATABASE_PASSWORD_FILE", value_name = "FILE")]
+    pub database_password_file: Option<PathBuf>,
+    /// This process's node id on a shared database: names its audit chain (default: the host
+    /// name for `serve`, `cli` for owner commands).
+    #[arg(long, env = "KEYHOLDER_NODE_ID", value_name = "ID")]
+    pub node_id: Option<String>,
 }
 
 /// The PKCS#11 token that seals the master key (`--master-key-pkcs11`).
@@ -67,6 +79,43 @@ impl Pkcs11Args {
 }
 
 impl DataArgs {
+    /// The shared database these arguments name, if any; `default_node` is the node id when
+    /// `--node-id` is not given.
+    pub fn database(&self, default_node: &str) -> Result<Option<DatabaseSettings>, ConfigError> {
+        let Some(url) = self
+            .database_url
+            .as_deref()
+            .filter(|u| !u.trim().is_empty())
+        else {
+            if self.database_password_file.is_some() {
+                return Err(invalid(
+                    "--database-password-file / KEYHOLDER_DATABASE_PASSWORD_FILE",
+                    "needs --database-url",
+                ));
+            }
+            return Ok(None);
+        };
+        let target =
+            crate::storage::postgres::PgTarget::parse(url, self.database_password_file.as_deref())
+                .map_err(|e| invalid("--database-url / KEYHOLDER_DATABASE_URL", e.to_string()))?;
+        let node_id = self
+            .node_id
+            .clone()
+            .filter(|n| !n.trim().is_empty())
+            .unwrap_or_else(|| default_node.to_string());
+        if node_id.len() > 128
+            || node_id
+                .chars()
+                .any(|c| c.is_control() || c == ',' || c == '=')
+        {
+            return Err(invalid(
+                "--node-id / KEYHOLDER_NODE_ID",
+                "at most 128 characters, no control characters, ',' or '='",
+            ));
+        }
+        Ok(Some(DatabaseSettings { target, node_id }))
+    }
+
     /// The master-key source these arguments select.
     pub fn master_key_source(&self) -> MasterKeySource {
         if let Some(uri) = &self.pkcs11.master_key_pkcs11 {
@@ -243,6 +292,34 @@ pub struct Config {
     pub geoip_db: Option<PathBuf>,
     /// Policies declared in TOML.
     pub policy_file: Option<PathBuf>,
+    /// The shared PostgreSQL database (`--database-url`), instead of the data folder's SQLite.
+    pub database: Option<DatabaseSettings>,
+}
+
+/// Where a shared PostgreSQL database is (`--database-url`), and this process's node id in it.
+#[derive(Clone)]
+pub struct DatabaseSettings {
+    /// The parsed URL (TLS settings included, password from the file if given).
+    pub target: crate::storage::postgres::PgTarget,
+    /// Names this process's audit chain.
+    pub node_id: String,
+}
+
+impl std::fmt::Debug for DatabaseSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The target prints without its password.
+        write!(f, "{:?} (node {})", self.target, self.node_id)
+    }
+}
+
+/// The machine's host name, the default node id of `serve` on a shared database.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "keyholder".into())
 }
 
 /// Parses `--rate-limit-per-ip`: `N/min` with N in 1-1000000 (`N` alone means the same).
@@ -367,6 +444,7 @@ impl Config {
             notify_on: crate::policy::notify::NotifyOn::Approvals,
             geoip_db: None,
             policy_file: None,
+            database: None,
         }
     }
 
@@ -490,7 +568,9 @@ impl Config {
             .filter(|s| !s.trim().is_empty())
             .map(|s| validate_metrics_listen(s.trim(), args.metrics_public))
             .transpose()?;
+        let database = args.data.database(&host_name())?;
         Ok(Config {
+            database,
             data_dir: args.data.data_dir.clone(),
             master_key: args.data.master_key_source(),
             listen,

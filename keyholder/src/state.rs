@@ -73,12 +73,20 @@ impl AppState {
         config: Config,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<(Data<AppState>, AuditQueue)> {
-        let storage: SharedStorage = Arc::new(
-            SqliteStorage::open_observed(&config.data_dir, Some(metrics.commit_observer()))
-                .with_context(|| {
-                    format!("cannot open the database in {}", config.data_dir.display())
-                })?,
-        );
+        let storage: SharedStorage = match &config.database {
+            // Several replicas on one PostgreSQL database (`--database-url`).
+            Some(db) => Arc::new(
+                crate::storage::postgres::PostgresStorage::open(db.target.clone(), &db.node_id)
+                    .await
+                    .with_context(|| format!("cannot open the database {}", db.target.display()))?,
+            ),
+            None => Arc::new(
+                SqliteStorage::open_observed(&config.data_dir, Some(metrics.commit_observer()))
+                    .with_context(|| {
+                        format!("cannot open the database in {}", config.data_dir.display())
+                    })?,
+            ),
+        };
         // Before the vault opens, so it starts at the owner generation the file's changes bumped
         // (a reload racing the first requests would be needless).
         if let Some(path) = config.policy_file.clone() {

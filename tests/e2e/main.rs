@@ -23,6 +23,7 @@ mod protocol24;
 mod proxy;
 mod refresh;
 mod release;
+mod replicas;
 mod signed;
 mod signing;
 mod storage;

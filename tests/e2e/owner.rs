@@ -320,6 +320,9 @@ async fn backup_under_concurrent_writes_restores_every_acknowledged_write() {
             master_key_file: Some(kh.data_dir.join("master.key")),
             passphrase_file: None,
             pkcs11: Default::default(),
+            database_url: None,
+            database_password_file: None,
+            node_id: None,
         },
         from: out.clone(),
     };
@@ -431,6 +434,9 @@ fn copy_folder(from: &std::path::Path) -> (tempfile::TempDir, OwnerArgs) {
             master_key_file: None,
             passphrase_file: None,
             pkcs11: Default::default(),
+            database_url: None,
+            database_password_file: None,
+            node_id: None,
         },
         json: false,
     };

@@ -7,6 +7,7 @@ pub mod certs;
 pub mod faulty;
 pub mod mmdb;
 pub mod mtls;
+pub mod replicas;
 pub mod sigv4;
 pub mod webdriver;
 
@@ -213,6 +214,9 @@ impl Keyholder {
             master_key_file,
             passphrase_file,
             pkcs11,
+            database_url: None,
+            database_password_file: None,
+            node_id: None,
         }
     }
 

@@ -12,6 +12,7 @@ pub mod doctor;
 pub mod egress;
 pub mod healthcheck;
 pub mod import_reference;
+pub mod migrate_storage;
 pub mod oauth;
 pub mod platform_key;
 pub mod policy;
@@ -84,6 +85,9 @@ pub enum Command {
     Backup(backup::BackupArgs),
     /// Restore a backup into an empty data folder.
     Restore(restore::RestoreArgs),
+    /// Move the storage: this data folder's SQLite into an empty PostgreSQL database
+    /// (`--to postgres://...`), or `--database-url` into a new SQLite data folder (`--to FOLDER`).
+    MigrateStorage(migrate_storage::MigrateStorageArgs),
     /// Kill switch: refuse every credential use (503 sealed) until `unseal`, without going offline.
     Seal(data_folder::OwnerArgs),
     /// Lift the seal.
@@ -136,6 +140,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::RotateMasterKey(args) => rotate_master_key::execute(&args),
         Command::Backup(args) => backup::execute(&args),
         Command::Restore(args) => restore::execute(&args),
+        Command::MigrateStorage(args) => migrate_storage::execute(&args),
         Command::Seal(args) => seal::execute(&args, true),
         Command::Unseal(args) => seal::execute(&args, false),
         Command::Audit(command) => audit::execute(&command),

@@ -58,11 +58,22 @@ pub fn open_storage(data_dir: &Path, create: bool) -> anyhow::Result<SharedStora
     Ok(Arc::new(SqliteStorage::open(data_dir)?))
 }
 
+/// The storage the data arguments name: the shared PostgreSQL database of `--database-url`, or
+/// the data folder's SQLite (`create`: made if missing).
+pub async fn open_data_storage(data: &DataArgs, create: bool) -> anyhow::Result<SharedStorage> {
+    match data.database("cli")? {
+        Some(db) => Ok(Arc::new(
+            crate::storage::postgres::PostgresStorage::open(db.target.clone(), &db.node_id).await?,
+        )),
+        None => open_storage(&data.data_dir, create),
+    }
+}
+
 impl Owner {
     /// Opens an existing data folder (never creates one) and unlocks it with the configured master
     /// key.
     pub async fn open(data: &DataArgs) -> anyhow::Result<Owner> {
-        let storage = open_storage(&data.data_dir, false)?;
+        let storage = open_data_storage(data, false).await?;
         let (master, _) =
             master::open_master_key(storage.as_ref(), &data.data_dir, &data.master_key_source())
                 .await?;
@@ -78,7 +89,7 @@ impl Owner {
     /// Opens the data folder for an owner command, creating and migrating it if needed, and
     /// unlocks the key ring (creating keys on a new folder).
     pub async fn open_or_create(data: &DataArgs) -> anyhow::Result<Owner> {
-        let storage = open_storage(&data.data_dir, true)?;
+        let storage = open_data_storage(data, true).await?;
         let (master, _) =
             master::open_master_key(storage.as_ref(), &data.data_dir, &data.master_key_source())
                 .await?;

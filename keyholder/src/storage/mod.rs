@@ -20,6 +20,7 @@ mod error;
 pub mod keyring;
 pub mod oauth;
 pub mod policies;
+pub mod postgres;
 pub mod replay;
 pub mod settings;
 pub mod sign_configs;

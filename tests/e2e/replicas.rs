@@ -1,0 +1,413 @@
+//! Several replicas on one PostgreSQL database: real keyholder processes (the `keyholder` command
+//! built as `keyholder-replica`), each test its own database. Skipped, with a message, when no
+//! PostgreSQL is reachable (and `KEYHOLDER_TEST_DATABASE_URL` is unset).
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use keyholder_protocol::paths::{PATH_CREDENTIAL, PATH_STORAGE, PATH_STORE};
+use keyholder_protocol::Purpose;
+use keyholder_tests::replicas::{can_restart_postgres, restart_postgres, Balancer, Cluster};
+use keyholder_tests::{now, random_hex, Keyholder};
+use serde_json::{json, Value};
+
+const BIN: &str = env!("CARGO_BIN_EXE_keyholder-replica");
+
+async fn cluster(n: usize) -> Option<Cluster> {
+    let mut cluster = Cluster::start(std::path::Path::new(BIN), n).await?;
+    cluster.bind(0).await;
+    Some(cluster)
+}
+
+/// A cluster alone on the PostgreSQL server (the test restarts it).
+async fn exclusive_cluster(n: usize) -> Option<Cluster> {
+    let mut cluster = Cluster::start_exclusive(std::path::Path::new(BIN), n).await?;
+    cluster.bind(0).await;
+    Some(cluster)
+}
+
+/// A store that may fail in transport (a killed replica): `Some(status)` when answered.
+async fn try_store(kh: &Keyholder, service: &str, token: &str) -> Option<u16> {
+    let ticket = kh.ticket(Purpose::Store, service);
+    let sent = kh
+        .http
+        .post(kh.url(PATH_STORE))
+        .json(&json!({ "ticket": ticket, "service": service,
+                        "tokenData": { "accessToken": token } }))
+        .send()
+        .await
+        .ok()?;
+    Some(sent.status().as_u16())
+}
+
+/// The credential's access token read through `kh`, or the status when refused.
+async fn access_token(kh: &Keyholder, service: &str) -> Result<String, u16> {
+    let answer = kh.credential(service).await;
+    if answer.status != 200 {
+        eprintln!(
+            "{service}: {} {}",
+            answer.status,
+            String::from_utf8_lossy(&answer.body)
+        );
+        return Err(answer.status);
+    }
+    Ok(answer.json()["token"]["accessToken"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string())
+}
+
+#[tokio::test]
+async fn two_replicas_share_credentials_replay_marks_and_the_seal() {
+    let Some(cluster) = cluster(2).await else {
+        return;
+    };
+    let (a, b) = (cluster.view(0), cluster.view(1));
+
+    // A store through A is read through B.
+    assert_eq!(
+        a.store("github", json!({"accessToken": "gho_one"}))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(access_token(&b, "github").await.as_deref(), Ok("gho_one"));
+    // Replaced through B (B's cache held the old one), read through A and B.
+    assert_eq!(
+        b.store("github", json!({"accessToken": "gho_two"}))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(access_token(&a, "github").await.as_deref(), Ok("gho_two"));
+    assert_eq!(access_token(&b, "github").await.as_deref(), Ok("gho_two"));
+    // ... and replaced through A again: B's cache forgets what A wrote.
+    assert_eq!(
+        a.store("github", json!({"accessToken": "gho_three"}))
+            .await
+            .status,
+        200
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(access_token(&b, "github").await.as_deref(), Ok("gho_three"));
+
+    // A ticket used on A is refused on B (and on A again).
+    let ticket = a.ticket(Purpose::AgentCredential, "github");
+    assert_eq!(a.credential_with(&ticket, "github").await.status, 200);
+    let replay = b.credential_with(&ticket, "github").await;
+    replay.assert_error(401, "ticket_invalid");
+    assert_eq!(replay.json()["message"], "Ticket already used");
+    assert!(
+        !replay.body.windows(9).any(|w| w == b"gho_three"),
+        "nothing leaked"
+    );
+    a.credential_with(&ticket, "github")
+        .await
+        .assert_error(401, "ticket_invalid");
+    // The same ticket sent to both at once: one answer carries the credential, never two.
+    let ticket = a.ticket(Purpose::AgentCredential, "github");
+    let (x, y) = tokio::join!(
+        a.credential_with(&ticket, "github"),
+        b.credential_with(&ticket, "github")
+    );
+    let ok = [x.status, y.status].iter().filter(|s| **s == 200).count();
+    assert_eq!(ok, 1, "{} {}", x.status, y.status);
+
+    // A request id used on A is refused on B, whatever else the request says.
+    let id = format!("req_{}", random_hex(8));
+    let raw = br#"{"operation":"list","collection":"tokens"}"#;
+    assert_eq!(
+        a.signed_raw(PATH_STORAGE, raw, now(), &id).await.status,
+        200
+    );
+    let replayed = b.signed_raw(PATH_STORAGE, raw, now(), &id).await;
+    replayed.assert_error(401, "auth_failed");
+    assert_eq!(replayed.json()["message"], "Duplicate request ID");
+    let other = br#"{"operation":"get","collection":"tokens","key":"github"}"#;
+    b.signed_raw(PATH_STORAGE, other, now(), &id)
+        .await
+        .assert_error(401, "auth_failed");
+
+    // Sealed with the owner CLI (against the database): in force on both within a second.
+    let sealed_at = Instant::now();
+    cluster.owner(&["seal"]);
+    let mut both = false;
+    while sealed_at.elapsed() < Duration::from_secs(1) {
+        let (x, y) = tokio::join!(a.credential("github"), b.credential("github"));
+        if x.status == 503 && y.status == 503 {
+            x.assert_error(503, "sealed");
+            y.assert_error(503, "sealed");
+            both = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(both, "seal not in force on both replicas within a second");
+    cluster.owner(&["unseal"]);
+    let unsealed_at = Instant::now();
+    loop {
+        let (x, y) = tokio::join!(a.credential("github"), b.credential("github"));
+        if x.status == 200 && y.status == 200 {
+            break;
+        }
+        assert!(
+            unsealed_at.elapsed() < Duration::from_secs(1),
+            "unseal not followed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Every replica's audit chain verifies (one chain per replica, and the CLI's own).
+    let out = cluster.owner(&["audit", "verify"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("OK:"), "{text}");
+    let db = cluster.db.target().connect().await.unwrap();
+    let nodes: Vec<String> = db
+        .query("SELECT node FROM audit_heads ORDER BY node", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(
+        nodes.contains(&"replica-a".to_string()) && nodes.contains(&"replica-b".to_string()),
+        "{nodes:?}"
+    );
+    // An entry removed from B's chain: `audit verify` fails and names that chain.
+    db.execute(
+        "DELETE FROM audit_log WHERE node = 'replica-b' AND seq = 1",
+        &[],
+    )
+    .await
+    .unwrap();
+    let out = cluster.owner_output(&["audit", "verify"]);
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("replica-b") && text.contains("missing"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn key_rotation_and_rewrap_while_both_serve_lose_nothing() {
+    let Some(cluster) = cluster(2).await else {
+        return;
+    };
+    let views = [cluster.view(0), cluster.view(1)];
+    for i in 0..20 {
+        let kh = &views[i % 2];
+        let service = format!("svc{i}");
+        let stored = kh
+            .store(&service, json!({"accessToken": format!("tok{i}")}))
+            .await;
+        assert_eq!(stored.status, 200);
+    }
+    // Traffic on both while the owner rotates the data key and rewraps everything.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut traffic = Vec::new();
+    for r in 0..2 {
+        let kh = cluster.view(r);
+        let stop = std::sync::Arc::clone(&stop);
+        traffic.push(tokio::spawn(async move {
+            let mut acked: BTreeMap<String, String> = BTreeMap::new();
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let service = format!("live{r}_{n}");
+                let token = format!("t{r}_{n}");
+                if kh
+                    .store(&service, json!({"accessToken": token}))
+                    .await
+                    .status
+                    == 200
+                {
+                    acked.insert(service, token);
+                }
+                let read = access_token(&kh, &format!("svc{}", n % 20)).await;
+                assert_eq!(read, Ok(format!("tok{}", n % 20)), "read during rotation");
+                n += 1;
+            }
+            acked
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cluster.owner(&["rotate-key"]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cluster.owner(&["rewrap"]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut acked = BTreeMap::new();
+    for t in traffic {
+        acked.extend(t.await.unwrap());
+    }
+    assert!(acked.len() >= 4, "too little traffic: {}", acked.len());
+    // Everything decrypts through both, also what was written during the rotation.
+    for kh in &views {
+        for i in 0..20 {
+            assert_eq!(
+                access_token(kh, &format!("svc{i}")).await,
+                Ok(format!("tok{i}"))
+            );
+        }
+        for (service, token) in &acked {
+            assert_eq!(
+                access_token(kh, service).await.as_deref(),
+                Ok(token.as_str())
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn kill_9_of_a_replica_under_durable_writes_loses_no_acknowledged_write() {
+    let Some(mut cluster) = cluster(2).await else {
+        return;
+    };
+    // nginx is not installed here: the harness's loopback balancer stands in for it.
+    let balancer = Balancer::start(cluster.addrs()).await;
+    let front = cluster.view_at(&balancer.base());
+    let writers = 8;
+    let per_writer = 40;
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let kh = cluster.view_at(&balancer.base());
+        tasks.push(tokio::spawn(async move {
+            let mut acked = Vec::new();
+            let mut failed = 0;
+            for n in 0..per_writer {
+                let service = format!("w{w}_{n}");
+                let token = format!("secret_{w}_{n}");
+                match try_store(&kh, &service, &token).await {
+                    Some(200) => acked.push((service, token)),
+                    _ => failed += 1,
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            (acked, failed)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    cluster.kill9(0);
+    let mut acked = Vec::new();
+    for t in tasks {
+        let (a, _) = t.await.unwrap();
+        acked.extend(a);
+    }
+    eprintln!(
+        "kill -9: {} of {} stores acknowledged",
+        acked.len(),
+        writers * per_writer
+    );
+    assert!(
+        acked.len() > writers * per_writer / 2,
+        "B did not keep serving: {} acknowledged",
+        acked.len()
+    );
+    // Every acknowledged write is present and decrypts, through B and through the front.
+    let b = cluster.view(1);
+    for (service, token) in &acked {
+        assert_eq!(
+            access_token(&b, service).await.as_deref(),
+            Ok(token.as_str())
+        );
+    }
+    // A rejoins and serves them too.
+    cluster.restart(0).await;
+    let a = cluster.view(0);
+    for (service, token) in acked.iter().step_by(7) {
+        assert_eq!(
+            access_token(&a, service).await.as_deref(),
+            Ok(token.as_str())
+        );
+    }
+    assert_eq!(
+        front
+            .store("after", json!({"accessToken": "x"}))
+            .await
+            .status,
+        200
+    );
+}
+
+#[tokio::test]
+async fn postgres_restarted_under_load_answers_503_then_recovers_by_itself() {
+    if !can_restart_postgres() {
+        eprintln!("SKIPPED: cannot stop and start the local PostgreSQL here (needs root and pg_ctlcluster)");
+        return;
+    }
+    let Some(cluster) = exclusive_cluster(1).await else {
+        return;
+    };
+    let kh = cluster.view(0);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let kh = cluster.view(0);
+        let stop = std::sync::Arc::clone(&stop);
+        tokio::spawn(async move {
+            let mut acked = Vec::new();
+            let mut statuses: BTreeMap<u16, usize> = BTreeMap::new();
+            let mut bodies = Vec::new();
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let service = format!("pg{n}");
+                let ticket = kh.ticket(Purpose::Store, &service);
+                let answer = kh
+                    .http
+                    .post(kh.url(PATH_STORE))
+                    .json(&json!({"ticket": ticket, "service": service,
+                                   "tokenData": {"accessToken": format!("v{n}")}}))
+                    .send()
+                    .await;
+                if let Ok(resp) = answer {
+                    let status = resp.status().as_u16();
+                    *statuses.entry(status).or_default() += 1;
+                    let body: Value = resp.json().await.unwrap_or(Value::Null);
+                    if status == 200 {
+                        acked.push((service, format!("v{n}")));
+                    } else {
+                        bodies.push((status, body));
+                    }
+                }
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            (acked, statuses, bodies)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::task::spawn_blocking(|| restart_postgres(Duration::from_secs(2)))
+        .await
+        .unwrap()
+        .expect("PostgreSQL restarted");
+    // Service back by itself: a store succeeds within 10 s of PostgreSQL's start.
+    let back = Instant::now();
+    loop {
+        if try_store(&kh, "probe", "p").await == Some(200) {
+            break;
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(10),
+            "not back by itself"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (acked, statuses, bodies) = writer.await.unwrap();
+    assert!(
+        statuses.get(&503).copied().unwrap_or(0) > 0,
+        "no 503 during the outage: {statuses:?}"
+    );
+    assert!(!statuses.contains_key(&500), "a 500: {statuses:?}");
+    for (status, body) in &bodies {
+        assert_eq!(*status, 503, "{body}");
+        assert_eq!(body["error"], "storage_unavailable", "{body}");
+    }
+    for (service, token) in &acked {
+        assert_eq!(
+            access_token(&kh, service).await.as_deref(),
+            Ok(token.as_str())
+        );
+    }
+    let _ = PATH_CREDENTIAL;
+}

@@ -1,0 +1,400 @@
+//! Several real keyholder processes on one PostgreSQL database (each test its own database), and a
+//! small loopback TCP load balancer in front of them (nginx is not installed on these machines:
+//! the balancer plays its part, connection by connection, skipping a replica that refuses
+//! connections).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use keyholder::config::Config;
+use keyholder::storage::postgres::testing::TestDatabase;
+use keyholder_protocol::paths::PATH_HEALTH;
+use keyholder_protocol::HmacSecret;
+
+use crate::{Keyholder, PUBLIC_URL};
+
+/// Tests that use the local PostgreSQL hold this shared; the one that restarts it holds it
+/// exclusively, so that no other test's replicas lose their database meanwhile.
+fn postgres_use() -> Arc<tokio::sync::RwLock<()>> {
+    static LOCK: std::sync::OnceLock<Arc<tokio::sync::RwLock<()>>> = std::sync::OnceLock::new();
+    Arc::clone(LOCK.get_or_init(|| Arc::new(tokio::sync::RwLock::new(()))))
+}
+
+/// How a cluster holds the PostgreSQL it uses.
+enum Use {
+    Shared(#[allow(dead_code)] tokio::sync::OwnedRwLockReadGuard<()>),
+    Exclusive(#[allow(dead_code)] tokio::sync::OwnedRwLockWriteGuard<()>),
+}
+
+/// A free loopback port (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One keyholder process.
+pub struct Replica {
+    child: Option<Child>,
+    /// Where it listens (kept across restarts).
+    pub addr: SocketAddr,
+    /// Its node id (its audit chain).
+    pub node: String,
+    data_dir: PathBuf,
+}
+
+impl Replica {
+    /// Whether the process runs.
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Replicas sharing one database and one master key file.
+pub struct Cluster {
+    /// The test's database.
+    pub db: TestDatabase,
+    dir: tempfile::TempDir,
+    /// The master key every replica reads.
+    pub master_key: PathBuf,
+    bin: PathBuf,
+    /// The replicas, in start order.
+    pub replicas: Vec<Replica>,
+    /// The binding's HMAC secret, once bound.
+    pub secret: Option<HmacSecret>,
+    http: reqwest::Client,
+    _use: Use,
+}
+
+impl Cluster {
+    /// Starts `n` replicas of `bin` (the `keyholder` command) on a new database; `None` when no
+    /// PostgreSQL is reachable (the test then skips, with the message printed).
+    pub async fn start(bin: &Path, n: usize) -> Option<Cluster> {
+        let held = Use::Shared(postgres_use().read_owned().await);
+        Self::start_holding(bin, n, held).await
+    }
+
+    /// Like [`Cluster::start`], alone on the PostgreSQL server (tests that restart it).
+    pub async fn start_exclusive(bin: &Path, n: usize) -> Option<Cluster> {
+        let held = Use::Exclusive(postgres_use().write_owned().await);
+        Self::start_holding(bin, n, held).await
+    }
+
+    async fn start_holding(bin: &Path, n: usize, held: Use) -> Option<Cluster> {
+        let db = TestDatabase::create().await?;
+        let dir = tempfile::tempdir().unwrap();
+        let master_key = dir.path().join("master.key");
+        {
+            use base64::Engine as _;
+            use rand::RngCore;
+            let mut key = [0u8; 32];
+            rand::thread_rng().fill_bytes(&mut key);
+            std::fs::write(
+                &master_key,
+                base64::engine::general_purpose::STANDARD.encode(key),
+            )
+            .unwrap();
+        }
+        let mut cluster = Cluster {
+            db,
+            dir,
+            master_key,
+            bin: bin.to_path_buf(),
+            replicas: Vec::new(),
+            secret: None,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .unwrap(),
+            _use: held,
+        };
+        for i in 0..n {
+            let node = format!("replica-{}", (b'a' + i as u8) as char);
+            let data_dir = cluster.dir.path().join(&node);
+            std::fs::create_dir_all(&data_dir).unwrap();
+            let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+            cluster.replicas.push(Replica {
+                child: None,
+                addr,
+                node,
+                data_dir,
+            });
+        }
+        // All at once: their migrations meet at the advisory lock.
+        for i in 0..n {
+            cluster.spawn(i);
+        }
+        for i in 0..n {
+            cluster.wait_healthy(i).await;
+        }
+        Some(cluster)
+    }
+
+    fn command(&self) -> Command {
+        let mut cmd = Command::new(&self.bin);
+        cmd.env("KEYHOLDER_MASTER_KEY_FILE", &self.master_key)
+            .env("KEYHOLDER_DATABASE_URL", self.db.url())
+            .env("KEYHOLDER_PUBLIC_URL", PUBLIC_URL)
+            .env("KEYHOLDER_EGRESS_ALLOW_PRIVATE", "true")
+            .env_remove("KEYHOLDER_NODE_ID")
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let log = std::env::var("KEYHOLDER_REPLICA_LOG").ok();
+        let replica = &self.replicas[i];
+        let mut cmd = self.command();
+        cmd.arg("serve")
+            .env("KEYHOLDER_DATA_DIR", &replica.data_dir)
+            .env("KEYHOLDER_LISTEN", replica.addr.to_string())
+            .env("KEYHOLDER_NODE_ID", &replica.node)
+            .env("KEYHOLDER_WORKERS", "2")
+            .env("KEYHOLDER_LOG", log.as_deref().unwrap_or("warn"))
+            .stdout(Stdio::null())
+            .stderr(if log.is_some() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            });
+        let child = cmd.spawn().expect("replica starts");
+        self.replicas[i].child = Some(child);
+    }
+
+    /// Waits until replica `i` answers `/v1/health` with 200 (at most 30 s).
+    pub async fn wait_healthy(&mut self, i: usize) {
+        let url = format!("http://{}{PATH_HEALTH}", self.replicas[i].addr);
+        let started = Instant::now();
+        loop {
+            if let Ok(r) = self.http.get(&url).send().await {
+                if r.status().as_u16() == 200 {
+                    return;
+                }
+            }
+            assert!(self.replicas[i].running(), "replica {i} exited");
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "replica {i} not healthy"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// kill -9 of replica `i`.
+    pub fn kill9(&mut self, i: usize) {
+        if let Some(mut child) = self.replicas[i].child.take() {
+            child.kill().unwrap(); // SIGKILL
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts replica `i` again (same port, same node id) and waits until it is healthy.
+    pub async fn restart(&mut self, i: usize) {
+        self.kill9(i);
+        self.spawn(i);
+        self.wait_healthy(i).await;
+    }
+
+    /// An owner command (`keyholder <args>`) against the shared database, whatever its exit.
+    pub fn owner_output(&self, args: &[&str]) -> std::process::Output {
+        let data = self.dir.path().join("cli");
+        std::fs::create_dir_all(&data).unwrap();
+        self.command()
+            .args(args)
+            .env("KEYHOLDER_DATA_DIR", data)
+            .output()
+            .unwrap()
+    }
+
+    /// An owner command that must succeed; its output.
+    pub fn owner(&self, args: &[&str]) -> std::process::Output {
+        let out = self.owner_output(args);
+        assert!(
+            out.status.success(),
+            "keyholder {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    /// The harness's client helpers aimed at replica `i` (or any base URL), with the binding's
+    /// secret.
+    pub fn view(&self, i: usize) -> Keyholder {
+        self.view_at(&format!("http://{}", self.replicas[i].addr))
+    }
+
+    /// The helpers aimed at `base` (the balancer).
+    pub fn view_at(&self, base: &str) -> Keyholder {
+        Keyholder {
+            server: None,
+            data_dir: self.dir.path().join("cli"),
+            _temp: None,
+            http: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .timeout(Duration::from_secs(10))
+                .build()
+                .unwrap(),
+            base: base.trim_end_matches('/').to_string(),
+            secret: self
+                .secret
+                .as_ref()
+                .map(|s| HmacSecret::from_bytes(*s.expose())),
+            config: Config::new(self.dir.path().join("cli"), "127.0.0.1:0".parse().unwrap()),
+        }
+    }
+
+    /// Binds the cluster: a code from the owner CLI, exchanged through replica `i`.
+    pub async fn bind(&mut self, i: usize) {
+        let out = self.owner(&["bind", "--json"]);
+        let issued: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let code = issued["code"].as_str().unwrap().to_string();
+        let answer = self.view(i).exchange(&code).await;
+        assert_eq!(
+            answer.status,
+            200,
+            "{}",
+            String::from_utf8_lossy(&answer.body)
+        );
+        let secret =
+            HmacSecret::from_base64(answer.json()["hmacSecret"].as_str().unwrap()).unwrap();
+        self.secret = Some(secret);
+        // Every replica follows the binding (the exchange's owner change) within a second.
+        let started = Instant::now();
+        for r in 0..self.replicas.len() {
+            let view = self.view(r);
+            loop {
+                let answer = view
+                    .storage(serde_json::json!({"operation": "list", "collection": "tokens"}))
+                    .await;
+                if answer.status == 200 {
+                    break;
+                }
+                assert!(
+                    started.elapsed() < Duration::from_secs(1),
+                    "replica {r} did not follow the binding: {}",
+                    String::from_utf8_lossy(&answer.body)
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+
+    /// The replicas' addresses.
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        self.replicas.iter().map(|r| r.addr).collect()
+    }
+}
+
+/// Stops the local PostgreSQL cluster for `pause`, then starts it again (as root, with
+/// `pg_ctlcluster`). `Err` when that is not possible here (the test then skips).
+pub fn restart_postgres(pause: Duration) -> Result<(), String> {
+    let version = std::fs::read_dir("/etc/postgresql")
+        .map_err(|e| format!("/etc/postgresql: {e}"))?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .max_by_key(|v| v.parse::<u32>().unwrap_or(0))
+        .ok_or("no PostgreSQL cluster here")?;
+    let ctl = |action: &str| {
+        Command::new("pg_ctlcluster")
+            .args([version.as_str(), "main", action, "-m", "fast"])
+            .output()
+            .map_err(|e| e.to_string())
+            .and_then(|o| {
+                if o.status.success() {
+                    Ok(())
+                } else {
+                    Err(String::from_utf8_lossy(&o.stderr).into_owned())
+                }
+            })
+    };
+    ctl("stop")?;
+    std::thread::sleep(pause);
+    Command::new("pg_ctlcluster")
+        .args([version.as_str(), "main", "start"])
+        .output()
+        .map_err(|e| e.to_string())
+        .and_then(|o| {
+            if o.status.success() {
+                Ok(())
+            } else {
+                Err(String::from_utf8_lossy(&o.stderr).into_owned())
+            }
+        })
+}
+
+/// Whether this process may stop and start the local PostgreSQL (root with `pg_ctlcluster`).
+pub fn can_restart_postgres() -> bool {
+    std::path::Path::new("/etc/postgresql").is_dir()
+        && Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        && Command::new("pg_ctlcluster").arg("--help").output().is_ok()
+}
+
+/// A loopback TCP load balancer: each accepted connection goes to the next backend in turn that
+/// accepts a connection (a dead one is skipped), bytes copied both ways.
+pub struct Balancer {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Balancer {
+    /// Starts one in front of `backends`.
+    pub async fn start(backends: Vec<SocketAddr>) -> Balancer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let next = Arc::new(AtomicUsize::new(0));
+        let backends = Arc::new(backends);
+        let task = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let (next, backends) = (Arc::clone(&next), Arc::clone(&backends));
+                tokio::spawn(async move {
+                    let first = next.fetch_add(1, Ordering::Relaxed);
+                    for k in 0..backends.len() {
+                        let backend = backends[(first + k) % backends.len()];
+                        let connect = tokio::time::timeout(
+                            Duration::from_millis(300),
+                            tokio::net::TcpStream::connect(backend),
+                        )
+                        .await;
+                        if let Ok(Ok(mut outbound)) = connect {
+                            let _ =
+                                tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Balancer { addr, task }
+    }
+
+    /// Its base URL.
+    pub fn base(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for Balancer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
