@@ -67,7 +67,7 @@ impl RunningServer {
         for task in &self.background {
             task.abort();
         }
-        self.state.vault.storage().close();
+        self.state.storage.close();
     }
 
     /// Base URL of the server, `http://addr` or `https://addr`.
@@ -134,7 +134,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         metrics_addr,
         metrics_server,
     } = listeners;
-    let binding = state.vault.binding();
+    let binding = state.keys.binding();
     tracing::info!(
         listen = %addr,
         tls = tls.is_some(),
@@ -142,7 +142,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         metrics = %metrics_addr.map(|a| a.to_string()).unwrap_or_else(|| "off".into()),
         bound = binding.bound,
         webhook_id = %binding.webhook_id,
-        identity_key = %state.vault.keys().identity().key_id(),
+        identity_key = %state.keys.keys().identity().key_id(),
         "keyholder listening"
     );
     if !binding.bound {
@@ -181,9 +181,7 @@ fn spawn_background(
 ) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
     let config = Arc::clone(&state.config);
     let ring_state = state.clone();
-    let audit_task = audit_queue.spawn(Arc::clone(state.vault.storage()), move || {
-        ring_state.vault.keys()
-    });
+    let audit_task = audit_queue.spawn(Arc::clone(&state.storage), move || ring_state.keys.keys());
     // Before the listener exists, so no SIGHUP can arrive while it would still end the process.
     let mut background = Vec::new();
     if config.handle_signals {
@@ -194,7 +192,7 @@ fn spawn_background(
         let mut tick = tokio::time::interval(Duration::from_secs(60));
         loop {
             tick.tick().await;
-            if let Err(err) = purge_state.vault.replay.purge_expired().await {
+            if let Err(err) = purge_state.replay.purge_expired().await {
                 tracing::warn!(error = %err, "replay purge failed");
             }
         }
@@ -207,7 +205,13 @@ fn spawn_background(
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                match prune_state.vault.prune_audit(retention).await {
+                match crate::vault::retention::prune_audit(
+                    prune_state.storage.as_ref(),
+                    &prune_state.keys,
+                    retention,
+                )
+                .await
+                {
                     Ok(0) => {}
                     Ok(removed) => tracing::info!(removed, "pruned old audit entries"),
                     Err(err) => tracing::error!(error = %err, "audit retention: nothing pruned"),
@@ -223,7 +227,7 @@ fn spawn_background(
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut failing = false;
         // A shared database announces owner changes (PostgreSQL NOTIFY): follow them at once.
-        let mut pushed = follow_state.vault.storage().watch_owner_generation();
+        let mut pushed = follow_state.storage.watch_owner_generation();
         loop {
             match pushed.as_mut() {
                 Some(watch) => tokio::select! {
@@ -238,12 +242,12 @@ fn spawn_background(
                     tick.tick().await;
                 }
             }
-            match follow_state.vault.follow_owner_changes().await {
+            match follow_state.reload.follow_owner_changes().await {
                 Ok(changed) => {
                     if changed {
                         tracing::info!(
-                            sealed = follow_state.vault.is_sealed(),
-                            data_key = follow_state.vault.keys().current_data_version(),
+                            sealed = follow_state.keys.is_sealed(),
+                            data_key = follow_state.keys.keys().current_data_version(),
                             "picked up the owner's changes"
                         );
                     }

@@ -1,5 +1,5 @@
 //! The state every worker shares, and how it is built from the configuration: storage, the
-//! vault on it, the outbound client, the network rules and the owner's extras.
+//! domain services on it, the outbound client, the network rules and the owner's extras.
 
 use std::sync::Arc;
 
@@ -10,15 +10,44 @@ use crate::audit::{recorder::AuditQueue, AuditRecorder};
 use crate::config::Config;
 use crate::http::network::NetworkRules;
 use crate::metrics::Metrics;
+use crate::policy::PolicyEngine;
 use crate::storage::sqlite::SqliteStorage;
 use crate::storage::{Setting, SharedStorage};
 use crate::upstream::{EgressGuard, Upstream, UpstreamSettings};
-use crate::vault::{Vault, VaultSettings};
+use crate::vault::binding::BindingService;
+use crate::vault::collections::StorageService;
+use crate::vault::credentials::CredentialsService;
+use crate::vault::egress::{EgressService, ProxyService};
+use crate::vault::key_handle::{KeyHandle, Opened};
+use crate::vault::minting::MintingService;
+use crate::vault::refresh::RefreshService;
+use crate::vault::reload::ReloadService;
+use crate::vault::replay::ReplayGuard;
+use crate::vault::signing::SigningService;
+use crate::vault::VaultSettings;
 
 /// State shared by every worker.
 pub struct AppState {
-    /// The domain layer.
-    pub vault: Vault,
+    /// The repositories (one engine behind every storage trait).
+    pub storage: SharedStorage,
+    /// The key ring handle: master key, key ring, binding and seal in force.
+    pub keys: Arc<KeyHandle>,
+    /// Replay memory for request ids and ticket nonces.
+    pub replay: ReplayGuard,
+    /// The owner's custody policies (reloaded with every owner change).
+    pub policy: Arc<PolicyEngine>,
+    /// `/v1/storage`: the platform's documents through their cache.
+    pub documents: Arc<StorageService>,
+    /// `/v1/store`, `/v1/credential`, TOTP codes: credentials sealed and opened.
+    pub credentials: Arc<CredentialsService>,
+    /// `/v1/proxy`.
+    pub proxy: ProxyService,
+    /// `/v1/refresh`.
+    pub refresh: RefreshService,
+    /// `/v1/exchange` and the `/bind` page.
+    pub binding: BindingService,
+    /// Follows the owner's changes on disk (polled by a background task).
+    pub reload: Arc<ReloadService>,
     /// Who may call what, by address.
     pub network: NetworkRules,
     /// Prometheus metrics (counted always, served only with `--metrics-listen`).
@@ -85,16 +114,73 @@ impl AppState {
             max_ticket_lifetime: config.max_ticket_lifetime,
             capabilities: keyholder_protocol::paths::capabilities(config.enable_tv_refresh),
         };
-        let (vault, report) = Vault::open(
+        let opened = async {
+            let Opened {
+                keys,
+                report,
+                generation,
+            } = KeyHandle::open(
+                storage.as_ref(),
+                &config.data_dir,
+                &config.master_key,
+                settings,
+            )
+            .await?;
+            let replay = ReplayGuard::load(Arc::clone(&storage)).await?;
+            let policy = Arc::new(PolicyEngine::default());
+            policy.reload(storage.as_ref()).await?;
+            Ok::<_, crate::vault::VaultError>((Arc::new(keys), report, generation, replay, policy))
+        };
+        let (keys, report, generation, replay, policy) =
+            opened.await.context("cannot open the key ring")?;
+        // The services, each over what it needs (see `vault`).
+        let documents = Arc::new(StorageService::new(
             Arc::clone(&storage),
+            Arc::clone(&keys),
+            Arc::clone(&policy),
+        ));
+        let egress = Arc::new(EgressService::new(Arc::clone(&storage)));
+        let signing = Arc::new(SigningService::new(
+            Arc::clone(&storage),
+            Arc::clone(&egress),
+        ));
+        let minting = Arc::new(MintingService::new(
+            Arc::clone(&storage),
+            Arc::clone(&egress),
+        ));
+        let reload = Arc::new(ReloadService::new(
+            Arc::clone(&storage),
+            Arc::clone(&keys),
+            Arc::clone(&documents),
+            Arc::clone(&egress),
+            Arc::clone(&signing),
+            Arc::clone(&policy),
             &config.data_dir,
             &config.master_key,
-            settings,
-        )
-        .await
-        .context("cannot open the key ring")?;
+            generation,
+        ));
+        let credentials = Arc::new(CredentialsService::new(
+            Arc::clone(&keys),
+            Arc::clone(&documents),
+            Arc::clone(&minting),
+            Arc::clone(&reload),
+        ));
+        let proxy = ProxyService::new(
+            Arc::clone(&keys),
+            Arc::clone(&egress),
+            Arc::clone(&credentials),
+            signing,
+            minting,
+        );
+        let refresh = RefreshService::new(
+            Arc::clone(&storage),
+            Arc::clone(&keys),
+            Arc::clone(&documents),
+            egress,
+        );
+        let binding = BindingService::new(Arc::clone(&storage), Arc::clone(&keys));
         // Protocol 2.4.0: links kept by earlier versions are sealed before anything is served.
-        match vault.migrate_totp_links().await {
+        match documents.migrate_totp_links().await {
             Ok(report) if report.migrated > 0 || report.failed > 0 => tracing::info!(
                 migrated = report.migrated,
                 failed = report.failed,
@@ -167,7 +253,16 @@ impl AppState {
         let config = Arc::new(config);
         let (audit, audit_queue) = AuditRecorder::new();
         let state = Data::new(AppState {
-            vault,
+            storage,
+            keys,
+            replay,
+            policy,
+            documents,
+            credentials,
+            proxy,
+            refresh,
+            binding,
+            reload,
             network,
             metrics: Arc::clone(&metrics),
             upstream,

@@ -85,7 +85,7 @@ fn active_key_ids(kh: &Keyholder) -> Vec<String> {
         .as_ref()
         .unwrap()
         .state
-        .vault
+        .keys
         .binding()
         .platform_keys
         .iter()
@@ -98,7 +98,7 @@ fn active_keys(kh: &Keyholder) -> usize {
         .as_ref()
         .unwrap()
         .state
-        .vault
+        .keys
         .binding()
         .platform_keys
         .len()

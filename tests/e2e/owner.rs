@@ -87,7 +87,7 @@ async fn rotation_then_rewrap_then_retire_keeps_every_credential_readable() {
         assert_eq!(answer.status, 200);
     }
     let state = kh.server.as_ref().unwrap().state.clone();
-    assert_eq!(state.vault.keys().current_data_version(), 1);
+    assert_eq!(state.keys.keys().current_data_version(), 1);
 
     let args = owner_args(&kh);
     let version = cli(move || keyholder::cli::rotate_key::rotate_key(&args))
@@ -96,7 +96,7 @@ async fn rotation_then_rewrap_then_retire_keeps_every_credential_readable() {
     assert_eq!(version, 2);
     // The running server follows without a restart.
     within(Duration::from_secs(1), || {
-        state.vault.keys().current_data_version() == 2
+        state.keys.keys().current_data_version() == 2
     })
     .await;
     assert_eq!(
@@ -157,7 +157,7 @@ async fn rotation_then_rewrap_then_retire_keeps_every_credential_readable() {
         .await
         .unwrap();
     within(Duration::from_secs(1), || {
-        state.vault.keys().data_versions() == vec![2]
+        state.keys.keys().data_versions() == vec![2]
     })
     .await;
     assert_all_readable(&kh, N).await;
@@ -228,7 +228,7 @@ async fn master_key_rotation_keeps_the_server_serving_and_locks_out_the_old_key(
         .unwrap();
     let state = kh.server.as_ref().unwrap().state.clone();
     within(Duration::from_secs(2), || {
-        state.vault.keys().current_data_version() == 2
+        state.keys.keys().current_data_version() == 2
     })
     .await;
     assert_eq!(
@@ -624,7 +624,7 @@ async fn import_from_the_reference_keeps_the_same_platform_working() {
     // The running server adopts the reference's secret: the platform's signed calls just work.
     kh.secret = Some(HmacSecret::from_bytes(*reference_secret.expose()));
     let state = kh.server.as_ref().unwrap().state.clone();
-    within(Duration::from_secs(1), || state.vault.binding().bound).await;
+    within(Duration::from_secs(1), || state.keys.binding().bound).await;
     let health = kh.signed(PATH_HEALTH, &json!({})).await;
     assert_eq!(
         health.status,
@@ -729,7 +729,7 @@ async fn imported_v1_ciphertexts_open_only_where_imported_until_rewrap_and_retir
     assert_eq!(report.tokens_reencrypted, 2);
     kh.secret = Some(HmacSecret::from_bytes(*reference_secret.expose()));
     let state = kh.server.as_ref().unwrap().state.clone();
-    within(Duration::from_secs(1), || state.vault.binding().bound).await;
+    within(Duration::from_secs(1), || state.keys.binding().bound).await;
     let attacker = MockServer::ok().await;
 
     // The platform writes pre-migration ciphertexts where they do not belong: github's access
@@ -829,7 +829,7 @@ async fn imported_v1_ciphertexts_open_only_where_imported_until_rewrap_and_retir
         .await
         .unwrap();
     within(Duration::from_secs(1), || {
-        !state.vault.keys().has_platform_v1_key()
+        !state.keys.keys().has_platform_v1_key()
     })
     .await;
     let token = kh.credential("github").await.json();
@@ -1058,7 +1058,7 @@ async fn owner_store_from_a_file_reaches_the_running_server() {
         .as_ref()
         .unwrap()
         .state
-        .vault
+        .reload
         .follow_owner_changes()
         .await
         .unwrap();

@@ -34,7 +34,7 @@ async fn policy(kh: &Keyholder, args: &[&str]) -> anyhow::Result<PolicyOutcome> 
     .await
     .unwrap()?;
     if let Some(server) = kh.server.as_ref() {
-        server.state.vault.follow_owner_changes().await.unwrap();
+        server.state.reload.follow_owner_changes().await.unwrap();
     }
     Ok(outcome)
 }

@@ -813,7 +813,7 @@ async fn import_reference_seals_totp_links() {
     kh.secret = Some(HmacSecret::from_bytes(*reference_secret.expose()));
     let state = kh.server.as_ref().unwrap().state.clone();
     for _ in 0..40 {
-        if state.vault.binding().bound {
+        if state.keys.binding().bound {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -900,8 +900,8 @@ async fn sealed_keyholder_leaves_links_out_and_seals_them_after_unseal() {
     };
     let state = kh.server.as_ref().unwrap().state.clone();
     seal(true);
-    state.vault.follow_owner_changes().await.unwrap();
-    assert!(state.vault.is_sealed());
+    state.reload.follow_owner_changes().await.unwrap();
+    assert!(state.keys.is_sealed());
     let got = kh
         .storage(json!({"operation":"get","collection":"tokens","key":"bank"}))
         .await;
@@ -920,8 +920,8 @@ async fn sealed_keyholder_leaves_links_out_and_seals_them_after_unseal() {
         .assert_error(503, "sealed");
 
     seal(false);
-    state.vault.follow_owner_changes().await.unwrap();
-    assert!(!state.vault.is_sealed());
+    state.reload.follow_owner_changes().await.unwrap();
+    assert!(!state.keys.is_sealed());
     // The redacted answer was not cached: the first read after unseal seals the link on disk.
     let got = kh
         .storage(json!({"operation":"get","collection":"tokens","key":"bank"}))

@@ -45,7 +45,7 @@ async fn sign_config(kh: &Keyholder, args: &[&str]) -> anyhow::Result<String> {
     .await
     .unwrap()?;
     if let Some(server) = kh.server.as_ref() {
-        server.state.vault.follow_owner_changes().await.unwrap();
+        server.state.reload.follow_owner_changes().await.unwrap();
     }
     Ok(out)
 }
@@ -1222,7 +1222,7 @@ async fn inject_only_refuses_every_signing_key_type_on_credential() {
         .as_ref()
         .unwrap()
         .state
-        .vault
+        .reload
         .follow_owner_changes()
         .await
         .unwrap();

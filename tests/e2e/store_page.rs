@@ -195,7 +195,7 @@ async fn store_page_headers_unspent_ticket_and_refusals() {
         .as_ref()
         .unwrap()
         .state
-        .vault
+        .reload
         .follow_owner_changes()
         .await
         .unwrap();

@@ -509,7 +509,7 @@ async fn extreme_ticket_times_are_refused_while_legitimate_traffic_runs_and_purg
     }
     assert_eq!(served, 400);
     // The replay purge (every minute in the server) works, and traffic goes on after it.
-    let replay = &kh.server.as_ref().unwrap().state.vault.replay;
+    let replay = &kh.server.as_ref().unwrap().state.replay;
     replay.purge_expired().await.unwrap();
     tokio::time::sleep(Duration::from_millis(10)).await;
     assert_eq!(kh.credential("github").await.status, 200);

@@ -477,7 +477,7 @@ impl Keyholder {
         if let Some(server) = self.server.as_ref() {
             server
                 .state
-                .vault
+                .reload
                 .follow_owner_changes()
                 .await
                 .expect("server follows the owner's change");

@@ -14,7 +14,7 @@ pub async fn admin_migrate(
     state: Data<AppState>,
     _signed: Signed<serde_json::Value>,
 ) -> Result<HttpResponse, ApiError> {
-    let report = state.vault.migrate_totp_links().await?;
+    let report = state.documents.migrate_totp_links().await?;
     tracing::info!(
         scanned = report.scanned,
         migrated = report.migrated,

@@ -69,7 +69,7 @@ async fn find(state: &AppState, id: String, token: String) -> Option<PendingAppr
         return None;
     }
     let now = crate::clock::now_unix();
-    approvals::pending_for_link(state.vault.storage().as_ref(), &id, &token, now)
+    approvals::pending_for_link(state.storage.as_ref(), &id, &token, now)
         .await
         .ok()
         .flatten()
@@ -140,17 +140,15 @@ pub async fn approval_decide(
     let now = crate::clock::now_unix();
     let decided_id = id.clone();
     let decided = state
-        .vault
-        .storage()
+        .storage
         .decide_approval(&decided_id, approve, now)
         .await;
     match decided {
         Ok(true) => {
             if let Err(err) = state
-                .vault
                 .policy
                 .approvals
-                .wake_decided(state.vault.storage().as_ref())
+                .wake_decided(state.storage.as_ref())
                 .await
             {
                 tracing::warn!(error = %err, "could not wake the held request");

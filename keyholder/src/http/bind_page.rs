@@ -27,10 +27,10 @@ pub async fn bind_page(
     state: Data<AppState>,
     query: Query<BindQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    let binding = state.vault.binding();
-    let key_id = state.vault.keys().identity().key_id();
+    let binding = state.keys.binding();
+    let key_id = state.keys.keys().identity().key_id();
     let link = match query.code.as_deref().filter(|c| c.len() <= 64) {
-        Some(code) => state.vault.bind_link(code).await?,
+        Some(code) => state.binding.bind_link(code).await?,
         None => None,
     };
     let status = if binding.bound {

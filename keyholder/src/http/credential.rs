@@ -32,7 +32,7 @@ pub async fn store(
         StoreMode::Overwrite
     };
     let meta = state
-        .vault
+        .credentials
         .store_credential(
             &service,
             token_data,
@@ -56,7 +56,7 @@ pub async fn credential(
     let body = use_credential(&req, &state, Endpoint::Credential, &ticketed, || async {
         // A signing key (service account, GitHub App) is never handed out: a minted token is.
         state
-            .vault
+            .credentials
             .credential_body(&state.upstream, &ticketed.service)
             .await
     })
@@ -73,7 +73,7 @@ pub async fn totp_code(
     ticketed: Ticketed<TotpEndpoint>,
 ) -> Result<HttpResponse, ApiError> {
     let code = use_credential(&req, &state, Endpoint::TotpCode, &ticketed, || async {
-        state.vault.totp_code(&ticketed.service).await
+        state.credentials.totp_code(&ticketed.service).await
     })
     .await?;
     Ok(HttpResponse::Ok().json(code))
@@ -103,7 +103,7 @@ where
     .await?;
     let result = async {
         state
-            .vault
+            .credentials
             .check_creation(&ticketed.service, &ticketed.claims)
             .await?;
         Ok(body().await?)

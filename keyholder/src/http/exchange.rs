@@ -20,14 +20,14 @@ pub async fn exchange(state: Data<AppState>, body: Bytes) -> Result<HttpResponse
     if code.len() > 64 {
         return Err(ApiError::Vault(crate::vault::VaultError::CodeExpired));
     }
-    let exchanged = state.vault.exchange(&code).await?;
+    let exchanged = state.binding.exchange(&code).await?;
     tracing::info!(webhook_id = %exchanged.webhook_id, "bound to the platform");
     let response = ExchangeResponse {
         hmac_secret: exchanged.secret_base64.map(|s| s.to_string()),
         webhook_id: exchanged.webhook_id,
         version: PROTOCOL_VERSION.to_string(),
-        capabilities: state.vault.settings().capabilities.clone(),
-        signing_key: Some(state.vault.keys().identity().identity_document()),
+        capabilities: state.keys.settings().capabilities.clone(),
+        signing_key: Some(state.keys.keys().identity().identity_document()),
     };
     Ok(HttpResponse::Ok().json(&response))
 }

@@ -48,7 +48,7 @@ pub struct TicketContext {
 /// through [`Ticketed`]; every other endpoint that decrypts or stores a credential (the signed proxy
 /// and refresh endpoints) calls it first, or takes [`Unsealed`] as its first extractor.
 pub fn ensure_unsealed(state: &AppState) -> Result<(), ApiError> {
-    state.vault.ensure_unsealed().map_err(ApiError::from)
+    state.keys.ensure_unsealed().map_err(ApiError::from)
 }
 
 /// An extractor that only succeeds while the keyholder is not sealed (list it first in a handler).
@@ -179,7 +179,7 @@ async fn verify_signed_marks(
     with_next: bool,
 ) -> Result<(Bytes, String), ApiError> {
     let state = state(req)?;
-    let binding = state.vault.binding();
+    let binding = state.keys.binding();
     if !binding.bound {
         return Err(ApiError::SetupRequired);
     }
@@ -258,7 +258,7 @@ async fn verify_signed_marks(
             vec![(ReplayKind::EnvelopeNonce, nonce.as_str(), *until)]
         }
     };
-    let replay = &state.vault.replay;
+    let replay = &state.replay;
     let replayed = if with_next {
         replay.remember_all_with_next(&marks).await?
     } else {
@@ -428,7 +428,6 @@ pub async fn verify_ticket_for(
         .max(now)
         .saturating_add(MAX_CLOCK_SKEW_SECS);
     if state
-        .vault
         .replay
         .remember(ReplayKind::Nonce, &nonce, until)
         .await?
@@ -472,11 +471,11 @@ fn verify_ticket_signed(
     ticket: &str,
     now: i64,
 ) -> Result<TicketClaims, ApiError> {
-    let binding = state.vault.binding();
+    let binding = state.keys.binding();
     if !binding.bound {
         return Err(ApiError::SetupRequired);
     }
-    let max_lifetime = state.vault.settings().max_ticket_lifetime;
+    let max_lifetime = state.keys.settings().max_ticket_lifetime;
     match (binding.scheme, is_kh2_ticket(ticket)) {
         (PlatformScheme::Hmac, false) => {
             verify_ticket(&binding.hmac, ticket, now, max_lifetime).map_err(ApiError::from)
@@ -580,7 +579,7 @@ impl<E: TicketEndpoint + 'static> FromRequest for Ticketed<E> {
             }
             // Sealed: refuse before the ticket is looked at (its nonce stays unused for a retry).
             ensure_unsealed(&state)?;
-            if !state.vault.binding().bound {
+            if !state.keys.binding().bound {
                 return Err(ApiError::SetupRequired);
             }
             let request: E::Request = if req.method() == actix_web::http::Method::GET {

@@ -14,10 +14,10 @@ async fn health_body(state: &AppState) -> Result<HealthResponse, ApiError> {
         status: "healthy".into(),
         version: PROTOCOL_VERSION.into(),
         key_configured: true,
-        capabilities: state.vault.settings().capabilities.clone(),
-        uptime: state.vault.uptime_secs(),
-        token_count: state.vault.token_count().await?,
-        sealed: Some(state.vault.is_sealed()),
+        capabilities: state.keys.settings().capabilities.clone(),
+        uptime: state.keys.uptime_secs(),
+        token_count: state.documents.token_count().await?,
+        sealed: Some(state.keys.is_sealed()),
         keyholder_version: Some(crate::build_info::VERSION.into()),
     })
 }
@@ -37,5 +37,5 @@ pub async fn health_signed(
 
 /// `GET /v1/identity`: the key that signs every response.
 pub async fn identity(state: Data<AppState>) -> HttpResponse {
-    HttpResponse::Ok().json(state.vault.keys().identity().identity_document())
+    HttpResponse::Ok().json(state.keys.keys().identity().identity_document())
 }

@@ -26,7 +26,7 @@ pub async fn enforce(
     claims: Option<&TicketClaims>,
 ) -> Result<Admission, ApiError> {
     // No policy anywhere: nothing to look at (not even the client address), and no span.
-    if !state.vault.policy.is_active() {
+    if !state.policy.is_active() {
         return Ok(Admission::default());
     }
     enforce_policies(req, state, endpoint, service, claims).await
@@ -47,7 +47,7 @@ async fn enforce_policies(
 ) -> Result<Admission, ApiError> {
     let client = super::network::client_address(req).ip()?;
     let country = match (&state.geoip, client) {
-        (Some(db), Some(ip)) if state.vault.policy.needs_geo() => db
+        (Some(db), Some(ip)) if state.policy.needs_geo() => db
             .lookup::<maxminddb::geoip2::Country>(ip)
             .ok()
             .flatten()
@@ -62,7 +62,7 @@ async fn enforce_policies(
         proxy: claims.and_then(|c| c.pid.as_deref()),
         client,
     };
-    match state.vault.policy.admit(&request) {
+    match state.policy.admit(&request) {
         Ok(mut admission) => {
             if admission.policies.is_empty() {
                 return Ok(admission);
@@ -106,18 +106,16 @@ async fn enforce_policies(
                     &link,
                 );
                 let decision = match state
-                    .vault
                     .policy
                     .approvals
-                    .hold(state.vault.storage().as_ref(), pending, link_hash)
+                    .hold(state.storage.as_ref(), pending, link_hash)
                     .await
                 {
                     Ok(decision) => decision,
                     Err(err) => {
                         state
-                            .vault
                             .policy
-                            .release(state.vault.storage().as_ref(), admission)
+                            .release(state.storage.as_ref(), admission)
                             .await;
                         return Err(err.into());
                     }
@@ -131,9 +129,8 @@ async fn enforce_policies(
                 };
                 if let Some(why) = why {
                     state
-                        .vault
                         .policy
-                        .release(state.vault.storage().as_ref(), admission)
+                        .release(state.storage.as_ref(), admission)
                         .await;
                     state.metrics.policy_decision("approval", "refused");
                     state.notifier.refusal(service, "approval", &asking);
@@ -149,11 +146,10 @@ async fn enforce_policies(
             // call (the credential leaves there), the other endpoints in `settle`, before the
             // answer is built.
             state
-                .vault
                 .policy
-                .queue_uses(state.vault.storage().as_ref(), &mut admission)?;
+                .queue_uses(state.storage.as_ref(), &mut admission)?;
             if endpoint == Endpoint::Proxy {
-                state.vault.policy.confirm_uses(&mut admission).await?;
+                state.policy.confirm_uses(&mut admission).await?;
             }
             state.metrics.policy_decision("none", "allowed");
             req.extensions_mut().insert(PolicyNote(format!(
@@ -198,15 +194,13 @@ pub async fn settle<T>(
 ) -> Result<T, ApiError> {
     if result.is_err() {
         state
-            .vault
             .policy
-            .release(state.vault.storage().as_ref(), admission)
+            .release(state.storage.as_ref(), admission)
             .await;
         return result;
     }
     // Durable before the answer leaves: the request's barrier waits for the commit.
     state
-        .vault
         .policy
         .confirm_uses_before_answer(&mut admission)
         .await?;

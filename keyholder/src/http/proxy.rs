@@ -41,7 +41,7 @@ pub async fn proxy(
     .await?;
     // 2.4.0: a ticket for a token that was replaced since is refused before any upstream call.
     let checked = state
-        .vault
+        .credentials
         .check_creation(&service, &claims)
         .await
         .map_err(ApiError::from);
@@ -58,7 +58,7 @@ pub async fn proxy(
     }
     let result = match checked {
         Ok(()) => state
-            .vault
+            .proxy
             .proxy_call(&state.upstream, &service, upstream, templates, &request_id)
             .await
             .map_err(ApiError::from),

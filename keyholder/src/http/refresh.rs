@@ -32,7 +32,7 @@ pub async fn refresh_notify(
     } = signed;
     let service = service_of(body.service)?;
     let outcome = state
-        .vault
+        .refresh
         .refresh_notify(
             &state.upstream,
             &service,
@@ -96,7 +96,7 @@ pub async fn refresh(
             )
             .await?;
             let got = state
-                .vault
+                .refresh
                 .refresh_get(&service)
                 .await
                 .map_err(ApiError::from);
@@ -133,7 +133,7 @@ pub async fn refresh(
             let tokens = body
                 .tokens
                 .ok_or_else(|| ApiError::InvalidRequest("missing 'tokens'".into()))?;
-            let new_expires_at = state.vault.refresh_update(&service, tokens).await?;
+            let new_expires_at = state.refresh.refresh_update(&service, tokens).await?;
             Ok(HttpResponse::Ok().json(RefreshUpdateResponse {
                 status: "updated".into(),
                 new_expires_at,

@@ -37,10 +37,10 @@ pub async fn storage(
             .filter(|id| !id.is_empty())
             .unwrap_or(header_id),
     );
-    let vault = &state.vault;
+    let documents = &state.documents;
     let response = match request.operation {
         StorageOperation::Get => {
-            let data = vault
+            let data = documents
                 .storage_get(
                     collection(request.collection.as_deref())?,
                     key(request.key)?,
@@ -55,7 +55,7 @@ pub async fn storage(
             let data = request
                 .data
                 .ok_or_else(|| ApiError::InvalidRequest("missing 'data'".into()))?;
-            vault
+            documents
                 .storage_set(
                     collection(request.collection.as_deref())?,
                     key(request.key)?,
@@ -68,7 +68,7 @@ pub async fn storage(
             })
         }
         StorageOperation::Delete => {
-            vault
+            documents
                 .storage_delete(
                     collection(request.collection.as_deref())?,
                     key(request.key)?,
@@ -81,7 +81,7 @@ pub async fn storage(
         }
         StorageOperation::List if request.options.is_none() => {
             // The common unfiltered list: the cached JSON array, spliced into the answer.
-            let list = vault
+            let list = documents
                 .list_items(collection(request.collection.as_deref())?)
                 .await?;
             let request_id = serde_json::to_string(&request_id).unwrap_or_else(|_| "null".into());
@@ -96,7 +96,7 @@ pub async fn storage(
                 .body(body)
         }
         StorageOperation::List => {
-            let page = vault
+            let page = documents
                 .storage_list(collection(request.collection.as_deref())?, request.options)
                 .await?;
             HttpResponse::Ok().json(ListResponse {
@@ -112,7 +112,9 @@ pub async fn storage(
             if names.len() > 16 {
                 return Err(ApiError::InvalidRequest("too many collections".into()));
             }
-            let results = vault.storage_list_batch(&names, request.options).await?;
+            let results = documents
+                .storage_list_batch(&names, request.options)
+                .await?;
             HttpResponse::Ok().json(ListBatchResponse {
                 results,
                 request_id,

@@ -117,14 +117,14 @@ fn render_form(state: &AppState, query: &str) -> Result<HttpResponse, ApiError> 
         .filter(|s| !s.is_empty())
         .ok_or_else(|| ApiError::InvalidRequest("the link has no 'service'".into()))?;
     crate::vault::collections::validate_key(&service)?;
-    state.vault.ensure_unsealed()?;
+    state.keys.ensure_unsealed()?;
     check_ticket_unspent(state, &ticket, &service, &[Purpose::Store])?;
     let sensitive = serde_json::to_string(&SENSITIVE_FIELDS).unwrap_or_else(|_| "[]".into());
     let options: String = SENSITIVE_FIELDS
         .iter()
         .map(|f| format!("<option value=\"{f}\">{f}</option>"))
         .collect();
-    let webhook_id = state.vault.binding().webhook_id.clone();
+    let webhook_id = state.keys.binding().webhook_id.clone();
     let script = PATH_STORE_PAGE_SCRIPT.trim_start_matches('/');
     let body = format!(
         "<h1>Store a credential</h1>\

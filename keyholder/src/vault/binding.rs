@@ -7,15 +7,20 @@
 //! earlier HMAC platform held is gone from the folder). One scheme per binding: the scheme of the code
 //! exchanged last is the one in force, so a re-bind can switch either way.
 
+use std::sync::Arc;
+
 use keyholder_protocol::{binding, HmacSecret, PlatformPublicKey};
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
+use super::key_handle::KeyHandle;
 use super::keyring::{wrap_key, KIND_HMAC};
 use super::master::MasterKey;
 use super::platform_keys::{self, PlatformScheme};
-use super::{BindingState, Vault, VaultError};
-use crate::storage::{BindCode, Exchange, ExchangeInstall, ExchangeOutcome, Setting, Storage};
+use super::{BindingState, VaultError};
+use crate::storage::{
+    BindCode, Exchange, ExchangeInstall, ExchangeOutcome, Setting, SharedStorage, Storage,
+};
 
 /// A freshly issued bind code, as `keyholder bind` prints it.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -144,7 +149,23 @@ enum Bound {
     Ed25519(Box<PlatformPublicKey>, HmacSecret),
 }
 
-impl Vault {
+/// The binding service: bind codes exchanged for the platform's secret (`/v1/exchange`) and the
+/// registration link of the `/bind` page; the binding in force lives in the key handle.
+pub struct BindingService {
+    storage: SharedStorage,
+    keys: Arc<KeyHandle>,
+}
+
+impl BindingService {
+    /// The service over the binding repository in `storage`.
+    pub fn new(storage: SharedStorage, keys: Arc<KeyHandle>) -> BindingService {
+        BindingService { storage, keys }
+    }
+
+    fn storage(&self) -> &SharedStorage {
+        &self.storage
+    }
+
     /// Consumes a bind code and returns the HMAC secret the platform will sign with. A re-bind
     /// code installs its new secret in the same transaction, so the old one stops working now.
     pub async fn exchange(&self, code: &str) -> Result<Exchanged, VaultError> {
@@ -156,7 +177,7 @@ impl Vault {
         let Some(stored) = storage.bind_code(&hash).await? else {
             return Err(VaultError::CodeExpired);
         };
-        let master = self.master();
+        let master = self.keys.master();
         let snapshot = storage.key_ring_snapshot().await?;
         // Never wrap with a master key the owner has rotated away (see `reload`): with a stale
         // key nothing is installed, and storage refuses the exchange after its bound check.
@@ -165,7 +186,7 @@ impl Vault {
                 .exchange(Exchange {
                     code_hash: hash,
                     now,
-                    bound_in_memory: self.binding().bound,
+                    bound_in_memory: self.keys.binding().bound,
                     master_check: String::new(),
                     install: ExchangeInstall::KeepHmac,
                 })
@@ -206,7 +227,7 @@ impl Vault {
             .exchange(Exchange {
                 code_hash: hash,
                 now,
-                bound_in_memory: self.binding().bound,
+                bound_in_memory: self.keys.binding().bound,
                 master_check,
                 install,
             })
@@ -214,11 +235,11 @@ impl Vault {
         if let Some(err) = refusal(outcome) {
             return Err(err);
         }
-        let webhook_id = self.binding().webhook_id.clone();
+        let webhook_id = self.keys.binding().webhook_id.clone();
         match bound {
             Bound::Hmac(secret) => {
                 let secret_base64 = secret.to_base64();
-                self.set_binding(BindingState {
+                self.keys.set_binding(BindingState {
                     bound: true,
                     webhook_id: webhook_id.clone(),
                     hmac: secret,
@@ -231,7 +252,7 @@ impl Vault {
                 })
             }
             Bound::Ed25519(key, secret) => {
-                self.set_binding(BindingState {
+                self.keys.set_binding(BindingState {
                     bound: true,
                     webhook_id: webhook_id.clone(),
                     hmac: secret,

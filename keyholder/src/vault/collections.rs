@@ -10,8 +10,12 @@ use keyholder_protocol::wire::{Collection, ListOptions, ListPage, Pagination};
 use serde_json::{Map, Value};
 
 use super::doc_cache::CachedList;
-use super::{Vault, VaultError};
-use crate::storage::StoredDocument;
+use super::documents::CachedDocuments;
+use super::key_handle::KeyHandle;
+use super::keyring::KeyRing;
+use super::VaultError;
+use crate::policy::PolicyEngine;
+use crate::storage::{SharedStorage, StoredDocument};
 
 /// Longest accepted document key.
 pub const MAX_KEY_LEN: usize = 256;
@@ -26,7 +30,51 @@ pub fn validate_key(key: &str) -> Result<(), VaultError> {
     Ok(())
 }
 
-impl Vault {
+/// The storage service: the platform's documents through their one cache (token documents sealed
+/// on read, see `totp_links`), and the collection lists built from them.
+pub struct StorageService {
+    storage: SharedStorage,
+    documents: CachedDocuments,
+    keys: Arc<KeyHandle>,
+    policy: Arc<PolicyEngine>,
+}
+
+impl StorageService {
+    /// The service over `storage`, with the document cache in front.
+    pub fn new(
+        storage: SharedStorage,
+        keys: Arc<KeyHandle>,
+        policy: Arc<PolicyEngine>,
+    ) -> StorageService {
+        StorageService {
+            documents: CachedDocuments::new(Arc::clone(&storage)),
+            storage,
+            keys,
+            policy,
+        }
+    }
+
+    fn storage(&self) -> &SharedStorage {
+        &self.storage
+    }
+
+    /// The stored documents, through their cache.
+    pub fn documents(&self) -> &CachedDocuments {
+        &self.documents
+    }
+
+    pub(super) fn keys(&self) -> Arc<KeyRing> {
+        self.keys.keys()
+    }
+
+    pub(super) fn is_sealed(&self) -> bool {
+        self.keys.is_sealed()
+    }
+
+    pub(super) fn ensure_unsealed(&self) -> Result<(), VaultError> {
+        self.keys.ensure_unsealed()
+    }
+
     /// The document stored under `key`, as stored.
     pub async fn storage_get(
         &self,

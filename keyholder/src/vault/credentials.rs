@@ -11,10 +11,15 @@ use keyholder_protocol::{DataKey, TicketClaims};
 use serde_json::{json, Map, Value};
 use zeroize::{Zeroize, Zeroizing};
 
-use super::collections::validate_key;
+use std::sync::Arc;
+
+use super::collections::{validate_key, StorageService};
+use super::key_handle::KeyHandle;
 use super::keyring::KeyRing;
+use super::minting::MintingService;
+use super::reload::ReloadService;
 use super::sealed::{self, SealedInputs};
-use super::{Vault, VaultError};
+use super::VaultError;
 use crate::storage::{ChangeSet, Check, CredentialDocument, CredentialWrite, Write};
 use crate::upstream::Upstream;
 
@@ -82,7 +87,43 @@ pub(super) fn document_error(err: DocumentError) -> VaultError {
     }
 }
 
-impl Vault {
+/// The credentials service: stores and opens credentials (documents repository through the storage
+/// service's cache, key ring from the key handle), and answers them as the protocol says.
+pub struct CredentialsService {
+    keys: Arc<KeyHandle>,
+    documents: Arc<StorageService>,
+    minting: Arc<MintingService>,
+    reload: Arc<ReloadService>,
+}
+
+impl CredentialsService {
+    /// The service over the documents, the key ring, minting, and the reload it retries after.
+    pub fn new(
+        keys: Arc<KeyHandle>,
+        documents: Arc<StorageService>,
+        minting: Arc<MintingService>,
+        reload: Arc<ReloadService>,
+    ) -> CredentialsService {
+        CredentialsService {
+            keys,
+            documents,
+            minting,
+            reload,
+        }
+    }
+
+    fn keys(&self) -> Arc<KeyRing> {
+        self.keys.keys()
+    }
+
+    fn ensure_unsealed(&self) -> Result<(), VaultError> {
+        self.keys.ensure_unsealed()
+    }
+
+    fn documents(&self) -> &super::documents::CachedDocuments {
+        self.documents.documents()
+    }
+
     /// Encrypts `token_data` and stores it as the credential of `service`; returns its meta.
     /// Nothing plaintext is written: the sealed document is built in memory first.
     pub async fn store_credential(
@@ -109,7 +150,7 @@ impl Vault {
         let result = match result {
             // The owner rotated or retired a data key since our last reload: follow, then retry once.
             Err(VaultError::KeyRingChanged) => {
-                self.reload_from_disk(false).await?;
+                self.reload.reload_from_disk(false).await?;
                 self.store_credential_once(service, &token_data, mode, creation_id)
                     .await
             }
@@ -132,6 +173,7 @@ impl Vault {
             return Err(VaultError::Invalid("'tokenData' must not be empty".into()));
         }
         let existing = self
+            .documents
             .storage_get(Collection::Tokens, service.to_string())
             .await?;
         if mode == StoreMode::Create && existing.is_some() {
@@ -181,7 +223,7 @@ impl Vault {
 
     /// The `/v1/credential` path, top-down: the stored document (through the documents cache),
     /// opened with the key ring, answered as the protocol's credential body.
-    /// The access token to use for `service` (see [`Vault::token_of`]).
+    /// The access token to use for `service` (see [`MintingService::token_of`]).
     pub async fn access_token(
         &self,
         upstream: &Upstream,
@@ -189,7 +231,9 @@ impl Vault {
     ) -> Result<Zeroizing<String>, VaultError> {
         let credential = self.open_credential_full(service).await?;
         let mint = super::minting::detect(&credential)?;
-        self.token_of(upstream, service, credential, mint, "").await
+        self.minting
+            .token_of(upstream, service, credential, mint, "")
+            .await
     }
 
     /// The `/v1/credential` body: for a minting credential, its meta with a minted `accessToken`
@@ -207,14 +251,14 @@ impl Vault {
         let Some(kind) = super::minting::detect(&credential)? else {
             if credential.sealed.is_none()
                 && credential.token.secret("privateKeyData").is_some()
-                && self.is_legacy_minting(service).await?
+                && self.minting.is_legacy_minting(service).await?
             {
                 return Err(super::minting::legacy_minting_refusal());
             }
             return Ok(credential.token.credential_json());
         };
         let token = credential.token;
-        let minted = self.minted(upstream, service, &kind, "").await?;
+        let minted = self.minting.minted(upstream, service, &kind, "").await?;
         let mut fields: Map<String, Value> = token
             .meta()
             .iter()
@@ -250,6 +294,7 @@ impl Vault {
         self.ensure_unsealed()?;
         validate_key(service)?;
         let doc = self
+            .documents
             .document(Collection::Tokens, service.to_string())
             .await?
             .ok_or(VaultError::TokenNotFound)?;
@@ -268,6 +313,7 @@ impl Vault {
             {
                 self.documents().forget(Collection::Tokens, service);
                 let doc = self
+                    .documents
                     .document(Collection::Tokens, service.to_string())
                     .await?
                     .ok_or(VaultError::TokenNotFound)?;
@@ -297,6 +343,7 @@ impl Vault {
             return Ok(());
         }
         let doc = self
+            .documents
             .document(Collection::Tokens, service.to_string())
             .await?
             .ok_or(VaultError::TokenNotFound)?;

@@ -2,6 +2,7 @@
 //! URL) and the proxied call that runs under it: policy first, credential second, send last.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use base64::Engine as _;
 use bytes::Bytes;
@@ -17,12 +18,14 @@ use sha2::Sha256;
 use subtle::ConstantTimeEq as _;
 
 use super::catalogue::{self, Provider};
-use super::credentials::OpenedCredential;
+use super::credentials::{CredentialsService, OpenedCredential};
+use super::key_handle::KeyHandle;
 use super::keyring::KeyRing;
-use super::minting::detect;
+use super::minting::{detect, MintingService};
 use super::redact::Redactor;
-use super::{Vault, VaultError};
-use crate::storage::{ChangeSet, EgressRow, PinRow, RefusalRow, Storage, Write};
+use super::signing::SigningService;
+use super::VaultError;
+use crate::storage::{ChangeSet, EgressRow, PinRow, RefusalRow, SharedStorage, Storage, Write};
 use keyholder_protocol::document::KeyLookup as _;
 use tracing::Instrument as _;
 
@@ -607,7 +610,31 @@ fn plan(
     })
 }
 
-impl Vault {
+/// The egress service: the services' egress policies through their cache, origin and token URL
+/// pins, and refusals recorded for the owner. Every destination passes here before anything is sent.
+pub struct EgressService {
+    storage: SharedStorage,
+    egress_cache: EgressPolicyCache,
+}
+
+impl EgressService {
+    /// The service over `storage`, with an empty policy cache.
+    pub fn new(storage: SharedStorage) -> EgressService {
+        EgressService {
+            storage,
+            egress_cache: EgressPolicyCache::default(),
+        }
+    }
+
+    fn storage(&self) -> &SharedStorage {
+        &self.storage
+    }
+
+    /// Forgets every cached policy (the owner may have changed them).
+    pub(super) fn clear_cache(&self) {
+        self.egress_cache.clear();
+    }
+
     /// The egress policy of `service`, read from the database on every call (the owner's CLI changes
     /// it while the server runs, so it takes effect at once).
     pub async fn egress_policy(&self, service: &str) -> Result<EgressPolicy, VaultError> {
@@ -620,7 +647,7 @@ impl Vault {
         Ok(policy)
     }
 
-    async fn claim_pin(
+    pub(super) async fn claim_pin(
         &self,
         service: &str,
         origin: &str,
@@ -662,7 +689,7 @@ impl Vault {
 
     /// Undoes the origin pin of `credential` set by a call that the guard then refused before
     /// anything was sent. Once a request may have left, a pin is never released.
-    async fn release_origin_pin(&self, service: &str, credential: &str, origin: &str) {
+    pub(super) async fn release_origin_pin(&self, service: &str, credential: &str, origin: &str) {
         let result = self
             .storage()
             .release_pin(service, credential, origin)
@@ -727,6 +754,35 @@ impl Vault {
             Decision::Allow | Decision::Pin => Ok(()),
         }
     }
+}
+
+/// The proxy service (`/v1/proxy`): the credential, its signing and minting, and the egress checks,
+/// in the order a proxied call needs them.
+pub struct ProxyService {
+    keys: Arc<KeyHandle>,
+    egress: Arc<EgressService>,
+    credentials: Arc<CredentialsService>,
+    signing: Arc<SigningService>,
+    minting: Arc<MintingService>,
+}
+
+impl ProxyService {
+    /// The service over the ones a proxied call uses.
+    pub fn new(
+        keys: Arc<KeyHandle>,
+        egress: Arc<EgressService>,
+        credentials: Arc<CredentialsService>,
+        signing: Arc<SigningService>,
+        minting: Arc<MintingService>,
+    ) -> ProxyService {
+        ProxyService {
+            keys,
+            egress,
+            credentials,
+            signing,
+            minting,
+        }
+    }
 
     /// `/v1/proxy`: validates the call, applies the SSRF guard and the service's egress policy
     /// (judged against the credential's own shape), only then mints or takes the token, fills the
@@ -752,15 +808,16 @@ impl Vault {
             .map_err(|e| guard_deny(e.to_string()))?;
         let origin = origin_of(&plan.url)?;
         let policy = self
+            .egress
             .egress_policy(service)
             .instrument(tracing::debug_span!(target: crate::telemetry::TARGET, "egress.policy"))
             .await?;
-        let credential = self.open_credential_full(service).await?;
+        let credential = self.credentials.open_credential_full(service).await?;
         let mint = detect(&credential)?;
         // Keys that sign rather than travel (issue 24); a bearer credential skips this.
         let material = mint.is_none() && super::signing::has_material(&credential.token);
         let signing = match material {
-            true => self.signing_plan(service, &credential).await?,
+            true => self.signing.signing_plan(service, &credential).await?,
             false => None,
         };
         let has_token = credential
@@ -782,12 +839,13 @@ impl Vault {
         };
         let aws_scope = match &signing {
             Some(signing) => {
-                self.aws_scope(service, signing, &plan.url, &origin, request_id)
+                self.signing
+                    .aws_scope(service, signing, &plan.url, &origin, request_id)
                     .await?
             }
             None => None,
         };
-        let keys = self.keys();
+        let keys = self.keys.keys();
         let pin = match policy.mode {
             EgressMode::Pinned => policy
                 .pins
@@ -799,6 +857,7 @@ impl Vault {
         let decision = policy.decide(&origin, provider, pin);
         if let Decision::Deny(reason) = decision {
             return Err(self
+                .egress
                 .refuse_egress(service, &origin, reason, request_id)
                 .await);
         }
@@ -816,17 +875,20 @@ impl Vault {
                 drop(credential);
                 let url = Url::parse(template.token_url.as_deref().unwrap_or(""))
                     .map_err(|_| VaultError::Invalid("the JWT token URL is not a URL".into()))?;
-                self.check_token_endpoint(upstream, service, &url, None, request_id)
+                self.egress
+                    .check_token_endpoint(upstream, service, &url, None, request_id)
                     .await?;
                 Some(
                     self.signing
+                        .state
                         .exchanged
                         .token(upstream, service, template, key, url)
                         .await?,
                 )
             }
             _ if mint.is_some() || has_token => Some(
-                self.token_of(upstream, service, credential, mint, request_id)
+                self.minting
+                    .token_of(upstream, service, credential, mint, request_id)
                     .await?,
             ),
             _ => {
@@ -892,13 +954,14 @@ impl Vault {
         drop(token);
         drop(jwt);
         let claimed = if let Some(fingerprint) = &fingerprint {
-            if !self.claim_pin(service, &origin, fingerprint).await? {
+            if !self.egress.claim_pin(service, &origin, fingerprint).await? {
                 // Another call pinned another origin first, or the service holds the most pins.
                 let reason = policy.refusal(
                     &origin,
                     "could not be pinned (another origin was pinned first, or the pin limit was reached)",
                 );
                 return Err(self
+                    .egress
                     .refuse_egress(service, &origin, reason, request_id)
                     .await);
             }
@@ -924,15 +987,16 @@ impl Vault {
         let signed = match &signing {
             None => None,
             Some(signing) => Some(
-                self.sign_outbound(
-                    upstream,
-                    service,
-                    signing,
-                    aws_scope.as_ref(),
-                    &mut outbound,
-                    request_id,
-                )
-                .await?,
+                self.signing
+                    .sign_outbound(
+                        upstream,
+                        service,
+                        signing,
+                        aws_scope.as_ref(),
+                        &mut outbound,
+                        request_id,
+                    )
+                    .await?,
             ),
         };
         let tls = signing.as_ref().and_then(|s| s.tls.as_ref());
@@ -965,7 +1029,9 @@ impl Vault {
                 // The guard refused at resolution: nothing was sent, so a fresh pin goes again.
                 UpstreamError::Refused(refused) => {
                     if let (true, Some(fingerprint)) = (claimed, &fingerprint) {
-                        self.release_origin_pin(service, fingerprint, &origin).await;
+                        self.egress
+                            .release_origin_pin(service, fingerprint, &origin)
+                            .await;
                     }
                     Err(guard_deny(refused.to_string()))
                 }

@@ -23,8 +23,10 @@ use zeroize::Zeroizing;
 
 use super::catalogue::{self, Provider};
 use super::credentials::{scrub, OpenedCredential};
+use super::egress::EgressService;
 use super::sealed::{is_service_account_key, GOOGLE_DEFAULT_TOKEN_URI};
-use super::{Vault, VaultError};
+use super::VaultError;
+use crate::storage::SharedStorage;
 use crate::upstream::{OutboundRequest, Upstream, UpstreamResponse};
 
 /// A cached token is handed out only while it has at least this long to live.
@@ -432,7 +434,28 @@ impl Minter {
     }
 }
 
-impl Vault {
+/// The minting service: short-lived tokens minted from sealed signing keys (in memory only), each
+/// token endpoint checked by the egress service first.
+pub struct MintingService {
+    storage: SharedStorage,
+    minter: Minter,
+    egress: Arc<EgressService>,
+}
+
+impl MintingService {
+    /// The service over `storage`, checking token endpoints with `egress`.
+    pub fn new(storage: SharedStorage, egress: Arc<EgressService>) -> MintingService {
+        MintingService {
+            storage,
+            minter: Minter::default(),
+            egress,
+        }
+    }
+
+    fn storage(&self) -> &SharedStorage {
+        &self.storage
+    }
+
     /// Whether `service` holds a GitHub App stored before minting inputs were sealed: its key is
     /// an ordinary field, which must not come out as a plain credential whatever meta now says.
     pub(crate) async fn is_legacy_minting(&self, service: &str) -> Result<bool, VaultError> {
@@ -473,7 +496,8 @@ impl Vault {
         request_id: &str,
     ) -> Result<MintedToken, VaultError> {
         let url = kind.token_endpoint()?;
-        self.check_token_endpoint(upstream, service, &url, Some(kind.provider()), request_id)
+        self.egress
+            .check_token_endpoint(upstream, service, &url, Some(kind.provider()), request_id)
             .await?;
         self.minter.get_or_mint(upstream, service, kind).await
     }

@@ -1,4 +1,13 @@
 //! The domain layer: keys, binding, replay memory and credential operations. Knows nothing of HTTP.
+//!
+//! No god object: small services, each in its own module and owning only what it needs (its
+//! repositories as [`SharedStorage`](crate::storage::SharedStorage), the key ring handle, a cache),
+//! built in `AppState::build` and called by the HTTP handlers directly:
+//! [`key_handle::KeyHandle`] (master key, key ring, binding, seal), [`collections::StorageService`]
+//! (stored documents through their cache), [`credentials::CredentialsService`],
+//! [`egress::EgressService`] and [`egress::ProxyService`], [`signing::SigningService`],
+//! [`minting::MintingService`], [`refresh::RefreshService`], [`binding::BindingService`] and
+//! [`reload::ReloadService`] (the owner's changes on disk).
 
 pub mod binding;
 pub mod catalogue;
@@ -9,6 +18,7 @@ pub mod documents;
 pub mod egress;
 pub mod import;
 pub mod imported_v1;
+pub mod key_handle;
 pub mod keyring;
 pub mod master;
 pub mod minting;
@@ -25,18 +35,13 @@ pub mod sealed;
 pub mod signing;
 pub mod totp_links;
 
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::path::PathBuf;
 
 use keyholder_protocol::{HmacSecret, PlatformPublicKey};
 
-use crate::storage::{SharedStorage, StorageError};
+use crate::storage::StorageError;
 use crate::upstream::UpstreamError;
-use keyring::KeyRing;
-use master::{MasterKey, MasterKeySource};
 use platform_keys::PlatformScheme;
-use replay::ReplayGuard;
 
 /// Domain failures. Each maps to one wire error in `http::error`.
 #[derive(Debug, thiserror::Error)]
@@ -138,176 +143,10 @@ pub struct BindingState {
     pub platform_keys: Vec<PlatformPublicKey>,
 }
 
-/// The keyholder's domain state, shared by all workers.
-pub struct Vault {
-    storage: SharedStorage,
-    master: RwLock<Arc<MasterKey>>,
-    keys: RwLock<Arc<KeyRing>>,
-    binding: RwLock<Arc<BindingState>>,
-    /// Replay memory for request ids and ticket nonces.
-    pub replay: ReplayGuard,
-    settings: VaultSettings,
-    started: std::time::Instant,
-    /// The kill switch, kept fresh from the database by [`Vault::follow_owner_changes`].
-    sealed: AtomicBool,
-    /// Where the master key came from (re-read after an owner's master key rotation).
-    data_dir: PathBuf,
-    source: MasterKeySource,
-    /// State of following the owner's changes on disk.
-    follow: Mutex<reload::FollowState>,
-    /// Minted short-lived tokens, in memory only.
-    minter: minting::Minter,
-    /// Stored documents and list items, so hot paths skip the database.
-    documents: documents::CachedDocuments,
-    /// Egress policies, so a proxied call skips the database.
-    egress_cache: egress::EgressPolicyCache,
-    /// Signing configurations, assumed-role sessions and exchanged JWT tokens (issue 24).
-    signing: signing::SigningState,
-    /// One OAuth refresh per service at a time.
-    refresh_locks: minting::KeyedLocks,
-    /// The owner's custody policies (reloaded with every owner change).
-    pub policy: crate::policy::PolicyEngine,
-}
-
 /// What opening the vault found, for the start-up log.
 pub struct OpenReport {
     /// Keys were created by this start.
     pub created_keys: bool,
     /// A master key file was created in the data folder.
     pub created_master_file: bool,
-}
-
-impl Vault {
-    /// Opens the vault on `storage`: loads (creating on first start) the master key and key
-    /// ring, and the replay memory.
-    pub async fn open(
-        storage: SharedStorage,
-        data_dir: &Path,
-        source: &MasterKeySource,
-        settings: VaultSettings,
-    ) -> Result<(Vault, OpenReport), VaultError> {
-        let (master, created_master_file) =
-            master::open_master_key(storage.as_ref(), data_dir, source).await?;
-        let loaded = keyring::init_or_load(storage.as_ref(), &master).await?;
-        let snapshot = storage.key_ring_snapshot().await?;
-        let bound = snapshot.is_bound();
-        let sealed = reload::read_sealed(&snapshot);
-        let generation = reload::owner_generation(&snapshot);
-        let (scheme, platform_keys) = platform_keys::load(&snapshot)?;
-        let replay = ReplayGuard::load(Arc::clone(&storage)).await?;
-        let report = OpenReport {
-            created_keys: loaded.created,
-            created_master_file,
-        };
-        let vault = Vault {
-            documents: documents::CachedDocuments::new(Arc::clone(&storage)),
-            storage,
-            master: RwLock::new(Arc::new(master)),
-            keys: RwLock::new(Arc::new(loaded.ring)),
-            binding: RwLock::new(Arc::new(BindingState {
-                bound,
-                webhook_id: loaded.webhook_id,
-                hmac: loaded.hmac,
-                scheme,
-                platform_keys,
-            })),
-            replay,
-            settings,
-            started: std::time::Instant::now(),
-            sealed: AtomicBool::new(sealed),
-            data_dir: data_dir.to_path_buf(),
-            source: source.clone(),
-            follow: Mutex::new(reload::FollowState::new(generation)),
-            minter: minting::Minter::default(),
-            egress_cache: egress::EgressPolicyCache::default(),
-            signing: signing::SigningState::default(),
-            refresh_locks: minting::KeyedLocks::default(),
-            policy: crate::policy::PolicyEngine::default(),
-        };
-        vault.policy.reload(vault.storage.as_ref()).await?;
-        Ok((vault, report))
-    }
-
-    /// The key ring in force.
-    pub fn keys(&self) -> Arc<KeyRing> {
-        match self.keys.read() {
-            Ok(guard) => Arc::clone(&guard),
-            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
-        }
-    }
-
-    /// The binding in force.
-    pub fn binding(&self) -> Arc<BindingState> {
-        match self.binding.read() {
-            Ok(guard) => Arc::clone(&guard),
-            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
-        }
-    }
-
-    /// The master key in force (it changes when the owner rotates it and the server picks it up).
-    pub fn master(&self) -> Arc<MasterKey> {
-        match self.master.read() {
-            Ok(guard) => Arc::clone(&guard),
-            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
-        }
-    }
-
-    fn set_master(&self, master: MasterKey) {
-        let next = Arc::new(master);
-        match self.master.write() {
-            Ok(mut guard) => *guard = next,
-            Err(poisoned) => *poisoned.into_inner() = next,
-        }
-    }
-
-    fn set_keys(&self, ring: KeyRing) {
-        let next = Arc::new(ring);
-        match self.keys.write() {
-            Ok(mut guard) => *guard = next,
-            Err(poisoned) => *poisoned.into_inner() = next,
-        }
-    }
-
-    /// Whether the owner has sealed the keyholder (one atomic load: cheap on every request).
-    pub fn is_sealed(&self) -> bool {
-        self.sealed.load(Ordering::Acquire)
-    }
-
-    /// Refuses with [`VaultError::Sealed`] while sealed. Every endpoint that decrypts or stores a
-    /// credential calls this before doing anything else (proxy and refresh endpoints included).
-    pub fn ensure_unsealed(&self) -> Result<(), VaultError> {
-        if self.is_sealed() {
-            Err(VaultError::Sealed)
-        } else {
-            Ok(())
-        }
-    }
-
-    fn set_binding(&self, state: BindingState) {
-        let next = Arc::new(state);
-        match self.binding.write() {
-            Ok(mut guard) => *guard = next,
-            Err(poisoned) => *poisoned.into_inner() = next,
-        }
-    }
-
-    /// Domain settings.
-    pub fn settings(&self) -> &VaultSettings {
-        &self.settings
-    }
-
-    /// The storage.
-    pub fn storage(&self) -> &SharedStorage {
-        &self.storage
-    }
-
-    /// The stored documents, through their cache.
-    pub fn documents(&self) -> &documents::CachedDocuments {
-        &self.documents
-    }
-
-    /// Seconds since this vault was opened.
-    pub fn uptime_secs(&self) -> u64 {
-        self.started.elapsed().as_secs()
-    }
 }

@@ -2,13 +2,11 @@
 //! wrapped by the master key and bound to the provider's name. Read per refresh, so changes made
 //! while the server runs take effect at once.
 
-use std::sync::Arc;
-
 use serde::Serialize;
 use zeroize::Zeroizing;
 
 use super::master::MasterKey;
-use super::{Vault, VaultError};
+use super::VaultError;
 use crate::storage::{ChangeSet, OAuthClientRow, Storage, Write};
 
 /// An OAuth client usable for refreshing (no Debug: it holds the secret).
@@ -107,16 +105,17 @@ fn open_provider(master: &MasterKey, row: OAuthClientRow) -> Result<OAuthClient,
     })
 }
 
-impl Vault {
-    /// The owner's OAuth client for `provider`, if configured.
-    pub async fn oauth_client(&self, provider: &str) -> Result<Option<OAuthClient>, VaultError> {
-        if validate_provider_name(provider).is_err() {
-            return Ok(None);
-        }
-        let Some(row) = self.storage().oauth_client(provider).await? else {
-            return Ok(None);
-        };
-        let master: Arc<MasterKey> = self.master();
-        open_provider(&master, row).map(Some)
+/// The owner's OAuth client for `provider`, if configured (its secret unwrapped with `master`).
+pub async fn oauth_client(
+    storage: &dyn Storage,
+    master: &MasterKey,
+    provider: &str,
+) -> Result<Option<OAuthClient>, VaultError> {
+    if validate_provider_name(provider).is_err() {
+        return Ok(None);
     }
+    let Some(row) = storage.oauth_client(provider).await? else {
+        return Ok(None);
+    };
+    open_provider(master, row).map(Some)
 }

@@ -9,15 +9,19 @@ use serde_json::{json, Map, Value};
 use url::Url;
 use zeroize::Zeroizing;
 
+use std::sync::Arc;
+
 use super::catalogue;
-use super::collections::validate_key;
+use super::collections::{validate_key, StorageService};
 use super::credentials::{document_error, open_with_inputs, scrub, OpenedCredential};
-use super::egress::PinKind;
-use super::minting::expires_in;
-use super::oauth::OAuthClient;
+use super::egress::{EgressService, PinKind};
+use super::key_handle::KeyHandle;
+use super::keyring::KeyRing;
+use super::minting::{expires_in, KeyedLocks};
+use super::oauth::{self, OAuthClient};
 use super::sealed::{self, SealedInputs};
-use super::{Vault, VaultError};
-use crate::storage::{DocumentSwap, SwapOutcome};
+use super::VaultError;
+use crate::storage::{DocumentSwap, SharedStorage, SwapOutcome};
 use crate::upstream::{Upstream, UpstreamError};
 
 /// Result of `/v1/refresh-notify`.
@@ -80,7 +84,47 @@ fn provider_error_text(body: &[u8]) -> String {
         .unwrap_or_default()
 }
 
-impl Vault {
+/// The refresh service (`/v1/refresh`): OAuth refresh with the owner's client (or the platform's,
+/// when trusted), one refresh per service at a time, the stored credential rewritten in place.
+pub struct RefreshService {
+    storage: SharedStorage,
+    keys: Arc<KeyHandle>,
+    documents: Arc<StorageService>,
+    egress: Arc<EgressService>,
+    /// One OAuth refresh per service at a time.
+    refresh_locks: KeyedLocks,
+}
+
+impl RefreshService {
+    /// The service over the OAuth clients in `storage`, the documents and the egress checks.
+    pub fn new(
+        storage: SharedStorage,
+        keys: Arc<KeyHandle>,
+        documents: Arc<StorageService>,
+        egress: Arc<EgressService>,
+    ) -> RefreshService {
+        RefreshService {
+            storage,
+            keys,
+            documents,
+            egress,
+            refresh_locks: KeyedLocks::default(),
+        }
+    }
+
+    fn keys(&self) -> Arc<KeyRing> {
+        self.keys.keys()
+    }
+
+    fn documents(&self) -> &super::documents::CachedDocuments {
+        self.documents.documents()
+    }
+
+    /// The owner's OAuth client for `provider`, if configured.
+    async fn oauth_client(&self, provider: &str) -> Result<Option<OAuthClient>, VaultError> {
+        oauth::oauth_client(self.storage.as_ref(), &self.keys.master(), provider).await
+    }
+
     async fn current(&self, service: &str) -> Result<Option<Current>, VaultError> {
         validate_key(service)?;
         let text = self.documents().read(Collection::Tokens, service).await?;
@@ -236,9 +280,10 @@ impl Vault {
                     .secret("accessToken")
                     .and_then(catalogue::provider_for)
                     .or_else(|| catalogue::provider_for(&refresh_token));
-                self.check_token_endpoint(upstream, service, &url, shape, request_id)
+                self.egress
+                    .check_token_endpoint(upstream, service, &url, shape, request_id)
                     .await?;
-                self.claim_token_url(service, url.as_str()).await.inspect_err(|_| {
+                self.egress.claim_token_url(service, url.as_str()).await.inspect_err(|_| {
                     tracing::warn!(request_id, token_url = %url, "refresh to a token URL other than the pinned one refused");
                 })?
             }
@@ -256,7 +301,8 @@ impl Vault {
             Ok(response) => response,
             Err(err) => {
                 if claimed {
-                    self.release_pin(PinKind::TokenUrl, service, url.as_str())
+                    self.egress
+                        .release_pin(PinKind::TokenUrl, service, url.as_str())
                         .await;
                 }
                 tracing::warn!(request_id, error = %err, "OAuth refresh call failed");

@@ -11,14 +11,20 @@
 //! server-side wrap first checks the master key against the database in the same transaction).
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use sha2::{Digest, Sha256};
 
+use super::collections::StorageService;
+use super::egress::EgressService;
+use super::key_handle::KeyHandle;
 use super::keyring::{self, KeyRing};
 use super::master::{self, MasterKey, MasterKeySource, DEFAULT_MASTER_KEY_FILE};
 use super::platform_keys::{self, PlatformScheme};
-use super::{BindingState, Vault, VaultError};
-use crate::storage::{ChangeSet, KeyRingSnapshot, Setting, Write};
+use super::signing::SigningService;
+use super::{BindingState, VaultError};
+use crate::policy::PolicyEngine;
+use crate::storage::{ChangeSet, KeyRingSnapshot, Setting, SharedStorage, Write};
 use keyholder_protocol::{HmacSecret, PlatformPublicKey};
 
 /// What the server last saw on disk.
@@ -85,7 +91,52 @@ struct Reloaded {
     master_stale: bool,
 }
 
-impl Vault {
+/// Follows the owner's changes on disk: reloads the key ring handle and drops what the caches hold.
+pub struct ReloadService {
+    storage: SharedStorage,
+    keys: Arc<KeyHandle>,
+    documents: Arc<StorageService>,
+    egress: Arc<EgressService>,
+    signing: Arc<SigningService>,
+    policy: Arc<PolicyEngine>,
+    /// Where the master key came from (re-read after an owner's master key rotation).
+    data_dir: PathBuf,
+    source: MasterKeySource,
+    /// State of following the owner's changes on disk.
+    follow: Mutex<FollowState>,
+}
+
+impl ReloadService {
+    /// The service over what it reloads; `generation` is the one the key handle was opened at.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        storage: SharedStorage,
+        keys: Arc<KeyHandle>,
+        documents: Arc<StorageService>,
+        egress: Arc<EgressService>,
+        signing: Arc<SigningService>,
+        policy: Arc<PolicyEngine>,
+        data_dir: &Path,
+        source: &MasterKeySource,
+        generation: u64,
+    ) -> ReloadService {
+        ReloadService {
+            storage,
+            keys,
+            documents,
+            egress,
+            signing,
+            policy,
+            data_dir: data_dir.to_path_buf(),
+            source: source.clone(),
+            follow: Mutex::new(FollowState::new(generation)),
+        }
+    }
+
+    fn storage(&self) -> &SharedStorage {
+        &self.storage
+    }
+
     /// Polled by the server: picks up the owner's changes when the generation moved (or, while the
     /// master key is stale, when its source file changed). Returns whether anything was reloaded.
     pub async fn follow_owner_changes(&self) -> Result<bool, VaultError> {
@@ -112,7 +163,7 @@ impl Vault {
 
     /// Reloads the sealed flag, the binding and the key ring from the database.
     pub async fn reload_from_disk(&self, try_master_source: bool) -> Result<(), VaultError> {
-        let master = self.master();
+        let master = self.keys.master();
         let data_dir = self.data_dir.clone();
         let source = self.source.clone();
         let fingerprint = source_fingerprint(&data_dir, &source);
@@ -167,20 +218,19 @@ impl Vault {
         // a change is in force by the time it is reported picked up.
         self.policy.reload(self.storage().as_ref()).await?;
         // Documents may have changed under us (rewrap, import): read them afresh.
-        self.documents().forget_all();
-        self.egress_cache.clear();
-        self.signing.clear();
+        self.documents.documents().forget_all();
+        self.egress.clear_cache();
+        self.signing.clear_cache();
         // The seal applies whatever happens to the keys.
-        self.sealed
-            .store(reloaded.sealed, std::sync::atomic::Ordering::Release);
+        self.keys.set_sealed(reloaded.sealed);
         if let Some(new_master) = reloaded.new_master {
             tracing::info!("picked up the rotated master key from its configured source");
-            self.set_master(new_master);
+            self.keys.set_master(new_master);
         }
         let (scheme, platform_keys) = reloaded.platform;
         if let Some((ring, hmac, webhook_id)) = reloaded.keys {
-            self.set_keys(ring);
-            self.set_binding(BindingState {
+            self.keys.set_keys(ring);
+            self.keys.set_binding(BindingState {
                 bound: reloaded.bound,
                 webhook_id,
                 hmac,
@@ -189,8 +239,8 @@ impl Vault {
             });
         } else {
             // The platform's public keys need no master key: follow them even while it is stale.
-            let current = self.binding();
-            self.set_binding(BindingState {
+            let current = self.keys.binding();
+            self.keys.set_binding(BindingState {
                 bound: reloaded.bound,
                 webhook_id: current.webhook_id.clone(),
                 hmac: HmacSecret::from_bytes(*current.hmac.expose()),

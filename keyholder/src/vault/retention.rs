@@ -3,29 +3,31 @@
 
 use std::time::Duration;
 
-use super::{Vault, VaultError};
+use super::key_handle::KeyHandle;
+use super::VaultError;
 use crate::audit;
+use crate::storage::Storage;
 
-impl Vault {
-    /// Prunes audit entries older than `retention`; returns how many were removed.
-    pub async fn prune_audit(&self, retention: Duration) -> Result<u64, VaultError> {
-        let age_ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
-        let before_ms = audit::now_ms().saturating_sub(age_ms);
-        let key = self.keys().identity().verifying_key();
-        if self.storage().prune_boundary(before_ms).await?.is_none() {
-            return Ok(0);
-        }
-        let chains = self.storage().verify_audit_chains(key).await?;
-        if let Some(problem) = chains.into_iter().find_map(|(_, v)| v.problem) {
-            return Err(VaultError::Corrupt(format!(
-                "the audit chain does not verify at #{} ({}); run `keyholder audit verify`",
-                problem.seq, problem.reason
-            )));
-        }
-        let ring: crate::storage::SharedSigner = self.keys();
-        Ok(self
-            .storage()
-            .prune_audit(before_ms, ring, "retention")
-            .await?)
+/// Prunes audit entries older than `retention`, signing the prune entry with the key ring in
+/// force; returns how many were removed.
+pub async fn prune_audit(
+    storage: &dyn Storage,
+    keys: &KeyHandle,
+    retention: Duration,
+) -> Result<u64, VaultError> {
+    let age_ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+    let before_ms = audit::now_ms().saturating_sub(age_ms);
+    let key = keys.keys().identity().verifying_key();
+    if storage.prune_boundary(before_ms).await?.is_none() {
+        return Ok(0);
     }
+    let chains = storage.verify_audit_chains(key).await?;
+    if let Some(problem) = chains.into_iter().find_map(|(_, v)| v.problem) {
+        return Err(VaultError::Corrupt(format!(
+            "the audit chain does not verify at #{} ({}); run `keyholder audit verify`",
+            problem.seq, problem.reason
+        )));
+    }
+    let ring: crate::storage::SharedSigner = keys.keys();
+    Ok(storage.prune_audit(before_ms, ring, "retention").await?)
 }

@@ -10,9 +10,10 @@ use keyholder_protocol::otpauth::{expand_totp_uri, parse_otpauth, TOTP_URI_FIELD
 use keyholder_protocol::wire::Collection;
 use serde_json::{Map, Value};
 
+use super::collections::StorageService;
 use super::credentials::scrub;
 use super::keyring::KeyRing;
-use super::{Vault, VaultError};
+use super::VaultError;
 use crate::storage::{DocumentSwap, StoredDocument, SwapOutcome};
 
 /// Counts of one sweep (`POST /v1/admin/migrate`): documents looked at, rewritten, and left as they
@@ -126,7 +127,7 @@ fn rebuild(
     .map_err(|_| LinkError::Undecryptable)
 }
 
-impl Vault {
+impl StorageService {
     /// A token document as it may be answered: unchanged without a link; with one, rewritten (and
     /// written back, unless the stored text changed meanwhile) or, when that is not possible now, the
     /// document without its link. The flag says whether the answer is what is on disk: only then may

@@ -40,7 +40,7 @@ pub async fn sign_and_audit(
     let mut finished = finish(res.map_into_boxed_body(), &http_req, &context, state).await;
     if let Some(state) = state {
         let settled = barrier
-            .settle(&state.vault.replay)
+            .settle(&state.replay)
             .instrument(tracing::debug_span!(target: crate::telemetry::TARGET, "db.group_commit"))
             .await;
         if let Err(err) = settled {
@@ -169,7 +169,7 @@ async fn finish(
             &bytes,
         );
         let signature =
-            crate::http::response_signer::sign(state.vault.keys(), ResponseToSign { ts, message })
+            crate::http::response_signer::sign(state.keys.keys(), ResponseToSign { ts, message })
                 .await;
         if let Ok(v) = HeaderValue::from_str(&signature) {
             headers.insert(HeaderName::from_static("x-keyholder-signature"), v);
@@ -215,7 +215,7 @@ fn finish_streamed(
     state: &AppState,
 ) -> Finished {
     let status = response.status();
-    let keys = state.vault.keys();
+    let keys = state.keys.keys();
     let stream = keyholder_protocol::response_stream::new_stream_id();
     let signature = keyholder_protocol::response_stream::sign_stream_head(
         keys.identity(),

@@ -26,7 +26,9 @@ use self::aws::AwsKey;
 use self::config::{JwtTemplate, SignConfig};
 use super::catalogue;
 use super::credentials::OpenedCredential;
-use super::{Vault, VaultError};
+use super::egress::EgressService;
+use super::VaultError;
+use crate::storage::SharedStorage;
 use crate::upstream::mtls::{check_identity, ClientIdentity};
 use crate::upstream::{OutboundRequest, Upstream};
 
@@ -160,11 +162,37 @@ pub fn validate_material(token_data: &Map<String, Value>) -> Result<(), VaultErr
     Ok(())
 }
 
-impl Vault {
+/// The signing service: the owner's signing configurations, assumed-role sessions and exchanged
+/// JWT tokens (issue 24), and the outbound signature itself.
+pub struct SigningService {
+    storage: SharedStorage,
+    pub(crate) state: SigningState,
+    egress: Arc<EgressService>,
+}
+
+impl SigningService {
+    /// The service over `storage`, checking token endpoints with `egress`.
+    pub fn new(storage: SharedStorage, egress: Arc<EgressService>) -> SigningService {
+        SigningService {
+            storage,
+            state: SigningState::default(),
+            egress,
+        }
+    }
+
+    fn storage(&self) -> &SharedStorage {
+        &self.storage
+    }
+
+    /// Forgets the cached configurations, sessions and tokens (the owner may have changed them).
+    pub(crate) fn clear_cache(&self) {
+        self.state.clear();
+    }
+
     /// The owner's signing configuration of `service` (cached until the next owner change).
     pub async fn sign_config(&self, service: &str) -> Result<Option<Arc<SignConfig>>, VaultError> {
         if let Some(hit) = self
-            .signing
+            .state
             .configs
             .lock()
             .ok()
@@ -177,7 +205,7 @@ impl Vault {
             Some(text) => Some(Arc::new(SignConfig::from_stored(&text)?)),
             None => None,
         };
-        if let Ok(mut configs) = self.signing.configs.lock() {
+        if let Ok(mut configs) = self.state.configs.lock() {
             if configs.len() >= 10_000 {
                 configs.clear();
             }
@@ -276,6 +304,7 @@ impl Vault {
                      owner set for service '{service}' (keyholder sign-config)"
                 );
                 return Err(self
+                    .egress
                     .refuse_egress(service, origin, reason, request_id)
                     .await);
             }
@@ -301,16 +330,17 @@ impl Vault {
             let assumed = match config.filter(|c| c.role_arn.is_some()) {
                 Some(config) => {
                     let sts = aws::sts_endpoint(config)?;
-                    self.check_token_endpoint(
-                        upstream,
-                        service,
-                        &sts,
-                        Some(&catalogue::AWS),
-                        request_id,
-                    )
-                    .await?;
+                    self.egress
+                        .check_token_endpoint(
+                            upstream,
+                            service,
+                            &sts,
+                            Some(&catalogue::AWS),
+                            request_id,
+                        )
+                        .await?;
                     Some(
-                        self.signing
+                        self.state
                             .sessions
                             .assume_role(upstream, service, key, config, sts)
                             .await?,
