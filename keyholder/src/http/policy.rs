@@ -98,17 +98,20 @@ async fn enforce_policies(
                         )
                     })
                     .unwrap_or_default();
-                state.notifier.approval(
-                    &pending.id,
-                    &pending.service,
-                    &pending.agent,
-                    &pending.client,
-                    &link,
+                let notice = (
+                    pending.id.clone(),
+                    pending.service.clone(),
+                    pending.agent.clone(),
+                    pending.client.clone(),
                 );
+                let notify = || {
+                    let (id, service, agent, client) = &notice;
+                    state.notifier.approval(id, service, agent, client, &link);
+                };
                 let decision = match state
                     .policy
                     .approvals
-                    .hold(state.storage.as_ref(), pending, link_hash)
+                    .hold(state.storage.as_ref(), pending, link_hash, notify)
                     .await
                 {
                     Ok(decision) => decision,

@@ -48,12 +48,15 @@ pub fn new_id() -> String {
 }
 
 impl Approvals {
-    /// Records `pending` and waits for the owner's decision until its expiry.
+    /// Records `pending`, then calls `recorded` (the owner's notification: its link must find the
+    /// approval, so it goes out only once the row is committed), and waits for the owner's
+    /// decision until its expiry.
     pub async fn hold(
         &self,
         storage: &dyn Storage,
         pending: PendingApproval,
         link_hash: [u8; 32],
+        recorded: impl FnOnce(),
     ) -> Result<Decision, VaultError> {
         let (tx, rx) = oneshot::channel();
         if let Ok(mut waiters) = self.waiters.lock() {
@@ -66,6 +69,7 @@ impl Approvals {
             self.forget(&id);
             return Err(err.into());
         }
+        recorded();
         let decision = match tokio::time::timeout(wait, rx).await {
             Ok(Ok(decision)) => decision,
             // Timed out (or the waiter was dropped): close it unless the owner decided just now.
