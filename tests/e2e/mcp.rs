@@ -7,7 +7,6 @@
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use keyholder_client::{IdentityPin, Platform, ProxyCall};
@@ -17,36 +16,14 @@ use serde_json::{json, Value};
 
 use crate::proxy::proxy_keyholder;
 
-static VENV: Mutex<()> = Mutex::new(());
-
 /// A Python interpreter that can import the MCP SDK.
 fn mcp_python() -> PathBuf {
-    if let Ok(python) = std::env::var("KEYHOLDER_MCP_PYTHON") {
-        return PathBuf::from(python);
-    }
-    let _one = VENV.lock().unwrap_or_else(|e| e.into_inner());
-    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/mcp-venv");
-    let python = venv.join("bin/python");
-    let ready = |p: &PathBuf| {
-        Command::new(p)
-            .args(["-c", "import mcp.server.fastmcp"])
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if !ready(&python) {
-        let made = Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(&venv)
-            .status()
-            .unwrap();
-        assert!(made.success(), "python3 -m venv failed");
-        let installed = Command::new(venv.join("bin/pip"))
-            .args(["install", "-q", "mcp>=1.10,<2"])
-            .status()
-            .unwrap();
-        assert!(installed.success(), "pip install mcp failed");
-    }
-    python
+    keyholder_tests::python::python_with(
+        "KEYHOLDER_MCP_PYTHON",
+        "mcp-venv",
+        "mcp.server.fastmcp",
+        "mcp>=1.10,<2",
+    )
 }
 
 /// The MCP server process; killed when dropped.

@@ -7,6 +7,7 @@ pub mod certs;
 pub mod faulty;
 pub mod mmdb;
 pub mod mtls;
+pub mod python;
 pub mod replicas;
 pub mod sigv4;
 pub mod webdriver;

@@ -5,7 +5,6 @@
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -13,36 +12,14 @@ use serde_json::Value;
 /// The pinned botocore of `.ci/run`.
 pub const BOTOCORE: &str = "botocore==1.44.5";
 
-static VENV: Mutex<()> = Mutex::new(());
-
 /// A Python interpreter that can import botocore.
 pub fn sigv4_python() -> PathBuf {
-    if let Ok(python) = std::env::var("KEYHOLDER_SIGV4_PYTHON") {
-        return PathBuf::from(python);
-    }
-    let _one = VENV.lock().unwrap_or_else(|e| e.into_inner());
-    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/sigv4-venv");
-    let python = venv.join("bin/python");
-    let ready = |p: &PathBuf| {
-        Command::new(p)
-            .args(["-c", "import botocore.auth"])
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if !ready(&python) {
-        let made = Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(&venv)
-            .status()
-            .unwrap();
-        assert!(made.success(), "python3 -m venv failed");
-        let installed = Command::new(venv.join("bin/pip"))
-            .args(["install", "-q", BOTOCORE])
-            .status()
-            .unwrap();
-        assert!(installed.success(), "pip install botocore failed");
-    }
-    python
+    crate::python::python_with(
+        "KEYHOLDER_SIGV4_PYTHON",
+        "sigv4-venv",
+        "botocore.auth",
+        BOTOCORE,
+    )
 }
 
 /// The verifier process; killed when dropped.
