@@ -970,6 +970,13 @@ async fn otlp_traces_spans_per_request_with_children_traceparent_in_and_out_and_
     );
     kh.egress("allow", "github", &[&upstream.origin()], false)
         .await;
+    // A custody policy on the service, so its check is a span too.
+    crate::policy::policy(&kh, &["create", "local", "--client-ip", "127.0.0.0/8"])
+        .await
+        .unwrap();
+    crate::policy::policy(&kh, &["attach", "local", "--service", "github"])
+        .await
+        .unwrap();
 
     // The platform's proxied call, part of its trace.
     let trace_id = keyholder_tests::random_hex(16);
@@ -1039,6 +1046,7 @@ async fn otlp_traces_spans_per_request_with_children_traceparent_in_and_out_and_
         if [
             "POST /v1/proxy",
             "ticket.verify",
+            "policy",
             "credential.decrypt",
             "egress.policy",
             "upstream.call",
@@ -1097,6 +1105,7 @@ async fn otlp_traces_spans_per_request_with_children_traceparent_in_and_out_and_
     };
     for name in [
         "ticket.verify",
+        "policy",
         "credential.decrypt",
         "egress.policy",
         "upstream.call",

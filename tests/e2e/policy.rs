@@ -20,7 +20,7 @@ struct PolicyCli {
 
 /// `keyholder policy ARGS --data-dir ...` parsed by the real CLI definition, run on the data
 /// folder; then the server follows the change (as its quarter-second poll would).
-async fn policy(kh: &Keyholder, args: &[&str]) -> anyhow::Result<PolicyOutcome> {
+pub(crate) async fn policy(kh: &Keyholder, args: &[&str]) -> anyhow::Result<PolicyOutcome> {
     let mut argv: Vec<String> = vec!["policy".into()];
     argv.extend(args.iter().map(|a| a.to_string()));
     argv.push("--data-dir".into());
