@@ -28,8 +28,8 @@ use serde::de::DeserializeOwned;
 use super::error::ApiError;
 use crate::state::AppState;
 use crate::vault::platform_keys::PlatformScheme;
-use crate::vault::BindingState;
 use crate::vault::replay::{ReplayKind, Seen};
+use crate::vault::BindingState;
 
 /// Ticket facts kept on the request for the access log (never the ticket itself).
 #[derive(Debug, Clone, Default)]
@@ -265,7 +265,7 @@ fn platform_signature<'r>(
                 &binding.hmac,
                 header(HEADER_SIGNATURE),
                 header(HEADER_TIMESTAMP),
-                &body,
+                body,
                 now,
                 MAX_CLOCK_SKEW_SECS,
             )?;
@@ -292,7 +292,7 @@ fn platform_signature<'r>(
                 header(HEADER_ENVELOPE),
                 req.method().as_str(),
                 target,
-                &body,
+                body,
                 now,
                 MAX_CLOCK_SKEW_SECS,
             )?;
