@@ -971,10 +971,10 @@ async fn otlp_traces_spans_per_request_with_children_traceparent_in_and_out_and_
     kh.egress("allow", "github", &[&upstream.origin()], false)
         .await;
     // A custody policy on the service, so its check is a span too.
-    crate::policy::policy(&kh, &["create", "local", "--client-ip", "127.0.0.0/8"])
+    crate::policy::policy(&kh, "create local --client-ip 127.0.0.0/8")
         .await
         .unwrap();
-    crate::policy::policy(&kh, &["attach", "local", "--service", "github"])
+    crate::policy::policy(&kh, "attach local --service github")
         .await
         .unwrap();
 
