@@ -37,6 +37,7 @@ pub async fn run_all(engine: &dyn Engine) {
     egress(engine).await;
     policies(engine).await;
     usage_counts_are_exact_under_concurrency(engine).await;
+    capped_uses_are_exact_under_concurrency(engine).await;
     approvals(engine).await;
     oauth_clients(engine).await;
     sign_configs(engine).await;
@@ -856,6 +857,77 @@ pub async fn usage_counts_are_exact_under_concurrency(engine: &dyn Engine) {
     let usage = s.usage_of("cap").await.unwrap();
     assert_eq!(usage[0], ("gh".to_string(), "day:1".to_string(), 64));
     assert!(usage[1..].iter().all(|(_, _, n)| *n == 16), "{usage:?}");
+}
+
+/// Capped uses are taken in storage, all or none per use: concurrent takes never pass a cap.
+pub async fn capped_uses_are_exact_under_concurrency(engine: &dyn Engine) {
+    let s = fresh(engine).await;
+    // A use whose second counter is full takes nothing from its first; one that fits is taken.
+    s.add_usage(vec![(counter("cap", "full"), 2)])
+        .await
+        .unwrap();
+    let taken = s
+        .take_capped_uses(vec![
+            vec![(counter("cap", "a"), 5), (counter("cap", "full"), 2)],
+            vec![(counter("cap", "a"), 5)],
+            vec![],
+        ])
+        .await
+        .unwrap();
+    assert_eq!(taken, [Some(1), None, None]);
+    let usage = s.usage_of("cap").await.unwrap();
+    assert_eq!(
+        usage,
+        vec![
+            ("a".to_string(), "day:1".to_string(), 1),
+            ("full".to_string(), "day:1".to_string(), 2)
+        ]
+    );
+    // 64 concurrent single-use calls and 8 batches of 8 against a cap of 10: exactly 10 taken.
+    let mut tasks = Vec::new();
+    for i in 0..64 {
+        let s = Arc::clone(&s);
+        tasks.push(tokio::spawn(async move {
+            let one = vec![
+                (counter("cap", "gh"), 10),
+                (counter("cap", &format!("t{}", i % 4)), 100),
+            ];
+            (true, s.take_capped_uses(vec![one]).await.unwrap())
+        }));
+    }
+    for _ in 0..8 {
+        let s = Arc::clone(&s);
+        tasks.push(tokio::spawn(async move {
+            let batch = vec![vec![(counter("cap", "gh"), 10)]; 8];
+            (false, s.take_capped_uses(batch).await.unwrap())
+        }));
+    }
+    let (mut granted, mut refused, mut singles) = (0, 0, 0);
+    for task in tasks {
+        let (single, taken) = task.await.unwrap();
+        for taken in taken {
+            match taken {
+                None => {
+                    granted += 1;
+                    singles += u64::from(single);
+                }
+                Some(at) => {
+                    assert_eq!(at, 0, "the capped counter is the full one");
+                    refused += 1;
+                }
+            }
+        }
+    }
+    assert_eq!((granted, refused), (10, 118));
+    let usage = s.usage_of("cap").await.unwrap();
+    let gh = usage.iter().find(|(t, _, _)| t == "gh").unwrap();
+    assert_eq!(gh.2, 10, "{usage:?}");
+    let others: u64 = usage
+        .iter()
+        .filter(|(t, _, _)| t.starts_with('t'))
+        .map(|(_, _, n)| n)
+        .sum();
+    assert_eq!(others, singles, "a refused use took nothing: {usage:?}");
 }
 
 /// Approvals: held, listed, decided once, timed out.
