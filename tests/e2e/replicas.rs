@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use keyholder_protocol::paths::{PATH_CREDENTIAL, PATH_STORAGE, PATH_STORE};
 use keyholder_protocol::Purpose;
-use keyholder_tests::replicas::{can_restart_postgres, restart_postgres, Balancer, Cluster};
+use keyholder_tests::replicas::{can_restart_postgres, restart_postgres, Cluster, Nginx};
 use keyholder_tests::{now, random_hex, Keyholder};
 use serde_json::{json, Value};
 
@@ -263,8 +263,8 @@ async fn kill_9_of_a_replica_under_durable_writes_loses_no_acknowledged_write() 
     let Some(mut cluster) = cluster(2).await else {
         return;
     };
-    // nginx is not installed here: the harness's loopback balancer stands in for it.
-    let balancer = Balancer::start(cluster.addrs()).await;
+    // A real nginx in front of both replicas.
+    let balancer = Nginx::start(&cluster.addrs()).await;
     let front = cluster.view_at(&balancer.base());
     let writers = 8;
     let per_writer = 40;
@@ -288,15 +288,22 @@ async fn kill_9_of_a_replica_under_durable_writes_loses_no_acknowledged_write() 
     }
     tokio::time::sleep(Duration::from_millis(400)).await;
     cluster.kill9(0);
-    let mut acked = Vec::new();
+    let (mut acked, mut failed) = (Vec::new(), 0);
     for t in tasks {
-        let (a, _) = t.await.unwrap();
+        let (a, f) = t.await.unwrap();
         acked.extend(a);
+        failed += f;
     }
     eprintln!(
-        "kill -9: {} of {} stores acknowledged",
+        "kill -9 through nginx: {} of {} stores acknowledged, {failed} failed",
         acked.len(),
         writers * per_writer
+    );
+    // nginx went on choosing A after the kill and passed those requests on to B.
+    let log = balancer.error_log();
+    assert!(
+        log.contains("Connection refused") && log.contains(&cluster.replicas[0].addr.to_string()),
+        "nginx never found A dead: {log}"
     );
     assert!(
         acked.len() > writers * per_writer / 2,
