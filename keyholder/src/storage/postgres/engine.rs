@@ -38,7 +38,7 @@ use crate::storage::{
 
 /// Serialises owner change sets and exchanges (exclusive) against writes that must not cross a
 /// key rotation (shared).
-const OWNER_LOCK: i64 = 0x4b48_0010;
+pub(super) const OWNER_LOCK: i64 = 0x4b48_0010;
 /// Cross-references between audit chains are appended at most this often per replica.
 const XREF_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -85,6 +85,7 @@ pub struct PostgresStorage {
     pool: Pool,
     node: String,
     marks: PgReplayMarks,
+    stores: super::stores::PgStores,
     signal: Arc<OwnerSignal>,
     generation: watch::Receiver<u64>,
     /// The connection holding the housekeeping lock, while this replica holds it.
@@ -135,6 +136,7 @@ impl PostgresStorage {
         });
         Ok(PostgresStorage {
             marks: PgReplayMarks::start(pool.clone()),
+            stores: super::stores::PgStores::start(pool.clone(), node.to_string()),
             target,
             pool,
             node: node.to_string(),
@@ -529,49 +531,11 @@ impl Documents for PostgresStorage {
     }
 
     async fn store_credential(&self, write: CredentialDocument) -> StorageResult<CredentialWrite> {
-        let mut client = self.client().await?;
-        let tx = client.transaction().await.db()?;
-        owner_lock(&tx, true).await?;
-        let current = get_setting(&tx, Setting::DataVersion).await?;
-        if current.as_deref() != Some(write.data_version.to_string().as_str()) {
-            return Ok(CredentialWrite::KeyRingChanged);
+        if self.closed.load(Ordering::Acquire) {
+            return Err(StorageError::Unavailable("storage closed".into()));
         }
-        if write.create_only {
-            let n = tx
-                .execute(
-                    "INSERT INTO documents (collection, key, doc, updated_at) VALUES ($1, $2, $3, $4)
-                     ON CONFLICT (collection, key) DO NOTHING",
-                    &[
-                        &Collection::Tokens.as_str(),
-                        &write.service,
-                        &write.doc,
-                        &write.now,
-                    ],
-                )
-                .await
-                .db()?;
-            if n == 0 {
-                return Ok(CredentialWrite::AlreadyExists);
-            }
-        } else {
-            put_document(
-                &tx,
-                Collection::Tokens,
-                &write.service,
-                &write.doc,
-                write.now,
-            )
-            .await?;
-        }
-        tx.execute(
-            "DELETE FROM legacy_minting WHERE service = $1",
-            &[&write.service],
-        )
-        .await
-        .db()?;
-        announce_document(&tx, &self.node, Collection::Tokens, &write.service).await?;
-        tx.commit().await.db()?;
-        Ok(CredentialWrite::Stored)
+        // Group-committed with the stores of concurrent requests (see `stores`).
+        self.stores.store(write).await
     }
 
     async fn is_legacy_minting(&self, service: &str) -> StorageResult<bool> {
