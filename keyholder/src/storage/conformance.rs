@@ -30,6 +30,7 @@ pub async fn run_all(engine: &dyn Engine) {
     settings(engine).await;
     documents(engine).await;
     credentials(engine).await;
+    concurrent_stores_keep_their_own_outcomes(engine).await;
     replay_marks(engine).await;
     replay_accept_once(engine).await;
     bind_codes(engine).await;
@@ -168,6 +169,61 @@ pub async fn documents(engine: &dyn Engine) {
 }
 
 /// Sealed credential writes: the data-version check, create-only, the legacy-minting mark.
+/// Concurrent credential stores (which an engine may commit together) each keep the outcome
+/// they would have alone: one create-only write of a service is stored, the others find it; a
+/// write sealed under an old key version is refused; every other service is stored.
+pub async fn concurrent_stores_keep_their_own_outcomes(engine: &dyn Engine) {
+    let s = fresh(engine).await;
+    s.put_setting(Setting::DataVersion, "2").await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..48u32 {
+        let s = Arc::clone(&s);
+        tasks.push(tokio::spawn(async move {
+            let (service, create_only, version) = match i % 3 {
+                0 => ("same".to_string(), true, 2),
+                1 => (format!("svc{i}"), false, 2),
+                _ => (format!("old{i}"), false, 1),
+            };
+            let write = CredentialDocument {
+                service,
+                doc: format!("{{\"i\":{i}}}"),
+                data_version: version,
+                create_only,
+                now: 5,
+            };
+            (i, s.store_credential(write).await.unwrap())
+        }));
+    }
+    let mut stored_same = Vec::new();
+    for task in tasks {
+        let (i, outcome) = task.await.unwrap();
+        match i % 3 {
+            0 if outcome == CredentialWrite::Stored => stored_same.push(i),
+            0 => assert_eq!(outcome, CredentialWrite::AlreadyExists),
+            1 => assert_eq!(outcome, CredentialWrite::Stored),
+            _ => assert_eq!(outcome, CredentialWrite::KeyRingChanged),
+        }
+    }
+    assert_eq!(
+        stored_same.len(),
+        1,
+        "one create-only write wins: {stored_same:?}"
+    );
+    assert_eq!(
+        s.document(Collection::Tokens, "same")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some(format!("{{\"i\":{}}}", stored_same[0]).as_str()),
+        "the winner's document is the one stored"
+    );
+    assert_eq!(
+        s.count_documents(Some(Collection::Tokens)).await.unwrap(),
+        17,
+        "16 services and the one create-only"
+    );
+}
+
 pub async fn credentials(engine: &dyn Engine) {
     let s = fresh(engine).await;
     s.put_setting(Setting::DataVersion, "3").await.unwrap();

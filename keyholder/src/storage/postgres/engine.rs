@@ -2628,6 +2628,7 @@ mod conformance {
         settings,
         documents,
         credentials,
+        concurrent_stores_keep_their_own_outcomes,
         replay_marks,
         replay_accept_once,
         bind_codes,
