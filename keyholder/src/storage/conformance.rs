@@ -168,7 +168,6 @@ pub async fn documents(engine: &dyn Engine) {
     );
 }
 
-/// Sealed credential writes: the data-version check, create-only, the legacy-minting mark.
 /// Concurrent credential stores (which an engine may commit together) each keep the outcome
 /// they would have alone: one create-only write of a service is stored, the others find it; a
 /// write sealed under an old key version is refused; every other service is stored.
@@ -224,6 +223,7 @@ pub async fn concurrent_stores_keep_their_own_outcomes(engine: &dyn Engine) {
     );
 }
 
+/// Sealed credential writes: the data-version check, create-only, the legacy-minting mark.
 pub async fn credentials(engine: &dyn Engine) {
     let s = fresh(engine).await;
     s.put_setting(Setting::DataVersion, "3").await.unwrap();
