@@ -139,32 +139,37 @@ async fn run_batch(
         .collect();
     type Param<'a> = &'a (dyn tokio_postgres::types::ToSql + Sync);
     let channel = notify::DOCS_CHANNEL;
-    let params: Vec<(bool, [Param<'_>; 6])> = writes
+    // In key order, the writes of one service in queue order (a stable sort): every batch, on
+    // every replica, locks its rows in the same order, so two batches never deadlock; writes of
+    // different services do not see each other, so their order changes no outcome.
+    let mut order: Vec<usize> = (0..writes.len())
+        .filter(|&i| writes.get(i).is_some_and(&current_ok))
+        .collect();
+    order.sort_by(|&a, &b| writes[a].service.cmp(&writes[b].service));
+    let params: Vec<(bool, [Param<'_>; 6])> = order
         .iter()
-        .zip(&payloads)
-        .filter(|(w, _)| current_ok(w))
-        .map(|(w, payload)| {
+        .map(|&i| {
+            let (w, payload) = (&writes[i], &payloads[i]);
             let row: [Param<'_>; 6] = [&tokens, &w.service, &w.doc, &w.now, &channel, payload];
             (w.create_only, row)
         })
         .collect();
-    // Pipelined, in queue order (each statement sees the ones before it).
+    // Pipelined (each statement sees the ones before it).
     let sent = params.iter().map(|(create_only, row)| {
         let statement = if *create_only { &insert_new } else { &upsert };
         tx.execute(statement, &row[..])
     });
-    let mut written = try_join_all(sent).await.map_err(pg)?.into_iter();
+    let written = try_join_all(sent).await.map_err(pg)?;
     tx.commit().await.map_err(pg)?;
-    Ok(writes
-        .iter()
-        .map(|w| {
-            if !current_ok(w) {
-                CredentialWrite::KeyRingChanged
-            } else if written.next().unwrap_or(0) > 0 {
+    let mut outcomes = vec![CredentialWrite::KeyRingChanged; writes.len()];
+    for (&i, rows) in order.iter().zip(written) {
+        if let Some(outcome) = outcomes.get_mut(i) {
+            *outcome = if rows > 0 {
                 CredentialWrite::Stored
             } else {
                 CredentialWrite::AlreadyExists
-            }
-        })
-        .collect())
+            };
+        }
+    }
+    Ok(outcomes)
 }
