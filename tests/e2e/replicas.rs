@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use keyholder_protocol::paths::{PATH_CREDENTIAL, PATH_STORAGE, PATH_STORE};
 use keyholder_protocol::{HmacSecret, Purpose};
-use keyholder_tests::replicas::{can_restart_postgres, restart_postgres, Balancer, Cluster};
+use keyholder_tests::replicas::{can_restart_postgres, restart_postgres, Cluster, Nginx};
 use keyholder_tests::{now, random_hex, Keyholder};
 use serde_json::{json, Value};
 
@@ -263,8 +263,8 @@ async fn kill_9_of_a_replica_under_durable_writes_loses_no_acknowledged_write() 
     let Some(mut cluster) = cluster(2).await else {
         return;
     };
-    // nginx is not installed here: the harness's loopback balancer stands in for it.
-    let balancer = Balancer::start(cluster.addrs()).await;
+    // A real nginx in front of both replicas.
+    let balancer = Nginx::start(&cluster.addrs()).await;
     let front = cluster.view_at(&balancer.base());
     let writers = 8;
     let per_writer = 40;
@@ -288,15 +288,22 @@ async fn kill_9_of_a_replica_under_durable_writes_loses_no_acknowledged_write() 
     }
     tokio::time::sleep(Duration::from_millis(400)).await;
     cluster.kill9(0);
-    let mut acked = Vec::new();
+    let (mut acked, mut failed) = (Vec::new(), 0);
     for t in tasks {
-        let (a, _) = t.await.unwrap();
+        let (a, f) = t.await.unwrap();
         acked.extend(a);
+        failed += f;
     }
     eprintln!(
-        "kill -9: {} of {} stores acknowledged",
+        "kill -9 through nginx: {} of {} stores acknowledged, {failed} failed",
         acked.len(),
         writers * per_writer
+    );
+    // nginx went on choosing A after the kill and passed those requests on to B.
+    let log = balancer.error_log();
+    assert!(
+        log.contains("Connection refused") && log.contains(&cluster.replicas[0].addr.to_string()),
+        "nginx never found A dead: {log}"
     );
     assert!(
         acked.len() > writers * per_writer / 2,
@@ -410,6 +417,137 @@ async fn postgres_restarted_under_load_answers_503_then_recovers_by_itself() {
         );
     }
     let _ = PATH_CREDENTIAL;
+}
+
+/// Waits until both replicas refuse `probe` (a policy attached after the ones under test): then
+/// both follow every owner change made before it.
+async fn until_both_follow(views: &[Keyholder; 2], probe: &str) {
+    let started = Instant::now();
+    loop {
+        let (x, y) = tokio::join!(views[0].credential(probe), views[1].credential(probe));
+        if x.status == 403 && y.status == 403 {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "the replicas did not follow the policy change: {} {}",
+            x.status,
+            y.status
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_usage_cap_is_exact_across_two_replicas_under_concurrent_agents() {
+    let Some(cluster) = cluster(2).await else {
+        return;
+    };
+    let views = [cluster.view(0), cluster.view(1)];
+    for service in ["github", "probe"] {
+        assert_eq!(
+            views[0]
+                .store(service, json!({"accessToken": "gho_capped_secret"}))
+                .await
+                .status,
+            200
+        );
+    }
+    let cap = 7;
+    cluster.owner(&[
+        "policy",
+        "create",
+        "cap",
+        "--max-uses",
+        &cap.to_string(),
+        "--per",
+        "total",
+    ]);
+    cluster.owner(&["policy", "attach", "cap", "--service", "github"]);
+    cluster.owner(&["policy", "create", "few", "--max-uses", "3", "--per", "day"]);
+    cluster.owner(&["policy", "attach", "few", "--service", "missing"]);
+    cluster.owner(&["policy", "create", "gate", "--agents", "nobody"]);
+    cluster.owner(&["policy", "attach", "gate", "--service", "probe"]);
+    until_both_follow(&views, "probe").await;
+
+    // 60 agents at once, split over both replicas, each with its own ticket.
+    let agents = 60;
+    let mut tasks = Vec::new();
+    for i in 0..agents {
+        let kh = cluster.view(i % 2);
+        tasks.push(tokio::spawn(async move { kh.credential("github").await }));
+    }
+    let (mut served, mut refused) = ([0usize; 2], 0usize);
+    for (i, task) in tasks.into_iter().enumerate() {
+        let answer = task.await.unwrap();
+        match answer.status {
+            200 => served[i % 2] += 1,
+            _ => {
+                answer.assert_error(429, "rate_limited");
+                let message = answer.json()["message"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                assert!(
+                    message.contains("usage cap reached (7 uses in total)"),
+                    "{message}"
+                );
+                assert!(answer.header("retry-after").is_some());
+                assert!(
+                    !answer.body.windows(17).any(|w| w == b"gho_capped_secret"),
+                    "a refused use carried the credential"
+                );
+                refused += 1;
+            }
+        }
+    }
+    eprintln!("usage cap {cap}: served {served:?} by replica, {refused} refused");
+    assert_eq!(served[0] + served[1], cap, "exactly the cap is served");
+    assert_eq!(refused, agents - cap);
+    // The stored count is the cap, on both replicas' shared database and in the owner's view.
+    let db = cluster.db.target().connect().await.unwrap();
+    let count: i64 = db
+        .query_one(
+            "SELECT count FROM policy_usage WHERE policy = 'cap' AND target = 'service:github'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(count, cap as i64);
+    let shown: Value =
+        serde_json::from_slice(&cluster.owner(&["policy", "show", "cap", "--json"]).stdout)
+            .unwrap();
+    assert_eq!(shown["usage"][0]["count"], cap, "{shown}");
+    // And stays refused on both afterwards.
+    for kh in &views {
+        kh.credential("github")
+            .await
+            .assert_error(429, "rate_limited");
+    }
+
+    // Uses that fail after admission (nothing stored under `missing`) give their counts back on
+    // whichever replica took them: concurrent failures leave the counter at zero.
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let kh = cluster.view(i % 2);
+        tasks.push(tokio::spawn(async move {
+            kh.credential("missing").await.status
+        }));
+    }
+    for task in tasks {
+        let status = task.await.unwrap();
+        assert!(status == 404 || status == 429, "{status}");
+    }
+    let count: i64 = db
+        .query_one(
+            "SELECT count FROM policy_usage WHERE policy = 'few' AND target = 'service:missing'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(count, 0, "every failed use gave its count back");
 }
 
 /// The platform's first calls after a binding (or a rebinding) made through one replica may reach

@@ -1,12 +1,9 @@
 //! Several real keyholder processes on one PostgreSQL database (each test its own database), and a
-//! small loopback TCP load balancer in front of them (nginx is not installed on these machines:
-//! the balancer plays its part, connection by connection, skipping a replica that refuses
-//! connections).
+//! real nginx load balancer in front of them (configured in a temporary folder, on loopback).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -348,53 +345,137 @@ pub fn can_restart_postgres() -> bool {
         && Command::new("pg_ctlcluster").arg("--help").output().is_ok()
 }
 
-/// A loopback TCP load balancer: each accepted connection goes to the next backend in turn that
-/// accepts a connection (a dead one is skipped), bytes copied both ways.
-pub struct Balancer {
+/// A real nginx load balancer in front of the replicas: its configuration written to a temporary
+/// folder, listening on a free loopback port, the replicas as one upstream group taken in turn.
+/// `proxy_next_upstream error timeout` moves a request whose replica refuses the connection on to
+/// the next one; a request already sent to a replica that then dies is not sent again (nginx never
+/// replays a POST without `non_idempotent`), so the client sees that failure. `max_fails=0` keeps
+/// nginx from marking a replica down: no passive health check hides anything.
+pub struct Nginx {
     /// Where it listens.
     pub addr: SocketAddr,
-    task: tokio::task::JoinHandle<()>,
+    child: Child,
+    dir: tempfile::TempDir,
 }
 
-impl Balancer {
-    /// Starts one in front of `backends`.
-    pub async fn start(backends: Vec<SocketAddr>) -> Balancer {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let next = Arc::new(AtomicUsize::new(0));
-        let backends = Arc::new(backends);
-        let task = tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                let (next, backends) = (Arc::clone(&next), Arc::clone(&backends));
-                tokio::spawn(async move {
-                    let first = next.fetch_add(1, Ordering::Relaxed);
-                    for k in 0..backends.len() {
-                        let backend = backends[(first + k) % backends.len()];
-                        let connect = tokio::time::timeout(
-                            Duration::from_millis(300),
-                            tokio::net::TcpStream::connect(backend),
-                        )
-                        .await;
-                        if let Ok(Ok(mut outbound)) = connect {
-                            let _ =
-                                tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                            return;
-                        }
-                    }
-                });
-            }
+impl Nginx {
+    /// The nginx binary: `KEYHOLDER_NGINX`, else `nginx` on the PATH or in /usr/sbin.
+    fn binary() -> Option<PathBuf> {
+        if let Some(path) = std::env::var_os("KEYHOLDER_NGINX").filter(|p| !p.is_empty()) {
+            return Some(PathBuf::from(path));
+        }
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        std::env::split_paths(&path)
+            .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/local/sbin")])
+            .map(|dir| dir.join("nginx"))
+            .find(|candidate| candidate.is_file())
+    }
+
+    /// Starts one in front of `backends` and waits until it accepts connections.
+    ///
+    /// # Panics
+    /// When nginx is not installed (CI installs the Debian package `nginx-light`): the test
+    /// that needs it fails with that message rather than passing without it.
+    pub async fn start(backends: &[SocketAddr]) -> Nginx {
+        let bin = Self::binary().unwrap_or_else(|| {
+            panic!(
+                "nginx not found (neither KEYHOLDER_NGINX, nor nginx on the PATH or in /usr/sbin): \
+                 install it (`apt-get install -y nginx-light`; .ci/run does) to run the replica \
+                 kill test through a real load balancer"
+            )
         });
-        Balancer { addr, task }
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let root = Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+        let d = dir.path().display();
+        let servers: String = backends
+            .iter()
+            .map(|b| format!("        server {b} max_fails=0;\n"))
+            .collect();
+        let config = format!(
+            "{user}worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    upstream replicas {{
+{servers}        keepalive 16;
+    }}
+    server {{
+        listen {addr};
+        location / {{
+            proxy_pass http://replicas;
+            proxy_http_version 1.1;
+            proxy_set_header Connection \"\";
+            proxy_next_upstream error timeout;
+            proxy_connect_timeout 1s;
+            proxy_read_timeout 10s;
+        }}
+    }}
+}}
+",
+            // The temporary folder is the test user's (0700): workers run as that user.
+            user = if root { "user root;\n" } else { "" },
+        );
+        std::fs::write(dir.path().join("nginx.conf"), config).unwrap();
+        let mut child = Command::new(&bin)
+            .arg("-p")
+            .arg(dir.path())
+            .arg("-c")
+            .arg(dir.path().join("nginx.conf"))
+            .args(["-g", "daemon off;"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+        let started = Instant::now();
+        loop {
+            if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                break;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                let mut err = String::new();
+                if let Some(mut stderr) = child.stderr.take() {
+                    use std::io::Read as _;
+                    let _ = stderr.read_to_string(&mut err);
+                }
+                let log = std::fs::read_to_string(dir.path().join("error.log")).unwrap_or_default();
+                panic!("nginx exited ({status}): {err} {log}");
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "nginx did not listen on {addr}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Nginx { addr, child, dir }
     }
 
     /// Its base URL.
     pub fn base(&self) -> String {
         format!("http://{}", self.addr)
     }
+
+    /// Its error log so far (what it said about the replicas).
+    pub fn error_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("error.log")).unwrap_or_default()
+    }
 }
 
-impl Drop for Balancer {
+impl Drop for Nginx {
     fn drop(&mut self) {
-        self.task.abort();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

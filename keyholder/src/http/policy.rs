@@ -60,7 +60,17 @@ async fn enforce_policies(
         proxy: claims.and_then(|c| c.pid.as_deref()),
         client,
     };
-    match state.policy.admit(&request) {
+    // Where replicas share the counts, the caps are taken in storage now (exact across them).
+    let admitted = match state.policy.admit(&request) {
+        Ok(admission) => {
+            state
+                .policy
+                .take_shared_uses(&state.storage, admission)
+                .await?
+        }
+        Err(refusal) => Err(refusal),
+    };
+    match admitted {
         Ok(mut admission) => {
             if admission.policies.is_empty() {
                 return Ok(admission);

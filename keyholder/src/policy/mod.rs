@@ -15,6 +15,7 @@ pub mod rules;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
@@ -22,8 +23,8 @@ use serde::Serialize;
 use tokio::sync::oneshot;
 
 use crate::storage::{
-    AttachmentRow, ChangeSet, Check, PolicyRow, Storage, StorageError, UsageCounter, UsageTake,
-    Write,
+    AttachmentRow, CappedUse, ChangeSet, Check, PolicyRow, SharedStorage, Storage, StorageError,
+    StorageResult, UsageCounter, UsageTake, Write,
 };
 use crate::vault::VaultError;
 pub use rules::{Compiled, Delivery, Per, Rules};
@@ -136,6 +137,18 @@ pub struct Admission {
     /// The commit the counts were queued for (see [`PolicyEngine::queue_uses`]).
     pending: Option<oneshot::Receiver<Result<(), String>>>,
     durable: bool,
+    /// Where the counts are shared by replicas: the caps still to take in storage (see
+    /// [`PolicyEngine::take_shared_uses`]).
+    to_take: Vec<CapTake>,
+}
+
+/// A cap to take from in storage: the counter, its cap, and what a refusal says.
+#[derive(Debug)]
+struct CapTake {
+    key: UsageKey,
+    cap: u64,
+    per: Per,
+    retry_after_secs: u64,
 }
 
 /// A usage counter: policy, target and period.
@@ -174,6 +187,20 @@ pub struct PolicyEngine {
     /// Uses held for the owner's approval.
     pub approvals: approvals::Approvals,
     batch: Arc<Mutex<UsageBatch>>,
+    /// The counts are shared with other replicas (PostgreSQL): caps are taken in storage.
+    shared: AtomicBool,
+    takes: Arc<Mutex<SharedTakes>>,
+}
+
+/// Answered with the take of one use: `None` taken, else the index of the cap that is full.
+type TakeWaiter = oneshot::Sender<Result<Option<usize>, String>>;
+
+/// Capped uses waiting to be taken in storage, and whether a take is in flight (the uses that
+/// arrive meanwhile go together into the next one).
+#[derive(Default)]
+struct SharedTakes {
+    queue: Vec<(CappedUse, TakeWaiter)>,
+    running: bool,
 }
 
 /// Answered once the write of its uses is committed (or failed, with the reason).
@@ -205,6 +232,7 @@ impl PolicyEngine {
     /// Re-reads policies, attachments and durable counts (at start and on every owner change).
     pub async fn reload(&self, storage: &dyn Storage) -> Result<(), VaultError> {
         let (policies, attachments, usage) = load(storage).await?;
+        self.shared.store(storage.usage_shared(), Ordering::Relaxed);
         let entries: BTreeMap<String, Arc<Entry>> = policies
             .into_iter()
             .map(|p| {
@@ -330,7 +358,11 @@ impl PolicyEngine {
             compiled.push((entry.name.as_str(), c, target.as_str()));
         }
         self.take_rate_tokens(&compiled)?;
-        let uses = self.reserve_uses(&compiled, now)?;
+        let (uses, to_take) = if self.shared.load(Ordering::Relaxed) {
+            (Vec::new(), caps_to_take(&compiled, now))
+        } else {
+            (self.reserve_uses(&compiled, now)?, Vec::new())
+        };
         let mut policies: Vec<String> = applied.iter().map(|(e, _)| e.name.clone()).collect();
         policies.sort();
         policies.dedup();
@@ -352,7 +384,63 @@ impl PolicyEngine {
             uses,
             pending: None,
             durable: false,
+            to_take,
         })
+    }
+
+    /// Where replicas share the counts: takes the admitted use's caps in storage, exact across
+    /// every replica (one write for the uses of concurrent requests; durable on return, so the
+    /// use then counts as committed). `Ok(Err(_))` when a cap is reached, refused as
+    /// [`PolicyEngine::admit`] refuses it; nothing is taken then. Elsewhere a no-op (the caps
+    /// were reserved in memory by `admit`).
+    pub async fn take_shared_uses(
+        &self,
+        storage: &SharedStorage,
+        mut admission: Admission,
+    ) -> Result<Result<Admission, Refusal>, VaultError> {
+        if admission.to_take.is_empty() {
+            return Ok(Ok(admission));
+        }
+        let wanted: CappedUse = admission
+            .to_take
+            .iter()
+            .map(|c| (c.key.clone(), c.cap))
+            .collect();
+        let (tx, rx) = oneshot::channel();
+        let start = {
+            let Ok(mut takes) = self.takes.lock() else {
+                return Err(VaultError::Corrupt("usage take lock".into()));
+            };
+            takes.queue.push((wanted, tx));
+            !std::mem::replace(&mut takes.running, true)
+        };
+        if start {
+            tokio::spawn(drain_takes(Arc::clone(storage), Arc::clone(&self.takes)));
+        }
+        let taken = match rx.await {
+            Ok(Ok(taken)) => taken,
+            Ok(Err(text)) => return Err(VaultError::Store(StorageError::Unavailable(text))),
+            Err(_) => {
+                return Err(VaultError::Store(StorageError::Unavailable(
+                    "usage counts not written".into(),
+                )))
+            }
+        };
+        let to_take = std::mem::take(&mut admission.to_take);
+        if let Some(full) = taken {
+            let Some(c) = to_take.get(full) else {
+                return Err(VaultError::Corrupt("usage cap index".into()));
+            };
+            return Ok(Err(cap_refusal(
+                &c.key.policy,
+                c.cap,
+                c.per,
+                c.retry_after_secs,
+            )));
+        }
+        admission.uses = to_take.into_iter().map(|c| c.key).collect();
+        admission.durable = true;
+        Ok(Ok(admission))
     }
 
     fn take_rate_tokens(&self, compiled: &[(&str, &Compiled, &str)]) -> Result<(), Refusal> {
@@ -425,18 +513,7 @@ impl PolicyEngine {
             };
             let count = usage.get(&key).copied().unwrap_or_default();
             if count.committed + count.reserved >= *cap {
-                let per_text = match per {
-                    Per::Day => "per day",
-                    Per::Total => "in total",
-                };
-                return Err(Refusal::Limited {
-                    rule: "max_uses",
-                    policy: name.to_string(),
-                    message: format!(
-                        "refused by policy '{name}': usage cap reached ({cap} uses {per_text})"
-                    ),
-                    retry_after_secs: left,
-                });
+                return Err(cap_refusal(name, *cap, *per, left));
             }
             keys.push(key);
         }
@@ -582,6 +659,8 @@ impl PolicyEngine {
         }
         let result = storage.release_usage(admission.uses.clone()).await;
         match result {
+            // Shared counts live in storage only.
+            Ok(()) if self.shared.load(Ordering::Relaxed) => {}
             Ok(()) => {
                 if let Ok(mut usage) = self.usage.lock() {
                     for key in &admission.uses {
@@ -639,6 +718,77 @@ async fn settle_uses(
         }
     }
     written
+}
+
+/// The caps of an admitted use, to take in storage.
+fn caps_to_take(compiled: &[(&str, &Compiled, &str)], now: jiff::Timestamp) -> Vec<CapTake> {
+    compiled
+        .iter()
+        .filter_map(|(name, c, target)| {
+            let (cap, per) = c.max_uses?;
+            let (period, left) = c.period(now);
+            Some(CapTake {
+                key: UsageKey {
+                    policy: name.to_string(),
+                    target: target.to_string(),
+                    period,
+                },
+                cap,
+                per,
+                retry_after_secs: left,
+            })
+        })
+        .collect()
+}
+
+/// Takes the queued uses in storage, one call per batch, until none wait.
+async fn drain_takes(storage: SharedStorage, takes: Arc<Mutex<SharedTakes>>) {
+    loop {
+        let batch = {
+            let Ok(mut t) = takes.lock() else {
+                return;
+            };
+            if t.queue.is_empty() {
+                t.running = false;
+                return;
+            }
+            std::mem::take(&mut t.queue)
+        };
+        let (uses, waiters): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+        let result: StorageResult<Vec<Option<usize>>> = storage.take_capped_uses(uses).await;
+        match result {
+            Ok(taken) if taken.len() == waiters.len() => {
+                for (waiter, taken) in waiters.into_iter().zip(taken) {
+                    let _ = waiter.send(Ok(taken));
+                }
+            }
+            Ok(_) => {
+                for waiter in waiters {
+                    let _ = waiter.send(Err("usage take answered the wrong uses".into()));
+                }
+            }
+            Err(err) => {
+                let text = err.to_string();
+                for waiter in waiters {
+                    let _ = waiter.send(Err(text.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// `429 rate_limited`: a usage cap is reached.
+fn cap_refusal(name: &str, cap: u64, per: Per, retry_after_secs: u64) -> Refusal {
+    let per_text = match per {
+        Per::Day => "per day",
+        Per::Total => "in total",
+    };
+    Refusal::Limited {
+        rule: "max_uses",
+        policy: name.to_string(),
+        message: format!("refused by policy '{name}': usage cap reached ({cap} uses {per_text})"),
+        retry_after_secs,
+    }
 }
 
 fn compiled_rate_text(compiled: &[(&str, &Compiled, &str)], name: &str) -> String {

@@ -30,6 +30,7 @@ pub async fn run_all(engine: &dyn Engine) {
     settings(engine).await;
     documents(engine).await;
     credentials(engine).await;
+    concurrent_stores_keep_their_own_outcomes(engine).await;
     replay_marks(engine).await;
     replay_accept_once(engine).await;
     bind_codes(engine).await;
@@ -37,6 +38,7 @@ pub async fn run_all(engine: &dyn Engine) {
     egress(engine).await;
     policies(engine).await;
     usage_counts_are_exact_under_concurrency(engine).await;
+    capped_uses_are_exact_under_concurrency(engine).await;
     approvals(engine).await;
     oauth_clients(engine).await;
     sign_configs(engine).await;
@@ -163,6 +165,61 @@ pub async fn documents(engine: &dyn Engine) {
             .await
             .unwrap(),
         SwapOutcome::Swapped
+    );
+}
+
+/// Concurrent credential stores (which an engine may commit together) each keep the outcome
+/// they would have alone: one create-only write of a service is stored, the others find it; a
+/// write sealed under an old key version is refused; every other service is stored.
+pub async fn concurrent_stores_keep_their_own_outcomes(engine: &dyn Engine) {
+    let s = fresh(engine).await;
+    s.put_setting(Setting::DataVersion, "2").await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..48u32 {
+        let s = Arc::clone(&s);
+        tasks.push(tokio::spawn(async move {
+            let (service, create_only, version) = match i % 3 {
+                0 => ("same".to_string(), true, 2),
+                1 => (format!("svc{i}"), false, 2),
+                _ => (format!("old{i}"), false, 1),
+            };
+            let write = CredentialDocument {
+                service,
+                doc: format!("{{\"i\":{i}}}"),
+                data_version: version,
+                create_only,
+                now: 5,
+            };
+            (i, s.store_credential(write).await.unwrap())
+        }));
+    }
+    let mut stored_same = Vec::new();
+    for task in tasks {
+        let (i, outcome) = task.await.unwrap();
+        match i % 3 {
+            0 if outcome == CredentialWrite::Stored => stored_same.push(i),
+            0 => assert_eq!(outcome, CredentialWrite::AlreadyExists),
+            1 => assert_eq!(outcome, CredentialWrite::Stored),
+            _ => assert_eq!(outcome, CredentialWrite::KeyRingChanged),
+        }
+    }
+    assert_eq!(
+        stored_same.len(),
+        1,
+        "one create-only write wins: {stored_same:?}"
+    );
+    assert_eq!(
+        s.document(Collection::Tokens, "same")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some(format!("{{\"i\":{}}}", stored_same[0]).as_str()),
+        "the winner's document is the one stored"
+    );
+    assert_eq!(
+        s.count_documents(Some(Collection::Tokens)).await.unwrap(),
+        17,
+        "16 services and the one create-only"
     );
 }
 
@@ -856,6 +913,77 @@ pub async fn usage_counts_are_exact_under_concurrency(engine: &dyn Engine) {
     let usage = s.usage_of("cap").await.unwrap();
     assert_eq!(usage[0], ("gh".to_string(), "day:1".to_string(), 64));
     assert!(usage[1..].iter().all(|(_, _, n)| *n == 16), "{usage:?}");
+}
+
+/// Capped uses are taken in storage, all or none per use: concurrent takes never pass a cap.
+pub async fn capped_uses_are_exact_under_concurrency(engine: &dyn Engine) {
+    let s = fresh(engine).await;
+    // A use whose second counter is full takes nothing from its first; one that fits is taken.
+    s.add_usage(vec![(counter("cap", "full"), 2)])
+        .await
+        .unwrap();
+    let taken = s
+        .take_capped_uses(vec![
+            vec![(counter("cap", "a"), 5), (counter("cap", "full"), 2)],
+            vec![(counter("cap", "a"), 5)],
+            vec![],
+        ])
+        .await
+        .unwrap();
+    assert_eq!(taken, [Some(1), None, None]);
+    let usage = s.usage_of("cap").await.unwrap();
+    assert_eq!(
+        usage,
+        vec![
+            ("a".to_string(), "day:1".to_string(), 1),
+            ("full".to_string(), "day:1".to_string(), 2)
+        ]
+    );
+    // 64 concurrent single-use calls and 8 batches of 8 against a cap of 10: exactly 10 taken.
+    let mut tasks = Vec::new();
+    for i in 0..64 {
+        let s = Arc::clone(&s);
+        tasks.push(tokio::spawn(async move {
+            let one = vec![
+                (counter("cap", "gh"), 10),
+                (counter("cap", &format!("t{}", i % 4)), 100),
+            ];
+            (true, s.take_capped_uses(vec![one]).await.unwrap())
+        }));
+    }
+    for _ in 0..8 {
+        let s = Arc::clone(&s);
+        tasks.push(tokio::spawn(async move {
+            let batch = vec![vec![(counter("cap", "gh"), 10)]; 8];
+            (false, s.take_capped_uses(batch).await.unwrap())
+        }));
+    }
+    let (mut granted, mut refused, mut singles) = (0, 0, 0);
+    for task in tasks {
+        let (single, taken) = task.await.unwrap();
+        for taken in taken {
+            match taken {
+                None => {
+                    granted += 1;
+                    singles += u64::from(single);
+                }
+                Some(at) => {
+                    assert_eq!(at, 0, "the capped counter is the full one");
+                    refused += 1;
+                }
+            }
+        }
+    }
+    assert_eq!((granted, refused), (10, 118));
+    let usage = s.usage_of("cap").await.unwrap();
+    let gh = usage.iter().find(|(t, _, _)| t == "gh").unwrap();
+    assert_eq!(gh.2, 10, "{usage:?}");
+    let others: u64 = usage
+        .iter()
+        .filter(|(t, _, _)| t.starts_with('t'))
+        .map(|(_, _, n)| n)
+        .sum();
+    assert_eq!(others, singles, "a refused use took nothing: {usage:?}");
 }
 
 /// Approvals: held, listed, decided once, timed out.

@@ -42,8 +42,8 @@ pub use error::{StorageError, StorageResult};
 pub use keyring::{ImportedField, KeyRingSnapshot, KeyRingStore, WrappedKey};
 pub use oauth::{OAuthClientRow, OAuthClients};
 pub use policies::{
-    ApprovalDecision, ApprovalRow, AttachmentRow, PolicyRow, PolicySnapshot, PolicyStore,
-    UsageCommit, UsageCounter, UsageReply, UsageTake,
+    grant_capped_uses, ApprovalDecision, ApprovalRow, AttachmentRow, CappedUse, PolicyRow,
+    PolicySnapshot, PolicyStore, UsageCommit, UsageCounter, UsageReply, UsageTake,
 };
 pub use replay::{LoadedMark, Mark, MarkCommit, MarkReply, MarkVerdict, ReplayKind, ReplayMarks};
 pub use settings::{Setting, Settings};

@@ -10,6 +10,10 @@ use tokio::sync::oneshot;
 
 use super::{StorageError, StorageResult};
 
+/// One use under usage caps, as taken at admission where counts are shared: each counter the use
+/// counts against, with its cap.
+pub type CappedUse = Vec<(UsageCounter, u64)>;
+
 /// Increments gathered by the domain, taken by the engine at the moment it writes them.
 pub type UsageTake = Box<dyn FnOnce() -> Vec<(UsageCounter, u64)> + Send>;
 
@@ -139,6 +143,20 @@ pub trait PolicyStore: Send + Sync {
     /// dropped uncalled and the commit resolves to the error.
     fn queue_usage(&self, take: UsageTake) -> UsageCommit;
 
+    /// Whether other processes share these counts (several replicas on one database). Then the
+    /// domain takes a capped use in storage at admission ([`PolicyStore::take_capped_uses`]):
+    /// counts held in one process's memory would let each replica admit up to the cap.
+    fn usage_shared(&self) -> bool {
+        false
+    }
+
+    /// Takes the uses in order, each all or none: one from every counter of a use, only when each
+    /// of them stays within its cap; durable on return. Per use: `None` when taken, else the index
+    /// of its first counter at its cap (nothing taken for it). Exact across every process sharing
+    /// the storage (the counts are read and written under the counters' row locks, taken in key
+    /// order). The domain batches the uses of concurrent requests into one call.
+    async fn take_capped_uses(&self, uses: Vec<CappedUse>) -> StorageResult<Vec<Option<usize>>>;
+
     /// Takes one use back from each counter (never below zero).
     async fn release_usage(&self, counters: Vec<UsageCounter>) -> StorageResult<()>;
 
@@ -175,4 +193,38 @@ pub trait PolicyStore: Send + Sync {
     /// nothing was decided. (The owner CLI decides through [`super::ChangeSet`] instead, with its
     /// audit entry and a generation bump that wakes the waiter on every replica.)
     async fn decide_approval(&self, id: &str, approve: bool, now: i64) -> StorageResult<bool>;
+}
+
+/// What [`PolicyStore::take_capped_uses`] decides, for engines: `counts` holds every named
+/// counter's current count (read under its lock) and is advanced by the uses taken.
+pub fn grant_capped_uses(
+    uses: &[CappedUse],
+    counts: &mut std::collections::HashMap<UsageCounter, u64>,
+) -> Vec<Option<usize>> {
+    uses.iter()
+        .map(|counters| {
+            // A counter named twice by one use takes two.
+            let mut wanted: Vec<(&UsageCounter, u64, u64)> = Vec::with_capacity(counters.len());
+            for (key, cap) in counters {
+                match wanted.iter_mut().find(|(k, _, _)| *k == key) {
+                    Some(w) => {
+                        w.1 += 1;
+                        w.2 = w.2.min(*cap);
+                    }
+                    None => wanted.push((key, 1, *cap)),
+                }
+            }
+            let full = counters.iter().position(|(key, _)| {
+                wanted.iter().any(|(k, n, cap)| {
+                    *k == key && counts.get(key).copied().unwrap_or(0).saturating_add(*n) > *cap
+                })
+            });
+            if full.is_none() {
+                for (key, n, _) in wanted {
+                    *counts.entry(key.clone()).or_default() += n;
+                }
+            }
+            full
+        })
+        .collect()
 }

@@ -456,14 +456,35 @@ pub async fn run_scenario(
     make: RequestFactory,
     expect_status: u16,
 ) -> anyhow::Result<Measured> {
+    run_scenario_on(&[(addr, pid)], connections, seconds, make, expect_status).await
+}
+
+/// [`run_scenario`] spread over several servers (replicas): connection `i` goes to server
+/// `i % servers.len()`, as a load balancer would spread them; the CPU time is all of theirs.
+pub async fn run_scenario_on(
+    servers: &[(SocketAddr, u32)],
+    connections: usize,
+    seconds: f64,
+    make: RequestFactory,
+    expect_status: u16,
+) -> anyhow::Result<Measured> {
+    if servers.is_empty() {
+        bail!("no server to load");
+    }
+    let cpu = || {
+        servers
+            .iter()
+            .map(|(_, pid)| cpu_seconds(*pid))
+            .sum::<f64>()
+    };
     // One sequence for the whole run: nonces and request ids never repeat across scenarios.
     static SEQUENCE: AtomicU64 = AtomicU64::new(0);
     // Connections open before the clock starts, so a slice measures only requests.
     let mut conns = Vec::with_capacity(connections);
-    for _ in 0..connections {
-        conns.push(Connection::open(addr).await?);
+    for i in 0..connections {
+        conns.push(Connection::open(servers[i % servers.len()].0).await?);
     }
-    let cpu_before = cpu_seconds(pid);
+    let cpu_before = cpu();
     let started = Instant::now();
     let deadline = started + Duration::from_secs_f64(seconds);
     let mut tasks = Vec::new();
@@ -514,7 +535,7 @@ pub async fn run_scenario(
         }
     }
     measured.elapsed_s = started.elapsed().as_secs_f64();
-    measured.server_cpu_s = cpu_seconds(pid) - cpu_before;
+    measured.server_cpu_s = cpu() - cpu_before;
     Ok(measured)
 }
 
@@ -546,9 +567,20 @@ pub async fn bind(
     data_dir: &Path,
     addr: SocketAddr,
 ) -> anyhow::Result<Arc<HmacSecret>> {
+    bind_with(opts, data_dir, addr, &[]).await
+}
+
+/// [`bind`] with extra environment variables for the owner CLI (a PostgreSQL cluster's).
+pub async fn bind_with(
+    opts: &BenchOptions,
+    data_dir: &Path,
+    addr: SocketAddr,
+    env: &[(&str, String)],
+) -> anyhow::Result<Arc<HmacSecret>> {
     let out = Command::new(&opts.keyholder_bin)
         .args(["bind", "--json"])
         .env("KEYHOLDER_DATA_DIR", data_dir)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .output()?;
     if !out.status.success() {
         bail!(
@@ -972,4 +1004,80 @@ pub fn mixed_factory(secret: Arc<HmacSecret>, upstream: SocketAddr) -> RequestFa
     let credential = credential_factory(Arc::clone(&secret));
     let proxy = proxy_factory(secret, upstream);
     Arc::new(move |n| if n % 2 == 0 { credential(n) } else { proxy(n) })
+}
+
+/// Two keyholder replicas on one fresh PostgreSQL database (`--database-url`), sharing one master
+/// key file, bound and holding the 100 bench credentials. The database is dropped with it.
+pub struct PgCluster {
+    /// Replica A (the one-replica scenarios run against it alone).
+    pub a: ChildServer,
+    /// Replica B.
+    pub b: ChildServer,
+    /// The binding's secret.
+    pub secret: Arc<HmacSecret>,
+    // Dropped after the replicas (field order): the database goes once they are gone.
+    _db: keyholder::storage::postgres::testing::TestDatabase,
+    _dir: tempfile::TempDir,
+}
+
+impl PgCluster {
+    /// Makes the database on the server `url` names (a role allowed to create databases) and
+    /// starts both replicas on it.
+    pub async fn start(opts: &BenchOptions, url: &str) -> anyhow::Result<PgCluster> {
+        use base64::Engine as _;
+        let db = keyholder::storage::postgres::testing::TestDatabase::create_on(url)
+            .await
+            .map_err(|e| anyhow::anyhow!("--database-url {url}: cannot create a database: {e}"))?;
+        let dir = tempfile::tempdir()?;
+        let master_key = dir.path().join("master.key");
+        std::fs::write(
+            &master_key,
+            base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 32]>()),
+        )?;
+        let env = |node: &str| {
+            vec![
+                ("KEYHOLDER_DATABASE_URL", db.url()),
+                (
+                    "KEYHOLDER_MASTER_KEY_FILE",
+                    master_key.display().to_string(),
+                ),
+                ("KEYHOLDER_NODE_ID", node.to_string()),
+            ]
+        };
+        let (a_dir, b_dir, cli_dir) = (
+            dir.path().join("a"),
+            dir.path().join("b"),
+            dir.path().join("cli"),
+        );
+        for d in [&a_dir, &b_dir, &cli_dir] {
+            std::fs::create_dir_all(d)?;
+        }
+        let (a, _) = start_keyholder_with(opts, &a_dir, &env("bench-a")).await?;
+        let (b, _) = start_keyholder_with(opts, &b_dir, &env("bench-b")).await?;
+        let secret = bind_with(opts, &cli_dir, a.addr, &env("bench-cli")).await?;
+        // B follows the binding (an owner change) within a second: wait until it serves.
+        let list = signed_request(
+            &secret,
+            PATH_STORAGE,
+            br#"{"operation":"list","collection":"tokens"}"#,
+            7_000_000_000,
+        );
+        let started = Instant::now();
+        while !matches!(call(b.addr, &list).await, Ok((200, _))) {
+            if started.elapsed() > Duration::from_secs(5) {
+                bail!("replica B did not follow the binding");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        populate(a.addr, &secret, 100)
+            .await
+            .context("populating 100 credentials on PostgreSQL")?;
+        Ok(PgCluster {
+            a,
+            b,
+            secret,
+            _db: db,
+            _dir: dir,
+        })
+    }
 }

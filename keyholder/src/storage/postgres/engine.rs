@@ -24,6 +24,9 @@ use super::replay::{self as marks, PgReplayMarks};
 use super::{audit, PgError, PgTarget};
 use crate::audit::{AuditEntry, AuditEvent, AuditFilter, AuditVerification, PruneBoundary};
 use crate::storage::{
+    grant_capped_uses, CappedUse, DocumentSwap, KeyRingSnapshot, UsageCommit, UsageTake,
+};
+use crate::storage::{
     Applied, ApprovalDecision, ApprovalRow, AttachmentRow, AuditLog, BindCode, Binding, ChangeSet,
     ChangeSets, Check, CredentialDocument, CredentialWrite, DocumentChange, Documents, EgressRow,
     EgressStore, Exchange, ExchangeInstall, ExchangeOutcome, ImportedField, KeyRingStore,
@@ -32,11 +35,10 @@ use crate::storage::{
     Storage, StorageError, StorageResult, StoredDocument, StoredPlatformKey, SwapOutcome,
     UsageCounter, WrappedKey, Write,
 };
-use crate::storage::{DocumentSwap, KeyRingSnapshot, UsageCommit, UsageTake};
 
 /// Serialises owner change sets and exchanges (exclusive) against writes that must not cross a
 /// key rotation (shared).
-const OWNER_LOCK: i64 = 0x4b48_0010;
+pub(super) const OWNER_LOCK: i64 = 0x4b48_0010;
 /// Cross-references between audit chains are appended at most this often per replica.
 const XREF_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -83,6 +85,7 @@ pub struct PostgresStorage {
     pool: Pool,
     node: String,
     marks: PgReplayMarks,
+    stores: super::stores::PgStores,
     signal: Arc<OwnerSignal>,
     generation: watch::Receiver<u64>,
     /// The connection holding the housekeeping lock, while this replica holds it.
@@ -133,6 +136,7 @@ impl PostgresStorage {
         });
         Ok(PostgresStorage {
             marks: PgReplayMarks::start(pool.clone()),
+            stores: super::stores::PgStores::start(pool.clone(), node.to_string()),
             target,
             pool,
             node: node.to_string(),
@@ -527,49 +531,11 @@ impl Documents for PostgresStorage {
     }
 
     async fn store_credential(&self, write: CredentialDocument) -> StorageResult<CredentialWrite> {
-        let mut client = self.client().await?;
-        let tx = client.transaction().await.db()?;
-        owner_lock(&tx, true).await?;
-        let current = get_setting(&tx, Setting::DataVersion).await?;
-        if current.as_deref() != Some(write.data_version.to_string().as_str()) {
-            return Ok(CredentialWrite::KeyRingChanged);
+        if self.closed.load(Ordering::Acquire) {
+            return Err(StorageError::Unavailable("storage closed".into()));
         }
-        if write.create_only {
-            let n = tx
-                .execute(
-                    "INSERT INTO documents (collection, key, doc, updated_at) VALUES ($1, $2, $3, $4)
-                     ON CONFLICT (collection, key) DO NOTHING",
-                    &[
-                        &Collection::Tokens.as_str(),
-                        &write.service,
-                        &write.doc,
-                        &write.now,
-                    ],
-                )
-                .await
-                .db()?;
-            if n == 0 {
-                return Ok(CredentialWrite::AlreadyExists);
-            }
-        } else {
-            put_document(
-                &tx,
-                Collection::Tokens,
-                &write.service,
-                &write.doc,
-                write.now,
-            )
-            .await?;
-        }
-        tx.execute(
-            "DELETE FROM legacy_minting WHERE service = $1",
-            &[&write.service],
-        )
-        .await
-        .db()?;
-        announce_document(&tx, &self.node, Collection::Tokens, &write.service).await?;
-        tx.commit().await.db()?;
-        Ok(CredentialWrite::Stored)
+        // Group-committed with the stores of concurrent requests (see `stores`).
+        self.stores.store(write).await
     }
 
     async fn is_legacy_minting(&self, service: &str) -> StorageResult<bool> {
@@ -1431,6 +1397,78 @@ impl PolicyStore for PostgresStorage {
             let _ = reply.send(written);
         });
         commit
+    }
+
+    fn usage_shared(&self) -> bool {
+        true
+    }
+
+    async fn take_capped_uses(&self, uses: Vec<CappedUse>) -> StorageResult<Vec<Option<usize>>> {
+        let keys: std::collections::BTreeSet<&UsageCounter> =
+            uses.iter().flatten().map(|(key, _)| key).collect();
+        if keys.is_empty() {
+            return Ok(vec![None; uses.len()]);
+        }
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.db()?;
+        // Every counter of the batch locked in key order (replicas taking from the same counters
+        // cannot deadlock), created at zero where new, its count read under the lock.
+        let (mut p, mut t, mut d) = (Vec::new(), Vec::new(), Vec::new());
+        for key in &keys {
+            p.push(key.policy.as_str());
+            t.push(key.target.as_str());
+            d.push(key.period.as_str());
+        }
+        let rows = tx
+            .query(
+                "INSERT INTO policy_usage (policy, target, period, count)
+                 SELECT k.*, 0 FROM unnest($1::text[], $2::text[], $3::text[]) AS k ORDER BY 1, 2, 3
+                 ON CONFLICT (policy, target, period) DO UPDATE SET count = policy_usage.count
+                 RETURNING policy, target, period, count",
+                &[&p, &t, &d],
+            )
+            .await
+            .db()?;
+        let mut counts: std::collections::HashMap<UsageCounter, u64> = rows
+            .iter()
+            .map(|r| {
+                (
+                    UsageCounter {
+                        policy: r.get(0),
+                        target: r.get(1),
+                        period: r.get(2),
+                    },
+                    unsigned(r.get(3)),
+                )
+            })
+            .collect();
+        if counts.len() != keys.len() {
+            return Err(StorageError::Corrupt("usage counter not returned".into()));
+        }
+        let before = counts.clone();
+        let taken = grant_capped_uses(&uses, &mut counts);
+        let (mut p, mut t, mut d, mut n) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (key, count) in &counts {
+            if before.get(key) != Some(count) {
+                p.push(key.policy.as_str());
+                t.push(key.target.as_str());
+                d.push(key.period.as_str());
+                n.push(signed(*count));
+            }
+        }
+        if !n.is_empty() {
+            tx.execute(
+                "UPDATE policy_usage u SET count = v.count
+                 FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[])
+                    AS v(policy, target, period, count)
+                 WHERE u.policy = v.policy AND u.target = v.target AND u.period = v.period",
+                &[&p, &t, &d, &n],
+            )
+            .await
+            .db()?;
+        }
+        tx.commit().await.db()?;
+        Ok(taken)
     }
 
     async fn release_usage(&self, counters: Vec<UsageCounter>) -> StorageResult<()> {
@@ -2590,6 +2628,7 @@ mod conformance {
         settings,
         documents,
         credentials,
+        concurrent_stores_keep_their_own_outcomes,
         replay_marks,
         replay_accept_once,
         bind_codes,
@@ -2597,6 +2636,7 @@ mod conformance {
         egress,
         policies,
         usage_counts_are_exact_under_concurrency,
+        capped_uses_are_exact_under_concurrency,
         approvals,
         oauth_clients,
         audit,

@@ -16,6 +16,7 @@ pub mod migrate;
 pub mod notify;
 pub mod replay;
 pub mod schema;
+mod stores;
 pub mod testing;
 
 use std::path::{Path, PathBuf};

@@ -13,6 +13,8 @@ pub const DEFAULT_TEST_URL: &str = "postgres://keyholder:keyholder@127.0.0.1:543
 
 /// A freshly created, empty database, dropped (with its connections) when this is dropped.
 pub struct TestDatabase {
+    /// The server's URL the database was made on.
+    base: String,
     admin: PgTarget,
     target: PgTarget,
     name: String,
@@ -41,6 +43,12 @@ impl TestDatabase {
         }
     }
 
+    /// Creates one on the server `url` names (a role allowed to create databases), whatever
+    /// [`TEST_URL_VAR`] says (`keyholder-bench --database-url`).
+    pub async fn create_on(url: &str) -> Result<TestDatabase, PgError> {
+        Self::try_create(url).await
+    }
+
     async fn try_create(url: &str) -> Result<TestDatabase, PgError> {
         let admin = PgTarget::parse(url, None)?;
         let name = format!("kh_test_{}", uuid::Uuid::new_v4().simple());
@@ -50,6 +58,7 @@ impl TestDatabase {
             .await?;
         let target = admin.with_database(&name);
         Ok(TestDatabase {
+            base: url.to_string(),
             admin,
             target,
             name,
@@ -63,16 +72,12 @@ impl TestDatabase {
 
     /// Its URL (with the password, if the test server's URL has one).
     pub fn url(&self) -> String {
-        let base = std::env::var(TEST_URL_VAR)
-            .ok()
-            .filter(|v| !v.is_empty())
-            .unwrap_or_else(|| DEFAULT_TEST_URL.into());
-        match url::Url::parse(&base) {
+        match url::Url::parse(&self.base) {
             Ok(mut url) => {
                 url.set_path(&self.name);
                 url.to_string()
             }
-            Err(_) => base,
+            Err(_) => self.base.clone(),
         }
     }
 

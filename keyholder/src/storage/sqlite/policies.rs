@@ -6,8 +6,8 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{signed, unsigned, SqliteStorage};
 use crate::storage::{
-    ApprovalDecision, ApprovalRow, AttachmentRow, PolicyRow, PolicySnapshot, PolicyStore,
-    StorageResult, UsageCommit, UsageCounter, UsageTake,
+    grant_capped_uses, ApprovalDecision, ApprovalRow, AttachmentRow, CappedUse, PolicyRow,
+    PolicySnapshot, PolicyStore, StorageResult, UsageCommit, UsageCounter, UsageTake,
 };
 
 fn decision(text: &str) -> ApprovalDecision {
@@ -156,6 +156,45 @@ impl PolicyStore for SqliteStorage {
             }
             Ok(())
         })
+    }
+
+    async fn take_capped_uses(&self, uses: Vec<CappedUse>) -> StorageResult<Vec<Option<usize>>> {
+        // One job of the single writer: read, decide and write under its savepoint. (The serving
+        // domain keeps SQLite's counts in memory, this process being their only writer; this is
+        // the interface's exact path, for any caller.)
+        self.db
+            .write(move |conn| {
+                let mut counts = std::collections::HashMap::new();
+                {
+                    let mut read = conn.prepare_cached(
+                        "SELECT count FROM policy_usage
+                         WHERE policy = ?1 AND target = ?2 AND period = ?3",
+                    )?;
+                    for (key, _) in uses.iter().flatten() {
+                        if !counts.contains_key(key) {
+                            let count: Option<i64> = read
+                                .query_row(params![key.policy, key.target, key.period], |r| {
+                                    r.get(0)
+                                })
+                                .optional()?;
+                            counts.insert(key.clone(), count.map(unsigned).unwrap_or(0));
+                        }
+                    }
+                }
+                let before = counts.clone();
+                let taken = grant_capped_uses(&uses, &mut counts);
+                let mut write = conn.prepare_cached(
+                    "INSERT INTO policy_usage (policy, target, period, count) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT(policy, target, period) DO UPDATE SET count = ?4",
+                )?;
+                for (key, count) in &counts {
+                    if before.get(key) != Some(count) {
+                        write.execute(params![key.policy, key.target, key.period, signed(*count)])?;
+                    }
+                }
+                Ok(taken)
+            })
+            .await
     }
 
     async fn release_usage(&self, counters: Vec<UsageCounter>) -> StorageResult<()> {
