@@ -20,12 +20,7 @@ async fn store_then_fetch_as_agent_and_owner() {
     let stored = kh
         .store("github", json!({"accessToken":"ghp_live_1234","refreshToken":"ghr_5678","scope":"repo","expiresAt":"2030-01-01T00:00:00Z"}))
         .await;
-    assert_eq!(
-        stored.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&stored.body)
-    );
+    stored.assert_ok();
     let body = stored.json();
     assert_eq!(body["status"], "stored");
     assert_eq!(body["service"], "github");
@@ -416,12 +411,7 @@ async fn totp_codes_without_revealing_the_secret() {
     )
     .unwrap();
     let answer = read(kh.http.get(url).send().await.unwrap()).await;
-    assert_eq!(
-        answer.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&answer.body)
-    );
+    answer.assert_ok();
     let body = answer.json();
     let bytes = totp_rs::Secret::Encoded(secret_b32.into())
         .to_bytes()

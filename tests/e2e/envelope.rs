@@ -355,12 +355,7 @@ async fn envelope_and_scheme_refusals() {
 
     let ok_body = br#"{"probe":"r"}"#;
     let (answer, header) = enveloped(&kh, &key, PATH_HEALTH, ok_body, now()).await;
-    assert_eq!(
-        answer.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&answer.body)
-    );
+    answer.assert_ok();
 
     // Replayed nonce: the same envelope again (another request id) is refused...
     send(&kh, PATH_HEALTH, ok_body, &[(HEADER_ENVELOPE, &header)])

@@ -33,7 +33,7 @@ async fn storage_set(kh: &Keyholder, key: &str, doc: &Value) {
     let a = kh
         .storage(json!({"operation": "set", "collection": "tokens", "key": key, "data": doc}))
         .await;
-    assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
+    a.assert_ok();
 }
 
 /// A GitHub App installation-token endpoint for App 12345, installation 678 (anything else 403).
@@ -88,12 +88,7 @@ async fn item1_github_app_minting_ignores_meta_written_by_the_platform() {
     meta.insert("tokenType".into(), json!("oauth"));
     storage_set(&kh, "app", &tampered).await;
     let answer = kh.credential("app").await;
-    assert_eq!(
-        answer.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&answer.body)
-    );
+    answer.assert_ok();
     assert_eq!(
         answer.json()["token"]["accessToken"],
         "ghs_owner_installation"
@@ -189,12 +184,7 @@ async fn item1_service_account_subject_and_scopes_come_from_store_time() {
     );
     storage_set(&kh, "gcs", &doc).await;
     let answer = kh.credential("gcs").await;
-    assert_eq!(
-        answer.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&answer.body)
-    );
+    answer.assert_ok();
     assert_eq!(google.count(), 1);
     // And with a subject sealed at store time, that one (not meta's) is in the assertion.
     kh.egress("allow", "gcs2", &[&google_checked.origin()], false)
@@ -484,7 +474,7 @@ async fn item4_refresh_is_never_steered_to_another_provider_or_the_platforms_url
             json!({"provider": provider, "tokenUrl": evil.url("/token"), "clientId": "p", "clientSecret": "x"}),
         )
         .await;
-        assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
+        a.assert_ok();
         assert_eq!(a.json()["status"], "refreshed", "{}", a.json());
     }
     assert_eq!(other.count(), 0, "provider B's URL got the refresh token");

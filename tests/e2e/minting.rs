@@ -68,12 +68,7 @@ async fn google_service_account_mints_and_caches() {
     assert_eq!(stored.status, 200);
 
     let first = kh.credential("gcs").await;
-    assert_eq!(
-        first.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&first.body)
-    );
+    first.assert_ok();
     let token = first.json()["token"].clone();
     let minted = token["accessToken"].as_str().unwrap().to_string();
     assert!(minted.starts_with("ya29.minted-"), "{token}");
@@ -154,12 +149,7 @@ async fn github_app_installation_tokens_are_minted_and_cached() {
     assert_eq!(stored.status, 200);
 
     let answer = kh.credential("gh-app").await;
-    assert_eq!(
-        answer.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&answer.body)
-    );
+    answer.assert_ok();
     assert_eq!(answer.json()["token"]["accessToken"], "ghs_installation_1");
     assert_eq!(answer.json()["token"]["tokenType"], "GitHubApp");
     assert_no_key(&answer, &key.private_pem());

@@ -62,12 +62,7 @@ fn secret_of(i: usize) -> String {
 async fn assert_all_readable(kh: &Keyholder, n: usize) {
     for i in 0..n {
         let answer = kh.credential(&format!("svc{i:03}")).await;
-        assert_eq!(
-            answer.status,
-            200,
-            "svc{i:03}: {}",
-            String::from_utf8_lossy(&answer.body)
-        );
+        answer.assert_ok();
         assert_eq!(answer.json()["token"]["accessToken"], secret_of(i));
     }
 }
@@ -626,12 +621,7 @@ async fn import_from_the_reference_keeps_the_same_platform_working() {
     let state = kh.server.as_ref().unwrap().state.clone();
     within(Duration::from_secs(1), || state.keys.binding().bound).await;
     let health = kh.signed(PATH_HEALTH, &json!({})).await;
-    assert_eq!(
-        health.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&health.body)
-    );
+    health.assert_ok();
     assert_eq!(health.json()["tokenCount"], 2);
     let token = kh.credential("github").await.json();
     assert_eq!(token["token"]["accessToken"], "ghp_reference_token");
@@ -847,16 +837,7 @@ async fn imported_v1_ciphertexts_open_only_where_imported_until_rewrap_and_retir
         .query_row("SELECT COUNT(*) FROM imported_v1_fields", [], |r| r.get(0))
         .unwrap();
     assert_eq!(places, 0);
-    let list = keyholder::cli::audit::AuditListArgs {
-        data: kh.data_args(),
-        service: None,
-        since: None,
-        limit: None,
-        json: true,
-    };
-    let entries = cli(move || keyholder::cli::audit::audit_list(&list))
-        .await
-        .unwrap();
+    let entries = kh.audit_entries(None).await;
     assert!(
         entries
             .iter()
@@ -1071,16 +1052,7 @@ async fn owner_store_from_a_file_reaches_the_running_server() {
         "the refused stores changed nothing"
     );
 
-    let list = keyholder::cli::audit::AuditListArgs {
-        data: kh.data_args(),
-        service: None,
-        since: None,
-        limit: None,
-        json: true,
-    };
-    let entries = cli(move || keyholder::cli::audit::audit_list(&list))
-        .await
-        .unwrap();
+    let entries = kh.audit_entries(None).await;
     let stores: Vec<&str> = entries
         .iter()
         .filter(|e| e.event.endpoint == "owner:store")
@@ -1141,16 +1113,7 @@ async fn audit_retention_prunes_in_a_running_server_and_the_rest_verifies() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     };
     assert!(verification.problem.is_none(), "{verification:?}");
-    let list_args = keyholder::cli::audit::AuditListArgs {
-        data: kh.data_args(),
-        service: None,
-        since: None,
-        limit: None,
-        json: true,
-    };
-    let entries = cli(move || keyholder::cli::audit::audit_list(&list_args))
-        .await
-        .unwrap();
+    let entries = kh.audit_entries(None).await;
     let prune = entries
         .iter()
         .find(|e| e.event.endpoint == "owner:audit-prune")

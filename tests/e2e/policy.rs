@@ -18,29 +18,24 @@ struct PolicyCli {
     action: PolicyAction,
 }
 
-/// `keyholder policy ARGS --data-dir ...` parsed by the real CLI definition, run on the data
-/// folder; then the server follows the change (as its quarter-second poll would).
-async fn policy(kh: &Keyholder, args: &[&str]) -> anyhow::Result<PolicyOutcome> {
-    let mut argv: Vec<String> = vec!["policy".into()];
-    argv.extend(args.iter().map(|a| a.to_string()));
-    argv.push("--data-dir".into());
-    argv.push(kh.data_dir.display().to_string());
-    let parsed = PolicyCli::try_parse_from(&argv)?;
-    let outcome = tokio::task::spawn_blocking(move || {
+/// `keyholder policy LINE --data-dir ...`, LINE split at white space.
+async fn policy(kh: &Keyholder, line: &str) -> anyhow::Result<PolicyOutcome> {
+    policy_args(kh, &line.split_whitespace().collect::<Vec<_>>()).await
+}
+
+/// `keyholder policy ARGS --data-dir ...`, as the owner runs it.
+async fn policy_args(kh: &Keyholder, args: &[&str]) -> anyhow::Result<PolicyOutcome> {
+    kh.owner_command("policy", args, |argv| {
+        let parsed = PolicyCli::try_parse_from(&argv)?;
         keyholder::cli::policy::run(&PolicyArgs {
             action: parsed.action,
         })
     })
     .await
-    .unwrap()?;
-    if let Some(server) = kh.server.as_ref() {
-        server.state.reload.follow_owner_changes().await.unwrap();
-    }
-    Ok(outcome)
 }
 
 async fn show(kh: &Keyholder, name: &str) -> PolicyView {
-    match policy(kh, &["show", name, "--json"]).await.unwrap() {
+    match policy_args(kh, &["show", name, "--json"]).await.unwrap() {
         PolicyOutcome::Views(mut views, true) => views.remove(0),
         _ => panic!("show prints views"),
     }
@@ -104,13 +99,13 @@ async fn inject_only_refuses_every_hand_out_path_while_the_proxy_still_injects()
         .status,
         200
     );
-    policy(&kh, &["create", "proxy-only", "--delivery", "inject-only"])
+    policy(&kh, "create proxy-only --delivery inject-only")
         .await
         .unwrap();
-    policy(&kh, &["attach", "proxy-only", "--service", "github"])
+    policy(&kh, "attach proxy-only --service github")
         .await
         .unwrap();
-    policy(&kh, &["attach", "proxy-only", "--service", "bank"])
+    policy(&kh, "attach proxy-only --service bank")
         .await
         .unwrap();
 
@@ -147,12 +142,7 @@ async fn inject_only_refuses_every_hand_out_path_while_the_proxy_still_injects()
     let upstream = MockServer::ok().await;
     kh.egress("allow", "github", &["127.0.0.1"], false).await;
     let proxied = kh.proxy_get("github", &upstream.url("/user")).await;
-    assert_eq!(
-        proxied.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&proxied.body)
-    );
+    proxied.assert_ok();
     assert_eq!(
         upstream.requests()[0].header("authorization"),
         Some(format!("Bearer {TOKEN}").as_str())
@@ -184,12 +174,7 @@ async fn inject_only_refuses_every_hand_out_path_while_the_proxy_still_injects()
                         "data": {"meta": {"keyholderPolicies": ["owner-approved"]}}}),
         )
         .await;
-    assert_eq!(
-        forged.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&forged.body)
-    );
+    forged.assert_ok();
     let list = kh
         .storage(json!({"operation": "list", "collection": "tokens"}))
         .await
@@ -197,7 +182,7 @@ async fn inject_only_refuses_every_hand_out_path_while_the_proxy_still_injects()
     assert!(meta_of(list, "forged").get("keyholderPolicies").is_none());
 
     // Detached: handed out again (within the owner generation, no restart).
-    policy(&kh, &["detach", "proxy-only", "--service", "github"])
+    policy(&kh, "detach proxy-only --service github")
         .await
         .unwrap();
     assert_eq!(kh.credential("github").await.status, 200);
@@ -208,18 +193,7 @@ async fn inject_only_refuses_every_hand_out_path_while_the_proxy_still_injects()
     assert!(meta_of(list, "github").get("keyholderPolicies").is_none());
 
     // Every decision is in the signed audit trail by policy and rule, and in the metrics.
-    kh.server.as_ref().unwrap().state.audit.flush().await;
-    let args = keyholder::cli::audit::AuditListArgs {
-        data: kh.data_args(),
-        service: Some("github".into()),
-        since: None,
-        limit: None,
-        json: true,
-    };
-    let entries = tokio::task::spawn_blocking(move || keyholder::cli::audit::audit_list(&args))
-        .await
-        .unwrap()
-        .unwrap();
+    let entries = kh.audit_entries(Some("github")).await;
     let results: Vec<&str> = entries.iter().map(|e| e.event.result.as_str()).collect();
     assert!(
         results.contains(&"policy_denied rule=delivery policy=proxy-only"),
@@ -243,20 +217,11 @@ async fn agents_and_client_ip_rules_refuse_and_allow_and_are_anded() {
     let kh = keyholder().await;
     policy(
         &kh,
-        &[
-            "create",
-            "agents",
-            "--agents",
-            "agent_a,agent_b",
-            "--client-ip",
-            "10.0.0.0/8",
-        ],
+        "create agents --agents agent_a,agent_b --client-ip 10.0.0.0/8",
     )
     .await
     .unwrap();
-    policy(&kh, &["attach", "agents", "--service", "github"])
-        .await
-        .unwrap();
+    policy(&kh, "attach agents --service github").await.unwrap();
     // Listed agent, but from an address outside the list: refused by client-ip.
     assert_refused(
         &credential_as(&kh, Some("agent_a")).await,
@@ -264,12 +229,9 @@ async fn agents_and_client_ip_rules_refuse_and_allow_and_are_anded() {
         "policy_denied",
         "client address not allowed (10.0.0.0/8)",
     );
-    policy(
-        &kh,
-        &["update", "agents", "--client-ip", "10.0.0.0/8,127.0.0.0/8"],
-    )
-    .await
-    .unwrap();
+    policy(&kh, "update agents --client-ip 10.0.0.0/8,127.0.0.0/8")
+        .await
+        .unwrap();
     assert_eq!(credential_as(&kh, Some("agent_a")).await.status, 200);
     assert_eq!(credential_as(&kh, Some("agent_b")).await.status, 200);
     // An agent not listed, or a ticket without an aid: refused.
@@ -287,13 +249,10 @@ async fn agents_and_client_ip_rules_refuse_and_allow_and_are_anded() {
     );
 
     // A second policy, attached to agent_b only: AND'd with the first.
-    policy(
-        &kh,
-        &["create", "b-proxy-only", "--delivery", "inject-only"],
-    )
-    .await
-    .unwrap();
-    policy(&kh, &["attach", "b-proxy-only", "--agent", "agent_b"])
+    policy(&kh, "create b-proxy-only --delivery inject-only")
+        .await
+        .unwrap();
+    policy(&kh, "attach b-proxy-only --agent agent_b")
         .await
         .unwrap();
     assert_refused(
@@ -305,13 +264,10 @@ async fn agents_and_client_ip_rules_refuse_and_allow_and_are_anded() {
     assert_eq!(credential_as(&kh, Some("agent_a")).await.status, 200);
 
     // A policy on a proxy config id applies to proxy tickets naming it (the platform's address).
-    policy(
-        &kh,
-        &["create", "office-net", "--client-ip", "192.0.2.0/24"],
-    )
-    .await
-    .unwrap();
-    policy(&kh, &["attach", "office-net", "--proxy", "pcfg_1"])
+    policy(&kh, "create office-net --client-ip 192.0.2.0/24")
+        .await
+        .unwrap();
+    policy(&kh, "attach office-net --proxy pcfg_1")
         .await
         .unwrap();
     let upstream = MockServer::ok().await;
@@ -331,9 +287,9 @@ async fn agents_and_client_ip_rules_refuse_and_allow_and_are_anded() {
     assert_eq!(upstream.count(), 0, "nothing reached the upstream");
 
     // Deleting a policy lifts it.
-    policy(&kh, &["delete", "agents"]).await.unwrap();
+    policy(&kh, "delete agents").await.unwrap();
     assert_eq!(credential_as(&kh, None).await.status, 200);
-    assert!(policy(&kh, &["show", "agents"]).await.is_err());
+    assert!(policy(&kh, "show agents").await.is_err());
 }
 
 /// The weekday names of today and of every other day in `zone`.
@@ -357,15 +313,13 @@ async fn hours_follow_the_owners_time_zone() {
     let zone = "Pacific/Kiritimati";
     let (_, others) = today_and_others(zone);
     let window = format!("{others} 00:00-24:00");
-    policy(
+    policy_args(
         &kh,
         &["create", "office", "--hours", &window, "--time-zone", zone],
     )
     .await
     .unwrap();
-    policy(&kh, &["attach", "office", "--service", "github"])
-        .await
-        .unwrap();
+    policy(&kh, "attach office --service github").await.unwrap();
     let refused = kh.credential("github").await;
     assert_refused(
         &refused,
@@ -376,7 +330,7 @@ async fn hours_follow_the_owners_time_zone() {
     // A second window that includes today (several windows: any one of them).
     let (today, _) = today_and_others(zone);
     let today_window = format!("{today} 00:00-24:00");
-    policy(
+    policy_args(
         &kh,
         &[
             "update",
@@ -391,7 +345,7 @@ async fn hours_follow_the_owners_time_zone() {
     .unwrap();
     assert_eq!(kh.credential("github").await.status, 200);
     // An unknown zone is refused by the CLI, with the flag named.
-    let err = policy(&kh, &["update", "office", "--time-zone", "Mars/Olympus"])
+    let err = policy(&kh, "update office --time-zone Mars/Olympus")
         .await
         .err()
         .unwrap()
@@ -408,15 +362,9 @@ async fn a_rate_answers_429_with_retry_after_per_target() {
             .status,
         200
     );
-    policy(&kh, &["create", "slow", "--rate", "2/min"])
-        .await
-        .unwrap();
-    policy(&kh, &["attach", "slow", "--service", "github"])
-        .await
-        .unwrap();
-    policy(&kh, &["attach", "slow", "--service", "gitlab"])
-        .await
-        .unwrap();
+    policy(&kh, "create slow --rate 2/min").await.unwrap();
+    policy(&kh, "attach slow --service github").await.unwrap();
+    policy(&kh, "attach slow --service gitlab").await.unwrap();
     assert_eq!(kh.credential("github").await.status, 200);
     assert_eq!(kh.credential("github").await.status, 200);
     let limited = kh.credential("github").await;
@@ -430,20 +378,16 @@ async fn a_rate_answers_429_with_retry_after_per_target() {
 #[tokio::test]
 async fn usage_caps_count_successful_uses_only_and_survive_a_restart() {
     let mut kh = keyholder().await;
-    policy(&kh, &["create", "cap", "--max-uses", "3", "--per", "total"])
+    policy(&kh, "create cap --max-uses 3 --per total")
         .await
         .unwrap();
-    policy(&kh, &["create", "agents", "--agents", "agent_a"])
-        .await
-        .unwrap();
+    policy(&kh, "create agents --agents agent_a").await.unwrap();
     for name in ["cap", "agents"] {
-        policy(&kh, &["attach", name, "--service", "github"])
+        policy(&kh, &format!("attach {name} --service github"))
             .await
             .unwrap();
     }
-    policy(&kh, &["attach", "cap", "--service", "missing"])
-        .await
-        .unwrap();
+    policy(&kh, "attach cap --service missing").await.unwrap();
     // Refused by another policy: no count burnt.
     for _ in 0..5 {
         credential_as(&kh, Some("agent_x"))
@@ -508,16 +452,7 @@ async fn usage_caps_count_successful_uses_only_and_survive_a_restart() {
     // A daily cap counts per local day.
     policy(
         &kh,
-        &[
-            "create",
-            "daily",
-            "--max-uses",
-            "1",
-            "--per",
-            "day",
-            "--time-zone",
-            "Europe/Berlin",
-        ],
+        "create daily --max-uses 1 --per day --time-zone Europe/Berlin",
     )
     .await
     .unwrap();
@@ -527,7 +462,7 @@ async fn usage_caps_count_successful_uses_only_and_survive_a_restart() {
             .status,
         200
     );
-    policy(&kh, &["attach", "daily", "--service", "daily-svc"])
+    policy(&kh, "attach daily --service daily-svc")
         .await
         .unwrap();
     assert_eq!(kh.credential("daily-svc").await.status, 200);
@@ -559,25 +494,16 @@ async fn the_cli_refuses_bad_rules_and_names_the_flag() {
         (vec!["create", "p", "--max-uses", "0"], "--max-uses"),
         (vec!["create", "bad name"], "policy name"),
     ] {
-        let err = policy(&kh, &args).await.err().unwrap().to_string();
+        let err = policy_args(&kh, &args).await.err().unwrap().to_string();
         assert!(err.contains(flag), "{args:?}: {err}");
     }
-    policy(&kh, &["create", "p"]).await.unwrap();
-    assert!(
-        policy(&kh, &["create", "p"]).await.is_err(),
-        "exists already"
-    );
-    assert!(policy(&kh, &["attach", "nope", "--service", "github"])
-        .await
-        .is_err());
+    policy(&kh, "create p").await.unwrap();
+    assert!(policy(&kh, "create p").await.is_err(), "exists already");
+    assert!(policy(&kh, "attach nope --service github").await.is_err());
     // Exactly one target.
-    assert!(policy(&kh, &["attach", "p"]).await.is_err());
-    assert!(
-        policy(&kh, &["attach", "p", "--service", "a", "--agent", "b"])
-            .await
-            .is_err()
-    );
-    match policy(&kh, &["list", "--json"]).await.unwrap() {
+    assert!(policy(&kh, "attach p").await.is_err());
+    assert!(policy(&kh, "attach p --service a --agent b").await.is_err());
+    match policy(&kh, "list --json").await.unwrap() {
         PolicyOutcome::Views(views, true) => assert_eq!(views.len(), 1),
         _ => panic!("list prints views"),
     }
@@ -621,15 +547,10 @@ async fn held(kh: &Keyholder) -> keyholder::policy::approvals::PendingApproval {
 #[tokio::test]
 async fn approval_holds_each_use_until_the_owner_decides_and_a_timeout_denies() {
     let kh = keyholder().await;
-    policy(
-        &kh,
-        &["create", "prod", "--approval", "--approval-timeout", "20"],
-    )
-    .await
-    .unwrap();
-    policy(&kh, &["attach", "prod", "--service", "github"])
+    policy(&kh, "create prod --approval --approval-timeout 20")
         .await
         .unwrap();
+    policy(&kh, "attach prod --service github").await.unwrap();
 
     // Approved with the CLI: the held request answers with the credential.
     let owner = async {
@@ -652,12 +573,7 @@ async fn approval_holds_each_use_until_the_owner_decides_and_a_timeout_denies() 
         decided_at
     };
     let (answer, decided_at) = tokio::join!(credential_as(&kh, Some("agent_a")), owner);
-    assert_eq!(
-        answer.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&answer.body)
-    );
+    answer.assert_ok();
     assert_eq!(answer.json()["token"]["accessToken"], TOKEN);
     // The running server followed the owner's decision by itself, within a second.
     // (Its poll is every quarter second; the bound leaves room for a loaded test machine.)
@@ -672,7 +588,7 @@ async fn approval_holds_each_use_until_the_owner_decides_and_a_timeout_denies() 
     assert_refused(&answer, 403, "policy_denied", "the owner denied this use");
 
     // No decision in time: denied, and the stale id can no longer be approved.
-    policy(&kh, &["update", "prod", "--approval-timeout", "1"])
+    policy(&kh, "update prod --approval-timeout 1")
         .await
         .unwrap();
     let started = std::time::Instant::now();
@@ -701,18 +617,7 @@ async fn approval_holds_each_use_until_the_owner_decides_and_a_timeout_denies() 
     assert!(decide(&kh, "apr_0000000000000000", true).await.is_err());
 
     // The trail says who decided.
-    kh.server.as_ref().unwrap().state.audit.flush().await;
-    let args = keyholder::cli::audit::AuditListArgs {
-        data: kh.data_args(),
-        service: Some("github".into()),
-        since: None,
-        limit: None,
-        json: true,
-    };
-    let entries = tokio::task::spawn_blocking(move || keyholder::cli::audit::audit_list(&args))
-        .await
-        .unwrap()
-        .unwrap();
+    let entries = kh.audit_entries(Some("github")).await;
     let results: Vec<&str> = entries.iter().map(|e| e.event.result.as_str()).collect();
     assert!(
         results.contains(&"ok policy=prod approved-by=owner"),
@@ -799,15 +704,10 @@ async fn approval_through_the_notified_link_in_a_real_browser() {
     .await;
     kh.bind().await;
     kh.store("github", json!({"accessToken": TOKEN})).await;
-    policy(
-        &kh,
-        &["create", "prod", "--approval", "--approval-timeout", "60"],
-    )
-    .await
-    .unwrap();
-    policy(&kh, &["attach", "prod", "--service", "github"])
+    policy(&kh, "create prod --approval --approval-timeout 60")
         .await
         .unwrap();
+    policy(&kh, "attach prod --service github").await.unwrap();
     let browser = Browser::start(&chromium, &chromedriver).await.unwrap();
 
     let owner = async {
@@ -863,12 +763,7 @@ async fn approval_through_the_notified_link_in_a_real_browser() {
         link
     };
     let (answer, used_link) = tokio::join!(credential_as(&kh, Some("agent_a")), owner);
-    assert_eq!(
-        answer.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&answer.body)
-    );
+    answer.assert_ok();
     assert_eq!(answer.json()["token"]["accessToken"], TOKEN);
     // The link is one-time.
     assert_eq!(reqwest::get(&used_link).await.unwrap().status(), 404);
@@ -913,12 +808,8 @@ async fn refusal_notifications_are_rate_limited_so_a_flood_cannot_spam_the_owner
     .await;
     kh.bind().await;
     kh.store("github", json!({"accessToken": TOKEN})).await;
-    policy(&kh, &["create", "agents", "--agents", "agent_a"])
-        .await
-        .unwrap();
-    policy(&kh, &["attach", "agents", "--service", "github"])
-        .await
-        .unwrap();
+    policy(&kh, "create agents --agents agent_a").await.unwrap();
+    policy(&kh, "attach agents --service github").await.unwrap();
     for _ in 0..40 {
         credential_as(&kh, Some("agent_flood"))
             .await
@@ -955,21 +846,15 @@ async fn geo_rules_read_the_owners_country_database() {
     let mut kh = Keyholder::start_with(|c| c.geoip_db = Some(db.clone())).await;
     kh.bind().await;
     kh.store("github", json!({"accessToken": TOKEN})).await;
-    policy(&kh, &["create", "eu", "--geo", "fr,nl"])
-        .await
-        .unwrap();
-    policy(&kh, &["attach", "eu", "--service", "github"])
-        .await
-        .unwrap();
+    policy(&kh, "create eu --geo fr,nl").await.unwrap();
+    policy(&kh, "attach eu --service github").await.unwrap();
     assert_refused(
         &kh.credential("github").await,
         403,
         "policy_denied",
         "client country not allowed (FR,NL)",
     );
-    policy(&kh, &["update", "eu", "--geo", "DE,FR"])
-        .await
-        .unwrap();
+    policy(&kh, "update eu --geo DE,FR").await.unwrap();
     assert_eq!(kh.credential("github").await.status, 200);
     kh.stop().await;
 
@@ -990,9 +875,7 @@ async fn geo_rules_read_the_owners_country_database() {
     kh.credential("github")
         .await
         .assert_error(403, "policy_denied");
-    assert!(policy(&kh, &["update", "eu", "--geo", "Germany"])
-        .await
-        .is_err());
+    assert!(policy(&kh, "update eu --geo Germany").await.is_err());
 }
 
 fn names(views: &[PolicyView]) -> Vec<(String, String)> {
@@ -1003,7 +886,7 @@ fn names(views: &[PolicyView]) -> Vec<(String, String)> {
 }
 
 async fn list(kh: &Keyholder) -> Vec<PolicyView> {
-    match policy(kh, &["list", "--json"]).await.unwrap() {
+    match policy(kh, "list --json").await.unwrap() {
         PolicyOutcome::Views(views, true) => views,
         _ => panic!("list prints views"),
     }
@@ -1062,12 +945,10 @@ attach = { services = ["gitlab"] }
         vec!["delete", "gh-proxy"],
         vec!["detach", "gh-proxy", "--service", "github"],
     ] {
-        let err = policy(&kh, &args).await.err().unwrap().to_string();
+        let err = policy_args(&kh, &args).await.err().unwrap().to_string();
         assert!(err.contains("policy file"), "{args:?}: {err}");
     }
-    policy(&kh, &["create", "extra", "--rate", "100/s"])
-        .await
-        .unwrap();
+    policy(&kh, "create extra --rate 100/s").await.unwrap();
 
     // The next start applies the edited file: gone from the file, gone; CLI policies stay.
     std::fs::write(

@@ -112,12 +112,7 @@ async fn stale_creation_refuses_credential_totp_and_proxy_tickets() {
             json!({"accessToken": "ghp_c1_secret"}),
         )
         .await;
-    assert_eq!(
-        stored.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&stored.body)
-    );
+    stored.assert_ok();
     assert_eq!(stored.json()["meta"]["creationId"], "c1");
 
     // Credential path: another cid, an empty one, a number, all refused; the right one answers.
@@ -206,7 +201,7 @@ async fn stale_creation_refuses_credential_totp_and_proxy_tickets() {
         "the upstream was called for a stale ticket"
     );
     let ok = kh.signed(PATH_PROXY, &proxy("c1")).await;
-    assert_eq!(ok.status, 200, "{}", String::from_utf8_lossy(&ok.body));
+    ok.assert_ok();
     assert_eq!(upstream.count(), 1);
     assert_eq!(
         upstream.requests()[0].header("authorization"),
@@ -251,12 +246,7 @@ async fn store_constraints_and_creation_id() {
             json!({"accessToken": "one", "creationId": "forged"}),
         )
         .await;
-    assert_eq!(
-        first.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&first.body)
-    );
+    first.assert_ok();
     let first_meta = first.json()["meta"].clone();
     assert_eq!(first_meta["creationId"], "c1");
     // mode: create over it is a 409, and the token stays.
@@ -324,12 +314,7 @@ async fn totp_uri_is_sealed_at_store_and_codes_replace_the_seed() {
             json!({"totpUri": link(&SEED.to_ascii_lowercase()), "note": "n"}),
         )
         .await;
-    assert_eq!(
-        stored.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&stored.body)
-    );
+    stored.assert_ok();
     assert!(
         !leaks_seed(&String::from_utf8_lossy(&stored.body)),
         "store answer leaks"
@@ -561,12 +546,7 @@ async fn stored_links_are_sealed_on_read_and_by_admin_migrate() {
     let swept = kh
         .signed(PATH_ADMIN_MIGRATE, &json!({"requestId": "req_migrate_1"}))
         .await;
-    assert_eq!(
-        swept.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&swept.body)
-    );
+    swept.assert_ok();
     assert_eq!(
         swept.json(),
         json!({"status": "ok", "totp": {"scanned": 4, "migrated": 1, "failed": 1}})

@@ -89,12 +89,7 @@ async fn refresh_with_the_owners_client_keeps_every_meta_field() {
     // The platform's hint points elsewhere; the owner's client wins even when trust is off.
     let platform = MockServer::ok().await;
     let answer = notify(&kh, "github", json!({"provider": "github", "tokenUrl": platform.url("/token"), "clientId": "p", "clientSecret": "platform-secret"})).await;
-    assert_eq!(
-        answer.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&answer.body)
-    );
+    answer.assert_ok();
     let body = answer.json();
     assert_eq!(body["status"], "refreshed", "{body}");
     assert!(body["requestId"]

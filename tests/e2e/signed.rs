@@ -166,12 +166,7 @@ async fn request_ids_are_single_use_but_forgeries_burn_nothing() {
         .await;
     forged.assert_error(401, "auth_failed");
     let first = kh.signed_raw(PATH_STORAGE, raw, now(), &id).await;
-    assert_eq!(
-        first.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&first.body)
-    );
+    first.assert_ok();
     let replay = kh.signed_raw(PATH_STORAGE, raw, now(), &id).await;
     replay.assert_error(401, "auth_failed");
     assert_eq!(replay.json()["message"], "Duplicate request ID");

@@ -29,25 +29,20 @@ struct SignConfigCli {
     action: SignConfigAction,
 }
 
-/// `keyholder sign-config ARGS --data-dir ...` parsed by the real CLI definition, run on the data
-/// folder; then the server follows the change (as its quarter-second poll would).
-async fn sign_config(kh: &Keyholder, args: &[&str]) -> anyhow::Result<String> {
-    let mut argv: Vec<String> = vec!["sign-config".into()];
-    argv.extend(args.iter().map(|a| a.to_string()));
-    argv.push("--data-dir".into());
-    argv.push(kh.data_dir.display().to_string());
-    let parsed = SignConfigCli::try_parse_from(&argv)?;
-    let out = tokio::task::spawn_blocking(move || {
+/// `keyholder sign-config LINE --data-dir ...`, LINE split at white space.
+async fn sign_config(kh: &Keyholder, line: &str) -> anyhow::Result<String> {
+    sign_config_args(kh, &line.split_whitespace().collect::<Vec<_>>()).await
+}
+
+/// `keyholder sign-config ARGS --data-dir ...`, as the owner runs it.
+async fn sign_config_args(kh: &Keyholder, args: &[&str]) -> anyhow::Result<String> {
+    kh.owner_command("sign-config", args, |argv| {
+        let parsed = SignConfigCli::try_parse_from(&argv)?;
         keyholder::cli::sign_config::run(&SignConfigArgs {
             action: parsed.action,
         })
     })
     .await
-    .unwrap()?;
-    if let Some(server) = kh.server.as_ref() {
-        server.state.reload.follow_owner_changes().await.unwrap();
-    }
-    Ok(out)
 }
 
 async fn keyholder() -> Keyholder {
@@ -57,18 +52,8 @@ async fn keyholder() -> Keyholder {
 }
 
 async fn audit_results(kh: &Keyholder) -> Vec<String> {
-    kh.server.as_ref().unwrap().state.audit.flush().await;
-    let args = keyholder::cli::audit::AuditListArgs {
-        data: kh.data_args(),
-        service: None,
-        since: None,
-        limit: None,
-        json: true,
-    };
-    tokio::task::spawn_blocking(move || keyholder::cli::audit::audit_list(&args))
+    kh.audit_entries(None)
         .await
-        .unwrap()
-        .unwrap()
         .into_iter()
         .map(|e| e.event.result)
         .collect()
@@ -83,14 +68,7 @@ async fn aws_keyholder(verifier: &SigV4Verifier, service: &str, region: &str) ->
     assert_eq!(kh.store("aws", aws_credential()).await.status, 200);
     sign_config(
         &kh,
-        &[
-            "set",
-            "aws",
-            "--aws-region",
-            region,
-            "--aws-service",
-            service,
-        ],
+        &format!("set aws --aws-region {region} --aws-service {service}"),
     )
     .await
     .unwrap();
@@ -128,7 +106,7 @@ async fn aws_s3_list_and_put_are_signed_as_botocore_verifies() {
             json!({}),
         )
         .await;
-    assert_eq!(list.status, 200, "{}", String::from_utf8_lossy(&list.body));
+    list.assert_ok();
     assert!(String::from_utf8_lossy(&list.body).contains("<Key>hello.txt</Key>"));
     // A PUT with a body and a path that needs encoding.
     let body = b"hello world, signed";
@@ -144,7 +122,7 @@ async fn aws_s3_list_and_put_are_signed_as_botocore_verifies() {
             json!({}),
         )
         .await;
-    assert_eq!(put.status, 200, "{}", String::from_utf8_lossy(&put.body));
+    put.assert_ok();
     let records = verifier.records().await;
     assert_eq!(records.len(), 2);
     for record in &records {
@@ -176,7 +154,7 @@ async fn aws_s3_list_and_put_are_signed_as_botocore_verifies() {
 async fn aws_unsigned_payload_only_for_s3_and_only_when_the_owner_chose_it() {
     let verifier = SigV4Verifier::start(verifier_config("s3", "us-east-1")).await;
     let kh = aws_keyholder(&verifier, "s3", "us-east-1").await;
-    sign_config(&kh, &["set", "aws", "--aws-unsigned-payload"])
+    sign_config(&kh, "set aws --aws-unsigned-payload")
         .await
         .unwrap();
     let put = kh
@@ -186,7 +164,7 @@ async fn aws_unsigned_payload_only_for_s3_and_only_when_the_owner_chose_it() {
             json!({}),
         )
         .await;
-    assert_eq!(put.status, 200, "{}", String::from_utf8_lossy(&put.body));
+    put.assert_ok();
     let record = verifier.records().await.remove(0);
     assert_eq!(record["ok"], true, "{record}");
     assert_eq!(
@@ -196,13 +174,7 @@ async fn aws_unsigned_payload_only_for_s3_and_only_when_the_owner_chose_it() {
     // The CLI refuses it for another signing service.
     assert!(sign_config(
         &kh,
-        &[
-            "set",
-            "other",
-            "--aws-service",
-            "execute-api",
-            "--aws-unsigned-payload"
-        ]
+        "set other --aws-service execute-api --aws-unsigned-payload"
     )
     .await
     .is_err());
@@ -264,14 +236,7 @@ async fn aws_session_token_is_signed_and_redacted_from_the_answer() {
     .await;
     sign_config(
         &kh,
-        &[
-            "set",
-            "aws",
-            "--aws-region",
-            "eu-west-1",
-            "--aws-service",
-            "execute-api",
-        ],
+        "set aws --aws-region eu-west-1 --aws-service execute-api",
     )
     .await
     .unwrap();
@@ -284,12 +249,7 @@ async fn aws_session_token_is_signed_and_redacted_from_the_answer() {
             json!({}),
         )
         .await;
-    assert_eq!(
-        answer.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&answer.body)
-    );
+    answer.assert_ok();
     let records = verifier.records().await;
     assert_eq!(records[0]["ok"], true, "{}", records[0]);
     assert_eq!(records[0]["headers"]["x-amz-security-token"], TEMP_TOKEN);
@@ -314,7 +274,7 @@ async fn aws_tampered_body_and_wrong_region_are_refused_by_the_verifier() {
             json!({}),
         )
         .await;
-    assert_eq!(ok.status, 200, "{}", String::from_utf8_lossy(&ok.body));
+    ok.assert_ok();
     // The signed request, replayed with another body: botocore's check fails.
     let record = verifier.records().await.remove(0);
     let mut replay = reqwest::Client::new().post(verifier.url("/prod/pay"));
@@ -335,7 +295,7 @@ async fn aws_tampered_body_and_wrong_region_are_refused_by_the_verifier() {
         .unwrap()
         .contains("SignatureDoesNotMatch"));
     // The owner's region differs from the endpoint's: the verifier refuses the signature.
-    sign_config(&kh, &["set", "aws", "--aws-region", "eu-west-1"])
+    sign_config(&kh, "set aws --aws-region eu-west-1")
         .await
         .unwrap();
     let wrong = kh
@@ -401,12 +361,7 @@ async fn a_hostile_platform_cannot_steer_unsign_or_rescope_the_signed_request() 
             json!({}),
         )
         .await;
-    assert_eq!(
-        answer.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&answer.body)
-    );
+    answer.assert_ok();
     let record = verifier.records().await.remove(0);
     assert_eq!(record["ok"], true, "{record}");
     assert_eq!(
@@ -438,12 +393,7 @@ async fn a_hostile_platform_cannot_steer_unsign_or_rescope_the_signed_request() 
             json!({}),
         )
         .await;
-    assert_eq!(
-        after.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&after.body)
-    );
+    after.assert_ok();
     let records = verifier.records().await;
     assert_eq!(records[1]["ok"], true);
     assert!(records[1]["headers"]["authorization"]
@@ -469,19 +419,9 @@ async fn aws_default_egress_is_the_catalogue_not_any_host() {
     let verifier = SigV4Verifier::start(verifier_config("s3", "us-east-1")).await;
     let kh = keyholder().await;
     kh.store("aws", aws_credential()).await;
-    sign_config(
-        &kh,
-        &[
-            "set",
-            "aws",
-            "--aws-region",
-            "us-east-1",
-            "--aws-service",
-            "s3",
-        ],
-    )
-    .await
-    .unwrap();
+    sign_config(&kh, "set aws --aws-region us-east-1 --aws-service s3")
+        .await
+        .unwrap();
     // Mode `known`, nothing allowed by the owner: a loopback host is not an AWS origin.
     let refused = kh
         .proxy(
@@ -542,14 +482,9 @@ async fn sts_assume_role_session_is_minted_once_and_signs_the_calls() {
     let sts_url = verifier.url("/");
     sign_config(
         &kh,
-        &[
-            "set",
-            "aws",
-            "--aws-role-arn",
-            "arn:aws:iam::123456789012:role/reader",
-            "--aws-sts-url",
-            &sts_url,
-        ],
+        &format!(
+            "set aws --aws-role-arn arn:aws:iam::123456789012:role/reader --aws-sts-url {sts_url}"
+        ),
     )
     .await
     .unwrap();
@@ -561,12 +496,7 @@ async fn sts_assume_role_session_is_minted_once_and_signs_the_calls() {
                 json!({}),
             )
             .await;
-        assert_eq!(
-            answer.status,
-            200,
-            "{}",
-            String::from_utf8_lossy(&answer.body)
-        );
+        answer.assert_ok();
         assert_eq!(answer.json()["accessKeyId"], TEMP_KEY_ID);
     }
     let records = verifier.records().await;
@@ -620,7 +550,7 @@ async fn mtls_setup() -> MtlsSetup {
         assert_eq!(kh.store(service, data).await.status, 200);
         sign_config(
             &kh,
-            &["set", service, "--tls-ca", ca_file.to_str().unwrap()],
+            &format!("set {service} --tls-ca {}", ca_file.to_str().unwrap()),
         )
         .await
         .unwrap();
@@ -637,7 +567,7 @@ async fn mtls_setup() -> MtlsSetup {
     .await;
     sign_config(
         &kh,
-        &["set", "rogue", "--tls-ca", ca_file.to_str().unwrap()],
+        &format!("set rogue --tls-ca {}", ca_file.to_str().unwrap()),
     )
     .await
     .unwrap();
@@ -667,12 +597,7 @@ async fn mtls_presents_the_stored_certificate_and_fails_without_it() {
             json!({"Authorization": "Bearer ${TOKEN}"}),
         )
         .await;
-    assert_eq!(
-        answer.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&answer.body)
-    );
+    answer.assert_ok();
     assert_eq!(answer.json()["cn"], "client-a");
     let seen = server.requests();
     assert_eq!(
@@ -723,12 +648,7 @@ async fn two_credentials_never_share_a_connection() {
                     json!({}),
                 )
                 .await;
-            assert_eq!(
-                answer.status,
-                200,
-                "{}",
-                String::from_utf8_lossy(&answer.body)
-            );
+            answer.assert_ok();
             assert_eq!(answer.json()["cn"], cn, "round {round}");
         }
     }
@@ -788,21 +708,7 @@ async fn jwt_in_a_header_template_is_fresh_and_verifies_with_the_public_key() {
         json!({"privateKeyData": key.private_pem(), "iss": "ATTACKER", "aud": "evil"}),
     )
     .await;
-    sign_config(
-        &kh,
-        &[
-            "set",
-            "snowflake",
-            "--iss",
-            "MYORG-ACCT.ALICE.SHA256:abc=",
-            "--sub",
-            "MYORG-ACCT.ALICE",
-            "--aud",
-            "snowflake",
-            "--lifetime",
-            "120",
-        ],
-    )
+    sign_config(&kh, "set snowflake --iss MYORG-ACCT.ALICE.SHA256:abc= --sub MYORG-ACCT.ALICE --aud snowflake --lifetime 120")
     .await
     .unwrap();
     kh.egress("allow", "snowflake", &[&upstream.origin()], false)
@@ -815,12 +721,7 @@ async fn jwt_in_a_header_template_is_fresh_and_verifies_with_the_public_key() {
                 json!({"Authorization": "Bearer ${JWT}", "X-Snowflake-Authorization-Token-Type": "KEYPAIR_JWT"}),
             )
             .await;
-        assert_eq!(
-            answer.status,
-            200,
-            "{}",
-            String::from_utf8_lossy(&answer.body)
-        );
+        answer.assert_ok();
         assert_eq!(answer.json()["echo"], "[REDACTED]");
     }
     let requests = upstream.requests();
@@ -868,23 +769,7 @@ async fn jwt_es256_and_eddsa_assertions_verify() {
     for (service, alg, key) in [("appstore", "ES256", &ec), ("ed", "EdDSA", &ed)] {
         let pem = String::from_utf8(key.private_key_to_pem_pkcs8().unwrap()).unwrap();
         kh.store(service, json!({"privateKeyData": pem})).await;
-        sign_config(
-            &kh,
-            &[
-                "set",
-                service,
-                "--iss",
-                "issuer-1",
-                "--sub",
-                "subject-1",
-                "--aud",
-                "appstoreconnect-v1",
-                "--alg",
-                alg,
-                "--kid",
-                "KEY123",
-            ],
-        )
+        sign_config(&kh, &format!("set {service} --iss issuer-1 --sub subject-1 --aud appstoreconnect-v1 --alg {alg} --kid KEY123"))
         .await
         .unwrap();
         kh.egress("allow", service, &[&upstream.origin()], false)
@@ -896,12 +781,7 @@ async fn jwt_es256_and_eddsa_assertions_verify() {
                 json!({"Authorization": "Bearer ${JWT}"}),
             )
             .await;
-        assert_eq!(
-            answer.status,
-            200,
-            "{}",
-            String::from_utf8_lossy(&answer.body)
-        );
+        answer.assert_ok();
         let request = upstream.requests().pop().unwrap();
         let jwt = request
             .header("authorization")
@@ -966,23 +846,7 @@ async fn rfc7523_exchange_at_the_owners_token_url_is_cached_and_injected_as_toke
     kh.store("svc", json!({"privateKeyData": key.private_pem()}))
         .await;
     let token_url = token_endpoint.url("/token");
-    sign_config(
-        &kh,
-        &[
-            "set",
-            "svc",
-            "--iss",
-            "client-1",
-            "--sub",
-            "client-1",
-            "--aud",
-            "https://login.example/token",
-            "--token-url",
-            &token_url,
-            "--scope",
-            "read",
-        ],
-    )
+    sign_config(&kh, &format!("set svc --iss client-1 --sub client-1 --aud https://login.example/token --token-url {token_url} --scope read"))
     .await
     .unwrap();
     // The token endpoint is under the egress policy too: refused until the owner allows it.
@@ -1006,12 +870,7 @@ async fn rfc7523_exchange_at_the_owners_token_url_is_cached_and_injected_as_toke
                 json!({"Authorization": "Bearer ${TOKEN}"}),
             )
             .await;
-        assert_eq!(
-            answer.status,
-            200,
-            "{}",
-            String::from_utf8_lossy(&answer.body)
-        );
+        answer.assert_ok();
     }
     assert_eq!(token_endpoint.count(), 1, "the access token is cached");
     assert_eq!(token_endpoint.requests()[0].form()["scope"], "read");
@@ -1041,12 +900,9 @@ async fn jwt_needs_the_owners_template_and_a_usable_key() {
         kh.egress("allow", service, &[&upstream.origin()], false)
             .await;
     }
-    sign_config(
-        &kh,
-        &["set", "nokey", "--iss", "i", "--sub", "s", "--aud", "a"],
-    )
-    .await
-    .unwrap();
+    sign_config(&kh, "set nokey --iss i --sub s --aud a")
+        .await
+        .unwrap();
     let bad_key = kh
         .proxy(
             "nokey",
@@ -1066,36 +922,23 @@ async fn jwt_needs_the_owners_template_and_a_usable_key() {
     no_template.assert_error(400, "invalid_request");
     assert_eq!(upstream.count(), 0);
     // The CLI refuses incomplete or invalid templates.
-    assert!(sign_config(&kh, &["set", "x", "--iss", "i"]).await.is_err());
-    assert!(sign_config(
-        &kh,
-        &["set", "x", "--iss", "i", "--sub", "s", "--aud", "a", "--alg", "HS256"]
-    )
-    .await
-    .is_err());
-    assert!(sign_config(
-        &kh,
-        &[
-            "set",
-            "x",
-            "--iss",
-            "i",
-            "--sub",
-            "s",
-            "--aud",
-            "a",
-            "--lifetime",
-            "99999"
-        ]
-    )
-    .await
-    .is_err());
+    assert!(sign_config(&kh, "set x --iss i").await.is_err());
     assert!(
-        sign_config(&kh, &["set", "x", "--aws-region", "Not A Region"])
+        sign_config(&kh, "set x --iss i --sub s --aud a --alg HS256")
             .await
             .is_err()
     );
-    assert!(sign_config(&kh, &["set", "x"]).await.is_err());
+    assert!(
+        sign_config(&kh, "set x --iss i --sub s --aud a --lifetime 99999")
+            .await
+            .is_err()
+    );
+    assert!(
+        sign_config_args(&kh, &["set", "x", "--aws-region", "Not A Region"])
+            .await
+            .is_err()
+    );
+    assert!(sign_config(&kh, "set x").await.is_err());
 }
 
 // ---------------------------------------------------------------- owner commands, custody
@@ -1103,65 +946,37 @@ async fn jwt_needs_the_owners_template_and_a_usable_key() {
 #[tokio::test]
 async fn sign_config_list_show_remove() {
     let kh = keyholder().await;
-    sign_config(
-        &kh,
-        &[
-            "set",
-            "aws",
-            "--aws-region",
-            "us-east-1",
-            "--aws-service",
-            "s3",
-        ],
-    )
-    .await
-    .unwrap();
-    sign_config(
-        &kh,
-        &[
-            "set", "aws", "--iss", "i", "--sub", "s", "--aud", "a", "--alg", "ES256",
-        ],
-    )
-    .await
-    .unwrap();
+    sign_config(&kh, "set aws --aws-region us-east-1 --aws-service s3")
+        .await
+        .unwrap();
+    sign_config(&kh, "set aws --iss i --sub s --aud a --alg ES256")
+        .await
+        .unwrap();
     let shown: Value =
-        serde_json::from_str(&sign_config(&kh, &["show", "aws", "--json"]).await.unwrap()).unwrap();
+        serde_json::from_str(&sign_config(&kh, "show aws --json").await.unwrap()).unwrap();
     assert_eq!(shown["service"], "aws");
     assert_eq!(shown["aws"]["region"], "us-east-1");
     assert_eq!(shown["jwt"]["alg"], "ES256");
     assert_eq!(shown["jwt"]["lifetime"], 300);
-    let text = sign_config(&kh, &["show", "aws"]).await.unwrap();
+    let text = sign_config(&kh, "show aws").await.unwrap();
     assert!(
         text.contains("region=us-east-1") && text.contains("alg=ES256"),
         "{text}"
     );
-    sign_config(&kh, &["remove", "aws", "--part", "jwt"])
-        .await
-        .unwrap();
+    sign_config(&kh, "remove aws --part jwt").await.unwrap();
     let listed: Value =
-        serde_json::from_str(&sign_config(&kh, &["list", "--json"]).await.unwrap()).unwrap();
+        serde_json::from_str(&sign_config(&kh, "list --json").await.unwrap()).unwrap();
     assert_eq!(listed.as_array().unwrap().len(), 1);
     assert!(listed[0].get("jwt").is_none());
-    sign_config(&kh, &["remove", "aws"]).await.unwrap();
+    sign_config(&kh, "remove aws").await.unwrap();
     assert_eq!(
-        sign_config(&kh, &["list"]).await.unwrap(),
+        sign_config(&kh, "list").await.unwrap(),
         "No signing configurations."
     );
-    assert!(sign_config(&kh, &["remove", "aws"]).await.is_err());
-    assert!(sign_config(&kh, &["show", "aws"]).await.is_err());
+    assert!(sign_config(&kh, "remove aws").await.is_err());
+    assert!(sign_config(&kh, "show aws").await.is_err());
     // Each change is an owner entry of the audit trail.
-    kh.server.as_ref().unwrap().state.audit.flush().await;
-    let args = keyholder::cli::audit::AuditListArgs {
-        data: kh.data_args(),
-        service: None,
-        since: None,
-        limit: None,
-        json: true,
-    };
-    let entries = tokio::task::spawn_blocking(move || keyholder::cli::audit::audit_list(&args))
-        .await
-        .unwrap()
-        .unwrap();
+    let entries = kh.audit_entries(None).await;
     let owner: Vec<&str> = entries
         .iter()
         .map(|e| e.event.endpoint.as_str())
@@ -1184,12 +999,9 @@ async fn inject_only_refuses_every_signing_key_type_on_credential() {
     .await;
     kh.store("jwt", json!({"privateKeyData": rsa.private_pem()}))
         .await;
-    sign_config(
-        &kh,
-        &["set", "jwt", "--iss", "i", "--sub", "s", "--aud", "a"],
-    )
-    .await
-    .unwrap();
+    sign_config(&kh, "set jwt --iss i --sub s --aud a")
+        .await
+        .unwrap();
     // Without a policy the protocol hands a stored credential out (what inject-only is for).
     let handed = kh.credential("aws").await;
     assert_eq!(handed.status, 200);
@@ -1261,19 +1073,9 @@ async fn the_sdk_stores_an_aws_key_and_proxies_a_signed_call() {
         .unwrap();
     assert_eq!(stored.meta["tokenType"], "aws");
     assert!(stored.meta.get("secretAccessKey").is_none());
-    sign_config(
-        &kh,
-        &[
-            "set",
-            "s3",
-            "--aws-region",
-            "us-east-1",
-            "--aws-service",
-            "s3",
-        ],
-    )
-    .await
-    .unwrap();
+    sign_config(&kh, "set s3 --aws-region us-east-1 --aws-service s3")
+        .await
+        .unwrap();
     kh.egress("allow", "s3", &[&verifier.origin()], false).await;
     let answer = platform
         .proxy(

@@ -115,12 +115,7 @@ async fn store_page_headers_unspent_ticket_and_refusals() {
     let stored = kh
         .store_with(&ticket, "github", json!({"accessToken": "ghp_page_ticket"}))
         .await;
-    assert_eq!(
-        stored.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&stored.body)
-    );
+    stored.assert_ok();
 
     // Bad links, each a page naming the refusal; none of them spends anything.
     let n = now();

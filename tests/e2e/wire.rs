@@ -120,12 +120,7 @@ async fn a_body_request_id_must_equal_the_header_and_a_forgery_burns_neither() {
     // ...without using up either id or the signed bytes: the genuine request still passes.
     let ts = now();
     let genuine = kh.signed_raw(PATH_STORAGE, &raw, ts, &id).await;
-    assert_eq!(
-        genuine.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&genuine.body)
-    );
+    genuine.assert_ok();
     assert_eq!(genuine.json()["requestId"], id.as_str());
     let fresh = kh
         .signed(
@@ -160,7 +155,7 @@ async fn the_same_signed_bytes_are_accepted_once_with_any_request_id_on_any_endp
     let set = kh
         .signed_raw(PATH_STORAGE, first, ts, &format!("req_{}", random_hex(8)))
         .await;
-    assert_eq!(set.status, 200, "{}", String::from_utf8_lossy(&set.body));
+    set.assert_ok();
     let second = kh
         .storage(json!({"operation":"set","collection":"proxy_configs","key":"p1","data":{"url":"https://two.example"}}))
         .await;
@@ -288,12 +283,7 @@ async fn percent_encoded_and_non_canonical_paths_are_refused_before_routing() {
     // The refused calls used nothing up: each ticket still works once on the canonical path.
     for ticket in &tickets {
         let answer = kh.credential_with(ticket, "github").await;
-        assert_eq!(
-            answer.status,
-            200,
-            "{}",
-            String::from_utf8_lossy(&answer.body)
-        );
+        answer.assert_ok();
         assert_eq!(answer.json()["token"]["accessToken"], TOKEN);
     }
 
@@ -328,12 +318,7 @@ async fn percent_encoded_and_non_canonical_paths_are_refused_before_routing() {
         &body,
     )
     .await;
-    assert_eq!(
-        served.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&served.body)
-    );
+    served.assert_ok();
     assert_eq!(upstream.count(), 1);
 
     // Every use that was served is in the audit trail, under the canonical endpoint.
@@ -485,12 +470,7 @@ async fn extreme_ticket_times_are_refused_while_legitimate_traffic_runs_and_purg
     let mut served = 0;
     for (legit, answer) in &answers {
         if *legit {
-            assert_eq!(
-                answer.status,
-                200,
-                "{}",
-                String::from_utf8_lossy(&answer.body)
-            );
+            answer.assert_ok();
             served += 1;
         } else {
             assert_eq!(

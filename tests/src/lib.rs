@@ -79,6 +79,16 @@ impl Answer {
             .and_then(|v| v.to_str().ok())
             .map(str::to_string)
     }
+    /// Asserts a 200, showing the body otherwise.
+    #[track_caller]
+    pub fn assert_ok(&self) {
+        assert_eq!(
+            self.status,
+            200,
+            "body: {}",
+            String::from_utf8_lossy(&self.body)
+        );
+    }
     /// Asserts an error status and wire code.
     #[track_caller]
     pub fn assert_error(&self, status: u16, code: &str) {
@@ -491,10 +501,34 @@ impl Keyholder {
         self.egress("set", service, &[mode], false).await;
     }
 
+    /// `keyholder COMMAND ARGS --data-dir ...` on the data folder, `run` parsing the argument
+    /// vector with the real CLI definition; then a running server follows the change (as its
+    /// quarter-second poll would).
+    pub async fn owner_command<T: Send + 'static>(
+        &self,
+        command: &str,
+        args: &[&str],
+        run: impl FnOnce(Vec<String>) -> anyhow::Result<T> + Send + 'static,
+    ) -> anyhow::Result<T> {
+        let mut argv = vec![command.to_string()];
+        argv.extend(args.iter().map(|a| a.to_string()));
+        argv.push("--data-dir".into());
+        argv.push(self.data_dir.display().to_string());
+        let out = tokio::task::spawn_blocking(move || run(argv))
+            .await
+            .unwrap()?;
+        if let Some(server) = self.server.as_ref() {
+            server.state.reload.follow_owner_changes().await.unwrap();
+        }
+        Ok(out)
+    }
+
     /// The audit trail of `service` (every service when `None`) as the owner lists it, after the
-    /// queued entries are written.
+    /// queued entries of a running server are written.
     pub async fn audit_entries(&self, service: Option<&str>) -> Vec<keyholder::audit::AuditEntry> {
-        self.server.as_ref().unwrap().state.audit.flush().await;
+        if let Some(server) = self.server.as_ref() {
+            server.state.audit.flush().await;
+        }
         let args = keyholder::cli::audit::AuditListArgs {
             data: self.data_args(),
             service: service.map(str::to_owned),
