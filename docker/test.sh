@@ -194,4 +194,100 @@ for _ in $(seq 1 25); do
 done
 [ "$stopped" = yes ] || { echo "no graceful stop in the log"; exit 1; }
 
+# --- two replicas of the image on one PostgreSQL behind HAProxy (docker/compose.ha.yml's setup) ----
+# The compose file itself cannot run here (no compose engine, and the postgres and haproxy images
+# cannot be pulled), so the same pieces run as it wires them: the host's PostgreSQL, two containers
+# of this image with the compose file's environment and one master key secret, and the host's
+# HAProxy with docker/ha/haproxy.cfg (addresses rewritten to loopback ports).
+if [ -z "${KEYHOLDER_TEST_DATABASE_URL:-}" ]; then
+    log "KEYHOLDER_TEST_DATABASE_URL is not set: the two-replica part is skipped (.ci/run sets it)"
+else
+    command -v haproxy >/dev/null 2>&1 || {
+        log "installing haproxy"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy >/dev/null
+    }
+    ha_db="kh_container_$$"
+    psql -q "$KEYHOLDER_TEST_DATABASE_URL" -c "CREATE DATABASE $ha_db" >/dev/null
+    replicas_cleanup() {
+        local rc=$?
+        for replica in a b; do
+            if [ $rc -ne 0 ] && "${podman[@]}" container exists "$name-$replica" 2>/dev/null; then
+                echo "--- replica $replica log ---"; "${podman[@]}" logs "$name-$replica" 2>&1 | tail -20 || true
+            fi
+            "${podman[@]}" rm -f -t 5 "$name-$replica" >/dev/null 2>&1 || true
+        done
+        [ $rc -ne 0 ] && [ -s "$work/haproxy.log" ] && { echo "--- haproxy ---"; tail -20 "$work/haproxy.log"; }
+        [ -n "${haproxy_pid:-}" ] && kill "$haproxy_pid" 2>/dev/null
+        psql -q "$KEYHOLDER_TEST_DATABASE_URL" -c "DROP DATABASE IF EXISTS $ha_db WITH (FORCE)" >/dev/null 2>&1 || true
+        return $rc
+    }
+    trap 'replicas_cleanup; cleanup' EXIT
+    # The role and password of the test URL; the password reaches the replicas as a secret file.
+    read -r pg_user pg_password pg_host pg_port < <(python3 -c '
+import sys, urllib.parse
+u = urllib.parse.urlsplit(sys.argv[1])
+print(u.username, urllib.parse.unquote(u.password or ""), u.hostname, u.port or 5432)' "$KEYHOLDER_TEST_DATABASE_URL")
+    printf '%s' "$pg_password" > "$work/secrets/pg_password"
+    chown "$uid:$uid" "$work/secrets/pg_password" && chmod 0400 "$work/secrets/pg_password"
+    free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+    declare -A replica_port=([a]=$(free_port) [b]=$(free_port))
+    lb_port=$(free_port)
+    start_replica() {
+        local replica=$1
+        mkdir -p "$work/data-$replica" && chown "$uid:$uid" "$work/data-$replica" && chmod 0700 "$work/data-$replica"
+        "${podman[@]}" rm -f -t 5 "$name-$replica" >/dev/null 2>&1 || true
+        "${podman[@]}" run -d --name "$name-$replica" --network host \
+            -v "$work/data-$replica:/data" \
+            -v "$work/secrets/master.key:/run/secrets/keyholder_master_key:ro" \
+            -v "$work/secrets/pg_password:/run/secrets/pg_password:ro" \
+            -e KEYHOLDER_LISTEN="127.0.0.1:${replica_port[$replica]}" \
+            -e KEYHOLDER_PUBLIC_URL=https://keyholder.example.org \
+            -e KEYHOLDER_MASTER_KEY_FILE=/run/secrets/keyholder_master_key \
+            -e KEYHOLDER_DATABASE_URL="postgres://$pg_user@$pg_host:$pg_port/$ha_db?sslmode=disable" \
+            -e KEYHOLDER_DATABASE_PASSWORD_FILE=/run/secrets/pg_password \
+            -e KEYHOLDER_TRUSTED_PROXY=127.0.0.0/8 \
+            -e KEYHOLDER_NODE_ID="keyholder-$replica" \
+            "$image" >/dev/null 2>>"$work/podman.log"
+        local healthy=no
+        for _ in $(seq 1 100); do
+            if "${podman[@]}" healthcheck run "$name-$replica" >/dev/null 2>&1; then healthy=yes; break; fi
+            sleep 0.3
+        done
+        [ "$healthy" = yes ] || { echo "replica $replica never healthy:"; "${podman[@]}" logs "$name-$replica" 2>&1 | tail -30; exit 1; }
+    }
+    log "starting replicas a (:${replica_port[a]}) and b (:${replica_port[b]}) on database $ha_db"
+    start_replica a
+    start_replica b
+    sed -e "s/^\( *bind \):8080/\1127.0.0.1:$lb_port/" \
+        -e "s/keyholder-a:8080/127.0.0.1:${replica_port[a]}/" \
+        -e "s/keyholder-b:8080/127.0.0.1:${replica_port[b]}/" docker/ha/haproxy.cfg > "$work/haproxy.cfg"
+    grep -q "127.0.0.1:$lb_port" "$work/haproxy.cfg" && grep -q "127.0.0.1:${replica_port[b]}" "$work/haproxy.cfg" \
+        || { echo "docker/ha/haproxy.cfg no longer has the lines this test rewrites"; exit 1; }
+    haproxy -c -q -f "$work/haproxy.cfg"
+    haproxy -db -f "$work/haproxy.cfg" >"$work/haproxy.log" 2>&1 &
+    haproxy_pid=$!
+    lb="http://127.0.0.1:$lb_port"
+    for _ in $(seq 1 50); do curl -fsS "$lb/v1/health" >/dev/null 2>&1 && break; sleep 0.2; done
+
+    log "binding on replica a, storing through the balancer, fetching from each replica"
+    "${podman[@]}" exec "$name-a" keyholder bind --json \
+        | python3 docker/play_platform.py bind-store "$lb" "$work/secret-ha"
+    for replica in a b; do
+        python3 docker/play_platform.py fetch "http://127.0.0.1:${replica_port[$replica]}" "$work/secret-ha" >/dev/null
+    done
+
+    log "replica a killed: the balancer keeps serving from b"
+    "${podman[@]}" kill "$name-a" >/dev/null
+    sleep 2.5   # two failed health checks, one second apart (haproxy.cfg: inter 1s fall 2)
+    for _ in 1 2 3 4; do
+        python3 docker/play_platform.py fetch "$lb" "$work/secret-ha" >/dev/null
+    done
+    log "replica a restarted: it rejoins with everything b holds"
+    start_replica a
+    python3 docker/play_platform.py fetch "http://127.0.0.1:${replica_port[a]}" "$work/secret-ha" >/dev/null
+    [ -z "$(find "$work/data-a" "$work/data-b" -name keyholder.db)" ] \
+        || { echo "a replica on PostgreSQL wrote a SQLite database into /data"; exit 1; }
+fi
+
 log "container test passed in $(( $(date +%s) - t0 ))s"

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use keyholder_protocol::paths::{PATH_CREDENTIAL, PATH_STORAGE, PATH_STORE};
-use keyholder_protocol::Purpose;
+use keyholder_protocol::{HmacSecret, Purpose};
 use keyholder_tests::replicas::{can_restart_postgres, restart_postgres, Balancer, Cluster};
 use keyholder_tests::{now, random_hex, Keyholder};
 use serde_json::{json, Value};
@@ -410,4 +410,58 @@ async fn postgres_restarted_under_load_answers_503_then_recovers_by_itself() {
         );
     }
     let _ = PATH_CREDENTIAL;
+}
+
+/// The platform's first calls after a binding (or a rebinding) made through one replica may reach
+/// another before that replica hears of it: it then reads the binding from the database at once
+/// instead of refusing (`setup_required`, or `auth_failed` with the old secret).
+#[tokio::test]
+async fn calls_right_after_a_binding_on_another_replica_are_served() {
+    let Some(mut cluster) = Cluster::start(std::path::Path::new(BIN), 2).await else {
+        return;
+    };
+    let exchange = |cluster: &Cluster, args: &[&str], through: usize| {
+        let out = cluster.owner(args);
+        let issued: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let code = issued["code"].as_str().unwrap().to_string();
+        let view = cluster.view(through);
+        async move {
+            let answer = view.exchange(&code).await;
+            answer.assert_ok();
+            HmacSecret::from_base64(answer.json()["hmacSecret"].as_str().unwrap()).unwrap()
+        }
+    };
+    // Bound through A; the store and the fetch go to B at once.
+    cluster.secret = Some(exchange(&cluster, &["bind", "--json"], 0).await);
+    let b = cluster.view(1);
+    b.store("github", json!({"accessToken": "gho_first"}))
+        .await
+        .assert_ok();
+    assert_eq!(access_token(&b, "github").await.as_deref(), Ok("gho_first"));
+
+    // Rebound through one replica, again and again; the new secret's first signed call and
+    // ticket go to the other at once.
+    let mut old_secret = *cluster.secret.as_ref().unwrap().expose();
+    for round in 0..10 {
+        let (through, other) = (round % 2, 1 - round % 2);
+        old_secret = *cluster.secret.as_ref().unwrap().expose();
+        cluster.secret = Some(exchange(&cluster, &["bind", "--rebind", "--json"], through).await);
+        let view = cluster.view(other);
+        view.storage(json!({"operation": "list", "collection": "tokens"}))
+            .await
+            .assert_ok();
+        assert_eq!(
+            access_token(&view, "github").await.as_deref(),
+            Ok("gho_first")
+        );
+    }
+    // The old secret is refused on both.
+    for replica in 0..2 {
+        let mut stale = cluster.view(replica);
+        stale.secret = Some(HmacSecret::from_bytes(old_secret));
+        stale
+            .credential("github")
+            .await
+            .assert_error(401, "ticket_invalid");
+    }
 }

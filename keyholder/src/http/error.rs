@@ -99,6 +99,21 @@ impl From<StorageError> for ApiError {
 }
 
 impl ApiError {
+    /// Whether the binding held in memory may be what refused this request: not bound, a
+    /// signature of the other scheme, or one that does not verify with the platform's secret or
+    /// keys. On a shared database another replica may have bound or rebound a moment ago.
+    pub fn may_be_stale_binding(&self) -> bool {
+        matches!(
+            self,
+            ApiError::SetupRequired
+                | ApiError::WrongScheme
+                | ApiError::TicketWrongScheme
+                | ApiError::Auth(RequestAuthError::BadSignature)
+                | ApiError::Envelope(EnvelopeError::BadSignature | EnvelopeError::UnknownKey)
+                | ApiError::Ticket(TicketError::BadSignature)
+        )
+    }
+
     /// Wire code of this error (one exhaustive match).
     pub fn code(&self) -> ErrorCode {
         match self {

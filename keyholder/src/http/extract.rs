@@ -29,6 +29,7 @@ use super::error::ApiError;
 use crate::state::AppState;
 use crate::vault::platform_keys::PlatformScheme;
 use crate::vault::replay::{ReplayKind, Seen};
+use crate::vault::BindingState;
 
 /// Ticket facts kept on the request for the access log (never the ticket itself).
 #[derive(Debug, Clone, Default)]
@@ -179,7 +180,10 @@ async fn verify_signed_marks(
     with_next: bool,
 ) -> Result<(Bytes, String), ApiError> {
     let state = state(req)?;
-    let binding = state.keys.binding();
+    let mut binding = state.keys.binding();
+    if !binding.bound && state.reload.catch_up().await {
+        binding = state.keys.binding();
+    }
     if !binding.bound {
         return Err(ApiError::SetupRequired);
     }
@@ -190,56 +194,14 @@ async fn verify_signed_marks(
         state.metrics.signature_failures.inc();
         tracing::info!(reason = ?reason, "platform signature refused");
     };
-    let replay_key = match binding.scheme {
-        PlatformScheme::Hmac => {
-            if req.headers().contains_key(HEADER_ENVELOPE) {
-                refused(&"envelope in an HMAC binding");
-                return Err(ApiError::WrongScheme);
-            }
-            let ts = verify_request(
-                &binding.hmac,
-                header(HEADER_SIGNATURE),
-                header(HEADER_TIMESTAMP),
-                &body,
-                now,
-                MAX_CLOCK_SKEW_SECS,
-            )
-            .inspect_err(|e| refused(e))?;
-            // Verified, so 64 lowercase hex: one spelling per signature.
-            let signature = header(HEADER_SIGNATURE)
-                .and_then(|h| h.strip_prefix("sha256="))
-                .unwrap_or_default();
-            ReplayKey::Signature {
-                signature,
-                until: ts.max(now).saturating_add(MAX_CLOCK_SKEW_SECS),
-            }
+    let replay_key = match platform_signature(req, &binding, &body, now) {
+        // Another replica may have rebound a moment ago: check once more with what is stored.
+        Err(e) if e.may_be_stale_binding() && state.reload.catch_up().await => {
+            platform_signature(req, &state.keys.binding(), &body, now)
         }
-        PlatformScheme::Ed25519 => {
-            if req.headers().contains_key(HEADER_SIGNATURE) {
-                refused(&"HMAC signature in an asymmetric binding");
-                return Err(ApiError::WrongScheme);
-            }
-            let target = req
-                .uri()
-                .path_and_query()
-                .map_or_else(|| req.path(), |p| p.as_str());
-            let envelope = verify_envelope(
-                &binding.platform_keys,
-                header(HEADER_ENVELOPE),
-                req.method().as_str(),
-                target,
-                &body,
-                now,
-                MAX_CLOCK_SKEW_SECS,
-            )
-            .inspect_err(|e| refused(e))?;
-            // Accepted while |now - ts| <= skew: remembered at least that long.
-            ReplayKey::EnvelopeNonce {
-                nonce: envelope.nonce,
-                until: envelope.ts.max(now).saturating_add(MAX_CLOCK_SKEW_SECS),
-            }
-        }
-    };
+        verified => verified,
+    }
+    .inspect_err(|e| refused(e))?;
     let request_id = header(HEADER_PLATFORM_REQUEST_ID)
         .filter(|id| is_valid_request_id(id))
         .ok_or(ApiError::BadRequestId)?
@@ -282,6 +244,65 @@ async fn verify_signed_marks(
             Err(ApiError::DuplicateRequestId)
         }
     }
+}
+
+/// Verifies the platform's signature of a request (HMAC or Ed25519 envelope, as the binding
+/// says) and returns what makes it single-use.
+fn platform_signature<'r>(
+    req: &'r HttpRequest,
+    binding: &BindingState,
+    body: &[u8],
+    now: i64,
+) -> Result<ReplayKey<'r>, ApiError> {
+    let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
+    Ok(match binding.scheme {
+        PlatformScheme::Hmac => {
+            if req.headers().contains_key(HEADER_ENVELOPE) {
+                // An envelope in an HMAC binding.
+                return Err(ApiError::WrongScheme);
+            }
+            let ts = verify_request(
+                &binding.hmac,
+                header(HEADER_SIGNATURE),
+                header(HEADER_TIMESTAMP),
+                body,
+                now,
+                MAX_CLOCK_SKEW_SECS,
+            )?;
+            // Verified, so 64 lowercase hex: one spelling per signature.
+            let signature = header(HEADER_SIGNATURE)
+                .and_then(|h| h.strip_prefix("sha256="))
+                .unwrap_or_default();
+            ReplayKey::Signature {
+                signature,
+                until: ts.max(now).saturating_add(MAX_CLOCK_SKEW_SECS),
+            }
+        }
+        PlatformScheme::Ed25519 => {
+            if req.headers().contains_key(HEADER_SIGNATURE) {
+                // An HMAC signature in an asymmetric binding.
+                return Err(ApiError::WrongScheme);
+            }
+            let target = req
+                .uri()
+                .path_and_query()
+                .map_or_else(|| req.path(), |p| p.as_str());
+            let envelope = verify_envelope(
+                &binding.platform_keys,
+                header(HEADER_ENVELOPE),
+                req.method().as_str(),
+                target,
+                body,
+                now,
+                MAX_CLOCK_SKEW_SECS,
+            )?;
+            // Accepted while |now - ts| <= skew: remembered at least that long.
+            ReplayKey::EnvelopeNonce {
+                nonce: envelope.nonce,
+                until: envelope.ts.max(now).saturating_add(MAX_CLOCK_SKEW_SECS),
+            }
+        }
+    })
 }
 
 /// What makes a verified signed request single-use, besides its request id.
@@ -408,7 +429,15 @@ pub async fn verify_ticket_for(
 ) -> Result<TicketClaims, ApiError> {
     let state = state(req)?;
     let now = crate::clock::now_unix();
-    let claims = verify_ticket_signed(&state, ticket, now).inspect_err(|e| {
+    let claims = match verify_ticket_signed(&state, ticket, now) {
+        // Another replica may have bound or rebound a moment ago: check once more with what is
+        // stored.
+        Err(e) if e.may_be_stale_binding() && state.reload.catch_up().await => {
+            verify_ticket_signed(&state, ticket, now)
+        }
+        verified => verified,
+    }
+    .inspect_err(|e| {
         state.metrics.ticket_failures.inc();
         tracing::info!(reason = ?e, "ticket refused");
     })?;
@@ -579,7 +608,7 @@ impl<E: TicketEndpoint + 'static> FromRequest for Ticketed<E> {
             }
             // Sealed: refuse before the ticket is looked at (its nonce stays unused for a retry).
             ensure_unsealed(&state)?;
-            if !state.keys.binding().bound {
+            if !state.keys.binding().bound && !state.reload.catch_up().await {
                 return Err(ApiError::SetupRequired);
             }
             let request: E::Request = if req.method() == actix_web::http::Method::GET {

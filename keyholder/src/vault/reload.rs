@@ -12,6 +12,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
@@ -104,7 +105,12 @@ pub struct ReloadService {
     source: MasterKeySource,
     /// State of following the owner's changes on disk.
     follow: Mutex<FollowState>,
+    /// When a request last made this replica catch up at once ([`ReloadService::catch_up`]).
+    last_catch_up: tokio::sync::Mutex<Option<Instant>>,
 }
+
+/// How often refused requests may make a replica read the owner generation at once.
+const CATCH_UP_INTERVAL: Duration = Duration::from_millis(100);
 
 impl ReloadService {
     /// The service over what it reloads; `generation` is the one the key handle was opened at.
@@ -130,6 +136,7 @@ impl ReloadService {
             data_dir: data_dir.to_path_buf(),
             source: source.clone(),
             follow: Mutex::new(FollowState::new(generation)),
+            last_catch_up: tokio::sync::Mutex::new(None),
         }
     }
 
@@ -159,6 +166,31 @@ impl ReloadService {
         };
         self.reload_from_disk(retry_master).await?;
         Ok(true)
+    }
+
+    /// Follows the owner's changes now rather than at the next notice or poll, for a request that
+    /// the binding in memory refuses (not bound, or a platform signature that does not verify):
+    /// on a shared database another replica may have bound or rebound a moment ago, and the
+    /// platform's next call can reach this one before its notice does. Returns whether the caller
+    /// should check again (this call or another one since it arrived caught up). At most one
+    /// read per 100 ms, so that forged requests cannot turn into a query each.
+    pub async fn catch_up(&self) -> bool {
+        let arrived = Instant::now();
+        let mut last = self.last_catch_up.lock().await;
+        if let Some(at) = *last {
+            if at >= arrived {
+                return true;
+            }
+            if arrived.duration_since(at) < CATCH_UP_INTERVAL {
+                return false;
+            }
+        }
+        *last = Some(Instant::now());
+        // Checked again whatever this finds: the regular follower may have reloaded meanwhile.
+        if let Err(e) = self.follow_owner_changes().await {
+            tracing::warn!(error = %e, "could not catch up with the owner's changes");
+        }
+        true
     }
 
     /// Reloads the sealed flag, the binding and the key ring from the database.
