@@ -12,7 +12,6 @@ pub mod doctor;
 pub mod egress;
 pub mod healthcheck;
 pub mod import_reference;
-pub mod malloc;
 pub mod migrate_storage;
 pub mod oauth;
 pub mod platform_key;
@@ -108,9 +107,6 @@ pub enum Command {
 /// fails.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    if matches!(cli.command, Command::Serve(_)) {
-        malloc::restart_with_tuning();
-    }
     match run(cli) {
         Ok(code) => code,
         Err(err) => {
