@@ -65,9 +65,11 @@ pub async fn proxy(
             .proxy_call(
                 &state.upstream,
                 &service,
-                upstream,
-                url,
-                templates,
+                crate::vault::egress::UpstreamCall {
+                    request: upstream,
+                    url,
+                    templates,
+                },
                 &request_id,
                 &state.replay,
             )

@@ -763,6 +763,16 @@ impl EgressService {
     }
 }
 
+/// The platform's upstream call as `/v1/proxy` received it.
+pub struct UpstreamCall {
+    /// The call (`upstream`).
+    pub request: UpstreamRequest,
+    /// `request.url` parsed, if the caller did so (parsed once per call).
+    pub url: Option<Url>,
+    /// Header templates with `${TOKEN}`.
+    pub templates: BTreeMap<String, String>,
+}
+
 /// The proxy service (`/v1/proxy`): the credential, its signing and minting, and the egress checks,
 /// in the order a proxied call needs them.
 pub struct ProxyService {
@@ -791,8 +801,7 @@ impl ProxyService {
         }
     }
 
-    /// `/v1/proxy`: validates the call (`url` is `request.url` parsed, if the caller did so),
-    /// applies the SSRF guard and the service's egress policy
+    /// `/v1/proxy`: validates the call, applies the SSRF guard and the service's egress policy
     /// (judged against the credential's own shape), only then mints or takes the token, fills the
     /// header templates, and sends. The answer comes back with the injected credential redacted.
     #[tracing::instrument(skip_all, fields(service = %service))]
@@ -800,13 +809,11 @@ impl ProxyService {
         &self,
         upstream: &Upstream,
         service: &str,
-        request: UpstreamRequest,
-        url: Option<Url>,
-        templates: BTreeMap<String, String>,
+        call: UpstreamCall,
         request_id: &str,
         replay: &super::replay::ReplayGuard,
     ) -> Result<ProxiedAnswer, VaultError> {
-        let plan = plan(request, templates, url)?;
+        let plan = plan(call.request, call.templates, call.url)?;
         let host = plan.url.host_str().unwrap_or("").to_string();
         let guard_deny = |reason: String| {
             tracing::warn!(request_id, service, host = %host, reason = %reason, "egress denied");
