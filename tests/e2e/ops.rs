@@ -970,6 +970,13 @@ async fn otlp_traces_spans_per_request_with_children_traceparent_in_and_out_and_
     );
     kh.egress("allow", "github", &[&upstream.origin()], false)
         .await;
+    // A custody policy on the service, so its check is a span too.
+    crate::policy::policy(&kh, "create local --client-ip 127.0.0.0/8")
+        .await
+        .unwrap();
+    crate::policy::policy(&kh, "attach local --service github")
+        .await
+        .unwrap();
 
     // The platform's proxied call, part of its trace.
     let trace_id = keyholder_tests::random_hex(16);
@@ -1012,6 +1019,30 @@ async fn otlp_traces_spans_per_request_with_children_traceparent_in_and_out_and_
         kh.credential_with(&agent_ticket, "github").await.status,
         200
     );
+    // A request in a trace the platform did not sample: answered, and nothing of it exported.
+    let unsampled = keyholder_tests::random_hex(16);
+    let url = reqwest::Url::parse_with_params(
+        &kh.url(keyholder_protocol::paths::PATH_CREDENTIAL),
+        &[
+            (
+                "ticket",
+                kh.ticket(Purpose::AgentCredential, "github").as_str(),
+            ),
+            ("service", "github"),
+        ],
+    )
+    .unwrap();
+    let answer = kh
+        .http
+        .get(url)
+        .header(
+            "traceparent",
+            format!("00-{unsampled}-{}-00", keyholder_tests::random_hex(8)),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
 
     // The upstream got the trace context, as a child of the platform's trace.
     let sent = upstream.requests();
@@ -1039,6 +1070,7 @@ async fn otlp_traces_spans_per_request_with_children_traceparent_in_and_out_and_
         if [
             "POST /v1/proxy",
             "ticket.verify",
+            "policy",
             "credential.decrypt",
             "egress.policy",
             "upstream.call",
@@ -1097,6 +1129,7 @@ async fn otlp_traces_spans_per_request_with_children_traceparent_in_and_out_and_
     };
     for name in [
         "ticket.verify",
+        "policy",
         "credential.decrypt",
         "egress.policy",
         "upstream.call",
@@ -1108,6 +1141,12 @@ async fn otlp_traces_spans_per_request_with_children_traceparent_in_and_out_and_
         );
     }
     assert_eq!(by_name("upstream.call")["spanId"].as_str(), Some(parts[2]));
+    assert!(
+        spans
+            .iter()
+            .all(|(s, _)| s["traceId"].as_str() != Some(unsampled.as_str())),
+        "an unsampled trace was exported"
+    );
     // The agent's request is its own trace, with its route pattern.
     assert!(spans.iter().any(|(s, _)| s["name"] == "GET /v1/credential"
         && attr(s, "http.route").as_deref() == Some("/v1/credential")));

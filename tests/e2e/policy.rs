@@ -19,7 +19,7 @@ struct PolicyCli {
 }
 
 /// `keyholder policy LINE --data-dir ...`, LINE split at white space.
-async fn policy(kh: &Keyholder, line: &str) -> anyhow::Result<PolicyOutcome> {
+pub(crate) async fn policy(kh: &Keyholder, line: &str) -> anyhow::Result<PolicyOutcome> {
     policy_args(kh, &line.split_whitespace().collect::<Vec<_>>()).await
 }
 

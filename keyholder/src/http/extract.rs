@@ -415,13 +415,20 @@ impl FromRequest for ProxyCall {
 /// bound, (scheme of the binding), form, signature, payload, expiry, (nonce present, lifetime cap),
 /// nonce replay, scope. Platform tickets verify with the HMAC secret, `kh2` tickets with the active
 /// platform keys; their nonces share one replay memory.
-#[tracing::instrument(
-    name = "ticket.verify",
-    target = "keyholder::trace",
-    level = "debug",
-    skip_all
-)]
 pub async fn verify_ticket_for(
+    req: &HttpRequest,
+    ticket: &str,
+    service: &str,
+    purposes: &[Purpose],
+) -> Result<TicketClaims, ApiError> {
+    crate::telemetry::timed(
+        crate::telemetry::SPAN_TICKET,
+        verify_ticket_in_order(req, ticket, service, purposes),
+    )
+    .await
+}
+
+async fn verify_ticket_in_order(
     req: &HttpRequest,
     ticket: &str,
     service: &str,

@@ -29,15 +29,13 @@ pub async fn enforce(
     if !state.policy.is_active() {
         return Ok(Admission::default());
     }
-    enforce_policies(req, state, endpoint, service, claims).await
+    crate::telemetry::timed(
+        crate::telemetry::SPAN_POLICY,
+        enforce_policies(req, state, endpoint, service, claims),
+    )
+    .await
 }
 
-#[tracing::instrument(
-    name = "policy",
-    target = "keyholder::trace",
-    level = "debug",
-    skip_all
-)]
 async fn enforce_policies(
     req: &HttpRequest,
     state: &AppState,

@@ -281,16 +281,14 @@ impl CredentialsService {
     }
 
     /// Decrypts the credential of `service` and its sealed inputs (see [`super::sealed`]).
-    #[tracing::instrument(
-        name = "credential.decrypt",
-        target = "keyholder::trace",
-        level = "debug",
-        skip_all
-    )]
     pub async fn open_credential_full(
         &self,
         service: &str,
     ) -> Result<OpenedCredential, VaultError> {
+        crate::telemetry::timed(crate::telemetry::SPAN_DECRYPT, self.read_and_open(service)).await
+    }
+
+    async fn read_and_open(&self, service: &str) -> Result<OpenedCredential, VaultError> {
         self.ensure_unsealed()?;
         validate_key(service)?;
         let doc = self

@@ -27,7 +27,6 @@ use super::signing::SigningService;
 use super::VaultError;
 use crate::storage::{ChangeSet, EgressRow, PinRow, RefusalRow, SharedStorage, Storage, Write};
 use keyholder_protocol::document::KeyLookup as _;
-use tracing::Instrument as _;
 
 /// The egress policies read so far, so a proxied call needs no database read. Server-side writes
 /// (pins) invalidate their service; the owner's `keyholder egress` bumps the owner generation,
@@ -824,11 +823,11 @@ impl ProxyService {
             .check_url(&plan.url)
             .map_err(|e| guard_deny(e.to_string()))?;
         let origin = origin_of(&plan.url)?;
-        let policy = self
-            .egress
-            .egress_policy(service)
-            .instrument(tracing::debug_span!(target: crate::telemetry::TARGET, "egress.policy"))
-            .await?;
+        let policy = crate::telemetry::timed(
+            crate::telemetry::SPAN_EGRESS_POLICY,
+            self.egress.egress_policy(service),
+        )
+        .await?;
         let credential = self.credentials.open_credential_full(service).await?;
         let mint = detect(&credential)?;
         // Keys that sign rather than travel (issue 24); a bearer credential skips this.
@@ -995,14 +994,15 @@ impl ProxyService {
         } else {
             false
         };
-        let call = tracing::debug_span!(
-            target: crate::telemetry::TARGET,
-            "upstream.call",
-            otel.kind = "client",
-            http.request.method = %plan.method,
-            server.address = %host,
-        );
-        call.in_scope(|| crate::telemetry::inject_current(&mut headers));
+        let call = crate::telemetry::Child::start(crate::telemetry::SPAN_UPSTREAM);
+        call.inject(&mut headers);
+        let call_attributes = match call.is_recording() {
+            true => vec![
+                ("http.request.method", plan.method.to_string()),
+                ("server.address", host.clone()),
+            ],
+            false => Vec::new(),
+        };
         let mut outbound = OutboundRequest {
             method: plan.method,
             url: plan.url,
@@ -1026,14 +1026,10 @@ impl ProxyService {
         };
         let tls = signing.as_ref().and_then(|s| s.tls.as_ref());
         let result = match tls {
-            None => upstream.send_streaming(outbound).instrument(call).await,
-            Some(identity) => {
-                upstream
-                    .send_streaming_as(outbound, identity)
-                    .instrument(call)
-                    .await
-            }
+            None => upstream.send_streaming(outbound).await,
+            Some(identity) => upstream.send_streaming_as(outbound, identity).await,
         };
+        call.end_client(call_attributes);
         match result {
             Ok(response) => {
                 let mut answer = redact_answer(redactor, response);

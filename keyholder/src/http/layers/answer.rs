@@ -14,7 +14,6 @@ use actix_web::middleware::Next;
 use actix_web::web::{Bytes, Data};
 use actix_web::{HttpMessage, HttpResponse};
 use keyholder_protocol::response_sig::{response_signing_message, ResponseToSign};
-use tracing::Instrument;
 
 use super::context::{context, RequestContext};
 use crate::audit::{AuditEvent, PolicyNote, SigningNote, UpstreamOrigin};
@@ -39,10 +38,9 @@ pub async fn sign_and_audit(
     // it is released only once they are durable.
     let mut finished = finish(res.map_into_boxed_body(), &http_req, &context, state).await;
     if let Some(state) = state {
-        let settled = barrier
-            .settle(&state.replay)
-            .instrument(tracing::debug_span!(target: crate::telemetry::TARGET, "db.group_commit"))
-            .await;
+        let settled =
+            crate::telemetry::timed(crate::telemetry::SPAN_COMMIT, barrier.settle(&state.replay))
+                .await;
         if let Err(err) = settled {
             let failed = HttpResponse::from_error(actix_web::Error::from(ApiError::from(err)));
             finished = finish(failed, &http_req, &context, Some(state)).await;

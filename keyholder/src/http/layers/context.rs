@@ -88,23 +88,15 @@ pub async fn request_context(
         request_id = %context.request_id,
         method = %method,
         path = %req.path(),
-        otel.name = tracing::field::Empty,
-        otel.kind = "server",
-        http.route = tracing::field::Empty,
-        http.response.status_code = tracing::field::Empty,
-        agent_id = tracing::field::Empty,
-        proxy_id = tracing::field::Empty,
     );
-    if crate::telemetry::enabled() {
-        // Named by the route pattern (never the raw path), before any child span starts it.
-        let route = req.match_pattern();
-        let route = route.as_deref().unwrap_or("unmatched");
-        span.record("otel.name", format!("{method} {route}"));
-        span.record("http.route", route);
-        crate::telemetry::adopt_remote_parent(&span, req.headers());
-    }
+    // With traces on, the request's OpenTelemetry span (the platform's `traceparent` its parent).
+    let trace = crate::telemetry::RequestTrace::start(req.headers());
 
-    let mut res = next.call(req).instrument(span.clone()).await?;
+    let inner = next.call(req).instrument(span.clone());
+    let mut res = match &trace {
+        Some(trace) => trace.scope(inner).await?,
+        None => inner.await?,
+    };
     if let Ok(v) = HeaderValue::from_str(&context.request_id) {
         res.headers_mut()
             .insert(HeaderName::from_static("x-request-id"), v);
@@ -126,10 +118,24 @@ pub async fn request_context(
         .get::<TicketContext>()
         .cloned()
         .unwrap_or_default();
-    if crate::telemetry::enabled() {
-        span.record("http.response.status_code", status.as_u16());
-        span.record("agent_id", ticket.agent_id.as_deref().unwrap_or(""));
-        span.record("proxy_id", ticket.proxy_id.as_deref().unwrap_or(""));
+    if let Some(trace) = &trace {
+        // Named by the route pattern, never the raw path (tickets ride in queries).
+        let pattern = match context.endpoint {
+            Some(_) => None,
+            None => res.request().match_pattern(),
+        };
+        trace.finish(crate::telemetry::RequestOutcome {
+            method: crate::telemetry::method_name(&method),
+            route: context
+                .endpoint
+                .map(|e| e.route)
+                .or(pattern.as_deref())
+                .unwrap_or("unmatched"),
+            status: status.as_u16(),
+            request_id: &context.request_id,
+            agent_id: ticket.agent_id.as_deref(),
+            proxy_id: ticket.proxy_id.as_deref(),
+        });
     }
     span.in_scope(|| {
         tracing::info!(

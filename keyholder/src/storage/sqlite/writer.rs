@@ -256,11 +256,7 @@ impl Db {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
-        tracing::Instrument::instrument(
-            self.submit(f)?,
-            tracing::debug_span!(target: crate::telemetry::TARGET, "db.group_commit"),
-        )
-        .await
+        crate::telemetry::timed(crate::telemetry::SPAN_COMMIT, self.submit(f)?).await
     }
 
     /// Hands `f` to the writer now and returns a future that resolves once it is committed and
