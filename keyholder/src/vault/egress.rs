@@ -890,9 +890,11 @@ impl ProxyService {
         // (overlapping the checks and the decryption above), must be durable first, so that a
         // crash cannot let the same signed call through a second time. Usage counts under a cap
         // were made durable in the policy check.
-        super::replay::durable_now(replay)
-            .instrument(tracing::debug_span!(target: crate::telemetry::TARGET, "db.group_commit"))
-            .await?;
+        crate::telemetry::timed(
+            crate::telemetry::SPAN_COMMIT,
+            super::replay::durable_now(replay),
+        )
+        .await?;
         let token = match signing.as_ref().and_then(|s| s.jwt.as_ref()) {
             // RFC 7523: the assertion is exchanged at the owner's token URL for ${TOKEN}.
             Some((template, key)) if template.token_url.is_some() => {
