@@ -451,3 +451,84 @@ async fn a_slow_upload_reaches_the_upstream_only_verified_and_an_endless_one_is_
     );
     assert_eq!(quiet.connections(), 0, "the upstream was never contacted");
 }
+
+/// Whether the replay mark of `request_id` is committed in the data folder's database, read on a
+/// connection of its own (what survives a crash at this instant).
+fn mark_committed(data_dir: &std::path::Path, request_id: &str) -> bool {
+    let key = keyholder::storage::replay::mark_key(request_id).to_le_bytes();
+    let conn = rusqlite::Connection::open_with_flags(
+        data_dir.join("keyholder.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    let tables: Vec<String> = conn
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' AND name LIKE 'replay_marks_packed_60s_%'")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    tables.iter().any(|table| {
+        conn.prepare(&format!("SELECT records FROM {table}"))
+            .unwrap()
+            .query_map([], |r| r.get::<_, Vec<u8>>(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .any(|records| records.chunks_exact(8).any(|k| k == key))
+    })
+}
+
+/// A hostile platform that could crash the keyholder (or find it crashed) right after the
+/// upstream received a call must not be able to send the same signed call once more after the
+/// restart: when the upstream receives a proxied call (the owner's credential on it), the call's
+/// replay marks are already on disk. Checked by the upstream itself, on a connection of its own,
+/// for every one of a series of calls, and the restart then refuses each replay while the upstream
+/// sees each call once.
+#[tokio::test]
+async fn replay_marks_are_durable_before_the_upstream_receives_the_call() {
+    let mut kh = proxy_keyholder(|_| {}).await;
+    let data_dir = kh.data_dir.clone();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(String, bool)>::new()));
+    let upstream = {
+        let seen = std::sync::Arc::clone(&seen);
+        MockServer::start(move |req| {
+            let id = req.header("x-test-call").unwrap_or_default().to_string();
+            let durable = mark_committed(&data_dir, &id);
+            seen.lock().unwrap().push((id, durable));
+            Reply::json(200, json!({"ok": true}))
+        })
+        .await
+    };
+    let mut sent = Vec::new();
+    for i in 0..20 {
+        let request_id = format!("req_durable_{i}_{}", random_hex(6));
+        let body = json!({
+            "ticket": kh.ticket(Purpose::Proxy, "github"),
+            "service": "github",
+            "upstream": {"url": upstream.url("/x"), "method": "POST", "headers": {"X-Test-Call": request_id}},
+            "headerTemplates": {"Authorization": "Bearer ${TOKEN}"},
+            "requestId": request_id,
+        });
+        let raw = serde_json::to_vec(&body).unwrap();
+        let ts = now();
+        kh.signed_raw(PATH_PROXY, &raw, ts, &request_id)
+            .await
+            .assert_ok();
+        sent.push((raw, ts, request_id));
+    }
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 20);
+    for (id, durable) in &seen {
+        assert!(
+            durable,
+            "the upstream received {id} before its replay mark was committed"
+        );
+    }
+    kh.restart().await;
+    for (raw, ts, request_id) in &sent {
+        kh.signed_raw(PATH_PROXY, raw, *ts, request_id)
+            .await
+            .assert_error(401, "auth_failed");
+    }
+    assert_eq!(upstream.count(), 20, "a replay reached the upstream");
+}

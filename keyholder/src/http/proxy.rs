@@ -47,11 +47,14 @@ pub async fn proxy(
         .map_err(ApiError::from);
     // The audit entry of this request names the upstream origin (never the path or query), in
     // the one form the egress policy pins and allows (`scheme://host:port`).
-    if let Some(origin) = upstream
+    // Parsed once here: the call below takes it along.
+    let url = upstream
         .url
         .as_deref()
-        .and_then(|u| url::Url::parse(u).ok())
-        .and_then(|u| crate::upstream::Origin::of(&u).ok())
+        .and_then(|u| url::Url::parse(u).ok());
+    if let Some(origin) = url
+        .as_ref()
+        .and_then(|u| crate::upstream::Origin::of(u).ok())
     {
         req.extensions_mut()
             .insert(crate::audit::UpstreamOrigin(origin));
@@ -59,7 +62,17 @@ pub async fn proxy(
     let result = match checked {
         Ok(()) => state
             .proxy
-            .proxy_call(&state.upstream, &service, upstream, templates, &request_id)
+            .proxy_call(
+                &state.upstream,
+                &service,
+                crate::vault::egress::UpstreamCall {
+                    request: upstream,
+                    url,
+                    templates,
+                },
+                &request_id,
+                &state.replay,
+            )
             .await
             .map_err(ApiError::from),
         Err(err) => Err(err),

@@ -275,22 +275,34 @@ impl Upstream {
             Some(deadline) => deadline.min(started + limits.head),
             None => started + limits.head,
         };
-        let build = |request: &OutboundRequest| {
+        let build = |request: OutboundRequest| {
             let builder = client
-                .request(request.method.clone(), request.url.clone())
-                .headers(request.headers.clone());
-            match request.body.clone() {
+                .request(request.method, request.url)
+                .headers(request.headers);
+            match request.body {
                 Some(body) => builder.body(body),
                 None => builder,
             }
         };
+        // A copy for the one re-send only where one is allowed (idempotent methods): the others
+        // go without copying the URL and the header map.
+        let again = idempotent(&request.method).then(|| OutboundRequest {
+            method: request.method.clone(),
+            url: request.url.clone(),
+            headers: request.headers.clone(),
+            body: request.body.clone(),
+        });
+        let method = request.method.clone();
         let head = async {
-            match build(&request).send().await {
+            match build(request).send().await {
                 Ok(response) => Ok(response),
-                Err(err) if may_send_again(&request.method, &err) => {
-                    tracing::debug!(error = %err.without_url(), "upstream connection failed before an answer; sending once more");
-                    build(&request).send().await.map_err(map_error)
-                }
+                Err(err) if may_send_again(&method, &err) => match again {
+                    Some(again) => {
+                        tracing::debug!(error = %err.without_url(), "upstream connection failed before an answer; sending once more");
+                        build(again).send().await.map_err(map_error)
+                    }
+                    None => Err(map_error(err)),
+                },
                 Err(err) => Err(map_error(err)),
             }
         };
@@ -453,8 +465,17 @@ fn build_client_with(
 /// a POST gets the 502 and the caller decides). Not after a timeout, a refused address or a failed
 /// connect, which a second try would only repeat.
 fn may_send_again(method: &reqwest::Method, err: &reqwest::Error) -> bool {
+    idempotent(method)
+        && err.is_request()
+        && !err.is_timeout()
+        && !err.is_connect()
+        && guard::find_refusal(err).is_none()
+}
+
+/// RFC 9110 9.2.2.
+fn idempotent(method: &reqwest::Method) -> bool {
     use reqwest::Method;
-    let idempotent = [
+    [
         Method::GET,
         Method::HEAD,
         Method::OPTIONS,
@@ -462,12 +483,7 @@ fn may_send_again(method: &reqwest::Method, err: &reqwest::Error) -> bool {
         Method::DELETE,
         Method::TRACE,
     ]
-    .contains(method);
-    idempotent
-        && err.is_request()
-        && !err.is_timeout()
-        && !err.is_connect()
-        && guard::find_refusal(err).is_none()
+    .contains(method)
 }
 
 fn map_error(err: reqwest::Error) -> UpstreamError {

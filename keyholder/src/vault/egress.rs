@@ -549,13 +549,20 @@ struct ProxyPlan {
 fn plan(
     request: UpstreamRequest,
     templates: BTreeMap<String, String>,
+    parsed: Option<Url>,
 ) -> Result<ProxyPlan, VaultError> {
-    let url_text = request
-        .url
-        .filter(|u| !u.is_empty())
-        .ok_or_else(|| VaultError::Invalid("missing 'upstream.url'".into()))?;
-    let url = Url::parse(&url_text)
-        .map_err(|_| VaultError::Invalid("'upstream.url' is not an absolute URL".into()))?;
+    let url = match parsed {
+        // The caller parsed `request.url` already (once per call).
+        Some(url) => url,
+        None => {
+            let url_text = request
+                .url
+                .filter(|u| !u.is_empty())
+                .ok_or_else(|| VaultError::Invalid("missing 'upstream.url'".into()))?;
+            Url::parse(&url_text)
+                .map_err(|_| VaultError::Invalid("'upstream.url' is not an absolute URL".into()))?
+        }
+    };
     let method = parse_method(request.method.as_deref())?;
     let body = match request.body.filter(|b| !b.is_empty()) {
         Some(b64) => Some(Bytes::from(
@@ -755,6 +762,16 @@ impl EgressService {
     }
 }
 
+/// The platform's upstream call as `/v1/proxy` received it.
+pub struct UpstreamCall {
+    /// The call (`upstream`).
+    pub request: UpstreamRequest,
+    /// `request.url` parsed, if the caller did so (parsed once per call).
+    pub url: Option<Url>,
+    /// Header templates with `${TOKEN}`.
+    pub templates: BTreeMap<String, String>,
+}
+
 /// The proxy service (`/v1/proxy`): the credential, its signing and minting, and the egress checks,
 /// in the order a proxied call needs them.
 pub struct ProxyService {
@@ -791,11 +808,11 @@ impl ProxyService {
         &self,
         upstream: &Upstream,
         service: &str,
-        request: UpstreamRequest,
-        templates: BTreeMap<String, String>,
+        call: UpstreamCall,
         request_id: &str,
+        replay: &super::replay::ReplayGuard,
     ) -> Result<ProxiedAnswer, VaultError> {
-        let plan = plan(request, templates)?;
+        let plan = plan(call.request, call.templates, call.url)?;
         let host = plan.url.host_str().unwrap_or("").to_string();
         let guard_deny = |reason: String| {
             tracing::warn!(request_id, service, host = %host, reason = %reason, "egress denied");
@@ -868,6 +885,16 @@ impl ProxyService {
             _ => None,
         };
         drop(keys);
+        // Nothing has left the keyholder yet. From here on it acts (a token endpoint, a pin, the
+        // upstream call): the request's replay marks, committing since the request was verified
+        // (overlapping the checks and the decryption above), must be durable first, so that a
+        // crash cannot let the same signed call through a second time. Usage counts under a cap
+        // were made durable in the policy check.
+        crate::telemetry::timed(
+            crate::telemetry::SPAN_COMMIT,
+            super::replay::durable_now(replay),
+        )
+        .await?;
         let token = match signing.as_ref().and_then(|s| s.jwt.as_ref()) {
             // RFC 7523: the assertion is exchanged at the owner's token URL for ${TOKEN}.
             Some((template, key)) if template.token_url.is_some() => {
@@ -1116,6 +1143,42 @@ impl RedactedStream {
     }
 }
 
+/// Redacts the credential from every header value, dropping a header whose name holds it. Most
+/// answers hold no echo: their map is passed on as it is, rebuilt only from the first hit on.
+fn redact_headers(redactor: &mut Redactor, headers: HeaderMap) -> HeaderMap {
+    let mut scratch = Vec::new();
+    let mut clean: Option<HeaderMap> = None;
+    for (i, (name, value)) in headers.iter().enumerate() {
+        scratch.clear();
+        let name_hit = redactor.redact_all(name.as_str().as_bytes(), &mut scratch) > 0;
+        let value_hit = !name_hit && {
+            scratch.clear();
+            redactor.redact_all(value.as_bytes(), &mut scratch) > 0
+        };
+        if (name_hit || value_hit) && clean.is_none() {
+            let mut map = HeaderMap::with_capacity(headers.len());
+            for (n, v) in headers.iter().take(i) {
+                map.append(n.clone(), v.clone());
+            }
+            clean = Some(map);
+        }
+        let Some(map) = clean.as_mut() else {
+            continue;
+        };
+        if name_hit {
+            continue;
+        }
+        if value_hit {
+            if let Ok(v) = HeaderValue::from_bytes(&scratch) {
+                map.append(name.clone(), v);
+            }
+        } else {
+            map.append(name.clone(), value.clone());
+        }
+    }
+    clean.unwrap_or(headers)
+}
+
 /// Redacts the credential from every header value (dropping a header whose name holds it) and
 /// from the body: a whole body at once, a streamed one as it is read.
 fn redact_answer(mut redactor: Redactor, response: StreamedResponse) -> ProxiedAnswer {
@@ -1124,22 +1187,7 @@ fn redact_answer(mut redactor: Redactor, response: StreamedResponse) -> ProxiedA
         headers,
         body,
     } = response;
-    let mut clean = HeaderMap::with_capacity(headers.len());
-    let mut scratch = Vec::new();
-    for (name, value) in headers.iter() {
-        scratch.clear();
-        if redactor.redact_all(name.as_str().as_bytes(), &mut scratch) > 0 {
-            continue;
-        }
-        scratch.clear();
-        if redactor.redact_all(value.as_bytes(), &mut scratch) > 0 {
-            if let Ok(v) = HeaderValue::from_bytes(&scratch) {
-                clean.append(name.clone(), v);
-            }
-        } else {
-            clean.append(name.clone(), value.clone());
-        }
-    }
+    let clean = redact_headers(&mut redactor, headers);
     let (body, redactions) = match body {
         UpstreamBody::Whole(body) => {
             let mut out = Vec::with_capacity(body.len());
@@ -1313,6 +1361,6 @@ mod tests {
             "Authorization".to_string(),
             "Bearer ${TOKEN}\r\nX: y".to_string(),
         );
-        assert!(matches!(plan(req, t), Err(VaultError::Invalid(_))));
+        assert!(matches!(plan(req, t, None), Err(VaultError::Invalid(_))));
     }
 }

@@ -56,6 +56,18 @@ pub fn defer_until_answer(work: DurableWork) -> Option<DurableWork> {
     }
 }
 
+/// Inside a request: waits until every replay mark and other durable work made in it so far is
+/// committed (the request's answer then waits only for what follows). `/v1/proxy` calls this
+/// before its first outbound action, so that a call the upstream (or a token endpoint) receives
+/// is one whose request id, signature and ticket nonce survive a crash. Outside a request the
+/// marks were awaited where they were made: nothing to wait for.
+pub async fn durable_now(guard: &ReplayGuard) -> Result<(), VaultError> {
+    match DURABILITY.try_with(Arc::clone) {
+        Ok(barrier) => barrier.settle(guard).await,
+        Err(_) => Ok(()),
+    }
+}
+
 impl DurabilityBarrier {
     /// Runs `fut` (a request's handling) with this barrier in force.
     pub async fn scope<F: std::future::Future>(self: &Arc<Self>, fut: F) -> F::Output {
