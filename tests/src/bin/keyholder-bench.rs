@@ -646,6 +646,9 @@ async fn run(opts: BenchOptions, database_url: Option<String>) -> anyhow::Result
     } else {
         None
     };
+    // What the server keeps once the load has stopped: freed pages go back to the system within
+    // a second (jemalloc's decay), so read it after two.
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
     let rss_end = bench::rss_mb(keyholder.pid());
     let head = *opts.connections.iter().max().unwrap_or(&64);
     let rps = |s: &str| find(&results, s, head).map(|r| r.rps);
