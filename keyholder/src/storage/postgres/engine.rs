@@ -1211,6 +1211,18 @@ impl EgressStore for PostgresStorage {
 }
 
 /// Adds the increments in one statement; each counter's count after the add, in order.
+/// A `(policy, target, period, count)` row of `policy_usage`.
+fn usage_row(r: &tokio_postgres::Row) -> (UsageCounter, u64) {
+    (
+        UsageCounter {
+            policy: r.get(0),
+            target: r.get(1),
+            period: r.get(2),
+        },
+        unsigned(r.get(3)),
+    )
+}
+
 async fn add_usage_on(
     client: &impl GenericClient,
     increments: Vec<(UsageCounter, u64)>,
@@ -1360,16 +1372,7 @@ impl PolicyStore for PostgresStorage {
             .await
             .db()?
             .iter()
-            .map(|r| {
-                (
-                    UsageCounter {
-                        policy: r.get(0),
-                        target: r.get(1),
-                        period: r.get(2),
-                    },
-                    unsigned(r.get(3)),
-                )
-            })
+            .map(usage_row)
             .collect();
         tx.commit().await.db()?;
         Ok(PolicySnapshot {
@@ -1429,19 +1432,8 @@ impl PolicyStore for PostgresStorage {
             )
             .await
             .db()?;
-        let mut counts: std::collections::HashMap<UsageCounter, u64> = rows
-            .iter()
-            .map(|r| {
-                (
-                    UsageCounter {
-                        policy: r.get(0),
-                        target: r.get(1),
-                        period: r.get(2),
-                    },
-                    unsigned(r.get(3)),
-                )
-            })
-            .collect();
+        let mut counts: std::collections::HashMap<UsageCounter, u64> =
+            rows.iter().map(usage_row).collect();
         if counts.len() != keys.len() {
             return Err(StorageError::Corrupt("usage counter not returned".into()));
         }
