@@ -277,12 +277,7 @@ pub async fn verify_all(
     client: &mut deadpool_postgres::Object,
     key: &VerifyingKey,
 ) -> Result<Vec<ChainVerification>, PgError> {
-    let tx = client
-        .build_transaction()
-        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-        .read_only(true)
-        .start()
-        .await?;
+    let tx = super::snapshot(client).await?;
     let mut chains: BTreeMap<String, Vec<AuditEntry>> = BTreeMap::new();
     for row in tx
         .query(&format!("{SELECT_ENTRIES} ORDER BY node, seq"), &[])

@@ -867,13 +867,7 @@ fn key_of(r: &tokio_postgres::Row) -> WrappedKey {
 impl KeyRingStore for PostgresStorage {
     async fn key_ring_snapshot(&self) -> StorageResult<KeyRingSnapshot> {
         let mut client = self.client().await?;
-        let tx = client
-            .build_transaction()
-            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()
-            .await
-            .db()?;
+        let tx = super::snapshot(&mut client).await.db()?;
         let stored: std::collections::HashMap<String, String> = tx
             .query("SELECT name, value FROM settings", &[])
             .await
@@ -999,13 +993,7 @@ impl EgressStore for PostgresStorage {
         service: &str,
     ) -> StorageResult<(Option<EgressRow>, Vec<PinRow>)> {
         let mut client = self.client().await?;
-        let tx = client
-            .build_transaction()
-            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()
-            .await
-            .db()?;
+        let tx = super::snapshot(&mut client).await.db()?;
         let row = tx
             .query_opt(
                 "SELECT mode, allowlist, token_url FROM egress_policies WHERE service = $1",
@@ -1327,13 +1315,7 @@ async fn decide(
 impl PolicyStore for PostgresStorage {
     async fn policy_snapshot(&self) -> StorageResult<PolicySnapshot> {
         let mut client = self.client().await?;
-        let tx = client
-            .build_transaction()
-            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()
-            .await
-            .db()?;
+        let tx = super::snapshot(&mut client).await.db()?;
         let policies = tx
             .query(
                 "SELECT name, rules, source FROM policies ORDER BY name",

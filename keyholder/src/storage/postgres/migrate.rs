@@ -463,12 +463,7 @@ pub async fn postgres_to_sqlite(
     std::fs::create_dir_all(data_dir).map_err(|e| PgError::Config(e.to_string()))?;
     let pool = source.pool()?;
     let mut client = super::client(&pool).await?;
-    let tx = client
-        .build_transaction()
-        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-        .read_only(true)
-        .start()
-        .await?;
+    let tx = super::snapshot(&mut client).await?;
     let mut conn = rusqlite::Connection::open(&db_file).map_err(sqlite_err)?;
     crate::store::migrate(&mut conn).map_err(sqlite_err)?;
     let sqlite_tx = conn.transaction().map_err(sqlite_err)?;

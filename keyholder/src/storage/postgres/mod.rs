@@ -287,6 +287,18 @@ impl PgTarget {
     }
 }
 
+/// A read-only transaction whose statements all see one snapshot of the database.
+pub async fn snapshot(
+    client: &mut deadpool_postgres::Object,
+) -> Result<deadpool_postgres::Transaction<'_>, tokio_postgres::Error> {
+    client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await
+}
+
 /// A connection of the pool, or [`PgError::Unavailable`].
 pub async fn client(pool: &Pool) -> Result<deadpool_postgres::Object, PgError> {
     Ok(pool.get().await?)
