@@ -419,6 +419,85 @@ async fn postgres_restarted_under_load_answers_503_then_recovers_by_itself() {
     let _ = PATH_CREDENTIAL;
 }
 
+/// A credential GET: the status, the body and how long the answer took.
+async fn timed_credential(kh: &Keyholder, service: &str) -> (u16, Value, Duration) {
+    let url = reqwest::Url::parse_with_params(
+        &kh.url(PATH_CREDENTIAL),
+        &[
+            (
+                "ticket",
+                kh.ticket(Purpose::AgentCredential, service).as_str(),
+            ),
+            ("service", service),
+        ],
+    )
+    .unwrap();
+    let started = Instant::now();
+    let answer = kh
+        .http
+        .get(url)
+        .send()
+        .await
+        .expect("answered, not left hanging");
+    let status = answer.status().as_u16();
+    let body: Value = answer.json().await.unwrap_or(Value::Null);
+    (status, body, started.elapsed())
+}
+
+#[tokio::test]
+async fn a_database_lost_without_a_reset_answers_503_within_seconds_then_recovers() {
+    let Some(mut cluster) = Cluster::start_relayed(std::path::Path::new(BIN), 1).await else {
+        return;
+    };
+    cluster.bind(0).await;
+    // A client that waits longer than the keyholder's own time limits.
+    let mut kh = cluster.view(0);
+    kh.http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(40))
+        .build()
+        .unwrap();
+    kh.store("lost", json!({"accessToken": "before"}))
+        .await
+        .assert_ok();
+    assert_eq!(access_token(&kh, "lost").await.as_deref(), Ok("before"));
+
+    // The host goes silent: no RST, no FIN, every byte held.
+    cluster.relay.as_ref().unwrap().freeze();
+    let (status, body, took) = timed_credential(&kh, "lost").await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"], "storage_unavailable", "{body}");
+    assert!(body.get("token").is_none(), "{body}");
+    assert!(took < Duration::from_secs(15), "took {took:?}");
+    // A queued one is answered too (not held behind the timed-out connection).
+    let (status, body, took) = timed_credential(&kh, "lost").await;
+    assert_eq!(
+        (status, &body["error"]),
+        (503, &json!("storage_unavailable")),
+        "{body}"
+    );
+    assert!(took < Duration::from_secs(15), "took {took:?}");
+    let store = try_store(&kh, "lost", "during").await;
+    assert_eq!(store, Some(503));
+
+    cluster.relay.as_ref().unwrap().thaw();
+    let back = Instant::now();
+    loop {
+        let (status, body, _) = timed_credential(&kh, "lost").await;
+        if status == 200 {
+            assert_eq!(body["token"]["accessToken"], "before", "{body}");
+            break;
+        }
+        assert_eq!(status, 503, "{body}");
+        assert!(
+            back.elapsed() < Duration::from_secs(15),
+            "not back by itself"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(try_store(&kh, "lost", "after").await, Some(200));
+    assert_eq!(access_token(&kh, "lost").await.as_deref(), Ok("after"));
+}
+
 /// Waits until both replicas refuse `probe` (a policy attached after the ones under test): then
 /// both follow every owner change made before it.
 async fn until_both_follow(views: &[Keyholder; 2], probe: &str) {

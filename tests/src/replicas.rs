@@ -77,6 +77,10 @@ pub struct Cluster {
     /// The binding's HMAC secret, once bound.
     pub secret: Option<HmacSecret>,
     http: reqwest::Client,
+    /// The database URL the replicas use (the test database's, or a relay's in front of it).
+    database_url: String,
+    /// The relay between the replicas and PostgreSQL, for [`Cluster::start_relayed`].
+    pub relay: Option<PgRelay>,
     _use: Use,
 }
 
@@ -94,8 +98,36 @@ impl Cluster {
         Self::start_holding(bin, n, held).await
     }
 
+    /// Like [`Cluster::start`], the replicas reaching PostgreSQL through a [`PgRelay`] the test
+    /// can freeze (a database host lost without a reset).
+    pub async fn start_relayed(bin: &Path, n: usize) -> Option<Cluster> {
+        let held = Use::Shared(postgres_use().read_owned().await);
+        Self::start_with(bin, n, held, true).await
+    }
+
     async fn start_holding(bin: &Path, n: usize, held: Use) -> Option<Cluster> {
+        Self::start_with(bin, n, held, false).await
+    }
+
+    async fn start_with(bin: &Path, n: usize, held: Use, relayed: bool) -> Option<Cluster> {
         let db = TestDatabase::create().await?;
+        let mut database_url = db.url();
+        let relay = if relayed {
+            let mut url = url::Url::parse(&database_url).expect("database URL");
+            let host = url.host_str().unwrap_or("127.0.0.1").to_string();
+            let target = tokio::net::lookup_host((host.as_str(), url.port().unwrap_or(5432)))
+                .await
+                .expect("PostgreSQL host")
+                .next()
+                .expect("an address");
+            let relay = PgRelay::start(target).await;
+            url.set_host(Some("127.0.0.1")).expect("host");
+            url.set_port(Some(relay.addr.port())).expect("port");
+            database_url = url.to_string();
+            Some(relay)
+        } else {
+            None
+        };
         let dir = tempfile::tempdir().unwrap();
         let master_key = dir.path().join("master.key");
         {
@@ -120,6 +152,8 @@ impl Cluster {
                 .timeout(Duration::from_secs(10))
                 .build()
                 .unwrap(),
+            database_url,
+            relay,
             _use: held,
         };
         for i in 0..n {
@@ -147,7 +181,7 @@ impl Cluster {
     fn command(&self) -> Command {
         let mut cmd = Command::new(&self.bin);
         cmd.env("KEYHOLDER_MASTER_KEY_FILE", &self.master_key)
-            .env("KEYHOLDER_DATABASE_URL", self.db.url())
+            .env("KEYHOLDER_DATABASE_URL", &self.database_url)
             .env("KEYHOLDER_PUBLIC_URL", PUBLIC_URL)
             .env("KEYHOLDER_EGRESS_ALLOW_PRIVATE", "true")
             .env_remove("KEYHOLDER_NODE_ID")
@@ -477,5 +511,104 @@ impl Drop for Nginx {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A TCP relay on loopback in front of PostgreSQL that the test can freeze: frozen, it keeps
+/// every connection open and accepts new ones but passes no byte either way, as a database host
+/// lost without a reset (no RST, no FIN) looks to the keyholder.
+pub struct PgRelay {
+    /// Where the relay listens.
+    pub addr: SocketAddr,
+    frozen: tokio::sync::watch::Sender<bool>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl PgRelay {
+    /// Starts relaying to `target`, on a thread of its own (the tests block their runtime while
+    /// an owner command runs, and that command's connection goes through the relay too).
+    pub async fn start(target: SocketAddr) -> PgRelay {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (frozen, watch) = tokio::sync::watch::channel(false);
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                loop {
+                    let inbound = tokio::select! {
+                        accepted = listener.accept() => match accepted {
+                            Ok((inbound, _)) => inbound,
+                            Err(_) => return,
+                        },
+                        _ = &mut stopped => return,
+                    };
+                    let watch = watch.clone();
+                    tokio::spawn(async move {
+                        let Ok(outbound) = tokio::net::TcpStream::connect(target).await else {
+                            return;
+                        };
+                        let (ri, wi) = inbound.into_split();
+                        let (ro, wo) = outbound.into_split();
+                        tokio::join!(
+                            relay_one_way(ri, wo, watch.clone()),
+                            relay_one_way(ro, wi, watch)
+                        );
+                    });
+                }
+            });
+        });
+        PgRelay {
+            addr,
+            frozen,
+            stop: Some(stop),
+        }
+    }
+
+    /// Stops passing bytes (connections stay open).
+    pub fn freeze(&self) {
+        let _ = self.frozen.send(true);
+    }
+
+    /// Passes bytes again, those held meanwhile first.
+    pub fn thaw(&self) {
+        let _ = self.frozen.send(false);
+    }
+}
+
+impl Drop for PgRelay {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+async fn relay_one_way(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut frozen: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        if frozen.wait_for(|f| !*f).await.is_err() {
+            return;
+        }
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => {
+                let _ = to.shutdown().await;
+                return;
+            }
+            Ok(n) => n,
+        };
+        if frozen.wait_for(|f| !*f).await.is_err() || to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
     }
 }

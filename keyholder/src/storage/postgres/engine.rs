@@ -1704,15 +1704,7 @@ impl ReplayMarks for PostgresStorage {
                 expires_at: m.expires_at,
             })
             .collect();
-        let verdict = self.marks.submit(rows, crate::clock::now_unix());
-        tokio::spawn(async move {
-            let answer = match verdict.await {
-                Ok(None) => Ok(crate::storage::MarkVerdict::Fresh),
-                Ok(Some(i)) => Ok(crate::storage::MarkVerdict::Replayed(i)),
-                Err(err) => Err(err.into()),
-            };
-            let _ = reply.send(answer);
-        });
+        self.marks.submit(rows, crate::clock::now_unix(), reply);
         commit
     }
 

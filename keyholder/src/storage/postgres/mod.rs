@@ -33,6 +33,10 @@ pub use engine::PostgresStorage;
 pub const POOL_SIZE: usize = 16;
 /// How long a request waits for a connection (or for one to be opened) before it is answered 503.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Longest a group commit (replay marks, credential stores) may take before its requests are
+/// answered `503 storage_unavailable`: a database lost without a reset (a black-holed host) would
+/// otherwise hold every queued request until TCP gives up, many minutes later.
+pub const BATCH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// PostgreSQL failures. The text is for the server log only; clients get `storage_unavailable`.
 #[derive(Debug, thiserror::Error)]
@@ -302,6 +306,12 @@ pub async fn snapshot(
 /// A connection of the pool, or [`PgError::Unavailable`].
 pub async fn client(pool: &Pool) -> Result<deadpool_postgres::Object, PgError> {
     Ok(pool.get().await?)
+}
+
+/// Takes a connection that timed out mid-statement out of the pool and closes it: put back, the
+/// next batch would queue behind an answer that may never come.
+pub fn discard(client: deadpool_postgres::Object) {
+    drop(deadpool_postgres::Object::take(client));
 }
 
 #[cfg(test)]
