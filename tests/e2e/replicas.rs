@@ -421,27 +421,10 @@ async fn postgres_restarted_under_load_answers_503_then_recovers_by_itself() {
 
 /// A credential GET: the status, the body and how long the answer took.
 async fn timed_credential(kh: &Keyholder, service: &str) -> (u16, Value, Duration) {
-    let url = reqwest::Url::parse_with_params(
-        &kh.url(PATH_CREDENTIAL),
-        &[
-            (
-                "ticket",
-                kh.ticket(Purpose::AgentCredential, service).as_str(),
-            ),
-            ("service", service),
-        ],
-    )
-    .unwrap();
     let started = Instant::now();
-    let answer = kh
-        .http
-        .get(url)
-        .send()
-        .await
-        .expect("answered, not left hanging");
-    let status = answer.status().as_u16();
-    let body: Value = answer.json().await.unwrap_or(Value::Null);
-    (status, body, started.elapsed())
+    let answer = kh.credential(service).await;
+    let body = serde_json::from_slice(&answer.body).unwrap_or(Value::Null);
+    (answer.status, body, started.elapsed())
 }
 
 #[tokio::test]

@@ -120,7 +120,7 @@ impl Cluster {
                 .expect("PostgreSQL host")
                 .next()
                 .expect("an address");
-            let relay = PgRelay::start(target).await;
+            let relay = PgRelay::start(target);
             url.set_host(Some("127.0.0.1")).expect("host");
             url.set_port(Some(relay.addr.port())).expect("port");
             database_url = url.to_string();
@@ -527,7 +527,7 @@ pub struct PgRelay {
 impl PgRelay {
     /// Starts relaying to `target`, on a thread of its own (the tests block their runtime while
     /// an owner command runs, and that command's connection goes through the relay too).
-    pub async fn start(target: SocketAddr) -> PgRelay {
+    pub fn start(target: SocketAddr) -> PgRelay {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();

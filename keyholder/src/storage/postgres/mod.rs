@@ -308,10 +308,22 @@ pub async fn client(pool: &Pool) -> Result<deadpool_postgres::Object, PgError> {
     Ok(pool.get().await?)
 }
 
-/// Takes a connection that timed out mid-statement out of the pool and closes it: put back, the
-/// next batch would queue behind an answer that may never come.
-pub fn discard(client: deadpool_postgres::Object) {
-    drop(deadpool_postgres::Object::take(client));
+/// Runs one group commit (`what`, for the log) on a connection of `pool` within
+/// [`BATCH_TIMEOUT`]. A commit that times out takes its connection out of the pool and closes it:
+/// put back, the next batch would queue behind an answer that may never come.
+pub async fn timed_batch<T, E: From<PgError>>(
+    pool: &Pool,
+    what: &str,
+    run: impl AsyncFnOnce(&mut deadpool_postgres::Object) -> Result<T, E>,
+) -> Result<T, E> {
+    let mut client = client(pool).await?;
+    match tokio::time::timeout(BATCH_TIMEOUT, run(&mut client)).await {
+        Ok(outcome) => outcome,
+        Err(_) => {
+            drop(deadpool_postgres::Object::take(client));
+            Err(PgError::Unavailable(format!("{what} timed out")).into())
+        }
+    }
 }
 
 #[cfg(test)]

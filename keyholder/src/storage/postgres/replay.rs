@@ -142,19 +142,10 @@ async fn writer(pool: Pool, mut rx: mpsc::UnboundedReceiver<Job>) {
         let pool = pool.clone();
         let partitions = Arc::clone(&partitions);
         tokio::spawn(async move {
-            let outcome = match super::client(&pool).await {
-                Err(err) => Err(err),
-                Ok(client) => {
-                    let run = run_batch(&client, &partitions, &batch);
-                    match tokio::time::timeout(super::BATCH_TIMEOUT, run).await {
-                        Ok(outcome) => outcome,
-                        Err(_) => {
-                            super::discard(client);
-                            Err(PgError::Unavailable("replay marks timed out".into()))
-                        }
-                    }
-                }
-            };
+            let outcome = super::timed_batch(&pool, "replay marks", async |client| {
+                run_batch(client, &partitions, &batch).await
+            })
+            .await;
             match outcome {
                 Ok(verdicts) => {
                     for (job, lost) in batch.into_iter().zip(verdicts) {

@@ -72,21 +72,10 @@ async fn writer(pool: Pool, node: String, mut rx: mpsc::UnboundedReceiver<Job>) 
         tokio::spawn(async move {
             let (writes, replies): (Vec<_>, Vec<_>) =
                 batch.into_iter().map(|j| (j.write, j.reply)).unzip();
-            let outcome = match super::client(&pool).await {
-                Err(err) => Err(err.into()),
-                Ok(mut client) => {
-                    let run = run_batch(&mut client, &node, &writes);
-                    match tokio::time::timeout(super::BATCH_TIMEOUT, run).await {
-                        Ok(outcome) => outcome,
-                        Err(_) => {
-                            super::discard(client);
-                            Err(StorageError::Unavailable(
-                                "credential stores timed out".into(),
-                            ))
-                        }
-                    }
-                }
-            };
+            let outcome = super::timed_batch(&pool, "credential stores", async |client| {
+                run_batch(client, &node, &writes).await
+            })
+            .await;
             match outcome {
                 Ok(outcomes) => {
                     for (reply, outcome) in replies.into_iter().zip(outcomes) {
