@@ -125,22 +125,80 @@ impl Redactor {
         self.count - before
     }
 
+    /// Whether a whole value holds no form of the secret (nothing held back before it): it can
+    /// then go on as it is.
+    pub fn is_clean(&mut self, whole: &[u8]) -> bool {
+        if !self.held.is_empty() {
+            return false;
+        }
+        if self.max_len == 0 {
+            return true;
+        }
+        let mut next = std::mem::take(&mut self.next);
+        next.fill(None);
+        let step = self.step(whole, 0, true, &mut next);
+        self.next = next;
+        matches!(step, Step::Clean(end) if end == whole.len())
+    }
+
+    /// Feeds one chunk that may go on unchanged: when nothing is held back and the chunk holds no
+    /// form of the secret, returns how much of its start can be released as it is (the undecided
+    /// tail is held back, as with [`Redactor::push`]). `None` when it must be rewritten: call
+    /// [`Redactor::push`] with it then. Most chunks hold no echo; this spares them a copy.
+    pub fn pass_clean(&mut self, chunk: &[u8]) -> Option<usize> {
+        if !self.held.is_empty() {
+            return None;
+        }
+        if self.max_len == 0 {
+            return Some(chunk.len());
+        }
+        let mut next = std::mem::take(&mut self.next);
+        next.fill(None);
+        let step = self.step(chunk, 0, false, &mut next);
+        self.next = next;
+        match step {
+            Step::Found { .. } => None,
+            Step::Clean(keep_from) => {
+                self.held.extend_from_slice(&chunk[keep_from..]);
+                Some(keep_from)
+            }
+        }
+    }
+
     /// Appends the redacted part of `data` that can be released to `out`; returns where the
-    /// undecided tail starts (`data.len()` when `finish`). Jumps between the bytes a needle can
-    /// start with (`memchr`, a few at a time), so a long answer without them is scanned at memory
-    /// speed rather than byte by byte.
+    /// undecided tail starts (`data.len()` when `finish`).
     fn scan(&mut self, data: &[u8], finish: bool, out: &mut Vec<u8>) -> usize {
         if self.max_len == 0 {
             out.extend_from_slice(data);
             return data.len();
         }
-        let len = data.len();
-        out.reserve(len);
-        // Next position of a byte of each group at or after `at` (stale once `at` passes it).
+        out.reserve(data.len());
         let mut next = std::mem::take(&mut self.next);
         next.fill(None);
         let mut emitted = 0;
-        let mut at = 0;
+        let keep_from = loop {
+            match self.step(data, emitted, finish, &mut next) {
+                Step::Found { at, len } => {
+                    out.extend_from_slice(&data[emitted..at]);
+                    out.extend_from_slice(REDACTED);
+                    self.count += 1;
+                    emitted = at + len;
+                }
+                Step::Clean(keep_from) => break keep_from,
+            }
+        };
+        self.next = next;
+        out.extend_from_slice(&data[emitted..keep_from]);
+        keep_from
+    }
+
+    /// The next form of the secret in `data` from `at` on, or where the clean part ends (the end,
+    /// or unless `finish` a possible start of a form). Jumps between the bytes a needle can start
+    /// with (`memchr`, a few at a time), so a long answer without them is scanned at memory speed
+    /// rather than byte by byte. `next` caches each group's next position across calls on the
+    /// same `data` (stale once `at` passes it).
+    fn step(&self, data: &[u8], mut at: usize, finish: bool, next: &mut [Option<usize>]) -> Step {
+        let len = data.len();
         while at < len {
             let mut candidate = len;
             for (group, next) in self.groups.iter().zip(next.iter_mut()) {
@@ -157,8 +215,7 @@ impl Redactor {
                 candidate = candidate.min(next.unwrap_or(len));
             }
             if candidate >= len {
-                at = len;
-                break;
+                return Step::Clean(len);
             }
             at = candidate;
             let rest = &data[at..];
@@ -171,26 +228,27 @@ impl Redactor {
                     .iter()
                     .any(|n| n.len() > rest.len() && n.starts_with(rest))
             {
-                break;
+                return Step::Clean(at);
             }
             // Longest first.
-            match self.needles.iter().find(|n| rest.starts_with(n)) {
-                Some(found) => {
-                    let found = found.len();
-                    out.extend_from_slice(&data[emitted..at]);
-                    out.extend_from_slice(REDACTED);
-                    self.count += 1;
-                    at += found;
-                    emitted = at;
-                }
-                None => at += 1,
+            if let Some(found) = self.needles.iter().find(|n| rest.starts_with(n)) {
+                return Step::Found {
+                    at,
+                    len: found.len(),
+                };
             }
+            at += 1;
         }
-        self.next = next;
-        let keep_from = at.min(len);
-        out.extend_from_slice(&data[emitted..keep_from]);
-        keep_from
+        Step::Clean(at.min(len))
     }
+}
+
+/// What [`Redactor::step`] found.
+enum Step {
+    /// A form of the secret, `len` bytes at `at`.
+    Found { at: usize, len: usize },
+    /// No form before this position (the end, or a possible start held back).
+    Clean(usize),
 }
 
 #[cfg(test)]
@@ -282,6 +340,51 @@ mod tests {
         out.clear();
         r.push(b"ret/Value\"123 x", &mut out);
         assert_eq!(out, b"[REDACTED] x");
+    }
+
+    /// As the proxy streams: clean chunks go on unchanged, the others through `push`.
+    fn passed(input: &[u8], size: usize) -> (Vec<u8>, u64, usize) {
+        let mut r = Redactor::new(SECRET);
+        let (mut out, mut unchanged) = (Vec::new(), 0);
+        for chunk in input.chunks(size) {
+            match r.pass_clean(chunk) {
+                Some(clean) => {
+                    out.extend_from_slice(&chunk[..clean]);
+                    unchanged += 1;
+                }
+                None => r.push(chunk, &mut out),
+            }
+        }
+        r.finish(&mut out);
+        (out, r.count(), unchanged)
+    }
+
+    #[test]
+    fn clean_chunks_pass_unchanged_and_the_rest_is_still_redacted() {
+        let input = format!("aaaa{SECRET}bbbb{SECRET}{SECRET}c and a long clean tail of text");
+        let (expected, n) = whole(input.as_bytes());
+        assert_eq!(n, 3);
+        for size in 1..=input.len() {
+            let (out, count, _) = passed(input.as_bytes(), size);
+            assert_eq!(out, expected, "chunk size {size}");
+            assert_eq!(count, 3, "chunk size {size}");
+        }
+        // Without an echo every chunk goes on as it is, a possible start held back as before.
+        let clean = b"data: one\n\ndata: two ghp_Sec".repeat(3);
+        for size in 1..=clean.len() {
+            let (out, count, _) = passed(&clean, size);
+            assert_eq!(out, clean, "chunk size {size}");
+            assert_eq!(count, 0);
+        }
+        let (_, _, unchanged) = passed(&b"x".repeat(1000), 100);
+        assert_eq!(unchanged, 10);
+        let mut r = Redactor::new(SECRET);
+        assert!(r.is_clean(b"no secret here"));
+        assert!(!r.is_clean(format!("a {SECRET} b").as_bytes()));
+        assert!(
+            r.is_clean(b"ends with ghp_Sec"),
+            "a whole value holds nothing back"
+        );
     }
 
     #[test]
