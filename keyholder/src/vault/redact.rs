@@ -307,6 +307,9 @@ mod tests {
             let (out, count) = chunked(input.as_bytes(), size);
             assert_eq!(out, expected, "chunk size {size}");
             assert_eq!(count, 3, "chunk size {size}");
+            // As the proxy streams: clean chunks unchanged, the others through `push`.
+            let (out, count, _) = passed(input.as_bytes(), size);
+            assert_eq!((out, count), (expected.clone(), 3), "chunk size {size}");
         }
     }
 
@@ -360,16 +363,8 @@ mod tests {
     }
 
     #[test]
-    fn clean_chunks_pass_unchanged_and_the_rest_is_still_redacted() {
-        let input = format!("aaaa{SECRET}bbbb{SECRET}{SECRET}c and a long clean tail of text");
-        let (expected, n) = whole(input.as_bytes());
-        assert_eq!(n, 3);
-        for size in 1..=input.len() {
-            let (out, count, _) = passed(input.as_bytes(), size);
-            assert_eq!(out, expected, "chunk size {size}");
-            assert_eq!(count, 3, "chunk size {size}");
-        }
-        // Without an echo every chunk goes on as it is, a possible start held back as before.
+    fn clean_chunks_pass_unchanged() {
+        // A possible start of the secret is still held back as before.
         let clean = b"data: one\n\ndata: two ghp_Sec".repeat(3);
         for size in 1..=clean.len() {
             let (out, count, _) = passed(&clean, size);
