@@ -481,6 +481,70 @@ async fn a_database_lost_without_a_reset_answers_503_within_seconds_then_recover
     assert_eq!(access_token(&kh, "lost").await.as_deref(), Ok("after"));
 }
 
+#[tokio::test]
+async fn an_audit_append_lost_with_its_connection_gives_up_and_the_trail_records_the_gap() {
+    let Some(mut cluster) = Cluster::start_relayed(std::path::Path::new(BIN), 1).await else {
+        return;
+    };
+    cluster.bind(0).await;
+    let mut kh = cluster.view(0);
+    kh.http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(40))
+        .build()
+        .unwrap();
+    kh.store("gap", json!({"accessToken": "t"}))
+        .await
+        .assert_ok();
+    let relay = cluster.relay.as_ref().unwrap();
+    // The store's audit entry is appended within the recorder's interval: on a connection that
+    // goes silent now, for good.
+    relay.freeze();
+    let (status, body, _) = timed_credential(&kh, "gap").await;
+    assert_eq!(status, 503, "{body}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    relay.replace_host();
+    let back = Instant::now();
+    loop {
+        let (status, body, _) = timed_credential(&kh, "gap").await;
+        if status == 200 {
+            break;
+        }
+        assert_eq!(status, 503, "{body}");
+        assert!(
+            back.elapsed() < Duration::from_secs(30),
+            "not back by itself"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The append held by the lost connection gives up: later entries reach the trail within
+    // seconds, with a marker that counts what could not be written.
+    let db = cluster.db.target().connect().await.unwrap();
+    loop {
+        let entries: Vec<(String, String, String)> = db
+            .query(
+                "SELECT endpoint, service, result FROM audit_log WHERE node = 'replica-a' ORDER BY seq",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect();
+        let marker = entries.iter().any(|e| e.0 == "audit:dropped");
+        let later = entries
+            .iter()
+            .any(|e| e.1 == "gap" && e.2.starts_with("ok"));
+        if marker && later {
+            break;
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(40),
+            "the trail did not resume: {entries:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Waits until both replicas refuse `probe` (a policy attached after the ones under test): then
 /// both follow every owner change made before it.
 async fn until_both_follow(views: &[Keyholder; 2], probe: &str) {

@@ -520,8 +520,17 @@ impl Drop for Nginx {
 pub struct PgRelay {
     /// Where the relay listens.
     pub addr: SocketAddr,
-    frozen: tokio::sync::watch::Sender<bool>,
+    state: tokio::sync::watch::Sender<RelayState>,
+    /// Connections accepted so far (each one's number is its place in this count).
+    accepted: Arc<std::sync::atomic::AtomicU64>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+#[derive(Clone, Copy, Default)]
+struct RelayState {
+    frozen: bool,
+    /// Connections numbered below this never pass a byte again.
+    lost_below: u64,
 }
 
 impl PgRelay {
@@ -531,8 +540,10 @@ impl PgRelay {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
-        let (frozen, watch) = tokio::sync::watch::channel(false);
+        let (state, watch) = tokio::sync::watch::channel(RelayState::default());
         let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        let accepted = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let count = Arc::clone(&accepted);
         std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -549,6 +560,7 @@ impl PgRelay {
                         _ = &mut stopped => return,
                     };
                     let watch = watch.clone();
+                    let number = count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     tokio::spawn(async move {
                         let Ok(outbound) = tokio::net::TcpStream::connect(target).await else {
                             return;
@@ -556,8 +568,8 @@ impl PgRelay {
                         let (ri, wi) = inbound.into_split();
                         let (ro, wo) = outbound.into_split();
                         tokio::join!(
-                            relay_one_way(ri, wo, watch.clone()),
-                            relay_one_way(ro, wi, watch)
+                            relay_one_way(ri, wo, watch.clone(), number),
+                            relay_one_way(ro, wi, watch, number)
                         );
                     });
                 }
@@ -565,19 +577,30 @@ impl PgRelay {
         });
         PgRelay {
             addr,
-            frozen,
+            state,
+            accepted,
             stop: Some(stop),
         }
     }
 
     /// Stops passing bytes (connections stay open).
     pub fn freeze(&self) {
-        let _ = self.frozen.send(true);
+        self.state.send_modify(|s| s.frozen = true);
     }
 
     /// Passes bytes again, those held meanwhile first.
     pub fn thaw(&self) {
-        let _ = self.frozen.send(false);
+        self.state.send_modify(|s| s.frozen = false);
+    }
+
+    /// The host is back as a new machine: new connections pass, the ones made before stay open and
+    /// silent for good (their server side is gone).
+    pub fn replace_host(&self) {
+        let below = self.accepted.load(std::sync::atomic::Ordering::SeqCst);
+        self.state.send_modify(|s| {
+            s.frozen = false;
+            s.lost_below = below;
+        });
     }
 }
 
@@ -592,12 +615,14 @@ impl Drop for PgRelay {
 async fn relay_one_way(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
-    mut frozen: tokio::sync::watch::Receiver<bool>,
+    mut state: tokio::sync::watch::Receiver<RelayState>,
+    number: u64,
 ) {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let passes = move |s: &RelayState| !s.frozen && number >= s.lost_below;
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        if frozen.wait_for(|f| !*f).await.is_err() {
+        if state.wait_for(passes).await.is_err() {
             return;
         }
         let n = match from.read(&mut buf).await {
@@ -607,7 +632,7 @@ async fn relay_one_way(
             }
             Ok(n) => n,
         };
-        if frozen.wait_for(|f| !*f).await.is_err() || to.write_all(&buf[..n]).await.is_err() {
+        if state.wait_for(passes).await.is_err() || to.write_all(&buf[..n]).await.is_err() {
             return;
         }
     }

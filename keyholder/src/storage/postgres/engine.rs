@@ -1729,18 +1729,27 @@ impl AuditLog for PostgresStorage {
         events: Vec<AuditEvent>,
         signer: SharedSigner,
     ) -> StorageResult<u64> {
-        let mut client = self.client().await?;
-        let tx = client.transaction().await.db()?;
-        let mut head = audit::append_events(&tx, &self.node, signer.as_ref(), events).await?;
+        if self.closed.load(Ordering::Acquire) {
+            return Err(StorageError::Unavailable("storage closed".into()));
+        }
         let xref_due = self
             .last_xref
             .lock()
             .map(|t| t.is_none_or(|t| t.elapsed() >= XREF_INTERVAL))
             .unwrap_or(false);
-        if xref_due {
-            head = audit::append_xref(&tx, &self.node, signer.as_ref()).await?;
-        }
-        tx.commit().await.db()?;
+        // Under the group commits' timeout: a database gone silent would otherwise hold the
+        // appending task, and every event queued behind it, until TCP gives up. The recorder
+        // counts a failed batch as dropped, and the trail says so.
+        let head = super::timed_batch(&self.pool, "audit append", async |client| {
+            let tx = client.transaction().await.db()?;
+            let mut head = audit::append_events(&tx, &self.node, signer.as_ref(), events).await?;
+            if xref_due {
+                head = audit::append_xref(&tx, &self.node, signer.as_ref()).await?;
+            }
+            tx.commit().await.db()?;
+            Ok::<_, StorageError>(head)
+        })
+        .await?;
         if xref_due {
             if let Ok(mut t) = self.last_xref.lock() {
                 *t = Some(Instant::now());
