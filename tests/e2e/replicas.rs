@@ -427,18 +427,39 @@ async fn timed_credential(kh: &Keyholder, service: &str) -> (u16, Value, Duratio
     (answer.status, body, started.elapsed())
 }
 
-#[tokio::test]
-async fn a_database_lost_without_a_reset_answers_503_within_seconds_then_recovers() {
-    let Some(mut cluster) = Cluster::start_relayed(std::path::Path::new(BIN), 1).await else {
-        return;
-    };
+/// One bound replica reaching PostgreSQL through a relay the test can freeze, and a client that
+/// waits longer than the keyholder's own time limits.
+async fn relayed_replica() -> Option<(Cluster, Keyholder)> {
+    let mut cluster = Cluster::start_relayed(std::path::Path::new(BIN), 1).await?;
     cluster.bind(0).await;
-    // A client that waits longer than the keyholder's own time limits.
     let mut kh = cluster.view(0);
     kh.http = reqwest::Client::builder()
         .timeout(Duration::from_secs(40))
         .build()
         .unwrap();
+    Some((cluster, kh))
+}
+
+/// Waits until `service` is served again by itself (`503` meanwhile, for less than `within`); the
+/// answer's body.
+async fn until_served(kh: &Keyholder, service: &str, within: Duration) -> Value {
+    let back = Instant::now();
+    loop {
+        let (status, body, _) = timed_credential(kh, service).await;
+        if status == 200 {
+            return body;
+        }
+        assert_eq!(status, 503, "{body}");
+        assert!(back.elapsed() < within, "not back by itself");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_database_lost_without_a_reset_answers_503_within_seconds_then_recovers() {
+    let Some((cluster, kh)) = relayed_replica().await else {
+        return;
+    };
     kh.store("lost", json!({"accessToken": "before"}))
         .await
         .assert_ok();
@@ -463,35 +484,17 @@ async fn a_database_lost_without_a_reset_answers_503_within_seconds_then_recover
     assert_eq!(store, Some(503));
 
     cluster.relay.as_ref().unwrap().thaw();
-    let back = Instant::now();
-    loop {
-        let (status, body, _) = timed_credential(&kh, "lost").await;
-        if status == 200 {
-            assert_eq!(body["token"]["accessToken"], "before", "{body}");
-            break;
-        }
-        assert_eq!(status, 503, "{body}");
-        assert!(
-            back.elapsed() < Duration::from_secs(15),
-            "not back by itself"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let body = until_served(&kh, "lost", Duration::from_secs(15)).await;
+    assert_eq!(body["token"]["accessToken"], "before", "{body}");
     assert_eq!(try_store(&kh, "lost", "after").await, Some(200));
     assert_eq!(access_token(&kh, "lost").await.as_deref(), Ok("after"));
 }
 
 #[tokio::test]
 async fn an_audit_append_lost_with_its_connection_gives_up_and_the_trail_records_the_gap() {
-    let Some(mut cluster) = Cluster::start_relayed(std::path::Path::new(BIN), 1).await else {
+    let Some((cluster, kh)) = relayed_replica().await else {
         return;
     };
-    cluster.bind(0).await;
-    let mut kh = cluster.view(0);
-    kh.http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(40))
-        .build()
-        .unwrap();
     kh.store("gap", json!({"accessToken": "t"}))
         .await
         .assert_ok();
@@ -504,18 +507,7 @@ async fn an_audit_append_lost_with_its_connection_gives_up_and_the_trail_records
     tokio::time::sleep(Duration::from_millis(500)).await;
     relay.replace_host();
     let back = Instant::now();
-    loop {
-        let (status, body, _) = timed_credential(&kh, "gap").await;
-        if status == 200 {
-            break;
-        }
-        assert_eq!(status, 503, "{body}");
-        assert!(
-            back.elapsed() < Duration::from_secs(30),
-            "not back by itself"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    until_served(&kh, "gap", Duration::from_secs(30)).await;
     // The append held by the lost connection gives up: later entries reach the trail within
     // seconds, with a marker that counts what could not be written.
     let db = cluster.db.target().connect().await.unwrap();
