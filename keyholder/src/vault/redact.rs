@@ -128,17 +128,7 @@ impl Redactor {
     /// Whether a whole value holds no form of the secret (nothing held back before it): it can
     /// then go on as it is.
     pub fn is_clean(&mut self, whole: &[u8]) -> bool {
-        if !self.held.is_empty() {
-            return false;
-        }
-        if self.max_len == 0 {
-            return true;
-        }
-        let mut next = std::mem::take(&mut self.next);
-        next.fill(None);
-        let step = self.step(whole, 0, true, &mut next);
-        self.next = next;
-        matches!(step, Step::Clean(end) if end == whole.len())
+        matches!(self.first_step(whole, true), Some(Step::Clean(_)))
     }
 
     /// Feeds one chunk that may go on unchanged: when nothing is held back and the chunk holds no
@@ -146,23 +136,24 @@ impl Redactor {
     /// tail is held back, as with [`Redactor::push`]). `None` when it must be rewritten: call
     /// [`Redactor::push`] with it then. Most chunks hold no echo; this spares them a copy.
     pub fn pass_clean(&mut self, chunk: &[u8]) -> Option<usize> {
+        let Some(Step::Clean(keep_from)) = self.first_step(chunk, false) else {
+            return None;
+        };
+        self.held.extend_from_slice(&chunk[keep_from..]);
+        Some(keep_from)
+    }
+
+    /// The first [`Redactor::step`] over `data` when nothing is held back (`None` when something
+    /// is: `data` continues it).
+    fn first_step(&mut self, data: &[u8], finish: bool) -> Option<Step> {
         if !self.held.is_empty() {
             return None;
         }
-        if self.max_len == 0 {
-            return Some(chunk.len());
-        }
         let mut next = std::mem::take(&mut self.next);
         next.fill(None);
-        let step = self.step(chunk, 0, false, &mut next);
+        let step = self.step(data, 0, finish, &mut next);
         self.next = next;
-        match step {
-            Step::Found { .. } => None,
-            Step::Clean(keep_from) => {
-                self.held.extend_from_slice(&chunk[keep_from..]);
-                Some(keep_from)
-            }
-        }
+        Some(step)
     }
 
     /// Appends the redacted part of `data` that can be released to `out`; returns where the

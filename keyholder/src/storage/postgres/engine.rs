@@ -184,10 +184,15 @@ impl PostgresStorage {
     }
 
     async fn client(&self) -> StorageResult<deadpool_postgres::Object> {
-        if self.closed.load(Ordering::Acquire) {
-            return Err(StorageError::Unavailable("storage closed".into()));
-        }
+        self.ensure_open()?;
         Ok(super::client(&self.pool).await?)
+    }
+
+    fn ensure_open(&self) -> StorageResult<()> {
+        match self.closed.load(Ordering::Acquire) {
+            true => Err(StorageError::Unavailable("storage closed".into())),
+            false => Ok(()),
+        }
     }
 }
 
@@ -531,9 +536,7 @@ impl Documents for PostgresStorage {
     }
 
     async fn store_credential(&self, write: CredentialDocument) -> StorageResult<CredentialWrite> {
-        if self.closed.load(Ordering::Acquire) {
-            return Err(StorageError::Unavailable("storage closed".into()));
-        }
+        self.ensure_open()?;
         // Group-committed with the stores of concurrent requests (see `stores`).
         self.stores.store(write).await
     }
@@ -1729,9 +1732,7 @@ impl AuditLog for PostgresStorage {
         events: Vec<AuditEvent>,
         signer: SharedSigner,
     ) -> StorageResult<u64> {
-        if self.closed.load(Ordering::Acquire) {
-            return Err(StorageError::Unavailable("storage closed".into()));
-        }
+        self.ensure_open()?;
         let xref_due = self
             .last_xref
             .lock()
